@@ -1,0 +1,93 @@
+"""Synthetic NaxV2(PO4)2F3-like reference spectra (V L2,3 and O K edges). SYNTHETIC.
+
+These are not measurements. They imitate the features described in
+../shared/papers/pcc-gmvae-phase-mapping-stxm.txt (section 3.2) so that every algorithm can be
+tested against a known truth:
+
+* V L3 and L2 white lines near 517.5 and 525.0 eV whose spectral weight moves to higher
+  energy as sodium is removed (vanadium oxidation), modelled as a low-energy and a
+  high-energy component per edge whose weights trade with the oxidation fraction ``f``;
+* arctangent edge steps under the L3, L2 and O K edges;
+* an O K pre-edge peak near 530.3 eV that grows on charge, and a broader O K peak at 532.5 eV;
+* a flat pre-edge region starting at 505 eV.
+
+The oxidation fraction of each phase is ``f = (3 - x) / (3 - 0.8)`` except that Na2.0 and
+Na1.0 are pulled close together on purpose (``f = 0.58`` and ``0.66``), as the measured
+spectra in the paper are close, so that PCC leaves ambiguous pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from phasestream.references import ReferenceSet
+
+__all__ = ["NVPF_PHASES", "NVPF_NA_CONTENT", "NVPF_OXIDATION", "nvpf_references", "nvpf_spectrum"]
+
+NVPF_PHASES = ("Na3.0", "Na2.4", "Na2.0", "Na1.0", "Na1-y")
+NVPF_NA_CONTENT = {"Na3.0": 3.0, "Na2.4": 2.4, "Na2.0": 2.0, "Na1.0": 1.0, "Na1-y": 0.8}
+NVPF_OXIDATION = {"Na3.0": 0.0, "Na2.4": 0.27, "Na2.0": 0.58, "Na1.0": 0.66, "Na1-y": 1.0}
+
+
+def _gauss(e: np.ndarray, center: float, fwhm: float) -> np.ndarray:
+    sigma = fwhm / 2.3548
+    return np.exp(-0.5 * ((e - center) / sigma) ** 2)
+
+
+def _step(e: np.ndarray, center: float, width: float) -> np.ndarray:
+    return 0.5 + np.arctan((e - center) / width) / np.pi
+
+
+def nvpf_spectrum(energies: np.ndarray, f: float, *, jitter: np.ndarray | None = None) -> np.ndarray:
+    """OD per unit thickness of a synthetic NVPF phase with oxidation fraction ``f`` in [0, 1].
+
+    ``jitter`` (6 numbers around 0) perturbs peak amplitudes by a few percent (seeded sets).
+    """
+    e = np.asarray(energies, dtype=np.float64)
+    j = np.zeros(6) if jitter is None else np.asarray(jitter)
+    od = 0.25 + 0.004 * (e - 505.0)  # non-resonant absorption, gently rising
+    od += 0.18 * _step(e, 516.5, 0.6) + 0.12 * _step(e, 523.5, 0.6) + 0.22 * _step(e, 531.5, 0.8)
+    # V L3: reduced (516.6/517.5) vs oxidized (518.7) components
+    od += (0.55 * (1 - f) * (1 + j[0])) * _gauss(e, 516.6, 1.2)
+    od += (0.95 - 0.25 * f) * (1 + j[1]) * _gauss(e, 517.5 + 0.9 * f, 1.5)
+    od += (0.15 + 0.65 * f) * (1 + j[2]) * _gauss(e, 518.9, 1.3)
+    # V L2: broader, weaker, same trade
+    od += (0.55 - 0.2 * f) * (1 + j[3]) * _gauss(e, 525.0 + 0.8 * f, 2.2)
+    od += (0.1 + 0.35 * f) * _gauss(e, 526.6, 1.8)
+    # O K: pre-edge at 530.3 eV grows on charge; main peak
+    od += (0.08 + 0.55 * f) * (1 + j[4]) * _gauss(e, 530.3, 1.0)
+    od += 0.45 * (1 + j[5]) * _gauss(e, 532.5 + 0.3 * f, 2.0)
+    return od
+
+
+def nvpf_references(
+    *,
+    seed: int | None = None,
+    energies: np.ndarray | None = None,
+    jitter: float = 0.02,
+) -> ReferenceSet:
+    """The synthetic five-phase NVPF reference set, labelled synthetic.
+
+    Parameters
+    ----------
+    seed : None gives the canonical set (no jitter); an integer perturbs each phase's peak
+        amplitudes by ``jitter`` (relative, normal) with ``numpy.random.default_rng(seed)``.
+    energies : grid in eV; default 505-540 eV in 0.1 eV steps.
+    jitter : relative amplitude jitter for seeded sets.
+    """
+    grid = np.round(np.arange(505.0, 540.0 + 1e-9, 0.1), 3) if energies is None else np.asarray(energies)
+    rng = None if seed is None else np.random.default_rng(seed)
+    spectra = []
+    for phase in NVPF_PHASES:
+        j = None if rng is None else rng.normal(0.0, jitter, 6)
+        spectra.append(nvpf_spectrum(grid, NVPF_OXIDATION[phase], jitter=j))
+    return ReferenceSet(
+        grid,
+        NVPF_PHASES,
+        np.stack(spectra),
+        name="nvpf-synthetic",
+        metadata={p: {"na_content": NVPF_NA_CONTENT[p], "oxidation_fraction": NVPF_OXIDATION[p]}
+                  for p in NVPF_PHASES},
+        attrs={"synthetic": True, "seed": seed, "units": "OD per unit thickness",
+               "description": "synthetic NaxV2(PO4)2F3-like V L2,3 / O K references (phasestream.sim)"},
+    )
