@@ -1,0 +1,73 @@
+"""numba (CPU, parallel) implementations of the streaming kernels.
+
+Each function here has a NumPy reference in ``od.py`` / ``pearson.py`` that the tests compare
+it to. numba's default ``workqueue`` threading layer is not thread-safe, so parallel kernels
+run under one lock (the live worker may call them from several threads).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+
+_LOCK = threading.Lock()
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _od_kernel(image, ref, dark, od, valid):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            num = np.float64(image[y, x]) - dark[y, x]
+            den = np.float64(ref[y, x]) - dark[y, x]
+            # NaN compares False, so non-finite inputs fall through to the masked branch
+            if num > 0.0 and den > 0.0 and num < np.inf and den < np.inf:
+                od[y, x] = np.float32(-np.log(num / den))
+                valid[y, x] = True
+            else:
+                od[y, x] = np.float32(np.nan)
+                valid[y, x] = False
+
+
+def _as_2d(value, shape) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
+
+
+def optical_density(image: np.ndarray, ref, dark) -> tuple[np.ndarray, np.ndarray]:
+    od = np.empty(image.shape, dtype=np.float32)
+    valid = np.empty(image.shape, dtype=np.bool_)
+    ref2 = ref if (isinstance(ref, np.ndarray) and ref.ndim == 2) else _as_2d(ref, image.shape)
+    with _LOCK:
+        _od_kernel(image, ref2, _as_2d(dark, image.shape), od, valid)
+    return od, valid
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _pearson_update(od, frame_valid, has_valid, mean, m2, comoment, ok, coef, inv_n):
+    ny, nx = od.shape
+    k_refs = coef.shape[0]
+    for y in numba.prange(ny):
+        for x in range(nx):
+            if not ok[y, x]:
+                continue
+            v = np.float64(od[y, x])
+            if not (abs(v) < np.inf) or (has_valid and not frame_valid[y, x]):
+                ok[y, x] = False
+                continue
+            dx = v - mean[y, x]
+            mean[y, x] += dx * inv_n
+            m2[y, x] += dx * (v - mean[y, x])
+            for k in range(k_refs):
+                comoment[k, y, x] += dx * coef[k]
+
+
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
+
+def pearson_update(od, frame_valid, mean, m2, comoment, ok, coef, inv_n) -> None:
+    """In-place Welford/co-moment update; ``frame_valid`` may be None (finite OD is valid)."""
+    has_valid = frame_valid is not None
+    with _LOCK:
+        _pearson_update(od, frame_valid if has_valid else _NO_MASK, has_valid, mean, m2, comoment, ok, coef, inv_n)
