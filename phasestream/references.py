@@ -22,9 +22,9 @@ import numpy as np
 import yaml
 
 __all__ = [
-    "ReferenceSet",
     "EnergyOutOfRangeError",
     "ReferenceFormatError",
+    "ReferenceSet",
     "load_references",
     "register_references",
     "registered_references",
@@ -36,7 +36,7 @@ __all__ = [
 # soft X-ray edges in eV are >= ~100 eV).
 _KEV_THRESHOLD = 100.0
 
-_REGISTRY: dict[str, Callable[[], "ReferenceSet"] | str] = {
+_REGISTRY: dict[str, Callable[[], ReferenceSet] | str] = {
     "nvpf-synthetic": "phasestream.sim.references:nvpf_references",
 }
 
@@ -129,7 +129,7 @@ class ReferenceSet:
         e = self.check_energies(energies)
         return np.stack([np.interp(e, self.energies, s) for s in self.spectra])
 
-    def subset(self, phases: Sequence[str]) -> "ReferenceSet":
+    def subset(self, phases: Sequence[str]) -> ReferenceSet:
         """The same set restricted to ``phases`` (in that order)."""
         missing = [p for p in phases if p not in self.phases]
         if missing:

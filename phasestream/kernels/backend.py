@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-__all__ = ["BACKENDS", "resolve_backend", "cupy_available", "to_numpy", "array_module"]
+__all__ = ["BACKENDS", "array_module", "cupy_available", "resolve_backend", "to_numpy"]
 
 BACKENDS = ("numpy", "numba", "cupy")
 ENV_VAR = "PHASESTREAM_BACKEND"
@@ -30,7 +30,7 @@ def cupy_available() -> bool:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return False
         return float((cupy.arange(4, dtype=cupy.float32) * 2).sum().get()) == 12.0
-    except Exception as exc:  # ImportError, CUDA driver/runtime errors
+    except Exception as exc:  # noqa: BLE001 - ImportError or any CUDA driver/runtime error means "no GPU"
         logger.debug("CuPy not usable: %s", exc)
         return False
 

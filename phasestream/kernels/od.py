@@ -13,7 +13,7 @@ from skimage.filters import threshold_otsu
 
 from phasestream.kernels.backend import resolve_backend, to_numpy
 
-__all__ = ["optical_density", "optical_density_reference", "estimate_i0", "check_image"]
+__all__ = ["check_image", "estimate_i0", "optical_density", "optical_density_reference"]
 
 _ACCEPTED_KINDS = ("u", "i", "f")
 

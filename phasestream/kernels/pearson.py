@@ -44,7 +44,7 @@ def pearson_maps(od_stack: np.ndarray, ref_values: np.ndarray, valid: np.ndarray
         v = np.asarray(valid, dtype=bool)
         ok &= v.all(axis=0) if v.ndim == 3 else v
     k, e = r.shape
-    out = np.full((k,) + x.shape[1:], np.nan, dtype=np.float32)
+    out = np.full((k, *x.shape[1:]), np.nan, dtype=np.float32)
     if e < 2:
         return out
     xc = x - x.mean(axis=0)
@@ -94,7 +94,7 @@ class PearsonAccumulator:
         xp = array_module(self.backend)
         self._mean = xp.zeros(self.shape, dtype=np.float64)
         self._m2 = xp.zeros(self.shape, dtype=np.float64)
-        self._comoment = xp.zeros((self.n_refs,) + self.shape, dtype=np.float64)
+        self._comoment = xp.zeros((self.n_refs, *self.shape), dtype=np.float64)
         self._ok = xp.ones(self.shape, dtype=np.bool_)
         self._ref_mean = np.zeros(self.n_refs)
         self._ref_m2 = np.zeros(self.n_refs)
@@ -176,7 +176,7 @@ class PearsonAccumulator:
         rounding.
         """
         xp = array_module(self.backend)
-        out = xp.full((self.n_refs,) + self.shape, xp.nan, dtype=xp.float32)
+        out = xp.full((self.n_refs, *self.shape), xp.nan, dtype=xp.float32)
         if self.n < 2:
             return to_numpy(out)
         ref_m2 = xp.asarray(self._ref_m2)[:, None, None]

@@ -17,7 +17,7 @@ from skimage.filters import threshold_otsu
 
 from phasestream.kernels.backend import to_numpy
 
-__all__ = ["assign_phases", "phase_fractions", "particle_mask", "PhaseFractions", "DEFAULT_AMBIGUITY"]
+__all__ = ["DEFAULT_AMBIGUITY", "PhaseFractions", "assign_phases", "particle_mask", "phase_fractions"]
 
 DEFAULT_AMBIGUITY = 0.005
 
@@ -77,7 +77,7 @@ class PhaseFractions(NamedTuple):
     n_particle: int
 
     def as_dict(self, phases) -> dict[str, float]:
-        return {str(name): float(f) for name, f in zip(phases, self.fractions)}
+        return {str(name): float(f) for name, f in zip(phases, self.fractions, strict=False)}
 
 
 def phase_fractions(
@@ -143,7 +143,7 @@ def particle_mask(
         threshold = max(float(t), min_od)
     mask = finite & (np.where(finite, level, -np.inf) > threshold)
     if min_size > 1 and mask.any():
-        labels, n = ndimage.label(mask)
+        labels, _ = ndimage.label(mask)
         sizes = np.bincount(labels.ravel())
         mask &= sizes[labels] >= min_size
     return mask

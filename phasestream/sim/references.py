@@ -22,7 +22,7 @@ import numpy as np
 
 from phasestream.references import ReferenceSet
 
-__all__ = ["NVPF_PHASES", "NVPF_NA_CONTENT", "NVPF_OXIDATION", "nvpf_references", "nvpf_spectrum"]
+__all__ = ["NVPF_NA_CONTENT", "NVPF_OXIDATION", "NVPF_PHASES", "nvpf_references", "nvpf_spectrum"]
 
 NVPF_PHASES = ("Na3.0", "Na2.4", "Na2.0", "Na1.0", "Na1-y")
 NVPF_NA_CONTENT = {"Na3.0": 3.0, "Na2.4": 2.4, "Na2.0": 2.0, "Na1.0": 1.0, "Na1-y": 0.8}

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from phasestream.references import ReferenceSet, load_references
 
-__all__ = ["SimulatedSample", "make_sample", "dominant_phases", "flat_field"]
+__all__ = ["SimulatedSample", "dominant_phases", "flat_field", "make_sample"]
 
 LAYOUTS = ("single", "core-shell", "domains")
 
