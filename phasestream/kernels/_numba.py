@@ -7,6 +7,7 @@ run under one lock (the live worker may call them from several threads).
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numba
@@ -31,13 +32,51 @@ def _od_kernel(image, ref, dark, od, valid):
                 valid[y, x] = False
 
 
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _od_table_kernel(image, log_den, table, od, valid):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            lv = table[image[y, x]]
+            if lv == lv:  # NaN marks counts - dark <= 0
+                od[y, x] = np.float32(log_den - lv)
+                valid[y, x] = True
+            else:
+                od[y, x] = np.float32(np.nan)
+                valid[y, x] = False
+
+
+@functools.lru_cache(maxsize=16)
+def _log_table(nbits: int, dark: float) -> np.ndarray:
+    """``log(count - dark)`` for every integer count of an ``nbits`` detector; NaN where not positive."""
+    net = np.arange(2**nbits, dtype=np.float64) - dark
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table = np.where(net > 0, np.log(net), np.nan)
+    table.setflags(write=False)
+    return table
+
+
 def _as_2d(value, shape) -> np.ndarray:
     return np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
 
 
 def optical_density(image: np.ndarray, ref, dark) -> tuple[np.ndarray, np.ndarray]:
+    """OD of ``-ln((image - dark) / (ref - dark))``.
+
+    uint8/uint16 images with scalar ``ref`` and ``dark`` (the usual STXM case) use a table of
+    ``log(count - dark)`` over all possible counts instead of one logarithm per pixel; the
+    table values are exact float64 logarithms, so the result equals the direct formula to
+    float32 rounding.
+    """
     od = np.empty(image.shape, dtype=np.float32)
     valid = np.empty(image.shape, dtype=np.bool_)
+    if image.dtype in (np.uint8, np.uint16) and np.ndim(ref) == 0 and np.ndim(dark) == 0:
+        den = float(ref) - float(dark)
+        if den > 0 and np.isfinite(den):
+            table = _log_table(8 * image.dtype.itemsize, float(dark))
+            with _LOCK:
+                _od_table_kernel(image, np.log(den), table, od, valid)
+            return od, valid
     ref2 = ref if (isinstance(ref, np.ndarray) and ref.ndim == 2) else _as_2d(ref, image.shape)
     with _LOCK:
         _od_kernel(image, ref2, _as_2d(dark, image.shape), od, valid)

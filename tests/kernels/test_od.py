@@ -95,3 +95,16 @@ def test_numba_equals_numpy_reference_on_any_input(image):
     od_nb, valid_nb = _numba.optical_density(image, ref, dark)
     np.testing.assert_array_equal(valid_nb, valid_np)
     np.testing.assert_allclose(od_nb, od_np, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("dark", [0.0, 100.0])
+def test_numba_table_path_equals_reference_for_every_count(dtype, dark):
+    from phasestream.kernels import _numba
+
+    counts = np.arange(np.iinfo(dtype).max + 1, dtype=dtype).reshape(-1, 64 if dtype == np.uint16 else 16)
+    od_nb, valid_nb = _numba.optical_density(counts, 70000.0, dark)
+    od_np, valid_np = optical_density_reference(counts, 70000.0, dark)
+    np.testing.assert_array_equal(valid_nb, valid_np)
+    np.testing.assert_array_equal(valid_nb, counts.astype(float) - dark > 0)
+    np.testing.assert_allclose(od_nb, od_np, rtol=2e-7, atol=1e-7, equal_nan=True)
