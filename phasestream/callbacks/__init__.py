@@ -1,0 +1,1 @@
+"""Bluesky callbacks: live phase mapping and result writing (PhaseMapCallback, issue #3)."""

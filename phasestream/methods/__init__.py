@@ -1,0 +1,1 @@
+"""Classic XANES analysis: flat-field, alignment, edge normalization, LCF, unmixing."""

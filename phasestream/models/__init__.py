@@ -1,0 +1,1 @@
+"""Pretrained models (GMVAE, InDI): networks, training, artifact registry. Never imported by callbacks."""

@@ -1,0 +1,1 @@
+"""Services that own processes and sockets: 0MQ analysis worker, model server, Tiled helpers."""
