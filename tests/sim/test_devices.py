@@ -5,7 +5,6 @@ import bluesky.plans as bp
 import bluesky.preprocessors as bpp
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 
 from phasestream.references import EnergyOutOfRangeError
@@ -27,18 +26,6 @@ def sample():
     return make_sample(SHAPE, state_of_charge=2.0, seed=4)
 
 
-@pytest.fixture
-def RE():
-    return RunEngine({})
-
-
-def run(RE, plan):
-    """Run ``plan``; return its documents, each validated against the event-model schema."""
-    docs = []
-    RE(plan, lambda name, doc: docs.append((name, doc)))
-    for name, doc in docs:
-        schema_validators[DocumentNames[name]].validate(doc)
-    return docs
 
 
 def events(docs, stream="primary"):
@@ -53,7 +40,7 @@ def test_energy_positioner_reports_ev_under_its_name(RE):
     assert energy.read()["energy"]["value"] == 517.5
 
 
-def test_noiseless_stxm_frames_are_the_rounded_transmitted_counts(RE, sample):
+def test_noiseless_stxm_frames_are_the_rounded_transmitted_counts(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, noise=False, i0=4000.0)
     docs = run(RE, bp.list_scan([det], energy, ENERGIES))
@@ -71,7 +58,7 @@ def test_noiseless_stxm_frames_are_the_rounded_transmitted_counts(RE, sample):
         assert ev["data"]["det_i0"] == 4000.0
 
 
-def test_stxm_counts_are_poisson_around_the_transmitted_mean(RE):
+def test_stxm_counts_are_poisson_around_the_transmitted_mean(RE, run):
     sample = make_sample((64, 64), seed=9)
     energy = make_energy(value=517.5)
     det = TransmissionDetector(sample, energy, i0=3000.0, seed=1)
@@ -83,7 +70,7 @@ def test_stxm_counts_are_poisson_around_the_transmitted_mean(RE):
     assert not np.array_equal(events(docs)[0]["data"]["det_img"], events(docs)[1]["data"]["det_img"])
 
 
-def test_energy_dependent_i0_reaches_frames_and_monitor(RE, sample):
+def test_energy_dependent_i0_reaches_frames_and_monitor(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, noise=False, i0=lambda e: 1000.0 + 100.0 * (e - 505.0))
     assert det.i0_key == "det_i0" and det.image_key == "det_img"
@@ -94,7 +81,7 @@ def test_energy_dependent_i0_reaches_frames_and_monitor(RE, sample):
         np.testing.assert_array_equal(ev["data"]["det_img"], expected)
 
 
-def test_counts_clip_at_uint16_max(RE, sample):
+def test_counts_clip_at_uint16_max(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, noise=False, i0=1e6)
     (ev,) = events(run(RE, bp.count([det])))
@@ -105,7 +92,7 @@ def test_counts_clip_at_uint16_max(RE, sample):
     np.testing.assert_array_equal(img[inside], np.rint(sample.transmitted(505.0, i0=1e6, noise=False))[inside])
 
 
-def test_txm_dark_flat_and_sample_frames(RE, sample):
+def test_txm_dark_flat_and_sample_frames(RE, sample, run):
     energy = make_energy(value=517.5)
     det = TransmissionDetector(sample, energy, mode="txm", noise=False, i0=2000.0, flat_seed=3)
     assert det.dark_level.get() == 100.0
@@ -134,7 +121,7 @@ def test_txm_dark_flat_and_sample_frames(RE, sample):
     assert configs["primary"]["det_shutter"] == "open" and configs["primary"]["det_sample_position"] == "in"
 
 
-def test_txm_dark_noise_is_poisson_around_the_dark_level(RE):
+def test_txm_dark_noise_is_poisson_around_the_dark_level(RE, run):
     sample = make_sample((64, 64), seed=2)
     det = TransmissionDetector(sample, make_energy(), mode="txm", seed=5)
     det.shutter.put("closed")
@@ -172,7 +159,7 @@ def test_energy_outside_the_references_fails_the_scan(RE, sample):
         RE(bp.list_scan([det], energy, [600.0]))
 
 
-def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frames(RE, sample, tmp_path):
+def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frames(RE, sample, tmp_path, run):
     energy = make_energy()
     inline = TransmissionDetector(sample, energy, i0=3000.0, seed=11)
     external = HDF5TransmissionDetector(sample, energy, i0=3000.0, seed=11, write_path=tmp_path / "frames")
@@ -212,7 +199,7 @@ def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frame
     assert external.path is None and len(list((tmp_path / "frames").glob("det_*.h5"))) == 1
 
 
-def test_read_stream_frames_checks_its_documents(RE, sample, tmp_path):
+def test_read_stream_frames_checks_its_documents(RE, sample, tmp_path, run):
     energy = make_energy()
     det = HDF5TransmissionDetector(sample, energy, write_path=tmp_path)
     docs = run(RE, bp.list_scan([det], energy, ENERGIES[:2]))

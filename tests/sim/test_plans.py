@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from event_model import DocumentNames, schema_validators
 from ophyd.sim import DirectImage, SynGauss
 
 from phasestream.references import load_references
@@ -26,18 +24,6 @@ def sample():
     return make_sample(SHAPE, state_of_charge=2.4, seed=6)
 
 
-@pytest.fixture
-def RE():
-    return RunEngine({})
-
-
-def run(RE, plan):
-    """Run ``plan``; return its documents, each validated against the event-model schema."""
-    docs = []
-    RE(plan, lambda name, doc: docs.append((name, doc)))
-    for name, doc in docs:
-        schema_validators[DocumentNames[name]].validate(doc)
-    return docs
 
 
 def start_of(docs):
@@ -50,7 +36,7 @@ def events(docs, stream="primary"):
     return [d for n, d in docs if n == "event" and d["descriptor"] in uids]
 
 
-def test_stxm_start_document_carries_the_run_metadata(RE, sample):
+def test_stxm_start_document_carries_the_run_metadata(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, noise=False)
     docs = run(RE, energy_stack_scan([det], energy, ENERGIES, md={"operator": "sim"}))
@@ -70,7 +56,7 @@ def test_stxm_start_document_carries_the_run_metadata(RE, sample):
     assert stop["exit_status"] == "success" and stop["num_events"] == {"primary": len(ENERGIES)}
 
 
-def test_each_event_holds_the_transmitted_image_at_its_energy(RE, sample):
+def test_each_event_holds_the_transmitted_image_at_its_energy(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, noise=False, i0=4000.0)
     evs = events(run(RE, energy_stack_scan([det], energy, ENERGIES, i0_key=det.i0_key)))
@@ -86,7 +72,7 @@ def test_each_event_holds_the_transmitted_image_at_its_energy(RE, sample):
     np.testing.assert_allclose(od, [sample.optical_density(e)[y, x] for e in ENERGIES], atol=2e-3)
 
 
-def test_noisy_images_are_poisson_around_the_transmitted_mean(RE):
+def test_noisy_images_are_poisson_around_the_transmitted_mean(RE, run):
     sample = make_sample((64, 64), seed=8)
     energy = make_energy()
     det = TransmissionDetector(sample, energy, i0=2000.0, seed=3)
@@ -97,7 +83,7 @@ def test_noisy_images_are_poisson_around_the_transmitted_mean(RE):
     assert z.std() == pytest.approx(1.0, abs=0.05)
 
 
-def test_txm_records_dark_then_flat_before_each_image(RE, sample):
+def test_txm_records_dark_then_flat_before_each_image(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, mode="txm", noise=False, i0=3000.0, flat_seed=1)
     docs = run(RE, energy_stack_scan([det], energy, ENERGIES, mode="txm", i0_key="det_i0"))
@@ -128,7 +114,7 @@ def test_txm_records_dark_then_flat_before_each_image(RE, sample):
     assert det.shutter.get() == "open" and det.sample_position.get() == "in"
 
 
-def test_txm_noisy_dark_and_flat_levels(RE, sample):
+def test_txm_noisy_dark_and_flat_levels(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy, mode="txm", i0=3000.0, seed=4)
     docs = run(RE, energy_stack_scan([det], energy, ENERGIES[:2], mode="txm"))
@@ -139,7 +125,7 @@ def test_txm_noisy_dark_and_flat_levels(RE, sample):
     assert np.mean((flat - expected) / np.sqrt(expected)) == pytest.approx(0.0, abs=0.15)
 
 
-def test_txm_hdf5_frames_from_documents_equal_inline_frames(RE, sample, tmp_path):
+def test_txm_hdf5_frames_from_documents_equal_inline_frames(RE, sample, tmp_path, run):
     energy = make_energy()
     inline = TransmissionDetector(sample, energy, mode="txm", seed=21)
     external = HDF5TransmissionDetector(sample, energy, mode="txm", seed=21, write_path=tmp_path)
@@ -163,7 +149,7 @@ def test_txm_hdf5_frames_from_documents_equal_inline_frames(RE, sample, tmp_path
         assert all("det_img" not in e["data"] for e in events(docs, stream))
 
 
-def test_explicit_sample_references_and_extra_phasestream_keys(RE, sample):
+def test_explicit_sample_references_and_extra_phasestream_keys(RE, sample, run):
     energy = make_energy()
     det = TransmissionDetector(sample, energy)
     refs = load_references("nvpf-synthetic")
@@ -183,7 +169,7 @@ def test_explicit_sample_references_and_extra_phasestream_keys(RE, sample):
     assert start["phasestream"]["references"] == "nvpf-synthetic" and start["phasestream"]["live"] is True
 
 
-def test_sample_from_md_and_generic_image_detector(RE):
+def test_sample_from_md_and_generic_image_detector(RE, run):
     energy = make_energy()
     cam = DirectImage(name="cam", func=lambda: np.ones((8, 8)))
     docs = run(
