@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.stats import pearsonr
 
-from phasestream.kernels import PearsonAccumulator, pearson_maps
+from phasestream.kernels import PearsonAccumulator, assign_phases, pearson_maps
 
 
 def _accumulate(stack, refs, backend, valid=None):
@@ -66,6 +66,8 @@ def test_undefined_pcc_is_nan(backend):
     acc = PearsonAccumulator((2, 2), 2, backend=backend)
     acc.update(stack[0], refs[:, 0], valid[0])
     assert np.isnan(acc.maps()).all()  # one energy only
+    phase, rel, amb = assign_phases(acc.maps(), np.ones((2, 2), bool))
+    assert (phase == -1).all() and np.isnan(rel).all() and not amb.any()  # nothing to assign yet
     acc.update(stack[1], refs[:, 1], valid[1])
     acc.update(stack[2], refs[:, 2], valid[2])
     m = acc.maps()
