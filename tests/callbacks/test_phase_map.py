@@ -1,0 +1,166 @@
+"""PhaseMapCallback fed by a real RunEngine (in memory; the Tiled path is in test_live_tiled.py)."""
+
+import copy
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.kernels import assign_phases, optical_density_reference, particle_mask, pearson_maps
+from phasestream.references import load_references, select_energies
+from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+REFS = load_references("nvpf-synthetic")
+ENERGIES = select_energies(REFS, 8)
+SHAPE = (48, 48)
+
+
+def scan_documents(*, seed=0, soc=2.0, detector=TransmissionDetector, energies=ENERGIES, **det_kwargs):
+    """Documents of one simulated STXM scan, and the sample."""
+    sample = make_sample(SHAPE, state_of_charge=soc, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = detector(sample, energy, i0=8000.0, seed=seed, **det_kwargs)
+    docs = []
+    RunEngine({})(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key),
+                  lambda n, d: docs.append((n, copy.deepcopy(d))))
+    return docs, sample
+
+
+def feed(docs, **kwargs):
+    cb = PhaseMapCallback(None, backend="numba", **kwargs)
+    for name, doc in docs:
+        cb(name, doc)
+    assert cb.flush(30)
+    cb.close()
+    return cb
+
+
+def test_final_maps_equal_batch_oracle_and_truth():
+    docs, sample = scan_documents(seed=1)
+    uid = docs[0][1]["uid"]
+    result = feed(docs).results[uid]
+    assert result.status == "complete" and result.errors == []
+    events = [d["data"] for n, d in docs if n == "event"]
+    ods = np.stack([optical_density_reference(e["det_img"], e["det_i0"])[0] for e in events])
+    pcc = pearson_maps(ods, REFS.interpolate([e["energy"] for e in events]))
+    np.testing.assert_allclose(result.arrays["pcc"], pcc, atol=1e-5, equal_nan=True)
+    mask = particle_mask(ods)
+    np.testing.assert_array_equal(result.arrays["mask"].astype(bool), mask)
+    phase, rel, amb = assign_phases(pcc, mask)
+    agree = (result.arrays["phase"] == phase).mean()
+    assert agree > 0.999  # ties within float32 rounding may flip a pixel
+    assert sample.accuracy(result.arrays["phase"]) > 0.97
+    md = result.metadata
+    assert md["n_energies_seen"] == len(ENERGIES) and md["energies_eV"] == pytest.approx(list(ENERGIES))
+    assert sum(md["phase_fractions"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert md["ambiguous_fraction"] == pytest.approx(amb[mask].mean(), abs=0.01)
+    assert md["timings"]["last_image_to_result_s"] >= 0
+
+
+def test_external_hdf5_images_give_the_same_result_as_inline(tmp_path):
+    inline, _ = scan_documents(seed=3)
+    external, _ = scan_documents(seed=3, detector=HDF5TransmissionDetector, write_path=tmp_path)
+    assert any(n == "stream_datum" for n, _ in external)
+    a = feed(inline).results[inline[0][1]["uid"]]
+    b = feed(external).results[external[0][1]["uid"]]
+    assert b.status == "complete", b.errors
+    np.testing.assert_array_equal(a.arrays["phase"], b.arrays["phase"])
+    np.testing.assert_allclose(a.arrays["pcc"], b.arrays["pcc"], equal_nan=True)
+
+
+def test_runs_without_phasestream_block_are_ignored():
+    from bluesky.plans import count
+    from ophyd.sim import det
+
+    docs = []
+    RunEngine({})(count([det]), lambda n, d: docs.append((n, d)))
+    cb = feed(docs)
+    assert cb.results == {}
+
+
+def _primary_events(docs):
+    desc = {d["uid"] for n, d in docs if n == "descriptor" and d["name"] == "primary"}
+    return [d for n, d in docs if n == "event" and d["descriptor"] in desc]
+
+
+def _with_next_run(docs, seed=9):
+    """Append a good run: the callback must still analyse it after the bad one."""
+    good, _ = scan_documents(seed=seed)
+    return docs + good, good[0][1]["uid"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda ev: ev[2]["data"].pop("energy"), "no energy under data key 'energy'"),
+        (lambda ev: ev[2]["data"].__setitem__("det_img", np.zeros((10, 10), np.uint16)), "image shape changed"),
+        (lambda ev: ev[3]["data"].__setitem__("energy", ev[2]["data"]["energy"]), "duplicate energy"),
+        (lambda ev: ev[1]["data"].__setitem__("energy", 560.0), "outside the range of references"),
+        (lambda ev: ev[1]["data"].__setitem__("det_img", np.zeros(5)), "must be 2D"),
+    ],
+)
+def test_bad_event_is_recorded_and_other_runs_go_on(mutate, message):
+    docs, _ = scan_documents(seed=4)
+    mutate(_primary_events(docs))
+    docs, good_uid = _with_next_run(docs)
+    cb = feed(docs)
+    bad = cb.results[docs[0][1]["uid"]]
+    assert bad.status == "partial"
+    assert any(message in e for e in bad.errors), bad.errors
+    assert cb.results[good_uid].status == "complete"
+
+
+def test_unknown_image_key_fails_the_run_with_a_clear_error():
+    docs, _ = scan_documents(seed=5)
+    docs[0][1]["phasestream"]["image_key"] = "camera_img"
+    docs, good_uid = _with_next_run(docs)
+    cb = feed(docs)
+    bad = cb.results[docs[0][1]["uid"]]
+    assert bad.status == "failed"
+    assert any("no data key 'camera_img'" in e for e in bad.errors)
+    assert cb.results[good_uid].status == "complete"
+
+
+def test_event_before_descriptor_is_logged_and_the_stream_goes_on(caplog):
+    docs, _ = scan_documents(seed=6)
+    i_desc = next(i for i, (n, d) in enumerate(docs) if n == "descriptor" and d["name"] == "primary")
+    i_event = next(i for i, (n, _) in enumerate(docs) if n == "event")
+    docs.insert(i_desc, docs.pop(i_event))  # first event now precedes its descriptor
+    docs, good_uid = _with_next_run(docs)
+    cb = feed(docs)
+    bad = cb.results[docs[0][1]["uid"]]
+    assert bad.status == "partial" and bad.metadata["n_energies_seen"] == len(ENERGIES) - 1
+    assert "event document rejected" in caplog.text
+    assert cb.results[good_uid].status == "complete"
+
+
+def test_run_without_stop_is_finalized_partial_when_reported_lost():
+    docs, _ = scan_documents(seed=7)
+    uid = docs[0][1]["uid"]
+    cb = PhaseMapCallback(None, backend="numba")
+    for name, doc in docs:
+        if name != "stop":
+            cb(name, doc)
+    assert cb.results[uid].status == "running"
+    cb.run_incomplete(uid, "no stop document within 60 s (timeout)")
+    assert cb.flush(30)
+    assert cb.results[uid].status == "partial"
+    assert any("documents lost" in e for e in cb.results[uid].errors)
+    cb.close()
+
+
+def test_partial_maps_are_published_while_the_scan_runs():
+    docs, _ = scan_documents(seed=8)
+    uid = docs[0][1]["uid"]
+    cb = PhaseMapCallback(None, backend="numba", update_every=2, update_seconds=1e9)
+    seen = []
+    for name, doc in docs:
+        cb(name, doc)
+        if name == "event" and uid in cb.results and cb.results[uid].metadata:
+            seen.append(cb.results[uid].metadata["n_energies_seen"])
+    cb.flush(30)
+    cb.close()
+    # partial maps after every 2nd image, while events still arrive; the final one at stop
+    assert set(seen) == {2, 4, 6, 8} and seen == sorted(seen)
+    assert cb.results[uid].metadata["n_energies_seen"] == len(ENERGIES) == 9
