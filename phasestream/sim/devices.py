@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlunparse
 
 import h5py
 import numpy as np
@@ -59,6 +59,7 @@ from ophyd import Device, Signal
 from ophyd.sim import SynAxis
 from ophyd.status import DeviceStatus
 
+from phasestream.callbacks.assets import HDF5_MIMETYPE, read_stream_frames
 from phasestream.sim.samples import SimulatedSample, flat_field
 
 __all__ = [
@@ -78,7 +79,6 @@ MODES = ("stxm", "txm")
 DEFAULT_DARK_LEVEL = {"stxm": 0.0, "txm": 100.0}
 SHUTTER_STATES = ("open", "closed")
 SAMPLE_POSITIONS = ("in", "out")
-HDF5_MIMETYPE = "application/x-hdf5"
 #: HDF5 dataset per acquisition condition (sample in: the areaDetector default path)
 DATASETS = {"data": "/entry/data/data", "flat": "/entry/flat/data", "dark": "/entry/dark/data"}
 _UINT16_MAX = np.iinfo(np.uint16).max
@@ -349,31 +349,6 @@ class HDF5TransmissionDetector(TransmissionDetector):
         desc = super().describe()
         desc[self.image_key]["external"] = "STREAM:"
         return desc
-
-
-def read_stream_frames(stream_resource: dict, stream_datum: dict) -> np.ndarray:
-    """Frames (N, Y, X) referenced by a StreamDatum, read from the HDF5 file of its StreamResource.
-
-    Parameters
-    ----------
-    stream_resource : StreamResource document, mimetype ``application/x-hdf5``, a ``file:`` URI
-        and parameter ``dataset`` (the HDF5 path of the (N, Y, X) frame stack)
-    stream_datum : StreamDatum document of that resource; ``indices`` select the frames
-    """
-    if stream_datum["stream_resource"] != stream_resource["uid"]:
-        raise ValueError(
-            f"StreamDatum {stream_datum['uid']!r} refers to StreamResource {stream_datum['stream_resource']!r}, "
-            f"not {stream_resource['uid']!r}"
-        )
-    if stream_resource["mimetype"] != HDF5_MIMETYPE:
-        raise ValueError(f"cannot read mimetype {stream_resource['mimetype']!r}; expected {HDF5_MIMETYPE!r}")
-    uri = urlparse(stream_resource["uri"])
-    if uri.scheme != "file":
-        raise ValueError(f"cannot read StreamResource uri {stream_resource['uri']!r}: only file: URIs are supported")
-    params = stream_resource["parameters"]
-    indices = stream_datum["indices"]
-    with h5py.File(Path(uri.path), "r", swmr=bool(params.get("swmr", False))) as f:
-        return f[params["dataset"]][indices["start"] : indices["stop"]]
 
 
 def read_stream_frame(stream_resource: dict, stream_datum: dict) -> np.ndarray:
