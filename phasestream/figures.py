@@ -1,0 +1,115 @@
+"""PNG figures of a phase-mapping result: phase map with reliability as brightness, PCC maps, fractions.
+
+The phase map follows the paper's display (../shared/papers/pcc-gmvae-phase-mapping-stxm.txt,
+section 3.3): each pixel is coloured by its phase, with the reliability (best minus second-best
+PCC) as brightness; background is black and ambiguous pixels are grey.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PHASE_COLORS", "phase_rgb", "save_result_figures"]
+
+PHASE_COLORS = np.array(
+    [
+        [0.12, 0.47, 0.71],  # blue
+        [1.00, 0.50, 0.05],  # orange
+        [0.17, 0.63, 0.17],  # green
+        [0.84, 0.15, 0.16],  # red
+        [0.58, 0.40, 0.74],  # purple
+        [0.55, 0.34, 0.29],
+        [0.89, 0.47, 0.76],
+        [0.74, 0.74, 0.13],
+    ]
+)
+AMBIGUOUS_GREY = np.array([0.6, 0.6, 0.6])
+
+
+def phase_rgb(phase: np.ndarray, reliability: np.ndarray, ambiguous: np.ndarray | None = None,
+              *, reliability_scale: float | None = None) -> np.ndarray:
+    """(Y, X, 3) float RGB: phase colour times brightness from reliability; black background, grey ambiguous.
+
+    Brightness is ``0.35 + 0.65 * clip(reliability / scale, 0, 1)`` with ``scale`` the 95th
+    percentile of the reliability over assigned pixels unless given.
+    """
+    phase = np.asarray(phase)
+    rel = np.nan_to_num(np.asarray(reliability, dtype=float), nan=0.0)
+    assigned = phase >= 0
+    if reliability_scale is None:
+        values = rel[assigned]
+        reliability_scale = float(np.percentile(values, 95)) if values.size else 1.0
+    scale = reliability_scale if reliability_scale > 0 else 1.0
+    brightness = 0.35 + 0.65 * np.clip(rel / scale, 0.0, 1.0)
+    rgb = np.zeros((*phase.shape, 3))
+    colors = PHASE_COLORS[np.where(assigned, phase, 0) % len(PHASE_COLORS)]
+    rgb[assigned] = colors[assigned] * brightness[assigned, None]
+    if ambiguous is not None:
+        amb = np.asarray(ambiguous, dtype=bool) & assigned
+        rgb[amb] = AMBIGUOUS_GREY
+    return rgb
+
+
+def save_result_figures(
+    out_dir: str | Path,
+    *,
+    name: str,
+    phases: list[str] | tuple[str, ...],
+    pcc: np.ndarray,
+    phase: np.ndarray,
+    reliability: np.ndarray,
+    ambiguous: np.ndarray,
+    fractions: dict[str, float],
+    mask: np.ndarray | None = None,
+    title: str = "",
+) -> list[Path]:
+    """Write ``<name>_phase.png``, ``<name>_pcc.png`` (particle pixels only when ``mask`` is given) and
+    ``<name>_fractions.png``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    ax.imshow(phase_rgb(phase, reliability, ambiguous), interpolation="nearest")
+    handles = [Patch(color=PHASE_COLORS[i % len(PHASE_COLORS)], label=p) for i, p in enumerate(phases)]
+    handles.append(Patch(color=AMBIGUOUS_GREY, label="ambiguous"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{title}\nphase (colour), reliability (brightness)".strip())
+    ax.set_axis_off()
+    fig.tight_layout()
+    paths.append(out / f"{name}_phase.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    k = len(phases)
+    shown = pcc if mask is None else np.where(np.asarray(mask, bool)[None], pcc, np.nan)
+    low = float(np.nanmin(shown)) if np.isfinite(shown).any() else 0.0
+    cmap = plt.get_cmap("magma").with_extremes(bad="black")
+    fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.9), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = ax.imshow(shown[i], vmin=min(low, 0.99), vmax=1.0, cmap=cmap)
+        ax.set_title(f"PCC {phases[i]}")
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    paths.append(out / f"{name}_pcc.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    values = [100 * fractions.get(p, 0.0) for p in phases]
+    ax.bar(list(phases), values, color=[PHASE_COLORS[i % len(PHASE_COLORS)] for i in range(k)])
+    ax.set_ylabel("% of particle pixels")
+    ax.set_title(title or "phase fractions")
+    fig.tight_layout()
+    paths.append(out / f"{name}_fractions.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
