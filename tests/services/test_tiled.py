@@ -1,0 +1,309 @@
+"""Tiled helpers against a real embedded Tiled server and a real RunEngine; oracle: the NumPy arrays written."""
+
+import socket
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky_tiled_plugins import BlueskyRun
+from event_model import compose_run
+from tiled.queries import Key
+
+from phasestream.services.tiled import (
+    ResultExistsError,
+    ResultWriter,
+    TiledConnectionError,
+    TiledPermissionError,
+    _resolve_api_key,
+    connect,
+    find_results,
+    open_raw_run,
+    raw_run_complete,
+    raw_run_writer,
+    start_embedded_tiled,
+)
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+KEY = "phasestreamTestKey1"
+SHAPE = (8, 6)
+PHASES = ["Na3.0", "Na2.0", "Na1.0"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = start_embedded_tiled(api_key=KEY)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return connect(server.uri)
+
+
+@pytest.fixture
+def no_env_key(monkeypatch):
+    monkeypatch.delenv("TILED_API_KEY", raising=False)
+
+
+def base_uri(server):
+    return server.uri.split("?")[0]
+
+
+def result_md(state_of_charge, **fields):
+    return {
+        "scan_id": 7,
+        "sample": {"name": "particle-1", "state_of_charge": state_of_charge},
+        "energies_eV": [506.0, 517.5, 525.0],
+        "references": {"name": "nvpf-synthetic"},
+        **fields,
+    }
+
+
+def writer(client, uid, *, soc=2.0, **kwargs):
+    kwargs.setdefault("metadata", result_md(soc))
+    return ResultWriter(client, uid, shape=SHAPE, phases=PHASES, **kwargs)
+
+
+# ---------------------------------------------------------------- server, connection, authentication
+
+
+def test_embedded_server_listens_on_localhost_with_its_key(server):
+    assert server.uri.startswith("http://127.0.0.1:")
+    assert server.uri.endswith(f"?api_key={KEY}")
+
+
+def test_api_key_is_the_argument_then_the_environment_then_random(monkeypatch):
+    with pytest.raises(ValueError, match="letters and digits"):
+        start_embedded_tiled(api_key="not-alphanumeric")
+    monkeypatch.setenv("TILED_API_KEY", "from-env")
+    assert _resolve_api_key("given") == "given"
+    assert _resolve_api_key(None) == "from-env"
+    monkeypatch.delenv("TILED_API_KEY")
+    first, second = _resolve_api_key(None), _resolve_api_key(None)
+    assert first != second and len(first) == 32
+
+
+def test_connect_takes_the_key_from_uri_argument_or_environment(server, monkeypatch, no_env_key):
+    assert "phasestream" not in connect(server.uri, api_key=KEY)  # key in the URI and as argument: no clash
+    assert connect(base_uri(server), api_key=KEY).context.api_key == KEY
+    monkeypatch.setenv("TILED_API_KEY", KEY)
+    assert connect(base_uri(server)).context.api_key == KEY
+
+
+def test_connect_names_an_unreachable_server():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TiledConnectionError, match=f"127.0.0.1:{port}"):
+        connect(f"http://127.0.0.1:{port}/api/v1?api_key=secret")
+
+
+def test_the_api_key_is_required_to_write(server, client, no_env_key):
+    with pytest.raises(TiledPermissionError, match="requires an API key"):
+        connect(base_uri(server))
+    with pytest.raises(TiledPermissionError, match="rejected the API key"):
+        connect(base_uri(server), api_key="wrong")
+    intruder = connect(server.uri)
+    for key in ("wrong", None):
+        intruder.context.api_key = key
+        with pytest.raises(TiledPermissionError, match="valid API key"):
+            writer(intruder, "run-intruder", root="intruded")
+    assert "intruded" not in client
+
+
+# ---------------------------------------------------------------- result layout and arrays
+
+
+def test_result_container_layout_specs_and_metadata(client):
+    writer(client, "run-layout", n_energies=4)
+    result = client["phasestream"]["run-layout"]
+    assert [spec.name for spec in result.specs] == ["PhaseMap"]
+    md = result.metadata
+    assert md["run_uid"] == "run-layout" and md["scan_id"] == 7
+    assert md["status"] == "running" and md["n_energies_seen"] == 0 and md["errors"] == []
+    assert md["state_of_charge"] == 2.0 and isinstance(md["state_of_charge"], float)  # taken from sample
+    assert md["references"] == {"name": "nvpf-synthetic", "phases": PHASES}
+    od = result["od"]
+    assert od.shape == (4, *SHAPE) and od.dtype == np.float32
+    assert od.chunks == ((1, 1, 1, 1), (SHAPE[0],), (SHAPE[1],))
+    assert "run-layout" in client["phasestream"].search(Key("state_of_charge") == 2.0)
+
+
+def test_od_planes_read_back_as_written_also_past_the_planned_size(client):
+    planes = np.random.default_rng(0).normal(size=(5, *SHAPE)).astype(np.float32)
+    planes[1, 2:4, 3] = np.nan
+    w = writer(client, "run-od-grow", n_energies=3)
+    for index in (0, 2, 1, 3, 4):
+        w.write_od(index, planes[index])
+    assert w.n_od_planes == 5
+    od = client["phasestream/run-od-grow/od"]
+    assert od.shape == (5, *SHAPE) and od.chunks[0] == (1,) * 5
+    np.testing.assert_array_equal(od.read(), planes)  # NaN compares equal here
+    w.finalize_od()
+    assert client["phasestream/run-od-grow"].metadata["n_energies_seen"] == 5
+
+
+def test_od_of_unknown_length_grows_from_the_first_plane(client):
+    planes = np.random.default_rng(1).random((3, *SHAPE))  # float64 in, float32 stored
+    w = writer(client, "run-od-unknown", n_energies=None)
+    assert "od" not in client["phasestream/run-od-unknown"]
+    for index, plane in enumerate(planes):
+        w.write_od(index, plane)
+    od = client["phasestream/run-od-unknown/od"].read()
+    np.testing.assert_array_equal(od, planes.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        w.write_od(3, planes[0][:-1])
+
+
+def test_finalize_trims_od_of_an_aborted_scan(client):
+    planes = np.random.default_rng(2).random((3, *SHAPE)).astype(np.float32)
+    w = writer(client, "run-od-trim", n_energies=6)
+    for index, plane in enumerate(planes):
+        w.write_od(index, plane)
+    w.finalize_od()
+    result = client["phasestream/run-od-trim"]
+    assert result.metadata["n_energies_seen"] == 3
+    assert result["od"].chunks[0] == (1, 1, 1)
+    np.testing.assert_array_equal(result["od"].read(), planes)
+    with pytest.raises(ValueError, match="holds 3 planes"):
+        w.finalize_od(4)
+
+
+def test_maps_are_written_with_contract_dtypes_and_overwritten_in_place(client):
+    rng = np.random.default_rng(3)
+    w = writer(client, "run-maps")
+    first = {
+        "pcc": rng.uniform(-1, 1, (3, *SHAPE)),
+        "phase": rng.integers(-1, 3, SHAPE),  # int64 -> int16
+        "reliability": rng.random(SHAPE).astype(np.float32),
+        "ambiguous": rng.random(SHAPE) > 0.5,  # bool -> uint8
+        "mask": np.ones(SHAPE, bool),
+        "extra_counts": np.arange(4, dtype=np.int32),
+    }
+    first["reliability"][0, :] = np.nan
+    w.write_maps(**first)
+    result = client["phasestream/run-maps"]
+    source_ids = {name: result[name].data_sources()[0].id for name in first}
+    second = {name: value[::-1].copy() for name, value in first.items()}
+    w.write_maps(**second)
+    expected_dtypes = {
+        "pcc": "float32",
+        "phase": "int16",
+        "reliability": "float32",
+        "ambiguous": "uint8",
+        "mask": "uint8",
+        "extra_counts": "int32",
+    }
+    for name, value in second.items():
+        stored = result[name]
+        assert stored.dtype == np.dtype(expected_dtypes[name]), name
+        assert stored.data_sources()[0].id == source_ids[name], f"{name} was recreated, not overwritten"
+        np.testing.assert_array_equal(stored.read(), value.astype(expected_dtypes[name]))
+    w.write_maps(extra_counts=np.arange(6, dtype=np.int32))  # new shape: replaced
+    np.testing.assert_array_equal(result["extra_counts"].read(), np.arange(6))
+    with pytest.raises(ValueError, match=r"'pcc'.*\(3, 8, 6\)"):
+        w.write_maps(pcc=np.zeros((4, *SHAPE), np.float32))
+    with pytest.raises(TypeError, match="int16"):
+        w.write_maps(phase=np.zeros(SHAPE, np.float32))
+
+
+def test_metadata_updates_merge_top_level_keys(client):
+    w = writer(client, "run-md")
+    w.update_metadata(
+        status="complete",
+        phase_fractions={"Na2.0": 0.75, "Na3.0": 0.25},
+        ambiguous_fraction=np.float32(0.125),
+        timings={"pcc_s": float("nan")},
+    )
+    w.record_error("energy 560.0 eV outside the reference range")
+    w.update_metadata(sample={"name": "particle-2"})  # shallow: the whole sample is replaced
+    md = client["phasestream/run-md"].metadata
+    assert md["status"] == "complete" and md["scan_id"] == 7 and md["energies_eV"] == [506.0, 517.5, 525.0]
+    assert md["phase_fractions"] == {"Na2.0": 0.75, "Na3.0": 0.25} and md["ambiguous_fraction"] == 0.125
+    assert md["timings"] == {"pcc_s": None}
+    assert md["errors"] == ["energy 560.0 eV outside the reference range"]
+    assert md["sample"] == {"name": "particle-2"} and md["state_of_charge"] == 2.0
+    assert dict(w.metadata) == dict(md)
+    with pytest.raises(ValueError, match="status"):
+        w.update_metadata(status="done")
+
+
+def test_existing_results_are_refused_replaced_or_reopened(client):
+    w = writer(client, "run-again", n_energies=2)
+    w.write_od(0, np.ones(SHAPE))
+    w.update_metadata(status="failed")
+    with pytest.raises(ResultExistsError, match="replace=True"):
+        writer(client, "run-again")
+    reopened = ResultWriter.open(client, "run-again")
+    assert reopened.shape == SHAPE and reopened.phases == PHASES
+    reopened.write_od(1, np.full(SHAPE, 2.0))
+    np.testing.assert_array_equal(client["phasestream/run-again/od"].read()[:, 0, 0], [1.0, 2.0])
+    writer(client, "run-again", soc=1.0, replace=True)
+    result = client["phasestream/run-again"]
+    assert list(result) == [] and result.metadata["status"] == "running" and result.metadata["state_of_charge"] == 1.0
+    with pytest.raises(KeyError, match="no result"):
+        ResultWriter.open(client, "run-never")
+
+
+# ---------------------------------------------------------------- search
+
+
+def test_results_are_found_by_state_of_charge_and_status(client):
+    root = "search-test"
+    for uid, soc, status in [
+        ("a", 2.0, "complete"),
+        ("b", 2.05, "complete"),
+        ("c", 2.4, "running"),
+        ("d", 1.0, "complete"),
+    ]:
+        writer(client, uid, root=root, metadata=result_md(soc, status=status))
+    assert set(client[root].search(Key("state_of_charge") == 2.0)) == {"a"}
+    assert set(find_results(client, state_of_charge=2.0, root=root)) == {"a"}
+    assert set(find_results(client, state_of_charge=2, root=root)) == {"a"}
+    assert set(find_results(client, state_of_charge=2.0, tolerance=0.1, root=root)) == {"a", "b"}
+    assert set(find_results(client, state_of_charge=2.2, tolerance=0.3, status="complete", root=root)) == {"a", "b"}
+    assert set(find_results(client, status="running", root=root)) == {"c"}
+    assert find_results(client, state_of_charge=3.0, root=root) == {}
+    assert find_results(client, state_of_charge=2.0, root="no-such-root") == {}
+    found = find_results(client, state_of_charge=1.0, root=root)
+    assert found["d"].metadata["sample"]["state_of_charge"] == 1.0
+
+
+# ---------------------------------------------------------------- raw runs
+
+
+def test_raw_runs_round_trip_through_tiled_writer(client):
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    sample = make_sample((32, 32), seed=1)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy)
+    docs = []
+    (uid,) = RE(
+        energy_stack_scan([det], energy, [506.0, 517.5, 525.0], sample=sample),
+        lambda name, doc: docs.append((name, doc)),
+    )
+    run = open_raw_run(client, uid)
+    assert isinstance(run, BlueskyRun)
+    expected = np.stack([doc["data"]["det_img"] for name, doc in docs if name == "event"])
+    stored = run["primary"]["det_img"].read()
+    assert stored.dtype == np.uint16
+    np.testing.assert_array_equal(stored, expected)
+    assert run.start["sample"]["state_of_charge"] == sample.state_of_charge
+    assert raw_run_complete(client, uid)
+
+
+def test_a_raw_run_is_complete_once_its_stop_document_is_written(client):
+    bundle = compose_run(metadata={"sample": {"name": "x", "state_of_charge": 2.4}})
+    write = raw_run_writer(client)
+    write("start", bundle.start_doc)
+    uid = bundle.start_doc["uid"]
+    assert not raw_run_complete(client, uid)
+    write("stop", bundle.compose_stop())
+    assert raw_run_complete(client, uid)
+    with pytest.raises(KeyError, match="no raw run"):
+        open_raw_run(client, "no-such-run")
+    writer(client, "run-not-raw")
+    with pytest.raises(TypeError, match="not a BlueskyRun"):
+        open_raw_run(client["phasestream"], "run-not-raw")
