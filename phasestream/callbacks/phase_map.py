@@ -347,6 +347,8 @@ class RunAnalysis(DocumentRouter):
 
         def final_job() -> None:
             if self.writer is not None:
+                if n:
+                    self.writer.finalize_od(n)
                 self.writer.update_metadata(**md, timings=timings)
             # measured after the final write returned: last image -> result in Tiled
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None

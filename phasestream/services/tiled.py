@@ -295,7 +295,7 @@ class ResultWriter:
     client : Tiled client with write access
     run_uid : uid of the raw run the result belongs to
     root : key (or path) of the results container, created if missing
-    shape : (Y, X) image shape
+    shape : (Y, X) image shape, or None for a run without any usable image (metadata only)
     phases : the K reference phase names, in ``pcc`` order
     n_energies : number of energies E when known (start document ``num_points``)
     metadata : result metadata (DESIGN.md), merged over the defaults; ``state_of_charge`` is
@@ -309,7 +309,7 @@ class ResultWriter:
         run_uid: str,
         *,
         root: str = "phasestream",
-        shape: tuple[int, int],
+        shape: tuple[int, int] | None,
         phases: Sequence[str],
         n_energies: int | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -317,7 +317,9 @@ class ResultWriter:
     ):
         if n_energies is not None and n_energies < 1:
             raise ValueError(f"n_energies must be >= 1 or None (unknown), got {n_energies}")
-        self.run_uid, self.shape, self.phases = run_uid, (int(shape[0]), int(shape[1])), list(phases)
+        self.run_uid, self.phases = run_uid, list(phases)
+        # None: no image arrived (a failed run records its status and errors, no arrays)
+        self.shape = None if shape is None else (int(shape[0]), int(shape[1]))
         self.path = f"{root.strip('/')}/{run_uid}"
         md = self._initial_metadata(metadata or {})
         with _explained("create", self.path):
@@ -342,7 +344,7 @@ class ResultWriter:
         md = {
             "run_uid": self.run_uid, "scan_id": None, "sample": {}, "state_of_charge": None,
             "energies_eV": [], "references": {"name": None, "phases": self.phases}, "status": "running",
-            "n_energies_seen": 0, "errors": [], "image_shape": list(self.shape),
+            "n_energies_seen": 0, "errors": [], "image_shape": None if self.shape is None else list(self.shape),
             **_normalized_fields(metadata),
         }
         if md["run_uid"] != self.run_uid:
@@ -368,7 +370,7 @@ class ResultWriter:
         self = cls.__new__(cls)
         md = container.metadata
         self.run_uid, self.path, self.container = run_uid, path, container
-        self.shape = tuple(md["image_shape"])
+        self.shape = None if md.get("image_shape") is None else tuple(md["image_shape"])
         self.phases = list(md["references"]["phases"])
         self._lock = threading.Lock()
         self._arrays = {key: container[key] for key in container}
@@ -441,6 +443,8 @@ class ResultWriter:
         if name not in MAP_LAYOUT:
             return np.ascontiguousarray(array)
         dtype, dims = MAP_LAYOUT[name]
+        if self.shape is None:
+            raise ValueError(f"result of run {self.run_uid} was opened without an image shape; cannot write {name!r}")
         expected = {"phase": len(self.phases), "y": self.shape[0], "x": self.shape[1]}
         if len(dims) != array.ndim or any(expected.get(d, n) != n for d, n in zip(dims, array.shape, strict=True)):
             shape = tuple(expected.get(d, "n") for d in dims)

@@ -1,0 +1,495 @@
+"""Document transport between the RunEngine process and analysis workers: wire format, publisher, proxy.
+
+The topology is the one of ``bluesky.callbacks.zmq``::
+
+    RunEngine --DocumentPublisher--> Proxy (in) ... Proxy (out) --DocumentReceiver--> callbacks
+                 XPUB, connects       SUB, binds      PUB, binds    SUB, connects
+
+Frame
+    One 0MQ frame per document, unchanged from bluesky: ``prefix + b" " + name + b" " + payload``.
+    The proxy forwards frames untouched, so a stock ``bluesky-zmq-proxy`` works as well.
+Payload
+    msgpack (``use_bin_type=True``), NumPy arrays and scalars in the ``msgpack_numpy`` layout
+    (``{b"nd": True, b"type": dtype.str, b"kind": b"", b"shape": [...], b"data": <bin>}``), never pickle.
+Envelope
+    A :class:`DocumentPublisher` payload is the msgpack array
+    ``["phasestream.doc/1", publisher_id: str, seq: int, document: map]``; ``seq`` starts at 1 and grows by
+    one per document sent by that publisher, so a receiver sees lost messages as gaps. A document is always
+    a map, so a bare map (what ``bluesky.callbacks.zmq.Publisher(serializer=serialize)`` sends) is accepted
+    as an unsequenced document. A stock ``RemoteDispatcher`` reads envelopes with
+    ``deserializer=deserialize_document`` (without gap detection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+import zmq
+from bluesky.callbacks.zmq import Proxy, Publisher
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE_TAG = "phasestream.doc/1"
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+DEFAULT_IN_ADDRESS = "tcp://127.0.0.1:5577"
+DEFAULT_OUT_ADDRESS = "tcp://127.0.0.1:5578"
+LOCALHOST = "127.0.0.1"
+
+
+class WireFormatError(ValueError):
+    """A message is not a valid phasestream/bluesky document message (not msgpack, refused type, ...)."""
+
+
+class Envelope(NamedTuple):
+    """A received document with its publisher id and sequence number (both None when unsequenced)."""
+
+    publisher_id: str | None
+    seq: int | None
+    doc: dict[str, Any]
+
+
+# -- serialization -----------------------------------------------------------------------------------------
+
+
+def _encode_numpy(obj: Any) -> Any:
+    """msgpack ``default`` hook: NumPy arrays and scalars in the msgpack_numpy layout, refusing objects."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError(f"cannot serialize an array of dtype {obj.dtype}: object arrays would need pickle")
+        if obj.dtype.kind == "V":
+            kind, descr = b"V", obj.dtype.descr
+        else:
+            kind, descr = b"", obj.dtype.str
+        data = obj.data if obj.flags.c_contiguous else obj.tobytes()
+        return {b"nd": True, b"type": descr, b"kind": kind, b"shape": list(obj.shape), b"data": data}
+    if isinstance(obj, np.bool_ | np.number):
+        return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
+    if isinstance(obj, complex):
+        return {b"complex": True, b"data": repr(obj)}
+    raise TypeError(f"cannot serialize an object of type {type(obj).__name__}")
+
+
+def serialize(obj: Any) -> bytes:
+    """Encode a document (or any msgpack-able object holding NumPy arrays) as msgpack bytes.
+
+    Parameters
+    ----------
+    obj : object
+        Dicts, lists, tuples (sent as lists), str, bytes, int, float, bool, None, complex, NumPy arrays of
+        any non-object dtype and NumPy scalars.
+
+    Returns
+    -------
+    bytes
+        msgpack, arrays in the ``msgpack_numpy`` layout (readable by ``msgpack_numpy.unpackb`` too).
+
+    Raises
+    ------
+    TypeError
+        For objects msgpack cannot represent without pickle (object arrays, arbitrary classes).
+    """
+    return msgpack.packb(obj, default=_encode_numpy, use_bin_type=True)
+
+
+def _unpack_dtype(descr: Any) -> np.dtype:
+    if isinstance(descr, list):  # structured dtype: [[name, subdescr, *shape], ...]
+        descr = [
+            (
+                field[0].decode() if isinstance(field[0], bytes) else field[0],
+                _unpack_dtype(field[1]),
+                *(tuple(shape) if isinstance(shape, list) else shape for shape in field[2:]),
+            )
+            for field in descr
+        ]
+    elif isinstance(descr, bytes):
+        descr = descr.decode("ascii")
+    elif not isinstance(descr, str):
+        raise WireFormatError(f"array type description must be a string or a field list, got {type(descr).__name__}")
+    dtype = np.dtype(descr)
+    if dtype.hasobject:
+        raise WireFormatError(f"refusing dtype {dtype}: object arrays are never decoded (they would need pickle)")
+    return dtype
+
+
+def _decode_numpy(obj: dict) -> Any:
+    """msgpack ``object_hook``: rebuild NumPy arrays and scalars, without ever calling pickle.
+
+    ``msgpack_numpy.decode`` unpickles arrays marked ``kind == b"O"``: that path is refused here.
+    """
+    if b"nd" in obj:
+        data = obj[b"data"]
+        if not isinstance(data, bytes):
+            raise WireFormatError("array data must be msgpack bin")
+        if obj[b"nd"] is True:
+            if obj.get(b"kind", b"") == b"O":
+                raise WireFormatError("refusing an object array: msgpack_numpy encodes it as pickle")
+            dtype = _unpack_dtype(obj[b"type"])
+            shape = obj[b"shape"]
+            if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+                raise WireFormatError(f"array shape must be a list of non-negative ints, got {shape!r}")
+            if math.prod(shape) * dtype.itemsize != len(data):
+                raise WireFormatError(f"array of shape {shape} and dtype {dtype} does not match {len(data)} bytes")
+            return np.ndarray(shape=shape, dtype=dtype, buffer=data)
+        dtype = _unpack_dtype(obj[b"type"])
+        if len(data) != dtype.itemsize or dtype.itemsize == 0:
+            raise WireFormatError(f"scalar of dtype {dtype} does not match {len(data)} bytes")
+        return np.frombuffer(data, dtype=dtype)[0]
+    if b"complex" in obj:
+        text = obj[b"data"]
+        if not isinstance(text, str | bytes) or len(text) > 128:
+            raise WireFormatError("complex number must be a short string")
+        return complex(text.decode() if isinstance(text, bytes) else text)
+    return obj
+
+
+def deserialize(data: bytes | bytearray | memoryview, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Any:
+    """Decode msgpack bytes made by :func:`serialize`; safe on hostile input.
+
+    Parameters
+    ----------
+    data : bytes-like
+        One complete msgpack object, nothing after it.
+    max_message_size : int
+        Larger inputs are refused before decoding (bytes). Inner lengths (strings, bins, arrays, maps) are
+        bounded by the input length, extension types are refused.
+
+    Returns
+    -------
+    object
+        Arrays come back as read-only NumPy arrays backed by the message: copy before modifying in place.
+
+    Raises
+    ------
+    WireFormatError
+        For anything that is not one valid msgpack object of the supported types (pickle, garbage,
+        truncated or trailing data, extension types, object arrays, inconsistent array sizes).
+    """
+    size = memoryview(data).nbytes
+    if size > max_message_size:
+        raise WireFormatError(f"message of {size} bytes exceeds max_message_size={max_message_size}")
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, object_hook=_decode_numpy, max_ext_len=0, use_list=True
+        )
+    except WireFormatError:
+        raise
+    except Exception as exc:
+        raise WireFormatError(f"not a valid msgpack message ({size} bytes): {type(exc).__name__}: {exc}") from exc
+
+
+def open_envelope(obj: Any) -> Envelope:
+    """Split a deserialized payload into publisher id, sequence number and document.
+
+    A map is an unsequenced document; a ``[ENVELOPE_TAG, publisher_id, seq, document]`` array is a
+    sequenced one. Anything else raises :class:`WireFormatError`.
+    """
+    if isinstance(obj, dict):
+        return Envelope(None, None, obj)
+    if (
+        isinstance(obj, list)
+        and len(obj) == 4
+        and obj[0] == ENVELOPE_TAG
+        and isinstance(obj[1], str)
+        and type(obj[2]) is int
+        and obj[2] >= 1
+        and isinstance(obj[3], dict)
+    ):
+        return Envelope(obj[1], obj[2], obj[3])
+    raise WireFormatError(f"payload is neither a document (map) nor a {ENVELOPE_TAG!r} envelope")
+
+
+def deserialize_document(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Deserializer for a stock ``bluesky.callbacks.zmq.RemoteDispatcher``: the document, envelope removed."""
+    return open_envelope(deserialize(data)).doc
+
+
+def pack_frame(prefix: bytes, name: str, payload: bytes) -> bytes:
+    """Build the bluesky 0MQ frame ``prefix b" " name b" " payload``."""
+    return b" ".join([prefix, name.encode(), payload])
+
+
+def split_frame(message: bytes) -> tuple[bytes, str, memoryview]:
+    """Split a bluesky 0MQ frame into (prefix, document name, payload view) without copying the payload."""
+    first = message.find(b" ")
+    second = message.find(b" ", first + 1) if first >= 0 else -1
+    if second < 0:
+        raise WireFormatError(f"frame of {len(message)} bytes is not 'prefix name payload' separated by spaces")
+    try:
+        name = message[first + 1 : second].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError("document name is not ASCII") from exc
+    return message[:first], name, memoryview(message)[second + 1 :]
+
+
+# -- addresses -------------------------------------------------------------------------------------------
+
+
+def normalize_address(address: str | int | tuple[str, int], *, host: str = LOCALHOST) -> str:
+    """A 0MQ address: ``5577`` -> ``tcp://127.0.0.1:5577``, ``"h:1"``/``("h", 1)`` -> ``tcp://h:1``.
+
+    Unlike bluesky's own normalization, a bare port means ``host`` (127.0.0.1), never all interfaces.
+    """
+    if isinstance(address, int):
+        return f"tcp://{host}:{address}"
+    if isinstance(address, tuple):
+        return f"tcp://{address[0]}:{address[1]}"
+    return address if "://" in address else f"tcp://{address}"
+
+
+def _proxy_bind_address(address: str | int | tuple[str, int]) -> str:
+    """Bind address for bluesky's Proxy; port 0 becomes bluesky's random-port form (no port)."""
+    address = normalize_address(address)
+    for suffix in (":0", ":*"):
+        if address.startswith("tcp://") and address.endswith(suffix):
+            return address[: -len(suffix)]
+    return address
+
+
+# -- publisher -------------------------------------------------------------------------------------------
+
+
+class DocumentPublisher(Publisher):
+    """RunEngine callback that publishes documents to a 0MQ proxy, each with a sequence number.
+
+    Parameters
+    ----------
+    address : str or int or tuple
+        Input address of the proxy (the publisher connects). A bare port means 127.0.0.1.
+    prefix : bytes
+        bluesky prefix that receivers may filter on; may not contain ``b" "``.
+    publisher_id : str, optional
+        Identifies this publisher's sequence in the envelope; a random UUID by default.
+    linger : float
+        Seconds :meth:`close` waits for queued messages to leave.
+
+    Notes
+    -----
+    ``Publisher.__init__`` is not called: it opens a PUB socket, this class opens an XPUB socket, which is
+    the same on the wire and also reports the proxy's subscription (:meth:`wait_for_subscriber`). Messages
+    sent before the proxy has subscribed are dropped by 0MQ. Documents are not deep-copied (bluesky's
+    Publisher copies each one): they are serialized before the call returns. A document that cannot be
+    serialized is logged and skipped but consumes its sequence number, so the worker reports the loss;
+    it never raises into the RunEngine.
+    """
+
+    def __init__(
+        self,
+        address: str | int | tuple[str, int] = DEFAULT_IN_ADDRESS,
+        *,
+        prefix: bytes = b"",
+        publisher_id: str | None = None,
+        linger: float = 2.0,
+    ):
+        if not isinstance(prefix, bytes):
+            raise ValueError(f"prefix must be bytes, not {type(prefix).__name__}")
+        if b" " in prefix:
+            raise ValueError(f"prefix {prefix!r} may not contain b' '")
+        self.address = normalize_address(address)
+        self.publisher_id = publisher_id or uuid.uuid4().hex
+        self._prefix = prefix
+        self._serializer = serialize
+        self._linger_ms = int(linger * 1000)
+        self._lock = threading.Lock()
+        self._next_seq = 1
+        self._subscribed = False
+        self.stats = {"sent": 0, "unserializable": 0}
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.XPUB)
+        self._socket.connect(self.address)
+
+    def wait_for_subscriber(self, timeout: float = 5.0) -> bool:
+        """Block until the proxy has subscribed (documents sent before are lost); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._subscribed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._socket.poll(int(remaining * 1000), zmq.POLLIN):
+                    break
+                message = self._socket.recv()
+                self._subscribed = message[:1] == b"\x01"
+        return self._subscribed
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            try:
+                payload = serialize([ENVELOPE_TAG, self.publisher_id, seq, doc])
+            except Exception:
+                self.stats["unserializable"] += 1
+                logger.exception(
+                    "could not serialize %s document (uid %s, seq %d); not sent, receivers will see a gap",
+                    name,
+                    doc.get("uid"),
+                    seq,
+                )
+                return
+            self._send(pack_frame(self._prefix, name, payload))
+            self.stats["sent"] += 1
+
+    def _send(self, frame: bytes) -> None:
+        self._socket.send(frame, copy=False)
+
+    def close(self) -> None:
+        """Close the socket, waiting up to ``linger`` seconds for queued documents to leave."""
+        if not self._socket.closed:
+            self._socket.close(linger=self._linger_ms)
+            self._context.term()
+            logger.info("publisher %s closed: %s", self.publisher_id, self.stats)
+
+    def __enter__(self) -> DocumentPublisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# -- proxy -----------------------------------------------------------------------------------------------
+
+
+def run_proxy(
+    in_address: str | int | tuple[str, int] = DEFAULT_IN_ADDRESS,
+    out_address: str | int | tuple[str, int] = DEFAULT_OUT_ADDRESS,
+    *,
+    on_ready: Any = None,
+) -> None:
+    """Run bluesky's 0MQ proxy until SIGTERM/SIGINT (blocking; a process entry point).
+
+    Parameters
+    ----------
+    in_address, out_address : str or int or tuple
+        Bind addresses for publishers and for receivers. A bare port binds 127.0.0.1 only (bluesky's Proxy
+        would bind 0.0.0.0 for an int and all interfaces for None); port 0 picks a free port.
+    on_ready : callable, optional
+        ``on_ready(in_address, out_address)`` with the bound addresses, before forwarding starts.
+
+    Notes
+    -----
+    ``Proxy.start()`` blocks inside libzmq, where a signal arriving outside its poll is only noticed at the
+    next message. Forwarding therefore runs in a daemon thread while the main thread waits for the signal
+    and returns; the process then exits. Called outside the main thread, it forwards forever.
+    """
+    proxy = Proxy(in_address=_proxy_bind_address(in_address), out_address=_proxy_bind_address(out_address))
+    bound_in, bound_out = str(proxy.in_port), str(proxy.out_port)
+    logger.info("proxy forwarding documents from %s to %s", bound_in, bound_out)
+    if threading.current_thread() is not threading.main_thread():
+        if on_ready is not None:
+            on_ready(bound_in, bound_out)
+        proxy.start()
+        return
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        forwarder = threading.Thread(target=proxy.start, name="phasestream-proxy", daemon=True)
+        forwarder.start()
+        if on_ready is not None:
+            on_ready(bound_in, bound_out)
+        while not stop.wait(1.0) and forwarder.is_alive():
+            pass
+        logger.info("proxy %s -> %s stopped", bound_in, bound_out)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class ProxyProcess:
+    """A proxy subprocess started by :func:`start_proxy`, with its bound addresses."""
+
+    process: subprocess.Popen
+    in_address: str
+    out_address: str
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """Terminate the proxy (SIGTERM, then SIGKILL after ``timeout`` s); returns the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("proxy pid %d ignored SIGTERM for %.1f s; killing it", self.process.pid, timeout)
+                self.process.kill()
+                self.process.wait(timeout)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_proxy(in_port: int = 0, out_port: int = 0, *, host: str = LOCALHOST, timeout: float = 20.0) -> ProxyProcess:
+    """Start the proxy in a subprocess (``python -m phasestream.services.wire proxy``) and wait until it binds.
+
+    Parameters
+    ----------
+    in_port, out_port : int
+        Ports for publishers and receivers; 0 picks free ports.
+    host : str
+        Interface to bind, 127.0.0.1 by default.
+    timeout : float
+        Seconds to wait for the subprocess to report its bound addresses.
+
+    Returns
+    -------
+    ProxyProcess
+        ``in_address`` for :class:`DocumentPublisher`, ``out_address`` for the worker; stop it with
+        ``stop()`` or use it as a context manager.
+    """
+    command = [sys.executable, "-m", __name__, "proxy", "--in", f"tcp://{host}:{in_port}"]
+    command += ["--out", f"tcp://{host}:{out_port}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        line = process.stdout.readline() if selector.select(timeout) else b""
+    try:
+        addresses = json.loads(line)
+        return ProxyProcess(process, addresses["in_address"], addresses["out_address"])
+    except (ValueError, KeyError):
+        ProxyProcess(process, "", "").stop()
+        raise RuntimeError(
+            f"proxy subprocess did not report its addresses within {timeout} s (exit code {process.returncode}); "
+            f"are ports {in_port}/{out_port} on {host} free?"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m phasestream.services.wire proxy --in ADDRESS --out ADDRESS``.
+
+    Writes one JSON line ``{"in_address": ..., "out_address": ...}`` to stdout once bound.
+    """
+    parser = argparse.ArgumentParser(prog="python -m phasestream.services.wire")
+    sub = parser.add_subparsers(dest="command", required=True)
+    proxy = sub.add_parser("proxy", help="forward bluesky documents from publishers to workers")
+    proxy.add_argument("--in", dest="in_address", default=DEFAULT_IN_ADDRESS)
+    proxy.add_argument("--out", dest="out_address", default=DEFAULT_OUT_ADDRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def announce(in_address: str, out_address: str) -> None:
+        sys.stdout.write(json.dumps({"in_address": in_address, "out_address": out_address}) + "\n")
+        sys.stdout.flush()
+
+    run_proxy(args.in_address, args.out_address, on_ready=announce)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

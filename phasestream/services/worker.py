@@ -1,0 +1,589 @@
+"""Analysis worker side of the document transport: receive, check for losses, dispatch.
+
+``DocumentReceiver`` reads the frames a :class:`~phasestream.services.wire.DocumentPublisher` sends through
+the proxy, checks the per-publisher sequence numbers, survives anything undecodable and hands
+``(name, doc)`` to subscribed callbacks. ``RunTracker`` watches the documents for what PUB/SUB cannot tell:
+runs hit by a gap, missing events, missing stops, events of unknown descriptors, and tells a listener
+(``run_incomplete(run_uid, reason)``) so the run can be marked partial and reprocessed from Tiled.
+``run_worker`` wires both to one document callback and runs until SIGTERM/SIGINT or a stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+import zmq.utils.monitor
+from bluesky.callbacks.zmq import RemoteDispatcher
+from bluesky.run_engine import DocumentNames
+
+from phasestream.services.wire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_OUT_ADDRESS,
+    WireFormatError,
+    deserialize,
+    normalize_address,
+    open_envelope,
+    split_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+DocumentCallback = Callable[[str, dict[str, Any]], Any]
+GapCallback = Callable[[str, int, int], Any]
+
+
+class RunIncompleteListener(Protocol):
+    """Told about runs that lost documents; may be called several times for one run."""
+
+    def run_incomplete(self, run_uid: str, reason: str) -> None: ...
+
+
+def _log_sparsely(count: int) -> bool:
+    """Log the first 10 occurrences of a problem, then every 1000th, so a flood does not flood the log."""
+    return count <= 10 or count % 1000 == 0
+
+
+class DocumentReceiver(RemoteDispatcher):
+    """Receive documents from a 0MQ proxy, detect lost messages and dispatch to subscribed callbacks.
+
+    Parameters
+    ----------
+    address : str or int or tuple
+        Output address of the proxy (the receiver connects). A bare port means 127.0.0.1.
+    prefix : bytes
+        Only frames published with this exact prefix are received (filtered by 0MQ); all when empty.
+    max_message_size : int
+        Larger messages are counted as undecodable.
+    on_gap : callable, optional
+        ``on_gap(publisher_id, expected_seq, received_seq)``, called before the document after a gap.
+    rcvhwm : int
+        0MQ receive high-water mark (messages queued while callbacks are busy).
+
+    Notes
+    -----
+    bluesky's ``_poll`` prints (not logs) bad messages, dies on an unknown document name, never yields to
+    the loop under load, and ``stop()`` closes the loop, so it cannot be called from the loop.
+    ``start``, ``stop`` and ``_poll`` are replaced here: ``stop()`` is thread-safe and callable from the
+    loop, and one callback raising neither stops the loop nor the other callbacks for that document.
+    Payloads carrying a sequence envelope are checked per publisher; bare maps are counted as unsequenced.
+    """
+
+    def __init__(
+        self,
+        address: str | int | tuple[str, int] = DEFAULT_OUT_ADDRESS,
+        *,
+        prefix: bytes = b"",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        on_gap: GapCallback | None = None,
+        rcvhwm: int = 1000,
+    ):
+        super().__init__(normalize_address(address), prefix=prefix, deserializer=deserialize)
+        self.max_message_size = max_message_size
+        self.on_gap = on_gap
+        self.rcvhwm = rcvhwm
+        self.connected = threading.Event()
+        self._last_seq: dict[str, int] = {}
+        self._stats: dict[str, Any] = {
+            "messages": 0,
+            "received": 0,
+            "lost": 0,
+            "gaps": [],
+            "missed_at_join": 0,
+            "out_of_order": 0,
+            "undecodable": 0,
+            "unsequenced": 0,
+            "callback_errors": 0,
+            "publishers": 0,
+        }
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters: documents ``received``, ``lost`` (sum of ``gaps`` sizes), ``undecodable`` messages, ..."""
+        return {**self._stats, "gaps": list(self._stats["gaps"])}
+
+    def subscribe(self, func: DocumentCallback, name: str = "all") -> int:
+        """Subscribe ``func(name, doc)``; its exceptions are logged and counted, never propagated."""
+
+        def guarded(doc_name: str, doc: dict[str, Any]) -> None:
+            try:
+                func(doc_name, doc)
+            except Exception:
+                self._stats["callback_errors"] += 1
+                logger.exception("callback %r raised on %s document %s; continuing", func, doc_name, doc.get("uid"))
+
+        return super().subscribe(guarded, name)
+
+    # -- receive loop -------------------------------------------------------------------------------------
+
+    def _undecodable(self, message: bytes, problem: str) -> None:
+        self._stats["undecodable"] += 1
+        if _log_sparsely(self._stats["undecodable"]):
+            logger.error(
+                "dropped undecodable message #%d (%d bytes, starts %r) from %s: %s",
+                self._stats["undecodable"],
+                len(message),
+                bytes(message[:32]),
+                self.address,
+                problem,
+            )
+
+    def _check_sequence(self, publisher_id: str, seq: int) -> bool:
+        """Record ``seq``; report a gap; False for a duplicate or reordered message (not dispatched)."""
+        last = self._last_seq.get(publisher_id)
+        if last is None:
+            self._stats["publishers"] += 1
+            if seq > 1:
+                self._stats["missed_at_join"] += seq - 1
+                logger.warning(
+                    "publisher %s first seen at message %d: %d earlier messages were not received "
+                    "(worker started late, or lost before the subscription)",
+                    publisher_id,
+                    seq,
+                    seq - 1,
+                )
+        elif seq <= last:
+            self._stats["out_of_order"] += 1
+            logger.warning(
+                "publisher %s: message %d after %d, dropped as duplicate/out of order", publisher_id, seq, last
+            )
+            return False
+        elif seq > last + 1:
+            lost = seq - last - 1
+            self._stats["lost"] += lost
+            self._stats["gaps"].append(lost)
+            logger.error(
+                "publisher %s: %d message(s) lost (expected %d, received %d)", publisher_id, lost, last + 1, seq
+            )
+            if self.on_gap is not None:
+                try:
+                    self.on_gap(publisher_id, last + 1, seq)
+                except Exception:
+                    logger.exception("gap handler %r raised; continuing", self.on_gap)
+        self._last_seq[publisher_id] = seq
+        return True
+
+    def handle_message(self, message: bytes) -> None:
+        """Decode one frame, check its sequence and dispatch it; problems are logged and counted."""
+        self._stats["messages"] += 1
+        try:
+            prefix, name, payload = split_frame(message)
+            if self._prefix and prefix != self._prefix:
+                return
+            try:
+                doc_name = DocumentNames[name]
+            except KeyError:
+                raise WireFormatError(f"unknown document name {name!r}") from None
+            envelope = open_envelope(deserialize(payload, max_message_size=self.max_message_size))
+        except WireFormatError as exc:
+            self._undecodable(message, str(exc))
+            return
+        if envelope.seq is None:
+            self._stats["unsequenced"] += 1
+        elif not self._check_sequence(envelope.publisher_id, envelope.seq):
+            return
+        self._stats["received"] += 1
+        self.process(doc_name, envelope.doc)
+
+    async def _watch_connection(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = zmq.utils.monitor.parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                logger.info("connected to %s", self.address)
+                self.connected.set()
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                logger.warning("disconnected from %s; documents published meanwhile are lost", self.address)
+                self.connected.clear()
+
+    async def _poll(self) -> None:
+        self._context = context = zmq.asyncio.Context()
+        self._socket = socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        watcher = asyncio.get_running_loop().create_task(self._watch_connection(monitor))
+        socket.connect(self.address)
+        socket.setsockopt(zmq.SUBSCRIBE, self._prefix + b" " if self._prefix else b"")
+        try:
+            while True:
+                self.handle_message(await socket.recv())
+                # recv() completes without yielding while messages are queued: let timers and stop() run
+                await asyncio.sleep(0)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            socket.disable_monitor()
+            monitor.close(linger=0)
+            socket.close(linger=0)
+            context.term()
+            self.connected.clear()
+
+    def start(self) -> None:
+        """Receive and dispatch until :meth:`stop` (blocking); the receiver cannot be restarted."""
+        if self.closed:
+            raise RuntimeError(f"this DocumentReceiver has already run; create a new one for {self.address}")
+        self._task = self.loop.create_task(self._poll())
+        try:
+            self.loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.closed = True
+            self.loop.close()
+            logger.info("receiver for %s stopped: %s", self.address, self.stats)
+
+    def stop(self) -> None:
+        """Ask the receive loop to end; safe from any thread and from callbacks running on the loop."""
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed between the check and the call
+            self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass
+class _RunState:
+    last_seen: float
+    events_seen: dict[str, int] = field(default_factory=dict)  # stream name -> events received
+    stream_datum_streams: set[str] = field(default_factory=set)
+    timed_out: bool = False
+    timeout_reported: bool = False
+
+
+@dataclass
+class _DescriptorState:
+    run_uid: str
+    stream: str
+    next_seq_num: int = 1
+
+
+class RunTracker:
+    """Document callback that reports runs which lost documents to a :class:`RunIncompleteListener`.
+
+    Reported (``listener.run_incomplete(run_uid, reason)``):
+
+    - every run open when the receiver saw a message gap (:meth:`message_gap`);
+    - a run with an event ``seq_num`` gap in one of its descriptors, or whose stop counts more events
+      in a stream than arrived;
+    - a run without a stop ``stop_timeout`` seconds after its last document (:meth:`check_timeouts`, to be
+      called periodically); if documents resume it is tracked again but not reported twice for this;
+    - every open run when an event of a never-seen descriptor arrives (the descriptor may belong to any
+      of them; once per descriptor); with no run open, the run is reported when its stop arrives;
+    - a run whose descriptor or stop arrives without its start.
+
+    Parameters
+    ----------
+    listener : RunIncompleteListener, optional
+        Without one, reports are only logged and counted.
+    stop_timeout : float
+        Seconds without documents after which an unstopped run is reported.
+    clock : callable
+        Monotonic time source in seconds (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        listener: RunIncompleteListener | None = None,
+        *,
+        stop_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.listener = listener
+        self.stop_timeout = stop_timeout
+        self.clock = clock
+        self._runs: dict[str, _RunState] = {}
+        self._descriptors: dict[str, _DescriptorState] = {}
+        self._resources: dict[str, str] = {}  # resource / stream_resource uid -> run uid
+        self._stream_resource_next: dict[str, int] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()  # recently stopped runs, for late documents
+        self._orphan_descriptors: OrderedDict[str, None] = OrderedDict()
+        self.stats = {"runs_started": 0, "runs_stopped": 0, "reports": 0, "missing_events": 0, "orphan_events": 0}
+        self.incomplete: dict[str, list[str]] = {}  # run uid -> reasons reported
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Uids of runs started (or seen) and not yet stopped nor timed out."""
+        return [uid for uid, run in self._runs.items() if not run.timed_out]
+
+    def _report(self, run_uid: str, reason: str) -> None:
+        self.stats["reports"] += 1
+        self.incomplete.setdefault(run_uid, []).append(reason)
+        logger.warning("run %s incomplete: %s", run_uid, reason)
+        if self.listener is not None:
+            try:
+                self.listener.run_incomplete(run_uid, reason)
+            except Exception:
+                logger.exception("listener %r raised on run_incomplete(%s); continuing", self.listener, run_uid)
+
+    def _touch(self, run_uid: str, how: str) -> _RunState:
+        """The state of ``run_uid``, created (and reported) when its start was never seen."""
+        run = self._runs.get(run_uid)
+        if run is None:
+            if run_uid in self._finished:
+                logger.warning("%s arrived for run %s after its stop; ignored by the tracker", how, run_uid)
+                return _RunState(self.clock())
+            run = self._runs[run_uid] = _RunState(self.clock())
+            self._report(run_uid, f"{how} arrived for a run whose start document was not received")
+        run.last_seen = self.clock()
+        run.timed_out = False
+        return run
+
+    def message_gap(self, publisher_id: str, expected_seq: int, received_seq: int) -> None:
+        """Mark every open run: messages ``expected_seq`` .. ``received_seq - 1`` of a publisher were lost."""
+        for run_uid in self.open_runs:
+            self._report(
+                run_uid,
+                f"{received_seq - expected_seq} message(s) lost while the run was open "
+                f"(publisher {publisher_id}, sequence {expected_seq}..{received_seq - 1})",
+            )
+
+    def check_timeouts(self) -> list[str]:
+        """Report runs without a stop ``stop_timeout`` s after their last document; returns their uids."""
+        now = self.clock()
+        expired = [
+            uid for uid, run in self._runs.items() if not run.timed_out and now - run.last_seen > self.stop_timeout
+        ]
+        for uid in expired:
+            run = self._runs[uid]
+            run.timed_out = True
+            if not run.timeout_reported:
+                run.timeout_reported = True
+                self._report(uid, f"no stop document within {self.stop_timeout:g} s of the run's last document")
+        return expired
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        handler = getattr(self, f"_{name}", None)
+        if handler is not None:
+            handler(doc)
+
+    def _start(self, doc: dict[str, Any]) -> None:
+        self.stats["runs_started"] += 1
+        self._runs[doc["uid"]] = _RunState(self.clock())
+
+    def _descriptor(self, doc: dict[str, Any]) -> None:
+        self._touch(doc["run_start"], f"descriptor {doc['uid']}")
+        self._descriptors[doc["uid"]] = _DescriptorState(doc["run_start"], doc.get("name", "primary"))
+
+    def _resource(self, doc: dict[str, Any]) -> None:
+        if doc.get("run_start"):
+            self._touch(doc["run_start"], f"resource {doc['uid']}")
+            self._resources[doc["uid"]] = doc["run_start"]
+
+    _stream_resource = _resource
+
+    def _datum(self, doc: dict[str, Any]) -> None:
+        run = self._runs.get(self._resources.get(doc["resource"], ""))
+        if run is not None:
+            run.last_seen = self.clock()
+
+    _datum_page = _datum
+
+    def _orphan(self, descriptor_uid: str, what: str) -> None:
+        self.stats["orphan_events"] += 1
+        if descriptor_uid in self._orphan_descriptors:
+            return
+        self._orphan_descriptors[descriptor_uid] = None
+        if len(self._orphan_descriptors) > 1000:
+            self._orphan_descriptors.popitem(last=False)
+        reason = f"{what} of descriptor {descriptor_uid}, whose descriptor document was not received"
+        if not self.open_runs:
+            logger.warning("%s, and no run is open; its run is reported when its stop arrives", reason)
+        for run_uid in self.open_runs:
+            self._report(run_uid, reason)
+
+    def _seq_nums(self, doc: dict[str, Any], seq_nums: list[int]) -> None:
+        descriptor = self._descriptors.get(doc["descriptor"])
+        if descriptor is None:
+            self._orphan(doc["descriptor"], "event")
+            return
+        run = self._touch(descriptor.run_uid, f"event of descriptor {doc['descriptor']}")
+        for seq_num in seq_nums:
+            if seq_num >= descriptor.next_seq_num:
+                run.events_seen[descriptor.stream] = run.events_seen.get(descriptor.stream, 0) + 1
+            if seq_num > descriptor.next_seq_num:
+                missing = seq_num - descriptor.next_seq_num
+                self.stats["missing_events"] += missing
+                self._report(
+                    descriptor.run_uid,
+                    f"events {descriptor.next_seq_num}..{seq_num - 1} of stream {descriptor.stream!r} "
+                    f"(descriptor {doc['descriptor']}) were not received",
+                )
+            descriptor.next_seq_num = max(descriptor.next_seq_num, seq_num + 1)
+
+    def _event(self, doc: dict[str, Any]) -> None:
+        self._seq_nums(doc, [doc["seq_num"]])
+
+    def _event_page(self, doc: dict[str, Any]) -> None:
+        self._seq_nums(doc, list(doc["seq_num"]))
+
+    def _stream_datum(self, doc: dict[str, Any]) -> None:
+        descriptor = self._descriptors.get(doc["descriptor"])
+        if descriptor is None:
+            self._orphan(doc["descriptor"], "stream datum")
+            return
+        run = self._touch(descriptor.run_uid, f"stream datum of descriptor {doc['descriptor']}")
+        run.stream_datum_streams.add(descriptor.stream)
+        start, stop = doc["seq_nums"]["start"], doc["seq_nums"]["stop"]
+        expected = self._stream_resource_next.get(doc["stream_resource"])
+        if expected is not None and start > expected:
+            self.stats["missing_events"] += start - expected
+            self._report(
+                descriptor.run_uid,
+                f"stream data {expected}..{start - 1} of stream resource {doc['stream_resource']} were not received",
+            )
+        self._stream_resource_next[doc["stream_resource"]] = max(stop, expected or 0)
+
+    def _stop(self, doc: dict[str, Any]) -> None:
+        run_uid = doc["run_start"]
+        if run_uid not in self._runs and run_uid in self._finished:
+            logger.warning("second stop document for run %s ignored", run_uid)
+            return
+        self.stats["runs_stopped"] += 1
+        run = self._touch(run_uid, "stop document")
+        for stream, expected in (doc.get("num_events") or {}).items():
+            seen = run.events_seen.get(stream, 0)
+            if seen < expected and stream not in run.stream_datum_streams:
+                self._report(run_uid, f"stop counts {expected} events in stream {stream!r}, {seen} were received")
+        del self._runs[run_uid]
+        for uid in [uid for uid, d in self._descriptors.items() if d.run_uid == run_uid]:
+            del self._descriptors[uid]
+        for uid in [uid for uid, r in self._resources.items() if r == run_uid]:
+            del self._resources[uid]
+            self._stream_resource_next.pop(uid, None)
+        self._finished[run_uid] = None
+        if len(self._finished) > 1000:
+            self._finished.popitem(last=False)
+
+
+class DocumentWorker:
+    """A :class:`DocumentReceiver` feeding a :class:`RunTracker` and one document callback.
+
+    Parameters
+    ----------
+    address : str or int or tuple
+        Output address of the proxy.
+    callback : callable
+        ``callback(name, doc)`` for every document, after the tracker has seen it. Its exceptions are
+        logged and counted; delivery goes on.
+    listener : RunIncompleteListener, optional
+        Told about runs that lost documents.
+    stop_timeout : float
+        Seconds without documents after which a run without stop is reported.
+    prefix : bytes
+        Receive only this publisher prefix.
+    max_message_size : int
+        Larger messages are dropped as undecodable.
+    """
+
+    def __init__(
+        self,
+        address: str | int | tuple[str, int],
+        callback: DocumentCallback,
+        *,
+        listener: RunIncompleteListener | None = None,
+        stop_timeout: float = 60.0,
+        prefix: bytes = b"",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ):
+        self.tracker = RunTracker(listener, stop_timeout=stop_timeout)
+        self.receiver = DocumentReceiver(
+            address, prefix=prefix, max_message_size=max_message_size, on_gap=self.tracker.message_gap
+        )
+        self.receiver.subscribe(self.tracker)
+        self.receiver.subscribe(callback)
+
+    @property
+    def connected(self) -> threading.Event:
+        """Set while the receiving socket is connected to the proxy."""
+        return self.receiver.connected
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Receiver counters plus the tracker's (``runs_started``, ``reports``, ``missing_events``, ...)."""
+        return {**self.receiver.stats, **self.tracker.stats, "incomplete_runs": len(self.tracker.incomplete)}
+
+    def stop(self) -> None:
+        """Stop :meth:`run` from any thread."""
+        self.receiver.stop()
+
+    def run(self, stop_event: threading.Event | None = None) -> dict[str, Any]:
+        """Receive until SIGTERM/SIGINT (main thread only), ``stop_event`` is set or :meth:`stop`; the stats."""
+        loop = self.receiver.loop
+        check_every = min(1.0, max(0.05, self.tracker.stop_timeout / 4))
+
+        def check_timeouts() -> None:
+            self.tracker.check_timeouts()
+            loop.call_later(check_every, check_timeouts)
+
+        def check_stop_event() -> None:
+            if stop_event.is_set():
+                self.receiver.stop()
+            else:
+                loop.call_later(0.05, check_stop_event)
+
+        loop.call_later(check_every, check_timeouts)
+        if stop_event is not None:
+            loop.call_soon(check_stop_event)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.getsignal(sig)
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self.receiver.start()
+        finally:
+            for sig, handler in previous.items():  # closing the loop reset them to the defaults
+                signal.signal(sig, handler)
+        stats = self.stats
+        logger.info("worker stopped: %s", stats)
+        return stats
+
+    def _on_signal(self, sig: int) -> None:
+        logger.info("received %s; stopping the worker", signal.Signals(sig).name)
+        self.receiver.stop()
+
+
+def run_worker(
+    address: str | int | tuple[str, int],
+    callback: DocumentCallback,
+    *,
+    listener: RunIncompleteListener | None = None,
+    stop_timeout: float = 60.0,
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Receive documents from the proxy at ``address`` and feed ``callback`` until told to stop (blocking).
+
+    Parameters
+    ----------
+    address : str or int or tuple
+        Output address of the proxy, e.g. ``"tcp://127.0.0.1:5578"``.
+    callback : callable
+        ``callback(name, doc)``; an exception for one document is logged and delivery goes on.
+    listener : RunIncompleteListener, optional
+        Told (``run_incomplete(run_uid, reason)``) about runs that lost documents.
+    stop_timeout : float
+        Seconds after a run's last document at which a missing stop is reported.
+    stop_event : threading.Event, optional
+        Returns soon after it is set; SIGTERM and SIGINT also stop the worker in the main thread.
+
+    Returns
+    -------
+    dict
+        Counters: ``received``, ``lost``, ``gaps``, ``undecodable``, ``callback_errors``, ``reports``, ...
+    """
+    worker = DocumentWorker(address, callback, listener=listener, stop_timeout=stop_timeout)
+    return worker.run(stop_event)

@@ -1,0 +1,106 @@
+"""RunEngine + TiledWriter + PhaseMapCallback against a real embedded Tiled server."""
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from tiled.queries import Key
+
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.kernels import optical_density_reference, pearson_maps
+from phasestream.references import load_references, select_energies
+from phasestream.services.tiled import connect, open_raw_run, raw_run_writer, start_embedded_tiled
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+REFS = load_references("nvpf-synthetic")
+ENERGIES = select_energies(REFS, 8)
+SHAPE = (40, 40)
+
+CONTRACT_ARRAYS = {
+    "od": ("float32", 3),
+    "pcc": ("float32", 3),
+    "phase": ("int16", 2),
+    "reliability": ("float32", 2),
+    "ambiguous": ("uint8", 2),
+    "mask": ("uint8", 2),
+}
+CONTRACT_METADATA = {
+    "run_uid", "scan_id", "sample", "state_of_charge", "energies_eV", "references", "status", "n_energies_seen",
+    "errors", "phase_fractions", "ambiguous_fraction", "refined_fractions", "models", "timings",
+}
+
+
+@pytest.fixture(scope="module")
+def tiled():
+    server = start_embedded_tiled()
+    try:
+        yield connect(server.uri)
+    finally:
+        server.close()
+
+
+def scan(RE, soc, seed, **det_kwargs):
+    sample = make_sample(SHAPE, state_of_charge=soc, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=8000.0, seed=seed, **det_kwargs)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+    return uid, sample
+
+
+def test_live_results_in_tiled_follow_the_contract(tiled):
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled))
+    cb = PhaseMapCallback(tiled, backend="numba", update_every=2, update_seconds=1e9)
+    RE.subscribe(cb)
+    seen, run = [], {}
+
+    def poll(name, doc):  # observe the result container while the scan runs
+        if name == "start":
+            run["uid"] = doc["uid"]
+        if name == "event" and doc["seq_num"] in (3, 5):
+            cb.flush(30)
+            md = tiled["phasestream"][run["uid"]].metadata
+            seen.append((md["status"], md["n_energies_seen"]))
+
+    RE.subscribe(poll)
+    uid, sample = scan(RE, 2.0, seed=1)
+    assert cb.flush(60)
+    cb.close()
+    assert seen and all(s == "running" for s, _ in seen) and 0 < seen[0][1] < len(ENERGIES)
+    assert seen[-1][1] > seen[0][1]
+
+    res = tiled["phasestream"][uid]
+    assert res.specs[0].name == "PhaseMap"
+    md = res.metadata
+    assert CONTRACT_METADATA <= set(md)
+    assert md["status"] == "complete" and md["errors"] == [] and md["run_uid"] == uid
+    assert md["n_energies_seen"] == len(ENERGIES) and md["state_of_charge"] == 2.0
+    assert md["references"] == {"name": "nvpf-synthetic", "phases": list(REFS.phases)}
+    assert md["energies_eV"] == pytest.approx(list(ENERGIES))
+    assert md["timings"]["last_image_to_result_s"] > 0
+    for name, (dtype, ndim) in CONTRACT_ARRAYS.items():
+        arr = res[name].read()
+        assert str(arr.dtype) == dtype and arr.ndim == ndim, name
+    # oracle: OD and PCC recomputed with NumPy from the raw run as users read it
+    raw = open_raw_run(tiled, uid)
+    images = raw["primary"]["det_img"].read()
+    i0 = raw["primary"]["det_i0"].read()
+    ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(images, i0, strict=True)])
+    np.testing.assert_allclose(res["od"].read(), ods, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(res["pcc"].read(), pearson_maps(ods, REFS.interpolate(ENERGIES)), atol=1e-5,
+                               equal_nan=True)
+    assert sample.accuracy(res["phase"].read()) > 0.97
+    assert sum(md["phase_fractions"].values()) == pytest.approx(1.0)
+
+
+def test_query_by_state_of_charge_returns_exactly_the_right_runs(tiled):
+    RE = RunEngine({})
+    cb = PhaseMapCallback(tiled, backend="numba")
+    RE.subscribe(cb)
+    uids = {soc: scan(RE, soc, seed=10 + i)[0] for i, soc in enumerate((3.0, 2.4, 1.0))}
+    uid_b, _ = scan(RE, 2.4, seed=20)
+    assert cb.flush(60)
+    cb.close()
+    found = set(tiled["phasestream"].search(Key("state_of_charge") == 2.4))
+    assert {uids[2.4], uid_b} <= found
+    assert not found & {uids[3.0], uids[1.0]}
+    assert all(tiled["phasestream"][u].metadata["state_of_charge"] == 2.4 for u in found)
