@@ -34,7 +34,6 @@ from bluesky_tiled_plugins import BlueskyRun, TiledWriter
 from tiled.client import from_uri
 from tiled.client.container import Container
 from tiled.client.utils import ClientError
-from tiled.queries import Key
 from tiled.server import SimpleTiledServer
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
@@ -48,7 +47,6 @@ __all__ = [
     "TiledConnectionError",
     "TiledPermissionError",
     "connect",
-    "find_results",
     "open_raw_run",
     "raw_run_complete",
     "raw_run_writer",
@@ -494,40 +492,3 @@ class ResultWriter:
         patch = [{"op": "add", "path": "/errors/-", "value": str(message)}]
         with self._lock, _explained("update metadata of", self.path):
             self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
-
-
-def find_results(
-    client: Container,
-    *,
-    state_of_charge: float | None = None,
-    tolerance: float = 0.0,
-    status: str | None = None,
-    root: str = "phasestream",
-) -> dict[str, Container]:
-    """Result containers under ``root``, by run uid, matching all the given criteria.
-
-    Parameters
-    ----------
-    state_of_charge : match ``|state_of_charge - x| <= tolerance`` (exact equality when 0)
-    tolerance : non-negative
-    status : one of ``STATUSES``
-    """
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    try:
-        results = client[root]
-    except KeyError:
-        log.debug("no results container %r in Tiled: nothing found", root)
-        return {}
-    if state_of_charge is not None:
-        soc = float(state_of_charge)
-        if tolerance == 0:
-            results = results.search(Key("state_of_charge") == soc)
-        else:
-            results = results.search(Key("state_of_charge") >= soc - tolerance)
-            results = results.search(Key("state_of_charge") <= soc + tolerance)
-    if status is not None:
-        results = results.search(Key("status") == status)
-    return dict(results.items())

@@ -9,6 +9,7 @@ from bluesky_tiled_plugins import BlueskyRun
 from event_model import compose_run
 from tiled.queries import Key
 
+from phasestream.catalog import find
 from phasestream.services.tiled import (
     ResultExistsError,
     ResultWriter,
@@ -16,7 +17,6 @@ from phasestream.services.tiled import (
     TiledPermissionError,
     _resolve_api_key,
     connect,
-    find_results,
     open_raw_run,
     raw_run_complete,
     raw_run_writer,
@@ -259,14 +259,14 @@ def test_results_are_found_by_state_of_charge_and_status(client):
     ]:
         writer(client, uid, root=root, metadata=result_md(soc, status=status))
     assert set(client[root].search(Key("state_of_charge") == 2.0)) == {"a"}
-    assert set(find_results(client, state_of_charge=2.0, root=root)) == {"a"}
-    assert set(find_results(client, state_of_charge=2, root=root)) == {"a"}
-    assert set(find_results(client, state_of_charge=2.0, tolerance=0.1, root=root)) == {"a", "b"}
-    assert set(find_results(client, state_of_charge=2.2, tolerance=0.3, status="complete", root=root)) == {"a", "b"}
-    assert set(find_results(client, status="running", root=root)) == {"c"}
-    assert find_results(client, state_of_charge=3.0, root=root) == {}
-    assert find_results(client, state_of_charge=2.0, root="no-such-root") == {}
-    found = find_results(client, state_of_charge=1.0, root=root)
+    assert set(find(client, state_of_charge=2.0, root=root)) == {"a"}
+    assert set(find(client, state_of_charge=2, root=root)) == {"a"}
+    assert set(find(client, state_of_charge=2.0, tolerance=0.1, root=root)) == {"a", "b"}
+    assert set(find(client, state_of_charge=2.2, tolerance=0.3, status="complete", root=root)) == {"a", "b"}
+    assert set(find(client, status="running", root=root)) == {"c"}
+    assert find(client, state_of_charge=3.0, root=root) == {}
+    assert find(client, state_of_charge=2.0, root="no-such-root") == {}
+    found = find(client, state_of_charge=1.0, root=root)
     assert found["d"].metadata["sample"]["state_of_charge"] == 1.0
 
 

@@ -1,0 +1,76 @@
+"""Finding phase-mapping results in Tiled: by state of charge, status, sample.
+
+Results live at ``<root>/<run uid>`` (DESIGN.md "Results in Tiled") with ``state_of_charge`` at
+the top level of their metadata, so a plain Tiled query works as well:
+``client["phasestream"].search(Key("state_of_charge") == 2.0)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tiled.client.container import Container
+from tiled.queries import Key
+
+from phasestream.services.tiled import STATUSES
+
+__all__ = ["find", "result_rows"]
+
+log = logging.getLogger(__name__)
+
+
+def find(
+    client: Container,
+    *,
+    state_of_charge: float | None = None,
+    tolerance: float = 0.0,
+    status: str | None = None,
+    root: str = "phasestream",
+) -> dict[str, Container]:
+    """Result containers under ``root``, by run uid, matching all the given criteria.
+
+    Parameters
+    ----------
+    state_of_charge : match ``|state_of_charge - x| <= tolerance`` (exact equality when 0)
+    tolerance : non-negative
+    status : one of ``STATUSES``
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    try:
+        results = client[root]
+    except KeyError:
+        log.debug("no results container %r in Tiled: nothing found", root)
+        return {}
+    if state_of_charge is not None:
+        soc = float(state_of_charge)
+        if tolerance == 0:
+            results = results.search(Key("state_of_charge") == soc)
+        else:
+            results = results.search(Key("state_of_charge") >= soc - tolerance)
+            results = results.search(Key("state_of_charge") <= soc + tolerance)
+    if status is not None:
+        results = results.search(Key("status") == status)
+    return dict(results.items())
+
+
+def result_rows(results: dict[str, Container]) -> list[dict]:
+    """One flat dict per result (uid, scan id, sample, state of charge, status, fractions), sorted by SoC then uid."""
+    rows = []
+    for uid, node in results.items():
+        md = node.metadata
+        rows.append({
+            "run_uid": uid,
+            "scan_id": md.get("scan_id"),
+            "sample": (md.get("sample") or {}).get("name"),
+            "state_of_charge": md.get("state_of_charge"),
+            "status": md.get("status"),
+            "phases": list((md.get("references") or {}).get("phases", [])),
+            "phase_fractions": dict(md.get("phase_fractions") or {}),
+            "ambiguous_fraction": md.get("ambiguous_fraction"),
+            "refined_fractions": dict(md.get("refined_fractions") or {}),
+            "n_energies_seen": md.get("n_energies_seen"),
+        })
+    return sorted(rows, key=lambda r: (r["state_of_charge"] is None, r["state_of_charge"] or 0.0, r["run_uid"]))
