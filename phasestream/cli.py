@@ -1,17 +1,19 @@
 """The ``phasestream`` command.
 
-Subcommands so far: ``demo`` (simulated scans through the kernels) and ``references``
-(inspect a reference set and choose scan energies). The live service commands of DESIGN.md
-(serve, serve-models, reprocess, query, train) arrive with the issues that build them.
+Every command that talks to Tiled takes ``--tiled URI`` (an existing server; ``TILED_API_KEY``
+is honoured) or else starts an embedded server for the command, over ``--catalog DIR`` when
+given (a catalog that outlives the command) or a temporary one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -75,6 +77,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def tiled_client(args: argparse.Namespace, *, readable_storage=None) -> Iterator[tuple[object, str]]:
+    """A Tiled client for the command: ``--tiled URI`` or an embedded server (``--catalog DIR``)."""
+    from phasestream.services.tiled import connect, start_embedded_tiled
+
+    if args.tiled:
+        yield connect(args.tiled), args.tiled
+        return
+    server = start_embedded_tiled(directory=args.catalog, readable_storage=readable_storage)
+    try:
+        yield connect(server.uri), server.uri
+    finally:
+        server.close()
+
+
+def _add_tiled_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiled", metavar="URI", default=None,
+                        help="Tiled server URI (default: an embedded server started for this command)")
+    parser.add_argument("--catalog", metavar="DIR", default=None,
+                        help="directory of the embedded server's catalog (persists between commands)")
+
+
+def _print_rows(rows: list[dict]) -> None:
+    if not rows:
+        print("no results")
+        return
+    phases = rows[0]["phases"]
+    header = f"{'run uid':<10} {'scan':>5} {'SoC':>5} {'status':<9}"
+    print(header + "".join(f"{p:>8}" for p in phases) + f"{'ambig':>8}")
+    for r in rows:
+        fr = "".join(f"{100 * r['phase_fractions'].get(p, 0.0):7.1f}%" for p in phases)
+        amb = r["ambiguous_fraction"]
+        soc = r["state_of_charge"]
+        print(f"{r['run_uid'][:8]:<10} {r['scan_id'] or '':>5} {'' if soc is None else f'{soc:.2f}':>5} "
+              f"{r['status'] or '':<9}{fr}{'' if amb is None else f'{100 * amb:7.1f}%':>8}")
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from phasestream.catalog import find, result_rows
+
+    with tiled_client(args) as (client, _):
+        rows = result_rows(find(client, state_of_charge=args.soc, tolerance=args.tolerance, status=args.status,
+                                root=args.root))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_rows(rows)
+    return 0
+
+
+def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from phasestream.services.reprocess import ReprocessOptions, reprocess_run
+
+    opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references).validate()
+    failures = 0
+    with tiled_client(args, readable_storage=args.readable_storage) as (client, _):
+        for uid in tqdm(args.uids, desc="reprocess", unit="run", disable=len(args.uids) < 2):
+            try:
+                result = reprocess_run(client, uid, opts)
+                print(f"{uid}: {result.status}" + (f" ({'; '.join(result.errors)})" if result.errors else ""))
+                failures += result.status not in ("complete",)
+            except (KeyError, RuntimeError, ValueError) as exc:
+                failures += 1
+                print(f"{uid}: failed: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def _cmd_references(args: argparse.Namespace) -> int:
     from phasestream.references import load_references, select_energies
 
@@ -119,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     refs.add_argument("--select", type=int, default=0, metavar="N", help="choose N discriminating energies")
     refs.add_argument("--pre-edge", type=float, default=None, help="pre-edge energy (eV) to add")
     refs.set_defaults(func=_cmd_references)
+
+    query = sub.add_parser("query", help="list phase-mapping results, e.g. --soc 2.0")
+    _add_tiled_options(query)
+    query.add_argument("--soc", type=float, default=None, help="state of charge (Na content x)")
+    query.add_argument("--tolerance", type=float, default=0.0, help="match |SoC - x| <= tolerance")
+    query.add_argument("--status", choices=("running", "complete", "partial", "failed"), default=None)
+    query.add_argument("--root", default="phasestream", help="results container (default phasestream)")
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(func=_cmd_query)
+
+    rep = sub.add_parser("reprocess", help="recompute results from raw runs already in Tiled")
+    _add_tiled_options(rep)
+    rep.add_argument("uids", nargs="+", metavar="UID", help="raw run uids")
+    rep.add_argument("--root", default="phasestream")
+    rep.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
+    rep.add_argument("--references", default=None, help="override the runs' reference spectra")
+    rep.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
+                     help="embedded server only: directories of detector files it may read")
+    rep.set_defaults(func=_cmd_reprocess)
     return parser
 
 
