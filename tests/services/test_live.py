@@ -1,0 +1,49 @@
+"""Lost documents: the run is marked partial, then reprocessed from the raw run in Tiled."""
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from phasestream.references import load_references, select_energies
+from phasestream.services.live import LiveService
+from phasestream.services.tiled import connect, raw_run_writer, start_embedded_tiled
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
+
+
+@pytest.fixture(scope="module")
+def client():
+    server = start_embedded_tiled()
+    try:
+        yield connect(server.uri)
+    finally:
+        server.close()
+
+
+def test_run_with_lost_event_is_partial_then_recovered_from_raw(client):
+    sample = make_sample((40, 40), state_of_charge=2.4, seed=4, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=6000.0, seed=4)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))  # the raw run is complete in Tiled
+    docs = []
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key),
+                lambda n, d: docs.append((n, d)))
+    live = LiveService(client, backend="numba", poll_seconds=0.1)
+    lost = next(i for i, (n, _) in enumerate(docs) if n == "event")
+    for i, (name, doc) in enumerate(docs):
+        if i == lost:
+            live.run_incomplete(uid, "message gap: 1 document lost")  # what the transport reports
+            continue
+        live(name, doc)
+    live.callback.flush(30)
+    assert live.callback.results[uid].status == "partial"
+    assert live.wait_recovered(uid, 60) == "complete"
+    live.close()
+    res = client["phasestream"][uid]
+    assert res.metadata["status"] == "complete" and res.metadata["n_energies_seen"] == len(ENERGIES)
+    assert any("documents lost" in e for e in res.metadata["recovered"]["live_errors"])
+    assert res["od"].read().shape[0] == len(ENERGIES)
+    assert sample.accuracy(res["phase"].read()) > 0.95
+    assert np.isfinite(res["pcc"].read()[:, sample.particle]).all()
