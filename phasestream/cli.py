@@ -46,35 +46,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from phasestream.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(states=args.states, shape=args.size, n_energies=args.energies - 1, dose=args.dose,
-                     n_particles=args.particles, seed=args.seed, backend=args.backend)
+                     n_particles=args.particles, seed=args.seed, backend=args.backend, topology=args.topology,
+                     out_dir=args.out, tiled=args.tiled, figures=not args.no_figures)
     cfg.validate()
+    where = "RunEngine -> 0MQ proxy -> worker process" if cfg.topology == "zmq" else "RunEngine -> callback"
     print(f"phasestream demo: {len(cfg.states)} simulated STXM scans, {cfg.shape[0]}x{cfg.shape[1]} px, "
           f"{args.energies} energies, I0 = {cfg.dose:g} counts/px, backend {cfg.backend}")
+    print(f"topology: {where} -> Tiled ({args.tiled or f'embedded, catalog in {cfg.catalog}'})")
     print("references: nvpf-synthetic (SYNTHETIC NaxV2(PO4)2F3-like spectra, phasestream.sim)")
     header_done = []
 
     def show(s) -> None:
         if not header_done:
             names = "  ".join(f"{p:>6}" for p in s.phases)
-            print(f"\n{'SoC':>5}  {names}  {'ambig':>6}  {'reliab':>6}  {'acc*':>6}  {'sec':>5}")
+            print(f"\n{'SoC':>5}  {names}  {'ambig':>6}  {'reliab':>6}  {'acc*':>6}  {'latency':>8}  status")
             header_done.append(True)
         fr = "  ".join(f"{100 * f:5.1f}%" for f in s.fractions)
+        latency = "n/a" if s.latency_s is None else f"{1e3 * s.latency_s:.0f} ms"
         print(f"{s.state_of_charge:5.1f}  {fr}  {100 * s.ambiguous_fraction:5.1f}%  {s.mean_reliability:6.3f}  "
-              f"{100 * s.accuracy:5.1f}%  {s.seconds:5.2f}")
+              f"{100 * s.accuracy:5.1f}%  {latency:>8}  {s.status}")
 
     t0 = time.perf_counter()
     summaries = run_demo(cfg, progress=show)
-    print("\nfractions are of particle pixels (PCC argmax); ambig: reliability < 0.005; "
-          "acc*: agreement with the simulated ground truth away from domain boundaries")
-    print(f"{len(summaries)} scans in {time.perf_counter() - t0:.1f} s")
+    print("\nfractions: particle pixels per phase (PCC argmax); ambig: reliability < 0.005; reliab: mean "
+          "best-minus-second PCC; acc*: agreement with the simulated ground truth away from domain boundaries; "
+          "latency: last image -> final result in Tiled")
+    print(f"{len(summaries)} scans in {time.perf_counter() - t0:.1f} s; figures and summary.json in {cfg.out_dir}/")
+    if args.tiled:
+        print(f"results in Tiled at {args.tiled.split('?')[0]} under 'phasestream'")
+        print(f"try: phasestream query --tiled {args.tiled.split('?')[0]} --soc 2.0")
+    else:
+        print(f"results in the embedded Tiled catalog {cfg.catalog} (the server stopped with the demo)")
+        print(f"try: .venv/bin/phasestream query --catalog {cfg.catalog} --soc 2.0")
     if args.json:
-        rows = [{"state_of_charge": s.state_of_charge, "uid": s.uid,
+        rows = [{"state_of_charge": s.state_of_charge, "uid": s.uid, "status": s.status,
                  "phase_fractions": dict(zip(s.phases, map(float, s.fractions), strict=True)),
                  "true_fractions": dict(zip(s.phases, map(float, s.true_fractions), strict=True)),
                  "ambiguous_fraction": s.ambiguous_fraction, "mean_reliability": s.mean_reliability,
-                 "accuracy": s.accuracy, "seconds": s.seconds} for s in summaries]
+                 "accuracy": s.accuracy, "latency_s": s.latency_s, "seconds": s.seconds} for s in summaries]
         print(json.dumps(rows, indent=2))
-    return 0
+    return 0 if all(s.status == "complete" for s in summaries) else 1
 
 
 @contextlib.contextmanager
@@ -146,6 +157,31 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from phasestream.services.live import LiveService
+    from phasestream.services.worker import DocumentWorker
+
+    with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
+        service = LiveService(client, backend=args.backend, update_every=args.update_every,
+                              update_seconds=args.update_seconds, root=args.root)
+        worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
+
+        def announce() -> None:
+            if worker.connected.wait(60):
+                print(json.dumps({"ready": True, "zmq": args.zmq, "tiled": uri.split("?")[0],
+                                  "backend": service.callback.backend}), flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
+        try:
+            stats = worker.run()
+        finally:
+            service.close()
+    print(json.dumps({"stopped": True, "stats": {k: v for k, v in stats.items() if k != "gaps"}}), flush=True)
+    return 0
+
+
 def _cmd_references(args: argparse.Namespace) -> int:
     from phasestream.references import load_references, select_energies
 
@@ -172,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="simulated scans at 5 states of charge through the kernels")
+    demo = sub.add_parser("demo", help="simulated scans at 5 states of charge through the live stack")
     demo.add_argument("--states", type=_states, default=(3.0, 2.4, 2.0, 1.0, 0.8),
                       help="states of charge (Na content x), e.g. '3.0,2.0' (default: 3.0,2.4,2.0,1.0,0.8)")
     demo.add_argument("--size", type=_shape, default=(256, 256), help="image size N or YxX (default 256)")
@@ -182,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", choices=("auto", *BACKENDS), default=None,
                       help="kernel backend (default: $PHASESTREAM_BACKEND or auto)")
+    demo.add_argument("--topology", choices=("zmq", "inprocess"), default="zmq",
+                      help="zmq: worker process behind a 0MQ proxy (default); inprocess: callback on the RunEngine")
+    demo.add_argument("--out", default="demo-output", help="folder for figures and the demo catalog")
+    demo.add_argument("--tiled", metavar="URI", default=None, help="use this Tiled server instead of an embedded one")
+    demo.add_argument("--no-figures", action="store_true")
     demo.add_argument("--json", action="store_true", help="also print the results as JSON")
     demo.set_defaults(func=_cmd_demo)
 
@@ -190,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     refs.add_argument("--select", type=int, default=0, metavar="N", help="choose N discriminating energies")
     refs.add_argument("--pre-edge", type=float, default=None, help="pre-edge energy (eV) to add")
     refs.set_defaults(func=_cmd_references)
+
+    serve = sub.add_parser("serve", help="live analysis worker on a 0MQ document stream")
+    _add_tiled_options(serve)
+    serve.add_argument("--zmq", required=True, metavar="ADDRESS",
+                       help="output address of the 0MQ proxy, e.g. tcp://127.0.0.1:5578")
+    serve.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
+    serve.add_argument("--update-every", type=int, default=4, help="partial maps every N images (default 4)")
+    serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
+    serve.add_argument("--stop-timeout", type=float, default=60.0,
+                       help="seconds without documents after which a run without stop is given up (default 60)")
+    serve.add_argument("--root", default="phasestream")
+    serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
+                       help="embedded server only: directories of detector files it may read")
+    serve.set_defaults(func=_cmd_serve)
 
     query = sub.add_parser("query", help="list phase-mapping results, e.g. --soc 2.0")
     _add_tiled_options(query)

@@ -1,32 +1,39 @@
-"""The demo job: simulated energy scans at several states of charge, through the kernels.
+"""The demo job: simulated energy scans at five states of charge through the whole live stack.
 
-For each state of charge a simulated field of particles is scanned with a real bluesky
-RunEngine, ophyd sim devices and :func:`~phasestream.sim.plans.energy_stack_scan` at the
-energies :func:`~phasestream.references.select_energies` picks. A small in-process document
-consumer turns each image into OD and updates a :class:`PearsonAccumulator`; at stop the phase
-map, reliability and ambiguity are computed and compared with the simulation's ground truth.
-(The live Tiled-writing callback replaces this consumer; this module keeps the demo's
-orchestration and its report.)
+Topology (``topology="zmq"``, the default), as at a beamline:
+
+    RunEngine (this process) --DocumentPublisher--> 0MQ proxy (subprocess)
+        --> ``phasestream serve`` worker (subprocess: PhaseMapCallback) --> Tiled
+    RunEngine --TiledWriter--> Tiled (raw runs)
+
+Tiled is an embedded server over ``<out_dir>/tiled`` (or ``--tiled URI``), so the results can be
+queried after the demo with ``phasestream query --catalog <out_dir>/tiled --soc 2.0``. For each
+state of charge a simulated field of particles is scanned with ophyd sim devices at the energies
+:func:`~phasestream.references.select_energies` picks; the demo waits for the worker's final
+result in Tiled, compares the phase map with the simulation's ground truth and writes PNG figures.
+``topology="inprocess"`` subscribes the callback to the RunEngine directly (no 0MQ).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from bluesky import RunEngine
 
-from phasestream.kernels import (
-    PearsonAccumulator,
-    assign_phases,
-    optical_density,
-    particle_mask,
-    phase_fractions,
-    resolve_backend,
-)
-from phasestream.references import ReferenceSet, load_references, select_energies
+from phasestream.kernels import resolve_backend
+from phasestream.references import load_references, select_energies
 from phasestream.sim.devices import TransmissionDetector, make_energy
 from phasestream.sim.plans import energy_stack_scan
 from phasestream.sim.samples import make_sample
@@ -36,6 +43,8 @@ __all__ = ["DEMO_STATES", "DemoConfig", "RunSummary", "run_demo"]
 logger = logging.getLogger(__name__)
 
 DEMO_STATES = (3.0, 2.4, 2.0, 1.0, 0.8)
+TOPOLOGIES = ("zmq", "inprocess")
+FINAL_STATUSES = ("complete", "partial", "failed")
 
 
 @dataclass
@@ -50,6 +59,12 @@ class DemoConfig:
     seed: int = 0
     backend: str | None = None
     references: str = "nvpf-synthetic"
+    topology: str = "zmq"
+    out_dir: str | Path = "demo-output"
+    tiled: str | None = None
+    figures: bool = True
+    result_timeout: float = 120.0
+    tiled_uri: str | None = field(default=None, init=False, repr=False)  # set while the demo runs
 
     def validate(self) -> DemoConfig:
         if not self.states:
@@ -60,96 +75,171 @@ class DemoConfig:
             raise ValueError(f"dose (open-beam counts per pixel) must be positive, got {self.dose}")
         if self.n_energies < 2:
             raise ValueError(f"need at least 2 discriminating energies, got {self.n_energies}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}, got {self.topology!r}")
         self.backend = resolve_backend(self.backend)
+        self.out_dir = Path(self.out_dir)
         return self
+
+    @property
+    def catalog(self) -> Path:
+        return Path(self.out_dir) / "tiled"
 
 
 @dataclass
 class RunSummary:
-    """What the demo reports for one scan."""
+    """What the demo reports for one scan (read back from Tiled)."""
 
     state_of_charge: float
     uid: str
+    status: str
     phases: tuple[str, ...]
     fractions: np.ndarray
     true_fractions: np.ndarray
     ambiguous_fraction: float
     mean_reliability: float
     accuracy: float
+    latency_s: float | None
     seconds: float
-    extras: dict = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
 
 
-class _StackToPhases:
-    """Minimal document consumer: inline images -> OD -> PearsonAccumulator (one run)."""
+@contextlib.contextmanager
+def _tiled(cfg: DemoConfig):
+    from phasestream.services.tiled import connect, start_embedded_tiled
 
-    def __init__(self, references: ReferenceSet, backend: str):
-        self.references = references
-        self.backend = backend
-        self.acc: PearsonAccumulator | None = None
-        self.ods: list[np.ndarray] = []
-        self.primary: str | None = None
-        self.md: dict = {}
+    if cfg.tiled:
+        yield connect(cfg.tiled), cfg.tiled
+        return
+    shutil.rmtree(cfg.catalog, ignore_errors=True)  # the demo's own catalog: start clean
+    server = start_embedded_tiled(directory=cfg.catalog)
+    try:
+        yield connect(server.uri), server.uri
+    finally:
+        server.close()
 
-    def __call__(self, name: str, doc: dict) -> None:
-        if name == "start":
-            self.md = doc["phasestream"]
-        elif name == "descriptor" and doc.get("name") == "primary":
-            self.primary = doc["uid"]
-        elif name == "event" and doc["descriptor"] == self.primary:
-            image = np.asarray(doc["data"][self.md["image_key"]])
-            energy = float(doc["data"][self.md["energy_key"]])
-            i0 = doc["data"].get(self.md.get("i0_key")) if self.md.get("i0_key") else None
-            od, valid = optical_density(image, i0, backend=self.backend)
-            if self.acc is None:
-                self.acc = PearsonAccumulator(image.shape, len(self.references.phases), backend=self.backend)
-            self.acc.update(od, self.references.interpolate(energy)[:, 0], valid)
-            self.ods.append(np.asarray(od))
+
+@contextlib.contextmanager
+def _worker(address: str, tiled_uri: str, cfg: DemoConfig, timeout: float = 120.0):
+    """``phasestream serve`` in a subprocess; yields once it is connected to the proxy."""
+    base, _, query = tiled_uri.partition("?")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    key = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("api_key")
+    if key:
+        env["TILED_API_KEY"] = key  # not on the command line, where `ps` shows it
+    cmd = [sys.executable, "-m", "phasestream.cli", "serve", "--zmq", address, "--tiled", base,
+           "--backend", cfg.backend, "--update-every", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"analysis worker did not start within {timeout:.0f} s") from None
+            if '"ready"' in line:
+                logger.info("worker ready: %s", line.strip())
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"analysis worker exited with status {proc.returncode}")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _wait_for_result(client, uid: str, root: str, timeout: float):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(KeyError):
+            node = client[root][uid]
+            if node.metadata.get("status") in FINAL_STATUSES:
+                return node
+        time.sleep(0.05)
+    raise TimeoutError(f"no final result for run {uid} in Tiled after {timeout:.0f} s")
 
 
 def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSummary]:
-    """Scan one simulated sample per state of charge and map its phases.
+    """Scan one simulated sample per state of charge through the live stack; summaries read from Tiled.
 
     Parameters
     ----------
-    config : DemoConfig; defaults give 5 states of charge, 256 x 256 pixels, 13 energies
+    config : DemoConfig; defaults give 5 states of charge, 256 x 256 pixels, 13 energies,
+        0MQ topology and an embedded Tiled over ``demo-output/tiled``
     progress : optional callable receiving each :class:`RunSummary` as it completes
-
-    Returns
-    -------
-    one :class:`RunSummary` per state of charge
     """
+    from phasestream.figures import save_result_figures
+    from phasestream.services.tiled import raw_run_writer
+
     cfg = (config or DemoConfig()).validate()
     refs = load_references(cfg.references)
     energies = select_energies(refs, cfg.n_energies)
-    RE = RunEngine({}, call_returns_result=True)
     summaries = []
-    for i, soc in enumerate(cfg.states):
-        sample = make_sample(cfg.shape, state_of_charge=soc, references=refs, n_particles=cfg.n_particles,
-                             seed=cfg.seed + i)
-        energy = make_energy()
-        det = TransmissionDetector(sample, energy, name="det", i0=cfg.dose, seed=cfg.seed + 100 + i)
-        consumer = _StackToPhases(refs, cfg.backend)
-        t0 = time.perf_counter()
-        result = RE(energy_stack_scan([det], energy, energies, sample=sample,
-                                      references=cfg.references, i0_key=det.i0_key), consumer)
-        pcc = consumer.acc.maps()
-        mask = particle_mask(np.stack(consumer.ods))
-        phase, reliability, ambiguous = assign_phases(pcc, mask)
-        fr = phase_fractions(phase, mask, ambiguous, len(refs.phases))
-        summary = RunSummary(
-            state_of_charge=soc,
-            uid=result.run_start_uids[0],
-            phases=refs.phases,
-            fractions=fr.fractions,
-            true_fractions=sample.true_fractions(),
-            ambiguous_fraction=fr.ambiguous,
-            mean_reliability=float(np.nanmean(reliability[mask])) if mask.any() else float("nan"),
-            accuracy=sample.accuracy(phase),
-            seconds=time.perf_counter() - t0,
-            extras={"n_energies": len(energies), "mask_pixels": int(mask.sum())},
-        )
-        summaries.append(summary)
-        if progress is not None:
-            progress(summary)
+    with contextlib.ExitStack() as stack:
+        client, uri = stack.enter_context(_tiled(cfg))
+        cfg.tiled_uri = uri
+        RE = RunEngine({})
+        RE.subscribe(raw_run_writer(client))
+        if cfg.topology == "zmq":
+            from phasestream.services.wire import DocumentPublisher, start_proxy
+
+            proxy = stack.enter_context(start_proxy())
+            stack.enter_context(_worker(proxy.out_address, uri, cfg))
+            publisher = stack.enter_context(DocumentPublisher(proxy.in_address))
+            if not publisher.wait_for_subscriber(10):
+                raise RuntimeError("the 0MQ proxy did not subscribe to the RunEngine's publisher")
+            RE.subscribe(publisher)
+        else:
+            from phasestream.callbacks.phase_map import PhaseMapCallback
+
+            callback = PhaseMapCallback(client, backend=cfg.backend)
+            stack.callback(callback.close)
+            RE.subscribe(callback)
+        for i, soc in enumerate(cfg.states):
+            sample = make_sample(cfg.shape, state_of_charge=soc, references=refs, n_particles=cfg.n_particles,
+                                 seed=cfg.seed + i)
+            energy = make_energy()
+            det = TransmissionDetector(sample, energy, name="det", i0=cfg.dose, seed=cfg.seed + 100 + i)
+            t0 = time.perf_counter()
+            (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, references=cfg.references,
+                                          i0_key=det.i0_key))
+            node = _wait_for_result(client, uid, "phasestream", cfg.result_timeout)
+            md = node.metadata
+            arrays = {k: node[k].read() for k in ("pcc", "phase", "reliability", "ambiguous", "mask")}
+            mask = arrays["mask"].astype(bool)
+            rel = arrays["reliability"][mask]
+            fractions = np.array([md["phase_fractions"].get(p, 0.0) for p in refs.phases])
+            summary = RunSummary(
+                state_of_charge=soc,
+                uid=uid,
+                status=md["status"],
+                phases=refs.phases,
+                fractions=fractions,
+                true_fractions=sample.true_fractions(),
+                ambiguous_fraction=md.get("ambiguous_fraction") or 0.0,
+                mean_reliability=float(np.nanmean(rel)) if rel.size else float("nan"),
+                accuracy=sample.accuracy(arrays["phase"]),
+                latency_s=(md.get("timings") or {}).get("last_image_to_result_s"),
+                seconds=time.perf_counter() - t0,
+            )
+            if cfg.figures:
+                summary.figures = save_result_figures(
+                    cfg.out_dir, name=f"soc{soc:.1f}_{uid[:8]}", phases=refs.phases, pcc=arrays["pcc"],
+                    phase=arrays["phase"], reliability=arrays["reliability"], ambiguous=arrays["ambiguous"],
+                    fractions=md["phase_fractions"], mask=mask,
+                    title=f"Na{soc:g} (simulated), scan {md.get('scan_id')}")
+            summaries.append(summary)
+            if progress is not None:
+                progress(summary)
+    (Path(cfg.out_dir) / "summary.json").write_text(json.dumps([
+        {"state_of_charge": s.state_of_charge, "uid": s.uid, "status": s.status,
+         "phase_fractions": dict(zip(s.phases, map(float, s.fractions), strict=True)),
+         "ambiguous_fraction": s.ambiguous_fraction, "accuracy": s.accuracy, "latency_s": s.latency_s}
+        for s in summaries], indent=2))
     return summaries

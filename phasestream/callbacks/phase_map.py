@@ -259,7 +259,11 @@ class RunAnalysis(DocumentRouter):
         due = self.since_update >= self.owner.update_every or (
             time.monotonic() - self.last_update >= self.owner.update_seconds
         )
-        if due and len(self.result.energies) >= 2:
+        n = len(self.result.energies)
+        # no partial maps when the final ones are due within half an update interval: a write
+        # started now would only delay the final result
+        ending = s.num_points is not None and s.num_points - n < max(1, self.owner.update_every // 2)
+        if due and n >= 2 and not ending:
             self._publish(final=False)
 
     # -- results ---------------------------------------------------------------------------
@@ -293,7 +297,7 @@ class RunAnalysis(DocumentRouter):
             "particle_pixels": int(fr.n_particle),
         }
 
-    def _publish(self, *, final: bool) -> None:
+    def _publish(self, *, final: bool) -> dict | None:
         arrays = self._maps()
         md = self._summary(arrays)
         md["status"] = "running"
@@ -307,7 +311,10 @@ class RunAnalysis(DocumentRouter):
             w.update_metadata(**md)
 
         if final:
-            self.owner.sink.submit(self._write(job), key=self.settings.run_uid)
+            # superseded partial maps are dropped; the summary goes with the final status update
+            self.owner.sink.cancel_latest(("maps", self.settings.run_uid))
+            self.owner.sink.submit(self._write(lambda w: w.write_maps(**arrays)), key=self.settings.run_uid)
+            return md
         else:
             self.owner.sink.submit_latest(("maps", self.settings.run_uid), self._write(job))
 
@@ -334,26 +341,23 @@ class RunAnalysis(DocumentRouter):
         else:
             status = "complete"
         self._open_result(None if self.acc is None else self.acc.shape)
-        if n > 0:
-            self._publish(final=True)
+        summary = self._publish(final=True) if n > 0 else {}
         t_stop = time.time()
         timings = {
             "first_image_to_stop_s": (t_stop - self.t_first_image) if self.t_first_image else None,
             "median_frame_ms": 1e3 * float(np.median(self.frame_seconds)) if n else None,
         }
-        md = {"status": status, "errors": list(self.result.errors), "n_energies_seen": n}
+        md = {**summary, "status": status, "errors": list(self.result.errors), "n_energies_seen": n}
         self.result.status = status
         t_last = self.t_last_image
 
         def final_job() -> None:
-            if self.writer is not None:
-                if n:
-                    self.writer.finalize_od(n)
-                self.writer.update_metadata(**md, timings=timings)
-            # measured after the final write returned: last image -> result in Tiled
+            if self.writer is not None and n:
+                self.writer.finalize_od(n, update_metadata=False)
+            # last image -> final maps and OD in Tiled; status and timings follow in one update
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
             if self.writer is not None:
-                self.writer.update_metadata(timings=timings)
+                self.writer.update_metadata(**md, timings=timings)
             self.result.metadata.update(md, timings=timings)
 
         self.owner.sink.submit(final_job, key=s.run_uid)

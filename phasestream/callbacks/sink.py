@@ -49,6 +49,11 @@ class ResultSink:
         if not pending:
             self._queue.put((key, None))
 
+    def cancel_latest(self, key: Any) -> bool:
+        """Drop the not-yet-started job queued under ``key`` (superseded); True if there was one."""
+        with self._lock:
+            return self._latest.pop(key, None) is not None
+
     def _loop(self) -> None:
         while True:
             item = self._queue.get()

@@ -18,12 +18,14 @@ Reading a result back::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -255,6 +257,12 @@ def _pointer(key: str) -> str:
     return "/" + key.replace("~", "~0").replace("/", "~1")
 
 
+@functools.cache
+def _map_pool() -> ThreadPoolExecutor:
+    """Threads shared by all writers for concurrent in-place array writes."""
+    return ThreadPoolExecutor(max_workers=6, thread_name_prefix="tiled-write")
+
+
 def _ensure_container(client: Container, path: str) -> Container:
     """``client[path]``, creating the missing containers along ``path`` ("a" or "a/b")."""
     node = client
@@ -411,10 +419,11 @@ class ResultWriter:
                 self._od_capacity = index + 1
             self._planes.add(index)
 
-    def finalize_od(self, n: int | None = None) -> None:
+    def finalize_od(self, n: int | None = None, *, update_metadata: bool = True) -> None:
         """Declare the final number of OD planes ``n`` (default :attr:`n_od_planes`).
 
-        Sets ``n_energies_seen = n`` in the metadata. If ``od`` holds more planes (an aborted
+        Sets ``n_energies_seen = n`` in the metadata (unless ``update_metadata`` is False: the caller
+        writes it with its own final update). If ``od`` holds more planes (an aborted
         scan), it is rewritten with its first ``n`` planes, the one way to shrink it in Tiled;
         with ``n == 0`` it is removed.
         """
@@ -434,7 +443,8 @@ class ResultWriter:
                         for index in range(n):
                             self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
                 self._planes = {p for p in self._planes if p < n}
-        self.update_metadata(n_energies_seen=n)
+        if update_metadata:
+            self.update_metadata(n_energies_seen=n)
 
     def _check_map(self, name: str, value: Any) -> np.ndarray:
         array = np.asarray(value)
@@ -461,14 +471,32 @@ class ResultWriter:
         place (one PUT); a different shape or dtype replaces it.
         """
         checked = {name: self._check_map(name, value) for name, value in arrays.items()}
+
+        def write(item: tuple[str, np.ndarray]) -> None:
+            name, array = item
+            with _explained("write", f"{self.path}/{name}"):
+                self._write_map(name, array)
+
         with self._lock:
-            for name, array in checked.items():
-                with _explained("write", f"{self.path}/{name}"):
-                    self._write_map(name, array)
+            # in-place overwrites are independent requests: send them concurrently (each costs a
+            # round trip of tens of ms whatever its size); creations change the container, so
+            # they go one at a time
+            existing = [(n, a) for n, a in checked.items() if self._overwrites_in_place(n, a)]
+            for item in checked.items():
+                if item[0] not in dict(existing):
+                    write(item)
+            if len(existing) > 1:
+                list(_map_pool().map(write, existing))
+            elif existing:
+                write(existing[0])
+
+    def _overwrites_in_place(self, name: str, array: np.ndarray) -> bool:
+        node = self._arrays.get(name)
+        return node is not None and node.shape == array.shape and node.dtype == array.dtype
 
     def _write_map(self, name: str, array: np.ndarray) -> None:
         node = self._arrays.get(name)
-        if node is not None and node.shape == array.shape and node.dtype == array.dtype:
+        if self._overwrites_in_place(name, array):
             node.write(array)
             return
         if node is not None:

@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import selectors
 import signal
 import subprocess
@@ -481,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     proxy.add_argument("--in", dest="in_address", default=DEFAULT_IN_ADDRESS)
     proxy.add_argument("--out", dest="out_address", default=DEFAULT_OUT_ADDRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=os.environ.get("PHASESTREAM_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def announce(in_address: str, out_address: str) -> None:
         sys.stdout.write(json.dumps({"in_address": in_address, "out_address": out_address}) + "\n")
