@@ -1,7 +1,7 @@
 """Phase-map accuracy against simulated ground truth versus dose, printed as JSON.
 
 For each dose (open-beam counts per pixel; Poisson noise) and state of charge, runs the demo
-pipeline (RunEngine, sim devices, OD, streaming PCC, phase assignment) and reports the
+pipeline in process (RunEngine, sim devices, PhaseMapCallback, embedded Tiled) and reports the
 fraction of particle pixels away from domain boundaries whose phase equals the truth, the
 ambiguous fraction, and the noiseless case.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 
 import numpy as np
 
@@ -24,11 +25,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
+    out = tempfile.mkdtemp(prefix="phasestream-accuracy-")
     report = {"benchmark": "accuracy", "size": args.size, "energies": 13, "seeds": args.seeds, "doses": {}}
     for dose in args.doses:
         per_state = {}
         for soc in DEMO_STATES:
-            runs = [run_demo(DemoConfig(states=(soc,), shape=(args.size, args.size), dose=dose, seed=s))[0]
+            runs = [run_demo(DemoConfig(states=(soc,), shape=(args.size, args.size), dose=dose, seed=s,
+                                        topology="inprocess", figures=False, out_dir=out))[0]
                     for s in range(args.seeds)]
             per_state[str(soc)] = {
                 "accuracy": float(np.mean([r.accuracy for r in runs])),
