@@ -78,7 +78,6 @@ class RunAnalysis(DocumentRouter):
         self.result = RunResult(settings)
         self.streams: dict[str, str] = {}  # descriptor uid -> stream name
         self.acc: PearsonAccumulator | None = None
-        self.od_sum: np.ndarray | None = None
         self.darks: list[np.ndarray] = []
         self.flats: list[tuple[float, np.ndarray]] = []
         self.stream_resources: dict[str, dict] = {}
@@ -89,6 +88,7 @@ class RunAnalysis(DocumentRouter):
         self.t_first_image: float | None = None
         self.t_last_image: float | None = None
         self.frame_seconds: list[float] = []
+        self.event_latency: list[float] = []  # event time -> image analysed (transport included)
         self.writer = None
         self.incomplete_reason: str | None = None
         self.closed = False
@@ -240,24 +240,25 @@ class RunAnalysis(DocumentRouter):
         t0 = time.perf_counter()
         if self.acc is None:
             self.acc = PearsonAccumulator(image.shape, len(self.references.phases), backend=self.owner.backend)
-            self.od_sum = np.zeros(image.shape)
             self._open_result(image.shape)
         elif image.shape != self.acc.shape:
             raise ValueError(f"image shape changed from {self.acc.shape} to {image.shape}; image ignored")
         od, valid = self._od(image, energy, data)
         self.acc.update(od, ref_values, valid)
         od_host = to_numpy(od)
-        np.add(self.od_sum, np.nan_to_num(od_host, nan=0.0), out=self.od_sum)
         index = len(self.result.energies)
         self.result.energies.append(energy)
         self.frame_seconds.append(time.perf_counter() - t0)
         now = time.time()
         self.t_first_image = self.t_first_image or now
         self.t_last_image = now
+        if "time" in doc:
+            self.event_latency.append(now - float(doc["time"]))
         self.owner.sink.submit(self._write(lambda w: w.write_od(index, od_host)), key=s.run_uid)
         self.since_update += 1
-        due = self.since_update >= self.owner.update_every or (
-            time.monotonic() - self.last_update >= self.owner.update_seconds
+        elapsed = time.monotonic() - self.last_update
+        due = (self.since_update >= self.owner.update_every or elapsed >= self.owner.update_seconds) and (
+            elapsed >= self.owner.min_update_seconds
         )
         n = len(self.result.energies)
         # no partial maps when the final ones are due within half an update interval: a write
@@ -269,12 +270,9 @@ class RunAnalysis(DocumentRouter):
     # -- results ---------------------------------------------------------------------------
 
     def _maps(self) -> dict[str, np.ndarray]:
-        n = len(self.result.energies)
         pcc = self.acc.maps()
-        mean_od = self.od_sum / max(n, 1)
-        mean_od[~self.acc.valid] = np.nan
-        mask = particle_mask(mean_od, threshold=self.owner.mask_threshold)
-        phase, reliability, ambiguous = assign_phases(pcc, mask, self.owner.ambiguity)
+        mask = particle_mask(self.acc.mean(), threshold=self.owner.mask_threshold)
+        phase, reliability, ambiguous = assign_phases(pcc, mask, self.owner.ambiguity, backend=self.owner.backend)
         return {
             "pcc": pcc,
             "phase": phase,
@@ -346,6 +344,11 @@ class RunAnalysis(DocumentRouter):
         timings = {
             "first_image_to_stop_s": (t_stop - self.t_first_image) if self.t_first_image else None,
             "median_frame_ms": 1e3 * float(np.median(self.frame_seconds)) if n else None,
+            "images_per_s": (n - 1) / (self.t_last_image - self.t_first_image)
+            if n > 1 and self.t_last_image > self.t_first_image else None,
+            "event_latency_ms": {"median": 1e3 * float(np.median(self.event_latency)),
+                                 "p95": 1e3 * float(np.percentile(self.event_latency, 95))}
+            if self.event_latency else None,
         }
         md = {**summary, "status": status, "errors": list(self.result.errors), "n_energies_seen": n}
         self.result.status = status
@@ -377,6 +380,8 @@ class PhaseMapCallback:
         ``phasestream`` block are handled when they still name ``image_key``/``energy_key``.
     root : container name of the results
     update_every, update_seconds : write partial maps every this many images or seconds
+    min_update_seconds : never compute partial maps more often than this (a fast stream
+        spends its time on images, not on maps nobody can look at that fast)
     backend : kernel backend (``auto``, ``numba``, ``cupy``, ``numpy``)
     ambiguity : reliability below which a pixel is ambiguous
     mask_threshold : mean-OD threshold of the particle mask (None: Otsu)
@@ -392,6 +397,7 @@ class PhaseMapCallback:
         root: str = "phasestream",
         update_every: int = 4,
         update_seconds: float = 2.0,
+        min_update_seconds: float = 0.5,
         backend: str | None = "auto",
         ambiguity: float = DEFAULT_AMBIGUITY,
         mask_threshold: float | None = None,
@@ -404,6 +410,7 @@ class PhaseMapCallback:
         self.root = root
         self.update_every = int(update_every)
         self.update_seconds = float(update_seconds)
+        self.min_update_seconds = float(min_update_seconds)
         self.backend = resolve_backend(backend)
         self.ambiguity = float(ambiguity)
         self.mask_threshold = mask_threshold

@@ -110,3 +110,66 @@ def pearson_update(od, frame_valid, mean, m2, comoment, ok, coef, inv_n) -> None
     has_valid = frame_valid is not None
     with _LOCK:
         _pearson_update(od, frame_valid if has_valid else _NO_MASK, has_valid, mean, m2, comoment, ok, coef, inv_n)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _pearson_maps(m2, comoment, ok, ref_m2, n, out):
+    k_refs, ny, nx = comoment.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = m2[y, x]
+            usable = n >= 2 and ok[y, x] and v > 0.0
+            for k in range(k_refs):
+                if usable and ref_m2[k] > 0.0:
+                    r = comoment[k, y, x] / np.sqrt(v * ref_m2[k])
+                    out[k, y, x] = np.float32(min(1.0, max(-1.0, r)))
+                else:
+                    out[k, y, x] = np.float32(np.nan)
+
+
+def pearson_maps(m2, comoment, ok, ref_m2, n: int) -> np.ndarray:
+    """(K, Y, X) float32 PCC from the accumulator state (see ``PearsonAccumulator.maps``)."""
+    out = np.empty(comoment.shape, dtype=np.float32)
+    with _LOCK:
+        _pearson_maps(m2, comoment, ok, np.ascontiguousarray(ref_m2, dtype=np.float64), n, out)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _assign(pcc, inside, ambiguity, phase, reliability, ambiguous):
+    k_refs, ny, nx = pcc.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            best, second, best_k = -np.inf, -np.inf, -1
+            for k in range(k_refs):
+                v = pcc[k, y, x]
+                if v == v:  # NaN never wins
+                    if v > best:
+                        second, best, best_k = best, v, k
+                    elif v > second:
+                        second = v
+            if inside[y, x] and best_k >= 0:
+                phase[y, x] = best_k
+                if second > -np.inf:
+                    rel = np.float32(best - second)
+                    reliability[y, x] = rel
+                    ambiguous[y, x] = rel < ambiguity
+                else:
+                    reliability[y, x] = np.float32(np.nan)
+                    ambiguous[y, x] = False
+            else:
+                phase[y, x] = -1
+                reliability[y, x] = np.float32(np.nan)
+                ambiguous[y, x] = False
+
+
+def assign_phases(pcc: np.ndarray, inside: np.ndarray, ambiguity: float):
+    """phase (int16), reliability (float32), ambiguous (bool); see ``phases.assign_phases``."""
+    shape = pcc.shape[1:]
+    phase = np.empty(shape, np.int16)
+    reliability = np.empty(shape, np.float32)
+    ambiguous = np.empty(shape, np.bool_)
+    with _LOCK:
+        _assign(np.ascontiguousarray(pcc, dtype=np.float32), np.ascontiguousarray(inside, dtype=np.bool_),
+                float(ambiguity), phase, reliability, ambiguous)
+    return phase, reliability, ambiguous

@@ -110,6 +110,12 @@ class PearsonAccumulator:
         """(Y, X) bool: pixels valid at every energy so far (host array)."""
         return to_numpy(self._ok).copy()
 
+    def mean(self) -> np.ndarray:
+        """(Y, X) float32 mean OD over the energies seen (host array); NaN where masked or none seen."""
+        xp = array_module(self.backend)
+        out = xp.where(self._ok & (self.n > 0), self._mean, xp.nan).astype(xp.float32)
+        return to_numpy(out)
+
     def update(self, od, ref_values, valid=None) -> None:
         """Add one energy image.
 
@@ -175,6 +181,10 @@ class PearsonAccumulator:
         a reference, or a pixel masked at any energy. Values are clipped to [-1, 1] against
         rounding.
         """
+        if self.backend == "numba":
+            from phasestream.kernels import _numba
+
+            return _numba.pearson_maps(self._m2, self._comoment, self._ok, self._ref_m2, self.n)
         xp = array_module(self.backend)
         out = xp.full((self.n_refs, *self.shape), xp.nan, dtype=xp.float32)
         if self.n < 2:

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from phasestream.kernels.backend import to_numpy
+from phasestream.kernels.backend import resolve_backend, to_numpy
 
 __all__ = ["DEFAULT_AMBIGUITY", "PhaseFractions", "assign_phases", "particle_mask", "phase_fractions"]
 
@@ -26,6 +26,8 @@ def assign_phases(
     pcc: np.ndarray,
     mask: np.ndarray | None = None,
     ambiguity: float = DEFAULT_AMBIGUITY,
+    *,
+    backend: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Phase, reliability and ambiguity maps from (K, Y, X) PCC maps.
 
@@ -34,11 +36,13 @@ def assign_phases(
     pcc : (K, Y, X) PCC; NaN entries never win
     mask : (Y, X) bool particle mask; None uses every pixel
     ambiguity : reliability below this marks a pixel ambiguous
+    backend : ``numpy`` (the reference) or ``numba``; default ``PHASESTREAM_BACKEND`` (cupy
+        falls back to numba: the maps are on the host)
 
     Returns
     -------
-    phase : (Y, X) int16, index of the best reference; -1 outside the mask or where every
-        PCC is NaN
+    phase : (Y, X) int16, index of the best reference (the first one on a tie); -1 outside
+        the mask or where every PCC is NaN
     reliability : (Y, X) float32, best minus second-best PCC; NaN where ``phase`` is -1 or
         fewer than two references have a PCC
     ambiguous : (Y, X) bool, reliability < ``ambiguity`` (False where reliability is NaN)
@@ -52,15 +56,20 @@ def assign_phases(
     inside = np.ones(p.shape[1:], bool) if mask is None else np.asarray(to_numpy(mask), dtype=bool)
     if inside.shape != p.shape[1:]:
         raise ValueError(f"mask shape {inside.shape} does not match PCC maps {p.shape[1:]}")
+    if resolve_backend(backend) != "numpy":
+        from phasestream.kernels import _numba
+
+        return _numba.assign_phases(p, inside, ambiguity)
     filled = np.where(np.isfinite(p), p, -np.inf)
-    order = np.argsort(filled, axis=0)
-    best_idx = order[-1]
+    best_idx = np.argmax(filled, axis=0)  # ties go to the first reference, as np.argmax
     best = np.take_along_axis(filled, best_idx[None], axis=0)[0]
     assigned = inside & np.isfinite(best)
     phase = np.where(assigned, best_idx, -1).astype(np.int16)
     reliability = np.full(p.shape[1:], np.nan, dtype=np.float32)
     if k >= 2:
-        second = np.take_along_axis(filled, order[-2][None], axis=0)[0]
+        rest = filled.copy()
+        np.put_along_axis(rest, best_idx[None], -np.inf, axis=0)
+        second = rest.max(axis=0)
         both = assigned & np.isfinite(second)
         reliability[both] = best[both] - second[both]
     with np.errstate(invalid="ignore"):

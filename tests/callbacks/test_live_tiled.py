@@ -49,7 +49,7 @@ def scan(RE, soc, seed, **det_kwargs):
 def test_live_results_in_tiled_follow_the_contract(tiled):
     RE = RunEngine({})
     RE.subscribe(raw_run_writer(tiled))
-    cb = PhaseMapCallback(tiled, backend="numba", update_every=2, update_seconds=1e9)
+    cb = PhaseMapCallback(tiled, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0)
     RE.subscribe(cb)
     seen, run = [], {}
 

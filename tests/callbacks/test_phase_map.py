@@ -153,7 +153,7 @@ def test_run_without_stop_is_finalized_partial_when_reported_lost():
 def test_partial_maps_are_published_while_the_scan_runs():
     docs, _ = scan_documents(seed=8)
     uid = docs[0][1]["uid"]
-    cb = PhaseMapCallback(None, backend="numba", update_every=2, update_seconds=1e9)
+    cb = PhaseMapCallback(None, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0)
     seen = []
     for name, doc in docs:
         cb(name, doc)

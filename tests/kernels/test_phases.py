@@ -85,3 +85,18 @@ def test_noiseless_stack_recovers_ground_truth_phase(soc):
     assert sample.accuracy(phase) >= 0.99
     inner = sample.particle & ~sample.boundary
     assert mask[inner].mean() > 0.99 and not mask[~sample.particle].any()
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_numba_assign_equals_numpy_reference(k):
+    rng = np.random.default_rng(k)
+    pcc = rng.uniform(-1, 1, (k, 40, 30)).astype(np.float32)
+    pcc[:, :3] = np.nan  # undefined pixels
+    pcc[0, 5:8] = np.nan  # one reference undefined
+    pcc[:, 10, :] = 0.5  # exact ties
+    mask = rng.random((40, 30)) > 0.2
+    ref = assign_phases(pcc, mask, 0.05, backend="numpy")
+    fast = assign_phases(pcc, mask, 0.05, backend="numba")
+    for a, b in zip(ref, fast, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)

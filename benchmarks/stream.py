@@ -1,0 +1,161 @@
+"""Throughput and latency of the live path, printed as JSON.
+
+Topology as in production: this process publishes documents (DocumentPublisher, msgpack) to a
+0MQ proxy subprocess; a ``phasestream serve`` worker subprocess runs PhaseMapCallback (K = 5
+references) and writes results to an embedded Tiled server living in this process.
+
+* ``stream_<size>``: one run of N uint16 frames (distinct energies), published as fast as the
+  publisher goes. Reported: publish rate, the worker's sustained analysis rate (images/s between
+  its first and last analysed image), per-image latency (event time -> image analysed in the
+  worker, transport included; median and p95), documents lost (from the worker's sequence
+  numbers), and last image -> final result in Tiled (which includes draining the OD-plane writes
+  queued behind the stream).
+* ``end_of_scan_1024x13``: a 13-energy scan of 1024^2 frames at a beamline-like pace (one image
+  every ``--pace`` s), reporting last image -> final result in Tiled.
+
+Usage: ``python benchmarks/stream.py [--frames 60] [--sizes 512 2048] [--pace 0.2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from event_model import compose_run
+
+from phasestream.services.tiled import connect, start_embedded_tiled
+from phasestream.services.wire import DocumentPublisher, start_proxy
+
+
+def _documents(size: int, n: int, *, seed: int = 0):
+    """A STXM run of ``n`` uint16 frames at distinct energies in 505-540 eV (synthetic counts)."""
+    rng = np.random.default_rng(seed)
+    energies = np.linspace(505.0, 540.0, n)
+    bundle = compose_run(metadata={
+        "sample": {"name": f"bench-{size}", "state_of_charge": 2.0},
+        "phasestream": {"references": "nvpf-synthetic", "image_key": "det_img", "energy_key": "energy",
+                        "i0_key": "det_i0", "mode": "stxm"},
+        "num_points": n,
+    })
+    desc = bundle.compose_descriptor(name="primary", data_keys={
+        "det_img": {"source": "bench", "dtype": "array", "shape": [size, size], "dtype_numpy": "<u2"},
+        "energy": {"source": "bench", "dtype": "number", "shape": []},
+        "det_i0": {"source": "bench", "dtype": "number", "shape": []},
+    })
+    base = rng.integers(2000, 6000, (size, size)).astype(np.uint16)
+    frames = [np.roll(base, i, axis=0) for i in range(min(n, 8))]
+
+    def events():
+        for i, e in enumerate(energies):
+            now = time.time()
+            yield "event", desc.compose_event(
+                data={"det_img": frames[i % len(frames)], "energy": float(e), "det_i0": 8000.0},
+                timestamps={"det_img": now, "energy": now, "det_i0": now}, seq_num=i + 1)
+
+    return bundle, desc, events
+
+
+class Worker:
+    """``phasestream serve`` in a subprocess; its stdout JSON lines are collected."""
+
+    def __init__(self, address: str, tiled_uri: str):
+        base, _, q = tiled_uri.partition("?")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TILED_API_KEY=dict(
+            p.split("=", 1) for p in q.split("&") if "=" in p).get("api_key", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "phasestream.cli", "serve", "--zmq", address, "--tiled", base,
+             "--backend", "numba", "--update-every", "8", "--update-seconds", "2"],
+            stdout=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(json.loads(x)) for x in self.proc.stdout
+                                         if x.startswith("{")], daemon=True).start()
+        msg = self.lines.get(timeout=120)
+        assert msg.get("ready"), msg
+
+    def stop(self) -> dict:
+        self.proc.terminate()
+        self.proc.wait(60)
+        stats = {}
+        while not self.lines.empty():
+            stats = self.lines.get().get("stats", stats)
+        return stats
+
+
+def _wait_final(client, uid: str, timeout: float = 600.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            md = client["phasestream"][uid].metadata
+            if md.get("status") in ("complete", "partial", "failed"):
+                return dict(md)
+        except KeyError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(uid)
+
+
+def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
+    bundle, desc, events = _documents(size, n)
+    publisher("start", bundle.start_doc)
+    publisher("descriptor", desc.descriptor_doc)
+    t0 = time.perf_counter()
+    for name, doc in events():
+        publisher(name, doc)
+        if pace:
+            time.sleep(pace)
+    publish_s = time.perf_counter() - t0
+    publisher("stop", bundle.compose_stop())
+    md = _wait_final(client, bundle.start_doc["uid"])
+    t = md["timings"]
+    return {
+        "frames": n,
+        "frame_shape": [size, size],
+        "status": md["status"],
+        "publish_frames_per_s": n / publish_s,
+        "worker_images_per_s": t.get("images_per_s"),
+        "worker_median_frame_ms": t.get("median_frame_ms"),
+        "event_latency_ms": t.get("event_latency_ms"),
+        "last_image_to_result_s": t.get("last_image_to_result_s"),
+        "n_energies_seen": md["n_energies_seen"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--pace", type=float, default=0.2, help="seconds between images of the end-of-scan run")
+    args = parser.parse_args()
+    report: dict = {"benchmark": "stream", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    server = start_embedded_tiled()
+    client = connect(server.uri)
+    proxy = start_proxy()
+    worker = Worker(proxy.out_address, server.uri)
+    publisher = DocumentPublisher(proxy.in_address)
+    try:
+        publisher.wait_for_subscriber(10)
+        time.sleep(0.5)
+        run_stream(client, publisher, 256, 4)  # warm-up: JIT, Tiled containers
+        for size in args.sizes:
+            report[f"stream_{size}"] = run_stream(client, publisher, size, args.frames)
+        report["end_of_scan_1024x13"] = run_stream(client, publisher, 1024, 13, pace=args.pace)
+    finally:
+        publisher.close()
+        stats = worker.stop()
+        proxy.stop()
+        server.close()
+    report["worker_stats"] = {k: stats.get(k) for k in ("received", "lost", "undecodable", "callback_errors")}
+    report["documents_lost"] = stats.get("lost")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
