@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/stream.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check phasestream tests benchmarks
