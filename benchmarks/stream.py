@@ -66,13 +66,13 @@ def _documents(size: int, n: int, *, seed: int = 0):
 class Worker:
     """``phasestream serve`` in a subprocess; its stdout JSON lines are collected."""
 
-    def __init__(self, address: str, tiled_uri: str):
+    def __init__(self, address: str, tiled_uri: str, extra: tuple[str, ...] = ()):
         base, _, q = tiled_uri.partition("?")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TILED_API_KEY=dict(
             p.split("=", 1) for p in q.split("&") if "=" in p).get("api_key", ""))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "phasestream.cli", "serve", "--zmq", address, "--tiled", base,
-             "--backend", "numba", "--update-every", "8", "--update-seconds", "2"],
+             "--backend", "numba", "--update-every", "8", "--update-seconds", "2", *extra],
             stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(json.loads(x)) for x in self.proc.stdout
@@ -133,12 +133,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--pace", type=float, default=0.2, help="seconds between images of the end-of-scan run")
+    parser.add_argument("--no-od", action="store_true", help="worker does not write the OD cube live")
     args = parser.parse_args()
     report: dict = {"benchmark": "stream", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     server = start_embedded_tiled()
     client = connect(server.uri)
     proxy = start_proxy()
-    worker = Worker(proxy.out_address, server.uri)
+    worker = Worker(proxy.out_address, server.uri, ("--no-od",) if args.no_od else ())
+    report["write_od"] = not args.no_od
     publisher = DocumentPublisher(proxy.in_address)
     try:
         publisher.wait_for_subscriber(10)

@@ -165,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
-                              update_seconds=args.update_seconds, root=args.root)
+                              update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od)
         worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
 
         def announce() -> None:
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stop-timeout", type=float, default=60.0,
                        help="seconds without documents after which a run without stop is given up (default 60)")
     serve.add_argument("--root", default="phasestream")
+    serve.add_argument("--no-od", action="store_true",
+                       help="do not write the OD cube live (high frame rates; reprocess adds it later)")
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
     serve.set_defaults(func=_cmd_serve)

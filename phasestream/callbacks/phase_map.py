@@ -254,7 +254,8 @@ class RunAnalysis(DocumentRouter):
         self.t_last_image = now
         if "time" in doc:
             self.event_latency.append(now - float(doc["time"]))
-        self.owner.sink.submit(self._write(lambda w: w.write_od(index, od_host)), key=s.run_uid)
+        if self.owner.write_od:
+            self.owner.sink.submit(self._write(lambda w: w.write_od(index, od_host)), key=s.run_uid)
         self.since_update += 1
         elapsed = time.monotonic() - self.last_update
         due = (self.since_update >= self.owner.update_every or elapsed >= self.owner.update_seconds) and (
@@ -355,7 +356,7 @@ class RunAnalysis(DocumentRouter):
         t_last = self.t_last_image
 
         def final_job() -> None:
-            if self.writer is not None and n:
+            if self.writer is not None and n and self.owner.write_od:
                 self.writer.finalize_od(n, update_metadata=False)
             # last image -> final maps and OD in Tiled; status and timings follow in one update
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
@@ -385,6 +386,9 @@ class PhaseMapCallback:
     backend : kernel backend (``auto``, ``numba``, ``cupy``, ``numpy``)
     ambiguity : reliability below which a pixel is ambiguous
     mask_threshold : mean-OD threshold of the particle mask (None: Otsu)
+    write_od : write the OD cube ``od`` (E, Y, X) plane by plane (default). Off for very high
+        frame rates: the maps are still written, and ``phasestream reprocess`` can add ``od``
+        from the raw run later
     handler_registry : Resource/Datum handlers (default: NPY_SEQ)
     on_run_complete : called with the :class:`RunResult` after a run's final result is written
     """
@@ -402,6 +406,7 @@ class PhaseMapCallback:
         ambiguity: float = DEFAULT_AMBIGUITY,
         mask_threshold: float | None = None,
         handler_registry: dict | None = None,
+        write_od: bool = True,
         on_run_complete: Callable[[RunResult], None] | None = None,
     ):
         if update_every < 1:
@@ -416,6 +421,7 @@ class PhaseMapCallback:
         self.mask_threshold = mask_threshold
         self.references = None if references is None else load_references(references)
         self.on_run_complete = on_run_complete
+        self.write_od = bool(write_od)
         self._reference_cache: dict[str, ReferenceSet] = {}
         self.results: dict[str, RunResult] = {}
         self.active: dict[str, RunAnalysis] = {}

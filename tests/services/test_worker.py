@@ -23,7 +23,8 @@ from event_model import compose_run
 from ophyd.sim import DirectImage, det, motor
 
 from phasestream.services.wire import DocumentPublisher, pack_frame, serialize, start_proxy
-from phasestream.services.worker import DocumentWorker, RunTracker, run_worker
+from phasestream.services.tracking import RunTracker
+from phasestream.services.worker import DocumentWorker, run_worker
 
 TIMEOUT = 10.0
 
