@@ -1,0 +1,363 @@
+"""Per-run analysis state of the live callback: one :class:`RunAnalysis` per handled run.
+
+A :class:`RunAnalysis` is an ``event_model.DocumentRouter`` made by
+:class:`~phasestream.callbacks.phase_map.PhaseMapCallback`'s RunRouter factory. It holds the
+run's accumulator, dark/flat frames and asset documents, turns each primary image into OD and a
+PearsonAccumulator update, publishes partial maps through the owner's result sink, and writes the
+final maps, fractions, status and timings at stop. Bad events are recorded on the run
+(:class:`RunResult` ``errors``) and never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from event_model import DocumentRouter, unpack_event_page
+
+from phasestream.callbacks.assets import read_stream_frames
+from phasestream.callbacks.settings import RunSettings
+from phasestream.kernels import (
+    PearsonAccumulator,
+    assign_phases,
+    optical_density,
+    particle_mask,
+    phase_fractions,
+    to_numpy,
+)
+from phasestream.references import ReferenceSet
+
+if TYPE_CHECKING:
+    from phasestream.callbacks.phase_map import PhaseMapCallback
+
+__all__ = ["ENERGY_TOLERANCE_EV", "RunAnalysis", "RunResult"]
+
+logger = logging.getLogger(__name__)
+
+# energies closer than this (eV) are the same energy (duplicate images)
+ENERGY_TOLERANCE_EV = 1e-3
+MAX_ERRORS = 50
+
+
+class RunResult:
+    """The in-memory outcome of one analysed run (what was written to Tiled, for callers and tests)."""
+
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
+        self.status = "running"
+        self.errors: list[str] = []
+        self.energies: list[float] = []
+        self.metadata: dict = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.done = threading.Event()
+
+    @property
+    def uid(self) -> str:
+        return self.settings.run_uid
+
+
+class RunAnalysis(DocumentRouter):
+    """Per-run state: accumulator, dark/flat frames, asset documents, timings.
+
+    Made by :class:`PhaseMapCallback` for each handled run; not meant to be built by hand.
+    """
+
+    def __init__(self, owner: PhaseMapCallback, settings: RunSettings, references: ReferenceSet):
+        super().__init__()
+        self.owner = owner
+        self.settings = settings
+        self.references = references
+        self.result = RunResult(settings)
+        self.streams: dict[str, str] = {}  # descriptor uid -> stream name
+        self.acc: PearsonAccumulator | None = None
+        self.darks: list[np.ndarray] = []
+        self.flats: list[tuple[float, np.ndarray]] = []
+        self.stream_resources: dict[str, dict] = {}
+        self.stream_frames: dict[tuple[str, int], np.ndarray] = {}
+        self.since_update = 0
+        self.last_update = time.monotonic()
+        self.t_start = time.time()
+        self.t_first_image: float | None = None
+        self.t_last_image: float | None = None
+        self.frame_seconds: list[float] = []
+        self.event_latency: list[float] = []  # event time -> image analysed (transport included)
+        self.writer = None
+        self.incomplete_reason: str | None = None
+        self.closed = False
+        self.opened = False
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def record_error(self, message: str) -> None:
+        logger.warning("run %s: %s", self.settings.run_uid, message)
+        if len(self.result.errors) < MAX_ERRORS:
+            self.result.errors.append(message)
+        elif len(self.result.errors) == MAX_ERRORS:
+            self.result.errors.append("too many errors; further errors are only logged")
+
+    def _base_metadata(self) -> dict:
+        s = self.settings
+        return {
+            "run_uid": s.run_uid,
+            "scan_id": s.scan_id,
+            "sample": s.sample,
+            "state_of_charge": s.state_of_charge,
+            "energies_eV": [],
+            "references": {"name": self.references.name, "phases": list(self.references.phases)},
+            "mode": s.mode,
+            "status": "running",
+            "n_energies_seen": 0,
+            "errors": [],
+            "phase_fractions": {},
+            "ambiguous_fraction": None,
+            "refined_fractions": {},
+            "models": {},
+            "timings": {},
+        }
+
+    # -- writer jobs (run on the sink thread) ---------------------------------------------
+
+    def _open_result(self, shape: tuple[int, int] | None) -> None:
+        """Queue the creation of the result container (once; arrays are sized by ``shape``)."""
+        if self.opened:
+            return
+        self.opened = True
+
+        def job() -> None:
+            self.writer = self.owner.writer_factory(self, shape)
+
+        self.owner.sink.submit(job, key=self.settings.run_uid)
+
+    def _write(self, fn: Callable[[Any], None]) -> Callable[[], None]:
+        def job() -> None:
+            if self.writer is not None:
+                fn(self.writer)
+
+        return job
+
+    # -- documents -----------------------------------------------------------------------
+
+    def descriptor(self, doc: dict) -> None:
+        name = doc.get("name", "primary")
+        self.streams[doc["uid"]] = name
+        if name == "primary":
+            keys = doc.get("data_keys", {})
+            for key in (self.settings.image_key, self.settings.energy_key):
+                if key not in keys:
+                    self.record_error(f"primary stream has no data key {key!r} (has {sorted(keys)})")
+
+    def stream_resource(self, doc: dict) -> None:
+        self.stream_resources[doc["uid"]] = doc
+
+    def stream_datum(self, doc: dict) -> None:
+        try:
+            resource = self.stream_resources[doc["stream_resource"]]
+            frames = read_stream_frames(resource, doc)
+            if resource.get("data_key") not in (None, self.settings.image_key):
+                return
+            first = doc["seq_nums"]["start"]
+            for i, frame in enumerate(frames):
+                self.stream_frames[(doc["descriptor"], first + i)] = np.asarray(frame)
+        except Exception as exc:  # noqa: BLE001 - recorded on the run
+            self.record_error(f"cannot read frames of StreamDatum {doc.get('uid')}: {exc}")
+
+    def event_page(self, doc: dict) -> None:
+        # RunRouter delivers pages; handle them one event at a time
+        for event in unpack_event_page(doc):
+            self.event(event)
+
+    def event(self, doc: dict) -> None:
+        if self.closed:
+            self.record_error(f"event {doc.get('seq_num')} arrived after the run was finalized; ignored")
+            return
+        stream = self.streams.get(doc["descriptor"])
+        if stream is None:
+            self.record_error(f"event {doc.get('seq_num')} refers to unknown descriptor {doc['descriptor']}")
+            return
+        try:
+            if stream == "primary":
+                self._image_event(doc)
+            elif stream == "dark":
+                self.darks.append(self._image(doc).astype(np.float64))
+            elif stream == "flat":
+                self.flats.append((float(doc["data"][self.settings.energy_key]), self._image(doc)))
+        except Exception as exc:  # noqa: BLE001 - recorded on the run, the stream goes on
+            self.record_error(f"{stream} event {doc.get('seq_num')}: {exc}")
+
+    def _image(self, doc: dict) -> np.ndarray:
+        key = self.settings.image_key
+        data = doc.get("data", {})
+        value = data.get(key)
+        if value is None or isinstance(value, str):
+            frame = self.stream_frames.pop((doc["descriptor"], doc["seq_num"]), None)
+            if frame is None:
+                if key not in data and not self.stream_resources:
+                    raise KeyError(f"no image under data key {key!r} (event has {sorted(data)})")
+                raise ValueError(f"image {key!r} is an unfilled external reference ({value!r})")
+            return frame
+        image = np.asarray(value)
+        if image.ndim != 2:
+            raise ValueError(f"image {key!r} must be 2D (Y, X), got shape {image.shape}")
+        return image
+
+    def _od(self, image: np.ndarray, energy: float, data: dict):
+        s = self.settings
+        backend = self.owner.backend
+        if s.mode == "txm":
+            if not self.flats:
+                raise ValueError("TXM image before any flat-field image (stream 'flat')")
+            flat = min(self.flats, key=lambda f: abs(f[0] - energy))
+            dark = np.mean(self.darks, axis=0) if self.darks else 0.0
+            return optical_density(image, flat=flat[1], dark=dark, backend=backend)
+        i0 = None
+        if s.i0_key:
+            if s.i0_key not in data:
+                raise KeyError(f"no I0 under data key {s.i0_key!r}")
+            i0 = np.asarray(data[s.i0_key], dtype=np.float64)
+            i0 = float(i0) if i0.ndim == 0 else i0
+        return optical_density(image, i0, backend=backend)
+
+    def _image_event(self, doc: dict) -> None:
+        s = self.settings
+        data = doc["data"]
+        if s.energy_key not in data:
+            raise KeyError(f"no energy under data key {s.energy_key!r} (event has {sorted(data)})")
+        energy = float(data[s.energy_key])
+        if any(abs(energy - e) <= ENERGY_TOLERANCE_EV for e in self.result.energies):
+            raise ValueError(f"duplicate energy {energy:.3f} eV; image ignored")
+        ref_values = self.references.interpolate(energy)[:, 0]  # EnergyOutOfRangeError names the range
+        image = self._image(doc)
+        t0 = time.perf_counter()
+        if self.acc is None:
+            self.acc = PearsonAccumulator(image.shape, len(self.references.phases), backend=self.owner.backend)
+            self._open_result(image.shape)
+        elif image.shape != self.acc.shape:
+            raise ValueError(f"image shape changed from {self.acc.shape} to {image.shape}; image ignored")
+        od, valid = self._od(image, energy, data)
+        self.acc.update(od, ref_values, valid)
+        od_host = to_numpy(od)
+        index = len(self.result.energies)
+        self.result.energies.append(energy)
+        self.frame_seconds.append(time.perf_counter() - t0)
+        now = time.time()
+        self.t_first_image = self.t_first_image or now
+        self.t_last_image = now
+        if "time" in doc:
+            self.event_latency.append(now - float(doc["time"]))
+        if self.owner.write_od:
+            self.owner.sink.submit(self._write(lambda w: w.write_od(index, od_host)), key=s.run_uid)
+        self.since_update += 1
+        elapsed = time.monotonic() - self.last_update
+        due = (self.since_update >= self.owner.update_every or elapsed >= self.owner.update_seconds) and (
+            elapsed >= self.owner.min_update_seconds
+        )
+        n = len(self.result.energies)
+        # no partial maps when the final ones are due within half an update interval: a write
+        # started now would only delay the final result
+        ending = s.num_points is not None and s.num_points - n < max(1, self.owner.update_every // 2)
+        if due and n >= 2 and not ending:
+            self._publish(final=False)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _maps(self) -> dict[str, np.ndarray]:
+        pcc = self.acc.maps()
+        mask = particle_mask(self.acc.mean(), threshold=self.owner.mask_threshold)
+        phase, reliability, ambiguous = assign_phases(pcc, mask, self.owner.ambiguity, backend=self.owner.backend)
+        return {
+            "pcc": pcc,
+            "phase": phase,
+            "reliability": reliability,
+            "ambiguous": ambiguous.astype(np.uint8),
+            "mask": mask.astype(np.uint8),
+        }
+
+    def _summary(self, arrays: dict[str, np.ndarray]) -> dict:
+        mask = arrays["mask"].astype(bool)
+        fr = phase_fractions(arrays["phase"], mask, arrays["ambiguous"].astype(bool), len(self.references.phases))
+        rel = arrays["reliability"][mask]
+        rel = rel[np.isfinite(rel)]
+        return {
+            "energies_eV": list(self.result.energies),
+            "n_energies_seen": len(self.result.energies),
+            "phase_fractions": fr.as_dict(self.references.phases) if fr.n_particle else {},
+            "ambiguous_fraction": float(fr.ambiguous) if fr.n_particle else None,
+            "mean_reliability": float(rel.mean()) if rel.size else None,
+            "particle_pixels": int(fr.n_particle),
+        }
+
+    def _publish(self, *, final: bool) -> dict | None:
+        arrays = self._maps()
+        md = self._summary(arrays)
+        md["status"] = "running"
+        md["errors"] = list(self.result.errors)
+        self.since_update = 0
+        self.last_update = time.monotonic()
+        self.result.arrays, self.result.metadata = arrays, {**self.result.metadata, **md}
+
+        def job(w) -> None:
+            w.write_maps(**arrays)
+            w.update_metadata(**md)
+
+        if final:
+            # superseded partial maps are dropped; the summary goes with the final status update
+            self.owner.sink.cancel_latest(("maps", self.settings.run_uid))
+            self.owner.sink.submit(self._write(lambda w: w.write_maps(**arrays)), key=self.settings.run_uid)
+            return md
+        else:
+            self.owner.sink.submit_latest(("maps", self.settings.run_uid), self._write(job))
+
+    def stop(self, doc: dict) -> None:
+        self.finalize(exit_status=doc.get("exit_status", "success"), reason=doc.get("reason", ""))
+
+    def finalize(self, *, exit_status: str = "success", reason: str = "") -> None:
+        """Write final maps, fractions, status and timings (on stop, or when the run is given up)."""
+        if self.closed:
+            return
+        self.closed = True
+        s = self.settings
+        n = len(self.result.energies)
+        expected = s.num_points
+        if n == 0:
+            status = "failed"
+            self.record_error("no usable image in the run")
+        elif self.incomplete_reason or exit_status != "success" or (expected and n < expected) or n < 2:
+            status = "partial"
+            if expected and n < expected:
+                self.record_error(f"{n} of {expected} energies analysed")
+            if exit_status != "success":
+                self.record_error(f"run ended with exit_status {exit_status!r} {reason}".strip())
+        else:
+            status = "complete"
+        self._open_result(None if self.acc is None else self.acc.shape)
+        summary = self._publish(final=True) if n > 0 else {}
+        t_stop = time.time()
+        timings = {
+            "first_image_to_stop_s": (t_stop - self.t_first_image) if self.t_first_image else None,
+            "median_frame_ms": 1e3 * float(np.median(self.frame_seconds)) if n else None,
+            "images_per_s": (n - 1) / (self.t_last_image - self.t_first_image)
+            if n > 1 and self.t_last_image > self.t_first_image else None,
+            "event_latency_ms": {"median": 1e3 * float(np.median(self.event_latency)),
+                                 "p95": 1e3 * float(np.percentile(self.event_latency, 95))}
+            if self.event_latency else None,
+        }
+        md = {**summary, "status": status, "errors": list(self.result.errors), "n_energies_seen": n}
+        self.result.status = status
+        t_last = self.t_last_image
+
+        def final_job() -> None:
+            if self.writer is not None and n and self.owner.write_od:
+                self.writer.finalize_od(n, update_metadata=False)
+            # last image -> final maps and OD in Tiled; status and timings follow in one update
+            timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
+            if self.writer is not None:
+                self.writer.update_metadata(**md, timings=timings)
+            self.result.metadata.update(md, timings=timings)
+
+        self.owner.sink.submit(final_job, key=s.run_uid)
+        self.owner.sink.submit(self.result.done.set)
+        self.owner._finished(self)
