@@ -8,7 +8,7 @@ from tiled.queries import Key
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.kernels import optical_density_reference, pearson_maps
 from phasestream.references import load_references, select_energies
-from phasestream.services.tiled import connect, open_raw_run, raw_run_writer, start_embedded_tiled
+from phasestream.services.tiled import open_raw_run, raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 
 REFS = load_references("nvpf-synthetic")
@@ -29,13 +29,9 @@ CONTRACT_METADATA = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiled():
-    server = start_embedded_tiled()
-    try:
-        yield connect(server.uri)
-    finally:
-        server.close()
+@pytest.fixture
+def tiled(tiled_client):
+    return tiled_client
 
 
 def scan(RE, soc, seed, **det_kwargs):

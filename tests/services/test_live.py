@@ -6,19 +6,15 @@ from bluesky import RunEngine
 
 from phasestream.references import load_references, select_energies
 from phasestream.services.live import LiveService
-from phasestream.services.tiled import connect, raw_run_writer, start_embedded_tiled
+from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 
 
-@pytest.fixture(scope="module")
-def client():
-    server = start_embedded_tiled()
-    try:
-        yield connect(server.uri)
-    finally:
-        server.close()
+@pytest.fixture
+def client(tiled_client):
+    return tiled_client
 
 
 def test_run_with_lost_event_is_partial_then_recovered_from_raw(client):

@@ -7,21 +7,16 @@ from bluesky import RunEngine
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.references import load_references, select_energies
 from phasestream.services.reprocess import reprocess, reprocess_run
-from phasestream.services.tiled import connect, raw_run_writer, start_embedded_tiled
+from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
 
 
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory):
-    files = tmp_path_factory.mktemp("detector")
-    server = start_embedded_tiled(readable_storage=[files])
-    try:
-        yield server, connect(server.uri), files
-    finally:
-        server.close()
+@pytest.fixture
+def tiled(tiled_server, tiled_client, detector_files):
+    return tiled_server, tiled_client, detector_files
 
 
 @pytest.mark.parametrize(("mode", "external"), [("stxm", False), ("txm", False), ("stxm", True)])

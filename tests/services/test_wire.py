@@ -18,6 +18,7 @@ from bluesky.plans import count, scan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ophyd.sim import DirectImage, det, motor
+from support import normalize
 
 from phasestream.services.wire import (
     ENVELOPE_TAG,
@@ -102,21 +103,6 @@ def test_wire_compatible_with_stock_msgpack_numpy():
         _assert_same_array(theirs_read_by_us[key], expected)
 
 
-def _normalize(obj: object) -> object:
-    """Documents as comparable values: tuples as lists, arrays and NumPy scalars with their dtype."""
-    if isinstance(obj, dict):
-        return {key: _normalize(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_normalize(value) for value in obj]
-    if isinstance(obj, np.ndarray):
-        return ("ndarray", obj.dtype.str, obj.shape, obj.tobytes())
-    if isinstance(obj, float):
-        return float(obj)
-    if isinstance(obj, np.generic):
-        return ("scalar", obj.dtype.str, obj.item())
-    return obj
-
-
 def test_round_trip_of_runengine_documents():
     RE = RunEngine({})
     camera = DirectImage(name="det", func=lambda: np.arange(64 * 48, dtype=np.uint16).reshape(48, 64))
@@ -125,7 +111,7 @@ def test_round_trip_of_runengine_documents():
     RE(scan([det], motor, -1, 1, 3), lambda name, doc: docs.append((name, doc)))
     assert [name for name, _ in docs].count("event") == 5
     for _, doc in docs:
-        assert _normalize(deserialize(serialize(doc))) == _normalize(doc)
+        assert normalize(deserialize(serialize(doc))) == normalize(doc)
     image = deserialize(serialize(docs[2][1]))["data"]["det_img"]
     _assert_same_array(image, docs[2][1]["data"]["det_img"])
 

@@ -21,9 +21,10 @@ from bluesky import RunEngine
 from bluesky.plans import count, scan
 from event_model import compose_run
 from ophyd.sim import DirectImage, det, motor
+from support import normalize
 
-from phasestream.services.wire import DocumentPublisher, pack_frame, serialize, start_proxy
 from phasestream.services.tracking import RunTracker
+from phasestream.services.wire import DocumentPublisher, pack_frame, serialize, start_proxy
 from phasestream.services.worker import DocumentWorker, run_worker
 
 TIMEOUT = 10.0
@@ -89,20 +90,6 @@ def running_worker(address: str, callback, **kwargs) -> Iterator[DocumentWorker]
         assert not thread.is_alive()
 
 
-def _normalize(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {key: _normalize(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_normalize(value) for value in obj]
-    if isinstance(obj, np.ndarray):
-        return ("ndarray", obj.dtype.str, obj.shape, obj.tobytes())
-    if isinstance(obj, float):
-        return float(obj)
-    if isinstance(obj, np.generic):
-        return ("scalar", obj.dtype.str, obj.item())
-    return obj
-
-
 def _camera() -> DirectImage:
     rng = np.random.default_rng(1)
     return DirectImage(name="det", func=lambda: rng.integers(0, 65535, size=(128, 128), dtype=np.uint16))
@@ -120,7 +107,7 @@ def test_runengine_documents_arrive_in_order_and_intact(proxy, publisher):
         stats = worker.stats
 
     assert received.names() == emitted.names()
-    assert [_normalize(doc) for _, doc in received.docs] == [_normalize(doc) for _, doc in emitted.docs]
+    assert [normalize(doc) for _, doc in received.docs] == [normalize(doc) for _, doc in emitted.docs]
     images = [
         (doc, sent)
         for (name, doc), (_, sent) in zip(received.docs, emitted.docs, strict=True)
