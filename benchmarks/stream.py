@@ -5,7 +5,8 @@ Topology as in production: this process publishes documents (DocumentPublisher, 
 references) and writes results to an embedded Tiled server living in this process.
 
 * ``stream_<size>``: one run of N uint16 frames (distinct energies), published as fast as the
-  publisher goes. Reported: publish rate, the worker's sustained analysis rate (images/s between
+  publisher goes, or at ``--rate`` frames/s (a detector's pace: the worker keeps up when the
+  latency stays flat). Reported: publish rate, the worker's sustained analysis rate (images/s between
   its first and last analysed image), per-image latency (event time -> image analysed in the
   worker, transport included; median and p95), documents lost (from the worker's sequence
   numbers), and last image -> final result in Tiled (which includes draining the OD-plane writes
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--pace", type=float, default=0.2, help="seconds between images of the end-of-scan run")
     parser.add_argument("--no-od", action="store_true", help="worker does not write the OD cube live")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="publish the stream runs at this many frames/s (0: as fast as possible)")
     args = parser.parse_args()
     report: dict = {"benchmark": "stream", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     server = start_embedded_tiled()
@@ -147,7 +150,8 @@ def main() -> None:
         time.sleep(0.5)
         run_stream(client, publisher, 256, 4)  # warm-up: JIT, Tiled containers
         for size in args.sizes:
-            report[f"stream_{size}"] = run_stream(client, publisher, size, args.frames)
+            pace = 1.0 / args.rate if args.rate > 0 else 0.0
+            report[f"stream_{size}"] = run_stream(client, publisher, size, args.frames, pace=pace)
         report["end_of_scan_1024x13"] = run_stream(client, publisher, 1024, 13, pace=args.pace)
     finally:
         publisher.close()
