@@ -23,15 +23,12 @@ import argparse
 import json
 import os
 import platform
-import queue
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
 from event_model import compose_run
 
+from phasestream.services.live import ServeProcess
 from phasestream.services.tiled import connect, start_embedded_tiled
 from phasestream.services.wire import DocumentPublisher, start_proxy
 
@@ -62,32 +59,6 @@ def _documents(size: int, n: int, *, seed: int = 0):
                 timestamps={"det_img": now, "energy": now, "det_i0": now}, seq_num=i + 1)
 
     return bundle, desc, events
-
-
-class Worker:
-    """``phasestream serve`` in a subprocess; its stdout JSON lines are collected."""
-
-    def __init__(self, address: str, tiled_uri: str, extra: tuple[str, ...] = ()):
-        base, _, q = tiled_uri.partition("?")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TILED_API_KEY=dict(
-            p.split("=", 1) for p in q.split("&") if "=" in p).get("api_key", ""))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "phasestream.cli", "serve", "--zmq", address, "--tiled", base,
-             "--backend", "numba", "--update-every", "8", "--update-seconds", "2", *extra],
-            stdout=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(json.loads(x)) for x in self.proc.stdout
-                                         if x.startswith("{")], daemon=True).start()
-        msg = self.lines.get(timeout=120)
-        assert msg.get("ready"), msg
-
-    def stop(self) -> dict:
-        self.proc.terminate()
-        self.proc.wait(60)
-        stats = {}
-        while not self.lines.empty():
-            stats = self.lines.get().get("stats", stats)
-        return stats
 
 
 def _wait_final(client, uid: str, timeout: float = 600.0) -> dict:
@@ -142,7 +113,9 @@ def main() -> None:
     server = start_embedded_tiled()
     client = connect(server.uri)
     proxy = start_proxy()
-    worker = Worker(proxy.out_address, server.uri, ("--no-od",) if args.no_od else ())
+    worker = ServeProcess(proxy.out_address, server.uri, args=(
+        "--backend", "numba", "--update-every", "8", "--update-seconds", "2", *(("--no-od",) if args.no_od else ()),
+    )).start()
     report["write_od"] = not args.no_od
     publisher = DocumentPublisher(proxy.in_address)
     try:

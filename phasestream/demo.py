@@ -19,12 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,41 +114,6 @@ def _tiled(cfg: DemoConfig):
         server.close()
 
 
-@contextlib.contextmanager
-def _worker(address: str, tiled_uri: str, cfg: DemoConfig, timeout: float = 120.0):
-    """``phasestream serve`` in a subprocess; yields once it is connected to the proxy."""
-    base, _, query = tiled_uri.partition("?")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    key = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("api_key")
-    if key:
-        env["TILED_API_KEY"] = key  # not on the command line, where `ps` shows it
-    cmd = [sys.executable, "-m", "phasestream.cli", "serve", "--zmq", address, "--tiled", base,
-           "--backend", cfg.backend, "--update-every", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"analysis worker did not start within {timeout:.0f} s") from None
-            if '"ready"' in line:
-                logger.info("worker ready: %s", line.strip())
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"analysis worker exited with status {proc.returncode}")
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 def _wait_for_result(client, uid: str, root: str, timeout: float):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -187,10 +147,12 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
         RE = RunEngine({})
         RE.subscribe(raw_run_writer(client))
         if cfg.topology == "zmq":
+            from phasestream.services.live import ServeProcess
             from phasestream.services.wire import DocumentPublisher, start_proxy
 
             proxy = stack.enter_context(start_proxy())
-            stack.enter_context(_worker(proxy.out_address, uri, cfg))
+            stack.enter_context(ServeProcess(proxy.out_address, uri,
+                                             args=("--backend", cfg.backend, "--update-every", "4")))
             publisher = stack.enter_context(DocumentPublisher(proxy.in_address))
             if not publisher.wait_for_subscriber(10):
                 raise RuntimeError("the 0MQ proxy did not subscribe to the RunEngine's publisher")
