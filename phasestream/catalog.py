@@ -12,7 +12,7 @@ import logging
 from tiled.client.container import Container
 from tiled.queries import Key
 
-from phasestream.services.tiled import STATUSES
+from phasestream.services.results import STATUSES
 
 __all__ = ["find", "result_rows"]
 

@@ -101,7 +101,7 @@ class PhaseMapCallback:
         """Create the run's result container (on the sink thread). None without a Tiled client."""
         if self.client is None:
             return None
-        from phasestream.services.tiled import ResultWriter
+        from phasestream.services.results import ResultWriter
 
         return ResultWriter(
             self.client,

@@ -20,7 +20,8 @@ import time
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.services.reprocess import ReprocessOptions, reprocess_run
-from phasestream.services.tiled import ResultWriter, raw_run_complete
+from phasestream.services.results import ResultWriter
+from phasestream.services.tiled import raw_run_complete
 
 __all__ = ["LiveService", "ServeProcess"]
 

@@ -1,4 +1,4 @@
-"""Tiled helpers: an embedded server, connecting, raw runs (TiledWriter) and phase-map results.
+"""Tiled helpers: an embedded server, connecting, raw runs (TiledWriter). Results: ``services.results``.
 
 Raw runs are written by bluesky-tiled-plugins' ``TiledWriter`` (:func:`raw_run_writer`) and read
 back as databroker-2 ``BlueskyRun`` objects (:func:`open_raw_run`). Analysis results follow the
@@ -17,35 +17,21 @@ Reading a result back::
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import math
 import os
 import secrets
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
-import numpy as np
 from bluesky_tiled_plugins import BlueskyRun, TiledWriter
 from tiled.client import from_uri
 from tiled.client.container import Container
 from tiled.client.utils import ClientError
 from tiled.server import SimpleTiledServer
-from tiled.structures.array import ArrayStructure, BuiltinDtype
-from tiled.structures.core import StructureFamily
-from tiled.structures.data_source import DataSource
 
 __all__ = [
-    "MAP_LAYOUT",
-    "STATUSES",
-    "ResultExistsError",
-    "ResultWriter",
     "TiledConnectionError",
     "TiledPermissionError",
     "connect",
@@ -57,19 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("running", "complete", "partial", "failed")
-RESULT_SPEC = "PhaseMap"
-#: Contract result arrays: name -> (dtype, dims); "phase" is K, "y", "x" the image axes.
-MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
-    "pcc": (np.dtype("float32"), ("phase", "y", "x")),
-    "phase": (np.dtype("int16"), ("y", "x")),
-    "reliability": (np.dtype("float32"), ("y", "x")),
-    "ambiguous": (np.dtype("uint8"), ("y", "x")),
-    "mask": (np.dtype("uint8"), ("y", "x")),
-    "refined_phase": (np.dtype("int16"), ("y", "x")),
-    "latent": (np.dtype("float32"), ("y", "x", "latent")),
-}
-OD_DTYPE = np.dtype("float32")
 
 
 class TiledConnectionError(ConnectionError):
@@ -79,9 +52,6 @@ class TiledConnectionError(ConnectionError):
 class TiledPermissionError(PermissionError):
     """Tiled refused the request: missing or wrong API key, or no write access."""
 
-
-class ResultExistsError(FileExistsError):
-    """A result container for this run already exists."""
 
 
 # --------------------------------------------------------------------------- server and client
@@ -176,29 +146,6 @@ def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
         ) from error
 
 
-@contextlib.contextmanager
-def _explained(action: str, path: str) -> Iterator[None]:
-    """Turn Tiled's HTTP refusals into errors that say what to do."""
-    try:
-        yield
-    except ClientError as error:
-        code = error.response.status_code
-        if code in (401, 403):
-            raise TiledPermissionError(
-                f"Tiled refused to {action} {path} ({error}): the client needs a valid API key "
-                "with write access (TILED_API_KEY or connect(api_key=...))"
-            ) from error
-        if code == 405:
-            raise TiledPermissionError(
-                f"Tiled cannot {action} {path} ({error}): the server has no writable storage; "
-                "configure writable_storage or use start_embedded_tiled()"
-            ) from error
-        raise
-
-
-# --------------------------------------------------------------------------- raw runs
-
-
 def raw_run_writer(client: Container, *, batch_size: int = 1) -> TiledWriter:
     """A TiledWriter that stores raw runs under ``client`` (``client[<run uid>]``).
 
@@ -228,295 +175,3 @@ def raw_run_complete(client: Container, uid: str) -> bool:
 
 
 # --------------------------------------------------------------------------- results
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types: NumPy scalars and arrays to Python, tuples to lists, NaN/inf to None."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray | list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _normalized_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    fields = _jsonable(fields)
-    if fields.get("state_of_charge") is not None:
-        fields["state_of_charge"] = float(fields["state_of_charge"])
-    if "status" in fields and fields["status"] not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {fields['status']!r}")
-    return fields
-
-
-def _pointer(key: str) -> str:
-    """JSON pointer (RFC 6901) of a top-level metadata key."""
-    return "/" + key.replace("~", "~0").replace("/", "~1")
-
-
-@functools.cache
-def _map_pool() -> ThreadPoolExecutor:
-    """Threads shared by all writers for concurrent in-place array writes."""
-    return ThreadPoolExecutor(max_workers=6, thread_name_prefix="tiled-write")
-
-
-def _ensure_container(client: Container, path: str) -> Container:
-    """``client[path]``, creating the missing containers along ``path`` ("a" or "a/b")."""
-    node = client
-    for key in path.strip("/").split("/"):
-        if key not in node:
-            try:
-                node.create_container(key)
-            except ClientError as error:
-                if error.response.status_code != 409:  # created meanwhile by someone else
-                    raise
-        node = node[key]
-    return node
-
-
-def _plane_structure(n_planes: int, shape: tuple[int, int]) -> ArrayStructure:
-    """(E, Y, X) float32 with one chunk per energy plane."""
-    return ArrayStructure(shape=(n_planes, *shape), chunks=((1,) * n_planes, (shape[0],), (shape[1],)),
-                          dims=("energy", "y", "x"), data_type=BuiltinDtype.from_numpy_dtype(OD_DTYPE))
-
-
-class ResultWriter:
-    """Writes one analysed run's results into Tiled, at ``<root>/<run_uid>`` (specs ["PhaseMap"]).
-
-    Synchronous and thread-safe (one lock per writer); meant for a writer thread off the hot path.
-
-    OD planes (``write_od``) go into the ``od`` array (E, Y, X) float32, chunked one energy
-    plane per chunk, so a plane is one block write. With ``n_energies`` known, ``od`` is
-    created at that size up front. Past its capacity, or with ``n_energies=None`` (created at
-    the first plane), ``od`` grows with ``patch(extend=True)``, which adds exactly the chunks
-    of the new planes (zarr chunks stay one plane). Tiled cannot shrink an array:
-    :meth:`finalize_od` trims a too-large ``od`` by rewriting it at the final size. Until then
-    planes not yet written read as 0; readers slice ``od[:n_energies_seen]``.
-
-    Parameters
-    ----------
-    client : Tiled client with write access
-    run_uid : uid of the raw run the result belongs to
-    root : key (or path) of the results container, created if missing
-    shape : (Y, X) image shape, or None for a run without any usable image (metadata only)
-    phases : the K reference phase names, in ``pcc`` order
-    n_energies : number of energies E when known (start document ``num_points``)
-    metadata : result metadata (DESIGN.md), merged over the defaults; ``state_of_charge`` is
-        taken from ``sample`` when not given
-    replace : delete an existing result for this run first; otherwise it is an error
-    """
-
-    def __init__(
-        self,
-        client: Container,
-        run_uid: str,
-        *,
-        root: str = "phasestream",
-        shape: tuple[int, int] | None,
-        phases: Sequence[str],
-        n_energies: int | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        replace: bool = False,
-    ):
-        if n_energies is not None and n_energies < 1:
-            raise ValueError(f"n_energies must be >= 1 or None (unknown), got {n_energies}")
-        self.run_uid, self.phases = run_uid, list(phases)
-        # None: no image arrived (a failed run records its status and errors, no arrays)
-        self.shape = None if shape is None else (int(shape[0]), int(shape[1]))
-        self.path = f"{root.strip('/')}/{run_uid}"
-        md = self._initial_metadata(metadata or {})
-        with _explained("create", self.path):
-            results = _ensure_container(client, root)
-            if run_uid in results:
-                if not replace:
-                    raise ResultExistsError(
-                        f"a result for run {run_uid} already exists at {self.path}: pass replace=True to "
-                        "overwrite it, or use ResultWriter.open() to continue it"
-                    )
-                log.info("replacing result %s", self.path)
-                results[run_uid].delete(recursive=True, external_only=False)
-            self.container = results.create_container(run_uid, metadata=md, specs=[RESULT_SPEC])
-        self._lock = threading.Lock()
-        self._arrays: dict[str, Any] = {}
-        self._planes: set[int] = set()
-        self._od_capacity = 0
-        if n_energies is not None:
-            self._create_od(n_energies)
-
-    def _initial_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
-        md = {
-            "run_uid": self.run_uid, "scan_id": None, "sample": {}, "state_of_charge": None,
-            "energies_eV": [], "references": {"name": None, "phases": self.phases}, "status": "running",
-            "n_energies_seen": 0, "errors": [], "image_shape": None if self.shape is None else list(self.shape),
-            **_normalized_fields(metadata),
-        }
-        if md["run_uid"] != self.run_uid:
-            raise ValueError(f"metadata run_uid {md['run_uid']!r} differs from run_uid {self.run_uid!r}")
-        references = dict(md["references"] or {})
-        if references.setdefault("phases", self.phases) != self.phases:
-            raise ValueError(f"metadata references.phases {references['phases']} differ from phases {self.phases}")
-        md["references"] = references
-        if md["state_of_charge"] is None and (md["sample"] or {}).get("state_of_charge") is not None:
-            md["state_of_charge"] = float(md["sample"]["state_of_charge"])
-        return md
-
-    @classmethod
-    def open(cls, client: Container, run_uid: str, root: str = "phasestream") -> ResultWriter:
-        """Reopen the existing result of ``run_uid`` to go on writing it."""
-        path = f"{root.strip('/')}/{run_uid}"
-        try:
-            container = client[path]
-        except KeyError as error:
-            raise KeyError(f"no result at {path} in Tiled: create it with ResultWriter(...)") from error
-        if RESULT_SPEC not in [spec.name for spec in container.specs]:
-            raise TypeError(f"{path} is not a {RESULT_SPEC} result (specs {list(container.specs)})")
-        self = cls.__new__(cls)
-        md = container.metadata
-        self.run_uid, self.path, self.container = run_uid, path, container
-        self.shape = None if md.get("image_shape") is None else tuple(md["image_shape"])
-        self.phases = list(md["references"]["phases"])
-        self._lock = threading.Lock()
-        self._arrays = {key: container[key] for key in container}
-        self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
-        self._planes = set(range(min(int(md.get("n_energies_seen") or 0), self._od_capacity)))
-        return self
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The result metadata as this writer last wrote or read it."""
-        return dict(self.container.metadata)
-
-    @property
-    def n_od_planes(self) -> int:
-        """Extent of the written OD planes: highest energy index written + 1 (0 if none)."""
-        return max(self._planes) + 1 if self._planes else 0
-
-    def _create_od(self, n_planes: int) -> None:
-        source = DataSource(structure=_plane_structure(n_planes, self.shape), structure_family=StructureFamily.array)
-        with _explained("create", f"{self.path}/od"):
-            self._arrays["od"] = self.container.new(StructureFamily.array, [source], key="od")
-        self._od_capacity = n_planes
-
-    def write_od(self, index: int, od: np.ndarray) -> None:
-        """Write the (Y, X) OD plane of energy number ``index`` (0-based) into ``od[index]``."""
-        plane = np.ascontiguousarray(od, dtype=OD_DTYPE)
-        if plane.shape != self.shape:
-            raise ValueError(f"OD plane {index} of run {self.run_uid} has shape {plane.shape}, expected {self.shape}")
-        if index < 0:
-            raise ValueError(f"energy index must be >= 0, got {index}")
-        with self._lock, _explained("write", f"{self.path}/od"):
-            if "od" not in self._arrays:
-                self._create_od(index + 1)
-            array = self._arrays["od"]
-            if index < self._od_capacity:
-                array.write_block(plane[np.newaxis], block=(index, 0, 0))
-            else:
-                log.debug("growing %s/od from %d to %d planes", self.path, self._od_capacity, index + 1)
-                array.patch(plane[np.newaxis], offset=(index,), extend=True)
-                self._od_capacity = index + 1
-            self._planes.add(index)
-
-    def finalize_od(self, n: int | None = None, *, update_metadata: bool = True) -> None:
-        """Declare the final number of OD planes ``n`` (default :attr:`n_od_planes`).
-
-        Sets ``n_energies_seen = n`` in the metadata (unless ``update_metadata`` is False: the caller
-        writes it with its own final update). If ``od`` holds more planes (an aborted
-        scan), it is rewritten with its first ``n`` planes, the one way to shrink it in Tiled;
-        with ``n == 0`` it is removed.
-        """
-        n = self.n_od_planes if n is None else int(n)
-        if not 0 <= n <= self._od_capacity:
-            raise ValueError(f"{self.path}/od holds {self._od_capacity} planes; cannot declare {n} of them")
-        with self._lock:
-            if n < self._od_capacity:
-                log.info("trimming %s/od from %d to %d planes", self.path, self._od_capacity, n)
-                with _explained("rewrite", f"{self.path}/od"):
-                    kept = self._arrays["od"][:n] if n else None
-                    self.container.delete_contents("od", external_only=False)
-                    del self._arrays["od"]
-                    self._od_capacity = 0
-                    if n:
-                        self._create_od(n)
-                        for index in range(n):
-                            self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
-                self._planes = {p for p in self._planes if p < n}
-        if update_metadata:
-            self.update_metadata(n_energies_seen=n)
-
-    def _check_map(self, name: str, value: Any) -> np.ndarray:
-        array = np.asarray(value)
-        if name not in MAP_LAYOUT:
-            return np.ascontiguousarray(array)
-        dtype, dims = MAP_LAYOUT[name]
-        if self.shape is None:
-            raise ValueError(f"result of run {self.run_uid} was opened without an image shape; cannot write {name!r}")
-        expected = {"phase": len(self.phases), "y": self.shape[0], "x": self.shape[1]}
-        if len(dims) != array.ndim or any(expected.get(d, n) != n for d, n in zip(dims, array.shape, strict=True)):
-            shape = tuple(expected.get(d, "n") for d in dims)
-            raise ValueError(f"result array {name!r} of run {self.run_uid} has shape {array.shape}, expected {shape}")
-        try:
-            return np.ascontiguousarray(array.astype(dtype, casting="same_kind", copy=False))
-        except TypeError as error:
-            raise TypeError(f"result array {name!r} must be {dtype}, got {array.dtype}: {error}") from error
-
-    def write_maps(self, **arrays: np.ndarray) -> None:
-        """Write or overwrite result arrays by name, e.g. ``pcc`` (K, Y, X) float32, ``phase`` (Y, X) int16.
-
-        Contract names (``MAP_LAYOUT``) are checked for shape and cast to their dtype (bool to
-        uint8, int64 to int16; float to int is refused). Other names are stored as given. The
-        first call creates an array; later calls with the same shape and dtype overwrite it in
-        place (one PUT); a different shape or dtype replaces it.
-        """
-        checked = {name: self._check_map(name, value) for name, value in arrays.items()}
-
-        def write(item: tuple[str, np.ndarray]) -> None:
-            name, array = item
-            with _explained("write", f"{self.path}/{name}"):
-                self._write_map(name, array)
-
-        with self._lock:
-            # in-place overwrites are independent requests: send them concurrently (each costs a
-            # round trip of tens of ms whatever its size); creations change the container, so
-            # they go one at a time
-            existing = [(n, a) for n, a in checked.items() if self._overwrites_in_place(n, a)]
-            for item in checked.items():
-                if item[0] not in dict(existing):
-                    write(item)
-            if len(existing) > 1:
-                list(_map_pool().map(write, existing))
-            elif existing:
-                write(existing[0])
-
-    def _overwrites_in_place(self, name: str, array: np.ndarray) -> bool:
-        node = self._arrays.get(name)
-        return node is not None and node.shape == array.shape and node.dtype == array.dtype
-
-    def _write_map(self, name: str, array: np.ndarray) -> None:
-        node = self._arrays.get(name)
-        if self._overwrites_in_place(name, array):
-            node.write(array)
-            return
-        if node is not None:
-            log.info("replacing %s/%s: now %s %s", self.path, name, array.shape, array.dtype)
-            self.container.delete_contents(name, external_only=False)
-        dims = MAP_LAYOUT[name][1] if name in MAP_LAYOUT else None
-        self._arrays[name] = self.container.write_array(array, key=name, dims=dims)
-
-    def update_metadata(self, **fields: Any) -> None:
-        """Merge ``fields`` into the result metadata: each top-level key is set whole (shallow merge)."""
-        fields = _normalized_fields(fields)
-        if not fields:
-            return
-        patch = [{"op": "add", "path": _pointer(key), "value": value} for key, value in fields.items()]
-        with self._lock, _explained("update metadata of", self.path):
-            self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
-
-    def record_error(self, message: str) -> None:
-        """Append ``message`` to the ``errors`` list of the result (server-side append)."""
-        log.warning("run %s: %s", self.run_uid, message)
-        patch = [{"op": "add", "path": "/errors/-", "value": str(message)}]
-        with self._lock, _explained("update metadata of", self.path):
-            self.container.patch_metadata(metadata_patch=patch, drop_revision=True)

@@ -10,9 +10,8 @@ from event_model import compose_run
 from tiled.queries import Key
 
 from phasestream.catalog import find
+from phasestream.services.results import ResultExistsError, ResultWriter
 from phasestream.services.tiled import (
-    ResultExistsError,
-    ResultWriter,
     TiledConnectionError,
     TiledPermissionError,
     _resolve_api_key,
