@@ -70,7 +70,7 @@ def _wait_final(client, uid: str, timeout: float = 600.0) -> dict:
                 return dict(md)
         except KeyError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.25)  # each poll costs the server a request; don't compete with the worker's writes
     raise TimeoutError(uid)
 
 
@@ -79,10 +79,10 @@ def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
     publisher("start", bundle.start_doc)
     publisher("descriptor", desc.descriptor_doc)
     t0 = time.perf_counter()
-    for name, doc in events():
+    for i, (name, doc) in enumerate(events()):
+        if pace and i:
+            time.sleep(pace)  # between images only: the stop follows the last image at once
         publisher(name, doc)
-        if pace:
-            time.sleep(pace)
     publish_s = time.perf_counter() - t0
     publisher("stop", bundle.compose_stop())
     md = _wait_final(client, bundle.start_doc["uid"])

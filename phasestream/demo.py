@@ -121,7 +121,7 @@ def _wait_for_result(client, uid: str, root: str, timeout: float):
             node = client[root][uid]
             if node.metadata.get("status") in FINAL_STATUSES:
                 return node
-        time.sleep(0.05)
+        time.sleep(0.25)  # each poll costs the server a request; don't compete with the worker's writes
     raise TimeoutError(f"no final result for run {uid} in Tiled after {timeout:.0f} s")
 
 

@@ -87,6 +87,7 @@ class RunAnalysis(DocumentRouter):
         self.event_latency: list[float] = []  # event time -> image analysed (transport included)
         self.writer = None
         self.incomplete_reason: str | None = None
+        self._final: tuple[int, dict] | None = None  # (images, summary) of maps written before the stop
         self.closed = False
         self.opened = False
 
@@ -256,6 +257,10 @@ class RunAnalysis(DocumentRouter):
             elapsed >= self.owner.min_update_seconds
         )
         n = len(self.result.energies)
+        if s.num_points is not None and n == s.num_points:
+            # every expected energy is in: write the final maps now, not when the stop arrives
+            self._final = (n, self._publish(final=True))
+            return
         # no partial maps when the final ones are due within half an update interval: a write
         # started now would only delay the final result
         ending = s.num_points is not None and s.num_points - n < max(1, self.owner.update_every // 2)
@@ -334,7 +339,10 @@ class RunAnalysis(DocumentRouter):
         else:
             status = "complete"
         self._open_result(None if self.acc is None else self.acc.shape)
-        summary = self._publish(final=True) if n > 0 else {}
+        if self._final is not None and self._final[0] == n:
+            summary = self._final[1]  # final maps already written after the last expected image
+        else:
+            summary = self._publish(final=True) if n > 0 else {}
         t_stop = time.time()
         timings = {
             "first_image_to_stop_s": (t_stop - self.t_first_image) if self.t_first_image else None,

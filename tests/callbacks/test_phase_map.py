@@ -161,9 +161,11 @@ def test_partial_maps_are_published_while_the_scan_runs():
             seen.append(cb.results[uid].metadata["n_energies_seen"])
     cb.flush(30)
     cb.close()
-    # partial maps after every 2nd image, while events still arrive; the final one at stop
-    assert set(seen) == {2, 4, 6, 8} and seen == sorted(seen)
+    # partial maps after every 2nd image while events still arrive; the final maps right after the
+    # last expected image (num_points), before the stop; the status turns complete at stop
+    assert set(seen) == {2, 4, 6, 8, 9} and seen == sorted(seen)
     assert cb.results[uid].metadata["n_energies_seen"] == len(ENERGIES) == 9
+    assert cb.results[uid].status == "complete"
 
 
 def test_resource_datum_images_are_filled_through_the_handler_registry(tmp_path):
