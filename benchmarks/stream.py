@@ -51,8 +51,10 @@ def _documents(size: int, n: int, *, seed: int = 0):
     base = rng.integers(2000, 6000, (size, size)).astype(np.uint16)
     frames = [np.roll(base, i, axis=0) for i in range(min(n, 8))]
 
-    def events():
+    def events(pace: float = 0.0):
         for i, e in enumerate(energies):
+            if pace and i:
+                time.sleep(pace)  # between images only: the stop follows the last image at once
             now = time.time()
             yield "event", desc.compose_event(
                 data={"det_img": frames[i % len(frames)], "energy": float(e), "det_i0": 8000.0},
@@ -79,9 +81,7 @@ def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
     publisher("start", bundle.start_doc)
     publisher("descriptor", desc.descriptor_doc)
     t0 = time.perf_counter()
-    for i, (name, doc) in enumerate(events()):
-        if pace and i:
-            time.sleep(pace)  # between images only: the stop follows the last image at once
+    for name, doc in events(pace):
         publisher(name, doc)
     publish_s = time.perf_counter() - t0
     publisher("stop", bundle.compose_stop())
