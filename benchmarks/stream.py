@@ -28,6 +28,7 @@ import time
 import numpy as np
 from event_model import compose_run
 
+from phasestream.catalog import wait_for_result
 from phasestream.services.live import ServeProcess
 from phasestream.services.tiled import connect, start_embedded_tiled
 from phasestream.services.wire import DocumentPublisher, start_proxy
@@ -63,19 +64,6 @@ def _documents(size: int, n: int, *, seed: int = 0):
     return bundle, desc, events
 
 
-def _wait_final(client, uid: str, timeout: float = 600.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            md = client["phasestream"][uid].metadata
-            if md.get("status") in ("complete", "partial", "failed"):
-                return dict(md)
-        except KeyError:
-            pass
-        time.sleep(0.25)  # each poll costs the server a request; don't compete with the worker's writes
-    raise TimeoutError(uid)
-
-
 def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
     bundle, desc, events = _documents(size, n)
     publisher("start", bundle.start_doc)
@@ -85,7 +73,7 @@ def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
         publisher(name, doc)
     publish_s = time.perf_counter() - t0
     publisher("stop", bundle.compose_stop())
-    md = _wait_final(client, bundle.start_doc["uid"])
+    md = dict(wait_for_result(client, bundle.start_doc["uid"], timeout=600.0).metadata)
     t = md["timings"]
     return {
         "frames": n,

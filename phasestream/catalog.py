@@ -7,14 +7,16 @@ the top level of their metadata, so a plain Tiled query works as well:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 from tiled.client.container import Container
 from tiled.queries import Key
 
 from phasestream.services.results import STATUSES
 
-__all__ = ["find", "result_rows"]
+__all__ = ["FINAL_STATUSES", "find", "result_rows", "wait_for_result"]
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +76,23 @@ def result_rows(results: dict[str, Container]) -> list[dict]:
             "n_energies_seen": md.get("n_energies_seen"),
         })
     return sorted(rows, key=lambda r: (r["state_of_charge"] is None, r["state_of_charge"] or 0.0, r["run_uid"]))
+
+
+FINAL_STATUSES = ("complete", "partial", "failed")
+
+
+def wait_for_result(client, run_uid: str, *, root: str = "phasestream", timeout: float = 120.0,
+                    poll_seconds: float = 0.25) -> Container:
+    """The result container of ``run_uid`` once its status is final (complete, partial or failed).
+
+    Polls every ``poll_seconds`` (each poll is a request the server also has to serve, so not
+    faster than needed). Raises ``TimeoutError`` after ``timeout`` seconds.
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(KeyError):
+            node = client[root][run_uid]
+            if node.metadata.get("status") in FINAL_STATUSES:
+                return node
+        time.sleep(poll_seconds)
+    raise TimeoutError(f"no final result for run {run_uid} in Tiled after {timeout:.0f} s")

@@ -8,12 +8,10 @@ given (a catalog that outlives the command) or a temporary one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -79,28 +77,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"results in the embedded Tiled catalog {cfg.catalog} (the server stopped with the demo)")
         print(f"try: .venv/bin/phasestream query --catalog {cfg.catalog} --soc 2.0")
     if args.json:
-        rows = [{"state_of_charge": s.state_of_charge, "uid": s.uid, "status": s.status,
-                 "phase_fractions": dict(zip(s.phases, map(float, s.fractions), strict=True)),
-                 "true_fractions": dict(zip(s.phases, map(float, s.true_fractions), strict=True)),
-                 "ambiguous_fraction": s.ambiguous_fraction, "mean_reliability": s.mean_reliability,
-                 "accuracy": s.accuracy, "latency_s": s.latency_s, "seconds": s.seconds} for s in summaries]
+        rows = [s.as_dict() for s in summaries]
         print(json.dumps(rows, indent=2))
     return 0 if all(s.status == "complete" for s in summaries) else 1
 
 
-@contextlib.contextmanager
-def tiled_client(args: argparse.Namespace, *, readable_storage=None) -> Iterator[tuple[object, str]]:
-    """A Tiled client for the command: ``--tiled URI`` or an embedded server (``--catalog DIR``)."""
-    from phasestream.services.tiled import connect, start_embedded_tiled
+def tiled_client(args: argparse.Namespace, *, readable_storage=None):
+    """``(client, uri)`` for the command: ``--tiled URI`` or an embedded server (``--catalog DIR``)."""
+    from phasestream.services.tiled import tiled_session
 
-    if args.tiled:
-        yield connect(args.tiled), args.tiled
-        return
-    server = start_embedded_tiled(directory=args.catalog, readable_storage=readable_storage)
-    try:
-        yield connect(server.uri), server.uri
-    finally:
-        server.close()
+    return tiled_session(args.tiled, directory=args.catalog, readable_storage=readable_storage)
 
 
 def _add_tiled_options(parser: argparse.ArgumentParser) -> None:

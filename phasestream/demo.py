@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from bluesky import RunEngine
 
+from phasestream.catalog import wait_for_result
 from phasestream.kernels import resolve_backend
 from phasestream.references import load_references, select_energies
 from phasestream.sim.devices import TransmissionDetector, make_energy
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 DEMO_STATES = (3.0, 2.4, 2.0, 1.0, 0.8)
 TOPOLOGIES = ("zmq", "inprocess")
-FINAL_STATUSES = ("complete", "partial", "failed")
 
 
 @dataclass
@@ -98,31 +98,21 @@ class RunSummary:
     seconds: float
     figures: list[Path] = field(default_factory=list)
 
-
-@contextlib.contextmanager
-def _tiled(cfg: DemoConfig):
-    from phasestream.services.tiled import connect, start_embedded_tiled
-
-    if cfg.tiled:
-        yield connect(cfg.tiled), cfg.tiled
-        return
-    shutil.rmtree(cfg.catalog, ignore_errors=True)  # the demo's own catalog: start clean
-    server = start_embedded_tiled(directory=cfg.catalog)
-    try:
-        yield connect(server.uri), server.uri
-    finally:
-        server.close()
-
-
-def _wait_for_result(client, uid: str, root: str, timeout: float):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with contextlib.suppress(KeyError):
-            node = client[root][uid]
-            if node.metadata.get("status") in FINAL_STATUSES:
-                return node
-        time.sleep(0.25)  # each poll costs the server a request; don't compete with the worker's writes
-    raise TimeoutError(f"no final result for run {uid} in Tiled after {timeout:.0f} s")
+    def as_dict(self) -> dict:
+        """JSON-able summary (fractions as ``{phase: fraction}``)."""
+        return {
+            "state_of_charge": self.state_of_charge,
+            "uid": self.uid,
+            "status": self.status,
+            "phase_fractions": dict(zip(self.phases, map(float, self.fractions), strict=True)),
+            "true_fractions": dict(zip(self.phases, map(float, self.true_fractions), strict=True)),
+            "ambiguous_fraction": self.ambiguous_fraction,
+            "mean_reliability": self.mean_reliability,
+            "accuracy": self.accuracy,
+            "latency_s": self.latency_s,
+            "seconds": self.seconds,
+            "figures": [str(p) for p in self.figures],
+        }
 
 
 def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSummary]:
@@ -135,14 +125,16 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
     progress : optional callable receiving each :class:`RunSummary` as it completes
     """
     from phasestream.figures import save_result_figures
-    from phasestream.services.tiled import raw_run_writer
+    from phasestream.services.tiled import raw_run_writer, tiled_session
 
     cfg = (config or DemoConfig()).validate()
     refs = load_references(cfg.references)
     energies = select_energies(refs, cfg.n_energies)
     summaries = []
     with contextlib.ExitStack() as stack:
-        client, uri = stack.enter_context(_tiled(cfg))
+        if not cfg.tiled:
+            shutil.rmtree(cfg.catalog, ignore_errors=True)  # the demo's own catalog: start clean
+        client, uri = stack.enter_context(tiled_session(cfg.tiled, directory=cfg.catalog))
         cfg.tiled_uri = uri
         RE = RunEngine({})
         RE.subscribe(raw_run_writer(client))
@@ -171,7 +163,7 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             t0 = time.perf_counter()
             (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, references=cfg.references,
                                           i0_key=det.i0_key))
-            node = _wait_for_result(client, uid, "phasestream", cfg.result_timeout)
+            node = wait_for_result(client, uid, timeout=cfg.result_timeout)
             md = node.metadata
             arrays = {k: node[k].read() for k in ("pcc", "phase", "reliability", "ambiguous", "mask")}
             mask = arrays["mask"].astype(bool)
@@ -199,9 +191,5 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             summaries.append(summary)
             if progress is not None:
                 progress(summary)
-    (Path(cfg.out_dir) / "summary.json").write_text(json.dumps([
-        {"state_of_charge": s.state_of_charge, "uid": s.uid, "status": s.status,
-         "phase_fractions": dict(zip(s.phases, map(float, s.fractions), strict=True)),
-         "ambiguous_fraction": s.ambiguous_fraction, "accuracy": s.accuracy, "latency_s": s.latency_s}
-        for s in summaries], indent=2))
+    (Path(cfg.out_dir) / "summary.json").write_text(json.dumps([s.as_dict() for s in summaries], indent=2))
     return summaries

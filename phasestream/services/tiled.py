@@ -17,10 +17,11 @@ Reading a result back::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -39,6 +40,7 @@ __all__ = [
     "raw_run_complete",
     "raw_run_writer",
     "start_embedded_tiled",
+    "tiled_session",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,3 +177,21 @@ def raw_run_complete(client: Container, uid: str) -> bool:
 
 
 # --------------------------------------------------------------------------- results
+
+
+@contextlib.contextmanager
+def tiled_session(
+    uri: str | None = None,
+    *,
+    directory: str | Path | None = None,
+    readable_storage: Sequence[str | Path] | None = None,
+) -> Iterator[tuple[Container, str]]:
+    """``(client, uri)`` for ``uri``, or for an embedded server (over ``directory`` when given) closed on exit."""
+    if uri:
+        yield connect(uri), uri
+        return
+    server = start_embedded_tiled(directory=directory, readable_storage=readable_storage)
+    try:
+        yield connect(server.uri), server.uri
+    finally:
+        server.close()

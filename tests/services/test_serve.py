@@ -5,6 +5,7 @@ import pytest
 import zmq
 from bluesky import RunEngine
 
+from phasestream.catalog import wait_for_result
 from phasestream.references import load_references, select_energies
 from phasestream.services.live import ServeProcess
 from phasestream.services.tiled import raw_run_writer
@@ -12,21 +13,6 @@ from phasestream.services.wire import DocumentPublisher, start_proxy
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
-
-
-def _wait_final(client, uid, timeout=60.0):
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            md = client["phasestream"][uid].metadata
-            if md["status"] in ("complete", "partial", "failed"):
-                return md
-        except KeyError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(uid)
 
 
 @pytest.fixture
@@ -59,7 +45,7 @@ def test_worker_process_survives_garbage_and_analyses_external_images(topology, 
         energy = make_energy()
         det = cls(sample, energy, i0=8000.0, seed=i, **kwargs)
         (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
-        md = _wait_final(client, uid)
+        md = wait_for_result(client, uid, timeout=60.0).metadata
         assert md["status"] == "complete", md["errors"]
         assert sample.accuracy(client["phasestream"][uid]["phase"].read()) > 0.97
         uids.append(uid)
