@@ -138,15 +138,6 @@ class ReferenceSet:
         meta = {p: self.metadata[p] for p in phases if p in self.metadata}
         return ReferenceSet(self.energies, tuple(phases), self.spectra[idx], self.name, meta, dict(self.attrs))
 
-    def describe(self) -> dict:
-        """JSON-able summary for result metadata: name, phases, energy range, attrs."""
-        return {
-            "name": self.name,
-            "phases": list(self.phases),
-            "energy_range_eV": list(self.energy_range),
-            "phase_metadata": self.metadata,
-            **self.attrs,
-        }
 
 
 def register_references(name: str, factory: Callable[[], ReferenceSet] | str) -> None:

@@ -114,3 +114,13 @@ def test_select_energies_refuses_impossible_spacing():
     refs = load_references("nvpf-synthetic")
     with pytest.raises(ValueError, match="could only place"):
         select_energies(refs, 12, min_separation_eV=10.0)
+
+
+def test_registered_names_load_like_files(tmp_path):
+    from phasestream.references import register_references, registered_references
+
+    p = tmp_path / "beamtime.csv"
+    p.write_text("energy_eV,A,B\n500,1,2\n510,2,1\n")
+    register_references("beamtime-2026", lambda: load_references(p))
+    assert "beamtime-2026" in registered_references()
+    assert load_references("beamtime-2026").phases == ("A", "B")
