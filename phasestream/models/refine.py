@@ -1,0 +1,239 @@
+"""Resolving ambiguous PCC pixels in a GMVAE latent space.
+
+Method: ``pcc-gmvae-phase-mapping-stxm`` (sections 3.3, 3.4 and 6.5). Every particle pixel's
+spectrum is encoded into the latent space; the unambiguous pixels, labelled by PCC, form one
+cluster per phase. An ambiguous pixel (best and second-best PCC within 0.005) goes to
+
+* ``mahalanobis``: the cluster with the smallest Mahalanobis distance
+  ``sqrt((z - m_k)^T S_k^-1 (z - m_k))`` (cluster mean ``m_k``, covariance ``S_k``), the paper's
+  most robust choice;
+* ``anchor``: the nearest (Euclidean) of the reference spectra projected into the latent space;
+* ``knn``: the majority label of its ``k`` nearest unambiguous neighbours (scikit-learn);
+* ``centroid``: the nearest cluster mean (Euclidean).
+
+Unambiguous pixels whose latent point lies outside their own PCC cluster (squared Mahalanobis
+distance above the chi-square ``outlier_quantile``) and nearer another phase's cluster are flagged
+as likely PCC false positives (section 3.4).
+
+Pure NumPy/SciPy/scikit-learn: no TensorFlow here; latent points come from the model server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["STRATEGIES", "LatentClusters", "Refinement", "latent_clusters", "mahalanobis_squared",
+           "refine_ambiguous"]
+
+STRATEGIES = ("mahalanobis", "anchor", "knn", "centroid")
+
+
+@dataclass
+class LatentClusters:
+    """Per-phase clusters of unambiguous latent points: ``phases`` (indices) with ``means`` (C, D),
+    ``covariances`` (C, D, D) and ``counts`` (C,). Phases with fewer than ``min_size`` points have no cluster."""
+
+    phases: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.phases)
+
+
+@dataclass
+class Refinement:
+    """Result of :func:`refine_ambiguous` (arrays in the shape of the inputs' image axes).
+
+    ``refined_phase`` int16 (-1 outside the mask), ``false_positive`` bool, ``reassigned`` bool
+    (ambiguous pixels given a phase from the latent space), ``clusters`` the latent clusters used.
+    """
+
+    refined_phase: np.ndarray
+    false_positive: np.ndarray
+    reassigned: np.ndarray
+    clusters: LatentClusters
+    strategy: str
+
+
+def latent_clusters(points: np.ndarray, labels: np.ndarray, *, min_size: int | None = None) -> LatentClusters:
+    """Mean and covariance of the latent ``points`` (N, D) of each label in ``labels`` (N,) (>= 0).
+
+    A cluster needs ``min_size`` points (default ``2 * (D + 1)``) to have a usable covariance; a
+    ridge of 1e-6 times the mean variance keeps a degenerate covariance invertible.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    labels = np.asarray(labels)
+    d = points.shape[1]
+    min_size = 2 * (d + 1) if min_size is None else max(int(min_size), d + 1)
+    phases, means, covs, counts = [], [], [], []
+    for k in np.unique(labels[labels >= 0]):
+        member = points[labels == k]
+        if len(member) < min_size:
+            continue
+        cov = np.cov(member, rowvar=False).reshape(d, d)
+        cov += np.eye(d) * 1e-6 * max(float(np.trace(cov)) / d, 1e-12)
+        phases.append(int(k))
+        means.append(member.mean(axis=0))
+        covs.append(cov)
+        counts.append(len(member))
+    return LatentClusters(np.asarray(phases, dtype=np.int64), np.asarray(means).reshape(-1, d),
+                          np.asarray(covs).reshape(-1, d, d), np.asarray(counts, dtype=np.int64))
+
+
+def mahalanobis_squared(points: np.ndarray, clusters: LatentClusters) -> np.ndarray:
+    """Squared Mahalanobis distances (N, C) of ``points`` (N, D) to each cluster."""
+    points = np.asarray(points, dtype=np.float64)
+    out = np.empty((len(points), len(clusters)))
+    for c, (mean, cov) in enumerate(zip(clusters.means, clusters.covariances, strict=True)):
+        # S^-1 = L^-T L^-1 (Cholesky): d^2 = |L^-1 (z - m)|^2
+        chol = np.linalg.cholesky(cov)
+        solved = np.linalg.solve(chol, (points - mean).T)
+        out[:, c] = np.einsum("ij,ij->j", solved, solved)
+    return out
+
+
+def _squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=-1)
+
+
+def _candidates(pcc, image_shape, idx: np.ndarray, ambiguity: float, n_phases: int) -> np.ndarray | None:
+    """(len(idx), K) bool: phases within ``ambiguity`` of each pixel's best PCC; None without ``pcc``."""
+    if pcc is None:
+        return None
+    p = np.asarray(pcc)
+    if p.shape[1:] != image_shape:
+        raise ValueError(f"pcc {p.shape} does not match phase {image_shape} (expected (K,) + {image_shape})")
+    values = p.reshape(p.shape[0], -1)[:, idx].T.astype(np.float64)
+    values = np.where(np.isfinite(values), values, -np.inf)
+    allowed = values >= values.max(axis=1, keepdims=True) - ambiguity
+    if allowed.shape[1] < n_phases:
+        allowed = np.pad(allowed, ((0, 0), (0, n_phases - allowed.shape[1])))
+    return allowed
+
+
+def _best_allowed(scores: np.ndarray, labels: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Label of the lowest score per row, among allowed labels when any of them is scored."""
+    labels = np.asarray(labels)
+    if allowed is not None:
+        ok = allowed[:, labels]
+        usable = ok.any(axis=1, keepdims=True)
+        scores = np.where(ok | ~usable, scores, np.inf)
+    return labels[np.argmin(scores, axis=1)]
+
+
+def refine_ambiguous(
+    latent: np.ndarray,
+    phase: np.ndarray,
+    ambiguous: np.ndarray,
+    mask: np.ndarray,
+    strategy: str = "mahalanobis",
+    *,
+    pcc: np.ndarray | None = None,
+    ambiguity: float = 0.005,
+    anchors: np.ndarray | None = None,
+    n_neighbors: int = 15,
+    min_cluster_size: int | None = None,
+    outlier_quantile: float = 0.99,
+    max_knn_points: int = 200_000,
+    seed: int = 0,
+) -> Refinement:
+    """Give ambiguous pixels a phase from the latent space; flag likely PCC false positives.
+
+    Parameters
+    ----------
+    latent : (..., D) latent points of the pixels (e.g. (Y, X, 3)); only mask pixels are read
+    phase : (...) int PCC phase (argmax), -1 for background
+    ambiguous : (...) bool, PCC gap below the ambiguity threshold
+    mask : (...) bool particle mask
+    strategy : one of :data:`STRATEGIES` (see the module docstring)
+    pcc : (K, ...) PCC maps; when given, an ambiguous pixel chooses only among the phases in question,
+        those whose PCC is within ``ambiguity`` of its best (as in the paper's figure 4, where the
+        ambiguous spectra are projected with the unambiguous spectra of the two phases in question);
+        a pixel none of whose candidates has a cluster chooses among all clusters
+    ambiguity : the PCC gap defining the candidates (the threshold that marked the pixel ambiguous)
+    anchors : (K, D) latent points of the K reference spectra, required by ``anchor``
+    n_neighbors : neighbours of the ``knn`` strategy
+    min_cluster_size : points a phase needs for a cluster (default ``2 (D + 1)``)
+    outlier_quantile : chi-square quantile (D degrees of freedom) of the squared Mahalanobis
+        distance beyond which an unambiguous point is outside its own cluster
+    max_knn_points : the ``knn`` training set is a random subset of at most this many points
+    seed : seed of that subset
+
+    Returns
+    -------
+    Refinement
+        When no phase has enough unambiguous pixels for a cluster, ``refined_phase`` equals
+        ``phase`` and nothing is flagged.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    latent = np.asarray(latent)
+    phase = np.asarray(phase)
+    image_shape = phase.shape
+    if latent.shape[:-1] != image_shape:
+        raise ValueError(f"latent {latent.shape} does not match phase {image_shape} (expected {image_shape} + (D,))")
+    for name, arr in (("ambiguous", ambiguous), ("mask", mask)):
+        if np.shape(arr) != image_shape:
+            raise ValueError(f"{name} shape {np.shape(arr)} does not match phase {image_shape}")
+    d = latent.shape[-1]
+    inside = np.asarray(mask, dtype=bool) & (phase >= 0)
+    amb = np.asarray(ambiguous, dtype=bool) & inside
+    sure = inside & ~amb
+    points = latent.reshape(-1, d).astype(np.float64)
+    flat_phase = phase.reshape(-1)
+    sure_idx = np.flatnonzero(sure.reshape(-1))
+    amb_idx = np.flatnonzero(amb.reshape(-1))
+    finite = np.isfinite(points).all(axis=1)
+    sure_idx = sure_idx[finite[sure_idx]]
+    amb_idx = amb_idx[finite[amb_idx]]
+
+    clusters = latent_clusters(points[sure_idx], flat_phase[sure_idx], min_size=min_cluster_size)
+    refined = phase.astype(np.int16, copy=True).reshape(-1)
+    reassigned = np.zeros(refined.shape, bool)
+    false_positive = np.zeros(refined.shape, bool)
+    if len(clusters) == 0 and strategy != "anchor":
+        return Refinement(refined.reshape(image_shape), false_positive.reshape(image_shape),
+                          reassigned.reshape(image_shape), clusters, strategy)
+
+    z_amb = points[amb_idx]
+    if len(amb_idx):
+        n_phases = int(max(flat_phase.max(initial=-1) + 1, 0 if anchors is None else len(anchors)))
+        allowed = _candidates(pcc, image_shape, amb_idx, ambiguity, n_phases)
+        if strategy == "anchor":
+            if anchors is None:
+                raise ValueError("strategy 'anchor' needs anchors: the (K, D) latent points of the references")
+            anchors = np.asarray(anchors, dtype=np.float64)
+            if anchors.ndim != 2 or anchors.shape[1] != d:
+                raise ValueError(f"anchors must be (K, {d}), got {anchors.shape}")
+            scores, labels = _squared_distances(z_amb, anchors), np.arange(len(anchors))
+        elif strategy == "mahalanobis":
+            scores, labels = mahalanobis_squared(z_amb, clusters), clusters.phases
+        elif strategy == "centroid":
+            scores, labels = _squared_distances(z_amb, clusters.means), clusters.phases
+        else:
+            from sklearn.neighbors import KNeighborsClassifier
+
+            train = sure_idx
+            if len(train) > max_knn_points:
+                train = np.random.default_rng(seed).choice(train, max_knn_points, replace=False)
+            knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train))).fit(points[train], flat_phase[train])
+            scores, labels = -knn.predict_proba(z_amb), knn.classes_
+        refined[amb_idx] = _best_allowed(scores, labels, allowed)
+        reassigned[amb_idx] = True
+
+    if len(sure_idx) and len(clusters) > 1:
+        d2 = mahalanobis_squared(points[sure_idx], clusters)
+        own = np.searchsorted(clusters.phases, flat_phase[sure_idx])
+        has_own = (own < len(clusters.phases)) & (clusters.phases[np.minimum(own, len(clusters) - 1)]
+                                                  == flat_phase[sure_idx])
+        own_d2 = np.where(has_own, d2[np.arange(len(sure_idx)), np.minimum(own, len(clusters) - 1)], np.inf)
+        nearest = clusters.phases[np.argmin(d2, axis=1)]
+        limit = stats.chi2.ppf(outlier_quantile, d)
+        false_positive[sure_idx] = has_own & (own_d2 > limit) & (nearest != flat_phase[sure_idx])
+    return Refinement(refined.reshape(image_shape), false_positive.reshape(image_shape),
+                      reassigned.reshape(image_shape), clusters, strategy)
