@@ -113,6 +113,76 @@ def pearson_update(od, frame_valid, mean, m2, comoment, ok, coef, inv_n) -> None
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False)
+def _stage_frame(od, frame_valid, has_valid, out):
+    ny, nx = od.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            if has_valid and not frame_valid[y, x]:
+                out[y, x] = np.float32(np.nan)
+            else:
+                out[y, x] = np.float32(od[y, x])
+
+
+def stage_frame(od, frame_valid, out) -> None:
+    """Copy one OD frame into a block buffer slot ``out`` as float32, NaN where ``frame_valid`` is False."""
+    has_valid = frame_valid is not None
+    with _LOCK:
+        _stage_frame(od, frame_valid if has_valid else _NO_MASK, has_valid, out)
+
+
+# pixels per tile of the block fold: the tile's state (7 float64 per pixel for K = 5) stays in
+# L1/L2 while every frame of the block is folded into it
+_FOLD_TILE = 256
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _pearson_fold(frames, n_frames, mean, m2, comoment, ok, coef, inv_n):
+    ny, nx = mean.shape
+    k_refs = coef.shape[1]
+    n_tiles = (nx + _FOLD_TILE - 1) // _FOLD_TILE
+    for t in numba.prange(ny * n_tiles):
+        y = t // n_tiles
+        x0 = (t % n_tiles) * _FOLD_TILE
+        n = min(x0 + _FOLD_TILE, nx) - x0
+        # contiguous 1D views and branch-free updates let LLVM vectorize the row loops
+        dxs = np.empty(n)
+        mrow = mean[y, x0 : x0 + n]
+        m2row = m2[y, x0 : x0 + n]
+        okrow = ok[y, x0 : x0 + n].view(np.uint8)
+        for b in range(n_frames):
+            w = inv_n[b]
+            f = frames[b, y, x0 : x0 + n]
+            for x in range(n):
+                v = np.float64(f[x])
+                good = okrow[x] & (abs(v) < np.inf)
+                okrow[x] = good
+                # a pixel invalid now or before gets dx = 0: its state stays as it was
+                mo = mrow[x]
+                vv = v if good else mo
+                dx = vv - mo
+                mn = mo + dx * w
+                mrow[x] = mn
+                m2row[x] += dx * (vv - mn)
+                dxs[x] = dx
+            for k in range(k_refs):
+                c = coef[b, k]
+                crow = comoment[k, y, x0 : x0 + n]
+                for x in range(n):
+                    crow[x] += dxs[x] * c
+
+
+def pearson_fold(frames, n_frames: int, mean, m2, comoment, ok, coef, inv_n) -> None:
+    """Fold the first ``n_frames`` staged frames (B, Y, X) into the Welford state, frame by frame.
+
+    Per pixel this is exactly ``n_frames`` successive :func:`pearson_update` calls (same
+    arithmetic, same order; NaN marks an invalid pixel), but the state is read and written once
+    per block instead of once per frame, which is what bounds the update at large frames.
+    """
+    with _LOCK:
+        _pearson_fold(frames, n_frames, mean, m2, comoment, ok, coef, inv_n)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
 def _pearson_maps(m2, comoment, ok, ref_m2, n, out):
     k_refs, ny, nx = comoment.shape
     for y in numba.prange(ny):

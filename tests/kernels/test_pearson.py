@@ -125,3 +125,56 @@ def test_pcc_is_invariant_to_affine_change_of_a_spectrum(stack, a, b):
     base = _accumulate(stack.astype(np.float32), refs, "numba").maps()
     moved = _accumulate((a * stack + b).astype(np.float32), refs, "numba").maps()
     np.testing.assert_allclose(moved, base, atol=2e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_blocked_numba_fold_equals_numpy_reference_frame_by_frame(block):
+    rng = np.random.default_rng(4)
+    stack = rng.normal(1.0, 0.5, (11, 9, 300)).astype(np.float32)  # several fold tiles per row
+    stack[2, 1, 2] = np.nan
+    stack[6, 3, 299] = np.inf
+    valid = np.ones(stack.shape, bool)
+    valid[4, 5, 7] = False
+    valid[9, 0, 0] = False
+    refs = rng.normal(0.5, 0.3, (5, 11))
+    blocked = PearsonAccumulator((9, 300), 5, backend="numba", block=block)
+    reference = PearsonAccumulator((9, 300), 5, backend="numpy")
+    staged = 0
+    for j in range(11):
+        blocked.update(stack[j], refs[:, j], valid[j])
+        reference.update(stack[j], refs[:, j], valid[j])
+        staged = (staged + 1) % block
+        assert blocked.n == j + 1 and blocked.pending == staged
+        if j % 4 == 1:  # reading the maps folds the staged frames first
+            np.testing.assert_allclose(blocked.maps(), reference.maps(), atol=1e-6, equal_nan=True)
+            assert blocked.pending == 0
+            staged = 0
+    np.testing.assert_allclose(blocked.mean(), reference.mean(), rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(blocked.valid, reference.valid)
+    with np.errstate(invalid="ignore"):  # the inf pixel
+        batch = pearson_maps(stack, refs, valid)
+    np.testing.assert_allclose(blocked.maps(), batch, atol=1e-5, equal_nan=True)
+
+
+def test_blocked_fold_is_exactly_the_frame_by_frame_update():
+    rng = np.random.default_rng(5)
+    stack = (2.0 + rng.uniform(-1e-3, 1e-3, (13, 6, 40))).astype(np.float32)
+    refs = 1e3 + rng.normal(0.0, 1e-2, (5, 13))
+    one = _accumulate_blocked(stack, refs, block=1)
+    eight = _accumulate_blocked(stack, refs, block=8)
+    np.testing.assert_array_equal(one.maps(), eight.maps())
+    np.testing.assert_allclose(eight.maps(), _scipy_maps(stack, refs), atol=1e-5)
+
+
+def _accumulate_blocked(stack, refs, block):
+    acc = PearsonAccumulator(stack.shape[1:], refs.shape[0], backend="numba", block=block)
+    for j in range(stack.shape[0]):
+        acc.update(stack[j], refs[:, j])
+    return acc
+
+
+def test_staged_frames_are_counted_in_memory():
+    acc = PearsonAccumulator((64, 32), 5, backend="numba", block=4)
+    assert acc.nbytes == 64 * 32 * (8 * (5 + 2) + 1 + 4 * 4)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        PearsonAccumulator((4, 4), 5, backend="numba", block=0)
