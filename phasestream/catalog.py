@@ -16,7 +16,10 @@ from tiled.queries import Key
 
 from phasestream.services.results import STATUSES
 
-__all__ = ["FINAL_STATUSES", "find", "result_rows", "wait_for_result"]
+#: final states of the post-scan GMVAE refinement (``metadata["refinement"]["status"]``)
+REFINEMENT_STATUSES = ("complete", "skipped", "failed")
+
+__all__ = ["FINAL_STATUSES", "REFINEMENT_STATUSES", "find", "result_rows", "wait_for_refinement", "wait_for_result"]
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +99,20 @@ def wait_for_result(client, run_uid: str, *, root: str = "phasestream", timeout:
                 return node
         time.sleep(poll_seconds)
     raise TimeoutError(f"no final result for run {run_uid} in Tiled after {timeout:.0f} s")
+
+
+def wait_for_refinement(client, run_uid: str, *, root: str = "phasestream", timeout: float = 120.0,
+                        poll_seconds: float = 0.25) -> Container:
+    """The result container of ``run_uid`` once its GMVAE refinement has ended (complete, skipped or failed).
+
+    ``metadata["refinement"]["status"]`` says which, ``["reason"]`` why it did not complete.
+    Raises ``TimeoutError`` after ``timeout`` seconds.
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(KeyError):
+            node = client[root][run_uid]
+            if (node.metadata.get("refinement") or {}).get("status") in REFINEMENT_STATUSES:
+                return node
+        time.sleep(poll_seconds)
+    raise TimeoutError(f"no refinement for run {run_uid} in Tiled after {timeout:.0f} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -45,7 +46,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(states=args.states, shape=args.size, n_energies=args.energies - 1, dose=args.dose,
                      n_particles=args.particles, seed=args.seed, backend=args.backend, topology=args.topology,
-                     out_dir=args.out, tiled=args.tiled, figures=not args.no_figures)
+                     out_dir=args.out, tiled=args.tiled, figures=not args.no_figures, refine=not args.no_refine,
+                     strategy=args.strategy)
     cfg.validate()
     where = "RunEngine -> 0MQ proxy -> worker process" if cfg.topology == "zmq" else "RunEngine -> callback"
     print(f"phasestream demo: {len(cfg.states)} simulated STXM scans, {cfg.shape[0]}x{cfg.shape[1]} px, "
@@ -63,12 +65,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         latency = "n/a" if s.latency_s is None else f"{1e3 * s.latency_s:.0f} ms"
         print(f"{s.state_of_charge:5.1f}  {fr}  {100 * s.ambiguous_fraction:5.1f}%  {s.mean_reliability:6.3f}  "
               f"{100 * s.accuracy:5.1f}%  {latency:>8}  {s.status}")
+        if s.refined_fractions is not None:
+            rf = "  ".join(f"{100 * f:5.1f}%" for f in s.refined_fractions)
+            print(f"{'GMVAE':>5}  {rf}  {'':>6}  {'':>6}  {100 * s.refined_accuracy:5.1f}%  "
+                  f"{1e3 * s.refinement.get('seconds', 0):6.0f} ms  refined ({s.refinement.get('strategy')})")
+        elif s.refinement:
+            print(f"{'GMVAE':>5}  refinement {s.refinement.get('status')}: {s.refinement.get('reason')}")
 
     t0 = time.perf_counter()
     summaries = run_demo(cfg, progress=show)
     print("\nfractions: particle pixels per phase (PCC argmax); ambig: reliability < 0.005; reliab: mean "
           "best-minus-second PCC; acc*: agreement with the simulated ground truth away from domain boundaries; "
-          "latency: last image -> final result in Tiled")
+          "latency: last image -> final result in Tiled; GMVAE rows: fractions after the ambiguous pixels were "
+          "resolved in the latent space of the pretrained GMVAE (model server), and how long that took")
     print(f"{len(summaries)} scans in {time.perf_counter() - t0:.1f} s; figures and summary.json in {cfg.out_dir}/")
     if args.tiled:
         print(f"results in Tiled at {args.tiled.split('?')[0]} under 'phasestream'")
@@ -130,17 +139,48 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     from phasestream.services.reprocess import ReprocessOptions, reprocess_run
 
     opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references).validate()
+    refine_opts = _refine_options(args) if args.refine else None
     failures = 0
     with tiled_client(args, readable_storage=args.readable_storage) as (client, _):
         for uid in tqdm(args.uids, desc="reprocess", unit="run", disable=len(args.uids) < 2):
             try:
-                result = reprocess_run(client, uid, opts)
-                print(f"{uid}: {result.status}" + (f" ({'; '.join(result.errors)})" if result.errors else ""))
-                failures += result.status not in ("complete",)
+                if not args.refine_only:
+                    result = reprocess_run(client, uid, opts)
+                    print(f"{uid}: {result.status}" + (f" ({'; '.join(result.errors)})" if result.errors else ""))
+                    failures += result.status not in ("complete",)
+                if refine_opts is not None:
+                    from phasestream.services.refinement import refine_result
+
+                    record = refine_result(client, uid, refine_opts)
+                    detail = record.get("reason") or f"{100 * record['reassigned_fraction']:.1f}% of particle " \
+                        "pixels reassigned"
+                    print(f"{uid}: refinement {record['status']} ({detail})")
+                    failures += record["status"] != "complete"
             except (KeyError, RuntimeError, ValueError) as exc:
                 failures += 1
                 print(f"{uid}: failed: {exc}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _refine_options(args: argparse.Namespace):
+    from phasestream.services.refinement import RefineOptions
+
+    return RefineOptions(model=args.model, version=args.model_version, strategy=args.strategy, address=args.models,
+                         root=args.root).validate()
+
+
+def _add_refine_options(parser: argparse.ArgumentParser) -> None:
+    from phasestream.models.refine import STRATEGIES
+    from phasestream.services.model_server import DEFAULT_MODEL_ADDRESS
+    from phasestream.services.refinement import DEFAULT_MODEL
+
+    parser.add_argument("--models", default=DEFAULT_MODEL_ADDRESS, metavar="ADDRESS",
+                        help=f"model server address (default {DEFAULT_MODEL_ADDRESS})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"GMVAE artifact name (default {DEFAULT_MODEL})")
+    parser.add_argument("--model-version", default=None, help="artifact version (default: the highest)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="knn",
+                        help="how ambiguous pixels get a phase in the latent space (default knn: the most accurate "
+                             "on the simulated benchmarks; mahalanobis is the paper's)")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -151,7 +191,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
-                              update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od)
+                              update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
+                              refine=None if args.no_refine else _refine_options(args))
         worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
 
         def announce() -> None:
@@ -165,6 +206,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             service.close()
     print(json.dumps({"stopped": True, "stats": {k: v for k, v in stats.items() if k != "gaps"}}), flush=True)
+    return 0
+
+
+def _cmd_serve_models(args: argparse.Namespace) -> int:
+    from phasestream.services.model_server import config_from_args, serve_models
+
+    return serve_models(config_from_args(args))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from phasestream.models.registry import Artifact
+    from phasestream.models.training import synthetic_training_set, tiled_training_set, train_artifact
+
+    out = args.out or os.environ.get("PHASESTREAM_MODELS", "").split(os.pathsep)[0] or "models"
+    if args.synthetic:
+        data = synthetic_training_set(seed=args.seed, n_samples=args.samples, max_spectra=args.max_spectra)
+        name = args.name or "gmvae-nvpf-synthetic"
+    else:
+        if not (args.soc or args.runs):
+            raise ValueError("train gmvae needs --synthetic, or --tiled URI with --soc X ... or --runs UID ...")
+        with tiled_client(args) as (client, uri):
+            data = tiled_training_set(client, state_of_charge=args.soc or (), runs=args.runs or (), root=args.root,
+                                      tiled_uri=uri)
+        name = args.name or "gmvae-tiled"
+    print(f"training {name} {args.version} on {len(data.spectra)} spectra at {len(data.energies_eV)} energies "
+          f"({data.provenance['source']})")
+    artifact, result = train_artifact(data, out, name=name, version=args.version, epochs=args.epochs,
+                                      seed=args.seed, normalization=args.normalization, beta=args.beta,
+                                      overwrite=args.overwrite)
+    artifact = Artifact.read(artifact.path)
+    print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
+                      "sha256": artifact.sha256, "metrics": result.metrics}, indent=2))
     return 0
 
 
@@ -209,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="folder for figures and the demo catalog")
     demo.add_argument("--tiled", metavar="URI", default=None, help="use this Tiled server instead of an embedded one")
     demo.add_argument("--no-figures", action="store_true")
+    demo.add_argument("--no-refine", action="store_true", help="no model server, no GMVAE refinement")
+    demo.add_argument("--strategy", choices=("mahalanobis", "anchor", "knn", "centroid"), default="knn",
+                      help="latent-space assignment of ambiguous pixels (default knn)")
     demo.add_argument("--json", action="store_true", help="also print the results as JSON")
     demo.set_defaults(func=_cmd_demo)
 
@@ -232,7 +308,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not write the OD cube live (high frame rates; reprocess adds it later)")
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
+    _add_refine_options(serve)
+    serve.add_argument("--no-refine", action="store_true", help="no GMVAE refinement after each run")
     serve.set_defaults(func=_cmd_serve)
+
+    from phasestream.services.model_server import add_arguments as add_model_server_arguments
+
+    models = sub.add_parser("serve-models", help="the model server (GMVAE, InDI) on a 0MQ ROUTER socket")
+    add_model_server_arguments(models)
+    models.set_defaults(func=_cmd_serve_models)
+
+    train = sub.add_parser("train", help="train a model and write a versioned artifact")
+    train_sub = train.add_subparsers(dest="model_kind", required=True)
+    gmvae = train_sub.add_parser("gmvae", help="GMVAE on particle-pixel spectra (simulated, or results in Tiled)")
+    _add_tiled_options(gmvae)
+    source = gmvae.add_mutually_exclusive_group()
+    source.add_argument("--synthetic", action="store_true", help="train on simulated scans (phasestream.sim)")
+    source.add_argument("--runs", nargs="+", metavar="UID", help="results of these runs in Tiled")
+    gmvae.add_argument("--soc", type=float, nargs="+", metavar="X", help="results in Tiled at these states of charge")
+    gmvae.add_argument("--root", default="phasestream")
+    gmvae.add_argument("--seed", type=int, default=0)
+    gmvae.add_argument("--samples", type=int, default=3, help="--synthetic: simulated samples per state (default 3)")
+    gmvae.add_argument("--epochs", type=int, default=20)
+    gmvae.add_argument("--normalization", choices=("feature", "spectrum"), default="feature",
+                       help="feature: per-energy standardization, keeps thickness (default); spectrum: shape only")
+    gmvae.add_argument("--beta", type=float, default=0.2, help="weight of the KL terms (default 0.2)")
+    gmvae.add_argument("--max-spectra", type=int, default=150_000, help="--synthetic: spectra kept (default 150000)")
+    gmvae.add_argument("--name", default=None, help="artifact name (default gmvae-nvpf-synthetic / gmvae-tiled)")
+    gmvae.add_argument("--version", default="1.0.0")
+    gmvae.add_argument("--out", default=None, help="artifact folder (default: $PHASESTREAM_MODELS or ./models)")
+    gmvae.add_argument("--overwrite", action="store_true")
+    gmvae.set_defaults(func=_cmd_train)
 
     query = sub.add_parser("query", help="list phase-mapping results, e.g. --soc 2.0")
     _add_tiled_options(query)
@@ -251,12 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--references", default=None, help="override the runs' reference spectra")
     rep.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                      help="embedded server only: directories of detector files it may read")
+    rep.add_argument("--refine", action="store_true", help="then refine ambiguous pixels with the GMVAE")
+    rep.add_argument("--refine-only", action="store_true",
+                     help="only refine the existing results (no PCC recomputation); implies --refine")
+    _add_refine_options(rep)
     rep.set_defaults(func=_cmd_reprocess)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "refine_only", False):
+        args.refine = True
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:

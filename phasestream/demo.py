@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from bluesky import RunEngine
 
-from phasestream.catalog import wait_for_result
+from phasestream.catalog import wait_for_refinement, wait_for_result
 from phasestream.kernels import resolve_backend
 from phasestream.references import load_references, select_energies
 from phasestream.sim.devices import TransmissionDetector, make_energy
@@ -58,6 +58,8 @@ class DemoConfig:
     out_dir: str | Path = "demo-output"
     tiled: str | None = None
     figures: bool = True
+    refine: bool = True
+    strategy: str = "knn"
     result_timeout: float = 120.0
     tiled_uri: str | None = field(default=None, init=False, repr=False)  # set while the demo runs
 
@@ -97,6 +99,9 @@ class RunSummary:
     latency_s: float | None
     seconds: float
     figures: list[Path] = field(default_factory=list)
+    refined_fractions: np.ndarray | None = None
+    refined_accuracy: float | None = None
+    refinement: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """JSON-able summary (fractions as ``{phase: fraction}``)."""
@@ -111,6 +116,10 @@ class RunSummary:
             "accuracy": self.accuracy,
             "latency_s": self.latency_s,
             "seconds": self.seconds,
+            "refined_fractions": None if self.refined_fractions is None
+            else dict(zip(self.phases, map(float, self.refined_fractions), strict=True)),
+            "refined_accuracy": self.refined_accuracy,
+            "refinement": self.refinement,
             "figures": [str(p) for p in self.figures],
         }
 
@@ -138,13 +147,22 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
         cfg.tiled_uri = uri
         RE = RunEngine({})
         RE.subscribe(raw_run_writer(client))
+        refine_options = None
+        if cfg.refine:
+            from phasestream.services.model_server import ModelServerProcess
+            from phasestream.services.refinement import RefineOptions
+
+            models = stack.enter_context(ModelServerProcess())
+            refine_options = RefineOptions(address=models.address, strategy=cfg.strategy).validate()
         if cfg.topology == "zmq":
             from phasestream.services.live import ServeProcess
             from phasestream.services.wire import DocumentPublisher, start_proxy
 
             proxy = stack.enter_context(start_proxy())
+            refine_args = ("--models", refine_options.address, "--strategy", cfg.strategy) if cfg.refine \
+                else ("--no-refine",)
             stack.enter_context(ServeProcess(proxy.out_address, uri,
-                                             args=("--backend", cfg.backend, "--update-every", "4")))
+                                             args=("--backend", cfg.backend, "--update-every", "4", *refine_args)))
             publisher = stack.enter_context(DocumentPublisher(proxy.in_address))
             if not publisher.wait_for_subscriber(10):
                 raise RuntimeError("the 0MQ proxy did not subscribe to the RunEngine's publisher")
@@ -164,6 +182,13 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, references=cfg.references,
                                           i0_key=det.i0_key))
             node = wait_for_result(client, uid, timeout=cfg.result_timeout)
+            if refine_options is not None:
+                if cfg.topology == "inprocess":  # the post-scan job, here in process; the worker does it itself
+                    from phasestream.services.refinement import refine_result
+
+                    callback.flush(60.0)
+                    refine_result(client, uid, refine_options)
+                node = wait_for_refinement(client, uid, timeout=cfg.result_timeout)
             md = node.metadata
             arrays = {k: node[k].read() for k in ("pcc", "phase", "reliability", "ambiguous", "mask")}
             mask = arrays["mask"].astype(bool)
@@ -181,7 +206,11 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
                 accuracy=sample.accuracy(arrays["phase"]),
                 latency_s=(md.get("timings") or {}).get("last_image_to_result_s"),
                 seconds=time.perf_counter() - t0,
+                refinement=dict(md.get("refinement") or {}),
             )
+            if summary.refinement.get("status") == "complete":
+                summary.refined_fractions = np.array([md["refined_fractions"].get(p, 0.0) for p in refs.phases])
+                summary.refined_accuracy = sample.accuracy(node["refined_phase"].read())
             if cfg.figures:
                 summary.figures = save_result_figures(
                     cfg.out_dir, name=f"soc{soc:.1f}_{uid[:8]}", phases=refs.phases, pcc=arrays["pcc"],

@@ -1,4 +1,9 @@
-"""The live analysis service: PhaseMapCallback plus recovery of runs with lost documents.
+"""The live analysis service: PhaseMapCallback, post-scan GMVAE refinement, recovery of lost runs.
+
+After each run's final PCC result is written, the service refines it with the GMVAE through
+the model server (:func:`~phasestream.services.refinement.refine_result`) on its own thread, so
+the document stream never waits for it; a model server that is down or a run whose energies do
+not match the model only records why refinement was skipped.
 
 When the transport reports lost documents for a run (sequence gap, run without stop), the run
 is marked ``partial`` by the callback, and the run is queued here for reprocessing from the raw
@@ -17,8 +22,10 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
+from phasestream.services.refinement import RefineOptions, refine_result
 from phasestream.services.reprocess import ReprocessOptions, reprocess_run
 from phasestream.services.results import ResultWriter
 from phasestream.services.tiled import raw_run_complete
@@ -36,11 +43,18 @@ class LiveService:
     tiled_client : writable Tiled client (raw runs and results)
     recover_after : seconds to wait for a raw run to become complete in Tiled before giving up
     poll_seconds : how often to check whether a raw run is complete
+    refine : options of the post-scan GMVAE refinement; None: no refinement
     **callback_options : passed to :class:`PhaseMapCallback`
     """
 
-    def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0, **callback_options):
+    def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
+                 refine: RefineOptions | None = None, **callback_options):
         self.client = tiled_client
+        self.refine_options = refine
+        self.refined: dict[str, dict] = {}  # run uid -> refinement record
+        self._refiner = ThreadPoolExecutor(1, thread_name_prefix="refine") if refine is not None else None
+        if refine is not None:
+            callback_options.setdefault("on_run_complete", self._run_complete)
         self.callback = PhaseMapCallback(tiled_client, **callback_options)
         self.recover_after = float(recover_after)
         self.poll_seconds = float(poll_seconds)
@@ -61,6 +75,22 @@ class LiveService:
         with self._lock:
             self._pending.setdefault(run_uid, time.monotonic())
         self._wake.set()
+
+    def _run_complete(self, result: RunResult) -> None:
+        # on the result-writer thread: hand over at once
+        if result.status in ("complete", "partial"):
+            with self._lock:
+                lost = result.uid in self._pending  # refined after reprocessing instead
+            if not lost:
+                self._refiner.submit(self._refine, result.uid)
+
+    def _refine(self, uid: str) -> None:
+        try:
+            record = refine_result(self.client, uid, self.refine_options)
+        except Exception as exc:
+            logger.exception("run %s: refinement failed", uid)
+            record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        self.refined[uid] = record
 
     def _recover_loop(self) -> None:
         while not self._closing.is_set():
@@ -92,6 +122,8 @@ class LiveService:
             ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
                 recovered={"from": "raw run in Tiled", "live_errors": live_errors})
             logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, result.status)
+            if self._refiner is not None and result.status in ("complete", "partial"):
+                self._refiner.submit(self._refine, uid)
             self._done(uid, result.status)
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)
@@ -116,6 +148,8 @@ class LiveService:
         self._wake.set()
         self._thread.join(10.0)
         self.callback.flush(60.0)
+        if self._refiner is not None:
+            self._refiner.shutdown(wait=True)
         self.callback.close()
 
 

@@ -126,7 +126,7 @@ def test_false_positives_are_outliers_nearer_another_cluster():
 
 
 def test_without_clusters_nothing_changes():
-    latent, phase, ambiguous, mask, _ = _scene(seed=6)
+    latent, phase, _, mask, _ = _scene(seed=6)
     result = refine_ambiguous(latent, phase, np.zeros_like(mask) | mask, mask, "mahalanobis")
     np.testing.assert_array_equal(result.refined_phase, phase)
     assert not result.false_positive.any()

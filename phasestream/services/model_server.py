@@ -1,0 +1,542 @@
+"""The model server: pretrained models loaded once, served over pyzmq with msgpack.
+
+``phasestream serve-models [--bind tcp://127.0.0.1:5579]`` runs :class:`ModelServer` in its own
+process; analysis callbacks and post-scan jobs talk to it with :class:`ModelClient` and never import
+TensorFlow themselves.
+
+Wire format (DESIGN.md "Wire formats"): the server is a ROUTER; clients are DEALER (or REQ)
+sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` layout, never pickle)::
+
+    request  {op: "health"|"list"|"encode"|"decode"|"enhance", model: str, version: str (optional),
+              array: ndarray, options: {}, id: any (optional, echoed)}
+    reply    {ok: bool, model, version, sha256, array (when any), error: str (when not ok), id}
+
+``encode`` takes spectra (N, E) at the model's energies and replies with latent means (N, D) in
+``array`` (and the mixture-component probabilities (N, K) in ``components`` with
+``options: {components: true}``); ``decode`` takes latent points (N, D) and replies with normalized
+spectra (N, E). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
+``loaded`` models, ``uptime_s`` and ``pid``.
+
+Every failure is a reply with ``ok: false`` (unknown model or version, input not matching the
+model's energies, malformed or undecodable message, payload over ``max_request_bytes``); the server
+keeps serving. Requests that arrive together for the same model and op are run as one batch.
+SIGTERM (or :meth:`ModelServer.stop`) ends the loop after the current batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from phasestream.models.registry import ArtifactError, ModelNotFoundError, ModelRegistry
+from phasestream.services.wire import WireFormatError, deserialize, serialize
+
+__all__ = ["DEFAULT_MODEL_ADDRESS", "OPS", "EncodeResult", "ModelClient", "ModelServer", "ModelServerConfig",
+           "ModelServerError", "ModelServerProcess", "ModelServerUnavailable", "main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ADDRESS = "tcp://127.0.0.1:5579"
+OPS = ("health", "list", "encode", "decode", "enhance")
+MODEL_OPS = {"gmvae": ("encode", "decode"), "indi": ("enhance",)}
+
+
+class ModelServerError(RuntimeError):
+    """The model server replied ``ok: false``; the message is the server's error."""
+
+
+class ModelServerUnavailable(ConnectionError):
+    """No reply from the model server within the timeout, after every retry."""
+
+
+class _RequestError(ValueError):
+    """A request the server refuses (turned into an ``ok: false`` reply)."""
+
+
+@dataclass
+class ModelServerConfig:
+    """Settings of a model server (validated by :meth:`validate`).
+
+    bind : 0MQ address to bind; ``tcp://127.0.0.1:*`` picks a free port
+    max_request_bytes : larger requests get an error reply without being decoded
+    max_batch_requests : requests taken from the socket per batch
+    folders : artifact folders (default: the packaged pretrained folder and ``PHASESTREAM_MODELS``)
+    preload : ``name`` or ``name:version`` of models to load at start-up
+    """
+
+    bind: str = DEFAULT_MODEL_ADDRESS
+    max_request_bytes: int = 256 << 20
+    max_batch_requests: int = 64
+    folders: list[str] | None = None
+    preload: list[str] = field(default_factory=list)
+
+    def validate(self) -> ModelServerConfig:
+        if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"bind must be a 0MQ address like tcp://127.0.0.1:5579, got {self.bind!r}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_batch_requests < 1:
+            raise ValueError("max_batch_requests must be >= 1")
+        return self
+
+
+@dataclass
+class _Loaded:
+    artifact: Any
+    model: Any
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"model": self.artifact.name, "version": self.artifact.version, "sha256": self.artifact.sha256}
+
+
+@dataclass
+class _Request:
+    envelope: list[bytes]
+    message: dict[str, Any]
+    reply: dict[str, Any] | None = None
+
+
+class ModelServer:
+    """Serves the registry's models on a ROUTER socket (see the module docstring for the protocol)."""
+
+    def __init__(self, config: ModelServerConfig | None = None, *, registry: ModelRegistry | None = None,
+                 context: zmq.Context | None = None):
+        self.config = (config or ModelServerConfig()).validate()
+        self.registry = registry or ModelRegistry(self.config.folders)
+        self._context = context or zmq.Context.instance()
+        self._models: dict[tuple[str, str], _Loaded] = {}
+        self._stopping = threading.Event()
+        self._started = time.monotonic()
+        self.address: str | None = None
+        self.socket: zmq.Socket | None = None
+        self.stats = defaultdict(int)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self) -> str:
+        """Bind the socket and load the preloaded models; returns the bound address."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # hard cap protecting memory; requests between the configured limit and this get an error reply
+        limit = self.config.max_request_bytes
+        sock.setsockopt(zmq.MAXMSGSIZE, max(4 * limit, limit + (64 << 20)))
+        sock.bind(self.config.bind)
+        self.socket = sock
+        self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        for spec in self.config.preload:
+            name, _, version = spec.partition(":")
+            self._model(name, version or None)
+        logger.info("model server on %s", self.address)
+        return self.address
+
+    def stop(self) -> None:
+        """Ask the serving loop to end (safe from a signal handler or another thread)."""
+        self._stopping.set()
+
+    def serve(self) -> dict[str, int]:
+        """Serve until :meth:`stop`; returns request counters."""
+        if self.socket is None:
+            self.bind()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                if not dict(poller.poll(200)):
+                    continue
+                batch = []
+                for _ in range(self.config.max_batch_requests):
+                    try:
+                        batch.append(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                self._handle_batch(batch)
+        finally:
+            self.socket.close(linger=0)
+            self.socket = None
+        return dict(self.stats)
+
+    # ------------------------------------------------------------------ requests
+
+    def _handle_batch(self, frames_list: list[list[zmq.Frame]]) -> None:
+        requests: list[_Request] = []
+        for frames in frames_list:
+            envelope = [f.bytes for f in frames[:-1]]
+            payload = frames[-1].buffer
+            self.stats["requests"] += 1
+            req = _Request(envelope, {})
+            try:
+                req.message = self._parse(payload)
+                self._validate(req.message)
+            except _RequestError as exc:
+                req.reply = self._error(str(exc))
+            requests.append(req)
+        groups: dict[tuple, list[_Request]] = defaultdict(list)
+        for req in requests:
+            if req.reply is not None:
+                continue
+            op = req.message["op"]
+            if op in ("health", "list"):
+                req.reply = self._health() if op == "health" else self._list()
+            else:
+                groups[(op, req.message["model"], req.message.get("version"))].append(req)
+        for (op, name, version), reqs in groups.items():
+            self._run_group(op, name, version, reqs)
+        for req in requests:
+            reply = req.reply
+            if isinstance(req.message.get("id"), str | int):
+                reply["id"] = req.message["id"]
+            self.stats["errors" if not reply["ok"] else "ok"] += 1
+            try:
+                data = serialize(reply)
+            except TypeError as exc:  # never expected; still answer
+                data = serialize(self._error(f"reply could not be encoded: {exc}"))
+            self.socket.send_multipart([*req.envelope, data], copy=False)
+
+    def _parse(self, payload: memoryview) -> dict[str, Any]:
+        size = payload.nbytes
+        if size > self.config.max_request_bytes:
+            raise _RequestError(f"request of {size} bytes exceeds the server's limit of "
+                                f"{self.config.max_request_bytes} bytes: send fewer spectra per request")
+        try:
+            message = deserialize(payload, max_message_size=self.config.max_request_bytes)
+        except WireFormatError as exc:
+            raise _RequestError(f"malformed request: {exc}") from None
+        if not isinstance(message, dict):
+            raise _RequestError(f"malformed request: expected a map, got {type(message).__name__}")
+        return message
+
+    @staticmethod
+    def _validate(message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op not in OPS:
+            raise _RequestError(f"malformed request: op must be one of {list(OPS)}, got {op!r}")
+        if op in ("encode", "decode", "enhance"):
+            if not isinstance(message.get("model"), str) or not message["model"]:
+                raise _RequestError(f"malformed request: op {op!r} needs a model name")
+            if message.get("version") is not None and not isinstance(message["version"], str):
+                raise _RequestError("malformed request: version must be a string")
+            if not isinstance(message.get("array"), np.ndarray):
+                raise _RequestError(f"malformed request: op {op!r} needs an array")
+        if not isinstance(message.get("options", {}), dict):
+            raise _RequestError("malformed request: options must be a map")
+
+    @staticmethod
+    def _error(message: str, **info: Any) -> dict[str, Any]:
+        return {"ok": False, "error": message, "model": info.get("model"), "version": info.get("version"),
+                "sha256": info.get("sha256")}
+
+    def _health(self) -> dict[str, Any]:
+        return {"ok": True, "status": "serving", "model": None, "version": None, "sha256": None,
+                "loaded": [f"{n}:{v}" for n, v in self._models], "uptime_s": time.monotonic() - self._started,
+                "pid": os.getpid()}
+
+    def _list(self) -> dict[str, Any]:
+        return {"ok": True, "model": None, "version": None, "sha256": None,
+                "models": [a.summary() for a in self.registry.artifacts()]}
+
+    def _model(self, name: str, version: str | None) -> _Loaded:
+        artifact = self.registry.get(name, version)
+        key = (artifact.name, artifact.version)
+        if key not in self._models:
+            t0 = time.perf_counter()
+            self._models[key] = _Loaded(artifact, artifact.load())
+            logger.info("loaded %s %s in %.1f s", *key, time.perf_counter() - t0)
+        return self._models[key]
+
+    def _run_group(self, op: str, name: str, version: str | None, reqs: list[_Request]) -> None:
+        try:
+            loaded = self._model(name, version)
+        except (ModelNotFoundError, ArtifactError) as exc:
+            for req in reqs:
+                req.reply = self._error(str(exc), model=name, version=version)
+            return
+        kind = loaded.artifact.kind
+        if op not in MODEL_OPS.get(kind, ()):
+            for req in reqs:
+                req.reply = self._error(f"model {name!r} is a {kind} model: it supports "
+                                        f"{list(MODEL_OPS.get(kind, ()))}, not {op!r}", **loaded.info)
+            return
+        valid: list[tuple[_Request, np.ndarray]] = []
+        for req in reqs:
+            try:
+                valid.append((req, self._check_input(op, loaded, req.message["array"])))
+            except _RequestError as exc:
+                req.reply = self._error(str(exc), **loaded.info)
+        if not valid:
+            return
+        try:
+            arrays = [a for _, a in valid]
+            sizes = list(itertools.accumulate(len(a) for a in arrays))
+            joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            if op == "encode":
+                latent, components = loaded.model.encode(joined)
+                outputs = {"array": latent, "components": components}
+            else:
+                outputs = {"array": loaded.model.decode(joined)}
+            self.stats["batches"] += 1
+            self.stats["items"] += len(joined)
+        except Exception as exc:  # a failure inside the model must not end the server
+            logger.exception("%s with %s failed", op, name)
+            for req, _ in valid:
+                req.reply = self._error(f"{op} failed in model {name!r}: {type(exc).__name__}: {exc}", **loaded.info)
+            return
+        for (req, _), end, start in zip(valid, sizes, [0, *sizes[:-1]], strict=True):
+            reply = {"ok": True, **loaded.info, "array": np.ascontiguousarray(outputs["array"][start:end])}
+            if op == "encode" and req.message.get("options", {}).get("components"):
+                reply["components"] = np.ascontiguousarray(outputs["components"][start:end])
+            req.reply = reply
+
+    @staticmethod
+    def _check_input(op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
+        model, art = loaded.model, loaded.artifact
+        if array.dtype.kind not in "fiu":
+            raise _RequestError(f"array must be numeric, got dtype {array.dtype}")
+        if op == "encode":
+            n = model.n_energies
+            if array.ndim != 2 or array.shape[1] != n:
+                energies = ", ".join(f"{e:g}" for e in art.energies)
+                raise _RequestError(f"model {art.name} {art.version} takes spectra of {n} energies ({energies} eV) "
+                                    f"as an (N, {n}) array; got shape {list(array.shape)}")
+        else:
+            d = model.latent_dim
+            if array.ndim != 2 or array.shape[1] != d:
+                raise _RequestError(f"model {art.name} {art.version} decodes latent points as an (N, {d}) array; "
+                                    f"got shape {list(array.shape)}")
+        if not np.isfinite(array).all():
+            raise _RequestError("array contains NaN or infinite values: send particle pixels only")
+        return array.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class EncodeResult:
+    """Latent means (N, D), component probabilities (N, K) or None, and the model that made them."""
+
+    latent: np.ndarray
+    components: np.ndarray | None
+    model: str
+    version: str
+    sha256: str
+
+
+class ModelClient:
+    """Client of the model server (DEALER socket, timeouts and retries).
+
+    Parameters
+    ----------
+    address : the server's address
+    timeout : seconds to wait for each reply
+    retries : further attempts after a timeout (the socket is recreated each time)
+    max_spectra : spectra per ``encode`` request; larger inputs are sent in chunks
+    """
+
+    def __init__(self, address: str = DEFAULT_MODEL_ADDRESS, *, timeout: float = 30.0, retries: int = 2,
+                 max_spectra: int = 131072, context: zmq.Context | None = None):
+        if timeout <= 0 or retries < 0:
+            raise ValueError("timeout must be > 0 and retries >= 0")
+        self.address, self.timeout, self.retries, self.max_spectra = address, timeout, retries, int(max_spectra)
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.address)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def request(self, op: str, *, model: str | None = None, version: str | None = None,
+                array: np.ndarray | None = None, options: dict | None = None, timeout: float | None = None) -> dict:
+        """Send one request and return the reply; raises :class:`ModelServerError` when ``ok`` is false."""
+        message: dict[str, Any] = {"op": op, "id": uuid.uuid4().hex}
+        if model is not None:
+            message["model"] = model
+        if version is not None:
+            message["version"] = version
+        if array is not None:
+            message["array"] = np.ascontiguousarray(array)
+        if options:
+            message["options"] = options
+        payload = serialize(message)
+        wait_ms = int(1000 * (timeout or self.timeout))
+        with self._lock:
+            for attempt in range(self.retries + 1):
+                sock = self._connect()
+                sock.send(payload, copy=False)
+                deadline = time.monotonic() + wait_ms / 1000
+                while (left := deadline - time.monotonic()) > 0:
+                    if not sock.poll(int(1000 * left) + 1, zmq.POLLIN):
+                        break
+                    reply = deserialize(sock.recv(copy=False).buffer)
+                    # no id: the server could not read our request (too large, undecodable)
+                    if isinstance(reply, dict) and reply.get("id") in (message["id"], None):
+                        if not reply.get("ok"):
+                            raise ModelServerError(reply.get("error") or "model server error")
+                        return reply
+                    # a late reply to an earlier attempt: ignore it
+                logger.warning("no reply from the model server at %s (attempt %d of %d)", self.address, attempt + 1,
+                               self.retries + 1)
+                self._reset()
+        raise ModelServerUnavailable(f"no reply from the model server at {self.address} within "
+                                     f"{wait_ms / 1000:g} s ({self.retries + 1} attempts): is `phasestream "
+                                     "serve-models` running there?")
+
+    def health(self, timeout: float | None = None) -> dict:
+        return self.request("health", timeout=timeout)
+
+    def list_models(self) -> list[dict]:
+        return self.request("list")["models"]
+
+    def encode(self, model: str, spectra: np.ndarray, *, version: str | None = None,
+               components: bool = False) -> EncodeResult:
+        """Latent means of spectra (N, E), sent in chunks of ``max_spectra``; one model version throughout."""
+        spectra = np.asarray(spectra, dtype=np.float32)
+        if spectra.ndim != 2:
+            raise ValueError(f"spectra must be (N, E), got shape {spectra.shape}")
+        latents, comps, info = [], [], None
+        for start in range(0, max(len(spectra), 1), self.max_spectra):
+            reply = self.request("encode", model=model, version=version, array=spectra[start:start + self.max_spectra],
+                                 options={"components": True} if components else None)
+            if info is None:
+                info = reply
+                version = reply["version"]  # later chunks use the same version
+            latents.append(reply["array"])
+            if components:
+                comps.append(reply["components"])
+        return EncodeResult(np.concatenate(latents), np.concatenate(comps) if components else None,
+                            info["model"], info["version"], info["sha256"])
+
+    def decode(self, model: str, latent: np.ndarray, *, version: str | None = None) -> np.ndarray:
+        return self.request("decode", model=model, version=version, array=np.asarray(latent, np.float32))["array"]
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> ModelClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- process
+
+
+class ModelServerProcess:
+    """``phasestream serve-models`` in a subprocess (demo, tests); ``address`` once started."""
+
+    def __init__(self, bind: str = "tcp://127.0.0.1:*", *, args: tuple[str, ...] = (), timeout: float = 120.0,
+                 env: dict[str, str] | None = None):
+        self.command = [sys.executable, "-m", "phasestream.cli", "serve-models", "--bind", bind, *args]
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.lines: queue.Queue = queue.Queue()
+
+    def start(self) -> ModelServerProcess:
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, env=self.env)
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        end = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"model server did not start within {self.timeout:.0f} s") from None
+            if '"ready"' in line:
+                self.address = json.loads(line)["address"]
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"model server exited with status {self.proc.returncode}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> ModelServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve_models(config: ModelServerConfig) -> int:
+    """Run a model server in this process until SIGTERM/SIGINT; prints a ``ready`` JSON line first."""
+    server = ModelServer(config)
+    address = server.bind()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    models = [f"{a.name}:{a.version}" for a in server.registry.artifacts()]
+    print(json.dumps({"ready": True, "address": address, "models": models}), flush=True)
+    stats = server.serve()
+    print(json.dumps({"stopped": True, "stats": stats}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="phasestream serve-models")
+    add_arguments(parser)
+    return serve_models(config_from_args(parser.parse_args(argv)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve-models`` options (shared with the ``phasestream`` CLI)."""
+    parser.add_argument("--bind", default=DEFAULT_MODEL_ADDRESS,
+                        help=f"0MQ address to bind (default {DEFAULT_MODEL_ADDRESS}; tcp://127.0.0.1:* picks a port)")
+    parser.add_argument("--models-dir", action="append", default=None, metavar="DIR",
+                        help="artifact folder (repeatable; default: packaged models and $PHASESTREAM_MODELS)")
+    parser.add_argument("--max-request-mb", type=float, default=256.0, help="largest request accepted (MB)")
+    parser.add_argument("--preload", nargs="*", default=[], metavar="NAME[:VERSION]",
+                        help="models to load at start-up")
+
+
+def config_from_args(args: argparse.Namespace) -> ModelServerConfig:
+    folders = None
+    if args.models_dir:
+        from phasestream.models.registry import PRETRAINED_DIR
+
+        folders = [str(PRETRAINED_DIR), *args.models_dir]
+    return ModelServerConfig(bind=args.bind, max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                             folders=folders, preload=list(args.preload)).validate()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
