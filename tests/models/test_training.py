@@ -1,0 +1,82 @@
+"""Training sets (simulated, from Tiled results) and the ``phasestream train gmvae`` command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.cli import main as cli_main
+from phasestream.models.registry import Artifact, ModelRegistry
+from phasestream.models.training import synthetic_training_set, tiled_training_set
+from phasestream.references import load_references, select_energies
+from phasestream.services.tiled import raw_run_writer
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+REFS = load_references("nvpf-synthetic")
+ENERGIES = select_energies(REFS, 12)
+
+
+def test_synthetic_set_labels_are_pcc_argmax():
+    data = synthetic_training_set(seed=3, n_samples=1, states=(3.0, 1.0), doses=(5000.0,), shape=(64, 64),
+                                  max_spectra=None)
+    assert data.spectra.shape[1] == 13 and data.spectra.dtype == np.float32
+    np.testing.assert_allclose(data.energies_eV, ENERGIES)
+    assert data.phases == list(REFS.phases)
+    assert np.isfinite(data.spectra).all() and len(data.labels) == len(data.spectra)
+    ref = REFS.interpolate(ENERGIES)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(data.spectra), 50, replace=False):
+        pcc = [np.corrcoef(data.spectra[i], r)[0, 1] for r in ref]
+        assert data.labels[i] == int(np.argmax(pcc))  # NumPy oracle
+    assert data.provenance["source"] == "synthetic" and data.provenance["seed"] == 3
+    assert data.provenance["n_spectra"] == len(data.spectra)
+
+
+def _scan(client, soc: float, seed: int, energies=ENERGIES) -> str:
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    cb = PhaseMapCallback(client, backend="numba")
+    RE.subscribe(cb)
+    sample = make_sample((64, 64), state_of_charge=soc, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, name="det", i0=5000.0, seed=seed)
+    (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key))
+    assert cb.flush(60)
+    cb.close()
+    return uid
+
+
+def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
+    uids = [_scan(tiled_client, 2.0, 21), _scan(tiled_client, 2.0, 22), _scan(tiled_client, 3.0, 23)]
+    data = tiled_training_set(tiled_client, state_of_charge=[2.0])
+    assert set(data.provenance["runs"]) == set(uids[:2])
+    node = tiled_client["phasestream"][uids[0]]
+    mask = node["mask"].read().astype(bool)
+    n_first = int(mask.sum())
+    od = node["od"].read()
+    order = np.argsort(node.metadata["energies_eV"])
+    np.testing.assert_allclose(data.spectra[:n_first], od[order][:, mask].T, rtol=1e-6)  # the spectra as stored
+    np.testing.assert_allclose(data.energies_eV, np.sort(ENERGIES), atol=1e-6)
+
+    code = cli_main(["train", "gmvae", "--tiled", tiled_server.uri, "--runs", *uids, "--epochs", "1",
+                     "--out", str(tmp_path), "--name", "gmvae-beamline", "--version", "0.1.0"])
+    assert code == 0
+    art = Artifact.read(tmp_path / "gmvae-beamline-0.1.0")
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    assert manifest["training"]["source"] == "tiled" and set(manifest["training"]["runs"]) == set(uids)
+    assert "api_key" not in json.dumps(manifest)  # the key never lands in an artifact
+    assert manifest["metrics"]["test_reconstruction_mse"] > 0
+    assert ModelRegistry([tmp_path]).get("gmvae-beamline").version == "0.1.0"
+
+
+def test_runs_at_other_energies_are_refused(tiled_client):
+    a = _scan(tiled_client, 1.0, 31)
+    b = _scan(tiled_client, 1.0, 32, energies=select_energies(REFS, 6))
+    with pytest.raises(ValueError, match=f"run {b} was measured at other energies"):
+        tiled_training_set(tiled_client, runs=[a, b])
+    with pytest.raises(KeyError, match="no phasestream result for run nope"):
+        tiled_training_set(tiled_client, runs=["nope"])
