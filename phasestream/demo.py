@@ -150,9 +150,9 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
         refine_options = None
         if cfg.refine:
             from phasestream.services.model_server import ModelServerProcess
-            from phasestream.services.refinement import RefineOptions
+            from phasestream.services.refinement import DEFAULT_MODEL, RefineOptions
 
-            models = stack.enter_context(ModelServerProcess())
+            models = stack.enter_context(ModelServerProcess(args=("--preload", DEFAULT_MODEL)))
             refine_options = RefineOptions(address=models.address, strategy=cfg.strategy).validate()
         if cfg.topology == "zmq":
             from phasestream.services.live import ServeProcess

@@ -70,11 +70,25 @@ def test_mahalanobis_strategy_equals_scipy_argmin_and_recovers_truth():
 def test_knn_strategy_equals_scikit_learn():
     latent, phase, ambiguous, mask, _ = _scene(seed=1)
     sure = mask & ~ambiguous
-    result = refine_ambiguous(latent, phase, ambiguous, mask, "knn", n_neighbors=7)
+    result = refine_ambiguous(latent, phase, ambiguous, mask, "knn", n_neighbors=7, min_agreement=0)
     oracle = KNeighborsClassifier(n_neighbors=7).fit(latent[sure], phase[sure])
     expected = oracle.predict(latent[ambiguous])
     agree = np.mean(result.refined_phase[ambiguous] == expected)
     assert agree > 0.995  # ties in the vote may break differently
+
+
+def test_knn_keeps_the_pcc_phase_when_neighbours_disagree():
+    latent, phase, ambiguous, mask, _ = _scene(seed=1)
+    sure = mask & ~ambiguous
+    result = refine_ambiguous(latent, phase, ambiguous, mask, "knn", n_neighbors=10, min_agreement=0.8)
+    oracle = KNeighborsClassifier(n_neighbors=10).fit(latent[sure], phase[sure])
+    proba = oracle.predict_proba(latent[ambiguous])
+    confident = proba.max(axis=1) >= 0.8
+    assert 0 < confident.sum() < confident.size  # both cases occur
+    np.testing.assert_array_equal(result.refined_phase[ambiguous][confident],
+                                  oracle.classes_[proba.argmax(axis=1)][confident])
+    np.testing.assert_array_equal(result.refined_phase[ambiguous][~confident], phase[ambiguous][~confident])
+    assert result.reassigned[ambiguous].sum() == confident.sum()
 
 
 def test_centroid_strategy_equals_nearest_centroid():
@@ -103,7 +117,7 @@ def test_candidates_restrict_to_phases_in_question(strategy):
     pcc[1] = 0.9  # phase 1 is the best everywhere...
     pcc[2] = 0.898  # ...and phase 2 within the ambiguity gap: only they are in question
     result = refine_ambiguous(latent, phase, ambiguous, mask, strategy, pcc=pcc, ambiguity=0.005,
-                              anchors=np.array(MEANS))
+                              anchors=np.array(MEANS), min_agreement=0)
     assert set(np.unique(result.refined_phase[ambiguous])) <= {1, 2}
 
 
