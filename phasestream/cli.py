@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     gmvae.add_argument("--root", default="phasestream")
     gmvae.add_argument("--seed", type=int, default=0)
     gmvae.add_argument("--samples", type=int, default=3, help="--synthetic: simulated samples per state (default 3)")
-    gmvae.add_argument("--epochs", type=int, default=20)
+    gmvae.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, as the shipped model)")
     gmvae.add_argument("--normalization", choices=("feature", "spectrum"), default="feature",
                        help="feature: per-energy standardization, keeps thickness (default); spectrum: shape only")
     gmvae.add_argument("--beta", type=float, default=0.2, help="weight of the KL terms (default 0.2)")

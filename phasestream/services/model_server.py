@@ -411,8 +411,8 @@ class ModelClient:
     def health(self, timeout: float | None = None) -> dict:
         return self.request("health", timeout=timeout)
 
-    def list_models(self) -> list[dict]:
-        return self.request("list")["models"]
+    def list_models(self, timeout: float | None = None) -> list[dict]:
+        return self.request("list", timeout=timeout)["models"]
 
     def encode(self, model: str, spectra: np.ndarray, *, version: str | None = None,
                components: bool = False) -> EncodeResult:

@@ -95,7 +95,8 @@ def match_energies(run_energies, model_energies, tolerance: float) -> np.ndarray
 
 
 def _model_info(client: ModelClient, opts: RefineOptions) -> dict[str, Any]:
-    models = [m for m in client.list_models() if m["name"] == opts.model
+    # a short first request: a server that is down is found out in seconds, not after a full timeout
+    models = [m for m in client.list_models(timeout=min(5.0, opts.timeout)) if m["name"] == opts.model
               and (opts.version is None or m["version"] == opts.version)]
     if not models:
         what = opts.model + (f" {opts.version}" if opts.version else "")

@@ -136,3 +136,14 @@ def test_match_energies_orders_by_model():
 
     with pytest.raises(RefinementSkipped, match=r"\['520.00'\]"):
         match_energies(run, [505.0, 520.0], 0.05)
+
+
+def test_live_path_never_imports_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, phasestream.callbacks, phasestream.services.live, phasestream.services.refinement, "
+            "phasestream.services.worker, phasestream.services.model_server, phasestream.models.refine, "
+            "phasestream.models.registry; "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
