@@ -25,6 +25,11 @@ def test_zmq_demo_fractions_match_ground_truth_and_leave_a_queryable_catalog(dem
         truth = np.array(list(r["true_fractions"].values()))
         assert np.abs(measured - truth).max() < 0.06  # mask edges and domain transitions differ a little
         assert r["accuracy"] > 0.98 and r["latency_s"] > 0
+        # the worker refined each run through the model-server process the demo started
+        assert r["refinement"]["status"] == "complete" and r["refinement"]["strategy"] == "knn"
+        assert sum(r["refined_fractions"].values()) == pytest.approx(sum(r["phase_fractions"].values()), abs=1e-9)
+        assert r["refined_accuracy"] > 0.98
+    assert text.count("refined (knn)") == 2
     assert len(list(out.glob("*_phase.png"))) == 2 and len(list(out.glob("*_pcc.png"))) == 2
     assert f"query --catalog {out / 'tiled'} --soc 2.0" in text
     # the printed query works after the demo, on the catalog it left behind
@@ -41,6 +46,9 @@ def test_inprocess_demo_on_numpy_backend(tmp_path, capsys):
     text = capsys.readouterr().out
     (row,) = json.loads(text[text.index("\n[") :])
     assert row["status"] == "complete" and row["accuracy"] > 0.95
+    # 7 energies are not the pretrained GMVAE's 13: refinement is skipped, saying why
+    assert row["refinement"]["status"] == "skipped" and "energies do not match" in row["refinement"]["reason"]
+    assert "refinement skipped" in text
 
 
 def test_demo_bad_options_are_clear_errors(capsys):
