@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 # energies closer than this (eV) are the same energy (duplicate images)
 ENERGY_TOLERANCE_EV = 1e-3
 MAX_ERRORS = 50
+# largest OD write request (bytes) when planes queued up
+OD_REQUEST_BYTES = 64 << 20
 
 
 class RunResult:
@@ -88,6 +90,14 @@ class RunAnalysis(DocumentRouter):
         self.writer = None
         self.incomplete_reason: str | None = None
         self._final: tuple[int, dict] | None = None  # (images, summary) of maps written before the stop
+        # OD planes waiting for the sink: one job writes all that queued up, in one request
+        self._od_pending: list[tuple[int, np.ndarray]] = []
+        self._od_lock = threading.Lock()
+        self._od_job_queued = False
+        # partial maps: cost of the last one (compute + write, s), and whether one is being written
+        self._partial_cost_s = 0.0
+        self._partial_busy = False
+        self.n_partials = 0
         self.closed = False
         self.opened = False
 
@@ -139,6 +149,32 @@ class RunAnalysis(DocumentRouter):
                 fn(self.writer)
 
         return job
+
+    def _queue_od(self, index: int, plane: np.ndarray) -> None:
+        """Hand an OD plane to the sink; planes that queue up behind a busy sink go in one request."""
+        with self._od_lock:
+            self._od_pending.append((index, plane))
+            if self._od_job_queued:
+                return
+            self._od_job_queued = True
+        self.owner.sink.submit(self._write(self._write_pending_od), key=self.settings.run_uid)
+
+    def _take_pending_od(self) -> list[tuple[int, np.ndarray]]:
+        """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most ~64 MiB each."""
+        with self._od_lock:
+            pending, self._od_pending = self._od_pending, []
+            self._od_job_queued = False
+        runs: list[tuple[int, list[np.ndarray]]] = []
+        for index, plane in pending:
+            if runs and runs[-1][0] + len(runs[-1][1]) == index and len(runs[-1][1]) * plane.nbytes < OD_REQUEST_BYTES:
+                runs[-1][1].append(plane)
+            else:
+                runs.append((index, [plane]))
+        return [(start, np.stack(planes)) for start, planes in runs]
+
+    def _write_pending_od(self, writer) -> None:
+        for start, block in self._take_pending_od():
+            writer.write_od_planes(start, block)
 
     # -- documents -----------------------------------------------------------------------
 
@@ -250,11 +286,17 @@ class RunAnalysis(DocumentRouter):
         if "time" in doc:
             self.event_latency.append(now - float(doc["time"]))
         if self.owner.write_od:
-            self.owner.sink.submit(self._write(lambda w: w.write_od(index, od_host)), key=s.run_uid)
+            self._queue_od(index, od_host)
         self.since_update += 1
         elapsed = time.monotonic() - self.last_update
+        # partial maps take at most ~partial_budget of the time: the interval grows with their
+        # measured cost (compute here + write on the sink), and none starts while one is written
+        budget = self.owner.partial_budget
+        min_gap = self.owner.min_update_seconds
+        if budget is not None:
+            min_gap = max(min_gap, self._partial_cost_s / budget)
         due = (self.since_update >= self.owner.update_every or elapsed >= self.owner.update_seconds) and (
-            elapsed >= self.owner.min_update_seconds
+            elapsed >= min_gap and not (budget is not None and self._partial_busy)
         )
         n = len(self.result.energies)
         if s.num_points is not None and n == s.num_points:
@@ -296,6 +338,7 @@ class RunAnalysis(DocumentRouter):
         }
 
     def _publish(self, *, final: bool) -> dict | None:
+        t0 = time.perf_counter()
         arrays = self._maps()
         md = self._summary(arrays)
         md["status"] = "running"
@@ -303,18 +346,37 @@ class RunAnalysis(DocumentRouter):
         self.since_update = 0
         self.last_update = time.monotonic()
         self.result.arrays, self.result.metadata = arrays, {**self.result.metadata, **md}
-
-        def job(w) -> None:
-            w.write_maps(**arrays)
-            w.update_metadata(**md)
+        compute_s = time.perf_counter() - t0
 
         if final:
             # superseded partial maps are dropped; the summary goes with the final status update
-            self.owner.sink.cancel_latest(("maps", self.settings.run_uid))
-            self.owner.sink.submit(self._write(lambda w: w.write_maps(**arrays)), key=self.settings.run_uid)
+            if self.owner.sink.cancel_latest(("maps", self.settings.run_uid)):
+                self._partial_busy = False
+
+            def final_maps(w) -> None:
+                # OD planes still queued go concurrently with the maps (one round trip less)
+                *earlier, last = self._take_pending_od() or [None]
+                for start, block in earlier:
+                    w.write_od_planes(start, block)
+                w.write_maps(od_planes=last, **arrays)
+
+            self.owner.sink.submit(self._write(final_maps), key=self.settings.run_uid)
             return md
-        else:
-            self.owner.sink.submit_latest(("maps", self.settings.run_uid), self._write(job))
+
+        def partial_job() -> None:
+            t = time.perf_counter()
+            try:
+                if self.writer is not None:
+                    self.writer.write_maps(**arrays)
+                    self.writer.update_metadata(**md)
+                    self.n_partials += 1
+            finally:
+                self._partial_cost_s = compute_s + time.perf_counter() - t
+                self._partial_busy = False
+
+        self._partial_busy = True
+        self.owner.sink.submit_latest(("maps", self.settings.run_uid), partial_job)
+        return None
 
     def stop(self, doc: dict) -> None:
         self.finalize(exit_status=doc.get("exit_status", "success"), reason=doc.get("reason", ""))
@@ -362,6 +424,7 @@ class RunAnalysis(DocumentRouter):
                 self.writer.finalize_od(n, update_metadata=False)
             # last image -> final maps and OD in Tiled; status and timings follow in one update
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
+            timings["partial_maps"] = {"written": self.n_partials, "last_cost_s": self._partial_cost_s}
             if self.writer is not None:
                 self.writer.update_metadata(**md, timings=timings)
             self.result.metadata.update(md, timings=timings)

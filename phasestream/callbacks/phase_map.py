@@ -48,6 +48,11 @@ class PhaseMapCallback:
     update_every, update_seconds : write partial maps every this many images or seconds
     min_update_seconds : never compute partial maps more often than this (a fast stream
         spends its time on images, not on maps nobody can look at that fast)
+    partial_budget : fraction of the time partial maps may take: after each one, the next waits
+        at least its measured cost (compute + write) divided by this, and none is computed while
+        the previous one is still being written (large frames get fewer partial maps, so the
+        images keep their pace). None: partial maps strictly every ``update_every`` images /
+        ``update_seconds``, whatever they cost
     backend : kernel backend (``auto``, ``numba``, ``cupy``, ``numpy``)
     ambiguity : reliability below which a pixel is ambiguous
     mask_threshold : mean-OD threshold of the particle mask (None: Otsu)
@@ -67,6 +72,7 @@ class PhaseMapCallback:
         update_every: int = 4,
         update_seconds: float = 2.0,
         min_update_seconds: float = 0.5,
+        partial_budget: float | None = 0.125,
         backend: str | None = "auto",
         ambiguity: float = DEFAULT_AMBIGUITY,
         mask_threshold: float | None = None,
@@ -81,6 +87,9 @@ class PhaseMapCallback:
         self.update_every = int(update_every)
         self.update_seconds = float(update_seconds)
         self.min_update_seconds = float(min_update_seconds)
+        if partial_budget is not None and not 0 < partial_budget <= 1:
+            raise ValueError(f"partial_budget must be in (0, 1] or None, got {partial_budget}")
+        self.partial_budget = None if partial_budget is None else float(partial_budget)
         self.backend = resolve_backend(backend)
         self.ambiguity = float(ambiguity)
         self.mask_threshold = mask_threshold
@@ -109,7 +118,8 @@ class PhaseMapCallback:
             root=self.root,
             shape=shape,
             phases=list(analysis.references.phases),
-            n_energies=analysis.settings.num_points,
+            # without OD writing no `od` array is created (it would read as zeros)
+            n_energies=analysis.settings.num_points if self.write_od else None,
             metadata=analysis._base_metadata(),
             replace=True,
         )

@@ -47,6 +47,7 @@ MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "mask": (np.dtype("uint8"), ("y", "x")),
     "refined_phase": (np.dtype("int16"), ("y", "x")),
     "latent": (np.dtype("float32"), ("y", "x", "latent")),
+    "false_positive": (np.dtype("uint8"), ("y", "x")),
 }
 OD_DTYPE = np.dtype("float32")
 
@@ -256,17 +257,47 @@ class ResultWriter:
             raise ValueError(f"OD plane {index} of run {self.run_uid} has shape {plane.shape}, expected {self.shape}")
         if index < 0:
             raise ValueError(f"energy index must be >= 0, got {index}")
-        with self._lock, _explained("write", f"{self.path}/od"):
-            if "od" not in self._arrays:
-                self._create_od(index + 1)
-            array = self._arrays["od"]
-            if index < self._od_capacity:
-                array.write_block(plane[np.newaxis], block=(index, 0, 0))
-            else:
+        with self._lock:
+            self._prepare_od(index + 1)
+            if index >= self._od_capacity:
                 log.debug("growing %s/od from %d to %d planes", self.path, self._od_capacity, index + 1)
-                array.patch(plane[np.newaxis], offset=(index,), extend=True)
-                self._od_capacity = index + 1
-            self._planes.add(index)
+            self._write_od_block(index, plane[np.newaxis])
+
+    def write_od_planes(self, start: int, planes: np.ndarray) -> None:
+        """Write consecutive OD planes (n, Y, X) into ``od[start : start + n]`` with one request.
+
+        Fewer, larger requests when planes queue up behind a busy server (each request costs tens
+        of ms whatever its size); the chunks stay one plane each, as with :meth:`write_od`.
+        """
+        block = self._check_planes(start, planes)
+        with self._lock:
+            self._prepare_od(start + block.shape[0])
+            self._write_od_block(start, block)
+
+    def _check_planes(self, start: int, planes: np.ndarray) -> np.ndarray:
+        block = np.ascontiguousarray(planes, dtype=OD_DTYPE)
+        if block.ndim != 3 or block.shape[1:] != self.shape or block.shape[0] < 1:
+            raise ValueError(f"OD planes of run {self.run_uid} have shape {block.shape}, expected (n, *{self.shape})")
+        if start < 0:
+            raise ValueError(f"energy index must be >= 0, got {start}")
+        return block
+
+    def _prepare_od(self, end: int) -> None:
+        """Create ``od`` if missing (holding the lock)."""
+        if "od" not in self._arrays:
+            self._create_od(end)
+
+    def _write_od_block(self, start: int, block: np.ndarray) -> None:
+        """One request for ``od[start : start + n]`` (holding the lock; ``od`` exists)."""
+        end = start + block.shape[0]
+        with _explained("write", f"{self.path}/od"):
+            array = self._arrays["od"]
+            if end == start + 1 and end <= self._od_capacity:
+                array.write_block(block, block=(start, 0, 0))
+            else:
+                array.patch(block, offset=(start,), extend=end > self._od_capacity)
+                self._od_capacity = max(self._od_capacity, end)
+            self._planes.update(range(start, end))
 
     def finalize_od(self, n: int | None = None, *, update_metadata: bool = True) -> None:
         """Declare the final number of OD planes ``n`` (default :attr:`n_od_planes`).
@@ -311,18 +342,23 @@ class ResultWriter:
         except TypeError as error:
             raise TypeError(f"result array {name!r} must be {dtype}, got {array.dtype}: {error}") from error
 
-    def write_maps(self, **arrays: np.ndarray) -> None:
+    def write_maps(self, *, od_planes: tuple[int, np.ndarray] | None = None, **arrays: np.ndarray) -> None:
         """Write or overwrite result arrays by name, e.g. ``pcc`` (K, Y, X) float32, ``phase`` (Y, X) int16.
 
         Contract names (``MAP_LAYOUT``) are checked for shape and cast to their dtype (bool to
         uint8, int64 to int16; float to int is refused). Other names are stored as given. The
         first call creates an array; later calls with the same shape and dtype overwrite it in
-        place (one PUT); a different shape or dtype replaces it.
+        place (one PUT); a different shape or dtype replaces it. ``od_planes=(start, planes)``
+        writes OD planes (:meth:`write_od_planes`) concurrently with the in-place map writes.
         """
         checked = {name: self._check_map(name, value) for name, value in arrays.items()}
+        od = None if od_planes is None else (od_planes[0], self._check_planes(*od_planes))
 
         def write(item: tuple[str, np.ndarray]) -> None:
             name, array = item
+            if name is None:  # the OD planes
+                self._write_od_block(*array)
+                return
             with _explained("write", f"{self.path}/{name}"):
                 self._write_map(name, array)
 
@@ -334,6 +370,9 @@ class ResultWriter:
             for item in checked.items():
                 if item[0] not in dict(existing):
                     write(item)
+            if od is not None:
+                self._prepare_od(od[0] + od[1].shape[0])
+                existing.append((None, od))
             if len(existing) > 1:
                 list(_map_pool().map(write, existing))
             elif existing:

@@ -1,5 +1,7 @@
 """RunEngine + TiledWriter + PhaseMapCallback against a real embedded Tiled server."""
 
+import threading
+
 import numpy as np
 import pytest
 from bluesky import RunEngine
@@ -45,7 +47,8 @@ def scan(RE, soc, seed, **det_kwargs):
 def test_live_results_in_tiled_follow_the_contract(tiled):
     RE = RunEngine({})
     RE.subscribe(raw_run_writer(tiled))
-    cb = PhaseMapCallback(tiled, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0)
+    cb = PhaseMapCallback(tiled, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0,
+                          partial_budget=None)
     RE.subscribe(cb)
     seen, run = [], {}
 
@@ -100,3 +103,33 @@ def test_query_by_state_of_charge_returns_exactly_the_right_runs(tiled):
     assert {uids[2.4], uid_b} <= found
     assert not found & {uids[3.0], uids[1.0]}
     assert all(tiled["phasestream"][u].metadata["state_of_charge"] == 2.4 for u in found)
+
+
+def test_od_planes_queued_behind_a_busy_writer_go_in_fewer_requests(tiled, monkeypatch):
+    from phasestream.services.results import ResultWriter
+
+    requests = []
+    write_od_planes = ResultWriter.write_od_planes
+
+    def counted(self, start, planes):
+        requests.append(len(planes))
+        write_od_planes(self, start, planes)
+
+    monkeypatch.setattr(ResultWriter, "write_od_planes", counted)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled))
+    cb = PhaseMapCallback(tiled, backend="numba")
+    RE.subscribe(cb)
+    gate = threading.Event()
+    cb.sink.submit(lambda: gate.wait(60))  # Tiled is slow: every write queues up behind this one
+    uid, _ = scan(RE, 2.4, seed=3)
+    gate.set()
+    assert cb.flush(60)
+    cb.close()
+    assert sum(requests) == len(ENERGIES) and len(requests) < len(ENERGIES)
+    res = tiled["phasestream"][uid]
+    assert res.metadata["status"] == "complete" and res.metadata["n_energies_seen"] == len(ENERGIES)
+    raw = open_raw_run(tiled, uid)
+    images, i0 = raw["primary"]["det_img"].read(), raw["primary"]["det_i0"].read()
+    ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(images, i0, strict=True)])
+    np.testing.assert_allclose(res["od"].read(), ods, rtol=1e-6, equal_nan=True)

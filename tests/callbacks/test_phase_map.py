@@ -153,7 +153,8 @@ def test_run_without_stop_is_finalized_partial_when_reported_lost():
 def test_partial_maps_are_published_while_the_scan_runs():
     docs, _ = scan_documents(seed=8)
     uid = docs[0][1]["uid"]
-    cb = PhaseMapCallback(None, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0)
+    cb = PhaseMapCallback(None, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0,
+                          partial_budget=None)
     seen = []
     for name, doc in docs:
         cb(name, doc)
@@ -166,6 +167,25 @@ def test_partial_maps_are_published_while_the_scan_runs():
     assert set(seen) == {2, 4, 6, 8, 9} and seen == sorted(seen)
     assert cb.results[uid].metadata["n_energies_seen"] == len(ENERGIES) == 9
     assert cb.results[uid].status == "complete"
+
+
+def test_partial_maps_wait_in_proportion_to_their_cost():
+    docs, _ = scan_documents(seed=8)
+    uid = docs[0][1]["uid"]
+    # a budget so small that the first partial maps' cost postpones every later one past the scan
+    cb = PhaseMapCallback(None, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0,
+                          partial_budget=1e-9)
+    seen = []
+    for name, doc in docs:
+        cb(name, doc)
+        cb.flush(30)  # the first partial maps are written (and their cost measured) before the next image
+        if name == "event" and uid in cb.results and cb.results[uid].metadata:
+            seen.append(cb.results[uid].metadata["n_energies_seen"])
+    cb.close()
+    assert set(seen) == {2, 9}
+    assert cb.results[uid].status == "complete"
+    with pytest.raises(ValueError, match="partial_budget"):
+        PhaseMapCallback(None, partial_budget=0)
 
 
 def test_resource_datum_images_are_filled_through_the_handler_registry(tmp_path):

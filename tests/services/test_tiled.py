@@ -155,6 +155,34 @@ def test_od_of_unknown_length_grows_from_the_first_plane(client):
         w.write_od(3, planes[0][:-1])
 
 
+def test_od_planes_written_in_blocks_read_back_as_written_also_past_the_planned_size(client):
+    planes = np.random.default_rng(4).normal(size=(7, *SHAPE)).astype(np.float32)
+    planes[2, 1, 1] = np.nan
+    w = writer(client, "run-od-blocks", n_energies=4)
+    w.write_od_planes(0, planes[:3])
+    w.write_od_planes(3, planes[3:4])
+    w.write_od_planes(4, planes[4:])  # past the planned 4 planes: grows
+    assert w.n_od_planes == 7
+    od = client["phasestream/run-od-blocks/od"]
+    assert od.shape == (7, *SHAPE) and od.chunks[0] == (1,) * 7
+    np.testing.assert_array_equal(od.read(), planes)
+    with pytest.raises(ValueError, match="shape"):
+        w.write_od_planes(7, planes[:2, :-1])
+
+
+def test_maps_and_od_planes_are_written_together(client):
+    rng = np.random.default_rng(5)
+    planes = rng.random((3, *SHAPE)).astype(np.float32)
+    maps = {"pcc": rng.uniform(-1, 1, (3, *SHAPE)).astype(np.float32), "mask": np.ones(SHAPE, np.uint8)}
+    w = writer(client, "run-maps-od", n_energies=None)
+    w.write_od(0, planes[0])
+    w.write_maps(**maps)
+    w.write_maps(od_planes=(1, planes[1:]), **{name: value[::-1].copy() for name, value in maps.items()})
+    result = client["phasestream/run-maps-od"]
+    np.testing.assert_array_equal(result["od"].read(), planes)
+    np.testing.assert_array_equal(result["pcc"].read(), maps["pcc"][::-1])
+
+
 def test_finalize_trims_od_of_an_aborted_scan(client):
     planes = np.random.default_rng(2).random((3, *SHAPE)).astype(np.float32)
     w = writer(client, "run-od-trim", n_energies=6)
