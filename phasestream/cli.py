@@ -241,6 +241,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_indi(args: argparse.Namespace) -> int:
+    from phasestream.models.training import synthetic_indi_pairs, tiled_indi_pairs, train_indi_artifact
+
+    out = args.out or os.environ.get("PHASESTREAM_MODELS", "").split(os.pathsep)[0] or "models"
+    if args.synthetic:
+        data = synthetic_indi_pairs(seed=args.seed, n_pairs=args.pairs)
+        name = args.name or "indi-particles-synthetic"
+    else:
+        if not (args.lq and args.hq):
+            raise ValueError("train indi needs --synthetic, or --tiled URI with --lq UID --hq UID")
+        with tiled_client(args) as (client, uri):
+            data = tiled_indi_pairs(client, args.lq, args.hq, tiled_uri=uri)
+        name = args.name or "indi-tiled"
+    print(f"training {name} {args.version} on {len(data.hq)} image pairs ({data.provenance['source']})")
+    artifact, result = train_indi_artifact(data, out, name=name, version=args.version, overwrite=args.overwrite,
+                                           iterations=args.iterations, base_filters=args.filters, seed=args.seed,
+                                           crop=args.crop, batch_size=args.batch_size)
+    print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
+                      "sha256": artifact.sha256, "steps": result.steps, "metrics": result.metrics}, indent=2))
+    return 0
+
+
 def _cmd_references(args: argparse.Namespace) -> int:
     from phasestream.references import load_references, select_energies
 
@@ -339,6 +361,24 @@ def build_parser() -> argparse.ArgumentParser:
     gmvae.add_argument("--out", default=None, help="artifact folder (default: $PHASESTREAM_MODELS or ./models)")
     gmvae.add_argument("--overwrite", action="store_true")
     gmvae.set_defaults(func=_cmd_train)
+
+    indi = train_sub.add_parser("indi", help="InDI image enhancement from LQ/HQ image pairs")
+    _add_tiled_options(indi)
+    indi_source = indi.add_mutually_exclusive_group()
+    indi_source.add_argument("--synthetic", action="store_true", help="train on simulated particle phantoms")
+    indi_source.add_argument("--lq", metavar="UID", help="raw run of the low-quality scan in Tiled")
+    indi.add_argument("--hq", metavar="UID", help="raw run of the high-quality scan of the same field")
+    indi.add_argument("--seed", type=int, default=0)
+    indi.add_argument("--pairs", type=int, default=24, help="--synthetic: phantom pairs (default 24)")
+    indi.add_argument("--iterations", type=int, default=4000, help="training iterations (default 4000)")
+    indi.add_argument("--filters", type=int, default=16, help="base filters of the U-Net (paper: 64; default 16)")
+    indi.add_argument("--crop", type=int, default=64, help="training crop size (default 64)")
+    indi.add_argument("--batch-size", type=int, default=8)
+    indi.add_argument("--name", default=None, help="artifact name (default indi-particles-synthetic / indi-tiled)")
+    indi.add_argument("--version", default="1.0.0")
+    indi.add_argument("--out", default=None, help="artifact folder (default: $PHASESTREAM_MODELS or ./models)")
+    indi.add_argument("--overwrite", action="store_true")
+    indi.set_defaults(func=_cmd_train_indi)
 
     query = sub.add_parser("query", help="list phase-mapping results, e.g. --soc 2.0")
     _add_tiled_options(query)

@@ -169,7 +169,9 @@ class Artifact:
         self.verify_files()
         import keras
 
-        from phasestream.models.gmvae import GMVAE  # registers the custom classes  # noqa: F401
+        # importing the modules registers their Keras classes
+        from phasestream.models.gmvae import GMVAE  # noqa: F401
+        from phasestream.models.indi import InDINet  # noqa: F401
 
         try:
             model = keras.saving.load_model(self.path / MODEL_FILE, compile=False, safe_mode=True)
@@ -210,12 +212,14 @@ def save_artifact(
     phases: Sequence[str] | None = None,
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Artifact:
     """Write ``model`` as the artifact ``<directory>/<name>-<version>`` and return it.
 
     The model is saved without optimizer state (a fresh copy from its config carries the weights),
-    so an artifact holds only what inference needs.
+    so an artifact holds only what inference needs. ``extra`` adds kind-specific manifest fields
+    (InDI: ``scale``, ``pixel_size``, ``steps``, ``normalization``).
     """
     import keras
 
@@ -247,6 +251,7 @@ def save_artifact(
             "training": dict(training or {}), "metrics": dict(metrics or {}),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "software": _software(),
+            **dict(extra or {}),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp made it private

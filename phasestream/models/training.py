@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TrainingSet", "synthetic_training_set", "tiled_training_set", "train_artifact"]
+__all__ = ["PairSet", "TrainingSet", "synthetic_indi_pairs", "synthetic_training_set", "tiled_indi_pairs",
+           "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,4 +173,81 @@ def train_artifact(
     artifact = save_artifact(result.model, directory, name=name, version=version, kind="gmvae",
                              energies_eV=data.energies_eV, phases=data.phases, training=training,
                              metrics=result.metrics, overwrite=overwrite)
+    return artifact, result
+
+
+# ---------------------------------------------------------------------------------------------- InDI
+
+
+@dataclass
+class PairSet:
+    """Registered InDI training pairs: HQ images and LQ images upscaled to the same shapes."""
+
+    hq: list[np.ndarray]
+    lq_upscaled: list[np.ndarray]
+    scale: int
+    pixel_size: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, int] = (256, 256),
+                         blur_sigma: float = 1.5, noise: float = 0.03) -> PairSet:
+    """Simulated particle phantoms (``phasestream.sim.phantoms``): HQ at full resolution, LQ = blur +
+    2x down-sampling + noise, upscaled back by bicubic interpolation (registered by construction)."""
+    from phasestream.sim.phantoms import phantom_pairs, upscale
+
+    hq, lq = phantom_pairs(n_pairs, shape, seed=seed + 1, blur_sigma=blur_sigma, noise=noise)
+    provenance = {"source": "synthetic", "seed": seed, "n_pairs": n_pairs, "shape": list(shape),
+                  "degradation": {"blur_sigma_px": blur_sigma, "downsample": 2, "noise_std": noise}}
+    return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance)
+
+
+def _run_images(client, uid: str) -> tuple[np.ndarray, dict]:
+    from phasestream.services.tiled import open_raw_run
+
+    run = open_raw_run(client, uid)
+    start = run.metadata["start"]
+    key = (start.get("phasestream") or {}).get("image_key") or start.get("image_key")
+    primary = run["primary"]
+    if key is None:
+        arrays = [k for k, v in primary.metadata.get("data_keys", {}).items() if len(v.get("shape", [])) == 2]
+        if len(arrays) != 1:
+            raise ValueError(f"run {uid}: name the image key in the start document (phasestream.image_key); "
+                             f"2D data keys found: {arrays}")
+        key = arrays[0]
+    images = np.asarray(primary[key].read(), np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    return images, start
+
+
+def tiled_indi_pairs(client, lq_uid: str, hq_uid: str, *, scale: int = 2, tiled_uri: str | None = None) -> PairSet:
+    """Pairs from two raw image runs in Tiled (one LQ and one HQ scan of the same sample): frame i of
+    the LQ run goes with frame i of the HQ run; each pair is matched and registered with
+    :func:`phasestream.models.indi.prepare_pair` (imports TensorFlow)."""
+    from phasestream.models.indi import prepare_pair
+
+    lq, lq_start = _run_images(client, lq_uid)
+    hq, hq_start = _run_images(client, hq_uid)
+    if len(lq) != len(hq):
+        raise ValueError(f"LQ run {lq_uid} has {len(lq)} images and HQ run {hq_uid} has {len(hq)}: pair them 1:1")
+    pairs = [prepare_pair(lo, hi, scale=scale) for lo, hi in zip(lq, hq, strict=True)]
+    provenance = {"source": "tiled", "tiled": (tiled_uri or "").split("?")[0] or None, "lq_run": lq_uid,
+                  "hq_run": hq_uid, "n_pairs": len(pairs), "registration": [p[2] for p in pairs]}
+    pixel = {"lq": lq_start.get("pixel_size"), "hq": hq_start.get("pixel_size"), "unit": lq_start.get("pixel_unit")}
+    return PairSet([p[0] for p in pairs], [p[1] for p in pairs], scale, pixel, provenance)
+
+
+def train_indi_artifact(data: PairSet, directory: str | Path, *, name: str, version: str, overwrite: bool = False,
+                        **train_options: Any):
+    """Train InDI on ``data`` and save the artifact ``<directory>/<name>-<version>``; ``(artifact, result)``."""
+    from phasestream.models.indi import PERCENTILES, train_indi
+    from phasestream.models.registry import save_artifact
+
+    result = train_indi(data.hq, data.lq_upscaled, **train_options)
+    training = {**data.provenance, "options": {k: v for k, v in train_options.items() if k != "progress"}}
+    extra = {"scale": data.scale, "pixel_size": data.pixel_size, "steps": result.steps,
+             "normalization": {"mode": "percentile", "percentiles": list(PERCENTILES), "of": "upscaled LQ image"}}
+    artifact = save_artifact(result.model, directory, name=name, version=version, kind="indi", training=training,
+                             metrics=result.metrics, extra=extra, overwrite=overwrite)
     return artifact, result

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
+from phasestream.services.enhancement import EnhanceOptions, enhance_options_from_start, enhance_result
 from phasestream.services.refinement import RefineOptions, refine_result
 from phasestream.services.reprocess import ReprocessOptions, reprocess_run
 from phasestream.services.results import ResultWriter
@@ -44,16 +45,22 @@ class LiveService:
     recover_after : seconds to wait for a raw run to become complete in Tiled before giving up
     poll_seconds : how often to check whether a raw run is complete
     refine : options of the post-scan GMVAE refinement; None: no refinement
+    enhance : base options of the InDI enhancement, run for runs whose start document asks for it
+        (``phasestream: {enhance: true}``); None: never
     **callback_options : passed to :class:`PhaseMapCallback`
     """
 
     def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
-                 refine: RefineOptions | None = None, **callback_options):
+                 refine: RefineOptions | None = None, enhance: EnhanceOptions | None = None, **callback_options):
         self.client = tiled_client
         self.refine_options = refine
+        self.enhance_options = enhance
         self.refined: dict[str, dict] = {}  # run uid -> refinement record
-        self._refiner = ThreadPoolExecutor(1, thread_name_prefix="refine") if refine is not None else None
-        if refine is not None:
+        self.enhanced: dict[str, dict] = {}  # run uid -> enhancement record
+        post_scan = refine is not None or enhance is not None
+        self._refiner = ThreadPoolExecutor(1, thread_name_prefix="post-scan") if post_scan else None
+        self._requests: dict[str, dict] = {}  # run uid -> the start document's phasestream extras
+        if post_scan:
             callback_options.setdefault("on_run_complete", self._run_complete)
         self.callback = PhaseMapCallback(tiled_client, **callback_options)
         self.recover_after = float(recover_after)
@@ -81,16 +88,27 @@ class LiveService:
         if result.status in ("complete", "partial"):
             with self._lock:
                 lost = result.uid in self._pending  # refined after reprocessing instead
+                self._requests[result.uid] = dict(result.settings.extra)
             if not lost:
-                self._refiner.submit(self._refine, result.uid)
+                self._refiner.submit(self._post_scan, result.uid)
 
-    def _refine(self, uid: str) -> None:
-        try:
-            record = refine_result(self.client, uid, self.refine_options)
-        except Exception as exc:
-            logger.exception("run %s: refinement failed", uid)
-            record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-        self.refined[uid] = record
+    def _post_scan(self, uid: str) -> None:
+        """The post-scan jobs of one run, in order: GMVAE refinement, then InDI enhancement if asked."""
+        if self.refine_options is not None:
+            try:
+                record = refine_result(self.client, uid, self.refine_options)
+            except Exception as exc:
+                logger.exception("run %s: refinement failed", uid)
+                record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            self.refined[uid] = record
+        if self.enhance_options is not None:
+            try:
+                options = enhance_options_from_start(self._requests.get(uid, {}), self.enhance_options)
+                if options is not None:
+                    self.enhanced[uid] = enhance_result(self.client, uid, options)
+            except Exception as exc:
+                logger.exception("run %s: enhancement failed", uid)
+                self.enhanced[uid] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
     def _recover_loop(self) -> None:
         while not self._closing.is_set():
@@ -123,7 +141,9 @@ class LiveService:
                 recovered={"from": "raw run in Tiled", "live_errors": live_errors})
             logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, result.status)
             if self._refiner is not None and result.status in ("complete", "partial"):
-                self._refiner.submit(self._refine, uid)
+                with self._lock:
+                    self._requests[uid] = dict(result.settings.extra)
+                self._refiner.submit(self._post_scan, uid)
             self._done(uid, result.status)
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)

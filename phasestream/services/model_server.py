@@ -14,7 +14,9 @@ sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` l
 ``encode`` takes spectra (N, E) at the model's energies and replies with latent means (N, D) in
 ``array`` (and the mixture-component probabilities (N, K) in ``components`` with
 ``options: {components: true}``); ``decode`` takes latent points (N, D) and replies with normalized
-spectra (N, E). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
+spectra (N, E); ``enhance`` (InDI models) takes a low-quality image (Y, X) or images (N, Y, X) and
+replies with the enhanced, ``scale``-times larger image(s) (``options: {steps: N}``, default the
+model's). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
 ``loaded`` models, ``uptime_s`` and ``pid``.
 
 Every failure is a reply with ``ok: false`` (unknown model or version, input not matching the
@@ -282,6 +284,9 @@ class ModelServer:
                 req.reply = self._error(str(exc), **loaded.info)
         if not valid:
             return
+        if op == "enhance":
+            self._enhance(loaded, valid)
+            return
         try:
             arrays = [a for _, a in valid]
             sizes = list(itertools.accumulate(len(a) for a in arrays))
@@ -304,11 +309,41 @@ class ModelServer:
                 reply["components"] = np.ascontiguousarray(outputs["components"][start:end])
             req.reply = reply
 
+    def _enhance(self, loaded: _Loaded, valid: list[tuple[_Request, np.ndarray]]) -> None:
+        """InDI: each request's image (Y, X) or images (N, Y, X), one at a time (sizes differ)."""
+        from phasestream.models.indi import enhance_image
+
+        art = loaded.artifact
+        for req, array in valid:
+            options = req.message.get("options", {})
+            steps = options.get("steps", art.manifest.get("steps", 8))
+            if not isinstance(steps, int) or not 1 <= steps <= 100:
+                req.reply = self._error(f"options.steps must be an integer in 1..100, got {steps!r}", **loaded.info)
+                continue
+            try:
+                images = array[None] if array.ndim == 2 else array
+                out = np.stack([enhance_image(loaded.model, im, steps=steps, scale=int(art.manifest.get("scale", 2)))
+                                for im in images])
+            except Exception as exc:
+                logger.exception("enhance with %s failed", art.name)
+                req.reply = self._error(f"enhance failed in model {art.name!r}: {type(exc).__name__}: {exc}",
+                                        **loaded.info)
+                continue
+            self.stats["items"] += len(images)
+            req.reply = {"ok": True, **loaded.info, "steps": steps, "array": out[0] if array.ndim == 2 else out}
+
     @staticmethod
     def _check_input(op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
         model, art = loaded.model, loaded.artifact
         if array.dtype.kind not in "fiu":
             raise _RequestError(f"array must be numeric, got dtype {array.dtype}")
+        if op == "enhance":
+            if array.ndim not in (2, 3) or min(array.shape[-2:]) < 8:
+                raise _RequestError(f"model {art.name} {art.version} enhances an image (Y, X) or images (N, Y, X) "
+                                    f"of at least 8 x 8 pixels; got shape {list(array.shape)}")
+            if not np.isfinite(array).any():
+                raise _RequestError("the image has no finite pixel")
+            return array.astype(np.float32, copy=False)
         if op == "encode":
             n = model.n_energies
             if array.ndim != 2 or array.shape[1] != n:
@@ -432,6 +467,12 @@ class ModelClient:
                 comps.append(reply["components"])
         return EncodeResult(np.concatenate(latents), np.concatenate(comps) if components else None,
                             info["model"], info["version"], info["sha256"])
+
+    def enhance(self, model: str, images: np.ndarray, *, version: str | None = None, steps: int | None = None,
+                timeout: float | None = None) -> dict:
+        """InDI-enhanced image(s): the reply (``array`` (Y*s, X*s) or (N, Y*s, X*s), ``steps``, model info)."""
+        return self.request("enhance", model=model, version=version, array=np.asarray(images, np.float32),
+                            options={"steps": int(steps)} if steps is not None else None, timeout=timeout)
 
     def decode(self, model: str, latent: np.ndarray, *, version: str | None = None) -> np.ndarray:
         return self.request("decode", model=model, version=version, array=np.asarray(latent, np.float32))["array"]

@@ -173,10 +173,9 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
     writer.write_maps(refined_phase=result.refined_phase, latent=latent,
                       false_positive=result.false_positive.astype(np.uint8))
     n_mask = max(int(mask.sum()), 1)
-    writer.update_metadata(
-        refined_fractions=fractions.as_dict(phases),
-        models={info["name"]: {"version": info["version"], "sha256": info["sha256"]}},
-    )
+    models = dict(md.get("models") or {})
+    models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
+    writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
     return {
         "status": "complete",
         "candidates": bool(opts.candidates),
