@@ -148,6 +148,13 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                     result = reprocess_run(client, uid, opts)
                     print(f"{uid}: {result.status}" + (f" ({'; '.join(result.errors)})" if result.errors else ""))
                     failures += result.status not in ("complete",)
+                if args.enhance:
+                    from phasestream.services.enhancement import enhance_result
+
+                    record = enhance_result(client, uid, _enhance_options(args))
+                    detail = record.get("reason") or f"{record['steps']} steps, {record['shape']}"
+                    print(f"{uid}: enhancement {record['status']} ({detail})")
+                    failures += record["status"] != "complete"
                 if refine_opts is not None:
                     from phasestream.services.refinement import refine_result
 
@@ -169,6 +176,12 @@ def _refine_options(args: argparse.Namespace):
                          root=args.root).validate()
 
 
+def _enhance_options(args: argparse.Namespace):
+    from phasestream.services.enhancement import EnhanceOptions
+
+    return EnhanceOptions(model=args.indi_model, steps=args.steps, address=args.models, root=args.root).validate()
+
+
 def _add_refine_options(parser: argparse.ArgumentParser) -> None:
     from phasestream.models.refine import STRATEGIES
     from phasestream.services.model_server import DEFAULT_MODEL_ADDRESS
@@ -178,6 +191,9 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
                         help=f"model server address (default {DEFAULT_MODEL_ADDRESS})")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"GMVAE artifact name (default {DEFAULT_MODEL})")
     parser.add_argument("--model-version", default=None, help="artifact version (default: the highest)")
+    parser.add_argument("--indi-model", default="indi-particles-synthetic",
+                        help="InDI artifact for enhancement (default indi-particles-synthetic)")
+    parser.add_argument("--steps", type=int, default=None, help="InDI steps (default: the artifact's)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="knn",
                         help="how ambiguous pixels get a phase in the latent space (default knn: the most accurate "
                              "on the simulated benchmarks; mahalanobis is the paper's)")
@@ -192,7 +208,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
-                              refine=None if args.no_refine else _refine_options(args))
+                              refine=None if args.no_refine else _refine_options(args),
+                              enhance=_enhance_options(args))
         worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
 
         def announce() -> None:
@@ -399,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="embedded server only: directories of detector files it may read")
     rep.add_argument("--refine", action="store_true", help="then refine ambiguous pixels with the GMVAE")
     rep.add_argument("--refine-only", action="store_true",
-                     help="only refine the existing results (no PCC recomputation); implies --refine")
+                     help="only post-scan jobs on the existing results (no PCC recomputation); implies --refine "
+                          "unless --enhance is given alone")
+    rep.add_argument("--enhance", action="store_true", help="InDI-enhance the OD images into `enhanced`")
     _add_refine_options(rep)
     rep.set_defaults(func=_cmd_reprocess)
     return parser
@@ -407,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "refine_only", False):
+    if getattr(args, "refine_only", False) and not getattr(args, "enhance", False):
         args.refine = True
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
