@@ -102,7 +102,8 @@ def main() -> None:
     client = connect(server.uri)
     proxy = start_proxy()
     worker = ServeProcess(proxy.out_address, server.uri, args=(
-        "--backend", "numba", "--update-every", "8", "--update-seconds", "2", *(("--no-od",) if args.no_od else ()),
+        "--backend", "numba", "--update-every", "8", "--update-seconds", "2", "--no-refine",
+        *(("--no-od",) if args.no_od else ()),
     )).start()
     report["write_od"] = not args.no_od
     publisher = DocumentPublisher(proxy.in_address)

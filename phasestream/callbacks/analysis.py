@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 # energies closer than this (eV) are the same energy (duplicate images)
 ENERGY_TOLERANCE_EV = 1e-3
 MAX_ERRORS = 50
-# largest OD write request (bytes) when planes queued up
-OD_REQUEST_BYTES = 64 << 20
+# largest OD write request (bytes) when planes queued up: Tiled ingests larger bodies no faster
+# per byte (slower, past ~16 MiB)
+OD_REQUEST_BYTES = 16 << 20
 
 
 class RunResult:
@@ -97,6 +98,7 @@ class RunAnalysis(DocumentRouter):
         # partial maps: cost of the last one (compute + write, s), and whether one is being written
         self._partial_cost_s = 0.0
         self._partial_busy = False
+        self._write_s_per_byte: float | None = None
         self.n_partials = 0
         self.closed = False
         self.opened = False
@@ -160,13 +162,14 @@ class RunAnalysis(DocumentRouter):
         self.owner.sink.submit(self._write(self._write_pending_od), key=self.settings.run_uid)
 
     def _take_pending_od(self) -> list[tuple[int, np.ndarray]]:
-        """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most ~64 MiB each."""
+        """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most OD_REQUEST_BYTES each."""
         with self._od_lock:
             pending, self._od_pending = self._od_pending, []
             self._od_job_queued = False
         runs: list[tuple[int, list[np.ndarray]]] = []
         for index, plane in pending:
-            if runs and runs[-1][0] + len(runs[-1][1]) == index and len(runs[-1][1]) * plane.nbytes < OD_REQUEST_BYTES:
+            fits = (len(runs[-1][1]) + 1) * plane.nbytes <= OD_REQUEST_BYTES if runs else False
+            if fits and runs[-1][0] + len(runs[-1][1]) == index:
                 runs[-1][1].append(plane)
             else:
                 runs.append((index, [plane]))
@@ -174,7 +177,22 @@ class RunAnalysis(DocumentRouter):
 
     def _write_pending_od(self, writer) -> None:
         for start, block in self._take_pending_od():
+            t = time.perf_counter()
             writer.write_od_planes(start, block)
+            self._measured_write(block.nbytes, time.perf_counter() - t)
+
+    def _measured_write(self, nbytes: int, seconds: float) -> None:
+        """Track how fast Tiled takes our bytes (s/byte, moving average): it prices partial maps."""
+        rate = seconds / max(nbytes, 1)
+        self._write_s_per_byte = rate if self._write_s_per_byte is None else 0.7 * self._write_s_per_byte + 0.3 * rate
+
+    def _partial_cost(self) -> float:
+        """Seconds partial maps cost: the last measured, else their bytes at the measured write speed."""
+        if self._partial_cost_s or self._write_s_per_byte is None or self.acc is None:
+            return self._partial_cost_s
+        k = len(self.references.phases)
+        map_bytes = self.acc.shape[0] * self.acc.shape[1] * (4 * k + 8)  # pcc, phase, reliability, 2 masks
+        return map_bytes * self._write_s_per_byte
 
     # -- documents -----------------------------------------------------------------------
 
@@ -293,8 +311,9 @@ class RunAnalysis(DocumentRouter):
         # measured cost (compute here + write on the sink), and none starts while one is written
         budget = self.owner.partial_budget
         min_gap = self.owner.min_update_seconds
+        cost = self._partial_cost() if budget is not None else 0.0
         if budget is not None:
-            min_gap = max(min_gap, self._partial_cost_s / budget)
+            min_gap = max(min_gap, cost / budget)
         due = (self.since_update >= self.owner.update_every or elapsed >= self.owner.update_seconds) and (
             elapsed >= min_gap and not (budget is not None and self._partial_busy)
         )
@@ -306,6 +325,10 @@ class RunAnalysis(DocumentRouter):
         # no partial maps when the final ones are due within half an update interval: a write
         # started now would only delay the final result
         ending = s.num_points is not None and s.num_points - n < max(1, self.owner.update_every // 2)
+        if budget is not None and s.num_points is not None and n >= 2 and not ending:
+            # ... nor when they could not be written well before the last expected image arrives
+            image_interval = (self.t_last_image - self.t_first_image) / (n - 1)
+            ending = (s.num_points - n) * image_interval < 2 * cost
         if due and n >= 2 and not ending:
             self._publish(final=False)
 
@@ -368,6 +391,7 @@ class RunAnalysis(DocumentRouter):
             try:
                 if self.writer is not None:
                     self.writer.write_maps(**arrays)
+                    self._measured_write(sum(a.nbytes for a in arrays.values()), time.perf_counter() - t)
                     self.writer.update_metadata(**md)
                     self.n_partials += 1
             finally:

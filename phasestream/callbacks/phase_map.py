@@ -26,6 +26,7 @@ from phasestream.callbacks.settings import RunSettings, RunSettingsError
 from phasestream.callbacks.sink import ResultSink
 from phasestream.kernels import (
     DEFAULT_AMBIGUITY,
+    limit_kernel_threads,
     resolve_backend,
 )
 from phasestream.references import ReferenceSet, load_references
@@ -59,6 +60,9 @@ class PhaseMapCallback:
     write_od : write the OD cube ``od`` (E, Y, X) plane by plane (default). Off for very high
         frame rates: the maps are still written, and ``phasestream reprocess`` can add ``od``
         from the raw run later
+    kernel_threads : numba threads of the kernels run on the document thread (default 1: the
+        live worker shares its cores with the proxy, the publisher and Tiled, and a parallel
+        kernel would wait for descheduled threads); None: numba's default (every core)
     handler_registry : Resource/Datum handlers (default: NPY_SEQ)
     on_run_complete : called with the :class:`RunResult` after a run's final result is written
     """
@@ -78,6 +82,7 @@ class PhaseMapCallback:
         mask_threshold: float | None = None,
         handler_registry: dict | None = None,
         write_od: bool = True,
+        kernel_threads: int | None = 1,
         on_run_complete: Callable[[RunResult], None] | None = None,
     ):
         if update_every < 1:
@@ -96,6 +101,8 @@ class PhaseMapCallback:
         self.references = None if references is None else load_references(references)
         self.on_run_complete = on_run_complete
         self.write_od = bool(write_od)
+        self.kernel_threads = kernel_threads
+        self._threads_limited: set[int] = set()  # ids of the threads whose kernel threads are set
         self._reference_cache: dict[str, ReferenceSet] = {}
         self.results: dict[str, RunResult] = {}
         self.active: dict[str, RunAnalysis] = {}
@@ -158,6 +165,9 @@ class PhaseMapCallback:
         return [analysis], []
 
     def __call__(self, name: str, doc: dict) -> None:
+        if self.backend == "numba" and threading.get_ident() not in self._threads_limited:
+            limit_kernel_threads(self.kernel_threads)
+            self._threads_limited.add(threading.get_ident())
         try:
             self.router(name, doc)
         except Exception as exc:  # noqa: BLE001 - a bad document never kills the stream

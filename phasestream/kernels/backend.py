@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-__all__ = ["BACKENDS", "array_module", "cupy_available", "resolve_backend", "to_numpy"]
+__all__ = ["BACKENDS", "array_module", "cupy_available", "limit_kernel_threads", "resolve_backend", "to_numpy"]
 
 BACKENDS = ("numpy", "numba", "cupy")
 ENV_VAR = "PHASESTREAM_BACKEND"
@@ -56,6 +56,19 @@ def resolve_backend(name: str | None = None) -> str:
             "(pip install 'phasestream[gpu]') on a machine with an NVIDIA GPU, or set PHASESTREAM_BACKEND=numba"
         )
     return choice
+
+
+def limit_kernel_threads(n: int | None) -> None:
+    """Run the numba kernels called from this thread on at most ``n`` threads (None: numba's default).
+
+    Thread-local, as ``numba.set_num_threads``. On cores shared with other busy processes a
+    parallel kernel waits for its descheduled threads (10 ms and more per call, measured on 2
+    cores), so a live worker that shares its cores is faster on one thread.
+    """
+    import numba
+
+    most = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(most if n is None else max(1, min(n, most)))
 
 
 def array_module(backend: str):
