@@ -1,0 +1,104 @@
+"""Post-scan InDI enhancement through a model-server subprocess, and the server's enhance operation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.cli import main as cli_main
+from phasestream.models.registry import ModelRegistry
+from phasestream.references import load_references, select_energies
+from phasestream.services.enhancement import EnhanceOptions, enhance_result
+from phasestream.services.live import LiveService
+from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerProcess
+from phasestream.services.tiled import raw_run_writer
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+if importlib.util.find_spec("tensorflow") is None:  # the model server process runs it, not this one
+    pytest.skip("TensorFlow is not installed", allow_module_level=True)
+
+INDI = "indi-particles-synthetic"
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 4)
+
+
+@pytest.fixture(scope="module")
+def models():
+    with ModelServerProcess(args=("--preload", INDI)) as proc:
+        yield proc
+
+
+def _scan(client, callback=None, md=None):
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    cb = callback or PhaseMapCallback(client, backend="numba")
+    RE.subscribe(cb)
+    sample = make_sample((48, 48), state_of_charge=2.0, seed=4, n_particles=1)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, name="det", i0=5000.0, seed=4)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key, md=md))
+    if callback is None:
+        assert cb.flush(60)
+        cb.close()
+    return uid
+
+
+def test_enhance_op_equals_the_model_in_process(models):
+    from phasestream.models.indi import enhance_image
+
+    art, model = ModelRegistry().load(INDI)
+    image = np.random.default_rng(0).uniform(0, 1, (40, 48)).astype(np.float32)
+    with ModelClient(models.address, timeout=120) as client:
+        reply = client.enhance(INDI, image, steps=3)
+        assert reply["array"].shape == (80, 96) and reply["steps"] == 3
+        assert (reply["model"], reply["version"], reply["sha256"]) == (INDI, art.version, art.sha256)
+        np.testing.assert_allclose(reply["array"], enhance_image(model, image, steps=3), rtol=1e-4, atol=1e-4)
+        stack = client.enhance(INDI, np.stack([image, image[::-1]]))["array"]
+        assert stack.shape == (2, 80, 96)
+        with pytest.raises(ModelServerError, match="at least 8 x 8"):
+            client.enhance(INDI, np.zeros((4, 4), np.float32))
+        with pytest.raises(ModelServerError, match="steps must be an integer"):
+            client.request("enhance", model=INDI, array=image, options={"steps": 0})
+        with pytest.raises(ModelServerError, match="is a indi model"):
+            client.request("encode", model=INDI, array=np.zeros((2, 13), np.float32))
+        assert client.health()["status"] == "serving"
+
+
+def test_enhancement_job_writes_enhanced_od_images(tiled_client, models):
+    uid = _scan(tiled_client)
+    record = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=2))
+    assert record["status"] == "complete", record
+    node = tiled_client["phasestream"][uid]
+    enhanced = node["enhanced"].read()
+    assert enhanced.shape == (len(ENERGIES), 96, 96) and enhanced.dtype == np.float32
+    assert node.metadata["enhancement"]["steps"] == 2
+    assert node.metadata["models"][INDI]["sha256"] == ModelRegistry().get(INDI).sha256
+    # enhancement preserves the image: strongly correlated with the bicubic-upscaled OD
+    from phasestream.sim.phantoms import upscale
+
+    od = np.nan_to_num(node["od"][0])
+    assert np.corrcoef(enhanced[0].ravel(), upscale(od).ravel())[0, 1] > 0.9
+
+
+def test_enhancement_requested_in_the_start_document(tiled_client, models):
+    service = LiveService(tiled_client, backend="numba", enhance=EnhanceOptions(address=models.address, steps=1))
+    uid = _scan(tiled_client, callback=service, md={"phasestream": {"enhance": True}})
+    other = _scan(tiled_client, callback=service)
+    service.callback.flush(60)
+    service.close()
+    assert service.enhanced[uid]["status"] == "complete"
+    assert "enhanced" in tiled_client["phasestream"][uid]
+    assert other not in service.enhanced and "enhanced" not in tiled_client["phasestream"][other]
+
+
+def test_reprocess_enhance_command_and_server_down(tiled_server, tiled_client, models):
+    uid = _scan(tiled_client)
+    down = enhance_result(tiled_client, uid, EnhanceOptions(address="tcp://127.0.0.1:1", timeout=0.5))
+    assert down["status"] == "skipped" and down["retry"] == f"phasestream reprocess --enhance {uid}"
+    code = cli_main(["reprocess", "--refine-only", "--enhance", uid, "--steps", "1", "--tiled", tiled_server.uri,
+                     "--models", models.address])
+    assert code == 0
+    assert tiled_client["phasestream"][uid].metadata["enhancement"]["status"] == "complete"
