@@ -24,6 +24,7 @@ from phasestream.callbacks.settings import RunSettings
 from phasestream.kernels import (
     PearsonAccumulator,
     assign_phases,
+    kernel_threads,
     optical_density,
     particle_mask,
     phase_fractions,
@@ -362,7 +363,11 @@ class RunAnalysis(DocumentRouter):
 
     def _publish(self, *, final: bool) -> dict | None:
         t0 = time.perf_counter()
-        arrays = self._maps()
+        if final and self.owner.backend == "numba":
+            with kernel_threads(None):  # the stream is over: every core for the final maps
+                arrays = self._maps()
+        else:
+            arrays = self._maps()
         md = self._summary(arrays)
         md["status"] = "running"
         md["errors"] = list(self.result.errors)

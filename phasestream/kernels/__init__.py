@@ -3,7 +3,14 @@
 Backend choice: ``PHASESTREAM_BACKEND=auto|numba|cupy|numpy`` or the ``backend=`` argument.
 """
 
-from phasestream.kernels.backend import BACKENDS, cupy_available, limit_kernel_threads, resolve_backend, to_numpy
+from phasestream.kernels.backend import (
+    BACKENDS,
+    cupy_available,
+    kernel_threads,
+    limit_kernel_threads,
+    resolve_backend,
+    to_numpy,
+)
 from phasestream.kernels.od import estimate_i0, optical_density, optical_density_reference
 from phasestream.kernels.pearson import PearsonAccumulator, pearson_maps
 from phasestream.kernels.phases import (
@@ -22,6 +29,7 @@ __all__ = [
     "assign_phases",
     "cupy_available",
     "estimate_i0",
+    "kernel_threads",
     "limit_kernel_threads",
     "optical_density",
     "optical_density_reference",

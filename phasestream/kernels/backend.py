@@ -7,13 +7,23 @@ against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["BACKENDS", "array_module", "cupy_available", "limit_kernel_threads", "resolve_backend", "to_numpy"]
+__all__ = [
+    "BACKENDS",
+    "array_module",
+    "cupy_available",
+    "kernel_threads",
+    "limit_kernel_threads",
+    "resolve_backend",
+    "to_numpy",
+]
 
 BACKENDS = ("numpy", "numba", "cupy")
 ENV_VAR = "PHASESTREAM_BACKEND"
@@ -69,6 +79,23 @@ def limit_kernel_threads(n: int | None) -> None:
 
     most = numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(most if n is None else max(1, min(n, most)))
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int | None) -> Iterator[None]:
+    """:func:`limit_kernel_threads` for the duration of a ``with`` block, then the thread's previous setting.
+
+    The live callback computes the final maps on every core: the stream is over, nothing else
+    is waiting for the CPU, and the last image -> final result latency is what users see.
+    """
+    import numba
+
+    before = numba.get_num_threads()
+    limit_kernel_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def array_module(backend: str):
