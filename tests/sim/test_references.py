@@ -14,7 +14,8 @@ def test_nvpf_references_are_labelled_synthetic_and_have_the_paper_features():
     i530 = np.argmin(np.abs(refs.energies - 530.3))
     assert np.all(np.diff(refs.spectra[:, i530]) > 0)  # O K pre-edge grows on charge
     c = np.corrcoef(refs.spectra)
-    assert c[2, 3] == max(c[i, j] for i in range(5) for j in range(5) if i != j)  # Na2.0 / Na1.0 closest
+    closest = np.unravel_index(np.argmax(np.where(np.eye(5, dtype=bool), -np.inf, c)), c.shape)
+    assert sorted(int(i) for i in closest) == [2, 3]  # Na2.0 / Na1.0 closest (c is symmetric only to rounding)
 
 
 def test_seeded_sets_are_reproducible_and_differ():
