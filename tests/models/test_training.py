@@ -80,3 +80,51 @@ def test_runs_at_other_energies_are_refused(tiled_client):
         tiled_training_set(tiled_client, runs=[a, b])
     with pytest.raises(KeyError, match="no phasestream result for run nope"):
         tiled_training_set(tiled_client, runs=["nope"])
+
+
+def _image_run(client, images: np.ndarray, pixel_size: float) -> str:
+    """A raw run of ``images`` (one per event) in Tiled, taken by a RunEngine from an ophyd sim signal."""
+    import bluesky.plan_stubs as bps
+    from bluesky.preprocessors import run_decorator
+    from ophyd.sim import SynSignal
+
+    current = {"i": 0}
+    det = SynSignal(func=lambda: images[current["i"]], name="cam_image")
+
+    @run_decorator(md={"pixel_size": pixel_size, "pixel_unit": "nm", "phasestream": {"image_key": "cam_image"}})
+    def scan():
+        for i in range(len(images)):
+            current["i"] = i
+            yield from bps.trigger_and_read([det])
+
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    (uid,) = RE(scan())
+    return uid
+
+
+def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_path):
+    pytest.importorskip("tensorflow")
+    from phasestream.sim.phantoms import degrade, particle_phantom
+
+    # the HQ scan: a 128^2 field of a wider sample; the LQ scan: the whole 256^2 sample at half
+    # the resolution, so the HQ field sits at (40, 24) HQ pixels in the upscaled LQ scan and must be found
+    wide = np.stack([particle_phantom((256, 256), seed=s, n_particles=14) for s in (41, 42)])
+    hq = wide[:, 40:168, 24:152]
+    lq = np.stack([degrade(w, noise=0.01, seed=i) for i, w in enumerate(wide)])
+    hq_uid, lq_uid = _image_run(tiled_client, hq, 10.0), _image_run(tiled_client, lq, 20.0)
+
+    code = cli_main(["train", "indi", "--tiled", tiled_server.uri, "--lq", lq_uid, "--hq", hq_uid,
+                     "--iterations", "20", "--filters", "4", "--crop", "32", "--batch-size", "2",
+                     "--out", str(tmp_path), "--name", "indi-beamline"])
+    assert code == 0
+    art = Artifact.read(tmp_path / "indi-beamline-1.0.0")
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    training = manifest["training"]
+    assert training["source"] == "tiled" and (training["lq_run"], training["hq_run"]) == (lq_uid, hq_uid)
+    for info in training["registration"]:
+        assert np.abs(np.array(info["offset_px"]) - [40, 24]).max() <= 2  # integer search
+        assert np.abs(np.array(info["offset_px"]) - [40, 24] - info["shift_px"]).max() < 0.2  # + sub-pixel
+    assert manifest["pixel_size"] == {"lq": 20.0, "hq": 10.0, "unit": "nm"} and manifest["scale"] == 2
+    assert "api_key" not in json.dumps(manifest)
+    assert ModelRegistry([tmp_path]).get("indi-beamline").kind == "indi"
