@@ -48,6 +48,22 @@ MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "refined_phase": (np.dtype("int16"), ("y", "x")),
     "latent": (np.dtype("float32"), ("y", "x", "latent")),
     "false_positive": (np.dtype("uint8"), ("y", "x")),
+    # classic XANES methods (phasestream.services.methods_jobs)
+    "fractions_lcf": (np.dtype("float32"), ("phase", "y", "x")),
+    "fit_error": (np.dtype("float32"), ("y", "x")),
+    "reduced_chi2": (np.dtype("float32"), ("y", "x")),
+    "scale_lcf": (np.dtype("float32"), ("y", "x")),
+    "thickness": (np.dtype("float32"), ("y", "x")),
+    "normalized": (np.dtype("float32"), ("energy", "y", "x")),
+    "edge50": (np.dtype("float32"), ("y", "x")),
+    "peak_position": (np.dtype("float32"), ("y", "x")),
+    "threshold_mask": (np.dtype("uint8"), ("y", "x")),
+    "cluster_mask": (np.dtype("int16"), ("y", "x")),
+    "cluster_spectra": (np.dtype("float32"), ("cluster", "energy")),
+    "fractions_rum_tv": (np.dtype("float32"), ("phase", "y", "x")),
+    "scale_rum_tv": (np.dtype("float32"), ("y", "x")),
+    "fractions_rum_pnp": (np.dtype("float32"), ("phase", "y", "x")),
+    "scale_rum_pnp": (np.dtype("float32"), ("y", "x")),
 }
 OD_DTYPE = np.dtype("float32")
 

@@ -1,0 +1,347 @@
+"""Post-scan classic XANES methods on a run's result in Tiled (LCF, edge maps, masks, RUM).
+
+:func:`run_methods` reads the OD cube ``od`` (E, Y, X) and ``energies_eV`` of the result
+``<root>/<run uid>``, the references of the run, runs the requested methods of
+:mod:`phasestream.methods` and writes their arrays into the same result container, with
+``methods: {name: {status, parameters, seconds, arrays, errors}}`` in its metadata. Each method
+runs on its own: one that fails records ``status: failed`` and its error and the others still run.
+
+Methods (``METHODS``) and the arrays they write (see ``MAP_LAYOUT`` in services/results.py):
+
+* ``normalize``: edge normalization -> ``normalized`` (E, Y, X), ``thickness`` (Y, X) (edge jump)
+* ``lcf``: LCF of every pixel's OD (or normalized) spectrum -> ``fractions_lcf`` (K, Y, X),
+  ``fit_error`` (RSS), ``reduced_chi2``, ``scale_lcf`` (sum of the weights) (Y, X); with
+  ``lcf_sum_to_one`` (default, NNLS on OD) the weights are divided by their sum
+* ``edge50`` / ``peak``: edge-50 energy and peak-position maps (eV) -> ``edge50``, ``peak_position``
+* ``masks``: thresholds on ``thickness`` and ``fit_error`` combined -> ``threshold_mask`` (uint8)
+* ``kmeans``: k-means on the spectra -> ``cluster_mask`` (int16, -1 outside), ``cluster_spectra``
+* ``rum_tv`` / ``rum_pnp``: robust unmixing -> ``fractions_rum_tv`` (K, Y, X), ``scale_rum_tv``
+  (Y, X) (and ``_pnp``), the convergence history in the metadata
+
+Requested in the start document (``phasestream: {methods: [lcf, rum_tv]}`` or
+``{methods: {names: [...], <option>: value}}``) or with ``phasestream reprocess --method lcf UID``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from phasestream import methods as m
+from phasestream.references import ReferenceSet, load_references
+from phasestream.services.results import ResultWriter
+from phasestream.services.tiled import connect
+
+__all__ = ["METHODS", "MethodsOptions", "methods", "methods_options_from_start", "run_methods"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("normalize", "lcf", "edge50", "peak", "masks", "kmeans", "rum_tv", "rum_pnp")
+
+
+@dataclass
+class MethodsOptions:
+    """Which methods to run and their parameters (energies in eV).
+
+    Attributes
+    ----------
+    methods : names from ``METHODS``, run in the order of ``METHODS``
+    root : key of the results container in Tiled
+    references : reference set (path or registered name) overriding the run's
+    pre_edge, post_edge : normalization windows (default :func:`~phasestream.methods.default_windows`)
+    lcf_method : ``"lstsq"``, ``"nnls"`` or ``"fcls"``; lcf_input : ``"od"`` or ``"normalized"``
+    lcf_sum_to_one : divide the LCF weights by their sum (the scale of the mixture goes to ``scale_lcf``)
+    background_order : polynomial background of the LCF (None: none)
+    edge_window, peak_window : windows of the edge-50 and peak fits (default: around the steepest
+        rise / the maximum of the mean normalized spectrum, +-15 eV)
+    curve_fit, curve_order : ``"polynomial"`` / ``"spline"`` and the polynomial degree
+    thickness_min, fit_error_max : thresholds of the ``masks`` method (None: not applied)
+    n_clusters : k-means clusters
+    rum_strength, rum_lam, rum_rho, rum_max_iter, denoiser : robust unmixing parameters
+        (:func:`~phasestream.methods.robust_unmixing`)
+    """
+
+    methods: tuple[str, ...] = ("lcf",)
+    root: str = "phasestream"
+    references: str | None = None
+    pre_edge: tuple[float, float] | None = None
+    post_edge: tuple[float, float] | None = None
+    lcf_method: str = "nnls"
+    lcf_input: str = "od"
+    lcf_sum_to_one: bool = True
+    background_order: int | None = None
+    edge_window: tuple[float, float] | None = None
+    peak_window: tuple[float, float] | None = None
+    curve_fit: str = "polynomial"
+    curve_order: int = 3
+    thickness_min: float | None = None
+    fit_error_max: float | None = None
+    n_clusters: int = 3
+    rum_strength: float | None = None
+    rum_lam: float | None = None
+    rum_rho: float | None = None
+    rum_max_iter: int = 100
+    denoiser: str = "auto"
+
+    def validate(self) -> MethodsOptions:
+        names = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        unknown = [n for n in names if n not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"unknown methods {unknown or names}: choose from {METHODS}")
+        self.methods = tuple(n for n in METHODS if n in names)
+        if self.lcf_method not in m.FIT_METHODS:
+            raise ValueError(f"lcf_method must be one of {m.FIT_METHODS}, got {self.lcf_method!r}")
+        if self.lcf_input not in ("od", "normalized"):
+            raise ValueError(f"lcf_input must be 'od' or 'normalized', got {self.lcf_input!r}")
+        if self.curve_fit not in m.CURVE_FITS:
+            raise ValueError(f"curve_fit must be one of {m.CURVE_FITS}, got {self.curve_fit!r}")
+        if self.n_clusters < 1 or self.rum_max_iter < 1:
+            raise ValueError("n_clusters and rum_max_iter must be >= 1")
+        if self.denoiser not in ("auto", *m.DENOISERS):
+            raise ValueError(f"denoiser must be 'auto' or one of {m.DENOISERS}, got {self.denoiser!r}")
+        for name in ("pre_edge", "post_edge", "edge_window", "peak_window"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 2 or not float(value[0]) < float(value[1]):
+                    raise ValueError(f"{name} must be (low, high) eV with low < high, got {value!r}")
+                setattr(self, name, (float(value[0]), float(value[1])))
+        return self
+
+
+def methods_options_from_start(start_doc: Mapping[str, Any], base: MethodsOptions | None = None
+                               ) -> MethodsOptions | None:
+    """The methods a start document asks for, or None.
+
+    ``phasestream: {methods: [lcf, rum_tv]}`` (names) or ``phasestream: {methods: {names: [...],
+    <MethodsOptions field>: value, ...}}``; also accepts the ``phasestream`` block itself. Raises
+    ValueError with what is wrong for a malformed request.
+    """
+    block = start_doc.get("phasestream", start_doc) if isinstance(start_doc, Mapping) else {}
+    request = block.get("methods") if isinstance(block, Mapping) else None
+    if not request:
+        return None
+    base = base or MethodsOptions()
+    if isinstance(request, str):
+        request = [request]
+    if isinstance(request, list | tuple):
+        return replace(base, methods=tuple(str(r) for r in request)).validate()
+    if isinstance(request, Mapping):
+        allowed = {f.name for f in fields(MethodsOptions)} - {"root", "methods"}
+        unknown = set(request) - allowed - {"names"}
+        if unknown:
+            raise ValueError(f"phasestream.methods: unknown keys {sorted(unknown)} (allowed: names, {sorted(allowed)})")
+        names = request.get("names") or base.methods
+        names = (names,) if isinstance(names, str) else tuple(names)
+        return replace(base, methods=names, **{k: v for k, v in request.items() if k in allowed}).validate()
+    raise ValueError(f"phasestream.methods must be a list of names or a mapping, got {request!r}")
+
+
+def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOptions) -> ReferenceSet:
+    """The run's references: the option, the run's start document, or the result's reference name."""
+    tried = []
+    candidates = [opts.references]
+    try:
+        candidates.append(client[run_uid].metadata["start"]["phasestream"]["references"])
+    except (KeyError, TypeError):
+        tried.append(f"no raw run {run_uid} with start.phasestream.references")
+    candidates.append((md.get("references") or {}).get("name"))
+    for source in candidates:
+        if source:
+            try:
+                return load_references(source)
+            except (FileNotFoundError, ValueError) as exc:
+                tried.append(str(exc))
+    raise FileNotFoundError(f"no loadable references for run {run_uid}: {'; '.join(tried)}")
+
+
+class _Context:
+    """The inputs and intermediate results shared by the methods of one job."""
+
+    def __init__(self, od: np.ndarray, energies: np.ndarray, refs: ReferenceSet, opts: MethodsOptions):
+        self.od, self.energies, self.opts = od, energies, opts
+        self.phases = list(refs.phases)
+        self.references = refs.interpolate(energies)  # (K, E); out-of-range energies are an error
+        self._normalization: m.EdgeNormalization | None = None
+        self._lcf: m.LCFResult | None = None
+
+    @property
+    def normalization(self) -> m.EdgeNormalization:
+        if self._normalization is None:
+            self._normalization = m.normalize_edge(self.od, self.energies, pre_edge=self.opts.pre_edge,
+                                                   post_edge=self.opts.post_edge)
+        return self._normalization
+
+    @property
+    def lcf(self) -> m.LCFResult:
+        if self._lcf is None:
+            data = self.od if self.opts.lcf_input == "od" else np.nan_to_num(self.normalization.normalized)
+            self._lcf = m.linear_combination_fit(data, self.references, method=self.opts.lcf_method,
+                                                 energies=self.energies, background_order=self.opts.background_order)
+        return self._lcf
+
+    def window(self, which: str) -> tuple[float, float]:
+        given = self.opts.edge_window if which == "edge" else self.opts.peak_window
+        if given is not None:
+            return given
+        mean = np.nanmean(self.normalization.normalized.reshape(self.energies.size, -1), axis=1)
+        centre = self.energies[np.argmax(np.gradient(mean, self.energies))] if which == "edge" \
+            else self.energies[np.argmax(mean)]
+        return float(centre - 15.0), float(centre + 15.0)
+
+
+def lcf_arrays(od: np.ndarray, references: np.ndarray, energies: np.ndarray, opts: MethodsOptions,
+               result: m.LCFResult | None = None) -> dict[str, np.ndarray]:
+    """The arrays the ``lcf`` method writes, from the OD (or normalized) cube and the (K, E) references."""
+    fit = result or m.linear_combination_fit(od, references, method=opts.lcf_method, energies=energies,
+                                             background_order=opts.background_order)
+    weights = fit.fractions.astype(np.float64)
+    total = weights.sum(axis=0)
+    fractions = weights
+    if opts.lcf_sum_to_one and opts.lcf_method != "fcls":
+        fractions = np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.nan)
+    return {"fractions_lcf": fractions.astype(np.float32), "fit_error": fit.fit_error,
+            "reduced_chi2": fit.reduced_chi2, "scale_lcf": total.astype(np.float32)}
+
+
+def _normalize(ctx: _Context) -> tuple[dict, dict]:
+    n = ctx.normalization
+    return ({"normalized": n.normalized, "thickness": n.thickness},
+            {"edge_energy": n.edge_energy, "pre_edge": list(n.pre_window), "post_edge": list(n.post_window)})
+
+
+def _lcf(ctx: _Context) -> tuple[dict, dict]:
+    o = ctx.opts
+    arrays = lcf_arrays(ctx.od, ctx.references, ctx.energies, o, ctx.lcf)
+    return arrays, {"method": o.lcf_method, "input": o.lcf_input, "sum_to_one": o.lcf_sum_to_one,
+                    "background_order": o.background_order, "phases": ctx.phases}
+
+
+def _edge50(ctx: _Context) -> tuple[dict, dict]:
+    window = ctx.window("edge")
+    e50 = m.edge50_map(ctx.normalization.normalized, ctx.energies, window, fit=ctx.opts.curve_fit,
+                       order=ctx.opts.curve_order)
+    return {"edge50": e50}, {"window": list(window), "fit": ctx.opts.curve_fit, "order": ctx.opts.curve_order}
+
+
+def _peak(ctx: _Context) -> tuple[dict, dict]:
+    window = ctx.window("peak")
+    peak = m.peak_position_map(ctx.normalization.normalized, ctx.energies, window, fit=ctx.opts.curve_fit,
+                               order=ctx.opts.curve_order)
+    return {"peak_position": peak}, {"window": list(window), "fit": ctx.opts.curve_fit, "order": ctx.opts.curve_order}
+
+
+def _masks(ctx: _Context) -> tuple[dict, dict]:
+    o = ctx.opts
+    parts = []
+    if o.thickness_min is not None:
+        parts.append(m.threshold_mask(ctx.normalization.thickness, low=o.thickness_min))
+    if o.fit_error_max is not None:
+        parts.append(m.threshold_mask(ctx.lcf.fit_error, high=o.fit_error_max))
+    if not parts:
+        raise ValueError("the masks method needs thickness_min and/or fit_error_max")
+    mask = m.combine_masks(*parts)
+    return {"threshold_mask": mask}, {"thickness_min": o.thickness_min, "fit_error_max": o.fit_error_max,
+                                      "fraction": float(mask.mean())}
+
+
+def _kmeans(ctx: _Context) -> tuple[dict, dict]:
+    res = m.kmeans_clusters(ctx.od, ctx.opts.n_clusters)
+    return ({"cluster_mask": res.labels, "cluster_spectra": res.mean_spectra.astype(np.float32)},
+            {"n_clusters": ctx.opts.n_clusters, "counts": res.counts.tolist(), "inertia": res.inertia})
+
+
+def _rum(prior: str) -> Callable[[_Context], tuple[dict, dict]]:
+    def run(ctx: _Context) -> tuple[dict, dict]:
+        o = ctx.opts
+        res = m.robust_unmixing(ctx.od, ctx.references, prior=prior, lam=o.rum_lam, strength=o.rum_strength,
+                                rho=o.rum_rho, max_iter=o.rum_max_iter, denoiser=o.denoiser)
+        name = f"rum_{prior}"
+        history = {k: [float(f"{v:.6g}") for v in vals] for k, vals in res.history.items()}
+        return ({f"fractions_{name}": res.fractions, f"scale_{name}": res.scale},
+                {**res.parameters, "iterations": res.iterations, "converged": res.converged, "history": history})
+    return run
+
+
+_RUNNERS: dict[str, Callable[[_Context], tuple[dict, dict]]] = {
+    "normalize": _normalize, "lcf": _lcf, "edge50": _edge50, "peak": _peak, "masks": _masks, "kmeans": _kmeans,
+    "rum_tv": _rum("tv"), "rum_pnp": _rum("pnp"),
+}
+
+
+def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict[str, Any]:
+    """Run the requested methods on the result of run ``uid`` and write their arrays into it.
+
+    Parameters
+    ----------
+    client : Tiled client with write access
+    uid : run uid (its result is at ``<options.root>/<uid>``)
+    options : which methods and their parameters (default: LCF)
+
+    Returns
+    -------
+    The ``methods`` record written into the result metadata, ``{name: {status: complete | failed |
+    skipped, parameters, seconds, arrays, errors}}``. Bad input (no result, no OD cube, references
+    not covering the energies) is recorded as failed, not raised; a missing result container
+    (nothing to record into) is returned as ``{"_job": {status: failed, errors}}``.
+    """
+    opts = (options or MethodsOptions()).validate()
+    t0 = time.perf_counter()
+    try:
+        writer = ResultWriter.open(client, uid, root=opts.root)
+    except (KeyError, TypeError) as exc:
+        logger.warning("run %s: methods not run: %s", uid, exc)
+        return {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
+    md = writer.metadata
+    record: dict[str, Any] = dict(md.get("methods") or {})
+    try:
+        ctx = _load(client, uid, writer, md, opts)
+    except Exception as exc:  # noqa: BLE001 - any bad input is recorded on the result, never raised
+        error = f"{type(exc).__name__}: {exc}"
+        logger.warning("run %s: methods not run: %s", uid, error)
+        for name in opts.methods:
+            record[name] = {"status": "failed", "parameters": {}, "seconds": 0.0, "arrays": [], "errors": [error]}
+        writer.update_metadata(methods=record)
+        return record
+    for name in opts.methods:
+        t = time.perf_counter()
+        try:
+            arrays, params = _RUNNERS[name](ctx)
+            writer.write_maps(**arrays)
+            entry = {"status": "complete", "parameters": params, "arrays": sorted(arrays), "errors": []}
+        except Exception as exc:  # noqa: BLE001 - one method failing never stops the others
+            logger.warning("run %s: method %s failed: %s", uid, name, exc)
+            logger.debug("%s", traceback.format_exc())
+            entry = {"status": "failed", "parameters": {}, "arrays": [], "errors": [f"{type(exc).__name__}: {exc}"]}
+        entry["seconds"] = round(time.perf_counter() - t, 3)
+        record[name] = entry
+        writer.update_metadata(methods=record)
+    timings = dict(md.get("timings") or {})
+    timings["methods"] = round(time.perf_counter() - t0, 3)
+    writer.update_metadata(timings=timings)
+    return record
+
+
+def _load(client, uid: str, writer: ResultWriter, md: Mapping[str, Any], opts: MethodsOptions) -> _Context:
+    if "od" not in writer.container:
+        raise ValueError(f"the result of run {uid} has no OD cube 'od' (the worker ran with --no-od)")
+    n = int(md.get("n_energies_seen") or 0)
+    energies = np.asarray(md.get("energies_eV") or [], np.float64)[:n]
+    if n < 2 or energies.size != n:
+        raise ValueError(f"the result of run {uid} has {n} OD planes and {energies.size} energies_eV; "
+                         "need >= 2 of both")
+    od = np.asarray(writer.container["od"][:n], np.float64)
+    order = np.argsort(energies, kind="stable")  # the methods need increasing energies
+    refs = _references(client, uid, md, opts)
+    return _Context(od[order], energies[order], refs, opts)
+
+
+def methods(tiled_uri: str, run_uid: str, options: dict | MethodsOptions | None = None) -> dict[str, Any]:
+    """Post-scan job: run the classic methods on ``run_uid`` at ``tiled_uri``; a JSON-able summary."""
+    opts = options if isinstance(options, MethodsOptions) else MethodsOptions(**(options or {}))
+    return {"run_uid": run_uid, "methods": run_methods(connect(tiled_uri), run_uid, opts), "options": asdict(opts)}
