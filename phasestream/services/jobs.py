@@ -1,0 +1,301 @@
+"""Post-scan jobs on Dask distributed: one task per run, retries, a summary of successes and failures.
+
+A job is a plain function of (tiled uri, run uid, options) that returns a small JSON-able summary
+(:data:`JOBS`: ``reprocess``, ``refine``, ``enhance`` and, when the methods module is installed,
+``methods``). No client, socket or array crosses a process boundary: each task connects to Tiled
+itself, reads the run, writes its result there and returns the summary.
+
+:func:`submit_jobs` runs a list of :class:`Job` on a ``distributed.Client`` (an existing
+scheduler, ``tcp://HOST:8786``, or the :func:`dask_client` default, a ``LocalCluster`` on
+127.0.0.1) with retries; a run that fails is reported and never stops the others.
+:func:`run_jobs` runs the same list in this process, the reference the Dask path is tested
+against.
+
+Example::
+
+    jobs = [Job(uid, (("reprocess", {"backend": "numba"}),)) for uid in uids]
+    with dask_client(n_workers=2) as client:
+        report = submit_jobs(client, jobs, tiled_uri, api_key=key)
+    report.failures   # [{"run_uid": ..., "error": "KeyError: ...", ...}]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = [
+    "DEFAULT_SCHEDULER_ENV",
+    "JOBS",
+    "Job",
+    "JobReport",
+    "dask_client",
+    "run_job",
+    "run_jobs",
+    "submit_jobs",
+]
+
+logger = logging.getLogger(__name__)
+
+#: environment variable naming an existing Dask scheduler (``tcp://HOST:8786``)
+DEFAULT_SCHEDULER_ENV = "PHASESTREAM_DASK_SCHEDULER"
+
+
+def _reprocess(tiled_uri: str, run_uid: str, options: dict) -> dict:
+    from phasestream.services.reprocess import reprocess
+
+    return reprocess(tiled_uri, run_uid, options)
+
+
+def _refine(tiled_uri: str, run_uid: str, options: dict) -> dict:
+    from phasestream.services.refinement import refine
+
+    summary = refine(tiled_uri, run_uid, options)
+    return {**summary, "status": summary["refinement"]["status"]}
+
+
+def _enhance(tiled_uri: str, run_uid: str, options: dict) -> dict:
+    from phasestream.services.enhancement import enhance
+
+    summary = enhance(tiled_uri, run_uid, options)
+    return {**summary, "status": summary["enhancement"]["status"]}
+
+
+def _methods_job() -> Callable[[str, str, dict], dict] | None:
+    """The ``methods`` job (LCF, unmixing) when ``phasestream.services.methods_jobs`` provides it."""
+    try:
+        from phasestream.services.methods_jobs import run_methods  # noqa: F401
+    except ImportError:
+        return None
+
+    def _methods(tiled_uri: str, run_uid: str, options: dict) -> dict:
+        from phasestream.services import methods_jobs
+
+        opts = options
+        if hasattr(methods_jobs, "MethodsOptions") and isinstance(options, dict):
+            opts = methods_jobs.MethodsOptions(**options)
+        summary = methods_jobs.run_methods(tiled_uri, run_uid, opts)
+        if isinstance(summary, dict):
+            return {"status": "complete", **summary}
+        return {"run_uid": run_uid, "status": "complete", "result": summary}
+
+    return _methods
+
+
+def _registry() -> dict[str, Callable[[str, str, dict], dict]]:
+    jobs: dict[str, Callable[[str, str, dict], dict]] = {
+        "reprocess": _reprocess,
+        "refine": _refine,
+        "enhance": _enhance,
+    }
+    methods = _methods_job()
+    if methods is not None:
+        jobs["methods"] = methods
+    return jobs
+
+
+#: job name -> function of (tiled uri, run uid, options dict) returning a JSON-able summary with ``status``
+JOBS: dict[str, Callable[[str, str, dict], dict]] = _registry()
+
+
+@dataclass(frozen=True)
+class Job:
+    """The post-scan work for one run: steps ``(job name, options dict)`` run in order in one task.
+
+    Steps of one run stay in one task because they build on each other (reprocess, then enhance,
+    then refine); different runs are independent tasks.
+    """
+
+    run_uid: str
+    steps: tuple[tuple[str, dict], ...] = (("reprocess", {}),)
+
+    def validate(self) -> Job:
+        if not self.run_uid:
+            raise ValueError("a job needs a run uid")
+        if not self.steps:
+            raise ValueError(f"job for run {self.run_uid} has no steps")
+        for name, _ in self.steps:
+            if name not in JOBS:
+                raise ValueError(f"unknown job {name!r} for run {self.run_uid}; known: {sorted(JOBS)}")
+        return self
+
+
+@dataclass
+class JobReport:
+    """What became of a list of jobs: one summary per successful run, one error per failed run."""
+
+    successes: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict:
+        return {"successes": self.successes, "failures": self.failures, "seconds": self.seconds,
+                "n_runs": len(self.successes) + len(self.failures)}
+
+
+def _with_api_key(tiled_uri: str, api_key: str | None) -> str:
+    if not api_key:
+        return tiled_uri
+    parts = urlsplit(tiled_uri)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"] + [("api_key", api_key)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def run_job(job: Job, tiled_uri: str, api_key: str | None = None) -> dict:
+    """Run the steps of ``job`` here; the summary of each step under ``steps``.
+
+    ``status`` is ``complete`` when every step completed, else the first other step status (e.g.
+    ``partial``, ``skipped``). Exceptions propagate (Dask retries the task, then reports it).
+    """
+    job.validate()
+    uri = _with_api_key(tiled_uri, api_key)
+    t0 = time.perf_counter()
+    steps: dict[str, dict] = {}
+    status = "complete"
+    for name, options in job.steps:
+        summary = JOBS[name](uri, job.run_uid, dict(options or {}))
+        steps[name] = summary
+        if status == "complete" and summary.get("status") != "complete":
+            status = str(summary.get("status"))
+    return {"run_uid": job.run_uid, "status": status, "steps": steps, "seconds": time.perf_counter() - t0}
+
+
+def _failure(job: Job, error: BaseException | str) -> dict:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"run_uid": job.run_uid, "status": "failed", "error": text}
+
+
+def _step_reason(step: dict) -> str:
+    record = step.get("refinement") or step.get("enhancement") or {}
+    return str(record.get("reason") or "; ".join(step.get("errors") or []))
+
+
+def _record(report: JobReport, summary: dict) -> None:
+    """A summary whose status is not ``complete`` (partial, failed, skipped) counts as a failure."""
+    if summary["status"] == "complete":
+        report.successes.append(summary)
+        return
+    reasons = [f"{name} {step.get('status')}" + (f": {_step_reason(step)}" if _step_reason(step) else "")
+               for name, step in summary["steps"].items() if step.get("status") != "complete"]
+    report.failures.append({**summary, "error": "; ".join(reasons)})
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", disable=not enabled or total < 2)
+
+
+def run_jobs(jobs: Sequence[Job], tiled_uri: str, *, api_key: str | None = None, progress: bool = False,
+             on_done: Callable[[dict], None] | None = None) -> JobReport:
+    """Run ``jobs`` one after the other in this process (the reference for :func:`submit_jobs`)."""
+    jobs = [job.validate() for job in jobs]
+    report = JobReport()
+    t0 = time.perf_counter()
+    with _progress(len(jobs), progress, "reprocess") as bar:
+        for job in jobs:
+            try:
+                summary = run_job(job, tiled_uri, api_key)
+            except Exception as exc:  # noqa: BLE001 - one failed run never stops the others
+                logger.warning("run %s failed: %s", job.run_uid, exc)
+                summary = _failure(job, exc)
+                report.failures.append(summary)
+            else:
+                _record(report, summary)
+            if on_done is not None:
+                on_done(summary)
+            bar.update(1)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
+                threads_per_worker: int = 1) -> Iterator[Any]:
+    """A ``distributed.Client``: to ``scheduler`` (or ``$PHASESTREAM_DASK_SCHEDULER``) when given,
+    else to a ``LocalCluster`` on 127.0.0.1 (worker processes, no dashboard) closed on exit.
+
+    Parameters
+    ----------
+    scheduler : address of an existing scheduler, e.g. ``tcp://10.0.0.5:8786``
+    n_workers : LocalCluster only; default the number of cores (at most 4)
+    threads_per_worker : LocalCluster only; 1 because the kernels use every core of a process
+    """
+    from distributed import Client, LocalCluster
+
+    address = scheduler or os.environ.get(DEFAULT_SCHEDULER_ENV) or None
+    if address:
+        client = Client(address, timeout="10s")
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers = n_workers or max(1, min(4, os.cpu_count() or 1))
+    env = {"NUMBA_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                      host="127.0.0.1", dashboard_address=None, env=env) as cluster, Client(cluster) as client:
+        yield client
+
+
+def submit_jobs(client_or_address, jobs: Iterable[Job], tiled_uri: str, *, api_key: str | None = None,
+                retries: int = 2, progress: bool = True,
+                on_done: Callable[[dict], None] | None = None) -> JobReport:
+    """Run ``jobs`` on Dask, one task per run, each retried up to ``retries`` times on an exception.
+
+    Parameters
+    ----------
+    client_or_address : a ``distributed.Client`` or a scheduler address
+    jobs : the runs and their steps
+    tiled_uri, api_key : the Tiled server every worker connects to (the key travels in Dask's
+        own protocol, never in a result)
+    progress : a tqdm bar on stderr
+    on_done : called with each run's summary (success or failure) as it finishes
+
+    Returns
+    -------
+    :class:`JobReport`; failures carry ``error`` (``"KeyError: no raw run ..."``).
+    """
+    from distributed import Client, as_completed
+
+    jobs = [job.validate() for job in jobs]
+    own = not isinstance(client_or_address, Client)
+    client = Client(client_or_address, timeout="10s") if own else client_or_address
+    report = JobReport()
+    t0 = time.perf_counter()
+    try:
+        futures = {}
+        for job in jobs:
+            future = client.submit(run_job, job, tiled_uri, api_key, retries=retries, pure=False,
+                                   key=f"phasestream-{job.run_uid}-{time.monotonic_ns()}")
+            futures[future] = job
+        with _progress(len(jobs), progress, "reprocess") as bar:
+            for future in as_completed(futures):
+                job = futures[future]
+                if future.status == "error":
+                    error = future.exception()
+                    logger.warning("run %s failed after %d retries: %s", job.run_uid, retries, error)
+                    summary = _failure(job, error)
+                    report.failures.append(summary)
+                else:
+                    summary = future.result()
+                    _record(report, summary)
+                if on_done is not None:
+                    on_done(summary)
+                bar.update(1)
+                future.release()
+    finally:
+        if own:
+            client.close()
+    report.seconds = time.perf_counter() - t0
+    return report

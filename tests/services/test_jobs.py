@@ -1,0 +1,114 @@
+"""Post-scan jobs on Dask distributed: same results as in-process, failed runs reported, the others complete."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from phasestream.references import load_references, select_energies
+from phasestream.services.jobs import JOBS, Job, dask_client, run_job, run_jobs, submit_jobs
+from phasestream.services.tiled import raw_run_writer
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
+ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
+
+
+def write_raw_runs(client, states, *, shape=(32, 32)) -> list[str]:
+    """Simulated STXM scans stored as raw runs by TiledWriter; their uids."""
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    uids = []
+    for i, soc in enumerate(states):
+        sample = make_sample(shape, state_of_charge=soc, seed=10 + i, n_particles=2)
+        energy = make_energy()
+        det = TransmissionDetector(sample, energy, mode="stxm", i0=5000.0, seed=i)
+        (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, mode="stxm", i0_key=det.i0_key))
+        uids.append(uid)
+    return uids
+
+
+def corrupt_raw_images(server_directory, uid: str) -> None:
+    """Overwrite the stored image chunks of a raw run: reading them back fails on the server."""
+    chunks = [p for p in pathlib.Path(server_directory, "data", uid).rglob("*")
+              if p.is_file() and "det_img" in p.parts and p.name != "zarr.json"]
+    assert chunks, f"no image chunks of {uid} under {server_directory}"
+    for path in chunks:
+        path.write_bytes(b"corrupted")
+
+
+def results(client, uids) -> dict[str, dict[str, np.ndarray]]:
+    return {uid: {k: client["phasestream"][uid][k].read() for k in ARRAYS} for uid in uids}
+
+
+@pytest.fixture(autouse=True)
+def fail_fast(monkeypatch):
+    """Tiled's client retries a server error for up to 45 s: once is enough for a corrupted run.
+
+    Set in the environment too, for the Dask worker processes started by the test.
+    """
+    import tiled.client.utils
+
+    monkeypatch.setenv("TILED_RETRY_ATTEMPTS", "1")
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+
+
+@pytest.fixture(scope="module")
+def runs(tiled_server, tiled_client):
+    good = write_raw_runs(tiled_client, (3.0, 2.0, 1.0))
+    (bad,) = write_raw_runs(tiled_client, (2.0,))
+    corrupt_raw_images(tiled_server.directory, bad)
+    return good, bad
+
+
+def test_registry_has_the_post_scan_jobs():
+    assert {"reprocess", "refine", "enhance"} <= set(JOBS)
+    with pytest.raises(ValueError, match="unknown job"):
+        Job("uid", (("no-such-job", {}),)).validate()
+
+
+def test_dask_equals_in_process_and_failures_are_reported(tiled_server, tiled_client, runs):
+    good, bad = runs
+    jobs = [Job(uid, (("reprocess", {"backend": "numba"}),)) for uid in [*good, bad]]
+    local = run_jobs(jobs, tiled_server.uri)
+    assert sorted(s["run_uid"] for s in local.successes) == sorted(good)
+    assert [f["run_uid"] for f in local.failures] == [bad]
+    reference = results(tiled_client, good)
+    for uid in good:  # clear the results, so that Dask has to write them again
+        tiled_client["phasestream"].delete_contents(uid, recursive=True, external_only=False)
+
+    seen = []
+    with dask_client(n_workers=2) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        report = submit_jobs(client, jobs, tiled_server.uri, retries=1, progress=False, on_done=seen.append)
+    assert sorted(s["run_uid"] for s in report.successes) == sorted(good)
+    assert all(s["status"] == "complete" for s in report.successes)
+    (failure,) = report.failures
+    assert failure["run_uid"] == bad and failure["status"] == "failed"
+    assert "500" in failure["error"] or "Error" in failure["error"]
+    assert len(seen) == len(jobs)
+    distributed = results(tiled_client, good)
+    for uid in good:
+        for key in ARRAYS:
+            np.testing.assert_array_equal(distributed[uid][key], reference[uid][key], err_msg=f"{uid} {key}")
+
+
+def test_unknown_run_fails_without_stopping_the_others(tiled_server, runs):
+    good, _ = runs
+    jobs = [Job("no-such-run"), Job(good[0], (("reprocess", {"backend": "numpy"}),))]
+    with dask_client(n_workers=1) as client:
+        report = submit_jobs(client.scheduler.address, jobs, tiled_server.uri, retries=0, progress=False)
+    assert [s["run_uid"] for s in report.successes] == [good[0]]
+    assert report.failures[0]["run_uid"] == "no-such-run"
+    assert "KeyError" in report.failures[0]["error"]
+
+
+def test_api_key_travels_separately(tiled_server, runs):
+    good, _ = runs
+    uri, _, key = tiled_server.uri.partition("?api_key=")
+    summary = run_job(Job(good[1], (("reprocess", {"backend": "numpy"}),)), uri, api_key=key)
+    assert summary["status"] == "complete"
+    assert summary["steps"]["reprocess"]["run_uid"] == good[1]
