@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from tiled.client.container import Container
 from tiled.queries import Key
@@ -19,7 +21,8 @@ from phasestream.services.results import STATUSES
 #: final states of the post-scan GMVAE refinement (``metadata["refinement"]["status"]``)
 REFINEMENT_STATUSES = ("complete", "skipped", "failed")
 
-__all__ = ["FINAL_STATUSES", "REFINEMENT_STATUSES", "find", "result_rows", "wait_for_refinement", "wait_for_result"]
+__all__ = ["FINAL_STATUSES", "REFINEMENT_STATUSES", "find", "find_raw_runs", "result_rows", "wait_for_refinement",
+           "wait_for_result"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,39 @@ def find(
     if status is not None:
         results = results.search(Key("status") == status)
     return dict(results.items())
+
+
+def find_raw_runs(
+    client: Container,
+    *,
+    state_of_charge: float | None = None,
+    tolerance: float = 0.0,
+    query: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Uids of the raw runs (TiledWriter, at the top level) whose start document matches, sorted by start time.
+
+    Parameters
+    ----------
+    state_of_charge : match ``|start.sample.state_of_charge - x| <= tolerance``
+    query : start-document keys (dotted) and values that must be equal, e.g.
+        ``{"sample.name": "P1", "scan_id": 12}``
+    """
+    if state_of_charge is None and not query:
+        raise ValueError("find_raw_runs needs state_of_charge= or query= (refusing to select every run)")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    runs = client
+    if state_of_charge is not None:
+        soc, key = float(state_of_charge), Key("start.sample.state_of_charge")
+        if tolerance == 0:
+            runs = runs.search(key == soc)
+        else:
+            runs = runs.search(key >= soc - tolerance).search(key <= soc + tolerance)
+    for name, value in (query or {}).items():
+        runs = runs.search(Key(f"start.{name}") == value)
+    found = [(node.metadata.get("start", {}).get("time", 0.0), uid) for uid, node in runs.items()
+             if "start" in node.metadata]
+    return [uid for _, uid in sorted(found)]
 
 
 def result_rows(results: dict[str, Container]) -> list[dict]:

@@ -133,40 +133,83 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query_pairs(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` start-document criteria; values are JSON when they parse (2.0, true, "x"), else text."""
+    query = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--query takes KEY=VALUE (a start-document key, e.g. sample.name=P1), got {pair!r}")
+        try:
+            query[key] = json.loads(value)
+        except ValueError:
+            query[key] = value
+    return query
+
+
+def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list:
+    from dataclasses import asdict
+
+    from phasestream.services.jobs import Job
+    from phasestream.services.reprocess import ReprocessOptions
+
+    steps = []
+    if not args.refine_only:
+        opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references).validate()
+        steps.append(("reprocess", asdict(opts)))
+    if args.enhance:
+        steps.append(("enhance", asdict(_enhance_options(args))))
+    if args.refine:
+        steps.append(("refine", asdict(_refine_options(args))))
+    return [Job(uid, tuple(steps)).validate() for uid in uids]
+
+
+def _print_job(summary: dict) -> None:
+    steps = summary.get("steps") or {}
+    detail = ", ".join(f"{name} {step.get('status')}" for name, step in steps.items())
+    if summary["status"] == "complete":
+        print(f"{summary['run_uid']}: complete" + (f" ({detail})" if len(steps) > 1 else ""), flush=True)
+    else:
+        print(f"{summary['run_uid']}: failed: {summary.get('error') or detail}", file=sys.stderr, flush=True)
+
+
 def _cmd_reprocess(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from phasestream.catalog import find_raw_runs
+    from phasestream.services.jobs import dask_client, run_jobs, submit_jobs
 
-    from phasestream.services.reprocess import ReprocessOptions, reprocess_run
-
-    opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references).validate()
-    refine_opts = _refine_options(args) if args.refine else None
-    failures = 0
-    with tiled_client(args, readable_storage=args.readable_storage) as (client, _):
-        for uid in tqdm(args.uids, desc="reprocess", unit="run", disable=len(args.uids) < 2):
-            try:
-                if not args.refine_only:
-                    result = reprocess_run(client, uid, opts)
-                    print(f"{uid}: {result.status}" + (f" ({'; '.join(result.errors)})" if result.errors else ""))
-                    failures += result.status not in ("complete",)
-                if args.enhance:
-                    from phasestream.services.enhancement import enhance_result
-
-                    record = enhance_result(client, uid, _enhance_options(args))
-                    detail = record.get("reason") or f"{record['steps']} steps, {record['shape']}"
-                    print(f"{uid}: enhancement {record['status']} ({detail})")
-                    failures += record["status"] != "complete"
-                if refine_opts is not None:
-                    from phasestream.services.refinement import refine_result
-
-                    record = refine_result(client, uid, refine_opts)
-                    detail = record.get("reason") or f"{100 * record['reassigned_fraction']:.1f}% of particle " \
-                        "pixels reassigned"
-                    print(f"{uid}: refinement {record['status']} ({detail})")
-                    failures += record["status"] != "complete"
-            except (KeyError, RuntimeError, ValueError) as exc:
-                failures += 1
-                print(f"{uid}: failed: {exc}", file=sys.stderr)
-    return 1 if failures else 0
+    query = _query_pairs(args.query)
+    if not (args.uids or args.soc is not None or query):
+        raise ValueError("reprocess needs run uids, --soc X or --query KEY=VALUE")
+    scheduler = args.scheduler
+    in_process = args.in_process or (scheduler or "").lower() == "none"
+    if scheduler and not in_process and not args.tiled:
+        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
+    with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
+        uids = list(dict.fromkeys(args.uids))
+        if args.soc is not None or query:
+            uids += [u for u in find_raw_runs(client, state_of_charge=args.soc, tolerance=args.tolerance,
+                                              query=query) if u not in uids]
+            if not uids:
+                print("no raw runs match", file=sys.stderr)
+                return 1
+        jobs = _reprocess_jobs(args, uids)
+        api_key = None if "api_key=" in uri else os.environ.get("TILED_API_KEY")
+        progress = not args.json and sys.stderr.isatty()
+        # one run gains nothing from a cluster: it runs here unless a scheduler is named
+        if in_process or (len(jobs) == 1 and not scheduler):
+            report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=_print_job)
+            where = "in process"
+        else:
+            with dask_client(None if scheduler in (None, "local") else scheduler, n_workers=args.workers) as dask:
+                where = f"on Dask ({len(dask.scheduler_info()['workers'])} workers at {dask.scheduler.address})"
+                report = submit_jobs(dask, jobs, uri, api_key=api_key, retries=args.retries, progress=progress,
+                                     on_done=_print_job)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        print(f"{len(report.successes)} of {len(jobs)} runs complete, {len(report.failures)} failed, "
+              f"in {report.seconds:.1f} s {where}")
+    return 0 if report.ok else 1
 
 
 def _refine_options(args: argparse.Namespace):
@@ -408,7 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reprocess", help="recompute results from raw runs already in Tiled")
     _add_tiled_options(rep)
-    rep.add_argument("uids", nargs="+", metavar="UID", help="raw run uids")
+    rep.add_argument("uids", nargs="*", metavar="UID", help="raw run uids (or select runs with --soc / --query)")
+    rep.add_argument("--soc", type=float, default=None, metavar="X",
+                     help="every raw run whose start document has sample.state_of_charge X")
+    rep.add_argument("--tolerance", type=float, default=0.0, help="--soc: match |SoC - X| <= tolerance")
+    rep.add_argument("--query", action="append", metavar="KEY=VALUE",
+                     help="every raw run whose start document has KEY (dotted) equal to VALUE; repeatable")
+    rep.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+                     help="Dask scheduler, e.g. tcp://HOST:8786 (default $PHASESTREAM_DASK_SCHEDULER, else a "
+                          "LocalCluster on this host for 2 runs or more); 'none': in this process")
+    rep.add_argument("--in-process", action="store_true", help="no Dask: the runs one after the other here")
+    rep.add_argument("--workers", type=int, default=None,
+                     help="LocalCluster worker processes (default: the number of cores, at most 4)")
+    rep.add_argument("--retries", type=int, default=2, help="Dask retries of a failed run (default 2)")
+    rep.add_argument("--json", action="store_true", help="print the summary of successes and failures as JSON")
     rep.add_argument("--root", default="phasestream")
     rep.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
     rep.add_argument("--references", default=None, help="override the runs' reference spectra")

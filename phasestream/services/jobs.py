@@ -70,20 +70,21 @@ def _enhance(tiled_uri: str, run_uid: str, options: dict) -> dict:
 def _methods_job() -> Callable[[str, str, dict], dict] | None:
     """The ``methods`` job (LCF, unmixing) when ``phasestream.services.methods_jobs`` provides it."""
     try:
-        from phasestream.services.methods_jobs import run_methods  # noqa: F401
+        from phasestream.services.methods_jobs import MethodsOptions, run_methods  # noqa: F401
     except ImportError:
         return None
 
     def _methods(tiled_uri: str, run_uid: str, options: dict) -> dict:
-        from phasestream.services import methods_jobs
+        from phasestream.services.methods_jobs import MethodsOptions, run_methods
+        from phasestream.services.tiled import connect
 
-        opts = options
-        if hasattr(methods_jobs, "MethodsOptions") and isinstance(options, dict):
-            opts = methods_jobs.MethodsOptions(**options)
-        summary = methods_jobs.run_methods(tiled_uri, run_uid, opts)
-        if isinstance(summary, dict):
-            return {"status": "complete", **summary}
-        return {"run_uid": run_uid, "status": "complete", "result": summary}
+        opts = MethodsOptions(**options)
+        record = run_methods(connect(tiled_uri), run_uid, opts)
+        failed = {name: entry for name, entry in record.items()
+                  if (name in opts.methods or name == "_job") and entry.get("status") != "complete"}
+        status = "complete" if not failed else "failed"
+        errors = [f"{name}: {'; '.join(entry.get('errors') or [])}" for name, entry in failed.items()]
+        return {"run_uid": run_uid, "status": status, "methods": record, "errors": errors}
 
     return _methods
 

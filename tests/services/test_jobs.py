@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -112,3 +113,28 @@ def test_api_key_travels_separately(tiled_server, runs):
     summary = run_job(Job(good[1], (("reprocess", {"backend": "numpy"}),)), uri, api_key=key)
     assert summary["status"] == "complete"
     assert summary["steps"]["reprocess"]["run_uid"] == good[1]
+
+
+def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys):
+    from phasestream.cli import main
+
+    good, bad = runs  # states 3.0, 2.0, 1.0; the corrupted run is at 2.0 too
+    code = main(["reprocess", "--tiled", tiled_server.uri, "--soc", "2.0", "--workers", "2", "--retries", "0",
+                 "--backend", "numpy", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1  # one run failed
+    summary = json.loads(out[out.index("{"):])
+    assert [s["run_uid"] for s in summary["successes"]] == [good[1]]
+    assert [f["run_uid"] for f in summary["failures"]] == [bad]
+    assert f"{bad}: failed" in err
+
+
+def test_reprocess_command_in_process_and_query(tiled_server, runs, capsys):
+    from phasestream.cli import main
+
+    good, _ = runs
+    code = main(["reprocess", "--tiled", tiled_server.uri, "--query", "sample.state_of_charge=3.0", "--in-process",
+                 "--backend", "numpy"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"{good[0]}: complete" in out and "1 of 1 runs complete, 0 failed" in out
