@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Python's SQLite first: a test module that imports TensorFlow before any Tiled server starts
+# would otherwise load TensorFlow's bundled SQLite, which lacks the FTS5 module Tiled's catalog needs
+import sqlite3  # noqa: F401
+
 import pytest
 
 from phasestream.kernels.backend import cupy_available

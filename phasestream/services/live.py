@@ -14,18 +14,14 @@ result from the full data. Reprocessing runs on its own thread so the document s
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import queue
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.services.enhancement import EnhanceOptions, enhance_options_from_start, enhance_result
+from phasestream.services.process import ServiceProcess
 from phasestream.services.refinement import RefineOptions, refine_result
 from phasestream.services.reprocess import ReprocessOptions, reprocess_run
 from phasestream.services.results import ResultWriter
@@ -173,7 +169,7 @@ class LiveService:
         self.callback.close()
 
 
-class ServeProcess:
+class ServeProcess(ServiceProcess):
     """``phasestream serve`` in a subprocess, for demos, benchmarks and tests.
 
     The Tiled API key travels in the environment (``TILED_API_KEY``), not on the command line.
@@ -191,49 +187,5 @@ class ServeProcess:
     def __init__(self, address: str, tiled_uri: str, *, args: tuple[str, ...] = (), timeout: float = 120.0):
         base, _, query = tiled_uri.partition("?")
         key = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("api_key")
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **({"TILED_API_KEY": key} if key else {}))
-        self.command = [sys.executable, "-m", "phasestream.cli", "serve", "--zmq", address, "--tiled", base, *args]
-        self.timeout = timeout
-        self.proc: subprocess.Popen | None = None
-        self._lines: queue.Queue = queue.Queue()
-
-    def start(self) -> ServeProcess:
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, env=self.env)
-        threading.Thread(target=lambda: [self._lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        end = time.monotonic() + self.timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError(f"analysis worker did not connect within {self.timeout:.0f} s") from None
-            if '"ready"' in line:
-                logger.info("worker ready: %s", line.strip())
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"analysis worker exited with status {self.proc.returncode}")
-
-    def stop(self, timeout: float = 30.0) -> dict:
-        """Terminate the worker (SIGTERM: it finishes queued writes) and return its final stats."""
-        if self.proc is None:
-            return {}
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        time.sleep(0.1)  # let the reader thread take the last lines
-        stats: dict = {}
-        while not self._lines.empty():
-            line = self._lines.get()
-            if '"stopped"' in line:
-                stats = json.loads(line).get("stats", {})
-        return stats
-
-    def __enter__(self) -> ServeProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(("serve", "--zmq", address, "--tiled", base, *args),
+                         env={"TILED_API_KEY": key} if key else None, timeout=timeout, what="analysis worker")

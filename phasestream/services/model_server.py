@@ -32,9 +32,7 @@ import itertools
 import json
 import logging
 import os
-import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -47,6 +45,7 @@ import numpy as np
 import zmq
 
 from phasestream.models.registry import ArtifactError, ModelNotFoundError, ModelRegistry
+from phasestream.services.process import ServiceProcess
 from phasestream.services.wire import WireFormatError, deserialize, serialize
 
 __all__ = ["DEFAULT_MODEL_ADDRESS", "OPS", "EncodeResult", "ModelClient", "ModelServer", "ModelServerConfig",
@@ -491,52 +490,17 @@ class ModelClient:
 # ---------------------------------------------------------------------------------------------- process
 
 
-class ModelServerProcess:
+class ModelServerProcess(ServiceProcess):
     """``phasestream serve-models`` in a subprocess (demo, tests); ``address`` once started."""
 
     def __init__(self, bind: str = "tcp://127.0.0.1:*", *, args: tuple[str, ...] = (), timeout: float = 120.0,
                  env: dict[str, str] | None = None):
-        self.command = [sys.executable, "-m", "phasestream.cli", "serve-models", "--bind", bind, *args]
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.timeout = timeout
-        self.proc: subprocess.Popen | None = None
-        self.address: str | None = None
-        self.lines: queue.Queue = queue.Queue()
+        super().__init__(("serve-models", "--bind", bind, *args), env=env, timeout=timeout, what="model server")
 
-    def start(self) -> ModelServerProcess:
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, env=self.env)
-        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        end = time.monotonic() + self.timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError(f"model server did not start within {self.timeout:.0f} s") from None
-            if '"ready"' in line:
-                self.address = json.loads(line)["address"]
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"model server exited with status {self.proc.returncode}")
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-    def __enter__(self) -> ModelServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    @property
+    def address(self) -> str | None:
+        """The bound address (``tcp://127.0.0.1:PORT``) once started."""
+        return self.ready.get("address")
 
 
 def serve_models(config: ModelServerConfig) -> int:

@@ -1,0 +1,93 @@
+"""A ``phasestream`` service command in a subprocess, started once it says it is ready.
+
+Every long-running command (``serve``, ``serve-models``) prints one JSON line containing
+``"ready"`` when it can take work, and a JSON line containing ``"stopped"`` (with its final
+statistics) when SIGTERM has stopped it cleanly. :class:`ServiceProcess` starts such a command,
+waits for the ready line, and stops it with SIGTERM (then SIGKILL after a timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+__all__ = ["ServiceProcess"]
+
+
+class ServiceProcess:
+    """``python -m phasestream.cli ARGS...`` in a subprocess; use as a context manager or start/stop.
+
+    Parameters
+    ----------
+    args : the command line after ``phasestream``, e.g. ``("serve-models", "--bind", ADDR)``
+    env : variables added to this process's environment (secrets go here, not on the command line)
+    timeout : seconds to wait for the ready line
+    what : the service's name in error messages
+
+    Attributes
+    ----------
+    ready : the parsed ready line once started
+    stopped : the parsed stopped line once stopped (None if it never came: killed, crashed)
+    proc : the :class:`subprocess.Popen`
+    """
+
+    def __init__(self, args: tuple[str, ...], *, env: dict[str, str] | None = None, timeout: float = 120.0,
+                 what: str = "service"):
+        self.command = [sys.executable, "-m", "phasestream.cli", *args]
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.timeout = timeout
+        self.what = what
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict = {}
+        self.stopped: dict | None = None
+        self._lines: queue.Queue = queue.Queue()
+
+    def start(self):
+        """Start the command and return ``self`` once it printed its ready line."""
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, env=self.env)
+        threading.Thread(target=lambda: [self._lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        end = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"{self.what} did not start within {self.timeout:.0f} s") from None
+            if '"ready"' in line:
+                self.ready = json.loads(line)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.what} exited with status {self.proc.returncode}")
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        """SIGTERM, wait (SIGKILL after ``timeout`` s) and return the ``stopped`` line's statistics."""
+        if self.proc is None:
+            return {}
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        time.sleep(0.1)  # let the reader thread take the last lines
+        while not self._lines.empty():
+            line = self._lines.get()
+            if '"stopped"' in line:
+                self.stopped = json.loads(line)
+        return (self.stopped or {}).get("stats", {})
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
