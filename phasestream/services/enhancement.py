@@ -16,7 +16,6 @@ cube records ``status: skipped`` and the reason.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from phasestream.services.model_server import (
     ModelServerError,
     ModelServerUnavailable,
 )
+from phasestream.services.postscan import recorded_job
 from phasestream.services.results import ResultWriter
 from phasestream.services.tiled import connect
 
@@ -78,22 +78,13 @@ def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = 
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
     own = model_client is None
     client = model_client or ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries)
-    t0 = time.perf_counter()
     try:
-        record = _enhance(writer, client, opts)
-    except ModelServerUnavailable as exc:
-        record = {"status": "skipped", "reason": str(exc)}
-    except (ModelServerError, ValueError) as exc:
-        record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        return recorded_job(writer, "enhancement", lambda: _enhance(writer, client, opts),
+                            skipped=(ModelServerUnavailable,), failed=(ModelServerError, ValueError),
+                            retry=f"phasestream reprocess --enhance {run_uid}", extra={"model": opts.model})
     finally:
         if own:
             client.close()
-    record.update(model=opts.model, seconds=round(time.perf_counter() - t0, 3))
-    if record["status"] != "complete":
-        record["retry"] = f"phasestream reprocess --enhance {run_uid}"
-        logger.warning("run %s: enhancement %s: %s", run_uid, record["status"], record["reason"])
-    writer.update_metadata(enhancement=record)
-    return record
 
 
 def _enhance(writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) -> dict[str, Any]:

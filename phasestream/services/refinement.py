@@ -16,7 +16,6 @@ UID`` does it later. :func:`refine` is the plain post-scan job (tiled uri, run u
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from phasestream.services.model_server import (
     ModelServerError,
     ModelServerUnavailable,
 )
+from phasestream.services.postscan import recorded_job
 from phasestream.services.results import ResultWriter
 from phasestream.services.tiled import connect
 
@@ -115,22 +115,14 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
     own_client = model_client is None
     client = model_client or ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries)
-    t0 = time.perf_counter()
     try:
-        record = _refine(writer, client, opts)
-    except (RefinementSkipped, ModelServerUnavailable) as exc:
-        record = {"status": "skipped", "reason": str(exc)}
-    except (ModelServerError, ValueError) as exc:
-        record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        return recorded_job(writer, "refinement", lambda: _refine(writer, client, opts),
+                            skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
+                            retry=f"phasestream reprocess --refine {run_uid}",
+                            extra={"strategy": opts.strategy, "model": opts.model})
     finally:
         if own_client:
             client.close()
-    record.update(strategy=opts.strategy, model=opts.model, seconds=round(time.perf_counter() - t0, 3))
-    if record["status"] != "complete":
-        record["retry"] = f"phasestream reprocess --refine {run_uid}"
-        logger.warning("run %s: refinement %s: %s", run_uid, record["status"], record["reason"])
-    writer.update_metadata(refinement=record)
-    return record
 
 
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""What every post-scan job on a result does around its work: time it, turn expected failures into
+a recorded outcome, and write that record into the result's metadata."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from phasestream.services.results import ResultWriter
+
+__all__ = ["recorded_job"]
+
+logger = logging.getLogger(__name__)
+
+
+def recorded_job(
+    writer: ResultWriter,
+    key: str,
+    work: Callable[[], dict[str, Any]],
+    *,
+    skipped: tuple[type[BaseException], ...] = (),
+    failed: tuple[type[BaseException], ...] = (ValueError,),
+    retry: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``work`` (returning its record, ``status`` included) and write the record as metadata ``key``.
+
+    An exception of a ``skipped`` type becomes ``{status: skipped, reason}``, one of a ``failed``
+    type ``{status: failed, reason}``; anything else propagates (a bug, not bad input). The
+    record gets ``seconds``, ``extra`` and, unless complete, the ``retry`` command and a warning.
+    """
+    t0 = time.perf_counter()
+    try:
+        record = work()
+    except skipped as exc:
+        record = {"status": "skipped", "reason": str(exc)}
+    except failed as exc:
+        record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    record.update(extra or {}, seconds=round(time.perf_counter() - t0, 3))
+    if record["status"] != "complete":
+        record["retry"] = retry
+        logger.warning("run %s: %s %s: %s", writer.run_uid, key, record["status"], record.get("reason"))
+    writer.update_metadata(**{key: record})
+    return record
