@@ -1,0 +1,356 @@
+"""The whole service on one host: start (``phasestream up``), check (``status``) and stop (``down``) it.
+
+Components, in start order (each waits for the ones before it):
+
+==============  ==================================================================  =========================
+name            command                                                             healthy when
+==============  ==================================================================  =========================
+tiled           ``python -m tiled serve config CONFIG --host H --port 8000``        ``/healthz`` 200 and the
+                                                                                    API key accepted
+proxy           ``python -m phasestream.services.wire proxy --in :5577 --out :5578``  both ports accept
+models          ``phasestream serve-models --bind tcp://H:5579``                    ``health`` op answers ok
+scheduler       ``python -m dask scheduler --host H --port 8786``                   ``scheduler_info()``
+dask-workers    ``python -m dask worker tcp://H:8786 --nworkers N --nthreads 1``    N workers registered
+worker          ``phasestream serve --zmq tcp://H:5578 --tiled URI --models ...``   alive and said ready
+==============  ==================================================================  =========================
+
+Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``,
+and is recorded in ``RUN_DIR/stack.json`` (pid, command, address). ``RUN_DIR/phasestream.env``
+(mode 0600) holds the addresses and the Tiled API key for clients:
+``set -a; . ~/.phasestream/run/phasestream.env; set +a``. Secrets travel in the environment,
+never on a command line. Every service binds 127.0.0.1 unless ``host`` says otherwise.
+
+Without ``tiled_config`` the Tiled server gets a generated configuration in ``RUN_DIR/tiled``
+(SQLite catalog, Zarr + DuckDB storage, in-memory streaming cache); ``deploy/tiled/config.yml``
+is the PostgreSQL + Redis one for several processes and hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+__all__ = ["COMPONENTS", "StackConfig", "down", "status", "up"]
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("tiled", "proxy", "models", "scheduler", "dask-workers", "worker")
+DEFAULT_RUN_DIR = Path("~/.phasestream/run")
+
+
+@dataclass
+class StackConfig:
+    """Where the components of ``phasestream up`` listen and what they run (validated by :meth:`validate`)."""
+
+    run_dir: Path = DEFAULT_RUN_DIR
+    host: str = "127.0.0.1"
+    tiled_port: int = 8000
+    tiled_uri: str | None = None  # an existing Tiled server: not started
+    tiled_config: Path | None = None  # default: generated SQLite configuration in run_dir/tiled
+    proxy_in_port: int = 5577
+    proxy_out_port: int = 5578
+    models_port: int = 5579
+    scheduler_port: int = 8786
+    dask_workers: int = 2
+    components: tuple[str, ...] = COMPONENTS
+    worker_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve``
+    models_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve-models``
+    start_timeout: float = 180.0
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of every component
+
+    def validate(self) -> StackConfig:
+        self.run_dir = Path(self.run_dir).expanduser().resolve()
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
+        if self.tiled_uri and "tiled" in self.components:
+            self.components = tuple(c for c in self.components if c != "tiled")
+        if self.dask_workers < 1:
+            raise ValueError(f"dask_workers must be >= 1, got {self.dask_workers}")
+        self.components = tuple(c for c in COMPONENTS if c in self.components)
+        return self
+
+    # addresses
+    @property
+    def tiled(self) -> str:
+        return (self.tiled_uri or f"http://{self.host}:{self.tiled_port}/api/v1").split("?")[0]
+
+    @property
+    def zmq_in(self) -> str:
+        return f"tcp://{self.host}:{self.proxy_in_port}"
+
+    @property
+    def zmq_out(self) -> str:
+        return f"tcp://{self.host}:{self.proxy_out_port}"
+
+    @property
+    def models(self) -> str:
+        return f"tcp://{self.host}:{self.models_port}"
+
+    @property
+    def scheduler(self) -> str:
+        return f"tcp://{self.host}:{self.scheduler_port}"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _generated_tiled_config(cfg: StackConfig) -> Path:
+    folder = cfg.run_dir / "tiled"
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    config = {
+        "authentication": {"single_user_api_key": "${TILED_API_KEY}", "allow_anonymous_access": False},
+        "catalog": {"uri": f"sqlite:///{folder / 'catalog.db'}", "init_if_not_exists": True,
+                    "writable_storage": [str(folder / "data"), f"duckdb:///{folder / 'tables.duckdb'}"]},
+        "streaming_cache": {"uri": "memory"},
+    }
+    path = folder / "config.yml"
+    path.write_text("# generated by `phasestream up`; deploy/tiled/config.yml is the PostgreSQL + Redis one\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _commands(cfg: StackConfig) -> dict[str, list[str]]:
+    py = sys.executable
+    models = [py, "-m", "phasestream.cli", "serve-models", "--bind", cfg.models, *cfg.models_args]
+    worker = [py, "-m", "phasestream.cli", "serve", "--zmq", cfg.zmq_out, "--tiled", cfg.tiled, *cfg.worker_args]
+    if "models" in cfg.components:
+        worker += ["--models", cfg.models]
+    commands = {
+        "proxy": [py, "-m", "phasestream.services.wire", "proxy", "--in", cfg.zmq_in, "--out", cfg.zmq_out],
+        "models": models,
+        "scheduler": [py, "-m", "dask", "scheduler", "--host", cfg.host, "--port", str(cfg.scheduler_port),
+                      "--no-dashboard", "--no-show"],
+        "dask-workers": [py, "-m", "dask", "worker", cfg.scheduler, "--nworkers", str(cfg.dask_workers),
+                         "--nthreads", "1", "--host", cfg.host, "--no-dashboard", "--name", "phasestream",
+                         "--local-directory", str(cfg.run_dir / "dask")],
+        "worker": worker,
+    }
+    if "tiled" in cfg.components:
+        config = Path(cfg.tiled_config).resolve() if cfg.tiled_config else _generated_tiled_config(cfg)
+        commands["tiled"] = [py, "-m", "tiled", "serve", "config", str(config), "--host", cfg.host,
+                             "--port", str(cfg.tiled_port)]
+    return {name: commands[name] for name in cfg.components}
+
+
+# --------------------------------------------------------------------------- health
+
+
+def _port_open(address: str) -> bool:
+    host, _, port = address.rpartition("//")[2].rpartition(":")
+    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1.0):
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child nobody has waited for yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    return True
+
+
+def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
+    """Whether component ``name`` is healthy, and a one-line detail."""
+    pid = record.get("pid")
+    if pid is not None and not _alive(pid):
+        return False, f"process {pid} is not running (log: {record.get('log')})"
+    address = record.get("address", "")
+    try:
+        if name == "tiled":
+            base = address.split("/api/")[0]
+            if httpx.get(f"{base}/healthz", timeout=3).status_code != 200:
+                return False, f"{base}/healthz does not answer 200"
+            reply = httpx.get(f"{address}/", headers={"Authorization": f"Apikey {env.get('TILED_API_KEY', '')}"},
+                              timeout=5)
+            if reply.status_code != 200:
+                return False, f"{address} refused the API key ({reply.status_code})"
+            return True, f"{address} reachable, API key accepted"
+        if name == "proxy":
+            ins, outs = record["address"].split(" -> ")
+            ok = _port_open(ins) and _port_open(outs)
+            return ok, f"{ins} -> {outs}" + ("" if ok else " not listening")
+        if name == "models":
+            from phasestream.services.model_server import ModelClient
+
+            with contextlib.closing(ModelClient(address, timeout=3.0, retries=0)) as client:
+                health = client.health()
+            return bool(health.get("ok")), f"{address} ok, models {health.get('models', health.get('loaded', ''))}"
+        if name in ("scheduler", "dask-workers"):
+            from distributed import Client
+
+            with Client(address, timeout="5s") as client:
+                n = len(client.scheduler_info()["workers"])
+            if name == "scheduler":
+                return True, f"{address}, {n} workers"
+            expected = int(record.get("expected_workers", 1))
+            return n >= expected, f"{n} of {expected} workers registered at {address}"
+        if name == "worker":
+            log = Path(record["log"])
+            ready = log.exists() and '"ready": true' in log.read_text(errors="replace")
+            return ready, f"consuming {address}" if ready else "not ready yet (see its log)"
+    except Exception as exc:  # noqa: BLE001 - any failure of a health check is reported, not raised
+        return False, f"{type(exc).__name__}: {exc}"
+    return False, "unknown component"
+
+
+# --------------------------------------------------------------------------- up / status / down
+
+
+def _state_path(run_dir: Path) -> Path:
+    return Path(run_dir).expanduser().resolve() / "stack.json"
+
+
+def read_env(run_dir: Path) -> dict[str, str]:
+    """The variables of ``RUN_DIR/phasestream.env``."""
+    path = Path(run_dir).expanduser().resolve() / "phasestream.env"
+    env = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.startswith("#"):
+                env[key.strip()] = value.strip()
+    return env
+
+
+def _write_env(cfg: StackConfig, api_key: str) -> dict[str, str]:
+    env = {"TILED_URI": cfg.tiled, "TILED_API_KEY": api_key, "PHASESTREAM_ZMQ_IN": cfg.zmq_in,
+           "PHASESTREAM_ZMQ_OUT": cfg.zmq_out, "PHASESTREAM_MODEL_SERVER": cfg.models,
+           "PHASESTREAM_DASK_SCHEDULER": cfg.scheduler}
+    path = cfg.run_dir / "phasestream.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# written by `phasestream up`; load with: set -a; . " + str(path) + "; set +a\n")
+        f.writelines(f"{k}={v}\n" for k, v in env.items())
+    return env
+
+
+def _address(name: str, cfg: StackConfig) -> str:
+    return {"tiled": cfg.tiled, "proxy": f"{cfg.zmq_in} -> {cfg.zmq_out}", "models": cfg.models,
+            "scheduler": cfg.scheduler, "dask-workers": cfg.scheduler, "worker": cfg.zmq_out}[name]
+
+
+def up(cfg: StackConfig) -> dict[str, Any]:
+    """Start the components of ``cfg`` and wait until each is healthy; the state written to ``stack.json``.
+
+    Raises ``RuntimeError`` (after stopping what it started) when a component does not become
+    healthy within ``start_timeout`` seconds, naming it and its log; ``RuntimeError`` too when a
+    stack recorded in the run folder is still running.
+    """
+    cfg.validate()
+    state_path = _state_path(cfg.run_dir)
+    if state_path.exists() and any(_alive(r["pid"]) for r in json.loads(state_path.read_text())["components"].values()):
+        raise RuntimeError(f"a stack is already running from {cfg.run_dir}: `phasestream down` first")
+    (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
+    client_env = _write_env(cfg, api_key)
+    proc_env = {**os.environ, **cfg.env, "TILED_API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
+    state: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+                                        if k != "env"}, "components": {}}
+    try:
+        for name, command in _commands(cfg).items():
+            log = cfg.run_dir / "logs" / f"{name}.log"
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=proc_env, start_new_session=True, cwd=cfg.run_dir)
+            record = {"pid": proc.pid, "command": command, "log": str(log), "address": _address(name, cfg),
+                      "started": time.time()}
+            if name == "dask-workers":
+                record["expected_workers"] = cfg.dask_workers
+            state["components"][name] = record
+            state_path.write_text(json.dumps(state, indent=2))
+            end = time.monotonic() + cfg.start_timeout
+            while True:
+                ok, detail = _check(name, record, client_env)
+                if ok:
+                    logger.info("%s healthy: %s", name, detail)
+                    break
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"{name} did not start: {detail}; log {log}:\n" + _tail(log))
+                time.sleep(0.5)
+    except BaseException:
+        down(cfg.run_dir)
+        raise
+    return state
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, dict]:
+    """``{component: {healthy, detail, pid, address}}`` of the stack recorded in ``run_dir``.
+
+    An empty dict when no stack was started from ``run_dir``.
+    """
+    path = _state_path(run_dir)
+    if not path.exists():
+        return {}
+    state = json.loads(path.read_text())
+    env = read_env(run_dir)
+    report = {}
+    for name, record in state["components"].items():
+        ok, detail = _check(name, record, env)
+        report[name] = {"healthy": ok, "detail": detail, "pid": record["pid"], "address": record["address"]}
+    return report
+
+
+def down(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 30.0) -> dict[str, str]:
+    """Stop the stack recorded in ``run_dir``, last started first: SIGTERM to each process group,
+    SIGKILL after ``timeout`` seconds. ``{component: "stopped" | "killed" | "not running"}``.
+    """
+    path = _state_path(run_dir)
+    if not path.exists():
+        return {}
+    state = json.loads(path.read_text())
+    outcome = {}
+    for name, record in reversed(list(state["components"].items())):
+        pid = record["pid"]
+        if not _alive(pid):
+            outcome[name] = "not running"
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < end:
+            _reap(pid)
+            time.sleep(0.1)
+        if _alive(pid):
+            logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            outcome[name] = "killed"
+        else:
+            outcome[name] = "stopped"
+        _reap(pid)
+    path.unlink()
+    return outcome
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` when it is our own exited child (``up`` and ``down`` in one process, as in tests)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)

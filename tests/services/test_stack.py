@@ -1,0 +1,133 @@
+"""`phasestream up` / `status` / `down`, and the whole service end to end on PostgreSQL + Redis Tiled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from services_support import free_port, postgres_bin, private_postgres, private_redis, redis_bin
+
+from phasestream.catalog import find, wait_for_result
+from phasestream.cli import main
+from phasestream.references import load_references, select_energies
+from phasestream.services.stack import _alive, _port_open, read_env
+from phasestream.services.tiled import connect, raw_run_writer
+from phasestream.services.wire import DocumentPublisher
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "tiled" / "config.yml"
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
+ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
+
+
+def _ports() -> list[str]:
+    names = ("--tiled-port", "--proxy-in-port", "--proxy-out-port", "--models-port", "--scheduler-port")
+    return [arg for name in names for arg in (name, str(free_port()))]
+
+
+def _status(run_dir, capsys) -> tuple[int, dict]:
+    code = main(["status", "--run-dir", str(run_dir), "--json"])
+    return code, json.loads(capsys.readouterr().out or "{}")
+
+
+def _down_is_clean(run_dir, capsys, state: dict) -> None:
+    assert main(["down", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "killed" not in out and out.count("stopped") == len(state)
+    for record in state.values():
+        assert not _alive(record["pid"])
+    assert main(["status", "--run-dir", str(run_dir)]) == 1  # nothing left to report
+    capsys.readouterr()
+
+
+def test_up_status_down_on_the_default_catalog(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["up", "--run-dir", str(run_dir), "--only", "tiled,proxy,scheduler,dask-workers", "--dask-workers", "1"]
+    try:
+        assert main([*args, *_ports()]) == 0
+        assert "all 4 components healthy" in capsys.readouterr().out
+        code, state = _status(run_dir, capsys)
+        assert code == 0 and set(state) == {"tiled", "proxy", "scheduler", "dask-workers"}
+        assert all(r["healthy"] for r in state.values()), state
+        env = read_env(run_dir)
+        assert oct((run_dir / "phasestream.env").stat().st_mode & 0o777) == "0o600"
+        client = connect(env["TILED_URI"], api_key=env["TILED_API_KEY"])
+        client.create_container("written")  # the generated catalog is writable with the key
+        assert "written" in client
+        assert main([*args, *_ports()]) == 2  # a second `up` on the same run folder is refused
+        assert "already running" in capsys.readouterr().err
+    finally:
+        code, state = _status(run_dir, capsys)
+        _down_is_clean(run_dir, capsys, state)
+
+
+needs_services = pytest.mark.skipif(
+    postgres_bin() is None or redis_bin() is None,
+    reason="PostgreSQL and Redis binaries not installed (.ci/ensure-services.sh installs the Debian packages)")
+
+
+@needs_services
+def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
+    import redis
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "detector").mkdir()
+    with private_postgres() as pg, private_redis(tmp_path / "redis") as redis_uri:
+        monkeypatch.setenv("PHASESTREAM_TILED_CATALOG", pg.replace("postgresql://", "postgresql+asyncpg://"))
+        monkeypatch.setenv("PHASESTREAM_TILED_TABLES", pg)
+        monkeypatch.setenv("PHASESTREAM_TILED_DATA", str(tmp_path / "data"))
+        monkeypatch.setenv("PHASESTREAM_DETECTOR_FILES", str(tmp_path / "detector"))
+        monkeypatch.setenv("PHASESTREAM_REDIS", redis_uri)
+        monkeypatch.setenv("TILED_API_KEY", "e2e" + os.urandom(8).hex())
+        try:
+            assert main(["up", "--run-dir", str(run_dir), "--tiled-config", str(DEPLOY_CONFIG), "--dask-workers",
+                         "1", "--worker-arg=--no-refine", "--worker-arg=--backend=numba", *_ports()]) == 0
+            capsys.readouterr()
+            code, state = _status(run_dir, capsys)
+            assert code == 0, state
+            assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker"}
+            env = read_env(run_dir)
+            client = connect(env["TILED_URI"], api_key=env["TILED_API_KEY"])
+
+            # a live scan: raw run by TiledWriter, documents through the proxy to the worker process
+            RE = RunEngine({})
+            RE.subscribe(raw_run_writer(client))
+            with DocumentPublisher(env["PHASESTREAM_ZMQ_IN"]) as publisher:
+                assert publisher.wait_for_subscriber(20)
+                RE.subscribe(publisher)
+                sample = make_sample((40, 40), state_of_charge=2.0, seed=4, n_particles=2)
+                energy = make_energy()
+                det = TransmissionDetector(sample, energy, i0=6000.0, seed=4)
+                (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+                live = wait_for_result(client, uid, timeout=90.0)
+            assert live.metadata["status"] == "complete", live.metadata["errors"]
+            assert sample.accuracy(live["phase"].read()) > 0.9
+            before = {k: live[k].read() for k in ARRAYS}
+            assert list(find(client, state_of_charge=2.0)) == [uid]  # JSONB query on PostgreSQL
+
+            # post-scan reprocessing on the stack's Dask scheduler gives the live numbers
+            monkeypatch.setenv("TILED_API_KEY", env["TILED_API_KEY"])
+            code = main(["reprocess", "--tiled", env["TILED_URI"], "--soc", "2.0", "--scheduler",
+                         env["PHASESTREAM_DASK_SCHEDULER"], "--backend", "numpy", "--json"])
+            out = capsys.readouterr().out
+            assert code == 0, out
+            assert [s["run_uid"] for s in json.loads(out[out.index("{"):])["successes"]] == [uid]
+            after = client["phasestream"][uid]
+            for k in ARRAYS:
+                np.testing.assert_allclose(after[k].read(), before[k], atol=1e-5, equal_nan=True, err_msg=k)
+
+            # the catalog is in PostgreSQL and Tiled's streaming cache in Redis
+            assert redis.Redis.from_url(redis_uri).dbsize() > 0
+            anonymous = httpx.get(f"{env['TILED_URI']}/metadata/{uid}", timeout=5)
+            assert anonymous.status_code == 401  # no anonymous access, hence no anonymous writes
+        finally:
+            code, state = _status(run_dir, capsys)
+            _down_is_clean(run_dir, capsys, state)
+        for record in state.values():
+            assert not _port_open(record["address"].split(" -> ")[0].replace("/api/v1", ""))
