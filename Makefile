@@ -8,7 +8,7 @@ STAMP := $(VENV)/.phasestream-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint env clean
+.PHONY: demo test bench lint env clean services up status down
 
 env: $(STAMP)
 
@@ -22,12 +22,28 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/phasestream demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# PostgreSQL and Redis for the tests that run Tiled on them (installed when missing; never fatal)
+services:
+	@bash .ci/ensure-services.sh
+
+test: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the whole service on this host (UP_ARGS e.g. --tiled-config deploy/tiled/config.yml); see deploy/README.md
+UP_ARGS ?=
+up: $(STAMP)
+	$(BIN)/phasestream up $(UP_ARGS)
+
+status: $(STAMP)
+	$(BIN)/phasestream status
+
+down: $(STAMP)
+	$(BIN)/phasestream down
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/stream.py
+	$(BIN)/python benchmarks/scale.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check phasestream tests benchmarks

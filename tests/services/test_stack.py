@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -131,3 +132,25 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             _down_is_clean(run_dir, capsys, state)
         for record in state.values():
             assert not _port_open(record["address"].split(" -> ")[0].replace("/api/v1", ""))
+
+
+def test_procfile_and_systemd_units_run_commands_phasestream_knows():
+    """deploy/Procfile and the systemd units name real `phasestream` sub-commands and options."""
+    import shlex
+
+    from phasestream.cli import build_parser
+
+    deploy = DEPLOY_CONFIG.parents[1]
+    env = read_env(deploy / "env")  # deploy/env/phasestream.env
+    assert env["TILED_URI"].endswith("/api/v1") and "PHASESTREAM_DASK_SCHEDULER" in env
+    lines = [line.split(":", 1)[1] for line in (deploy / "Procfile").read_text().splitlines()
+             if line and not line.startswith("#")]
+    lines += [line.split("=", 1)[1] for unit in (deploy / "systemd").glob("*.service")
+              for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
+    assert len(lines) == 12
+    parser = build_parser()
+    for line in lines:
+        expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], line)  # KeyError: a variable not in env
+        words = shlex.split(expanded)
+        if Path(words[0]).name == "phasestream":
+            parser.parse_args(words[1:])  # SystemExit on an unknown option
