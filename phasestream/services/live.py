@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.services.enhancement import EnhanceOptions, enhance_options_from_start, enhance_result
@@ -26,6 +27,9 @@ from phasestream.services.refinement import RefineOptions, refine_result
 from phasestream.services.reprocess import ReprocessOptions, reprocess_run
 from phasestream.services.results import ResultWriter
 from phasestream.services.tiled import raw_run_complete
+
+if TYPE_CHECKING:
+    from phasestream.services.methods_jobs import MethodsOptions
 
 __all__ = ["LiveService", "ServeProcess"]
 
@@ -43,17 +47,22 @@ class LiveService:
     refine : options of the post-scan GMVAE refinement; None: no refinement
     enhance : base options of the InDI enhancement, run for runs whose start document asks for it
         (``phasestream: {enhance: true}``); None: never
+    methods : base options of the classic methods (LCF, unmixing, ...), run for runs whose start
+        document asks for them (``phasestream: {methods: [lcf, rum_tv]}``); None: never
     **callback_options : passed to :class:`PhaseMapCallback`
     """
 
     def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
-                 refine: RefineOptions | None = None, enhance: EnhanceOptions | None = None, **callback_options):
+                 refine: RefineOptions | None = None, enhance: EnhanceOptions | None = None,
+                 methods: MethodsOptions | None = None, **callback_options):
         self.client = tiled_client
         self.refine_options = refine
         self.enhance_options = enhance
+        self.methods_options = methods
         self.refined: dict[str, dict] = {}  # run uid -> refinement record
         self.enhanced: dict[str, dict] = {}  # run uid -> enhancement record
-        post_scan = refine is not None or enhance is not None
+        self.methods: dict[str, dict] = {}  # run uid -> {method: record}
+        post_scan = refine is not None or enhance is not None or methods is not None
         self._refiner = ThreadPoolExecutor(1, thread_name_prefix="post-scan") if post_scan else None
         self._requests: dict[str, dict] = {}  # run uid -> the start document's phasestream extras
         if post_scan:
@@ -89,7 +98,8 @@ class LiveService:
                 self._refiner.submit(self._post_scan, result.uid)
 
     def _post_scan(self, uid: str) -> None:
-        """The post-scan jobs of one run, in order: GMVAE refinement, then InDI enhancement if asked."""
+        """The post-scan jobs of one run, in order: GMVAE refinement, then InDI enhancement and classic
+        methods where the run asks for them."""
         if self.refine_options is not None:
             try:
                 record = refine_result(self.client, uid, self.refine_options)
@@ -105,6 +115,16 @@ class LiveService:
             except Exception as exc:
                 logger.exception("run %s: enhancement failed", uid)
                 self.enhanced[uid] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        if self.methods_options is not None:
+            from phasestream.services.methods_jobs import methods_options_from_start, run_methods
+
+            try:
+                options = methods_options_from_start(self._requests.get(uid, {}), self.methods_options)
+                if options is not None:
+                    self.methods[uid] = run_methods(self.client, uid, options)
+            except Exception as exc:
+                logger.exception("run %s: methods failed", uid)
+                self.methods[uid] = {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
 
     def _recover_loop(self) -> None:
         while not self._closing.is_set():

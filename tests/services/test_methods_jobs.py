@@ -101,3 +101,48 @@ def test_options_from_start_document():
     with pytest.raises(ValueError, match="unknown keys"):
         methods_options_from_start({"phasestream": {"methods": {"names": ["lcf"], "speed": 1}}})
     assert set(MethodsOptions(methods=METHODS).validate().methods) == set(METHODS)
+
+
+def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
+    """Real RunEngine scan asking for ``phasestream: {methods: [lcf]}``: the worker fits it after the scan."""
+    from bluesky import RunEngine
+    from scipy.optimize import nnls
+
+    from phasestream.references import select_energies
+    from phasestream.services.live import LiveService
+    from phasestream.services.tiled import raw_run_writer
+    from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+    refs = load_references("nvpf-synthetic")
+    energies = select_energies(refs, 12)
+    service = LiveService(tiled_client, backend="numba", methods=MethodsOptions())
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled_client))
+    RE.subscribe(service)
+    uids = []
+    for md in ({"phasestream": {"methods": ["lcf"]}}, None):
+        sample = make_sample((48, 48), state_of_charge=3.0, seed=4, n_particles=1)
+        energy = make_energy()
+        det = TransmissionDetector(sample, energy, name="det", i0=20000.0, seed=4)
+        (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key, md=md))
+        uids.append(uid)
+    service.callback.flush(60)
+    service.close()
+    asked, other = uids
+    assert service.methods[asked]["lcf"]["status"] == "complete"
+    assert other not in service.methods
+    node = tiled_client["phasestream"][asked]
+    assert node.metadata["methods"]["lcf"]["status"] == "complete" and "fractions_lcf" not in tiled_client[
+        "phasestream"][other]
+    fractions, od = node["fractions_lcf"].read(), node["od"].read()
+    mask = node["mask"].read().astype(bool)
+    order = np.argsort(node.metadata["energies_eV"])
+    a = refs.interpolate(np.asarray(node.metadata["energies_eV"])[order]).T  # (E, K)
+    for y, x in np.argwhere(mask)[:: max(1, int(mask.sum()) // 40)]:
+        w, _ = nnls(a, od[order, y, x].astype(np.float64))  # SciPy oracle, normalized as the job does
+        np.testing.assert_allclose(fractions[:, y, x], w / w.sum(), atol=2e-3)
+    # Na3.0 / Na2.4 particle: the LCF majority phase is the simulated truth's
+    truth = sample.phase[mask & sample.particle & ~sample.boundary]
+    lcf_phase = np.argmax(fractions, axis=0)[mask & sample.particle & ~sample.boundary]
+    print(f"LCF majority phase = truth on {np.mean(lcf_phase == truth):.3f} of {truth.size} interior pixels")
+    assert truth.size > 100 and np.mean(lcf_phase == truth) >= 0.8
