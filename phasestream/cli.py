@@ -161,6 +161,10 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list:
         steps.append(("enhance", asdict(_enhance_options(args))))
     if args.refine:
         steps.append(("refine", asdict(_refine_options(args))))
+    if args.method:
+        from phasestream.services.methods_jobs import MethodsOptions
+
+        steps.append(("methods", asdict(MethodsOptions(methods=tuple(args.method), root=args.root).validate())))
     return [Job(uid, tuple(steps)).validate() for uid in uids]
 
 
@@ -219,6 +223,13 @@ def _refine_options(args: argparse.Namespace):
                          root=args.root).validate()
 
 
+def _methods_base(args: argparse.Namespace):
+    """Base options of the classic methods a run may ask for in its start document."""
+    from phasestream.services.methods_jobs import MethodsOptions
+
+    return MethodsOptions(root=args.root).validate()
+
+
 def _enhance_options(args: argparse.Namespace):
     from phasestream.services.enhancement import EnhanceOptions
 
@@ -252,7 +263,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
                               refine=None if args.no_refine else _refine_options(args),
-                              enhance=_enhance_options(args))
+                              enhance=_enhance_options(args), methods=_methods_base(args))
         worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
 
         def announce() -> None:
@@ -516,8 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--refine", action="store_true", help="then refine ambiguous pixels with the GMVAE")
     rep.add_argument("--refine-only", action="store_true",
                      help="only post-scan jobs on the existing results (no PCC recomputation); implies --refine "
-                          "unless --enhance is given alone")
+                          "unless --enhance or --method is given")
     rep.add_argument("--enhance", action="store_true", help="InDI-enhance the OD images into `enhanced`")
+    rep.add_argument("--method", action="append", metavar="NAME", default=[],
+                     help="classic method on the result (repeat for several): normalize, lcf, edge50, peak, masks, "
+                          "kmeans, rum_tv, rum_pnp")
     _add_refine_options(rep)
     rep.set_defaults(func=_cmd_reprocess)
     from phasestream.services.stack import COMPONENTS, DEFAULT_RUN_DIR
@@ -559,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "refine_only", False) and not getattr(args, "enhance", False):
+    if getattr(args, "refine_only", False) and not (getattr(args, "enhance", False) or getattr(args, "method", None)):
         args.refine = True
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")

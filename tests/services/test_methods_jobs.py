@@ -146,3 +146,17 @@ def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
     lcf_phase = np.argmax(fractions, axis=0)[mask & sample.particle & ~sample.boundary]
     print(f"LCF majority phase = truth on {np.mean(lcf_phase == truth):.3f} of {truth.size} interior pixels")
     assert truth.size > 100 and np.mean(lcf_phase == truth) >= 0.8
+
+
+def test_reprocess_method_command(tiled_server, tiled_client, ni_csv, capsys):
+    from phasestream.cli import main as cli_main
+
+    od, refs = _result(tiled_client, "run-methods-cli", ni_csv)
+    code = cli_main(["reprocess", "--tiled", tiled_server.uri, "--refine-only", "--method", "lcf",
+                     "--method", "edge50", "run-methods-cli"])
+    assert code == 0, capsys.readouterr()
+    node = tiled_client["phasestream"]["run-methods-cli"]
+    assert {k: v["status"] for k, v in node.metadata["methods"].items()} == {"lcf": "complete", "edge50": "complete"}
+    assert "refinement" not in node.metadata  # --method alone does not imply --refine
+    direct = lcf_arrays(od, refs.interpolate(ENERGIES), ENERGIES, MethodsOptions())
+    np.testing.assert_allclose(node["fractions_lcf"].read(), direct["fractions_lcf"], rtol=1e-6)
