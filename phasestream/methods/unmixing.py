@@ -158,6 +158,18 @@ def _contrast(references: np.ndarray) -> float:
     return float(np.linalg.svd(a @ basis, compute_uv=False).min())
 
 
+def _typical_scale(scale: np.ndarray) -> float:
+    """The scale of the sample: the median s over the pixels with at least half the 99th-percentile s.
+
+    A median over the whole field of view follows whatever covers most of it: on a sparse sample
+    the thin background, on a dense one the particles, and the same ``strength`` would then mean a
+    regularization several times stronger on one than on the other.
+    """
+    s = np.maximum(np.asarray(scale, np.float64).ravel(), 0.0)
+    top = float(np.percentile(s, 99.0)) if s.size else 0.0
+    return float(np.median(s[s >= 0.5 * top])) if top > 0 else 1.0
+
+
 def _denoiser(name: str | Callable) -> Callable[[np.ndarray, float], np.ndarray]:
     if callable(name):
         return name
@@ -201,11 +213,13 @@ def robust_unmixing(
     lam : regularization weight; for PnP the denoiser's noise level is ``sigma = sqrt(lam / rho)``
         as in the paper (eq. 20). Default: from ``strength`` (see below)
     strength : the regularization relative to the noise, used when ``lam`` is None. With
-        ``sigma_x = noise / (median(s) * c_A)`` the expected noise of per-pixel fractions
+        ``sigma_x = noise / (s_typ * c_A)`` the expected noise of per-pixel fractions
         (``noise`` estimated by :func:`noise_level`, ``c_A`` the smallest singular value of the
-        references on sum-zero weights), TV uses ``lam = strength * noise * median(s) * c_A``
-        (an equivalent ROF weight of ``strength * sigma_x``; default strength 1.0) and PnP a
-        denoiser sigma of ``strength * sigma_x`` (default 1.0)
+        references on sum-zero weights, ``s_typ`` the median scale of the sample: of the pixels
+        with at least half the 99th-percentile scale), TV uses
+        ``lam = strength * noise * s_typ * c_A`` (an equivalent ROF weight of
+        ``strength * sigma_x``; default strength 1.0) and PnP a denoiser sigma of
+        ``strength * sigma_x`` (default 1.0)
     rho : ADMM penalty; affects the speed of convergence, not the solution (TV). Default the
         smallest eigenvalue of A'A on sum-zero weights, ``c_A^2``
     denoiser : PnP only: ``"bm3d"``, ``"tv"``, ``"nl_means"``, a callable ``(image, sigma) -> image``,
@@ -246,7 +260,7 @@ def robust_unmixing(
         x = project_simplex(np.asarray(initial[0], np.float64).reshape(n_l, -1))
         s = np.maximum(np.asarray(initial[1], np.float64).ravel(), 0.0)
     noise = noise_level(y, a.T)
-    s_typ = float(np.median(s[s > 0])) if (s > 0).any() else 1.0
+    s_typ = _typical_scale(s)
     sigma_x = noise / max(s_typ * c_a, 1e-12)
     rho = float(rho) if rho is not None else max(c_a**2, 1e-12)
     if prior == "tv":
@@ -260,7 +274,7 @@ def robust_unmixing(
         name = ("bm3d" if bm3d_available() else "tv") if denoiser == "auto" else denoiser
         denoise = _denoiser(name)
     params = {"prior": prior, "lam": lam, "rho": rho, "max_iter": max_iter, "tol": tol, "noise": noise,
-              "scale_median": s_typ, "reference_contrast": c_a, "fraction_noise": sigma_x}
+              "scale_typical": s_typ, "reference_contrast": c_a, "fraction_noise": sigma_x}
     if prior == "tv":
         params["cg_iterations"] = cg_iterations
     else:

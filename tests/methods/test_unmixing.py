@@ -69,20 +69,33 @@ def test_admm_decreases_the_objective_and_satisfies_the_constraints(refs, prior)
 def test_rum_tv_gains_over_lcf_at_high_noise(refs):
     """The paper's protocol at small size: PSNR of the NiO fraction over the particle pixels.
 
-    Measured 10.5 dB (LCF) and 16.7 dB (RUM-TV) here; the issue's 15 dB target is not reached at
-    this size (64 x 64, 60 energies): the assertion is the gain measured, less 1 dB.
+    Measured 10.8 dB (LCF) and 24.5 dB (RUM-TV, +13.7 dB) here (128 x 128, 60 energies); the
+    issue's +15 dB is reached at the paper's image scale (``benchmarks/methods_accuracy.py``
+    at 512 x 512), where the same phantom's structures span 4x more pixels.
     """
-    thickness, fraction = _sample(64, seed=3)
+    thickness, fraction = _sample(128, seed=3)
     mask = thickness >= 0.3
     y = _stack(refs, thickness, fraction, 0.2, seed=4)
     m = linear_combination_fit(y, refs, method="nnls").fractions
     lcf = m[0] / np.maximum(m.sum(axis=0), 1e-12)
-    rum = robust_unmixing(y, refs, prior="tv", strength=2.0).fractions[0]
+    rum = robust_unmixing(y, refs, prior="tv", strength=0.5).fractions[0]
 
     def psnr(est):
         return 10 * np.log10(1.0 / np.mean((est[mask] - fraction[mask]) ** 2))
 
-    assert psnr(rum) >= psnr(lcf) + 5.0, (psnr(lcf), psnr(rum))
+    assert psnr(rum) >= psnr(lcf) + 12.0, (psnr(lcf), psnr(rum))
+
+
+def test_strength_does_not_depend_on_how_much_background_is_in_view(refs):
+    """The same sample framed by eight times its area of background gets the same regularization: the
+    strength is relative to the sample's scale, not to the field of view's median (the background)."""
+    _, fraction = _sample(32, seed=3)
+    thickness = np.full((32, 32), 0.8)  # a field of view filled by the sample ...
+    padded_t = np.pad(thickness, 32, constant_values=0.1)  # ... and the same sample, 1/9 of the view
+    padded_f = np.pad(fraction, 32, constant_values=0.5)
+    lam = [robust_unmixing(_stack(refs, t, f, 0.05, seed=4), refs, strength=1.0, max_iter=1).parameters["lam"]
+           for t, f in ((thickness, fraction), (padded_t, padded_f))]
+    assert lam[1] == pytest.approx(lam[0], rel=0.1)
 
 
 def test_bad_arguments(refs):
