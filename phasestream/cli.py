@@ -259,17 +259,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from phasestream.services.live import LiveService
     from phasestream.services.worker import DocumentWorker
 
+    scheduler = args.scheduler or None
+    if scheduler and scheduler.lower() not in ("none", "local") and not args.tiled:
+        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
                               refine=None if args.no_refine else _refine_options(args),
-                              enhance=_enhance_options(args), methods=_methods_base(args))
+                              enhance=_enhance_options(args), methods=_methods_base(args),
+                              scheduler=scheduler, retries=args.retries, dask_workers=args.workers)
+        post_scan = f"dask {service.dask.address}" if service.dask is not None else "thread"
         worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
 
         def announce() -> None:
             if worker.connected.wait(60):
                 print(json.dumps({"ready": True, "zmq": args.zmq, "tiled": uri.split("?")[0],
-                                  "backend": service.callback.backend}), flush=True)
+                                  "backend": service.callback.backend, "post_scan": post_scan}), flush=True)
 
         threading.Thread(target=announce, daemon=True).start()
         try:
@@ -446,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embedded server only: directories of detector files it may read")
     _add_refine_options(serve)
     serve.add_argument("--no-refine", action="store_true", help="no GMVAE refinement after each run")
+    serve.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+                       help="Dask scheduler of the post-scan jobs, e.g. tcp://HOST:8786, or 'local' (a LocalCluster "
+                            "of --workers processes); default $PHASESTREAM_DASK_SCHEDULER, else 'none': a thread of "
+                            "this worker")
+    serve.add_argument("--workers", type=int, default=1, help="--scheduler local: worker processes (default 1)")
+    serve.add_argument("--retries", type=int, default=2, help="Dask retries of a failed post-scan job (default 2)")
     serve.set_defaults(func=_cmd_serve)
 
     from phasestream.services.model_server import add_arguments as add_model_server_arguments

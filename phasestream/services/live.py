@@ -10,6 +10,12 @@ is marked ``partial`` by the callback, and the run is queued here for reprocessi
 run that TiledWriter stored independently: as soon as the raw run is complete in Tiled (its stop
 document has arrived), :func:`~phasestream.services.reprocess.reprocess_run` recomputes the
 result from the full data. Reprocessing runs on its own thread so the document stream goes on.
+
+With a Dask scheduler (``scheduler=``: an address, ``"local"`` or a ``distributed.Client``), the
+post-scan steps of each finished run (refine, enhance, methods as requested) and the reprocessing
+of runs that lost documents go to Dask instead, as one :class:`~phasestream.services.jobs.Job`
+per run with retries (:class:`~phasestream.services.dispatch.DaskPostScan`); their records land
+in the same ``refined`` / ``enhanced`` / ``methods`` / ``recovered`` dicts when the task finishes.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
+from phasestream.services.dispatch import DaskPostScan
 from phasestream.services.enhancement import EnhanceOptions, enhance_options_from_start, enhance_result
 from phasestream.services.process import ServiceProcess
 from phasestream.services.refinement import RefineOptions, refine_result
@@ -49,12 +57,19 @@ class LiveService:
         (``phasestream: {enhance: true}``); None: never
     methods : base options of the classic methods (LCF, unmixing, ...), run for runs whose start
         document asks for them (``phasestream: {methods: [lcf, rum_tv]}``); None: never
+    scheduler : where post-scan jobs and lost-run reprocessing run: None or ``"none"``, a thread of
+        this process; a Dask scheduler address (``tcp://HOST:8786``), ``"local"`` (a LocalCluster of
+        ``dask_workers`` processes) or a ``distributed.Client``: one Dask task per run
+    tiled_uri : the Tiled URI the Dask workers use (default the client's, with its API key)
+    retries : Dask retries of a failed post-scan task
+    dask_workers : LocalCluster workers for ``scheduler="local"``
     **callback_options : passed to :class:`PhaseMapCallback`
     """
 
     def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
                  refine: RefineOptions | None = None, enhance: EnhanceOptions | None = None,
-                 methods: MethodsOptions | None = None, **callback_options):
+                 methods: MethodsOptions | None = None, scheduler: Any = None, tiled_uri: str | None = None,
+                 retries: int = 2, dask_workers: int | None = 1, **callback_options):
         self.client = tiled_client
         self.refine_options = refine
         self.enhance_options = enhance
@@ -63,7 +78,13 @@ class LiveService:
         self.enhanced: dict[str, dict] = {}  # run uid -> enhancement record
         self.methods: dict[str, dict] = {}  # run uid -> {method: record}
         post_scan = refine is not None or enhance is not None or methods is not None
-        self._refiner = ThreadPoolExecutor(1, thread_name_prefix="post-scan") if post_scan else None
+        self.dask: DaskPostScan | None = None
+        if scheduler is not None and not (isinstance(scheduler, str) and scheduler.lower() == "none"):
+            self.dask = DaskPostScan(scheduler, tiled_uri or str(tiled_client.context.api_uri),
+                                     api_key=None if tiled_uri else tiled_client.context.api_key,
+                                     retries=retries, n_workers=dask_workers)
+        threaded = post_scan and self.dask is None
+        self._refiner = ThreadPoolExecutor(1, thread_name_prefix="post-scan") if threaded else None
         self._requests: dict[str, dict] = {}  # run uid -> the start document's phasestream extras
         if post_scan:
             callback_options.setdefault("on_run_complete", self._run_complete)
@@ -94,8 +115,86 @@ class LiveService:
             with self._lock:
                 lost = result.uid in self._pending  # refined after reprocessing instead
                 self._requests[result.uid] = dict(result.settings.extra)
-            if not lost:
+            if lost:
+                return
+            if self.dask is not None:
+                self._submit(result.uid, [], dict(result.settings.extra))
+            else:
                 self._refiner.submit(self._post_scan, result.uid)
+
+    def _post_scan_steps(self, uid: str, extra: dict) -> list[tuple[str, dict]]:
+        """The Job steps of the post-scan work ``uid`` asks for; a malformed request is recorded as failed."""
+        steps: list[tuple[str, dict]] = []
+        if self.refine_options is not None:
+            steps.append(("refine", asdict(self.refine_options)))
+        if self.enhance_options is not None:
+            try:
+                options = enhance_options_from_start(extra, self.enhance_options)
+            except ValueError as exc:
+                self.enhanced[uid] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            else:
+                if options is not None:
+                    steps.append(("enhance", asdict(options)))
+        if self.methods_options is not None:
+            from phasestream.services.methods_jobs import methods_options_from_start
+
+            try:
+                options = methods_options_from_start(extra, self.methods_options)
+            except ValueError as exc:
+                self.methods[uid] = {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
+            else:
+                if options is not None:
+                    steps.append(("methods", asdict(options)))
+        return steps
+
+    def _submit(self, uid: str, first: list[tuple[str, dict]], extra: dict, live_errors: list | None = None) -> None:
+        """Hand ``first`` (reprocessing) and the post-scan steps of ``uid`` to Dask as one job."""
+        from phasestream.services.jobs import Job
+
+        steps = [*first, *self._post_scan_steps(uid, extra)]
+        if not steps:
+            return
+        self.dask.submit(Job(uid, tuple(steps)),
+                         lambda summary: self._job_done(uid, summary, live_errors),
+                         lambda error: self._job_failed(uid, steps, error))
+
+    def _job_done(self, uid: str, summary: dict, live_errors: list | None) -> None:
+        """A Dask job's summary into the dicts (and the ``recovered`` metadata of a reprocessed run)."""
+        steps = summary["steps"]
+        if "refine" in steps:
+            self.refined[uid] = steps["refine"]["refinement"]
+        if "enhance" in steps:
+            self.enhanced[uid] = steps["enhance"]["enhancement"]
+        if "methods" in steps:
+            self.methods[uid] = steps["methods"]["methods"]
+        if "reprocess" in steps:
+            status = str(steps["reprocess"].get("status"))
+            try:
+                ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
+                    recovered={"from": "raw run in Tiled", "live_errors": live_errors or [], "on": "dask"})
+            except Exception:  # the reprocessed result stands without the note
+                logger.exception("run %s: could not record the recovery", uid)
+            logger.info("run %s reprocessed on Dask after lost documents: %s", uid, status)
+            self._done(uid, status)
+
+    def _job_failed(self, uid: str, steps: list[tuple[str, dict]], error: str) -> None:
+        """A Dask job that failed after its retries: logged, recorded on the result and in the dicts."""
+        logger.error("run %s: post-scan job on Dask failed: %s", uid, error)
+        names = [name for name, _ in steps]
+        record = {"status": "failed", "reason": error}
+        if "refine" in names:
+            self.refined[uid] = record
+        if "enhance" in names:
+            self.enhanced[uid] = record
+        if "methods" in names:
+            self.methods[uid] = {"_job": {"status": "failed", "errors": [error]}}
+        try:
+            ResultWriter.open(self.client, uid, root=self.callback.root).record_error(
+                f"post-scan job ({', '.join(names)}) failed on Dask: {error}")
+        except Exception:  # no result to record it on
+            logger.exception("run %s: could not record the failed post-scan job", uid)
+        if "reprocess" in names:
+            self._done(uid, f"failed: {error}")
 
     def _post_scan(self, uid: str) -> None:
         """The post-scan jobs of one run, in order: GMVAE refinement, then InDI enhancement and classic
@@ -152,6 +251,12 @@ class LiveService:
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []
+            if self.dask is not None:
+                extra = dict(self.client[uid].metadata["start"].get("phasestream") or {})
+                with self._lock:
+                    self._pending.pop(uid, None)  # submitted: recovered[uid] is set when the task ends
+                self._submit(uid, [("reprocess", asdict(options))], extra, live_errors)
+                return
             result = reprocess_run(self.client, uid, options)
             ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
                 recovered={"from": "raw run in Tiled", "live_errors": live_errors})
@@ -186,6 +291,8 @@ class LiveService:
         self.callback.flush(60.0)
         if self._refiner is not None:
             self._refiner.shutdown(wait=True)
+        if self.dask is not None:
+            self.dask.close()
         self.callback.close()
 
 

@@ -11,7 +11,8 @@ proxy           ``python -m phasestream.services.wire proxy --in :5577 --out :55
 models          ``phasestream serve-models --bind tcp://H:5579``                    ``health`` op answers ok
 scheduler       ``python -m dask scheduler --host H --port 8786``                   ``scheduler_info()``
 dask-workers    ``python -m dask worker tcp://H:8786 --nworkers N --nthreads 1``    N workers registered
-worker          ``phasestream serve --zmq tcp://H:5578 --tiled URI --models ...``   alive and said ready
+worker          ``phasestream serve --zmq tcp://H:5578 --tiled URI --models ...     alive and said ready
+                --scheduler tcp://H:8786``
 ==============  ==================================================================  =========================
 
 Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``,
@@ -130,6 +131,8 @@ def _commands(cfg: StackConfig) -> dict[str, list[str]]:
     worker = [py, "-m", "phasestream.cli", "serve", "--zmq", cfg.zmq_out, "--tiled", cfg.tiled, *cfg.worker_args]
     if "models" in cfg.components:
         worker += ["--models", cfg.models]
+    if "scheduler" in cfg.components:  # the worker's post-scan jobs go to the stack's Dask scheduler
+        worker += ["--scheduler", cfg.scheduler]
     commands = {
         "proxy": [py, "-m", "phasestream.services.wire", "proxy", "--in", cfg.zmq_in, "--out", cfg.zmq_out],
         "models": models,

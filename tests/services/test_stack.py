@@ -154,3 +154,13 @@ def test_procfile_and_systemd_units_run_commands_phasestream_knows():
         words = shlex.split(expanded)
         if Path(words[0]).name == "phasestream":
             parser.parse_args(words[1:])  # SystemExit on an unknown option
+
+
+def test_worker_of_the_stack_sends_post_scan_jobs_to_its_dask_scheduler(tmp_path):
+    from phasestream.services.stack import StackConfig, _commands
+
+    cfg = StackConfig(run_dir=tmp_path, tiled_uri="http://127.0.0.1:8000/api/v1", scheduler_port=8799).validate()
+    worker = _commands(cfg)["worker"]
+    assert worker[worker.index("--scheduler") + 1] == "tcp://127.0.0.1:8799"
+    no_dask = StackConfig(run_dir=tmp_path, components=("tiled", "proxy", "worker")).validate()
+    assert "--scheduler" not in _commands(no_dask)["worker"]
