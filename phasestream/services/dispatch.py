@@ -51,9 +51,9 @@ class DaskPostScan:
         if isinstance(scheduler, Client):
             self.client = scheduler
         elif scheduler == "local":
-            self.client = self._stack.enter_context(dask_client(None, n_workers=n_workers))
-        else:
-            self.client = self._stack.enter_context(dask_client(str(scheduler)))
+            self.client = self._stack.enter_context(dask_client(None, n_workers=n_workers, set_as_default=False))
+        else:  # not the default scheduler: the live worker's own Tiled reads stay in its process
+            self.client = self._stack.enter_context(dask_client(str(scheduler), set_as_default=False))
         self.address = self.client.scheduler.address
         self._running: set = set()
         self._idle = threading.Condition()

@@ -222,7 +222,7 @@ def run_jobs(jobs: Sequence[Job], tiled_uri: str, *, api_key: str | None = None,
 
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
-                threads_per_worker: int = 1) -> Iterator[Any]:
+                threads_per_worker: int = 1, set_as_default: bool = True) -> Iterator[Any]:
     """A ``distributed.Client``: to ``scheduler`` (or ``$PHASESTREAM_DASK_SCHEDULER``) when given,
     else to a ``LocalCluster`` on 127.0.0.1 (worker processes, no dashboard) closed on exit.
 
@@ -231,12 +231,14 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
     scheduler : address of an existing scheduler, e.g. ``tcp://10.0.0.5:8786``
     n_workers : LocalCluster only; default the number of cores (at most 4)
     threads_per_worker : LocalCluster only; 1 because the kernels use every core of a process
+    set_as_default : make it Dask's default scheduler in this process; False keeps this process's own
+        Dask computations (the Tiled client reads arrays with dask) here, as a live worker wants
     """
     from distributed import Client, LocalCluster
 
     address = scheduler or os.environ.get(DEFAULT_SCHEDULER_ENV) or None
     if address:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout="10s", set_as_default=set_as_default)
         try:
             yield client
         finally:
@@ -245,7 +247,8 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
     workers = n_workers or max(1, min(4, os.cpu_count() or 1))
     env = {"NUMBA_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      host="127.0.0.1", dashboard_address=None, env=env) as cluster, Client(cluster) as client:
+                      host="127.0.0.1", dashboard_address=None, env=env) as cluster, \
+            Client(cluster, set_as_default=set_as_default) as client:
         yield client
 
 

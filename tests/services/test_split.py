@@ -1,0 +1,123 @@
+"""One result split across a LocalCluster of 2 workers: the stitched arrays equal the unsplit job's."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phasestream.references import load_references
+from phasestream.services.jobs import dask_client
+from phasestream.services.methods_jobs import MethodsOptions, run_methods
+from phasestream.services.results import ResultWriter
+from phasestream.services.split import LCF_ARRAYS, split_ranges, submit_split_enhance, submit_split_lcf
+from phasestream.sim.phantoms import particle_phantom
+
+NI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ni-k-edge"
+ENERGIES = np.linspace(8300.0, 8450.0, 30)
+
+
+@pytest.fixture(scope="module")
+def dask(tiled_server):
+    # not the default scheduler: this process's Tiled reads stay here
+    with dask_client(n_workers=2, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def ni_csv(tmp_path_factory):
+    refs = load_references([NI / "ref_NiO.txt", NI / "ref_LiNiO2.txt"])
+    path = tmp_path_factory.mktemp("refs") / "ni.csv"
+    np.savetxt(path, np.column_stack([refs.energies, refs.spectra.T]), delimiter=",",
+               header="energy_eV,NiO,LiNiO2", comments="")
+    return path
+
+
+def _result(client, uid, refs, energies, shape, references=None):
+    """A raw run (start document) and a result whose OD cube is a noisy two-phase mixture."""
+    thickness = particle_phantom(shape, n_particles=3, seed=5).astype(np.float64)
+    frac = np.clip(np.linspace(0, 1, shape[1])[None, :] + 0 * thickness, 0, 1)
+    spectra = refs.interpolate(np.sort(energies)).T[np.argsort(np.argsort(energies))]
+    od = np.tensordot(spectra, np.stack([frac, 1 - frac]) * thickness, axes=1)
+    od += np.random.default_rng(0).normal(0, 0.01, od.shape)
+    client.create_container(uid, metadata={"start": {"uid": uid, "phasestream": {"references": references}}})
+    writer = ResultWriter(client, uid, shape=shape, phases=refs.phases, n_energies=len(energies),
+                          metadata={"energies_eV": list(energies), "references": {"name": refs.name}})
+    writer.write_od_planes(0, od.astype(np.float32))
+    writer.finalize_od(len(energies))
+
+
+def test_split_ranges():
+    assert split_ranges(10, 3) == [(0, 4), (4, 8), (8, 10)]
+    assert split_ranges(9, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert split_ranges(2, 5) == [(0, 1), (1, 2)]
+    with pytest.raises(ValueError):
+        split_ranges(0, 2)
+
+
+def test_split_lcf_equals_the_unsplit_job(tiled_server, tiled_client, dask, ni_csv):
+    refs = load_references(ni_csv)
+    energies = np.random.default_rng(1).permutation(ENERGIES)  # stored out of order: the job sorts them
+    _result(tiled_client, "split-lcf", refs, energies, (37, 32), references=str(ni_csv))
+    uri, _, key = tiled_server.uri.partition("?api_key=")
+    record = submit_split_lcf(dask, uri, "split-lcf", parts=3, api_key=key)
+    assert record["status"] == "complete", record
+    assert record["split"]["ranges"] == [[0, 13], [13, 26], [26, 37]]
+    node = tiled_client["phasestream"]["split-lcf"]
+    assert node["fractions_lcf"].chunks == ((2,), (13, 13, 11), (32,))
+    split = {name: node[name].read() for name in LCF_ARRAYS}
+    assert node.metadata["methods"]["lcf"]["split"]["parts"] == 3
+    # the oracle: the unsplit methods job on the same result
+    assert run_methods(tiled_client, "split-lcf", MethodsOptions(methods=("lcf",)))["lcf"]["status"] == "complete"
+    for name in LCF_ARRAYS:
+        np.testing.assert_allclose(split[name], node[name].read(), rtol=1e-6, atol=1e-7, equal_nan=True, err_msg=name)
+    assert np.isfinite(split["fractions_lcf"]).sum() > 100
+
+
+def test_split_lcf_failure_is_recorded(tiled_server, tiled_client, dask, ni_csv):
+    refs = load_references(ni_csv)
+    _result(tiled_client, "split-lcf-bad", refs, ENERGIES, (16, 16), references=str(ni_csv))
+    # recorded energies outside the references' range (8200-9000 eV)
+    ResultWriter.open(tiled_client, "split-lcf-bad").update_metadata(energies_eV=list(ENERGIES + 1000.0))
+    record = submit_split_lcf(dask, tiled_server.uri, "split-lcf-bad", parts=2, retries=0)
+    assert record["status"] == "failed" and "outside the range" in record["errors"][0]
+    assert tiled_client["phasestream"]["split-lcf-bad"].metadata["methods"]["lcf"]["status"] == "failed"
+
+
+INDI = "indi-particles-synthetic"
+
+
+@pytest.fixture(scope="module")
+def models():
+    if importlib.util.find_spec("tensorflow") is None:  # the model server process runs it
+        pytest.skip("TensorFlow is not installed")
+    from phasestream.services.model_server import ModelServerProcess
+
+    with ModelServerProcess(args=("--preload", INDI)) as proc:
+        yield proc
+
+
+def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, dask, models):
+    from phasestream.services.enhancement import EnhanceOptions, enhance_result
+
+    thickness = particle_phantom((32, 32), n_particles=2, seed=3).astype(np.float32)
+    od = np.stack([thickness * (0.5 + 0.2 * i) for i in range(4)])
+    od += np.random.default_rng(2).normal(0, 0.02, od.shape).astype(np.float32)
+    writer = ResultWriter(tiled_client, "split-enhance", shape=(32, 32), phases=["a", "b"], n_energies=4,
+                          metadata={"energies_eV": [500.0, 510.0, 520.0, 530.0]})
+    writer.write_od_planes(0, od)
+    writer.finalize_od(4)
+    options = EnhanceOptions(address=models.address, steps=2, timeout=120)
+    record = submit_split_enhance(dask, tiled_server.uri, "split-enhance", options, parts=2)
+    assert record["status"] == "complete", record
+    assert record["split"]["ranges"] == [[0, 2], [2, 4]] and record["scale"] == 2.0
+    node = tiled_client["phasestream"]["split-enhance"]
+    split = node["enhanced"].read()
+    assert split.shape == (4, 64, 64) and node["enhanced"].chunks[0] == (1, 1, 1, 1)
+    assert node.metadata["enhancement"]["split"]["parts"] == 2
+    # the oracle: the unsplit job, one plane per request, as the tasks send them
+    assert enhance_result(tiled_client, "split-enhance", options)["status"] == "complete"
+    np.testing.assert_allclose(split, node["enhanced"].read(), rtol=1e-5, atol=1e-5)
+    assert np.abs(split).max() > 0
