@@ -199,8 +199,13 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
         jobs = _reprocess_jobs(args, uids)
         api_key = None if "api_key=" in uri else os.environ.get("TILED_API_KEY")
         progress = not args.json and sys.stderr.isatty()
+        split: list[tuple[str, str, dict]] = []
+        if args.split > 1:
+            if in_process:
+                raise ValueError("--split N spreads one run over Dask workers: it needs Dask (not --in-process)")
+            jobs, split = _split_steps(jobs)
         # one run gains nothing from a cluster: it runs here unless a scheduler is named
-        if in_process or (len(jobs) == 1 and not scheduler):
+        if in_process or (len(jobs) == 1 and not scheduler and not split):
             report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=_print_job)
             where = "in process"
         else:
@@ -208,12 +213,64 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                 where = f"on Dask ({len(dask.scheduler_info()['workers'])} workers at {dask.scheduler.address})"
                 report = submit_jobs(dask, jobs, uri, api_key=api_key, retries=args.retries, progress=progress,
                                      on_done=_print_job)
+                _run_split(dask, split, uri, api_key, args, report)
+    n_runs = len({*(j.run_uid for j in jobs), *(uid for uid, _, _ in split)})
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
-        print(f"{len(report.successes)} of {len(jobs)} runs complete, {len(report.failures)} failed, "
+        print(f"{len(report.successes)} of {n_runs} runs complete, {len(report.failures)} failed, "
               f"in {report.seconds:.1f} s {where}")
     return 0 if report.ok else 1
+
+
+def _split_steps(jobs: list) -> tuple[list, list[tuple[str, str, dict]]]:
+    """Take the steps ``--split`` spreads over workers (``enhance``, the ``lcf`` method) out of ``jobs``."""
+    from dataclasses import replace
+
+    kept, split = [], []
+    for job in jobs:
+        steps = []
+        for name, options in job.steps:
+            if name == "enhance":
+                split.append((job.run_uid, "enhance", options))
+            elif name == "methods" and "lcf" in options["methods"]:
+                split.append((job.run_uid, "lcf", options))
+                rest = tuple(m for m in options["methods"] if m != "lcf")
+                if rest:
+                    steps.append((name, {**options, "methods": rest}))
+            else:
+                steps.append((name, options))
+        if steps:
+            kept.append(replace(job, steps=tuple(steps)))
+    return kept, split
+
+
+def _run_split(dask, split: list[tuple[str, str, dict]], uri: str, api_key: str | None, args, report) -> None:
+    """After the per-run jobs: each split step of each run whose job did not fail, ``--split`` parts at once."""
+    from phasestream.services.split import submit_split_enhance, submit_split_lcf
+
+    t0 = time.perf_counter()
+    failed = {f["run_uid"] for f in report.failures}
+    done = {s["run_uid"]: s for s in report.successes}
+    for uid, kind, options in split:
+        if uid in failed:
+            continue
+        submit = submit_split_enhance if kind == "enhance" else submit_split_lcf
+        record = submit(dask, uri, uid, options, parts=args.split, api_key=api_key, retries=args.retries)
+        summary = done.get(uid) or {"run_uid": uid, "status": "complete", "steps": {}}
+        summary["steps"][f"{kind} (split {args.split})"] = record
+        if record["status"] != "complete":
+            reason = record.get("reason") or "; ".join(record.get("errors") or [])
+            report.successes = [s for s in report.successes if s["run_uid"] != uid]
+            error = f"split {kind} {record['status']}: {reason}"
+            report.failures.append({**summary, "status": "failed", "error": error})
+            failed.add(uid)
+            _print_job(report.failures[-1])
+        elif uid not in done:
+            done[uid] = summary
+            report.successes.append(summary)
+            _print_job(summary)
+    report.seconds += time.perf_counter() - t0
 
 
 def _refine_options(args: argparse.Namespace):
@@ -529,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--workers", type=int, default=None,
                      help="LocalCluster worker processes (default: the number of cores, at most 4)")
     rep.add_argument("--retries", type=int, default=2, help="Dask retries of a failed run (default 2)")
+    rep.add_argument("--split", type=int, default=1, metavar="N",
+                     help="spread each run's --enhance (chunks of energies) and --method lcf (row bands) over N "
+                          "Dask tasks, stitched in Tiled (default 1: one task per run)")
     rep.add_argument("--json", action="store_true", help="print the summary of successes and failures as JSON")
     rep.add_argument("--root", default="phasestream")
     rep.add_argument("--backend", choices=("auto", *BACKENDS), default=None)

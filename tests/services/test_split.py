@@ -121,3 +121,21 @@ def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, da
     assert enhance_result(tiled_client, "split-enhance", options)["status"] == "complete"
     np.testing.assert_allclose(split, node["enhanced"].read(), rtol=1e-5, atol=1e-5)
     assert np.abs(split).max() > 0
+
+
+def test_reprocess_split_command(tiled_server, tiled_client, ni_csv, capsys):
+    """``reprocess --method lcf --method edge50 --split 3``: LCF in 3 bands on Dask, edge50 in the run's job."""
+    from phasestream.cli import main
+
+    refs = load_references(ni_csv)
+    _result(tiled_client, "split-cli", refs, ENERGIES, (30, 32), references=str(ni_csv))
+    code = main(["reprocess", "--tiled", tiled_server.uri, "--refine-only", "--method", "lcf", "--method", "edge50",
+                 "--split", "3", "--workers", "2", "--json", "split-cli"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    node = tiled_client["phasestream"]["split-cli"]
+    md = node.metadata["methods"]
+    assert md["lcf"]["split"]["ranges"] == [[0, 10], [10, 20], [20, 30]] and md["edge50"]["status"] == "complete"
+    split = node["fractions_lcf"].read()
+    run_methods(tiled_client, "split-cli", MethodsOptions(methods=("lcf",)))
+    np.testing.assert_allclose(split, node["fractions_lcf"].read(), rtol=1e-6, atol=1e-7, equal_nan=True)
