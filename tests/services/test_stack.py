@@ -94,6 +94,9 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             assert code == 0, state
             assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker"}
             env = read_env(run_dir)
+            # the worker's post-scan jobs go to the stack's Dask scheduler
+            ready = (run_dir / "logs" / "worker.log").read_text()
+            assert f'"post_scan": "dask {env["PHASESTREAM_DASK_SCHEDULER"]}"' in ready
             client = connect(env["TILED_URI"], api_key=env["TILED_API_KEY"])
 
             # a live scan: raw run by TiledWriter, documents through the proxy to the worker process
