@@ -31,7 +31,8 @@ from phasestream.services.postscan import recorded_job
 from phasestream.services.results import ResultWriter
 from phasestream.services.tiled import connect
 
-__all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance", "enhance_options_from_start", "enhance_result"]
+__all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance", "enhance_options_from_start", "enhance_result",
+           "od_images_to_enhance"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,21 @@ def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = 
             client.close()
 
 
-def _enhance(writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) -> dict[str, Any]:
+def od_images_to_enhance(writer: ResultWriter) -> tuple[int, dict[str, Any] | None]:
+    """How many OD images the result holds, or 0 and the ``skipped`` record saying why none."""
     if "od" not in writer.container:
-        return {"status": "skipped", "reason": "the result has no OD cube (the worker ran with --no-od)"}
-    md = writer.metadata
-    n = int(md.get("n_energies_seen") or 0)
+        return 0, {"status": "skipped", "reason": "the result has no OD cube (the worker ran with --no-od)"}
+    n = int(writer.metadata.get("n_energies_seen") or 0)
     if n == 0:
-        return {"status": "skipped", "reason": "the result has no OD image"}
+        return 0, {"status": "skipped", "reason": "the result has no OD image"}
+    return n, None
+
+
+def _enhance(writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) -> dict[str, Any]:
+    n, skipped = od_images_to_enhance(writer)
+    if skipped is not None:
+        return skipped
+    md = writer.metadata
     client.health(timeout=min(5.0, opts.timeout))  # a stopped server is found out in seconds
     od = writer.container["od"]
     planes, info = [], None

@@ -35,7 +35,7 @@ from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
-from phasestream.services.enhancement import EnhanceOptions
+from phasestream.services.enhancement import EnhanceOptions, od_images_to_enhance
 from phasestream.services.jobs import _with_api_key
 from phasestream.services.methods_jobs import MethodsOptions, _references, lcf_arrays
 from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerUnavailable
@@ -214,12 +214,10 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
     writer = ResultWriter.open(connect(uri), run_uid, root=opts.root)
 
     def work() -> dict[str, Any]:
-        if "od" not in writer.container:
-            return {"status": "skipped", "reason": "the result has no OD cube (the worker ran with --no-od)"}
+        n, skipped = od_images_to_enhance(writer)
+        if skipped is not None:
+            return skipped
         md = writer.metadata
-        n = int(md.get("n_energies_seen") or 0)
-        if n == 0:
-            return {"status": "skipped", "reason": "the result has no OD image"}
         with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
             models.health(timeout=min(5.0, opts.timeout))
             probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), version=opts.version, steps=1)
