@@ -359,9 +359,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not (args.soc or args.runs):
             raise ValueError("train gmvae needs --synthetic, or --tiled URI with --soc X ... or --runs UID ...")
+        scheduler = None if (args.scheduler or "").lower() in ("", "none") else args.scheduler
+        if scheduler and scheduler != "local" and not args.tiled:
+            raise ValueError("--scheduler needs --tiled URI: remote Dask workers cannot reach this command's "
+                             "embedded server")
         with tiled_client(args) as (client, uri):
             data = tiled_training_set(client, state_of_charge=args.soc or (), runs=args.runs or (), root=args.root,
-                                      tiled_uri=uri)
+                                      tiled_uri=uri, scheduler=scheduler, retries=args.retries,
+                                      api_key=None if "api_key=" in uri else os.environ.get("TILED_API_KEY"))
         name = args.name or "gmvae-tiled"
     print(f"training {name} {args.version} on {len(data.spectra)} spectra at {len(data.energies_eV)} energies "
           f"({data.provenance['source']})")
@@ -531,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--runs", nargs="+", metavar="UID", help="results of these runs in Tiled")
     gmvae.add_argument("--soc", type=float, nargs="+", metavar="X", help="results in Tiled at these states of charge")
     gmvae.add_argument("--root", default="phasestream")
+    gmvae.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+                       help="extract the runs' spectra on Dask, one task per run: tcp://HOST:8786 or 'local' (a "
+                            "LocalCluster); default $PHASESTREAM_DASK_SCHEDULER, else in this process")
+    gmvae.add_argument("--retries", type=int, default=2, help="--scheduler: retries of a run's extraction (default 2)")
     gmvae.add_argument("--seed", type=int, default=0)
     gmvae.add_argument("--samples", type=int, default=3, help="--synthetic: simulated samples per state (default 3)")
     gmvae.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, as the shipped model)")

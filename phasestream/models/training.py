@@ -6,7 +6,7 @@ PCC labels (for the cluster-purity metric) and where they came from:
 * :func:`synthetic_training_set`: simulated scans (``phasestream.sim``) at every state of charge
   and several doses, analysed with the same kernels as the live path (OD, PCC, particle mask);
 * :func:`tiled_training_set`: results already in Tiled (``od``, ``mask``, ``phase``), found by
-  state of charge or by run uid.
+  state of charge or by run uid, read here or one Dask task per run (:func:`result_spectra`).
 
 :func:`train_artifact` trains on a set and writes a versioned artifact (registry format).
 """
@@ -14,6 +14,7 @@ PCC labels (for the cluster-purity metric) and where they came from:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PairSet", "TrainingSet", "synthetic_indi_pairs", "synthetic_training_set", "tiled_indi_pairs",
-           "tiled_training_set", "train_artifact", "train_indi_artifact"]
+__all__ = ["PairSet", "TrainingSet", "result_spectra", "synthetic_indi_pairs", "synthetic_training_set",
+           "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,58 @@ def synthetic_training_set(
     return TrainingSet(x, y, energies, list(refs.phases), provenance)
 
 
+def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None) -> dict[str, Any]:
+    """Training data of one run: the particle-pixel OD spectra of its result in Tiled, with PCC labels.
+
+    A plain function of (tiled uri, run uid, options) like the post-scan jobs, so that
+    :func:`tiled_training_set` can extract many runs on Dask workers, each reading Tiled itself.
+    ``options``: ``root`` (default ``phasestream``).
+
+    Returns
+    -------
+    ``{"run_uid", "energies_eV" (E,) as measured, "phases", "spectra" (N, E) float32, "labels" (N,) int16}``
+    """
+    from phasestream.services.tiled import connect
+
+    return _node_spectra(connect(tiled_uri), run_uid, (options or {}).get("root", "phasestream"))
+
+
+def _node_spectra(client, uid: str, root: str) -> dict[str, Any]:
+    try:
+        node = client[root][uid]
+    except KeyError:
+        raise KeyError(f"no phasestream result for run {uid} in Tiled under {root!r}") from None
+    md = node.metadata
+    if "od" not in node:
+        raise ValueError(f"result {uid} has no OD cube: reprocess it first (phasestream reprocess {uid})")
+    n = int(md.get("n_energies_seen") or 0)
+    mask = node["mask"].read().astype(bool)
+    x = node["od"][:n][:, mask].T
+    keep = np.isfinite(x).all(axis=1)
+    return {"run_uid": uid, "energies_eV": np.asarray(md["energies_eV"][:n], dtype=np.float64),
+            "phases": list(md["references"]["phases"]), "spectra": x[keep].astype(np.float32),
+            "labels": node["phase"].read()[mask][keep].astype(np.int16)}
+
+
+def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: str | None, retries: int,
+                     api_key: str | None) -> list[dict[str, Any]]:
+    """:func:`result_spectra` of every run as one Dask task each; every failed run is named in one error."""
+    from distributed import wait
+
+    from phasestream.services.jobs import _with_api_key, dask_client
+
+    uri = _with_api_key(tiled_uri, api_key)
+    with dask_client(None if scheduler in (None, "local") else scheduler) as dask:
+        futures = [dask.submit(result_spectra, uri, uid, {"root": root}, retries=retries, pure=False,
+                               key=f"phasestream-spectra-{uid}-{time.monotonic_ns()}") for uid in uids]
+        wait(futures)
+        failed = [f"{uid}: {type(f.exception()).__name__}: {f.exception()}"
+                  for uid, f in zip(uids, futures, strict=True) if f.status == "error"]
+        if failed:
+            raise ValueError("training data could not be read from " + "; ".join(failed))
+        return dask.gather(futures)
+
+
 def tiled_training_set(
     client,
     *,
@@ -105,50 +158,55 @@ def tiled_training_set(
     energy_tolerance_eV: float = 0.05,
     root: str = "phasestream",
     tiled_uri: str | None = None,
+    scheduler: str | None = None,
+    retries: int = 2,
+    api_key: str | None = None,
 ) -> TrainingSet:
     """Particle-pixel spectra of complete results in Tiled, by state of charge and/or run uid.
 
     Every run must have been measured at the same energies (within ``energy_tolerance_eV``) as the
     first one; runs that were not are refused with an error naming them.
+
+    With ``scheduler`` (a Dask scheduler address, or ``"local"`` for a LocalCluster) each run's
+    spectra are extracted by :func:`result_spectra` in its own Dask task (retried ``retries``
+    times) that reads ``tiled_uri`` itself (``api_key`` is added to it); the set equals the one
+    extracted here.
     """
     from phasestream.catalog import find
 
-    results = {}
+    uids: dict[str, None] = {}
     for soc in state_of_charge:
-        for uid, node in find(client, state_of_charge=soc, tolerance=tolerance, status="complete", root=root).items():
-            results[uid] = node
+        for uid in find(client, state_of_charge=soc, tolerance=tolerance, status="complete", root=root):
+            uids[uid] = None
     for uid in runs:
-        try:
-            results[uid] = client[root][uid]
-        except KeyError:
-            raise KeyError(f"no phasestream result for run {uid} in Tiled under {root!r}") from None
-    if not results:
+        if uid not in client[root]:
+            raise KeyError(f"no phasestream result for run {uid} in Tiled under {root!r}")
+        uids[uid] = None
+    if not uids:
         raise ValueError(f"no complete results match state_of_charge={list(state_of_charge)} runs={list(runs)}")
-    spectra, labels, energies, phases, used = [], [], None, None, []
-    for uid, node in results.items():
-        md = node.metadata
-        if "od" not in node:
-            raise ValueError(f"result {uid} has no OD cube: reprocess it first (phasestream reprocess {uid})")
-        n = int(md.get("n_energies_seen") or 0)
-        run_energies = np.asarray(md["energies_eV"][:n], dtype=np.float64)
-        if energies is None:
-            energies, phases = run_energies, list(md["references"]["phases"])
-        elif run_energies.shape != energies.shape or np.abs(run_energies - energies).max() > energy_tolerance_eV:
-            raise ValueError(f"run {uid} was measured at other energies ({run_energies.round(2).tolist()} eV) than "
-                             f"the first run ({energies.round(2).tolist()} eV): train on one energy set at a time")
-        mask = node["mask"].read().astype(bool)
-        od = node["od"][:n]
-        x = od[:, mask].T
-        keep = np.isfinite(x).all(axis=1)
-        spectra.append(x[keep].astype(np.float32))
-        labels.append(node["phase"].read()[mask][keep])
-        used.append(uid)
+    if scheduler:
+        if not tiled_uri:
+            raise ValueError("extracting training data on Dask needs tiled_uri: the workers read Tiled themselves")
+        extracted = _spectra_on_dask(list(uids), tiled_uri, root, scheduler, retries, api_key)
+    else:
+        extracted = [_node_spectra(client, uid, root) for uid in uids]
+    energies, phases = extracted[0]["energies_eV"], extracted[0]["phases"]
+    for run in extracted[1:]:
+        run_energies = run["energies_eV"]
+        if run_energies.shape != energies.shape or np.abs(run_energies - energies).max() > energy_tolerance_eV:
+            raise ValueError(f"run {run['run_uid']} was measured at other energies ({run_energies.round(2).tolist()} "
+                             f"eV) than the first run ({energies.round(2).tolist()} eV): train on one energy set at "
+                             "a time")
     order = np.argsort(energies)
-    x = np.concatenate(spectra)[:, order]
-    provenance = {"source": "tiled", "tiled": (tiled_uri or "").split("?")[0] or None, "runs": used,
+    x = np.concatenate([run["spectra"] for run in extracted])[:, order]
+    provenance = {"source": "tiled", "tiled": (tiled_uri or "").split("?")[0] or None,
+                  "runs": [run["run_uid"] for run in extracted],
                   "query": {"state_of_charge": list(state_of_charge), "tolerance": tolerance, "root": root},
                   "n_spectra": len(x)}
-    return TrainingSet(x, np.concatenate(labels).astype(np.int16), energies[order], phases, provenance)
+    if scheduler:
+        provenance["extracted_on"] = "dask"
+    labels = np.concatenate([run["labels"] for run in extracted])
+    return TrainingSet(x, labels, energies[order], phases, provenance)
 
 
 def train_artifact(

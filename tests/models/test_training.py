@@ -63,11 +63,13 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     np.testing.assert_allclose(data.energies_eV, np.sort(ENERGIES), atol=1e-6)
 
     code = cli_main(["train", "gmvae", "--tiled", tiled_server.uri, "--runs", *uids, "--epochs", "1",
-                     "--out", str(tmp_path), "--name", "gmvae-beamline", "--version", "0.1.0"])
+                     "--out", str(tmp_path), "--name", "gmvae-beamline", "--version", "0.1.0",
+                     "--scheduler", "local"])
     assert code == 0
     art = Artifact.read(tmp_path / "gmvae-beamline-0.1.0")
     manifest = json.loads((art.path / "manifest.json").read_text())
     assert manifest["training"]["source"] == "tiled" and set(manifest["training"]["runs"]) == set(uids)
+    assert manifest["training"]["extracted_on"] == "dask"
     assert "api_key" not in json.dumps(manifest)  # the key never lands in an artifact
     assert manifest["metrics"]["test_reconstruction_mse"] > 0
     assert ModelRegistry([tmp_path]).get("gmvae-beamline").version == "0.1.0"
@@ -80,6 +82,38 @@ def test_runs_at_other_energies_are_refused(tiled_client):
         tiled_training_set(tiled_client, runs=[a, b])
     with pytest.raises(KeyError, match="no phasestream result for run nope"):
         tiled_training_set(tiled_client, runs=["nope"])
+
+
+def test_extraction_on_dask_equals_in_process_and_names_failed_runs(tiled_server, tiled_client, monkeypatch):
+    import pathlib
+
+    import tiled.client.utils
+
+    # Tiled's client retries a server error for up to 45 s: once is enough (workers read the environment)
+    monkeypatch.setenv("TILED_RETRY_ATTEMPTS", "1")
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+    uids = [_scan(tiled_client, 2.4, 41), _scan(tiled_client, 1.0, 42)]
+    here = tiled_training_set(tiled_client, runs=uids)
+    on_dask = tiled_training_set(tiled_client, runs=uids, tiled_uri=tiled_server.uri, scheduler="local")
+    assert on_dask.provenance["runs"] == here.provenance["runs"] == uids
+    assert on_dask.provenance["extracted_on"] == "dask"
+    np.testing.assert_array_equal(on_dask.spectra, here.spectra)
+    np.testing.assert_array_equal(on_dask.labels, here.labels)
+    np.testing.assert_array_equal(on_dask.energies_eV, here.energies_eV)
+    # the labels are the PCC argmax of the stored maps: an independent read of the first result
+    node = tiled_client["phasestream"][uids[0]]
+    mask = node["mask"].read().astype(bool)
+    np.testing.assert_array_equal(here.labels[: int(mask.sum())], node["phase"].read()[mask])
+
+    bad = _scan(tiled_client, 2.0, 43)
+    chunks = [p for p in pathlib.Path(tiled_server.directory, "data").rglob("*")
+              if p.is_file() and bad in p.parts and "od" in p.parts and p.name != "zarr.json"]
+    assert chunks, f"no OD chunks of {bad}"
+    for path in chunks:
+        path.write_bytes(b"corrupted")
+    with pytest.raises(ValueError, match=f"training data could not be read from {bad}: ") as info:
+        tiled_training_set(tiled_client, runs=[*uids, bad], tiled_uri=tiled_server.uri, scheduler="local", retries=0)
+    assert uids[0] not in str(info.value)  # only the failed run is named
 
 
 def _image_run(client, images: np.ndarray, pixel_size: float) -> str:
