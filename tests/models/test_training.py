@@ -89,9 +89,9 @@ def test_extraction_on_dask_equals_in_process_and_names_failed_runs(tiled_server
 
     import tiled.client.utils
 
-    # Tiled's client retries a server error for up to 45 s: once is enough (workers read the environment)
-    monkeypatch.setenv("TILED_RETRY_ATTEMPTS", "1")
-    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+    # Tiled's client retries a server error for up to 45 s: 3 s are enough (workers read the environment)
+    monkeypatch.setenv("TILED_RETRY_TIMEOUT", "3")
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 3.0)
     uids = [_scan(tiled_client, 2.4, 41), _scan(tiled_client, 1.0, 42)]
     here = tiled_training_set(tiled_client, runs=uids)
     on_dask = tiled_training_set(tiled_client, runs=uids, tiled_uri=tiled_server.uri, scheduler="local")

@@ -47,14 +47,20 @@ def results(client, uids) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.fixture(autouse=True)
 def fail_fast(monkeypatch):
-    """Tiled's client retries a server error for up to 45 s: once is enough for a corrupted run.
+    """Tiled's client retries a server error for up to 45 s: a few attempts within 3 s are enough
+    for a corrupted run.
 
-    Set in the environment too, for the Dask worker processes started by the test.
+    Not a single attempt: the embedded server keeps event tables in DuckDB behind one shared
+    connection, and two Dask workers reading tables at the same moment can get a 500 ("closed
+    pending query result") that the next attempt does not. Set in the environment too, for the
+    Dask worker processes started by the test.
     """
     import tiled.client.utils
 
-    monkeypatch.setenv("TILED_RETRY_ATTEMPTS", "1")
-    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+    monkeypatch.setenv("TILED_RETRY_ATTEMPTS", "5")
+    monkeypatch.setenv("TILED_RETRY_TIMEOUT", "3")
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 5)
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 3.0)
 
 
 @pytest.fixture(scope="module")
