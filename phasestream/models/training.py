@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.services.jobs import dask_task
+
 __all__ = ["PairSet", "TrainingSet", "result_spectra", "synthetic_indi_pairs", "synthetic_training_set",
            "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
@@ -97,6 +99,7 @@ def synthetic_training_set(
     return TrainingSet(x, y, energies, list(refs.phases), provenance)
 
 
+@dask_task
 def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None) -> dict[str, Any]:
     """Training data of one run: the particle-pixel OD spectra of its result in Tiled, with PCC labels.
 

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "Job",
     "JobReport",
     "dask_client",
+    "dask_task",
     "run_job",
     "run_jobs",
     "submit_jobs",
@@ -152,6 +154,26 @@ def _with_api_key(tiled_uri: str, api_key: str | None) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def dask_task(fn: Callable) -> Callable:
+    """Decorate a function that runs as a Dask task: the dask arrays it computes stay in its process.
+
+    Tiled's client reads arrays through dask, and dask inside a task hands such computations to
+    the cluster by default: the chunks would travel between workers, and the task would hold its
+    worker's only thread while waiting for them (a deadlock once every thread does, seen as a
+    job that never ends). Here they run on this process's threads.
+    """
+
+    @functools.wraps(fn)
+    def task(*args: Any, **kwargs: Any) -> Any:
+        import dask
+
+        with dask.config.set(scheduler="threads"):
+            return fn(*args, **kwargs)
+
+    return task
+
+
+@dask_task
 def run_job(job: Job, tiled_uri: str, api_key: str | None = None) -> dict:
     """Run the steps of ``job`` here; the summary of each step under ``steps``.
 

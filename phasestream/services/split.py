@@ -36,7 +36,7 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
 from phasestream.services.enhancement import EnhanceOptions, od_images_to_enhance
-from phasestream.services.jobs import _with_api_key
+from phasestream.services.jobs import _with_api_key, dask_task
 from phasestream.services.methods_jobs import MethodsOptions, _references, lcf_arrays
 from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerUnavailable
 from phasestream.services.postscan import recorded_job
@@ -99,6 +99,7 @@ def _submit(dask, fn, args_list: list[tuple], retries: int, tag: str) -> list:
 # --------------------------------------------------------------------------- LCF by row bands
 
 
+@dask_task
 def lcf_band(tiled_uri: str, run_uid: str, root: str, band: int, rows: tuple[int, int], order: np.ndarray,
              energies: np.ndarray, references: np.ndarray, options: dict) -> dict:
     """Dask task: LCF of rows ``[y0, y1)`` of the OD cube; writes block ``band`` of the LCF arrays.
@@ -185,6 +186,7 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
 # --------------------------------------------------------------------------- enhancement by energies
 
 
+@dask_task
 def enhance_planes(tiled_uri: str, run_uid: str, root: str, planes: tuple[int, int], options: dict) -> dict:
     """Dask task: enhance OD planes ``[i0, i1)`` through the model server into ``enhanced[i0:i1]``."""
     opts = EnhanceOptions(**options)

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from distributed import get_task_stream
 
 from phasestream.references import load_references, select_energies
 from phasestream.services.jobs import JOBS, Job, dask_client, run_job, run_jobs, submit_jobs
@@ -88,9 +89,11 @@ def test_dask_equals_in_process_and_failures_are_reported(tiled_server, tiled_cl
         tiled_client["phasestream"].delete_contents(uid, recursive=True, external_only=False)
 
     seen = []
-    with dask_client(n_workers=2) as client:
+    with dask_client(n_workers=2) as client, get_task_stream(client) as stream:
         assert len(client.scheduler_info()["workers"]) == 2
         report = submit_jobs(client, jobs, tiled_server.uri, retries=1, progress=False, on_done=seen.append)
+    # the jobs' own Tiled reads (dask arrays) ran inside their tasks, not as tasks of the cluster
+    assert {t["key"] for t in stream.data} and all(str(t["key"]).startswith("phasestream-") for t in stream.data)
     assert sorted(s["run_uid"] for s in report.successes) == sorted(good)
     assert all(s["status"] == "complete" for s in report.successes)
     (failure,) = report.failures
