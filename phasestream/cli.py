@@ -105,6 +105,19 @@ def _add_tiled_options(parser: argparse.ArgumentParser) -> None:
                         help="directory of the embedded server's catalog (persists between commands)")
 
 
+def _scheduler_option(args: argparse.Namespace) -> str | None:
+    """``--scheduler``: None for none/empty, ``local`` or an address; an address needs ``--tiled``."""
+    scheduler = None if (args.scheduler or "").lower() in ("", "none") else args.scheduler
+    if scheduler and scheduler.lower() != "local" and not args.tiled:
+        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
+    return scheduler
+
+
+def _workers_api_key(uri: str) -> str | None:
+    """The API key Dask workers need besides ``uri`` (None when the URI carries one)."""
+    return None if "api_key=" in uri else os.environ.get("TILED_API_KEY")
+
+
 def _print_rows(rows: list[dict]) -> None:
     if not rows:
         print("no results")
@@ -197,7 +210,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
                 print("no raw runs match", file=sys.stderr)
                 return 1
         jobs = _reprocess_jobs(args, uids)
-        api_key = None if "api_key=" in uri else os.environ.get("TILED_API_KEY")
+        api_key = _workers_api_key(uri)
         progress = not args.json and sys.stderr.isatty()
         split: list[tuple[str, str, dict]] = []
         if args.split > 1:
@@ -316,9 +329,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from phasestream.services.live import LiveService
     from phasestream.services.worker import DocumentWorker
 
-    scheduler = args.scheduler or None
-    if scheduler and scheduler.lower() not in ("none", "local") and not args.tiled:
-        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
+    scheduler = _scheduler_option(args)
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
@@ -359,14 +370,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not (args.soc or args.runs):
             raise ValueError("train gmvae needs --synthetic, or --tiled URI with --soc X ... or --runs UID ...")
-        scheduler = None if (args.scheduler or "").lower() in ("", "none") else args.scheduler
-        if scheduler and scheduler != "local" and not args.tiled:
-            raise ValueError("--scheduler needs --tiled URI: remote Dask workers cannot reach this command's "
-                             "embedded server")
+        scheduler = _scheduler_option(args)
         with tiled_client(args) as (client, uri):
             data = tiled_training_set(client, state_of_charge=args.soc or (), runs=args.runs or (), root=args.root,
                                       tiled_uri=uri, scheduler=scheduler, retries=args.retries,
-                                      api_key=None if "api_key=" in uri else os.environ.get("TILED_API_KEY"))
+                                      api_key=_workers_api_key(uri))
         name = args.name or "gmvae-tiled"
     print(f"training {name} {args.version} on {len(data.spectra)} spectra at {len(data.energies_eV)} energies "
           f"({data.provenance['source']})")

@@ -113,14 +113,18 @@ def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None) ->
     """
     from phasestream.services.tiled import connect
 
-    return _node_spectra(connect(tiled_uri), run_uid, (options or {}).get("root", "phasestream"))
+    return _node_spectra(_result_node(connect(tiled_uri), run_uid, (options or {}).get("root", "phasestream")),
+                         run_uid)
 
 
-def _node_spectra(client, uid: str, root: str) -> dict[str, Any]:
+def _result_node(client, uid: str, root: str):
     try:
-        node = client[root][uid]
+        return client[root][uid]
     except KeyError:
         raise KeyError(f"no phasestream result for run {uid} in Tiled under {root!r}") from None
+
+
+def _node_spectra(node, uid: str) -> dict[str, Any]:
     md = node.metadata
     if "od" not in node:
         raise ValueError(f"result {uid} has no OD cube: reprocess it first (phasestream reprocess {uid})")
@@ -177,22 +181,19 @@ def tiled_training_set(
     """
     from phasestream.catalog import find
 
-    uids: dict[str, None] = {}
+    nodes = {}
     for soc in state_of_charge:
-        for uid in find(client, state_of_charge=soc, tolerance=tolerance, status="complete", root=root):
-            uids[uid] = None
+        nodes.update(find(client, state_of_charge=soc, tolerance=tolerance, status="complete", root=root))
     for uid in runs:
-        if uid not in client[root]:
-            raise KeyError(f"no phasestream result for run {uid} in Tiled under {root!r}")
-        uids[uid] = None
-    if not uids:
+        nodes[uid] = _result_node(client, uid, root)
+    if not nodes:
         raise ValueError(f"no complete results match state_of_charge={list(state_of_charge)} runs={list(runs)}")
     if scheduler:
         if not tiled_uri:
             raise ValueError("extracting training data on Dask needs tiled_uri: the workers read Tiled themselves")
-        extracted = _spectra_on_dask(list(uids), tiled_uri, root, scheduler, retries, api_key)
+        extracted = _spectra_on_dask(list(nodes), tiled_uri, root, scheduler, retries, api_key)
     else:
-        extracted = [_node_spectra(client, uid, root) for uid in uids]
+        extracted = [_node_spectra(node, uid) for uid, node in nodes.items()]
     energies, phases = extracted[0]["energies_eV"], extracted[0]["phases"]
     for run in extracted[1:]:
         run_energies = run["energies_eV"]
