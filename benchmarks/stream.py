@@ -10,11 +10,12 @@ references) and writes results to an embedded Tiled server living in this proces
   its first and last analysed image), per-image latency (event time -> image analysed in the
   worker, transport included; median and p95), documents lost (from the worker's sequence
   numbers), and last image -> final result in Tiled (which includes draining the OD-plane writes
-  queued behind the stream).
+  queued behind the stream). ``--od-store`` has the worker write the OD cube as external zarr data
+  (``serve --od-store``, a temporary directory the embedded Tiled may read) instead of uploading it.
 * ``end_of_scan_1024x13``: a 13-energy scan of 1024^2 frames at a beamline-like pace (one image
   every ``--pace`` s), reporting last image -> final result in Tiled.
 
-Usage: ``python benchmarks/stream.py [--frames 60] [--sizes 512 2048] [--pace 0.2]``
+Usage: ``python benchmarks/stream.py [--frames 60] [--sizes 512 2048] [--pace 0.2] [--od-store | --no-od]``
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 
 import numpy as np
@@ -53,9 +55,10 @@ def _documents(size: int, n: int, *, seed: int = 0):
     frames = [np.roll(base, i, axis=0) for i in range(min(n, 8))]
 
     def events(pace: float = 0.0):
+        start = time.perf_counter()
         for i, e in enumerate(energies):
-            if pace and i:
-                time.sleep(pace)  # between images only: the stop follows the last image at once
+            if pace and i:  # a detector's clock: image i at start + i * pace, however long publishing took
+                time.sleep(max(0.0, start + i * pace - time.perf_counter()))
             now = time.time()
             yield "event", desc.compose_event(
                 data={"det_img": frames[i % len(frames)], "energy": float(e), "det_i0": 8000.0},
@@ -93,19 +96,23 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--pace", type=float, default=0.2, help="seconds between images of the end-of-scan run")
-    parser.add_argument("--no-od", action="store_true", help="worker does not write the OD cube live")
+    od = parser.add_mutually_exclusive_group()
+    od.add_argument("--no-od", action="store_true", help="worker does not write the OD cube live")
+    od.add_argument("--od-store", action="store_true",
+                    help="worker writes the OD cube as external zarr data (serve --od-store) instead of uploading it")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="publish the stream runs at this many frames/s (0: as fast as possible)")
     args = parser.parse_args()
     report: dict = {"benchmark": "stream", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-    server = start_embedded_tiled()
+    store = tempfile.TemporaryDirectory(prefix="phasestream-od-") if args.od_store else None
+    server = start_embedded_tiled(readable_storage=[store.name] if store else None)
     client = connect(server.uri)
     proxy = start_proxy()
     worker = ServeProcess(proxy.out_address, server.uri, args=(
         "--backend", "numba", "--update-every", "8", "--update-seconds", "2", "--no-refine",
-        *(("--no-od",) if args.no_od else ()),
+        *(("--no-od",) if args.no_od else ()), *(("--od-store", store.name) if store else ()),
     )).start()
-    report["write_od"] = not args.no_od
+    report["write_od"] = "off" if args.no_od else "external zarr" if store else "upload"
     publisher = DocumentPublisher(proxy.in_address)
     try:
         publisher.wait_for_subscriber(10)
@@ -120,6 +127,8 @@ def main() -> None:
         stats = worker.stop()
         proxy.stop()
         server.close()
+        if store is not None:
+            store.cleanup()
     report["worker_stats"] = {k: stats.get(k) for k in ("received", "lost", "undecodable", "callback_errors")}
     report["documents_lost"] = stats.get("lost")
     print(json.dumps(report, indent=2))

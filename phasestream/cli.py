@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -330,9 +331,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from phasestream.services.worker import DocumentWorker
 
     scheduler = _scheduler_option(args)
-    with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
+    if args.od_store:  # fail now, not at the first image, when the folder cannot be made
+        Path(args.od_store).mkdir(parents=True, exist_ok=True)
+    readable = [*(args.readable_storage or []), *([args.od_store] if args.od_store else [])]
+    with tiled_client(args, readable_storage=readable or None) as (client, uri):
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
+                              od_store=args.od_store,
                               refine=None if args.no_refine else _refine_options(args),
                               enhance=_enhance_options(args), methods=_methods_base(args),
                               scheduler=scheduler, retries=args.retries, dask_workers=args.workers)
@@ -517,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--root", default="phasestream")
     serve.add_argument("--no-od", action="store_true",
                        help="do not write the OD cube live (high frame rates; reprocess adds it later)")
+    serve.add_argument("--od-store", default=os.environ.get("PHASESTREAM_OD_STORE") or None, metavar="DIR",
+                       help="write the live OD cube as external zarr data in DIR, registered in Tiled, instead of "
+                            "uploading it (high frame rates; the Tiled server must be able to read DIR). Default "
+                            "$PHASESTREAM_OD_STORE, else upload")
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
     _add_refine_options(serve)

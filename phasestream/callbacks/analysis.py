@@ -45,6 +45,41 @@ MAX_ERRORS = 50
 # largest OD write request (bytes) when planes queued up: Tiled ingests larger bodies no faster
 # per byte (slower, past ~16 MiB)
 OD_REQUEST_BYTES = 16 << 20
+#: bytes of OD plane buffers kept for reuse while planes wait for the sink (per run): as many
+#: as queue up behind a partial-map upload at 2048^2 and 20 frames/s
+OD_POOL_BYTES = 512 << 20
+
+
+class PlanePool:
+    """Reusable image buffers for the OD planes that wait for the sink.
+
+    A plane that outlives its frame (queued for writing) would otherwise be a fresh allocation
+    every frame; large ones come from the kernel as new, untouched pages, and faulting 16 MB
+    in (a 2048^2 float32 plane) costs more than the OD kernel itself (about 40 ms on a VM).
+    Buffers handed back after writing are already mapped. At most ``keep_bytes`` are kept.
+    """
+
+    def __init__(self, keep_bytes: int = OD_POOL_BYTES):
+        self.keep_bytes = int(keep_bytes)
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def copy(self, plane: np.ndarray) -> np.ndarray:
+        """A pooled buffer holding a copy of ``plane`` (a new one when none of its shape is free)."""
+        with self._lock:
+            buffer = next((b for b in self._free if b.shape == plane.shape and b.dtype == plane.dtype), None)
+            if buffer is not None:
+                self._free.remove(buffer)
+        if buffer is None:
+            buffer = np.empty_like(plane)
+        np.copyto(buffer, plane)
+        return buffer
+
+    def release(self, buffer: np.ndarray) -> None:
+        """Hand a buffer back once nothing refers to it any more."""
+        with self._lock:
+            if (len(self._free) + 1) * buffer.nbytes <= self.keep_bytes:
+                self._free.append(buffer)
 
 
 class RunResult:
@@ -96,6 +131,7 @@ class RunAnalysis(DocumentRouter):
         self._od_pending: list[tuple[int, np.ndarray]] = []
         self._od_lock = threading.Lock()
         self._od_job_queued = False
+        self._od_pool = PlanePool()
         # partial maps: cost of the last one (compute + write, s), and whether one is being written
         self._partial_cost_s = 0.0
         self._partial_busy = False
@@ -162,11 +198,18 @@ class RunAnalysis(DocumentRouter):
             self._od_job_queued = True
         self.owner.sink.submit(self._write(self._write_pending_od), key=self.settings.run_uid)
 
-    def _take_pending_od(self) -> list[tuple[int, np.ndarray]]:
-        """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most OD_REQUEST_BYTES each."""
+    def _take_pending_od(self, *, merge: bool = True) -> list[tuple[int, np.ndarray]]:
+        """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most OD_REQUEST_BYTES each.
+
+        ``merge=False``: the pending (index, (Y, X) plane) as they are, for a writer that writes
+        files directly (no request to save; stacking would only copy); hand each plane back to
+        the pool (``_od_pool.release``) once written.
+        """
         with self._od_lock:
             pending, self._od_pending = self._od_pending, []
             self._od_job_queued = False
+        if not merge:
+            return pending
         runs: list[tuple[int, list[np.ndarray]]] = []
         for index, plane in pending:
             fits = (len(runs[-1][1]) + 1) * plane.nbytes <= OD_REQUEST_BYTES if runs else False
@@ -174,9 +217,17 @@ class RunAnalysis(DocumentRouter):
                 runs[-1][1].append(plane)
             else:
                 runs.append((index, [plane]))
-        return [(start, np.stack(planes)) for start, planes in runs]
+        blocks = [(start, np.stack(planes)) for start, planes in runs]
+        for _, plane in pending:
+            self._od_pool.release(plane)
+        return blocks
 
     def _write_pending_od(self, writer) -> None:
+        if writer.od_external:  # a file write says nothing about Tiled's upload speed: not measured
+            for index, plane in self._take_pending_od(merge=False):
+                writer.write_od_planes(index, plane[np.newaxis])
+                self._od_pool.release(plane)
+            return
         for start, block in self._take_pending_od():
             t = time.perf_counter()
             writer.write_od_planes(start, block)
@@ -305,7 +356,7 @@ class RunAnalysis(DocumentRouter):
         if "time" in doc:
             self.event_latency.append(now - float(doc["time"]))
         if self.owner.write_od:
-            self._queue_od(index, od_host)
+            self._queue_od(index, self._od_pool.copy(od_host))
         self.since_update += 1
         elapsed = time.monotonic() - self.last_update
         # partial maps take at most ~partial_budget of the time: the interval grows with their

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from event_model import RunRouter
 
@@ -60,6 +61,9 @@ class PhaseMapCallback:
     write_od : write the OD cube ``od`` (E, Y, X) plane by plane (default). Off for very high
         frame rates: the maps are still written, and ``phasestream reprocess`` can add ``od``
         from the raw run later
+    od_store : write the OD cube as external zarr data in this directory instead of uploading it
+        (``ResultWriter`` ``od_store``; the Tiled server must be able to read it): planes cost a
+        file write instead of an HTTP upload, which keeps the live OD cube at 2048^2 and 20 frames/s
     kernel_threads : numba threads of the kernels run on the document thread (default 1: the
         live worker shares its cores with the proxy, the publisher and Tiled, and a parallel
         kernel would wait for descheduled threads); None: numba's default (every core)
@@ -82,6 +86,7 @@ class PhaseMapCallback:
         mask_threshold: float | None = None,
         handler_registry: dict | None = None,
         write_od: bool = True,
+        od_store: str | Path | None = None,
         kernel_threads: int | None = 1,
         on_run_complete: Callable[[RunResult], None] | None = None,
     ):
@@ -101,6 +106,7 @@ class PhaseMapCallback:
         self.references = None if references is None else load_references(references)
         self.on_run_complete = on_run_complete
         self.write_od = bool(write_od)
+        self.od_store = None if od_store is None else Path(od_store)
         self.kernel_threads = kernel_threads
         self._threads_limited: set[int] = set()  # ids of the threads whose kernel threads are set
         self._reference_cache: dict[str, ReferenceSet] = {}
@@ -129,6 +135,7 @@ class PhaseMapCallback:
             n_energies=analysis.settings.num_points if self.write_od else None,
             metadata=analysis._base_metadata(),
             replace=True,
+            od_store=self.od_store,
         )
 
     def _write_failed(self, key, exc: BaseException) -> None:

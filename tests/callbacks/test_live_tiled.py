@@ -44,11 +44,13 @@ def scan(RE, soc, seed, **det_kwargs):
     return uid, sample
 
 
-def test_live_results_in_tiled_follow_the_contract(tiled):
+@pytest.mark.parametrize("external_od", [False, True], ids=["od-uploaded", "od-store"])
+def test_live_results_in_tiled_follow_the_contract(tiled, detector_files, external_od):
     RE = RunEngine({})
     RE.subscribe(raw_run_writer(tiled))
+    od_store = detector_files / "od-store" if external_od else None  # a folder the server may read
     cb = PhaseMapCallback(tiled, backend="numba", update_every=2, update_seconds=1e9, min_update_seconds=0,
-                          partial_budget=None)
+                          partial_budget=None, od_store=od_store)
     RE.subscribe(cb)
     seen, run = [], {}
 
@@ -85,6 +87,9 @@ def test_live_results_in_tiled_follow_the_contract(tiled):
     i0 = raw["primary"]["det_i0"].read()
     ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(images, i0, strict=True)])
     np.testing.assert_allclose(res["od"].read(), ods, rtol=1e-6, equal_nan=True)
+    (source,) = res["od"].data_sources()
+    assert (source.management == "external") == external_od
+    assert not external_od or (od_store / "phasestream" / uid / "od.zarr").is_dir()
     np.testing.assert_allclose(res["pcc"].read(), pearson_maps(ods, REFS.interpolate(ENERGIES)), atol=1e-5,
                                equal_nan=True)
     assert sample.accuracy(res["phase"].read()) > 0.97

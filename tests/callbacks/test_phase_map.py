@@ -227,3 +227,25 @@ def test_resource_datum_images_are_filled_through_the_handler_registry(tmp_path)
     np.testing.assert_allclose(result.arrays["pcc"], pearson_maps(ods, REFS.interpolate(ENERGIES)), atol=1e-5,
                                equal_nan=True)
     assert sample.accuracy(result.arrays["phase"]) > 0.97
+
+
+def test_plane_pool_reuses_written_buffers_and_keeps_at_most_its_bytes():
+    from phasestream.callbacks.analysis import PlanePool
+
+    rng = np.random.default_rng(0)
+    pool = PlanePool(keep_bytes=2 * 16 * 16 * 4)  # two 16 x 16 float32 planes
+    a, b = rng.random((2, 16, 16)).astype(np.float32)
+    first = pool.copy(a)
+    np.testing.assert_array_equal(first, a)
+    assert first is not a and not np.shares_memory(first, a)
+    pending = pool.copy(b)  # the first is still waiting: a new buffer
+    assert pending is not first
+    pool.release(first)
+    again = pool.copy(b)  # written and handed back: reused, holding the new plane
+    assert again is first
+    np.testing.assert_array_equal(again, b)
+    np.testing.assert_array_equal(pending, b)
+    assert pool.copy(np.zeros((8, 8), np.float32)).shape == (8, 8)  # other shapes get their own
+    for buffer in (again, pending, pool.copy(a)):
+        pool.release(buffer)
+    assert len(pool._free) == 2  # the third would exceed keep_bytes

@@ -1,4 +1,5 @@
-"""`phasestream serve` in a subprocess behind the 0MQ proxy: external images, garbage on the socket."""
+"""`phasestream serve` in a subprocess behind the 0MQ proxy: external images, garbage on the socket,
+the OD cube written as external data (--od-store)."""
 
 import numpy as np
 import pytest
@@ -16,9 +17,11 @@ ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 
 
 @pytest.fixture
-def topology(tiled_server, tiled_client):
+def topology(tiled_server, tiled_client, detector_files):
+    # the OD cube as external zarr data (serve --od-store) in a folder the server may read
+    od_store = detector_files / "od-store-serve"
     with start_proxy() as proxy, ServeProcess(proxy.out_address, tiled_server.uri,
-                                              args=("--backend", "numba")) as worker:
+                                              args=("--backend", "numba", "--od-store", str(od_store))) as worker:
         with DocumentPublisher(proxy.in_address) as publisher:
             assert publisher.wait_for_subscriber(10)
             yield proxy, worker, publisher, tiled_client
@@ -52,5 +55,9 @@ def test_worker_process_survives_garbage_and_analyses_external_images(topology, 
     # the external run was read from the detector's HDF5 files by the worker process
     ext = client["phasestream"][uids[0]]
     assert np.isfinite(ext["od"].read()).any() and ext.metadata["n_energies_seen"] == len(ENERGIES)
+    for uid in uids:
+        (source,) = client["phasestream"][uid]["od"].data_sources()
+        assert source.management == "external"
+        assert (detector_files / "od-store-serve" / "phasestream" / uid / "od.zarr").is_dir()
     stats = worker.stop()
     assert stats["undecodable"] == 3 and stats["lost"] == 0

@@ -85,6 +85,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv("PHASESTREAM_TILED_DATA", str(tmp_path / "data"))
         monkeypatch.setenv("PHASESTREAM_DETECTOR_FILES", str(tmp_path / "detector"))
         monkeypatch.setenv("PHASESTREAM_REDIS", redis_uri)
+        monkeypatch.setenv("PHASESTREAM_OD_STORE", str(tmp_path / "od-store"))  # the worker's default --od-store
         monkeypatch.setenv("TILED_API_KEY", "e2e" + os.urandom(8).hex())
         try:
             assert main(["up", "--run-dir", str(run_dir), "--tiled-config", str(DEPLOY_CONFIG), "--dask-workers",
@@ -112,6 +113,8 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
                 live = wait_for_result(client, uid, timeout=90.0)
             assert live.metadata["status"] == "complete", live.metadata["errors"]
             assert sample.accuracy(live["phase"].read()) > 0.9
+            (source,) = live["od"].data_sources()  # written by the worker, registered in Tiled
+            assert source.management == "external" and (tmp_path / "od-store" / "phasestream" / uid).is_dir()
             before = {k: live[k].read() for k in ARRAYS}
             assert list(find(client, state_of_charge=2.0)) == [uid]  # JSONB query on PostgreSQL
 

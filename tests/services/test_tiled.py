@@ -29,10 +29,45 @@ PHASES = ["Na3.0", "Na2.0", "Na1.0"]
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_embedded_tiled(api_key=KEY)
+def store_root(tmp_path_factory):
+    """A folder the server may read: external ``od`` arrays (``ResultWriter(od_store=...)``) go there."""
+    return tmp_path_factory.mktemp("od-store")
+
+
+@pytest.fixture(scope="module")
+def server(store_root):
+    server = start_embedded_tiled(api_key=KEY, readable_storage=[store_root])
     yield server
     server.close()
+
+
+@pytest.fixture(params=["uploaded", "external"])
+def od_store(request, store_root):
+    """Where ``od`` goes: uploaded into Tiled's storage, or written by the writer as external zarr data."""
+    return None if request.param == "uploaded" else store_root
+
+
+def uid_for(name, od_store):
+    return f"{name}-{'external' if od_store else 'uploaded'}"
+
+
+def assert_grown_od(client, uid, od_store, planes):
+    """``od`` past its planned size holds ``planes``: uploaded it grows by exactly the new planes,
+    external it grows geometrically (each growth is a new registration), one chunk per plane."""
+    od = client[f"phasestream/{uid}/od"]
+    n = len(planes)
+    assert od.shape[0] == n if od_store is None else n <= od.shape[0] <= 2 * n
+    assert od.shape[1:] == SHAPE and od.chunks[0] == (1,) * od.shape[0]
+    np.testing.assert_array_equal(od[:n], planes)  # NaN compares equal here
+
+
+def assert_od_kept_as(client, uid, od_store):
+    """``od`` is external zarr data in the store exactly when the writer was given one."""
+    (source,) = client[f"phasestream/{uid}/od"].data_sources()
+    assert (source.management == "external") == (od_store is not None)
+    if od_store is not None:
+        assert source.mimetype == "application/x-zarr"
+        assert (od_store / "phasestream" / uid / "od.zarr" / "zarr.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -129,72 +164,79 @@ def test_result_container_layout_specs_and_metadata(client):
     assert "run-layout" in client["phasestream"].search(Key("state_of_charge") == 2.0)
 
 
-def test_od_planes_read_back_as_written_also_past_the_planned_size(client):
+def test_od_planes_read_back_as_written_also_past_the_planned_size(client, od_store):
+    uid = uid_for("run-od-grow", od_store)
     planes = np.random.default_rng(0).normal(size=(5, *SHAPE)).astype(np.float32)
     planes[1, 2:4, 3] = np.nan
-    w = writer(client, "run-od-grow", n_energies=3)
+    w = writer(client, uid, od_store=od_store, n_energies=3)
     for index in (0, 2, 1, 3, 4):
         w.write_od(index, planes[index])
     assert w.n_od_planes == 5
-    od = client["phasestream/run-od-grow/od"]
-    assert od.shape == (5, *SHAPE) and od.chunks[0] == (1,) * 5
-    np.testing.assert_array_equal(od.read(), planes)  # NaN compares equal here
+    assert_grown_od(client, uid, od_store, planes)
+    assert_od_kept_as(client, uid, od_store)
     w.finalize_od()
-    assert client["phasestream/run-od-grow"].metadata["n_energies_seen"] == 5
+    assert client[f"phasestream/{uid}"].metadata["n_energies_seen"] == 5
+    np.testing.assert_array_equal(client[f"phasestream/{uid}/od"].read(), planes)  # exactly 5 planes now
 
 
-def test_od_of_unknown_length_grows_from_the_first_plane(client):
+def test_od_of_unknown_length_grows_from_the_first_plane(client, od_store):
+    uid = uid_for("run-od-unknown", od_store)
     planes = np.random.default_rng(1).random((3, *SHAPE))  # float64 in, float32 stored
-    w = writer(client, "run-od-unknown", n_energies=None)
-    assert "od" not in client["phasestream/run-od-unknown"]
+    w = writer(client, uid, od_store=od_store, n_energies=None)
+    assert "od" not in client[f"phasestream/{uid}"]
     for index, plane in enumerate(planes):
         w.write_od(index, plane)
-    od = client["phasestream/run-od-unknown/od"].read()
-    np.testing.assert_array_equal(od, planes.astype(np.float32))
+    assert_grown_od(client, uid, od_store, planes.astype(np.float32))
     with pytest.raises(ValueError, match="shape"):
         w.write_od(3, planes[0][:-1])
 
 
-def test_od_planes_written_in_blocks_read_back_as_written_also_past_the_planned_size(client):
+def test_od_planes_written_in_blocks_read_back_as_written_also_past_the_planned_size(client, od_store):
+    uid = uid_for("run-od-blocks", od_store)
     planes = np.random.default_rng(4).normal(size=(7, *SHAPE)).astype(np.float32)
     planes[2, 1, 1] = np.nan
-    w = writer(client, "run-od-blocks", n_energies=4)
+    w = writer(client, uid, od_store=od_store, n_energies=4)
     w.write_od_planes(0, planes[:3])
     w.write_od_planes(3, planes[3:4])
     w.write_od_planes(4, planes[4:])  # past the planned 4 planes: grows
     assert w.n_od_planes == 7
-    od = client["phasestream/run-od-blocks/od"]
-    assert od.shape == (7, *SHAPE) and od.chunks[0] == (1,) * 7
-    np.testing.assert_array_equal(od.read(), planes)
+    assert_grown_od(client, uid, od_store, planes)
     with pytest.raises(ValueError, match="shape"):
         w.write_od_planes(7, planes[:2, :-1])
 
 
-def test_maps_and_od_planes_are_written_together(client):
+def test_maps_and_od_planes_are_written_together(client, od_store):
+    uid = uid_for("run-maps-od", od_store)
     rng = np.random.default_rng(5)
     planes = rng.random((3, *SHAPE)).astype(np.float32)
     maps = {"pcc": rng.uniform(-1, 1, (3, *SHAPE)).astype(np.float32), "mask": np.ones(SHAPE, np.uint8)}
-    w = writer(client, "run-maps-od", n_energies=None)
+    w = writer(client, uid, od_store=od_store, n_energies=None)
     w.write_od(0, planes[0])
     w.write_maps(**maps)
     w.write_maps(od_planes=(1, planes[1:]), **{name: value[::-1].copy() for name, value in maps.items()})
-    result = client["phasestream/run-maps-od"]
+    result = client[f"phasestream/{uid}"]
     np.testing.assert_array_equal(result["od"].read(), planes)
     np.testing.assert_array_equal(result["pcc"].read(), maps["pcc"][::-1])
 
 
-def test_finalize_trims_od_of_an_aborted_scan(client):
+def test_finalize_trims_od_of_an_aborted_scan(client, od_store):
+    uid = uid_for("run-od-trim", od_store)
     planes = np.random.default_rng(2).random((3, *SHAPE)).astype(np.float32)
-    w = writer(client, "run-od-trim", n_energies=6)
+    w = writer(client, uid, od_store=od_store, n_energies=6)
     for index, plane in enumerate(planes):
         w.write_od(index, plane)
     w.finalize_od()
-    result = client["phasestream/run-od-trim"]
+    result = client[f"phasestream/{uid}"]
     assert result.metadata["n_energies_seen"] == 3
     assert result["od"].chunks[0] == (1, 1, 1)
     np.testing.assert_array_equal(result["od"].read(), planes)
+    assert_od_kept_as(client, uid, od_store)
     with pytest.raises(ValueError, match="holds 3 planes"):
         w.finalize_od(4)
+    w.finalize_od(0)  # nothing usable: no od at all, and no files left behind
+    assert "od" not in client[f"phasestream/{uid}"] and w.n_od_planes == 0
+    if od_store is not None:
+        assert not (od_store / "phasestream" / uid).exists()
 
 
 def test_maps_are_written_with_contract_dtypes_and_overwritten_in_place(client):
@@ -256,19 +298,23 @@ def test_metadata_updates_merge_top_level_keys(client):
         w.update_metadata(status="done")
 
 
-def test_existing_results_are_refused_replaced_or_reopened(client):
-    w = writer(client, "run-again", n_energies=2)
+def test_existing_results_are_refused_replaced_or_reopened(client, od_store):
+    uid = uid_for("run-again", od_store)
+    w = writer(client, uid, od_store=od_store, n_energies=2)
     w.write_od(0, np.ones(SHAPE))
     w.update_metadata(status="failed")
     with pytest.raises(ResultExistsError, match="replace=True"):
-        writer(client, "run-again")
-    reopened = ResultWriter.open(client, "run-again")
+        writer(client, uid, od_store=od_store)
+    reopened = ResultWriter.open(client, uid)
     assert reopened.shape == SHAPE and reopened.phases == PHASES
     reopened.write_od(1, np.full(SHAPE, 2.0))
-    np.testing.assert_array_equal(client["phasestream/run-again/od"].read()[:, 0, 0], [1.0, 2.0])
-    writer(client, "run-again", soc=1.0, replace=True)
-    result = client["phasestream/run-again"]
+    np.testing.assert_array_equal(client[f"phasestream/{uid}/od"].read()[:, 0, 0], [1.0, 2.0])
+    assert_od_kept_as(client, uid, od_store)
+    writer(client, uid, od_store=od_store, soc=1.0, replace=True)
+    result = client[f"phasestream/{uid}"]
     assert list(result) == [] and result.metadata["status"] == "running" and result.metadata["state_of_charge"] == 1.0
+    if od_store is not None:  # Tiled never deletes external data: the writer removed the old files
+        assert not (od_store / "phasestream" / uid).exists()
     with pytest.raises(KeyError, match="no result"):
         ResultWriter.open(client, "run-never")
 
