@@ -10,12 +10,15 @@ references) and writes results to an embedded Tiled server living in this proces
   its first and last analysed image), per-image latency (event time -> image analysed in the
   worker, transport included; median and p95), documents lost (from the worker's sequence
   numbers), and last image -> final result in Tiled (which includes draining the OD-plane writes
-  queued behind the stream). ``--od-store`` has the worker write the OD cube as external zarr data
-  (``serve --od-store``, a temporary directory the embedded Tiled may read) instead of uploading it.
+  queued behind the stream). The live OD cube: ``--od store`` (default, the deployed
+  configuration): the worker writes it as external zarr data (``serve --od-store``, a temporary
+  directory the embedded Tiled may read); ``--od upload``: uploaded to Tiled (``serve`` without
+  ``--od-store``); ``--od off``: not written (``serve --no-od``).
 * ``end_of_scan_1024x13``: a 13-energy scan of 1024^2 frames at a beamline-like pace (one image
   every ``--pace`` s), reporting last image -> final result in Tiled.
 
-Usage: ``python benchmarks/stream.py [--frames 60] [--sizes 512 2048] [--pace 0.2] [--od-store | --no-od]``
+Usage: ``python benchmarks/stream.py [--frames 200] [--sizes 512 2048] [--rate 20] [--pace 0.2]
+[--od store|upload|off]``
 """
 
 from __future__ import annotations
@@ -93,26 +96,25 @@ def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--pace", type=float, default=0.2, help="seconds between images of the end-of-scan run")
-    od = parser.add_mutually_exclusive_group()
-    od.add_argument("--no-od", action="store_true", help="worker does not write the OD cube live")
-    od.add_argument("--od-store", action="store_true",
-                    help="worker writes the OD cube as external zarr data (serve --od-store) instead of uploading it")
+    parser.add_argument("--od", choices=("store", "upload", "off"), default="store",
+                        help="the live OD cube: written by the worker as external zarr (serve --od-store, default), "
+                             "uploaded to Tiled, or not written (serve --no-od)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="publish the stream runs at this many frames/s (0: as fast as possible)")
     args = parser.parse_args()
     report: dict = {"benchmark": "stream", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-    store = tempfile.TemporaryDirectory(prefix="phasestream-od-") if args.od_store else None
+    store = tempfile.TemporaryDirectory(prefix="phasestream-od-") if args.od == "store" else None
     server = start_embedded_tiled(readable_storage=[store.name] if store else None)
     client = connect(server.uri)
     proxy = start_proxy()
     worker = ServeProcess(proxy.out_address, server.uri, args=(
         "--backend", "numba", "--update-every", "8", "--update-seconds", "2", "--no-refine",
-        *(("--no-od",) if args.no_od else ()), *(("--od-store", store.name) if store else ()),
+        *(("--no-od",) if args.od == "off" else ()), *(("--od-store", store.name) if store else ()),
     )).start()
-    report["write_od"] = "off" if args.no_od else "external zarr" if store else "upload"
+    report["write_od"] = args.od
     publisher = DocumentPublisher(proxy.in_address)
     try:
         publisher.wait_for_subscriber(10)
