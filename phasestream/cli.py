@@ -335,6 +335,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
     readable = [*(args.readable_storage or []), *([args.od_store] if args.od_store else [])]
     with tiled_client(args, readable_storage=readable or None) as (client, uri):
+        if args.od_store:
+            from phasestream.services.results import check_od_store
+
+            check_od_store(client, args.od_store)
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
                               od_store=args.od_store,

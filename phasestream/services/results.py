@@ -38,7 +38,7 @@ from tiled.utils import ensure_uri, path_from_uri
 
 from phasestream.services.tiled import TiledPermissionError
 
-__all__ = ["MAP_LAYOUT", "STATUSES", "ResultExistsError", "ResultWriter"]
+__all__ = ["MAP_LAYOUT", "STATUSES", "ResultExistsError", "ResultWriter", "check_od_store"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,60 @@ def _external_od_path(container: Container) -> Path | None:
         if source.management == Management.external and source.mimetype == ZARR_MIMETYPE and source.assets:
             return Path(path_from_uri(source.assets[0].data_uri))
     return None
+
+
+def check_od_store(client: Container, od_store: str | Path) -> Path:
+    """Check that the Tiled server serves what is written in ``od_store``; return it (absolute).
+
+    Tiled registers external data anywhere but reads only its ``readable_storage``: without this
+    check a misconfigured server would be found out only when someone reads ``od``. A tiny zarr
+    array is written, registered under a scratch key, read back and removed again.
+
+    Raises
+    ------
+    OSError : ``od_store`` cannot be written; PermissionError : the server cannot read it
+    """
+    root = Path(od_store).resolve()
+    key = f"phasestream-od-store-check-{os.getpid()}-{threading.get_ident()}"
+    path = root / key / "od.zarr"
+    expected = np.arange(6, dtype=OD_DTYPE).reshape(1, 2, 3)
+    try:
+        zarr.create_array(str(path), shape=expected.shape, chunks=expected.shape, dtype=OD_DTYPE,
+                          compressors=None)[:] = expected
+    except OSError as error:
+        raise OSError(f"cannot write the OD store {root}: {error}") from error
+    source = DataSource(structure=ArrayStructure.from_array(expected), structure_family=StructureFamily.array,
+                        mimetype=ZARR_MIMETYPE, management=Management.external,
+                        assets=[Asset(data_uri=ensure_uri(str(path)), is_directory=True, parameter="data_uri")])
+    advice = ("add it to the server's readable_storage (deploy/tiled/config.yml: PHASESTREAM_OD_STORE), on a "
+              "filesystem the server sees at the same path")
+    try:
+        try:
+            node = client.new(StructureFamily.array, [source], key=key)
+        except Exception as error:
+            raise PermissionError(f"the Tiled server refused to register the OD store {root} ({error})") from error
+        try:
+            got = node.read()
+        except Exception as error:  # the server refuses to serve it (500, or the connection dropped)
+            raise PermissionError(f"the Tiled server cannot read the OD store {root} ({error}): {advice}") from error
+        finally:
+            _delete_node(client, key)
+    finally:
+        _remove_od_store(path)
+    if not np.array_equal(got, expected):
+        raise PermissionError(f"the Tiled server reads other data than was written in the OD store {root}: {advice}")
+    return root
+
+
+def _delete_node(client: Container, key: str, attempts: int = 3) -> None:
+    """Delete ``client[key]``, trying again when the connection was dropped by an earlier failure."""
+    for attempt in range(attempts):
+        try:
+            client.delete_contents(key, external_only=False)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
 
 
 def _flush_and_drop(path: Path) -> None:

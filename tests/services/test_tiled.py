@@ -10,7 +10,7 @@ from event_model import compose_run
 from tiled.queries import Key
 
 from phasestream.catalog import find
-from phasestream.services.results import ResultExistsError, ResultWriter
+from phasestream.services.results import ResultExistsError, ResultWriter, check_od_store
 from phasestream.services.tiled import (
     TiledConnectionError,
     TiledPermissionError,
@@ -237,6 +237,17 @@ def test_finalize_trims_od_of_an_aborted_scan(client, od_store):
     assert "od" not in client[f"phasestream/{uid}"] and w.n_od_planes == 0
     if od_store is not None:
         assert not (od_store / "phasestream" / uid).exists()
+
+
+def test_od_store_is_checked_to_be_served_by_tiled(client, store_root, tmp_path, monkeypatch):
+    assert check_od_store(client, store_root) == store_root.resolve()
+    monkeypatch.setattr("tiled.client.utils.TILED_RETRY_ATTEMPTS", 1)  # the refusal is a 500: don't retry it
+    # a folder outside the server's readable_storage: Tiled would register it but never serve it
+    with pytest.raises(PermissionError, match="readable_storage"):
+        check_od_store(client, tmp_path)
+    for folder in (store_root, tmp_path):  # the check leaves nothing behind
+        assert not any(p.name.startswith("phasestream-od-store-check") for p in folder.iterdir())
+    assert not [key for key in client if key.startswith("phasestream-od-store-check")]
 
 
 def test_maps_are_written_with_contract_dtypes_and_overwritten_in_place(client):
