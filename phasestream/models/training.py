@@ -14,7 +14,6 @@ PCC labels (for the cluster-purity metric) and where they came from:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,20 +139,13 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
 def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: str | None, retries: int,
                      api_key: str | None) -> list[dict[str, Any]]:
     """:func:`result_spectra` of every run as one Dask task each; every failed run is named in one error."""
-    from distributed import wait
-
-    from phasestream.services.jobs import _with_api_key, dask_client
+    from phasestream.services.jobs import _with_api_key, dask_client, gather_all, submit_tasks
 
     uri = _with_api_key(tiled_uri, api_key)
     with dask_client(None if scheduler in (None, "local") else scheduler) as dask:
-        futures = [dask.submit(result_spectra, uri, uid, {"root": root}, retries=retries, pure=False,
-                               key=f"phasestream-spectra-{uid}-{time.monotonic_ns()}") for uid in uids]
-        wait(futures)
-        failed = [f"{uid}: {type(f.exception()).__name__}: {f.exception()}"
-                  for uid, f in zip(uids, futures, strict=True) if f.status == "error"]
-        if failed:
-            raise ValueError("training data could not be read from " + "; ".join(failed))
-        return dask.gather(futures)
+        futures = submit_tasks(dask, result_spectra, [(uri, uid, {"root": root}) for uid in uids], retries=retries,
+                               tag="spectra")
+        return gather_all(futures, uids, ValueError, prefix="training data could not be read from ")
 
 
 def tiled_training_set(

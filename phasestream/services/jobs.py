@@ -38,9 +38,11 @@ __all__ = [
     "JobReport",
     "dask_client",
     "dask_task",
+    "gather_all",
     "run_job",
     "run_jobs",
     "submit_jobs",
+    "submit_tasks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,34 @@ def dask_task(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return task
+
+
+def submit_tasks(dask, fn: Callable, args_list: Sequence[tuple], *, retries: int, tag: str) -> list:
+    """``fn(*args)`` as one Dask task per tuple of ``args_list``, each retried ``retries`` times.
+
+    Keys ``phasestream-<tag>-<i>-<ns>``: recognizable on the cluster, and never a cached result.
+    """
+    return [dask.submit(fn, *args, retries=retries, pure=False, key=f"phasestream-{tag}-{i}-{time.monotonic_ns()}")
+            for i, args in enumerate(args_list)]
+
+
+def gather_all(futures: Sequence, labels: Sequence[str], error: type[Exception] = RuntimeError,
+               prefix: str = "") -> list:
+    """Results of ``futures`` in order, each waited for; one ``error`` naming every failed one.
+
+    The message is ``prefix`` then ``"<label>: <Type>: <message>"`` per failure, joined by ``"; "``.
+    """
+    results, errors = [], []
+    for label, future in zip(labels, futures, strict=True):
+        try:
+            results.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - every failure is reported together
+            errors.append(f"{label}: {type(exc).__name__}: {exc}")
+        finally:
+            future.release()
+    if errors:
+        raise error(prefix + "; ".join(errors))
+    return results
 
 
 @dask_task

@@ -81,16 +81,30 @@ class ResultExistsError(FileExistsError):
     """A result container for this run already exists."""
 
 
-def _external_od_path(container: Container) -> Path | None:
-    """Directory of a result's ``od`` when it is external data (written with ``od_store``), else None."""
-    if "od" not in container:
+def _external_od_path(od_node: Any | None) -> Path | None:
+    """Directory of a result's ``od`` node when it is external data (written with ``od_store``), else None."""
+    if od_node is None:
         return None
     with _explained("read", "od"):
-        sources = container["od"].data_sources() or []
+        sources = od_node.data_sources() or []
     for source in sources:
         if source.management == Management.external and source.mimetype == ZARR_MIMETYPE and source.assets:
             return Path(path_from_uri(source.assets[0].data_uri))
     return None
+
+
+def _new_od_zarr(path: Path, shape: tuple[int, ...]) -> zarr.Array:
+    """A new (zero) uncompressed float32 zarr array at ``path``, one chunk per plane (axis 0)."""
+    return zarr.create_array(str(path), shape=shape, chunks=(1, *shape[1:]), dtype=OD_DTYPE, compressors=None,
+                             fill_value=0.0, dimension_names=("energy", "y", "x"), overwrite=True,
+                             config=_OD_ZARR_CONFIG)
+
+
+def _external_source(structure: ArrayStructure, path: Path) -> DataSource:
+    """The Tiled data source of a zarr array at ``path`` that phasestream writes itself."""
+    return DataSource(structure=structure, structure_family=StructureFamily.array, mimetype=ZARR_MIMETYPE,
+                      management=Management.external,
+                      assets=[Asset(data_uri=ensure_uri(str(path)), is_directory=True, parameter="data_uri")])
 
 
 def check_od_store(client: Container, od_store: str | Path) -> Path:
@@ -109,13 +123,10 @@ def check_od_store(client: Container, od_store: str | Path) -> Path:
     path = root / key / "od.zarr"
     expected = np.arange(6, dtype=OD_DTYPE).reshape(1, 2, 3)
     try:
-        zarr.create_array(str(path), shape=expected.shape, chunks=expected.shape, dtype=OD_DTYPE,
-                          compressors=None)[:] = expected
+        _new_od_zarr(path, expected.shape)[:] = expected
     except OSError as error:
         raise OSError(f"cannot write the OD store {root}: {error}") from error
-    source = DataSource(structure=ArrayStructure.from_array(expected), structure_family=StructureFamily.array,
-                        mimetype=ZARR_MIMETYPE, management=Management.external,
-                        assets=[Asset(data_uri=ensure_uri(str(path)), is_directory=True, parameter="data_uri")])
+    source = _external_source(_plane_structure(1, expected.shape[1:]), path)
     advice = ("add it to the server's readable_storage (deploy/tiled/config.yml: PHASESTREAM_OD_STORE), on a "
               "filesystem the server sees at the same path")
     try:
@@ -318,7 +329,8 @@ class ResultWriter:
                         "overwrite it, or use ResultWriter.open() to continue it"
                     )
                 log.info("replacing result %s", self.path)
-                stale = _external_od_path(results[run_uid])
+                existing = results[run_uid]
+                stale = _external_od_path(existing["od"] if "od" in existing else None)
                 results[run_uid].delete(recursive=True, external_only=False)
                 _remove_od_store(stale)
             self.container = results.create_container(run_uid, metadata=md, specs=[RESULT_SPEC])
@@ -364,9 +376,10 @@ class ResultWriter:
         self._lock = threading.Lock()
         self._arrays = {key: container[key] for key in container}
         self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
-        self.od_path = _external_od_path(container)
-        self._od_zarr = (None if self.od_path is None
-                         else zarr.open_array(str(self.od_path), mode="r+", config=_OD_ZARR_CONFIG))
+        # an external od is opened only if this writer writes od: post-scan jobs that only add
+        # arrays may run on hosts that do not see the OD store
+        self.od_path = _external_od_path(self._arrays.get("od"))
+        self._od_zarr = None
         self._planes = set(range(min(int(md.get("n_energies_seen") or 0), self._od_capacity)))
         return self
 
@@ -386,38 +399,42 @@ class ResultWriter:
         return self.od_path is not None
 
     def _create_od(self, n_planes: int) -> None:
+        """A new ``od`` of ``n_planes`` planes: in Tiled's storage, or a new external zarr array."""
+        if self.od_path is not None:
+            with self._od_store_errors():
+                self._od_zarr = _new_od_zarr(self.od_path, (n_planes, *self.shape))
+        self._register_od(n_planes)
+
+    def _register_od(self, n_planes: int) -> None:
         structure = _plane_structure(n_planes, self.shape)
-        if self.od_path is None:
-            source = DataSource(structure=structure, structure_family=StructureFamily.array)
-        else:
-            self._size_od_store(n_planes)
-            source = DataSource(structure=structure, structure_family=StructureFamily.array, mimetype=ZARR_MIMETYPE,
-                                management=Management.external,
-                                assets=[Asset(data_uri=ensure_uri(str(self.od_path)), is_directory=True,
-                                              parameter="data_uri")])
+        source = (DataSource(structure=structure, structure_family=StructureFamily.array) if self.od_path is None
+                  else _external_source(structure, self.od_path))
         with _explained("create", f"{self.path}/od"):
             self._arrays["od"] = self.container.new(StructureFamily.array, [source], key="od")
         self._od_capacity = n_planes
 
-    def _size_od_store(self, n_planes: int) -> None:
-        """Create the external zarr array of ``od`` (uncompressed, one chunk per plane) or resize it."""
-        shape = (n_planes, *self.shape)
+    def _od_array(self) -> zarr.Array:
+        """The external zarr array of ``od``, opened on first use."""
+        if self._od_zarr is None:
+            with self._od_store_errors():
+                self._od_zarr = zarr.open_array(str(self.od_path), mode="r+", config=_OD_ZARR_CONFIG)
+        return self._od_zarr
+
+    @contextlib.contextmanager
+    def _od_store_errors(self) -> Iterator[None]:
         try:
-            if self._od_zarr is None:
-                self._od_zarr = zarr.create_array(
-                    str(self.od_path), shape=shape, chunks=(1, *self.shape), dtype=OD_DTYPE, compressors=None,
-                    fill_value=0.0, dimension_names=("energy", "y", "x"), overwrite=True, config=_OD_ZARR_CONFIG)
-            elif self._od_zarr.shape != shape:
-                self._od_zarr.resize(shape)
+            yield
         except OSError as error:
             raise OSError(f"cannot write the OD cube of run {self.run_uid} at {self.od_path}: {error}") from error
 
-    def _reregister_od(self, n_planes: int) -> None:
+    def _resize_external_od(self, n_planes: int) -> None:
         """External ``od`` at a new number of planes: Tiled's record is immutable, so register it again."""
+        with self._od_store_errors():
+            self._od_array().resize((n_planes, *self.shape))
         with _explained("rewrite", f"{self.path}/od"):
             self.container.delete_contents("od", external_only=False)
         del self._arrays["od"]
-        self._create_od(n_planes)
+        self._register_od(n_planes)
 
     def write_od(self, index: int, od: np.ndarray) -> None:
         """Write the (Y, X) OD plane of energy number ``index`` (0-based) into ``od[index]``."""
@@ -461,13 +478,12 @@ class ResultWriter:
         end = start + block.shape[0]
         if self.od_path is not None:
             if end > self._od_capacity:  # unknown or exceeded number of energies: grow geometrically
-                self._reregister_od(max(end, 2 * self._od_capacity))
-            try:
-                self._od_zarr[start:end] = block
+                self._resize_external_od(max(end, 2 * self._od_capacity))
+            array = self._od_array()
+            with self._od_store_errors():
+                array[start:end] = block
                 for index in range(start, end):
-                    _flush_and_drop(self.od_path / self._od_zarr.metadata.encode_chunk_key((index, 0, 0)))
-            except OSError as error:
-                raise OSError(f"cannot write the OD cube of run {self.run_uid} at {self.od_path}: {error}") from error
+                    _flush_and_drop(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
             self._planes.update(range(start, end))
             return
         with _explained("write", f"{self.path}/od"):
@@ -491,28 +507,23 @@ class ResultWriter:
         if not 0 <= n <= self._od_capacity:
             raise ValueError(f"{self.path}/od holds {self._od_capacity} planes; cannot declare {n} of them")
         with self._lock:
-            if n < self._od_capacity and self.od_path is not None:
+            if n < self._od_capacity:
                 log.info("trimming %s/od from %d to %d planes", self.path, self._od_capacity, n)
-                if n:
-                    self._reregister_od(n)
+                if self.od_path is not None and n:
+                    self._resize_external_od(n)
                 else:
-                    with _explained("delete", f"{self.path}/od"):
+                    with _explained("rewrite", f"{self.path}/od"):
+                        kept = self._arrays["od"][:n] if n and self.od_path is None else None
                         self.container.delete_contents("od", external_only=False)
-                    del self._arrays["od"]
-                    self._od_capacity, self._od_zarr = 0, None
-                    _remove_od_store(self.od_path)
-                self._planes = {p for p in self._planes if p < n}
-            elif n < self._od_capacity:
-                log.info("trimming %s/od from %d to %d planes", self.path, self._od_capacity, n)
-                with _explained("rewrite", f"{self.path}/od"):
-                    kept = self._arrays["od"][:n] if n else None
-                    self.container.delete_contents("od", external_only=False)
-                    del self._arrays["od"]
-                    self._od_capacity = 0
-                    if n:
-                        self._create_od(n)
-                        for index in range(n):
-                            self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
+                        del self._arrays["od"]
+                        self._od_capacity = 0
+                        if kept is not None:  # uploaded: the one way to shrink it is to write it again
+                            self._create_od(n)
+                            for index in range(n):
+                                self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
+                    if self.od_path is not None:  # external, nothing kept: its files go too
+                        self._od_zarr = None
+                        _remove_od_store(self.od_path)
                 self._planes = {p for p in self._planes if p < n}
         if update_metadata:
             self.update_metadata(n_energies_seen=n)

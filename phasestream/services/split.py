@@ -36,7 +36,7 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
 from phasestream.services.enhancement import EnhanceOptions, od_images_to_enhance
-from phasestream.services.jobs import _with_api_key, dask_task
+from phasestream.services.jobs import _with_api_key, dask_task, gather_all, submit_tasks
 from phasestream.services.methods_jobs import MethodsOptions, _references, lcf_arrays
 from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerUnavailable
 from phasestream.services.postscan import recorded_job
@@ -73,27 +73,6 @@ def _create_chunked(container, key: str, shape: tuple[int, ...], chunks: tuple[t
                                data_type=BuiltinDtype.from_numpy_dtype(np.dtype(dtype)))
     return container.new(StructureFamily.array, [DataSource(structure=structure,
                                                             structure_family=StructureFamily.array)], key=key)
-
-
-def _gather(futures: list, what: str) -> list[dict]:
-    """Results of ``futures`` in order (each waited for on its own client); SplitJobError naming every
-    failed part."""
-    results, errors = [], []
-    for i, future in enumerate(futures):
-        try:
-            results.append(future.result())
-        except Exception as exc:  # noqa: BLE001 - every failed part is reported together
-            errors.append(f"{what} part {i}: {type(exc).__name__}: {exc}")
-        finally:
-            future.release()
-    if errors:
-        raise SplitJobError("; ".join(errors))
-    return results
-
-
-def _submit(dask, fn, args_list: list[tuple], retries: int, tag: str) -> list:
-    return [dask.submit(fn, *args, retries=retries, pure=False, key=f"phasestream-{tag}-{i}-{time.monotonic_ns()}")
-            for i, args in enumerate(args_list)]
 
 
 # --------------------------------------------------------------------------- LCF by row bands
@@ -167,9 +146,10 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
                 _create_chunked(writer.container, name, (k, ny, nx), ((k,), rows, (nx,)), dtype, dims)
             else:
                 _create_chunked(writer.container, name, (ny, nx), (rows, (nx,)), dtype, dims)
-        futures = _submit(dask, lcf_band, [(uri, run_uid, opts.root, i, r, order, energies, references, asdict(opts))
-                                           for i, r in enumerate(ranges)], retries, f"lcf-{run_uid}")
-        bands = _gather(futures, "LCF band")
+        futures = submit_tasks(dask, lcf_band, [(uri, run_uid, opts.root, i, r, order, energies, references,
+                                                 asdict(opts)) for i, r in enumerate(ranges)],
+                               retries=retries, tag=f"lcf-{run_uid}")
+        bands = gather_all(futures, [f"LCF band part {i}" for i in range(len(ranges))], SplitJobError)
         entry.update(parameters={"method": opts.lcf_method, "input": opts.lcf_input, "sum_to_one": opts.lcf_sum_to_one,
                                  "background_order": opts.background_order, "phases": list(refs.phases)},
                      arrays=sorted(LCF_ARRAYS),
@@ -230,9 +210,9 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
                         ("energy", "y", "x"))
         ranges = split_ranges(n, parts)
         task_opts = {**asdict(opts), "version": probe["version"]}
-        futures = _submit(dask, enhance_planes, [(uri, run_uid, opts.root, r, task_opts) for r in ranges], retries,
-                          f"enhance-{run_uid}")
-        chunks = _gather(futures, "enhancement")
+        futures = submit_tasks(dask, enhance_planes, [(uri, run_uid, opts.root, r, task_opts) for r in ranges],
+                               retries=retries, tag=f"enhance-{run_uid}")
+        chunks = gather_all(futures, [f"enhancement part {i}" for i in range(len(ranges))], SplitJobError)
         if {c["sha256"] for c in chunks} != {probe["sha256"]}:
             raise SplitJobError(f"chunks were enhanced by different artifacts: {sorted({c['sha256'] for c in chunks})}")
         models_md = dict(md.get("models") or {})
