@@ -34,6 +34,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 __all__ = [
     "DEFAULT_SCHEDULER_ENV",
     "JOBS",
+    "WORKER_CONFIG",
+    "WORKER_ENV",
     "Job",
     "JobReport",
     "dask_client",
@@ -272,6 +274,15 @@ def run_jobs(jobs: Sequence[Job], tiled_uri: str, *, api_key: str | None = None,
     return report
 
 
+#: Dask configuration of phasestream's workers: no statistical profiler. It samples every thread
+#: with ``sys._current_frames()`` every 10 ms, which on CPython 3.11 before 3.11.9 can deadlock the
+#: whole worker process against the garbage collector (python/cpython#106883, dask/distributed#8616;
+#: seen here as a reprocess job that never ended). ``dask worker`` processes get it through the
+#: environment: :data:`WORKER_ENV`.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+WORKER_ENV = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
                 threads_per_worker: int = 1, set_as_default: bool = True) -> Iterator[Any]:
@@ -296,10 +307,14 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
         finally:
             client.close()
         return
+    import dask
+
     workers = n_workers or max(1, min(4, os.cpu_count() or 1))
     env = {"NUMBA_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      host="127.0.0.1", dashboard_address=None, env=env) as cluster, \
+    # the nannies hand this configuration to their worker processes
+    with dask.config.set(WORKER_CONFIG), \
+            LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                         host="127.0.0.1", dashboard_address=None, env=env) as cluster, \
             Client(cluster, set_as_default=set_as_default) as client:
         yield client
 

@@ -271,7 +271,9 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
     client_env = _write_env(cfg, api_key)
-    proc_env = {**os.environ, **cfg.env, "TILED_API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
+    from phasestream.services.jobs import WORKER_ENV
+
+    proc_env = {**os.environ, **WORKER_ENV, **cfg.env, "TILED_API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
     state: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                                         if k != "env"}, "components": {}}
     try:
