@@ -280,7 +280,8 @@ def run_jobs(jobs: Sequence[Job], tiled_uri: str, *, api_key: str | None = None,
 #: seen here as a reprocess job that never ended). ``dask worker`` processes get it through the
 #: environment: :data:`WORKER_ENV`.
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
-WORKER_ENV = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+WORKER_ENV = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+              for key, value in WORKER_CONFIG.items()}
 
 
 @contextlib.contextmanager

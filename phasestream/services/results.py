@@ -331,7 +331,7 @@ class ResultWriter:
                 log.info("replacing result %s", self.path)
                 existing = results[run_uid]
                 stale = _external_od_path(existing["od"] if "od" in existing else None)
-                results[run_uid].delete(recursive=True, external_only=False)
+                existing.delete(recursive=True, external_only=False)
                 _remove_od_store(stale)
             self.container = results.create_container(run_uid, metadata=md, specs=[RESULT_SPEC])
         self._lock = threading.Lock()
@@ -511,17 +511,17 @@ class ResultWriter:
                 log.info("trimming %s/od from %d to %d planes", self.path, self._od_capacity, n)
                 if self.od_path is not None and n:
                     self._resize_external_od(n)
-                else:
+                else:  # uploaded (the one way to shrink it is to write it again), or removed (n == 0)
                     with _explained("rewrite", f"{self.path}/od"):
-                        kept = self._arrays["od"][:n] if n and self.od_path is None else None
+                        kept = self._arrays["od"][:n] if n else None
                         self.container.delete_contents("od", external_only=False)
                         del self._arrays["od"]
                         self._od_capacity = 0
-                        if kept is not None:  # uploaded: the one way to shrink it is to write it again
+                        if n:
                             self._create_od(n)
                             for index in range(n):
                                 self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
-                    if self.od_path is not None:  # external, nothing kept: its files go too
+                    if self.od_path is not None:  # external and removed: its files go too
                         self._od_zarr = None
                         _remove_od_store(self.od_path)
                 self._planes = {p for p in self._planes if p < n}
