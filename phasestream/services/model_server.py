@@ -17,12 +17,17 @@ sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` l
 spectra (N, E); ``enhance`` (InDI models) takes a low-quality image (Y, X) or images (N, Y, X) and
 replies with the enhanced, ``scale``-times larger image(s) (``options: {steps: N}``, default the
 model's). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
-``loaded`` models, ``uptime_s`` and ``pid``.
+``loaded`` models, ``uptime_s``, ``pid`` and ``stats`` (request, batch and item counters).
 
-Every failure is a reply with ``ok: false`` (unknown model or version, input not matching the
-model's energies, malformed or undecodable message, payload over ``max_request_bytes``); the server
-keeps serving. Requests that arrive together for the same model and op are run as one batch.
-SIGTERM (or :meth:`ModelServer.stop`) ends the loop after the current batch.
+Arrays are validated after conversion to float32, the dtype the models compute in: a float64 value
+beyond float32's range (1e308) is refused, not passed on as infinity. Every failure is a reply with
+``ok: false`` (unknown model or version, input not matching the model's energies, non-finite values,
+an array larger than ``max_request_bytes`` as float32, malformed or undecodable message, payload over
+``max_request_bytes``); error texts are cut to ``MAX_ERROR_CHARS``, and neither arrays nor requests
+are logged. The server keeps serving. Requests that arrive together for the same model and op are run
+as one batch; when a batch fails inside the model, each of its requests is run again on its own, so a
+request the model cannot take fails alone. SIGTERM (or :meth:`ModelServer.stop`) ends the loop after
+the current batch.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_ADDRESS = "tcp://127.0.0.1:5579"
 OPS = ("health", "list", "encode", "decode", "enhance")
 MODEL_OPS = {"gmvae": ("encode", "decode"), "indi": ("enhance",)}
+# what GMVAE.encode/decode and indi.enhance_image cast their input to: requests are checked in it
+MODEL_DTYPE = np.dtype(np.float32)
+MAX_ERROR_CHARS = 1000
 
 
 class ModelServerError(RuntimeError):
@@ -241,13 +249,13 @@ class ModelServer:
 
     @staticmethod
     def _error(message: str, **info: Any) -> dict[str, Any]:
-        return {"ok": False, "error": message, "model": info.get("model"), "version": info.get("version"),
-                "sha256": info.get("sha256")}
+        return {"ok": False, "error": _truncated(message), "model": info.get("model"),
+                "version": info.get("version"), "sha256": info.get("sha256")}
 
     def _health(self) -> dict[str, Any]:
         return {"ok": True, "status": "serving", "model": None, "version": None, "sha256": None,
                 "loaded": [f"{n}:{v}" for n, v in self._models], "uptime_s": time.monotonic() - self._started,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "stats": dict(self.stats)}
 
     def _list(self) -> dict[str, Any]:
         return {"ok": True, "model": None, "version": None, "sha256": None,
@@ -285,28 +293,52 @@ class ModelServer:
             return
         if op == "enhance":
             self._enhance(loaded, valid)
-            return
+        else:
+            self._run_batch(op, loaded, valid)
+
+    def _run_batch(self, op: str, loaded: _Loaded, valid: list[tuple[_Request, np.ndarray]]) -> None:
+        """``encode``/``decode`` of validated requests as one batch; if the model raises, each request
+        again on its own, so that a request the model cannot take fails alone."""
         try:
-            arrays = [a for _, a in valid]
-            sizes = list(itertools.accumulate(len(a) for a in arrays))
-            joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-            if op == "encode":
-                latent, components = loaded.model.encode(joined)
-                outputs = {"array": latent, "components": components}
-            else:
-                outputs = {"array": loaded.model.decode(joined)}
-            self.stats["batches"] += 1
-            self.stats["items"] += len(joined)
-        except Exception as exc:  # a failure inside the model must not end the server
-            logger.exception("%s with %s failed", op, name)
-            for req, _ in valid:
-                req.reply = self._error(f"{op} failed in model {name!r}: {type(exc).__name__}: {exc}", **loaded.info)
+            outputs = self._infer(op, loaded, [a for _, a in valid])
+        except Exception as exc:  # noqa: BLE001 - a failure inside the model must not end the server
+            if len(valid) > 1:
+                logger.warning("%s batch of %d requests with %s %s failed (%s); running them one by one", op,
+                               len(valid), loaded.artifact.name, loaded.artifact.version, type(exc).__name__)
+                for pair in valid:
+                    self._run_batch(op, loaded, [pair])
+                return
+            req = valid[0][0]
+            req.reply = self._inference_error(op, loaded, exc)
             return
-        for (req, _), end, start in zip(valid, sizes, [0, *sizes[:-1]], strict=True):
-            reply = {"ok": True, **loaded.info, "array": np.ascontiguousarray(outputs["array"][start:end])}
+        for (req, _), output in zip(valid, outputs, strict=True):
+            reply = {"ok": True, **loaded.info, "array": output["array"]}
             if op == "encode" and req.message.get("options", {}).get("components"):
-                reply["components"] = np.ascontiguousarray(outputs["components"][start:end])
+                reply["components"] = output["components"]
             req.reply = reply
+
+    def _infer(self, op: str, loaded: _Loaded, arrays: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The model's outputs for each of ``arrays``, computed as one batch."""
+        sizes = list(itertools.accumulate(len(a) for a in arrays))
+        joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        if op == "encode":
+            latent, components = loaded.model.encode(joined)
+            outputs = {"array": latent, "components": components}
+        else:
+            outputs = {"array": loaded.model.decode(joined)}
+        self.stats["batches"] += 1
+        self.stats["items"] += len(joined)
+        return [{key: np.ascontiguousarray(value[start:end]) for key, value in outputs.items()}
+                for start, end in zip([0, *sizes[:-1]], sizes, strict=True)]
+
+    def _inference_error(self, op: str, loaded: _Loaded, exc: Exception) -> dict[str, Any]:
+        """The reply to a request that failed inside the model; logged without the request or a traceback
+        (an exception's text can quote the input), the traceback only at DEBUG level."""
+        name, version = loaded.artifact.name, loaded.artifact.version
+        text = f"{op} failed in model {name!r} {version}: {type(exc).__name__}: {exc}"
+        logger.error("%s", _truncated(text, 300))
+        logger.debug("%s with %s %s failed", op, name, version, exc_info=True)
+        return self._error(text, **loaded.info)
 
     def _enhance(self, loaded: _Loaded, valid: list[tuple[_Request, np.ndarray]]) -> None:
         """InDI: each request's image (Y, X) or images (N, Y, X), one at a time (sizes differ)."""
@@ -323,27 +355,22 @@ class ModelServer:
                 images = array[None] if array.ndim == 2 else array
                 out = np.stack([enhance_image(loaded.model, im, steps=steps, scale=int(art.manifest.get("scale", 2)))
                                 for im in images])
-            except Exception as exc:
-                logger.exception("enhance with %s failed", art.name)
-                req.reply = self._error(f"enhance failed in model {art.name!r}: {type(exc).__name__}: {exc}",
-                                        **loaded.info)
+            except Exception as exc:  # noqa: BLE001 - nor one in enhancing an image
+                req.reply = self._inference_error("enhance", loaded, exc)
                 continue
             self.stats["items"] += len(images)
             req.reply = {"ok": True, **loaded.info, "steps": steps, "array": out[0] if array.ndim == 2 else out}
 
-    @staticmethod
-    def _check_input(op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
+    def _check_input(self, op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
+        """The request's array as :data:`MODEL_DTYPE`, checked in that dtype (shape, size, finite values)."""
         model, art = loaded.model, loaded.artifact
         if array.dtype.kind not in "fiu":
             raise _RequestError(f"array must be numeric, got dtype {array.dtype}")
         if op == "enhance":
-            if array.ndim not in (2, 3) or min(array.shape[-2:]) < 8:
+            if array.ndim not in (2, 3) or min(array.shape[-2:]) < 8 or array.size == 0:
                 raise _RequestError(f"model {art.name} {art.version} enhances an image (Y, X) or images (N, Y, X) "
                                     f"of at least 8 x 8 pixels; got shape {list(array.shape)}")
-            if not np.isfinite(array).any():
-                raise _RequestError("the image has no finite pixel")
-            return array.astype(np.float32, copy=False)
-        if op == "encode":
+        elif op == "encode":
             n = model.n_energies
             if array.ndim != 2 or array.shape[1] != n:
                 energies = ", ".join(f"{e:g}" for e in art.energies)
@@ -354,9 +381,29 @@ class ModelServer:
             if array.ndim != 2 or array.shape[1] != d:
                 raise _RequestError(f"model {art.name} {art.version} decodes latent points as an (N, {d}) array; "
                                     f"got shape {list(array.shape)}")
-        if not np.isfinite(array).all():
+        converted_bytes = array.size * MODEL_DTYPE.itemsize
+        if converted_bytes > self.config.max_request_bytes:  # uint8 grows 4 times as float32
+            raise _RequestError(f"array of shape {list(array.shape)} and dtype {array.dtype} is {converted_bytes} "
+                                f"bytes as {MODEL_DTYPE}, over the server's limit of {self.config.max_request_bytes} "
+                                "bytes: send fewer spectra or images per request")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+            x = array.astype(MODEL_DTYPE, copy=False)
+        finite = np.isfinite(x)
+        if finite.all():
+            return x
+        if array.dtype.itemsize > MODEL_DTYPE.itemsize and (np.isfinite(array) & ~finite).any():
+            raise _RequestError(f"array has non-finite values after conversion to {MODEL_DTYPE} ({array.dtype} "
+                                f"values beyond {MODEL_DTYPE} range, max {np.finfo(MODEL_DTYPE).max:.4g}?)")
+        if op != "enhance":
             raise _RequestError("array contains NaN or infinite values: send particle pixels only")
-        return array.astype(np.float32, copy=False)
+        if not finite.any():  # enhance_image fills NaN pixels with the image's median
+            raise _RequestError("the image has no finite pixel")
+        return x
+
+
+def _truncated(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (an error must not carry a huge repr back or into the log)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 # ---------------------------------------------------------------------------------------------- client
