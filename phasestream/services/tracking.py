@@ -5,6 +5,10 @@
 ``num_events`` of the stop), missing stops (no document for ``stop_timeout`` seconds), and events
 or stops whose descriptor or start never arrived. The listener marks the run partial and has it
 reprocessed from the raw run in Tiled.
+
+The documents of a run whose start never arrived cannot be analysed live (every run-level callback
+builds its per-run state from the start document): :meth:`RunTracker.analysable` tells the worker to
+hold them back, so such a run costs one log line, not one error per document.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 class RunIncompleteListener(Protocol):
-    """Told about runs that lost documents; may be called several times for one run."""
+    """Told about runs that lost documents; may be called several times for one run.
 
-    def run_incomplete(self, run_uid: str, reason: str) -> None: ...
+    ``final`` is True when no more documents of the run are expected (no stop within the
+    timeout): the run is to be finalized now. Otherwise its stop may still come.
+    """
+
+    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None: ...
 
 
 @dataclass
@@ -55,7 +63,8 @@ class RunTracker:
       called periodically); if documents resume it is tracked again but not reported twice for this;
     - every open run when an event of a never-seen descriptor arrives (the descriptor may belong to any
       of them; once per descriptor); with no run open, the run is reported when its stop arrives;
-    - a run whose descriptor or stop arrives without its start.
+    - a run whose descriptor or stop arrives without its start: logged once, and :meth:`analysable` is False
+      for all of the run's documents.
 
     Parameters
     ----------
@@ -83,7 +92,15 @@ class RunTracker:
         self._stream_resource_next: dict[str, int] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # recently stopped runs, for late documents
         self._orphan_descriptors: OrderedDict[str, None] = OrderedDict()
-        self.stats = {"runs_started": 0, "runs_stopped": 0, "reports": 0, "missing_events": 0, "orphan_events": 0}
+        self._without_start: OrderedDict[str, None] = OrderedDict()  # runs whose start was not received
+        self.stats = {
+            "runs_started": 0,
+            "runs_stopped": 0,
+            "reports": 0,
+            "missing_events": 0,
+            "orphan_events": 0,
+            "runs_without_start": 0,
+        }
         self.incomplete: dict[str, list[str]] = {}  # run uid -> reasons reported
 
     @property
@@ -91,13 +108,14 @@ class RunTracker:
         """Uids of runs started (or seen) and not yet stopped nor timed out."""
         return [uid for uid, run in self._runs.items() if not run.timed_out]
 
-    def _report(self, run_uid: str, reason: str) -> None:
+    def _report(self, run_uid: str, reason: str, *, log: bool = True, final: bool = False) -> None:
         self.stats["reports"] += 1
         self.incomplete.setdefault(run_uid, []).append(reason)
-        logger.warning("run %s incomplete: %s", run_uid, reason)
+        if log:
+            logger.warning("run %s incomplete: %s", run_uid, reason)
         if self.listener is not None:
             try:
-                self.listener.run_incomplete(run_uid, reason)
+                self.listener.run_incomplete(run_uid, reason, final=final)
             except Exception:
                 logger.exception("listener %r raised on run_incomplete(%s); continuing", self.listener, run_uid)
 
@@ -109,7 +127,18 @@ class RunTracker:
                 logger.warning("%s arrived for run %s after its stop; ignored by the tracker", how, run_uid)
                 return _RunState(self.clock())
             run = self._runs[run_uid] = _RunState(self.clock())
-            self._report(run_uid, f"{how} arrived for a run whose start document was not received")
+            self.stats["runs_without_start"] += 1
+            self._without_start[run_uid] = None
+            if len(self._without_start) > 1000:
+                self._without_start.popitem(last=False)
+            logger.warning(
+                "run %s: documents arrived without its start document (lost, or published before this worker "
+                "subscribed), first %s; none of them is analysed live, the run is reported incomplete "
+                "(the live service reprocesses it from the raw run in Tiled)",
+                run_uid,
+                how,
+            )
+            self._report(run_uid, f"{how} arrived for a run whose start document was not received", log=False)
         run.last_seen = self.clock()
         run.timed_out = False
         return run
@@ -134,13 +163,31 @@ class RunTracker:
             run.timed_out = True
             if not run.timeout_reported:
                 run.timeout_reported = True
-                self._report(uid, f"no stop document within {self.stop_timeout:g} s of the run's last document")
+                self._report(uid, f"no stop document within {self.stop_timeout:g} s of the run's last document",
+                             final=True)
         return expired
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         handler = getattr(self, f"_{name}", None)
         if handler is not None:
             handler(doc)
+
+    def analysable(self, name: str, doc: dict[str, Any]) -> bool:
+        """False for a document (already seen by this tracker) of a run whose start document was not received.
+
+        Documents that cannot be placed in a run (an event of an unknown descriptor, a datum of an unknown
+        resource) are analysable: whether they matter is the callback's decision.
+        """
+        if not self._without_start or name == "start":
+            return True
+        if name in ("event", "event_page", "stream_datum"):
+            descriptor = self._descriptors.get(doc.get("descriptor"))
+            run_uid = None if descriptor is None else descriptor.run_uid
+        elif name in ("datum", "datum_page"):
+            run_uid = self._resources.get(doc.get("resource"))
+        else:  # descriptor, resource, stream_resource, stop
+            run_uid = doc.get("run_start")
+        return run_uid not in self._without_start
 
     def _start(self, doc: dict[str, Any]) -> None:
         self.stats["runs_started"] += 1

@@ -189,7 +189,47 @@ def deserialize(data: bytes | bytearray | memoryview, *, max_message_size: int =
     except WireFormatError:
         raise
     except Exception as exc:
+        protocol = pickle_protocol(data)
+        if protocol is not None:
+            raise WireFormatError(
+                f"not a valid msgpack message ({size} bytes): it looks like a pickle (protocol {protocol}). "
+                "Publishers must send msgpack: phasestream's DocumentPublisher, or "
+                "bluesky.callbacks.zmq.Publisher(serializer=phasestream.services.wire.serialize); "
+                "pickle is never accepted"
+            ) from exc
         raise WireFormatError(f"not a valid msgpack message ({size} bytes): {type(exc).__name__}: {exc}") from exc
+
+
+def pickle_protocol(data: bytes | bytearray | memoryview) -> int | None:
+    """The pickle protocol announced by ``data``'s header (``b"\\x80"`` + protocol 2..5), else None.
+
+    Only the first two bytes are looked at: nothing is unpickled. Pickles of protocols 0 and 1 have no
+    header and are not recognised. (msgpack reads ``b"\\x80"`` as an empty map, so a valid msgpack message
+    never continues after it: call this only for data that failed to decode.)
+    """
+    head = bytes(memoryview(data)[:2])
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return head[1]
+    return None
+
+
+def parse_byte_size(text: str | int) -> int:
+    """A positive size in bytes from ``"1048576"``, ``"64K"``, ``"256M"`` or ``"1G"`` (binary units, case-insensitive).
+
+    Raises ``ValueError`` for anything else (zero, negative, fractions, unknown units).
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        stripped = text.strip().upper().removesuffix("IB").removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(stripped[-1:], 1)
+        digits = stripped[:-1] if scale > 1 else stripped
+        if not digits.isdigit():
+            raise ValueError(f"not a size in bytes: {text!r} (expected e.g. 1048576, 64K, 256M or 1G)")
+        value = int(digits) * scale
+    if value < 1:
+        raise ValueError(f"a size in bytes must be positive, got {text!r}")
+    return value
 
 
 def open_envelope(obj: Any) -> Envelope:

@@ -4,7 +4,8 @@
 the proxy, checks the per-publisher sequence numbers, survives anything undecodable and hands
 ``(name, doc)`` to subscribed callbacks. ``RunTracker`` watches the documents for what PUB/SUB cannot tell:
 runs hit by a gap, missing events, missing stops, events of unknown descriptors, and tells a listener
-(``run_incomplete(run_uid, reason)``) so the run can be marked partial and reprocessed from Tiled.
+(``run_incomplete(run_uid, reason)``) so the run can be marked partial and reprocessed from Tiled; the
+documents of a run whose start never arrived are held back from the callback, which could not place them.
 ``run_worker`` wires both to one document callback and runs until SIGTERM/SIGINT or a stop event.
 """
 
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 DocumentCallback = Callable[[str, dict[str, Any]], Any]
 GapCallback = Callable[[str, int, int], Any]
 
+FRAME_OVERHEAD = 4096
+"""Bytes allowed on top of ``max_message_size`` in 0MQ's own limit: the frame's prefix and document name."""
+RECONNECT_GRACE = 0.25
+"""Seconds to wait, after a disconnection, for libzmq to announce that it reconnects by itself."""
+
 
 def _log_sparsely(count: int) -> bool:
     """Log the first 10 occurrences of a problem, then every 1000th, so a flood does not flood the log."""
@@ -56,7 +62,8 @@ class DocumentReceiver(RemoteDispatcher):
     prefix : bytes
         Only frames published with this exact prefix are received (filtered by 0MQ); all when empty.
     max_message_size : int
-        Larger messages are counted as undecodable.
+        Largest payload accepted (bytes). 0MQ itself refuses frames over ``max_message_size + FRAME_OVERHEAD``
+        (``ZMQ_MAXMSGSIZE``) before allocating them; payloads in between are counted as undecodable.
     on_gap : callable, optional
         ``on_gap(publisher_id, expected_seq, received_seq)``, called before the document after a gap.
     rcvhwm : int
@@ -69,6 +76,12 @@ class DocumentReceiver(RemoteDispatcher):
     ``start``, ``stop`` and ``_poll`` are replaced here: ``stop()`` is thread-safe and callable from the
     loop, and one callback raising neither stops the loop nor the other callbacks for that document.
     Payloads carrying a sequence envelope are checked per publisher; bare maps are counted as unsequenced.
+
+    libzmq (4.3) drops a frame over ``ZMQ_MAXMSGSIZE`` by closing the connection as a protocol error, and then
+    does not reconnect: the receiver would stay deaf. It therefore watches its connection: a disconnection
+    that libzmq does not follow with a reconnection attempt within ``RECONNECT_GRACE`` seconds is counted in
+    ``stats["oversize"]``, logged, and the receiver connects again itself. Documents published until the
+    subscription is back are lost and show up as a sequence gap (``lost``), like any other loss.
     """
 
     def __init__(
@@ -81,11 +94,14 @@ class DocumentReceiver(RemoteDispatcher):
         rcvhwm: int = 1000,
     ):
         super().__init__(normalize_address(address), prefix=prefix, deserializer=deserialize)
+        if type(max_message_size) is not int or max_message_size < 1:
+            raise ValueError(f"max_message_size must be a positive number of bytes, got {max_message_size!r}")
         self.max_message_size = max_message_size
         self.on_gap = on_gap
         self.rcvhwm = rcvhwm
         self.connected = threading.Event()
         self._last_seq: dict[str, int] = {}
+        self._reconnect_timer: asyncio.TimerHandle | None = None
         self._stats: dict[str, Any] = {
             "messages": 0,
             "received": 0,
@@ -94,6 +110,7 @@ class DocumentReceiver(RemoteDispatcher):
             "missed_at_join": 0,
             "out_of_order": 0,
             "undecodable": 0,
+            "oversize": 0,
             "unsequenced": 0,
             "callback_errors": 0,
             "publishers": 0,
@@ -101,7 +118,8 @@ class DocumentReceiver(RemoteDispatcher):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters: documents ``received``, ``lost`` (sum of ``gaps`` sizes), ``undecodable`` messages, ..."""
+        """Counters: documents ``received``, ``lost`` (sum of ``gaps`` sizes), ``undecodable`` messages,
+        ``oversize`` (connections 0MQ closed over a message larger than allowed), ..."""
         return {**self._stats, "gaps": list(self._stats["gaps"])}
 
     def subscribe(self, func: DocumentCallback, name: str = "all") -> int:
@@ -187,23 +205,65 @@ class DocumentReceiver(RemoteDispatcher):
         self._stats["received"] += 1
         self.process(doc_name, envelope.doc)
 
-    async def _watch_connection(self, monitor: zmq.asyncio.Socket) -> None:
+    async def _watch_connection(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             event = zmq.utils.monitor.parse_monitor_message(await monitor.recv_multipart())
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 logger.info("connected to %s", self.address)
                 self.connected.set()
             elif event["event"] == zmq.EVENT_DISCONNECTED:
-                logger.warning("disconnected from %s; documents published meanwhile are lost", self.address)
                 self.connected.clear()
+                self._cancel_reconnect()
+                self._reconnect_timer = loop.call_later(RECONNECT_GRACE, self._reconnect, socket, monitor)
+            elif event["event"] == zmq.EVENT_CONNECT_RETRIED and self._reconnect_timer is not None:
+                # the peer went away (proxy stopped, network): libzmq reconnects by itself
+                self._cancel_reconnect()
+                logger.warning(
+                    "disconnected from %s; reconnecting, documents published meanwhile are lost", self.address
+                )
+
+    def _cancel_reconnect(self) -> None:
+        if self._reconnect_timer is not None:
+            self._reconnect_timer.cancel()
+            self._reconnect_timer = None
+
+    def _reconnect(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Connect again after libzmq closed the connection for good (a protocol error: an oversize message)."""
+        self._reconnect_timer = None
+        if socket.closed:
+            return
+        if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # a busy loop has not read libzmq's news yet
+            self._reconnect_timer = asyncio.get_running_loop().call_later(
+                RECONNECT_GRACE, self._reconnect, socket, monitor
+            )
+            return
+        self._stats["oversize"] += 1
+        if _log_sparsely(self._stats["oversize"]):
+            logger.error(
+                "0MQ closed the connection to %s without reconnecting (#%d): a message larger than "
+                "max_message_size=%d bytes (plus %d for the frame) arrived and was dropped unread. Connecting "
+                "again; documents published until then are lost",
+                self.address,
+                self._stats["oversize"],
+                self.max_message_size,
+                FRAME_OVERHEAD,
+            )
+        with contextlib.suppress(zmq.ZMQError):  # the endpoint may already be gone
+            socket.disconnect(self.address)
+        socket.connect(self.address)
 
     async def _poll(self) -> None:
         self._context = context = zmq.asyncio.Context()
         self._socket = socket = context.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RCVHWM, self.rcvhwm)
-        monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        watcher = asyncio.get_running_loop().create_task(self._watch_connection(monitor))
+        # refused by libzmq before it allocates the message (see the class notes for what follows)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_size + FRAME_OVERHEAD)
+        monitor = socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
+        watcher = asyncio.get_running_loop().create_task(self._watch_connection(socket, monitor))
         socket.connect(self.address)
         socket.setsockopt(zmq.SUBSCRIBE, self._prefix + b" " if self._prefix else b"")
         try:
@@ -212,6 +272,7 @@ class DocumentReceiver(RemoteDispatcher):
                 # recv() completes without yielding while messages are queued: let timers and stop() run
                 await asyncio.sleep(0)
         finally:
+            self._cancel_reconnect()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -255,8 +316,9 @@ class DocumentWorker:
     address : str or int or tuple
         Output address of the proxy.
     callback : callable
-        ``callback(name, doc)`` for every document, after the tracker has seen it. Its exceptions are
-        logged and counted; delivery goes on.
+        ``callback(name, doc)`` for every document, after the tracker has seen it, except the documents of
+        a run whose start document was not received (the tracker logs and reports such a run once;
+        ``stats["withheld"]`` counts them). Its exceptions are logged and counted; delivery goes on.
     listener : RunIncompleteListener, optional
         Told about runs that lost documents.
     stop_timeout : float
@@ -264,7 +326,7 @@ class DocumentWorker:
     prefix : bytes
         Receive only this publisher prefix.
     max_message_size : int
-        Larger messages are dropped as undecodable.
+        Larger messages are dropped (see :class:`DocumentReceiver`).
     """
 
     def __init__(
@@ -281,8 +343,16 @@ class DocumentWorker:
         self.receiver = DocumentReceiver(
             address, prefix=prefix, max_message_size=max_message_size, on_gap=self.tracker.message_gap
         )
+        self.callback = callback
+        self.withheld = 0
         self.receiver.subscribe(self.tracker)
-        self.receiver.subscribe(callback)
+        self.receiver.subscribe(self._deliver)
+
+    def _deliver(self, name: str, doc: dict[str, Any]) -> None:
+        if self.tracker.analysable(name, doc):
+            self.callback(name, doc)
+        else:
+            self.withheld += 1
 
     @property
     def connected(self) -> threading.Event:
@@ -292,7 +362,12 @@ class DocumentWorker:
     @property
     def stats(self) -> dict[str, Any]:
         """Receiver counters plus the tracker's (``runs_started``, ``reports``, ``missing_events``, ...)."""
-        return {**self.receiver.stats, **self.tracker.stats, "incomplete_runs": len(self.tracker.incomplete)}
+        return {
+            **self.receiver.stats,
+            **self.tracker.stats,
+            "incomplete_runs": len(self.tracker.incomplete),
+            "withheld": self.withheld,
+        }
 
     def stop(self) -> None:
         """Stop :meth:`run` from any thread."""

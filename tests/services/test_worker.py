@@ -57,7 +57,7 @@ class Listener:
     def __init__(self) -> None:
         self.reports: list[tuple[str, str]] = []
 
-    def run_incomplete(self, run_uid: str, reason: str) -> None:
+    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
         self.reports.append((run_uid, reason))
 
 
@@ -424,7 +424,7 @@ def test_tracker_timeouts_are_reported_once_and_runs_revive():
 
 def test_tracker_survives_a_failing_listener(caplog):
     class Broken:
-        def run_incomplete(self, run_uid: str, reason: str) -> None:
+        def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
             raise RuntimeError("tiled is down")
 
     tracker = RunTracker(Broken(), stop_timeout=1.0, clock=FakeClock())
