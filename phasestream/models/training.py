@@ -99,12 +99,13 @@ def synthetic_training_set(
 
 
 @dask_task
-def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None) -> dict[str, Any]:
+def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None,
+                   api_key: str | None = None) -> dict[str, Any]:
     """Training data of one run: the particle-pixel OD spectra of its result in Tiled, with PCC labels.
 
     A plain function of (tiled uri, run uid, options) like the post-scan jobs, so that
     :func:`tiled_training_set` can extract many runs on Dask workers, each reading Tiled itself.
-    ``options``: ``root`` (default ``phasestream``).
+    ``options``: ``root`` (default ``phasestream``); ``api_key``: sent to Tiled in a header.
 
     Returns
     -------
@@ -112,8 +113,8 @@ def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None) ->
     """
     from phasestream.services.tiled import connect
 
-    return _node_spectra(_result_node(connect(tiled_uri), run_uid, (options or {}).get("root", "phasestream")),
-                         run_uid)
+    return _node_spectra(_result_node(connect(tiled_uri, api_key=api_key), run_uid,
+                                      (options or {}).get("root", "phasestream")), run_uid)
 
 
 def _result_node(client, uid: str, root: str):
@@ -139,12 +140,13 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
 def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: str | None, retries: int,
                      api_key: str | None) -> list[dict[str, Any]]:
     """:func:`result_spectra` of every run as one Dask task each; every failed run is named in one error."""
-    from phasestream.services.jobs import _with_api_key, dask_client, gather_all, submit_tasks
+    from phasestream.services.jobs import dask_client, gather_all, submit_tasks
+    from phasestream.services.tiled import separate_api_key
 
-    uri = _with_api_key(tiled_uri, api_key)
+    uri, api_key = separate_api_key(tiled_uri, api_key)
     with dask_client(None if scheduler in (None, "local") else scheduler) as dask:
-        futures = submit_tasks(dask, result_spectra, [(uri, uid, {"root": root}) for uid in uids], retries=retries,
-                               tag="spectra")
+        futures = submit_tasks(dask, result_spectra, [(uri, uid, {"root": root}, api_key) for uid in uids],
+                               retries=retries, tag="spectra")
         return gather_all(futures, uids, ValueError, prefix="training data could not be read from ")
 
 
@@ -168,7 +170,7 @@ def tiled_training_set(
 
     With ``scheduler`` (a Dask scheduler address, or ``"local"`` for a LocalCluster) each run's
     spectra are extracted by :func:`result_spectra` in its own Dask task (retried ``retries``
-    times) that reads ``tiled_uri`` itself (``api_key`` is added to it); the set equals the one
+    times) that reads ``tiled_uri`` itself (with ``api_key`` in a header); the set equals the one
     extracted here.
     """
     from phasestream.catalog import find

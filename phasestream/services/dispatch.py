@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from phasestream.services.jobs import Job, dask_client, run_job
+from phasestream.services.tiled import separate_api_key
 
 __all__ = ["DaskPostScan"]
 
@@ -46,7 +47,9 @@ class DaskPostScan:
                  n_workers: int | None = 1):
         from distributed import Client
 
-        self.tiled_uri, self.api_key, self.retries = tiled_uri, api_key, int(retries)
+        # the key goes beside the URI, hidden from the task's repr in Dask's logs
+        self.tiled_uri, self.api_key = separate_api_key(tiled_uri, api_key)
+        self.retries = int(retries)
         self._stack = contextlib.ExitStack()
         if isinstance(scheduler, Client):
             self.client = scheduler

@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from phasestream.services.tiled import api_key_scope, separate_api_key
 
 __all__ = [
     "DEFAULT_SCHEDULER_ENV",
@@ -150,14 +151,6 @@ class JobReport:
                 "n_runs": len(self.successes) + len(self.failures)}
 
 
-def _with_api_key(tiled_uri: str, api_key: str | None) -> str:
-    if not api_key:
-        return tiled_uri
-    parts = urlsplit(tiled_uri)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"] + [("api_key", api_key)]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
 def dask_task(fn: Callable) -> Callable:
     """Decorate a function that runs as a Dask task: the dask arrays it computes stay in its process.
 
@@ -211,17 +204,19 @@ def run_job(job: Job, tiled_uri: str, api_key: str | None = None) -> dict:
 
     ``status`` is ``complete`` when every step completed, else the first other step status (e.g.
     ``partial``, ``skipped``). Exceptions propagate (Dask retries the task, then reports it).
+    The steps connect to ``tiled_uri`` with ``api_key`` (or the URI's key) sent in a header.
     """
     job.validate()
-    uri = _with_api_key(tiled_uri, api_key)
+    uri, api_key = separate_api_key(tiled_uri, api_key)
     t0 = time.perf_counter()
     steps: dict[str, dict] = {}
     status = "complete"
-    for name, options in job.steps:
-        summary = JOBS[name](uri, job.run_uid, dict(options or {}))
-        steps[name] = summary
-        if status == "complete" and summary.get("status") != "complete":
-            status = str(summary.get("status"))
+    with api_key_scope(api_key):
+        for name, options in job.steps:
+            summary = JOBS[name](uri, job.run_uid, dict(options or {}))
+            steps[name] = summary
+            if status == "complete" and summary.get("status") != "complete":
+                status = str(summary.get("status"))
     return {"run_uid": job.run_uid, "status": status, "steps": steps, "seconds": time.perf_counter() - t0}
 
 
@@ -330,7 +325,7 @@ def submit_jobs(client_or_address, jobs: Iterable[Job], tiled_uri: str, *, api_k
     client_or_address : a ``distributed.Client`` or a scheduler address
     jobs : the runs and their steps
     tiled_uri, api_key : the Tiled server every worker connects to (the key travels in Dask's
-        own protocol, never in a result)
+        own protocol beside the URI, never in a result, a URI or a log)
     progress : a tqdm bar on stderr
     on_done : called with each run's summary (success or failure) as it finishes
 
@@ -341,6 +336,7 @@ def submit_jobs(client_or_address, jobs: Iterable[Job], tiled_uri: str, *, api_k
     from distributed import Client, as_completed
 
     jobs = [job.validate() for job in jobs]
+    tiled_uri, api_key = separate_api_key(tiled_uri, api_key)  # a task's arguments show in Dask's logs
     own = not isinstance(client_or_address, Client)
     client = Client(client_or_address, timeout="10s") if own else client_or_address
     report = JobReport()

@@ -36,12 +36,12 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
 from phasestream.services.enhancement import EnhanceOptions, od_images_to_enhance
-from phasestream.services.jobs import _with_api_key, dask_task, gather_all, submit_tasks
+from phasestream.services.jobs import dask_task, gather_all, submit_tasks
 from phasestream.services.methods_jobs import MethodsOptions, _references, lcf_arrays
 from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerUnavailable
 from phasestream.services.postscan import recorded_job
 from phasestream.services.results import MAP_LAYOUT, ResultWriter
-from phasestream.services.tiled import connect
+from phasestream.services.tiled import connect, separate_api_key
 
 __all__ = ["SplitJobError", "enhance_planes", "lcf_band", "split_ranges", "submit_split_enhance",
            "submit_split_lcf"]
@@ -80,14 +80,14 @@ def _create_chunked(container, key: str, shape: tuple[int, ...], chunks: tuple[t
 
 @dask_task
 def lcf_band(tiled_uri: str, run_uid: str, root: str, band: int, rows: tuple[int, int], order: np.ndarray,
-             energies: np.ndarray, references: np.ndarray, options: dict) -> dict:
+             energies: np.ndarray, references: np.ndarray, options: dict, api_key: str | None = None) -> dict:
     """Dask task: LCF of rows ``[y0, y1)`` of the OD cube; writes block ``band`` of the LCF arrays.
 
     ``order`` sorts the stored energies increasingly, ``energies`` are the sorted ones and
     ``references`` (K, E) the reference spectra at them.
     """
     t0 = time.perf_counter()
-    node = connect(tiled_uri)[f"{root}/{run_uid}"]
+    node = connect(tiled_uri, api_key=api_key)[f"{root}/{run_uid}"]
     y0, y1 = rows
     od = np.asarray(node["od"][: len(order), y0:y1, :], np.float64)[np.asarray(order)]
     arrays = lcf_arrays(od, references, energies, MethodsOptions(**options))
@@ -116,8 +116,8 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
     """
     opts = options if isinstance(options, MethodsOptions) else MethodsOptions(**(options or {}))
     opts = replace(opts, methods=("lcf",)).validate()
-    uri = _with_api_key(tiled_uri, api_key)
-    client = connect(uri)
+    uri, api_key = separate_api_key(tiled_uri, api_key)
+    client = connect(uri, api_key=api_key)
     writer = ResultWriter.open(client, run_uid, root=opts.root)
     md = writer.metadata
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
             else:
                 _create_chunked(writer.container, name, (ny, nx), (rows, (nx,)), dtype, dims)
         futures = submit_tasks(dask, lcf_band, [(uri, run_uid, opts.root, i, r, order, energies, references,
-                                                 asdict(opts)) for i, r in enumerate(ranges)],
+                                                 asdict(opts), api_key) for i, r in enumerate(ranges)],
                                retries=retries, tag=f"lcf-{run_uid}")
         bands = gather_all(futures, [f"LCF band part {i}" for i in range(len(ranges))], SplitJobError)
         entry.update(parameters={"method": opts.lcf_method, "input": opts.lcf_input, "sum_to_one": opts.lcf_sum_to_one,
@@ -167,10 +167,11 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
 
 
 @dask_task
-def enhance_planes(tiled_uri: str, run_uid: str, root: str, planes: tuple[int, int], options: dict) -> dict:
+def enhance_planes(tiled_uri: str, run_uid: str, root: str, planes: tuple[int, int], options: dict,
+                   api_key: str | None = None) -> dict:
     """Dask task: enhance OD planes ``[i0, i1)`` through the model server into ``enhanced[i0:i1]``."""
     opts = EnhanceOptions(**options)
-    node = connect(tiled_uri)[f"{root}/{run_uid}"]
+    node = connect(tiled_uri, api_key=api_key)[f"{root}/{run_uid}"]
     od, out = node["od"], node["enhanced"]
     info: dict = {}
     with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
@@ -192,8 +193,8 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
     """
     opts = options if isinstance(options, EnhanceOptions) else EnhanceOptions(**(options or {}))
     opts = opts.validate()
-    uri = _with_api_key(tiled_uri, api_key)
-    writer = ResultWriter.open(connect(uri), run_uid, root=opts.root)
+    uri, api_key = separate_api_key(tiled_uri, api_key)
+    writer = ResultWriter.open(connect(uri, api_key=api_key), run_uid, root=opts.root)
 
     def work() -> dict[str, Any]:
         n, skipped = od_images_to_enhance(writer)
@@ -210,7 +211,8 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
                         ("energy", "y", "x"))
         ranges = split_ranges(n, parts)
         task_opts = {**asdict(opts), "version": probe["version"]}
-        futures = submit_tasks(dask, enhance_planes, [(uri, run_uid, opts.root, r, task_opts) for r in ranges],
+        futures = submit_tasks(dask, enhance_planes, [(uri, run_uid, opts.root, r, task_opts, api_key)
+                                                      for r in ranges],
                                retries=retries, tag=f"enhance-{run_uid}")
         chunks = gather_all(futures, [f"enhancement part {i}" for i in range(len(ranges))], SplitJobError)
         if {c["sha256"] for c in chunks} != {probe["sha256"]}:

@@ -10,16 +10,21 @@ tiled           ``python -m tiled serve config CONFIG --host H --port 8000``    
 proxy           ``python -m phasestream.services.wire proxy --in :5577 --out :5578``  both ports accept
 models          ``phasestream serve-models --bind tcp://H:5579``                    ``health`` op answers ok
 scheduler       ``python -m dask scheduler --host H --port 8786``                   ``scheduler_info()``
+                ``--dashboard-address H:8787`` (health, metrics; no dashboard)
 dask-workers    ``python -m dask worker tcp://H:8786 --nworkers N --nthreads 1``    N workers registered
+                ``--host H --dashboard-address H:0``
 worker          ``phasestream serve --zmq tcp://H:5578 --tiled URI --models ...     alive and said ready
                 --scheduler tcp://H:8786``
 ==============  ==================================================================  =========================
 
-Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``,
-and is recorded in ``RUN_DIR/stack.json`` (pid, command, address). ``RUN_DIR/phasestream.env``
-(mode 0600) holds the addresses and the Tiled API key for clients:
+Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``
+(mode 0600), and is recorded in ``RUN_DIR/stack.json`` (pid, command, address).
+``RUN_DIR/phasestream.env`` (mode 0600) holds the addresses and the Tiled API key for clients:
 ``set -a; . ~/.phasestream/run/phasestream.env; set +a``. Secrets travel in the environment,
-never on a command line. Every service binds 127.0.0.1 unless ``host`` says otherwise.
+never on a command line, a URI or a log: Tiled logs through ``RUN_DIR/tiled/logging.json``,
+whose filter (:class:`RedactSecrets`) masks database passwords and ``api_key`` values. Every
+listening socket, Dask's HTTP servers (health, Prometheus metrics) included, binds 127.0.0.1
+unless ``host`` says otherwise.
 
 Without ``tiled_config`` the Tiled server gets a generated configuration in ``RUN_DIR/tiled``
 (SQLite catalog, Zarr + DuckDB storage, in-memory streaming cache); ``deploy/tiled/config.yml``
@@ -29,9 +34,11 @@ is the PostgreSQL + Redis one for several processes and hosts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -45,7 +52,7 @@ from typing import Any
 import httpx
 import yaml
 
-__all__ = ["COMPONENTS", "StackConfig", "down", "status", "up"]
+__all__ = ["COMPONENTS", "RedactSecrets", "StackConfig", "down", "status", "up"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ class StackConfig:
     proxy_out_port: int = 5578
     models_port: int = 5579
     scheduler_port: int = 8786
+    scheduler_http_port: int = 8787  # the scheduler's health and Prometheus metrics (no dashboard)
     dask_workers: int = 2
     components: tuple[str, ...] = COMPONENTS
     worker_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve``
@@ -128,6 +136,57 @@ def _generated_tiled_config(cfg: StackConfig) -> Path:
     return path
 
 
+class RedactSecrets(logging.Filter):
+    """A logging filter for Tiled's handlers: URL passwords and ``api_key=`` values become ``***``.
+
+    Tiled logs its database URI at start-up (``postgresql+asyncpg://tiled:PASSWORD@...``) and
+    uvicorn every request line, ``?api_key=`` included when a client puts the key there.
+    """
+
+    PATTERNS = ((re.compile(r"(://[^:/@\s]*:)[^@\s]+@"), r"\1***@"), (re.compile(r"(api_key=)[^&\s\"']+"), r"\1***"))
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        for pattern, replacement in cls.PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            args = list(record.args)  # (client, method, path, http version, status): the formatter wants them
+            args[2] = self.redact(str(args[2]))
+            record.args = tuple(args)
+            return True
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def _tiled_log_config(cfg: StackConfig) -> Path:
+    """Tiled's own logging configuration, with :class:`RedactSecrets` on every handler and no colours."""
+    from tiled.server.logging_config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"]["redact"] = {"()": f"{__name__}.RedactSecrets"}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact", *handler.get("filters", [])]
+    for formatter in config["formatters"].values():
+        formatter["use_colors"] = False
+    path = cfg.run_dir / "tiled" / "logging.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _open_log(path: Path) -> int:
+    """A file descriptor appending to ``path``, a file only its owner may read (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # also when an older log was created with a wider mode
+    return fd
+
+
 def _commands(cfg: StackConfig) -> dict[str, list[str]]:
     py = sys.executable
     models = [py, "-m", "phasestream.cli", "serve-models", "--bind", cfg.models, *cfg.models_args]
@@ -139,17 +198,18 @@ def _commands(cfg: StackConfig) -> dict[str, list[str]]:
     commands = {
         "proxy": [py, "-m", "phasestream.services.wire", "proxy", "--in", cfg.zmq_in, "--out", cfg.zmq_out],
         "models": models,
+        # without --dashboard-address, Dask's HTTP servers listen on every interface even with --no-dashboard
         "scheduler": [py, "-m", "dask", "scheduler", "--host", cfg.host, "--port", str(cfg.scheduler_port),
-                      "--no-dashboard", "--no-show"],
+                      "--no-dashboard", "--dashboard-address", f"{cfg.host}:{cfg.scheduler_http_port}", "--no-show"],
         "dask-workers": [py, "-m", "dask", "worker", cfg.scheduler, "--nworkers", str(cfg.dask_workers),
-                         "--nthreads", "1", "--host", cfg.host, "--no-dashboard", "--name", "phasestream",
-                         "--local-directory", str(cfg.run_dir / "dask")],
+                         "--nthreads", "1", "--host", cfg.host, "--no-dashboard", "--dashboard-address",
+                         f"{cfg.host}:0", "--name", "phasestream", "--local-directory", str(cfg.run_dir / "dask")],
         "worker": worker,
     }
     if "tiled" in cfg.components:
         config = Path(cfg.tiled_config).resolve() if cfg.tiled_config else _generated_tiled_config(cfg)
         commands["tiled"] = [py, "-m", "tiled", "serve", "config", str(config), "--host", cfg.host,
-                             "--port", str(cfg.tiled_port)]
+                             "--port", str(cfg.tiled_port), "--log-config", str(_tiled_log_config(cfg))]
     return {name: commands[name] for name in cfg.components}
 
 
@@ -188,8 +248,9 @@ def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
             base = address.split("/api/")[0]
             if httpx.get(f"{base}/healthz", timeout=3).status_code != 200:
                 return False, f"{base}/healthz does not answer 200"
-            reply = httpx.get(f"{address}/", headers={"Authorization": f"Apikey {env.get('TILED_API_KEY', '')}"},
-                              timeout=5)
+            # the root's metadata: the API root itself answers anyone
+            reply = httpx.get(f"{address}/metadata/",
+                              headers={"Authorization": f"Apikey {env.get('TILED_API_KEY', '')}"}, timeout=5)
             if reply.status_code != 200:
                 return False, f"{address} refused the API key ({reply.status_code})"
             return True, f"{address} reachable, API key accepted"
@@ -268,7 +329,7 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     state_path = _state_path(cfg.run_dir)
     if state_path.exists() and any(_alive(r["pid"]) for r in json.loads(state_path.read_text())["components"].values()):
         raise RuntimeError(f"a stack is already running from {cfg.run_dir}: `phasestream down` first")
-    (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
     client_env = _write_env(cfg, api_key)
     from phasestream.services.jobs import WORKER_ENV
@@ -279,7 +340,7 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     try:
         for name, command in _commands(cfg).items():
             log = cfg.run_dir / "logs" / f"{name}.log"
-            with open(log, "ab") as out:
+            with open(_open_log(log), "ab") as out:
                 proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=proc_env, start_new_session=True, cwd=cfg.run_dir)
             record = {"pid": proc.pid, "command": command, "log": str(log), "address": _address(name, cfg),

@@ -18,6 +18,7 @@ Reading a result back::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
@@ -33,12 +34,17 @@ from tiled.client.utils import ClientError
 from tiled.server import SimpleTiledServer
 
 __all__ = [
+    "HiddenKey",
     "TiledConnectionError",
     "TiledPermissionError",
+    "api_key_scope",
     "connect",
+    "describe_tiled_error",
     "open_raw_run",
+    "public_uri",
     "raw_run_complete",
     "raw_run_writer",
+    "separate_api_key",
     "start_embedded_tiled",
     "tiled_session",
 ]
@@ -46,13 +52,32 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class _TiledError:
+    """Why (``cause``) and where (``uri``, without secrets); shown as ``"<cause> (Tiled at <uri>)"``."""
 
-class TiledConnectionError(ConnectionError):
+    def __init__(self, cause: str, uri: str = ""):
+        super().__init__(cause)
+        self.cause, self.uri = cause, public_uri(uri) if uri else ""
+
+    def __str__(self) -> str:
+        return f"{self.cause} (Tiled at {self.uri})" if self.uri else self.cause
+
+
+class TiledConnectionError(_TiledError, ConnectionError):
     """The Tiled server cannot be reached."""
 
 
-class TiledPermissionError(PermissionError):
+class TiledPermissionError(_TiledError, PermissionError):
     """Tiled refused the request: missing or wrong API key, or no write access."""
+
+
+class HiddenKey(str):
+    """An API key whose ``repr`` does not show it: Dask logs the arguments of a failed task."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HiddenKey('***')"
 
 
 
@@ -94,15 +119,52 @@ def start_embedded_tiled(
     storage = [Path(p) for p in readable_storage] if readable_storage else None
     server = SimpleTiledServer(directory=directory, api_key=key, port=port,
                                readable_storage=storage)
-    log.info("embedded Tiled server at %s (data in %s)", _redact(server.uri), server.directory)
+    log.info("embedded Tiled server at %s (data in %s)", public_uri(server.uri), server.directory)
     return server
 
 
 def _redact(uri: str) -> str:
-    """``uri`` without its ``api_key`` query parameter, for messages and logs."""
+    """``uri`` without its ``api_key`` query parameter."""
     parts = urlsplit(uri)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "api_key"]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` fit for messages and logs: no ``api_key`` query parameter, no password."""
+    parts = urlsplit(_redact(str(uri)))
+    if parts.password is not None:
+        netloc = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username}:***@{netloc}")
+    return urlunsplit(parts)
+
+
+def separate_api_key(uri: str, api_key: str | None = None) -> tuple[str, HiddenKey | None]:
+    """``(uri without its api_key query, key)``: ``api_key`` when given, else the URI's, else None.
+
+    Tiled's client sends the key in an ``Authorization`` header; a key in a URI ends up in
+    request lines of the server's log. Hand the two to Dask tasks (or :func:`connect`) separately.
+    """
+    in_uri = dict(parse_qsl(urlsplit(uri).query)).get("api_key")
+    key = api_key or in_uri
+    return _redact(uri) if in_uri is not None else uri, HiddenKey(key) if key else None
+
+
+_scoped_api_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("phasestream_tiled_api_key",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def api_key_scope(api_key: str | None) -> Iterator[None]:
+    """Within the block (this thread or task), :func:`connect` uses ``api_key`` when it is given none.
+
+    For post-scan jobs, functions of a Tiled URI: the key travels beside the URI, not in it.
+    """
+    token = _scoped_api_key.set(api_key or None)
+    try:
+        yield
+    finally:
+        _scoped_api_key.reset(token)
 
 
 def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
@@ -111,7 +173,8 @@ def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
     Parameters
     ----------
     uri : e.g. ``server.uri`` or ``http://host:8000/api/v1``; default the ``TILED_URI`` variable
-    api_key : wins over an ``api_key`` in the URI; without both, ``TILED_API_KEY`` is used
+    api_key : wins over an ``api_key`` in the URI; without both, the key of an enclosing
+        :func:`api_key_scope`, else ``TILED_API_KEY``. The key always travels in a header.
 
     Raises
     ------
@@ -121,31 +184,48 @@ def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
     uri = uri or os.environ.get("TILED_URI")
     if not uri:
         raise ValueError("no Tiled URI: pass uri= (--tiled URI), set TILED_URI, or use start_embedded_tiled()")
-    if api_key is not None:
-        uri = _redact(uri)  # the explicit key wins; tiled refuses a key given twice
-    elif "api_key" not in dict(parse_qsl(urlsplit(uri).query)):
-        api_key = os.environ.get("TILED_API_KEY") or None
-    where = _redact(uri)
+    uri, api_key = separate_api_key(uri, api_key)
+    api_key = api_key or _scoped_api_key.get() or os.environ.get("TILED_API_KEY") or None
     try:
-        httpx.get(where, timeout=5.0, follow_redirects=True)  # fail fast instead of tiled's 45 s of retries
+        httpx.get(uri, timeout=5.0, follow_redirects=True)  # fail fast instead of tiled's 45 s of retries
     except httpx.TransportError as error:
         raise TiledConnectionError(
-            f"cannot reach Tiled at {where}: {error}. Is the server running? Check the URI (--tiled)."
-        ) from error
+            f"cannot reach Tiled: {type(error).__name__}: {error}. Is the server running? Check the URI (--tiled)",
+            uri) from error
     try:
         return from_uri(uri, api_key=api_key)
     except RuntimeError as error:
         if "API key" not in str(error):
             raise
-        raise TiledPermissionError(
-            f"Tiled at {where} requires an API key: set TILED_API_KEY or pass api_key="
-        ) from error
+        raise TiledPermissionError("Tiled requires an API key: set TILED_API_KEY or pass api_key=", uri) from error
     except ClientError as error:
         if error.response.status_code not in (401, 403):
             raise
         raise TiledPermissionError(
-            f"Tiled at {where} rejected the API key ({error}): check TILED_API_KEY or api_key="
-        ) from error
+            f"Tiled rejected the API key ({error.response.status_code} {error.response.reason_phrase}): "
+            "check TILED_API_KEY or api_key=", uri) from error
+
+
+def describe_tiled_error(error: BaseException) -> str | None:
+    """One line for people on a Tiled connection or permission error, without secrets; None for others.
+
+    ``"<cause> (Tiled at <uri>)"`` for :class:`TiledConnectionError`, :class:`TiledPermissionError`,
+    httpx transport errors (the server went away) and 401/403 answers.
+    """
+    if isinstance(error, TiledConnectionError | TiledPermissionError):
+        return str(error)
+    try:
+        where = public_uri(str(error.request.url)) if isinstance(error, httpx.HTTPError) else ""
+    except RuntimeError:  # an httpx error raised without its request
+        where = ""
+    suffix = f" (Tiled at {where})" if where else ""
+    if isinstance(error, httpx.TransportError):
+        return f"cannot reach Tiled: {type(error).__name__}: {error}{suffix}"
+    if isinstance(error, httpx.HTTPStatusError) and error.response.status_code in (401, 403):
+        reply = error.response
+        return (f"Tiled refused the request ({reply.status_code} {reply.reason_phrase}): missing or wrong API key, "
+                f"or no write access; check TILED_API_KEY{suffix}")
+    return None
 
 
 def raw_run_writer(client: Container, *, batch_size: int = 1) -> TiledWriter:
