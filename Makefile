@@ -8,7 +8,7 @@ STAMP := $(VENV)/.phasestream-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint env clean services up status down
+.PHONY: demo test test-faults bench lint env clean services up status down
 
 env: $(STAMP)
 
@@ -27,7 +27,11 @@ services:
 	@bash .ci/ensure-services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults" $(PYTEST_ARGS)
+
+# processes killed and restarted (worker SIGTERM/SIGKILL, Tiled killed during a final write); docs/security.md
+test-faults: $(STAMP) services
+	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 # the whole service on this host (UP_ARGS e.g. --tiled-config deploy/tiled/config.yml); see deploy/README.md
 UP_ARGS ?=

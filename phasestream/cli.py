@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS
 from phasestream.kernels.backend import BACKENDS
 
 __all__ = ["main"]
@@ -169,7 +170,8 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list:
 
     steps = []
     if not args.refine_only:
-        opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references).validate()
+        opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references,
+                                replace=args.replace).validate()
         steps.append(("reprocess", asdict(opts)))
     if args.enhance:
         steps.append(("enhance", asdict(_enhance_options(args))))
@@ -339,14 +341,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             from phasestream.services.results import check_od_store
 
             check_od_store(client, args.od_store)
+        from phasestream.contract import DocumentBounds
+        from phasestream.references import REFERENCE_FOLDERS_ENV
+
+        folders = [str(Path(f).resolve()) for f in args.references_dir]
+        # post-scan jobs (threads, Dask workers started from here) load references by the same rule
+        os.environ[REFERENCE_FOLDERS_ENV] = os.pathsep.join(folders)
+        bounds = DocumentBounds(max_num_points=args.max_num_points, max_image_pixels=args.max_image_pixels)
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
-                              od_store=args.od_store,
+                              od_store=args.od_store, reference_folders=folders, bounds=bounds,
+                              stale_after=args.stop_timeout,
                               refine=None if args.no_refine else _refine_options(args),
                               enhance=_enhance_options(args), methods=_methods_base(args),
                               scheduler=scheduler, retries=args.retries, dask_workers=args.workers)
         post_scan = f"dask {service.dask.address}" if service.dask is not None else "thread"
-        worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout)
+        worker = DocumentWorker(args.zmq, service, listener=service, stop_timeout=args.stop_timeout,
+                                max_message_size=args.max_message_size)
 
         def announce() -> None:
             if worker.connected.wait(60):
@@ -445,7 +456,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cfg = StackConfig(run_dir=args.run_dir, host=args.host, tiled_port=args.tiled_port, tiled_uri=args.tiled,
                       tiled_config=args.tiled_config, proxy_in_port=args.proxy_in_port,
                       proxy_out_port=args.proxy_out_port, models_port=args.models_port,
-                      scheduler_port=args.scheduler_port, dask_workers=args.dask_workers, components=only,
+                      scheduler_port=args.scheduler_port, scheduler_http_port=args.scheduler_http_port,
+                      dask_workers=args.dask_workers, components=only,
                       worker_args=tuple(args.worker_arg or ()), models_args=tuple(args.models_arg or ()),
                       start_timeout=args.timeout).validate()
     state = up(cfg)
@@ -523,6 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
     serve.add_argument("--stop-timeout", type=float, default=60.0,
                        help="seconds without documents after which a run without stop is given up (default 60)")
+    from phasestream.services.wire import DEFAULT_MAX_MESSAGE_SIZE, parse_byte_size
+
+    serve.add_argument("--max-message-size", type=parse_byte_size, metavar="BYTES",
+                       default=os.environ.get("PHASESTREAM_MAX_MESSAGE_SIZE") or DEFAULT_MAX_MESSAGE_SIZE,
+                       help="largest document message accepted, e.g. 1073741824, 512M or 2G; larger ones are "
+                            "dropped by 0MQ before they are read, and a run that loses one is reprocessed from "
+                            "Tiled. Default "
+                            f"$PHASESTREAM_MAX_MESSAGE_SIZE, else {DEFAULT_MAX_MESSAGE_SIZE >> 20}M")
     serve.add_argument("--root", default="phasestream")
     serve.add_argument("--no-od", action="store_true",
                        help="do not write the OD cube live (high frame rates; reprocess adds it later)")
@@ -530,6 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the live OD cube as external zarr data in DIR, registered in Tiled, instead of "
                             "uploading it (high frame rates; the Tiled server must be able to read DIR). Default "
                             "$PHASESTREAM_OD_STORE, else upload")
+    serve.add_argument("--references-dir", action="append", metavar="DIR",
+                       default=[p for p in os.environ.get("PHASESTREAM_REFERENCES", "").split(os.pathsep) if p],
+                       help="folder whose reference files a start document may name (repeatable); default "
+                            "$PHASESTREAM_REFERENCES (os.pathsep-separated). Without one, only registered names")
+    serve.add_argument("--max-num-points", type=int, default=DEFAULT_MAX_NUM_POINTS, metavar="N",
+                       help=f"refuse runs whose start document expects more energies (default "
+                            f"{DEFAULT_MAX_NUM_POINTS})")
+    serve.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                       help=f"refuse images of more pixels (default {DEFAULT_MAX_IMAGE_PIXELS}, 8192^2)")
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
     _add_refine_options(serve)
@@ -625,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--references", default=None, help="override the runs' reference spectra")
     rep.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                      help="embedded server only: directories of detector files it may read")
+    rep.add_argument("--replace", action="store_true",
+                     help="recompute and replace results that are complete too (others are always recomputed)")
     rep.add_argument("--refine", action="store_true", help="then refine ambiguous pixels with the GMVAE")
     rep.add_argument("--refine-only", action="store_true",
                      help="only post-scan jobs on the existing results (no PCC recomputation); implies --refine "
@@ -650,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--proxy-out-port", type=int, default=5578)
     upp.add_argument("--models-port", type=int, default=5579)
     upp.add_argument("--scheduler-port", type=int, default=8786)
+    upp.add_argument("--scheduler-http-port", type=int, default=8787,
+                     help="the Dask scheduler's health and Prometheus metrics, on --host (default 8787)")
     upp.add_argument("--dask-workers", type=int, default=2, help="Dask worker processes (default 2)")
     upp.add_argument("--only", default=None, metavar="NAMES",
                      help=f"comma-separated components to start (default all: {','.join(COMPONENTS)})")
@@ -682,6 +715,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"phasestream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # Tiled unreachable, or the key missing or wrong: one line naming the server, no traceback
+        from phasestream.services.tiled import describe_tiled_error
+
+        message = describe_tiled_error(exc)
+        if message is None:
+            raise
+        print(f"phasestream {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

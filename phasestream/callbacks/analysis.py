@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 # energies closer than this (eV) are the same energy (duplicate images)
 ENERGY_TOLERANCE_EV = 1e-3
 MAX_ERRORS = 50
+MAX_ERROR_CHARS = 500
+#: write kinds that the final write supersedes (not held against the final status)
+PARTIAL_MAPS = "partial maps"
+HEARTBEAT = "the result's heartbeat"
+_SUPERSEDED = (PARTIAL_MAPS, HEARTBEAT)
 # largest OD write request (bytes) when planes queued up: Tiled ingests larger bodies no faster
 # per byte (slower, past ~16 MiB)
 OD_REQUEST_BYTES = 16 << 20
@@ -93,6 +98,8 @@ class RunResult:
         self.metadata: dict = {}
         self.arrays: dict[str, np.ndarray] = {}
         self.done = threading.Event()
+        #: a write of the final result failed or did not read back: Tiled does not hold it whole
+        self.write_failed = False
 
     @property
     def uid(self) -> str:
@@ -137,17 +144,38 @@ class RunAnalysis(DocumentRouter):
         self._partial_busy = False
         self._write_s_per_byte: float | None = None
         self.n_partials = 0
+        self.valid_pixels = 0
         self.closed = False
         self.opened = False
+        self.conflict = False  # a result of this uid already existed: nothing is written
+        # kind of write ("OD planes", "partial maps", ...) -> [failures, first error]: recorded once
+        self.write_failures: dict[str, list] = {}
+        self.image_shape: tuple[int, ...] | None = None  # from the primary descriptor, when it says
 
     # -- bookkeeping ---------------------------------------------------------------------
 
     def record_error(self, message: str) -> None:
+        message = message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
         logger.warning("run %s: %s", self.settings.run_uid, message)
         if len(self.result.errors) < MAX_ERRORS:
             self.result.errors.append(message)
         elif len(self.result.errors) == MAX_ERRORS:
             self.result.errors.append("too many errors; further errors are only logged")
+
+    def write_failed(self, what: str, exc: BaseException) -> None:
+        """A write to Tiled failed: the first failure of each kind is an error on the run, later ones a count."""
+        entry = self.write_failures.setdefault(what, [0, f"{type(exc).__name__}: {exc}"])
+        entry[0] += 1
+        if entry[0] == 1:
+            self.record_error(f"writing {what} to Tiled failed: {entry[1]}")
+        else:
+            logger.debug("run %s: writing %s failed again (%d): %s", self.settings.run_uid, what, entry[0], exc)
+
+    def heartbeat(self) -> None:
+        """Queue a touch of the result's ``updated_at``: this run is alive (see ``LiveService``)."""
+        if not self.closed:
+            self.owner.sink.submit(self._write(lambda writer: writer.update_metadata(), HEARTBEAT),
+                                   key=self.settings.run_uid)
 
     def _base_metadata(self) -> dict:
         s = self.settings
@@ -178,14 +206,21 @@ class RunAnalysis(DocumentRouter):
         self.opened = True
 
         def job() -> None:
-            self.writer = self.owner.writer_factory(self, shape)
+            try:
+                self.writer = self.owner.writer_factory(self, shape)
+            except Exception as exc:  # noqa: BLE001 - recorded on the run; it ends failed
+                self.write_failed("the result container", exc)
 
         self.owner.sink.submit(job, key=self.settings.run_uid)
 
-    def _write(self, fn: Callable[[Any], None]) -> Callable[[], None]:
+    def _write(self, fn: Callable[[Any], None], what: str) -> Callable[[], None]:
         def job() -> None:
-            if self.writer is not None:
+            if self.writer is None:
+                return
+            try:
                 fn(self.writer)
+            except Exception as exc:  # noqa: BLE001 - counted on the run; the status says so
+                self.write_failed(what, exc)
 
         return job
 
@@ -196,7 +231,7 @@ class RunAnalysis(DocumentRouter):
             if self._od_job_queued:
                 return
             self._od_job_queued = True
-        self.owner.sink.submit(self._write(self._write_pending_od), key=self.settings.run_uid)
+        self.owner.sink.submit(self._write(self._write_pending_od, "OD planes"), key=self.settings.run_uid)
 
     def _take_pending_od(self, *, merge: bool = True) -> list[tuple[int, np.ndarray]]:
         """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most OD_REQUEST_BYTES each.
@@ -224,9 +259,13 @@ class RunAnalysis(DocumentRouter):
 
     def _write_pending_od(self, writer) -> None:
         if writer.od_external:  # a file write says nothing about Tiled's upload speed: not measured
-            for index, plane in self._take_pending_od(merge=False):
-                writer.write_od_planes(index, plane[np.newaxis])
-                self._od_pool.release(plane)
+            pending = self._take_pending_od(merge=False)
+            try:
+                for index, plane in pending:
+                    writer.write_od_planes(index, plane[np.newaxis])
+            finally:
+                for _, plane in pending:
+                    self._od_pool.release(plane)
             return
         for start, block in self._take_pending_od():
             t = time.perf_counter()
@@ -255,7 +294,10 @@ class RunAnalysis(DocumentRouter):
             keys = doc.get("data_keys", {})
             for key in (self.settings.image_key, self.settings.energy_key):
                 if key not in keys:
-                    self.record_error(f"primary stream has no data key {key!r} (has {sorted(keys)})")
+                    self.record_error(f"primary stream has no data key {key!r:.80} (has {sorted(keys)[:20]})")
+            shape = (keys.get(self.settings.image_key) or {}).get("shape") if isinstance(keys, dict) else None
+            if isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+                self.image_shape = tuple(shape)
 
     def stream_resource(self, doc: dict) -> None:
         self.stream_resources[doc["uid"]] = doc
@@ -303,12 +345,24 @@ class RunAnalysis(DocumentRouter):
             frame = self.stream_frames.pop((doc["descriptor"], doc["seq_num"]), None)
             if frame is None:
                 if key not in data and not self.stream_resources:
-                    raise KeyError(f"no image under data key {key!r} (event has {sorted(data)})")
-                raise ValueError(f"image {key!r} is an unfilled external reference ({value!r})")
-            return frame
-        image = np.asarray(value)
+                    raise KeyError(f"no image under data key {key!r:.80} (event has {sorted(data)[:20]})")
+                raise ValueError(f"image {key!r:.80} is an unfilled external reference ({value!r:.80})")
+            return self._checked_image(frame)
+        return self._checked_image(np.asarray(value))
+
+    def _checked_image(self, image: np.ndarray) -> np.ndarray:
+        """The image if it is a numeric 2-D array within the bounds and of the descriptor's shape."""
+        key = self.settings.image_key
+        if image.dtype.kind not in "biuf":
+            raise ValueError(f"image {key!r:.80} must be numeric, got dtype {image.dtype}")
         if image.ndim != 2:
-            raise ValueError(f"image {key!r} must be 2D (Y, X), got shape {image.shape}")
+            raise ValueError(f"image {key!r:.80} must be 2D (Y, X), got shape {image.shape}")
+        if image.size > self.owner.bounds.max_image_pixels:
+            raise ValueError(f"image {key!r:.80} has {image.size} pixels, more than the "
+                             f"{self.owner.bounds.max_image_pixels} allowed (--max-image-pixels)")
+        declared = self.image_shape
+        if declared is not None and len(declared) == 2 and tuple(image.shape) != declared:
+            raise ValueError(f"image {key!r:.80} has shape {image.shape}, the descriptor declares {declared}")
         return image
 
     def _od(self, image: np.ndarray, energy: float, data: dict):
@@ -332,7 +386,7 @@ class RunAnalysis(DocumentRouter):
         s = self.settings
         data = doc["data"]
         if s.energy_key not in data:
-            raise KeyError(f"no energy under data key {s.energy_key!r} (event has {sorted(data)})")
+            raise KeyError(f"no energy under data key {s.energy_key!r:.80} (event has {sorted(data)[:20]})")
         energy = float(data[s.energy_key])
         if any(abs(energy - e) <= ENERGY_TOLERANCE_EV for e in self.result.energies):
             raise ValueError(f"duplicate energy {energy:.3f} eV; image ignored")
@@ -388,7 +442,9 @@ class RunAnalysis(DocumentRouter):
 
     def _maps(self) -> dict[str, np.ndarray]:
         pcc = self.acc.maps()
-        mask = particle_mask(self.acc.mean(), threshold=self.owner.mask_threshold)
+        mean = self.acc.mean()
+        self.valid_pixels = int(np.isfinite(mean).sum())  # pixels with a usable OD at every energy
+        mask = particle_mask(mean, threshold=self.owner.mask_threshold)
         phase, reliability, ambiguous = assign_phases(pcc, mask, self.owner.ambiguity, backend=self.owner.backend)
         return {
             "pcc": pcc,
@@ -410,6 +466,7 @@ class RunAnalysis(DocumentRouter):
             "ambiguous_fraction": float(fr.ambiguous) if fr.n_particle else None,
             "mean_reliability": float(rel.mean()) if rel.size else None,
             "particle_pixels": int(fr.n_particle),
+            "valid_pixels": self.valid_pixels,
         }
 
     def _publish(self, *, final: bool) -> dict | None:
@@ -439,7 +496,7 @@ class RunAnalysis(DocumentRouter):
                     w.write_od_planes(start, block)
                 w.write_maps(od_planes=last, **arrays)
 
-            self.owner.sink.submit(self._write(final_maps), key=self.settings.run_uid)
+            self.owner.sink.submit(self._write(final_maps, "final maps"), key=self.settings.run_uid)
             return md
 
         def partial_job() -> None:
@@ -450,6 +507,8 @@ class RunAnalysis(DocumentRouter):
                     self._measured_write(sum(a.nbytes for a in arrays.values()), time.perf_counter() - t)
                     self.writer.update_metadata(**md)
                     self.n_partials += 1
+            except Exception as exc:  # noqa: BLE001 - superseded by the final maps; recorded
+                self.write_failed(PARTIAL_MAPS, exc)
             finally:
                 self._partial_cost_s = compute_s + time.perf_counter() - t
                 self._partial_busy = False
@@ -462,7 +521,11 @@ class RunAnalysis(DocumentRouter):
         self.finalize(exit_status=doc.get("exit_status", "success"), reason=doc.get("reason", ""))
 
     def finalize(self, *, exit_status: str = "success", reason: str = "") -> None:
-        """Write final maps, fractions, status and timings (on stop, or when the run is given up)."""
+        """Write final maps, fractions, status and timings (on stop, or when the run is given up).
+
+        The status given here is provisional: the final write job makes it ``partial`` or
+        ``failed`` when a write failed or an array does not read back from Tiled as written.
+        """
         if self.closed:
             return
         self.closed = True
@@ -470,14 +533,18 @@ class RunAnalysis(DocumentRouter):
         n = len(self.result.energies)
         expected = s.num_points
         if n == 0:
+            first = f" (first problem: {self.result.errors[0]})" if self.result.errors else ""
+            self.record_error(f"no usable image in the run{first}")
+        if n and expected and n < expected:
+            self.record_error(f"{n} of {expected} energies analysed")
+        if n == 1:
+            self.record_error("only 1 energy analysed: phase maps need at least 2")
+        if n and exit_status != "success":
+            self.record_error(f"run ended with exit_status {exit_status!r:.40} {reason!s:.200}".strip())
+        if n == 0:
             status = "failed"
-            self.record_error("no usable image in the run")
         elif self.incomplete_reason or exit_status != "success" or (expected and n < expected) or n < 2:
             status = "partial"
-            if expected and n < expected:
-                self.record_error(f"{n} of {expected} energies analysed")
-            if exit_status != "success":
-                self.record_error(f"run ended with exit_status {exit_status!r} {reason}".strip())
         else:
             status = "complete"
         self._open_result(None if self.acc is None else self.acc.shape)
@@ -485,8 +552,62 @@ class RunAnalysis(DocumentRouter):
             summary = self._final[1]  # final maps already written after the last expected image
         else:
             summary = self._publish(final=True) if n > 0 else {}
+        if n and not summary.get("particle_pixels"):
+            if not summary.get("valid_pixels"):
+                self.record_error("every pixel's OD is masked (zero, negative or non-finite counts or I0): "
+                                  "nothing could be analysed")
+                status = "failed"
+            else:
+                self.record_error("no particle pixels found (the particle mask is empty): phase fractions "
+                                  "are undefined")
+                status = "partial" if status == "complete" else status
+        self.result.status = status
+        timings = self._timings(n)
+        t_last = self.t_last_image
+        final_arrays = {name: a.shape for name, a in self.result.arrays.items()} if n else {}
+
+        def final_job() -> None:
+            final_status = status
+            failed_write = False
+            if self.writer is not None and n and self.owner.write_od:
+                try:
+                    self.writer.finalize_od(n, update_metadata=False)
+                except Exception as exc:  # noqa: BLE001 - counted; the status says so
+                    self.write_failed("the OD cube", exc)
+            if self.writer is not None and final_arrays:
+                layout = {**final_arrays, **({"od": (n, *self.acc.shape)} if self.owner.write_od else {})}
+                for problem in self.writer.verify(layout):
+                    self.record_error(f"result array {problem}")
+                    failed_write = True
+                    final_status = "partial" if final_status == "complete" else final_status
+            for what, (count, _) in self.write_failures.items():
+                if count > 1:
+                    self.record_error(f"writing {what} to Tiled failed {count} times in all")
+                if what not in _SUPERSEDED:  # superseded by the final maps, which are verified
+                    failed_write = True
+                    final_status = "partial" if final_status == "complete" else final_status
+            if self.writer is None and self.owner.client is not None and not self.conflict:
+                final_status = "failed"  # the result container could not be created: nothing is in Tiled
+            # last image -> final maps and OD in Tiled; status and timings follow in one update
+            timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
+            timings["partial_maps"] = {"written": self.n_partials, "last_cost_s": self._partial_cost_s}
+            md = {**summary, "status": final_status, "errors": list(self.result.errors), "n_energies_seen": n}
+            if self.writer is not None and not self._write_final_metadata(md, timings):
+                final_status = md["status"] = "failed"
+                failed_write = True
+            self.result.status = final_status
+            self.result.write_failed = failed_write
+            self.result.metadata.update(md, timings=timings)
+            if not self.owner.keep_arrays:
+                self.result.arrays = {}  # they are in Tiled; the worker keeps summaries only
+
+        self.owner.sink.submit(final_job, key=s.run_uid)
+        self.owner.sink.submit(self.result.done.set)
+        self.owner._finished(self)
+
+    def _timings(self, n: int) -> dict:
         t_stop = time.time()
-        timings = {
+        return {
             "first_image_to_stop_s": (t_stop - self.t_first_image) if self.t_first_image else None,
             "median_frame_ms": 1e3 * float(np.median(self.frame_seconds)) if n else None,
             "images_per_s": (n - 1) / (self.t_last_image - self.t_first_image)
@@ -495,20 +616,19 @@ class RunAnalysis(DocumentRouter):
                                  "p95": 1e3 * float(np.percentile(self.event_latency, 95))}
             if self.event_latency else None,
         }
-        md = {**summary, "status": status, "errors": list(self.result.errors), "n_energies_seen": n}
-        self.result.status = status
-        t_last = self.t_last_image
 
-        def final_job() -> None:
-            if self.writer is not None and n and self.owner.write_od:
-                self.writer.finalize_od(n, update_metadata=False)
-            # last image -> final maps and OD in Tiled; status and timings follow in one update
-            timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
-            timings["partial_maps"] = {"written": self.n_partials, "last_cost_s": self._partial_cost_s}
-            if self.writer is not None:
+    def _write_final_metadata(self, md: dict, timings: dict, attempts: int = 4) -> bool:
+        """The final status update, tried again with backoff (a restarting Tiled); False if it never went in."""
+        for attempt in range(attempts):
+            try:
                 self.writer.update_metadata(**md, timings=timings)
-            self.result.metadata.update(md, timings=timings)
-
-        self.owner.sink.submit(final_job, key=s.run_uid)
-        self.owner.sink.submit(self.result.done.set)
-        self.owner._finished(self)
+                return True
+            except Exception as exc:  # noqa: BLE001 - tried again, then recorded
+                if attempt == attempts - 1:
+                    logger.error("run %s: the final status %r could not be written to Tiled (%s); the result "
+                                 "there still says running and is recovered when a worker starts",
+                                 self.settings.run_uid, md["status"], exc)
+                    self.record_error(f"writing the final status to Tiled failed: {type(exc).__name__}: {exc}")
+                    return False
+                time.sleep(0.5 * 2**attempt)
+        return False

@@ -9,28 +9,35 @@ writes them to Tiled (the hot path never waits on HTTP). At stop the final maps,
 status and timings are written.
 
 A bad document never raises out of the callback: the error is recorded on the run's result
-(``errors``, ``status``) and logged, and other runs go on.
+(``errors``, ``status``) and logged, and other runs go on. A start document that is refused
+(docs/security.md) still gets a ``failed`` result with the reason, unless its uid cannot name
+one; a start whose uid already has a result is recorded as a conflict on that result and
+ignored: nothing is replaced on behalf of a document.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from event_model import RunRouter
 
 from phasestream.callbacks.analysis import RunAnalysis, RunResult
 from phasestream.callbacks.assets import default_handler_registry
-from phasestream.callbacks.settings import RunSettings, RunSettingsError
+from phasestream.callbacks.settings import RunSettings, RunSettingsError, checked_sample
 from phasestream.callbacks.sink import ResultSink
+from phasestream.contract import DocumentBounds, InvalidIdentifierError, check_run_uid
 from phasestream.kernels import (
     DEFAULT_AMBIGUITY,
     limit_kernel_threads,
     resolve_backend,
 )
-from phasestream.references import ReferenceSet, load_references
+from phasestream.references import ReferenceSet, load_document_references, load_references
+from phasestream.services.results import ResultExistsError, ResultWriter
 
 __all__ = ["PhaseMapCallback"]
 
@@ -69,6 +76,15 @@ class PhaseMapCallback:
         kernel would wait for descheduled threads); None: numba's default (every core)
     handler_registry : Resource/Datum handlers (default: NPY_SEQ)
     on_run_complete : called with the :class:`RunResult` after a run's final result is written
+    reference_folders : folders whose files a start document may name as references (besides
+        registered names); none: registered names only
+    bounds : what a start document may ask for (``num_points``, image size, metadata size)
+    replace : replace an existing result of a run (``phasestream reprocess``, a user's explicit
+        command); False (the live worker): a start whose uid has a result is a conflict, recorded
+        on that result and otherwise ignored
+    keep_arrays : keep each run's final arrays in :attr:`results` (default: only without a Tiled
+        client, where they are the only copy); with Tiled the worker keeps summaries only
+    max_results : runs remembered in :attr:`results` (oldest dropped first)
     """
 
     def __init__(
@@ -89,6 +105,11 @@ class PhaseMapCallback:
         od_store: str | Path | None = None,
         kernel_threads: int | None = 1,
         on_run_complete: Callable[[RunResult], None] | None = None,
+        reference_folders: Sequence[str | Path] = (),
+        bounds: DocumentBounds | None = None,
+        replace: bool = False,
+        keep_arrays: bool | None = None,
+        max_results: int = 1000,
     ):
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
@@ -110,8 +131,14 @@ class PhaseMapCallback:
         self.kernel_threads = kernel_threads
         self._threads_limited: set[int] = set()  # ids of the threads whose kernel threads are set
         self._reference_cache: dict[str, ReferenceSet] = {}
-        self.results: dict[str, RunResult] = {}
+        self.reference_folders = tuple(Path(f) for f in reference_folders)
+        self.bounds = bounds or DocumentBounds()
+        self.replace = bool(replace)
+        self.keep_arrays = tiled_client is None if keep_arrays is None else bool(keep_arrays)
+        self.max_results = int(max_results)
+        self.results: OrderedDict[str, RunResult] = OrderedDict()
         self.active: dict[str, RunAnalysis] = {}
+        self._unknown_seen: dict = {}  # runs/descriptors whose documents arrived unannounced (logged once)
         self.sink = ResultSink(on_error=self._write_failed)
         registry = default_handler_registry() if handler_registry is None else handler_registry
         self.router = RunRouter([self._factory], handler_registry=registry)
@@ -123,20 +150,24 @@ class PhaseMapCallback:
         """Create the run's result container (on the sink thread). None without a Tiled client."""
         if self.client is None:
             return None
-        from phasestream.services.results import ResultWriter
-
-        return ResultWriter(
+        try:
+            return ResultWriter(
             self.client,
             analysis.settings.run_uid,
             root=self.root,
             shape=shape,
             phases=list(analysis.references.phases),
-            # without OD writing no `od` array is created (it would read as zeros)
-            n_energies=analysis.settings.num_points if self.write_od else None,
+            # without OD writing (or without an image) no `od` array is created (it would read as zeros)
+            n_energies=analysis.settings.num_points if self.write_od and shape is not None else None,
             metadata=analysis._base_metadata(),
-            replace=True,
+            replace=self.replace,
             od_store=self.od_store,
-        )
+            )
+        except ResultExistsError:
+            # created meanwhile (another worker, a replayed start): never replaced; recorded there
+            analysis.conflict = True
+            self._record_conflict(analysis.settings.run_uid)
+            return None
 
     def _write_failed(self, key, exc: BaseException) -> None:
         analysis = self.active.get(key) if isinstance(key, str) else None
@@ -147,46 +178,152 @@ class PhaseMapCallback:
 
     def _load_references(self, name: str) -> ReferenceSet:
         if name not in self._reference_cache:
-            self._reference_cache[name] = load_references(name)
+            if len(self._reference_cache) >= 64:
+                self._reference_cache.pop(next(iter(self._reference_cache)))
+            self._reference_cache[name] = load_document_references(name, folders=self.reference_folders)
         return self._reference_cache[name]
+
+    def _remember(self, result: RunResult) -> None:
+        """Keep ``result`` in :attr:`results`, forgetting the oldest past ``max_results``."""
+        with self._lock:
+            self.results[result.uid] = result
+            self.results.move_to_end(result.uid)
+            while len(self.results) > self.max_results:
+                self.results.popitem(last=False)
 
     def _factory(self, name: str, start: dict):
         if "phasestream" not in start and self.references is None:
             return [], []
         try:
+            uid = check_run_uid(start.get("uid"))
+        except InvalidIdentifierError as exc:
+            logger.error("start document refused; nothing written: %s", exc)
+            return [], []
+        if uid in self.active or (not self.replace and self._result_exists(uid)):
+            self._record_conflict(uid)
+            return [], []
+        try:
             settings = RunSettings.from_start(
-                start, references=None if self.references is None else self.references.name
+                start, references=None if self.references is None else self.references.name, bounds=self.bounds
             )
             refs = self.references or self._load_references(settings.references)
-        except (RunSettingsError, FileNotFoundError, ValueError) as exc:
-            logger.error("run %s not analysed: %s", start.get("uid"), exc)
-            failed = RunResult(RunSettings(start.get("uid", "?"), start.get("scan_id"), "", "", ""))
-            failed.status, failed.errors = "failed", [str(exc)]
-            failed.done.set()
-            self.results[failed.uid] = failed
+        except (RunSettingsError, OSError, ValueError) as exc:
+            self._reject(uid, start, exc)
             return [], []
         analysis = RunAnalysis(self, settings, refs)
         with self._lock:
             self.active[settings.run_uid] = analysis
-            self.results[settings.run_uid] = analysis.result
+        self._remember(analysis.result)
         return [analysis], []
+
+    def _result_exists(self, uid: str) -> bool:
+        """A result of ``uid`` is known here or in Tiled (unknown when Tiled cannot be asked: the
+        writer refuses to replace one anyway)."""
+        if uid in self.results:
+            return True
+        if self.client is None:
+            return False
+        try:
+            return self.root in self.client and uid in self.client[self.root]
+        except Exception:  # noqa: BLE001 - Tiled unreachable now: ResultWriter(replace=False) still refuses
+            logger.warning("run %s: cannot ask Tiled whether a result exists; going on", uid)
+            return False
+
+    def _record_conflict(self, uid: str) -> None:
+        """A start document for a uid that already has a result: recorded there, never replacing it."""
+        message = (f"a start document for this run arrived again at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
+                   "ignored (a result is never replaced on behalf of a document; phasestream reprocess "
+                   "--replace does it on purpose)")
+        logger.error("run %s: %s", uid, message)
+        analysis = self.active.get(uid)
+        if analysis is not None:
+            analysis.record_error(message)
+            return
+        if self.client is None:
+            return
+
+        def job() -> None:
+            try:
+                ResultWriter.open(self.client, uid, root=self.root).record_error(message)
+            except Exception as exc:  # noqa: BLE001 - the result may not exist on this server
+                logger.error("run %s: could not record the conflict on its result: %s", uid, exc)
+
+        self.sink.submit(job)
+
+    def _reject(self, uid: str, start: dict, exc: BaseException) -> None:
+        """A refused start document: a ``failed`` result with the reason (the raw run stays in Tiled)."""
+        reason = f"start document refused: {exc}"
+        logger.error("run %s not analysed: %s", uid, exc)
+        failed = RunResult(RunSettings(uid, None, "", "", ""))
+        failed.status, failed.errors = "failed", [reason]
+        self._remember(failed)
+        if self.client is None:
+            failed.done.set()
+            return
+        metadata = {"status": "failed", "errors": [reason], "sample": self._safe_sample(start)}
+        if isinstance(start.get("scan_id"), int) and not isinstance(start.get("scan_id"), bool):
+            metadata["scan_id"] = start["scan_id"]
+
+        def job() -> None:
+            try:
+                ResultWriter(self.client, uid, root=self.root, shape=None, phases=[], metadata=metadata,
+                             replace=self.replace)
+            except ResultExistsError:
+                failed.errors.append("a result of this uid already exists; it was left as it is")
+            except Exception as error:  # noqa: BLE001 - logged; the worker goes on
+                logger.error("run %s: could not record the refusal in Tiled: %s", uid, error)
+            failed.metadata = metadata
+
+        self.sink.submit(job)
+        self.sink.submit(failed.done.set)
+
+    def _safe_sample(self, start: dict) -> dict:
+        """The start document's ``sample`` if it passes the checks, else {} (a refused run still gets a result)."""
+        try:
+            return checked_sample(start, self.bounds)
+        except RunSettingsError:
+            return {}
 
     def __call__(self, name: str, doc: dict) -> None:
         if self.backend == "numba" and threading.get_ident() not in self._threads_limited:
             limit_kernel_threads(self.kernel_threads)
             self._threads_limited.add(threading.get_ident())
+        if name == "start" and isinstance(doc, dict) and doc.get("uid") in self.active:
+            self._record_conflict(doc["uid"])  # the open run goes on; the second start is ignored
+            return
         try:
             self.router(name, doc)
         except Exception as exc:  # noqa: BLE001 - a bad document never kills the stream
             run = self._run_of(name, doc)
             if run is not None:
                 run.record_error(f"{name} document rejected: {exc}")
+            elif isinstance(exc, KeyError):  # RunRouter: a run or descriptor it never saw (start lost)
+                self._unknown(name, doc)
             else:
                 logger.error("%s document rejected: %s", name, exc)
+
+    def _unknown(self, name: str, doc: dict) -> None:
+        """A document of a run or descriptor never seen here: logged once per run/descriptor, then skipped."""
+        ref = doc.get("run_start") or doc.get("descriptor") or doc.get("uid") if isinstance(doc, dict) else None
+        if ref in self._unknown_seen:
+            return
+        self._unknown_seen[ref] = None
+        if len(self._unknown_seen) > 1000:
+            self._unknown_seen.pop(next(iter(self._unknown_seen)))
+        logger.error("%s document refers to %s, which is not known here (its start or descriptor document was "
+                     "lost or has not arrived): skipped; later documents that cannot be routed either are skipped "
+                     "without another line", name, f"{ref!r:.80}")
 
     def _run_of(self, name: str, doc: dict) -> RunAnalysis | None:
         uid = doc.get("run_start") or (doc.get("uid") if name == "start" else None)
         return self.active.get(uid) if uid else None
+
+    def abort_active(self, reason: str) -> None:
+        """Finalize every run still open as ``partial`` with ``reason`` (the worker is stopping)."""
+        for analysis in list(self.active.values()):
+            analysis.incomplete_reason = reason
+            analysis.record_error(reason)
+            analysis.finalize(exit_status="incomplete", reason=reason)
 
     def _finished(self, analysis: RunAnalysis) -> None:
         with self._lock:
@@ -197,14 +334,15 @@ class PhaseMapCallback:
 
     # -- lost documents --------------------------------------------------------------------
 
-    def run_incomplete(self, run_uid: str, reason: str) -> None:
-        """Documents of ``run_uid`` were lost: record why; finalize it as ``partial`` if it is still open."""
+    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
+        """Documents of ``run_uid`` were lost: record why. ``final``: none will come any more (no stop
+        within the timeout), so the run is finalized now as ``partial``; otherwise its stop does it."""
         analysis = self.active.get(run_uid)
         if analysis is None:
             return
         analysis.incomplete_reason = reason
         analysis.record_error(f"documents lost: {reason}")
-        if "stop" in reason.lower() or "timeout" in reason.lower():
+        if final:
             analysis.finalize(exit_status="incomplete", reason=reason)
 
     def flush(self, timeout: float | None = 60.0) -> bool:

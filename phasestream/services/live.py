@@ -11,6 +11,13 @@ run that TiledWriter stored independently: as soon as the raw run is complete in
 document has arrived), :func:`~phasestream.services.reprocess.reprocess_run` recomputes the
 result from the full data. Reprocessing runs on its own thread so the document stream goes on.
 
+Every run reaches a final status: :meth:`LiveService.close` (SIGTERM) finalizes the runs still
+open as ``partial`` ("worker stopped"); while it runs, the service touches each open result's
+``updated_at`` every ``stale_after / 3`` seconds, and any result still ``running`` whose
+``updated_at`` is older than ``stale_after`` belongs to no live worker (one killed, or one whose
+final write never reached Tiled): it is recovered from the raw run like a run that lost
+documents, and records ``recovered: {reason: "worker restarted"}``.
+
 With a Dask scheduler (``scheduler=``: an address, ``"local"`` or a ``distributed.Client``), the
 post-scan steps of each finished run (refine, enhance, methods as requested) and the reprocessing
 of runs that lost documents go to Dask instead, as one :class:`~phasestream.services.jobs.Job`
@@ -63,13 +70,16 @@ class LiveService:
     tiled_uri : the Tiled URI the Dask workers use (default the client's, with its API key)
     retries : Dask retries of a failed post-scan task
     dask_workers : LocalCluster workers for ``scheduler="local"``
+    stale_after : seconds after which a ``running`` result that no open run of this service
+        touches is recovered from its raw run (None: never look for them)
     **callback_options : passed to :class:`PhaseMapCallback`
     """
 
     def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
                  refine: RefineOptions | None = None, enhance: EnhanceOptions | None = None,
                  methods: MethodsOptions | None = None, scheduler: Any = None, tiled_uri: str | None = None,
-                 retries: int = 2, dask_workers: int | None = 1, **callback_options):
+                 retries: int = 2, dask_workers: int | None = 1, stale_after: float | None = 600.0,
+                 **callback_options):
         self.client = tiled_client
         self.refine_options = refine
         self.enhance_options = enhance
@@ -86,13 +96,17 @@ class LiveService:
         threaded = post_scan and self.dask is None
         self._refiner = ThreadPoolExecutor(1, thread_name_prefix="post-scan") if threaded else None
         self._requests: dict[str, dict] = {}  # run uid -> the start document's phasestream extras
-        if post_scan:
-            callback_options.setdefault("on_run_complete", self._run_complete)
+        self.post_scan = post_scan
+        callback_options.setdefault("on_run_complete", self._run_complete)
         self.callback = PhaseMapCallback(tiled_client, **callback_options)
         self.recover_after = float(recover_after)
         self.poll_seconds = float(poll_seconds)
         self.recovered: dict[str, str] = {}  # run uid -> status after reprocessing (or why it was not)
         self._pending: dict[str, float] = {}
+        self._reasons: dict[str, str] = {}  # pending uid -> why it is recovered (default: documents lost)
+        self.stale_after = None if stale_after is None else float(stale_after)
+        self._next_stale_check = 0.0  # at once: results an earlier worker left running
+        self._next_heartbeat = 0.0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -102,16 +116,23 @@ class LiveService:
     def __call__(self, name: str, doc: dict) -> None:
         self.callback(name, doc)
 
-    def run_incomplete(self, run_uid: str, reason: str) -> None:
+    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
         """Transport listener: documents of ``run_uid`` were lost; mark partial, reprocess later."""
-        self.callback.run_incomplete(run_uid, reason)
+        self.callback.run_incomplete(run_uid, reason, final=final)
         with self._lock:
             self._pending.setdefault(run_uid, time.monotonic())
         self._wake.set()
 
     def _run_complete(self, result: RunResult) -> None:
         # on the result-writer thread: hand over at once
-        if result.status in ("complete", "partial"):
+        if result.write_failed:  # what Tiled holds is not the whole result: recompute it from the raw run
+            logger.error("run %s: writing its result to Tiled failed; recovering it from the raw run", result.uid)
+            with self._lock:
+                self._pending.setdefault(result.uid, time.monotonic())
+                self._reasons.setdefault(result.uid, "writing the result to Tiled failed")
+            self._wake.set()
+            return
+        if self.post_scan and result.status in ("complete", "partial"):
             with self._lock:
                 lost = result.uid in self._pending  # refined after reprocessing instead
                 self._requests[result.uid] = dict(result.settings.extra)
@@ -171,7 +192,7 @@ class LiveService:
             status = str(steps["reprocess"].get("status"))
             try:
                 ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
-                    recovered={"from": "raw run in Tiled", "live_errors": live_errors or [], "on": "dask"})
+                    recovered={**self._recovered_note(uid, live_errors or []), "on": "dask"})
             except Exception:  # the reprocessed result stands without the note
                 logger.exception("run %s: could not record the recovery", uid)
             logger.info("run %s reprocessed on Dask after lost documents: %s", uid, status)
@@ -225,29 +246,84 @@ class LiveService:
                 logger.exception("run %s: methods failed", uid)
                 self.methods[uid] = {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
 
+    def _heartbeat(self) -> None:
+        """Touch ``updated_at`` of every open run's result: an open run is never taken for stale."""
+        for analysis in list(self.callback.active.values()):
+            analysis.heartbeat()
+
+    def find_stale(self) -> list[str]:
+        """Queue for recovery the results still ``running`` that no live worker has touched for
+        ``stale_after`` seconds; their uids."""
+        from tiled.queries import Key
+
+        root = self.callback.root
+        try:
+            if root not in self.client:
+                return []
+            running = list(self.client[root].search(Key("status") == "running").items())
+        except Exception as exc:  # noqa: BLE001 - Tiled unreachable: look again later
+            logger.warning("cannot look for results left running: %s", exc)
+            return []
+        now, stale = time.time(), []
+        for uid, node in running:
+            updated = node.metadata.get("updated_at")
+            if uid in self.callback.active or (isinstance(updated, int | float) and now - updated < self.stale_after):
+                continue
+            stale.append(uid)
+        with self._lock:
+            for uid in stale:
+                if uid not in self._pending:
+                    # analysed here: its final status never reached Tiled; else a worker that is gone left it
+                    reason = "the final status never reached Tiled" if uid in self.callback.results else \
+                        "worker restarted"
+                    logger.warning("run %s: result left running (%s); recovering it from the raw run", uid, reason)
+                    self._pending[uid] = time.monotonic()
+                    self._reasons[uid] = reason
+        return stale
+
     def _recover_loop(self) -> None:
         while not self._closing.is_set():
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
-            with self._lock:
-                pending = dict(self._pending)
-            for uid, since in pending.items():
-                if uid in self.callback.active:
-                    continue  # the stop may still come; the callback finalizes first
-                try:
-                    ready = raw_run_complete(self.client, uid)
-                except Exception as exc:  # noqa: BLE001 - Tiled unreachable or run not there yet
-                    logger.debug("raw run %s not readable yet: %s", uid, exc)
-                    ready = False
-                if ready:
-                    self._reprocess(uid)
-                elif time.monotonic() - since > self.recover_after:
-                    logger.error("run %s: raw run still incomplete in Tiled after %.0f s; giving up",
-                                 uid, self.recover_after)
-                    self._done(uid, "raw run incomplete")
+            try:
+                self._recover_pending()
+            except Exception:
+                logger.exception("recovering runs failed; trying again")
 
-    def _reprocess(self, uid: str) -> None:
-        options = ReprocessOptions(root=self.callback.root, backend=self.callback.backend)
+    def _recover_pending(self) -> None:
+        if self.stale_after is not None and time.monotonic() >= self._next_heartbeat:
+            self._heartbeat()
+            self._next_heartbeat = time.monotonic() + self.stale_after / 3
+        if self.stale_after is not None and time.monotonic() >= self._next_stale_check:
+            self.find_stale()
+            self._next_stale_check = time.monotonic() + self.stale_after / 2
+        with self._lock:
+            pending = dict(self._pending)
+        for uid, since in pending.items():
+            if uid in self.callback.active:
+                continue  # the stop may still come; the callback finalizes first
+            try:
+                ready = raw_run_complete(self.client, uid)
+            except Exception as exc:  # noqa: BLE001 - Tiled unreachable or run not there yet
+                logger.debug("raw run %s not readable yet: %s", uid, exc)
+                ready = False
+            if ready:
+                self._reprocess(uid)
+            elif time.monotonic() - since > self.recover_after:
+                logger.error("run %s: raw run still incomplete in Tiled after %.0f s; analysing what it holds",
+                             uid, self.recover_after)
+                self._reprocess(uid, complete=False)
+
+    def _recovered_note(self, uid: str, live_errors: list) -> dict:
+        reason = self._reasons.get(uid, "documents lost")
+        return {"reason": reason, "from": "raw run in Tiled", "live_errors": live_errors}
+
+    def _reprocess(self, uid: str, *, complete: bool = True) -> None:
+        """Recompute ``uid`` from its raw run (``complete=False``: a raw run that never got its stop:
+        what it holds, ending ``partial``); a raw run that is not there leaves the result ``failed``."""
+        options = ReprocessOptions(root=self.callback.root, backend=self.callback.backend,
+                                   require_complete=complete,
+                                   reference_folders=tuple(str(f) for f in self.callback.reference_folders))
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []
@@ -259,7 +335,7 @@ class LiveService:
                 return
             result = reprocess_run(self.client, uid, options)
             ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
-                recovered={"from": "raw run in Tiled", "live_errors": live_errors})
+                recovered=self._recovered_note(uid, live_errors))
             logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, result.status)
             if self._refiner is not None and result.status in ("complete", "partial"):
                 with self._lock:
@@ -268,11 +344,24 @@ class LiveService:
             self._done(uid, result.status)
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)
+            self._give_up(uid, f"recovery from the raw run failed: {type(exc).__name__}: {exc}")
             self._done(uid, f"failed: {exc}")
+
+    def _give_up(self, uid: str, reason: str) -> None:
+        """A result that could not be recovered ends with a final status and the reason, never ``running``."""
+        try:
+            writer = ResultWriter.open(self.client, uid, root=self.callback.root)
+            if writer.metadata.get("status") == "running":
+                writer.record_error(reason)
+                writer.update_metadata(status="failed" if writer.shape is None else "partial",
+                                       recovered={**self._recovered_note(uid, []), "failed": reason})
+        except Exception:
+            logger.exception("run %s: could not record why it was not recovered", uid)
 
     def _done(self, uid: str, status: str) -> None:
         with self._lock:
             self._pending.pop(uid, None)
+            self._reasons.pop(uid, None)
             self.recovered[uid] = status
 
     def wait_recovered(self, uid: str, timeout: float = 60.0) -> str | None:
@@ -285,9 +374,11 @@ class LiveService:
         return None
 
     def close(self) -> None:
+        """Stop: open runs end ``partial`` ("worker stopped"), queued writes and post-scan jobs finish."""
         self._closing.set()
         self._wake.set()
         self._thread.join(10.0)
+        self.callback.abort_active("worker stopped")
         self.callback.flush(60.0)
         if self._refiner is not None:
             self._refiner.shutdown(wait=True)

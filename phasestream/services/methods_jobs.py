@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from phasestream import methods as m
-from phasestream.references import ReferenceSet, load_references
+from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
 from phasestream.services.results import ResultWriter
 from phasestream.services.tiled import connect
 
@@ -154,7 +154,7 @@ def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOption
     for source in candidates:
         if source:
             try:
-                return load_references(source)
+                return load_document_references(source, folders=reference_folders_from_env())
             except (FileNotFoundError, ValueError) as exc:
                 tried.append(str(exc))
     raise FileNotFoundError(f"no loadable references for run {run_uid}: {'; '.join(tried)}")

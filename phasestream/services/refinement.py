@@ -9,8 +9,9 @@ writes ``refined_phase``, ``latent``, ``false_positive`` and the metadata ``refi
 
 Refinement never spoils the PCC result: when it cannot run (model server down, the run's
 energies not those of the model, no OD cube in the result) the result keeps its PCC maps and
-status and records ``refinement: {status: "skipped", reason}``; ``phasestream reprocess --refine
-UID`` does it later. :func:`refine` is the plain post-scan job (tiled uri, run uid, options).
+status and records ``refinement: {status: "skipped", reason}``; ``phasestream reprocess
+--refine-only UID`` does it later (the recorded ``retry`` is the whole command). :func:`refine` is
+the plain post-scan job (tiled uri, run uid, options).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     try:
         return recorded_job(writer, "refinement", lambda: _refine(writer, client, opts),
                             skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
-                            retry=f"phasestream reprocess --refine {run_uid}",
+                            retry=(f"phasestream reprocess --refine-only --models {opts.address} --model {opts.model} "
+                                   f"--strategy {opts.strategy} {run_uid}"),
                             extra={"strategy": opts.strategy, "model": opts.model})
     finally:
         if own_client:
@@ -153,9 +155,11 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
         latent[rows[usable], cols[usable]] = encoded.latent
     anchors = None
     if opts.strategy == "anchor":
-        from phasestream.references import load_references
+        from phasestream.references import load_document_references, reference_folders_from_env
 
-        refs = load_references(md["references"]["name"])
+        # a name from the result's metadata, which came from a start document: registered names and
+        # files in the configured reference folders only
+        refs = load_document_references(md["references"]["name"], folders=reference_folders_from_env())
         anchors = client.encode(opts.model, refs.interpolate(info["energies_eV"]).astype(np.float32),
                                 version=info["version"]).latent
     result = refine_ambiguous(latent, phase, ambiguous, mask & np.isfinite(latent).all(axis=-1), opts.strategy,

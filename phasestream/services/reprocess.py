@@ -4,7 +4,9 @@ A raw run written by TiledWriter is read back the way users read it (``BlueskyRu
 ``run["primary"]["det_img"]``), turned back into the document stream it came from (start,
 one descriptor per stream with its original uid and data keys, events merged across streams in
 time order, stop) and replayed through a fresh :class:`PhaseMapCallback`. The arithmetic is the
-live path's, so a reprocessed result equals the live one.
+live path's, so a reprocessed result equals the live one. Table rows are paired with image frames
+by ``seq_num`` and counted against the stop document's ``num_events`` (Tiled on PostgreSQL may
+return rows out of order; a lost row must not shift the energies of the images after it).
 
 Post-scan jobs are plain functions of (tiled uri, run uid, options) so that they run the same
 in-process, on a Dask worker or from the command line: :func:`reprocess`.
@@ -14,15 +16,25 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
+from phasestream.references import reference_folders_from_env
+from phasestream.services.results import ResultExistsError
 from phasestream.services.tiled import connect, open_raw_run, raw_run_complete
 
-__all__ = ["ReprocessOptions", "raw_run_documents", "reprocess", "reprocess_run"]
+__all__ = [
+    "RawRunMismatchError",
+    "ReprocessOptions",
+    "ResultCompleteError",
+    "raw_run_documents",
+    "reprocess",
+    "reprocess_run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,43 +50,151 @@ class ReprocessOptions:
     backend: str | None = None
     references: str | None = None
     require_complete: bool = True
+    #: replace a ``complete`` result too (a person's explicit ``reprocess --replace``); results that
+    #: are not complete are always recomputed
+    replace: bool = False
+    #: folders whose files the run's start document may name as references (default
+    #: ``PHASESTREAM_REFERENCES``)
+    reference_folders: tuple[str, ...] = ()
 
     def validate(self) -> ReprocessOptions:
         if not self.root or "/" in self.root:
             raise ValueError(f"root must be a single container name, got {self.root!r}")
+        self.reference_folders = tuple(str(f) for f in self.reference_folders)
         return self
 
 
-def _stream_events(run, stream: str) -> Iterator[tuple[float, int, dict]]:
+class ResultCompleteError(ResultExistsError):
+    """The run already has a ``complete`` result, and replacing it was not asked for."""
+
+
+class RawRunMismatchError(ValueError):
+    """A raw run's table rows, image frames and the stop document's ``num_events`` disagree."""
+
+
+def _value(value):
+    """A table cell as an event data value: a Python scalar, or an array for list cells."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return np.asarray(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _identical(rows: pd.DataFrame) -> bool:
+    """Whether the rows of one duplicated ``seq_num`` carry the same values (a retried append)."""
+    first = rows.iloc[0]
+    return all(
+        np.array_equal(np.asarray(first[c]), np.asarray(row[c]), equal_nan=np.asarray(first[c]).dtype.kind == "f")
+        for _, row in rows.iloc[1:].iterrows() for c in rows.columns
+    )
+
+
+def _stream_events(run, stream: str, expected: int | None) -> tuple[list[tuple[float, int, dict]], list[str]]:
+    """Events of ``stream``, each table row paired with its image frames by ``seq_num``; and the problems found.
+
+    TiledWriter stores a stream as one table (``internal``: ``seq_num``, ``time`` and the scalar data
+    keys, one row per event) and one array per array data key. An internal array grows by one frame
+    per event, in the order the RunEngine emitted them, i.e. ``seq_num`` 1, 2, ...; an external one
+    (StreamDatum, or a Datum converted by TiledWriter) places frame ``seq_num - 1`` at that index. So
+    frame ``seq_num - 1`` belongs to the row of ``seq_num``, whatever order the table rows come back in.
+
+    ``expected`` is the stream's count in the stop document's ``num_events`` (None without one). Frames
+    can only be trusted when there is one per event: otherwise the stream yields no events. Rows that
+    are missing, duplicated with other values, or without a frame are reported and left out; every
+    event returned is correctly paired.
+    """
     node = run[stream]
     md = node.metadata
-    data_keys = md.get("data_keys", {})
-    columns = {key: node[key].read() for key in data_keys if key in node}
-    times = np.asarray(node["time"].read(), dtype=np.float64)
-    seq = np.asarray(node["seq_num"].read()) if "seq_num" in node else np.arange(1, len(times) + 1)
     descriptor = md["uid"]
-    for i in range(len(times)):
-        data = {key: (col[i] if np.ndim(col[i]) else col[i].item()) for key, col in columns.items()}
-        yield float(times[i]), int(seq[i]), {
-            "uid": f"{descriptor}-{int(seq[i])}",
+    data_keys = md.get("data_keys", {})
+    parts = node.base  # the stream's own nodes: the table and one node per array data key
+    names = set(parts)
+    where = f"stream {stream!r}"
+    if any(name.startswith("internal_") for name in names):
+        return [], [f"{where}: its event table is split over several tables, whose rows cannot be paired; "
+                    "stream not analysed"]
+    if "internal" in names:
+        table = parts["internal"].read()
+    else:
+        table = pd.DataFrame({column: [] for column in _EVENT_COLUMNS})
+    table = table.sort_values("seq_num", kind="stable")
+    seq = table["seq_num"].to_numpy(dtype=np.int64)
+    n_rows, distinct = len(seq), np.unique(seq)
+    frames = {key: parts[key].read() for key in data_keys if key in names and key != "internal"}
+    columns = [key for key in data_keys if key in table.columns and key not in frames]
+
+    n_events = len(distinct) if expected is None else int(expected)
+    counted = "the run's num_events" if expected is not None else "the table's distinct seq_num"
+    problems = [
+        f"{where}: {len(array)} frames of {key!r} but {n_events} events by {counted}; frames cannot be "
+        "matched to seq_num: stream not analysed"
+        for key, array in frames.items() if len(array) != n_events
+    ]
+    if problems:
+        return [], problems
+    if expected is not None and len(distinct) != expected:  # a row appended twice (a retry) is harmless
+        missing = sorted(set(range(1, expected + 1)) - set(distinct.tolist()))
+        problems.append(
+            f"{where}: the run's num_events is {expected}, Tiled has {n_rows} rows with {len(distinct)} distinct "
+            f"seq_num" + (f" (missing seq_num {missing[:10]}{' ...' if len(missing) > 10 else ''})" if missing else "")
+            + "; only rows paired by seq_num are analysed"
+        )
+    rows = {}
+    for s, group in table.groupby("seq_num", sort=True):
+        s = int(s)
+        if len(group) > 1 and not _identical(group):
+            problems.append(f"{where}: seq_num {s} has {len(group)} rows with different values; left out")
+        elif frames and not 1 <= s <= n_events:
+            problems.append(f"{where}: seq_num {s} has no frame (frames 1 to {n_events}); left out")
+        else:
+            rows[s] = group.iloc[0]
+    events = []
+    for s, row in rows.items():
+        t = float(row["time"])
+        data = {key: _value(row[key]) for key in columns}
+        data.update({key: np.asarray(array[s - 1]) for key, array in frames.items()})
+        events.append((t, s, {
+            "uid": f"{descriptor}-{s}",
             "descriptor": descriptor,
-            "seq_num": int(seq[i]),
-            "time": float(times[i]),
+            "seq_num": s,
+            "time": t,
             "data": data,
-            "timestamps": dict.fromkeys(data, float(times[i])),
+            "timestamps": dict.fromkeys(data, t),
             "filled": {},
-        }
+        }))
+    return events, problems
 
 
-def raw_run_documents(run) -> Iterator[tuple[str, dict]]:
+def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict]]:
     """The document stream of a raw run read from Tiled: start, descriptors, events in time order, stop.
 
-    Image data arrive inline in the events (Tiled has resolved external files), so a
-    reprocessed run needs no access to the detector's files.
+    Each stream's rows are ordered by ``seq_num`` and paired with their image frames by ``seq_num``
+    (not by row position: Tiled on PostgreSQL may return rows in another order), then the streams
+    are merged by time. Image data arrive inline in the events (Tiled has resolved external files),
+    so a reprocessed run needs no access to the detector's files.
+
+    Parameters
+    ----------
+    run : a raw run (``BlueskyRun``, :func:`~phasestream.services.tiled.open_raw_run`)
+    on_mismatch : called with a message for each disagreement between rows, frames and the stop
+        document's ``num_events`` (stream, expected and found counts), after the last event and
+        before the stop document; only correctly paired events are yielded. None: refuse the run.
+
+    Raises
+    ------
+    RawRunMismatchError
+        when counts disagree and ``on_mismatch`` is None (raised before any document is yielded).
     """
     start = dict(run.metadata["start"])
-    yield "start", start
+    stop = run.metadata.get("stop")
+    num_events = (stop or {}).get("num_events") or {}
     streams = list(run)
+    paired = {s: _stream_events(run, s, num_events.get(s) if num_events else None) for s in streams}
+    problems = [problem for _, found in paired.values() for problem in found]
+    problems += [f"stream {s!r}: the run's num_events is {n}, Tiled has no such stream"
+                 for s, n in num_events.items() if n and s not in paired]
+    if problems and on_mismatch is None:
+        raise RawRunMismatchError(f"raw run {start.get('uid')}: " + "; ".join(problems))
+    yield "start", start
     for stream in streams:
         md = run[stream].metadata
         yield "descriptor", {
@@ -87,10 +207,12 @@ def raw_run_documents(run) -> Iterator[tuple[str, dict]]:
             "configuration": {},
             "hints": md.get("hints", {}),
         }
-    merged = heapq.merge(*(_stream_events(run, s) for s in streams), key=lambda item: (item[0], item[1]))
+    merged = heapq.merge(*(events for events, _ in paired.values()), key=lambda item: (item[0], item[1]))
     for _, _, event in merged:
         yield "event", event
-    stop = run.metadata.get("stop")
+    for problem in problems:
+        logger.warning("raw run %s: %s", start.get("uid"), problem)
+        on_mismatch(problem)
     if stop:
         yield "stop", dict(stop)
 
@@ -98,22 +220,35 @@ def raw_run_documents(run) -> Iterator[tuple[str, dict]]:
 def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None) -> RunResult:
     """Recompute the phase maps of one raw run in Tiled; results replace ``<root>/<run_uid>``.
 
+    Each stream's rows are paired with their image frames by ``seq_num``; when rows, frames and
+    the stop document's ``num_events`` disagree, only correctly paired events are analysed and the
+    result is ``partial`` with an error naming the stream and the counts.
+
     Raises
     ------
     KeyError
         when the run is not in Tiled.
     RuntimeError
         when the raw run has no stop document yet and ``require_complete`` is set.
+    ResultCompleteError
+        when the run's result is ``complete`` and ``replace`` is not set.
     """
     opts = (options or ReprocessOptions()).validate()
     run = open_raw_run(client, run_uid)
     if opts.require_complete and not raw_run_complete(client, run_uid):
         raise RuntimeError(f"raw run {run_uid} is not complete in Tiled yet (no stop document); try again later")
+    if not opts.replace and _result_status(client, opts.root, run_uid) == "complete":
+        raise ResultCompleteError(f"run {run_uid} already has a complete result at {opts.root}/{run_uid}: pass "
+                                  "--replace (ReprocessOptions.replace) to recompute and replace it")
+    folders = opts.reference_folders or tuple(str(f) for f in reference_folders_from_env())
     cb = PhaseMapCallback(client, root=opts.root, backend=opts.backend, references=opts.references,
-                          update_every=10**9, update_seconds=float("inf"))
+                          update_every=10**9, update_seconds=float("inf"), replace=True, reference_folders=folders)
     try:
-        for name, doc in raw_run_documents(run):
+        # rows that cannot be paired with their frames are left out and the run ends `partial`
+        for name, doc in raw_run_documents(run, on_mismatch=lambda reason: cb.run_incomplete(run_uid, reason)):
             cb(name, doc)
+        # a raw run that never got its stop document (require_complete=False) ends with what it holds
+        cb.abort_active("the raw run has no stop document: analysed as far as it goes")
         cb.flush(None)
     finally:
         cb.close()
@@ -122,6 +257,14 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
         raise RuntimeError(f"run {run_uid} carries no phasestream metadata; pass references= to analyse it")
     logger.info("reprocessed %s: %s", run_uid, result.status)
     return result
+
+
+def _result_status(client, root: str, run_uid: str) -> str | None:
+    """The status of the run's result, None when it has none."""
+    try:
+        return client[root][run_uid].metadata.get("status")
+    except KeyError:
+        return None
 
 
 def reprocess(tiled_uri: str, run_uid: str, options: dict | ReprocessOptions | None = None) -> dict:

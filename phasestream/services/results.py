@@ -4,6 +4,10 @@ One container ``<root>/<run uid>`` with specs ``["PhaseMap"]`` holding the array
 float32, ``pcc`` (K, Y, X) float32, ``phase`` (Y, X) int16, ``reliability`` (Y, X) float32,
 ``ambiguous`` and ``mask`` (Y, X) uint8, ... and the result metadata (``state_of_charge`` a float
 at the top level, so that ``client["phasestream"].search(Key("state_of_charge") == 2.0)`` finds it).
+Run uids and the root are checked (``phasestream.contract``) before they name a node or a folder;
+an existing result is replaced only when ``replace=True`` is asked for (``phasestream reprocess``),
+and :meth:`ResultWriter.verify` reads the arrays back before a result may be called complete
+(docs/security.md).
 
 Reading a result back::
 
@@ -21,6 +25,7 @@ import math
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,13 +41,13 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import Asset, DataSource, Management
 from tiled.utils import ensure_uri, path_from_uri
 
+from phasestream.contract import STATUSES, check_result_root, check_run_uid, path_inside
 from phasestream.services.tiled import TiledPermissionError
 
 __all__ = ["MAP_LAYOUT", "STATUSES", "ResultExistsError", "ResultWriter", "check_od_store"]
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("running", "complete", "partial", "failed")
 RESULT_SPEC = "PhaseMap"
 #: Contract result arrays: name -> (dtype, dims); "phase" is K, "y", "x" the image axes.
 MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
@@ -175,9 +180,15 @@ def _flush_and_drop(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_od_store(path: Path | None) -> None:
-    """Remove an external ``od`` zarr directory (``.../<run uid>/od.zarr``) and its run folder if empty."""
+def _remove_od_store(path: Path | None, store: Path | None = None) -> None:
+    """Remove an external ``od`` zarr directory (``.../<run uid>/od.zarr``) and its run folder if empty.
+
+    With ``store``, only a directory inside it is removed (one registered elsewhere is left alone).
+    """
     if path is None or path.name != "od.zarr":
+        return
+    if store is not None and not Path(path).resolve().is_relative_to(Path(store).resolve()):
+        log.warning("external od %s lies outside the OD store %s; left in place", path, store)
         return
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -313,11 +324,14 @@ class ResultWriter:
     ):
         if n_energies is not None and n_energies < 1:
             raise ValueError(f"n_energies must be >= 1 or None (unknown), got {n_energies}")
+        # the uid names a Tiled key and a folder: checked before anything is written or deleted
+        run_uid, root = check_run_uid(run_uid), check_result_root(root)
         self.run_uid, self.phases = run_uid, list(phases)
         # None: no image arrived (a failed run records its status and errors, no arrays)
         self.shape = None if shape is None else (int(shape[0]), int(shape[1]))
-        self.path = f"{root.strip('/')}/{run_uid}"
-        self.od_path = None if od_store is None else Path(od_store).resolve() / self.path / "od.zarr"
+        self.path = f"{root}/{run_uid}"
+        self.od_store = None if od_store is None else Path(od_store).resolve()
+        self.od_path = None if od_store is None else path_inside(self.od_store, root, run_uid, "od.zarr")
         self._od_zarr: zarr.Array | None = None
         md = self._initial_metadata(metadata or {})
         with _explained("create", self.path):
@@ -328,24 +342,30 @@ class ResultWriter:
                         f"a result for run {run_uid} already exists at {self.path}: pass replace=True to "
                         "overwrite it, or use ResultWriter.open() to continue it"
                     )
-                log.info("replacing result %s", self.path)
+                log.info("replacing result %s (asked for explicitly)", self.path)
                 existing = results[run_uid]
+                if RESULT_SPEC not in [spec.name for spec in existing.specs]:
+                    raise TypeError(f"{self.path} is not a {RESULT_SPEC} result; refusing to replace it")
                 stale = _external_od_path(existing["od"] if "od" in existing else None)
                 existing.delete(recursive=True, external_only=False)
-                _remove_od_store(stale)
+                _remove_od_store(stale, self.od_store)
             self.container = results.create_container(run_uid, metadata=md, specs=[RESULT_SPEC])
         self._lock = threading.Lock()
         self._arrays: dict[str, Any] = {}
         self._planes: set[int] = set()
         self._od_capacity = 0
         if n_energies is not None:
-            self._create_od(n_energies)
+            try:
+                self._create_od(n_energies)
+            except OSError as error:  # an OD store that cannot be written: the maps still can be
+                log.error("%s; od is created again with the first plane", error)
 
     def _initial_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
         md = {
             "run_uid": self.run_uid, "scan_id": None, "sample": {}, "state_of_charge": None,
             "energies_eV": [], "references": {"name": None, "phases": self.phases}, "status": "running",
             "n_energies_seen": 0, "errors": [], "image_shape": None if self.shape is None else list(self.shape),
+            "updated_at": time.time(),
             **_normalized_fields(metadata),
         }
         if md["run_uid"] != self.run_uid:
@@ -361,7 +381,7 @@ class ResultWriter:
     @classmethod
     def open(cls, client: Container, run_uid: str, root: str = "phasestream") -> ResultWriter:
         """Reopen the existing result of ``run_uid`` to go on writing it."""
-        path = f"{root.strip('/')}/{run_uid}"
+        path = f"{check_result_root(root)}/{check_run_uid(run_uid)}"
         try:
             container = client[path]
         except KeyError as error:
@@ -379,6 +399,7 @@ class ResultWriter:
         # an external od is opened only if this writer writes od: post-scan jobs that only add
         # arrays may run on hosts that do not see the OD store
         self.od_path = _external_od_path(self._arrays.get("od"))
+        self.od_store = None if self.od_path is None else self.od_path.parent.parent.parent
         self._od_zarr = None
         self._planes = set(range(min(int(md.get("n_energies_seen") or 0), self._od_capacity)))
         return self
@@ -523,7 +544,7 @@ class ResultWriter:
                                 self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
                     if self.od_path is not None:  # external and removed: its files go too
                         self._od_zarr = None
-                        _remove_od_store(self.od_path)
+                        _remove_od_store(self.od_path, self.od_store)
                 self._planes = {p for p in self._planes if p < n}
         if update_metadata:
             self.update_metadata(n_energies_seen=n)
@@ -595,11 +616,40 @@ class ResultWriter:
         dims = MAP_LAYOUT[name][1] if name in MAP_LAYOUT else None
         self._arrays[name] = self.container.write_array(array, key=name, dims=dims)
 
+    def verify(self, expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """Read the arrays ``expected`` (name -> shape) back from Tiled; the problems found.
+
+        The dtype expected is the contract's (``MAP_LAYOUT``; float32 for ``od``); arrays outside
+        the contract are checked for their shape only.
+
+        Each array's structure is fetched from the server again (not from this writer's memory):
+        an empty list means every array is there with its shape and dtype, the condition for
+        calling a result ``complete``.
+        """
+        problems = []
+        for name, shape in expected.items():
+            dtype = OD_DTYPE if name == "od" else MAP_LAYOUT[name][0] if name in MAP_LAYOUT else None
+            try:
+                with _explained("read", f"{self.path}/{name}"):
+                    node = self.container[name]
+                    got_shape, got_dtype = tuple(node.shape), np.dtype(node.dtype)
+            except KeyError:
+                problems.append(f"{name}: missing")
+                continue
+            except Exception as error:  # noqa: BLE001 - any read failure means: not verified
+                problems.append(f"{name}: cannot be read back ({type(error).__name__}: {error})")
+                continue
+            if got_shape != tuple(shape) or (dtype is not None and got_dtype != dtype):
+                problems.append(f"{name}: {got_shape} {got_dtype} in Tiled, expected {tuple(shape)} {dtype or ''}")
+        return problems
+
     def update_metadata(self, **fields: Any) -> None:
-        """Merge ``fields`` into the result metadata: each top-level key is set whole (shallow merge)."""
-        fields = _normalized_fields(fields)
-        if not fields:
-            return
+        """Merge ``fields`` into the result metadata: each top-level key is set whole (shallow merge).
+
+        ``updated_at`` (seconds since the epoch) is set with every update: a result left ``running``
+        whose ``updated_at`` is old belongs to no live run (see ``LiveService.find_stale``).
+        """
+        fields = _normalized_fields({**fields, "updated_at": time.time()})
         patch = [{"op": "add", "path": _pointer(key), "value": value} for key, value in fields.items()]
         with self._lock, _explained("update metadata of", self.path):
             self.container.patch_metadata(metadata_patch=patch, drop_revision=True)

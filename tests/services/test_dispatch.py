@@ -81,6 +81,6 @@ def test_lost_run_is_reprocessed_on_dask(tiled_client, dask):
     assert sample.accuracy(res["phase"].read()) > 0.95
     on_dask = {k: res[k].read() for k in MAPS}
     # oracle: the same reprocessing here
-    reprocess_run(tiled_client, uid, ReprocessOptions(backend="numba"))
+    reprocess_run(tiled_client, uid, ReprocessOptions(backend="numba", replace=True))
     for k in MAPS:
         np.testing.assert_allclose(res[k].read(), on_dask[k], atol=1e-6, equal_nan=True, err_msg=k)

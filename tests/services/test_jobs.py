@@ -109,7 +109,7 @@ def test_dask_equals_in_process_and_failures_are_reported(tiled_server, tiled_cl
 
 def test_unknown_run_fails_without_stopping_the_others(tiled_server, runs):
     good, _ = runs
-    jobs = [Job("no-such-run"), Job(good[0], (("reprocess", {"backend": "numpy"}),))]
+    jobs = [Job("no-such-run"), Job(good[0], (("reprocess", {"backend": "numpy", "replace": True}),))]
     with dask_client(n_workers=1) as client:
         # the workers' profiler, which can deadlock them on Python 3.11 < 3.11.9, is off
         assert set(client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()) == {False}
@@ -122,7 +122,7 @@ def test_unknown_run_fails_without_stopping_the_others(tiled_server, runs):
 def test_api_key_travels_separately(tiled_server, runs):
     good, _ = runs
     uri, _, key = tiled_server.uri.partition("?api_key=")
-    summary = run_job(Job(good[1], (("reprocess", {"backend": "numpy"}),)), uri, api_key=key)
+    summary = run_job(Job(good[1], (("reprocess", {"backend": "numpy", "replace": True}),)), uri, api_key=key)
     assert summary["status"] == "complete"
     assert summary["steps"]["reprocess"]["run_uid"] == good[1]
 
@@ -132,7 +132,7 @@ def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys
 
     good, bad = runs  # states 3.0, 2.0, 1.0; the corrupted run is at 2.0 too
     code = main(["reprocess", "--tiled", tiled_server.uri, "--soc", "2.0", "--workers", "2", "--retries", "0",
-                 "--backend", "numpy", "--json"])
+                 "--backend", "numpy", "--json", "--replace"])
     out, err = capsys.readouterr()
     assert code == 1  # one run failed
     summary = json.loads(out[out.index("{"):])
@@ -146,7 +146,7 @@ def test_reprocess_command_in_process_and_query(tiled_server, runs, capsys):
 
     good, _ = runs
     code = main(["reprocess", "--tiled", tiled_server.uri, "--query", "sample.state_of_charge=3.0", "--in-process",
-                 "--backend", "numpy"])
+                 "--backend", "numpy", "--replace"])
     out = capsys.readouterr().out
     assert code == 0
     assert f"{good[0]}: complete" in out and "1 of 1 runs complete, 0 failed" in out

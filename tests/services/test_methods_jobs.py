@@ -29,7 +29,9 @@ def ni_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("refs") / "ni.csv"
     table = np.column_stack([refs.energies, refs.spectra.T])
     np.savetxt(path, table, delimiter=",", header="energy_eV,NiO,LiNiO2", comments="")
-    return path
+    with pytest.MonkeyPatch.context() as env:  # the folder the deployment allows start documents to name
+        env.setenv("PHASESTREAM_REFERENCES", str(path.parent))
+        yield path
 
 
 def _result(client, uid, ni_csv, *, recorded=ENERGIES, shape=(24, 32), raw=True):

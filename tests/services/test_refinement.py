@@ -94,7 +94,9 @@ def test_model_server_down_skips_and_reprocess_refines_later(tiled_client, tiled
     node = tiled_client["phasestream"][uid]
     assert record["status"] == "skipped" and "no reply from the model server" in record["reason"]
     assert node.metadata["status"] == "complete"  # the PCC result is untouched
-    assert node.metadata["refinement"]["retry"] == f"phasestream reprocess --refine {uid}"
+    retry = node.metadata["refinement"]["retry"]  # a whole command, the model server's address included
+    assert retry == f"phasestream reprocess --refine-only --models tcp://127.0.0.1:1 --model {down.model} " \
+                    f"--strategy {down.strategy} {uid}"
     assert "refined_phase" not in node
     code = cli_main(["reprocess", "--refine-only", uid, "--tiled", tiled_server.uri, "--models", models.address])
     assert code == 0

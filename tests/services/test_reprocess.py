@@ -38,7 +38,7 @@ def test_reprocess_equals_live(tiled, mode, external):
     before = {k: client["phasestream"][uid][k].read() for k in ARRAYS}
     live_md = client["phasestream"][uid].metadata
     assert live_md["status"] == "complete", live_md["errors"]
-    summary = reprocess(server.uri, uid, {"backend": "numpy"})  # another backend, same numbers
+    summary = reprocess(server.uri, uid, {"backend": "numpy", "replace": True})  # another backend, same numbers
     assert summary["status"] == "complete"
     after = client["phasestream"][uid]
     for k in ARRAYS:

@@ -20,7 +20,8 @@ ENERGIES = np.linspace(8300.0, 8450.0, 30)
 
 
 @pytest.fixture(scope="module")
-def dask(tiled_server):
+def dask(tiled_server, ni_csv):
+    # workers started after ni_csv: they see its folder as a configured reference folder
     # not the default scheduler: this process's Tiled reads stay here
     with dask_client(n_workers=2, set_as_default=False) as client:
         yield client
@@ -32,7 +33,9 @@ def ni_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("refs") / "ni.csv"
     np.savetxt(path, np.column_stack([refs.energies, refs.spectra.T]), delimiter=",",
                header="energy_eV,NiO,LiNiO2", comments="")
-    return path
+    with pytest.MonkeyPatch.context() as env:  # the folder the deployment allows start documents to name
+        env.setenv("PHASESTREAM_REFERENCES", str(path.parent))
+        yield path
 
 
 def _result(client, uid, refs, energies, shape, references=None):

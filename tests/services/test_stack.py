@@ -121,7 +121,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             # post-scan reprocessing on the stack's Dask scheduler gives the live numbers
             monkeypatch.setenv("TILED_API_KEY", env["TILED_API_KEY"])
             code = main(["reprocess", "--tiled", env["TILED_URI"], "--soc", "2.0", "--scheduler",
-                         env["PHASESTREAM_DASK_SCHEDULER"], "--backend", "numpy", "--json"])
+                         env["PHASESTREAM_DASK_SCHEDULER"], "--backend", "numpy", "--json", "--replace"])
             out = capsys.readouterr().out
             assert code == 0, out
             assert [s["run_uid"] for s in json.loads(out[out.index("{"):])["successes"]] == [uid]

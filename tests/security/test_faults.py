@@ -1,0 +1,232 @@
+"""Faults against the real processes: every run ends in a final status that is true.
+
+A real Tiled server process (SQLite catalog on disk, so it can be killed and started again), a
+real 0MQ proxy, real ``phasestream serve`` worker processes and a RunEngine whose raw runs
+TiledWriter stores. The worker is stopped (SIGTERM) or killed (SIGKILL) mid-run and right
+after the scan, and Tiled is killed while the worker writes a run's final result. Each run's
+final status is checked against the raw data in Tiled and the simulator's truth.
+
+Slow (processes start and stop): run with ``make test-faults``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bluesky import RunEngine
+from services_support import free_port
+
+from phasestream.references import load_references, select_energies
+from phasestream.services.live import ServeProcess
+from phasestream.services.tiled import connect, raw_run_writer
+from phasestream.services.wire import DocumentPublisher, start_proxy
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+
+pytestmark = pytest.mark.faults
+
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 8)
+SHAPE = (48, 48)
+
+
+class TiledServer:
+    """``tiled serve catalog`` on a folder that outlives the process (kill it, start it again)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.key = folder, free_port(), secrets.token_hex(16)
+        self.uri = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen | None = None
+        self._started = False
+
+    def start(self) -> TiledServer:
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        init = [] if self._started else ["--init"]
+        cmd = [str(Path(sys.executable).parent / "tiled"), "serve", "catalog", str(self.folder / "catalog.db"),
+               *init, "-w", str(self.folder / "data"), "-w", f"duckdb:///{self.folder / 'tables.duckdb'}",
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        log = (self.folder / "tiled.log").open("a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "TILED_SINGLE_USER_API_KEY": self.key})
+        self._started = True
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connect(self.uri, api_key=self.key)
+                return self
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.folder / "tiled.log").read_text()[-2000:]
+                    raise RuntimeError(f"tiled did not start: {log}") from None
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def client(self):
+        return connect(self.uri, api_key=self.key)
+
+
+@pytest.fixture
+def tiled(tmp_path) -> Iterator[TiledServer]:
+    server = TiledServer(tmp_path / "tiled").start()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            server.proc.wait(10)
+
+
+@contextlib.contextmanager
+def transport() -> Iterator[tuple]:
+    """A real 0MQ proxy and a publisher into it."""
+    with start_proxy() as proxy, DocumentPublisher(proxy.in_address) as publisher:
+        yield proxy, publisher
+
+
+@contextlib.contextmanager
+def worker(wire: tuple, tiled: TiledServer, *args: str) -> Iterator[ServeProcess]:
+    """``phasestream serve`` on the proxy of ``wire``, started once the publisher reaches it."""
+    proxy, publisher = wire
+    process = ServeProcess(proxy.out_address, f"{tiled.uri}?api_key={tiled.key}",
+                           args=("--backend", "numba", "--no-refine", "--update-every", "2", "--update-seconds", "0.2",
+                                 *args))
+    process.start()
+    try:
+        assert publisher.wait_for_subscriber(10)
+        yield process
+    finally:
+        process.stop()
+
+
+def raw_scan(client, seed: int):
+    """An honest scan whose raw run TiledWriter stores; its documents, for publishing, and its sample."""
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=6000.0, seed=seed)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    docs: list[tuple[str, dict]] = []
+    RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key),
+       lambda name, doc: docs.append((name, doc)))
+    return docs, sample
+
+
+def wait_md(client, uid: str, until, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    md: dict = {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(KeyError):
+            md = dict(client["phasestream"][uid].metadata)
+            if until(md):
+                return md
+        time.sleep(0.1)
+    raise AssertionError(f"result of {uid} never reached the expected state; last seen {md}")
+
+
+def publish(wire: tuple, docs) -> None:
+    """Send ``docs`` through the publisher of ``wire``."""
+    for name, doc in docs:
+        wire[1](name, doc)
+
+
+def first_events(docs, n: int):
+    """The documents up to and including the ``n``-th event (no stop)."""
+    out, seen = [], 0
+    for name, doc in docs:
+        out.append((name, doc))
+        seen += name == "event"
+        if seen == n:
+            return out
+    raise ValueError(f"fewer than {n} events")
+
+
+def assert_true_to_the_raw_run(client, uid: str, sample) -> None:
+    res = client["phasestream"][uid]
+    md = res.metadata
+    assert md["status"] == "complete", md["errors"]
+    assert md["n_energies_seen"] == len(ENERGIES)
+    assert res["od"].read().shape == (len(ENERGIES), *SHAPE)
+    assert sample.accuracy(res["phase"].read()) > 0.9
+
+
+def test_sigterm_mid_run_ends_partial_and_sigkill_mid_run_is_recovered(tiled):
+    client = tiled.client()
+    (stopped, _), (killed, killed_sample) = raw_scan(client, 1), raw_scan(client, 2)
+    with transport() as wire:
+        with worker(wire, tiled) as first:
+            publish(wire, first_events(stopped, 4))
+            uid = stopped[0][1]["uid"]
+            wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
+            first.stop()  # SIGTERM
+            assert first.returncode == 0
+        md = dict(client["phasestream"][uid].metadata)
+        assert md["status"] == "partial" and "worker stopped" in md["errors"]
+
+        with worker(wire, tiled, "--stop-timeout", "600") as second:
+            publish(wire, first_events(killed, 4))
+            uid = killed[0][1]["uid"]
+            wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
+            second.proc.send_signal(signal.SIGKILL)
+            second.proc.wait(10)
+        assert client["phasestream"][uid].metadata["status"] == "running"
+
+        # a new worker finds the result no live worker touches, and recovers it from the raw run
+        with worker(wire, tiled, "--stop-timeout", "2"):
+            md = wait_md(client, uid, lambda md: "recovered" in md)
+            assert md["recovered"]["reason"] == "worker restarted", md
+            assert_true_to_the_raw_run(client, uid, killed_sample)
+            # the partial result of the stopped run is final: left as it is
+            assert client["phasestream"][stopped[0][1]["uid"]].metadata["status"] == "partial"
+
+
+def test_sigkill_right_after_the_scan_ends_complete(tiled):
+    client = tiled.client()
+    docs, sample = raw_scan(client, 3)
+    uid = docs[0][1]["uid"]
+    with transport() as wire:
+        with worker(wire, tiled, "--stop-timeout", "2") as first:
+            publish(wire, docs)
+            wait_md(client, uid, lambda md: True)  # the result exists; its final write may be under way
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(10)
+        with worker(wire, tiled, "--stop-timeout", "2"):
+            # killed before or after its final write: complete as written, or recovered from the raw run
+            md = wait_md(client, uid, lambda md: md["status"] == "complete" or "recovered" in md)
+            if md["status"] != "complete" or "recovered" in md:
+                md = wait_md(client, uid, lambda md: "recovered" in md)
+                assert md["recovered"]["reason"] == "worker restarted", md
+            assert_true_to_the_raw_run(client, uid, sample)
+
+
+def test_tiled_killed_during_the_final_write_never_reads_complete_until_recovered(tiled, monkeypatch):
+    # the worker's Tiled client gives up on a request after 2 s (default 45 s, which would hide the outage)
+    monkeypatch.setenv("TILED_RETRY_TIMEOUT", "2")
+    monkeypatch.setenv("TILED_RETRY_ATTEMPTS", "2")
+    client = tiled.client()
+    docs, sample = raw_scan(client, 4)
+    uid = docs[0][1]["uid"]
+    with transport() as wire:
+        with worker(wire, tiled, "--stop-timeout", "3") as serving:
+            publish(wire, first_events(docs, len(ENERGIES) - 1))
+            wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
+            tiled.kill()
+            publish(wire, docs[len(first_events(docs, len(ENERGIES) - 1)):])  # last image and stop
+            time.sleep(8)  # Tiled stays down longer than the worker's final writes and their retries
+            tiled.start()
+            client = tiled.client()
+            md = wait_md(client, uid, lambda md: md["status"] != "running" and "recovered" in md)
+            assert md["recovered"]["reason"] in ("writing the result to Tiled failed",
+                                                 "the final status never reached Tiled"), md
+            assert any("Tiled failed" in e for e in md["recovered"]["live_errors"]), md
+            assert_true_to_the_raw_run(client, uid, sample)
+            assert serving.proc.poll() is None  # the worker kept serving
