@@ -43,6 +43,10 @@ __all__ = ["PhaseMapCallback"]
 
 logger = logging.getLogger(__name__)
 
+CONFLICT_NOTE = "a start document for this run arrived again"
+#: conflicts noted on one result; later ones are only logged
+MAX_CONFLICT_NOTES = 10
+
 class PhaseMapCallback:
     """Live phase maps for every run that asks for them, written to Tiled as the scan goes.
 
@@ -152,16 +156,16 @@ class PhaseMapCallback:
             return None
         try:
             return ResultWriter(
-            self.client,
-            analysis.settings.run_uid,
-            root=self.root,
-            shape=shape,
-            phases=list(analysis.references.phases),
-            # without OD writing (or without an image) no `od` array is created (it would read as zeros)
-            n_energies=analysis.settings.num_points if self.write_od and shape is not None else None,
-            metadata=analysis._base_metadata(),
-            replace=self.replace,
-            od_store=self.od_store,
+                self.client,
+                analysis.settings.run_uid,
+                root=self.root,
+                shape=shape,
+                phases=list(analysis.references.phases),
+                # without OD writing (or without an image) no `od` array is created (it would read as zeros)
+                n_energies=analysis.settings.num_points if self.write_od and shape is not None else None,
+                metadata=analysis._base_metadata(),
+                replace=self.replace,
+                od_store=self.od_store,
             )
         except ResultExistsError:
             # created meanwhile (another worker, a replayed start): never replaced; recorded there
@@ -231,7 +235,7 @@ class PhaseMapCallback:
 
     def _record_conflict(self, uid: str) -> None:
         """A start document for a uid that already has a result: recorded there, never replacing it."""
-        message = (f"a start document for this run arrived again at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
+        message = (f"{CONFLICT_NOTE} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
                    "ignored (a result is never replaced on behalf of a document; phasestream reprocess "
                    "--replace does it on purpose)")
         logger.error("run %s: %s", uid, message)
@@ -244,7 +248,10 @@ class PhaseMapCallback:
 
         def job() -> None:
             try:
-                ResultWriter.open(self.client, uid, root=self.root).record_error(message)
+                writer = ResultWriter.open(self.client, uid, root=self.root)
+                noted = sum(CONFLICT_NOTE in str(e) for e in writer.metadata.get("errors") or [])
+                if noted < MAX_CONFLICT_NOTES:  # a replay flood must not grow the result's metadata
+                    writer.record_error(message)
             except Exception as exc:  # noqa: BLE001 - the result may not exist on this server
                 logger.error("run %s: could not record the conflict on its result: %s", uid, exc)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
-from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.callbacks.phase_map import MAX_CONFLICT_NOTES, PhaseMapCallback
 from phasestream.contract import DocumentBounds
 from phasestream.references import load_references, select_energies
 from phasestream.services.live import LiveService
@@ -231,6 +231,11 @@ def test_replayed_start_and_stop_never_replace_a_result(client, honest, live):
     assert md["status"] == "complete"
     conflicts = [e for e in md["errors"] if "arrived again" in e]
     assert len(conflicts) == 2, md["errors"]
+    for _ in range(MAX_CONFLICT_NOTES + 3):  # a flood of replays: noted a bounded number of times
+        feed(live, [docs[0], docs[-1]])
+    md = result_md(client, uid)
+    assert sum("arrived again" in e for e in md["errors"]) == MAX_CONFLICT_NOTES
+    assert md["status"] == "complete"
     serves_a_good_scan(live, honest)
 
 
