@@ -303,7 +303,7 @@ def test_failed_final_write_is_never_complete(client, honest, live, monkeypatch)
         return real(self, **kwargs)
 
     monkeypatch.setattr(ResultWriter, "write_maps", failing)
-    docs = retarget(honest)
+    docs = scan(client, seed=21)  # its raw run is in Tiled, to recover from
     uid = docs[0][1]["uid"]
     feed(live, docs)
     live_result = live.callback.results[uid]
@@ -328,7 +328,8 @@ def test_full_od_store_makes_the_run_partial_with_one_error_and_a_count(client, 
     live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None, od_store=store)
     try:
         for seed in (11, 12):
-            docs = scan(client, seed=seed, energies=select_energies(REFS, 12))  # raw run in Tiled
+            energies = select_energies(REFS, 12)
+            docs = scan(client, seed=seed, energies=energies)  # raw run in Tiled
             uid = docs[0][1]["uid"]
             feed(live, docs)
             errors = live.callback.results[uid].errors
@@ -341,7 +342,7 @@ def test_full_od_store_makes_the_run_partial_with_one_error_and_a_count(client, 
             md = result_md(client, uid)
             assert md["recovered"]["reason"] == "writing the result to Tiled failed"
             assert md["recovered"]["live_errors"] == errors
-            assert client["phasestream"][uid]["od"].read().shape[0] == 12
+            assert client["phasestream"][uid]["od"].read().shape[0] == len(energies)
     finally:
         live.close()
         subprocess.run(["umount", str(store)], check=False)
