@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-from phasestream.demo import DEMO_STATES, DemoConfig, run_demo
+from phasestream.app.demo import DEMO_STATES, DemoConfig, run_demo
 
 
 def main() -> None:

@@ -22,12 +22,13 @@ import time
 
 import numpy as np
 
+from phasestream.app.process import ModelServerProcess
 from phasestream.kernels.pearson import pearson_maps
 from phasestream.kernels.phases import assign_phases, particle_mask
 from phasestream.models.refine import STRATEGIES, refine_ambiguous
 from phasestream.models.registry import ModelRegistry
+from phasestream.modelserver.client import ModelClient
 from phasestream.references import load_references, select_energies
-from phasestream.services.model_server import ModelClient, ModelServerProcess
 from phasestream.sim.samples import make_sample
 
 MODEL = "gmvae-nvpf-synthetic"

@@ -4,7 +4,7 @@ A Tiled server runs in its own process (``phasestream up --only tiled``: generat
 catalog, API key); ``--runs`` simulated STXM scans are written into it as raw runs by TiledWriter;
 then every run is reprocessed (PCC maps recomputed from the raw run, results written back):
 
-* ``in_process``: :func:`phasestream.services.jobs.run_jobs`, one run after the other here;
+* ``in_process``: :func:`phasestream.jobs.executors.run_jobs`, one run after the other here;
 * ``dask_1_worker``, ``dask_2_workers``: :func:`submit_jobs` on a ``LocalCluster`` with 1 and 2
   worker processes (one thread each; numba threads = cores / workers). Cluster start-up and one
   warm-up run per worker (imports, numba cache load) are timed separately, not in the throughput;
@@ -28,11 +28,11 @@ from pathlib import Path
 
 from bluesky import RunEngine
 
+from phasestream.app.stack import StackConfig, down, read_env, up
+from phasestream.jobs.executors import Job, dask_client, run_jobs, submit_jobs
 from phasestream.references import load_references, select_energies
-from phasestream.services.jobs import Job, dask_client, run_jobs, submit_jobs
-from phasestream.services.stack import StackConfig, down, read_env, up
-from phasestream.services.tiled import connect, raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import connect, raw_run_writer
 
 
 def _free_port() -> int:

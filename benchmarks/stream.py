@@ -33,10 +33,10 @@ import time
 import numpy as np
 from event_model import compose_run
 
-from phasestream.catalog import wait_for_result
-from phasestream.services.live import ServeProcess
-from phasestream.services.tiled import connect, start_embedded_tiled
-from phasestream.services.wire import DocumentPublisher, start_proxy
+from phasestream.app.live import ServeProcess
+from phasestream.store.catalog import wait_for_result
+from phasestream.store.tiled import connect, start_embedded_tiled
+from phasestream.transport.wire import DocumentPublisher, start_proxy
 
 
 def _documents(size: int, n: int, *, seed: int = 0):

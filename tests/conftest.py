@@ -33,7 +33,7 @@ def detector_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiled_server(detector_files):
     """An embedded Tiled server (API key, writable storage) per test module; closed after it."""
-    from phasestream.services.tiled import start_embedded_tiled
+    from phasestream.store.tiled import start_embedded_tiled
 
     server = start_embedded_tiled(readable_storage=[detector_files])
     try:
@@ -44,6 +44,6 @@ def tiled_server(detector_files):
 
 @pytest.fixture(scope="module")
 def tiled_client(tiled_server):
-    from phasestream.services.tiled import connect
+    from phasestream.store.tiled import connect
 
     return connect(tiled_server.uri)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from phasestream.cli import main
+from phasestream.app.cli import main
 
 
 @pytest.fixture(scope="module")

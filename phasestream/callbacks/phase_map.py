@@ -37,7 +37,7 @@ from phasestream.kernels import (
     resolve_backend,
 )
 from phasestream.references import ReferenceSet, load_document_references, load_references
-from phasestream.services.results import ResultExistsError, ResultWriter
+from phasestream.store.results import ResultExistsError, ResultWriter
 
 __all__ = ["PhaseMapCallback"]
 

@@ -1,7 +1,7 @@
 """Classic XANES analysis: flat-field, alignment, edge normalization, LCF, masks, edges, unmixing.
 
 Functions on arrays (energies first: stacks are (E, Y, X)), no I/O; the post-scan job that runs
-them on a run's result in Tiled is :mod:`phasestream.services.methods_jobs`.
+them on a run's result in Tiled is :mod:`phasestream.jobs.methods`.
 """
 
 from phasestream.methods.alignment import TRANSFORMS, Alignment, align_stack, apply_alignment, register_pair

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from phasestream.sim.phantoms import upscale
+from phasestream.kernels.resample import upscale
 
 __all__ = ["InDINet", "InDITraining", "enhance_image", "enhance_volume", "huber_like", "indi_restore",
            "normalization_of", "prepare_pair", "train_indi"]

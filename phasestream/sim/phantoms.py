@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from phasestream.kernels.resample import upscale
+
 __all__ = ["degrade", "particle_phantom", "phantom_pairs", "upscale"]
 
 
@@ -57,14 +59,6 @@ def degrade(hq: np.ndarray, *, scale: int = 2, blur_sigma: float = 1.5, noise: f
     h, w = (s // scale * scale for s in blurred.shape)
     small = blurred[:h, :w].reshape(h // scale, scale, w // scale, scale).mean(axis=(1, 3))
     return (small + rng.normal(0, noise, small.shape)).astype(np.float32)
-
-
-def upscale(image: np.ndarray, scale: int = 2) -> np.ndarray:
-    """Bicubic up-sampling by ``scale`` (pixel centres aligned with block-averaged down-sampling)."""
-    from skimage.transform import rescale
-
-    return rescale(np.asarray(image, np.float64), scale, order=3, mode="reflect", anti_aliasing=False)\
-        .astype(np.float32)
 
 
 def phantom_pairs(n: int, shape: tuple[int, int] = (256, 256), *, seed: int = 0, scale: int = 2,

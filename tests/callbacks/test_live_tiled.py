@@ -10,8 +10,8 @@ from tiled.queries import Key
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.kernels import optical_density_reference, pearson_maps
 from phasestream.references import load_references, select_energies
-from phasestream.services.tiled import open_raw_run, raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import open_raw_run, raw_run_writer
 
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 8)
@@ -111,7 +111,7 @@ def test_query_by_state_of_charge_returns_exactly_the_right_runs(tiled):
 
 
 def test_od_planes_queued_behind_a_busy_writer_go_in_fewer_requests(tiled, monkeypatch):
-    from phasestream.services.results import ResultWriter
+    from phasestream.store.results import ResultWriter
 
     requests = []
     write_od_planes = ResultWriter.write_od_planes

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.cli import main as cli_main
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.cli import main as cli_main
+from phasestream.jobs.training import tiled_training_set
 from phasestream.models.registry import Artifact, ModelRegistry
-from phasestream.models.training import synthetic_training_set, tiled_training_set
 from phasestream.references import load_references, select_energies
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.sim.training import synthetic_training_set
+from phasestream.store.tiled import raw_run_writer
 
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 12)

@@ -25,11 +25,11 @@ import pytest
 from bluesky import RunEngine
 from services_support import free_port
 
+from phasestream.app.live import ServeProcess
 from phasestream.references import load_references, select_energies
-from phasestream.services.live import ServeProcess
-from phasestream.services.tiled import connect, raw_run_writer
-from phasestream.services.wire import DocumentPublisher, start_proxy
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import connect, raw_run_writer
+from phasestream.transport.wire import DocumentPublisher, start_proxy
 
 pytestmark = pytest.mark.faults
 

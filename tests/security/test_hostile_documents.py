@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.live import LiveService
 from phasestream.callbacks.phase_map import MAX_CONFLICT_NOTES, PhaseMapCallback
 from phasestream.contract import DocumentBounds
 from phasestream.references import load_references, select_energies
-from phasestream.services.live import LiveService
-from phasestream.services.results import ResultWriter
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import raw_run_writer
 
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 6)

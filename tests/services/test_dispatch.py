@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.live import LiveService
+from phasestream.jobs.executors import dask_client
+from phasestream.jobs.methods import MethodsOptions, run_methods
+from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
 from phasestream.references import load_references, select_energies
-from phasestream.services.jobs import dask_client
-from phasestream.services.live import LiveService
-from phasestream.services.methods_jobs import MethodsOptions, run_methods
-from phasestream.services.reprocess import ReprocessOptions, reprocess_run
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import raw_run_writer
 
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 10)

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.cli import main as cli_main
+from phasestream.app.live import LiveService
+from phasestream.app.process import ModelServerProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.cli import main as cli_main
+from phasestream.jobs.enhance import EnhanceOptions, enhance_result
 from phasestream.models.registry import ModelRegistry
+from phasestream.modelserver.client import ModelClient
+from phasestream.modelserver.protocol import ModelServerError
 from phasestream.references import load_references, select_energies
-from phasestream.services.enhancement import EnhanceOptions, enhance_result
-from phasestream.services.live import LiveService
-from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerProcess
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import raw_run_writer
 
 if importlib.util.find_spec("tensorflow") is None:  # the model server process runs it, not this one
     pytest.skip("TensorFlow is not installed", allow_module_level=True)

@@ -11,10 +11,10 @@ import pytest
 from bluesky import RunEngine
 from distributed import get_task_stream
 
+from phasestream.jobs.executors import JOBS, Job, dask_client, run_job, run_jobs, submit_jobs
 from phasestream.references import load_references, select_energies
-from phasestream.services.jobs import JOBS, Job, dask_client, run_job, run_jobs, submit_jobs
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import raw_run_writer
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
 ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
@@ -128,7 +128,7 @@ def test_api_key_travels_separately(tiled_server, runs):
 
 
 def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys):
-    from phasestream.cli import main
+    from phasestream.app.cli import main
 
     good, bad = runs  # states 3.0, 2.0, 1.0; the corrupted run is at 2.0 too
     code = main(["reprocess", "--tiled", tiled_server.uri, "--soc", "2.0", "--workers", "2", "--retries", "0",
@@ -142,7 +142,7 @@ def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys
 
 
 def test_reprocess_command_in_process_and_query(tiled_server, runs, capsys):
-    from phasestream.cli import main
+    from phasestream.app.cli import main
 
     good, _ = runs
     code = main(["reprocess", "--tiled", tiled_server.uri, "--query", "sample.state_of_charge=3.0", "--in-process",

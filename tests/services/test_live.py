@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.live import LiveService
 from phasestream.references import load_references, select_energies
-from phasestream.services.live import LiveService
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import raw_run_writer
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 

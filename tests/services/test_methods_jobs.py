@@ -7,17 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phasestream.methods import linear_combination_fit
-from phasestream.references import load_references
-from phasestream.services.methods_jobs import (
+from phasestream.jobs.methods import (
     METHODS,
     MethodsOptions,
     lcf_arrays,
     methods_options_from_start,
     run_methods,
 )
-from phasestream.services.results import ResultWriter
+from phasestream.methods import linear_combination_fit
+from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
+from phasestream.store.results import ResultWriter
 
 NI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ni-k-edge"
 ENERGIES = np.linspace(8300.0, 8450.0, 40)
@@ -110,10 +110,10 @@ def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
     from bluesky import RunEngine
     from scipy.optimize import nnls
 
+    from phasestream.app.live import LiveService
     from phasestream.references import select_energies
-    from phasestream.services.live import LiveService
-    from phasestream.services.tiled import raw_run_writer
     from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+    from phasestream.store.tiled import raw_run_writer
 
     refs = load_references("nvpf-synthetic")
     energies = select_energies(refs, 12)
@@ -151,7 +151,7 @@ def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
 
 
 def test_reprocess_method_command(tiled_server, tiled_client, ni_csv, capsys):
-    from phasestream.cli import main as cli_main
+    from phasestream.app.cli import main as cli_main
 
     od, refs = _result(tiled_client, "run-methods-cli", ni_csv)
     code = cli_main(["reprocess", "--tiled", tiled_server.uri, "--refine-only", "--method", "lcf",

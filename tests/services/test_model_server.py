@@ -11,14 +11,11 @@ import zmq
 
 pytest.importorskip("tensorflow")
 
+from phasestream.app.process import ModelServerProcess
 from phasestream.models.registry import ModelRegistry
-from phasestream.services.model_server import (
-    ModelClient,
-    ModelServerError,
-    ModelServerProcess,
-    ModelServerUnavailable,
-)
-from phasestream.services.wire import deserialize, serialize
+from phasestream.modelserver.client import ModelClient
+from phasestream.modelserver.protocol import ModelServerError, ModelServerUnavailable
+from phasestream.transport.wire import deserialize, serialize
 
 MODEL = "gmvae-nvpf-synthetic"
 LIMIT_MB = 1.0

@@ -13,15 +13,11 @@ import zmq
 
 pytest.importorskip("tensorflow")
 
-from phasestream.services.model_server import (
-    MAX_ERROR_CHARS,
-    ModelClient,
-    ModelServer,
-    ModelServerConfig,
-    ModelServerProcess,
-    _Request,
-)
-from phasestream.services.wire import deserialize, serialize
+from phasestream.app.process import ModelServerProcess
+from phasestream.modelserver.client import ModelClient
+from phasestream.modelserver.protocol import MAX_ERROR_CHARS
+from phasestream.modelserver.server import ModelServer, ModelServerConfig, _Request
+from phasestream.transport.wire import deserialize, serialize
 
 MODEL = "gmvae-nvpf-synthetic"
 INDI = "indi-particles-synthetic"

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.cli import main as cli_main
+from phasestream.app.live import LiveService
+from phasestream.app.process import ModelServerProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.catalog import wait_for_refinement
-from phasestream.cli import main as cli_main
+from phasestream.jobs.refine import RefineOptions, match_energies, refine_result
 from phasestream.models.registry import ModelRegistry
 from phasestream.references import load_references, select_energies
-from phasestream.services.live import LiveService
-from phasestream.services.model_server import ModelServerProcess
-from phasestream.services.refinement import RefineOptions, match_energies, refine_result
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.catalog import wait_for_refinement
+from phasestream.store.tiled import raw_run_writer
 
 if importlib.util.find_spec("tensorflow") is None:  # not imported here: the model server process runs it
     pytest.skip("TensorFlow is not installed", allow_module_level=True)
@@ -134,7 +134,7 @@ def test_live_service_refines_after_stop(tiled_client, models):
 def test_match_energies_orders_by_model():
     run = [530.0, 505.0, 515.2]
     np.testing.assert_array_equal(match_energies(run, [505.0, 515.21, 530.0], 0.05), [1, 2, 0])
-    from phasestream.services.refinement import RefinementSkipped
+    from phasestream.jobs.refine import RefinementSkipped
 
     with pytest.raises(RefinementSkipped, match=r"\['520.00'\]"):
         match_energies(run, [505.0, 520.0], 0.05)
@@ -144,8 +144,8 @@ def test_live_path_never_imports_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys, phasestream.callbacks, phasestream.services.live, phasestream.services.refinement, "
-            "phasestream.services.worker, phasestream.services.model_server, phasestream.models.refine, "
+    code = ("import sys, phasestream.callbacks, phasestream.app.live, phasestream.jobs.refine, "
+            "phasestream.transport.worker, phasestream.modelserver.server, phasestream.models.refine, "
             "phasestream.models.registry; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -5,10 +5,10 @@ import pytest
 from bluesky import RunEngine
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.jobs.reprocess import reprocess, reprocess_run
 from phasestream.references import load_references, select_energies
-from phasestream.services.reprocess import reprocess, reprocess_run
-from phasestream.services.tiled import raw_run_writer
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import raw_run_writer
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")

@@ -24,15 +24,15 @@ from services_support import free_port, postgres_bin, private_postgres
 from tiled.structures.core import Spec
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.references import load_references, select_energies
-from phasestream.services.reprocess import (
+from phasestream.jobs.reprocess import (
     RawRunMismatchError,
     ReprocessOptions,
     raw_run_documents,
     reprocess_run,
 )
-from phasestream.services.tiled import connect, open_raw_run, raw_run_writer
+from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import connect, open_raw_run, raw_run_writer
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 4)  # 5 energies
 FLOAT_MAPS = ("pcc",)

@@ -6,12 +6,12 @@ import pytest
 import zmq
 from bluesky import RunEngine
 
-from phasestream.catalog import wait_for_result
+from phasestream.app.live import ServeProcess
 from phasestream.references import load_references, select_energies
-from phasestream.services.live import ServeProcess
-from phasestream.services.tiled import raw_run_writer
-from phasestream.services.wire import DocumentPublisher, start_proxy
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.catalog import wait_for_result
+from phasestream.store.tiled import raw_run_writer
+from phasestream.transport.wire import DocumentPublisher, start_proxy
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from phasestream.jobs.executors import dask_client
+from phasestream.jobs.methods import MethodsOptions, run_methods
+from phasestream.jobs.split import LCF_ARRAYS, split_ranges, submit_split_enhance, submit_split_lcf
 from phasestream.references import load_references
-from phasestream.services.jobs import dask_client
-from phasestream.services.methods_jobs import MethodsOptions, run_methods
-from phasestream.services.results import ResultWriter
-from phasestream.services.split import LCF_ARRAYS, split_ranges, submit_split_enhance, submit_split_lcf
 from phasestream.sim.phantoms import particle_phantom
+from phasestream.store.results import ResultWriter
 
 NI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ni-k-edge"
 ENERGIES = np.linspace(8300.0, 8450.0, 30)
@@ -96,14 +96,14 @@ INDI = "indi-particles-synthetic"
 def models():
     if importlib.util.find_spec("tensorflow") is None:  # the model server process runs it
         pytest.skip("TensorFlow is not installed")
-    from phasestream.services.model_server import ModelServerProcess
+    from phasestream.app.process import ModelServerProcess
 
     with ModelServerProcess(args=("--preload", INDI)) as proc:
         yield proc
 
 
 def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, dask, models):
-    from phasestream.services.enhancement import EnhanceOptions, enhance_result
+    from phasestream.jobs.enhance import EnhanceOptions, enhance_result
 
     thickness = particle_phantom((32, 32), n_particles=2, seed=3).astype(np.float32)
     od = np.stack([thickness * (0.5 + 0.2 * i) for i in range(4)])
@@ -128,7 +128,7 @@ def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, da
 
 def test_reprocess_split_command(tiled_server, tiled_client, ni_csv, capsys):
     """``reprocess --method lcf --method edge50 --split 3``: LCF in 3 bands on Dask, edge50 in the run's job."""
-    from phasestream.cli import main
+    from phasestream.app.cli import main
 
     refs = load_references(ni_csv)
     _result(tiled_client, "split-cli", refs, ENERGIES, (30, 32), references=str(ni_csv))

@@ -13,13 +13,13 @@ import pytest
 from bluesky import RunEngine
 from services_support import free_port, postgres_bin, private_postgres, private_redis, redis_bin
 
-from phasestream.catalog import find, wait_for_result
-from phasestream.cli import main
+from phasestream.app.cli import main
+from phasestream.app.stack import _alive, _port_open, read_env
 from phasestream.references import load_references, select_energies
-from phasestream.services.stack import _alive, _port_open, read_env
-from phasestream.services.tiled import connect, raw_run_writer
-from phasestream.services.wire import DocumentPublisher
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.catalog import find, wait_for_result
+from phasestream.store.tiled import connect, raw_run_writer
+from phasestream.transport.wire import DocumentPublisher
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "tiled" / "config.yml"
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
@@ -144,7 +144,7 @@ def test_procfile_and_systemd_units_run_commands_phasestream_knows():
     """deploy/Procfile and the systemd units name real `phasestream` sub-commands and options."""
     import shlex
 
-    from phasestream.cli import build_parser
+    from phasestream.app.cli import build_parser
 
     deploy = DEPLOY_CONFIG.parents[1]
     env = read_env(deploy / "env")  # deploy/env/phasestream.env
@@ -163,7 +163,7 @@ def test_procfile_and_systemd_units_run_commands_phasestream_knows():
 
 
 def test_worker_of_the_stack_sends_post_scan_jobs_to_its_dask_scheduler(tmp_path):
-    from phasestream.services.stack import StackConfig, _commands
+    from phasestream.app.stack import StackConfig, _commands
 
     cfg = StackConfig(run_dir=tmp_path, tiled_uri="http://127.0.0.1:8000/api/v1", scheduler_port=8799).validate()
     worker = _commands(cfg)["worker"]

@@ -23,11 +23,11 @@ import pytest
 from bluesky import RunEngine
 from services_support import free_port, postgres_bin, private_postgres
 
-from phasestream.cli import main
+from phasestream.app.cli import main
+from phasestream.app.stack import StackConfig, down, read_env, up
 from phasestream.references import load_references, select_energies
-from phasestream.services.stack import StackConfig, down, read_env, up
-from phasestream.services.tiled import connect, describe_tiled_error, raw_run_writer
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import connect, describe_tiled_error, raw_run_writer
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "tiled" / "config.yml"
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
@@ -164,7 +164,7 @@ def _query(tiled: str, api_key: str | None, *, subprocess_: bool, capsys, monkey
     else:
         monkeypatch.setenv("TILED_API_KEY", api_key)
     if subprocess_:
-        done = subprocess.run([sys.executable, "-m", "phasestream.cli", *args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "phasestream.app.cli", *args], capture_output=True, text=True,
                               timeout=120)
         return done.returncode, done.stderr
     capsys.readouterr()

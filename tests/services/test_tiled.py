@@ -9,9 +9,10 @@ from bluesky_tiled_plugins import BlueskyRun
 from event_model import compose_run
 from tiled.queries import Key
 
-from phasestream.catalog import find
-from phasestream.services.results import ResultExistsError, ResultWriter, check_od_store
-from phasestream.services.tiled import (
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.catalog import find
+from phasestream.store.results import ResultExistsError, ResultWriter, check_od_store
+from phasestream.store.tiled import (
     TiledConnectionError,
     TiledPermissionError,
     _resolve_api_key,
@@ -21,7 +22,6 @@ from phasestream.services.tiled import (
     raw_run_writer,
     start_embedded_tiled,
 )
-from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 
 KEY = "phasestreamTestKey1"
 SHAPE = (8, 6)

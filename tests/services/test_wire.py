@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ophyd.sim import DirectImage, det, motor
 from support import normalize
 
-from phasestream.services.wire import (
+from phasestream.transport.wire import (
     ENVELOPE_TAG,
     DocumentPublisher,
     WireFormatError,

@@ -18,13 +18,13 @@ from event_model import compose_run
 from services.test_wire import _Touch
 from services.test_worker import Collector, DroppingPublisher, _raw_publisher, running_worker, wait_for
 
-from phasestream.catalog import wait_for_result
+from phasestream.app.live import ServeProcess
 from phasestream.references import load_references, select_energies
-from phasestream.services.live import ServeProcess
-from phasestream.services.tiled import raw_run_writer
-from phasestream.services.tracking import RunTracker
-from phasestream.services.wire import DocumentPublisher, pack_frame, pickle_protocol, serialize, start_proxy
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.catalog import wait_for_result
+from phasestream.store.tiled import raw_run_writer
+from phasestream.transport.tracking import RunTracker
+from phasestream.transport.wire import DocumentPublisher, pack_frame, pickle_protocol, serialize, start_proxy
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 TIMEOUT = 60.0

@@ -23,9 +23,9 @@ from event_model import compose_run
 from ophyd.sim import DirectImage, det, motor
 from support import normalize
 
-from phasestream.services.tracking import RunTracker
-from phasestream.services.wire import DocumentPublisher, pack_frame, serialize, start_proxy
-from phasestream.services.worker import DocumentWorker, run_worker
+from phasestream.transport.tracking import RunTracker
+from phasestream.transport.wire import DocumentPublisher, pack_frame, serialize, start_proxy
+from phasestream.transport.worker import DocumentWorker, run_worker
 
 TIMEOUT = 10.0
 
@@ -311,7 +311,7 @@ def test_run_worker_returns_when_stop_event_is_set(proxy, publisher):
 WORKER_SCRIPT = textwrap.dedent(
     """
     import json, sys, threading
-    from phasestream.services.worker import DocumentWorker
+    from phasestream.transport.worker import DocumentWorker
 
     address, names_path, ready_path, stats_path = sys.argv[1:]
     names = open(names_path, "w")

@@ -3,12 +3,11 @@
 A training set is the particle-pixel OD spectra of many scans at one set of energies, with their
 PCC labels (for the cluster-purity metric) and where they came from:
 
-* :func:`synthetic_training_set`: simulated scans (``phasestream.sim``) at every state of charge
-  and several doses, analysed with the same kernels as the live path (OD, PCC, particle mask);
 * :func:`tiled_training_set`: results already in Tiled (``od``, ``mask``, ``phase``), found by
   state of charge or by run uid, read here or one Dask task per run (:func:`result_spectra`).
 
-:func:`train_artifact` trains on a set and writes a versioned artifact (registry format).
+Simulated sets (:mod:`phasestream.sim.training`) have the same shape. :func:`train_artifact` trains
+on a set and writes a versioned artifact (registry format).
 """
 
 from __future__ import annotations
@@ -21,15 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from phasestream.services.jobs import dask_task
+from phasestream.jobs.executors import dask_task
 
-__all__ = ["PairSet", "TrainingSet", "result_spectra", "synthetic_indi_pairs", "synthetic_training_set",
+__all__ = ["PairSet", "TrainingSet", "analysed_labels", "result_spectra",
            "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
 logger = logging.getLogger(__name__)
-
-SYNTHETIC_STATES = (3.0, 2.4, 2.0, 1.0, 0.8)
-
 
 @dataclass
 class TrainingSet:
@@ -42,60 +38,13 @@ class TrainingSet:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def _analysed(od: np.ndarray, references: np.ndarray):
+def analysed_labels(od: np.ndarray, references: np.ndarray):
     from phasestream.kernels.pearson import pearson_maps
     from phasestream.kernels.phases import assign_phases, particle_mask
 
     mask = particle_mask(od)
     phase, _, _ = assign_phases(pearson_maps(od, references), mask)
     return mask, phase
-
-
-def synthetic_training_set(
-    *,
-    seed: int = 0,
-    n_samples: int = 3,
-    states: Sequence[float] = SYNTHETIC_STATES,
-    doses: Sequence[float] = (2000.0, 5000.0, 20000.0),
-    shape: tuple[int, int] = (192, 192),
-    n_energies: int = 12,
-    references: str = "nvpf-synthetic",
-    max_spectra: int | None = 200_000,
-) -> TrainingSet:
-    """Particle-pixel spectra of simulated STXM scans (Poisson noise) with their PCC labels.
-
-    Energies are ``select_energies(references, n_energies)`` (the demo's: n_energies + 1 with the
-    pre-edge energy). Samples use seeds ``seed * 1000 + i`` so a training seed never reuses the
-    demo's or the tests' samples (seeds < 1000) unless asked to.
-    """
-    from phasestream.references import load_references, select_energies
-    from phasestream.sim.samples import make_sample
-
-    refs = load_references(references)
-    energies = np.asarray(select_energies(refs, n_energies))
-    ref_spectra = refs.interpolate(energies)
-    rng = np.random.default_rng(seed)
-    spectra, labels = [], []
-    for soc in states:
-        for i in range(n_samples):
-            sample = make_sample(shape, state_of_charge=soc, references=refs, seed=1000 * (seed + 1) + i)
-            for dose in doses:
-                counts = np.stack([sample.transmitted(e, i0=dose, rng=rng) for e in energies])
-                with np.errstate(divide="ignore"):
-                    od = -np.log(np.where(counts > 0, counts, np.nan) / dose)
-                mask, phase = _analysed(od, ref_spectra)
-                x = od[:, mask].T
-                keep = np.isfinite(x).all(axis=1)
-                spectra.append(x[keep].astype(np.float32))
-                labels.append(phase[mask][keep])
-    x, y = np.concatenate(spectra), np.concatenate(labels).astype(np.int16)
-    if max_spectra is not None and len(x) > max_spectra:
-        pick = np.sort(rng.choice(len(x), max_spectra, replace=False))
-        x, y = x[pick], y[pick]
-    provenance = {"source": "synthetic", "seed": seed, "references": refs.name, "states": list(states),
-                  "doses": list(doses), "samples_per_state": n_samples, "shape": list(shape),
-                  "n_spectra": len(x)}
-    return TrainingSet(x, y, energies, list(refs.phases), provenance)
 
 
 @dask_task
@@ -111,7 +60,7 @@ def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None,
     -------
     ``{"run_uid", "energies_eV" (E,) as measured, "phases", "spectra" (N, E) float32, "labels" (N,) int16}``
     """
-    from phasestream.services.tiled import connect
+    from phasestream.store.tiled import connect
 
     return _node_spectra(_result_node(connect(tiled_uri, api_key=api_key), run_uid,
                                       (options or {}).get("root", "phasestream")), run_uid)
@@ -140,8 +89,8 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
 def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: str | None, retries: int,
                      api_key: str | None) -> list[dict[str, Any]]:
     """:func:`result_spectra` of every run as one Dask task each; every failed run is named in one error."""
-    from phasestream.services.jobs import dask_client, gather_all, submit_tasks
-    from phasestream.services.tiled import separate_api_key
+    from phasestream.jobs.executors import dask_client, gather_all, submit_tasks
+    from phasestream.store.tiled import separate_api_key
 
     uri, api_key = separate_api_key(tiled_uri, api_key)
     with dask_client(None if scheduler in (None, "local") else scheduler) as dask:
@@ -173,7 +122,7 @@ def tiled_training_set(
     times) that reads ``tiled_uri`` itself (with ``api_key`` in a header); the set equals the one
     extracted here.
     """
-    from phasestream.catalog import find
+    from phasestream.store.catalog import find
 
     nodes = {}
     for soc in state_of_charge:
@@ -246,20 +195,8 @@ class PairSet:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, int] = (256, 256),
-                         blur_sigma: float = 1.5, noise: float = 0.03) -> PairSet:
-    """Simulated particle phantoms (``phasestream.sim.phantoms``): HQ at full resolution, LQ = blur +
-    2x down-sampling + noise, upscaled back by bicubic interpolation (registered by construction)."""
-    from phasestream.sim.phantoms import phantom_pairs, upscale
-
-    hq, lq = phantom_pairs(n_pairs, shape, seed=seed + 1, blur_sigma=blur_sigma, noise=noise)
-    provenance = {"source": "synthetic", "seed": seed, "n_pairs": n_pairs, "shape": list(shape),
-                  "degradation": {"blur_sigma_px": blur_sigma, "downsample": 2, "noise_std": noise}}
-    return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance)
-
-
 def _run_images(client, uid: str) -> tuple[np.ndarray, dict]:
-    from phasestream.services.tiled import open_raw_run
+    from phasestream.store.tiled import open_raw_run
 
     run = open_raw_run(client, uid)
     start = run.metadata["start"]

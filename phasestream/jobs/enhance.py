@@ -21,15 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from phasestream.services.model_server import (
-    DEFAULT_MODEL_ADDRESS,
-    ModelClient,
-    ModelServerError,
-    ModelServerUnavailable,
-)
-from phasestream.services.postscan import recorded_job
-from phasestream.services.results import ResultWriter
-from phasestream.services.tiled import connect
+from phasestream.jobs.record import recorded_job
+from phasestream.modelserver.client import ModelClient
+from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import connect
 
 __all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance", "enhance_options_from_start", "enhance_result",
            "od_images_to_enhance"]

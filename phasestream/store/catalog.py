@@ -16,7 +16,7 @@ from typing import Any
 from tiled.client.container import Container
 from tiled.queries import Key
 
-from phasestream.services.results import STATUSES
+from phasestream.store.results import STATUSES
 
 #: final states of the post-scan GMVAE refinement (``metadata["refinement"]["status"]``)
 REFINEMENT_STATUSES = ("complete", "skipped", "failed")

@@ -1,6 +1,6 @@
 """Analysis worker side of the document transport: receive, check for losses, dispatch.
 
-``DocumentReceiver`` reads the frames a :class:`~phasestream.services.wire.DocumentPublisher` sends through
+``DocumentReceiver`` reads the frames a :class:`~phasestream.transport.wire.DocumentPublisher` sends through
 the proxy, checks the per-publisher sequence numbers, survives anything undecodable and hands
 ``(name, doc)`` to subscribed callbacks. ``RunTracker`` watches the documents for what PUB/SUB cannot tell:
 runs hit by a gap, missing events, missing stops, events of unknown descriptors, and tells a listener
@@ -25,8 +25,8 @@ import zmq.utils.monitor
 from bluesky.callbacks.zmq import RemoteDispatcher
 from bluesky.run_engine import DocumentNames
 
-from phasestream.services.tracking import RunIncompleteListener, RunTracker
-from phasestream.services.wire import (
+from phasestream.transport.tracking import RunIncompleteListener, RunTracker
+from phasestream.transport.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_OUT_ADDRESS,
     WireFormatError,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from phasestream.services.results import ResultWriter
+from phasestream.store.results import ResultWriter
 
 __all__ = ["recorded_job"]
 

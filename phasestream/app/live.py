@@ -1,14 +1,14 @@
 """The live analysis service: PhaseMapCallback, post-scan GMVAE refinement, recovery of lost runs.
 
 After each run's final PCC result is written, the service refines it with the GMVAE through
-the model server (:func:`~phasestream.services.refinement.refine_result`) on its own thread, so
+the model server (:func:`~phasestream.jobs.refine.refine_result`) on its own thread, so
 the document stream never waits for it; a model server that is down or a run whose energies do
 not match the model only records why refinement was skipped.
 
 When the transport reports lost documents for a run (sequence gap, run without stop), the run
 is marked ``partial`` by the callback, and the run is queued here for reprocessing from the raw
 run that TiledWriter stored independently: as soon as the raw run is complete in Tiled (its stop
-document has arrived), :func:`~phasestream.services.reprocess.reprocess_run` recomputes the
+document has arrived), :func:`~phasestream.jobs.reprocess.reprocess_run` recomputes the
 result from the full data. Reprocessing runs on its own thread so the document stream goes on.
 
 Every run reaches a final status: :meth:`LiveService.close` (SIGTERM) finalizes the runs still
@@ -20,8 +20,8 @@ documents, and records ``recovered: {reason: "worker restarted"}``.
 
 With a Dask scheduler (``scheduler=``: an address, ``"local"`` or a ``distributed.Client``), the
 post-scan steps of each finished run (refine, enhance, methods as requested) and the reprocessing
-of runs that lost documents go to Dask instead, as one :class:`~phasestream.services.jobs.Job`
-per run with retries (:class:`~phasestream.services.dispatch.DaskPostScan`); their records land
+of runs that lost documents go to Dask instead, as one :class:`~phasestream.jobs.executors.Job`
+per run with retries (:class:`~phasestream.jobs.dispatch.DaskPostScan`); their records land
 in the same ``refined`` / ``enhanced`` / ``methods`` / ``recovered`` dicts when the task finishes.
 """
 
@@ -34,17 +34,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.services.dispatch import DaskPostScan
-from phasestream.services.enhancement import EnhanceOptions, enhance_options_from_start, enhance_result
-from phasestream.services.process import ServiceProcess
-from phasestream.services.refinement import RefineOptions, refine_result
-from phasestream.services.reprocess import ReprocessOptions, reprocess_run
-from phasestream.services.results import ResultWriter
-from phasestream.services.tiled import raw_run_complete
+from phasestream.jobs.dispatch import DaskPostScan
+from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start, enhance_result
+from phasestream.jobs.refine import RefineOptions, refine_result
+from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
+from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import raw_run_complete
 
 if TYPE_CHECKING:
-    from phasestream.services.methods_jobs import MethodsOptions
+    from phasestream.jobs.methods import MethodsOptions
 
 __all__ = ["LiveService", "ServeProcess"]
 
@@ -157,7 +157,7 @@ class LiveService:
                 if options is not None:
                     steps.append(("enhance", asdict(options)))
         if self.methods_options is not None:
-            from phasestream.services.methods_jobs import methods_options_from_start
+            from phasestream.jobs.methods import methods_options_from_start
 
             try:
                 options = methods_options_from_start(extra, self.methods_options)
@@ -170,7 +170,7 @@ class LiveService:
 
     def _submit(self, uid: str, first: list[tuple[str, dict]], extra: dict, live_errors: list | None = None) -> None:
         """Hand ``first`` (reprocessing) and the post-scan steps of ``uid`` to Dask as one job."""
-        from phasestream.services.jobs import Job
+        from phasestream.jobs.executors import Job
 
         steps = [*first, *self._post_scan_steps(uid, extra)]
         if not steps:
@@ -236,7 +236,7 @@ class LiveService:
                 logger.exception("run %s: enhancement failed", uid)
                 self.enhanced[uid] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         if self.methods_options is not None:
-            from phasestream.services.methods_jobs import methods_options_from_start, run_methods
+            from phasestream.jobs.methods import methods_options_from_start, run_methods
 
             try:
                 options = methods_options_from_start(self._requests.get(uid, {}), self.methods_options)

@@ -2,7 +2,7 @@
 
 After a run's PCC result is final, :func:`refine_result` reads its OD cube, phase, ambiguity and
 mask maps back from Tiled, encodes the particle pixels' spectra through the model server
-(:class:`~phasestream.services.model_server.ModelClient`; no TensorFlow in this process), resolves
+(:class:`~phasestream.modelserver.client.ModelClient`; no TensorFlow in this process), resolves
 the ambiguous pixels in the latent space (:func:`~phasestream.models.refine.refine_ambiguous`) and
 writes ``refined_phase``, ``latent``, ``false_positive`` and the metadata ``refined_fractions``,
 ``models`` and ``refinement`` into the same result.
@@ -22,17 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.models.refine import STRATEGIES, refine_ambiguous
-from phasestream.services.model_server import (
-    DEFAULT_MODEL_ADDRESS,
-    ModelClient,
-    ModelServerError,
-    ModelServerUnavailable,
-)
-from phasestream.services.postscan import recorded_job
-from phasestream.services.results import ResultWriter
-from phasestream.services.tiled import connect
+from phasestream.modelserver.client import ModelClient
+from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import connect
 
 __all__ = ["DEFAULT_MODEL", "RefineOptions", "RefinementSkipped", "match_energies", "refine", "refine_result"]
 

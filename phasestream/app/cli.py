@@ -44,7 +44,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from phasestream.demo import DemoConfig, run_demo
+    from phasestream.app.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(states=args.states, shape=args.size, n_energies=args.energies - 1, dose=args.dose,
                      n_particles=args.particles, seed=args.seed, backend=args.backend, topology=args.topology,
@@ -95,7 +95,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def tiled_client(args: argparse.Namespace, *, readable_storage=None):
     """``(client, uri)`` for the command: ``--tiled URI`` or an embedded server (``--catalog DIR``)."""
-    from phasestream.services.tiled import tiled_session
+    from phasestream.store.tiled import tiled_session
 
     return tiled_session(args.tiled, directory=args.catalog, readable_storage=readable_storage)
 
@@ -136,7 +136,7 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from phasestream.catalog import find, result_rows
+    from phasestream.store.catalog import find, result_rows
 
     with tiled_client(args) as (client, _):
         rows = result_rows(find(client, state_of_charge=args.soc, tolerance=args.tolerance, status=args.status,
@@ -165,8 +165,8 @@ def _query_pairs(pairs: list[str] | None) -> dict:
 def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list:
     from dataclasses import asdict
 
-    from phasestream.services.jobs import Job
-    from phasestream.services.reprocess import ReprocessOptions
+    from phasestream.jobs.executors import Job
+    from phasestream.jobs.reprocess import ReprocessOptions
 
     steps = []
     if not args.refine_only:
@@ -178,7 +178,7 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list:
     if args.refine:
         steps.append(("refine", asdict(_refine_options(args))))
     if args.method:
-        from phasestream.services.methods_jobs import MethodsOptions
+        from phasestream.jobs.methods import MethodsOptions
 
         steps.append(("methods", asdict(MethodsOptions(methods=tuple(args.method), root=args.root).validate())))
     return [Job(uid, tuple(steps)).validate() for uid in uids]
@@ -194,8 +194,8 @@ def _print_job(summary: dict) -> None:
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
-    from phasestream.catalog import find_raw_runs
-    from phasestream.services.jobs import dask_client, run_jobs, submit_jobs
+    from phasestream.jobs.executors import dask_client, run_jobs, submit_jobs
+    from phasestream.store.catalog import find_raw_runs
 
     query = _query_pairs(args.query)
     if not (args.uids or args.soc is not None or query):
@@ -263,7 +263,7 @@ def _split_steps(jobs: list) -> tuple[list, list[tuple[str, str, dict]]]:
 
 def _run_split(dask, split: list[tuple[str, str, dict]], uri: str, api_key: str | None, args, report) -> None:
     """After the per-run jobs: each split step of each run whose job did not fail, ``--split`` parts at once."""
-    from phasestream.services.split import submit_split_enhance, submit_split_lcf
+    from phasestream.jobs.split import submit_split_enhance, submit_split_lcf
 
     t0 = time.perf_counter()
     failed = {f["run_uid"] for f in report.failures}
@@ -290,7 +290,7 @@ def _run_split(dask, split: list[tuple[str, str, dict]], uri: str, api_key: str 
 
 
 def _refine_options(args: argparse.Namespace):
-    from phasestream.services.refinement import RefineOptions
+    from phasestream.jobs.refine import RefineOptions
 
     return RefineOptions(model=args.model, version=args.model_version, strategy=args.strategy, address=args.models,
                          root=args.root).validate()
@@ -298,21 +298,21 @@ def _refine_options(args: argparse.Namespace):
 
 def _methods_base(args: argparse.Namespace):
     """Base options of the classic methods a run may ask for in its start document."""
-    from phasestream.services.methods_jobs import MethodsOptions
+    from phasestream.jobs.methods import MethodsOptions
 
     return MethodsOptions(root=args.root).validate()
 
 
 def _enhance_options(args: argparse.Namespace):
-    from phasestream.services.enhancement import EnhanceOptions
+    from phasestream.jobs.enhance import EnhanceOptions
 
     return EnhanceOptions(model=args.indi_model, steps=args.steps, address=args.models, root=args.root).validate()
 
 
 def _add_refine_options(parser: argparse.ArgumentParser) -> None:
+    from phasestream.jobs.refine import DEFAULT_MODEL
     from phasestream.models.refine import STRATEGIES
-    from phasestream.services.model_server import DEFAULT_MODEL_ADDRESS
-    from phasestream.services.refinement import DEFAULT_MODEL
+    from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
 
     parser.add_argument("--models", default=DEFAULT_MODEL_ADDRESS, metavar="ADDRESS",
                         help=f"model server address (default {DEFAULT_MODEL_ADDRESS})")
@@ -329,8 +329,8 @@ def _add_refine_options(parser: argparse.ArgumentParser) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
-    from phasestream.services.live import LiveService
-    from phasestream.services.worker import DocumentWorker
+    from phasestream.app.live import LiveService
+    from phasestream.transport.worker import DocumentWorker
 
     scheduler = _scheduler_option(args)
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
@@ -338,7 +338,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     readable = [*(args.readable_storage or []), *([args.od_store] if args.od_store else [])]
     with tiled_client(args, readable_storage=readable or None) as (client, uri):
         if args.od_store:
-            from phasestream.services.results import check_od_store
+            from phasestream.store.results import check_od_store
 
             check_od_store(client, args.od_store)
         from phasestream.contract import DocumentBounds
@@ -374,14 +374,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_models(args: argparse.Namespace) -> int:
-    from phasestream.services.model_server import config_from_args, serve_models
+    from phasestream.modelserver.server import config_from_args, serve_models
 
     return serve_models(config_from_args(args))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from phasestream.jobs.training import tiled_training_set, train_artifact
     from phasestream.models.registry import Artifact
-    from phasestream.models.training import synthetic_training_set, tiled_training_set, train_artifact
+    from phasestream.sim.training import synthetic_training_set
 
     out = args.out or os.environ.get("PHASESTREAM_MODELS", "").split(os.pathsep)[0] or "models"
     if args.synthetic:
@@ -408,7 +409,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_indi(args: argparse.Namespace) -> int:
-    from phasestream.models.training import synthetic_indi_pairs, tiled_indi_pairs, train_indi_artifact
+    from phasestream.jobs.training import tiled_indi_pairs, train_indi_artifact
+    from phasestream.sim.training import synthetic_indi_pairs
 
     out = args.out or os.environ.get("PHASESTREAM_MODELS", "").split(os.pathsep)[0] or "models"
     if args.synthetic:
@@ -450,7 +452,7 @@ def _cmd_references(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from phasestream.services.stack import COMPONENTS, StackConfig, up
+    from phasestream.app.stack import COMPONENTS, StackConfig, up
 
     only = tuple(c.strip() for c in (args.only or ",".join(COMPONENTS)).split(",") if c.strip())
     cfg = StackConfig(run_dir=args.run_dir, host=args.host, tiled_port=args.tiled_port, tiled_uri=args.tiled,
@@ -469,7 +471,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from phasestream.services.stack import status
+    from phasestream.app.stack import status
 
     report = status(args.run_dir)
     if args.json:
@@ -483,7 +485,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from phasestream.services.stack import down
+    from phasestream.app.stack import down
 
     outcome = down(args.run_dir, timeout=args.timeout)
     if not outcome:
@@ -535,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
     serve.add_argument("--stop-timeout", type=float, default=60.0,
                        help="seconds without documents after which a run without stop is given up (default 60)")
-    from phasestream.services.wire import DEFAULT_MAX_MESSAGE_SIZE, parse_byte_size
+    from phasestream.transport.wire import DEFAULT_MAX_MESSAGE_SIZE, parse_byte_size
 
     serve.add_argument("--max-message-size", type=parse_byte_size, metavar="BYTES",
                        default=os.environ.get("PHASESTREAM_MAX_MESSAGE_SIZE") or DEFAULT_MAX_MESSAGE_SIZE,
@@ -571,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retries", type=int, default=2, help="Dask retries of a failed post-scan job (default 2)")
     serve.set_defaults(func=_cmd_serve)
 
-    from phasestream.services.model_server import add_arguments as add_model_server_arguments
+    from phasestream.modelserver.server import add_arguments as add_model_server_arguments
 
     models = sub.add_parser("serve-models", help="the model server (GMVAE, InDI) on a 0MQ ROUTER socket")
     add_model_server_arguments(models)
@@ -666,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "kmeans, rum_tv, rum_pnp")
     _add_refine_options(rep)
     rep.set_defaults(func=_cmd_reprocess)
-    from phasestream.services.stack import COMPONENTS, DEFAULT_RUN_DIR
+    from phasestream.app.stack import COMPONENTS, DEFAULT_RUN_DIR
 
     upp = sub.add_parser("up", help="start the whole service on this host (Tiled, proxy, models, Dask, worker)")
     upp.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help=f"pid files, logs, env file "
@@ -718,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # Tiled unreachable, or the key missing or wrong: one line naming the server, no traceback
-        from phasestream.services.tiled import describe_tiled_error
+        from phasestream.store.tiled import describe_tiled_error
 
         message = describe_tiled_error(exc)
         if message is None:

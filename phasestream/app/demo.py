@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from bluesky import RunEngine
 
-from phasestream.catalog import wait_for_refinement, wait_for_result
 from phasestream.kernels import resolve_backend
 from phasestream.references import load_references, select_energies
 from phasestream.sim.devices import TransmissionDetector, make_energy
 from phasestream.sim.plans import energy_stack_scan
 from phasestream.sim.samples import make_sample
+from phasestream.store.catalog import wait_for_refinement, wait_for_result
 
 __all__ = ["DEMO_STATES", "DemoConfig", "RunSummary", "run_demo"]
 
@@ -133,8 +133,8 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
         0MQ topology and an embedded Tiled over ``demo-output/tiled``
     progress : optional callable receiving each :class:`RunSummary` as it completes
     """
-    from phasestream.figures import save_result_figures
-    from phasestream.services.tiled import raw_run_writer, tiled_session
+    from phasestream.app.figures import save_result_figures
+    from phasestream.store.tiled import raw_run_writer, tiled_session
 
     cfg = (config or DemoConfig()).validate()
     refs = load_references(cfg.references)
@@ -149,14 +149,14 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
         RE.subscribe(raw_run_writer(client))
         refine_options = None
         if cfg.refine:
-            from phasestream.services.model_server import ModelServerProcess
-            from phasestream.services.refinement import DEFAULT_MODEL, RefineOptions
+            from phasestream.app.process import ModelServerProcess
+            from phasestream.jobs.refine import DEFAULT_MODEL, RefineOptions
 
             models = stack.enter_context(ModelServerProcess(args=("--preload", DEFAULT_MODEL)))
             refine_options = RefineOptions(address=models.address, strategy=cfg.strategy).validate()
         if cfg.topology == "zmq":
-            from phasestream.services.live import ServeProcess
-            from phasestream.services.wire import DocumentPublisher, start_proxy
+            from phasestream.app.live import ServeProcess
+            from phasestream.transport.wire import DocumentPublisher, start_proxy
 
             proxy = stack.enter_context(start_proxy())
             refine_args = ("--models", refine_options.address, "--strategy", cfg.strategy) if cfg.refine \
@@ -184,7 +184,7 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             node = wait_for_result(client, uid, timeout=cfg.result_timeout)
             if refine_options is not None:
                 if cfg.topology == "inprocess":  # the post-scan job, here in process; the worker does it itself
-                    from phasestream.services.refinement import refine_result
+                    from phasestream.jobs.refine import refine_result
 
                     callback.flush(60.0)
                     refine_result(client, uid, refine_options)

@@ -1,33 +1,13 @@
 """The model server: pretrained models loaded once, served over pyzmq with msgpack.
 
 ``phasestream serve-models [--bind tcp://127.0.0.1:5579]`` runs :class:`ModelServer` in its own
-process; analysis callbacks and post-scan jobs talk to it with :class:`ModelClient` and never import
-TensorFlow themselves.
+process; analysis callbacks and post-scan jobs talk to it with
+:class:`~phasestream.modelserver.client.ModelClient` and never import TensorFlow themselves. The
+protocol, its validation rules and its errors: :mod:`phasestream.modelserver.protocol`.
 
-Wire format (DESIGN.md "Wire formats"): the server is a ROUTER; clients are DEALER (or REQ)
-sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` layout, never pickle)::
-
-    request  {op: "health"|"list"|"encode"|"decode"|"enhance", model: str, version: str (optional),
-              array: ndarray, options: {}, id: any (optional, echoed)}
-    reply    {ok: bool, model, version, sha256, array (when any), error: str (when not ok), id}
-
-``encode`` takes spectra (N, E) at the model's energies and replies with latent means (N, D) in
-``array`` (and the mixture-component probabilities (N, K) in ``components`` with
-``options: {components: true}``); ``decode`` takes latent points (N, D) and replies with normalized
-spectra (N, E); ``enhance`` (InDI models) takes a low-quality image (Y, X) or images (N, Y, X) and
-replies with the enhanced, ``scale``-times larger image(s) (``options: {steps: N}``, default the
-model's). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
-``loaded`` models, ``uptime_s``, ``pid`` and ``stats`` (request, batch and item counters).
-
-Arrays are validated after conversion to float32, the dtype the models compute in: a float64 value
-beyond float32's range (1e308) is refused, not passed on as infinity. Every failure is a reply with
-``ok: false`` (unknown model or version, input not matching the model's energies, non-finite values,
-an array larger than ``max_request_bytes`` as float32, malformed or undecodable message, payload over
-``max_request_bytes``); error texts are cut to ``MAX_ERROR_CHARS``, and neither arrays nor requests
-are logged. The server keeps serving. Requests that arrive together for the same model and op are run
-as one batch; when a batch fails inside the model, each of its requests is run again on its own, so a
-request the model cannot take fails alone. SIGTERM (or :meth:`ModelServer.stop`) ends the loop after
-the current batch.
+Requests that arrive together for the same model and op are run as one batch; when a batch fails
+inside the model, each of its requests is run again on its own, so a request the model cannot take
+fails alone. SIGTERM (or :meth:`ModelServer.stop`) ends the loop after the current batch.
 """
 
 from __future__ import annotations
@@ -38,10 +18,8 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,29 +28,19 @@ import numpy as np
 import zmq
 
 from phasestream.models.registry import ArtifactError, ModelNotFoundError, ModelRegistry
-from phasestream.services.process import ServiceProcess
-from phasestream.services.wire import WireFormatError, deserialize, serialize
+from phasestream.modelserver.protocol import (
+    DEFAULT_MODEL_ADDRESS,
+    MODEL_DTYPE,
+    MODEL_OPS,
+    OPS,
+    truncated,
+)
+from phasestream.transport.wire import WireFormatError, deserialize, serialize
 
-__all__ = ["DEFAULT_MODEL_ADDRESS", "OPS", "EncodeResult", "ModelClient", "ModelServer", "ModelServerConfig",
-           "ModelServerError", "ModelServerProcess", "ModelServerUnavailable", "main"]
+__all__ = ["ModelServer", "ModelServerConfig", "add_arguments", "config_from_args", "serve_models"]
+
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL_ADDRESS = "tcp://127.0.0.1:5579"
-OPS = ("health", "list", "encode", "decode", "enhance")
-MODEL_OPS = {"gmvae": ("encode", "decode"), "indi": ("enhance",)}
-# what GMVAE.encode/decode and indi.enhance_image cast their input to: requests are checked in it
-MODEL_DTYPE = np.dtype(np.float32)
-MAX_ERROR_CHARS = 1000
-
-
-class ModelServerError(RuntimeError):
-    """The model server replied ``ok: false``; the message is the server's error."""
-
-
-class ModelServerUnavailable(ConnectionError):
-    """No reply from the model server within the timeout, after every retry."""
-
 
 class _RequestError(ValueError):
     """A request the server refuses (turned into an ``ok: false`` reply)."""
@@ -249,7 +217,7 @@ class ModelServer:
 
     @staticmethod
     def _error(message: str, **info: Any) -> dict[str, Any]:
-        return {"ok": False, "error": _truncated(message), "model": info.get("model"),
+        return {"ok": False, "error": truncated(message), "model": info.get("model"),
                 "version": info.get("version"), "sha256": info.get("sha256")}
 
     def _health(self) -> dict[str, Any]:
@@ -336,7 +304,7 @@ class ModelServer:
         (an exception's text can quote the input), the traceback only at DEBUG level."""
         name, version = loaded.artifact.name, loaded.artifact.version
         text = f"{op} failed in model {name!r} {version}: {type(exc).__name__}: {exc}"
-        logger.error("%s", _truncated(text, 300))
+        logger.error("%s", truncated(text, 300))
         logger.debug("%s with %s %s failed", op, name, version, exc_info=True)
         return self._error(text, **loaded.info)
 
@@ -401,155 +369,6 @@ class ModelServer:
         return x
 
 
-def _truncated(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """``text`` cut to ``limit`` characters (an error must not carry a huge repr back or into the log)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
-
-
-# ---------------------------------------------------------------------------------------------- client
-
-
-@dataclass
-class EncodeResult:
-    """Latent means (N, D), component probabilities (N, K) or None, and the model that made them."""
-
-    latent: np.ndarray
-    components: np.ndarray | None
-    model: str
-    version: str
-    sha256: str
-
-
-class ModelClient:
-    """Client of the model server (DEALER socket, timeouts and retries).
-
-    Parameters
-    ----------
-    address : the server's address
-    timeout : seconds to wait for each reply
-    retries : further attempts after a timeout (the socket is recreated each time)
-    max_spectra : spectra per ``encode`` request; larger inputs are sent in chunks
-    """
-
-    def __init__(self, address: str = DEFAULT_MODEL_ADDRESS, *, timeout: float = 30.0, retries: int = 2,
-                 max_spectra: int = 131072, context: zmq.Context | None = None):
-        if timeout <= 0 or retries < 0:
-            raise ValueError("timeout must be > 0 and retries >= 0")
-        self.address, self.timeout, self.retries, self.max_spectra = address, timeout, retries, int(max_spectra)
-        self._context = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
-        self._lock = threading.Lock()
-
-    def _connect(self) -> zmq.Socket:
-        if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.address)
-            self._socket = sock
-        return self._socket
-
-    def _reset(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-
-    def request(self, op: str, *, model: str | None = None, version: str | None = None,
-                array: np.ndarray | None = None, options: dict | None = None, timeout: float | None = None) -> dict:
-        """Send one request and return the reply; raises :class:`ModelServerError` when ``ok`` is false."""
-        message: dict[str, Any] = {"op": op, "id": uuid.uuid4().hex}
-        if model is not None:
-            message["model"] = model
-        if version is not None:
-            message["version"] = version
-        if array is not None:
-            message["array"] = np.ascontiguousarray(array)
-        if options:
-            message["options"] = options
-        payload = serialize(message)
-        wait_ms = int(1000 * (timeout or self.timeout))
-        with self._lock:
-            for attempt in range(self.retries + 1):
-                sock = self._connect()
-                sock.send(payload, copy=False)
-                deadline = time.monotonic() + wait_ms / 1000
-                while (left := deadline - time.monotonic()) > 0:
-                    if not sock.poll(int(1000 * left) + 1, zmq.POLLIN):
-                        break
-                    reply = deserialize(sock.recv(copy=False).buffer)
-                    # no id: the server could not read our request (too large, undecodable)
-                    if isinstance(reply, dict) and reply.get("id") in (message["id"], None):
-                        if not reply.get("ok"):
-                            raise ModelServerError(reply.get("error") or "model server error")
-                        return reply
-                    # a late reply to an earlier attempt: ignore it
-                logger.warning("no reply from the model server at %s (attempt %d of %d)", self.address, attempt + 1,
-                               self.retries + 1)
-                self._reset()
-        raise ModelServerUnavailable(f"no reply from the model server at {self.address} within "
-                                     f"{wait_ms / 1000:g} s ({self.retries + 1} attempts): is `phasestream "
-                                     "serve-models` running there?")
-
-    def health(self, timeout: float | None = None) -> dict:
-        return self.request("health", timeout=timeout)
-
-    def list_models(self, timeout: float | None = None) -> list[dict]:
-        return self.request("list", timeout=timeout)["models"]
-
-    def encode(self, model: str, spectra: np.ndarray, *, version: str | None = None,
-               components: bool = False) -> EncodeResult:
-        """Latent means of spectra (N, E), sent in chunks of ``max_spectra``; one model version throughout."""
-        spectra = np.asarray(spectra, dtype=np.float32)
-        if spectra.ndim != 2:
-            raise ValueError(f"spectra must be (N, E), got shape {spectra.shape}")
-        latents, comps, info = [], [], None
-        for start in range(0, max(len(spectra), 1), self.max_spectra):
-            reply = self.request("encode", model=model, version=version, array=spectra[start:start + self.max_spectra],
-                                 options={"components": True} if components else None)
-            if info is None:
-                info = reply
-                version = reply["version"]  # later chunks use the same version
-            latents.append(reply["array"])
-            if components:
-                comps.append(reply["components"])
-        return EncodeResult(np.concatenate(latents), np.concatenate(comps) if components else None,
-                            info["model"], info["version"], info["sha256"])
-
-    def enhance(self, model: str, images: np.ndarray, *, version: str | None = None, steps: int | None = None,
-                timeout: float | None = None) -> dict:
-        """InDI-enhanced image(s): the reply (``array`` (Y*s, X*s) or (N, Y*s, X*s), ``steps``, model info)."""
-        return self.request("enhance", model=model, version=version, array=np.asarray(images, np.float32),
-                            options={"steps": int(steps)} if steps is not None else None, timeout=timeout)
-
-    def decode(self, model: str, latent: np.ndarray, *, version: str | None = None) -> np.ndarray:
-        return self.request("decode", model=model, version=version, array=np.asarray(latent, np.float32))["array"]
-
-    def close(self) -> None:
-        with self._lock:
-            self._reset()
-
-    def __enter__(self) -> ModelClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-# ---------------------------------------------------------------------------------------------- process
-
-
-class ModelServerProcess(ServiceProcess):
-    """``phasestream serve-models`` in a subprocess (demo, tests); ``address`` once started."""
-
-    def __init__(self, bind: str = "tcp://127.0.0.1:*", *, args: tuple[str, ...] = (), timeout: float = 120.0,
-                 env: dict[str, str] | None = None):
-        super().__init__(("serve-models", "--bind", bind, *args), env=env, timeout=timeout, what="model server")
-
-    @property
-    def address(self) -> str | None:
-        """The bound address (``tcp://127.0.0.1:PORT``) once started."""
-        return self.ready.get("address")
-
-
 def serve_models(config: ModelServerConfig) -> int:
     """Run a model server in this process until SIGTERM/SIGINT; prints a ``ready`` JSON line first."""
     server = ModelServer(config)
@@ -561,12 +380,6 @@ def serve_models(config: ModelServerConfig) -> int:
     stats = server.serve()
     print(json.dumps({"stopped": True, "stats": stats}), flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phasestream serve-models")
-    add_arguments(parser)
-    return serve_models(config_from_args(parser.parse_args(argv)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -589,6 +402,3 @@ def config_from_args(args: argparse.Namespace) -> ModelServerConfig:
     return ModelServerConfig(bind=args.bind, max_request_bytes=int(args.max_request_mb * (1 << 20)),
                              folders=folders, preload=list(args.preload)).validate()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,11 +16,11 @@ import sys
 import threading
 import time
 
-__all__ = ["ServiceProcess"]
+__all__ = ["ModelServerProcess", "ServiceProcess"]
 
 
 class ServiceProcess:
-    """``python -m phasestream.cli ARGS...`` in a subprocess; use as a context manager or start/stop.
+    """``python -m phasestream.app.cli ARGS...`` in a subprocess; use as a context manager or start/stop.
 
     Parameters
     ----------
@@ -38,7 +38,7 @@ class ServiceProcess:
 
     def __init__(self, args: tuple[str, ...], *, env: dict[str, str] | None = None, timeout: float = 120.0,
                  what: str = "service"):
-        self.command = [sys.executable, "-m", "phasestream.cli", *args]
+        self.command = [sys.executable, "-m", "phasestream.app.cli", *args]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.timeout = timeout
         self.what = what
@@ -91,3 +91,16 @@ class ServiceProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class ModelServerProcess(ServiceProcess):
+    """``phasestream serve-models`` in a subprocess (demo, tests); ``address`` once started."""
+
+    def __init__(self, bind: str = "tcp://127.0.0.1:*", *, args: tuple[str, ...] = (), timeout: float = 120.0,
+                 env: dict[str, str] | None = None):
+        super().__init__(("serve-models", "--bind", bind, *args), env=env, timeout=timeout, what="model server")
+
+    @property
+    def address(self) -> str | None:
+        """The bound address (``tcp://127.0.0.1:PORT``) once started."""
+        return self.ready.get("address")

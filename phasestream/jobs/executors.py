@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from phasestream.services.tiled import api_key_scope, separate_api_key
+from phasestream.store.tiled import api_key_scope, separate_api_key
 
 __all__ = [
     "DEFAULT_SCHEDULER_ENV",
@@ -55,35 +55,35 @@ DEFAULT_SCHEDULER_ENV = "PHASESTREAM_DASK_SCHEDULER"
 
 
 def _reprocess(tiled_uri: str, run_uid: str, options: dict) -> dict:
-    from phasestream.services.reprocess import reprocess
+    from phasestream.jobs.reprocess import reprocess
 
     return reprocess(tiled_uri, run_uid, options)
 
 
 def _refine(tiled_uri: str, run_uid: str, options: dict) -> dict:
-    from phasestream.services.refinement import refine
+    from phasestream.jobs.refine import refine
 
     summary = refine(tiled_uri, run_uid, options)
     return {**summary, "status": summary["refinement"]["status"]}
 
 
 def _enhance(tiled_uri: str, run_uid: str, options: dict) -> dict:
-    from phasestream.services.enhancement import enhance
+    from phasestream.jobs.enhance import enhance
 
     summary = enhance(tiled_uri, run_uid, options)
     return {**summary, "status": summary["enhancement"]["status"]}
 
 
 def _methods_job() -> Callable[[str, str, dict], dict] | None:
-    """The ``methods`` job (LCF, unmixing) when ``phasestream.services.methods_jobs`` provides it."""
+    """The ``methods`` job (LCF, unmixing) when ``phasestream.jobs.methods`` provides it."""
     try:
-        from phasestream.services.methods_jobs import MethodsOptions, run_methods  # noqa: F401
+        from phasestream.jobs.methods import MethodsOptions, run_methods  # noqa: F401
     except ImportError:
         return None
 
     def _methods(tiled_uri: str, run_uid: str, options: dict) -> dict:
-        from phasestream.services.methods_jobs import MethodsOptions, run_methods
-        from phasestream.services.tiled import connect
+        from phasestream.jobs.methods import MethodsOptions, run_methods
+        from phasestream.store.tiled import connect
 
         opts = MethodsOptions(**options)
         record = run_methods(connect(tiled_uri), run_uid, opts)

@@ -1,7 +1,7 @@
 """One large result split across Dask workers: InDI enhancement by chunks of energies, LCF by row bands.
 
 A single run whose OD cube is large (a 2048^2 x 100 stack) is one task in
-:func:`~phasestream.services.jobs.submit_jobs`. Here its work is split instead:
+:func:`~phasestream.jobs.executors.submit_jobs`. Here its work is split instead:
 
 * :func:`submit_split_enhance` creates the ``enhanced`` array (E, Y*s, X*s) in the result, one
   chunk per energy plane, and sends one task per range of planes ``[i0, i1)``: each reads its OD
@@ -9,11 +9,11 @@ A single run whose OD cube is large (a 2048^2 x 100 stack) is one task in
 * :func:`submit_split_lcf` creates ``fractions_lcf`` (K, Y, X), ``fit_error``, ``reduced_chi2`` and
   ``scale_lcf`` (Y, X), chunked by row band, and sends one task per band ``[y0, y1)``: each reads
   ``od[:, y0:y1, :]`` (a Tiled slice, not the whole cube), fits it
-  (:func:`~phasestream.services.methods_jobs.lcf_arrays`) and writes its band's blocks.
+  (:func:`~phasestream.jobs.methods.lcf_arrays`) and writes its band's blocks.
 
 Every task writes its own chunks only, so the tasks never touch the same stored block and the
-stitched arrays equal the unsplit job's (:func:`~phasestream.services.enhancement.enhance_result`,
-:func:`~phasestream.services.methods_jobs.run_methods`). The metadata (``enhancement``,
+stitched arrays equal the unsplit job's (:func:`~phasestream.jobs.enhance.enhance_result`,
+:func:`~phasestream.jobs.methods.run_methods`). The metadata (``enhancement``,
 ``methods.lcf``) is written once by the submitting process, with ``split: {parts, ranges}``.
 
 Example::
@@ -35,13 +35,14 @@ from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
-from phasestream.services.enhancement import EnhanceOptions, od_images_to_enhance
-from phasestream.services.jobs import dask_task, gather_all, submit_tasks
-from phasestream.services.methods_jobs import MethodsOptions, _references, lcf_arrays
-from phasestream.services.model_server import ModelClient, ModelServerError, ModelServerUnavailable
-from phasestream.services.postscan import recorded_job
-from phasestream.services.results import MAP_LAYOUT, ResultWriter
-from phasestream.services.tiled import connect, separate_api_key
+from phasestream.jobs.enhance import EnhanceOptions, od_images_to_enhance
+from phasestream.jobs.executors import dask_task, gather_all, submit_tasks
+from phasestream.jobs.methods import MethodsOptions, _references, lcf_arrays
+from phasestream.jobs.record import recorded_job
+from phasestream.modelserver.client import ModelClient
+from phasestream.modelserver.protocol import ModelServerError, ModelServerUnavailable
+from phasestream.store.results import MAP_LAYOUT, ResultWriter
+from phasestream.store.tiled import connect, separate_api_key
 
 __all__ = ["SplitJobError", "enhance_planes", "lcf_band", "split_ranges", "submit_split_enhance",
            "submit_split_lcf"]
@@ -188,7 +189,7 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
 
     The model version is fixed before the tasks start (one probe request), so every chunk uses the
     same artifact. Returns the ``enhancement`` record written into the result, as
-    :func:`~phasestream.services.enhancement.enhance_result` does (``skipped`` when the model server
+    :func:`~phasestream.jobs.enhance.enhance_result` does (``skipped`` when the model server
     is down or there is no OD cube, ``failed`` when a chunk failed after its retries).
     """
     opts = options if isinstance(options, EnhanceOptions) else EnhanceOptions(**(options or {}))

@@ -6,7 +6,7 @@
 ``methods: {name: {status, parameters, seconds, arrays, errors}}`` in its metadata. Each method
 runs on its own: one that fails records ``status: failed`` and its error and the others still run.
 
-Methods (``METHODS``) and the arrays they write (see ``MAP_LAYOUT`` in services/results.py):
+Methods (``METHODS``) and the arrays they write (see ``MAP_LAYOUT`` in store/results.py):
 
 * ``normalize``: edge normalization -> ``normalized`` (E, Y, X), ``thickness`` (Y, X) (edge jump)
 * ``lcf``: LCF of every pixel's OD (or normalized) spectrum -> ``fractions_lcf`` (K, Y, X),
@@ -35,8 +35,8 @@ import numpy as np
 
 from phasestream import methods as m
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
-from phasestream.services.results import ResultWriter
-from phasestream.services.tiled import connect
+from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import connect
 
 __all__ = ["METHODS", "MethodsOptions", "methods", "methods_options_from_start", "run_methods"]
 

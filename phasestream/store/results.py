@@ -42,7 +42,7 @@ from tiled.structures.data_source import Asset, DataSource, Management
 from tiled.utils import ensure_uri, path_from_uri
 
 from phasestream.contract import STATUSES, check_result_root, check_run_uid, path_inside
-from phasestream.services.tiled import TiledPermissionError
+from phasestream.store.tiled import TiledPermissionError
 
 __all__ = ["MAP_LAYOUT", "STATUSES", "ResultExistsError", "ResultWriter", "check_od_store"]
 
@@ -59,7 +59,7 @@ MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "refined_phase": (np.dtype("int16"), ("y", "x")),
     "latent": (np.dtype("float32"), ("y", "x", "latent")),
     "false_positive": (np.dtype("uint8"), ("y", "x")),
-    # classic XANES methods (phasestream.services.methods_jobs)
+    # classic XANES methods (phasestream.jobs.methods)
     "fractions_lcf": (np.dtype("float32"), ("phase", "y", "x")),
     "fit_error": (np.dtype("float32"), ("y", "x")),
     "reduced_chi2": (np.dtype("float32"), ("y", "x")),

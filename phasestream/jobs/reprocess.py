@@ -24,8 +24,8 @@ import pandas as pd
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.references import reference_folders_from_env
-from phasestream.services.results import ResultExistsError
-from phasestream.services.tiled import connect, open_raw_run, raw_run_complete
+from phasestream.store.results import ResultExistsError
+from phasestream.store.tiled import connect, open_raw_run, raw_run_complete
 
 __all__ = [
     "RawRunMismatchError",
@@ -174,7 +174,7 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
 
     Parameters
     ----------
-    run : a raw run (``BlueskyRun``, :func:`~phasestream.services.tiled.open_raw_run`)
+    run : a raw run (``BlueskyRun``, :func:`~phasestream.store.tiled.open_raw_run`)
     on_mismatch : called with a message for each disagreement between rows, frames and the stop
         document's ``num_events`` (stream, expected and found counts), after the last event and
         before the stop document; only correctly paired events are yielded. None: refuse the run.

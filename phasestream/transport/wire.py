@@ -194,7 +194,7 @@ def deserialize(data: bytes | bytearray | memoryview, *, max_message_size: int =
             raise WireFormatError(
                 f"not a valid msgpack message ({size} bytes): it looks like a pickle (protocol {protocol}). "
                 "Publishers must send msgpack: phasestream's DocumentPublisher, or "
-                "bluesky.callbacks.zmq.Publisher(serializer=phasestream.services.wire.serialize); "
+                "bluesky.callbacks.zmq.Publisher(serializer=phasestream.transport.wire.serialize); "
                 "pickle is never accepted"
             ) from exc
         raise WireFormatError(f"not a valid msgpack message ({size} bytes): {type(exc).__name__}: {exc}") from exc
@@ -477,7 +477,7 @@ class ProxyProcess:
 
 
 def start_proxy(in_port: int = 0, out_port: int = 0, *, host: str = LOCALHOST, timeout: float = 20.0) -> ProxyProcess:
-    """Start the proxy in a subprocess (``python -m phasestream.services.wire proxy``) and wait until it binds.
+    """Start the proxy in a subprocess (``python -m phasestream.transport.wire proxy``) and wait until it binds.
 
     Parameters
     ----------
@@ -512,11 +512,11 @@ def start_proxy(in_port: int = 0, out_port: int = 0, *, host: str = LOCALHOST, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m phasestream.services.wire proxy --in ADDRESS --out ADDRESS``.
+    """Command line: ``python -m phasestream.transport.wire proxy --in ADDRESS --out ADDRESS``.
 
     Writes one JSON line ``{"in_address": ..., "out_address": ...}`` to stdout once bound.
     """
-    parser = argparse.ArgumentParser(prog="python -m phasestream.services.wire")
+    parser = argparse.ArgumentParser(prog="python -m phasestream.transport.wire")
     sub = parser.add_subparsers(dest="command", required=True)
     proxy = sub.add_parser("proxy", help="forward bluesky documents from publishers to workers")
     proxy.add_argument("--in", dest="in_address", default=DEFAULT_IN_ADDRESS)

@@ -1,7 +1,7 @@
 """Post-scan jobs of the live worker on Dask: submit one job per run, collect its summary by callback.
 
-:class:`DaskPostScan` is what :class:`~phasestream.services.live.LiveService` hands each finished
-run's post-scan :class:`~phasestream.services.jobs.Job` to when it runs with a scheduler. Submitting
+:class:`DaskPostScan` is what :class:`~phasestream.app.live.LiveService` hands each finished
+run's post-scan :class:`~phasestream.jobs.executors.Job` to when it runs with a scheduler. Submitting
 never blocks (the document stream goes on); the summary, or the error after ``retries``, reaches
 the caller's callbacks on a thread of Dask's client. :meth:`DaskPostScan.close` waits for the jobs
 still running.
@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from phasestream.services.jobs import Job, dask_client, run_job
-from phasestream.services.tiled import separate_api_key
+from phasestream.jobs.executors import Job, dask_client, run_job
+from phasestream.store.tiled import separate_api_key
 
 __all__ = ["DaskPostScan"]
 

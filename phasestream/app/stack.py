@@ -7,7 +7,7 @@ name            command                                                         
 ==============  ==================================================================  =========================
 tiled           ``python -m tiled serve config CONFIG --host H --port 8000``        ``/healthz`` 200 and the
                                                                                     API key accepted
-proxy           ``python -m phasestream.services.wire proxy --in :5577 --out :5578``  both ports accept
+proxy           ``python -m phasestream.transport.wire proxy --in :5577 --out :5578``  both ports accept
 models          ``phasestream serve-models --bind tcp://H:5579``                    ``health`` op answers ok
 scheduler       ``python -m dask scheduler --host H --port 8786``                   ``scheduler_info()``
                 ``--dashboard-address H:8787`` (health, metrics; no dashboard)
@@ -189,14 +189,14 @@ def _open_log(path: Path) -> int:
 
 def _commands(cfg: StackConfig) -> dict[str, list[str]]:
     py = sys.executable
-    models = [py, "-m", "phasestream.cli", "serve-models", "--bind", cfg.models, *cfg.models_args]
-    worker = [py, "-m", "phasestream.cli", "serve", "--zmq", cfg.zmq_out, "--tiled", cfg.tiled, *cfg.worker_args]
+    models = [py, "-m", "phasestream.app.cli", "serve-models", "--bind", cfg.models, *cfg.models_args]
+    worker = [py, "-m", "phasestream.app.cli", "serve", "--zmq", cfg.zmq_out, "--tiled", cfg.tiled, *cfg.worker_args]
     if "models" in cfg.components:
         worker += ["--models", cfg.models]
     if "scheduler" in cfg.components:  # the worker's post-scan jobs go to the stack's Dask scheduler
         worker += ["--scheduler", cfg.scheduler]
     commands = {
-        "proxy": [py, "-m", "phasestream.services.wire", "proxy", "--in", cfg.zmq_in, "--out", cfg.zmq_out],
+        "proxy": [py, "-m", "phasestream.transport.wire", "proxy", "--in", cfg.zmq_in, "--out", cfg.zmq_out],
         "models": models,
         # without --dashboard-address, Dask's HTTP servers listen on every interface even with --no-dashboard
         "scheduler": [py, "-m", "dask", "scheduler", "--host", cfg.host, "--port", str(cfg.scheduler_port),
@@ -259,7 +259,7 @@ def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
             ok = _port_open(ins) and _port_open(outs)
             return ok, f"{ins} -> {outs}" + ("" if ok else " not listening")
         if name == "models":
-            from phasestream.services.model_server import ModelClient
+            from phasestream.modelserver.client import ModelClient
 
             with contextlib.closing(ModelClient(address, timeout=3.0, retries=0)) as client:
                 health = client.health()
@@ -332,7 +332,7 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     (cfg.run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
     client_env = _write_env(cfg, api_key)
-    from phasestream.services.jobs import WORKER_ENV
+    from phasestream.jobs.executors import WORKER_ENV
 
     proc_env = {**os.environ, **WORKER_ENV, **cfg.env, "TILED_API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
     state: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()

@@ -1,0 +1,1 @@
+"""The application: live service, stack supervision, the command line, the demo."""

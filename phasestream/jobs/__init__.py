@@ -1,0 +1,1 @@
+"""Post-scan jobs: one function per job returning a JobOutcome, and the executors that run them (inline, Dask)."""
