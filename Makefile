@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "phasestream needs Python >= 3.11, found " + sys.version' 
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,models]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -49,8 +49,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/stream.py
 	$(BIN)/python benchmarks/scale.py
 
+# ruff, the layer contract (import-linter, pyproject.toml) and the structure check (no import cycle
+# between top-level parts, no module over 500 lines; docs/architecture.md)
 lint: $(STAMP)
-	$(BIN)/ruff check phasestream tests benchmarks
+	$(BIN)/ruff check phasestream tests benchmarks scripts
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_architecture.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

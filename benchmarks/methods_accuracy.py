@@ -47,7 +47,7 @@ from phasestream.methods.unmixing import bm3d_available
 from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
 
-NI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ni-k-edge"
+NI = Path(__file__).resolve().parents[1] / "tests" / "data" / "ni-k-edge"
 
 
 def ni_references(directory: Path = NI):

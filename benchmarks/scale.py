@@ -29,7 +29,8 @@ from pathlib import Path
 from bluesky import RunEngine
 
 from phasestream.app.stack import StackConfig, down, read_env, up
-from phasestream.jobs.executors import Job, dask_client, run_jobs, submit_jobs
+from phasestream.jobs.cluster import dask_client
+from phasestream.jobs.executors import Job, run_jobs, submit_jobs
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import connect, raw_run_writer

@@ -53,11 +53,12 @@ from bluesky import RunEngine
 from phasestream.app.demo import DEMO_STATES
 from phasestream.app.live import ServeProcess
 from phasestream.app.stack import StackConfig, down, read_env, status, up
+from phasestream.contract import FINAL_STATUSES
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
-from phasestream.store.catalog import FINAL_STATUSES
 from phasestream.store.tiled import connect, raw_run_writer, start_embedded_tiled
-from phasestream.transport.wire import DocumentPublisher, start_proxy
+from phasestream.transport.proxy import start_proxy
+from phasestream.transport.wire import DocumentPublisher
 
 ROOT = "phasestream"
 MIN_ACCURACY = 0.9  # fraction of particle pixels (boundaries excluded) whose phase matches the truth

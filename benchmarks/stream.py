@@ -36,7 +36,8 @@ from event_model import compose_run
 from phasestream.app.live import ServeProcess
 from phasestream.store.catalog import wait_for_result
 from phasestream.store.tiled import connect, start_embedded_tiled
-from phasestream.transport.wire import DocumentPublisher, start_proxy
+from phasestream.transport.proxy import start_proxy
+from phasestream.transport.wire import DocumentPublisher
 
 
 def _documents(size: int, n: int, *, seed: int = 0):

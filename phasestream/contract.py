@@ -1,9 +1,11 @@
-"""The trust contract: which identifiers, paths and sizes a document may name (docs/security.md).
+"""The contract every layer shares (docs/contract.md): statuses, the job outcome record, the result
+layout, and which identifiers, paths and sizes a document may name (docs/security.md).
 
 Every field of a start document comes from the network. Before a field names a Tiled key, a
 file or a size, it is checked here; anything else is refused with an error that names the
 field and what was expected. This module has no dependencies inside phasestream, so every
-layer (callbacks, the Tiled writer, jobs, the CLI) applies the same rules.
+layer (callbacks, the Tiled writer, jobs, the CLI) applies the same rules and speaks the same
+statuses.
 """
 
 from __future__ import annotations
@@ -11,29 +13,155 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DEFAULT_MAX_METADATA_BYTES",
     "DEFAULT_MAX_METADATA_DEPTH",
     "DEFAULT_MAX_NUM_POINTS",
+    "FINAL_JOB_STATUSES",
     "FINAL_STATUSES",
+    "MAP_LAYOUT",
+    "OD_DTYPE",
+    "RESULT_SPEC",
     "RUN_UID_PATTERN",
     "STATUSES",
+    "USABLE_STATUSES",
     "DocumentBounds",
+    "IncompleteReason",
     "InvalidIdentifierError",
+    "JobOutcome",
+    "JobStatus",
     "MetadataTooLargeError",
+    "Status",
     "check_metadata",
     "check_result_root",
     "check_run_uid",
     "path_inside",
 ]
 
+class Status(StrEnum):
+    """A result's ``status``: ``running`` while its run is analysed, then final (docs/contract.md)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"  # every array written and read back
+    PARTIAL = "partial"  # written and read back, but the run lost data (documents, energies, pixels)
+    FAILED = "failed"  # nothing usable; ``errors`` says why
+
+
+class JobStatus(StrEnum):
+    """The ``status`` of a post-scan job's record (``refinement``, ``enhancement``, ``methods.<name>``)."""
+
+    COMPLETE = "complete"
+    PARTIAL = "partial"
+    SKIPPED = "skipped"  # nothing to do, or a missing prerequisite (model server down, no model)
+    FAILED = "failed"
+
+
+class IncompleteReason(StrEnum):
+    """Why the transport reports a run's documents incomplete (``run_incomplete(uid, reason, kind=...)``).
+
+    The listener decides on the kind, never on the reason's text: a :attr:`final` kind means no
+    more documents of the run will come, so it is finalized now; otherwise its stop may still come.
+    """
+
+    MESSAGE_GAP = "message gap"  # sequence numbers skipped on the wire while the run was open
+    NO_START = "no start document"  # documents of a run whose start never arrived
+    NO_DESCRIPTOR = "no descriptor document"  # events of a descriptor never received
+    MISSING_EVENTS = "missing events"  # a seq_num (or stream datum) gap in a stream
+    EVENT_COUNT = "event count"  # the stop counts more events than arrived
+    STOP_TIMEOUT = "no stop document"  # nothing more within the stop timeout
+
+    @property
+    def final(self) -> bool:
+        return self is IncompleteReason.STOP_TIMEOUT
+
+
 #: Result statuses: ``running`` while a run is analysed, then one of :data:`FINAL_STATUSES`.
-STATUSES = ("running", "complete", "partial", "failed")
-FINAL_STATUSES = ("complete", "partial", "failed")
+STATUSES = tuple(s.value for s in Status)
+FINAL_STATUSES = (Status.COMPLETE.value, Status.PARTIAL.value, Status.FAILED.value)
+#: Result statuses whose maps a post-scan job may build on.
+USABLE_STATUSES = (Status.COMPLETE.value, Status.PARTIAL.value)
+#: Job record statuses that end the job (all of :class:`JobStatus` but ``partial``, which jobs never write).
+FINAL_JOB_STATUSES = (JobStatus.COMPLETE.value, JobStatus.SKIPPED.value, JobStatus.FAILED.value)
+
+
+@dataclass
+class JobOutcome:
+    """What became of one post-scan job on one run: the one record shape every executor returns.
+
+    ``status`` a :class:`JobStatus` value; ``reason`` why it is not complete (empty when it is);
+    ``seconds`` wall time; ``retry`` the command that repeats it (empty when complete); ``details``
+    the job's own record (the ``refinement`` / ``enhancement`` / ``methods`` metadata it wrote,
+    or the steps of a multi-step job).
+    """
+
+    run_uid: str
+    job: str
+    status: str
+    reason: str = ""
+    seconds: float = 0.0
+    retry: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.status = JobStatus(self.status).value
+
+    @property
+    def ok(self) -> bool:
+        return self.status == JobStatus.COMPLETE
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, run_uid: str, job: str, record: Mapping[str, Any]) -> JobOutcome:
+        """The outcome of a job that wrote ``record`` (status, reason, seconds, retry) into the result."""
+        return cls(run_uid, job, record["status"], reason=str(record.get("reason") or ""),
+                   seconds=float(record.get("seconds") or 0.0), retry=str(record.get("retry") or ""),
+                   details=dict(record))
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> JobOutcome:
+        return cls(**{k: record[k] for k in ("run_uid", "job", "status", "reason", "seconds", "retry", "details")
+                      if k in record})
+
+RESULT_SPEC = "PhaseMap"
+#: Contract result arrays: name -> (dtype, dims); "phase" is K, "y", "x" the image axes.
+MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
+    "pcc": (np.dtype("float32"), ("phase", "y", "x")),
+    "phase": (np.dtype("int16"), ("y", "x")),
+    "reliability": (np.dtype("float32"), ("y", "x")),
+    "ambiguous": (np.dtype("uint8"), ("y", "x")),
+    "mask": (np.dtype("uint8"), ("y", "x")),
+    "refined_phase": (np.dtype("int16"), ("y", "x")),
+    "latent": (np.dtype("float32"), ("y", "x", "latent")),
+    "false_positive": (np.dtype("uint8"), ("y", "x")),
+    # classic XANES methods (phasestream.jobs.methods)
+    "fractions_lcf": (np.dtype("float32"), ("phase", "y", "x")),
+    "fit_error": (np.dtype("float32"), ("y", "x")),
+    "reduced_chi2": (np.dtype("float32"), ("y", "x")),
+    "scale_lcf": (np.dtype("float32"), ("y", "x")),
+    "thickness": (np.dtype("float32"), ("y", "x")),
+    "normalized": (np.dtype("float32"), ("energy", "y", "x")),
+    "edge50": (np.dtype("float32"), ("y", "x")),
+    "peak_position": (np.dtype("float32"), ("y", "x")),
+    "threshold_mask": (np.dtype("uint8"), ("y", "x")),
+    "cluster_mask": (np.dtype("int16"), ("y", "x")),
+    "cluster_spectra": (np.dtype("float32"), ("cluster", "energy")),
+    "fractions_rum_tv": (np.dtype("float32"), ("phase", "y", "x")),
+    "scale_rum_tv": (np.dtype("float32"), ("y", "x")),
+    "fractions_rum_pnp": (np.dtype("float32"), ("phase", "y", "x")),
+    "scale_rum_pnp": (np.dtype("float32"), ("y", "x")),
+}
+#: dtype of the OD cube ``od`` (E, Y, X)
+OD_DTYPE = np.dtype("float32")
 
 #: Run uids (event-model makes UUIDs): letters, digits, ``.``, ``_`` and ``-``, 1-128 characters,
 #: not starting with a dot (so never ``.`` or ``..``, which Tiled resolves like a URL path).

@@ -13,11 +13,9 @@ from phasestream.references import (
     write_references,
 )
 
-NI = Path(__file__).resolve().parents[2] / "shared" / "data" / "ni-k-edge"
-needs_ni = pytest.mark.skipif(not NI.exists(), reason="../shared/data/ni-k-edge not present")
+NI = Path(__file__).resolve().parent / "data" / "ni-k-edge"  # tests/data/ni-k-edge/README.md
 
 
-@needs_ni
 def test_two_column_kev_files_load_in_ev():
     raw = np.loadtxt(NI / "ref_NiO.txt")
     refs = load_references(NI / "ref_NiO.txt")
@@ -26,7 +24,6 @@ def test_two_column_kev_files_load_in_ev():
     np.testing.assert_allclose(refs.spectra[0], raw[:, 1])
 
 
-@needs_ni
 def test_several_two_column_files_merge_on_common_grid():
     refs = load_references([NI / "ref_NiO.txt", NI / "ref_LiNiO2.txt"])
     assert refs.phases == ("NiO", "LiNiO2")

@@ -156,7 +156,8 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             refine_options = RefineOptions(address=models.address, strategy=cfg.strategy).validate()
         if cfg.topology == "zmq":
             from phasestream.app.live import ServeProcess
-            from phasestream.transport.wire import DocumentPublisher, start_proxy
+            from phasestream.transport.proxy import start_proxy
+            from phasestream.transport.wire import DocumentPublisher
 
             proxy = stack.enter_context(start_proxy())
             refine_args = ("--models", refine_options.address, "--strategy", cfg.strategy) if cfg.refine \

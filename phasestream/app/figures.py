@@ -1,6 +1,6 @@
 """PNG figures of a phase-mapping result: phase map with reliability as brightness, PCC maps, fractions.
 
-The phase map follows the paper's display (../shared/papers/pcc-gmvae-phase-mapping-stxm.txt,
+The phase map follows the display of the PCC-GMVAE paper (docs/methods.md; doi:10.48550/arXiv.2603.07666,
 section 3.3): each pixel is coloured by its phase, with the reliability (best minus second-best
 PCC) as brightness; background is black and ambiguous pixels are grey.
 """

@@ -18,11 +18,13 @@ open as ``partial`` ("worker stopped"); while it runs, the service touches each 
 final write never reached Tiled): it is recovered from the raw run like a run that lost
 documents, and records ``recovered: {reason: "worker restarted"}``.
 
-With a Dask scheduler (``scheduler=``: an address, ``"local"`` or a ``distributed.Client``), the
-post-scan steps of each finished run (refine, enhance, methods as requested) and the reprocessing
-of runs that lost documents go to Dask instead, as one :class:`~phasestream.jobs.executors.Job`
-per run with retries (:class:`~phasestream.jobs.dispatch.DaskPostScan`); their records land
-in the same ``refined`` / ``enhanced`` / ``methods`` / ``recovered`` dicts when the task finishes.
+The service only builds jobs: the post-scan steps of each finished run (refine, enhance, methods
+as requested) and the reprocessing of runs that lost documents become one
+:class:`~phasestream.jobs.executors.Job` per run, handed to an executor: a thread of this process
+(:class:`~phasestream.jobs.executors.InlineExecutor`), or with a Dask scheduler (``scheduler=``:
+an address, ``"local"`` or a ``distributed.Client``) one task per run with retries
+(:class:`~phasestream.jobs.executors.DaskExecutor`). Either way each step's
+:class:`~phasestream.contract.JobOutcome` lands in :attr:`LiveService.outcomes`.
 """
 
 from __future__ import annotations
@@ -30,21 +32,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.jobs.dispatch import DaskPostScan
-from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start, enhance_result
-from phasestream.jobs.refine import RefineOptions, refine_result
-from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
+from phasestream.callbacks.settings import RunSettings
+from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome
+from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
+from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
+from phasestream.jobs.methods import MethodsOptions, methods_options_from_start
+from phasestream.jobs.refine import RefineOptions
+from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.store.results import ResultWriter
-from phasestream.store.tiled import raw_run_complete
-
-if TYPE_CHECKING:
-    from phasestream.jobs.methods import MethodsOptions
+from phasestream.store.tiled import raw_run_complete, separate_api_key
 
 __all__ = ["LiveService", "ServeProcess"]
 
@@ -84,19 +85,16 @@ class LiveService:
         self.refine_options = refine
         self.enhance_options = enhance
         self.methods_options = methods
-        self.refined: dict[str, dict] = {}  # run uid -> refinement record
-        self.enhanced: dict[str, dict] = {}  # run uid -> enhancement record
-        self.methods: dict[str, dict] = {}  # run uid -> {method: record}
-        post_scan = refine is not None or enhance is not None or methods is not None
-        self.dask: DaskPostScan | None = None
+        #: run uid -> job name (refine, enhance, methods, reprocess) -> its outcome, whichever executor ran it
+        self.outcomes: dict[str, dict[str, JobOutcome]] = {}
+        self.post_scan = refine is not None or enhance is not None or methods is not None
+        self.executor: Executor
         if scheduler is not None and not (isinstance(scheduler, str) and scheduler.lower() == "none"):
-            self.dask = DaskPostScan(scheduler, tiled_uri or str(tiled_client.context.api_uri),
-                                     api_key=None if tiled_uri else tiled_client.context.api_key,
-                                     retries=retries, n_workers=dask_workers)
-        threaded = post_scan and self.dask is None
-        self._refiner = ThreadPoolExecutor(1, thread_name_prefix="post-scan") if threaded else None
-        self._requests: dict[str, dict] = {}  # run uid -> the start document's phasestream extras
-        self.post_scan = post_scan
+            self.executor = DaskExecutor(scheduler, tiled_uri or str(tiled_client.context.api_uri),
+                                         api_key=None if tiled_uri else tiled_client.context.api_key,
+                                         retries=retries, n_workers=dask_workers)
+        else:
+            self.executor = InlineExecutor(JobContext(client=tiled_client))
         callback_options.setdefault("on_run_complete", self._run_complete)
         self.callback = PhaseMapCallback(tiled_client, **callback_options)
         self.recover_after = float(recover_after)
@@ -104,6 +102,7 @@ class LiveService:
         self.recovered: dict[str, str] = {}  # run uid -> status after reprocessing (or why it was not)
         self._pending: dict[str, float] = {}
         self._reasons: dict[str, str] = {}  # pending uid -> why it is recovered (default: documents lost)
+        self._submitted: set[str] = set()  # uids whose reprocessing job is with the executor
         self.stale_after = None if stale_after is None else float(stale_after)
         self._next_stale_check = 0.0  # at once: results an earlier worker left running
         self._next_heartbeat = 0.0
@@ -116,9 +115,10 @@ class LiveService:
     def __call__(self, name: str, doc: dict) -> None:
         self.callback(name, doc)
 
-    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
+    def run_incomplete(self, run_uid: str, reason: str, *,
+                       kind: IncompleteReason = IncompleteReason.MESSAGE_GAP) -> None:
         """Transport listener: documents of ``run_uid`` were lost; mark partial, reprocess later."""
-        self.callback.run_incomplete(run_uid, reason, final=final)
+        self.callback.run_incomplete(run_uid, reason, kind=kind)
         with self._lock:
             self._pending.setdefault(run_uid, time.monotonic())
         self._wake.set()
@@ -132,119 +132,78 @@ class LiveService:
                 self._reasons.setdefault(result.uid, "writing the result to Tiled failed")
             self._wake.set()
             return
-        if self.post_scan and result.status in ("complete", "partial"):
+        if self.post_scan and result.status in USABLE_STATUSES:
             with self._lock:
-                lost = result.uid in self._pending  # refined after reprocessing instead
-                self._requests[result.uid] = dict(result.settings.extra)
-            if lost:
-                return
-            if self.dask is not None:
+                lost = result.uid in self._pending  # post-scan steps follow its reprocessing instead
+            if not lost:
                 self._submit(result.uid, [], dict(result.settings.extra))
-            else:
-                self._refiner.submit(self._post_scan, result.uid)
+
+    def outcome(self, uid: str, job: str) -> JobOutcome | None:
+        """The outcome of ``job`` (refine, enhance, methods, reprocess) on run ``uid``, once it ended."""
+        with self._lock:
+            return self.outcomes.get(uid, {}).get(job)
+
+    def _record(self, uid: str, outcome: JobOutcome) -> None:
+        with self._lock:
+            self.outcomes.setdefault(uid, {})[outcome.job] = outcome
 
     def _post_scan_steps(self, uid: str, extra: dict) -> list[tuple[str, dict]]:
         """The Job steps of the post-scan work ``uid`` asks for; a malformed request is recorded as failed."""
         steps: list[tuple[str, dict]] = []
         if self.refine_options is not None:
             steps.append(("refine", asdict(self.refine_options)))
-        if self.enhance_options is not None:
+        requests = (("enhance", enhance_options_from_start, self.enhance_options),
+                    ("methods", methods_options_from_start, self.methods_options))
+        for name, from_start, base in requests:
+            if base is None:
+                continue
             try:
-                options = enhance_options_from_start(extra, self.enhance_options)
+                options = from_start(extra, base)
             except ValueError as exc:
-                self.enhanced[uid] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+                self._record(uid, JobOutcome(uid, name, "failed", reason=f"{type(exc).__name__}: {exc}"))
             else:
                 if options is not None:
-                    steps.append(("enhance", asdict(options)))
-        if self.methods_options is not None:
-            from phasestream.jobs.methods import methods_options_from_start
-
-            try:
-                options = methods_options_from_start(extra, self.methods_options)
-            except ValueError as exc:
-                self.methods[uid] = {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
-            else:
-                if options is not None:
-                    steps.append(("methods", asdict(options)))
+                    steps.append((name, asdict(options)))
         return steps
 
     def _submit(self, uid: str, first: list[tuple[str, dict]], extra: dict, live_errors: list | None = None) -> None:
-        """Hand ``first`` (reprocessing) and the post-scan steps of ``uid`` to Dask as one job."""
-        from phasestream.jobs.executors import Job
-
+        """Hand ``first`` (reprocessing) and the post-scan steps of ``uid`` to the executor as one job."""
         steps = [*first, *self._post_scan_steps(uid, extra)]
-        if not steps:
-            return
-        self.dask.submit(Job(uid, tuple(steps)),
-                         lambda summary: self._job_done(uid, summary, live_errors),
-                         lambda error: self._job_failed(uid, steps, error))
+        if steps:
+            job = Job(uid, tuple(steps))
+            self.executor.submit(job, lambda outcome: self._job_done(job, outcome, live_errors))
 
-    def _job_done(self, uid: str, summary: dict, live_errors: list | None) -> None:
-        """A Dask job's summary into the dicts (and the ``recovered`` metadata of a reprocessed run)."""
-        steps = summary["steps"]
-        if "refine" in steps:
-            self.refined[uid] = steps["refine"]["refinement"]
-        if "enhance" in steps:
-            self.enhanced[uid] = steps["enhance"]["enhancement"]
-        if "methods" in steps:
-            self.methods[uid] = steps["methods"]["methods"]
+    def _job_done(self, job: Job, outcome: JobOutcome, live_errors: list | None) -> None:
+        """A job's outcome: each step's into :attr:`outcomes`; a reprocessed run's ``recovered`` note."""
+        uid = job.run_uid
+        steps = outcome.details.get("steps")
+        if steps is None:  # the job raised (after its retries): every step failed with its error
+            logger.error("run %s: post-scan job %s failed: %s", uid, job.names, outcome.reason)
+            for name in job.names:
+                self._record(uid, JobOutcome(uid, name, "failed", reason=outcome.reason))
+            if "reprocess" in job.names:
+                self._give_up(uid, f"recovery from the raw run failed: {outcome.reason}")
+                self._done(uid, f"failed: {outcome.reason}")
+            else:
+                self._note_error(uid, f"post-scan job ({', '.join(job.names)}) failed: {outcome.reason}")
+            return
+        for record in steps.values():
+            self._record(uid, JobOutcome.from_dict(record))
         if "reprocess" in steps:
-            status = str(steps["reprocess"].get("status"))
+            status = steps["reprocess"]["status"]
             try:
                 ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
-                    recovered={**self._recovered_note(uid, live_errors or []), "on": "dask"})
+                    recovered=self._recovered_note(uid, live_errors or []))
             except Exception:  # the reprocessed result stands without the note
                 logger.exception("run %s: could not record the recovery", uid)
-            logger.info("run %s reprocessed on Dask after lost documents: %s", uid, status)
+            logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, status)
             self._done(uid, status)
 
-    def _job_failed(self, uid: str, steps: list[tuple[str, dict]], error: str) -> None:
-        """A Dask job that failed after its retries: logged, recorded on the result and in the dicts."""
-        logger.error("run %s: post-scan job on Dask failed: %s", uid, error)
-        names = [name for name, _ in steps]
-        record = {"status": "failed", "reason": error}
-        if "refine" in names:
-            self.refined[uid] = record
-        if "enhance" in names:
-            self.enhanced[uid] = record
-        if "methods" in names:
-            self.methods[uid] = {"_job": {"status": "failed", "errors": [error]}}
+    def _note_error(self, uid: str, message: str) -> None:
         try:
-            ResultWriter.open(self.client, uid, root=self.callback.root).record_error(
-                f"post-scan job ({', '.join(names)}) failed on Dask: {error}")
+            ResultWriter.open(self.client, uid, root=self.callback.root).record_error(message)
         except Exception:  # no result to record it on
-            logger.exception("run %s: could not record the failed post-scan job", uid)
-        if "reprocess" in names:
-            self._done(uid, f"failed: {error}")
-
-    def _post_scan(self, uid: str) -> None:
-        """The post-scan jobs of one run, in order: GMVAE refinement, then InDI enhancement and classic
-        methods where the run asks for them."""
-        if self.refine_options is not None:
-            try:
-                record = refine_result(self.client, uid, self.refine_options)
-            except Exception as exc:
-                logger.exception("run %s: refinement failed", uid)
-                record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-            self.refined[uid] = record
-        if self.enhance_options is not None:
-            try:
-                options = enhance_options_from_start(self._requests.get(uid, {}), self.enhance_options)
-                if options is not None:
-                    self.enhanced[uid] = enhance_result(self.client, uid, options)
-            except Exception as exc:
-                logger.exception("run %s: enhancement failed", uid)
-                self.enhanced[uid] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-        if self.methods_options is not None:
-            from phasestream.jobs.methods import methods_options_from_start, run_methods
-
-            try:
-                options = methods_options_from_start(self._requests.get(uid, {}), self.methods_options)
-                if options is not None:
-                    self.methods[uid] = run_methods(self.client, uid, options)
-            except Exception as exc:
-                logger.exception("run %s: methods failed", uid)
-                self.methods[uid] = {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
+            logger.exception("run %s: could not record: %s", uid, message)
 
     def _heartbeat(self) -> None:
         """Touch ``updated_at`` of every open run's result: an open run is never taken for stale."""
@@ -272,7 +231,7 @@ class LiveService:
             stale.append(uid)
         with self._lock:
             for uid in stale:
-                if uid not in self._pending:
+                if uid not in self._pending and uid not in self._submitted:
                     # analysed here: its final status never reached Tiled; else a worker that is gone left it
                     reason = "the final status never reached Tiled" if uid in self.callback.results else \
                         "worker restarted"
@@ -316,7 +275,8 @@ class LiveService:
 
     def _recovered_note(self, uid: str, live_errors: list) -> dict:
         reason = self._reasons.get(uid, "documents lost")
-        return {"reason": reason, "from": "raw run in Tiled", "live_errors": live_errors}
+        on = "dask" if isinstance(self.executor, DaskExecutor) else "worker"
+        return {"reason": reason, "from": "raw run in Tiled", "on": on, "live_errors": live_errors}
 
     def _reprocess(self, uid: str, *, complete: bool = True) -> None:
         """Recompute ``uid`` from its raw run (``complete=False``: a raw run that never got its stop:
@@ -327,25 +287,16 @@ class LiveService:
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []
-            if self.dask is not None:
-                extra = dict(self.client[uid].metadata["start"].get("phasestream") or {})
-                with self._lock:
-                    self._pending.pop(uid, None)  # submitted: recovered[uid] is set when the task ends
-                self._submit(uid, [("reprocess", asdict(options))], extra, live_errors)
-                return
-            result = reprocess_run(self.client, uid, options)
-            ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
-                recovered=self._recovered_note(uid, live_errors))
-            logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, result.status)
-            if self._refiner is not None and result.status in ("complete", "partial"):
-                with self._lock:
-                    self._requests[uid] = dict(result.settings.extra)
-                self._refiner.submit(self._post_scan, uid)
-            self._done(uid, result.status)
+            extra = dict(RunSettings.from_start(self.client[uid].metadata["start"]).extra)
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)
             self._give_up(uid, f"recovery from the raw run failed: {type(exc).__name__}: {exc}")
             self._done(uid, f"failed: {exc}")
+            return
+        with self._lock:
+            self._pending.pop(uid, None)  # submitted: recovered[uid] is set when the job ends
+            self._submitted.add(uid)
+        self._submit(uid, [("reprocess", asdict(options))], extra, live_errors)
 
     def _give_up(self, uid: str, reason: str) -> None:
         """A result that could not be recovered ends with a final status and the reason, never ``running``."""
@@ -362,6 +313,7 @@ class LiveService:
         with self._lock:
             self._pending.pop(uid, None)
             self._reasons.pop(uid, None)
+            self._submitted.discard(uid)
             self.recovered[uid] = status
 
     def wait_recovered(self, uid: str, timeout: float = 60.0) -> str | None:
@@ -380,10 +332,7 @@ class LiveService:
         self._thread.join(10.0)
         self.callback.abort_active("worker stopped")
         self.callback.flush(60.0)
-        if self._refiner is not None:
-            self._refiner.shutdown(wait=True)
-        if self.dask is not None:
-            self.dask.close()
+        self.executor.close()
         self.callback.close()
 
 
@@ -403,7 +352,6 @@ class ServeProcess(ServiceProcess):
     """
 
     def __init__(self, address: str, tiled_uri: str, *, args: tuple[str, ...] = (), timeout: float = 120.0):
-        base, _, query = tiled_uri.partition("?")
-        key = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("api_key")
+        base, key = separate_api_key(tiled_uri)
         super().__init__(("serve", "--zmq", address, "--tiled", base, *args),
                          env={"TILED_API_KEY": key} if key else None, timeout=timeout, what="analysis worker")

@@ -9,6 +9,7 @@ waits for the ready line, and stops it with SIGTERM (then SIGKILL after a timeou
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -17,6 +18,11 @@ import threading
 import time
 
 __all__ = ["ModelServerProcess", "ServiceProcess"]
+
+logger = logging.getLogger(__name__)
+
+READER_TIMEOUT = 5.0
+"""Seconds :meth:`ServiceProcess.stop` waits, after the process exited, for the last lines of its stdout."""
 
 
 class ServiceProcess:
@@ -46,11 +52,14 @@ class ServiceProcess:
         self.ready: dict = {}
         self.stopped: dict | None = None
         self._lines: queue.Queue = queue.Queue()
+        self._reader: threading.Thread | None = None
 
     def start(self):
         """Start the command and return ``self`` once it printed its ready line."""
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, env=self.env)
-        threading.Thread(target=lambda: [self._lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True,
+                                        name=f"{self.what} stdout")
+        self._reader.start()
         end = time.monotonic() + self.timeout
         while True:
             try:
@@ -75,12 +84,21 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        time.sleep(0.1)  # let the reader thread take the last lines
+        if self._reader is not None:
+            # the pipe ends once the process (and any child it handed its stdout to) has exited
+            self._reader.join(READER_TIMEOUT)
+            if self._reader.is_alive():
+                logger.warning("%s (pid %d) exited but its stdout is still open (a child process holds it); "
+                               "its last lines may be missing", self.what, self.proc.pid)
         while not self._lines.empty():
             line = self._lines.get()
             if '"stopped"' in line:
                 self.stopped = json.loads(line)
         return (self.stopped or {}).get("stats", {})
+
+    def _read(self, stdout) -> None:
+        for line in stdout:
+            self._lines.put(line)
 
     @property
     def returncode(self) -> int | None:

@@ -1,21 +1,20 @@
 """The whole service on one host: start (``phasestream up``), check (``status``) and stop (``down``) it.
 
-Components, in start order (each waits for the ones before it):
+Components, in start order (each waits for the ones before it), launched by the commands of
+:data:`phasestream.app.launch.SERVICES` (the ones ``deploy/Procfile`` and the systemd units run):
 
-==============  ==================================================================  =========================
-name            command                                                             healthy when
-==============  ==================================================================  =========================
-tiled           ``python -m tiled serve config CONFIG --host H --port 8000``        ``/healthz`` 200 and the
-                                                                                    API key accepted
-proxy           ``python -m phasestream.transport.wire proxy --in :5577 --out :5578``  both ports accept
-models          ``phasestream serve-models --bind tcp://H:5579``                    ``health`` op answers ok
-scheduler       ``python -m dask scheduler --host H --port 8786``                   ``scheduler_info()``
-                ``--dashboard-address H:8787`` (health, metrics; no dashboard)
-dask-workers    ``python -m dask worker tcp://H:8786 --nworkers N --nthreads 1``    N workers registered
-                ``--host H --dashboard-address H:0``
-worker          ``phasestream serve --zmq tcp://H:5578 --tiled URI --models ...     alive and said ready
-                --scheduler tcp://H:8786``
-==============  ==================================================================  =========================
+============  ================================================  =========================================
+name          command                                           healthy when
+============  ================================================  =========================================
+tiled         ``python -m tiled serve config CONFIG ...``       ``/healthz`` 200 and the API key accepted
+proxy         ``phasestream proxy --in ... --out ...``          both ports accept
+models        ``phasestream serve-models --bind ...``           ``health`` op answers ok
+scheduler     ``python -m dask scheduler --host tcp://...``     ``scheduler_info()``
+              (health, metrics on ``--scheduler-http-port``)
+dask-workers  ``python -m dask worker tcp://... --nworkers N``  N workers registered
+worker        ``phasestream serve --zmq ... --tiled URI``       alive and said ready
+              (``--models``, ``--scheduler``: the stack's)
+============  ================================================  =========================================
 
 Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``
 (mode 0600), and is recorded in ``RUN_DIR/stack.json`` (pid, command, address).
@@ -52,11 +51,13 @@ from typing import Any
 import httpx
 import yaml
 
+from phasestream.app.launch import SERVICES
+
 __all__ = ["COMPONENTS", "RedactSecrets", "StackConfig", "down", "status", "up"]
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("tiled", "proxy", "models", "scheduler", "dask-workers", "worker")
+COMPONENTS = tuple(service.name for service in SERVICES)
 DEFAULT_RUN_DIR = Path("~/.phasestream/run")
 
 
@@ -188,29 +189,20 @@ def _open_log(path: Path) -> int:
 
 
 def _commands(cfg: StackConfig) -> dict[str, list[str]]:
+    """The command line of each component of ``cfg``, from :data:`~phasestream.app.launch.SERVICES`."""
     py = sys.executable
-    models = [py, "-m", "phasestream.app.cli", "serve-models", "--bind", cfg.models, *cfg.models_args]
-    worker = [py, "-m", "phasestream.app.cli", "serve", "--zmq", cfg.zmq_out, "--tiled", cfg.tiled, *cfg.worker_args]
-    if "models" in cfg.components:
-        worker += ["--models", cfg.models]
-    if "scheduler" in cfg.components:  # the worker's post-scan jobs go to the stack's Dask scheduler
-        worker += ["--scheduler", cfg.scheduler]
-    commands = {
-        "proxy": [py, "-m", "phasestream.transport.wire", "proxy", "--in", cfg.zmq_in, "--out", cfg.zmq_out],
-        "models": models,
-        # without --dashboard-address, Dask's HTTP servers listen on every interface even with --no-dashboard
-        "scheduler": [py, "-m", "dask", "scheduler", "--host", cfg.host, "--port", str(cfg.scheduler_port),
-                      "--no-dashboard", "--dashboard-address", f"{cfg.host}:{cfg.scheduler_http_port}", "--no-show"],
-        "dask-workers": [py, "-m", "dask", "worker", cfg.scheduler, "--nworkers", str(cfg.dask_workers),
-                         "--nthreads", "1", "--host", cfg.host, "--no-dashboard", "--dashboard-address",
-                         f"{cfg.host}:0", "--name", "phasestream", "--local-directory", str(cfg.run_dir / "dask")],
-        "worker": worker,
-    }
+    values = {"python": [py], "phasestream": [py, "-m", "phasestream.app.cli"], "host": cfg.host,
+              "tiled_host": cfg.host, "tiled_port": cfg.tiled_port, "tiled": cfg.tiled, "zmq_in": cfg.zmq_in,
+              "zmq_out": cfg.zmq_out, "models": cfg.models, "scheduler": cfg.scheduler,
+              "scheduler_http": f"{cfg.host}:{cfg.scheduler_http_port}", "dask_workers": cfg.dask_workers,
+              "dask_directory": str(cfg.run_dir / "dask")}
     if "tiled" in cfg.components:
-        config = Path(cfg.tiled_config).resolve() if cfg.tiled_config else _generated_tiled_config(cfg)
-        commands["tiled"] = [py, "-m", "tiled", "serve", "config", str(config), "--host", cfg.host,
-                             "--port", str(cfg.tiled_port), "--log-config", str(_tiled_log_config(cfg))]
-    return {name: commands[name] for name in cfg.components}
+        values["tiled_config"] = str(Path(cfg.tiled_config).resolve() if cfg.tiled_config
+                                     else _generated_tiled_config(cfg))
+        values["tiled_log_config"] = str(_tiled_log_config(cfg))
+    extra = {"models": cfg.models_args, "worker": cfg.worker_args}
+    return {s.name: s.command(values, running=cfg.components, extra=extra.get(s.name, ()), run_dir=True)
+            for s in SERVICES if s.name in cfg.components}
 
 
 # --------------------------------------------------------------------------- health
@@ -332,7 +324,7 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     (cfg.run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
     client_env = _write_env(cfg, api_key)
-    from phasestream.jobs.executors import WORKER_ENV
+    from phasestream.jobs.cluster import WORKER_ENV
 
     proc_env = {**os.environ, **WORKER_ENV, **cfg.env, "TILED_API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
     state: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()

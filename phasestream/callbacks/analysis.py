@@ -11,16 +11,18 @@ final maps, fractions, status and timings at stop. Bad events are recorded on th
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from event_model import DocumentRouter, unpack_event_page
 
 from phasestream.callbacks.assets import read_stream_frames
-from phasestream.callbacks.settings import RunSettings
+from phasestream.callbacks.planes import PartialMapPolicy, PlaneQueue
+from phasestream.callbacks.result import RunResult
+from phasestream.callbacks.settings import AnalysisConfig, RunSettings
+from phasestream.callbacks.sink import ResultSink
 from phasestream.kernels import (
     PearsonAccumulator,
     assign_phases,
@@ -31,9 +33,6 @@ from phasestream.kernels import (
     to_numpy,
 )
 from phasestream.references import ReferenceSet
-
-if TYPE_CHECKING:
-    from phasestream.callbacks.phase_map import PhaseMapCallback
 
 __all__ = ["ENERGY_TOLERANCE_EV", "RunAnalysis", "RunResult"]
 
@@ -47,74 +46,20 @@ MAX_ERROR_CHARS = 500
 PARTIAL_MAPS = "partial maps"
 HEARTBEAT = "the result's heartbeat"
 _SUPERSEDED = (PARTIAL_MAPS, HEARTBEAT)
-# largest OD write request (bytes) when planes queued up: Tiled ingests larger bodies no faster
-# per byte (slower, past ~16 MiB)
-OD_REQUEST_BYTES = 16 << 20
-#: bytes of OD plane buffers kept for reuse while planes wait for the sink (per run): as many
-#: as queue up behind a partial-map upload at 2048^2 and 20 frames/s
-OD_POOL_BYTES = 512 << 20
-
-
-class PlanePool:
-    """Reusable image buffers for the OD planes that wait for the sink.
-
-    A plane that outlives its frame (queued for writing) would otherwise be a fresh allocation
-    every frame; large ones come from the kernel as new, untouched pages, and faulting 16 MB
-    in (a 2048^2 float32 plane) costs more than the OD kernel itself (about 40 ms on a VM).
-    Buffers handed back after writing are already mapped. At most ``keep_bytes`` are kept.
-    """
-
-    def __init__(self, keep_bytes: int = OD_POOL_BYTES):
-        self.keep_bytes = int(keep_bytes)
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def copy(self, plane: np.ndarray) -> np.ndarray:
-        """A pooled buffer holding a copy of ``plane`` (a new one when none of its shape is free)."""
-        with self._lock:
-            buffer = next((b for b in self._free if b.shape == plane.shape and b.dtype == plane.dtype), None)
-            if buffer is not None:
-                self._free.remove(buffer)
-        if buffer is None:
-            buffer = np.empty_like(plane)
-        np.copyto(buffer, plane)
-        return buffer
-
-    def release(self, buffer: np.ndarray) -> None:
-        """Hand a buffer back once nothing refers to it any more."""
-        with self._lock:
-            if (len(self._free) + 1) * buffer.nbytes <= self.keep_bytes:
-                self._free.append(buffer)
-
-
-class RunResult:
-    """The in-memory outcome of one analysed run (what was written to Tiled, for callers and tests)."""
-
-    def __init__(self, settings: RunSettings):
-        self.settings = settings
-        self.status = "running"
-        self.errors: list[str] = []
-        self.energies: list[float] = []
-        self.metadata: dict = {}
-        self.arrays: dict[str, np.ndarray] = {}
-        self.done = threading.Event()
-        #: a write of the final result failed or did not read back: Tiled does not hold it whole
-        self.write_failed = False
-
-    @property
-    def uid(self) -> str:
-        return self.settings.run_uid
-
-
 class RunAnalysis(DocumentRouter):
     """Per-run state: accumulator, dark/flat frames, asset documents, timings.
 
     Made by :class:`PhaseMapCallback` for each handled run; not meant to be built by hand.
     """
 
-    def __init__(self, owner: PhaseMapCallback, settings: RunSettings, references: ReferenceSet):
+    def __init__(self, config: AnalysisConfig, settings: RunSettings, references: ReferenceSet, *,
+                 sink: ResultSink, open_writer: Callable[[RunAnalysis, tuple[int, int] | None], Any],
+                 on_finished: Callable[[RunAnalysis], None]):
         super().__init__()
-        self.owner = owner
+        self.config = config
+        self.sink = sink
+        self.open_writer = open_writer  # (analysis, image shape) -> ResultWriter or None, on the sink thread
+        self.on_finished = on_finished
         self.settings = settings
         self.references = references
         self.result = RunResult(settings)
@@ -124,8 +69,6 @@ class RunAnalysis(DocumentRouter):
         self.flats: list[tuple[float, np.ndarray]] = []
         self.stream_resources: dict[str, dict] = {}
         self.stream_frames: dict[tuple[str, int], np.ndarray] = {}
-        self.since_update = 0
-        self.last_update = time.monotonic()
         self.t_start = time.time()
         self.t_first_image: float | None = None
         self.t_last_image: float | None = None
@@ -135,15 +78,9 @@ class RunAnalysis(DocumentRouter):
         self.incomplete_reason: str | None = None
         self._final: tuple[int, dict] | None = None  # (images, summary) of maps written before the stop
         # OD planes waiting for the sink: one job writes all that queued up, in one request
-        self._od_pending: list[tuple[int, np.ndarray]] = []
-        self._od_lock = threading.Lock()
-        self._od_job_queued = False
-        self._od_pool = PlanePool()
-        # partial maps: cost of the last one (compute + write, s), and whether one is being written
-        self._partial_cost_s = 0.0
-        self._partial_busy = False
-        self._write_s_per_byte: float | None = None
-        self.n_partials = 0
+        self.planes = PlaneQueue(lambda: self.sink.submit(self._write(self.planes.write, "OD planes"),
+                                                          key=settings.run_uid))
+        self.partials = PartialMapPolicy(config)
         self.valid_pixels = 0
         self.closed = False
         self.opened = False
@@ -174,10 +111,10 @@ class RunAnalysis(DocumentRouter):
     def heartbeat(self) -> None:
         """Queue a touch of the result's ``updated_at``: this run is alive (see ``LiveService``)."""
         if not self.closed:
-            self.owner.sink.submit(self._write(lambda writer: writer.update_metadata(), HEARTBEAT),
+            self.sink.submit(self._write(lambda writer: writer.update_metadata(), HEARTBEAT),
                                    key=self.settings.run_uid)
 
-    def _base_metadata(self) -> dict:
+    def base_metadata(self) -> dict:
         s = self.settings
         return {
             "run_uid": s.run_uid,
@@ -207,11 +144,11 @@ class RunAnalysis(DocumentRouter):
 
         def job() -> None:
             try:
-                self.writer = self.owner.writer_factory(self, shape)
+                self.writer = self.open_writer(self, shape)
             except Exception as exc:  # noqa: BLE001 - recorded on the run; it ends failed
                 self.write_failed("the result container", exc)
 
-        self.owner.sink.submit(job, key=self.settings.run_uid)
+        self.sink.submit(job, key=self.settings.run_uid)
 
     def _write(self, fn: Callable[[Any], None], what: str) -> Callable[[], None]:
         def job() -> None:
@@ -223,67 +160,6 @@ class RunAnalysis(DocumentRouter):
                 self.write_failed(what, exc)
 
         return job
-
-    def _queue_od(self, index: int, plane: np.ndarray) -> None:
-        """Hand an OD plane to the sink; planes that queue up behind a busy sink go in one request."""
-        with self._od_lock:
-            self._od_pending.append((index, plane))
-            if self._od_job_queued:
-                return
-            self._od_job_queued = True
-        self.owner.sink.submit(self._write(self._write_pending_od, "OD planes"), key=self.settings.run_uid)
-
-    def _take_pending_od(self, *, merge: bool = True) -> list[tuple[int, np.ndarray]]:
-        """Runs of consecutive pending OD planes as (start, (n, Y, X) block), at most OD_REQUEST_BYTES each.
-
-        ``merge=False``: the pending (index, (Y, X) plane) as they are, for a writer that writes
-        files directly (no request to save; stacking would only copy); hand each plane back to
-        the pool (``_od_pool.release``) once written.
-        """
-        with self._od_lock:
-            pending, self._od_pending = self._od_pending, []
-            self._od_job_queued = False
-        if not merge:
-            return pending
-        runs: list[tuple[int, list[np.ndarray]]] = []
-        for index, plane in pending:
-            fits = (len(runs[-1][1]) + 1) * plane.nbytes <= OD_REQUEST_BYTES if runs else False
-            if fits and runs[-1][0] + len(runs[-1][1]) == index:
-                runs[-1][1].append(plane)
-            else:
-                runs.append((index, [plane]))
-        blocks = [(start, np.stack(planes)) for start, planes in runs]
-        for _, plane in pending:
-            self._od_pool.release(plane)
-        return blocks
-
-    def _write_pending_od(self, writer) -> None:
-        if writer.od_external:  # a file write says nothing about Tiled's upload speed: not measured
-            pending = self._take_pending_od(merge=False)
-            try:
-                for index, plane in pending:
-                    writer.write_od_planes(index, plane[np.newaxis])
-            finally:
-                for _, plane in pending:
-                    self._od_pool.release(plane)
-            return
-        for start, block in self._take_pending_od():
-            t = time.perf_counter()
-            writer.write_od_planes(start, block)
-            self._measured_write(block.nbytes, time.perf_counter() - t)
-
-    def _measured_write(self, nbytes: int, seconds: float) -> None:
-        """Track how fast Tiled takes our bytes (s/byte, moving average): it prices partial maps."""
-        rate = seconds / max(nbytes, 1)
-        self._write_s_per_byte = rate if self._write_s_per_byte is None else 0.7 * self._write_s_per_byte + 0.3 * rate
-
-    def _partial_cost(self) -> float:
-        """Seconds partial maps cost: the last measured, else their bytes at the measured write speed."""
-        if self._partial_cost_s or self._write_s_per_byte is None or self.acc is None:
-            return self._partial_cost_s
-        k = len(self.references.phases)
-        map_bytes = self.acc.shape[0] * self.acc.shape[1] * (4 * k + 8)  # pcc, phase, reliability, 2 masks
-        return map_bytes * self._write_s_per_byte
 
     # -- documents -----------------------------------------------------------------------
 
@@ -357,9 +233,9 @@ class RunAnalysis(DocumentRouter):
             raise ValueError(f"image {key!r:.80} must be numeric, got dtype {image.dtype}")
         if image.ndim != 2:
             raise ValueError(f"image {key!r:.80} must be 2D (Y, X), got shape {image.shape}")
-        if image.size > self.owner.bounds.max_image_pixels:
+        if image.size > self.config.bounds.max_image_pixels:
             raise ValueError(f"image {key!r:.80} has {image.size} pixels, more than the "
-                             f"{self.owner.bounds.max_image_pixels} allowed (--max-image-pixels)")
+                             f"{self.config.bounds.max_image_pixels} allowed (--max-image-pixels)")
         declared = self.image_shape
         if declared is not None and len(declared) == 2 and tuple(image.shape) != declared:
             raise ValueError(f"image {key!r:.80} has shape {image.shape}, the descriptor declares {declared}")
@@ -367,7 +243,7 @@ class RunAnalysis(DocumentRouter):
 
     def _od(self, image: np.ndarray, energy: float, data: dict):
         s = self.settings
-        backend = self.owner.backend
+        backend = self.config.backend
         if s.mode == "txm":
             if not self.flats:
                 raise ValueError("TXM image before any flat-field image (stream 'flat')")
@@ -394,7 +270,7 @@ class RunAnalysis(DocumentRouter):
         image = self._image(doc)
         t0 = time.perf_counter()
         if self.acc is None:
-            self.acc = PearsonAccumulator(image.shape, len(self.references.phases), backend=self.owner.backend)
+            self.acc = PearsonAccumulator(image.shape, len(self.references.phases), backend=self.config.backend)
             self._open_result(image.shape)
         elif image.shape != self.acc.shape:
             raise ValueError(f"image shape changed from {self.acc.shape} to {image.shape}; image ignored")
@@ -409,33 +285,18 @@ class RunAnalysis(DocumentRouter):
         self.t_last_image = now
         if "time" in doc:
             self.event_latency.append(now - float(doc["time"]))
-        if self.owner.write_od:
-            self._queue_od(index, self._od_pool.copy(od_host))
-        self.since_update += 1
-        elapsed = time.monotonic() - self.last_update
-        # partial maps take at most ~partial_budget of the time: the interval grows with their
-        # measured cost (compute here + write on the sink), and none starts while one is written
-        budget = self.owner.partial_budget
-        min_gap = self.owner.min_update_seconds
-        cost = self._partial_cost() if budget is not None else 0.0
-        if budget is not None:
-            min_gap = max(min_gap, cost / budget)
-        due = (self.since_update >= self.owner.update_every or elapsed >= self.owner.update_seconds) and (
-            elapsed >= min_gap and not (budget is not None and self._partial_busy)
-        )
+        if self.config.write_od:
+            self.planes.put(index, self.planes.pool.copy(od_host))
+        self.partials.since_update += 1
         n = len(self.result.energies)
         if s.num_points is not None and n == s.num_points:
             # every expected energy is in: write the final maps now, not when the stop arrives
             self._final = (n, self._publish(final=True))
             return
-        # no partial maps when the final ones are due within half an update interval: a write
-        # started now would only delay the final result
-        ending = s.num_points is not None and s.num_points - n < max(1, self.owner.update_every // 2)
-        if budget is not None and s.num_points is not None and n >= 2 and not ending:
-            # ... nor when they could not be written well before the last expected image arrives
-            image_interval = (self.t_last_image - self.t_first_image) / (n - 1)
-            ending = (s.num_points - n) * image_interval < 2 * cost
-        if due and n >= 2 and not ending:
+        interval = (self.t_last_image - self.t_first_image) / (n - 1) if n >= 2 else 0.0
+        k = len(self.references.phases)
+        map_bytes = self.acc.shape[0] * self.acc.shape[1] * (4 * k + 8)  # pcc, phase, reliability, 2 masks
+        if self.partials.due(n, s.num_points, interval, map_bytes, self.planes.write_s_per_byte):
             self._publish(final=False)
 
     # -- results ---------------------------------------------------------------------------
@@ -444,8 +305,8 @@ class RunAnalysis(DocumentRouter):
         pcc = self.acc.maps()
         mean = self.acc.mean()
         self.valid_pixels = int(np.isfinite(mean).sum())  # pixels with a usable OD at every energy
-        mask = particle_mask(mean, threshold=self.owner.mask_threshold)
-        phase, reliability, ambiguous = assign_phases(pcc, mask, self.owner.ambiguity, backend=self.owner.backend)
+        mask = particle_mask(mean, threshold=self.config.mask_threshold)
+        phase, reliability, ambiguous = assign_phases(pcc, mask, self.config.ambiguity, backend=self.config.backend)
         return {
             "pcc": pcc,
             "phase": phase,
@@ -471,7 +332,7 @@ class RunAnalysis(DocumentRouter):
 
     def _publish(self, *, final: bool) -> dict | None:
         t0 = time.perf_counter()
-        if final and self.owner.backend == "numba":
+        if final and self.config.backend == "numba":
             with kernel_threads(None):  # the stream is over: every core for the final maps
                 arrays = self._maps()
         else:
@@ -479,24 +340,23 @@ class RunAnalysis(DocumentRouter):
         md = self._summary(arrays)
         md["status"] = "running"
         md["errors"] = list(self.result.errors)
-        self.since_update = 0
-        self.last_update = time.monotonic()
+        self.partials.started()
         self.result.arrays, self.result.metadata = arrays, {**self.result.metadata, **md}
         compute_s = time.perf_counter() - t0
 
         if final:
             # superseded partial maps are dropped; the summary goes with the final status update
-            if self.owner.sink.cancel_latest(("maps", self.settings.run_uid)):
-                self._partial_busy = False
+            if self.sink.cancel_latest(("maps", self.settings.run_uid)):
+                self.partials.busy = False
 
             def final_maps(w) -> None:
                 # OD planes still queued go concurrently with the maps (one round trip less)
-                *earlier, last = self._take_pending_od() or [None]
+                *earlier, last = self.planes.take() or [None]
                 for start, block in earlier:
                     w.write_od_planes(start, block)
                 w.write_maps(od_planes=last, **arrays)
 
-            self.owner.sink.submit(self._write(final_maps, "final maps"), key=self.settings.run_uid)
+            self.sink.submit(self._write(final_maps, "final maps"), key=self.settings.run_uid)
             return md
 
         def partial_job() -> None:
@@ -504,17 +364,17 @@ class RunAnalysis(DocumentRouter):
             try:
                 if self.writer is not None:
                     self.writer.write_maps(**arrays)
-                    self._measured_write(sum(a.nbytes for a in arrays.values()), time.perf_counter() - t)
+                    self.planes.measured(sum(a.nbytes for a in arrays.values()), time.perf_counter() - t)
                     self.writer.update_metadata(**md)
-                    self.n_partials += 1
+                    self.partials.n_written += 1
             except Exception as exc:  # noqa: BLE001 - superseded by the final maps; recorded
                 self.write_failed(PARTIAL_MAPS, exc)
             finally:
-                self._partial_cost_s = compute_s + time.perf_counter() - t
-                self._partial_busy = False
+                self.partials.cost_s = compute_s + time.perf_counter() - t
+                self.partials.busy = False
 
-        self._partial_busy = True
-        self.owner.sink.submit_latest(("maps", self.settings.run_uid), partial_job)
+        self.partials.busy = True
+        self.sink.submit_latest(("maps", self.settings.run_uid), partial_job)
         return None
 
     def stop(self, doc: dict) -> None:
@@ -569,13 +429,13 @@ class RunAnalysis(DocumentRouter):
         def final_job() -> None:
             final_status = status
             failed_write = False
-            if self.writer is not None and n and self.owner.write_od:
+            if self.writer is not None and n and self.config.write_od:
                 try:
                     self.writer.finalize_od(n, update_metadata=False)
                 except Exception as exc:  # noqa: BLE001 - counted; the status says so
                     self.write_failed("the OD cube", exc)
             if self.writer is not None and final_arrays:
-                layout = {**final_arrays, **({"od": (n, *self.acc.shape)} if self.owner.write_od else {})}
+                layout = {**final_arrays, **({"od": (n, *self.acc.shape)} if self.config.write_od else {})}
                 for problem in self.writer.verify(layout):
                     self.record_error(f"result array {problem}")
                     failed_write = True
@@ -586,11 +446,11 @@ class RunAnalysis(DocumentRouter):
                 if what not in _SUPERSEDED:  # superseded by the final maps, which are verified
                     failed_write = True
                     final_status = "partial" if final_status == "complete" else final_status
-            if self.writer is None and self.owner.client is not None and not self.conflict:
+            if self.writer is None and self.config.writes_tiled and not self.conflict:
                 final_status = "failed"  # the result container could not be created: nothing is in Tiled
             # last image -> final maps and OD in Tiled; status and timings follow in one update
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
-            timings["partial_maps"] = {"written": self.n_partials, "last_cost_s": self._partial_cost_s}
+            timings["partial_maps"] = {"written": self.partials.n_written, "last_cost_s": self.partials.cost_s}
             md = {**summary, "status": final_status, "errors": list(self.result.errors), "n_energies_seen": n}
             if self.writer is not None and not self._write_final_metadata(md, timings):
                 final_status = md["status"] = "failed"
@@ -598,12 +458,12 @@ class RunAnalysis(DocumentRouter):
             self.result.status = final_status
             self.result.write_failed = failed_write
             self.result.metadata.update(md, timings=timings)
-            if not self.owner.keep_arrays:
+            if not self.config.keep_arrays:
                 self.result.arrays = {}  # they are in Tiled; the worker keeps summaries only
 
-        self.owner.sink.submit(final_job, key=s.run_uid)
-        self.owner.sink.submit(self.result.done.set)
-        self.owner._finished(self)
+        self.sink.submit(final_job, key=s.run_uid)
+        self.sink.submit(self.result.done.set)
+        self.on_finished(self)
 
     def _timings(self, n: int) -> dict:
         t_stop = time.time()

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from event_model import RunRouter
 
-from phasestream.callbacks.analysis import RunAnalysis, RunResult
+from phasestream.callbacks.analysis import RunAnalysis
 from phasestream.callbacks.assets import default_handler_registry
-from phasestream.callbacks.settings import RunSettings, RunSettingsError, checked_sample
+from phasestream.callbacks.result import RunResult
+from phasestream.callbacks.settings import AnalysisConfig, RunSettings, RunSettingsError, checked_sample
 from phasestream.callbacks.sink import ResultSink
-from phasestream.contract import DocumentBounds, InvalidIdentifierError, check_run_uid
+from phasestream.contract import DocumentBounds, IncompleteReason, InvalidIdentifierError, check_run_uid
 from phasestream.kernels import (
     DEFAULT_AMBIGUITY,
     limit_kernel_threads,
@@ -148,6 +149,14 @@ class PhaseMapCallback:
         self.router = RunRouter([self._factory], handler_registry=registry)
         self._lock = threading.RLock()
 
+    def analysis_config(self) -> AnalysisConfig:
+        """This callback's options as the plain values each run's analysis takes."""
+        return AnalysisConfig(backend=self.backend, ambiguity=self.ambiguity, mask_threshold=self.mask_threshold,
+                              update_every=self.update_every, update_seconds=self.update_seconds,
+                              min_update_seconds=self.min_update_seconds, partial_budget=self.partial_budget,
+                              write_od=self.write_od, keep_arrays=self.keep_arrays,
+                              writes_tiled=self.client is not None, bounds=self.bounds)
+
     # -- Tiled -----------------------------------------------------------------------------
 
     def writer_factory(self, analysis: RunAnalysis, shape: tuple[int, int] | None):
@@ -163,7 +172,7 @@ class PhaseMapCallback:
                 phases=list(analysis.references.phases),
                 # without OD writing (or without an image) no `od` array is created (it would read as zeros)
                 n_energies=analysis.settings.num_points if self.write_od and shape is not None else None,
-                metadata=analysis._base_metadata(),
+                metadata=analysis.base_metadata(),
                 replace=self.replace,
                 od_store=self.od_store,
             )
@@ -214,7 +223,8 @@ class PhaseMapCallback:
         except (RunSettingsError, OSError, ValueError) as exc:
             self._reject(uid, start, exc)
             return [], []
-        analysis = RunAnalysis(self, settings, refs)
+        analysis = RunAnalysis(self.analysis_config(), settings, refs, sink=self.sink, open_writer=self.writer_factory,
+                               on_finished=self._finished)
         with self._lock:
             self.active[settings.run_uid] = analysis
         self._remember(analysis.result)
@@ -341,15 +351,17 @@ class PhaseMapCallback:
 
     # -- lost documents --------------------------------------------------------------------
 
-    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
-        """Documents of ``run_uid`` were lost: record why. ``final``: none will come any more (no stop
-        within the timeout), so the run is finalized now as ``partial``; otherwise its stop does it."""
+    def run_incomplete(self, run_uid: str, reason: str, *,
+                       kind: IncompleteReason = IncompleteReason.MESSAGE_GAP) -> None:
+        """Documents of ``run_uid`` were lost: record why. A final ``kind`` (no stop within the
+        timeout): none will come any more, so the run is finalized now as ``partial``; otherwise its
+        stop does it."""
         analysis = self.active.get(run_uid)
         if analysis is None:
             return
         analysis.incomplete_reason = reason
         analysis.record_error(f"documents lost: {reason}")
-        if final:
+        if kind.final:
             analysis.finalize(exit_status="incomplete", reason=reason)
 
     def flush(self, timeout: float | None = 60.0) -> bool:

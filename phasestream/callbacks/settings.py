@@ -1,4 +1,4 @@
-"""Run settings read from a start document (DESIGN.md "Run metadata"), validated once."""
+"""Run settings read from a start document (docs/contract.md, "Start document"), validated once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from phasestream.contract import (
     check_run_uid,
 )
 
-__all__ = ["MODES", "RunSettings", "RunSettingsError", "checked_sample"]
+__all__ = ["MODES", "AnalysisConfig", "RunSettings", "RunSettingsError", "checked_sample"]
 
 MODES = ("stxm", "txm")
 #: longest data key or reference name accepted from a start document
@@ -140,3 +140,25 @@ def checked_sample(start: dict[str, Any], bounds: DocumentBounds | None = None) 
     if soc is not None and not (isinstance(soc, int | float) and not isinstance(soc, bool) and math.isfinite(soc)):
         raise RunSettingsError(f"run {uid}: sample.state_of_charge must be a finite number, got {soc!r:.60}")
     return dict(sample)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How each run is analysed: the callback's options as plain values (``PhaseMapCallback.analysis_config``).
+
+    ``update_every`` / ``update_seconds``: partial maps after this many images or seconds, at most
+    one per ``min_update_seconds`` and costing at most ``partial_budget`` of the time (None: no
+    limit); ``writes_tiled``: results go to Tiled (else they are kept in memory only).
+    """
+
+    backend: str
+    ambiguity: float
+    mask_threshold: float | None = None
+    update_every: int = 4
+    update_seconds: float = 2.0
+    min_update_seconds: float = 0.5
+    partial_budget: float | None = 0.125
+    write_od: bool = True
+    keep_arrays: bool = True
+    writes_tiled: bool = False
+    bounds: DocumentBounds = field(default_factory=DocumentBounds)

@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.contract import JobOutcome
+from phasestream.jobs.context import JobContext
 from phasestream.jobs.record import recorded_job
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
 from phasestream.store.results import ResultWriter
-from phasestream.store.tiled import connect
 
-__all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance", "enhance_options_from_start", "enhance_result",
-           "od_images_to_enhance"]
+__all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance_options_from_start", "enhance_result",
+           "od_images_to_enhance", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,7 @@ def _enhance(writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) ->
             "scale": scale, "shape": list(enhanced.shape), "source": "od"}
 
 
-def enhance(tiled_uri: str, run_uid: str, options: dict | EnhanceOptions | None = None) -> dict[str, Any]:
-    """Post-scan job: enhance the OD images of ``run_uid`` at ``tiled_uri``; a JSON-able summary."""
-    opts = options if isinstance(options, EnhanceOptions) else EnhanceOptions(**(options or {}))
-    return {"run_uid": run_uid, "enhancement": enhance_result(connect(tiled_uri), run_uid, opts),
-            "options": asdict(opts)}
+def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
+    """The ``enhance`` job: InDI enhancement of the OD images of ``run_uid`` (its ``enhancement`` record)."""
+    record = enhance_result(context.tiled(), run_uid, EnhanceOptions(**options))
+    return JobOutcome.from_record(run_uid, "enhance", record)

@@ -1,127 +1,71 @@
-"""Post-scan jobs on Dask distributed: one task per run, retries, a summary of successes and failures.
+"""Post-scan jobs and the executors that run them: one job model, one outcome record.
 
-A job is a plain function of (tiled uri, run uid, options) that returns a small JSON-able summary
-(:data:`JOBS`: ``reprocess``, ``refine``, ``enhance`` and, when the methods module is installed,
-``methods``). No client, socket or array crosses a process boundary: each task connects to Tiled
-itself, reads the run, writes its result there and returns the summary.
+A job is one function ``run(context, run_uid, options) -> JobOutcome`` (:data:`JOBS`:
+``reprocess``, ``refine``, ``enhance``, ``methods``). It reads the run from Tiled through its
+:class:`JobContext`, writes its result there and returns a
+:class:`~phasestream.contract.JobOutcome`: status, reason, seconds, retry command, details. No
+client, socket or array crosses a process boundary: on Dask each task connects to Tiled itself.
 
-:func:`submit_jobs` runs a list of :class:`Job` on a ``distributed.Client`` (an existing
-scheduler, ``tcp://HOST:8786``, or the :func:`dask_client` default, a ``LocalCluster`` on
-127.0.0.1) with retries; a run that fails is reported and never stops the others.
-:func:`run_jobs` runs the same list in this process, the reference the Dask path is tested
-against.
+A :class:`Job` is the post-scan work of one run: steps run in order in one task, because they
+build on each other (reprocess, then enhance, then refine). :func:`run_job` runs them and folds
+their outcomes into one. An executor runs jobs and hands each outcome to a callback:
+
+* :class:`InlineExecutor`: a thread of this process (the live worker without a scheduler);
+* :class:`DaskExecutor`: one Dask task per run, retried (an address, ``"local"`` or a client).
+
+Both report a job that raised as the same ``failed`` outcome, so whoever submits records the same
+shape either way. :func:`run_jobs` and :func:`submit_jobs` run a list of jobs to a
+:class:`JobReport` (``phasestream reprocess``).
 
 Example::
 
     jobs = [Job(uid, (("reprocess", {"backend": "numba"}),)) for uid in uids]
     with dask_client(n_workers=2) as client:
         report = submit_jobs(client, jobs, tiled_uri, api_key=key)
-    report.failures   # [{"run_uid": ..., "error": "KeyError: ...", ...}]
+    report.failures   # [{"run_uid": ..., "status": "failed", "reason": "KeyError: ...", ...}]
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from phasestream.store.tiled import api_key_scope, separate_api_key
+from phasestream.contract import JobOutcome, JobStatus
+from phasestream.jobs import enhance, methods, refine, reprocess
+from phasestream.jobs.cluster import dask_client, dask_task
+from phasestream.jobs.context import JobContext
+from phasestream.store.tiled import separate_api_key
 
-__all__ = [
-    "DEFAULT_SCHEDULER_ENV",
-    "JOBS",
-    "WORKER_CONFIG",
-    "WORKER_ENV",
-    "Job",
-    "JobReport",
-    "dask_client",
-    "dask_task",
-    "gather_all",
-    "run_job",
-    "run_jobs",
-    "submit_jobs",
-    "submit_tasks",
-]
+__all__ = ["JOBS", "DaskExecutor", "Executor", "InlineExecutor", "Job", "JobContext", "JobReport", "run_job",
+           "run_jobs", "submit_jobs"]
 
 logger = logging.getLogger(__name__)
 
-#: environment variable naming an existing Dask scheduler (``tcp://HOST:8786``)
-DEFAULT_SCHEDULER_ENV = "PHASESTREAM_DASK_SCHEDULER"
-
-
-def _reprocess(tiled_uri: str, run_uid: str, options: dict) -> dict:
-    from phasestream.jobs.reprocess import reprocess
-
-    return reprocess(tiled_uri, run_uid, options)
-
-
-def _refine(tiled_uri: str, run_uid: str, options: dict) -> dict:
-    from phasestream.jobs.refine import refine
-
-    summary = refine(tiled_uri, run_uid, options)
-    return {**summary, "status": summary["refinement"]["status"]}
-
-
-def _enhance(tiled_uri: str, run_uid: str, options: dict) -> dict:
-    from phasestream.jobs.enhance import enhance
-
-    summary = enhance(tiled_uri, run_uid, options)
-    return {**summary, "status": summary["enhancement"]["status"]}
-
-
-def _methods_job() -> Callable[[str, str, dict], dict] | None:
-    """The ``methods`` job (LCF, unmixing) when ``phasestream.jobs.methods`` provides it."""
-    try:
-        from phasestream.jobs.methods import MethodsOptions, run_methods  # noqa: F401
-    except ImportError:
-        return None
-
-    def _methods(tiled_uri: str, run_uid: str, options: dict) -> dict:
-        from phasestream.jobs.methods import MethodsOptions, run_methods
-        from phasestream.store.tiled import connect
-
-        opts = MethodsOptions(**options)
-        record = run_methods(connect(tiled_uri), run_uid, opts)
-        failed = {name: entry for name, entry in record.items()
-                  if (name in opts.methods or name == "_job") and entry.get("status") != "complete"}
-        status = "complete" if not failed else "failed"
-        errors = [f"{name}: {'; '.join(entry.get('errors') or [])}" for name, entry in failed.items()]
-        return {"run_uid": run_uid, "status": status, "methods": record, "errors": errors}
-
-    return _methods
-
-
-def _registry() -> dict[str, Callable[[str, str, dict], dict]]:
-    jobs: dict[str, Callable[[str, str, dict], dict]] = {
-        "reprocess": _reprocess,
-        "refine": _refine,
-        "enhance": _enhance,
-    }
-    methods = _methods_job()
-    if methods is not None:
-        jobs["methods"] = methods
-    return jobs
-
-
-#: job name -> function of (tiled uri, run uid, options dict) returning a JSON-able summary with ``status``
-JOBS: dict[str, Callable[[str, str, dict], dict]] = _registry()
+#: job name -> ``run(context, run_uid, options dict) -> JobOutcome``
+JOBS: dict[str, Callable[[JobContext, str, dict], JobOutcome]] = {
+    "reprocess": reprocess.run,
+    "refine": refine.run,
+    "enhance": enhance.run,
+    "methods": methods.run,
+}
 
 
 @dataclass(frozen=True)
 class Job:
-    """The post-scan work for one run: steps ``(job name, options dict)`` run in order in one task.
-
-    Steps of one run stay in one task because they build on each other (reprocess, then enhance,
-    then refine); different runs are independent tasks.
-    """
+    """The post-scan work for one run: steps ``(job name, options dict)`` run in order in one task."""
 
     run_uid: str
     steps: tuple[tuple[str, dict], ...] = (("reprocess", {}),)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.steps]
 
     def validate(self) -> Job:
         if not self.run_uid:
@@ -133,10 +77,174 @@ class Job:
                 raise ValueError(f"unknown job {name!r} for run {self.run_uid}; known: {sorted(JOBS)}")
         return self
 
+    def failed(self, error: BaseException | str) -> JobOutcome:
+        """The outcome of this job when it raised (after its retries): every executor reports this."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        return JobOutcome(self.run_uid, "+".join(self.names), JobStatus.FAILED, reason=text)
+
+
+def run_job(job: Job, context: JobContext) -> JobOutcome:
+    """Run the steps of ``job`` here, in order; one outcome whose ``details["steps"]`` holds each step's.
+
+    ``status`` is ``complete`` when every step completed, else the first other step status;
+    ``reason`` names each step that did not complete. Exceptions propagate (an executor turns
+    them into :meth:`Job.failed`; Dask retries first).
+    """
+    job.validate()
+    t0 = time.perf_counter()
+    steps: dict[str, dict] = {}
+    status, reasons, retry = JobStatus.COMPLETE.value, [], ""
+    for name, options in job.steps:
+        outcome = JOBS[name](context, job.run_uid, dict(options or {}))
+        steps[name] = outcome.as_dict()
+        if not outcome.ok:
+            reasons.append(f"{name} {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
+            retry = retry or outcome.retry
+            if status == JobStatus.COMPLETE:
+                status = outcome.status
+    return JobOutcome(job.run_uid, "+".join(job.names), status, reason="; ".join(reasons),
+                      seconds=round(time.perf_counter() - t0, 3), retry=retry, details={"steps": steps})
+
+
+@dask_task
+def _job_task(job: Job, tiled_uri: str, api_key: str | None) -> dict:
+    """One Dask task: the job's outcome as a plain dict (JSON types only)."""
+    return run_job(job, JobContext(tiled_uri, api_key)).as_dict()
+
+
+class Executor(Protocol):
+    """Runs jobs; each one's :class:`JobOutcome` reaches ``on_done`` (on a thread of the executor)."""
+
+    def submit(self, job: Job, on_done: Callable[[JobOutcome], None]) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+    def close(self, timeout: float = 600.0) -> None: ...
+
+
+class _Tracked:
+    """What both executors share: the jobs still running, and handing an outcome to its callback."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = threading.Condition()
+
+    def _started(self) -> None:
+        with self._idle:
+            self._running += 1
+
+    def _finish(self, job: Job, on_done: Callable[[JobOutcome], None], outcome: JobOutcome) -> None:
+        try:
+            on_done(outcome)
+        except Exception:  # a bookkeeping error never stops the other jobs
+            logger.exception("run %s: handling the outcome of job %s failed", job.run_uid, outcome.job)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    @property
+    def n_running(self) -> int:
+        with self._idle:
+            return self._running
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted job has finished and been handled; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
+
+
+class InlineExecutor(_Tracked):
+    """Runs jobs one after the other on a thread of this process, with ``context``'s Tiled client."""
+
+    def __init__(self, context: JobContext, *, threads: int = 1):
+        super().__init__()
+        self.context = context
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="post-scan")
+
+    def submit(self, job: Job, on_done: Callable[[JobOutcome], None]) -> None:
+        job.validate()
+        self._started()
+        self._pool.submit(self._run, job, on_done)
+
+    def _run(self, job: Job, on_done: Callable[[JobOutcome], None]) -> None:
+        try:
+            outcome = run_job(job, self.context)
+        except Exception as exc:
+            logger.exception("run %s: job %s failed", job.run_uid, job.names)
+            outcome = job.failed(exc)
+        self._finish(job, on_done, outcome)
+
+    def close(self, timeout: float = 600.0) -> None:
+        if not self.wait(timeout):
+            logger.warning("%d post-scan jobs still running after %.0f s", self.n_running, timeout)
+        self._pool.shutdown(wait=False)
+
+
+class DaskExecutor(_Tracked):
+    """Runs jobs on a Dask cluster, one task per run, each retried ``retries`` times.
+
+    Parameters
+    ----------
+    scheduler : a ``distributed.Client`` (kept open), a scheduler address (``tcp://HOST:8786``) or
+        ``"local"``: a ``LocalCluster`` of ``n_workers`` processes on 127.0.0.1 (both closed by :meth:`close`)
+    tiled_uri, api_key : the Tiled server the Dask workers connect to (the key travels in Dask's
+        own protocol beside the URI, hidden from the task's repr in Dask's logs)
+    """
+
+    def __init__(self, scheduler: Any, tiled_uri: str, *, api_key: str | None = None, retries: int = 2,
+                 n_workers: int | None = 1):
+        from distributed import Client
+
+        super().__init__()
+        self.tiled_uri, self.api_key = separate_api_key(tiled_uri, api_key)
+        self.retries = int(retries)
+        self._stack = contextlib.ExitStack()
+        if isinstance(scheduler, Client):
+            self.client = scheduler
+        elif scheduler == "local":
+            self.client = self._stack.enter_context(dask_client(None, n_workers=n_workers, set_as_default=False))
+        else:  # not the default scheduler: the live worker's own Tiled reads stay in its process
+            self.client = self._stack.enter_context(dask_client(str(scheduler), set_as_default=False))
+        self.address = self.client.scheduler.address
+
+    def submit(self, job: Job, on_done: Callable[[JobOutcome], None]) -> None:
+        job.validate()
+        self._started()
+        future = self.client.submit(_job_task, job, self.tiled_uri, self.api_key, retries=self.retries, pure=False,
+                                    key=f"phasestream-{job.run_uid}-{time.monotonic_ns()}")
+        logger.info("run %s: job %s submitted to Dask at %s", job.run_uid, job.names, self.address)
+
+        def finished(fut) -> None:
+            try:
+                if fut.status == "finished":
+                    outcome = JobOutcome.from_dict(fut.result())
+                else:
+                    error = fut.exception() if fut.status == "error" else None
+                    logger.warning("run %s failed on Dask after %d retries: %s", job.run_uid, self.retries, error)
+                    outcome = job.failed(error if error is not None else f"task {fut.status}")
+            except Exception as exc:  # noqa: BLE001 - the result could not be fetched
+                outcome = job.failed(exc)
+            finally:
+                fut.release()
+            self._finish(job, on_done, outcome)
+
+        future.add_done_callback(finished)
+
+    def close(self, timeout: float = 600.0) -> None:
+        """Wait up to ``timeout`` seconds for the running jobs, then close what this object opened."""
+        if not self.wait(timeout):
+            logger.warning("%d post-scan jobs still running on Dask after %.0f s; leaving them",
+                           self.n_running, timeout)
+        self._stack.close()
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
 
 @dataclass
 class JobReport:
-    """What became of a list of jobs: one summary per successful run, one error per failed run."""
+    """What became of a list of jobs: the outcome (as a dict) of each run, complete or not."""
 
     successes: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
@@ -146,98 +254,13 @@ class JobReport:
     def ok(self) -> bool:
         return not self.failures
 
+    def add(self, outcome: JobOutcome) -> None:
+        """A run whose outcome is not ``complete`` (partial, failed, skipped) counts as a failure."""
+        (self.successes if outcome.ok else self.failures).append(outcome.as_dict())
+
     def as_dict(self) -> dict:
         return {"successes": self.successes, "failures": self.failures, "seconds": self.seconds,
                 "n_runs": len(self.successes) + len(self.failures)}
-
-
-def dask_task(fn: Callable) -> Callable:
-    """Decorate a function that runs as a Dask task: the dask arrays it computes stay in its process.
-
-    Tiled's client reads arrays through dask, and dask inside a task hands such computations to
-    the cluster by default: the chunks would travel between workers, and the task would hold its
-    worker's only thread while waiting for them (a deadlock once every thread does, seen as a
-    job that never ends). Here they run on this process's threads.
-    """
-
-    @functools.wraps(fn)
-    def task(*args: Any, **kwargs: Any) -> Any:
-        import dask
-
-        with dask.config.set(scheduler="threads"):
-            return fn(*args, **kwargs)
-
-    return task
-
-
-def submit_tasks(dask, fn: Callable, args_list: Sequence[tuple], *, retries: int, tag: str) -> list:
-    """``fn(*args)`` as one Dask task per tuple of ``args_list``, each retried ``retries`` times.
-
-    Keys ``phasestream-<tag>-<i>-<ns>``: recognizable on the cluster, and never a cached result.
-    """
-    return [dask.submit(fn, *args, retries=retries, pure=False, key=f"phasestream-{tag}-{i}-{time.monotonic_ns()}")
-            for i, args in enumerate(args_list)]
-
-
-def gather_all(futures: Sequence, labels: Sequence[str], error: type[Exception] = RuntimeError,
-               prefix: str = "") -> list:
-    """Results of ``futures`` in order, each waited for; one ``error`` naming every failed one.
-
-    The message is ``prefix`` then ``"<label>: <Type>: <message>"`` per failure, joined by ``"; "``.
-    """
-    results, errors = [], []
-    for label, future in zip(labels, futures, strict=True):
-        try:
-            results.append(future.result())
-        except Exception as exc:  # noqa: BLE001 - every failure is reported together
-            errors.append(f"{label}: {type(exc).__name__}: {exc}")
-        finally:
-            future.release()
-    if errors:
-        raise error(prefix + "; ".join(errors))
-    return results
-
-
-@dask_task
-def run_job(job: Job, tiled_uri: str, api_key: str | None = None) -> dict:
-    """Run the steps of ``job`` here; the summary of each step under ``steps``.
-
-    ``status`` is ``complete`` when every step completed, else the first other step status (e.g.
-    ``partial``, ``skipped``). Exceptions propagate (Dask retries the task, then reports it).
-    The steps connect to ``tiled_uri`` with ``api_key`` (or the URI's key) sent in a header.
-    """
-    job.validate()
-    uri, api_key = separate_api_key(tiled_uri, api_key)
-    t0 = time.perf_counter()
-    steps: dict[str, dict] = {}
-    status = "complete"
-    with api_key_scope(api_key):
-        for name, options in job.steps:
-            summary = JOBS[name](uri, job.run_uid, dict(options or {}))
-            steps[name] = summary
-            if status == "complete" and summary.get("status") != "complete":
-                status = str(summary.get("status"))
-    return {"run_uid": job.run_uid, "status": status, "steps": steps, "seconds": time.perf_counter() - t0}
-
-
-def _failure(job: Job, error: BaseException | str) -> dict:
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"run_uid": job.run_uid, "status": "failed", "error": text}
-
-
-def _step_reason(step: dict) -> str:
-    record = step.get("refinement") or step.get("enhancement") or {}
-    return str(record.get("reason") or "; ".join(step.get("errors") or []))
-
-
-def _record(report: JobReport, summary: dict) -> None:
-    """A summary whose status is not ``complete`` (partial, failed, skipped) counts as a failure."""
-    if summary["status"] == "complete":
-        report.successes.append(summary)
-        return
-    reasons = [f"{name} {step.get('status')}" + (f": {_step_reason(step)}" if _step_reason(step) else "")
-               for name, step in summary["steps"].items() if step.get("status") != "complete"]
-    report.failures.append({**summary, "error": "; ".join(reasons)})
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -246,124 +269,52 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="run", disable=not enabled or total < 2)
 
 
+def _run_all(executor: Executor, jobs: Sequence[Job], progress: bool,
+             on_done: Callable[[dict], None] | None) -> JobReport:
+    report, lock = JobReport(), threading.Lock()
+    t0 = time.perf_counter()
+    with _progress(len(jobs), progress, "reprocess") as bar:
+        def done(outcome: JobOutcome) -> None:
+            with lock:
+                report.add(outcome)
+                bar.update(1)
+            if on_done is not None:
+                on_done(outcome.as_dict())
+
+        for job in jobs:
+            executor.submit(job, done)
+        executor.wait()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
 def run_jobs(jobs: Sequence[Job], tiled_uri: str, *, api_key: str | None = None, progress: bool = False,
              on_done: Callable[[dict], None] | None = None) -> JobReport:
     """Run ``jobs`` one after the other in this process (the reference for :func:`submit_jobs`)."""
     jobs = [job.validate() for job in jobs]
-    report = JobReport()
-    t0 = time.perf_counter()
-    with _progress(len(jobs), progress, "reprocess") as bar:
-        for job in jobs:
-            try:
-                summary = run_job(job, tiled_uri, api_key)
-            except Exception as exc:  # noqa: BLE001 - one failed run never stops the others
-                logger.warning("run %s failed: %s", job.run_uid, exc)
-                summary = _failure(job, exc)
-                report.failures.append(summary)
-            else:
-                _record(report, summary)
-            if on_done is not None:
-                on_done(summary)
-            bar.update(1)
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-#: Dask configuration of phasestream's workers: no statistical profiler. It samples every thread
-#: with ``sys._current_frames()`` every 10 ms, which on CPython 3.11 before 3.11.9 can deadlock the
-#: whole worker process against the garbage collector (python/cpython#106883, dask/distributed#8616;
-#: seen here as a reprocess job that never ended). ``dask worker`` processes get it through the
-#: environment: :data:`WORKER_ENV`.
-WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
-WORKER_ENV = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
-              for key, value in WORKER_CONFIG.items()}
-
-
-@contextlib.contextmanager
-def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
-                threads_per_worker: int = 1, set_as_default: bool = True) -> Iterator[Any]:
-    """A ``distributed.Client``: to ``scheduler`` (or ``$PHASESTREAM_DASK_SCHEDULER``) when given,
-    else to a ``LocalCluster`` on 127.0.0.1 (worker processes, no dashboard) closed on exit.
-
-    Parameters
-    ----------
-    scheduler : address of an existing scheduler, e.g. ``tcp://10.0.0.5:8786``
-    n_workers : LocalCluster only; default the number of cores (at most 4)
-    threads_per_worker : LocalCluster only; 1 because the kernels use every core of a process
-    set_as_default : make it Dask's default scheduler in this process; False keeps this process's own
-        Dask computations (the Tiled client reads arrays with dask) here, as a live worker wants
-    """
-    from distributed import Client, LocalCluster
-
-    address = scheduler or os.environ.get(DEFAULT_SCHEDULER_ENV) or None
-    if address:
-        client = Client(address, timeout="10s", set_as_default=set_as_default)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    import dask
-
-    workers = n_workers or max(1, min(4, os.cpu_count() or 1))
-    env = {"NUMBA_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    # the nannies hand this configuration to their worker processes
-    with dask.config.set(WORKER_CONFIG), \
-            LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                         host="127.0.0.1", dashboard_address=None, env=env) as cluster, \
-            Client(cluster, set_as_default=set_as_default) as client:
-        yield client
+    executor = InlineExecutor(JobContext(tiled_uri, api_key))
+    try:
+        return _run_all(executor, jobs, progress, on_done)
+    finally:
+        executor.close()
 
 
 def submit_jobs(client_or_address, jobs: Iterable[Job], tiled_uri: str, *, api_key: str | None = None,
-                retries: int = 2, progress: bool = True,
-                on_done: Callable[[dict], None] | None = None) -> JobReport:
+                retries: int = 2, progress: bool = True, on_done: Callable[[dict], None] | None = None) -> JobReport:
     """Run ``jobs`` on Dask, one task per run, each retried up to ``retries`` times on an exception.
 
-    Parameters
-    ----------
-    client_or_address : a ``distributed.Client`` or a scheduler address
-    jobs : the runs and their steps
-    tiled_uri, api_key : the Tiled server every worker connects to (the key travels in Dask's
-        own protocol beside the URI, never in a result, a URI or a log)
-    progress : a tqdm bar on stderr
-    on_done : called with each run's summary (success or failure) as it finishes
-
-    Returns
-    -------
-    :class:`JobReport`; failures carry ``error`` (``"KeyError: no raw run ..."``).
+    ``client_or_address``: a ``distributed.Client`` or a scheduler address; ``on_done`` gets each
+    run's outcome dict as it finishes. A run that fails is reported and never stops the others.
     """
-    from distributed import Client, as_completed
+    from distributed import Client
 
     jobs = [job.validate() for job in jobs]
-    tiled_uri, api_key = separate_api_key(tiled_uri, api_key)  # a task's arguments show in Dask's logs
-    own = not isinstance(client_or_address, Client)
-    client = Client(client_or_address, timeout="10s") if own else client_or_address
-    report = JobReport()
-    t0 = time.perf_counter()
+    client = client_or_address if isinstance(client_or_address, Client) else \
+        Client(client_or_address, timeout="10s", set_as_default=False)
+    executor = DaskExecutor(client, tiled_uri, api_key=api_key, retries=retries)
     try:
-        futures = {}
-        for job in jobs:
-            future = client.submit(run_job, job, tiled_uri, api_key, retries=retries, pure=False,
-                                   key=f"phasestream-{job.run_uid}-{time.monotonic_ns()}")
-            futures[future] = job
-        with _progress(len(jobs), progress, "reprocess") as bar:
-            for future in as_completed(futures):
-                job = futures[future]
-                if future.status == "error":
-                    error = future.exception()
-                    logger.warning("run %s failed after %d retries: %s", job.run_uid, retries, error)
-                    summary = _failure(job, error)
-                    report.failures.append(summary)
-                else:
-                    summary = future.result()
-                    _record(report, summary)
-                if on_done is not None:
-                    on_done(summary)
-                bar.update(1)
-                future.release()
+        return _run_all(executor, jobs, progress, on_done)
     finally:
-        if own:
+        executor.close()
+        if client is not client_or_address:
             client.close()
-    report.seconds = time.perf_counter() - t0
-    return report

@@ -28,17 +28,19 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
 from phasestream import methods as m
+from phasestream.callbacks.settings import RunSettings, RunSettingsError
+from phasestream.contract import JobOutcome, JobStatus
+from phasestream.jobs.context import JobContext
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
-from phasestream.store.tiled import connect
 
-__all__ = ["METHODS", "MethodsOptions", "methods", "methods_options_from_start", "run_methods"]
+__all__ = ["METHODS", "MethodsOptions", "methods_options_from_start", "run", "run_methods"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +149,9 @@ def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOption
     tried = []
     candidates = [opts.references]
     try:
-        candidates.append(client[run_uid].metadata["start"]["phasestream"]["references"])
-    except (KeyError, TypeError):
-        tried.append(f"no raw run {run_uid} with start.phasestream.references")
+        candidates.append(RunSettings.from_start(client[run_uid].metadata["start"]).references)
+    except (KeyError, RunSettingsError) as exc:
+        tried.append(f"no raw run {run_uid} with usable phasestream metadata ({exc})")
     candidates.append((md.get("references") or {}).get("name"))
     for source in candidates:
         if source:
@@ -285,18 +287,14 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
 
     Returns
     -------
-    The ``methods`` record written into the result metadata, ``{name: {status: complete | failed |
-    skipped, parameters, seconds, arrays, errors}}``. Bad input (no result, no OD cube, references
-    not covering the energies) is recorded as failed, not raised; a missing result container
-    (nothing to record into) is returned as ``{"_job": {status: failed, errors}}``.
+    The ``methods`` record written into the result metadata, ``{name: {status: complete | failed,
+    parameters, seconds, arrays, errors}}``. Bad input (no OD cube, references
+    not covering the energies) is recorded as failed, not raised. Raises ``KeyError`` (``TypeError``)
+    when the run has no result (a node that is not a result): there is nothing to record it on.
     """
     opts = (options or MethodsOptions()).validate()
     t0 = time.perf_counter()
-    try:
-        writer = ResultWriter.open(client, uid, root=opts.root)
-    except (KeyError, TypeError) as exc:
-        logger.warning("run %s: methods not run: %s", uid, exc)
-        return {"_job": {"status": "failed", "errors": [f"{type(exc).__name__}: {exc}"]}}
+    writer = ResultWriter.open(client, uid, root=opts.root)  # KeyError: no result to record anything on
     md = writer.metadata
     record: dict[str, Any] = dict(md.get("methods") or {})
     try:
@@ -341,7 +339,18 @@ def _load(client, uid: str, writer: ResultWriter, md: Mapping[str, Any], opts: M
     return _Context(od[order], energies[order], refs, opts)
 
 
-def methods(tiled_uri: str, run_uid: str, options: dict | MethodsOptions | None = None) -> dict[str, Any]:
-    """Post-scan job: run the classic methods on ``run_uid`` at ``tiled_uri``; a JSON-able summary."""
-    opts = options if isinstance(options, MethodsOptions) else MethodsOptions(**(options or {}))
-    return {"run_uid": run_uid, "methods": run_methods(connect(tiled_uri), run_uid, opts), "options": asdict(opts)}
+def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
+    """The ``methods`` job: the classic methods asked for, on the result of ``run_uid``.
+
+    ``details`` is the ``methods`` record written into the result; the job is complete when every
+    method asked for is, else failed with each failed method's errors as the reason.
+    """
+    opts = MethodsOptions(**options)
+    t0 = time.perf_counter()
+    record = run_methods(context.tiled(), run_uid, opts)
+    failed = [f"{name}: {'; '.join(record[name].get('errors') or [])}" for name in opts.methods
+              if record.get(name, {}).get("status") != "complete"]
+    return JobOutcome(run_uid, "methods", JobStatus.FAILED if failed else JobStatus.COMPLETE,
+                      reason="; ".join(failed), seconds=round(time.perf_counter() - t0, 3),
+                      retry=f"phasestream reprocess --methods {','.join(opts.methods)} {run_uid}" if failed else "",
+                      details=record)

@@ -17,20 +17,21 @@ the plain post-scan job (tiled uri, run uid, options).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from phasestream.contract import USABLE_STATUSES, JobOutcome
+from phasestream.jobs.context import JobContext
 from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.models.refine import STRATEGIES, refine_ambiguous
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
 from phasestream.store.results import ResultWriter
-from phasestream.store.tiled import connect
 
-__all__ = ["DEFAULT_MODEL", "RefineOptions", "RefinementSkipped", "match_energies", "refine", "refine_result"]
+__all__ = ["DEFAULT_MODEL", "RefineOptions", "RefinementSkipped", "match_energies", "refine_result", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
 
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> dict[str, Any]:
     md = writer.metadata
-    if md.get("status") not in ("complete", "partial"):
+    if md.get("status") not in USABLE_STATUSES:
         raise RefinementSkipped(f"the PCC result is {md.get('status')!r}, not complete")
     arrays = writer.container
     missing = [k for k in ("phase", "ambiguous", "mask", "pcc") if k not in arrays]
@@ -178,8 +179,7 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
     }
 
 
-def refine(tiled_uri: str, run_uid: str, options: dict | RefineOptions | None = None) -> dict[str, Any]:
-    """Post-scan job: refine the result of ``run_uid`` at ``tiled_uri``; a JSON-able summary."""
-    opts = options if isinstance(options, RefineOptions) else RefineOptions(**(options or {}))
-    record = refine_result(connect(tiled_uri), run_uid, opts)
-    return {"run_uid": run_uid, "refinement": record, "options": asdict(opts)}
+def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
+    """The ``refine`` job: GMVAE refinement of the result of ``run_uid`` (its ``refinement`` record)."""
+    record = refine_result(context.tiled(), run_uid, RefineOptions(**options))
+    return JobOutcome.from_record(run_uid, "refine", record)

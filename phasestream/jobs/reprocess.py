@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -23,17 +24,19 @@ import numpy as np
 import pandas as pd
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
+from phasestream.contract import JobOutcome
+from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
 from phasestream.store.results import ResultExistsError
-from phasestream.store.tiled import connect, open_raw_run, raw_run_complete
+from phasestream.store.tiled import open_raw_run, raw_run_complete
 
 __all__ = [
     "RawRunMismatchError",
     "ReprocessOptions",
     "ResultCompleteError",
     "raw_run_documents",
-    "reprocess",
     "reprocess_run",
+    "run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -267,14 +270,15 @@ def _result_status(client, root: str, run_uid: str) -> str | None:
         return None
 
 
-def reprocess(tiled_uri: str, run_uid: str, options: dict | ReprocessOptions | None = None) -> dict:
-    """Post-scan job: reprocess ``run_uid`` from the raw run at ``tiled_uri``; a JSON-able summary."""
-    opts = options if isinstance(options, ReprocessOptions) else ReprocessOptions(**(options or {}))
-    result = reprocess_run(connect(tiled_uri), run_uid, opts)
-    return {
-        "run_uid": run_uid,
-        "status": result.status,
-        "errors": list(result.errors),
-        "phase_fractions": result.metadata.get("phase_fractions", {}),
-        "options": asdict(opts),
-    }
+def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
+    """The ``reprocess`` job: recompute the result of ``run_uid`` from its raw run in Tiled."""
+    opts = ReprocessOptions(**options)
+    t0 = time.perf_counter()
+    result = reprocess_run(context.tiled(), run_uid, opts)
+    retry = "" if result.status == "complete" else f"phasestream reprocess --replace {run_uid}"
+    # a result status (complete, partial, failed) is also a job status
+    return JobOutcome(run_uid, "reprocess", result.status, reason="; ".join(result.errors[:5]),
+                      seconds=round(time.perf_counter() - t0, 3), retry=retry,
+                      details={"status": result.status, "errors": list(result.errors),
+                               "phase_fractions": result.metadata.get("phase_fractions", {}),
+                               "options": asdict(opts)})

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -35,17 +36,19 @@ from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
+from phasestream.contract import MAP_LAYOUT, JobOutcome, JobStatus
+from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
 from phasestream.jobs.enhance import EnhanceOptions, od_images_to_enhance
-from phasestream.jobs.executors import dask_task, gather_all, submit_tasks
+from phasestream.jobs.executors import Job, JobReport
 from phasestream.jobs.methods import MethodsOptions, _references, lcf_arrays
 from phasestream.jobs.record import recorded_job
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import ModelServerError, ModelServerUnavailable
-from phasestream.store.results import MAP_LAYOUT, ResultWriter
+from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import connect, separate_api_key
 
-__all__ = ["SplitJobError", "enhance_planes", "lcf_band", "split_ranges", "submit_split_enhance",
-           "submit_split_lcf"]
+__all__ = ["SplitJobError", "SplitStep", "enhance_planes", "lcf_band", "run_split_steps", "split_ranges",
+           "split_steps", "submit_split_enhance", "submit_split_lcf"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +231,60 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
     return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable,),
                         failed=(ModelServerError, ValueError, SplitJobError),
                         retry=f"phasestream reprocess --enhance --split {parts} {run_uid}", extra={"model": opts.model})
+
+
+SplitStep = tuple[str, str, dict]  # (run uid, "enhance" or "lcf", the step's options)
+
+
+def split_steps(jobs: list[Job]) -> tuple[list[Job], list[SplitStep]]:
+    """Take the steps a split spreads over workers (``enhance``, the ``lcf`` method) out of ``jobs``."""
+    kept, split = [], []
+    for job in jobs:
+        steps = []
+        for name, options in job.steps:
+            if name == "enhance":
+                split.append((job.run_uid, "enhance", options))
+            elif name == "methods" and "lcf" in options["methods"]:
+                split.append((job.run_uid, "lcf", options))
+                rest = tuple(m for m in options["methods"] if m != "lcf")
+                if rest:
+                    steps.append((name, {**options, "methods": rest}))
+            else:
+                steps.append((name, options))
+        if steps:
+            kept.append(replace(job, steps=tuple(steps)))
+    return kept, split
+
+
+def run_split_steps(dask, split: list[SplitStep], tiled_uri: str, report: JobReport, *, parts: int,
+                    api_key: str | None = None, retries: int = 2,
+                    on_done: Callable[[dict], None] | None = None) -> None:
+    """After the per-run jobs: each split step of each run whose job did not fail, ``parts`` tasks at once.
+
+    Each step's record joins its run's outcome in ``report`` (``details["steps"]``, as
+    ``"<kind> (split N)"``); a step that does not complete moves its run to the failures.
+    """
+    t0 = time.perf_counter()
+    failed = {f["run_uid"] for f in report.failures}
+    done = {s["run_uid"]: s for s in report.successes}
+    for uid, kind, options in split:
+        if uid in failed:
+            continue
+        submit = submit_split_enhance if kind == "enhance" else submit_split_lcf
+        record = submit(dask, tiled_uri, uid, options, parts=parts, api_key=api_key, retries=retries)
+        outcome = done.get(uid) or JobOutcome(uid, kind, JobStatus.COMPLETE, details={"steps": {}}).as_dict()
+        outcome.setdefault("details", {}).setdefault("steps", {})[f"{kind} (split {parts})"] = record
+        if record["status"] != JobStatus.COMPLETE:
+            reason = record.get("reason") or "; ".join(record.get("errors") or [])
+            report.successes = [s for s in report.successes if s["run_uid"] != uid]
+            outcome.update(status=JobStatus.FAILED.value, reason=f"split {kind} {record['status']}: {reason}")
+            report.failures.append(outcome)
+            failed.add(uid)
+        elif uid in done:
+            continue
+        else:
+            done[uid] = outcome
+            report.successes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+    report.seconds += time.perf_counter() - t0

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from phasestream.jobs.executors import dask_task
+from phasestream.jobs.cluster import dask_task
 
 __all__ = ["PairSet", "TrainingSet", "analysed_labels", "result_spectra",
            "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
@@ -89,7 +89,7 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
 def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: str | None, retries: int,
                      api_key: str | None) -> list[dict[str, Any]]:
     """:func:`result_spectra` of every run as one Dask task each; every failed run is named in one error."""
-    from phasestream.jobs.executors import dask_client, gather_all, submit_tasks
+    from phasestream.jobs.cluster import dask_client, gather_all, submit_tasks
     from phasestream.store.tiled import separate_api_key
 
     uri, api_key = separate_api_key(tiled_uri, api_key)

@@ -133,7 +133,7 @@ def optical_density(
 
     Notes
     -----
-    Beer-Lambert law, eq. (2) of ../shared/papers/pcc-gmvae-phase-mapping-stxm.txt.
+    Beer-Lambert law, eq. (2) of the PCC-GMVAE paper (doi:10.48550/arXiv.2603.07666; docs/methods.md).
     """
     check_image(image)
     ref, dk = _reference_and_dark(image, i0, flat, dark)

@@ -1,6 +1,7 @@
 """Phase assignment from PCC maps, reliability, ambiguity, fractions and the particle mask.
 
-Method: ../shared/papers/pcc-gmvae-phase-mapping-stxm.txt, section 3.3. Each particle pixel
+Method: "AI-Driven Phase Identification from X-ray Hyperspectral Imaging of cycled Na-ion Cathode Materials"
+(doi:10.48550/arXiv.2603.07666; docs/methods.md), section 3.3. Each particle pixel
 goes to the reference with the highest PCC; its reliability is the best minus the
 second-best PCC (eq. 1); a reliability below ``ambiguity`` (0.005 in the paper, the smallest
 difference that distinguishes two references) marks the pixel ambiguous.

@@ -24,7 +24,8 @@ fractions are the Euclidean projection of the last X onto the simplex (exactly f
 
 References
 ----------
-Robust unmixing for X-ray microspectroscopy (the paper in ``shared/papers``), Algorithm 1;
+T. Wang et al., "Robust retrieval of material chemical states in X-ray microspectroscopy", 2023,
+doi:10.48550/arXiv.2308.04207, Algorithm 1;
 S. Boyd et al., "Distributed optimization and statistical learning via ADMM", 2011;
 S. V. Venkatakrishnan et al., "Plug-and-play priors for model based reconstruction", 2013.
 """

@@ -1,7 +1,8 @@
 """Gaussian-mixture variational autoencoder (GMVAE) of per-pixel XANES spectra.
 
-The network of the PCC-GMVAE phase-mapping paper (``pcc-gmvae-phase-mapping-stxm``, sections 3.3
-and 6.6), in Keras 3 on TensorFlow:
+The network of the PCC-GMVAE phase-mapping paper ("AI-Driven Phase Identification from X-ray Hyperspectral
+Imaging of cycled Na-ion Cathode Materials", doi:10.48550/arXiv.2603.07666; docs/models.md), sections 3.3
+and 6.6, in Keras 3 on TensorFlow:
 
 * input normalization (:class:`SpectrumNormalization`, part of the saved model),
 * encoder: dense 512-256-128-64, each ReLU then batch normalization then dropout, to the mean and

@@ -1,6 +1,7 @@
 """InDI (Inversion by Direct Iteration) image enhancement: network, training, inference.
 
-Method: ``indi-4d-nanotomography`` ("Training details and model architecture"). A network
+Method: "GenAI-enhanced 4D nano-tomography for advanced battery microstructure analysis"
+(doi:10.1039/D5TA03471J; docs/models.md), "Training details and model architecture". A network
 ``F(x_t, t)`` is trained to predict the high-quality (HQ) image ``x`` from the blend
 ``x_t = (1 - t) x + t y`` of ``x`` and the low-quality (LQ) scan ``y`` (bicubic-upscaled to x's
 size), ``t`` in [0, 1]. Restoration starts at ``x_1 = y`` and walks ``t`` down to 0 in ``N`` steps

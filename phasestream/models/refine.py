@@ -1,7 +1,7 @@
 """Resolving ambiguous PCC pixels in a GMVAE latent space.
 
-Method: ``pcc-gmvae-phase-mapping-stxm`` (sections 3.3, 3.4 and 6.5). Every particle pixel's
-spectrum is encoded into the latent space; the unambiguous pixels, labelled by PCC, form one
+Method: the PCC-GMVAE paper (doi:10.48550/arXiv.2603.07666; docs/models.md), sections 3.3, 3.4 and 6.5.
+Every particle pixel's spectrum is encoded into the latent space; the unambiguous pixels, labelled by PCC, form one
 cluster per phase. An ambiguous pixel (best and second-best PCC within 0.005) goes to
 
 * ``mahalanobis``: the cluster with the smallest Mahalanobis distance

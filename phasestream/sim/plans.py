@@ -1,7 +1,7 @@
 """Bluesky plans for simulated (and real) spectromicroscopy energy scans.
 
 :func:`energy_stack_scan` is ``bluesky.plans.list_scan`` over X-ray energies with the run
-metadata phasestream reads from the start document (DESIGN.md, "Run metadata"):
+metadata phasestream reads from the start document (docs/contract.md, "Start document"):
 
     sample:      {name, state_of_charge, ...}
     phasestream: {references, image_key, energy_key, i0_key (when given), mode}

@@ -1,7 +1,7 @@
 """Synthetic NaxV2(PO4)2F3-like reference spectra (V L2,3 and O K edges). SYNTHETIC.
 
 These are not measurements. They imitate the features described in
-../shared/papers/pcc-gmvae-phase-mapping-stxm.txt (section 3.2) so that every algorithm can be
+the PCC-GMVAE paper (doi:10.48550/arXiv.2603.07666, section 3.2; docs/methods.md) so that every algorithm can be
 tested against a known truth:
 
 * V L3 and L2 white lines near 517.5 and 525.0 eV whose spectral weight moves to higher

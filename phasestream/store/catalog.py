@@ -1,6 +1,6 @@
 """Finding phase-mapping results in Tiled: by state of charge, status, sample.
 
-Results live at ``<root>/<run uid>`` (DESIGN.md "Results in Tiled") with ``state_of_charge`` at
+Results live at ``<root>/<run uid>`` (docs/contract.md, "Results in Tiled") with ``state_of_charge`` at
 the top level of their metadata, so a plain Tiled query works as well:
 ``client["phasestream"].search(Key("state_of_charge") == 2.0)``.
 """
@@ -16,12 +16,9 @@ from typing import Any
 from tiled.client.container import Container
 from tiled.queries import Key
 
-from phasestream.store.results import STATUSES
+from phasestream.contract import FINAL_JOB_STATUSES, FINAL_STATUSES, STATUSES
 
-#: final states of the post-scan GMVAE refinement (``metadata["refinement"]["status"]``)
-REFINEMENT_STATUSES = ("complete", "skipped", "failed")
-
-__all__ = ["FINAL_STATUSES", "REFINEMENT_STATUSES", "find", "find_raw_runs", "result_rows", "wait_for_refinement",
+__all__ = ["find", "find_raw_runs", "result_rows", "wait_for_refinement",
            "wait_for_result"]
 
 log = logging.getLogger(__name__)
@@ -117,8 +114,6 @@ def result_rows(results: dict[str, Container]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["state_of_charge"] is None, r["state_of_charge"] or 0.0, r["run_uid"]))
 
 
-FINAL_STATUSES = ("complete", "partial", "failed")
-
 
 def wait_for_result(client, run_uid: str, *, root: str = "phasestream", timeout: float = 120.0,
                     poll_seconds: float = 0.25) -> Container:
@@ -148,7 +143,7 @@ def wait_for_refinement(client, run_uid: str, *, root: str = "phasestream", time
     while time.monotonic() < end:
         with contextlib.suppress(KeyError):
             node = client[root][run_uid]
-            if (node.metadata.get("refinement") or {}).get("status") in REFINEMENT_STATUSES:
+            if (node.metadata.get("refinement") or {}).get("status") in FINAL_JOB_STATUSES:
                 return node
         time.sleep(poll_seconds)
     raise TimeoutError(f"no refinement for run {run_uid} in Tiled after {timeout:.0f} s")

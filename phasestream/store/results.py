@@ -1,13 +1,10 @@
-"""Phase-map results in Tiled: the DESIGN.md "Results in Tiled" container and its writer.
+"""Phase-map results in Tiled: the result container of docs/contract.md ("Results in Tiled") and its writer.
 
-One container ``<root>/<run uid>`` with specs ``["PhaseMap"]`` holding the arrays ``od`` (E, Y, X)
-float32, ``pcc`` (K, Y, X) float32, ``phase`` (Y, X) int16, ``reliability`` (Y, X) float32,
-``ambiguous`` and ``mask`` (Y, X) uint8, ... and the result metadata (``state_of_charge`` a float
-at the top level, so that ``client["phasestream"].search(Key("state_of_charge") == 2.0)`` finds it).
-Run uids and the root are checked (``phasestream.contract``) before they name a node or a folder;
-an existing result is replaced only when ``replace=True`` is asked for (``phasestream reprocess``),
-and :meth:`ResultWriter.verify` reads the arrays back before a result may be called complete
-(docs/security.md).
+One container ``<root>/<run uid>`` with specs ``["PhaseMap"]`` holding the arrays of
+``MAP_LAYOUT`` (``phasestream.contract``) and ``od`` (E, Y, X), and the result metadata. Run uids
+and the root are checked before they name a node or a folder; an existing result is replaced only
+when ``replace=True`` is asked for (``phasestream reprocess``), and :meth:`ResultWriter.verify`
+reads the arrays back before a result may be called complete (docs/security.md).
 
 Reading a result back::
 
@@ -22,8 +19,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,188 +30,37 @@ import numpy as np
 import zarr
 from tiled.client.container import Container
 from tiled.client.utils import ClientError
-from tiled.mimetypes import ZARR_MIMETYPE
-from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
-from tiled.structures.data_source import Asset, DataSource, Management
-from tiled.utils import ensure_uri, path_from_uri
+from tiled.structures.data_source import DataSource
 
-from phasestream.contract import STATUSES, check_result_root, check_run_uid, path_inside
-from phasestream.store.tiled import TiledPermissionError
+from phasestream.contract import (
+    MAP_LAYOUT,
+    OD_DTYPE,
+    RESULT_SPEC,
+    STATUSES,
+    check_result_root,
+    check_run_uid,
+    path_inside,
+)
+from phasestream.store.odstore import (
+    OD_ZARR_CONFIG,
+    external_od_path,
+    external_source,
+    flush_and_drop,
+    new_od_zarr,
+    plane_structure,
+    remove_od_store,
+)
+from phasestream.store.tiled import explained_refusal
 
-__all__ = ["MAP_LAYOUT", "STATUSES", "ResultExistsError", "ResultWriter", "check_od_store"]
+__all__ = ["ResultExistsError", "ResultWriter"]
 
 log = logging.getLogger(__name__)
 
-RESULT_SPEC = "PhaseMap"
-#: Contract result arrays: name -> (dtype, dims); "phase" is K, "y", "x" the image axes.
-MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
-    "pcc": (np.dtype("float32"), ("phase", "y", "x")),
-    "phase": (np.dtype("int16"), ("y", "x")),
-    "reliability": (np.dtype("float32"), ("y", "x")),
-    "ambiguous": (np.dtype("uint8"), ("y", "x")),
-    "mask": (np.dtype("uint8"), ("y", "x")),
-    "refined_phase": (np.dtype("int16"), ("y", "x")),
-    "latent": (np.dtype("float32"), ("y", "x", "latent")),
-    "false_positive": (np.dtype("uint8"), ("y", "x")),
-    # classic XANES methods (phasestream.jobs.methods)
-    "fractions_lcf": (np.dtype("float32"), ("phase", "y", "x")),
-    "fit_error": (np.dtype("float32"), ("y", "x")),
-    "reduced_chi2": (np.dtype("float32"), ("y", "x")),
-    "scale_lcf": (np.dtype("float32"), ("y", "x")),
-    "thickness": (np.dtype("float32"), ("y", "x")),
-    "normalized": (np.dtype("float32"), ("energy", "y", "x")),
-    "edge50": (np.dtype("float32"), ("y", "x")),
-    "peak_position": (np.dtype("float32"), ("y", "x")),
-    "threshold_mask": (np.dtype("uint8"), ("y", "x")),
-    "cluster_mask": (np.dtype("int16"), ("y", "x")),
-    "cluster_spectra": (np.dtype("float32"), ("cluster", "energy")),
-    "fractions_rum_tv": (np.dtype("float32"), ("phase", "y", "x")),
-    "scale_rum_tv": (np.dtype("float32"), ("y", "x")),
-    "fractions_rum_pnp": (np.dtype("float32"), ("phase", "y", "x")),
-    "scale_rum_pnp": (np.dtype("float32"), ("y", "x")),
-}
-OD_DTYPE = np.dtype("float32")
-#: External ``od``: write every plane as it comes (zarr's default compares each chunk with the
-#: fill value first, to skip empty ones: a full pass over 16 MB per 2048^2 plane for nothing).
-_OD_ZARR_CONFIG = {"write_empty_chunks": True}
 
 
 class ResultExistsError(FileExistsError):
     """A result container for this run already exists."""
-
-
-def _external_od_path(od_node: Any | None) -> Path | None:
-    """Directory of a result's ``od`` node when it is external data (written with ``od_store``), else None."""
-    if od_node is None:
-        return None
-    with _explained("read", "od"):
-        sources = od_node.data_sources() or []
-    for source in sources:
-        if source.management == Management.external and source.mimetype == ZARR_MIMETYPE and source.assets:
-            return Path(path_from_uri(source.assets[0].data_uri))
-    return None
-
-
-def _new_od_zarr(path: Path, shape: tuple[int, ...]) -> zarr.Array:
-    """A new (zero) uncompressed float32 zarr array at ``path``, one chunk per plane (axis 0)."""
-    return zarr.create_array(str(path), shape=shape, chunks=(1, *shape[1:]), dtype=OD_DTYPE, compressors=None,
-                             fill_value=0.0, dimension_names=("energy", "y", "x"), overwrite=True,
-                             config=_OD_ZARR_CONFIG)
-
-
-def _external_source(structure: ArrayStructure, path: Path) -> DataSource:
-    """The Tiled data source of a zarr array at ``path`` that phasestream writes itself."""
-    return DataSource(structure=structure, structure_family=StructureFamily.array, mimetype=ZARR_MIMETYPE,
-                      management=Management.external,
-                      assets=[Asset(data_uri=ensure_uri(str(path)), is_directory=True, parameter="data_uri")])
-
-
-def check_od_store(client: Container, od_store: str | Path) -> Path:
-    """Check that the Tiled server serves what is written in ``od_store``; return it (absolute).
-
-    Tiled registers external data anywhere but reads only its ``readable_storage``: without this
-    check a misconfigured server would be found out only when someone reads ``od``. A tiny zarr
-    array is written, registered under a scratch key, read back and removed again.
-
-    Raises
-    ------
-    OSError : ``od_store`` cannot be written; PermissionError : the server cannot read it
-    """
-    root = Path(od_store).resolve()
-    key = f"phasestream-od-store-check-{os.getpid()}-{threading.get_ident()}"
-    path = root / key / "od.zarr"
-    expected = np.arange(6, dtype=OD_DTYPE).reshape(1, 2, 3)
-    try:
-        _new_od_zarr(path, expected.shape)[:] = expected
-    except OSError as error:
-        raise OSError(f"cannot write the OD store {root}: {error}") from error
-    source = _external_source(_plane_structure(1, expected.shape[1:]), path)
-    advice = ("add it to the server's readable_storage (deploy/tiled/config.yml: PHASESTREAM_OD_STORE), on a "
-              "filesystem the server sees at the same path")
-    try:
-        try:
-            node = client.new(StructureFamily.array, [source], key=key)
-        except Exception as error:
-            raise PermissionError(f"the Tiled server refused to register the OD store {root} ({error})") from error
-        try:
-            got = node.read()
-        except Exception as error:  # the server refuses to serve it (500, or the connection dropped)
-            raise PermissionError(f"the Tiled server cannot read the OD store {root} ({error}): {advice}") from error
-        finally:
-            _delete_node(client, key)
-    finally:
-        _remove_od_store(path)
-    if not np.array_equal(got, expected):
-        raise PermissionError(f"the Tiled server reads other data than was written in the OD store {root}: {advice}")
-    return root
-
-
-def _delete_node(client: Container, key: str, attempts: int = 3) -> None:
-    """Delete ``client[key]``, trying again when the connection was dropped by an earlier failure."""
-    for attempt in range(attempts):
-        try:
-            client.delete_contents(key, external_only=False)
-            return
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-
-
-def _flush_and_drop(path: Path) -> None:
-    """Make a written file durable and take it out of the page cache.
-
-    OD planes are written once and read rarely: left in the page cache, every plane takes fresh
-    memory pages, and first touching them is the costliest part of a write on a virtual machine
-    (about 40 ms of CPU per 16 MB plane measured here, 4 ms with this). fsync also means a plane
-    counted as written is on disk.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _remove_od_store(path: Path | None, store: Path | None = None) -> None:
-    """Remove an external ``od`` zarr directory (``.../<run uid>/od.zarr``) and its run folder if empty.
-
-    With ``store``, only a directory inside it is removed (one registered elsewhere is left alone).
-    """
-    if path is None or path.name != "od.zarr":
-        return
-    if store is not None and not Path(path).resolve().is_relative_to(Path(store).resolve()):
-        log.warning("external od %s lies outside the OD store %s; left in place", path, store)
-        return
-    shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        path.parent.rmdir()
-
-
-
-@contextlib.contextmanager
-def _explained(action: str, path: str) -> Iterator[None]:
-    """Turn Tiled's HTTP refusals into errors that say what to do."""
-    try:
-        yield
-    except ClientError as error:
-        code = error.response.status_code
-        if code in (401, 403):
-            raise TiledPermissionError(
-                f"Tiled refused to {action} {path} ({error}): the client needs a valid API key "
-                "with write access (TILED_API_KEY or connect(api_key=...))"
-            ) from error
-        if code == 405:
-            raise TiledPermissionError(
-                f"Tiled cannot {action} {path} ({error}): the server has no writable storage; "
-                "configure writable_storage or use start_embedded_tiled()"
-            ) from error
-        raise
-
-
-# --------------------------------------------------------------------------- raw runs
 
 
 def _jsonable(value: Any) -> Any:
@@ -266,12 +110,6 @@ def _ensure_container(client: Container, path: str) -> Container:
     return node
 
 
-def _plane_structure(n_planes: int, shape: tuple[int, int]) -> ArrayStructure:
-    """(E, Y, X) float32 with one chunk per energy plane."""
-    return ArrayStructure(shape=(n_planes, *shape), chunks=((1,) * n_planes, (shape[0],), (shape[1],)),
-                          dims=("energy", "y", "x"), data_type=BuiltinDtype.from_numpy_dtype(OD_DTYPE))
-
-
 class ResultWriter:
     """Writes one analysed run's results into Tiled, at ``<root>/<run_uid>`` (specs ["PhaseMap"]).
 
@@ -302,7 +140,7 @@ class ResultWriter:
     shape : (Y, X) image shape, or None for a run without any usable image (metadata only)
     phases : the K reference phase names, in ``pcc`` order
     n_energies : number of energies E when known (start document ``num_points``)
-    metadata : result metadata (DESIGN.md), merged over the defaults; ``state_of_charge`` is
+    metadata : result metadata (docs/contract.md), merged over the defaults; ``state_of_charge`` is
         taken from ``sample`` when not given
     replace : delete an existing result for this run first; otherwise it is an error
     od_store : directory for ``od`` as external zarr data (see above); None: ``od`` is
@@ -334,7 +172,7 @@ class ResultWriter:
         self.od_path = None if od_store is None else path_inside(self.od_store, root, run_uid, "od.zarr")
         self._od_zarr: zarr.Array | None = None
         md = self._initial_metadata(metadata or {})
-        with _explained("create", self.path):
+        with explained_refusal("create", self.path):
             results = _ensure_container(client, root)
             if run_uid in results:
                 if not replace:
@@ -346,9 +184,9 @@ class ResultWriter:
                 existing = results[run_uid]
                 if RESULT_SPEC not in [spec.name for spec in existing.specs]:
                     raise TypeError(f"{self.path} is not a {RESULT_SPEC} result; refusing to replace it")
-                stale = _external_od_path(existing["od"] if "od" in existing else None)
+                stale = external_od_path(existing["od"] if "od" in existing else None)
                 existing.delete(recursive=True, external_only=False)
-                _remove_od_store(stale, self.od_store)
+                remove_od_store(stale, self.od_store)
             self.container = results.create_container(run_uid, metadata=md, specs=[RESULT_SPEC])
         self._lock = threading.Lock()
         self._arrays: dict[str, Any] = {}
@@ -398,7 +236,7 @@ class ResultWriter:
         self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
         # an external od is opened only if this writer writes od: post-scan jobs that only add
         # arrays may run on hosts that do not see the OD store
-        self.od_path = _external_od_path(self._arrays.get("od"))
+        self.od_path = external_od_path(self._arrays.get("od"))
         self.od_store = None if self.od_path is None else self.od_path.parent.parent.parent
         self._od_zarr = None
         self._planes = set(range(min(int(md.get("n_energies_seen") or 0), self._od_capacity)))
@@ -423,14 +261,14 @@ class ResultWriter:
         """A new ``od`` of ``n_planes`` planes: in Tiled's storage, or a new external zarr array."""
         if self.od_path is not None:
             with self._od_store_errors():
-                self._od_zarr = _new_od_zarr(self.od_path, (n_planes, *self.shape))
+                self._od_zarr = new_od_zarr(self.od_path, (n_planes, *self.shape))
         self._register_od(n_planes)
 
     def _register_od(self, n_planes: int) -> None:
-        structure = _plane_structure(n_planes, self.shape)
+        structure = plane_structure(n_planes, self.shape)
         source = (DataSource(structure=structure, structure_family=StructureFamily.array) if self.od_path is None
-                  else _external_source(structure, self.od_path))
-        with _explained("create", f"{self.path}/od"):
+                  else external_source(structure, self.od_path))
+        with explained_refusal("create", f"{self.path}/od"):
             self._arrays["od"] = self.container.new(StructureFamily.array, [source], key="od")
         self._od_capacity = n_planes
 
@@ -438,7 +276,7 @@ class ResultWriter:
         """The external zarr array of ``od``, opened on first use."""
         if self._od_zarr is None:
             with self._od_store_errors():
-                self._od_zarr = zarr.open_array(str(self.od_path), mode="r+", config=_OD_ZARR_CONFIG)
+                self._od_zarr = zarr.open_array(str(self.od_path), mode="r+", config=OD_ZARR_CONFIG)
         return self._od_zarr
 
     @contextlib.contextmanager
@@ -452,7 +290,7 @@ class ResultWriter:
         """External ``od`` at a new number of planes: Tiled's record is immutable, so register it again."""
         with self._od_store_errors():
             self._od_array().resize((n_planes, *self.shape))
-        with _explained("rewrite", f"{self.path}/od"):
+        with explained_refusal("rewrite", f"{self.path}/od"):
             self.container.delete_contents("od", external_only=False)
         del self._arrays["od"]
         self._register_od(n_planes)
@@ -504,10 +342,10 @@ class ResultWriter:
             with self._od_store_errors():
                 array[start:end] = block
                 for index in range(start, end):
-                    _flush_and_drop(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
+                    flush_and_drop(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
             self._planes.update(range(start, end))
             return
-        with _explained("write", f"{self.path}/od"):
+        with explained_refusal("write", f"{self.path}/od"):
             array = self._arrays["od"]
             if end == start + 1 and end <= self._od_capacity:
                 array.write_block(block, block=(start, 0, 0))
@@ -533,7 +371,7 @@ class ResultWriter:
                 if self.od_path is not None and n:
                     self._resize_external_od(n)
                 else:  # uploaded (the one way to shrink it is to write it again), or removed (n == 0)
-                    with _explained("rewrite", f"{self.path}/od"):
+                    with explained_refusal("rewrite", f"{self.path}/od"):
                         kept = self._arrays["od"][:n] if n else None
                         self.container.delete_contents("od", external_only=False)
                         del self._arrays["od"]
@@ -544,7 +382,7 @@ class ResultWriter:
                                 self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
                     if self.od_path is not None:  # external and removed: its files go too
                         self._od_zarr = None
-                        _remove_od_store(self.od_path, self.od_store)
+                        remove_od_store(self.od_path, self.od_store)
                 self._planes = {p for p in self._planes if p < n}
         if update_metadata:
             self.update_metadata(n_energies_seen=n)
@@ -582,7 +420,7 @@ class ResultWriter:
             if name is None:  # the OD planes
                 self._write_od_block(*array)
                 return
-            with _explained("write", f"{self.path}/{name}"):
+            with explained_refusal("write", f"{self.path}/{name}"):
                 self._write_map(name, array)
 
         with self._lock:
@@ -630,7 +468,7 @@ class ResultWriter:
         for name, shape in expected.items():
             dtype = OD_DTYPE if name == "od" else MAP_LAYOUT[name][0] if name in MAP_LAYOUT else None
             try:
-                with _explained("read", f"{self.path}/{name}"):
+                with explained_refusal("read", f"{self.path}/{name}"):
                     node = self.container[name]
                     got_shape, got_dtype = tuple(node.shape), np.dtype(node.dtype)
             except KeyError:
@@ -651,12 +489,12 @@ class ResultWriter:
         """
         fields = _normalized_fields({**fields, "updated_at": time.time()})
         patch = [{"op": "add", "path": _pointer(key), "value": value} for key, value in fields.items()]
-        with self._lock, _explained("update metadata of", self.path):
+        with self._lock, explained_refusal("update metadata of", self.path):
             self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
 
     def record_error(self, message: str) -> None:
         """Append ``message`` to the ``errors`` list of the result (server-side append)."""
         log.warning("run %s: %s", self.run_uid, message)
         patch = [{"op": "add", "path": "/errors/-", "value": str(message)}]
-        with self._lock, _explained("update metadata of", self.path):
+        with self._lock, explained_refusal("update metadata of", self.path):
             self.container.patch_metadata(metadata_patch=patch, drop_revision=True)

@@ -1,8 +1,8 @@
-"""Tiled helpers: an embedded server, connecting, raw runs (TiledWriter). Results: ``services.results``.
+"""Tiled helpers: an embedded server, connecting, raw runs (TiledWriter). Results: ``phasestream.store.results``.
 
 Raw runs are written by bluesky-tiled-plugins' ``TiledWriter`` (:func:`raw_run_writer`) and read
 back as databroker-2 ``BlueskyRun`` objects (:func:`open_raw_run`). Analysis results follow the
-DESIGN.md contract "Results in Tiled": one container ``<root>/<run uid>`` with specs
+contract (docs/contract.md, "Results in Tiled"): one container ``<root>/<run uid>`` with specs
 ``["PhaseMap"]`` holding the arrays ``od`` (E, Y, X) float32, ``pcc`` (K, Y, X) float32,
 ``phase`` (Y, X) int16, ``reliability`` (Y, X) float32, ``ambiguous`` and ``mask`` (Y, X) uint8,
 ... and the result metadata (``state_of_charge`` a float at the top level, so that
@@ -40,6 +40,7 @@ __all__ = [
     "api_key_scope",
     "connect",
     "describe_tiled_error",
+    "explained_refusal",
     "open_raw_run",
     "public_uri",
     "raw_run_complete",
@@ -69,6 +70,26 @@ class TiledConnectionError(_TiledError, ConnectionError):
 
 class TiledPermissionError(_TiledError, PermissionError):
     """Tiled refused the request: missing or wrong API key, or no write access."""
+
+
+@contextlib.contextmanager
+def explained_refusal(action: str, path: str) -> Iterator[None]:
+    """Turn Tiled's HTTP refusals into errors that say what to do."""
+    try:
+        yield
+    except ClientError as error:
+        code = error.response.status_code
+        if code in (401, 403):
+            raise TiledPermissionError(
+                f"Tiled refused to {action} {path} ({error}): the client needs a valid API key "
+                "with write access (TILED_API_KEY or connect(api_key=...))"
+            ) from error
+        if code == 405:
+            raise TiledPermissionError(
+                f"Tiled cannot {action} {path} ({error}): the server has no writable storage; "
+                "configure writable_storage or use start_embedded_tiled()"
+            ) from error
+        raise
 
 
 class HiddenKey(str):

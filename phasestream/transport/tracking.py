@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from phasestream.contract import IncompleteReason
+
 __all__ = ["RunIncompleteListener", "RunTracker"]
 
 logger = logging.getLogger(__name__)
@@ -28,11 +30,13 @@ logger = logging.getLogger(__name__)
 class RunIncompleteListener(Protocol):
     """Told about runs that lost documents; may be called several times for one run.
 
-    ``final`` is True when no more documents of the run are expected (no stop within the
-    timeout): the run is to be finalized now. Otherwise its stop may still come.
+    ``kind`` says why (:class:`~phasestream.contract.IncompleteReason`); when ``kind.final`` no
+    more documents of the run are expected (no stop within the timeout) and the run is to be
+    finalized now. Otherwise its stop may still come. ``reason`` is the text for people.
     """
 
-    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None: ...
+    def run_incomplete(self, run_uid: str, reason: str, *,
+                       kind: IncompleteReason = IncompleteReason.MESSAGE_GAP) -> None: ...
 
 
 @dataclass
@@ -108,14 +112,14 @@ class RunTracker:
         """Uids of runs started (or seen) and not yet stopped nor timed out."""
         return [uid for uid, run in self._runs.items() if not run.timed_out]
 
-    def _report(self, run_uid: str, reason: str, *, log: bool = True, final: bool = False) -> None:
+    def _report(self, run_uid: str, kind: IncompleteReason, reason: str, *, log: bool = True) -> None:
         self.stats["reports"] += 1
         self.incomplete.setdefault(run_uid, []).append(reason)
         if log:
             logger.warning("run %s incomplete: %s", run_uid, reason)
         if self.listener is not None:
             try:
-                self.listener.run_incomplete(run_uid, reason, final=final)
+                self.listener.run_incomplete(run_uid, reason, kind=kind)
             except Exception:
                 logger.exception("listener %r raised on run_incomplete(%s); continuing", self.listener, run_uid)
 
@@ -138,7 +142,8 @@ class RunTracker:
                 run_uid,
                 how,
             )
-            self._report(run_uid, f"{how} arrived for a run whose start document was not received", log=False)
+            self._report(run_uid, IncompleteReason.NO_START,
+                         f"{how} arrived for a run whose start document was not received", log=False)
         run.last_seen = self.clock()
         run.timed_out = False
         return run
@@ -148,6 +153,7 @@ class RunTracker:
         for run_uid in self.open_runs:
             self._report(
                 run_uid,
+                IncompleteReason.MESSAGE_GAP,
                 f"{received_seq - expected_seq} message(s) lost while the run was open "
                 f"(publisher {publisher_id}, sequence {expected_seq}..{received_seq - 1})",
             )
@@ -163,8 +169,8 @@ class RunTracker:
             run.timed_out = True
             if not run.timeout_reported:
                 run.timeout_reported = True
-                self._report(uid, f"no stop document within {self.stop_timeout:g} s of the run's last document",
-                             final=True)
+                self._report(uid, IncompleteReason.STOP_TIMEOUT,
+                             f"no stop document within {self.stop_timeout:g} s of the run's last document")
         return expired
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
@@ -222,7 +228,7 @@ class RunTracker:
         if not self.open_runs:
             logger.warning("%s, and no run is open; its run is reported when its stop arrives", reason)
         for run_uid in self.open_runs:
-            self._report(run_uid, reason)
+            self._report(run_uid, IncompleteReason.NO_DESCRIPTOR, reason)
 
     def _seq_nums(self, doc: dict[str, Any], seq_nums: list[int]) -> None:
         descriptor = self._descriptors.get(doc["descriptor"])
@@ -238,6 +244,7 @@ class RunTracker:
                 self.stats["missing_events"] += missing
                 self._report(
                     descriptor.run_uid,
+                    IncompleteReason.MISSING_EVENTS,
                     f"events {descriptor.next_seq_num}..{seq_num - 1} of stream {descriptor.stream!r} "
                     f"(descriptor {doc['descriptor']}) were not received",
                 )
@@ -262,6 +269,7 @@ class RunTracker:
             self.stats["missing_events"] += start - expected
             self._report(
                 descriptor.run_uid,
+                IncompleteReason.MISSING_EVENTS,
                 f"stream data {expected}..{start - 1} of stream resource {doc['stream_resource']} were not received",
             )
         self._stream_resource_next[doc["stream_resource"]] = max(stop, expected or 0)
@@ -276,7 +284,8 @@ class RunTracker:
         for stream, expected in (doc.get("num_events") or {}).items():
             seen = run.events_seen.get(stream, 0)
             if seen < expected and stream not in run.stream_datum_streams:
-                self._report(run_uid, f"stop counts {expected} events in stream {stream!r}, {seen} were received")
+                self._report(run_uid, IncompleteReason.EVENT_COUNT,
+                             f"stop counts {expected} events in stream {stream!r}, {seen} were received")
         del self._runs[run_uid]
         for uid in [uid for uid, d in self._descriptors.items() if d.run_uid == run_uid]:
             del self._descriptors[uid]

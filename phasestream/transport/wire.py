@@ -1,9 +1,11 @@
-"""Document transport between the RunEngine process and analysis workers: wire format, publisher, proxy.
+"""Document transport between the RunEngine process and analysis workers: wire format and publisher.
 
 The topology is the one of ``bluesky.callbacks.zmq``::
 
     RunEngine --DocumentPublisher--> Proxy (in) ... Proxy (out) --DocumentReceiver--> callbacks
                  XPUB, connects       SUB, binds      PUB, binds    SUB, connects
+
+The proxy is in :mod:`phasestream.transport.proxy`, the receiver in :mod:`phasestream.transport.worker`.
 
 Frame
     One 0MQ frame per document, unchanged from bluesky: ``prefix + b" " + name + b" " + payload``.
@@ -22,25 +24,17 @@ Envelope
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import os
-import selectors
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 import zmq
-from bluesky.callbacks.zmq import Proxy, Publisher
+from bluesky.callbacks.zmq import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -291,15 +285,6 @@ def normalize_address(address: str | int | tuple[str, int], *, host: str = LOCAL
     return address if "://" in address else f"tcp://{address}"
 
 
-def _proxy_bind_address(address: str | int | tuple[str, int]) -> str:
-    """Bind address for bluesky's Proxy; port 0 becomes bluesky's random-port form (no port)."""
-    address = normalize_address(address)
-    for suffix in (":0", ":*"):
-        if address.startswith("tcp://") and address.endswith(suffix):
-            return address[: -len(suffix)]
-    return address
-
-
 # -- publisher -------------------------------------------------------------------------------------------
 
 
@@ -397,141 +382,3 @@ class DocumentPublisher(Publisher):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-# -- proxy -----------------------------------------------------------------------------------------------
-
-
-def run_proxy(
-    in_address: str | int | tuple[str, int] = DEFAULT_IN_ADDRESS,
-    out_address: str | int | tuple[str, int] = DEFAULT_OUT_ADDRESS,
-    *,
-    on_ready: Any = None,
-) -> None:
-    """Run bluesky's 0MQ proxy until SIGTERM/SIGINT (blocking; a process entry point).
-
-    Parameters
-    ----------
-    in_address, out_address : str or int or tuple
-        Bind addresses for publishers and for receivers. A bare port binds 127.0.0.1 only (bluesky's Proxy
-        would bind 0.0.0.0 for an int and all interfaces for None); port 0 picks a free port.
-    on_ready : callable, optional
-        ``on_ready(in_address, out_address)`` with the bound addresses, before forwarding starts.
-
-    Notes
-    -----
-    ``Proxy.start()`` blocks inside libzmq, where a signal arriving outside its poll is only noticed at the
-    next message. Forwarding therefore runs in a daemon thread while the main thread waits for the signal
-    and returns; the process then exits. Called outside the main thread, it forwards forever.
-    """
-    proxy = Proxy(in_address=_proxy_bind_address(in_address), out_address=_proxy_bind_address(out_address))
-    bound_in, bound_out = str(proxy.in_port), str(proxy.out_port)
-    logger.info("proxy forwarding documents from %s to %s", bound_in, bound_out)
-    if threading.current_thread() is not threading.main_thread():
-        if on_ready is not None:
-            on_ready(bound_in, bound_out)
-        proxy.start()
-        return
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        forwarder = threading.Thread(target=proxy.start, name="phasestream-proxy", daemon=True)
-        forwarder.start()
-        if on_ready is not None:
-            on_ready(bound_in, bound_out)
-        while not stop.wait(1.0) and forwarder.is_alive():
-            pass
-        logger.info("proxy %s -> %s stopped", bound_in, bound_out)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class ProxyProcess:
-    """A proxy subprocess started by :func:`start_proxy`, with its bound addresses."""
-
-    process: subprocess.Popen
-    in_address: str
-    out_address: str
-
-    def stop(self, timeout: float = 5.0) -> int:
-        """Terminate the proxy (SIGTERM, then SIGKILL after ``timeout`` s); returns the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("proxy pid %d ignored SIGTERM for %.1f s; killing it", self.process.pid, timeout)
-                self.process.kill()
-                self.process.wait(timeout)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return self.process.returncode
-
-    def __enter__(self) -> ProxyProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-def start_proxy(in_port: int = 0, out_port: int = 0, *, host: str = LOCALHOST, timeout: float = 20.0) -> ProxyProcess:
-    """Start the proxy in a subprocess (``python -m phasestream.transport.wire proxy``) and wait until it binds.
-
-    Parameters
-    ----------
-    in_port, out_port : int
-        Ports for publishers and receivers; 0 picks free ports.
-    host : str
-        Interface to bind, 127.0.0.1 by default.
-    timeout : float
-        Seconds to wait for the subprocess to report its bound addresses.
-
-    Returns
-    -------
-    ProxyProcess
-        ``in_address`` for :class:`DocumentPublisher`, ``out_address`` for the worker; stop it with
-        ``stop()`` or use it as a context manager.
-    """
-    command = [sys.executable, "-m", __name__, "proxy", "--in", f"tcp://{host}:{in_port}"]
-    command += ["--out", f"tcp://{host}:{out_port}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE)
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        line = process.stdout.readline() if selector.select(timeout) else b""
-    try:
-        addresses = json.loads(line)
-        return ProxyProcess(process, addresses["in_address"], addresses["out_address"])
-    except (ValueError, KeyError):
-        ProxyProcess(process, "", "").stop()
-        raise RuntimeError(
-            f"proxy subprocess did not report its addresses within {timeout} s (exit code {process.returncode}); "
-            f"are ports {in_port}/{out_port} on {host} free?"
-        ) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m phasestream.transport.wire proxy --in ADDRESS --out ADDRESS``.
-
-    Writes one JSON line ``{"in_address": ..., "out_address": ...}`` to stdout once bound.
-    """
-    parser = argparse.ArgumentParser(prog="python -m phasestream.transport.wire")
-    sub = parser.add_subparsers(dest="command", required=True)
-    proxy = sub.add_parser("proxy", help="forward bluesky documents from publishers to workers")
-    proxy.add_argument("--in", dest="in_address", default=DEFAULT_IN_ADDRESS)
-    proxy.add_argument("--out", dest="out_address", default=DEFAULT_OUT_ADDRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PHASESTREAM_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    def announce(in_address: str, out_address: str) -> None:
-        sys.stdout.write(json.dumps({"in_address": in_address, "out_address": out_address}) + "\n")
-        sys.stdout.flush()
-
-    run_proxy(args.in_address, args.out_address, on_ready=announce)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

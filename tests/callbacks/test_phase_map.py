@@ -7,6 +7,7 @@ import pytest
 from bluesky import RunEngine
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.contract import IncompleteReason
 from phasestream.kernels import assign_phases, optical_density_reference, particle_mask, pearson_maps
 from phasestream.references import load_references, select_energies
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
@@ -144,7 +145,7 @@ def test_run_without_stop_is_finalized_partial_when_reported_lost():
         if name != "stop":
             cb(name, doc)
     assert cb.results[uid].status == "running"
-    cb.run_incomplete(uid, "no stop document within 60 s", final=True)
+    cb.run_incomplete(uid, "no stop document within 60 s", kind=IncompleteReason.STOP_TIMEOUT)
     assert cb.flush(30)
     assert cb.results[uid].status == "partial"
     assert any("documents lost" in e for e in cb.results[uid].errors)
@@ -231,7 +232,7 @@ def test_resource_datum_images_are_filled_through_the_handler_registry(tmp_path)
 
 
 def test_plane_pool_reuses_written_buffers_and_keeps_at_most_its_bytes():
-    from phasestream.callbacks.analysis import PlanePool
+    from phasestream.callbacks.planes import PlanePool
 
     rng = np.random.default_rng(0)
     pool = PlanePool(keep_bytes=2 * 16 * 16 * 4)  # two 16 x 16 float32 planes
@@ -247,6 +248,10 @@ def test_plane_pool_reuses_written_buffers_and_keeps_at_most_its_bytes():
     np.testing.assert_array_equal(again, b)
     np.testing.assert_array_equal(pending, b)
     assert pool.copy(np.zeros((8, 8), np.float32)).shape == (8, 8)  # other shapes get their own
-    for buffer in (again, pending, pool.copy(a)):
+    third = pool.copy(a)
+    for buffer in (again, pending, third):
         pool.release(buffer)
-    assert len(pool._free) == 2  # the third would exceed keep_bytes
+    # two buffers were kept (the third would exceed keep_bytes): the next two copies reuse them, the third is new
+    reused = [pool.copy(a) for _ in range(3)]
+    assert reused[0] is again and reused[1] is pending
+    assert all(reused[2] is not buffer for buffer in (again, pending, third))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize, nnls
@@ -9,7 +11,7 @@ from scipy.optimize import minimize, nnls
 from phasestream.methods.lcf import linear_combination_fit, polynomial_background
 from phasestream.references import load_references
 
-NI = "/work/shared/data/ni-k-edge"
+NI = Path(__file__).resolve().parents[1] / "data" / "ni-k-edge"  # tests/data/ni-k-edge/README.md
 
 
 def _problem(k=3, n_e=40, shape=(6, 7), seed=0, scale=1.0):

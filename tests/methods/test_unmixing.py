@@ -13,7 +13,7 @@ from phasestream.methods import linear_combination_fit, project_simplex, robust_
 from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
 
-NI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ni-k-edge"
+NI = Path(__file__).resolve().parents[1] / "data" / "ni-k-edge"  # tests/data/ni-k-edge/README.md
 E = np.linspace(8300.0, 8450.0, 60)
 
 

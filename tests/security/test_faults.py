@@ -23,13 +23,14 @@ from pathlib import Path
 
 import pytest
 from bluesky import RunEngine
-from services_support import free_port
+from services_support import PORT_TAKEN, uvicorn_port
 
 from phasestream.app.live import ServeProcess
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import connect, raw_run_writer
-from phasestream.transport.wire import DocumentPublisher, start_proxy
+from phasestream.transport.proxy import start_proxy
+from phasestream.transport.wire import DocumentPublisher
 
 pytestmark = pytest.mark.faults
 
@@ -41,10 +42,14 @@ class TiledServer:
     """``tiled serve catalog`` on a folder that outlives the process (kill it, start it again)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.port, self.key = folder, free_port(), secrets.token_hex(16)
-        self.uri = f"http://127.0.0.1:{self.port}/api"
+        self.folder, self.key = folder, secrets.token_hex(16)
+        self.port = 0  # the first start binds a free port; later ones bind the same, the clients' URI
         self.proc: subprocess.Popen | None = None
         self._started = False
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
 
     def start(self) -> TiledServer:
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
@@ -52,10 +57,19 @@ class TiledServer:
         cmd = [str(Path(sys.executable).parent / "tiled"), "serve", "catalog", str(self.folder / "catalog.db"),
                *init, "-w", str(self.folder / "data"), "-w", f"duckdb:///{self.folder / 'tables.duckdb'}",
                "--host", "127.0.0.1", "--port", str(self.port)]
-        log = (self.folder / "tiled.log").open("a")
+        path = self.folder / "tiled.log"
+        offset = path.stat().st_size if path.exists() else 0
+        log = path.open("a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "TILED_SINGLE_USER_API_KEY": self.key})
         self._started = True
+        try:
+            self.port = uvicorn_port(path, self.proc, offset=offset)
+        except RuntimeError as exc:
+            if self.port and PORT_TAKEN.search(str(exc)):
+                raise RuntimeError(f"another process took port {self.port} while tiled was down: "
+                                   f"it cannot come back at {self.uri}") from exc
+            raise
         deadline = time.monotonic() + 60
         while True:
             try:

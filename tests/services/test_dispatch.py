@@ -7,7 +7,8 @@ import pytest
 from bluesky import RunEngine
 
 from phasestream.app.live import LiveService
-from phasestream.jobs.executors import dask_client
+from phasestream.jobs.cluster import dask_client
+from phasestream.jobs.executors import DaskExecutor
 from phasestream.jobs.methods import MethodsOptions, run_methods
 from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
 from phasestream.references import load_references, select_energies
@@ -39,14 +40,14 @@ def _scan(*callbacks, md=None, seed=4):
 
 def test_methods_a_run_asks_for_run_on_dask_as_on_the_thread(tiled_client, dask):
     service = LiveService(tiled_client, backend="numba", methods=MethodsOptions(), scheduler=dask)
-    assert service.dask is not None and service._refiner is None
+    assert isinstance(service.executor, DaskExecutor)
     asked, _ = _scan(raw_run_writer(tiled_client), service, md={"phasestream": {"methods": ["lcf"]}})
     other, _ = _scan(raw_run_writer(tiled_client), service, seed=5)
     service.callback.flush(60)
-    assert service.dask.wait(120)
+    assert service.executor.wait(120)
     service.close()
-    assert service.methods[asked]["lcf"]["status"] == "complete", service.methods
-    assert other not in service.methods
+    assert service.outcome(asked, "methods").details["lcf"]["status"] == "complete", service.outcomes
+    assert service.outcome(other, "methods") is None
     node = tiled_client["phasestream"][asked]
     assert node.metadata["methods"]["lcf"]["status"] == "complete"
     on_dask = node["fractions_lcf"].read()
@@ -74,7 +75,8 @@ def test_lost_run_is_reprocessed_on_dask(tiled_client, dask):
     assert live.callback.results[uid].status == "partial"
     assert live.wait_recovered(uid, 120) == "complete"
     live.close()
-    assert live.methods[uid]["lcf"]["status"] == "complete"
+    assert live.outcome(uid, "methods").details["lcf"]["status"] == "complete"
+    assert live.outcome(uid, "reprocess").status == "complete"
     res = tiled_client["phasestream"][uid]
     assert res.metadata["recovered"]["on"] == "dask"
     assert any("documents lost" in e for e in res.metadata["recovered"]["live_errors"])

@@ -91,9 +91,11 @@ def test_enhancement_requested_in_the_start_document(tiled_client, models):
     other = _scan(tiled_client, callback=service)
     service.callback.flush(60)
     service.close()
-    assert service.enhanced[uid]["status"] == "complete"
+    assert service.outcome(uid, "enhance").status == "complete"
+    written = tiled_client["phasestream"][uid].metadata["enhancement"]
+    assert service.outcome(uid, "enhance").details["sha256"] == written["sha256"]
     assert "enhanced" in tiled_client["phasestream"][uid]
-    assert other not in service.enhanced and "enhanced" not in tiled_client["phasestream"][other]
+    assert service.outcome(other, "enhance") is None and "enhanced" not in tiled_client["phasestream"][other]
 
 
 def test_reprocess_enhance_command_and_server_down(tiled_server, tiled_client, models):

@@ -19,7 +19,7 @@ from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
 from phasestream.store.results import ResultWriter
 
-NI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ni-k-edge"
+NI = Path(__file__).resolve().parents[1] / "data" / "ni-k-edge"  # tests/data/ni-k-edge/README.md
 ENERGIES = np.linspace(8300.0, 8450.0, 40)
 
 
@@ -89,7 +89,8 @@ def test_bad_input_is_recorded_not_raised(tiled_client, ni_csv):
     record = run_methods(tiled_client, "run-methods-3", MethodsOptions(methods=("lcf", "rum_tv")))
     assert record["lcf"]["status"] == record["rum_tv"]["status"] == "failed"
     assert "outside the range" in record["lcf"]["errors"][0]
-    assert run_methods(tiled_client, "no-such-run")["_job"]["status"] == "failed"
+    with pytest.raises(KeyError, match="no result"):
+        run_methods(tiled_client, "no-such-run")
 
 
 def test_options_from_start_document():
@@ -131,8 +132,9 @@ def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
     service.callback.flush(60)
     service.close()
     asked, other = uids
-    assert service.methods[asked]["lcf"]["status"] == "complete"
-    assert other not in service.methods
+    assert service.outcome(asked, "methods").details["lcf"]["status"] == "complete"
+    assert service.outcome(asked, "methods").status == "complete"
+    assert service.outcome(other, "methods") is None
     node = tiled_client["phasestream"][asked]
     assert node.metadata["methods"]["lcf"]["status"] == "complete" and "fractions_lcf" not in tiled_client[
         "phasestream"][other]

@@ -8,6 +8,7 @@ documents the RunEngine emitted, in memory, with nothing read back from Tiled.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import pandas as pd
 import pyarrow
 import pytest
 from bluesky import RunEngine
-from services_support import free_port, postgres_bin, private_postgres
+from services_support import postgres_bin, private_postgres, uvicorn_port
 from tiled.structures.core import Spec
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
@@ -187,7 +188,7 @@ def postgres_tiled(tmp_path):
     """Tiled on PostgreSQL (catalog and event tables), served by a `tiled serve config` subprocess."""
     if postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed (.ci/ensure-services.sh installs the Debian package)")
-    key, port = "pairing" + str(free_port()), free_port()
+    key = "pairing" + secrets.token_hex(8)
     (tmp_path / "data").mkdir()
     with private_postgres() as pg:
         config = tmp_path / "tiled.yml"
@@ -204,9 +205,9 @@ def postgres_tiled(tmp_path):
         )
         log = (tmp_path / "tiled.log").open("w")
         proc = subprocess.Popen([sys.executable, "-m", "tiled", "serve", "config", str(config),
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                                 "--host", "127.0.0.1", "--port", "0"], stdout=log, stderr=subprocess.STDOUT)
         try:
-            base = f"http://127.0.0.1:{port}"
+            base = f"http://127.0.0.1:{uvicorn_port(tmp_path / 'tiled.log', proc)}"  # the port it bound
             deadline = time.monotonic() + 60
             while True:
                 assert proc.poll() is None, (tmp_path / "tiled.log").read_text()

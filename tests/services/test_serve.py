@@ -11,7 +11,8 @@ from phasestream.references import load_references, select_energies
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import wait_for_result
 from phasestream.store.tiled import raw_run_writer
-from phasestream.transport.wire import DocumentPublisher, start_proxy
+from phasestream.transport.proxy import start_proxy
+from phasestream.transport.wire import DocumentPublisher
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 

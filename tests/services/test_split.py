@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phasestream.jobs.executors import dask_client
+from phasestream.jobs.cluster import dask_client
 from phasestream.jobs.methods import MethodsOptions, run_methods
 from phasestream.jobs.split import LCF_ARRAYS, split_ranges, submit_split_enhance, submit_split_lcf
 from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
 from phasestream.store.results import ResultWriter
 
-NI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ni-k-edge"
+NI = Path(__file__).resolve().parents[1] / "data" / "ni-k-edge"  # tests/data/ni-k-edge/README.md
 ENERGIES = np.linspace(8300.0, 8450.0, 30)
 
 

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import socket
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from bluesky import RunEngine
-from services_support import free_port, postgres_bin, private_postgres, private_redis, redis_bin
+from services_support import (
+    PORT_ATTEMPTS,
+    free_port,
+    postgres_bin,
+    private_postgres,
+    private_redis,
+    redis_bin,
+    stack_port_taken,
+)
 
 from phasestream.app.cli import main
-from phasestream.app.stack import _alive, _port_open, read_env
+from phasestream.app.stack import read_env
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import find, wait_for_result
@@ -31,6 +44,36 @@ def _ports() -> list[str]:
     return [arg for name in names for arg in (name, str(free_port()))]
 
 
+def _up(args: list[str]) -> int:
+    """``phasestream up ARGS`` on free ports; again on new ones when a component found its port taken.
+
+    The stack's ports are fixed before it starts (its clients' environment file names them).
+    """
+    run_dir = Path(args[args.index("--run-dir") + 1])
+    for _ in range(PORT_ATTEMPTS):
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)  # only this attempt's logs tell why it failed
+        code = main([*args, *_ports()])
+        if code == 0 or not stack_port_taken(run_dir):
+            break
+    return code
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone (or has exited and waits to be collected)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _listening(address: str) -> bool:
+    """Something accepts TCP connections at ``tcp://HOST:PORT`` or ``http://HOST:PORT``."""
+    host, _, port = address.rpartition("//")[2].rpartition(":")
+    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1.0):
+        return True
+    return False
+
+
 def _status(run_dir, capsys) -> tuple[int, dict]:
     code = main(["status", "--run-dir", str(run_dir), "--json"])
     return code, json.loads(capsys.readouterr().out or "{}")
@@ -41,7 +84,7 @@ def _down_is_clean(run_dir, capsys, state: dict) -> None:
     out = capsys.readouterr().out
     assert "killed" not in out and out.count("stopped") == len(state)
     for record in state.values():
-        assert not _alive(record["pid"])
+        assert _exited(record["pid"])
     assert main(["status", "--run-dir", str(run_dir)]) == 1  # nothing left to report
     capsys.readouterr()
 
@@ -50,7 +93,7 @@ def test_up_status_down_on_the_default_catalog(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["up", "--run-dir", str(run_dir), "--only", "tiled,proxy,scheduler,dask-workers", "--dask-workers", "1"]
     try:
-        assert main([*args, *_ports()]) == 0
+        assert _up(args) == 0
         assert "all 4 components healthy" in capsys.readouterr().out
         code, state = _status(run_dir, capsys)
         assert code == 0 and set(state) == {"tiled", "proxy", "scheduler", "dask-workers"}
@@ -88,8 +131,8 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv("PHASESTREAM_OD_STORE", str(tmp_path / "od-store"))  # the worker's default --od-store
         monkeypatch.setenv("TILED_API_KEY", "e2e" + os.urandom(8).hex())
         try:
-            assert main(["up", "--run-dir", str(run_dir), "--tiled-config", str(DEPLOY_CONFIG), "--dask-workers",
-                         "1", "--worker-arg=--no-refine", "--worker-arg=--backend=numba", *_ports()]) == 0
+            assert _up(["up", "--run-dir", str(run_dir), "--tiled-config", str(DEPLOY_CONFIG), "--dask-workers",
+                        "1", "--worker-arg=--no-refine", "--worker-arg=--backend=numba"]) == 0
             capsys.readouterr()
             code, state = _status(run_dir, capsys)
             assert code == 0, state
@@ -137,7 +180,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             code, state = _status(run_dir, capsys)
             _down_is_clean(run_dir, capsys, state)
         for record in state.values():
-            assert not _port_open(record["address"].split(" -> ")[0].replace("/api/v1", ""))
+            assert not _listening(record["address"].split(" -> ")[0].replace("/api/v1", ""))
 
 
 def test_procfile_and_systemd_units_run_commands_phasestream_knows():
@@ -162,11 +205,21 @@ def test_procfile_and_systemd_units_run_commands_phasestream_knows():
             parser.parse_args(words[1:])  # SystemExit on an unknown option
 
 
-def test_worker_of_the_stack_sends_post_scan_jobs_to_its_dask_scheduler(tmp_path):
-    from phasestream.app.stack import StackConfig, _commands
-
-    cfg = StackConfig(run_dir=tmp_path, tiled_uri="http://127.0.0.1:8000/api/v1", scheduler_port=8799).validate()
-    worker = _commands(cfg)["worker"]
-    assert worker[worker.index("--scheduler") + 1] == "tcp://127.0.0.1:8799"
-    no_dask = StackConfig(run_dir=tmp_path, components=("tiled", "proxy", "worker")).validate()
-    assert "--scheduler" not in _commands(no_dask)["worker"]
+def test_worker_of_the_stack_sends_post_scan_jobs_to_its_dask_scheduler(tmp_path, tiled_server, capsys,
+                                                                         monkeypatch):
+    """The worker that `up` starts says in its ready line where its post-scan jobs run."""
+    monkeypatch.setenv("TILED_API_KEY", parse_qs(urlsplit(tiled_server.uri).query)["api_key"][0])
+    # the worker says it is ready once connected to the proxy
+    for components, expected in ((("proxy", "scheduler", "worker"), "dask"), (("proxy", "worker"), "thread")):
+        run_dir = tmp_path / "-".join(components)
+        try:
+            assert _up(["up", "--run-dir", str(run_dir), "--tiled", tiled_server.uri, "--only", ",".join(components),
+                        "--worker-arg=--no-refine", "--worker-arg=--backend=numpy"]) == 0, capsys.readouterr().err
+            capsys.readouterr()
+            log = (run_dir / "logs" / "worker.log").read_text()
+            ready = json.loads(next(line for line in log.splitlines() if '"ready": true' in line))
+            scheduler = read_env(run_dir)["PHASESTREAM_DASK_SCHEDULER"]
+            assert ready["post_scan"] == (f"dask {scheduler}" if expected == "dask" else "thread"), ready
+        finally:
+            _, state = _status(run_dir, capsys)
+            _down_is_clean(run_dir, capsys, state)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import httpx
 import psutil
 import pytest
 from bluesky import RunEngine
-from services_support import free_port, postgres_bin, private_postgres
+from services_support import PORT_ATTEMPTS, free_port, postgres_bin, private_postgres, refused_port, stack_port_taken
 
 from phasestream.app.cli import main
 from phasestream.app.stack import StackConfig, down, read_env, up
@@ -50,21 +51,26 @@ def stack(tmp_path_factory):
     """``(cfg, env)`` of a running stack (all components), after a reprocess on its Dask workers."""
     folder = tmp_path_factory.mktemp("stack")
     with private_postgres() if postgres_bin() else contextlib.nullcontext() as pg:
-        cfg = StackConfig(run_dir=folder / "run", tiled_port=free_port(), proxy_in_port=free_port(),
-                          proxy_out_port=free_port(), models_port=free_port(), scheduler_port=free_port(),
-                          scheduler_http_port=free_port(), dask_workers=1,
-                          worker_args=("--no-refine", "--backend=numpy"),
-                          env={"TILED_API_KEY": "sec" + os.urandom(12).hex()})
-        if pg:
-            cfg.tiled_config = DEPLOY_CONFIG
-            cfg.env.update(_postgres_env(pg, folder))
+        env = {"TILED_API_KEY": "sec" + os.urandom(12).hex(), **(_postgres_env(pg, folder) if pg else {})}
         try:
-            up(cfg)
+            for attempt in range(1, PORT_ATTEMPTS + 1):  # the stack's ports are fixed before it starts
+                cfg = StackConfig(run_dir=folder / "run", tiled_port=free_port(), proxy_in_port=free_port(),
+                                  proxy_out_port=free_port(), models_port=free_port(), scheduler_port=free_port(),
+                                  scheduler_http_port=free_port(), dask_workers=1,
+                                  worker_args=("--no-refine", "--backend=numpy"), env=dict(env),
+                                  tiled_config=DEPLOY_CONFIG if pg else None)
+                shutil.rmtree(cfg.run_dir / "logs", ignore_errors=True)  # only this attempt's logs tell why
+                try:
+                    up(cfg)
+                    break
+                except RuntimeError:
+                    if attempt == PORT_ATTEMPTS or not stack_port_taken(cfg.run_dir):
+                        raise
             env = read_env(cfg.run_dir)
             _reprocess_on_the_stack(env)
             yield cfg, env
         finally:
-            down(cfg.run_dir)
+            down(folder / "run")
 
 
 def _reprocess_on_the_stack(env: dict[str, str]) -> None:
@@ -176,20 +182,21 @@ def test_tiled_errors_are_one_line_for_people(stack, capsys, monkeypatch):
     _, env = stack
     uri = env["TILED_URI"]
     wrong = "wrong" + os.urandom(4).hex()
-    unreachable = f"http://127.0.0.1:{free_port()}/api/v1"
-    cases = [  # (--tiled, TILED_API_KEY, in a subprocess, the cause told)
-        (uri, wrong, True, "rejected the API key (401"),
-        (unreachable, env["TILED_API_KEY"], True, "cannot reach Tiled"),
-        (uri, None, False, "requires an API key"),
-        (f"{uri}?api_key={wrong}", None, False, "rejected the API key (401"),
-    ]
-    for tiled, key, in_subprocess, cause in cases:
-        code, err = _query(tiled, key, subprocess_=in_subprocess, capsys=capsys, monkeypatch=monkeypatch)
-        lines = err.strip().splitlines()
-        assert code == 2, err
-        assert len(lines) == 1 and lines[0].startswith("phasestream query: error: "), err
-        assert cause in lines[0] and lines[0].endswith(f"(Tiled at {tiled.split('?')[0]})"), lines[0]
-        assert wrong not in err and env["TILED_API_KEY"] not in err
+    with refused_port() as port:  # nobody listens there while the cases run
+        unreachable = f"http://127.0.0.1:{port}/api/v1"
+        cases = [  # (--tiled, TILED_API_KEY, in a subprocess, the cause told)
+            (uri, wrong, True, "rejected the API key (401"),
+            (unreachable, env["TILED_API_KEY"], True, "cannot reach Tiled"),
+            (uri, None, False, "requires an API key"),
+            (f"{uri}?api_key={wrong}", None, False, "rejected the API key (401"),
+        ]
+        for tiled, key, in_subprocess, cause in cases:
+            code, err = _query(tiled, key, subprocess_=in_subprocess, capsys=capsys, monkeypatch=monkeypatch)
+            lines = err.strip().splitlines()
+            assert code == 2, err
+            assert len(lines) == 1 and lines[0].startswith("phasestream query: error: "), err
+            assert cause in lines[0] and lines[0].endswith(f"(Tiled at {tiled.split('?')[0]})"), lines[0]
+            assert wrong not in err and env["TILED_API_KEY"] not in err
 
 
 def test_describe_tiled_error_names_cause_and_server_without_secrets():

@@ -11,7 +11,8 @@ from tiled.queries import Key
 
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import find
-from phasestream.store.results import ResultExistsError, ResultWriter, check_od_store
+from phasestream.store.odstore import check_od_store
+from phasestream.store.results import ResultExistsError, ResultWriter
 from phasestream.store.tiled import (
     TiledConnectionError,
     TiledPermissionError,

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from ophyd.sim import DirectImage, det, motor
 from support import normalize
 
+from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import (
     ENVELOPE_TAG,
     DocumentPublisher,
@@ -31,7 +32,6 @@ from phasestream.transport.wire import (
     pack_frame,
     serialize,
     split_frame,
-    start_proxy,
 )
 
 

@@ -23,8 +23,9 @@ from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import wait_for_result
 from phasestream.store.tiled import raw_run_writer
+from phasestream.transport.proxy import start_proxy
 from phasestream.transport.tracking import RunTracker
-from phasestream.transport.wire import DocumentPublisher, pack_frame, pickle_protocol, serialize, start_proxy
+from phasestream.transport.wire import DocumentPublisher, pack_frame, pickle_protocol, serialize
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 TIMEOUT = 60.0
@@ -179,7 +180,7 @@ def test_proxy_restart_is_a_disconnection_not_an_oversize_message(caplog):
     first = start_proxy()
     in_port, out_port = (int(address.rsplit(":", 1)[1]) for address in (first.in_address, first.out_address))
     try:
-        with running_worker(first.out_address, received) as worker:
+        with running_worker(first, received) as worker:
             first.stop()
             wait_for(lambda: not worker.connected.is_set())
             with start_proxy(in_port, out_port) as second, DocumentPublisher(second.in_address) as publisher:

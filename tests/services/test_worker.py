@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import pickle
@@ -23,8 +24,10 @@ from event_model import compose_run
 from ophyd.sim import DirectImage, det, motor
 from support import normalize
 
+from phasestream.contract import IncompleteReason
+from phasestream.transport.proxy import start_proxy
 from phasestream.transport.tracking import RunTracker
-from phasestream.transport.wire import DocumentPublisher, pack_frame, serialize, start_proxy
+from phasestream.transport.wire import DocumentPublisher, pack_frame, serialize
 from phasestream.transport.worker import DocumentWorker, run_worker
 
 TIMEOUT = 10.0
@@ -39,13 +42,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
 
 
 class Collector:
-    """Document callback that keeps (name, doc) in arrival order."""
+    """Document callback that keeps (name, doc) in arrival order; ``arrived`` is set by the first document."""
 
     def __init__(self) -> None:
         self.docs: list[tuple[str, dict]] = []
+        self.arrived = threading.Event()
 
     def __call__(self, name: str, doc: dict) -> None:
         self.docs.append((name, doc))
+        self.arrived.set()
 
     def names(self) -> list[str]:
         return [name for name, _ in self.docs]
@@ -57,7 +62,7 @@ class Listener:
     def __init__(self) -> None:
         self.reports: list[tuple[str, str]] = []
 
-    def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
+    def run_incomplete(self, run_uid: str, reason: str, *, kind: IncompleteReason) -> None:
         self.reports.append((run_uid, reason))
 
 
@@ -74,16 +79,97 @@ def publisher(proxy) -> Iterator[DocumentPublisher]:
         yield publisher
 
 
+PROBE = "subscription-probe"
+
+
+def probe_frame(n: int) -> bytes:
+    """Subscription probe ``n``: an unsequenced datum of resource PROBE, as a plain bluesky publisher sends it."""
+    datum = {"resource": PROBE, "datum_id": f"{PROBE}/{n}", "datum_kwargs": {"n": n}}
+    return pack_frame(b"", "datum", serialize(datum))
+
+
+def send_probes(in_address: str, arrived: Callable[[int], bool], timeout: float = TIMEOUT) -> None:
+    """Publish probes 1, 2, ... into the proxy until ``arrived(n)`` (a short wait) says that the last one arrived."""
+    context, raw = _raw_publisher(in_address)
+    deadline = time.monotonic() + timeout
+    try:
+        for n in itertools.count(1):
+            raw.send(probe_frame(n))
+            if arrived(n):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the worker's subscription did not reach the proxy within {timeout} s")
+    finally:
+        raw.close(linger=0)
+        context.term()
+
+
+class SubscriptionProbes:
+    """Finds out when a worker's subscription has reached the proxy, which nothing else tells (PUB/SUB).
+
+    0MQ drops what the proxy publishes before the worker's subscription has arrived there. Probes are
+    sent until the last one sent arrives: unsequenced ``datum`` documents of no resource, which the
+    run tracker ignores and this callback wrapper keeps from the test's callback. Once the last probe
+    sent has arrived no other one can follow (one path, in order), so :meth:`stats` can take exactly
+    the probes that arrived out of the worker's counters.
+    """
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+        self.received = 0
+        self.last = 0
+        self._arrived = threading.Condition()
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name == "datum" and doc.get("resource") == PROBE:
+            with self._arrived:
+                self.received += 1
+                self.last = doc["datum_kwargs"]["n"]
+                self._arrived.notify_all()
+        else:
+            self.callback(name, doc)
+
+    def until_subscribed(self, in_address: str, timeout: float = TIMEOUT) -> None:
+        def arrived(n: int) -> bool:
+            with self._arrived:
+                return self._arrived.wait_for(lambda: self.last == n, timeout=0.05)
+
+        send_probes(in_address, arrived, timeout)
+
+    def stats(self, worker: DocumentWorker) -> dict:
+        """The worker's counters without the probes (unsequenced documents received)."""
+        stats = worker.stats
+        for key in ("messages", "received", "unsequenced"):
+            stats[key] -= self.received
+        return stats
+
+
+class ProbedWorker:
+    """A running :class:`DocumentWorker` whose subscription is known to be in place; ``stats`` leave out the probes."""
+
+    def __init__(self, worker: DocumentWorker, probes: SubscriptionProbes) -> None:
+        self.worker, self.probes = worker, probes
+
+    @property
+    def stats(self) -> dict:
+        return self.probes.stats(self.worker)
+
+    @property
+    def tracker(self) -> RunTracker:
+        return self.worker.tracker
+
+
 @contextlib.contextmanager
-def running_worker(address: str, callback, **kwargs) -> Iterator[DocumentWorker]:
-    """A DocumentWorker in a thread, connected and subscribed through the proxy; always joined."""
-    worker = DocumentWorker(address, callback, **kwargs)
+def running_worker(proxy, callback, **kwargs) -> Iterator[ProbedWorker]:
+    """A DocumentWorker in a thread, subscribed through ``proxy`` (probed, see SubscriptionProbes); always joined."""
+    probes = SubscriptionProbes(callback)
+    worker = DocumentWorker(proxy.out_address, probes, **kwargs)
     thread = threading.Thread(target=worker.run, name="test-worker")
     thread.start()
     try:
         assert worker.connected.wait(TIMEOUT)
-        time.sleep(0.2)  # the subscription travels after the handshake (PUB/SUB slow joiner)
-        yield worker
+        probes.until_subscribed(proxy.in_address)
+        yield ProbedWorker(worker, probes)
     finally:
         worker.stop()
         thread.join(TIMEOUT)
@@ -97,7 +183,7 @@ def _camera() -> DirectImage:
 
 def test_runengine_documents_arrive_in_order_and_intact(proxy, publisher):
     received, listener, emitted = Collector(), Listener(), Collector()
-    with running_worker(proxy.out_address, received, listener=listener) as worker:
+    with running_worker(proxy, received, listener=listener) as worker:
         RE = RunEngine({})
         RE.subscribe(publisher)
         RE.subscribe(emitted)
@@ -139,7 +225,7 @@ class DroppingPublisher(DocumentPublisher):
 def test_lost_message_marks_the_open_run(proxy):
     received, listener = Collector(), Listener()
     with (
-        running_worker(proxy.out_address, received, listener=listener) as worker,
+        running_worker(proxy, received, listener=listener) as worker,
         DroppingPublisher(proxy.in_address, drop=5) as publisher,  # start, descriptor, event 1, 2, [3]
     ):
         assert publisher.wait_for_subscriber(TIMEOUT)
@@ -179,7 +265,7 @@ def test_undecodable_messages_are_counted_and_the_next_run_delivered(proxy, publ
     ]
     context, raw = _raw_publisher(proxy.in_address)
     try:
-        with running_worker(proxy.out_address, received, listener=listener) as worker:
+        with running_worker(proxy, received, listener=listener) as worker:
             for frame in garbage:
                 raw.send(frame)
             wait_for(lambda: worker.stats["undecodable"] == len(garbage))
@@ -204,7 +290,7 @@ def test_unsequenced_documents_from_a_plain_bluesky_publisher_are_delivered(prox
     start, *_ = compose_run()
     context, raw = _raw_publisher(proxy.in_address)  # what bluesky's Publisher(serializer=serialize) sends
     try:
-        with running_worker(proxy.out_address, received) as worker:
+        with running_worker(proxy, received) as worker:
             raw.send(pack_frame(b"", "start", serialize(start)))
             wait_for(lambda: worker.stats["received"] == 1)
             stats = worker.stats
@@ -221,7 +307,7 @@ def test_run_without_stop_is_reported_after_stop_timeout(proxy, publisher):
     descriptor = bundle.compose_descriptor(
         name="primary", data_keys={"x": {"source": "sim", "dtype": "number", "shape": []}}
     )
-    with running_worker(proxy.out_address, received, listener=listener, stop_timeout=0.5):
+    with running_worker(proxy, received, listener=listener, stop_timeout=0.5) as worker:
         publisher("start", bundle.start_doc)
         publisher("descriptor", descriptor.descriptor_doc)
         publisher("event", descriptor.compose_event(data={"x": 1.0}, timestamps={"x": time.time()}))
@@ -231,7 +317,8 @@ def test_run_without_stop_is_reported_after_stop_timeout(proxy, publisher):
         waited = time.monotonic() - last_doc
         publisher("stop", bundle.compose_stop())  # late: tracked, but not reported a second time
         wait_for(lambda: "stop" in received.names())
-        time.sleep(0.3)
+        # the tracker saw the stop before the callback did: the run is closed, no timeout can report it again
+        assert worker.tracker.open_runs == []
 
     assert 0.4 < waited < 5.0
     assert listener.reports == [(bundle.start_doc["uid"], "no stop document within 0.5 s of the run's last document")]
@@ -243,7 +330,7 @@ def test_event_of_unseen_descriptor_is_reported(proxy, publisher):
     data_keys = {"x": {"source": "sim", "dtype": "number", "shape": []}}
     seen = bundle.compose_descriptor(name="primary", data_keys=data_keys)
     unseen = bundle.compose_descriptor(name="baseline", data_keys=data_keys)
-    with running_worker(proxy.out_address, received, listener=listener) as worker:
+    with running_worker(proxy, received, listener=listener) as worker:
         publisher("start", bundle.start_doc)
         publisher("descriptor", seen.descriptor_doc)
         publisher("event", unseen.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}))
@@ -267,7 +354,7 @@ def test_callback_exception_does_not_stop_delivery(proxy, publisher, caplog):
         if name == "event" and doc["seq_num"] == 1:
             raise RuntimeError("analysis failed on the first image")
 
-    with running_worker(proxy.out_address, fragile) as worker:
+    with running_worker(proxy, fragile) as worker:
         RE = RunEngine({})
         RE.subscribe(publisher)
         RE(count([_camera()], 3))
@@ -282,7 +369,7 @@ def test_messages_before_the_worker_joined_are_counted_apart(proxy, publisher):
     for i in range(3):
         publisher("start", {"uid": f"before-{i}", "time": 0.0})
     received = Collector()
-    with running_worker(proxy.out_address, received) as worker:
+    with running_worker(proxy, received) as worker:
         publisher("start", {"uid": "after", "time": 0.0})
         wait_for(lambda: received.docs)
         stats = worker.stats
@@ -298,9 +385,10 @@ def test_run_worker_returns_when_stop_event_is_set(proxy, publisher):
     thread.start()
     try:
         deadline = time.monotonic() + TIMEOUT  # no handle on the worker: publish until one document arrives
-        while not received.docs and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             publisher("start", {"uid": "ping", "time": 0.0})
-            time.sleep(0.1)
+            if received.arrived.wait(0.1):
+                break
     finally:
         stop.set()
         thread.join(TIMEOUT)
@@ -310,36 +398,44 @@ def test_run_worker_returns_when_stop_event_is_set(proxy, publisher):
 
 WORKER_SCRIPT = textwrap.dedent(
     """
-    import json, sys, threading
+    import json, sys
     from phasestream.transport.worker import DocumentWorker
 
-    address, names_path, ready_path, stats_path = sys.argv[1:]
-    names = open(names_path, "w")
+    address, names_path, probes_path, stats_path, probe = sys.argv[1:]
+    names, probes = open(names_path, "w"), open(probes_path, "w")
+    received_probes = 0
 
     def record(name, doc):
+        global received_probes
+        if name == "datum" and doc.get("resource") == probe:
+            received_probes += 1
+            probes.write(f"{doc['datum_kwargs']['n']}\\n")
+            probes.flush()
+            return
         names.write(name + "\\n")
         names.flush()
 
-    worker = DocumentWorker(address, record)
-
-    def announce():
-        if worker.connected.wait(20):
-            open(ready_path, "w").close()
-
-    threading.Thread(target=announce, daemon=True).start()
-    stats = worker.run()
-    json.dump(stats, open(stats_path, "w"))
+    stats = DocumentWorker(address, record).run()
+    json.dump({**stats, "probes": received_probes}, open(stats_path, "w"))
     """
 )
 
 
 def test_worker_subprocess_stops_cleanly_on_sigterm(proxy, publisher, tmp_path):
-    names, ready, stats_path = tmp_path / "names", tmp_path / "ready", tmp_path / "stats.json"
-    command = [sys.executable, "-c", WORKER_SCRIPT, proxy.out_address, str(names), str(ready), str(stats_path)]
+    names, probes, stats_path = tmp_path / "names", tmp_path / "probes", tmp_path / "stats.json"
+    command = [sys.executable, "-c", WORKER_SCRIPT, proxy.out_address, str(names), str(probes), str(stats_path), PROBE]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def arrived(n: int) -> bool:  # the subprocess wrote probe n as its last line
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            if probes.exists() and probes.read_text().split()[-1:] == [str(n)]:
+                return True
+            time.sleep(0.005)
+        return False
+
     try:
-        wait_for(ready.exists, timeout=30.0)
-        time.sleep(0.2)
+        send_probes(proxy.in_address, arrived, timeout=30.0)  # started, connected and subscribed
         RE = RunEngine({})
         RE.subscribe(publisher)
         RE(count([_camera()], 2))
@@ -352,7 +448,8 @@ def test_worker_subprocess_stops_cleanly_on_sigterm(proxy, publisher, tmp_path):
             process.wait(TIMEOUT)
     stats = json.loads(stats_path.read_text())
     assert names.read_text().split() == ["start", "descriptor", "event", "event", "stop"]
-    assert (stats["received"], stats["lost"], stats["runs_stopped"]) == (5, 0, 1)
+    assert stats["probes"] == stats["unsequenced"] >= 1
+    assert (stats["received"] - stats["probes"], stats["lost"], stats["runs_stopped"]) == (5, 0, 1)
 
 
 # -- RunTracker alone, with a fake clock ----------------------------------------------------------------
@@ -424,7 +521,7 @@ def test_tracker_timeouts_are_reported_once_and_runs_revive():
 
 def test_tracker_survives_a_failing_listener(caplog):
     class Broken:
-        def run_incomplete(self, run_uid: str, reason: str, *, final: bool = False) -> None:
+        def run_incomplete(self, run_uid: str, reason: str, *, kind: IncompleteReason) -> None:
             raise RuntimeError("tiled is down")
 
     tracker = RunTracker(Broken(), stop_timeout=1.0, clock=FakeClock())

@@ -1,0 +1,43 @@
+"""The post-scan job options ``serve`` and ``reprocess`` share: GMVAE refinement, InDI enhancement, methods."""
+
+from __future__ import annotations
+
+import argparse
+
+from phasestream.jobs.enhance import EnhanceOptions
+from phasestream.jobs.methods import MethodsOptions
+from phasestream.jobs.refine import DEFAULT_MODEL, RefineOptions
+from phasestream.models.refine import STRATEGIES
+from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
+
+__all__ = ["add_refine_options", "enhance_options", "methods_base", "refine_options"]
+
+
+def add_refine_options(parser: argparse.ArgumentParser) -> None:
+    """The model server, the GMVAE and InDI artifacts, and the latent-space strategy."""
+    parser.add_argument("--models", default=DEFAULT_MODEL_ADDRESS, metavar="ADDRESS",
+                        help=f"model server address (default {DEFAULT_MODEL_ADDRESS})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"GMVAE artifact name (default {DEFAULT_MODEL})")
+    parser.add_argument("--model-version", default=None, help="artifact version (default: the highest)")
+    parser.add_argument("--indi-model", default="indi-particles-synthetic",
+                        help="InDI artifact for enhancement (default indi-particles-synthetic)")
+    parser.add_argument("--steps", type=int, default=None, help="InDI steps (default: the artifact's)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="knn",
+                        help="how ambiguous pixels get a phase in the latent space (default knn: the most accurate "
+                             "on the simulated benchmarks; mahalanobis is the paper's)")
+
+
+def refine_options(args: argparse.Namespace) -> RefineOptions:
+    """The GMVAE refinement of the options added by :func:`add_refine_options`."""
+    return RefineOptions(model=args.model, version=args.model_version, strategy=args.strategy, address=args.models,
+                         root=args.root).validate()
+
+
+def enhance_options(args: argparse.Namespace) -> EnhanceOptions:
+    """The InDI enhancement of the options added by :func:`add_refine_options`."""
+    return EnhanceOptions(model=args.indi_model, steps=args.steps, address=args.models, root=args.root).validate()
+
+
+def methods_base(args: argparse.Namespace) -> MethodsOptions:
+    """Base options of the classic methods a run may ask for in its start document."""
+    return MethodsOptions(root=args.root).validate()

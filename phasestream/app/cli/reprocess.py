@@ -1,0 +1,149 @@
+"""``phasestream reprocess``: recompute results, and run post-scan jobs, from raw runs already in Tiled.
+
+One :class:`~phasestream.jobs.executors.Job` per run: in this process, or on Dask (a named
+scheduler, or a LocalCluster for two runs or more). ``--split N`` spreads a run's enhancement and
+LCF over N Dask tasks, after the per-run jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from phasestream.app.cli.common import add_tiled_options, tiled_client, workers_api_key
+from phasestream.app.cli.postscan import add_refine_options, enhance_options, refine_options
+from phasestream.jobs.cluster import dask_client
+from phasestream.jobs.executors import Job, run_jobs, submit_jobs
+from phasestream.jobs.methods import MethodsOptions
+from phasestream.jobs.reprocess import ReprocessOptions
+from phasestream.jobs.split import SplitStep, run_split_steps, split_steps
+from phasestream.kernels.backend import BACKENDS
+from phasestream.store.catalog import find_raw_runs
+
+__all__ = ["add_parser", "run"]
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    rep = subparsers.add_parser("reprocess", help="recompute results from raw runs already in Tiled")
+    add_tiled_options(rep)
+    rep.add_argument("uids", nargs="*", metavar="UID", help="raw run uids (or select runs with --soc / --query)")
+    rep.add_argument("--soc", type=float, default=None, metavar="X",
+                     help="every raw run whose start document has sample.state_of_charge X")
+    rep.add_argument("--tolerance", type=float, default=0.0, help="--soc: match |SoC - X| <= tolerance")
+    rep.add_argument("--query", action="append", metavar="KEY=VALUE",
+                     help="every raw run whose start document has KEY (dotted) equal to VALUE; repeatable")
+    rep.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+                     help="Dask scheduler, e.g. tcp://HOST:8786 (default $PHASESTREAM_DASK_SCHEDULER, else a "
+                          "LocalCluster on this host for 2 runs or more); 'none': in this process")
+    rep.add_argument("--in-process", action="store_true", help="no Dask: the runs one after the other here")
+    rep.add_argument("--workers", type=int, default=None,
+                     help="LocalCluster worker processes (default: the number of cores, at most 4)")
+    rep.add_argument("--retries", type=int, default=2, help="Dask retries of a failed run (default 2)")
+    rep.add_argument("--split", type=int, default=1, metavar="N",
+                     help="spread each run's --enhance (chunks of energies) and --method lcf (row bands) over N "
+                          "Dask tasks, stitched in Tiled (default 1: one task per run)")
+    rep.add_argument("--json", action="store_true", help="print the summary of successes and failures as JSON")
+    rep.add_argument("--root", default="phasestream")
+    rep.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
+    rep.add_argument("--references", default=None, help="override the runs' reference spectra")
+    rep.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
+                     help="embedded server only: directories of detector files it may read")
+    rep.add_argument("--replace", action="store_true",
+                     help="recompute and replace results that are complete too (others are always recomputed)")
+    rep.add_argument("--refine", action="store_true", help="then refine ambiguous pixels with the GMVAE")
+    rep.add_argument("--refine-only", action="store_true",
+                     help="only post-scan jobs on the existing results (no PCC recomputation); implies --refine "
+                          "unless --enhance or --method is given")
+    rep.add_argument("--enhance", action="store_true", help="InDI-enhance the OD images into `enhanced`")
+    rep.add_argument("--method", action="append", metavar="NAME", default=[],
+                     help="classic method on the result (repeat for several): normalize, lcf, edge50, peak, masks, "
+                          "kmeans, rum_tv, rum_pnp")
+    add_refine_options(rep)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.refine_only and not (args.enhance or args.method):
+        args.refine = True
+    query = _query_pairs(args.query)
+    if not (args.uids or args.soc is not None or query):
+        raise ValueError("reprocess needs run uids, --soc X or --query KEY=VALUE")
+    scheduler = args.scheduler
+    in_process = args.in_process or (scheduler or "").lower() == "none"
+    if scheduler and not in_process and not args.tiled:
+        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
+    with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
+        uids = list(dict.fromkeys(args.uids))
+        if args.soc is not None or query:
+            uids += [u for u in find_raw_runs(client, state_of_charge=args.soc, tolerance=args.tolerance,
+                                              query=query) if u not in uids]
+            if not uids:
+                print("no raw runs match", file=sys.stderr)
+                return 1
+        jobs = _reprocess_jobs(args, uids)
+        api_key = workers_api_key(uri)
+        progress = not args.json and sys.stderr.isatty()
+        split: list[SplitStep] = []
+        if args.split > 1:
+            if in_process:
+                raise ValueError("--split N spreads one run over Dask workers: it needs Dask (not --in-process)")
+            jobs, split = split_steps(jobs)
+        # one run gains nothing from a cluster: it runs here unless a scheduler is named
+        if in_process or (len(jobs) == 1 and not scheduler and not split):
+            report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=_print_job)
+            where = "in process"
+        else:
+            with dask_client(None if scheduler in (None, "local") else scheduler, n_workers=args.workers) as dask:
+                where = f"on Dask ({len(dask.scheduler_info()['workers'])} workers at {dask.scheduler.address})"
+                report = submit_jobs(dask, jobs, uri, api_key=api_key, retries=args.retries, progress=progress,
+                                     on_done=_print_job)
+                run_split_steps(dask, split, uri, report, parts=args.split, api_key=api_key,
+                                retries=args.retries, on_done=_print_job)
+    n_runs = len({*(j.run_uid for j in jobs), *(uid for uid, _, _ in split)})
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        print(f"{len(report.successes)} of {n_runs} runs complete, {len(report.failures)} failed, "
+              f"in {report.seconds:.1f} s {where}")
+    return 0 if report.ok else 1
+
+
+def _query_pairs(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` start-document criteria; values are JSON when they parse (2.0, true, "x"), else text."""
+    query = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--query takes KEY=VALUE (a start-document key, e.g. sample.name=P1), got {pair!r}")
+        try:
+            query[key] = json.loads(value)
+        except ValueError:
+            query[key] = value
+    return query
+
+
+def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list[Job]:
+    """One job per run: recompute (unless ``--refine-only``), then the post-scan steps asked for."""
+    steps = []
+    if not args.refine_only:
+        opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references,
+                                replace=args.replace).validate()
+        steps.append(("reprocess", asdict(opts)))
+    if args.enhance:
+        steps.append(("enhance", asdict(enhance_options(args))))
+    if args.refine:
+        steps.append(("refine", asdict(refine_options(args))))
+    if args.method:
+        steps.append(("methods", asdict(MethodsOptions(methods=tuple(args.method), root=args.root).validate())))
+    return [Job(uid, tuple(steps)).validate() for uid in uids]
+
+
+def _print_job(outcome: dict) -> None:
+    """One line per run: ``UID: complete (step status, ...)`` or ``UID: failed: reason`` on stderr."""
+    steps = outcome.get("details", {}).get("steps") or {}
+    detail = ", ".join(f"{name} {step.get('status')}" for name, step in steps.items())
+    if outcome["status"] == "complete":
+        print(f"{outcome['run_uid']}: complete" + (f" ({detail})" if len(steps) > 1 else ""), flush=True)
+    else:
+        print(f"{outcome['run_uid']}: failed: {outcome.get('reason') or detail}", file=sys.stderr, flush=True)

@@ -1,0 +1,116 @@
+"""``phasestream serve``: the live analysis worker on a 0MQ document stream.
+
+It prints one JSON line ``{"ready": true, ...}`` once connected to the proxy, and ``{"stopped":
+true, "stats": ...}`` when SIGTERM has stopped it (:class:`~phasestream.app.process.ServiceProcess`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from pathlib import Path
+
+from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client
+from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
+from phasestream.app.live import LiveService
+from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds
+from phasestream.jobs.executors import DaskExecutor
+from phasestream.kernels.backend import BACKENDS
+from phasestream.references import REFERENCE_FOLDERS_ENV
+from phasestream.store.odstore import check_od_store
+from phasestream.transport.wire import DEFAULT_MAX_MESSAGE_SIZE, parse_byte_size
+from phasestream.transport.worker import DocumentWorker
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="live analysis worker on a 0MQ document stream")
+    add_tiled_options(serve)
+    _add_stream_options(serve)
+    _add_storage_options(serve)
+    add_refine_options(serve)
+    serve.add_argument("--no-refine", action="store_true", help="no GMVAE refinement after each run")
+    serve.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+                       help="Dask scheduler of the post-scan jobs, e.g. tcp://HOST:8786, or 'local' (a LocalCluster "
+                            "of --workers processes); default $PHASESTREAM_DASK_SCHEDULER, else 'none': a thread of "
+                            "this worker")
+    serve.add_argument("--workers", type=int, default=1, help="--scheduler local: worker processes (default 1)")
+    serve.add_argument("--retries", type=int, default=2, help="Dask retries of a failed post-scan job (default 2)")
+
+
+def _add_stream_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--zmq", required=True, metavar="ADDRESS",
+                       help="output address of the 0MQ proxy, e.g. tcp://127.0.0.1:5578")
+    serve.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
+    serve.add_argument("--update-every", type=int, default=4, help="partial maps every N images (default 4)")
+    serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
+    serve.add_argument("--stop-timeout", type=float, default=60.0,
+                       help="seconds without documents after which a run without stop is given up (default 60)")
+    serve.add_argument("--max-message-size", type=parse_byte_size, metavar="BYTES",
+                       default=os.environ.get("PHASESTREAM_MAX_MESSAGE_SIZE") or DEFAULT_MAX_MESSAGE_SIZE,
+                       help="largest document message accepted, e.g. 1073741824, 512M or 2G; larger ones are "
+                            "dropped by 0MQ before they are read, and a run that loses one is reprocessed from "
+                            "Tiled. Default "
+                            f"$PHASESTREAM_MAX_MESSAGE_SIZE, else {DEFAULT_MAX_MESSAGE_SIZE >> 20}M")
+
+
+def _add_storage_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--root", default="phasestream")
+    serve.add_argument("--no-od", action="store_true",
+                       help="do not write the OD cube live (high frame rates; reprocess adds it later)")
+    serve.add_argument("--od-store", default=os.environ.get("PHASESTREAM_OD_STORE") or None, metavar="DIR",
+                       help="write the live OD cube as external zarr data in DIR, registered in Tiled, instead of "
+                            "uploading it (high frame rates; the Tiled server must be able to read DIR). Default "
+                            "$PHASESTREAM_OD_STORE, else upload")
+    serve.add_argument("--references-dir", action="append", metavar="DIR",
+                       default=[p for p in os.environ.get("PHASESTREAM_REFERENCES", "").split(os.pathsep) if p],
+                       help="folder whose reference files a start document may name (repeatable); default "
+                            "$PHASESTREAM_REFERENCES (os.pathsep-separated). Without one, only registered names")
+    serve.add_argument("--max-num-points", type=int, default=DEFAULT_MAX_NUM_POINTS, metavar="N",
+                       help=f"refuse runs whose start document expects more energies (default "
+                            f"{DEFAULT_MAX_NUM_POINTS})")
+    serve.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                       help=f"refuse images of more pixels (default {DEFAULT_MAX_IMAGE_PIXELS}, 8192^2)")
+    serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
+                       help="embedded server only: directories of detector files it may read")
+
+
+def run(args: argparse.Namespace) -> int:
+    scheduler = scheduler_option(args)
+    if args.od_store:  # fail now, not at the first image, when the folder cannot be made
+        Path(args.od_store).mkdir(parents=True, exist_ok=True)
+    readable = [*(args.readable_storage or []), *([args.od_store] if args.od_store else [])]
+    with tiled_client(args, readable_storage=readable or None) as (client, uri):
+        if args.od_store:
+            check_od_store(client, args.od_store)
+        folders = [str(Path(f).resolve()) for f in args.references_dir]
+        # post-scan jobs (threads, Dask workers started from here) load references by the same rule
+        os.environ[REFERENCE_FOLDERS_ENV] = os.pathsep.join(folders)
+        bounds = DocumentBounds(max_num_points=args.max_num_points, max_image_pixels=args.max_image_pixels)
+        service = LiveService(client, backend=args.backend, update_every=args.update_every,
+                              update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
+                              od_store=args.od_store, reference_folders=folders, bounds=bounds,
+                              stale_after=args.stop_timeout,
+                              refine=None if args.no_refine else refine_options(args),
+                              enhance=enhance_options(args), methods=methods_base(args),
+                              scheduler=scheduler, retries=args.retries, dask_workers=args.workers)
+        executor = service.executor
+        post_scan = f"dask {executor.address}" if isinstance(executor, DaskExecutor) else "thread"
+        worker = DocumentWorker(args.zmq, service.callback, listener=service, stop_timeout=args.stop_timeout,
+                                max_message_size=args.max_message_size)
+
+        def announce() -> None:
+            if worker.connected.wait(60):
+                print(json.dumps({"ready": True, "zmq": args.zmq, "tiled": uri.split("?")[0],
+                                  "backend": service.callback.backend, "post_scan": post_scan}), flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
+        try:
+            stats = worker.run()
+        finally:
+            service.close()
+    print(json.dumps({"stopped": True, "stats": {k: v for k, v in stats.items() if k != "gaps"}}), flush=True)
+    return 0

@@ -1,0 +1,119 @@
+"""``phasestream train gmvae|indi``: train a model and write a versioned artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client, workers_api_key
+from phasestream.jobs.training import tiled_indi_pairs, tiled_training_set, train_artifact, train_indi_artifact
+from phasestream.models.registry import Artifact
+from phasestream.sim.training import synthetic_indi_pairs, synthetic_training_set
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a model and write a versioned artifact")
+    train_sub = train.add_subparsers(dest="model_kind", required=True)
+    _add_gmvae_parser(train_sub)
+    _add_indi_parser(train_sub)
+
+
+def _add_gmvae_parser(train_sub: argparse._SubParsersAction) -> None:
+    gmvae = train_sub.add_parser("gmvae", help="GMVAE on particle-pixel spectra (simulated, or results in Tiled)")
+    add_tiled_options(gmvae)
+    source = gmvae.add_mutually_exclusive_group()
+    source.add_argument("--synthetic", action="store_true", help="train on simulated scans (phasestream.sim)")
+    source.add_argument("--runs", nargs="+", metavar="UID", help="results of these runs in Tiled")
+    gmvae.add_argument("--soc", type=float, nargs="+", metavar="X", help="results in Tiled at these states of charge")
+    gmvae.add_argument("--root", default="phasestream")
+    gmvae.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+                       help="extract the runs' spectra on Dask, one task per run: tcp://HOST:8786 or 'local' (a "
+                            "LocalCluster); default $PHASESTREAM_DASK_SCHEDULER, else in this process")
+    gmvae.add_argument("--retries", type=int, default=2, help="--scheduler: retries of a run's extraction (default 2)")
+    gmvae.add_argument("--seed", type=int, default=0)
+    gmvae.add_argument("--samples", type=int, default=3, help="--synthetic: simulated samples per state (default 3)")
+    gmvae.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, as the shipped model)")
+    gmvae.add_argument("--normalization", choices=("feature", "spectrum"), default="feature",
+                       help="feature: per-energy standardization, keeps thickness (default); spectrum: shape only")
+    gmvae.add_argument("--beta", type=float, default=0.2, help="weight of the KL terms (default 0.2)")
+    gmvae.add_argument("--max-spectra", type=int, default=150_000, help="--synthetic: spectra kept (default 150000)")
+    gmvae.add_argument("--name", default=None, help="artifact name (default gmvae-nvpf-synthetic / gmvae-tiled)")
+    gmvae.add_argument("--version", default="1.0.0")
+    gmvae.add_argument("--out", default=None, help="artifact folder (default: $PHASESTREAM_MODELS or ./models)")
+    gmvae.add_argument("--overwrite", action="store_true")
+
+
+def _add_indi_parser(train_sub: argparse._SubParsersAction) -> None:
+    indi = train_sub.add_parser("indi", help="InDI image enhancement from LQ/HQ image pairs")
+    add_tiled_options(indi)
+    indi_source = indi.add_mutually_exclusive_group()
+    indi_source.add_argument("--synthetic", action="store_true", help="train on simulated particle phantoms")
+    indi_source.add_argument("--lq", metavar="UID", help="raw run of the low-quality scan in Tiled")
+    indi.add_argument("--hq", metavar="UID", help="raw run of the high-quality scan of the same field")
+    indi.add_argument("--seed", type=int, default=0)
+    indi.add_argument("--pairs", type=int, default=24, help="--synthetic: phantom pairs (default 24)")
+    indi.add_argument("--iterations", type=int, default=4000, help="training iterations (default 4000)")
+    indi.add_argument("--filters", type=int, default=16, help="base filters of the U-Net (paper: 64; default 16)")
+    indi.add_argument("--crop", type=int, default=64, help="training crop size (default 64)")
+    indi.add_argument("--batch-size", type=int, default=8)
+    indi.add_argument("--name", default=None, help="artifact name (default indi-particles-synthetic / indi-tiled)")
+    indi.add_argument("--version", default="1.0.0")
+    indi.add_argument("--out", default=None, help="artifact folder (default: $PHASESTREAM_MODELS or ./models)")
+    indi.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    return train_gmvae(args) if args.model_kind == "gmvae" else train_indi(args)
+
+
+def _artifact_folder(args: argparse.Namespace) -> str:
+    return args.out or os.environ.get("PHASESTREAM_MODELS", "").split(os.pathsep)[0] or "models"
+
+
+def train_gmvae(args: argparse.Namespace) -> int:
+    """``train gmvae``: on simulated scans, or on the results of runs in Tiled."""
+    if args.synthetic:
+        data = synthetic_training_set(seed=args.seed, n_samples=args.samples, max_spectra=args.max_spectra)
+        name = args.name or "gmvae-nvpf-synthetic"
+    else:
+        if not (args.soc or args.runs):
+            raise ValueError("train gmvae needs --synthetic, or --tiled URI with --soc X ... or --runs UID ...")
+        scheduler = scheduler_option(args)
+        with tiled_client(args) as (client, uri):
+            data = tiled_training_set(client, state_of_charge=args.soc or (), runs=args.runs or (), root=args.root,
+                                      tiled_uri=uri, scheduler=scheduler, retries=args.retries,
+                                      api_key=workers_api_key(uri))
+        name = args.name or "gmvae-tiled"
+    print(f"training {name} {args.version} on {len(data.spectra)} spectra at {len(data.energies_eV)} energies "
+          f"({data.provenance['source']})")
+    artifact, result = train_artifact(data, _artifact_folder(args), name=name, version=args.version,
+                                      epochs=args.epochs, seed=args.seed, normalization=args.normalization,
+                                      beta=args.beta, overwrite=args.overwrite)
+    artifact = Artifact.read(artifact.path)
+    print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
+                      "sha256": artifact.sha256, "metrics": result.metrics}, indent=2))
+    return 0
+
+
+def train_indi(args: argparse.Namespace) -> int:
+    """``train indi``: on simulated particle phantoms, or on a low- and a high-quality scan in Tiled."""
+    if args.synthetic:
+        data = synthetic_indi_pairs(seed=args.seed, n_pairs=args.pairs)
+        name = args.name or "indi-particles-synthetic"
+    else:
+        if not (args.lq and args.hq):
+            raise ValueError("train indi needs --synthetic, or --tiled URI with --lq UID --hq UID")
+        with tiled_client(args) as (client, uri):
+            data = tiled_indi_pairs(client, args.lq, args.hq, tiled_uri=uri)
+        name = args.name or "indi-tiled"
+    print(f"training {name} {args.version} on {len(data.hq)} image pairs ({data.provenance['source']})")
+    artifact, result = train_indi_artifact(data, _artifact_folder(args), name=name, version=args.version,
+                                           overwrite=args.overwrite, iterations=args.iterations,
+                                           base_filters=args.filters, seed=args.seed, crop=args.crop,
+                                           batch_size=args.batch_size)
+    print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
+                      "sha256": artifact.sha256, "steps": result.steps, "metrics": result.metrics}, indent=2))
+    return 0
