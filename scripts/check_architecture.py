@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, n in report["oversized"]:
             print(f"{path}: {n} lines (limit {args.max_lines})", file=sys.stderr)
     ok = not report["cycles"] and not report["oversized"]
-    print("structure OK" if ok else "structure check FAILED", file=sys.stderr if not ok else sys.stdout)
+    print("structure OK" if ok else "structure check FAILED", file=sys.stderr if args.json or not ok else sys.stdout)
     return 0 if ok else 1
 
 

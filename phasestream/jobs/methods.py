@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from phasestream import methods as m
-from phasestream.callbacks.settings import RunSettings, RunSettingsError
 from phasestream.contract import JobOutcome, JobStatus
 from phasestream.jobs.context import JobContext
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
@@ -148,10 +147,10 @@ def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOption
     """The run's references: the option, the run's start document, or the result's reference name."""
     tried = []
     candidates = [opts.references]
-    try:
-        candidates.append(RunSettings.from_start(client[run_uid].metadata["start"]).references)
-    except (KeyError, RunSettingsError) as exc:
-        tried.append(f"no raw run {run_uid} with usable phasestream metadata ({exc})")
+    try:  # only the references are needed here: a start without image and energy keys will do
+        candidates.append(client[run_uid].metadata["start"]["phasestream"]["references"])
+    except (KeyError, TypeError):
+        tried.append(f"no raw run {run_uid} with start.phasestream.references")
     candidates.append((md.get("references") or {}).get("name"))
     for source in candidates:
         if source:

@@ -158,6 +158,10 @@ class ProbedWorker:
     def tracker(self) -> RunTracker:
         return self.worker.tracker
 
+    @property
+    def connected(self) -> threading.Event:
+        return self.worker.connected
+
 
 @contextlib.contextmanager
 def running_worker(proxy, callback, **kwargs) -> Iterator[ProbedWorker]:
