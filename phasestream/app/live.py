@@ -37,8 +37,7 @@ from typing import Any
 
 from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.callbacks.settings import RunSettings
-from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome
+from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome, RunSettings
 from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
 from phasestream.jobs.methods import MethodsOptions, methods_options_from_start

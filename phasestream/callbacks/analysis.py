@@ -21,8 +21,9 @@ from event_model import DocumentRouter, unpack_event_page
 from phasestream.callbacks.assets import read_stream_frames
 from phasestream.callbacks.planes import PartialMapPolicy, PlaneQueue
 from phasestream.callbacks.result import RunResult
-from phasestream.callbacks.settings import AnalysisConfig, RunSettings
+from phasestream.callbacks.settings import AnalysisConfig
 from phasestream.callbacks.sink import ResultSink
+from phasestream.contract import RunSettings
 from phasestream.kernels import (
     PearsonAccumulator,
     assign_phases,

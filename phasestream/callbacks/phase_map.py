@@ -29,9 +29,17 @@ from event_model import RunRouter
 from phasestream.callbacks.analysis import RunAnalysis
 from phasestream.callbacks.assets import default_handler_registry
 from phasestream.callbacks.result import RunResult
-from phasestream.callbacks.settings import AnalysisConfig, RunSettings, RunSettingsError, checked_sample
+from phasestream.callbacks.settings import AnalysisConfig
 from phasestream.callbacks.sink import ResultSink
-from phasestream.contract import DocumentBounds, IncompleteReason, InvalidIdentifierError, check_run_uid
+from phasestream.contract import (
+    DocumentBounds,
+    IncompleteReason,
+    InvalidIdentifierError,
+    RunSettings,
+    RunSettingsError,
+    check_run_uid,
+    checked_sample,
+)
 from phasestream.kernels import (
     DEFAULT_AMBIGUITY,
     limit_kernel_threads,

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from phasestream.callbacks.settings import RunSettings
+from phasestream.contract import RunSettings
 
 __all__ = ["RunResult"]
 

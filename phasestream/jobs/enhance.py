@@ -23,6 +23,7 @@ import numpy as np
 
 from phasestream.contract import JobOutcome
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
@@ -74,15 +75,10 @@ def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = 
     """Enhance the OD images of ``run_uid``'s result; returns the ``enhancement`` metadata it wrote."""
     opts = (options or EnhanceOptions()).validate()
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
-    own = model_client is None
-    client = model_client or ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries)
-    try:
+    with jobs_model_client(opts, model_client) as client:
         return recorded_job(writer, "enhancement", lambda: _enhance(writer, client, opts),
                             skipped=(ModelServerUnavailable,), failed=(ModelServerError, ValueError),
                             retry=f"phasestream reprocess --enhance {run_uid}", extra={"model": opts.model})
-    finally:
-        if own:
-            client.close()
 
 
 def od_images_to_enhance(writer: ResultWriter) -> tuple[int, dict[str, Any] | None]:

@@ -3,14 +3,16 @@ a recorded outcome, and write that record into the result's metadata."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from phasestream.modelserver.client import ModelClient
 from phasestream.store.results import ResultWriter
 
-__all__ = ["recorded_job"]
+__all__ = ["model_client", "recorded_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +46,16 @@ def recorded_job(
         logger.warning("run %s: %s %s: %s", writer.run_uid, key, record["status"], record.get("reason"))
     writer.update_metadata(**{key: record})
     return record
+
+
+@contextlib.contextmanager
+def model_client(options: Any, client: ModelClient | None = None) -> Iterator[ModelClient]:
+    """``client``, else a :class:`ModelClient` for ``options.address`` (its timeout and retries), closed on exit."""
+    if client is not None:
+        yield client
+        return
+    own = ModelClient(options.address, timeout=options.timeout, retries=options.retries)
+    try:
+        yield own
+    finally:
+        own.close()

@@ -24,6 +24,7 @@ import numpy as np
 
 from phasestream.contract import USABLE_STATUSES, JobOutcome
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.models.refine import STRATEGIES, refine_ambiguous
@@ -111,17 +112,12 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     """
     opts = (options or RefineOptions()).validate()
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
-    own_client = model_client is None
-    client = model_client or ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries)
-    try:
+    with jobs_model_client(opts, model_client) as client:
         return recorded_job(writer, "refinement", lambda: _refine(writer, client, opts),
                             skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
                             retry=(f"phasestream reprocess --refine-only --models {opts.address} --model {opts.model} "
                                    f"--strategy {opts.strategy} {run_uid}"),
                             extra={"strategy": opts.strategy, "model": opts.model})
-    finally:
-        if own_client:
-            client.close()
 
 
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> dict[str, Any]:

@@ -19,6 +19,8 @@ reference folders configured with ``serve --references-dir`` or ``PHASESTREAM_RE
 tests, benchmarks) and opens any path it is given.
 """
 
+from phasestream.references import files as _files
+from phasestream.references import spectra as _spectra
 from phasestream.references.files import load_document_references, load_references, reference_folders_from_env
 from phasestream.references.spectra import (
     DEFAULT_MAX_REFERENCE_BYTES,
@@ -34,19 +36,4 @@ from phasestream.references.spectra import (
     write_references,
 )
 
-__all__ = [
-    "DEFAULT_MAX_REFERENCE_BYTES",
-    "REFERENCE_FOLDERS_ENV",
-    "EnergyOutOfRangeError",
-    "ReferenceAccessError",
-    "ReferenceFormatError",
-    "ReferenceSet",
-    "discrimination_score",
-    "load_document_references",
-    "load_references",
-    "reference_folders_from_env",
-    "register_references",
-    "registered_references",
-    "select_energies",
-    "write_references",
-]
+__all__ = [*_spectra.__all__, *_files.__all__]
