@@ -5,7 +5,8 @@ import pytest
 from bluesky import RunEngine
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.jobs.reprocess import reprocess, reprocess_run
+from phasestream.jobs.context import JobContext
+from phasestream.jobs.reprocess import reprocess_run, run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import raw_run_writer
@@ -38,8 +39,9 @@ def test_reprocess_equals_live(tiled, mode, external):
     before = {k: client["phasestream"][uid][k].read() for k in ARRAYS}
     live_md = client["phasestream"][uid].metadata
     assert live_md["status"] == "complete", live_md["errors"]
-    summary = reprocess(server.uri, uid, {"backend": "numpy", "replace": True})  # another backend, same numbers
-    assert summary["status"] == "complete"
+    # the reprocess job, with another backend: the same numbers
+    outcome = run(JobContext(server.uri), uid, {"backend": "numpy", "replace": True})
+    assert outcome.status == "complete" and outcome.job == "reprocess" and outcome.reason == ""
     after = client["phasestream"][uid]
     for k in ARRAYS:
         np.testing.assert_allclose(after[k].read(), before[k], atol=1e-5, equal_nan=True, err_msg=k)
