@@ -8,7 +8,7 @@ STAMP := $(VENV)/.phasestream-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-faults bench lint env clean services up status down
+.PHONY: demo test test-stack test-faults bench lint env clean services up status down
 
 env: $(STAMP)
 
@@ -27,7 +27,11 @@ services:
 	@bash .ci/ensure-services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest -m "not faults" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults and not stack" $(PYTEST_ARGS)
+
+# the whole service started with `phasestream up` (embedded and PostgreSQL Tiled, Dask, model server)
+test-stack: $(STAMP) services
+	$(BIN)/python -m pytest -m stack $(PYTEST_ARGS)
 
 # processes killed and restarted (worker SIGTERM/SIGKILL, Tiled killed during a final write); docs/security.md
 test-faults: $(STAMP) services

@@ -34,6 +34,9 @@ from phasestream.store.catalog import find, wait_for_result
 from phasestream.store.tiled import connect, raw_run_writer
 from phasestream.transport.wire import DocumentPublisher
 
+# the whole service started with `phasestream up`: `make test-stack` (in .ci/run), not `make test`
+pytestmark = pytest.mark.stack
+
 DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "tiled" / "config.yml"
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
 ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")

@@ -30,6 +30,9 @@ from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import connect, describe_tiled_error, raw_run_writer
 
+# the whole service started with `phasestream up`: `make test-stack` (in .ci/run), not `make test`
+pytestmark = pytest.mark.stack
+
 DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "tiled" / "config.yml"
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 5)
 PASSWORD = "Pg" + os.urandom(8).hex()
