@@ -156,3 +156,24 @@ def test_reprocess_command_in_process_and_query(tiled_server, runs, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert f"{good[0]}: complete" in out and "1 of 1 runs complete, 0 failed" in out
+
+
+def test_query_and_reprocess_use_the_stack_configuration(tiled_server, runs, capsys, monkeypatch, tmp_path):
+    """With only the stack's env file sourced (TILED_URI, TILED_API_KEY, PHASESTREAM_DASK_SCHEDULER), no flags."""
+    from phasestream.app.cli import main
+
+    good, _ = runs  # state of charge 3.0, 2.0, 1.0
+    uri, _, key = tiled_server.uri.partition("?api_key=")
+    monkeypatch.setenv("TILED_URI", uri)
+    monkeypatch.setenv("TILED_API_KEY", key)
+    monkeypatch.setenv("PHASESTREAM_DASK_SCHEDULER", "none")  # in this process
+    assert main(["reprocess", "--soc", "1.0", "--backend", "numpy", "--replace", "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])  # after the per-run lines
+    assert [s["run_uid"] for s in summary["successes"]] == [good[2]] and not summary["failures"]
+    assert main(["query", "--soc", "1.0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_uid"] for r in rows] == [good[2]]
+    # --catalog DIR still means a catalog of its own: an embedded server, not TILED_URI
+    assert main(["query", "--catalog", str(tmp_path / "catalog"), "--soc", "1.0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

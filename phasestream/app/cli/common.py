@@ -12,8 +12,21 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["add_tiled_options", "configure_logging", "run_reporting_errors", "scheduler_option", "tiled_client",
-           "workers_api_key"]
+__all__ = [
+    "SCHEDULER_NEEDS_TILED",
+    "add_tiled_options",
+    "configure_logging",
+    "run_reporting_errors",
+    "scheduler_option",
+    "tiled_client",
+    "tiled_uri",
+    "workers_api_key",
+]
+
+logger = logging.getLogger("phasestream.cli")
+
+SCHEDULER_NEEDS_TILED = ("--scheduler needs --tiled URI (or TILED_URI): the Dask workers cannot reach this "
+                         "command's embedded server")
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
@@ -45,7 +58,8 @@ def run_reporting_errors(command: str, run: Callable[[argparse.Namespace], int],
 def add_tiled_options(parser: argparse.ArgumentParser) -> None:
     """``--tiled URI`` and ``--catalog DIR``: which Tiled server the command uses."""
     parser.add_argument("--tiled", metavar="URI", default=None,
-                        help="Tiled server URI (default: an embedded server started for this command)")
+                        help="Tiled server URI (default $TILED_URI, its key in $TILED_API_KEY; without either "
+                             "and with --catalog: an embedded server started for this command)")
     parser.add_argument("--catalog", metavar="DIR", default=None,
                         help="directory of the embedded server's catalog (persists between commands)")
 
@@ -54,14 +68,25 @@ def tiled_client(args: argparse.Namespace, *, readable_storage=None):
     """``(client, uri)`` for the command: ``--tiled URI`` or an embedded server (``--catalog DIR``)."""
     from phasestream.store.tiled import tiled_session  # see the module docstring
 
-    return tiled_session(args.tiled, directory=args.catalog, readable_storage=readable_storage)
+    uri = tiled_uri(args)
+    if uri and not args.tiled:
+        logger.info("using the Tiled server of TILED_URI: %s", uri.split("?")[0])
+    return tiled_session(uri, directory=args.catalog, readable_storage=readable_storage)
+
+
+def tiled_uri(args: argparse.Namespace) -> str | None:
+    """The Tiled server of the command: ``--tiled URI``, else ``$TILED_URI`` (the stack's env file sets
+    it), unless ``--catalog DIR`` asks for an embedded server; None: an embedded server."""
+    if args.tiled or args.catalog:
+        return args.tiled
+    return os.environ.get("TILED_URI") or None
 
 
 def scheduler_option(args: argparse.Namespace) -> str | None:
     """``--scheduler``: None for none/empty, ``local`` or an address; an address needs ``--tiled``."""
     scheduler = None if (args.scheduler or "").lower() in ("", "none") else args.scheduler
-    if scheduler and scheduler.lower() != "local" and not args.tiled:
-        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
+    if scheduler and scheduler.lower() != "local" and not tiled_uri(args):
+        raise ValueError(SCHEDULER_NEEDS_TILED)
     return scheduler
 
 

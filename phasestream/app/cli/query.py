@@ -6,6 +6,7 @@ import argparse
 import json
 
 from phasestream.app.cli.common import add_tiled_options, tiled_client
+from phasestream.contract import STATUSES
 from phasestream.store.catalog import find, result_rows
 
 __all__ = ["add_parser", "run"]
@@ -16,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_tiled_options(query)
     query.add_argument("--soc", type=float, default=None, help="state of charge (Na content x)")
     query.add_argument("--tolerance", type=float, default=0.0, help="match |SoC - x| <= tolerance")
-    query.add_argument("--status", choices=("running", "complete", "partial", "failed"), default=None)
+    query.add_argument("--status", choices=STATUSES, default=None)
     query.add_argument("--root", default="phasestream", help="results container (default phasestream)")
     query.add_argument("--json", action="store_true")
 

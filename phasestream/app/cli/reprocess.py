@@ -13,7 +13,13 @@ import os
 import sys
 from dataclasses import asdict
 
-from phasestream.app.cli.common import add_tiled_options, tiled_client, workers_api_key
+from phasestream.app.cli.common import (
+    SCHEDULER_NEEDS_TILED,
+    add_tiled_options,
+    tiled_client,
+    tiled_uri,
+    workers_api_key,
+)
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, refine_options
 from phasestream.jobs.cluster import dask_client
 from phasestream.jobs.executors import Job, run_jobs, submit_jobs
@@ -71,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("reprocess needs run uids, --soc X or --query KEY=VALUE")
     scheduler = args.scheduler
     in_process = args.in_process or (scheduler or "").lower() == "none"
-    if scheduler and not in_process and not args.tiled:
-        raise ValueError("--scheduler needs --tiled URI: the Dask workers cannot reach this command's embedded server")
+    if scheduler and not in_process and not tiled_uri(args):
+        raise ValueError(SCHEDULER_NEEDS_TILED)
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         uids = list(dict.fromkeys(args.uids))
         if args.soc is not None or query:
