@@ -12,6 +12,7 @@ Slow (processes start and stop): run with ``make test-faults``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import secrets
 import signal
@@ -26,6 +27,7 @@ from bluesky import RunEngine
 from services_support import PORT_TAKEN, uvicorn_port
 
 from phasestream.app.live import ServeProcess
+from phasestream.callbacks import PhaseMapCallback
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import connect, raw_run_writer
@@ -147,10 +149,20 @@ def wait_md(client, uid: str, until, timeout: float = 120.0) -> dict:
     raise AssertionError(f"result of {uid} never reached the expected state; last seen {md}")
 
 
-def publish(wire: tuple, docs) -> None:
-    """Send ``docs`` through the publisher of ``wire``."""
+def publish(wire: tuple, docs, *, pace: float = 0.0) -> None:
+    """Send ``docs`` through the publisher of ``wire``, waiting ``pace`` seconds after each event.
+
+    A burst of events may rightly publish no partial maps (at most one per ``min_update_seconds``
+    after the start): tests that wait for partial maps pace the events with :data:`PACE`.
+    """
     for name, doc in docs:
         wire[1](name, doc)
+        if name == "event" and pace:
+            time.sleep(pace)
+
+
+# longer than the gap the partial-map policy keeps between updates: the second image is due
+PACE = inspect.signature(PhaseMapCallback).parameters["min_update_seconds"].default + 0.1
 
 
 def first_events(docs, n: int):
@@ -178,7 +190,7 @@ def test_sigterm_mid_run_ends_partial_and_sigkill_mid_run_is_recovered(tiled):
     (stopped, _), (killed, killed_sample) = raw_scan(client, 1), raw_scan(client, 2)
     with transport() as wire:
         with worker(wire, tiled) as first:
-            publish(wire, first_events(stopped, 4))
+            publish(wire, first_events(stopped, 4), pace=PACE)
             uid = stopped[0][1]["uid"]
             wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
             first.stop()  # SIGTERM
@@ -187,7 +199,7 @@ def test_sigterm_mid_run_ends_partial_and_sigkill_mid_run_is_recovered(tiled):
         assert md["status"] == "partial" and "worker stopped" in md["errors"]
 
         with worker(wire, tiled, "--stop-timeout", "600") as second:
-            publish(wire, first_events(killed, 4))
+            publish(wire, first_events(killed, 4), pace=PACE)
             uid = killed[0][1]["uid"]
             wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
             second.proc.send_signal(signal.SIGKILL)
@@ -231,7 +243,7 @@ def test_tiled_killed_during_the_final_write_never_reads_complete_until_recovere
     uid = docs[0][1]["uid"]
     with transport() as wire:
         with worker(wire, tiled, "--stop-timeout", "3") as serving:
-            publish(wire, first_events(docs, len(ENERGIES) - 1))
+            publish(wire, first_events(docs, len(ENERGIES) - 1), pace=PACE)
             wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
             tiled.kill()
             publish(wire, docs[len(first_events(docs, len(ENERGIES) - 1)):])  # last image and stop
