@@ -110,8 +110,11 @@ def _wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen | No
 
 
 @contextlib.contextmanager
-def private_postgres(*, database: str = "tiled") -> Iterator[str]:
+def private_postgres(*, database: str = "tiled", password: str | None = None) -> Iterator[str]:
     """A PostgreSQL server on 127.0.0.1:<free port> with ``database``; yields ``postgresql://...`` (no driver).
+
+    With ``password``, connections over TCP must give it (scram-sha-256, as a deployed server asks);
+    without, any role is trusted.
 
     Its data live in a fresh folder under the system temporary folder (reachable by the
     ``postgres`` user when we are root; pytest's own tmp folders are not), removed afterwards.
@@ -125,7 +128,14 @@ def private_postgres(*, database: str = "tiled") -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         shutil.chown(sockets, "postgres", "postgres")
-    subprocess.run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+    auth = ["--auth=trust"]
+    if password is not None:
+        pwfile = folder / "pwfile"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres", "postgres")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+    subprocess.run(_as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth,
                                       "-E", "UTF8", "--no-sync"]), check=True, capture_output=True)
     for attempt in range(1, PORT_ATTEMPTS + 1):  # the port is on the command line: again on a new one if taken
         port, log = free_port(), folder / f"postgres-{attempt}.log"
@@ -140,9 +150,10 @@ def private_postgres(*, database: str = "tiled") -> Iterator[str]:
             raise RuntimeError(f"PostgreSQL did not start on 127.0.0.1:{port}:\n{output[-2000:]}")
     try:
         _wait_port(port, 30, "PostgreSQL")
-        subprocess.run(_as_postgres_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+        subprocess.run(_as_postgres_user([str(bindir / "createdb"), "-h", str(sockets), "-p", str(port),
                                           "-U", "postgres", database]), check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/{database}"
+        user = "postgres" if password is None else f"postgres:{password}"
+        yield f"postgresql://{user}@127.0.0.1:{port}/{database}"
     finally:
         subprocess.run(_as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
                        capture_output=True)

@@ -41,7 +41,6 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,8 +51,10 @@ import httpx
 import yaml
 
 from phasestream.app.launch import SERVICES
+from phasestream.app.supervise import alive as _alive
+from phasestream.app.supervise import launch, read_state, request_restart, write_state
 
-__all__ = ["COMPONENTS", "RedactSecrets", "StackConfig", "down", "status", "up"]
+__all__ = ["COMPONENTS", "RedactSecrets", "StackConfig", "down", "restart", "status", "up"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class StackConfig:
     worker_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve``
     models_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve-models``
     start_timeout: float = 180.0
+    supervise: bool = True  # a supervisor restarts components that die (phasestream.app.supervise)
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every component
 
     def validate(self) -> StackConfig:
@@ -181,13 +183,6 @@ def _tiled_log_config(cfg: StackConfig) -> Path:
     return path
 
 
-def _open_log(path: Path) -> int:
-    """A file descriptor appending to ``path``, a file only its owner may read (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)  # also when an older log was created with a wider mode
-    return fd
-
-
 def _commands(cfg: StackConfig) -> dict[str, list[str]]:
     """The command line of each component of ``cfg``, from :data:`~phasestream.app.launch.SERVICES`."""
     py = sys.executable
@@ -213,20 +208,6 @@ def _port_open(address: str) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1.0):
         return True
     return False
-
-
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie (an exited child nobody has waited for yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    return True
 
 
 def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
@@ -266,12 +247,18 @@ def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
             expected = int(record.get("expected_workers", 1))
             return n >= expected, f"{n} of {expected} workers registered at {address}"
         if name == "worker":
-            log = Path(record["log"])
-            ready = log.exists() and '"ready": true' in log.read_text(errors="replace")
+            log = Path(record["log"])  # what this process wrote: the log's part after its start
+            ready = log.exists() and '"ready": true' in _read_from(log, int(record.get("log_offset", 0)))
             return ready, f"consuming {address}" if ready else "not ready yet (see its log)"
     except Exception as exc:  # noqa: BLE001 - any failure of a health check is reported, not raised
         return False, f"{type(exc).__name__}: {exc}"
     return False, "unknown component"
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 # --------------------------------------------------------------------------- up / status / down
@@ -319,7 +306,7 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     """
     cfg.validate()
     state_path = _state_path(cfg.run_dir)
-    if state_path.exists() and any(_alive(r["pid"]) for r in json.loads(state_path.read_text())["components"].values()):
+    if state_path.exists() and any(_alive(r["pid"]) for r in read_state(cfg.run_dir)["components"].values()):
         raise RuntimeError(f"a stack is already running from {cfg.run_dir}: `phasestream down` first")
     (cfg.run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
@@ -332,15 +319,13 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     try:
         for name, command in _commands(cfg).items():
             log = cfg.run_dir / "logs" / f"{name}.log"
-            with open(_open_log(log), "ab") as out:
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=proc_env, start_new_session=True, cwd=cfg.run_dir)
+            proc, offset = launch(command, log, proc_env, cfg.run_dir)
             record = {"pid": proc.pid, "command": command, "log": str(log), "address": _address(name, cfg),
-                      "started": time.time()}
+                      "started": time.time(), "log_offset": offset, "restarts": 0}
             if name == "dask-workers":
                 record["expected_workers"] = cfg.dask_workers
             state["components"][name] = record
-            state_path.write_text(json.dumps(state, indent=2))
+            write_state(cfg.run_dir, state)
             end = time.monotonic() + cfg.start_timeout
             while True:
                 ok, detail = _check(name, record, client_env)
@@ -350,6 +335,12 @@ def up(cfg: StackConfig) -> dict[str, Any]:
                 if proc.poll() is not None or time.monotonic() > end:
                     raise RuntimeError(f"{name} did not start: {detail}; log {log}:\n" + _tail(log))
                 time.sleep(0.5)
+        if cfg.supervise:
+            log = cfg.run_dir / "logs" / "supervisor.log"
+            proc, _ = launch([sys.executable, "-m", "phasestream.app.supervise", str(cfg.run_dir)], log, proc_env,
+                             cfg.run_dir)
+            state["supervisor"] = {"pid": proc.pid, "log": str(log), "started": time.time()}
+            write_state(cfg.run_dir, state)
     except BaseException:
         down(cfg.run_dir)
         raise
@@ -363,20 +354,53 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, dict]:
-    """``{component: {healthy, detail, pid, address}}`` of the stack recorded in ``run_dir``.
-
-    An empty dict when no stack was started from ``run_dir``.
+    """``{component: {healthy, detail, pid, address, restarts, last_exit}}`` of the stack recorded in
+    ``run_dir``, and ``supervisor`` (healthy while it runs). An empty dict when no stack was started
+    from ``run_dir``.
     """
     path = _state_path(run_dir)
     if not path.exists():
         return {}
-    state = json.loads(path.read_text())
+    state = read_state(run_dir)
     env = read_env(run_dir)
     report = {}
     for name, record in state["components"].items():
         ok, detail = _check(name, record, env)
-        report[name] = {"healthy": ok, "detail": detail, "pid": record["pid"], "address": record["address"]}
+        restarts = int(record.get("restarts", 0))
+        if restarts:
+            detail += f"; restarted {restarts}x, last after {record.get('last_exit', 'unknown')}"
+        report[name] = {"healthy": ok, "detail": detail, "pid": record["pid"], "address": record["address"],
+                        "restarts": restarts, "last_exit": record.get("last_exit")}
+    if "supervisor" in state:
+        record = state["supervisor"]
+        ok = _alive(record["pid"])
+        report["supervisor"] = {"healthy": ok, "pid": record["pid"], "address": "", "restarts": 0, "last_exit": None,
+                                "detail": "restarts components that die" if ok else
+                                f"not running: dead components stay dead (log: {record['log']})"}
     return report
+
+
+def restart(run_dir: Path, name: str, *, timeout: float = 120.0) -> dict:
+    """Restart component ``name`` through the supervisor of ``run_dir`` and wait until it is healthy
+    again; its new record. ``RuntimeError`` when no supervisor runs or it does not come back healthy."""
+    state = read_state(run_dir) if _state_path(run_dir).exists() else None
+    if state is None:
+        raise RuntimeError(f"no stack started from {run_dir} (phasestream up)")
+    if name not in state["components"]:
+        raise ValueError(f"no component {name!r} in the stack of {run_dir}; it has: {', '.join(state['components'])}")
+    if not _alive(state.get("supervisor", {}).get("pid", -1)):
+        raise RuntimeError(f"the stack of {run_dir} has no running supervisor: `phasestream down` and `up` again")
+    old = state["components"][name]["pid"]
+    request_restart(run_dir, name)
+    env, end = read_env(run_dir), time.monotonic() + timeout
+    while time.monotonic() < end:
+        record = read_state(run_dir)["components"][name]
+        if record["pid"] != old and _check(name, record, env)[0]:
+            return record
+        _reap(old)
+        time.sleep(0.5)
+    log = state["components"][name]["log"]
+    raise RuntimeError(f"{name} is not healthy {timeout:.0f} s after its restart; see {log}")
 
 
 def down(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 30.0) -> dict[str, str]:
@@ -386,28 +410,36 @@ def down(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 30.0) -> dict[str,
     path = _state_path(run_dir)
     if not path.exists():
         return {}
-    state = json.loads(path.read_text())
     outcome = {}
+    supervisor = read_state(run_dir).get("supervisor")
+    if supervisor:  # first, so that nothing is started again while the stack stops
+        outcome["supervisor"] = _stop("supervisor", supervisor["pid"], timeout)
+    state = read_state(run_dir)
     for name, record in reversed(list(state["components"].items())):
-        pid = record["pid"]
-        if not _alive(pid):
-            outcome[name] = "not running"
-            continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        end = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < end:
-            _reap(pid)
-            time.sleep(0.1)
-        if _alive(pid):
-            logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, pid, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            outcome[name] = "killed"
-        else:
-            outcome[name] = "stopped"
-        _reap(pid)
+        outcome[name] = _stop(name, record["pid"], timeout)
     path.unlink()
+    for request in Path(run_dir).expanduser().resolve().glob("restart-*"):
+        request.unlink()
+    return outcome
+
+
+def _stop(name: str, pid: int, timeout: float) -> str:
+    """SIGTERM to the process group of ``pid``, SIGKILL after ``timeout`` s: stopped, killed or not running."""
+    if not _alive(pid):
+        return "not running"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < end:
+        _reap(pid)
+        time.sleep(0.1)
+    outcome = "stopped"
+    if _alive(pid):
+        logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        outcome = "killed"
+    _reap(pid)
     return outcome
 
 

@@ -91,7 +91,7 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None,
     """
     from distributed import Client, LocalCluster
 
-    address = scheduler or os.environ.get(DEFAULT_SCHEDULER_ENV) or None
+    address = None if scheduler == "local" else scheduler or os.environ.get(DEFAULT_SCHEDULER_ENV) or None
     if address:
         client = Client(address, timeout="10s", set_as_default=set_as_default)
         try:

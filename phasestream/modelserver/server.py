@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,14 +370,18 @@ class ModelServer:
         return x
 
 
-def serve_models(config: ModelServerConfig) -> int:
-    """Run a model server in this process until SIGTERM/SIGINT; prints a ``ready`` JSON line first."""
+def serve_models(config: ModelServerConfig, *, on_ready: Callable[[dict], None] | None = None) -> int:
+    """Run a model server in this process until SIGTERM/SIGINT; prints a ``ready`` JSON line first
+    (and calls ``on_ready`` with it)."""
     server = ModelServer(config)
     address = server.bind()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     models = [f"{a.name}:{a.version}" for a in server.registry.artifacts()]
-    print(json.dumps({"ready": True, "address": address, "models": models}), flush=True)
+    ready = {"ready": True, "address": address, "models": models}
+    print(json.dumps(ready), flush=True)
+    if on_ready is not None:
+        on_ready(ready)
     stats = server.serve()
     print(json.dumps({"stopped": True, "stats": stats}), flush=True)
     return 0

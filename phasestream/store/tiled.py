@@ -22,6 +22,7 @@ import contextvars
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -48,6 +49,7 @@ __all__ = [
     "separate_api_key",
     "start_embedded_tiled",
     "tiled_session",
+    "wait_for_tiled",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,37 @@ def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
             "check TILED_API_KEY or api_key=", uri) from error
 
 
+def wait_for_tiled(uri: str, *, api_key: str | None = None, timeout: float | None = None,
+                   first_delay: float = 1.0, max_delay: float = 30.0) -> Container:
+    """A client for ``uri`` once its server answers: a service started with (or before) Tiled waits
+    for it instead of exiting.
+
+    Tries :func:`connect`; while nothing answers, logs ``waiting for Tiled at URI`` (a warning) and
+    tries again after ``first_delay`` seconds, doubling up to ``max_delay``. A refused API key is
+    raised at once (waiting would not help); after ``timeout`` seconds (None: no limit) the last
+    :class:`TiledConnectionError` is raised.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay, attempt = first_delay, 0
+    while True:
+        attempt += 1
+        try:
+            client = connect(uri, api_key=api_key)
+        except TiledConnectionError as error:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise
+            wait = delay if left is None else min(delay, left)
+            log.warning("waiting for Tiled at %s (attempt %d: %s); next try in %.0f s", public_uri(uri), attempt,
+                           str(error).split(". Is the server")[0], wait)
+            time.sleep(wait)
+            delay = min(2 * delay, max_delay)
+            continue
+        if attempt > 1:
+            log.warning("Tiled at %s answers after %d attempts", public_uri(uri), attempt)
+        return client
+
+
 def describe_tiled_error(error: BaseException) -> str | None:
     """One line for people on a Tiled connection or permission error, without secrets; None for others.
 
@@ -286,10 +319,15 @@ def tiled_session(
     *,
     directory: str | Path | None = None,
     readable_storage: Sequence[str | Path] | None = None,
+    wait: float | None = 0.0,
 ) -> Iterator[tuple[Container, str]]:
-    """``(client, uri)`` for ``uri``, or for an embedded server (over ``directory`` when given) closed on exit."""
+    """``(client, uri)`` for ``uri``, or for an embedded server (over ``directory`` when given) closed on exit.
+
+    ``wait``: seconds to wait for the server at ``uri`` to answer (:func:`wait_for_tiled`; None: no
+    limit, 0: fail at once).
+    """
     if uri:
-        yield connect(uri), uri
+        yield (connect(uri) if wait == 0 else wait_for_tiled(uri, timeout=wait)), uri
         return
     server = start_embedded_tiled(directory=directory, readable_storage=readable_storage)
     try:

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,6 +30,7 @@ from services_support import (
 
 from phasestream.app.cli import main
 from phasestream.app.stack import read_env
+from phasestream.app.supervise import read_state
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import find, wait_for_result
@@ -99,7 +102,7 @@ def test_up_status_down_on_the_default_catalog(tmp_path, capsys):
         assert _up(args) == 0
         assert "all 4 components healthy" in capsys.readouterr().out
         code, state = _status(run_dir, capsys)
-        assert code == 0 and set(state) == {"tiled", "proxy", "scheduler", "dask-workers"}
+        assert code == 0 and set(state) == {"tiled", "proxy", "scheduler", "dask-workers", "supervisor"}
         assert all(r["healthy"] for r in state.values()), state
         env = read_env(run_dir)
         assert oct((run_dir / "phasestream.env").stat().st_mode & 0o777) == "0o600"
@@ -139,7 +142,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             capsys.readouterr()
             code, state = _status(run_dir, capsys)
             assert code == 0, state
-            assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker"}
+            assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker", "supervisor"}
             env = read_env(run_dir)
             # the worker's post-scan jobs go to the stack's Dask scheduler
             ready = (run_dir / "logs" / "worker.log").read_text()
@@ -147,16 +150,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             client = connect(env["TILED_URI"], api_key=env["TILED_API_KEY"])
 
             # a live scan: raw run by TiledWriter, documents through the proxy to the worker process
-            RE = RunEngine({})
-            RE.subscribe(raw_run_writer(client))
-            with DocumentPublisher(env["PHASESTREAM_ZMQ_IN"]) as publisher:
-                assert publisher.wait_for_subscriber(20)
-                RE.subscribe(publisher)
-                sample = make_sample((40, 40), state_of_charge=2.0, seed=4, n_particles=2)
-                energy = make_energy()
-                det = TransmissionDetector(sample, energy, i0=6000.0, seed=4)
-                (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
-                live = wait_for_result(client, uid, timeout=90.0)
+            uid, sample, live = _scan(client, env, seed=4)
             assert live.metadata["status"] == "complete", live.metadata["errors"]
             assert sample.accuracy(live["phase"].read()) > 0.9
             (source,) = live["od"].data_sources()  # written by the worker, registered in Tiled
@@ -164,13 +158,17 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             before = {k: live[k].read() for k in ARRAYS}
             assert list(find(client, state_of_charge=2.0)) == [uid]  # JSONB query on PostgreSQL
 
-            # post-scan reprocessing on the stack's Dask scheduler gives the live numbers
-            monkeypatch.setenv("TILED_API_KEY", env["TILED_API_KEY"])
-            code = main(["reprocess", "--tiled", env["TILED_URI"], "--soc", "2.0", "--scheduler",
-                         env["PHASESTREAM_DASK_SCHEDULER"], "--backend", "numpy", "--json", "--replace"])
+            # with only the stack's env file sourced (no flags): query finds the run, and post-scan
+            # reprocessing goes to the stack's Dask scheduler and gives the live numbers
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            assert main(["query", "--soc", "2.0", "--json"]) == 0
+            assert [r["run_uid"] for r in json.loads(capsys.readouterr().out)] == [uid]
+            code = main(["reprocess", "--soc", "2.0", "--backend", "numpy", "--replace"])
             out = capsys.readouterr().out
             assert code == 0, out
-            assert [s["run_uid"] for s in json.loads(out[out.index("{"):])["successes"]] == [uid]
+            assert f"{uid}: complete" in out and "1 of 1 runs complete" in out, out
+            assert f"workers at {env['PHASESTREAM_DASK_SCHEDULER']})" in out, out
             after = client["phasestream"][uid]
             for k in ARRAYS:
                 np.testing.assert_allclose(after[k].read(), before[k], atol=1e-5, equal_nan=True, err_msg=k)
@@ -179,11 +177,43 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             assert redis.Redis.from_url(redis_uri).dbsize() > 0
             anonymous = httpx.get(f"{env['TILED_URI']}/metadata/{uid}", timeout=5)
             assert anonymous.status_code == 401  # no anonymous access, hence no anonymous writes
+
+            # kill -9 of the worker: the supervisor starts it again at once, and the next scan completes
+            killed = state["worker"]["pid"]
+            os.kill(killed, signal.SIGKILL)
+            t0 = time.monotonic()
+            while (pid := read_state(run_dir)["components"]["worker"]["pid"]) == killed:
+                assert time.monotonic() - t0 < 10, "the worker was not started again within 10 s"
+                time.sleep(0.2)
+            while not (_status(run_dir, capsys)[1]["worker"]["healthy"]):
+                assert time.monotonic() - t0 < 120, "the restarted worker never became healthy"
+                time.sleep(0.5)
+            _, state = _status(run_dir, capsys)
+            assert state["worker"]["pid"] == pid and state["worker"]["restarts"] == 1, state["worker"]
+            uid2, sample2, live2 = _scan(client, env, seed=5)
+            assert live2.metadata["status"] == "complete", live2.metadata["errors"]
+            assert sample2.accuracy(live2["phase"].read()) > 0.9
         finally:
             code, state = _status(run_dir, capsys)
             _down_is_clean(run_dir, capsys, state)
         for record in state.values():
-            assert not _listening(record["address"].split(" -> ")[0].replace("/api/v1", ""))
+            if record["address"]:  # the supervisor listens nowhere
+                assert not _listening(record["address"].split(" -> ")[0].replace("/api/v1", ""))
+
+
+def _scan(client, env: dict, seed: int):
+    """A live scan: raw run by TiledWriter, documents through the stack's proxy to its worker; the
+    run's uid, sample and live result."""
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    with DocumentPublisher(env["PHASESTREAM_ZMQ_IN"]) as publisher:
+        assert publisher.wait_for_subscriber(20)
+        RE.subscribe(publisher)
+        sample = make_sample((40, 40), state_of_charge=2.0, seed=seed, n_particles=2)
+        energy = make_energy()
+        det = TransmissionDetector(sample, energy, i0=6000.0, seed=seed)
+        (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+        return uid, sample, wait_for_result(client, uid, timeout=90.0)
 
 
 def test_procfile_and_systemd_units_run_commands_phasestream_knows():

@@ -5,9 +5,11 @@ and ``run(args) -> int``, which does the work and returns the exit status. Modul
 their command runs, so ``phasestream proxy`` starts without loading Tiled, Dask or TensorFlow; the
 full parser (every command) is built for ``phasestream --help`` and for an unknown command.
 
-Every command that talks to Tiled takes ``--tiled URI`` (an existing server; ``TILED_API_KEY``
-is honoured) or else starts an embedded server for the command, over ``--catalog DIR`` when
-given (a catalog that outlives the command) or a temporary one.
+Every command reads one configuration (:mod:`phasestream.app.settings`): its options, then the
+environment (``TILED_URI``, ``TILED_API_KEY``, ``PHASESTREAM_*``), then the file of ``--config FILE``
+or ``$PHASESTREAM_CONFIG``; ``args.settings`` holds it. A command that talks to Tiled uses
+``--tiled URI`` or ``TILED_URI``; it starts an embedded server only when given ``--catalog DIR``
+(``demo`` starts one of its own), and says so when none is configured.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ COMMANDS = {
     "status": "stack",
     "down": "stack",
     "proxy": "proxy",
+    "restart": "stack",
+    "config": "config",
+    "deploy": "config",
 }
 
 
@@ -47,6 +52,9 @@ def build_parser(commands: tuple[str, ...] | None = None) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(prog="phasestream", description="Streaming phase mapping for X-ray "
                                      "spectromicroscopy (STXM / TXM-XANES).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="configuration file: an env file (KEY=VALUE, e.g. deploy/env/phasestream.env) or TOML "
+                             "(default $PHASESTREAM_CONFIG); options and the environment win over it")
     # a parser of some commands still names them all in its usage line
     metavar = None if commands is None else "{" + ",".join(COMMANDS) + "}"
     sub = parser.add_subparsers(dest="command", required=True, metavar=metavar)
@@ -61,10 +69,13 @@ def _command_to_run(argv: list[str]) -> tuple[str] | None:
     None too for ``phasestream --help ...``, and for an unknown or missing command: the full
     parser lists them all.
     """
-    for word in argv:
+    words = iter(argv)
+    for word in words:
         if word in ("-h", "--help"):
             return None
-        if not word.startswith("-"):
+        if word == "--config":
+            next(words, None)  # its value
+        elif not word.startswith("-"):
             return (word,) if word in COMMANDS else None
     return None
 
@@ -75,4 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_command_to_run(argv))
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    return run_reporting_errors(args.command, command_module(args.command).run, args)
+    return run_reporting_errors(args.command, _configured(command_module(args.command).run), args)
+
+
+def _configured(run):
+    """``run`` after loading the configuration into ``args.settings`` (its file's values exported)."""
+    def configured(args: argparse.Namespace) -> int:
+        from phasestream.app.settings import export, load_settings
+
+        args.loaded = load_settings(args.config)
+        args.settings = args.loaded.settings
+        export(args.loaded)
+        return run(args)
+
+    return configured

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 __all__ = [
+    "NO_TILED",
     "SCHEDULER_NEEDS_TILED",
     "add_tiled_options",
     "configure_logging",
@@ -27,6 +28,9 @@ logger = logging.getLogger("phasestream.cli")
 
 SCHEDULER_NEEDS_TILED = ("--scheduler needs --tiled URI (or TILED_URI): the Dask workers cannot reach this "
                          "command's embedded server")
+NO_TILED = ("no Tiled server configured: pass --tiled URI, set TILED_URI (for the stack of `phasestream up`: "
+            "set -a; . RUN_DIR/phasestream.env; set +a), name a configuration file (--config FILE, "
+            "$PHASESTREAM_CONFIG), or give --catalog DIR for an embedded server over that catalog")
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
@@ -58,20 +62,26 @@ def run_reporting_errors(command: str, run: Callable[[argparse.Namespace], int],
 def add_tiled_options(parser: argparse.ArgumentParser) -> None:
     """``--tiled URI`` and ``--catalog DIR``: which Tiled server the command uses."""
     parser.add_argument("--tiled", metavar="URI", default=None,
-                        help="Tiled server URI (default $TILED_URI, its key in $TILED_API_KEY; without either "
-                             "and with --catalog: an embedded server started for this command)")
+                        help="Tiled server URI (default $TILED_URI, its key in $TILED_API_KEY)")
     parser.add_argument("--catalog", metavar="DIR", default=None,
-                        help="directory of the embedded server's catalog (persists between commands)")
+                        help="instead of a Tiled server: an embedded one started for this command over the "
+                             "catalog in DIR (persists between commands)")
 
 
-def tiled_client(args: argparse.Namespace, *, readable_storage=None):
-    """``(client, uri)`` for the command: ``--tiled URI`` or an embedded server (``--catalog DIR``)."""
+def tiled_client(args: argparse.Namespace, *, readable_storage=None, wait: float | None = 0.0):
+    """``(client, uri)`` for the command: ``--tiled URI`` (else ``TILED_URI``) or an embedded server
+    over ``--catalog DIR``. Raises ``ValueError`` (:data:`NO_TILED`) when neither is configured: an
+    empty embedded server would answer every question with nothing. ``wait``: seconds to wait for the
+    server to answer (None: no limit; 0, for people at a terminal: fail at once)."""
     from phasestream.store.tiled import tiled_session  # see the module docstring
 
     uri = tiled_uri(args)
     if uri and not args.tiled:
-        logger.info("using the Tiled server of TILED_URI: %s", uri.split("?")[0])
-    return tiled_session(uri, directory=args.catalog, readable_storage=readable_storage)
+        logger.info("using the Tiled server of TILED_URI (%s): %s", args.loaded.sources["tiled_uri"],
+                    uri.split("?")[0])
+    if not uri and not args.catalog:
+        raise ValueError(NO_TILED)
+    return tiled_session(uri, directory=args.catalog, readable_storage=readable_storage, wait=wait)
 
 
 def tiled_uri(args: argparse.Namespace) -> str | None:
@@ -79,12 +89,14 @@ def tiled_uri(args: argparse.Namespace) -> str | None:
     it), unless ``--catalog DIR`` asks for an embedded server; None: an embedded server."""
     if args.tiled or args.catalog:
         return args.tiled
-    return os.environ.get("TILED_URI") or None
+    return args.settings.tiled_uri or None
 
 
 def scheduler_option(args: argparse.Namespace) -> str | None:
-    """``--scheduler``: None for none/empty, ``local`` or an address; an address needs ``--tiled``."""
-    scheduler = None if (args.scheduler or "").lower() in ("", "none") else args.scheduler
+    """``--scheduler`` (default ``PHASESTREAM_DASK_SCHEDULER``): None for none/empty, ``local`` or an
+    address; an address needs ``--tiled``."""
+    chosen = args.settings.dask_scheduler if args.scheduler is None else args.scheduler
+    scheduler = None if (chosen or "").lower() in ("", "none") else chosen
     if scheduler and scheduler.lower() != "local" and not tiled_uri(args):
         raise ValueError(SCHEDULER_NEEDS_TILED)
     return scheduler
@@ -92,4 +104,4 @@ def scheduler_option(args: argparse.Namespace) -> str | None:
 
 def workers_api_key(uri: str) -> str | None:
     """The API key Dask workers need besides ``uri`` (None when the URI carries one)."""
-    return None if "api_key=" in uri else os.environ.get("TILED_API_KEY")
+    return None if "api_key=" in uri else os.environ.get("TILED_API_KEY")  # the configuration's, exported

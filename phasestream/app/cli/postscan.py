@@ -10,13 +10,13 @@ from phasestream.jobs.refine import DEFAULT_MODEL, RefineOptions
 from phasestream.models.refine import STRATEGIES
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
 
-__all__ = ["add_refine_options", "enhance_options", "methods_base", "refine_options"]
+__all__ = ["add_refine_options", "enhance_options", "methods_base", "model_address", "refine_options"]
 
 
 def add_refine_options(parser: argparse.ArgumentParser) -> None:
     """The model server, the GMVAE and InDI artifacts, and the latent-space strategy."""
-    parser.add_argument("--models", default=DEFAULT_MODEL_ADDRESS, metavar="ADDRESS",
-                        help=f"model server address (default {DEFAULT_MODEL_ADDRESS})")
+    parser.add_argument("--models", default=None, metavar="ADDRESS",
+                        help=f"model server address (default $PHASESTREAM_MODEL_SERVER, else {DEFAULT_MODEL_ADDRESS})")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"GMVAE artifact name (default {DEFAULT_MODEL})")
     parser.add_argument("--model-version", default=None, help="artifact version (default: the highest)")
     parser.add_argument("--indi-model", default="indi-particles-synthetic",
@@ -29,13 +29,19 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
 
 def refine_options(args: argparse.Namespace) -> RefineOptions:
     """The GMVAE refinement of the options added by :func:`add_refine_options`."""
-    return RefineOptions(model=args.model, version=args.model_version, strategy=args.strategy, address=args.models,
-                         root=args.root).validate()
+    return RefineOptions(model=args.model, version=args.model_version, strategy=args.strategy,
+                         address=model_address(args), root=args.root).validate()
+
+
+def model_address(args: argparse.Namespace) -> str:
+    """``--models``, else the configuration's model server (``PHASESTREAM_MODEL_SERVER``)."""
+    return args.settings.model_server if args.models is None else args.models
 
 
 def enhance_options(args: argparse.Namespace) -> EnhanceOptions:
     """The InDI enhancement of the options added by :func:`add_refine_options`."""
-    return EnhanceOptions(model=args.indi_model, steps=args.steps, address=args.models, root=args.root).validate()
+    return EnhanceOptions(model=args.indi_model, steps=args.steps, address=model_address(args),
+                          root=args.root).validate()
 
 
 def methods_base(args: argparse.Namespace) -> MethodsOptions:

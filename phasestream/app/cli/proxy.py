@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 
 import zmq
 
+from phasestream.app.notify import notify
 from phasestream.transport.proxy import run_proxy
 from phasestream.transport.wire import DEFAULT_IN_ADDRESS, DEFAULT_OUT_ADDRESS
 
 __all__ = ["add_parser", "run"]
-
-LOG_LEVEL_ENV = "PHASESTREAM_LOG_LEVEL"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,11 +28,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if os.environ.get(LOG_LEVEL_ENV) and not args.verbose:  # the proxy's log level when -v does not say
-        logging.getLogger().setLevel(os.environ[LOG_LEVEL_ENV].upper())
+    if args.settings.log_level and not args.verbose:  # the proxy's log level when -v does not say
+        logging.getLogger().setLevel(args.settings.log_level.upper())
 
     def announce(in_address: str, out_address: str) -> None:
         print(json.dumps({"ready": True, "in_address": in_address, "out_address": out_address}), flush=True)
+        notify(ready=True, status=f"forwarding {in_address} -> {out_address}")
 
     try:
         run_proxy(args.in_address, args.out_address, on_ready=announce)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 
@@ -40,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--tolerance", type=float, default=0.0, help="--soc: match |SoC - X| <= tolerance")
     rep.add_argument("--query", action="append", metavar="KEY=VALUE",
                      help="every raw run whose start document has KEY (dotted) equal to VALUE; repeatable")
-    rep.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+    rep.add_argument("--scheduler", default=None, metavar="ADDRESS",
                      help="Dask scheduler, e.g. tcp://HOST:8786 (default $PHASESTREAM_DASK_SCHEDULER, else a "
                           "LocalCluster on this host for 2 runs or more); 'none': in this process")
     rep.add_argument("--in-process", action="store_true", help="no Dask: the runs one after the other here")
@@ -75,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     query = _query_pairs(args.query)
     if not (args.uids or args.soc is not None or query):
         raise ValueError("reprocess needs run uids, --soc X or --query KEY=VALUE")
-    scheduler = args.scheduler
+    scheduler = args.settings.dask_scheduler if args.scheduler is None else args.scheduler
+    scheduler = scheduler or None
     in_process = args.in_process or (scheduler or "").lower() == "none"
     if scheduler and not in_process and not tiled_uri(args):
         raise ValueError(SCHEDULER_NEEDS_TILED)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=_print_job)
             where = "in process"
         else:
-            with dask_client(None if scheduler in (None, "local") else scheduler, n_workers=args.workers) as dask:
+            with dask_client(scheduler or "local", n_workers=args.workers) as dask:
                 where = f"on Dask ({len(dask.scheduler_info()['workers'])} workers at {dask.scheduler.address})"
                 report = submit_jobs(dask, jobs, uri, api_key=api_key, retries=args.retries, progress=progress,
                                      on_done=_print_job)

@@ -15,6 +15,7 @@ from pathlib import Path
 from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
 from phasestream.app.live import LiveService
+from phasestream.app.notify import notify
 from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds
 from phasestream.jobs.executors import DaskExecutor
 from phasestream.kernels.backend import BACKENDS
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_storage_options(serve)
     add_refine_options(serve)
     serve.add_argument("--no-refine", action="store_true", help="no GMVAE refinement after each run")
-    serve.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+    serve.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="Dask scheduler of the post-scan jobs, e.g. tcp://HOST:8786, or 'local' (a LocalCluster "
                             "of --workers processes); default $PHASESTREAM_DASK_SCHEDULER, else 'none': a thread of "
                             "this worker")
@@ -42,15 +43,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_stream_options(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--zmq", required=True, metavar="ADDRESS",
-                       help="output address of the 0MQ proxy, e.g. tcp://127.0.0.1:5578")
+    serve.add_argument("--zmq", default=None, metavar="ADDRESS",
+                       help="output address of the 0MQ proxy, e.g. tcp://127.0.0.1:5578 (default "
+                            "$PHASESTREAM_ZMQ_OUT, else tcp://127.0.0.1:5578)")
+    serve.add_argument("--wait-for-tiled", type=float, default=300.0, metavar="SECONDS",
+                       help="wait this long for the Tiled server to answer, logging 'waiting for Tiled at ...' "
+                            "with backoff (default 300; -1: no limit; 0: exit at once)")
     serve.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
     serve.add_argument("--update-every", type=int, default=4, help="partial maps every N images (default 4)")
     serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
     serve.add_argument("--stop-timeout", type=float, default=60.0,
                        help="seconds without documents after which a run without stop is given up (default 60)")
     serve.add_argument("--max-message-size", type=parse_byte_size, metavar="BYTES",
-                       default=os.environ.get("PHASESTREAM_MAX_MESSAGE_SIZE") or DEFAULT_MAX_MESSAGE_SIZE,
+                       default=None,
                        help="largest document message accepted, e.g. 1073741824, 512M or 2G; larger ones are "
                             "dropped by 0MQ before they are read, and a run that loses one is reprocessed from "
                             "Tiled. Default "
@@ -61,12 +66,12 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--root", default="phasestream")
     serve.add_argument("--no-od", action="store_true",
                        help="do not write the OD cube live (high frame rates; reprocess adds it later)")
-    serve.add_argument("--od-store", default=os.environ.get("PHASESTREAM_OD_STORE") or None, metavar="DIR",
+    serve.add_argument("--od-store", default=None, metavar="DIR",
                        help="write the live OD cube as external zarr data in DIR, registered in Tiled, instead of "
                             "uploading it (high frame rates; the Tiled server must be able to read DIR). Default "
                             "$PHASESTREAM_OD_STORE, else upload")
     serve.add_argument("--references-dir", action="append", metavar="DIR",
-                       default=[p for p in os.environ.get("PHASESTREAM_REFERENCES", "").split(os.pathsep) if p],
+                       default=None,
                        help="folder whose reference files a start document may name (repeatable); default "
                             "$PHASESTREAM_REFERENCES (os.pathsep-separated). Without one, only registered names")
     serve.add_argument("--max-num-points", type=int, default=DEFAULT_MAX_NUM_POINTS, metavar="N",
@@ -78,12 +83,23 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
                        help="embedded server only: directories of detector files it may read")
 
 
+def _configured(args: argparse.Namespace) -> None:
+    """Options not given on the command line from the configuration (:mod:`phasestream.app.settings`)."""
+    s = args.settings
+    args.od_store = s.od_store if args.od_store is None else args.od_store
+    args.references_dir = s.reference_folders if args.references_dir is None else args.references_dir
+    args.max_message_size = s.max_message_size if args.max_message_size is None else args.max_message_size
+    args.zmq = s.zmq_out if args.zmq is None else args.zmq
+
+
 def run(args: argparse.Namespace) -> int:
+    _configured(args)
     scheduler = scheduler_option(args)
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
     readable = [*(args.readable_storage or []), *([args.od_store] if args.od_store else [])]
-    with tiled_client(args, readable_storage=readable or None) as (client, uri):
+    wait = None if args.wait_for_tiled < 0 else args.wait_for_tiled
+    with tiled_client(args, readable_storage=readable or None, wait=wait) as (client, uri):
         if args.od_store:
             check_od_store(client, args.od_store)
         folders = [str(Path(f).resolve()) for f in args.references_dir]
@@ -106,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             if worker.connected.wait(60):
                 print(json.dumps({"ready": True, "zmq": args.zmq, "tiled": uri.split("?")[0],
                                   "backend": service.callback.backend, "post_scan": post_scan}), flush=True)
+                notify(ready=True, status=f"analysing runs from {args.zmq}")
 
         threading.Thread(target=announce, daemon=True).start()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from phasestream.app.notify import notify
 from phasestream.modelserver.server import add_arguments, config_from_args, serve_models
 
 __all__ = ["add_parser", "run"]
@@ -15,4 +16,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return serve_models(config_from_args(args))
+    return serve_models(config_from_args(args),
+                        on_ready=lambda ready: notify(ready=True, status=f"serving models at {ready['address']}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from phasestream.app.stack import COMPONENTS, DEFAULT_RUN_DIR, StackConfig, down, status, up
+from phasestream.app.stack import COMPONENTS, DEFAULT_RUN_DIR, StackConfig, down, restart, status, up
 
 __all__ = ["add_parser", "run"]
 
@@ -15,6 +15,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     st = subparsers.add_parser("status", help="health of each component started by `phasestream up`")
     st.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     st.add_argument("--json", action="store_true")
+    rs = subparsers.add_parser("restart", help="restart one component of the stack of `phasestream up` (its "
+                                               "supervisor starts it again) and wait until it is healthy")
+    rs.add_argument("component", choices=COMPONENTS)
+    rs.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    rs.add_argument("--timeout", type=float, default=180.0, help="seconds to wait until it is healthy (default 180)")
     dn = subparsers.add_parser("down", help="stop what `phasestream up` started (SIGTERM, then SIGKILL)")
     dn.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     dn.add_argument("--timeout", type=float, default=30.0, help="seconds to wait after SIGTERM (default 30)")
@@ -44,10 +49,18 @@ def _add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     upp.add_argument("--models-arg", action="append", metavar="ARG",
                      help="extra argument of `phasestream serve-models` (repeat)")
     upp.add_argument("--timeout", type=float, default=180.0, help="seconds each component may take to start")
+    upp.add_argument("--no-supervise", action="store_true",
+                     help="no supervisor: a component that dies stays dead (default: started again with backoff)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"up": run_up, "status": run_status, "down": run_down}[args.command](args)
+    return {"up": run_up, "status": run_status, "down": run_down, "restart": run_restart}[args.command](args)
+
+
+def run_restart(args: argparse.Namespace) -> int:
+    record = restart(args.run_dir, args.component, timeout=args.timeout)
+    print(f"{args.component:<13} pid {record['pid']:<8} healthy (restart {record.get('restarts', 0)})")
+    return 0
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -59,10 +72,12 @@ def run_up(args: argparse.Namespace) -> int:
                       scheduler_port=args.scheduler_port, scheduler_http_port=args.scheduler_http_port,
                       dask_workers=args.dask_workers, components=only,
                       worker_args=tuple(args.worker_arg or ()), models_args=tuple(args.models_arg or ()),
-                      start_timeout=args.timeout).validate()
+                      start_timeout=args.timeout, supervise=not args.no_supervise).validate()
     state = up(cfg)
     for name, record in state["components"].items():
         print(f"{name:<13} pid {record['pid']:<8} {record['address']}")
+    if "supervisor" in state:
+        print(f"{'supervisor':<13} pid {state['supervisor']['pid']:<8} restarts components that die")
     print(f"all {len(state['components'])} components healthy; clients: set -a; . {cfg.run_dir}/phasestream.env; "
           f"set +a   (logs in {cfg.run_dir}/logs; stop with: phasestream down --run-dir {cfg.run_dir})")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client, workers_api_key
 from phasestream.jobs.training import tiled_indi_pairs, tiled_training_set, train_artifact, train_indi_artifact
@@ -29,7 +28,7 @@ def _add_gmvae_parser(train_sub: argparse._SubParsersAction) -> None:
     source.add_argument("--runs", nargs="+", metavar="UID", help="results of these runs in Tiled")
     gmvae.add_argument("--soc", type=float, nargs="+", metavar="X", help="results in Tiled at these states of charge")
     gmvae.add_argument("--root", default="phasestream")
-    gmvae.add_argument("--scheduler", default=os.environ.get("PHASESTREAM_DASK_SCHEDULER"), metavar="ADDRESS",
+    gmvae.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="extract the runs' spectra on Dask, one task per run: tcp://HOST:8786 or 'local' (a "
                             "LocalCluster); default $PHASESTREAM_DASK_SCHEDULER, else in this process")
     gmvae.add_argument("--retries", type=int, default=2, help="--scheduler: retries of a run's extraction (default 2)")
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _artifact_folder(args: argparse.Namespace) -> str:
-    return args.out or os.environ.get("PHASESTREAM_MODELS", "").split(os.pathsep)[0] or "models"
+    return args.out or next(iter(args.settings.model_folders), "models")
 
 
 def train_gmvae(args: argparse.Namespace) -> int:
