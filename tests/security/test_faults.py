@@ -16,6 +16,7 @@ import inspect
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from bluesky import RunEngine
-from services_support import PORT_TAKEN, uvicorn_port
+from services_support import PORT_TAKEN, free_port, uvicorn_port
 
 from phasestream.app.live import ServeProcess
 from phasestream.callbacks import PhaseMapCallback
@@ -256,3 +257,40 @@ def test_tiled_killed_during_the_final_write_never_reads_complete_until_recovere
             assert any("Tiled failed" in e for e in md["recovered"]["live_errors"]), md
             assert_true_to_the_raw_run(client, uid, sample)
             assert serving.proc.poll() is None  # the worker kept serving
+
+
+def test_worker_started_before_tiled_waits_for_it_then_tells_systemd_it_is_ready(tmp_path):
+    """Started with (or before) Tiled, as a Procfile runner or systemd does, the worker logs that it waits
+    for Tiled, tries again with backoff, and once Tiled answers serves and sends READY=1 to NOTIFY_SOCKET."""
+    tiled = TiledServer(tmp_path / "tiled")
+    tiled.port = free_port()  # the worker's URI names the port before the server exists
+    notify_path = tmp_path / "notify.sock"
+    log_path = tmp_path / "worker.log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket, start_proxy() as proxy, \
+            log_path.open("w") as log:
+        notify_socket.bind(str(notify_path))
+        notify_socket.settimeout(120)
+        env = {**os.environ, "TILED_API_KEY": tiled.key, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
+        worker = subprocess.Popen([sys.executable, "-m", "phasestream.app.cli", "serve", "--zmq", proxy.out_address,
+                                   "--tiled", tiled.uri, "--backend", "numpy", "--no-refine"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while log_path.read_text().count(f"waiting for Tiled at {tiled.uri}") < 2:  # tried again: backoff
+                assert worker.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            tiled.start()
+            message = notify_socket.recv(4096).decode()
+            assert "READY=1" in message.splitlines(), message
+            assert '"ready": true' in log_path.read_text()
+            assert worker.poll() is None
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            if tiled.proc is not None and tiled.proc.poll() is None:
+                tiled.proc.terminate()
+                tiled.proc.wait(10)
+    text = log_path.read_text()
+    assert worker.returncode == 0, text
+    assert tiled.key not in text

@@ -111,6 +111,13 @@ def test_up_status_down_on_the_default_catalog(tmp_path, capsys):
         assert "written" in client
         assert main([*args, *_ports()]) == 2  # a second `up` on the same run folder is refused
         assert "already running" in capsys.readouterr().err
+        # people restart a component through the supervisor; it comes back healthy, counted
+        old = state["proxy"]["pid"]
+        assert main(["restart", "proxy", "--run-dir", str(run_dir)]) == 0, capsys.readouterr().err
+        assert "healthy (restart 1)" in capsys.readouterr().out
+        code, state = _status(run_dir, capsys)
+        assert code == 0 and state["proxy"]["pid"] != old and _exited(old), state
+        assert state["proxy"]["restarts"] == 1 and state["proxy"]["last_exit"] == "restart requested"
     finally:
         code, state = _status(run_dir, capsys)
         _down_is_clean(run_dir, capsys, state)
@@ -190,7 +197,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
                 time.sleep(0.5)
             _, state = _status(run_dir, capsys)
             assert state["worker"]["pid"] == pid and state["worker"]["restarts"] == 1, state["worker"]
-            uid2, sample2, live2 = _scan(client, env, seed=5)
+            _, sample2, live2 = _scan(client, env, seed=5)
             assert live2.metadata["status"] == "complete", live2.metadata["errors"]
             assert sample2.accuracy(live2["phase"].read()) > 0.9
         finally:
