@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phasestream.app.launch import DEPLOY_LITERALS, DEPLOY_VARIABLES, SERVICES, Service
+from phasestream.app.launch import DEPLOY_VARIABLES, SERVICES, Service
 from phasestream.app.stack import StackConfig, _commands, read_env
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -25,7 +25,7 @@ SYSTEMD_PREFIX = "/opt/phasestream"
 
 def _deploy_values(variable: str, *, python: str, phasestream: str, tiled_config: str) -> dict[str, str]:
     """Placeholder values of a deploy file whose variables read ``variable % NAME`` ($NAME, ${NAME})."""
-    return {"python": python, "phasestream": phasestream, "tiled_config": tiled_config, **DEPLOY_LITERALS,
+    return {"python": python, "phasestream": phasestream, "tiled_config": tiled_config,
             **{key: variable % name for key, name in DEPLOY_VARIABLES.items()}}
 
 

@@ -163,13 +163,13 @@ def test_deploy_check_against_real_postgres_and_redis(tmp_path):
         levels = _levels(deploy_check(_deploy_settings(tmp_path, PHASESTREAM_TILED_CATALOG=good,
                                                        PHASESTREAM_TILED_TABLES=pg, PHASESTREAM_REDIS=redis_uri)))
         assert levels["database tiled_catalog"] == levels["database tiled_tables"] == levels["redis"] == "ok"
-        # the password in one place: ${PHASESTREAM_DB_PASSWORD} in the URIs, as deploy/tiled/config.yml writes them
-        templated = pg.replace(f":{PASSWORD}@", ":${PHASESTREAM_DB_PASSWORD}@")
-        ok = _levels(deploy_check(_deploy_settings(tmp_path, PHASESTREAM_TILED_TABLES=templated,
-                                                   PHASESTREAM_DB_PASSWORD=PASSWORD)))
+        # the password in one place, as deploy/env/phasestream.env writes it: PGUSER/PGPASSWORD, URIs without
+        bare = "postgresql://" + pg.split("@", 1)[1]
+        ok = _levels(deploy_check(_deploy_settings(tmp_path, PHASESTREAM_TILED_TABLES=bare, PGUSER="postgres",
+                                                   PGPASSWORD=PASSWORD)))
         assert ok["database tiled_tables"] == "ok"
-        checks = deploy_check(_deploy_settings(tmp_path, PHASESTREAM_TILED_TABLES=templated,
-                                               PHASESTREAM_DB_PASSWORD="wrong" + PASSWORD))
+        checks = deploy_check(_deploy_settings(tmp_path, PHASESTREAM_TILED_TABLES=bare, PGUSER="postgres",
+                                               PGPASSWORD="wrong" + PASSWORD))
         refused = next(c for c in checks if c.name == "database tiled_tables")
         assert refused.level == "error" and "password authentication failed" in refused.detail, refused
         assert all(PASSWORD not in c.detail for c in checks)

@@ -7,7 +7,7 @@ Checks, each ``ok``, ``warning`` or ``error`` with one line for people:
 - folders: those the services write (Tiled's data folder, the OD store, the model folder) exist and
   are writable by this user, those they read (detector files, reference folders) exist;
 - PostgreSQL: Tiled's catalog and table databases accept the configured role and password
-  (asyncpg, as Tiled connects); a SQLite catalog's folder exists;
+  (``PGUSER``/``PGPASSWORD``, with asyncpg, as Tiled connects); a SQLite catalog's folder exists;
 - Redis: answers ``PING`` (redis-py, as Tiled's streaming cache);
 - ports: each address a service binds on this host is free, or already served (a running stack:
   a warning, and then Tiled must accept the key).
@@ -39,13 +39,6 @@ class Check:
     detail: str
 
 
-def _expand(uri: str, settings: Settings) -> str:
-    """``${PHASESTREAM_DB_PASSWORD}`` (and other variables) in a database URI, as Tiled expands them."""
-    password = settings.db_password.get_secret_value() if settings.db_password else ""
-    values = {**os.environ, "PHASESTREAM_DB_PASSWORD": password}
-    return re.sub(r"\$\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), uri)
-
-
 def _folders(settings: Settings) -> list[Check]:
     checks = []
     written = {"tiled_data": settings.tiled_data, "od_store": settings.od_store,
@@ -68,11 +61,14 @@ def _folders(settings: Settings) -> list[Check]:
     return checks
 
 
-async def _postgres(uri: str) -> None:
+async def _postgres(uri: str, settings: Settings) -> None:
+    """Connect as Tiled does: the role and password from ``PGUSER``/``PGPASSWORD`` unless the URI names them."""
     import asyncpg
 
     dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", uri)
-    connection = await asyncio.wait_for(asyncpg.connect(dsn, timeout=TIMEOUT), TIMEOUT + 1)
+    password = settings.db_password.get_secret_value() if settings.db_password else None
+    connection = await asyncio.wait_for(asyncpg.connect(dsn, user=settings.db_user, password=password,
+                                                        timeout=TIMEOUT), TIMEOUT + 1)
     try:
         await connection.fetchval("SELECT 1")
     finally:
@@ -95,7 +91,7 @@ def _databases(settings: Settings) -> list[Check]:
         if not uri.startswith("postgresql"):
             continue
         try:
-            asyncio.run(_postgres(_expand(uri, settings)))
+            asyncio.run(_postgres(uri, settings))
         except Exception as exc:  # noqa: BLE001 - every failure is the answer
             message = str(exc) or type(exc).__name__
             checks.append(Check(f"database {name}", "error", f"{shown}: {type(exc).__name__}: "

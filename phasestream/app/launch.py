@@ -8,8 +8,8 @@ commands from :data:`SERVICES`, and ``tests/test_launch.py`` reads the Procfile 
 A command is a template: ``{name}`` fields are filled from the deployment's values. ``up``
 fills them from its :class:`~phasestream.app.stack.StackConfig`; the deploy files with the
 variables of ``deploy/env/phasestream.env`` (:data:`DEPLOY_VARIABLES`, e.g. ``{zmq_in}`` is
-``$PHASESTREAM_ZMQ_IN``) and, for the two values that file has no variable for, the words in
-:data:`DEPLOY_LITERALS`. ``{python}`` is the installation's Python; ``{phasestream}`` the
+``$PHASESTREAM_ZMQ_IN``; every address the deploy files use has its variable there).
+``{python}`` is the installation's Python; ``{phasestream}`` the
 ``phasestream`` command (for ``up``, ``python -m phasestream.app.cli``); ``{tiled_config}``
 Tiled's configuration file (``deploy/tiled/config.yml`` in the deploy files).
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from phasestream.jobs.refine import DEFAULT_MODEL
 
-__all__ = ["DEPLOY_LITERALS", "DEPLOY_VARIABLES", "SERVICES", "Service"]
+__all__ = ["DEPLOY_VARIABLES", "SERVICES", "Service"]
 
 PYTHON = "{python}"
 PHASESTREAM = "{phasestream}"
@@ -107,7 +107,7 @@ DEPLOY_VARIABLES = {
     "models": "PHASESTREAM_MODEL_SERVER",
     "scheduler": "PHASESTREAM_DASK_SCHEDULER",
     "dask_workers": "PHASESTREAM_DASK_WORKERS",
+    "host": "PHASESTREAM_HOST",
+    "scheduler_http": "PHASESTREAM_DASK_HTTP",
 }
-# placeholder -> what the deploy files write instead: the env file has no variable for these
-DEPLOY_LITERALS = {"host": "127.0.0.1", "scheduler_http": "127.0.0.1:8787"}
 

@@ -65,8 +65,10 @@ class Settings(BaseModel):
                             description="address the Tiled server binds")
     tiled_port: int = Field(8000, validation_alias=_var("PHASESTREAM_TILED_PORT", "tiled_port"),
                             description="port the Tiled server binds")
-    db_password: SecretStr | None = Field(None, validation_alias=_var("PHASESTREAM_DB_PASSWORD", "db_password"),
-                                          description="PostgreSQL password of Tiled's catalog and tables")
+    db_user: str | None = Field(None, validation_alias=_var("PGUSER", "db_user"),
+                                description="PostgreSQL role of Tiled's catalog and tables (libpq's variable)")
+    db_password: SecretStr | None = Field(None, validation_alias=_var("PGPASSWORD", "db_password"),
+                                          description="its password, written once: the URIs carry none")
     tiled_catalog: str | None = Field(None, validation_alias=_var("PHASESTREAM_TILED_CATALOG", "tiled_catalog"),
                                       description="Tiled's catalog database (deploy/tiled/config.yml)")
     tiled_tables: str | None = Field(None, validation_alias=_var("PHASESTREAM_TILED_TABLES", "tiled_tables"),
@@ -92,6 +94,10 @@ class Settings(BaseModel):
                                        description="Dask scheduler of the post-scan jobs")
     dask_workers: int = Field(2, validation_alias=_var("PHASESTREAM_DASK_WORKERS", "dask_workers"),
                               description="Dask worker processes of the stack")
+    dask_http: str = Field("127.0.0.1:8787", validation_alias=_var("PHASESTREAM_DASK_HTTP", "dask_http"),
+                           description="the Dask scheduler's HTTP server (health, metrics)")
+    host: str = Field("127.0.0.1", validation_alias=_var("PHASESTREAM_HOST", "host"),
+                      description="address the Dask workers bind (deployment files)")
     references: str | None = Field(None, validation_alias=_var(REFERENCE_FOLDERS_ENV, "references"),
                                    description="folders whose reference files a start document may name")
     backend: str = Field("auto", validation_alias=_var(BACKEND_ENV, "backend"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phasestream.app.launch import DEPLOY_LITERALS, DEPLOY_VARIABLES, SERVICES
+from phasestream.app.launch import DEPLOY_VARIABLES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINER = ROOT / "deploy" / "container"
@@ -20,7 +20,7 @@ NAMES = tuple(s.name for s in SERVICES)
 BY_NAME = {s.name: s for s in SERVICES}
 TILED_CONFIG = "/opt/phasestream/deploy/tiled/config.yml"
 # compose fills ${NAME} from --env-file: the variables of deploy/env/phasestream.env
-COMPOSE_VALUES = {"python": "python", "phasestream": "phasestream", "tiled_config": TILED_CONFIG, **DEPLOY_LITERALS,
+COMPOSE_VALUES = {"python": "python", "phasestream": "phasestream", "tiled_config": TILED_CONFIG,
                   **{key: "${" + name + "}" for key, name in DEPLOY_VARIABLES.items()}}
 # the words before a command's first option: its program and subcommand(s)
 PROGRAMS = {"python": [sys.executable], "phasestream": [sys.executable, "-m", "phasestream.app.cli"]}

@@ -49,9 +49,10 @@ def _env_file(tmp_path: Path, pg: str, redis_uri: str) -> tuple[Path, dict[str, 
         "TILED_URI": f"http://127.0.0.1:{ports['tiled']}/api/v1",
         "TILED_API_KEY": secrets.token_hex(16),
         "PHASESTREAM_TILED_PORT": str(ports["tiled"]),
-        "PHASESTREAM_DB_PASSWORD": password,
-        "PHASESTREAM_TILED_CATALOG": f"postgresql+asyncpg://postgres:{password}@{host_port_db}",
-        "PHASESTREAM_TILED_TABLES": f"postgresql://postgres:{password}@{host_port_db}",
+        "PGUSER": "postgres",
+        "PGPASSWORD": password,  # once: the URIs carry no credentials (deploy/env/phasestream.env)
+        "PHASESTREAM_TILED_CATALOG": f"postgresql+asyncpg://{host_port_db}",
+        "PHASESTREAM_TILED_TABLES": f"postgresql://{host_port_db}",
         "PHASESTREAM_TILED_DATA": str(tmp_path / "data"),
         "PHASESTREAM_DETECTOR_FILES": str(tmp_path / "detector"),
         "PHASESTREAM_OD_STORE": str(tmp_path / "od-store"),
@@ -122,7 +123,7 @@ def test_procfile_with_honcho_comes_up_without_ordering_and_completes_a_scan(tmp
                 except subprocess.TimeoutExpired:
                     os.killpg(honcho.pid, signal.SIGKILL)
                     honcho.wait(10)
-        for secret in (values["TILED_API_KEY"], values["PHASESTREAM_DB_PASSWORD"]):
+        for secret in (values["TILED_API_KEY"], values["PGPASSWORD"]):
             leaks = [line.replace(secret, "<SECRET>")[:200] for line in log.read_text(errors="replace").splitlines()
                      if secret in line]
             assert not leaks, leaks
