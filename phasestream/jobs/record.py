@@ -45,7 +45,7 @@ def recorded_job(
         record.setdefault(name, value)  # what the work recorded wins (e.g. the strategy it chose)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     if record["status"] != "complete":
-        record["retry"] = retry
+        record.setdefault("retry", retry)  # a skip may know a better one (its details)
         logger.warning("run %s: %s %s: %s", writer.run_uid, key, record["status"], record.get("reason"))
     writer.update_metadata(**{key: record})
     return record

@@ -249,8 +249,15 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
                                 "the reference folders (PHASESTREAM_REFERENCES)")
     strategy, held_record = opts.strategy, None
     if opts.check:
-        strategy, held_record = held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
-                                                flat_latent, planes, ref_values, anchors, writer.phases)
+        try:
+            strategy, held_record = held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
+                                                    flat_latent, planes, ref_values, anchors, writer.phases)
+        except RefinementSkipped as skip:
+            # repeating the command would skip again: the retry is the one that refines anyway, unchecked
+            named = opts.strategy if opts.strategy != AUTO else "knn"
+            forced = replace(opts, strategy=skip.details.get("strategy") or named, check=False)
+            skip.details["retry"] = forced.retry_command(writer.run_uid)
+            raise
     result = refine_ambiguous(latent, phase, ambiguous, mask & np.isfinite(latent).all(axis=-1), strategy,
                               pcc=pcc, ambiguity=opts.ambiguity, anchors=anchors)
     phases = writer.phases

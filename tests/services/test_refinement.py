@@ -186,6 +186,7 @@ def test_a_skipped_refinement_leaves_no_stale_arrays(tiled_client, models):
     assert f"{held['pixels']:,} held-out pixels" in record["reason"] and "needs a gain of 1.000" in record["reason"]
     assert set(held["strategies"]) == set(STRATEGIES) and held["pcc"] is not None
     assert record["retry"].startswith("phasestream reprocess --tiled ") and record["retry"].endswith(uid)
+    assert f"--strategy {record['strategy']} --no-check" in record["retry"]  # refines anyway, if asked to
     node = tiled_client["phasestream"][uid]
     md = node.metadata
     assert md["status"] == "complete" and md["refinement"]["status"] == "skipped"
