@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from phasestream.app.cli import main
+from phasestream.models.refine import STRATEGIES
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,19 @@ def test_zmq_demo_fractions_match_ground_truth_and_leave_a_queryable_catalog(dem
         truth = np.array(list(r["true_fractions"].values()))
         assert np.abs(measured - truth).max() < 0.06  # mask edges and domain transitions differ a little
         assert r["accuracy"] > 0.98 and r["latency_s"] > 0
-        # the worker refined each run through the model-server process the demo started
-        assert r["refinement"]["status"] == "complete" and r["refinement"]["strategy"] == "knn"
-        assert sum(r["refined_fractions"].values()) == pytest.approx(sum(r["phase_fractions"].values()), abs=1e-9)
-        assert r["refined_accuracy"] > 0.98
-    assert text.count("refined (knn)") == 2
+        # the worker sent each run through the model-server process the demo started; at this dose few pixels
+        # are near the decision boundary, so the held-out check may have too few to show a gain: then skipped
+        ref = r["refinement"]
+        assert ref["requested_strategy"] == "auto" and ref["held_out"]["pixels"] >= 1
+        if ref["status"] == "complete":
+            assert ref["strategy"] in STRATEGIES and ref["held_out"]["gain"] >= 0.01
+            assert sum(r["refined_fractions"].values()) == pytest.approx(sum(r["phase_fractions"].values()),
+                                                                         abs=1e-9)
+            assert r["refined_accuracy"] > 0.98
+        else:
+            assert ref["status"] == "skipped" and "cannot check that refinement helps" in ref["reason"]
+            assert ref["held_out"]["pixels"] < 100 and r["refined_fractions"] is None and r["refined_accuracy"] is None
+            assert "refinement skipped: cannot check" in text
     assert len(list(out.glob("*_phase.png"))) == 2 and len(list(out.glob("*_pcc.png"))) == 2
     assert f"query --catalog {out / 'tiled'} --soc 2.0" in text
     # the printed query works after the demo, on the catalog it left behind

@@ -59,7 +59,7 @@ class DemoConfig:
     tiled: str | None = None
     figures: bool = True
     refine: bool = True
-    strategy: str = "knn"
+    strategy: str = "auto"
     result_timeout: float = 120.0
     tiled_uri: str | None = field(default=None, init=False, repr=False)  # set while the demo runs
 

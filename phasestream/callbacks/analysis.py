@@ -324,6 +324,7 @@ class RunAnalysis(DocumentRouter):
         return {
             "energies_eV": list(self.result.energies),
             "n_energies_seen": len(self.result.energies),
+            "reference_values": self.references.interpolate(self.result.energies).round(6).tolist(),  # (K, E)
             "phase_fractions": fr.as_dict(self.references.phases) if fr.n_particle else {},
             "ambiguous_fraction": float(fr.ambiguous) if fr.n_particle else None,
             "mean_reliability": float(rel.mean()) if rel.size else None,

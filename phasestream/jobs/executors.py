@@ -83,10 +83,14 @@ class Job:
         return JobOutcome(self.run_uid, "+".join(self.names), JobStatus.FAILED, reason=text)
 
 
+_SEVERITY = (JobStatus.COMPLETE, JobStatus.SKIPPED, JobStatus.PARTIAL, JobStatus.FAILED)
+
+
 def run_job(job: Job, context: JobContext) -> JobOutcome:
     """Run the steps of ``job`` here, in order; one outcome whose ``details["steps"]`` holds each step's.
 
-    ``status`` is ``complete`` when every step completed, else the first other step status;
+    ``status`` is ``complete`` when every step completed, else the worst step status (failed, then
+    partial, then skipped);
     ``reason`` names each step that did not complete. Exceptions propagate (an executor turns
     them into :meth:`Job.failed`; Dask retries first).
     """
@@ -100,8 +104,8 @@ def run_job(job: Job, context: JobContext) -> JobOutcome:
         if not outcome.ok:
             reasons.append(f"{name} {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
             retry = retry or outcome.retry
-            if status == JobStatus.COMPLETE:
-                status = outcome.status
+            if _SEVERITY.index(outcome.status) > _SEVERITY.index(status):
+                status = outcome.status  # a failed step outranks a skipped one, whatever the order
     return JobOutcome(job.run_uid, "+".join(job.names), status, reason="; ".join(reasons),
                       seconds=round(time.perf_counter() - t0, 3), retry=retry, details={"steps": steps})
 

@@ -29,20 +29,23 @@ def recorded_job(
 ) -> dict[str, Any]:
     """Run ``work`` (returning its record, ``status`` included) and write the record as metadata ``key``.
 
-    An exception of a ``skipped`` type becomes ``{status: skipped, reason}``, one of a ``failed``
-    type ``{status: failed, reason}``; anything else propagates (a bug, not bad input). The
-    record gets ``seconds``, ``extra`` and, unless complete, the ``retry`` command and a warning.
+    An exception of a ``skipped`` type becomes ``{status: skipped, reason}`` (with its ``details``
+    mapping, when it has one), one of a ``failed`` type ``{status: failed, reason}``; anything else
+    propagates (a bug, not bad input). The record gets ``seconds``, the ``extra`` keys it lacks
+    and, unless complete, the ``retry`` command and a warning.
     """
     t0 = time.perf_counter()
     try:
         record = work()
     except skipped as exc:
-        record = {"status": "skipped", "reason": str(exc)}
+        record = {"status": "skipped", "reason": str(exc), **getattr(exc, "details", {})}
     except failed as exc:
         record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-    record.update(extra or {}, seconds=round(time.perf_counter() - t0, 3))
+    for name, value in (extra or {}).items():
+        record.setdefault(name, value)  # what the work recorded wins (e.g. the strategy it chose)
+    record["seconds"] = round(time.perf_counter() - t0, 3)
     if record["status"] != "complete":
-        record["retry"] = retry
+        record.setdefault("retry", retry)  # a skip may know a better one (its details)
         logger.warning("run %s: %s %s: %s", writer.run_uid, key, record["status"], record.get("reason"))
     writer.update_metadata(**{key: record})
     return record

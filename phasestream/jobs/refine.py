@@ -2,22 +2,26 @@
 
 After a run's PCC result is final, :func:`refine_result` reads its OD cube, phase, ambiguity and
 mask maps back from Tiled, encodes the particle pixels' spectra through the model server
-(:class:`~phasestream.modelserver.client.ModelClient`; no TensorFlow in this process), resolves
-the ambiguous pixels in the latent space (:func:`~phasestream.models.refine.refine_ambiguous`) and
-writes ``refined_phase``, ``latent``, ``false_positive`` and the metadata ``refined_fractions``,
-``models`` and ``refinement`` into the same result.
+(:class:`~phasestream.modelserver.client.ModelClient`; no TensorFlow in this process), checks on
+held-out confident pixels that the latent space resolves ambiguity better than PCC does
+(:mod:`phasestream.models.heldout`), resolves the ambiguous pixels in the latent space
+(:func:`~phasestream.models.refine.refine_ambiguous`) and writes ``refined_phase``, ``latent``,
+``false_positive`` and the metadata ``refined_fractions``, ``models`` and ``refinement`` into the
+same result.
 
 Refinement never spoils the PCC result: when it cannot run (model server down, the run's
-energies not those of the model, no OD cube in the result) the result keeps its PCC maps and
-status and records ``refinement: {status: "skipped", reason}``; ``phasestream reprocess
---refine-only UID`` does it later (the recorded ``retry`` is the whole command). :func:`refine` is
-the plain post-scan job (tiled uri, run uid, options).
+energies not those of the model, no OD cube in the result) or cannot show that it helps (no
+strategy beats PCC on the held-out pixels by ``min_gain``), the result keeps its PCC maps and
+status and records ``refinement: {status: "skipped", reason, retry}``, and the arrays of an
+earlier refinement are removed first, so that ``refined_phase`` always belongs to the
+``refinement`` record beside it. :func:`refine` is the plain post-scan job (tiled uri, run uid,
+options).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,21 +31,39 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
-from phasestream.models.refine import STRATEGIES, refine_ambiguous
+from phasestream.models.heldout import NOISE_SCALES, HeldOut, od_noise_level, perturb_confident, score_strategies
+from phasestream.models.refine import AUTO, STRATEGIES, STRATEGY_CHOICES, refine_ambiguous
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.references import load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
 
-__all__ = ["DEFAULT_MODEL", "RefineOptions", "RefinementSkipped", "match_energies", "refine_result", "run"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "REFINEMENT_ARRAYS",
+    "RefineOptions",
+    "RefinementSkipped",
+    "held_out_check",
+    "match_energies",
+    "refine_result",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gmvae-nvpf-synthetic"
 FINAL_REFINEMENT = ("complete", "skipped", "failed")
+#: the arrays a refinement writes; removed before every refinement (never left from an earlier one)
+REFINEMENT_ARRAYS = ("refined_phase", "latent", "false_positive")
 
 
 class RefinementSkipped(RuntimeError):
-    """Refinement cannot run for this run (the reason is recorded on the result)."""
+    """Refinement cannot run, or cannot show that it helps, for this run (the reason is recorded on the
+    result; ``details`` are recorded beside it, e.g. the held-out accuracies)."""
+
+    def __init__(self, reason: str, details: dict[str, Any] | None = None):
+        super().__init__(reason)
+        self.details = dict(details or {})
 
 
 @dataclass
@@ -49,32 +71,55 @@ class RefineOptions:
     """Options of the refinement job (validated by :meth:`validate`).
 
     model, version : the GMVAE artifact (default: the highest version of ``model``)
-    strategy : one of :data:`phasestream.models.refine.STRATEGIES`; ``knn`` by default, the most
-        accurate on the simulated particles (``benchmarks/models.py``); ``mahalanobis`` is the paper's
+    strategy : ``auto`` (default: the strategy that wins the run's held-out check) or one of
+        :data:`phasestream.models.refine.STRATEGIES`; ``mahalanobis`` is the paper's
     candidates : ambiguous pixels choose among the phases within ``ambiguity`` of their best PCC
         (the phases in question) rather than among every phase
+    check : run the held-out check and refine only when the strategy beats PCC there by ``min_gain``
+        (accuracy, 0.01 = 1 point); without it the strategy is applied blindly (``auto`` needs it)
+    held_out : at most this many confident pixels are made ambiguous for the check
+    min_held_out : fewer held-out pixels than this and refinement is skipped (it cannot show it helps)
     address : the model server
     timeout : seconds to wait for each model-server reply
     energy_tolerance_eV : how far a run energy may be from the model's to count as the same
+    tiled : the Tiled URI written into the retry command (``phasestream reprocess --tiled``)
     """
 
     model: str = DEFAULT_MODEL
     version: str | None = None
-    strategy: str = "knn"
+    strategy: str = AUTO
     candidates: bool = True
+    check: bool = True
+    min_gain: float = 0.01
+    held_out: int = 2000
+    min_held_out: int = 100
+    seed: int = 0
     address: str = DEFAULT_MODEL_ADDRESS
     root: str = "phasestream"
     timeout: float = 60.0
     retries: int = 1
     energy_tolerance_eV: float = 0.05
     ambiguity: float = DEFAULT_AMBIGUITY
+    tiled: str | None = None
 
     def validate(self) -> RefineOptions:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy not in STRATEGY_CHOICES:
+            raise ValueError(f"strategy must be one of {STRATEGY_CHOICES}, got {self.strategy!r}")
+        if self.strategy == AUTO and not self.check:
+            raise ValueError("strategy 'auto' picks the winner of the held-out check: it cannot run without it")
         if self.energy_tolerance_eV <= 0 or self.timeout <= 0:
             raise ValueError("energy_tolerance_eV and timeout must be > 0")
+        if self.held_out < 1 or self.min_held_out < 1 or not -1.0 <= self.min_gain <= 1.0:
+            raise ValueError("held_out and min_held_out must be >= 1, min_gain within [-1, 1]")
         return self
+
+    def retry_command(self, run_uid: str) -> str:
+        """The whole ``phasestream reprocess`` command that repeats this refinement."""
+        tiled = f"--tiled {self.tiled} " if self.tiled else ""
+        check = f"--min-gain {self.min_gain} " if self.check else "--no-check "
+        return (f"phasestream reprocess {tiled}--root {self.root} --refine-only --models {self.address} "
+                f"--model {self.model}{f' --model-version {self.version}' if self.version else ''} "
+                f"--strategy {self.strategy} {check}{run_uid}")
 
 
 def match_energies(run_energies, model_energies, tolerance: float) -> np.ndarray:
@@ -89,7 +134,7 @@ def match_energies(run_energies, model_energies, tolerance: float) -> np.ndarray
         raise RefinementSkipped(
             f"the run's energies do not match the model's: model energies {missing} eV are not among the run's "
             f"{[round(float(e), 2) for e in run]} (tolerance {tolerance} eV); train a model for these energies "
-            "(phasestream train gmvae)")
+            "(phasestream train gmvae --tiled URI --runs UID --out DIR, then reprocess with --model NAME)")
     return index
 
 
@@ -103,6 +148,13 @@ def _model_info(client: ModelClient, opts: RefineOptions) -> dict[str, Any]:
     return models[-1]  # highest version, as the server picks it
 
 
+def _tiled_uri(tiled_client) -> str | None:
+    try:
+        return str(tiled_client.context.api_uri).rstrip("/")
+    except AttributeError:
+        return None
+
+
 def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = None, *,
                   model_client: ModelClient | None = None) -> dict[str, Any]:
     """Refine the result of ``run_uid`` in Tiled; returns the ``refinement`` metadata it wrote.
@@ -111,13 +163,50 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     or ``failed``) and returned. Raises ``KeyError`` when the run has no result at all.
     """
     opts = (options or RefineOptions()).validate()
-    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    if opts.tiled is None:
+        opts = replace(opts, tiled=_tiled_uri(tiled_client))
+    clear_refinement(ResultWriter.open(tiled_client, run_uid, root=opts.root))
+    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
     with jobs_model_client(opts, model_client) as client:
         return recorded_job(writer, "refinement", lambda: _refine(writer, client, opts),
                             skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
-                            retry=(f"phasestream reprocess --refine-only --models {opts.address} --model {opts.model} "
-                                   f"--strategy {opts.strategy} {run_uid}"),
-                            extra={"strategy": opts.strategy, "model": opts.model})
+                            retry=opts.retry_command(run_uid),
+                            extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
+                                   "model": opts.model})
+
+
+def clear_refinement(writer: ResultWriter) -> None:
+    """Remove an earlier refinement's arrays, fractions and model entry: whatever this refinement's outcome,
+    no array of another refinement stays beside its record."""
+    for name in REFINEMENT_ARRAYS:  # fixed names of the contract, never a document field
+        if name in writer.container:
+            writer.container.delete_contents(name, external_only=False)
+    md = writer.metadata
+    earlier = md.get("refinement") or {}
+    models = dict(md.get("models") or {})
+    if earlier.get("model") in models and earlier.get("status") == "complete":
+        models.pop(earlier["model"])
+    writer.update_metadata(refined_fractions={}, models=models,
+                           refinement={"status": "running", "model": earlier.get("model")})
+
+
+def _reference_values(md: dict[str, Any], energies: list[float]) -> np.ndarray | None:
+    """(K, E) reference values at the run's energies: stored in the result, else loaded by name
+    (a registered name or a file in the configured reference folders); None when neither works."""
+    k = len((md.get("references") or {}).get("phases") or [])
+    stored = md.get("reference_values")
+    if stored is not None:
+        values = np.asarray(stored, dtype=np.float64)
+        if values.shape == (k, len(energies)) or (values.ndim == 2 and values.shape[0] == k
+                                                   and values.shape[1] >= len(energies)):
+            return values[:, : len(energies)]
+    try:
+        refs = load_document_references((md.get("references") or {}).get("name"),
+                                        folders=reference_folders_from_env())
+        return refs.interpolate(energies)
+    except (ValueError, TypeError) as error:
+        logger.info("references of %s not resolvable: %s", md.get("run_uid"), error)
+        return None
 
 
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> dict[str, Any]:
@@ -139,40 +228,101 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
     mask = arrays["mask"].read().astype(bool)
     pcc = arrays["pcc"].read() if opts.candidates else None
     od = arrays["od"][:n_seen]
-    spectra = od[planes][:, mask].T  # (N, E) in the model's energy order
-    usable = np.isfinite(spectra).all(axis=1)
+    full = od[:, mask].T  # (N, E_run): the spectra PCC saw
+    spectra = full[:, planes]  # (N, E) in the model's energy order
+    usable = np.isfinite(full).all(axis=1)
     encoded = client.encode(opts.model, spectra[usable], version=info["version"]) if usable.any() else None
-    latent = np.full((*mask.shape, 3 if encoded is None else encoded.latent.shape[1]), np.nan, np.float32)
+    d = 3 if encoded is None else encoded.latent.shape[1]
+    latent = np.full((*mask.shape, d), np.nan, np.float32)
+    flat_latent = np.full((len(spectra), d), np.nan, np.float32)
     if encoded is not None:
         rows, cols = np.nonzero(mask)
         latent[rows[usable], cols[usable]] = encoded.latent
+        flat_latent[usable] = encoded.latent
+    ref_values = _reference_values(md, energies)
     anchors = None
-    if opts.strategy == "anchor":
-        from phasestream.references import load_document_references, reference_folders_from_env
-
-        # a name from the result's metadata, which came from a start document: registered names and
-        # files in the configured reference folders only
-        refs = load_document_references(md["references"]["name"], folders=reference_folders_from_env())
-        anchors = client.encode(opts.model, refs.interpolate(info["energies_eV"]).astype(np.float32),
-                                version=info["version"]).latent
-    result = refine_ambiguous(latent, phase, ambiguous, mask & np.isfinite(latent).all(axis=-1), opts.strategy,
+    if ref_values is not None:
+        anchors = client.encode(opts.model, ref_values[:, planes].astype(np.float32), version=info["version"]).latent
+    elif opts.strategy == "anchor":
+        raise RefinementSkipped(f"strategy 'anchor' needs the run's reference spectra: the result holds none and "
+                                f"{(md.get('references') or {}).get('name')!r} is neither registered nor a file in "
+                                "the reference folders (PHASESTREAM_REFERENCES)")
+    strategy, held_record = opts.strategy, None
+    if opts.check:
+        try:
+            strategy, held_record = held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
+                                                    flat_latent, planes, ref_values, anchors, writer.phases)
+        except RefinementSkipped as skip:
+            # repeating the command would skip again: the retry is the one that refines anyway, unchecked
+            named = opts.strategy if opts.strategy != AUTO else "knn"
+            forced = replace(opts, strategy=skip.details.get("strategy") or named, check=False)
+            skip.details["retry"] = forced.retry_command(writer.run_uid)
+            raise
+    result = refine_ambiguous(latent, phase, ambiguous, mask & np.isfinite(latent).all(axis=-1), strategy,
                               pcc=pcc, ambiguity=opts.ambiguity, anchors=anchors)
     phases = writer.phases
     fractions = phase_fractions(result.refined_phase, mask, n_phases=len(phases))
     writer.write_maps(refined_phase=result.refined_phase, latent=latent,
                       false_positive=result.false_positive.astype(np.uint8))
     n_mask = max(int(mask.sum()), 1)
-    models = dict(md.get("models") or {})
+    models = dict(writer.metadata.get("models") or {})
     models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
     writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
     return {
         "status": "complete",
+        "strategy": strategy,
         "candidates": bool(opts.candidates),
         "version": info["version"],
+        "held_out": held_record,
         "reassigned_fraction": float(result.reassigned.sum() / n_mask),
         "false_positive_fraction": float(result.false_positive.sum() / n_mask),
         "unencoded_pixels": int((~usable).sum()),
     }
+
+
+def held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable, flat_latent, planes,
+                    ref_values, anchors, phases) -> tuple[str, dict[str, Any]]:
+    """The strategy to apply and the ``held_out`` record; raises RefinementSkipped when none beats PCC.
+
+    ``od`` (E_run, Y, X), ``mask``, ``phase`` and ``ambiguous`` (Y, X) are the result's maps; ``full``
+    (N, E_run) the particle spectra (mask order), ``usable`` (N,) those encoded, ``flat_latent`` (N, D)
+    their latent points, ``planes`` the run energies of the model's, ``ref_values`` (K, E_run) and
+    ``anchors`` (K, D) the references, ``phases`` their names. ``client.encode`` encodes the perturbed
+    spectra (a ModelClient, or anything with its ``encode``).
+    """
+    if ref_values is None:
+        raise RefinementSkipped("cannot check that refinement helps: the run's reference spectra are neither in "
+                                "the result nor resolvable by name (rerun with --no-check to refine unchecked)")
+    labels = phase[mask]
+    sure = usable & ~ambiguous[mask] & (labels >= 0) & np.isfinite(flat_latent).all(axis=1)
+    sure_idx = np.flatnonzero(sure)
+    sigma = od_noise_level(od, mask)
+    held: HeldOut = perturb_confident(full[sure_idx], labels[sure_idx], ref_values, sigma, ambiguity=opts.ambiguity,
+                                      n_max=opts.held_out, seed=opts.seed)
+    pcc_acc = held.pcc_accuracy
+    record: dict[str, Any] = {"pixels": len(held), "pcc": None if not len(held) else round(pcc_acc, 4),
+                              "strategies": {}, "min_gain": opts.min_gain,
+                              "noise_scales": sorted({float(x) for x in held.scale})}
+    if len(held) < opts.min_held_out:
+        raise RefinementSkipped(
+            f"cannot check that refinement helps: only {len(held)} confident pixels became ambiguous with up to "
+            f"{max(NOISE_SCALES)}x the run's noise added (at least {opts.min_held_out} needed)", {"held_out": record})
+    latent_held = client.encode(opts.model, held.spectra[:, planes].astype(np.float32), version=info["version"]).latent
+    tried = STRATEGIES if opts.strategy == AUTO else (opts.strategy,)
+    scores = score_strategies(flat_latent[sure_idx], labels[sure_idx], held.index, latent_held, held, tried,
+                              ambiguity=opts.ambiguity, candidates=opts.candidates, anchors=anchors)
+    record["strategies"] = {k: round(v, 4) for k, v in scores.items()}
+    best = max(scores, key=lambda k: (scores[k], -tried.index(k)))
+    record["gain"] = round(scores[best] - pcc_acc, 4)
+    if scores[best] - pcc_acc < opts.min_gain:
+        pair = held.confused_pair()
+        what = f"{phases[pair[0]]} from {phases[pair[1]]}" if pair else "the phases"
+        raise RefinementSkipped(
+            f"latent space does not separate {what} on this run: {best} {scores[best]:.3f} vs PCC {pcc_acc:.3f} on "
+            f"{len(held):,} held-out pixels (needs a gain of {opts.min_gain:.3f}); PCC phases kept",
+            {"held_out": record, "strategy": best})
+    logger.info("held-out check: %s %.3f vs PCC %.3f on %d pixels", best, scores[best], pcc_acc, len(held))
+    return best, record
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:

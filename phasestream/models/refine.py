@@ -26,10 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["STRATEGIES", "LatentClusters", "Refinement", "latent_clusters", "mahalanobis_squared",
-           "refine_ambiguous"]
+__all__ = ["AUTO", "STRATEGIES", "STRATEGY_CHOICES", "LatentClusters", "Refinement", "latent_clusters",
+           "mahalanobis_squared", "refine_ambiguous"]
 
 STRATEGIES = ("mahalanobis", "anchor", "knn", "centroid")
+#: the refinement job's choice: the strategy that wins the run's held-out check (docs/models.md)
+AUTO = "auto"
+STRATEGY_CHOICES = (AUTO, *STRATEGIES)
 
 
 @dataclass

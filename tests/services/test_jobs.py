@@ -155,7 +155,7 @@ def test_reprocess_command_in_process_and_query(tiled_server, runs, capsys):
                  "--backend", "numpy", "--replace"])
     out = capsys.readouterr().out
     assert code == 0
-    assert f"{good[0]}: complete" in out and "1 of 1 runs complete, 0 failed" in out
+    assert f"{good[0]}: complete" in out and "1 of 1 runs complete, 0 skipped, 0 failed" in out
 
 
 def test_query_and_reprocess_use_the_stack_configuration(tiled_server, runs, capsys, monkeypatch, tmp_path):
@@ -177,3 +177,15 @@ def test_query_and_reprocess_use_the_stack_configuration(tiled_server, runs, cap
     # --catalog DIR still means a catalog of its own: an embedded server, not TILED_URI
     assert main(["query", "--catalog", str(tmp_path / "catalog"), "--soc", "1.0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_reprocess_of_several_runs_stays_in_process_without_a_scheduler(tiled_server, runs, capsys, monkeypatch):
+    """No --scheduler, no PHASESTREAM_DASK_SCHEDULER, no --workers: no LocalCluster, whatever the number of runs."""
+    from phasestream.app.cli import main
+
+    good, _ = runs
+    monkeypatch.delenv("PHASESTREAM_DASK_SCHEDULER", raising=False)
+    code = main(["reprocess", "--tiled", tiled_server.uri, good[0], good[2], "--backend", "numpy", "--replace"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2 of 2 runs complete, 0 skipped, 0 failed" in out and out.rstrip().endswith("in process"), out

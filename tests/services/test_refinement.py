@@ -13,8 +13,9 @@ from phasestream.app.live import LiveService
 from phasestream.app.process import ModelServerProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.jobs.refine import RefineOptions, match_energies, refine_result
+from phasestream.models.refine import STRATEGIES
 from phasestream.models.registry import ModelRegistry
-from phasestream.references import load_references, select_energies
+from phasestream.references import ReferenceSet, load_references, select_energies, write_references
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import wait_for_refinement
 from phasestream.store.tiled import raw_run_writer
@@ -60,6 +61,12 @@ def test_refinement_resolves_ambiguous_pixels_against_ground_truth(tiled_client,
     uid = _scan(tiled_client, sample, dose=2000.0, seed=seed + 10)
     record = refine_result(tiled_client, uid, RefineOptions(address=models.address))
     assert record["status"] == "complete", record
+    # --strategy auto: the held-out check tried every strategy and applied the winner, by a margin
+    held = record["held_out"]
+    assert record["requested_strategy"] == "auto" and set(held["strategies"]) == set(STRATEGIES)
+    assert record["strategy"] == max(held["strategies"], key=held["strategies"].get)
+    assert held["pixels"] >= 1000 and held["gain"] >= 0.01
+    assert held["strategies"][record["strategy"]] - held["pcc"] == pytest.approx(held["gain"], abs=1e-3)
     node = tiled_client["phasestream"][uid]
     md = node.metadata
     phase, refined = node["phase"].read(), node["refined_phase"].read()
@@ -71,6 +78,7 @@ def test_refinement_resolves_ambiguous_pixels_against_ground_truth(tiled_client,
     assert amb.sum() / good.sum() >= 0.15
     pcc_amb = np.mean(phase[amb] == sample.phase[amb])
     refined_amb = np.mean(refined[amb] == sample.phase[amb])
+    print(f"soc {soc}: held-out {held}")
     print(f"soc {soc}: ambiguous {100 * ambiguous[mask].mean():.1f}% of particle; accuracy on ambiguous "
           f"PCC {pcc_amb:.3f} -> refined {refined_amb:.3f}; overall {sample.accuracy(phase):.4f} -> "
           f"{sample.accuracy(refined):.4f}")
@@ -94,9 +102,10 @@ def test_model_server_down_skips_and_reprocess_refines_later(tiled_client, tiled
     node = tiled_client["phasestream"][uid]
     assert record["status"] == "skipped" and "no reply from the model server" in record["reason"]
     assert node.metadata["status"] == "complete"  # the PCC result is untouched
-    retry = node.metadata["refinement"]["retry"]  # a whole command, the model server's address included
-    assert retry == f"phasestream reprocess --refine-only --models tcp://127.0.0.1:1 --model {down.model} " \
-                    f"--strategy {down.strategy} {uid}"
+    retry = node.metadata["refinement"]["retry"]  # a whole command: Tiled and the model server included
+    tiled_uri = str(tiled_client.context.api_uri).rstrip("/")
+    assert retry == (f"phasestream reprocess --tiled {tiled_uri} --root phasestream --refine-only --models "
+                     f"tcp://127.0.0.1:1 --model {down.model} --strategy auto --min-gain 0.01 {uid}")
     assert "refined_phase" not in node
     code = cli_main(["reprocess", "--refine-only", uid, "--tiled", tiled_server.uri, "--models", models.address])
     assert code == 0
@@ -105,12 +114,21 @@ def test_model_server_down_skips_and_reprocess_refines_later(tiled_client, tiled
     assert node["refined_phase"].read().shape == (64, 64)
 
 
-def test_energies_not_matching_the_model_are_skipped_with_reason(tiled_client, models):
+def test_energies_not_matching_the_model_are_skipped_with_reason(tiled_client, tiled_server, models, capsys):
     sample = make_sample((48, 48), state_of_charge=2.0, seed=6, n_particles=1)
     uid = _scan(tiled_client, sample, energies=select_energies(REFS, 6))
     record = refine_result(tiled_client, uid, RefineOptions(address=models.address))
     assert record["status"] == "skipped" and "do not match the model's" in record["reason"]
     assert tiled_client["phasestream"][uid].metadata["status"] == "complete"
+    # the command: skipped is not failed (exit status 3, docs/cli.md), the reason and the retry on stdout
+    capsys.readouterr()
+    code = cli_main(["reprocess", "--refine-only", uid, "--tiled", tiled_server.uri, "--models", models.address])
+    out, err = capsys.readouterr()
+    assert code == 3, (out, err)
+    assert f"{uid}: skipped: refine skipped: the run's energies do not match the model's" in out
+    retry = tiled_client["phasestream"][uid].metadata["refinement"]["retry"]
+    assert f"  retry: {retry}" in out and retry.startswith("phasestream reprocess --tiled http")
+    assert "0 of 1 runs complete, 1 skipped, 0 failed" in out and "in process" in out
 
 
 def test_result_without_od_cube_is_skipped_with_reason(tiled_client, models):
@@ -121,13 +139,15 @@ def test_result_without_od_cube_is_skipped_with_reason(tiled_client, models):
 
 
 def test_live_service_refines_after_stop(tiled_client, models):
-    service = LiveService(tiled_client, backend="numba", refine=RefineOptions(address=models.address))
+    # the worker's part, not the check's (tested above): a named strategy, unchecked
+    service = LiveService(tiled_client, backend="numba",
+                          refine=RefineOptions(address=models.address, strategy="knn", check=False))
     sample = make_sample((64, 64), state_of_charge=1.0, seed=8, n_particles=2)
     uid = _scan(tiled_client, sample, callback=service)
     node = wait_for_refinement(tiled_client, uid, timeout=120)
     service.close()
     assert node.metadata["refinement"]["status"] == "complete"
-    assert node.metadata["refinement"]["strategy"] == "knn"
+    assert node.metadata["refinement"]["strategy"] == "knn" and node.metadata["refinement"]["held_out"] is None
     assert set(node.metadata["refined_fractions"]) == set(REFS.phases)
 
 
@@ -149,3 +169,59 @@ def test_live_path_never_imports_tensorflow():
             "phasestream.models.registry; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_skipped_refinement_leaves_no_stale_arrays(tiled_client, models):
+    """A refinement that skips (here: it cannot show a gain of 100 points) removes the arrays, fractions and
+    model entry of the earlier complete one, and records its held-out figures."""
+    sample = make_sample((128, 128), state_of_charge=2.0, seed=1, n_particles=2)
+    uid = _scan(tiled_client, sample, dose=2000.0, seed=11)
+    first = refine_result(tiled_client, uid, RefineOptions(address=models.address))
+    assert first["status"] == "complete", first
+    node = tiled_client["phasestream"][uid]
+    assert "refined_phase" in node and MODEL in node.metadata["models"] and node.metadata["refined_fractions"]
+    record = refine_result(tiled_client, uid, RefineOptions(address=models.address, min_gain=1.0))
+    held = record["held_out"]
+    assert record["status"] == "skipped", record
+    assert f"{held['pixels']:,} held-out pixels" in record["reason"] and "needs a gain of 1.000" in record["reason"]
+    assert set(held["strategies"]) == set(STRATEGIES) and held["pcc"] is not None
+    assert record["retry"].startswith("phasestream reprocess --tiled ") and record["retry"].endswith(uid)
+    assert f"--strategy {record['strategy']} --no-check" in record["retry"]  # refines anyway, if asked to
+    node = tiled_client["phasestream"][uid]
+    md = node.metadata
+    assert md["status"] == "complete" and md["refinement"]["status"] == "skipped"
+    assert not {"refined_phase", "latent", "false_positive"} & set(node)
+    assert md["refined_fractions"] == {} and MODEL not in md["models"]
+
+
+def test_anchor_strategy_with_references_from_a_csv_file(tiled_client, models, tmp_path, monkeypatch):
+    """References from a CSV file that is nowhere the job could find again: the result carries their values."""
+    monkeypatch.delenv("PHASESTREAM_REFERENCES", raising=False)
+    refs = ReferenceSet(REFS.energies, REFS.phases, REFS.spectra, name="beamtime-refs", metadata=REFS.metadata)
+    path = write_references(refs, tmp_path / "beamtime-refs.csv")
+    sample = make_sample((96, 96), state_of_charge=1.0, seed=9, n_particles=2)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled_client))
+    cb = PhaseMapCallback(tiled_client, backend="numba", references=str(path))
+    RE.subscribe(cb)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, name="det", i0=2000.0, seed=3)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+    assert cb.flush(60)
+    cb.close()
+    path.unlink()
+    path.with_suffix(".yaml").unlink()
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["references"]["name"] == "beamtime-refs"
+    np.testing.assert_allclose(node.metadata["reference_values"], REFS.interpolate(ENERGIES), atol=1e-6)
+    record = refine_result(tiled_client, uid, RefineOptions(address=models.address, strategy="anchor", check=False))
+    assert record["status"] == "complete" and record["strategy"] == "anchor", record
+    assert record["held_out"] is None
+    node = tiled_client["phasestream"][uid]
+    refined, phase = node["refined_phase"].read(), node["phase"].read()
+    mask, ambiguous = node["mask"].read().astype(bool), node["ambiguous"].read().astype(bool)
+    assert (refined[mask] >= 0).all()
+    np.testing.assert_array_equal(refined[mask & ~ambiguous], phase[mask & ~ambiguous])
+    # anchor gives every ambiguous pixel a phase from the latent space
+    assert record["reassigned_fraction"] == pytest.approx(node.metadata["ambiguous_fraction"], abs=1e-6)
+    assert record["reassigned_fraction"] > 0.01

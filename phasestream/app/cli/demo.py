@@ -8,7 +8,7 @@ import time
 
 from phasestream.app.demo import DemoConfig, RunSummary, run_demo
 from phasestream.kernels.backend import BACKENDS
-from phasestream.models.refine import STRATEGIES
+from phasestream.models.refine import AUTO, STRATEGY_CHOICES
 
 __all__ = ["add_parser", "run"]
 
@@ -50,8 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--tiled", metavar="URI", default=None, help="use this Tiled server instead of an embedded one")
     demo.add_argument("--no-figures", action="store_true")
     demo.add_argument("--no-refine", action="store_true", help="no model server, no GMVAE refinement")
-    demo.add_argument("--strategy", choices=STRATEGIES, default="knn",
-                      help="latent-space assignment of ambiguous pixels (default knn)")
+    demo.add_argument("--strategy", choices=STRATEGY_CHOICES, default=AUTO,
+                      help="latent-space assignment of ambiguous pixels (default auto: the winner of each run's "
+                           "held-out check)")
     demo.add_argument("--json", action="store_true", help="also print the results as JSON")
 
 

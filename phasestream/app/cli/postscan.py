@@ -7,7 +7,7 @@ import argparse
 from phasestream.jobs.enhance import EnhanceOptions
 from phasestream.jobs.methods import MethodsOptions
 from phasestream.jobs.refine import DEFAULT_MODEL, RefineOptions
-from phasestream.models.refine import STRATEGIES
+from phasestream.models.refine import AUTO, STRATEGY_CHOICES
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
 
 __all__ = ["add_refine_options", "enhance_options", "methods_base", "model_address", "refine_options"]
@@ -22,15 +22,21 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--indi-model", default="indi-particles-synthetic",
                         help="InDI artifact for enhancement (default indi-particles-synthetic)")
     parser.add_argument("--steps", type=int, default=None, help="InDI steps (default: the artifact's)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="knn",
-                        help="how ambiguous pixels get a phase in the latent space (default knn: the most accurate "
-                             "on the simulated benchmarks; mahalanobis is the paper's)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default=AUTO,
+                        help="how ambiguous pixels get a phase in the latent space (default auto: the strategy that "
+                             "wins the run's held-out check; mahalanobis is the paper's)")
+    parser.add_argument("--min-gain", type=float, default=0.01, metavar="ACC",
+                        help="refine only when the strategy beats PCC on held-out pixels by this accuracy "
+                             "(default 0.01: one point)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="no held-out check: apply --strategy (not auto) without showing that it helps")
 
 
 def refine_options(args: argparse.Namespace) -> RefineOptions:
     """The GMVAE refinement of the options added by :func:`add_refine_options`."""
     return RefineOptions(model=args.model, version=args.model_version, strategy=args.strategy,
-                         address=model_address(args), root=args.root).validate()
+                         min_gain=args.min_gain, check=not args.no_check, address=model_address(args),
+                         root=args.root, tiled=getattr(args, "tiled", None) or None).validate()
 
 
 def model_address(args: argparse.Namespace) -> str:

@@ -1,8 +1,13 @@
 """``phasestream reprocess``: recompute results, and run post-scan jobs, from raw runs already in Tiled.
 
-One :class:`~phasestream.jobs.executors.Job` per run: in this process, or on Dask (a named
-scheduler, or a LocalCluster for two runs or more). ``--split N`` spreads a run's enhancement and
-LCF over N Dask tasks, after the per-run jobs.
+One :class:`~phasestream.jobs.executors.Job` per run: in this process, or on Dask when a scheduler
+is named (``--scheduler``, ``PHASESTREAM_DASK_SCHEDULER``) or ``--workers N`` / ``--split N`` asks
+for a LocalCluster. ``--split N`` spreads a run's enhancement and LCF over N Dask tasks, after the
+per-run jobs.
+
+Exit status (docs/cli.md): :data:`EXIT_COMPLETE` every run complete, :data:`EXIT_FAILED` a run
+failed, :data:`EXIT_SKIPPED` none failed but a step was skipped (e.g. a refinement that could not
+show it helps); 2 a refused request, as every command.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from phasestream.jobs.split import SplitStep, run_split_steps, split_steps
 from phasestream.kernels.backend import BACKENDS
 from phasestream.store.catalog import find_raw_runs
 
-__all__ = ["add_parser", "run"]
+__all__ = ["EXIT_COMPLETE", "EXIT_FAILED", "EXIT_SKIPPED", "add_parser", "run"]
+
+EXIT_COMPLETE = 0
+EXIT_FAILED = 1
+EXIT_SKIPPED = 3  # 2 is a refused request (argparse and run_reporting_errors)
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep = subparsers.add_parser("reprocess", help="recompute results from raw runs already in Tiled")
@@ -40,11 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--query", action="append", metavar="KEY=VALUE",
                      help="every raw run whose start document has KEY (dotted) equal to VALUE; repeatable")
     rep.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                     help="Dask scheduler, e.g. tcp://HOST:8786 (default $PHASESTREAM_DASK_SCHEDULER, else a "
-                          "LocalCluster on this host for 2 runs or more); 'none': in this process")
+                     help="Dask scheduler, e.g. tcp://HOST:8786 (default $PHASESTREAM_DASK_SCHEDULER, else in "
+                          "this process unless --workers N or --split N asks for a LocalCluster); 'none': here")
     rep.add_argument("--in-process", action="store_true", help="no Dask: the runs one after the other here")
     rep.add_argument("--workers", type=int, default=None,
-                     help="LocalCluster worker processes (default: the number of cores, at most 4)")
+                     help="run on a LocalCluster of N worker processes on this host (default: in this process)")
     rep.add_argument("--retries", type=int, default=2, help="Dask retries of a failed run (default 2)")
     rep.add_argument("--split", type=int, default=1, metavar="N",
                      help="spread each run's --enhance (chunks of energies) and --method lcf (row bands) over N "
@@ -76,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("reprocess needs run uids, --soc X or --query KEY=VALUE")
     scheduler = args.settings.dask_scheduler if args.scheduler is None else args.scheduler
     scheduler = scheduler or None
-    in_process = args.in_process or (scheduler or "").lower() == "none"
+    # a cluster only when asked for: a named scheduler, --workers N, or --split N (which needs Dask)
+    in_process = (args.in_process or (scheduler or "").lower() == "none"
+                  or (not scheduler and args.workers is None and args.split <= 1))
     if scheduler and not in_process and not tiled_uri(args):
         raise ValueError(SCHEDULER_NEEDS_TILED)
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
@@ -95,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
             if in_process:
                 raise ValueError("--split N spreads one run over Dask workers: it needs Dask (not --in-process)")
             jobs, split = split_steps(jobs)
-        # one run gains nothing from a cluster: it runs here unless a scheduler is named
-        if in_process or (len(jobs) == 1 and not scheduler and not split):
+        if in_process:
             report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=_print_job)
             where = "in process"
         else:
@@ -107,12 +117,14 @@ def run(args: argparse.Namespace) -> int:
                 run_split_steps(dask, split, uri, report, parts=args.split, api_key=api_key,
                                 retries=args.retries, on_done=_print_job)
     n_runs = len({*(j.run_uid for j in jobs), *(uid for uid, _, _ in split)})
+    skipped = [o for o in report.failures if o["status"] == "skipped"]
+    n_failed = len(report.failures) - len(skipped)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
-        print(f"{len(report.successes)} of {n_runs} runs complete, {len(report.failures)} failed, "
+        print(f"{len(report.successes)} of {n_runs} runs complete, {len(skipped)} skipped, {n_failed} failed, "
               f"in {report.seconds:.1f} s {where}")
-    return 0 if report.ok else 1
+    return EXIT_FAILED if n_failed else EXIT_SKIPPED if skipped else EXIT_COMPLETE
 
 
 def _query_pairs(pairs: list[str] | None) -> dict:
@@ -146,10 +158,15 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list[Job]:
 
 
 def _print_job(outcome: dict) -> None:
-    """One line per run: ``UID: complete (step status, ...)`` or ``UID: failed: reason`` on stderr."""
+    """One line per run: ``UID: complete (step status, ...)``; ``UID: skipped: reason`` and its retry command on
+    stdout (a skip is an outcome, not an error); ``UID: failed: reason`` and its retry command on stderr."""
     steps = outcome.get("details", {}).get("steps") or {}
     detail = ", ".join(f"{name} {step.get('status')}" for name, step in steps.items())
-    if outcome["status"] == "complete":
+    status = outcome["status"]
+    if status == "complete":
         print(f"{outcome['run_uid']}: complete" + (f" ({detail})" if len(steps) > 1 else ""), flush=True)
-    else:
-        print(f"{outcome['run_uid']}: failed: {outcome.get('reason') or detail}", file=sys.stderr, flush=True)
+        return
+    out = sys.stdout if status == "skipped" else sys.stderr
+    print(f"{outcome['run_uid']}: {status}: {outcome.get('reason') or detail}", file=out, flush=True)
+    if outcome.get("retry"):
+        print(f"  retry: {outcome['retry']}", file=out, flush=True)
