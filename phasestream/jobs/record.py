@@ -31,8 +31,9 @@ def recorded_job(
 
     An exception of a ``skipped`` type becomes ``{status: skipped, reason}`` (with its ``details``
     mapping, when it has one), one of a ``failed`` type ``{status: failed, reason}``; anything else
-    propagates (a bug, not bad input). The record gets ``seconds``, the ``extra`` keys it lacks
-    and, unless complete, the ``retry`` command and a warning.
+    (a bug, not bad input) is recorded as ``failed`` with ``internal error: ...`` and propagates.
+    The record gets ``seconds``, the ``extra`` keys it lacks and, unless complete, the ``retry``
+    command and a warning.
     """
     t0 = time.perf_counter()
     try:
@@ -41,6 +42,12 @@ def recorded_job(
         record = {"status": "skipped", "reason": str(exc), **getattr(exc, "details", {})}
     except failed as exc:
         record = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:  # a bug: raised on, but the record is final (never left `running`)
+        with contextlib.suppress(Exception):
+            writer.update_metadata(**{key: {"status": "failed", "reason": f"internal error: {type(exc).__name__}: "
+                                                                           f"{exc}", "retry": retry,
+                                            "seconds": round(time.perf_counter() - t0, 3)}})
+        raise
     for name, value in (extra or {}).items():
         record.setdefault(name, value)  # what the work recorded wins (e.g. the strategy it chose)
     record["seconds"] = round(time.perf_counter() - t0, 3)
