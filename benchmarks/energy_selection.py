@@ -8,6 +8,8 @@ energies plus the first (pre-edge) energy of the grid:
 
 * ``selected``: ``select_energies(refs, n, dose=dose)`` (method ``pcc``, the default)
 * ``score``: ``select_energies(refs, n, method="score")``, the earlier whole-grid ranking (before)
+* ``score_edge_cut``: the same ranking on the references cut to the edge region (low - 20 eV
+  ... high + 100 eV), the manual workaround
 * ``uniform``: ``n`` energies evenly spaced over ``edge_region(refs, dose=dose)``
 * ``random_best`` / ``random_median``: the best and the median of ``--subsets`` random subsets of
   the grid energies in the edge region (the best is optimistic: it is chosen on the same noise)
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phasestream.references import edge_region, load_references, select_energies
+from phasestream.references import ReferenceSet, edge_region, load_references, select_energies
 from phasestream.sim.pixels import noisy_pixel_od, pcc_accuracy
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -38,6 +40,11 @@ SETS = ("fe-k-edge", "au-l3-edge", "ni-k-edge")
 
 def measured_sets() -> dict:
     return {name: load_references(sorted((DATA / name).glob("ref_*.txt"))) for name in SETS}
+
+
+def cut(refs: ReferenceSet, low: float, high: float) -> ReferenceSet:
+    keep = (refs.energies >= low) & (refs.energies <= high)
+    return ReferenceSet(refs.energies[keep], refs.phases, refs.spectra[:, keep], name=f"{refs.name} cut")
 
 
 def score(refs, energies, labels, dose, seed) -> dict:
@@ -69,6 +76,7 @@ def main() -> None:
             sets = {
                 "selected": chosen,
                 "score": select_energies(refs, args.n, method="score"),
+                "score_edge_cut": select_energies(cut(refs, low - 20.0, high + 100.0), args.n, method="score"),
                 "uniform": np.concatenate([[e[0]], np.linspace(low, high, args.n)]),
             }
             row = {key: score(refs, energies, labels, dose, args.seed) for key, energies in sets.items()}
