@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,16 @@ def test_references_command_selects_energies(capsys):
     assert main(["references", "nvpf-synthetic", "--select", "12"]) == 0
     out = capsys.readouterr().out
     assert "5 phases" in out and "13 energies (eV): 505.00" in out
+    assert "predicted separation at 300 counts/px" in out and "Na2.0 / Na1.0" in out
+
+
+def test_references_command_plans_for_a_dose(capsys):
+    files = sorted(str(p) for p in (Path(__file__).parent / "data" / "fe-k-edge").glob("ref_*.txt"))
+    assert main(["references", *files, "--select", "6", "--dose", "3000"]) == 0
+    out = capsys.readouterr().out
+    assert "7 energies (eV): 6966.90" in out and "at 3000 counts/px" in out and "Fe2O3 / FeO" in out
+    assert main(["references", "nvpf-synthetic", "--select", "4", "--dose", "0"]) == 2
+    assert "dose" in capsys.readouterr().err
 
 
 def test_reprocess_of_unknown_run_reports_failure(capsys, tmp_path):

@@ -90,9 +90,9 @@ def test_energy_outside_range_is_an_error_naming_energy_and_range():
         refs.interpolate(np.nan)
 
 
-def test_select_energies_spreads_picks_and_adds_pre_edge():
+def test_score_selection_spreads_picks_and_adds_pre_edge():
     refs = load_references("nvpf-synthetic")
-    e = select_energies(refs, 12)
+    e = select_energies(refs, 12, method="score")
     assert len(e) == 13 and e[0] == 505.0 and np.all(np.diff(e) > 0)
     assert np.min(np.diff(e[1:])) >= (35.0 / 48) - 1e-9
     assert set(e) <= set(refs.energies)
@@ -105,6 +105,7 @@ def test_select_energies_spreads_picks_and_adds_pre_edge():
         v = refs.subset(["Na2.0", "Na1.0"]).interpolate(energies)
         return 1.0 - np.corrcoef(v)[0, 1]
     assert gap(e) > gap(np.linspace(505.0, 540.0, 13))
+    assert gap(select_energies(refs, 12)) > gap(np.linspace(505.0, 540.0, 13))  # the default (pcc) too
 
 
 def test_select_energies_refuses_impossible_spacing():

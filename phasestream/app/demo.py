@@ -138,7 +138,7 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
 
     cfg = (config or DemoConfig()).validate()
     refs = load_references(cfg.references)
-    energies = select_energies(refs, cfg.n_energies)
+    energies = select_energies(refs, cfg.n_energies, method="score")  # the pretrained GMVAE's energies
     summaries = []
     with contextlib.ExitStack() as stack:
         if not cfg.tiled:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
+from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
 from phasestream.kernels.backend import resolve_backend, to_numpy
 
@@ -122,14 +122,21 @@ def particle_mask(
     threshold: float | None = None,
     min_od: float = 0.05,
     min_size: int = 9,
+    rims: bool = True,
+    background_sigmas: float = 4.0,
 ) -> np.ndarray:
     """Particle mask from an OD stack (E, Y, X) or an OD map (Y, X).
 
     The stack is reduced to the per-pixel mean OD over energies (NaN-aware). Pixels above
     ``threshold`` are particle; without a threshold, Otsu's threshold of the mean OD is used,
     but never below ``min_od`` (so an empty field, or one of thin substrate, yields no
-    particle). Connected regions smaller than ``min_size`` pixels are dropped (noise). Pixels
-    whose OD is NaN at every energy are never particle.
+    particle). With ``rims`` (and no explicit ``threshold``) the mask then grows by hysteresis
+    (:func:`skimage.filters.apply_hysteresis_threshold`): pixels connected to those above
+    Otsu's threshold are kept down to ``background_sigmas`` noise standard deviations above the
+    background (median and MAD of the mean OD below Otsu's threshold), so the thin rims of
+    particles, whose mean OD falls below Otsu's threshold, stay in the mask while isolated
+    noise does not. Connected regions smaller than ``min_size`` pixels are dropped (noise).
+    Pixels whose OD is NaN at every energy are never particle.
 
     Returns
     -------
@@ -147,11 +154,20 @@ def particle_mask(
     finite = np.isfinite(level)
     if not finite.any():
         return np.zeros(level.shape, bool)
+    filled = np.where(finite, level, -np.inf)
+    low = None
     if threshold is None:
         values = level[finite]
         t = threshold_otsu(values) if values.min() < values.max() else values.max()
         threshold = max(float(t), min_od)
-    mask = finite & (np.where(finite, level, -np.inf) > threshold)
+        background = values[values <= threshold]
+        if rims and background.size >= 16:
+            centre = float(np.median(background))
+            spread = 1.4826 * float(np.median(np.abs(background - centre)))
+            low = centre + background_sigmas * spread
+    mask = finite & (filled > threshold)
+    if low is not None and low < threshold and mask.any():
+        mask = finite & apply_hysteresis_threshold(np.where(finite, level, low - 1.0), low, threshold)
     if min_size > 1 and mask.any():
         labels, _ = ndimage.label(mask)
         sizes = np.bincount(labels.ravel())

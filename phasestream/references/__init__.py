@@ -20,8 +20,18 @@ tests, benchmarks) and opens any path it is given.
 """
 
 from phasestream.references import files as _files
+from phasestream.references import selection as _selection
 from phasestream.references import spectra as _spectra
 from phasestream.references.files import load_document_references, load_references, reference_folders_from_env
+from phasestream.references.selection import (
+    DEFAULT_DOSE,
+    SELECTION_METHODS,
+    Separation,
+    edge_region,
+    flat_energies,
+    predicted_separation,
+    select_energies,
+)
 from phasestream.references.spectra import (
     DEFAULT_MAX_REFERENCE_BYTES,
     REFERENCE_FOLDERS_ENV,
@@ -32,8 +42,7 @@ from phasestream.references.spectra import (
     discrimination_score,
     register_references,
     registered_references,
-    select_energies,
     write_references,
 )
 
-__all__ = [*_spectra.__all__, *_files.__all__]
+__all__ = [*_spectra.__all__, *_selection.__all__, *_files.__all__]

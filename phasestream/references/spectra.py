@@ -1,4 +1,7 @@
-"""Reference spectra: the :class:`ReferenceSet`, its errors, the registry of named sets, energy selection."""
+"""Reference spectra: the :class:`ReferenceSet`, its errors, the registry of named sets, the discrimination score.
+
+Energy selection is in :mod:`phasestream.references.selection`.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ __all__ = [
     "discrimination_score",
     "register_references",
     "registered_references",
-    "select_energies",
     "write_references",
 ]
 
@@ -200,52 +202,3 @@ def discrimination_score(references: ReferenceSet) -> np.ndarray:
                 score += d2 / total
     return score
 
-
-def select_energies(
-    references: ReferenceSet,
-    n: int,
-    *,
-    pre_edge: bool = True,
-    pre_edge_eV: float | None = None,
-    min_separation_eV: float | None = None,
-) -> np.ndarray:
-    """Choose ``n`` energies where the references differ most, plus one pre-edge energy.
-
-    Criterion: :func:`discrimination_score` (pairwise-balanced squared differences of the
-    standardized spectra). Energies are picked greedily by decreasing score, each at least
-    ``min_separation_eV`` (default: range / (4 n)) from those already picked, so that the
-    picks spread over the distinct features instead of crowding one peak.
-
-    Parameters
-    ----------
-    references : ReferenceSet
-    n : number of discriminating energies
-    pre_edge : add one pre-edge energy (OD baseline; thickness) to the selection
-    pre_edge_eV : the pre-edge energy; default the first energy of the reference grid
-    min_separation_eV : minimum spacing between picks
-
-    Returns
-    -------
-    (n + pre_edge,) float64, sorted, eV, all on the reference grid.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    e = references.energies
-    low, high = references.energy_range
-    sep = (high - low) / (4 * n) if min_separation_eV is None else float(min_separation_eV)
-    picks: list[float] = []
-    if pre_edge:
-        pe = low if pre_edge_eV is None else float(references.check_energies(pre_edge_eV)[0])
-        picks.append(pe)
-    chosen: list[float] = []
-    for idx in np.argsort(discrimination_score(references))[::-1]:
-        if all(abs(e[idx] - c) >= sep for c in chosen + picks):
-            chosen.append(float(e[idx]))
-            if len(chosen) == n:
-                break
-    if len(chosen) < n:
-        raise ValueError(
-            f"could only place {len(chosen)} of {n} energies {sep:.3f} eV apart in "
-            f"{low:.1f}-{high:.1f} eV; lower n or min_separation_eV"
-        )
-    return np.array(sorted(picks + chosen))

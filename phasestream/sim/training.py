@@ -32,7 +32,7 @@ def synthetic_training_set(
 ) -> TrainingSet:
     """Particle-pixel spectra of simulated STXM scans (Poisson noise) with their PCC labels.
 
-    Energies are ``select_energies(references, n_energies)`` (the demo's: n_energies + 1 with the
+    Energies are ``select_energies(references, n_energies, method="score")`` (the demo's: n_energies + 1 with the
     pre-edge energy). Samples use seeds ``seed * 1000 + i`` so a training seed never reuses the
     demo's or the tests' samples (seeds < 1000) unless asked to.
     """
@@ -40,7 +40,7 @@ def synthetic_training_set(
     from phasestream.sim.samples import make_sample
 
     refs = load_references(references)
-    energies = np.asarray(select_energies(refs, n_energies))
+    energies = np.asarray(select_energies(refs, n_energies, method="score"))
     ref_spectra = refs.interpolate(energies)
     rng = np.random.default_rng(seed)
     spectra, labels = [], []

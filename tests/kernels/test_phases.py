@@ -68,6 +68,30 @@ def test_particle_mask_uses_otsu_and_drops_noise():
     assert particle_mask(od, threshold=0.5).sum() == 400
 
 
+def _noisy_stack(sample, energies, dose, seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([optical_density(sample.transmitted(e, i0=dose, rng=rng), i0=dose)[0] for e in energies])
+
+
+@pytest.mark.parametrize(("max_thickness", "dose", "min_recall"), [(1.2, 300.0, 0.995), (1.2, 3000.0, 0.995),
+                                                                   (0.3, 300.0, 0.975)])
+def test_particle_mask_keeps_thin_rims(max_thickness, dose, min_recall):
+    # truth: the phantom's particle mask; Otsu alone (rims=False) loses the thin outer rim
+    refs = load_references("nvpf-synthetic")
+    energies = select_energies(refs, 12, method="score")
+    before, after = [], []
+    for seed in range(6):
+        sample = make_sample((96, 96), state_of_charge=(3.0, 2.0, 1.0)[seed % 3], seed=seed,
+                             n_particles=3 + seed % 3, max_thickness=max_thickness)
+        od = _noisy_stack(sample, energies, dose, seed)
+        for mask, out in ((particle_mask(od, rims=False), before), (particle_mask(od), after)):
+            hit = (mask & sample.particle).sum()
+            out.append((hit / sample.particle.sum(), hit / mask.sum()))
+    recall_before, recall_after = np.array(before)[:, 0], np.array(after)[:, 0]
+    assert recall_after.min() >= min_recall and np.all(recall_after > recall_before)
+    assert np.array(after)[:, 1].min() >= 0.995  # precision: noise outside particles stays out
+
+
 @pytest.mark.parametrize("soc", [3.0, 2.4, 2.0, 1.0, 0.8])
 def test_noiseless_stack_recovers_ground_truth_phase(soc):
     refs = load_references("nvpf-synthetic")
