@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EdgeNormalization", "default_windows", "find_edge_energy", "normalize_edge"]
+from phasestream.methods.lcf import linear_combination_fit
+
+__all__ = [
+    "EdgeNormalization",
+    "default_windows",
+    "edge_fit_coverage",
+    "find_edge_energy",
+    "normalize_by_references",
+    "normalize_edge",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class EdgeNormalization:
     edge_energy : E0, eV
     pre_window, post_window : the fitted energy windows, eV (absolute)
     post_order : P, the order of the post-edge polynomial
+    method : ``"edge fit"`` (:func:`normalize_edge`) or ``"reference fit"``
+        (:func:`normalize_by_references`, sparse scans)
     """
 
     normalized: np.ndarray
@@ -57,6 +68,7 @@ class EdgeNormalization:
     pre_window: tuple[float, float]
     post_window: tuple[float, float]
     post_order: int = 1
+    method: str = "edge fit"
 
 
 def _round5(value: float) -> float:
@@ -261,3 +273,73 @@ def normalize_edge(
     return EdgeNormalization(out.reshape(y.shape).astype(np.float32), jump.reshape(pixels).astype(np.float32),
                              pre.reshape(2, *pixels), post.reshape(post.shape[0], *pixels), e0, pre_w, post_w,
                              poly.shape[0] - 1)
+
+
+def edge_fit_coverage(energies: np.ndarray, edge_energy: float) -> str | None:
+    """Why the scan cannot be edge-fitted with the default windows, or None when it can.
+
+    The edge fit needs at least 2 energies in the default pre-edge window and a post-edge window
+    (:func:`default_windows`) of at least 30 eV holding at least 3 energies; a sparse scan (one
+    pre-edge energy and a dozen near the edge) has neither and is normalized with
+    :func:`normalize_by_references` instead.
+    """
+    e = np.sort(np.asarray(energies, np.float64))
+    (p_lo, p_hi), (n_lo, n_hi), _ = default_windows(e, edge_energy)
+    n_pre = int(((e >= p_lo) & (e <= p_hi)).sum())
+    n_post = int(((e >= n_lo) & (e <= n_hi)).sum())
+    problems = []
+    if n_pre < 2:
+        problems.append(f"{n_pre} energies in the pre-edge window {p_lo:.1f}-{p_hi:.1f} eV (need 2)")
+    if n_hi - n_lo < 30 or n_post < 3:
+        problems.append(f"a post-edge window {n_lo:.1f}-{n_hi:.1f} eV with {n_post} energies (need >= 30 eV and 3)")
+    return "; ".join(problems) or None
+
+
+def normalize_by_references(
+    spectra: np.ndarray,
+    energies: np.ndarray,
+    references: np.ndarray,
+    reference_jumps: np.ndarray | None = None,
+    *,
+    min_jump: float = 0.0,
+) -> EdgeNormalization:
+    """Normalization of a sparse scan from the reference fit (no post-edge region needed).
+
+    Each pixel's spectrum is fitted as ``sum_k x_k r_k(E) + b`` (NNLS with a free constant,
+    :func:`~phasestream.methods.linear_combination_fit`) on the scan's own energies: ``b`` is the
+    pre-edge level (set by the pre-edge energy, where the references are about 0) and the edge jump
+    is ``sum_k x_k J_k`` with ``J_k`` the edge jump of reference k (1 for edge-normalized
+    references). ``normalized = (spectrum - b) / jump``.
+
+    Parameters
+    ----------
+    spectra : (E, ...) OD stack
+    energies : (E,) eV
+    references : (K, E) reference spectra at the same energies
+    reference_jumps : (K,) edge jumps of the references (default 1: edge-normalized references)
+    min_jump : pixels with a jump at or below this get NaN normalized spectra
+
+    Returns
+    -------
+    EdgeNormalization with ``method="reference fit"``, ``pre_edge`` ``[b, 0]``, ``post_edge``
+    ``[b + jump, 0]``, ``post_order`` 0, E0 from :func:`find_edge_energy` of the mean spectrum
+    """
+    e = np.asarray(energies, np.float64)
+    y = np.asarray(spectra, np.float64)
+    refs = np.atleast_2d(np.asarray(references, np.float64))
+    jumps = np.ones(refs.shape[0]) if reference_jumps is None else np.asarray(reference_jumps, np.float64)
+    fit = linear_combination_fit(y, refs, method="nnls", energies=e, background_order=0)
+    pixels = y.shape[1:]
+    level = fit.background[0].astype(np.float64)
+    jump = np.tensordot(jumps, fit.fractions.astype(np.float64), axes=1)
+    ok = jump > min_jump
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(ok, (y - level) / np.where(ok, jump, 1.0), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(y.reshape(e.size, -1), axis=1)
+    e0 = find_edge_energy(e, mean)
+    zeros = np.zeros(pixels)
+    return EdgeNormalization(out.astype(np.float32), jump.astype(np.float32), np.stack([level, zeros]),
+                             np.stack([level + jump, zeros]), e0, (float(e[0]), float(e[0])),
+                             (float(e0), float(e[-1])), 0, "reference fit")
