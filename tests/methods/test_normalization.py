@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from phasestream.methods.normalization import normalize_edge
+from phasestream.methods.normalization import (
+    edge_fit_coverage,
+    find_edge_energy,
+    normalize_by_references,
+    normalize_edge,
+)
+from phasestream.references import load_references
 
 E = np.linspace(8250.0, 8450.0, 201)
 E0 = 8345.0
@@ -108,3 +114,21 @@ def _index_of(e, value):
 
 def _index_nearest(e, value):
     return int(np.argmin(np.abs(e - value)))
+
+
+def test_sparse_scan_normalized_by_the_reference_fit():
+    """One pre-edge energy and 12 at the edge: the edge fit cannot run; the reference fit recovers the
+    pre-edge level and the jump (thickness) of a known mixture of the measured Ni references."""
+    refs = load_references([DATA / "ni-k-edge" / "ref_NiO.txt", DATA / "ni-k-edge" / "ref_LiNiO2.txt"])
+    e = np.concatenate([[8300.0], np.linspace(8336.0, 8358.0, 12)])
+    mu = refs.interpolate(e)
+    rng = np.random.default_rng(3)
+    jump, frac, level = rng.uniform(0.2, 1.5, (4, 5)), rng.uniform(0, 1, (4, 5)), rng.uniform(0.05, 0.5, (4, 5))
+    od = jump * (np.multiply.outer(mu[0], frac) + np.multiply.outer(mu[1], 1 - frac)) + level
+    assert "post-edge window" in edge_fit_coverage(e, find_edge_energy(e, od.mean(axis=(1, 2))))
+    assert edge_fit_coverage(E, E0) is None
+    res = normalize_by_references(od, e, mu)
+    assert res.method == "reference fit"
+    np.testing.assert_allclose(res.thickness, jump, rtol=1e-4)
+    np.testing.assert_allclose(res.pre_edge[0], level, atol=1e-4)
+    np.testing.assert_allclose(res.normalized, (od - level) / jump, atol=1e-4)
