@@ -270,3 +270,35 @@ def test_reference_folders_from_env(monkeypatch, folder, tmp_path):
     monkeypatch.setenv("PHASESTREAM_REFERENCES", os.pathsep.join([str(other), "", str(folder)]))
     assert reference_folders_from_env() == [other, folder]
     assert load_document_references("toy.csv", folders=reference_folders_from_env()).name == "toy"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "units", "message"),
+    [
+        ("m.txt", "60.0 1\n61.0 2\n62.0 3\n", "auto", "could be eV .M-edges. or keV; pass units='eV' or units='keV'"),
+        ("kev.csv", "energy_eV,A\n8.30,1\n8.31,2\n", "auto", "header says energy_eV but the values are keV-sized"),
+        ("kev.csv", "energy_eV,A\n8.30,1\n8.31,2\n", "keV", "header says energy_eV but units='keV'"),
+        ("ev.txt", "8300 1\n8310 2\n", "keV", "energies look like eV"),
+    ],
+)
+def test_energy_units_refusals(tmp_path, name, text, units, message):
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(ReferenceFormatError, match=message):
+        load_references(p, units=units)
+
+
+def test_energy_units_explicit(tmp_path):
+    m_edge = tmp_path / "m.txt"
+    m_edge.write_text("60.0 1\n61.0 2\n62.0 3\n")
+    np.testing.assert_array_equal(load_references(m_edge, units="eV").energies, [60.0, 61.0, 62.0])
+    np.testing.assert_array_equal(load_references(m_edge, units="keV").energies, [60000.0, 61000.0, 62000.0])
+    kev = tmp_path / "k.txt"
+    kev.write_text("8.300 1\n8.310 2\n")  # hard X-ray keV: unambiguous, converted by auto as before
+    np.testing.assert_allclose(load_references(kev).energies, [8300.0, 8310.0])
+    np.testing.assert_allclose(load_references(kev, units="keV").energies, [8300.0, 8310.0])
+    small_ev = tmp_path / "s.csv"
+    small_ev.write_text("energy_eV,A\n60,1\n61,2\n")
+    np.testing.assert_array_equal(load_references(small_ev, units="eV").energies, [60.0, 61.0])
+    with pytest.raises(ValueError, match="units must be one of"):
+        load_references(kev, units="MeV")

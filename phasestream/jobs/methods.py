@@ -3,18 +3,26 @@
 :func:`run_methods` reads the OD cube ``od`` (E, Y, X) and ``energies_eV`` of the result
 ``<root>/<run uid>``, the references of the run, runs the requested methods of
 :mod:`phasestream.methods` and writes their arrays into the same result container, with
-``methods: {name: {status, parameters, seconds, arrays, errors}}`` in its metadata. Each method
-runs on its own: one that fails records ``status: failed`` and its error and the others still run.
+``methods: {name: {status, parameters, seconds, arrays, errors, reason}}`` in its metadata. Each
+method runs on its own: one that fails records ``status: failed`` and its error and the others
+still run; one that does not fit the scan (too few energies in its window) records
+``status: skipped`` and the reason.
 
 Methods (``METHODS``) and the arrays they write (see ``MAP_LAYOUT`` in store/results.py):
 
-* ``normalize``: edge normalization -> ``normalized`` (E, Y, X), ``thickness`` (Y, X) (edge jump)
-* ``lcf``: LCF of every pixel's OD (or normalized) spectrum -> ``fractions_lcf`` (K, Y, X),
-  ``fit_error`` (RSS), ``reduced_chi2``, ``scale_lcf`` (sum of the weights) (Y, X); with
-  ``lcf_sum_to_one`` (default, NNLS on OD) the weights are divided by their sum
+* ``normalize``: edge normalization -> ``normalized`` (E, Y, X), ``thickness`` (Y, X) (edge jump);
+  the edge fit with xraylarch's default windows when the scan covers them, else (a sparse scan)
+  the reference fit (:func:`~phasestream.methods.normalize_by_references`), the path and the
+  reason recorded in its parameters
+* ``lcf``: LCF of every pixel's OD (or normalized) spectrum with a constant background term
+  (default) -> ``fractions_lcf`` (K, Y, X), ``fit_error`` (RSS), ``reduced_chi2``, ``scale_lcf``
+  (sum of the weights) (Y, X); with ``lcf_sum_to_one`` (default, NNLS on OD) the weights are
+  divided by their sum
 * ``edge50`` / ``peak``: edge-50 energy and peak-position maps (eV) -> ``edge50``, ``peak_position``
 * ``masks``: thresholds on ``thickness`` and ``fit_error`` combined -> ``threshold_mask`` (uint8)
-* ``kmeans``: k-means on the spectra -> ``cluster_mask`` (int16, -1 outside), ``cluster_spectra``
+* ``kmeans``: k-means on the edge-normalized spectra of the particle pixels
+  (:func:`~phasestream.kernels.particle_mask`), optionally without the first principal component
+  -> ``cluster_mask`` (int16, -1 outside), ``cluster_spectra``
 * ``rum_tv`` / ``rum_pnp``: robust unmixing -> ``fractions_rum_tv`` (K, Y, X), ``scale_rum_tv``
   (Y, X) (and ``_pnp``), the convergence history in the metadata
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -36,10 +45,12 @@ import numpy as np
 from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
 from phasestream.jobs.context import JobContext
+from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
 
-__all__ = ["METHODS", "MethodsOptions", "methods_options_from_start", "run", "run_methods"]
+__all__ = ["METHODS", "MethodsOptions", "StepSkipped", "kmeans_arrays", "lcf_arrays", "methods_options_from_start",
+           "run", "run_methods"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +69,16 @@ class MethodsOptions:
     pre_edge, post_edge : normalization windows (default :func:`~phasestream.methods.default_windows`)
     lcf_method : ``"lstsq"``, ``"nnls"`` or ``"fcls"``; lcf_input : ``"od"`` or ``"normalized"``
     lcf_sum_to_one : divide the LCF weights by their sum (the scale of the mixture goes to ``scale_lcf``)
-    background_order : polynomial background of the LCF (None: none)
+    background_order : polynomial background of the LCF: 0 (default) a constant offset, which takes
+        up the non-resonant absorption of OD input; None: none
     edge_window, peak_window : windows of the edge-50 and peak fits (default: around the steepest
         rise / the maximum of the mean normalized spectrum, +-15 eV)
     curve_fit, curve_order : ``"polynomial"`` / ``"spline"`` and the polynomial degree
     thickness_min, fit_error_max : thresholds of the ``masks`` method (None: not applied)
     n_clusters : k-means clusters
+    kmeans_input : ``"normalized"`` (default: edge-normalized spectra, clusters follow shape) or ``"od"``
+    kmeans_mask : ``"particle"`` (default: :func:`~phasestream.kernels.particle_mask` of the OD) or ``"all"``
+    kmeans_remove_pc1 : remove the first principal component before clustering (MANTiS)
     rum_strength, rum_lam, rum_rho, rum_max_iter, denoiser : robust unmixing parameters
         (:func:`~phasestream.methods.robust_unmixing`)
     """
@@ -76,7 +91,7 @@ class MethodsOptions:
     lcf_method: str = "nnls"
     lcf_input: str = "od"
     lcf_sum_to_one: bool = True
-    background_order: int | None = None
+    background_order: int | None = 0
     edge_window: tuple[float, float] | None = None
     peak_window: tuple[float, float] | None = None
     curve_fit: str = "polynomial"
@@ -84,6 +99,9 @@ class MethodsOptions:
     thickness_min: float | None = None
     fit_error_max: float | None = None
     n_clusters: int = 3
+    kmeans_input: str = "normalized"
+    kmeans_mask: str = "particle"
+    kmeans_remove_pc1: bool = False
     rum_strength: float | None = None
     rum_lam: float | None = None
     rum_rho: float | None = None
@@ -100,6 +118,9 @@ class MethodsOptions:
             raise ValueError(f"lcf_method must be one of {m.FIT_METHODS}, got {self.lcf_method!r}")
         if self.lcf_input not in ("od", "normalized"):
             raise ValueError(f"lcf_input must be 'od' or 'normalized', got {self.lcf_input!r}")
+        if self.kmeans_input not in ("od", "normalized") or self.kmeans_mask not in ("particle", "all"):
+            raise ValueError(f"kmeans_input must be 'od' or 'normalized' and kmeans_mask 'particle' or 'all', "
+                             f"got {self.kmeans_input!r}, {self.kmeans_mask!r}")
         if self.curve_fit not in m.CURVE_FITS:
             raise ValueError(f"curve_fit must be one of {m.CURVE_FITS}, got {self.curve_fit!r}")
         if self.n_clusters < 1 or self.rum_max_iter < 1:
@@ -161,6 +182,10 @@ def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOption
     raise FileNotFoundError(f"no loadable references for run {run_uid}: {'; '.join(tried)}")
 
 
+class StepSkipped(Exception):
+    """A method that does not fit the scan (e.g. too few energies in its window): recorded as skipped."""
+
+
 class _Context:
     """The inputs and intermediate results shared by the methods of one job."""
 
@@ -168,15 +193,39 @@ class _Context:
         self.od, self.energies, self.opts = od, energies, opts
         self.phases = list(refs.phases)
         self.references = refs.interpolate(energies)  # (K, E); out-of-range energies are an error
+        self.reference_set = refs
+        self.normalization_reason = ""
         self._normalization: m.EdgeNormalization | None = None
         self._lcf: m.LCFResult | None = None
 
     @property
     def normalization(self) -> m.EdgeNormalization:
         if self._normalization is None:
-            self._normalization = m.normalize_edge(self.od, self.energies, pre_edge=self.opts.pre_edge,
-                                                   post_edge=self.opts.post_edge)
+            self._normalization = self._normalize()
         return self._normalization
+
+    def _normalize(self) -> m.EdgeNormalization:
+        """The edge fit when windows are given or the scan covers larch's defaults, else the reference fit."""
+        o = self.opts
+        if o.pre_edge is None or o.post_edge is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN planes
+                mean = np.nanmean(self.od.reshape(self.energies.size, -1), axis=1)
+            e0 = m.find_edge_energy(self.energies, mean)
+            reason = m.edge_fit_coverage(self.energies, e0)
+            if reason is not None and o.pre_edge is None and o.post_edge is None:
+                self.normalization_reason = f"sparse scan, edge fit not possible: {reason}"
+                return m.normalize_by_references(self.od, self.energies, self.references, self.reference_jumps())
+        return m.normalize_edge(self.od, self.energies, pre_edge=o.pre_edge, post_edge=o.post_edge)
+
+    def reference_jumps(self) -> np.ndarray:
+        """(K,) edge jumps of the references on their own (full) energy grids; 1 where that fails."""
+        refs = self.reference_set
+        try:
+            jumps = m.normalize_edge(np.asarray(refs.spectra, np.float64).T, refs.energies).thickness
+        except ValueError:
+            return np.ones(len(self.phases))
+        return np.where(np.isfinite(jumps) & (jumps > 0), jumps, 1.0).astype(np.float64)
 
     @property
     def lcf(self) -> m.LCFResult:
@@ -195,6 +244,15 @@ class _Context:
             else self.energies[np.argmax(mean)]
         return float(centre - 15.0), float(centre + 15.0)
 
+    def check_curve_window(self, window: tuple[float, float]) -> None:
+        """Raise StepSkipped when the window holds too few energies for the curve fit."""
+        o = self.opts
+        need = (o.curve_order + 1 if o.curve_fit == "polynomial" else 4) + 1
+        n = int(((self.energies >= window[0]) & (self.energies <= window[1])).sum())
+        if n < need:
+            raise StepSkipped(f"the window {window[0]:.1f}-{window[1]:.1f} eV holds {n} energies; a {o.curve_fit} "
+                              f"fit of order {o.curve_order} needs {need}: the scan is too sparse here")
+
 
 def lcf_arrays(od: np.ndarray, references: np.ndarray, energies: np.ndarray, opts: MethodsOptions,
                result: m.LCFResult | None = None) -> dict[str, np.ndarray]:
@@ -210,10 +268,23 @@ def lcf_arrays(od: np.ndarray, references: np.ndarray, energies: np.ndarray, opt
             "reduced_chi2": fit.reduced_chi2, "scale_lcf": total.astype(np.float32)}
 
 
+def kmeans_arrays(od: np.ndarray, normalized: np.ndarray, opts: MethodsOptions) -> tuple[dict, dict]:
+    """The arrays and parameters of the ``kmeans`` method: k-means of the particle pixels' spectra."""
+    mask = particle_mask(od) if opts.kmeans_mask == "particle" else None
+    data = np.asarray(normalized if opts.kmeans_input == "normalized" else od, np.float64)
+    if mask is not None and int(mask.sum()) < opts.n_clusters:
+        raise StepSkipped(f"{int(mask.sum())} particle pixels, fewer than n_clusters={opts.n_clusters}")
+    res = m.kmeans_clusters(data, opts.n_clusters, mask=mask, remove_components=1 if opts.kmeans_remove_pc1 else 0)
+    return ({"cluster_mask": res.labels, "cluster_spectra": res.mean_spectra.astype(np.float32)},
+            {"n_clusters": opts.n_clusters, "counts": res.counts.tolist(), "inertia": res.inertia,
+             "input": opts.kmeans_input, "mask": opts.kmeans_mask, "remove_pc1": opts.kmeans_remove_pc1})
+
+
 def _normalize(ctx: _Context) -> tuple[dict, dict]:
     n = ctx.normalization
     return ({"normalized": n.normalized, "thickness": n.thickness},
-            {"edge_energy": n.edge_energy, "pre_edge": list(n.pre_window), "post_edge": list(n.post_window)})
+            {"edge_energy": n.edge_energy, "pre_edge": list(n.pre_window), "post_edge": list(n.post_window),
+             "post_order": n.post_order, "path": n.method, "reason": ctx.normalization_reason})
 
 
 def _lcf(ctx: _Context) -> tuple[dict, dict]:
@@ -225,6 +296,7 @@ def _lcf(ctx: _Context) -> tuple[dict, dict]:
 
 def _edge50(ctx: _Context) -> tuple[dict, dict]:
     window = ctx.window("edge")
+    ctx.check_curve_window(window)
     e50 = m.edge50_map(ctx.normalization.normalized, ctx.energies, window, fit=ctx.opts.curve_fit,
                        order=ctx.opts.curve_order)
     return {"edge50": e50}, {"window": list(window), "fit": ctx.opts.curve_fit, "order": ctx.opts.curve_order}
@@ -232,6 +304,7 @@ def _edge50(ctx: _Context) -> tuple[dict, dict]:
 
 def _peak(ctx: _Context) -> tuple[dict, dict]:
     window = ctx.window("peak")
+    ctx.check_curve_window(window)
     peak = m.peak_position_map(ctx.normalization.normalized, ctx.energies, window, fit=ctx.opts.curve_fit,
                                order=ctx.opts.curve_order)
     return {"peak_position": peak}, {"window": list(window), "fit": ctx.opts.curve_fit, "order": ctx.opts.curve_order}
@@ -252,9 +325,8 @@ def _masks(ctx: _Context) -> tuple[dict, dict]:
 
 
 def _kmeans(ctx: _Context) -> tuple[dict, dict]:
-    res = m.kmeans_clusters(ctx.od, ctx.opts.n_clusters)
-    return ({"cluster_mask": res.labels, "cluster_spectra": res.mean_spectra.astype(np.float32)},
-            {"n_clusters": ctx.opts.n_clusters, "counts": res.counts.tolist(), "inertia": res.inertia})
+    normalized = ctx.normalization.normalized if ctx.opts.kmeans_input == "normalized" else ctx.od
+    return kmeans_arrays(ctx.od, normalized, ctx.opts)
 
 
 def _rum(prior: str) -> Callable[[_Context], tuple[dict, dict]]:
@@ -286,8 +358,8 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
 
     Returns
     -------
-    The ``methods`` record written into the result metadata, ``{name: {status: complete | failed,
-    parameters, seconds, arrays, errors}}``. Bad input (no OD cube, references
+    The ``methods`` record written into the result metadata, ``{name: {status: complete | skipped |
+    failed, parameters, seconds, arrays, errors}}`` (``reason`` with skipped). Bad input (no OD cube, references
     not covering the energies) is recorded as failed, not raised. Raises ``KeyError`` (``TypeError``)
     when the run has no result (a node that is not a result): there is nothing to record it on.
     """
@@ -311,6 +383,9 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
             arrays, params = _RUNNERS[name](ctx)
             writer.write_maps(**arrays)
             entry = {"status": "complete", "parameters": params, "arrays": sorted(arrays), "errors": []}
+        except StepSkipped as exc:
+            logger.info("run %s: method %s skipped: %s", uid, name, exc)
+            entry = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": str(exc)}
         except Exception as exc:  # noqa: BLE001 - one method failing never stops the others
             logger.warning("run %s: method %s failed: %s", uid, name, exc)
             logger.debug("%s", traceback.format_exc())
@@ -342,13 +417,14 @@ def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
     """The ``methods`` job: the classic methods asked for, on the result of ``run_uid``.
 
     ``details`` is the ``methods`` record written into the result; the job is complete when every
-    method asked for is, else failed with each failed method's errors as the reason.
+    method asked for is complete or skipped (with its reason), else failed with each failed method's
+    errors as the reason.
     """
     opts = MethodsOptions(**options)
     t0 = time.perf_counter()
     record = run_methods(context.tiled(), run_uid, opts)
     failed = [f"{name}: {'; '.join(record[name].get('errors') or [])}" for name in opts.methods
-              if record.get(name, {}).get("status") != "complete"]
+              if record.get(name, {}).get("status") not in ("complete", "skipped")]
     return JobOutcome(run_uid, "methods", JobStatus.FAILED if failed else JobStatus.COMPLETE,
                       reason="; ".join(failed), seconds=round(time.perf_counter() - t0, 3),
                       retry=f"phasestream reprocess --methods {','.join(opts.methods)} {run_uid}" if failed else "",

@@ -8,7 +8,14 @@ from phasestream.methods.alignment import TRANSFORMS, Alignment, align_stack, ap
 from phasestream.methods.edges import CURVE_FITS, edge50_map, fit_curves, peak_position_map
 from phasestream.methods.lcf import FIT_METHODS, LCFResult, linear_combination_fit, polynomial_background
 from phasestream.methods.masks import ClusterResult, combine_masks, kmeans_clusters, threshold_mask
-from phasestream.methods.normalization import EdgeNormalization, default_windows, normalize_edge
+from phasestream.methods.normalization import (
+    EdgeNormalization,
+    default_windows,
+    edge_fit_coverage,
+    find_edge_energy,
+    normalize_by_references,
+    normalize_edge,
+)
 from phasestream.methods.preprocessing import flat_field, minus_log, txm_optical_density
 from phasestream.methods.unmixing import (
     DENOISERS,
@@ -38,12 +45,15 @@ __all__ = [
     "combine_masks",
     "default_windows",
     "edge50_map",
+    "edge_fit_coverage",
+    "find_edge_energy",
     "fit_curves",
     "flat_field",
     "kmeans_clusters",
     "linear_combination_fit",
     "minus_log",
     "noise_level",
+    "normalize_by_references",
     "normalize_edge",
     "peak_position_map",
     "polynomial_background",

@@ -44,6 +44,8 @@ class LCFResult:
     background : (P, ...) float32, polynomial background coefficients (P = 0 without background),
         in powers of the energy scaled to [-1, 1] over the fitted energies
     fit_error : (...) float32, residual sum of squares ``||y - A x - B b||^2``
+
+    A pixel with a non-finite value at any energy gets NaN in every output (all three methods).
     reduced_chi2 : (...) float32, ``fit_error / ((E - n_free) * sigma^2)``; n_free = K + P for
         ``lstsq`` / ``nnls``, K + P - 1 for ``fcls``; sigma = ``noise_sigma`` (1 when not given,
         so it is the residual variance estimate)
@@ -215,6 +217,11 @@ def _lcf_kernel(flat, design_t, gram, inverse, reduce, back, back_gab, index, si
         x = np.zeros(k)
         xs = np.zeros(k)
         for j in range(m):
+            if not np.isfinite(yy[j]):  # NaN (or inf) at any energy: no fit, NaN out for every method
+                for q in range(n_p):
+                    coef[q, lo + j] = np.nan
+                rss[lo + j] = np.nan
+                continue
             if mode == 0:
                 for q in range(n_p):
                     acc = 0.0

@@ -70,6 +70,7 @@ def kmeans_clusters(
     *,
     mask: np.ndarray | None = None,
     normalize: bool = False,
+    remove_components: int = 0,
     max_samples: int | None = 200_000,
     seed: int = 0,
     n_init: int = 4,
@@ -82,6 +83,10 @@ def kmeans_clusters(
     n_clusters : number of clusters
     mask : (...) bool, pixels to cluster (default all with finite spectra)
     normalize : divide each spectrum by its Euclidean norm first (cluster on shape, not thickness)
+    remove_components : remove this many leading principal components of the (centred) spectra
+        before clustering (1: the first, which follows thickness or overall intensity, as the
+        cluster analysis of MANTiS does; M. Lerotic et al., "Cluster analysis of soft X-ray
+        spectromicroscopy data", Ultramicroscopy 100 (2004) 35, doi:10.1016/j.ultramic.2004.01.008)
     max_samples : fit on at most this many randomly drawn pixels, then assign every pixel to its
         nearest centre (None: fit on all)
     seed : random state of the draw and of k-means
@@ -104,6 +109,10 @@ def kmeans_clusters(
     if normalize:
         norms = np.linalg.norm(data, axis=1, keepdims=True)
         data = data / np.where(norms > 0, norms, 1.0)
+    if remove_components > 0 and data.shape[0] > remove_components:
+        centred = data - data.mean(axis=0)
+        components = np.linalg.svd(centred, full_matrices=False)[2][:remove_components]  # (C, E)
+        data = centred - (centred @ components.T) @ components
     if data.shape[0] < n_clusters:
         raise ValueError(f"{data.shape[0]} pixels to cluster, fewer than n_clusters={n_clusters}")
     rng = np.random.default_rng(seed)

@@ -3,11 +3,15 @@
 ``OD(E) = -ln((I(E) - I_dark) / (I_bkg(E) - I_dark))``: the dark image is subtracted from sample
 and background (flat) images, the sample image is divided by the flat of the same energy, and the
 negative natural log gives the optical density (integrated attenuation) that the fits work on.
+One convention for bad counts everywhere (the kernels', docs/methods.md): NaN with a validity
+mask, never a large number.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from phasestream.kernels.od import optical_density_reference
 
 __all__ = ["flat_field", "minus_log", "txm_optical_density"]
 
@@ -43,20 +47,25 @@ def flat_field(
     return out.astype(np.float32)
 
 
-def minus_log(transmission: np.ndarray, *, floor: float = 1e-6) -> np.ndarray:
-    """Optical density ``-ln(T)`` (float32); transmissions at or below ``floor`` (counts lost in the dark
-    level, noise) are clipped to ``floor`` so that the OD stays finite; NaN stays NaN."""
-    t = np.asarray(transmission, np.float64)
-    with np.errstate(invalid="ignore"):
-        return (-np.log(np.where(t > floor, t, np.where(np.isnan(t), np.nan, floor)))).astype(np.float32)
+def minus_log(transmission: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optical density ``-ln(T)`` and its validity mask, by the kernels' convention
+    (:func:`phasestream.kernels.od.optical_density_reference`).
+
+    Returns
+    -------
+    od : float32 array of ``transmission``'s shape; NaN where ``T`` is not positive or not finite
+        (counts lost in the dark level, no beam): never clipped to a large number
+    valid : bool array, False exactly where ``od`` is NaN
+    """
+    return optical_density_reference(transmission, 1.0)
 
 
 def txm_optical_density(
     images: np.ndarray,
     flats: np.ndarray,
     darks: np.ndarray | float | None = None,
-    *,
-    floor: float = 1e-6,
-) -> np.ndarray:
-    """``minus_log(flat_field(images, flats, darks))``: the OD stack (E, Y, X) float32 of a TXM scan."""
-    return minus_log(flat_field(images, flats, darks), floor=floor)
+) -> tuple[np.ndarray, np.ndarray]:
+    """The OD stack (E, Y, X) float32 of a TXM scan, ``-ln((I - dark) / (flat - dark))``, and its
+    validity mask: the kernels' implementation (:func:`phasestream.kernels.od.optical_density_reference`),
+    NaN (and ``valid`` False) where the counts or the flat are at or below the dark level."""
+    return optical_density_reference(images, flats, 0.0 if darks is None else darks)

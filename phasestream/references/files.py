@@ -32,8 +32,14 @@ from phasestream.references.spectra import (
 
 __all__ = ["load_document_references", "load_references", "reference_folders_from_env"]
 
+#: ``units`` accepted by :func:`load_references`.
+ENERGY_UNITS = ("auto", "eV", "keV")
+#: ``auto``: medians below this are keV (hard X-ray edges, 1-20 keV: no XAS is measured at 1-20 eV) ...
+_SURELY_KEV = 20.0
+# ... at or above _KEV_THRESHOLD (100) eV; in between (eV M-edges or keV K-edges of heavy elements) ambiguous.
 
-def load_references(source: str | Path | Sequence[str | Path] | ReferenceSet) -> ReferenceSet:
+
+def load_references(source: str | Path | Sequence[str | Path] | ReferenceSet, *, units: str = "auto") -> ReferenceSet:
     """Load reference spectra from a CSV file, two-column file(s) or a registered name.
 
     For trusted callers (CLI, tests, benchmarks): any path is opened. References named by a
@@ -48,6 +54,12 @@ def load_references(source: str | Path | Sequence[str | Path] | ReferenceSet) ->
         phase named after the file stem without a ``ref_`` prefix), or a list of two-column
         files. Several two-column files are merged on the energy grid of the first file,
         restricted to the range all files cover; the others are linearly interpolated.
+    units
+        The energy column's unit in the files: ``"eV"``, ``"keV"`` (converted to eV) or ``"auto"``
+        (default): a median energy below 20 is keV, 100 or above is eV, and in between (eV
+        M-edges or keV K-edges of heavy elements) the file is refused with a message naming the
+        option to pass. A CSV's header says eV (``energy_eV``): ``"keV"`` is refused for it, and
+        keV-sized values (median below 20) are refused whatever ``units`` says, unless ``"eV"``.
 
     Returns
     -------
@@ -60,8 +72,11 @@ def load_references(source: str | Path | Sequence[str | Path] | ReferenceSet) ->
     ReferenceAccessError
         if a file is not a regular file or is larger than :data:`DEFAULT_MAX_REFERENCE_BYTES`.
     ReferenceFormatError
-        if a file is not valid reference spectra.
+        if a file is not valid reference spectra, or its energies' unit is ambiguous or contradicts
+        its header.
     """
+    if units not in ENERGY_UNITS:
+        raise ValueError(f"units must be one of {ENERGY_UNITS}, got {units!r}")
     if isinstance(source, ReferenceSet):
         return source
     if isinstance(source, str) and source in REGISTRY:
@@ -69,15 +84,15 @@ def load_references(source: str | Path | Sequence[str | Path] | ReferenceSet) ->
     if isinstance(source, (list, tuple)):
         paths = [Path(p) for p in source]
         if len(paths) == 1:
-            return load_references(paths[0])
-        return _merge_two_column(paths)
+            return load_references(paths[0], units=units)
+        return _merge_two_column(paths, units)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
             f"references {str(source)!r}: no such file and not a registered name "
             f"(registered: {registered_references()})"
         )
-    return _references_from_file(path, DEFAULT_MAX_REFERENCE_BYTES)
+    return _references_from_file(path, DEFAULT_MAX_REFERENCE_BYTES, units=units)
 
 
 def load_document_references(
@@ -243,11 +258,12 @@ def _decode(data: bytes, path: Path) -> str:
         raise ReferenceFormatError(f"{path}: not UTF-8 text (undecodable byte at offset {offset})") from None
 
 
-def _references_from_file(path: Path, max_bytes: int, roots: Sequence[Path] = ()) -> ReferenceSet:
+def _references_from_file(path: Path, max_bytes: int, roots: Sequence[Path] = (), units: str = "auto"
+                          ) -> ReferenceSet:
     text = _decode(_read_limited(path, max_bytes, roots), path)
     if "," in text.partition("\n")[0]:
-        return _parse_csv(text, path, _read_sidecar(path, max_bytes, roots))
-    energies, values = _parse_two_column(text, path)
+        return _parse_csv(text, path, _read_sidecar(path, max_bytes, roots), units)
+    energies, values = _parse_two_column(text, path, units)
     return ReferenceSet(energies, (_phase_name(path),), values[None, :], name=path.stem,
                         attrs={"source": str(path)})
 
@@ -274,7 +290,34 @@ def _phase_name(path: Path) -> str:
     return stem[4:] if stem.lower().startswith("ref_") else stem
 
 
-def _parse_csv(text: str, path: Path, sidecar: tuple[Path, str] | None) -> ReferenceSet:
+def _energies_in_ev(energies: np.ndarray, path: Path, units: str, *, header_ev: bool = False) -> np.ndarray:
+    """The energy column in eV, or ReferenceFormatError when its unit is ambiguous or contradicts the header."""
+    median = float(np.median(energies))
+    if header_ev:
+        if units == "keV":
+            raise ReferenceFormatError(f"{path}: the header says energy_eV but units='keV' was passed; "
+                                       "give the energies in eV or fix the header")
+        if units == "auto" and median < _KEV_THRESHOLD:
+            size = "keV-sized" if median < _SURELY_KEV else "ambiguous (eV M-edges or keV)"
+            raise ReferenceFormatError(f"{path}: the header says energy_eV but the values are {size} (median "
+                                       f"{median:g}); convert them to eV, or pass units='eV' if they are eV")
+        return energies
+    if units == "eV":
+        return energies
+    if units == "keV":
+        if median >= _KEV_THRESHOLD:
+            raise ReferenceFormatError(f"{path}: units='keV' but the energies look like eV (median {median:g}); "
+                                       "pass units='eV' or 'auto'")
+        return energies * 1000.0
+    if median < _SURELY_KEV:
+        return energies * 1000.0
+    if median < _KEV_THRESHOLD:
+        raise ReferenceFormatError(f"{path}: energies with median {median:g} could be eV (M-edges) or keV; "
+                                   "pass units='eV' or units='keV'")
+    return energies
+
+
+def _parse_csv(text: str, path: Path, sidecar: tuple[Path, str] | None, units: str = "auto") -> ReferenceSet:
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, list[str]]] = []  # (line number, fields)
     try:
@@ -301,6 +344,8 @@ def _parse_csv(text: str, path: Path, sidecar: tuple[Path, str] | None) -> Refer
             except ValueError:
                 raise ReferenceFormatError(f"{path}: non-numeric value at line {line}, column {j + 1}") from None
     table = table[np.argsort(table[:, 0], kind="stable")]
+    if table.shape[0]:
+        table[:, 0] = _energies_in_ev(table[:, 0], path, units, header_ev=True)
     if np.any(np.diff(table[:, 0]) == 0):
         dup = table[1:, 0][np.diff(table[:, 0]) == 0][0]
         raise ReferenceFormatError(f"{path}: duplicate energy {dup} eV")
@@ -331,7 +376,7 @@ def _parse_sidecar(path: Path, text: str) -> tuple[dict, dict]:
     return {str(k): dict(v or {}) for k, v in phases.items()}, doc
 
 
-def _parse_two_column(text: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _parse_two_column(text: str, path: Path, units: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     rows: list[list[float]] = []
     for line, content in enumerate(text.splitlines(), start=1):
         fields = content.split("#", 1)[0].split()
@@ -354,17 +399,16 @@ def _parse_two_column(text: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ReferenceFormatError(f"{path}: not a two-column numeric file: no data rows")
     data = np.array(rows, dtype=np.float64)
     energies, values = data[:, 0], data[:, 1]
-    if np.median(energies) < _KEV_THRESHOLD:
-        energies = energies * 1000.0
+    energies = _energies_in_ev(energies, path, units)
     order = np.argsort(energies, kind="stable")
     energies, values = energies[order], values[order]
     keep = np.concatenate([[True], np.diff(energies) > 0])  # drop repeated energies
     return energies[keep], values[keep]
 
 
-def _merge_two_column(paths: Sequence[Path]) -> ReferenceSet:
+def _merge_two_column(paths: Sequence[Path], units: str = "auto") -> ReferenceSet:
     columns = [
-        _parse_two_column(_decode(_read_limited(p, DEFAULT_MAX_REFERENCE_BYTES), p), p) for p in paths
+        _parse_two_column(_decode(_read_limited(p, DEFAULT_MAX_REFERENCE_BYTES), p), p, units) for p in paths
     ]
     name = "+".join(_phase_name(p) for p in paths)
     low = max(e[0] for e, _ in columns)

@@ -125,3 +125,30 @@ def test_bad_input():
         linear_combination_fit(y, np.stack([refs[0], 2 * refs[0]]))
     with pytest.raises(ValueError, match="needs the energies"):
         linear_combination_fit(y, refs, background_order=1)
+
+
+@pytest.mark.parametrize("method", ["lstsq", "nnls", "fcls"])
+def test_nan_in_nan_out(method):
+    """A pixel with a NaN at one energy gives NaN everywhere; the finite pixels match SciPy / NumPy."""
+    e, refs, y = _problem(k=3, seed=5, shape=(4, 5))
+    y[7, 1, 2] = np.nan  # one energy of one pixel
+    y[:, 3, 4] = np.nan  # a whole pixel
+    res = linear_combination_fit(y, refs, method=method, energies=e, background_order=0)
+    bad = np.zeros((4, 5), bool)
+    bad[1, 2] = bad[3, 4] = True
+    assert np.isnan(res.fractions[:, bad]).all() and np.isnan(res.background[:, bad]).all()
+    assert np.isnan(res.fit_error[bad]).all() and np.isnan(res.reduced_chi2[bad]).all()
+    assert np.isfinite(res.fractions[:, ~bad]).all()
+    flat, good = y.reshape(len(e), -1), ~bad.ravel()
+    bg = polynomial_background(e, 0)
+    proj = np.eye(len(e)) - bg @ np.linalg.pinv(bg)
+    for j in np.flatnonzero(good):
+        if method == "lstsq":
+            x = np.linalg.lstsq(np.concatenate([refs.T, bg], axis=1), flat[:, j], rcond=None)[0][:3]
+        elif method == "nnls":
+            x = nnls(proj @ refs.T, proj @ flat[:, j])[0]
+        else:
+            x = _slsqp(proj @ refs.T, proj @ flat[:, j])[0]
+        np.testing.assert_allclose(res.fractions.reshape(3, -1)[:, j], x, atol=2e-4)
+    if method == "fcls":  # sum to one wherever defined
+        np.testing.assert_allclose(res.fractions[:, ~bad].sum(axis=0), 1.0, atol=1e-5)

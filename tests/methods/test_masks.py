@@ -53,3 +53,21 @@ def test_kmeans_mask_subsampling_and_nan():
     assert res.counts.sum() == mask.sum()
     with pytest.raises(ValueError, match="fewer than"):
         kmeans_clusters(spectra, 3, mask=np.zeros(truth.shape, bool))
+
+
+def test_kmeans_without_the_first_principal_component_matches_scikit_learn_pca():
+    """remove_components=1 clusters what is left after the first PC: the same labels as scikit-learn's
+    KMeans on the data with PCA's first component projected out."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(7)
+    shapes = np.stack([np.sin(np.linspace(0, 3, 30)), np.cos(np.linspace(0, 3, 30))])
+    labels_true = rng.integers(0, 2, 400)
+    scale = rng.uniform(0.2, 3.0, 400)  # the first PC: overall intensity, which must not drive the clusters
+    data = scale[:, None] * (1 + 0.3 * shapes[labels_true]) + rng.normal(0, 0.01, (400, 30))
+    res = kmeans_clusters(data.T.reshape(30, 20, 20), 2, remove_components=1)
+    pca = PCA(n_components=1).fit(data)
+    centred = data - data.mean(axis=0)
+    residual = centred - (centred @ pca.components_.T) @ pca.components_
+    oracle = KMeans(n_clusters=2, n_init=4, random_state=0).fit(residual).labels_
+    assert adjusted_rand_score(oracle, res.labels.ravel()) == pytest.approx(1.0)

@@ -6,15 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 
 from phasestream.jobs.methods import (
     METHODS,
     MethodsOptions,
+    kmeans_arrays,
     lcf_arrays,
     methods_options_from_start,
     run_methods,
 )
-from phasestream.methods import linear_combination_fit
+from phasestream.kernels import particle_mask
+from phasestream.methods import kmeans_clusters, linear_combination_fit, normalize_edge
 from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
 from phasestream.store.results import ResultWriter
@@ -34,12 +37,12 @@ def ni_csv(tmp_path_factory):
         yield path
 
 
-def _result(client, uid, ni_csv, *, recorded=ENERGIES, shape=(24, 32), raw=True):
+def _result(client, uid, ni_csv, *, recorded=ENERGIES, shape=(24, 32), raw=True, od_energies=ENERGIES):
     """A raw run (start document only) and its result with an OD cube of a two-phase sample."""
     refs = load_references(ni_csv)
     thickness = particle_phantom(shape, n_particles=3, seed=5).astype(np.float64)
     frac = np.clip(np.linspace(0, 1, shape[1])[None, :] + 0 * thickness, 0, 1)
-    od = np.tensordot(refs.interpolate(ENERGIES).T, np.stack([frac, 1 - frac]) * thickness, axes=1)
+    od = np.tensordot(refs.interpolate(od_energies).T, np.stack([frac, 1 - frac]) * thickness, axes=1)
     od += np.random.default_rng(0).normal(0, 0.01, od.shape)
     if raw:
         client.create_container(uid, metadata={"start": {"uid": uid, "phasestream": {"references": str(ni_csv)}}})
@@ -53,13 +56,14 @@ def _result(client, uid, ni_csv, *, recorded=ENERGIES, shape=(24, 32), raw=True)
 def test_run_methods_writes_arrays_equal_to_the_functions(tiled_client, ni_csv):
     od, refs = _result(tiled_client, "run-methods-1", ni_csv)
     opts = MethodsOptions(methods=("lcf", "normalize", "edge50", "masks", "kmeans", "rum_tv"), thickness_min=0.3,
-                          rum_max_iter=20)
+                          rum_max_iter=20, kmeans_mask="all")  # the small phantom's particles are below min_size
     record = run_methods(tiled_client, "run-methods-1", opts)
     assert {k: v["status"] for k, v in record.items()} == dict.fromkeys(opts.validate().methods, "complete"), record
     node = tiled_client["phasestream"]["run-methods-1"]
     # fractions_lcf equals the direct function's output on the same OD cube
     direct = lcf_arrays(od, refs.interpolate(ENERGIES), ENERGIES, opts)
-    fit = linear_combination_fit(od.astype(np.float64), refs.interpolate(ENERGIES), method="nnls")
+    fit = linear_combination_fit(od.astype(np.float64), refs.interpolate(ENERGIES), method="nnls", energies=ENERGIES,
+                                 background_order=0)
     np.testing.assert_allclose(node["fractions_lcf"].read(), direct["fractions_lcf"], rtol=1e-6)
     np.testing.assert_allclose(node["fit_error"].read(), fit.fit_error, rtol=1e-6)
     np.testing.assert_allclose(direct["fractions_lcf"] * fit.fractions.sum(axis=0), fit.fractions, atol=1e-6)
@@ -142,8 +146,9 @@ def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
     mask = node["mask"].read().astype(bool)
     order = np.argsort(node.metadata["energies_eV"])
     a = refs.interpolate(np.asarray(node.metadata["energies_eV"])[order]).T  # (E, K)
+    proj = np.eye(a.shape[0]) - 1.0 / a.shape[0]  # the job's default constant background, projected out
     for y, x in np.argwhere(mask)[:: max(1, int(mask.sum()) // 40)]:
-        w, _ = nnls(a, od[order, y, x].astype(np.float64))  # SciPy oracle, normalized as the job does
+        w, _ = nnls(proj @ a, proj @ od[order, y, x].astype(np.float64))  # SciPy oracle, normalized as the job does
         np.testing.assert_allclose(fractions[:, y, x], w / w.sum(), atol=2e-3)
     # Na3.0 / Na2.4 particle: the LCF majority phase is the simulated truth's
     truth = sample.phase[mask & sample.particle & ~sample.boundary]
@@ -164,3 +169,79 @@ def test_reprocess_method_command(tiled_server, tiled_client, ni_csv, capsys):
     assert "refinement" not in node.metadata  # --method alone does not imply --refine
     direct = lcf_arrays(od, refs.interpolate(ENERGIES), ENERGIES, MethodsOptions())
     np.testing.assert_allclose(node["fractions_lcf"].read(), direct["fractions_lcf"], rtol=1e-6)
+
+
+def test_sparse_scan_every_step_done_or_skipped_with_a_reason(tiled_client, ni_csv):
+    """13 energies (one pre-edge, 12 at the edge): no step fails; normalization from the reference fit."""
+    sparse = np.concatenate([[8300.0], np.linspace(8336.0, 8358.0, 12)])
+    _result(tiled_client, "run-methods-sparse", ni_csv, recorded=sparse, od_energies=sparse)
+    opts = MethodsOptions(methods=METHODS, thickness_min=0.3, rum_max_iter=5)
+    record = run_methods(tiled_client, "run-methods-sparse", opts)
+    assert set(record) == set(METHODS)
+    for name, entry in record.items():
+        assert entry["status"] in ("complete", "skipped"), (name, entry)
+        if entry["status"] == "skipped":
+            assert "energies" in entry["reason"] or "pixels" in entry["reason"], (name, entry)
+    norm = record["normalize"]["parameters"]
+    assert norm["path"] == "reference fit" and "sparse scan" in norm["reason"] and "post-edge window" in norm["reason"]
+    # the phantom's thickness is the edge jump (edge-normalized references): recovered from the reference fit
+    truth = particle_phantom((24, 32), n_particles=3, seed=5)
+    thickness = tiled_client["phasestream"]["run-methods-sparse"]["thickness"].read()
+    np.testing.assert_allclose(thickness, truth, atol=0.05)
+    print({name: (entry["status"], entry.get("reason", "")) for name, entry in record.items()})
+
+
+def _two_phase_od(nonres, seed=0, shape=(64, 64)):
+    """Measured Ni references on a phantom: OD = t (mu_k + nonres) + noise, phase k from a smooth field."""
+    refs = load_references([NI / "ref_NiO.txt", NI / "ref_LiNiO2.txt"])
+    rng = np.random.default_rng(seed)
+    thickness = 2.0 * particle_phantom(shape, n_particles=6, seed=seed).astype(np.float64)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    phase = ((np.sin(xx / 7.0 + seed) + np.cos(yy / 9.0)) > 0).astype(int)
+    energies = np.linspace(8250.0, 8450.0, 60)
+    mu = refs.interpolate(energies)
+    od = thickness * (mu[phase].transpose(2, 0, 1) + nonres) + rng.normal(0, 0.01, (energies.size, *shape))
+    return od, energies, mu, thickness, phase
+
+
+@pytest.mark.parametrize("nonres", [0.0, 0.3, 1.0])
+def test_lcf_default_offset_takes_up_non_resonant_absorption(nonres):
+    """Fraction RMSE against the phantom truth on particle pixels: low with the default constant term."""
+    od, energies, mu, thickness, phase = _two_phase_od(nonres)
+    inside = thickness > 0.5
+    truth = np.stack([phase == 0, phase == 1]).astype(float)
+
+    def rmse(opts):
+        f = lcf_arrays(od, mu, energies, opts)["fractions_lcf"]
+        return float(np.sqrt(np.mean((f[:, inside] - truth[:, inside]) ** 2)))
+
+    with_offset, without = rmse(MethodsOptions()), rmse(MethodsOptions(background_order=None))
+    print(f"non-resonant {nonres}: fraction RMSE {with_offset:.4f} with the offset, {without:.4f} without")
+    assert with_offset < 0.02
+    if nonres > 0:
+        assert without > 3 * with_offset
+
+
+def _cluster_accuracy(labels, truth, region):
+    """Accuracy after matching clusters to phases (Hungarian assignment on the contingency table)."""
+    k = int(truth.max()) + 1
+    table = np.array([[np.sum((labels[region] == i) & (truth[region] == j)) for j in range(k)]
+                      for i in range(int(labels.max()) + 1)])
+    rows, cols = linear_sum_assignment(-table)
+    return table[rows, cols].sum() / region.sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_on_normalized_particle_spectra_finds_the_phases(seed):
+    """scikit-learn k-means in the job: on normalized spectra inside the particle mask it follows phase,
+    on raw OD of every pixel it follows thickness."""
+    od, energies, _, thickness, phase = _two_phase_od(0.3, seed=seed)
+    region = particle_mask(od) & (thickness > 0.5)
+    normalized = normalize_edge(od, energies).normalized
+    arrays, params = kmeans_arrays(od, normalized, MethodsOptions(n_clusters=2))
+    labels = arrays["cluster_mask"]
+    assert (labels[~particle_mask(od)] == -1).all() and params["mask"] == "particle"
+    new = _cluster_accuracy(labels, phase, region)
+    old = _cluster_accuracy(kmeans_clusters(od, 2).labels, phase, region)  # the former default
+    print(f"seed {seed}: k-means accuracy {new:.3f} (normalized, particle mask), {old:.3f} (raw OD, all pixels)")
+    assert new >= 0.95 and old < 0.75
