@@ -27,11 +27,12 @@ services:
 	@bash .ci/ensure-services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest -m "not faults and not stack" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults and not stack and not cluster" $(PYTEST_ARGS)
 
-# the whole service started with `phasestream up` (embedded and PostgreSQL Tiled, Dask, model server)
+# the whole service started with `phasestream up` (embedded and PostgreSQL Tiled, Dask, model server),
+# the Procfile under honcho, and the tests that start Dask clusters or the demo's processes (marker cluster)
 test-stack: $(STAMP) services
-	$(BIN)/python -m pytest -m stack $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "stack or cluster" $(PYTEST_ARGS)
 
 # processes killed and restarted (worker SIGTERM/SIGKILL, Tiled killed during a final write); docs/security.md
 test-faults: $(STAMP) services

@@ -15,6 +15,7 @@ def demo_run(tmp_path_factory):
     return out, ["demo", "--states", "3.0,2.0", "--size", "96", "--dose", "20000", "--out", str(out), "--json"]
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_zmq_demo_fractions_match_ground_truth_and_leave_a_queryable_catalog(demo_run, capsys):
     out, argv = demo_run
     assert main(argv) == 0

@@ -85,6 +85,7 @@ def test_runs_at_other_energies_are_refused(tiled_client):
         tiled_training_set(tiled_client, runs=["nope"])
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_extraction_on_dask_equals_in_process_and_names_failed_runs(tiled_server, tiled_client, monkeypatch):
     import pathlib
 

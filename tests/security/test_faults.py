@@ -190,10 +190,12 @@ def test_sigterm_mid_run_ends_partial_and_sigkill_mid_run_is_recovered(tiled):
     client = tiled.client()
     (stopped, _), (killed, killed_sample) = raw_scan(client, 1), raw_scan(client, 2)
     with transport() as wire:
-        with worker(wire, tiled) as first:
+        # a stop timeout longer than the test: on a fresh clone the first images wait for numba's
+        # compilation, and a run without documents for --stop-timeout is (rightly) recovered complete
+        with worker(wire, tiled, "--stop-timeout", "600") as first:
             publish(wire, first_events(stopped, 4), pace=PACE)
             uid = stopped[0][1]["uid"]
-            wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2)
+            wait_md(client, uid, lambda md: md["n_energies_seen"] >= 2 and md["status"] == "running")
             first.stop()  # SIGTERM
             assert first.returncode == 0
         md = dict(client["phasestream"][uid].metadata)

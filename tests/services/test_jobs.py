@@ -80,6 +80,7 @@ def test_registry_has_the_post_scan_jobs():
         Job("uid", (("no-such-job", {}),)).validate()
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_dask_equals_in_process_and_failures_are_reported(tiled_server, tiled_client, runs):
     good, bad = runs
     jobs = [Job(uid, (("reprocess", {"backend": "numba"}),)) for uid in [*good, bad]]
@@ -133,6 +134,7 @@ def test_api_key_travels_separately(tiled_server, runs):
     assert key not in repr(JobContext(uri, key))
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys):
     from phasestream.app.cli import main
 
