@@ -35,6 +35,7 @@ logger = logging.getLogger("phasestream.supervise")
 
 POLL = 0.5
 FIRST_DELAY, MAX_DELAY, STABLE_AFTER = 1.0, 30.0, 60.0
+STOP_GRACE = 30.0  # seconds a component may take to stop after a requested restart
 
 
 def read_state(run_dir: Path) -> dict:
@@ -119,9 +120,11 @@ class Supervisor:
         state = read_state(self.run_dir)
         changed = False
         for name, record in state["components"].items():
-            requested = (self.run_dir / f"restart-{name}").exists()
+            request = self.run_dir / f"restart-{name}"
+            requested = request.exists()
             if alive(record["pid"]):
-                if requested and time.time() - record.get("started", 0) > 30:  # it ignored SIGTERM
+                # SIGTERM was sent with the request: a component that ignores it for 30 s is killed
+                if requested and time.time() - request.stat().st_mtime > STOP_GRACE:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(record["pid"], signal.SIGKILL)
                 continue
