@@ -88,3 +88,10 @@ def test_references_command_plans_for_a_dose(capsys):
 def test_reprocess_of_unknown_run_reports_failure(capsys, tmp_path):
     assert main(["reprocess", "--catalog", str(tmp_path / "cat"), "0123-not-a-run"]) == 1
     assert "0123-not-a-run: failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.1", "nan", "an eighth"])
+def test_serve_refuses_a_partial_budget_outside_0_1(budget, capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--catalog", "/nonexistent", "--partial-budget", budget])
+    assert "--partial-budget must be a fraction in (0, 1] or 'none'" in capsys.readouterr().err

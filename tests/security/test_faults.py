@@ -112,11 +112,16 @@ def transport() -> Iterator[tuple]:
 
 @contextlib.contextmanager
 def worker(wire: tuple, tiled: TiledServer, *args: str) -> Iterator[ServeProcess]:
-    """``phasestream serve`` on the proxy of ``wire``, started once the publisher reaches it."""
+    """``phasestream serve`` on the proxy of ``wire``, started once the publisher reaches it.
+
+    Partial maps strictly every 2 images (``--partial-budget none``): with the default budget a
+    worker that meets its first images during numba's first compilation (a fresh clone, a slow
+    machine) takes them in a burst and rightly publishes no partial map, which these tests wait for.
+    """
     proxy, publisher = wire
     process = ServeProcess(proxy.out_address, f"{tiled.uri}?api_key={tiled.key}",
                            args=("--backend", "numba", "--no-refine", "--update-every", "2", "--update-seconds", "0.2",
-                                 *args))
+                                 "--partial-budget", "none", *args))
     process.start()
     try:
         assert publisher.wait_for_subscriber(10)

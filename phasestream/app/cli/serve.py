@@ -42,6 +42,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--retries", type=int, default=2, help="Dask retries of a failed post-scan job (default 2)")
 
 
+def _partial_budget(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--partial-budget must be a fraction in (0, 1] or 'none', got {text!r}")
+    return value
+
+
 def _add_stream_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--zmq", default=None, metavar="ADDRESS",
                        help="output address of the 0MQ proxy, e.g. tcp://127.0.0.1:5578 (default "
@@ -52,6 +64,10 @@ def _add_stream_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
     serve.add_argument("--update-every", type=int, default=4, help="partial maps every N images (default 4)")
     serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
+    serve.add_argument("--partial-budget", type=_partial_budget, default=0.125, metavar="FRACTION",
+                       help="partial maps take at most about this fraction of the time: their interval grows with "
+                            "their cost, and none is started in a burst of images near the scan's end (default "
+                            "0.125; 'none': strictly every --update-every images / --update-seconds)")
     serve.add_argument("--stop-timeout", type=float, default=60.0,
                        help="seconds without documents after which a run without stop is given up (default 60)")
     serve.add_argument("--max-message-size", type=parse_byte_size, metavar="BYTES",
@@ -107,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ[REFERENCE_FOLDERS_ENV] = os.pathsep.join(folders)
         bounds = DocumentBounds(max_num_points=args.max_num_points, max_image_pixels=args.max_image_pixels)
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
-                              update_seconds=args.update_seconds, root=args.root, write_od=not args.no_od,
+                              update_seconds=args.update_seconds, partial_budget=args.partial_budget, root=args.root, write_od=not args.no_od,
                               od_store=args.od_store, reference_folders=folders, bounds=bounds,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
