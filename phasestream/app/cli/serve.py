@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ[REFERENCE_FOLDERS_ENV] = os.pathsep.join(folders)
         bounds = DocumentBounds(max_num_points=args.max_num_points, max_image_pixels=args.max_image_pixels)
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
-                              update_seconds=args.update_seconds, partial_budget=args.partial_budget, root=args.root, write_od=not args.no_od,
+                              update_seconds=args.update_seconds, partial_budget=args.partial_budget,
+                              root=args.root, write_od=not args.no_od,
                               od_store=args.od_store, reference_folders=folders, bounds=bounds,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
