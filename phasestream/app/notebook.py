@@ -321,7 +321,8 @@ class LivePhaseMap(QtAwareCallback):
             soc = sample.get("state_of_charge")
             seen = self.snapshot.n_energies_seen if self.snapshot is not None else 0
             expected = self._expected()
-            parts = [str(sample.get("name") or self._start.get("uid", "")[:8] or "run")]
+            uid = self._start.get("uid")
+            parts = [str(sample.get("name") or (uid[:8] if isinstance(uid, str) and uid else "run"))]
             if isinstance(soc, int | float):
                 parts.append(f"SOC {soc:g}")
             parts += [status, f"{seen}/{expected or '?'} energies"]

@@ -129,7 +129,7 @@ class ResultFollower:
                     self.last = snapshot
                     try:
                         self.on_update(snapshot)
-                    except Exception:  # noqa: BLE001 - a view's error must not end the following
+                    except Exception:  # a view's error must not end the following
                         logger.exception("run %s: the result view failed on an update", self.run_uid)
                 if snapshot is not None and snapshot.final:
                     return
@@ -196,5 +196,5 @@ class ResultFollower:
         if subscription is not None:
             try:
                 subscription.disconnect()
-            except Exception:  # noqa: BLE001 - the server may be gone already
+            except Exception:  # the server may be gone already
                 logger.debug("run %s: closing the streaming subscription failed", self.run_uid, exc_info=True)

@@ -1,0 +1,154 @@
+"""LivePhaseMap: the live phase-map view for IPython / Jupyter, drawing into an Agg figure during real
+RunEngine scans, in-process and following a real ``phasestream serve`` worker through Tiled."""
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from phasestream.app.figures import phase_rgb
+from phasestream.app.live import ServeProcess
+from phasestream.app.notebook import LivePhaseMap
+from phasestream.kernels import (
+    DEFAULT_AMBIGUITY,
+    assign_phases,
+    optical_density_reference,
+    particle_mask,
+    pearson_maps,
+    phase_fractions,
+)
+from phasestream.references import load_references, select_energies
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.follow import ResultFollower
+from phasestream.transport.proxy import start_proxy
+from phasestream.transport.wire import DocumentPublisher
+
+REFS = load_references("nvpf-synthetic")
+ENERGIES = select_energies(REFS, 8)
+SHAPE = (48, 48)
+
+
+def agg_figure() -> Figure:
+    figure = Figure(figsize=(8, 3.5))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def scan(RE, soc: float, seed: int):
+    sample = make_sample(SHAPE, state_of_charge=soc, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=8000.0, seed=seed)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+    return uid, sample
+
+
+class Watcher:
+    """Subscribed after the view: what the view's figure showed after each event, and the raw images."""
+
+    def __init__(self, live: LivePhaseMap, image_key: str, i0_key: str):
+        self.live, self.image_key, self.i0_key = live, image_key, i0_key
+        self.seen: list[tuple[int, str]] = []  # (energies in the drawn state, its status) after each event
+        self.images, self.i0 = [], []
+
+    def __call__(self, name, doc):
+        if name == "event":
+            self.images.append(np.asarray(doc["data"][self.image_key], dtype=float))
+            self.i0.append(float(doc["data"][self.i0_key]))
+            s = self.live.snapshot
+            self.seen.append((s.n_energies_seen, s.status) if s is not None else (0, ""))
+
+
+def shown_rgb(live: LivePhaseMap) -> np.ndarray:
+    image = live.figure.axes[0].get_images()[0]
+    return np.asarray(image.get_array())
+
+
+def last_points(live: LivePhaseMap) -> dict[str, float]:
+    """The last point of every fraction line in the figure, by label."""
+    return {line.get_label(): float(line.get_ydata()[-1]) for line in live.figure.axes[1].get_lines()}
+
+
+def test_in_process_view_draws_the_workers_maps_as_the_scan_goes():
+    RE = RunEngine({})
+    live = LivePhaseMap(figure=agg_figure(), backend="numpy", display=False)
+    RE.subscribe(live)
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=3, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=8000.0, seed=3)
+    watcher = Watcher(live, det.image_key, det.i0_key)
+    RE.subscribe(watcher)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+    live.close()
+
+    # redrawn during the scan, with more energies each time, before the final state
+    during = [n for n, status in watcher.seen if status == "running" and n >= 2]
+    assert len(set(during)) >= 2 and during == sorted(during)
+    assert live.redraws == sorted(live.redraws) and len(live.redraws) >= len(ENERGIES) - 1
+
+    snap = live.snapshot
+    assert snap.run_uid == uid and snap.status == "complete" and snap.n_energies_seen == len(ENERGIES)
+    # the figure shows exactly the paper's display of the drawn maps
+    np.testing.assert_array_equal(shown_rgb(live),
+                                  phase_rgb(snap.arrays["phase"], snap.arrays["reliability"], snap.arrays["ambiguous"]))
+    # the maps are those of an independent batch computation from the raw images, and right
+    ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(watcher.images, watcher.i0, strict=True)])
+    pcc = pearson_maps(ods, REFS.interpolate(ENERGIES))
+    mask = particle_mask(np.nanmean(ods, axis=0))
+    phase, _, _ = assign_phases(pcc, mask, DEFAULT_AMBIGUITY, backend="numpy")
+    assert np.mean(phase == snap.arrays["phase"]) > 0.99
+    assert sample.accuracy(snap.arrays["phase"]) > 0.9
+    # the fraction lines end at the final fractions
+    fr = phase_fractions(snap.arrays["phase"], snap.arrays["mask"].astype(bool),
+                         snap.arrays["ambiguous"].astype(bool), len(REFS.phases))
+    expected = {**fr.as_dict(REFS.phases), "ambiguous": fr.ambiguous}
+    assert last_points(live) == pytest.approx(expected)
+    assert [n for n, _, _ in live.fractions] == list(range(2, len(ENERGIES) + 1))
+    title = live.figure.get_suptitle()
+    assert "SOC 2" in title and "complete" in title and f"{len(ENERGIES)}/{len(ENERGIES)}" in title
+    assert live.figure.canvas.buffer_rgba().shape[2] == 4  # rendered by Agg
+
+
+@pytest.fixture(scope="module")
+def worker(tiled_server, tiled_client):
+    with start_proxy() as proxy, ServeProcess(proxy.out_address, tiled_server.uri,
+                                              args=("--backend", "numpy", "--no-refine", "--update-every", "2",
+                                                    "--partial-budget", "none")):
+        with DocumentPublisher(proxy.in_address) as publisher:
+            assert publisher.wait_for_subscriber(10)
+            yield publisher, tiled_client
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["subscription", "polling"])
+def test_remote_view_follows_the_workers_result_in_tiled(worker, streaming):
+    publisher, client = worker
+    RE = RunEngine({})
+    RE.subscribe(publisher)
+    live = LivePhaseMap(client, figure=agg_figure(), streaming=streaming, poll_seconds=0.2, display=False)
+    RE.subscribe(live)
+    uid, sample = scan(RE, 1.0, seed=11)
+    modes = live.mode
+    live.close()
+
+    res = client["phasestream"][uid]
+    md = res.metadata
+    assert md["status"] == "complete", md["errors"]
+    snap = live.snapshot
+    assert snap.final and snap.status == "complete" and snap.n_energies_seen == len(ENERGIES)
+    assert modes == ("streaming" if streaming else "polling")
+    # the figure's final data is the paper's display of the arrays in Tiled, its lines the metadata
+    np.testing.assert_array_equal(shown_rgb(live), phase_rgb(res["phase"].read(), res["reliability"].read(),
+                                                             res["ambiguous"].read()))
+    assert last_points(live) == pytest.approx({**md["phase_fractions"], "ambiguous": md["ambiguous_fraction"]})
+    assert sample.accuracy(res["phase"].read()) > 0.9
+    assert "complete" in live.figure.get_suptitle()
+
+
+def test_a_start_uid_that_is_no_run_uid_never_names_a_tiled_key(tiled_client):
+    live = LivePhaseMap(tiled_client, figure=agg_figure(), display=False)
+    for bad in ("..", ".", "a/b", "", None):
+        live("start", {"uid": bad, "time": 0.0, "num_points": 3})
+        assert live.mode == "waiting" and live._follower is None
+        assert "refused" in live.figure.get_suptitle()
+    with pytest.raises(ValueError, match="run uid"):
+        ResultFollower(tiled_client, "..", lambda s: None)
