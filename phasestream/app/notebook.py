@@ -86,7 +86,7 @@ class LivePhaseMap(QtAwareCallback):
                  references: str | ReferenceSet | None = None, reference_folders: Sequence[str | Path] = (),
                  backend: str | None = "auto", ambiguity: float = DEFAULT_AMBIGUITY,
                  mask_threshold: float | None = None, update_every: int = 1, poll_seconds: float = 1.0,
-                 streaming: bool = True, final_timeout: float = 30.0, display: bool | None = None,
+                 streaming: bool = True, final_timeout: float = 10.0, display: bool | None = None,
                  use_teleporter: bool | None = None):
         super().__init__(use_teleporter=use_teleporter)
         self.tiled = tiled
@@ -143,11 +143,18 @@ class LivePhaseMap(QtAwareCallback):
             logger.error("live phase map: start document refused: %s", exc)
             self._draw_title("start document refused")
             return
+        if self.analysis is None and "phasestream" not in doc:
+            self._uid = None  # a worker analyses only runs that ask for it: nothing will come to follow
+            self._draw_title("not a phasestream run")
+            return
         if self.analysis is not None:
             self.analysis("start", doc)
             analysis = self.analysis.active.get(self._uid)
-            if analysis is not None:
-                self._phase_names = list(analysis.references.phases)
+            if analysis is None:  # refused (see the log) or not asking for phase maps
+                self._uid = None
+                self._draw_title("not analysed")
+                return
+            self._phase_names = list(analysis.references.phases)
         else:
             self._follower = ResultFollower(self.tiled, self._uid, self._received, root=self.root,
                                             poll_seconds=self.poll_seconds, streaming=self.streaming).start()

@@ -150,5 +150,11 @@ def test_a_start_uid_that_is_no_run_uid_never_names_a_tiled_key(tiled_client):
         live("start", {"uid": bad, "time": 0.0, "num_points": 3})
         assert live.mode == "waiting" and live._follower is None
         assert "refused" in live.figure.get_suptitle()
+    live("start", {"uid": "plain-run", "time": 0.0})  # no phasestream block: no worker result to follow
+    assert live._follower is None and "not a phasestream run" in live.figure.get_suptitle()
+    local = LivePhaseMap(figure=agg_figure(), display=False)
+    local("start", {"uid": "plain-run", "time": 0.0})  # in-process: refused like the worker refuses it
+    local.close()
+    assert "not analysed" in local.figure.get_suptitle()
     with pytest.raises(ValueError, match="run uid"):
         ResultFollower(tiled_client, "..", lambda s: None)
