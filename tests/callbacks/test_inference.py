@@ -106,3 +106,22 @@ def test_infer_block_rules():
     block, _ = infer_block({"uid": "u", "hints": {"dimensions": [[["mono_energy"], "primary"]]}}, desc,
                            RunDefaults("nvpf-synthetic", i0_key="I0"))
     assert block["energy_key"] == "mono_energy"
+
+
+def test_a_run_without_a_block_and_a_uid_that_cannot_name_a_result_is_never_recorded():
+    _, energy, det = _devices()
+    docs = _documents(list_scan([det], energy, ENERGIES[:2]))
+    cb = PhaseMapCallback(references="nvpf-synthetic", backend="numpy")
+    for name, doc in docs:
+        cb(name, {**doc, "uid": ".."} if name == "start" else doc)
+    cb.flush()
+    assert not cb.results and not cb.pending and not cb.active
+
+
+def test_a_run_that_ends_before_its_primary_descriptor_is_skipped():
+    cb = PhaseMapCallback(references="nvpf-synthetic", backend="numpy")
+    cb("start", {"uid": "run-1", "time": 0.0})
+    cb("stop", {"uid": "stop-1", "run_start": "run-1", "time": 1.0, "exit_status": "abort"})
+    cb.flush()
+    result = cb.results["run-1"]
+    assert result.status == "skipped" and "without a primary stream" in result.errors[0] and not cb.pending
