@@ -41,6 +41,7 @@ __all__ = [
     "JobOutcome",
     "JobStatus",
     "MetadataTooLargeError",
+    "RunDefaults",
     "RunSettings",
     "RunSettingsError",
     "Status",
@@ -58,6 +59,7 @@ class Status(StrEnum):
     COMPLETE = "complete"  # every array written and read back
     PARTIAL = "partial"  # written and read back, but the run lost data (documents, energies, pixels)
     FAILED = "failed"  # nothing usable; ``errors`` says why
+    SKIPPED = "skipped"  # not analysed: a run without a ``phasestream`` block whose keys cannot be inferred
 
 
 class JobStatus(StrEnum):
@@ -90,7 +92,7 @@ class IncompleteReason(StrEnum):
 
 #: Result statuses: ``running`` while a run is analysed, then one of :data:`FINAL_STATUSES`.
 STATUSES = tuple(s.value for s in Status)
-FINAL_STATUSES = (Status.COMPLETE.value, Status.PARTIAL.value, Status.FAILED.value)
+FINAL_STATUSES = (Status.COMPLETE.value, Status.PARTIAL.value, Status.FAILED.value, Status.SKIPPED.value)
 #: Result statuses whose maps a post-scan job may build on.
 USABLE_STATUSES = (Status.COMPLETE.value, Status.PARTIAL.value)
 #: Job record statuses that end the job (all of :class:`JobStatus` but ``partial``, which jobs never write).
@@ -300,6 +302,35 @@ class RunSettingsError(ValueError):
     """The start document does not carry usable phasestream settings."""
 
 
+def _check_key(value: Any, what: str) -> None:
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_KEY_LENGTH):
+        raise ValueError(f"{what} must be a non-empty string of at most {MAX_KEY_LENGTH} characters, got {value!r:.60}")
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """What a run whose start document has no ``phasestream`` block is analysed with (trusted options:
+    ``serve`` / ``reprocess --references R [--image-key K] [--energy-key E] [--i0-key I] [--mode M]``).
+
+    A key left None is inferred from the run's documents when that is unambiguous
+    (``phasestream.callbacks.inference``); otherwise the run is ``skipped`` with the reason.
+    """
+
+    references: str
+    image_key: str | None = None
+    energy_key: str | None = None
+    i0_key: str | None = None
+    mode: str = "stxm"
+
+    def __post_init__(self) -> None:
+        _check_key(self.references, "references")
+        for name in ("image_key", "energy_key", "i0_key"):
+            if getattr(self, name) is not None:
+                _check_key(getattr(self, name), name)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r:.60}")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What the analysis needs to know about a run, from its start document.
@@ -313,6 +344,8 @@ class RunSettings:
     mode : ``"stxm"`` or ``"txm"``
     sample : the start document's ``sample`` block (``name``, ``state_of_charge``, ...)
     num_points : expected number of energies, when the plan says so
+    keys_from : for a run without a ``phasestream`` block, how each key was chosen
+        (``{"image_key": "inferred" | "option", ...}``); empty for runs with the block
     """
 
     run_uid: str
@@ -325,6 +358,7 @@ class RunSettings:
     sample: dict = field(default_factory=dict)
     num_points: int | None = None
     extra: dict = field(default_factory=dict)
+    keys_from: dict = field(default_factory=dict)
 
     @property
     def state_of_charge(self) -> float | None:
@@ -333,8 +367,12 @@ class RunSettings:
 
     @classmethod
     def from_start(cls, start: dict[str, Any], *, references: str | None = None,
-                   bounds: DocumentBounds | None = None) -> RunSettings:
+                   bounds: DocumentBounds | None = None, block: dict | None = None,
+                   keys_from: dict | None = None) -> RunSettings:
         """Validate the ``phasestream`` block of ``start``; ``references`` overrides its value.
+
+        ``block`` stands in for a start document without one (built from :class:`RunDefaults` and
+        the inferred keys, ``keys_from`` saying which were inferred); it is checked the same way.
 
         Every field is checked before it can name a key, a file or a size: the uid against
         :data:`~phasestream.contract.RUN_UID_PATTERN`, ``num_points`` and the metadata blocks
@@ -350,7 +388,7 @@ class RunSettings:
             uid = check_run_uid(start.get("uid"))
         except InvalidIdentifierError as exc:
             raise RunSettingsError(str(exc)) from None
-        block = start.get("phasestream")
+        block = start.get("phasestream") if block is None else block
         if not isinstance(block, dict):
             raise RunSettingsError(f"run {uid}: start document has no 'phasestream' metadata block")
         sample = checked_sample(start, bounds)
@@ -392,6 +430,7 @@ class RunSettings:
             sample=dict(sample),
             num_points=num,
             extra={k: v for k, v in block.items() if k not in known},
+            keys_from=dict(keys_from or {}),
         )
 
 

@@ -280,13 +280,16 @@ class LiveService:
     def _reprocess(self, uid: str, *, complete: bool = True) -> None:
         """Recompute ``uid`` from its raw run (``complete=False``: a raw run that never got its stop:
         what it holds, ending ``partial``); a raw run that is not there leaves the result ``failed``."""
+        defaults = self.callback.defaults  # runs without a phasestream block are recovered as they were analysed
         options = ReprocessOptions(root=self.callback.root, backend=self.callback.backend,
                                    require_complete=complete,
-                                   reference_folders=tuple(str(f) for f in self.callback.reference_folders))
+                                   reference_folders=tuple(str(f) for f in self.callback.reference_folders),
+                                   defaults=None if defaults is None else asdict(defaults))
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []
-            extra = dict(RunSettings.from_start(self.client[uid].metadata["start"]).extra)
+            start = self.client[uid].metadata["start"]
+            extra = dict(RunSettings.from_start(start).extra) if "phasestream" in start else {}
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)
             self._give_up(uid, f"recovery from the raw run failed: {type(exc).__name__}: {exc}")

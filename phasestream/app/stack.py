@@ -53,6 +53,7 @@ import yaml
 from phasestream.app.launch import SERVICES
 from phasestream.app.supervise import alive as _alive
 from phasestream.app.supervise import launch, read_state, request_restart, write_state
+from phasestream.store.tiled import BLUESKY_RUN_MEDIA_TYPES
 
 __all__ = ["COMPONENTS", "RedactSecrets", "StackConfig", "down", "restart", "status", "up"]
 
@@ -129,6 +130,7 @@ def _generated_tiled_config(cfg: StackConfig) -> Path:
         "catalog": {"uri": f"sqlite:///{folder / 'catalog.db'}", "init_if_not_exists": True,
                     "writable_storage": [str(folder / "data"), f"duckdb:///{folder / 'tables.duckdb'}"]},
         "streaming_cache": {"uri": "memory"},
+        "media_types": BLUESKY_RUN_MEDIA_TYPES,  # raw runs as documents (databroker, BlueskyRun.documents())
     }
     od_store = {**os.environ, **cfg.env}.get("PHASESTREAM_OD_STORE")
     if od_store:  # the worker writes the live OD cube there (serve --od-store): Tiled must read it

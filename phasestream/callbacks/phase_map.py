@@ -2,8 +2,11 @@
 
 :class:`PhaseMapCallback` is the entry point (``RE.subscribe(cb)`` or a dispatcher). It wraps an
 ``event_model.RunRouter`` whose factory makes one :class:`RunAnalysis` per run that carries a
-``phasestream`` block in its start document (or every run, when references are given to the
-callback). Per image: OD -> ``PearsonAccumulator.update``; every ``update_every`` images or
+``phasestream`` block in its start document. Runs from any other plan are analysed when the
+callback has :class:`~phasestream.contract.RunDefaults` (or references): their keys are inferred
+from the primary descriptor (:mod:`phasestream.callbacks.inference`), and a run whose keys cannot
+be inferred gets a ``skipped`` result with the reason (docs/any-plan.md).
+Per image: OD -> ``PearsonAccumulator.update``; every ``update_every`` images or
 ``update_seconds`` the partial maps are handed to a background :class:`ResultSink` that
 writes them to Tiled (the hot path never waits on HTTP). At stop the final maps, fractions,
 status and timings are written.
@@ -28,6 +31,8 @@ from event_model import RunRouter
 
 from phasestream.callbacks.analysis import RunAnalysis
 from phasestream.callbacks.assets import default_handler_registry
+from phasestream.callbacks.inference import KeysNotInferred, infer_block
+from phasestream.callbacks.pending import PendingRun
 from phasestream.callbacks.result import RunResult
 from phasestream.callbacks.settings import AnalysisConfig
 from phasestream.callbacks.sink import ResultSink
@@ -35,6 +40,7 @@ from phasestream.contract import (
     DocumentBounds,
     IncompleteReason,
     InvalidIdentifierError,
+    RunDefaults,
     RunSettings,
     RunSettingsError,
     check_run_uid,
@@ -56,6 +62,14 @@ CONFLICT_NOTE = "a start document for this run arrived again"
 #: conflicts noted on one result; later ones are only logged
 MAX_CONFLICT_NOTES = 10
 
+def _keys_note(settings: RunSettings) -> dict:
+    """``keys``: the keys a run without a ``phasestream`` block was analysed with, and how each was chosen."""
+    if not settings.keys_from:
+        return {}
+    return {"keys": {"image_key": settings.image_key, "energy_key": settings.energy_key,
+                     "i0_key": settings.i0_key, "mode": settings.mode, "from": dict(settings.keys_from)}}
+
+
 class PhaseMapCallback:
     """Live phase maps for every run that asks for them, written to Tiled as the scan goes.
 
@@ -65,7 +79,10 @@ class PhaseMapCallback:
         ``<root>/<run uid>``. ``None`` keeps results in memory only (``results``).
     references : reference spectra for every run (path, registered name or ReferenceSet);
         default: each run's ``phasestream.references``. With explicit references, runs without a
-        ``phasestream`` block are handled when they still name ``image_key``/``energy_key``.
+        ``phasestream`` block are analysed too (as with ``defaults=RunDefaults(references)``)
+    defaults : how runs without a ``phasestream`` block are analysed (references, keys, mode; a key
+        left None is inferred from the run when unambiguous, else the run is ``skipped``). None
+        (and no ``references``): such runs are not this callback's
     root : container name of the results
     update_every, update_seconds : write partial maps every this many images or seconds
     min_update_seconds : never compute partial maps more often than this (a fast stream
@@ -123,6 +140,7 @@ class PhaseMapCallback:
         replace: bool = False,
         keep_arrays: bool | None = None,
         max_results: int = 1000,
+        defaults: RunDefaults | None = None,
     ):
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
@@ -138,6 +156,13 @@ class PhaseMapCallback:
         self.ambiguity = float(ambiguity)
         self.mask_threshold = mask_threshold
         self.references = None if references is None else load_references(references)
+        if defaults is None and self.references is not None:
+            defaults = RunDefaults(self.references.name)
+        self.defaults = defaults
+        #: references of runs without a block: the override, else the defaults' (a trusted option)
+        self.default_references = self.references or (
+            None if defaults is None else load_references(defaults.references))
+        self.pending: dict[str, PendingRun] = {}  # runs without a block, before their primary descriptor
         self.on_run_complete = on_run_complete
         self.write_od = bool(write_od)
         self.od_store = None if od_store is None else Path(od_store)
@@ -180,7 +205,7 @@ class PhaseMapCallback:
                 phases=list(analysis.references.phases),
                 # without OD writing (or without an image) no `od` array is created (it would read as zeros)
                 n_energies=analysis.settings.num_points if self.write_od and shape is not None else None,
-                metadata=analysis.base_metadata(),
+                metadata={**analysis.base_metadata(), **_keys_note(analysis.settings)},
                 replace=self.replace,
                 od_store=self.od_store,
             )
@@ -213,30 +238,61 @@ class PhaseMapCallback:
                 self.results.popitem(last=False)
 
     def _factory(self, name: str, start: dict):
-        if "phasestream" not in start and self.references is None:
+        blockless = "phasestream" not in start
+        if blockless and self.defaults is None:
             return [], []
         try:
             uid = check_run_uid(start.get("uid"))
         except InvalidIdentifierError as exc:
             logger.error("start document refused; nothing written: %s", exc)
             return [], []
-        if uid in self.active or (not self.replace and self._result_exists(uid)):
+        if uid in self.active or uid in self.pending or (not self.replace and self._result_exists(uid)):
             self._record_conflict(uid)
             return [], []
+        if blockless:  # keys from the primary descriptor, when it comes
+            pending = PendingRun(start, resolve=self._resolve, give_up=lambda reason: self._give_up(uid, start, reason))
+            with self._lock:
+                self.pending[uid] = pending
+            return [pending], []
+        analysis = self._start_analysis(uid, start)
+        return ([analysis] if analysis is not None else []), []
+
+    def _resolve(self, start: dict, descriptor: dict) -> RunAnalysis | None:
+        """A run without a block: its keys from the options and the primary descriptor, or ``skipped``."""
+        uid = start["uid"]
+        with self._lock:
+            self.pending.pop(uid, None)
+        try:
+            block, keys_from = infer_block(start, descriptor, self.defaults)
+        except KeysNotInferred as exc:
+            self._not_analysed(uid, start, "skipped", f"not analysed (no phasestream block): {exc}")
+            return None
+        return self._start_analysis(uid, start, block=block, keys_from=keys_from)
+
+    def _give_up(self, uid: str, start: dict, reason: str) -> None:
+        with self._lock:
+            self.pending.pop(uid, None)
+        self._not_analysed(uid, start, "skipped", f"not analysed (no phasestream block): {reason}")
+
+    def _start_analysis(self, uid: str, start: dict, *, block: dict | None = None,
+                        keys_from: dict | None = None) -> RunAnalysis | None:
+        """The run's analysis from its start document (``block``: the one built for a run without one)."""
         try:
             settings = RunSettings.from_start(
-                start, references=None if self.references is None else self.references.name, bounds=self.bounds
+                start, references=None if self.references is None else self.references.name, bounds=self.bounds,
+                block=block, keys_from=keys_from,
             )
-            refs = self.references or self._load_references(settings.references)
+            refs = self.default_references if block is not None else (
+                self.references or self._load_references(settings.references))
         except (RunSettingsError, OSError, ValueError) as exc:
             self._reject(uid, start, exc)
-            return [], []
+            return None
         analysis = RunAnalysis(self.analysis_config(), settings, refs, sink=self.sink, open_writer=self.writer_factory,
                                on_finished=self._finished)
         with self._lock:
             self.active[settings.run_uid] = analysis
         self._remember(analysis.result)
-        return [analysis], []
+        return analysis
 
     def _result_exists(self, uid: str) -> bool:
         """A result of ``uid`` is known here or in Tiled (unknown when Tiled cannot be asked: the
@@ -277,15 +333,19 @@ class PhaseMapCallback:
 
     def _reject(self, uid: str, start: dict, exc: BaseException) -> None:
         """A refused start document: a ``failed`` result with the reason (the raw run stays in Tiled)."""
-        reason = f"start document refused: {exc}"
-        logger.error("run %s not analysed: %s", uid, exc)
+        self._not_analysed(uid, start, "failed", f"start document refused: {exc}")
+
+    def _not_analysed(self, uid: str, start: dict, status: str, reason: str) -> None:
+        """A run that is not analysed: a ``failed`` (refused) or ``skipped`` (keys not inferred) result
+        with the reason, at ``<root>/<uid>`` (``uid`` already checked); the raw run stays in Tiled."""
+        logger.error("run %s not analysed: %s", uid, reason)
         failed = RunResult(RunSettings(uid, None, "", "", ""))
-        failed.status, failed.errors = "failed", [reason]
+        failed.status, failed.errors = status, [reason]
         self._remember(failed)
         if self.client is None:
             failed.done.set()
             return
-        metadata = {"status": "failed", "errors": [reason], "sample": self._safe_sample(start)}
+        metadata = {"run_uid": uid, "status": status, "errors": [reason], "sample": self._safe_sample(start)}
         if isinstance(start.get("scan_id"), int) and not isinstance(start.get("scan_id"), bool):
             metadata["scan_id"] = start["scan_id"]
 
@@ -296,7 +356,7 @@ class PhaseMapCallback:
             except ResultExistsError:
                 failed.errors.append("a result of this uid already exists; it was left as it is")
             except Exception as error:  # noqa: BLE001 - logged; the worker goes on
-                logger.error("run %s: could not record the refusal in Tiled: %s", uid, error)
+                logger.error("run %s: could not record why it was not analysed in Tiled: %s", uid, error)
             failed.metadata = metadata
 
         self.sink.submit(job)
@@ -313,7 +373,8 @@ class PhaseMapCallback:
         if self.backend == "numba" and threading.get_ident() not in self._threads_limited:
             limit_kernel_threads(self.kernel_threads)
             self._threads_limited.add(threading.get_ident())
-        if name == "start" and isinstance(doc, dict) and doc.get("uid") in self.active:
+        if name == "start" and isinstance(doc, dict) and (doc.get("uid") in self.active
+                                                          or doc.get("uid") in self.pending):
             self._record_conflict(doc["uid"])  # the open run goes on; the second start is ignored
             return
         try:
@@ -344,7 +405,10 @@ class PhaseMapCallback:
         return self.active.get(uid) if uid else None
 
     def abort_active(self, reason: str) -> None:
-        """Finalize every run still open as ``partial`` with ``reason`` (the worker is stopping)."""
+        """Finalize every run still open as ``partial`` with ``reason`` (the worker is stopping); a run
+        still waiting for its primary descriptor is ``skipped`` with it."""
+        for pending in list(self.pending.values()):
+            pending.close(f"{reason} before the primary stream's descriptor arrived")
         for analysis in list(self.active.values()):
             analysis.incomplete_reason = reason
             analysis.record_error(reason)
@@ -366,6 +430,8 @@ class PhaseMapCallback:
         stop does it."""
         analysis = self.active.get(run_uid)
         if analysis is None:
+            if kind.final and run_uid in self.pending:
+                self.pending[run_uid].close(f"documents lost ({reason}) before the primary stream's descriptor")
             return
         analysis.incomplete_reason = reason
         analysis.record_error(f"documents lost: {reason}")

@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.contract import JobOutcome
+from phasestream.contract import JobOutcome, RunDefaults
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
 from phasestream.store.results import ResultExistsError
 from phasestream.store.tiled import open_raw_run, raw_run_complete
 
 __all__ = [
+    "NoPhasestreamBlockError",
     "RawRunMismatchError",
     "ReprocessOptions",
     "ResultCompleteError",
@@ -59,16 +60,28 @@ class ReprocessOptions:
     #: folders whose files the run's start document may name as references (default
     #: ``PHASESTREAM_REFERENCES``)
     reference_folders: tuple[str, ...] = ()
+    #: how a run without a ``phasestream`` block is analysed (:class:`~phasestream.contract.RunDefaults`
+    #: as a dict, so that the options travel to Dask); None: with ``references`` only, keys inferred
+    defaults: dict | None = None
 
     def validate(self) -> ReprocessOptions:
         if not self.root or "/" in self.root:
             raise ValueError(f"root must be a single container name, got {self.root!r}")
         self.reference_folders = tuple(str(f) for f in self.reference_folders)
+        if self.defaults is not None:
+            self.defaults = asdict(RunDefaults(**self.defaults))
         return self
+
+    def run_defaults(self) -> RunDefaults | None:
+        return None if self.defaults is None else RunDefaults(**self.defaults)
 
 
 class ResultCompleteError(ResultExistsError):
     """The run already has a ``complete`` result, and replacing it was not asked for."""
+
+
+class NoPhasestreamBlockError(RuntimeError):
+    """The run's start document has no ``phasestream`` block and no references were given to analyse it."""
 
 
 class RawRunMismatchError(ValueError):
@@ -245,7 +258,8 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
                                   "--replace (ReprocessOptions.replace) to recompute and replace it")
     folders = opts.reference_folders or tuple(str(f) for f in reference_folders_from_env())
     cb = PhaseMapCallback(client, root=opts.root, backend=opts.backend, references=opts.references,
-                          update_every=10**9, update_seconds=float("inf"), replace=True, reference_folders=folders)
+                          defaults=opts.run_defaults(), update_every=10**9, update_seconds=float("inf"),
+                          replace=True, reference_folders=folders)
     try:
         # rows that cannot be paired with their frames are left out and the run ends `partial`
         for name, doc in raw_run_documents(run, on_mismatch=lambda reason: cb.run_incomplete(run_uid, reason)):
@@ -257,7 +271,9 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
         cb.close()
     result = cb.results.get(run_uid)
     if result is None:
-        raise RuntimeError(f"run {run_uid} carries no phasestream metadata; pass references= to analyse it")
+        raise NoPhasestreamBlockError(
+            f"run {run_uid} has no phasestream block in its start document: pass --references R (and --image-key, "
+            "--energy-key, --i0-key, --mode where they cannot be inferred) to analyse it (docs/any-plan.md)")
     logger.info("reprocessed %s: %s", run_uid, result.status)
     return result
 
@@ -274,8 +290,14 @@ def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
     """The ``reprocess`` job: recompute the result of ``run_uid`` from its raw run in Tiled."""
     opts = ReprocessOptions(**options)
     t0 = time.perf_counter()
-    result = reprocess_run(context.tiled(), run_uid, opts)
+    try:
+        result = reprocess_run(context.tiled(), run_uid, opts)
+    except NoPhasestreamBlockError as exc:
+        return JobOutcome(run_uid, "reprocess", "skipped", reason=str(exc), seconds=round(time.perf_counter() - t0, 3),
+                          retry=f"phasestream reprocess --references R {run_uid}")
     retry = "" if result.status == "complete" else f"phasestream reprocess --replace {run_uid}"
+    if result.status == "skipped":
+        retry = f"phasestream reprocess --references {opts.references or 'R'} --image-key K --energy-key E {run_uid}"
     # a result status (complete, partial, failed) is also a job status
     return JobOutcome(run_uid, "reprocess", result.status, reason="; ".join(result.errors[:5]),
                       seconds=round(time.perf_counter() - t0, 3), retry=retry,

@@ -117,7 +117,7 @@ def result_rows(results: dict[str, Container]) -> list[dict]:
 
 def wait_for_result(client, run_uid: str, *, root: str = "phasestream", timeout: float = 120.0,
                     poll_seconds: float = 0.25) -> Container:
-    """The result container of ``run_uid`` once its status is final (complete, partial or failed).
+    """The result container of ``run_uid`` once its status is final (complete, partial, failed or skipped).
 
     Polls every ``poll_seconds`` (each poll is a request the server also has to serve, so not
     faster than needed). Raises ``TimeoutError`` after ``timeout`` seconds.

@@ -29,12 +29,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 from bluesky_tiled_plugins import BlueskyRun, TiledWriter
+from bluesky_tiled_plugins.exporters import json_seq_exporter
 from tiled.client import from_uri
 from tiled.client.container import Container
 from tiled.client.utils import ClientError
+from tiled.media_type_registration import default_serialization_registry
 from tiled.server import SimpleTiledServer
 
 __all__ = [
+    "BLUESKY_RUN_DOCUMENTS",
+    "BLUESKY_RUN_MEDIA_TYPES",
     "HiddenKey",
     "TiledConnectionError",
     "TiledPermissionError",
@@ -112,6 +116,12 @@ def _resolve_api_key(api_key: str | None) -> str:
     return api_key or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
 
 
+#: (spec, media type) of a raw run's document stream (bluesky_tiled_plugins.exporters.json_seq_exporter)
+BLUESKY_RUN_DOCUMENTS = ("BlueskyRun", "application/json-seq")
+#: a Tiled configuration's ``media_types`` entry that serves it
+BLUESKY_RUN_MEDIA_TYPES = {"BlueskyRun": {"application/json-seq": "bluesky_tiled_plugins.exporters:json_seq_exporter"}}
+
+
 def start_embedded_tiled(
     *,
     api_key: str | None = None,
@@ -140,6 +150,9 @@ def start_embedded_tiled(
         # Tiled refuses such a key at startup, but only reports a 20 s startup timeout.
         raise ValueError("the Tiled API key must be ASCII letters and digits only, e.g. secrets.token_hex(16)")
     storage = [Path(p) for p in readable_storage] if readable_storage else None
+    # raw runs export as documents (BlueskyRun.documents(), databroker.v1 Header.documents()): the
+    # exporter a served configuration names under media_types (phasestream up, deploy/tiled/config.yml)
+    default_serialization_registry.register(*BLUESKY_RUN_DOCUMENTS, json_seq_exporter)
     server = SimpleTiledServer(directory=directory, api_key=key, port=port,
                                readable_storage=storage)
     log.info("embedded Tiled server at %s (data in %s)", public_uri(server.uri), server.directory)

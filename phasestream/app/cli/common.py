@@ -12,11 +12,15 @@ import os
 import sys
 from collections.abc import Callable
 
+from phasestream.contract import MODES, RunDefaults
+
 __all__ = [
     "NO_TILED",
     "SCHEDULER_NEEDS_TILED",
+    "add_run_key_options",
     "add_tiled_options",
     "configure_logging",
+    "run_defaults",
     "run_reporting_errors",
     "scheduler_option",
     "tiled_client",
@@ -105,3 +109,29 @@ def scheduler_option(args: argparse.Namespace) -> str | None:
 def workers_api_key(uri: str) -> str | None:
     """The API key Dask workers need besides ``uri`` (None when the URI carries one)."""
     return None if "api_key=" in uri else os.environ.get("TILED_API_KEY")  # the configuration's, exported
+
+
+def add_run_key_options(parser: argparse.ArgumentParser) -> None:
+    """``--image-key``, ``--energy-key``, ``--i0-key``, ``--mode``: how runs without a ``phasestream`` block
+    are analysed, with ``--references`` (docs/any-plan.md)."""
+    group = parser.add_argument_group("runs from any plan (no phasestream block; needs --references)")
+    group.add_argument("--image-key", default=None, metavar="KEY",
+                       help="data key of the images (default: inferred, the only 2-D array field)")
+    group.add_argument("--energy-key", default=None, metavar="KEY",
+                       help="data key of the energy in eV (default: inferred, the run's only motor)")
+    group.add_argument("--i0-key", default=None, metavar="KEY",
+                       help="STXM: data key of I0 (default: inferred, the only field named i0/izero; none: I0 "
+                            "estimated from the image background)")
+    group.add_argument("--mode", choices=MODES, default=None, help="stxm (default) or txm")
+
+
+def run_defaults(args: argparse.Namespace) -> RunDefaults | None:
+    """The :class:`RunDefaults` the options ask for; None without ``--references`` (the key options need it)."""
+    given = [f"--{name.replace('_', '-')}" for name in ("image_key", "energy_key", "i0_key", "mode")
+             if getattr(args, name) is not None]
+    if args.references is None:
+        if given:
+            raise ValueError(f"{', '.join(given)} describe runs without a phasestream block: they need --references")
+        return None
+    return RunDefaults(args.references, image_key=args.image_key, energy_key=args.energy_key, i0_key=args.i0_key,
+                       mode=args.mode or "stxm")

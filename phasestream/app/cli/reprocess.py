@@ -19,7 +19,9 @@ from dataclasses import asdict
 
 from phasestream.app.cli.common import (
     SCHEDULER_NEEDS_TILED,
+    add_run_key_options,
     add_tiled_options,
+    run_defaults,
     tiled_client,
     tiled_uri,
     workers_api_key,
@@ -61,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--json", action="store_true", help="print the summary of successes and failures as JSON")
     rep.add_argument("--root", default="phasestream")
     rep.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
-    rep.add_argument("--references", default=None, help="override the runs' reference spectra")
+    rep.add_argument("--references", default=None,
+                     help="override the runs' reference spectra; also analyses runs without a phasestream block "
+                          "(stock plans), their keys inferred or given below")
+    add_run_key_options(rep)
     rep.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                      help="embedded server only: directories of detector files it may read")
     rep.add_argument("--replace", action="store_true",
@@ -145,8 +150,9 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list[Job]:
     """One job per run: recompute (unless ``--refine-only``), then the post-scan steps asked for."""
     steps = []
     if not args.refine_only:
-        opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references,
-                                replace=args.replace).validate()
+        defaults = run_defaults(args)
+        opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references, replace=args.replace,
+                                defaults=None if defaults is None else asdict(defaults)).validate()
         steps.append(("reprocess", asdict(opts)))
     if args.enhance:
         steps.append(("enhance", asdict(enhance_options(args))))

@@ -12,7 +12,13 @@ import os
 import threading
 from pathlib import Path
 
-from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client
+from phasestream.app.cli.common import (
+    add_run_key_options,
+    add_tiled_options,
+    run_defaults,
+    scheduler_option,
+    tiled_client,
+)
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
 from phasestream.app.live import LiveService
 from phasestream.app.notify import notify
@@ -95,6 +101,11 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
                             f"{DEFAULT_MAX_NUM_POINTS})")
     serve.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help=f"refuse images of more pixels (default {DEFAULT_MAX_IMAGE_PIXELS}, 8192^2)")
+    serve.add_argument("--references", default=None, metavar="R",
+                       help="analyse runs without a phasestream block (stock plans) against these reference "
+                            "spectra (a registered name or a file); their keys are inferred or given below. Runs "
+                            "with the block keep their own references")
+    add_run_key_options(serve)
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
 
@@ -110,6 +121,7 @@ def _configured(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _configured(args)
+    defaults = run_defaults(args)  # refused before anything starts
     scheduler = scheduler_option(args)
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
@@ -125,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, partial_budget=args.partial_budget,
                               root=args.root, write_od=not args.no_od,
-                              od_store=args.od_store, reference_folders=folders, bounds=bounds,
+                              od_store=args.od_store, reference_folders=folders, bounds=bounds, defaults=defaults,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
                               enhance=enhance_options(args), methods=methods_base(args),
