@@ -15,7 +15,7 @@ from pathlib import Path
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1400,1000")
+         "--window-size=1400,1250")
 
 
 def missing() -> str | None:

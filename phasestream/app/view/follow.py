@@ -109,15 +109,24 @@ def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
 
 
 class _FollowedContainer(ContainerSubscription):
-    """A container subscription that says when its websocket connects and always starts from "now"."""
+    """A container subscription that says when its websocket connects and when it is lost, and that
+    always starts from the server's newest update (see the module docstring)."""
 
-    def __init__(self, *args, on_connected: Callable[[], None], **kwargs):
+    def __init__(self, *args, on_connected: Callable[[], None], on_lost: Callable[[], None] = lambda: None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self._on_connected = on_connected
+        self._on_connected, self._on_lost = on_connected, on_lost
 
     def _connect(self, start: int | None = None, max_size: int = 1_000_000) -> None:
-        super()._connect(None, max_size=max_size)  # see the module docstring: never resume by sequence
+        super()._connect(None, max_size=max_size)  # retried by Tiled (stamina) while the server is down
         self._on_connected()
+
+    def _receive(self) -> None:
+        try:
+            super()._receive()
+        except BaseException:  # the websocket broke: Tiled's loop reconnects (and we catch up then)
+            self._on_lost()
+            raise
 
 
 class CatalogFollower:
@@ -210,7 +219,7 @@ class CatalogFollower:
                     continue
                 self._subscription = sub = _FollowedContainer(
                     self.client.context, container.path_parts, structure_clients=container.structure_clients,
-                    on_connected=self._connected)
+                    on_connected=self._connected, on_lost=lambda: self._set_state("reconnecting"))
                 sub.child_created.add_callback(self._on_child)
                 sub.child_metadata_updated.add_callback(self._on_child)
                 sub.start()  # blocks; returns (or raises) when the websocket is gone for good
