@@ -43,7 +43,7 @@ from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import DocumentPublisher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from view_support import chromium, missing  # noqa: E402 - the tests' browser helper
+from view_support import chromium, missing
 
 
 def finished_results(client, n: int) -> None:
@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second")
     parser.add_argument("--runs", type=int, default=50, help="finished results in the list")
     parser.add_argument("--backend", default="numba")
+    parser.add_argument("--partial-every", type=int, default=0,
+                        help="partial maps every N images, unthinned (serve --update-every N --partial-budget none); "
+                             "default 0: the worker's defaults")
     args = parser.parse_args()
     if missing():
         sys.exit(f"benchmarks/view.py: {missing()}")
@@ -99,8 +102,12 @@ def main() -> None:
         finished_results(client, args.runs)
         docs = scan_documents(args.size, args.energies)
         uid = docs[0][1]["uid"]
+        worker_args = ("--backend", args.backend, "--no-refine")
+        if args.partial_every:
+            worker_args += ("--update-every", str(args.partial_every), "--partial-budget", "none")
+        report["worker_args"] = list(worker_args)
         with start_proxy() as proxy, DocumentPublisher(proxy.in_address) as publisher, \
-                ServeProcess(proxy.out_address, server.uri, args=("--backend", args.backend, "--no-refine")), \
+                ServeProcess(proxy.out_address, server.uri, args=worker_args), \
                 ViewServer(server.uri) as view, chromium() as driver:
             assert publisher.wait_for_subscriber(10)
             t0 = time.perf_counter()

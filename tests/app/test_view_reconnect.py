@@ -106,7 +106,8 @@ def test_view_shows_errors_and_survives_tiled_restarting(tmp_path):
             wait(lambda: badge() == "live", 30, "the view to be live again")
             assert driver.execute_script("return window.notReloaded") is True
             driver.find_element("css selector", '#runs tr[data-uid="partial-run"]').click()
-            wait(lambda: "worker stopped" in driver.find_element("id", "run-errors").text, 10, "the partial run's errors")
+            errors = lambda: driver.find_element("id", "run-errors").text  # noqa: E731
+            wait(lambda: "worker stopped" in errors(), 10, "the partial run's errors")
             assert tiled.key not in driver.page_source
     finally:
         tiled.stop()

@@ -18,7 +18,9 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,7 +39,6 @@ __all__ = ["ViewServer", "create_app", "run_view"]
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-MAP_ARRAYS = ("phase", "reliability", "ambiguous", "pcc")
 KEEPALIVE_S = 15.0
 
 
@@ -64,27 +65,57 @@ def _put_latest(queue: asyncio.Queue, message: str) -> None:
 
 
 class MapCache:
-    """The arrays of each run's latest version, read from Tiled once per version."""
+    """The PNG images of each run's latest version, rendered from arrays read from Tiled once per version.
 
-    def __init__(self, follower: CatalogFollower, size: int = 16):
+    Two groups, each read and rendered on its own: the phase map (``phase``, ``reliability``,
+    ``ambiguous``: small) and the PCC maps (``pcc``, K times larger), so the phase map is not held up
+    by the PCC maps. ``prefetch`` reads and renders a new version as soon as the update arrives
+    (before the page asks for the images), so the page's requests find them ready.
+    """
+
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {"phase": ("phase", "reliability", "ambiguous"), "pcc": ("pcc",)}
+
+    def __init__(self, follower: CatalogFollower, size: int = 32):
         self.follower, self.size = follower, size
-        self._entries: dict[str, tuple[int, dict]] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._entries: dict[tuple[str, str], tuple[int, dict[str, bytes]]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="view-prefetch")
 
-    def arrays(self, uid: str, version: int) -> dict:
+    def image(self, uid: str, version: int, kind: str) -> bytes | None:
+        """PNG bytes of ``kind`` (``phase``, ``pcc<k>``) of version ``version`` (or newer) of run ``uid``."""
+        group = "pcc" if kind.startswith("pcc") else "phase"
+        key = (uid, group)
         with self._lock:
-            lock = self._locks.setdefault(uid, threading.Lock())
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            cached = self._entries.get(uid)
-            if cached is not None and cached[0] == version:
-                return cached[1]
-            arrays = self.follower.read_arrays(uid, MAP_ARRAYS)
-            with self._lock:
-                self._entries[uid] = (version, arrays)
-                while len(self._entries) > self.size:
-                    self._entries.pop(next(iter(self._entries)))
-            return arrays
+            cached = self._entries.get(key)
+            if cached is None or cached[0] < version:
+                cached = (version, self._render(self.follower.read_arrays(uid, self.GROUPS[group])))
+                with self._lock:
+                    self._entries[key] = cached
+                    while len(self._entries) > self.size:
+                        self._entries.pop(next(iter(self._entries)))
+            return cached[1].get(kind)
+
+    def prefetch(self, uid: str, version: int) -> None:
+        for kind in ("phase", "pcc0"):
+            self._prefetcher.submit(self._prefetch, uid, version, kind)
+
+    def _prefetch(self, uid: str, version: int, kind: str) -> None:
+        try:
+            self.image(uid, version, kind)
+        except Exception as error:  # noqa: BLE001 - the page's own request will try again and answer
+            log.debug("view: prefetching %s of %s version %d failed: %s", kind, uid, version, error)
+
+    @staticmethod
+    def _render(arrays: dict) -> dict[str, bytes]:
+        images = {}
+        if {"phase", "reliability"} <= arrays.keys():
+            images["phase"] = render.phase_png(arrays["phase"], arrays["reliability"], arrays.get("ambiguous"))
+        for k, pcc in enumerate(arrays.get("pcc", ())):
+            images[f"pcc{k}"] = render.pcc_png(pcc)
+        return images
 
 
 def create_app(follower: CatalogFollower) -> Starlette:
@@ -92,6 +123,15 @@ def create_app(follower: CatalogFollower) -> Starlette:
     broadcaster = Broadcaster()
     cache = MapCache(follower)
     follower.add_listener(broadcaster)
+    drawn_versions: dict[str, int] = {}
+
+    def prefetch(kind: str, payload: dict) -> None:
+        """A run's maps changed: render them now, while the update travels to the pages."""
+        if kind == "run" and broadcaster.queues and payload["version"] != drawn_versions.get(payload["uid"]):
+            drawn_versions[payload["uid"]] = payload["version"]
+            cache.prefetch(payload["uid"], payload["version"])
+
+    follower.add_listener(prefetch)
 
     def run_or_404(request: Request) -> tuple[str, dict] | Response:
         uid = request.path_params["uid"]
@@ -139,14 +179,7 @@ def create_app(follower: CatalogFollower) -> Starlette:
                 plane = follower.read_od_plane(uid, index)
                 body = None if plane is None else render.od_png(plane)
             else:
-                arrays = cache.arrays(uid, summary["version"])
-                if kind == "phase" and {"phase", "reliability"} <= arrays.keys():
-                    body = render.phase_png(arrays["phase"], arrays["reliability"], arrays.get("ambiguous"))
-                elif kind.startswith("pcc") and kind[3:].isdigit() and "pcc" in arrays \
-                        and int(kind[3:]) < arrays["pcc"].shape[0]:
-                    body = render.pcc_png(arrays["pcc"][int(kind[3:])])
-                else:
-                    body = None
+                body = cache.image(uid, summary["version"], kind)
         except KeyError:
             body = None
         if body is None:
