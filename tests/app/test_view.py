@@ -35,6 +35,13 @@ PACE = 0.7  # s between images: longer than the worker's min_update_seconds (0.5
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
 
+MAPS_DRAWN = """
+const run = window.phasestreamView.runs.get(arguments[0]);
+const last = window.phasestreamLog.filter((e) => e.uid === arguments[0]).pop();
+return !!(run && last && last.drawn && last.version === run.version);
+"""
+
+
 def scan_documents(client, *, seed: int = 5, state_of_charge: float = 2.0):
     """A simulated scan whose raw run TiledWriter stores; its documents, to publish paced."""
     sample = make_sample(SHAPE, state_of_charge=state_of_charge, seed=seed, n_particles=2)
@@ -85,7 +92,7 @@ def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
         sender.start()
         deadline = time.monotonic() + 180
         seen: list[str] = []
-        partial_image = None
+        partial_image, shot_running = None, False
         while sender.is_alive() or text_of(driver, "run-state") in (None, "", "running"):
             energies = text_of(driver, "run-energies")
             if energies and (not seen or seen[-1] != energies):
@@ -95,8 +102,9 @@ def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
                 image = driver.execute_script(IMAGE_DATA, "img-phase")
                 if image and partial_image is None:
                     partial_image = image
-                    if shots:
-                        driver.save_screenshot(str(Path(shots) / "view-running.png"))
+                if shots and not shot_running and int(energies.split("/")[0]) >= len(ENERGIES) - 3 \
+                        and driver.execute_script(MAPS_DRAWN, uid):  # the page's maps are those of its metadata
+                    shot_running = driver.save_screenshot(str(Path(shots) / "view-running.png"))
             assert time.monotonic() < deadline, f"the scan never finished on the page; energies seen {seen}"
             time.sleep(0.2)
         sender.join()

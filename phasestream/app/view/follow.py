@@ -89,6 +89,7 @@ def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
         "state_of_charge": md.get("state_of_charge"),
         "status": md.get("status"),
         "energies_seen": seen,
+        "maps_energies": int(md.get("n_energies_seen") or 0),  # the energies behind the latest maps
         "energies_expected": run.expected,
         "phases": list((md.get("references") or {}).get("phases", [])),
         "phase_fractions": dict(md.get("phase_fractions") or {}),

@@ -113,7 +113,9 @@ function renderHistory(run) {
   const y = (f) => 4 + (H - pad - 4) * (1 - f);
   run.phases.forEach((p, k) => {
     const xy = pts.map(([n, fr]) => `${x(n).toFixed(1)},${y(fr[p] || 0).toFixed(1)}`);
-    if (xy.length) parts.push(`<polyline fill="none" stroke-width="2" stroke="${view.colors[k % view.colors.length]}" points="${xy.join(" ")}"/>`);
+    const color = view.colors[k % view.colors.length];
+    if (xy.length) parts.push(`<polyline fill="none" stroke-width="2" stroke="${color}" points="${xy.join(" ")}"/>`);
+    xy.forEach((p) => { const [cx, cy] = p.split(","); parts.push(`<circle cx="${cx}" cy="${cy}" r="3" fill="${color}"/>`); });
   });
   parts.push(`<text x="${pad}" y="${H - 8}" fill="#aaa" font-size="11">1</text>`,
     `<text x="${W - 30}" y="${H - 8}" fill="#aaa" font-size="11">${maxN} energies</text>`,
@@ -147,10 +149,13 @@ function renderRun(force = false) {
   const base = `/api/runs/${encodeURIComponent(run.uid)}`;
   if (force || view.drawnVersion[run.uid] !== run.version) {
     view.drawnVersion[run.uid] = run.version;
-    const entry = { uid: run.uid, version: run.version, n: run.energies_seen, status: run.status,
+    const entry = { uid: run.uid, version: run.version, n: run.energies_seen, maps: run.maps_energies, status: run.status,
       updated_at: run.updated_at, received: run._received || now(), drawn: null };
     window.phasestreamLog.push(entry);
-    loadImage($("img-phase"), `${base}/phase.png?v=${run.version}`, (t) => { entry.drawn = t; });
+    loadImage($("img-phase"), `${base}/phase.png?v=${run.version}`, (t) => {
+      entry.drawn = t;
+      $("phase-caption").textContent = `phase map after ${entry.maps} energies (brightness: reliability; grey: ambiguous)`;
+    });
     const pccs = $("pcc-images");
     if (pccs.children.length !== run.phases.length || force) {
       pccs.replaceChildren(...run.phases.map((p, k) => el("figure", {}, el("img", { id: "img-pcc" + k, alt: "PCC " + p }), el("figcaption", {}, "PCC with " + p + " (-1 blue, +1 red)"))));
