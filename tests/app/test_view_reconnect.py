@@ -109,5 +109,11 @@ def test_view_shows_errors_and_survives_tiled_restarting(tmp_path):
             errors = lambda: driver.find_element("id", "run-errors").text  # noqa: E731
             wait(lambda: "worker stopped" in errors(), 10, "the partial run's errors")
             assert tiled.key not in driver.page_source
+
+            # the search is phasestream query's: status failed lists the failed run only
+            driver.find_element("css selector", '#q-status option[value="failed"]').click()
+            driver.find_element("css selector", '#search button[type="submit"]').click()
+            rows = lambda: [r.get_attribute("data-uid") for r in driver.find_elements("css selector", "#runs tr")]  # noqa: E731
+            wait(lambda: rows() == ["failed-run"], 10, "the search to list the failed run only")
     finally:
         tiled.stop()

@@ -364,6 +364,7 @@ class CatalogFollower:
     def _unfollow(self, uid: str) -> None:
         with self._lock:
             sub = self._od_subscriptions.pop(uid, None)
+            self._od_callbacks.pop(uid, None)
         if sub is not None:
             threading.Thread(target=sub.disconnect, daemon=True).start()
 
