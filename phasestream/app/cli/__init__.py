@@ -31,6 +31,7 @@ COMMANDS = {
     "serve-models": "serve_models",
     "train": "train",
     "query": "query",
+    "view": "view",
     "reprocess": "reprocess",
     "up": "stack",
     "status": "stack",

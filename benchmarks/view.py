@@ -1,0 +1,156 @@
+"""Latency of ``phasestream view``: a result update written to Tiled -> that update drawn in a browser.
+
+The real topology on one machine: an embedded Tiled server (streaming cache in memory), a 0MQ proxy
+subprocess, a ``phasestream serve`` worker subprocess, the view (``ViewServer``, in this process)
+and a headless Chromium (selenium, the system chromedriver). A simulated scan (``--size`` square,
+K = 5 references, ``--energies`` images) is published at ``--rate`` frames/s while the page shows
+the run.
+
+* ``update_to_drawn_s``: for every map update of the run that the page drew, the time from the
+  worker's metadata write (``updated_at``, stamped just before the write to Tiled) to the moment
+  the page's phase image had loaded and decoded (the page's own timestamp,
+  ``window.phasestreamLog``); median, p95, max and count. ``update_to_received_s``: the same up to
+  the page receiving the update (server-sent event). Both on one clock (same machine).
+* ``list_50_finished_s``: time from opening the page to the list showing ``--runs`` finished results
+  (and the time of the ``/api/state`` request that carries them).
+
+Usage: ``python benchmarks/view.py [--size 512] [--energies 20] [--rate 2] [--runs 50]``. Needs
+``/usr/bin/chromium``, chromedriver and selenium (the dev extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from bluesky import RunEngine
+
+from phasestream.app.live import ServeProcess
+from phasestream.app.view import ViewServer
+from phasestream.references import load_references, select_energies
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.catalog import wait_for_result
+from phasestream.store.tiled import connect, start_embedded_tiled
+from phasestream.transport.proxy import start_proxy
+from phasestream.transport.wire import DocumentPublisher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from view_support import chromium, missing
+
+
+def finished_results(client, n: int) -> None:
+    """``n`` finished results (metadata and a phase map each), as the worker leaves them."""
+    root = client["phasestream"] if "phasestream" in client else client.create_container("phasestream")
+    phases = list(load_references("nvpf-synthetic").phases)
+    for i in range(n):
+        fr = np.random.default_rng(i).dirichlet(np.ones(len(phases)))
+        node = root.create_container(f"bench-{i:03d}", metadata={
+            "run_uid": f"bench-{i:03d}", "scan_id": i, "sample": {"name": f"P{i}"},
+            "state_of_charge": round(3.0 - 0.04 * i, 2), "status": "complete", "n_energies_seen": 13,
+            "references": {"name": "nvpf-synthetic", "phases": phases}, "errors": [],
+            "phase_fractions": dict(zip(phases, fr.tolist(), strict=True)), "ambiguous_fraction": 0.01,
+            "refined_fractions": {}, "updated_at": time.time() - 3600 + i}, specs=["PhaseMap"])
+        node.write_array(np.zeros((8, 8), np.int16), key="phase")
+
+
+def scan_documents(size: int, n_energies: int):
+    sample = make_sample((size, size), state_of_charge=2.0, seed=1, n_particles=4)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=6000.0, seed=1)
+    docs: list[tuple[str, dict]] = []
+    energies = select_energies(load_references("nvpf-synthetic"), n_energies - 1)
+    RunEngine({})(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key),
+                  lambda name, doc: docs.append((name, doc)))
+    return docs
+
+
+def stats(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0}
+    a = np.asarray(values)
+    return {"median": round(float(np.median(a)), 4), "p95": round(float(np.percentile(a, 95)), 4),
+            "max": round(float(a.max()), 4), "count": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--energies", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=2.0, help="frames per second")
+    parser.add_argument("--runs", type=int, default=50, help="finished results in the list")
+    parser.add_argument("--backend", default="numba")
+    parser.add_argument("--partial-every", type=int, default=0,
+                        help="partial maps every N images, unthinned (serve --update-every N --partial-budget none); "
+                             "default 0: the worker's defaults")
+    args = parser.parse_args()
+    if missing():
+        sys.exit(f"benchmarks/view.py: {missing()}")
+
+    server = start_embedded_tiled()
+    client = connect(server.uri)
+    report: dict = {"benchmark": "view", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                    "size": args.size, "energies": args.energies, "rate_fps": args.rate, "references": 5}
+    try:
+        finished_results(client, args.runs)
+        docs = scan_documents(args.size, args.energies)
+        uid = docs[0][1]["uid"]
+        worker_args = ("--backend", args.backend, "--no-refine")
+        if args.partial_every:
+            worker_args += ("--update-every", str(args.partial_every), "--partial-budget", "none")
+        report["worker_args"] = list(worker_args)
+        with start_proxy() as proxy, DocumentPublisher(proxy.in_address) as publisher, \
+                ServeProcess(proxy.out_address, server.uri, args=worker_args), \
+                ViewServer(server.uri) as view, chromium() as driver:
+            assert publisher.wait_for_subscriber(10)
+            t0 = time.perf_counter()
+            httpx.get(f"{view.url}/api/state", timeout=30)
+            report["api_state_s"] = round(time.perf_counter() - t0, 4)
+            t0 = time.perf_counter()
+            driver.get(f"{view.url}/#{uid}")
+            while len(driver.find_elements("css selector", "#runs tr")) < args.runs:
+                time.sleep(0.01)
+            report[f"list_{args.runs}_finished_s"] = round(time.perf_counter() - t0, 3)
+
+            def send() -> None:
+                start = time.perf_counter()
+                i = 0
+                for name, doc in docs:
+                    if name == "event":
+                        time.sleep(max(0.0, start + i / args.rate - time.perf_counter()))
+                        i += 1
+                    publisher(name, doc)
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            sender.join()
+            md = dict(wait_for_result(client, uid, timeout=300).metadata)
+            deadline = time.monotonic() + 30
+            log: list[dict] = []
+            while time.monotonic() < deadline:
+                log = driver.execute_script("return window.phasestreamLog")
+                final = [e for e in log if e["uid"] == uid and e["status"] == md["status"]]
+                if final and final[-1]["drawn"]:
+                    break
+                time.sleep(0.1)
+        entries = [e for e in log if e["uid"] == uid and e["updated_at"]]
+        report["status"] = md["status"]
+        report["partial_maps_written"] = (md.get("timings") or {}).get("partial_maps", {}).get("written")
+        report["updates_received"] = len(entries)
+        report["update_to_received_s"] = stats([e["received"] - e["updated_at"] for e in entries])
+        report["update_to_drawn_s"] = stats([e["drawn"] - e["updated_at"] for e in entries if e["drawn"]])
+        report["updates_never_drawn"] = sum(1 for e in entries if not e["drawn"])
+    finally:
+        server.close()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Following the results container in Tiled live: Tiled's streaming subscriptions, run summaries, catch-up.
+
+:class:`CatalogFollower` keeps one :class:`RunSummary` per result under ``root`` (docs/contract.md,
+"Results in Tiled") and tells its listeners of every change. It learns of changes from Tiled's
+websocket streaming (``tiled.client.stream.ContainerSubscription``, which needs the server's
+``streaming_cache``): on the results container (a result created, a result's metadata updated:
+every partial map, every final status, every post-scan job record) and on each running result's
+``od`` array (``ArraySubscription``: one update per OD plane written, the latest OD image). It
+never polls: after each (re)connection it reads the container once (catch-up) and then listens.
+
+When the websocket closes (Tiled restarting) the listeners hear ``reconnecting``; the follower
+connects again with backoff, reads the container again and says ``live``. A restarted server's
+memory streaming cache numbers its updates from 1 again, so the subscription always starts from
+the server's newest update (never from the last sequence number seen) and the catch-up read
+fills the gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiled.client.stream import ArraySubscription, ContainerSubscription
+
+from phasestream.contract import FINAL_STATUSES, Status
+from phasestream.store.catalog import find
+from phasestream.store.tiled import connect, public_uri
+
+__all__ = ["CatalogFollower", "RunSummary", "summarize"]
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, dict], None]
+"""``listener(kind, payload)``: ``("run", summary dict)``, ``("connection", {"state": ...})``,
+``("snapshot", {"runs": [...]})``."""
+
+HISTORY_LIMIT = 2000
+
+
+@dataclass
+class RunSummary:
+    """What the view shows of one result, from its metadata (plus what the view saw live)."""
+
+    uid: str
+    metadata: dict
+    version: int = 0  # bumped whenever the maps may have changed (the images' cache key)
+    od_planes: int = 0  # planes of ``od`` seen written through the array subscription
+    od_version: int = 0
+    expected: int | None = None  # the raw run's ``num_points``, when known
+    history: list = field(default_factory=list)  # [[n_energies_seen, {phase: fraction}], ...]
+    received_at: float = 0.0  # when the last update reached the view (seconds since the epoch)
+
+    def absorb(self, metadata: dict) -> bool:
+        """Take new metadata; True when the maps (or the status) may have changed, not a mere heartbeat."""
+        old = self.metadata
+        self.metadata = dict(metadata)
+        changed = any(old.get(k) != metadata.get(k) for k in
+                      ("n_energies_seen", "status", "phase_fractions", "refined_fractions", "refinement",
+                       "errors", "particle_pixels"))
+        if changed or not old:
+            self.version += 1
+        fr, n = metadata.get("phase_fractions") or {}, metadata.get("n_energies_seen") or 0
+        if fr and n and (not self.history or self.history[-1][0] != n or self.history[-1][1] != fr):
+            self.history = [*[h for h in self.history if h[0] != n][-HISTORY_LIMIT:], [n, dict(fr)]]
+            self.history.sort(key=lambda h: h[0])
+        return changed or not old
+
+    def as_dict(self, *, tiled_base: str, root: str) -> dict:
+        return summarize(self, tiled_base=tiled_base, root=root)
+
+
+def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
+    """The JSON the page gets for one run (no secrets: links carry no API key)."""
+    md = run.metadata
+    refinement = md.get("refinement") or {}
+    seen = max(int(md.get("n_energies_seen") or 0), run.od_planes if md.get("status") == Status.RUNNING else 0)
+    path = f"{root}/{run.uid}"
+    base = public_uri(tiled_base).rstrip("/")
+    arrays = ("phase", "reliability", "ambiguous", "pcc", "mask", "od", "refined_phase")
+    return {
+        "uid": run.uid,
+        "scan_id": md.get("scan_id"),
+        "sample": (md.get("sample") or {}).get("name"),
+        "state_of_charge": md.get("state_of_charge"),
+        "status": md.get("status"),
+        "energies_seen": seen,
+        "maps_energies": int(md.get("n_energies_seen") or 0),  # the energies behind the latest maps
+        "energies_expected": run.expected,
+        "phases": list((md.get("references") or {}).get("phases", [])),
+        "phase_fractions": dict(md.get("phase_fractions") or {}),
+        "ambiguous_fraction": md.get("ambiguous_fraction"),
+        "mean_reliability": md.get("mean_reliability"),
+        "refined_fractions": dict(md.get("refined_fractions") or {}),
+        "refinement": {k: refinement.get(k) for k in ("status", "reason", "strategy", "model", "version")
+                       if refinement.get(k) is not None},
+        "errors": list(md.get("errors") or []),
+        "updated_at": md.get("updated_at"),
+        "received_at": run.received_at,
+        "version": run.version,
+        "od_version": run.od_version,
+        "history": run.history,
+        "links": {name: f"{base}/array/full/{path}/{name}" for name in arrays}
+        | {"metadata": f"{base}/metadata/{path}"},
+    }
+
+
+class _FollowedContainer(ContainerSubscription):
+    """A container subscription that says when its websocket connects and when it is lost, and that
+    always starts from the server's newest update (see the module docstring)."""
+
+    def __init__(self, *args, on_connected: Callable[[], None], on_lost: Callable[[], None] = lambda: None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_connected, self._on_lost = on_connected, on_lost
+
+    def _connect(self, start: int | None = None, max_size: int = 1_000_000) -> None:
+        super()._connect(None, max_size=max_size)  # retried by Tiled (stamina) while the server is down
+        self._on_connected()
+
+    def _receive(self) -> None:
+        try:
+            super()._receive()
+        except BaseException:  # the websocket broke: Tiled's loop reconnects (and we catch up then)
+            self._on_lost()
+            raise
+
+
+class CatalogFollower:
+    """The results under ``root`` in Tiled at ``uri``, followed live; see the module docstring.
+
+    Parameters
+    ----------
+    uri : Tiled URI (a key in it moves to a header, see ``store.tiled.connect``)
+    api_key : Tiled API key; default ``TILED_API_KEY``. Kept in this process only.
+    root : the results container (default ``phasestream``)
+    client : an open Tiled client to start with (else one is made from ``uri``)
+    """
+
+    def __init__(self, uri: str, *, api_key: str | None = None, root: str = "phasestream", client=None,
+                 retry_seconds: float = 1.0):
+        self.uri, self._api_key, self.root = uri, api_key, root
+        self.client = client
+        self.runs: dict[str, RunSummary] = {}
+        self.state = "connecting"
+        self.retry_seconds = retry_seconds
+        self._listeners: list[Listener] = []
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._subscription: _FollowedContainer | None = None
+        self._od_subscriptions: dict[str, ArraySubscription] = {}
+        self._od_callbacks: dict[str, Callable] = {}  # Tiled's callback registry holds them weakly
+        self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="view-read")
+
+    # -- listeners ------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _tell(self, kind: str, payload: dict) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, payload)
+            except Exception:
+                log.exception("view listener failed")
+
+    def summary(self, uid: str) -> dict | None:
+        with self._lock:
+            run = self.runs.get(uid)
+            return None if run is None else run.as_dict(tiled_base=self.tiled_base, root=self.root)
+
+    def summaries(self) -> list[dict]:
+        with self._lock:
+            rows = [r.as_dict(tiled_base=self.tiled_base, root=self.root) for r in self.runs.values()]
+        return sorted(rows, key=_newest_first)
+
+    @property
+    def tiled_base(self) -> str:
+        return public_uri(str(self.client.context.api_uri)) if self.client is not None else public_uri(self.uri)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> CatalogFollower:
+        self._thread = threading.Thread(target=self._follow, name="view-follow", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._drop_subscriptions()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            log.info("view: Tiled at %s %s", public_uri(self.uri), state)
+            self._tell("connection", {"state": state})
+
+    def _follow(self) -> None:
+        """Connect, catch up, listen; again after every disconnection, until closed."""
+        delay = self.retry_seconds
+        while not self._stop.is_set():
+            created = False
+            try:
+                if self.client is None:
+                    self.client = connect(self.uri, api_key=self._api_key)
+                container = self._results_container()
+                if container is None:  # no result yet: wait for the catalog to create the container
+                    created = self._wait_for_container()
+                    continue
+                self._subscription = sub = _FollowedContainer(
+                    self.client.context, container.path_parts, structure_clients=container.structure_clients,
+                    on_connected=self._connected, on_lost=lambda: self._set_state("reconnecting"))
+                sub.child_created.add_callback(self._on_child)
+                sub.child_metadata_updated.add_callback(self._on_child)
+                sub.start()  # blocks; returns (or raises) when the websocket is gone for good
+                delay = self.retry_seconds
+            except Exception as error:  # noqa: BLE001 - Tiled down or restarting: try again
+                log.info("view: Tiled at %s unreachable (%s: %s)", public_uri(self.uri), type(error).__name__,
+                         str(error)[:200])
+                delay = min(2 * delay, 10.0)
+            finally:
+                self._drop_subscriptions()
+            if not self._stop.is_set() and not created:
+                self._set_state("reconnecting")
+                self._stop.wait(delay)
+
+    def _wait_for_container(self) -> bool:
+        """Listen on the catalog's root until the results container appears; True when it did."""
+        appeared = threading.Event()
+
+        def on_created(update) -> None:
+            if update.key == self.root.split("/")[0]:
+                appeared.set()
+                threading.Thread(target=self._drop_subscriptions, daemon=True).start()
+
+        def connected() -> None:
+            if self._results_container() is not None:  # created before we listened
+                appeared.set()
+                threading.Thread(target=self._drop_subscriptions, daemon=True).start()
+            else:
+                self._set_state("live")
+                self._tell("snapshot", {"state": "live", "runs": []})
+
+        self._subscription = sub = _FollowedContainer(self.client.context, [], on_connected=connected)
+        self._root_callback = on_created  # the registry holds callbacks weakly
+        sub.child_created.add_callback(on_created)
+        sub.start()
+        return appeared.is_set()
+
+    def _results_container(self):
+        try:
+            return self.client[self.root]
+        except KeyError:
+            return None
+
+    def _drop_subscriptions(self) -> None:
+        subs = [self._subscription, *self._od_subscriptions.values()]
+        self._subscription, self._od_subscriptions = None, {}
+        for sub in subs:
+            if sub is not None:
+                threading.Thread(target=sub.disconnect, daemon=True).start()  # may wait for its thread
+
+    def _connected(self) -> None:
+        """The websocket is up: read every result once (what happened while it was down), then stream."""
+        found = find(self.client, root=self.root)
+        with self._lock:
+            for uid, node in found.items():
+                run = self.runs.setdefault(uid, RunSummary(uid, {}))
+                run.absorb(dict(node.metadata))
+                run.received_at = time.time()
+            for uid in set(self.runs) - set(found):
+                del self.runs[uid]  # replaced or removed while we were away
+        for uid, run in list(self.runs.items()):
+            if run.metadata.get("status") == Status.RUNNING:
+                self._follow_running(uid)
+        self._set_state("live")
+        self._tell("snapshot", {"state": "live", "runs": self.summaries()})
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def _on_child(self, update) -> None:
+        metadata = dict(update.metadata or {})
+        if "status" not in metadata:  # not a result's full metadata: read it
+            try:
+                metadata = dict(self.client[self.root][update.key].metadata)
+            except KeyError:
+                return
+        self.apply(update.key, metadata)
+
+    def apply(self, uid: str, metadata: dict) -> None:
+        """Take a result's new metadata (from the stream or a catch-up read) and tell the listeners."""
+        received = time.time()
+        with self._lock:
+            run = self.runs.setdefault(uid, RunSummary(uid, {}))
+            changed = run.absorb(metadata)
+            run.received_at = received
+        status = metadata.get("status")
+        if status == Status.RUNNING:
+            self._follow_running(uid)
+        elif status in FINAL_STATUSES:
+            self._unfollow(uid)
+        if changed:
+            self._tell("run", self.summary(uid))
+
+    def _follow_running(self, uid: str) -> None:
+        """Subscribe to a running result's ``od`` array (the latest OD plane), once it exists."""
+        with self._lock:
+            if uid in self._od_subscriptions or self._stop.is_set():
+                return
+            run = self.runs[uid]
+        if run.expected is None:
+            run.expected = self._expected(uid)
+        try:
+            node = self.client[self.root][uid]["od"]
+        except KeyError:
+            return  # no OD plane yet: the next metadata update tries again
+        sub = ArraySubscription(self.client.context, node.path_parts)
+        sub.new_data.add_callback(self._od_plane_callback(uid))
+        with self._lock:
+            if uid in self._od_subscriptions:
+                return
+            self._od_subscriptions[uid] = sub
+        threading.Thread(target=self._run_od, args=(uid, sub), daemon=True, name=f"view-od-{uid[:8]}").start()
+
+    def _run_od(self, uid: str, sub: ArraySubscription) -> None:
+        try:
+            sub.start()
+        except Exception as error:  # noqa: BLE001 - the container subscription reconnects everything
+            log.debug("view: od subscription of %s ended: %s", uid, error)
+        with self._lock:
+            if self._od_subscriptions.get(uid) is sub:
+                del self._od_subscriptions[uid]
+
+    def _od_plane_callback(self, uid: str):
+        def on_plane(update) -> None:
+            patch = getattr(update, "patch", None)
+            offset = getattr(update, "offset", None) or (patch.offset if patch is not None else None)
+            shape = getattr(update, "shape", None) or (patch.shape if patch is not None else None)
+            start = int(offset[0]) if offset else 0
+            count = int(shape[0]) if shape is not None and len(shape) == 3 else 1
+            with self._lock:
+                run = self.runs.get(uid)
+                if run is None:
+                    return
+                run.od_planes = max(run.od_planes, start + count)
+                run.od_version += 1
+                run.received_at = time.time()
+            self._tell("run", self.summary(uid))
+
+        self._od_callbacks[uid] = on_plane  # the registry holds callbacks weakly
+        return on_plane
+
+    def _unfollow(self, uid: str) -> None:
+        with self._lock:
+            sub = self._od_subscriptions.pop(uid, None)
+            self._od_callbacks.pop(uid, None)
+        if sub is not None:
+            threading.Thread(target=sub.disconnect, daemon=True).start()
+
+    def _expected(self, uid: str) -> int | None:
+        """The raw run's ``num_points`` (TiledWriter keeps the start document), when it is there."""
+        try:
+            value = (self.client[uid].metadata.get("start") or {}).get("num_points")
+        except Exception:  # noqa: BLE001 - no raw run in this catalog: the count is unknown
+            return None
+        return value if isinstance(value, int) and value > 0 else None
+
+    # -- reading arrays for the images ----------------------------------------------------------
+
+    def read_arrays(self, uid: str, names: tuple[str, ...]) -> dict[str, Any]:
+        """The arrays ``names`` of result ``uid`` that exist (missing ones are left out)."""
+        def read(name: str):
+            try:  # one path lookup per array, all at once: a round trip each, not one per path segment
+                return name, self.client[f"{self.root}/{uid}/{name}"].read()
+            except KeyError:
+                return name, None
+
+        return {name: array for name, array in self._readers.map(read, names) if array is not None}
+
+    def read_od_plane(self, uid: str, index: int):
+        try:
+            od = self.client[f"{self.root}/{uid}/od"]
+        except KeyError:
+            return None
+        if index < 0 or index >= od.shape[0]:
+            return None
+        return od[index]
+
+
+def _newest_first(row: dict) -> tuple:
+    """Most recently updated first (a running result is touched regularly, so it leads)."""
+    return (-(row["updated_at"] or 0.0), row["uid"])

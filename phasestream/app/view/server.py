@@ -1,0 +1,306 @@
+"""``phasestream view``: a small web application over the results in Tiled, live.
+
+The server follows the results container with Tiled's streaming subscriptions
+(:class:`~phasestream.app.view.follow.CatalogFollower`) and pushes every change to the page over
+server-sent events (``/events``); the page never talks to Tiled and never polls. Images are PNGs
+rendered here (``render.py``) from the arrays, cached per run and version. The page, its script
+and its style are files of this package (``static/``): nothing is loaded from outside the machine.
+
+The Tiled API key stays in this process: it is never sent to the page, put in a URL or logged.
+Every route is read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import ClassVar
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from phasestream.app.view import render
+from phasestream.app.view.follow import CatalogFollower
+from phasestream.contract import RUN_UID_PATTERN, STATUSES
+from phasestream.store.catalog import find
+from phasestream.store.tiled import public_uri
+
+__all__ = ["ViewServer", "create_app", "run_view"]
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+KEEPALIVE_S = 15.0
+
+
+class Broadcaster:
+    """Fans the follower's changes out to every open ``/events`` stream (one asyncio queue each)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queues: set[asyncio.Queue] = set()
+
+    def __call__(self, kind: str, payload: dict) -> None:  # called on Tiled's subscription threads
+        if self.loop is None:
+            return
+        message = f"event: {kind}\ndata: {json.dumps(payload, allow_nan=False, default=str)}\n\n"
+        for queue in list(self.queues):
+            self.loop.call_soon_threadsafe(_put_latest, queue, message)
+
+
+def _put_latest(queue: asyncio.Queue, message: str) -> None:
+    if queue.full():  # a page that does not read: drop its oldest message rather than grow
+        with contextlib.suppress(asyncio.QueueEmpty):
+            queue.get_nowait()
+    queue.put_nowait(message)
+
+
+class MapCache:
+    """The PNG images of each run's latest version, rendered from arrays read from Tiled once per version.
+
+    Two groups, each read and rendered on its own: the phase map (``phase``, ``reliability``,
+    ``ambiguous``: small) and the PCC maps (``pcc``, K times larger), so the phase map is not held up
+    by the PCC maps. ``prefetch`` reads and renders a new version as soon as the update arrives
+    (before the page asks for the images), so the page's requests find them ready.
+    """
+
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {"phase": ("phase", "reliability", "ambiguous"), "pcc": ("pcc",)}
+
+    def __init__(self, follower: CatalogFollower, size: int = 32):
+        self.follower, self.size = follower, size
+        self._entries: dict[tuple[str, str], tuple[int, dict[str, bytes]]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="view-prefetch")
+
+    def image(self, uid: str, version: int, kind: str) -> bytes | None:
+        """PNG bytes of ``kind`` (``phase``, ``pcc<k>``) of version ``version`` (or newer) of run ``uid``."""
+        group = "pcc" if kind.startswith("pcc") else "phase"
+        key = (uid, group)
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            cached = self._entries.get(key)
+            if cached is None or cached[0] < version:
+                cached = (version, self._render(self.follower.read_arrays(uid, self.GROUPS[group])))
+                with self._lock:
+                    self._entries[key] = cached
+                    while len(self._entries) > self.size:
+                        self._entries.pop(next(iter(self._entries)))
+            return cached[1].get(kind)
+
+    def prefetch(self, uid: str, version: int) -> None:
+        for kind in ("phase", "pcc0"):
+            self._prefetcher.submit(self._prefetch, uid, version, kind)
+
+    def _prefetch(self, uid: str, version: int, kind: str) -> None:
+        try:
+            self.image(uid, version, kind)
+        except Exception as error:  # noqa: BLE001 - the page's own request will try again and answer
+            log.debug("view: prefetching %s of %s version %d failed: %s", kind, uid, version, error)
+
+    @staticmethod
+    def _render(arrays: dict) -> dict[str, bytes]:
+        images = {}
+        if {"phase", "reliability"} <= arrays.keys():
+            images["phase"] = render.phase_png(arrays["phase"], arrays["reliability"], arrays.get("ambiguous"))
+        for k, pcc in enumerate(arrays.get("pcc", ())):
+            images[f"pcc{k}"] = render.pcc_png(pcc)
+        return images
+
+
+def create_app(follower: CatalogFollower) -> Starlette:
+    """The view's ASGI application over a started (or to be started) ``follower``."""
+    broadcaster = Broadcaster()
+    cache = MapCache(follower)
+    follower.add_listener(broadcaster)
+    drawn_versions: dict[str, int] = {}
+
+    def prefetch(kind: str, payload: dict) -> None:
+        """A run's maps changed: render them now, while the update travels to the pages."""
+        if kind == "run" and broadcaster.queues and payload["version"] != drawn_versions.get(payload["uid"]):
+            drawn_versions[payload["uid"]] = payload["version"]
+            cache.prefetch(payload["uid"], payload["version"])
+
+    follower.add_listener(prefetch)
+
+    def run_or_404(request: Request) -> tuple[str, dict] | Response:
+        uid = request.path_params["uid"]
+        if RUN_UID_PATTERN.fullmatch(uid) is None:
+            return Response("not a run uid", status_code=404)
+        summary = follower.summary(uid)
+        if summary is None:
+            return Response(f"no result {uid}", status_code=404)
+        return uid, summary
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def state(request: Request) -> Response:
+        return JSONResponse({"state": follower.state, "root": follower.root, "tiled": public_uri(follower.tiled_base),
+                             "phase_colors": render.phase_colors_hex(), "statuses": list(STATUSES),
+                             "runs": follower.summaries()})
+
+    def search(request: Request) -> Response:
+        """The uids ``phasestream query`` would list for ``soc``, ``tolerance`` and ``status``."""
+        params = request.query_params
+        try:
+            soc = float(params["soc"]) if params.get("soc") else None
+            tolerance = float(params.get("tolerance") or 0.0)
+            status = params.get("status") or None
+            found = find(follower.client, state_of_charge=soc, tolerance=tolerance, status=status,
+                         root=follower.root)
+        except (ValueError, TypeError) as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        return JSONResponse({"uids": sorted(found)})
+
+    def run(request: Request) -> Response:
+        found = run_or_404(request)
+        return found if isinstance(found, Response) else JSONResponse(found[1])
+
+    def image(request: Request) -> Response:
+        found = run_or_404(request)
+        if isinstance(found, Response):
+            return found
+        uid, summary = found
+        kind = request.path_params["kind"]
+        try:
+            if kind == "od":
+                index = summary["energies_seen"] - 1
+                plane = follower.read_od_plane(uid, index)
+                body = None if plane is None else render.od_png(plane)
+            else:
+                body = cache.image(uid, summary["version"], kind)
+        except KeyError:
+            body = None
+        if body is None:
+            return Response(f"no {kind} image for {uid} yet", status_code=404)
+        # the URL names the version (?v=...), so a version's image never changes
+        return Response(body, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    async def events(request: Request) -> Response:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        broadcaster.loop = asyncio.get_running_loop()
+        broadcaster.queues.add(queue)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                first = {"state": follower.state, "runs": follower.summaries()}
+                yield f"event: snapshot\ndata: {json.dumps(first, allow_nan=False, default=str)}\n\n"
+                while True:
+                    try:
+                        yield await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+            finally:
+                broadcaster.queues.discard(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        broadcaster.loop = asyncio.get_running_loop()
+        if follower._thread is None:
+            follower.start()
+        try:
+            yield
+        finally:
+            follower.remove_listener(broadcaster)
+
+    routes = [
+        Route("/", index),
+        Route("/api/state", state),
+        Route("/api/search", search),
+        Route("/api/runs/{uid}", run),
+        Route("/api/runs/{uid}/{kind}.png", image),
+        Route("/events", events),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, root: str = "phasestream",
+             api_key: str | None = None, ready=None) -> None:
+    """Serve the view until interrupted (SIGINT/SIGTERM).
+
+    Parameters
+    ----------
+    tiled : a Tiled URI (its key, if any, moves to a header) or an open Tiled client
+    host, port : where the view listens (127.0.0.1 by default: see docs/security.md for ``--public``)
+    root : the results container
+    api_key : Tiled API key; default ``TILED_API_KEY``
+    ready : called with the bound ``(host, port)`` once the view serves
+    """
+    import uvicorn
+
+    if isinstance(tiled, str):
+        follower = CatalogFollower(tiled, api_key=api_key, root=root)
+    else:
+        follower = CatalogFollower(str(tiled.uri), root=root, client=tiled)
+    config = uvicorn.Config(create_app(follower), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    if ready is not None:
+        original = server.startup
+
+        async def startup(sockets=None) -> None:
+            await original(sockets)
+            bound = server.servers[0].sockets[0].getsockname() if server.servers else (host, port)
+            ready(bound[0], bound[1])
+
+        server.startup = startup
+    try:
+        server.run()
+    finally:
+        follower.close()
+
+
+class ViewServer:
+    """The view served on a thread of this process (tests, benchmarks, the demo): ``.url``, ``.close()``.
+
+    ``tiled`` as for :func:`run_view`; port 0 picks a free port.
+    """
+
+    def __init__(self, tiled: str | object, *, host: str = "127.0.0.1", port: int = 0, root: str = "phasestream",
+                 api_key: str | None = None, timeout: float = 30.0):
+        import uvicorn
+
+        if isinstance(tiled, str):
+            self.follower = CatalogFollower(tiled, api_key=api_key, root=root)
+        else:
+            self.follower = CatalogFollower(str(tiled.uri), root=root, client=tiled)
+        config = uvicorn.Config(create_app(self.follower), host=host, port=port, log_level="warning",
+                                access_log=False, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # not the main thread
+        self._thread = threading.Thread(target=self._server.run, name="view-server", daemon=True)
+        self._thread.start()
+        deadline = timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or deadline <= 0:
+                raise RuntimeError(f"the view did not start on {host}:{port}")
+            deadline -= 0.05
+            threading.Event().wait(0.05)
+        bound = self._server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{bound[0]}:{bound[1]}"
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+        self.follower.close()
+
+    def __enter__(self) -> ViewServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+// phasestream view: the page. Talks only to the view server that served it (never to Tiled):
+// /api/state once, then server-sent events (/events) for every change; images are PNGs of the server.
+"use strict";
+
+const view = {
+  runs: new Map(),        // uid -> summary (see follow.py, summarize)
+  colors: [],
+  statuses: [],
+  selected: null,
+  filter: null,           // {soc, tol, status, uids: Set} while a search is active
+  drawnVersion: {},       // uid -> version of the maps shown
+  drawnOd: {},
+  connection: "connecting",
+};
+// latency log read by benchmarks/view.py and the tests: one entry per map update received for the shown run
+window.phasestreamLog = [];
+window.phasestreamView = view;
+
+const $ = (id) => document.getElementById(id);
+const pct = (x) => (x === null || x === undefined ? "" : (100 * x).toFixed(1) + "%");
+const now = () => Date.now() / 1000;
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function setConnection(state) {
+  view.connection = state;
+  const badge = $("connection");
+  badge.textContent = state;
+  badge.className = "state-" + state.split(" ")[0];
+}
+
+function fractionBar(run) {
+  const bar = el("span", { class: "bar", title: run.phases.map((p) => `${p} ${pct(run.phase_fractions[p] || 0)}`).join(", ") });
+  run.phases.forEach((p, k) => {
+    const part = el("span");
+    part.style.width = (100 * (run.phase_fractions[p] || 0)).toFixed(2) + "%";
+    part.style.background = view.colors[k % view.colors.length];
+    bar.append(part);
+  });
+  return bar;
+}
+
+function energies(run) {
+  return run.energies_expected ? `${run.energies_seen}/${run.energies_expected}` : `${run.energies_seen}`;
+}
+
+function matches(run) {
+  const f = view.filter;
+  if (!f) return true;
+  if (f.uids.has(run.uid)) return true;
+  // runs that appear or change after the search: the same predicate as `phasestream query`
+  if (f.status && run.status !== f.status) return false;
+  if (f.soc !== null && (run.state_of_charge === null || Math.abs(run.state_of_charge - f.soc) > f.tol)) return false;
+  return true;
+}
+
+function renderList() {
+  const rows = [...view.runs.values()].filter(matches)
+    .sort((a, b) => (b.updated_at || 0) - (a.updated_at || 0) || (a.uid < b.uid ? -1 : 1));
+  const body = $("runs");
+  body.replaceChildren(...rows.map((run) => {
+    const tr = el("tr", { "data-uid": run.uid, class: run.uid === view.selected ? "selected" : "" },
+      el("td", {}, run.sample || run.uid.slice(0, 8)),
+      el("td", {}, run.state_of_charge === null ? "" : run.state_of_charge.toFixed(2)),
+      el("td", { class: "status-" + run.status }, run.status || ""),
+      el("td", { class: "energies" }, energies(run)),
+      el("td", {}, fractionBar(run)),
+      el("td", {}, pct(run.ambiguous_fraction)));
+    tr.addEventListener("click", () => select(run.uid));
+    return tr;
+  }));
+  $("list-note").textContent = `${rows.length} of ${view.runs.size} results` + (view.filter ? " (search)" : "");
+}
+
+function select(uid) {
+  view.selected = uid;
+  delete view.drawnVersion[uid];
+  delete view.drawnOd[uid];
+  history.replaceState(null, "", "#" + uid);
+  renderList();
+  renderRun(true);
+}
+
+// One request per image at a time: while an image loads, a newer version waits and replaces any older
+// waiting one, so a fast stream never leaves an image forever half-loaded.
+function loadImage(img, src, onDrawn) {
+  if (img.dataset.loading === "1") { img._next = [src, onDrawn]; return; }
+  img.dataset.loading = "1";
+  const settle = (drawn) => {
+    img.dataset.loading = "0";
+    if (drawn && onDrawn) onDrawn(now());
+    const next = img._next;
+    img._next = null;
+    if (next) loadImage(img, ...next);
+  };
+  img.onload = () => { if (img.decode) img.decode().then(() => settle(true), () => settle(true)); else settle(true); };
+  img.onerror = () => settle(false);
+  img.src = src;
+}
+
+function renderHistory(run) {
+  const svg = $("history");
+  const W = 480, H = 200, pad = 28;
+  const pts = run.history;
+  const parts = [`<rect x="${pad}" y="4" width="${W - pad - 4}" height="${H - pad - 4}" fill="none" stroke="#444"/>`];
+  const maxN = Math.max(run.energies_expected || 0, ...pts.map((p) => p[0]), 2);
+  const x = (n) => pad + (W - pad - 4) * (n - 1) / (maxN - 1);
+  const y = (f) => 4 + (H - pad - 4) * (1 - f);
+  run.phases.forEach((p, k) => {
+    const xy = pts.map(([n, fr]) => `${x(n).toFixed(1)},${y(fr[p] || 0).toFixed(1)}`);
+    const color = view.colors[k % view.colors.length];
+    if (xy.length) parts.push(`<polyline fill="none" stroke-width="2" stroke="${color}" points="${xy.join(" ")}"/>`);
+    xy.forEach((p) => { const [cx, cy] = p.split(","); parts.push(`<circle cx="${cx}" cy="${cy}" r="3" fill="${color}"/>`); });
+  });
+  parts.push(`<text x="${pad}" y="${H - 8}" fill="#aaa" font-size="11">1</text>`,
+    `<text x="${W - 30}" y="${H - 8}" fill="#aaa" font-size="11">${maxN} energies</text>`,
+    `<text x="2" y="12" fill="#aaa" font-size="11">1</text>`, `<text x="2" y="${H - pad}" fill="#aaa" font-size="11">0</text>`);
+  svg.innerHTML = parts.join("");
+}
+
+function renderRun(force = false) {
+  const run = view.runs.get(view.selected);
+  $("run").hidden = !run;
+  if (!run) return;
+  $("run-title").textContent = `${run.sample || ""} SoC ${run.state_of_charge ?? "?"}, scan ${run.scan_id ?? "?"} (${run.uid})`;
+  const status = $("run-status");
+  status.replaceChildren(el("span", { id: "run-state", class: "status-" + run.status }, run.status || ""),
+    " energies seen ", el("span", { id: "run-energies" }, energies(run)),
+    run.mean_reliability === null || run.mean_reliability === undefined ? "" : `, mean reliability ${run.mean_reliability.toFixed(3)}`,
+    `, ambiguous ${pct(run.ambiguous_fraction)}`);
+  $("run-errors").replaceChildren(...run.errors.map((e) => el("li", {}, e)));
+  $("legend").replaceChildren(...run.phases.map((p, k) => el("span", {}, Object.assign(el("i"), { style: `background:${view.colors[k % view.colors.length]}` }), p)));
+  $("legend").querySelectorAll("i").forEach((i, k) => { i.style.background = view.colors[k % view.colors.length]; });
+  const rows = [el("tr", {}, el("th", {}, "phase"), el("th", {}, "PCC fraction"), el("th", {}, "refined"))];
+  run.phases.forEach((p) => rows.push(el("tr", { class: "fraction", "data-phase": p, "data-fraction": String(run.phase_fractions[p] ?? ""), "data-refined": String(run.refined_fractions[p] ?? "") },
+    el("td", {}, p), el("td", {}, pct(run.phase_fractions[p])), el("td", {}, pct(run.refined_fractions[p])))));
+  $("fractions").replaceChildren(...rows);
+  const r = run.refinement;
+  $("refinement").textContent = r.status ? `GMVAE refinement: ${r.status}${r.strategy ? " (" + r.strategy + ")" : ""}${r.reason ? ": " + r.reason : ""}` : "GMVAE refinement: not run";
+  $("links").replaceChildren("In Tiled (sign in to Tiled to open): ",
+    ...Object.entries(run.links).map(([name, href]) => el("a", { href, target: "_blank", rel: "noopener" }, name)).flatMap((a) => [a, " "]));
+  renderHistory(run);
+
+  const base = `/api/runs/${encodeURIComponent(run.uid)}`;
+  if (force || view.drawnVersion[run.uid] !== run.version) {
+    view.drawnVersion[run.uid] = run.version;
+    const entry = { uid: run.uid, version: run.version, n: run.energies_seen, maps: run.maps_energies, status: run.status,
+      updated_at: run.updated_at, received: run._received || now(), drawn: null };
+    window.phasestreamLog.push(entry);
+    loadImage($("img-phase"), `${base}/phase.png?v=${run.version}`, (t) => {
+      entry.drawn = t;
+      $("phase-caption").textContent = `phase map after ${entry.maps} energies (brightness: reliability; grey: ambiguous)`;
+    });
+    const pccs = $("pcc-images");
+    if (pccs.children.length !== run.phases.length || force) {
+      pccs.replaceChildren(...run.phases.map((p, k) => el("figure", {}, el("img", { id: "img-pcc" + k, alt: "PCC " + p }), el("figcaption", {}, "PCC with " + p + " (-1 blue, +1 red)"))));
+    }
+    run.phases.forEach((p, k) => loadImage($("img-pcc" + k), `${base}/pcc${k}.png?v=${run.version}`));
+  }
+  const odKey = `${run.energies_seen}:${run.od_version}`;
+  if (run.energies_seen > 0 && (force || view.drawnOd[run.uid] !== odKey)) {
+    view.drawnOd[run.uid] = odKey;
+    loadImage($("img-od"), `${base}/od.png?v=${run.version}.${run.od_version}.${run.energies_seen}`);
+    $("od-caption").textContent = `latest OD image (energy ${run.energies_seen})`;
+  }
+}
+
+function update(run) {
+  run._received = now();
+  view.runs.set(run.uid, run);
+  if (!view.selected && run.uid === view.wanted) { select(run.uid); return; }
+  renderList();
+  if (run.uid === view.selected) renderRun();
+}
+
+async function search(event) {
+  event && event.preventDefault();
+  const soc = $("q-soc").value, tol = $("q-tol").value || "0", status = $("q-status").value;
+  if (!soc && !status) { view.filter = null; renderList(); return; }
+  const params = new URLSearchParams({ soc, tolerance: tol, status });
+  const reply = await fetch("/api/search?" + params);
+  const body = await reply.json();
+  if (!reply.ok) { $("list-note").textContent = body.error; return; }
+  view.filter = { soc: soc ? Number(soc) : null, tol: Number(tol), status, uids: new Set(body.uids) };
+  renderList();
+}
+
+async function start() {
+  const state = await (await fetch("/api/state")).json();
+  view.colors = state.phase_colors;
+  view.statuses = state.statuses;
+  for (const s of state.statuses) $("q-status").append(el("option", { value: s }, s));
+  state.runs.forEach((r) => view.runs.set(r.uid, r));
+  setConnection(state.state);
+  const wanted = view.wanted = location.hash.slice(1);  // a run named in the URL, shown once it exists
+  if (wanted && view.runs.has(wanted)) select(wanted); else renderList();
+  $("search").addEventListener("submit", search);
+  $("q-clear").addEventListener("click", () => { $("q-soc").value = ""; $("q-status").value = ""; view.filter = null; renderList(); });
+
+  const events = new EventSource("/events");
+  events.addEventListener("snapshot", (e) => {
+    const body = JSON.parse(e.data);
+    view.runs = new Map(body.runs.map((r) => [r.uid, r]));
+    setConnection(body.state);
+    renderList();
+    if (view.selected) renderRun();
+    else if (wanted && view.runs.has(wanted)) select(wanted);
+  });
+  events.addEventListener("run", (e) => update(JSON.parse(e.data)));
+  events.addEventListener("connection", (e) => setConnection(JSON.parse(e.data).state));
+  events.onerror = () => setConnection("reconnecting");  // the view server itself; EventSource retries
+}
+
+start();
