@@ -19,7 +19,8 @@ BY_NAME = {s.name: s for s in SERVICES}
 # systemd unit -> service (the units keep their installed names)
 UNITS = {"phasestream-tiled.service": "tiled", "phasestream-proxy.service": "proxy",
          "phasestream-models.service": "models", "phasestream-dask-scheduler.service": "scheduler",
-         "phasestream-dask-worker.service": "dask-workers", "phasestream-worker.service": "worker"}
+         "phasestream-dask-worker.service": "dask-workers", "phasestream-worker.service": "worker",
+         "phasestream-view.service": "view"}
 SYSTEMD_PREFIX = "/opt/phasestream"
 
 

@@ -1,7 +1,7 @@
 """How each service process is launched, written once.
 
 ``phasestream up`` (:mod:`phasestream.app.stack`), ``deploy/Procfile`` and the systemd units in
-``deploy/systemd`` start the same six processes with the same arguments: ``up`` builds its
+``deploy/systemd`` start the same seven processes with the same arguments: ``up`` builds its
 commands from :data:`SERVICES`, and ``tests/test_launch.py`` reads the Procfile and every unit's
 ``ExecStart`` and checks each against it.
 
@@ -95,6 +95,9 @@ SERVICES = (
     Service("worker", (PHASESTREAM, "serve", "--zmq", "{zmq_out}", "--tiled", "{tiled}"),
             needs=("tiled", "proxy"), uses=(("models", ("--models", "{models}")),
                                             ("scheduler", ("--scheduler", "{scheduler}")))),
+    # the live view in a browser: reads Tiled (its streaming), serves pages on {host}:{view_port}
+    Service("view", (PHASESTREAM, "view", "--tiled", "{tiled}", "--host", "{host}", "--port", "{view_port}"),
+            needs=("tiled",)),
 )
 
 # placeholder -> the variable of deploy/env/phasestream.env the Procfile and the systemd units fill it from
@@ -109,5 +112,6 @@ DEPLOY_VARIABLES = {
     "dask_workers": "PHASESTREAM_DASK_WORKERS",
     "host": "PHASESTREAM_HOST",
     "scheduler_http": "PHASESTREAM_DASK_HTTP",
+    "view_port": "PHASESTREAM_VIEW_PORT",
 }
 

@@ -97,7 +97,9 @@ class Settings(BaseModel):
     dask_http: str = Field("127.0.0.1:8787", validation_alias=_var("PHASESTREAM_DASK_HTTP", "dask_http"),
                            description="the Dask scheduler's HTTP server (health, metrics)")
     host: str = Field("127.0.0.1", validation_alias=_var("PHASESTREAM_HOST", "host"),
-                      description="address the Dask workers bind (deployment files)")
+                      description="address the Dask workers and the live view bind (deployment files)")
+    view_port: int = Field(8080, validation_alias=_var("PHASESTREAM_VIEW_PORT", "view_port"),
+                           description="port of the live view (phasestream view)")
     references: str | None = Field(None, validation_alias=_var(REFERENCE_FOLDERS_ENV, "references"),
                                    description="folders whose reference files a start document may name")
     backend: str = Field("auto", validation_alias=_var(BACKEND_ENV, "backend"),

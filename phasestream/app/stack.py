@@ -14,6 +14,7 @@ scheduler     ``python -m dask scheduler --host tcp://...``     ``scheduler_info
 dask-workers  ``python -m dask worker tcp://... --nworkers N``  N workers registered
 worker        ``phasestream serve --zmq ... --tiled URI``       alive and said ready
               (``--models``, ``--scheduler``: the stack's)
+view          ``phasestream view --tiled URI --port ...``       ``/healthz`` 200 (the live view's page)
 ============  ================================================  =========================================
 
 Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``
@@ -78,6 +79,7 @@ class StackConfig:
     scheduler_port: int = 8786
     scheduler_http_port: int = 8787  # the scheduler's health and Prometheus metrics (no dashboard)
     dask_workers: int = 2
+    view_port: int = 8080  # the live view (phasestream view), on ``host``
     components: tuple[str, ...] = COMPONENTS
     worker_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve``
     models_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve-models``
@@ -117,6 +119,10 @@ class StackConfig:
     @property
     def scheduler(self) -> str:
         return f"tcp://{self.host}:{self.scheduler_port}"
+
+    @property
+    def view(self) -> str:
+        return f"http://{self.host}:{self.view_port}/"
 
 
 # --------------------------------------------------------------------------- commands
@@ -192,7 +198,7 @@ def _commands(cfg: StackConfig) -> dict[str, list[str]]:
               "tiled_host": cfg.host, "tiled_port": cfg.tiled_port, "tiled": cfg.tiled, "zmq_in": cfg.zmq_in,
               "zmq_out": cfg.zmq_out, "models": cfg.models, "scheduler": cfg.scheduler,
               "scheduler_http": f"{cfg.host}:{cfg.scheduler_http_port}", "dask_workers": cfg.dask_workers,
-              "dask_directory": str(cfg.run_dir / "dask")}
+              "dask_directory": str(cfg.run_dir / "dask"), "view_port": cfg.view_port}
     if "tiled" in cfg.components:
         values["tiled_config"] = str(Path(cfg.tiled_config).resolve() if cfg.tiled_config
                                      else _generated_tiled_config(cfg))
@@ -248,6 +254,10 @@ def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
                 return True, f"{address}, {n} workers"
             expected = int(record.get("expected_workers", 1))
             return n >= expected, f"{n} of {expected} workers registered at {address}"
+        if name == "view":
+            reply = httpx.get(f"{address.rstrip('/')}/healthz", timeout=3)
+            return reply.status_code == 200, f"{address} (open it in a browser)" if reply.status_code == 200 \
+                else f"{address}healthz answers {reply.status_code}"
         if name == "worker":
             log = Path(record["log"])  # what this process wrote: the log's part after its start
             ready = log.exists() and '"ready": true' in _read_from(log, int(record.get("log_offset", 0)))
@@ -285,7 +295,7 @@ def read_env(run_dir: Path) -> dict[str, str]:
 def _write_env(cfg: StackConfig, api_key: str) -> dict[str, str]:
     env = {"TILED_URI": cfg.tiled, "TILED_API_KEY": api_key, "PHASESTREAM_ZMQ_IN": cfg.zmq_in,
            "PHASESTREAM_ZMQ_OUT": cfg.zmq_out, "PHASESTREAM_MODEL_SERVER": cfg.models,
-           "PHASESTREAM_DASK_SCHEDULER": cfg.scheduler}
+           "PHASESTREAM_DASK_SCHEDULER": cfg.scheduler, "PHASESTREAM_VIEW": cfg.view}
     path = cfg.run_dir / "phasestream.env"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -296,7 +306,8 @@ def _write_env(cfg: StackConfig, api_key: str) -> dict[str, str]:
 
 def _address(name: str, cfg: StackConfig) -> str:
     return {"tiled": cfg.tiled, "proxy": f"{cfg.zmq_in} -> {cfg.zmq_out}", "models": cfg.models,
-            "scheduler": cfg.scheduler, "dask-workers": cfg.scheduler, "worker": cfg.zmq_out}[name]
+            "scheduler": cfg.scheduler, "dask-workers": cfg.scheduler, "worker": cfg.zmq_out,
+            "view": cfg.view}[name]
 
 
 def up(cfg: StackConfig) -> dict[str, Any]:

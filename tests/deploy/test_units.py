@@ -13,7 +13,8 @@ import pytest
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNITS = sorted(path.name for path in SYSTEMD.glob("*.service"))
-NOTIFY = {"phasestream-worker.service", "phasestream-proxy.service", "phasestream-models.service"}
+NOTIFY = {"phasestream-worker.service", "phasestream-proxy.service", "phasestream-models.service",
+          "phasestream-view.service"}
 # the units whose processes compile code at run time (numba, TensorFlow): no MemoryDenyWriteExecute
 JIT = {"phasestream-worker.service", "phasestream-models.service", "phasestream-dask-worker.service"}
 MAX_EXPOSURE = 4.0

@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_up_parser(subparsers: argparse._SubParsersAction) -> None:
-    upp = subparsers.add_parser("up", help="start the whole service on this host (Tiled, proxy, models, Dask, worker)")
+    upp = subparsers.add_parser("up", help="start the whole service on this host (Tiled, proxy, models, Dask, worker, "
+                                               "live view)")
     upp.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help=f"pid files, logs, env file "
                      f"(default {DEFAULT_RUN_DIR})")
     upp.add_argument("--host", default="127.0.0.1", help="address every service binds (default 127.0.0.1)")
@@ -42,6 +43,7 @@ def _add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     upp.add_argument("--scheduler-http-port", type=int, default=8787,
                      help="the Dask scheduler's health and Prometheus metrics, on --host (default 8787)")
     upp.add_argument("--dask-workers", type=int, default=2, help="Dask worker processes (default 2)")
+    upp.add_argument("--view-port", type=int, default=8080, help="the live view, http://HOST:PORT/ (default 8080)")
     upp.add_argument("--only", default=None, metavar="NAMES",
                      help=f"comma-separated components to start (default all: {','.join(COMPONENTS)})")
     upp.add_argument("--worker-arg", action="append", metavar="ARG",
@@ -70,7 +72,7 @@ def run_up(args: argparse.Namespace) -> int:
                       tiled_config=args.tiled_config, proxy_in_port=args.proxy_in_port,
                       proxy_out_port=args.proxy_out_port, models_port=args.models_port,
                       scheduler_port=args.scheduler_port, scheduler_http_port=args.scheduler_http_port,
-                      dask_workers=args.dask_workers, components=only,
+                      dask_workers=args.dask_workers, view_port=args.view_port, components=only,
                       worker_args=tuple(args.worker_arg or ()), models_args=tuple(args.models_arg or ()),
                       start_timeout=args.timeout, supervise=not args.no_supervise).validate()
     state = up(cfg)
