@@ -98,7 +98,7 @@ class Settings(BaseModel):
                            description="the Dask scheduler's HTTP server (health, metrics)")
     host: str = Field("127.0.0.1", validation_alias=_var("PHASESTREAM_HOST", "host"),
                       description="address the Dask workers and the live view bind (deployment files)")
-    view_port: int = Field(8080, validation_alias=_var("PHASESTREAM_VIEW_PORT", "view_port"),
+    view_port: int = Field(8010, validation_alias=_var("PHASESTREAM_VIEW_PORT", "view_port"),
                            description="port of the live view (phasestream view)")
     references: str | None = Field(None, validation_alias=_var(REFERENCE_FOLDERS_ENV, "references"),
                                    description="folders whose reference files a start document may name")

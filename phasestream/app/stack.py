@@ -79,7 +79,7 @@ class StackConfig:
     scheduler_port: int = 8786
     scheduler_http_port: int = 8787  # the scheduler's health and Prometheus metrics (no dashboard)
     dask_workers: int = 2
-    view_port: int = 8080  # the live view (phasestream view), on ``host``
+    view_port: int = 8010  # the live view (phasestream view), on ``host``
     components: tuple[str, ...] = COMPONENTS
     worker_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve``
     models_args: tuple[str, ...] = ()  # extra arguments of ``phasestream serve-models``

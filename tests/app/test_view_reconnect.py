@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from services_support import uvicorn_port
@@ -94,11 +95,14 @@ def test_view_shows_errors_and_survives_tiled_restarting(tmp_path):
             driver.get(f"{view.url}/#failed-run")
             badge = lambda: driver.find_element("id", "connection").text  # noqa: E731
             wait(lambda: badge() == "live", 30, "the view to be live")
+            assert httpx.get(f"{view.url}/healthz").json() == {"ok": True, "state": "live"}
             wait(lambda: "num_points 20000" in driver.find_element("id", "run-errors").text, 10, "the run's errors")
             driver.execute_script("window.notReloaded = true")
 
             tiled.stop(signal.SIGKILL)
             wait(lambda: badge() == "reconnecting", 30, "the page to say reconnecting")
+            health = httpx.get(f"{view.url}/healthz")  # phasestream status: unhealthy while Tiled is away
+            assert health.status_code == 503 and health.json()["state"] == "reconnecting"
             tiled.start()
             result(tiled.client(), "partial-run", "partial", ["worker stopped"])
             wait(lambda: driver.find_elements("css selector", '#runs tr[data-uid="partial-run"]'), 60,

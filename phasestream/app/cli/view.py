@@ -7,6 +7,7 @@ import json
 import logging
 
 from phasestream.app.cli.common import add_tiled_options, tiled_client
+from phasestream.app.notify import notify
 
 __all__ = ["add_parser", "run"]
 
@@ -36,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
         print(PUBLIC_WARNING.format(host=host, port=args.port), file=sys.stderr)
 
     def ready(bound_host: str, bound_port: int) -> None:
-        print(json.dumps({"ready": True, "url": f"http://{bound_host}:{bound_port}/"}), flush=True)
+        url = f"http://{bound_host}:{bound_port}/"
+        print(json.dumps({"ready": True, "url": url}), flush=True)
+        notify(ready=True, status=f"serving {url}")
 
     with tiled_client(args) as (client, _):
         run_view(client, host=host, port=args.port, root=args.root, ready=ready)

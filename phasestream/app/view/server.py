@@ -150,6 +150,11 @@ def create_app(follower: CatalogFollower) -> Starlette:
                              "phase_colors": render.phase_colors_hex(), "statuses": list(STATUSES),
                              "runs": follower.summaries()})
 
+    async def healthz(request: Request) -> Response:
+        """200 while the view follows Tiled live; 503 while it (re)connects (``phasestream status``)."""
+        live = follower.state == "live"
+        return JSONResponse({"ok": live, "state": follower.state}, status_code=200 if live else 503)
+
     def search(request: Request) -> Response:
         """The uids ``phasestream query`` would list for ``soc``, ``tolerance`` and ``status``."""
         params = request.query_params
@@ -219,6 +224,7 @@ def create_app(follower: CatalogFollower) -> Starlette:
 
     routes = [
         Route("/", index),
+        Route("/healthz", healthz),
         Route("/api/state", state),
         Route("/api/search", search),
         Route("/api/runs/{uid}", run),
