@@ -46,7 +46,8 @@ ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
 
 
 def _ports() -> list[str]:
-    names = ("--tiled-port", "--proxy-in-port", "--proxy-out-port", "--models-port", "--scheduler-port")
+    names = ("--tiled-port", "--proxy-in-port", "--proxy-out-port", "--models-port", "--scheduler-port",
+             "--view-port")
     return [arg for name in names for arg in (name, str(free_port()))]
 
 
@@ -149,7 +150,8 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             capsys.readouterr()
             code, state = _status(run_dir, capsys)
             assert code == 0, state
-            assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker", "supervisor"}
+            assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker", "view",
+                                  "supervisor"}
             env = read_env(run_dir)
             # the worker's post-scan jobs go to the stack's Dask scheduler
             ready = (run_dir / "logs" / "worker.log").read_text()
@@ -164,6 +166,12 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             assert source.management == "external" and (tmp_path / "od-store" / "phasestream" / uid).is_dir()
             before = {k: live[k].read() for k in ARRAYS}
             assert list(find(client, state_of_charge=2.0)) == [uid]  # JSONB query on PostgreSQL
+            # the live view follows the catalog through the streaming cache in Redis
+            deadline = time.monotonic() + 30
+            while not any(r["uid"] == uid and r["status"] == "complete"
+                          for r in httpx.get(f"{env['PHASESTREAM_VIEW']}api/state", timeout=5).json()["runs"]):
+                assert time.monotonic() < deadline, "the view never showed the complete run"
+                time.sleep(0.5)
 
             # with only the stack's env file sourced (no flags): query finds the run, and post-scan
             # reprocessing goes to the stack's Dask scheduler and gives the live numbers
@@ -236,7 +244,7 @@ def test_procfile_and_systemd_units_run_commands_phasestream_knows():
              if line and not line.startswith("#")]
     lines += [line.split("=", 1)[1] for unit in (deploy / "systemd").glob("*.service")
               for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
-    assert len(lines) == 12
+    assert len(lines) == 14
     parser = build_parser()
     for line in lines:
         expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], line)  # KeyError: a variable not in env

@@ -59,7 +59,7 @@ def stack(tmp_path_factory):
             for attempt in range(1, PORT_ATTEMPTS + 1):  # the stack's ports are fixed before it starts
                 cfg = StackConfig(run_dir=folder / "run", tiled_port=free_port(), proxy_in_port=free_port(),
                                   proxy_out_port=free_port(), models_port=free_port(), scheduler_port=free_port(),
-                                  scheduler_http_port=free_port(), dask_workers=1,
+                                  scheduler_http_port=free_port(), view_port=free_port(), dask_workers=1,
                                   worker_args=("--no-refine", "--backend=numpy"), env=dict(env),
                                   tiled_config=DEPLOY_CONFIG if pg else None)
                 shutil.rmtree(cfg.run_dir / "logs", ignore_errors=True)  # only this attempt's logs tell why
@@ -118,7 +118,7 @@ def _listening(cfg: StackConfig) -> dict[str, set[tuple[str, int]]]:
 def test_every_socket_of_the_stack_binds_the_configured_host(stack):
     cfg, _ = stack
     found = _listening(cfg)
-    assert set(found) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker"}
+    assert set(found) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker", "view"}
     everywhere = {name: sorted(s) for name, s in found.items() if {ip for ip, _ in s} - {cfg.host}}
     assert not everywhere, f"sockets not bound to {cfg.host}: {everywhere}"
     ports = {name: {port for _, port in s} for name, s in found.items()}
@@ -126,13 +126,14 @@ def test_every_socket_of_the_stack_binds_the_configured_host(stack):
     assert httpx.get(f"http://{cfg.host}:{cfg.scheduler_http_port}/health", timeout=5).text == "ok"
     assert len(ports["dask-workers"]) >= 3  # nanny, worker and the worker's HTTP server, all on the host
     assert cfg.tiled_port in ports["tiled"] and cfg.models_port in ports["models"]
+    assert ports["view"] == {cfg.view_port}
 
 
 def test_the_logs_hold_no_api_key_and_no_database_password(stack):
     cfg, env = stack
     logs = sorted((cfg.run_dir / "logs").iterdir())
     assert {p.name for p in logs} >= {f"{name}.log" for name in ("tiled", "proxy", "models", "scheduler",
-                                                                   "dask-workers", "worker")}
+                                                                   "dask-workers", "worker", "view")}
     tiled_log = (cfg.run_dir / "logs" / "tiled.log").read_text()
     assert '"GET /api/v1/' in tiled_log  # request lines are logged; keys must not be
     for path in [*logs, cfg.run_dir / "stack.json"]:
