@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,10 @@ def test_zmq_demo_fractions_match_ground_truth_and_leave_a_queryable_catalog(dem
 
 def test_inprocess_demo_on_numpy_backend(tmp_path, capsys):
     argv = ["demo", "--states", "1.0", "--size", "64", "--energies", "7", "--topology", "inprocess",
-            "--backend", "numpy", "--out", str(tmp_path), "--no-figures", "--json"]
+            "--backend", "numpy", "--out", str(tmp_path), "--no-figures", "--json", "--view-port", "0"]
     assert main(argv) == 0
     text = capsys.readouterr().out
+    assert "live view: http://127.0.0.1:" in text
     (row,) = json.loads(text[text.index("\n[") :])
     assert row["status"] == "complete" and row["accuracy"] > 0.95
     # 7 energies are not the pretrained GMVAE's 13: refinement is skipped, saying why
@@ -95,3 +97,32 @@ def test_serve_refuses_a_partial_budget_outside_0_1(budget, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--catalog", "/nonexistent", "--partial-budget", budget])
     assert "--partial-budget must be a fraction in (0, 1] or 'none'" in capsys.readouterr().err
+
+
+def test_the_demo_view_shows_each_scan_while_the_demo_runs(tmp_path):
+    """run_demo's view follows the demo's embedded Tiled: after the scans (``demo --view`` holds here) it lists
+    each run as complete, with the fractions the demo read from Tiled."""
+    import httpx
+
+    from phasestream.app.demo import DemoConfig, run_demo
+
+    seen: dict = {}
+    cfg = DemoConfig(states=(2.0, 1.0), shape=(48, 48), n_energies=6, topology="inprocess", backend="numpy",
+                     out_dir=tmp_path, figures=False, refine=False, view_port=0)
+
+    def hold() -> None:
+        deadline = time.monotonic() + 30
+        while len([r for r in httpx.get(seen["url"] + "/api/state", timeout=5).json()["runs"]
+                   if r["status"] == "complete"]) < 2:
+            assert time.monotonic() < deadline, "the view never listed both runs complete"
+            time.sleep(0.2)
+        seen["runs"] = httpx.get(seen["url"] + "/api/state", timeout=5).json()["runs"]
+
+    summaries = run_demo(cfg, on_view=lambda url: seen.setdefault("url", url), hold=hold)
+    by_uid = {r["uid"]: r for r in seen["runs"]}
+    for s in summaries:
+        row = by_uid[s.uid]
+        assert row["state_of_charge"] == s.state_of_charge
+        np.testing.assert_allclose([row["phase_fractions"][p] for p in s.phases], s.fractions, atol=1e-12)
+    with pytest.raises(httpx.TransportError):  # the view stopped with the demo
+        httpx.get(seen["url"] + "/healthz", timeout=2)

@@ -61,6 +61,7 @@ class DemoConfig:
     refine: bool = True
     strategy: str = "auto"
     result_timeout: float = 120.0
+    view_port: int | None = 8010  # the live view (phasestream view) while the demo runs; None: none, 0: any port
     tiled_uri: str | None = field(default=None, init=False, repr=False)  # set while the demo runs
 
     def validate(self) -> DemoConfig:
@@ -124,7 +125,7 @@ class RunSummary:
         }
 
 
-def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSummary]:
+def run_demo(config: DemoConfig | None = None, *, progress=None, on_view=None, hold=None) -> list[RunSummary]:
     """Scan one simulated sample per state of charge through the live stack; summaries read from Tiled.
 
     Parameters
@@ -132,6 +133,9 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
     config : DemoConfig; defaults give 5 states of charge, 256 x 256 pixels, 13 energies,
         0MQ topology and an embedded Tiled over ``demo-output/tiled``
     progress : optional callable receiving each :class:`RunSummary` as it completes
+    on_view : optional callable receiving the live view's URL once it serves (``view_port`` not None)
+    hold : optional callable called after the scans, before the view and Tiled stop (``demo --view``:
+        it returns on Ctrl-C)
     """
     from phasestream.app.figures import save_result_figures
     from phasestream.store.tiled import raw_run_writer, tiled_session
@@ -145,6 +149,10 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             shutil.rmtree(cfg.catalog, ignore_errors=True)  # the demo's own catalog: start clean
         client, uri = stack.enter_context(tiled_session(cfg.tiled, directory=cfg.catalog))
         cfg.tiled_uri = uri
+        if cfg.view_port is not None:
+            view = stack.enter_context(_start_view(client, cfg.view_port))
+            if on_view is not None:
+                on_view(view.url)
         RE = RunEngine({})
         RE.subscribe(raw_run_writer(client))
         refine_options = None
@@ -221,5 +229,20 @@ def run_demo(config: DemoConfig | None = None, *, progress=None) -> list[RunSumm
             summaries.append(summary)
             if progress is not None:
                 progress(summary)
-    (Path(cfg.out_dir) / "summary.json").write_text(json.dumps([s.as_dict() for s in summaries], indent=2))
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps([s.as_dict() for s in summaries], indent=2))
+        if hold is not None:
+            hold()
     return summaries
+
+
+def _start_view(client, port: int):
+    """The live view on 127.0.0.1:``port``, or on a free port when that one is taken."""
+    from phasestream.app.view import ViewServer
+
+    try:
+        return ViewServer(client, port=port)
+    except RuntimeError:
+        if port == 0:
+            raise
+        logger.warning("port %d is taken: the live view listens on a free port instead", port)
+        return ViewServer(client, port=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from phasestream.app.demo import DemoConfig, RunSummary, run_demo
@@ -53,6 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--strategy", choices=STRATEGY_CHOICES, default=AUTO,
                       help="latent-space assignment of ambiguous pixels (default auto: the winner of each run's "
                            "held-out check)")
+    demo.add_argument("--view-port", type=int, default=8010,
+                      help="the live view while the demo runs, http://127.0.0.1:PORT/ (default 8010; a free port "
+                           "when taken; 0: any)")
+    demo.add_argument("--no-view", action="store_true", help="no live view")
+    demo.add_argument("--view", action="store_true",
+                      help="keep the live view (and the embedded Tiled) open after the scans, until Ctrl-C")
     demo.add_argument("--json", action="store_true", help="also print the results as JSON")
 
 
@@ -60,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(states=args.states, shape=args.size, n_energies=args.energies - 1, dose=args.dose,
                      n_particles=args.particles, seed=args.seed, backend=args.backend, topology=args.topology,
                      out_dir=args.out, tiled=args.tiled, figures=not args.no_figures, refine=not args.no_refine,
-                     strategy=args.strategy)
+                     strategy=args.strategy, view_port=None if args.no_view else args.view_port)
+    if args.view and args.no_view:
+        print("phasestream demo: error: --view and --no-view exclude each other", file=sys.stderr)
+        return 2
     cfg.validate()
     where = "RunEngine -> 0MQ proxy -> worker process" if cfg.topology == "zmq" else "RunEngine -> callback"
     print(f"phasestream demo: {len(cfg.states)} simulated STXM scans, {cfg.shape[0]}x{cfg.shape[1]} px, "
@@ -68,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"topology: {where} -> Tiled ({args.tiled or f'embedded, catalog in {cfg.catalog}'})")
     print("references: nvpf-synthetic (SYNTHETIC NaxV2(PO4)2F3-like spectra, phasestream.sim)")
     t0 = time.perf_counter()
-    summaries = run_demo(cfg, progress=_ResultTable())
+    summaries = run_demo(cfg, progress=_ResultTable(), on_view=_print_view,
+                         hold=_hold_view if args.view else None)
     print("\nfractions: particle pixels per phase (PCC argmax); ambig: reliability < 0.005; reliab: mean "
           "best-minus-second PCC; acc*: agreement with the simulated ground truth away from domain boundaries; "
           "latency: last image -> final result in Tiled; GMVAE rows: fractions after the ambiguous pixels were "
@@ -84,6 +95,19 @@ def run(args: argparse.Namespace) -> int:
         rows = [s.as_dict() for s in summaries]
         print(json.dumps(rows, indent=2))
     return 0 if all(s.status == "complete" for s in summaries) else 1
+
+
+def _print_view(url: str) -> None:
+    print(f"live view: {url}  (open it in a browser; it follows each scan as it runs)", flush=True)
+
+
+def _hold_view() -> None:
+    print("the live view stays open until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print()
 
 
 class _ResultTable:

@@ -294,6 +294,8 @@ class ViewServer:
         deadline = timeout
         while not self._server.started:
             if not self._thread.is_alive() or deadline <= 0:
+                self._server.should_exit = True
+                self.follower.close()  # started by the app's lifespan, before uvicorn binds
                 raise RuntimeError(f"the view did not start on {host}:{port}")
             deadline -= 0.05
             threading.Event().wait(0.05)
