@@ -1,8 +1,10 @@
 """Latency of ``phasestream view``: a result update written to Tiled -> that update drawn in a browser.
 
 The real topology on one machine: an embedded Tiled server (streaming cache in memory), a 0MQ proxy
-subprocess, a ``phasestream serve`` worker subprocess, the view (``ViewServer``, in this process)
-and a headless Chromium (selenium, the system chromedriver). A simulated scan (``--size`` square,
+subprocess, a ``phasestream serve`` worker subprocess, the view as its own process
+(``phasestream view``, as ``phasestream up`` and the systemd unit run it; ``--view-in-process``: a
+``ViewServer`` thread of this process, sharing its interpreter with the embedded Tiled server) and
+a headless Chromium (selenium, the system chromedriver). A simulated scan (``--size`` square,
 K = 5 references, ``--energies`` images) is published at ``--rate`` frames/s while the page shows
 the run.
 
@@ -21,9 +23,11 @@ Usage: ``python benchmarks/view.py [--size 512] [--energies 20] [--rate 2] [--ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -38,7 +42,7 @@ from phasestream.app.view import ViewServer
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import wait_for_result
-from phasestream.store.tiled import connect, start_embedded_tiled
+from phasestream.store.tiled import connect, public_uri, start_embedded_tiled
 from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import DocumentPublisher
 
@@ -59,6 +63,27 @@ def finished_results(client, n: int) -> None:
             "phase_fractions": dict(zip(phases, fr.tolist(), strict=True)), "ambiguous_fraction": 0.01,
             "refined_fractions": {}, "updated_at": time.time() - 3600 + i}, specs=["PhaseMap"])
         node.write_array(np.zeros((8, 8), np.int16), key="phase")
+
+
+@contextlib.contextmanager
+def view_process(uri: str, api_key: str):
+    """``phasestream view --port 0`` as its own process (the key in its environment); yields its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "phasestream.app.cli", "view", "--tiled", uri, "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "TILED_API_KEY": api_key})
+    try:
+        line = proc.stdout.readline()  # {"ready": true, "url": ...} once it serves
+        if not line:
+            raise RuntimeError(f"phasestream view exited ({proc.wait(10)}) before it served")
+        yield json.loads(line)["url"].rstrip("/")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def view_thread(uri: str):
+    with ViewServer(uri) as view:
+        yield view.url
 
 
 def scan_documents(size: int, n_energies: int):
@@ -90,6 +115,8 @@ def main() -> None:
     parser.add_argument("--partial-every", type=int, default=0,
                         help="partial maps every N images, unthinned (serve --update-every N --partial-budget none); "
                              "default 0: the worker's defaults")
+    parser.add_argument("--view-in-process", action="store_true",
+                        help="the view on a thread of this process (beside the embedded Tiled) instead of its own")
     args = parser.parse_args()
     if missing():
         sys.exit(f"benchmarks/view.py: {missing()}")
@@ -97,7 +124,8 @@ def main() -> None:
     server = start_embedded_tiled()
     client = connect(server.uri)
     report: dict = {"benchmark": "view", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                    "size": args.size, "energies": args.energies, "rate_fps": args.rate, "references": 5}
+                    "size": args.size, "energies": args.energies, "rate_fps": args.rate, "references": 5,
+                    "view": "thread of the benchmark process" if args.view_in_process else "own process"}
     try:
         finished_results(client, args.runs)
         docs = scan_documents(args.size, args.energies)
@@ -108,13 +136,14 @@ def main() -> None:
         report["worker_args"] = list(worker_args)
         with start_proxy() as proxy, DocumentPublisher(proxy.in_address) as publisher, \
                 ServeProcess(proxy.out_address, server.uri, args=worker_args), \
-                ViewServer(server.uri) as view, chromium() as driver:
+                (view_thread(server.uri) if args.view_in_process
+                 else view_process(public_uri(server.uri), client.context.api_key)) as url, chromium() as driver:
             assert publisher.wait_for_subscriber(10)
             t0 = time.perf_counter()
-            httpx.get(f"{view.url}/api/state", timeout=30)
+            httpx.get(f"{url}/api/state", timeout=30)
             report["api_state_s"] = round(time.perf_counter() - t0, 4)
             t0 = time.perf_counter()
-            driver.get(f"{view.url}/#{uid}")
+            driver.get(f"{url}/#{uid}")
             while len(driver.find_elements("css selector", "#runs tr")) < args.runs:
                 time.sleep(0.01)
             report[f"list_{args.runs}_finished_s"] = round(time.perf_counter() - t0, 3)

@@ -31,10 +31,11 @@ import httpx
 from bluesky_tiled_plugins import BlueskyRun, TiledWriter
 from bluesky_tiled_plugins.exporters import json_seq_exporter
 from tiled.client import from_uri
-from tiled.client.container import Container
+from tiled.client.container import DEFAULT_STRUCTURE_CLIENT_DISPATCH, Container
 from tiled.client.utils import ClientError
 from tiled.media_type_registration import default_serialization_registry
 from tiled.server import SimpleTiledServer
+from tiled.utils import OneShotCachedMap
 
 __all__ = [
     "BLUESKY_RUN_DOCUMENTS",
@@ -52,6 +53,7 @@ __all__ = [
     "raw_run_writer",
     "separate_api_key",
     "start_embedded_tiled",
+    "structure_clients",
     "tiled_session",
     "wait_for_tiled",
 ]
@@ -203,6 +205,29 @@ def api_key_scope(api_key: str | None) -> Iterator[None]:
         _scoped_api_key.reset(token)
 
 
+#: the entry-point groups where packages register the clients of Tiled specs (BlueskyRun, ...)
+_SPEC_CLIENT_GROUPS = ("tiled.special_client", "tiled.structure_client")
+
+
+def structure_clients() -> OneShotCachedMap:
+    """A private copy of Tiled's client classes (numpy), the spec clients loaded from their entry points.
+
+    Tiled's clients share one class table per process, and ``BlueskyRunV3.v2`` of bluesky-tiled-plugins
+    2.0.12 (which ``databroker.v1.Broker`` calls) sets ``BlueskyRun`` to the legacy ``BlueskyRunV2``
+    in a shallow copy of it, i.e. in the shared table: from then on every client of the process
+    reads raw runs in the legacy layout (streams without ``.base``). A client with its own table
+    keeps the current layout whatever a user's session does with databroker beside it.
+    """
+    from importlib.metadata import entry_points
+
+    shared = DEFAULT_STRUCTURE_CLIENT_DISPATCH["numpy"]
+    private = OneShotCachedMap({name: (lambda name=name: shared[name]) for name in shared})
+    for group in _SPEC_CLIENT_GROUPS:
+        for entry in entry_points(group=group):
+            private.set(entry.name, entry.load)
+    return private
+
+
 def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
     """A Tiled client for ``uri``.
 
@@ -229,7 +254,7 @@ def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
             f"cannot reach Tiled: {type(error).__name__}: {error}. Is the server running? Check the URI (--tiled)",
             uri) from error
     try:
-        return from_uri(uri, api_key=api_key)
+        return from_uri(uri, api_key=api_key, structure_clients=structure_clients())
     except RuntimeError as error:
         if "API key" not in str(error):
             raise
