@@ -22,7 +22,8 @@ from phasestream.transport.wire import deserialize, serialize
 MODEL = "gmvae-nvpf-synthetic"
 INDI = "indi-particles-synthetic"
 LIMIT_MB = 4.0
-BLOCKER_POINTS = 60_000  # a decode that keeps the server busy while the others queue up
+# a decode (0.6 s here; its 3.6 MB stay under LIMIT_MB) that keeps the server busy while the others queue up
+BLOCKER_POINTS = 300_000
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_overflowing_float64_fails_alone_in_a_shared_batch(server, client, trial
                     *[serialize({"op": "encode", "model": MODEL, "array": x, "options": {"components": True},
                                  "id": f"good-{i}"}) for i, x in enumerate(goods)]]
         socks[0].send(serialize({"op": "decode", "model": MODEL, "array": blocker, "id": "blocker"}))
-        time.sleep(0.3)  # the server is decoding: the burst queues up and is taken as one batch
+        time.sleep(0.2)  # the server is decoding: the burst queues up and is taken as one batch
         order = [1, 2, 3, 4] if trial != 2 else [2, 3, 1, 4]  # the hostile one first or in the middle
         for i in order:
             socks[i].send(payloads[i - 1])
