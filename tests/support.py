@@ -16,3 +16,23 @@ def normalize(obj: object) -> object:
     if isinstance(obj, np.generic):
         return ("scalar", obj.dtype.str, obj.item())
     return obj
+
+
+def recorded_scan(client, energies, *, shape, seed: int, state_of_charge: float = 2.0, i0: float = 6000.0,
+                  n_particles: int = 2):
+    """A simulated energy scan whose raw run TiledWriter stores in ``client``; its documents (to publish
+    later, e.g. paced) and its sample (the truth)."""
+    from bluesky import RunEngine
+
+    from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+    from phasestream.store.tiled import raw_run_writer
+
+    sample = make_sample(shape, state_of_charge=state_of_charge, seed=seed, n_particles=n_particles)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=i0, seed=seed)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    docs: list[tuple[str, dict]] = []
+    RE(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key),
+       lambda name, doc: docs.append((name, doc)))
+    return docs, sample

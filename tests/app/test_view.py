@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from bluesky import RunEngine
+from support import recorded_scan
 from view_support import IMAGE_DATA, chromium, missing
 
 from phasestream.app.live import ServeProcess
 from phasestream.app.view import ViewServer
 from phasestream.references import load_references, select_energies
-from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
-from phasestream.store.tiled import raw_run_writer, separate_api_key
+from phasestream.store.tiled import separate_api_key
 from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import DocumentPublisher
 
@@ -44,15 +43,7 @@ return !!(run && last && last.drawn && last.version === run.version);
 
 def scan_documents(client, *, seed: int = 5, state_of_charge: float = 2.0):
     """A simulated scan whose raw run TiledWriter stores; its documents, to publish paced."""
-    sample = make_sample(SHAPE, state_of_charge=state_of_charge, seed=seed, n_particles=2)
-    energy = make_energy()
-    det = TransmissionDetector(sample, energy, i0=6000.0, seed=seed)
-    RE = RunEngine({})
-    RE.subscribe(raw_run_writer(client))
-    docs: list[tuple[str, dict]] = []
-    RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key),
-       lambda name, doc: docs.append((name, doc)))
-    return docs
+    return recorded_scan(client, ENERGIES, shape=SHAPE, seed=seed, state_of_charge=state_of_charge)[0]
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 0.05):

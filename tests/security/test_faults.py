@@ -24,14 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bluesky import RunEngine
 from services_support import PORT_TAKEN, free_port, uvicorn_port
+from support import recorded_scan
 
 from phasestream.app.live import ServeProcess
 from phasestream.callbacks import PhaseMapCallback
 from phasestream.references import load_references, select_energies
-from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
-from phasestream.store.tiled import connect, raw_run_writer
+from phasestream.store.tiled import connect
 from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import DocumentPublisher
 
@@ -132,15 +131,7 @@ def worker(wire: tuple, tiled: TiledServer, *args: str) -> Iterator[ServeProcess
 
 def raw_scan(client, seed: int):
     """An honest scan whose raw run TiledWriter stores; its documents, for publishing, and its sample."""
-    sample = make_sample(SHAPE, state_of_charge=2.0, seed=seed, n_particles=2)
-    energy = make_energy()
-    det = TransmissionDetector(sample, energy, i0=6000.0, seed=seed)
-    RE = RunEngine({})
-    RE.subscribe(raw_run_writer(client))
-    docs: list[tuple[str, dict]] = []
-    RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key),
-       lambda name, doc: docs.append((name, doc)))
-    return docs, sample
+    return recorded_scan(client, ENERGIES, shape=SHAPE, seed=seed)
 
 
 def wait_md(client, uid: str, until, timeout: float = 120.0) -> dict:
