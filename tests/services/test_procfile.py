@@ -41,7 +41,7 @@ def _env_file(tmp_path: Path, pg: str, redis_uri: str) -> tuple[Path, dict[str, 
     user_password, _, rest = pg.split("://", 1)[1].partition("@")
     password = user_password.partition(":")[2]
     host_port_db = rest
-    ports = {name: free_port() for name in ("tiled", "in", "out", "models", "scheduler")}
+    ports = {name: free_port() for name in ("tiled", "in", "out", "models", "scheduler", "view")}
     for name in ("data", "detector", "od-store", "models"):
         (tmp_path / name).mkdir()
     values = {k: v for k, v in dotenv_values(DEPLOY / "env" / "phasestream.env").items() if v is not None}
@@ -63,6 +63,7 @@ def _env_file(tmp_path: Path, pg: str, redis_uri: str) -> tuple[Path, dict[str, 
         "PHASESTREAM_MODEL_SERVER": f"tcp://127.0.0.1:{ports['models']}",
         "PHASESTREAM_DASK_SCHEDULER": f"tcp://127.0.0.1:{ports['scheduler']}",
         "PHASESTREAM_DASK_WORKERS": "1",
+        "PHASESTREAM_VIEW_PORT": str(ports["view"]),
         "PHASESTREAM_BACKEND": "numba",
     })
     path = tmp_path / "phasestream.env"
@@ -97,7 +98,8 @@ def test_procfile_with_honcho_comes_up_without_ordering_and_completes_a_scan(tmp
                                       stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         try:
             deadline = time.monotonic() + 240
-            while not (_ready_lines(log, "worker") and _ready_lines(log, "models") and _ready_lines(log, "proxy")):
+            # the view, too, waits for Tiled instead of exiting (which would make honcho stop every process)
+            while not all(_ready_lines(log, name) for name in ("worker", "models", "proxy", "view")):
                 assert honcho.poll() is None, log.read_text()[-4000:]
                 assert time.monotonic() < deadline, log.read_text()[-4000:]
                 time.sleep(1)
