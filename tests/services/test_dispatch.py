@@ -15,6 +15,9 @@ from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import raw_run_writer
 
+# a LocalCluster of 2 worker processes: make test-stack (keeps make test under 15 minutes on 2 cores)
+pytestmark = pytest.mark.cluster
+
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 10)
 MAPS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")

@@ -60,6 +60,7 @@ def test_split_ranges():
         split_ranges(0, 2)
 
 
+@pytest.mark.cluster  # a LocalCluster: make test-stack (keeps make test under 15 minutes)
 def test_split_lcf_equals_the_unsplit_job(tiled_server, tiled_client, dask, ni_csv):
     refs = load_references(ni_csv)
     energies = np.random.default_rng(1).permutation(ENERGIES)  # stored out of order: the job sorts them
@@ -79,6 +80,7 @@ def test_split_lcf_equals_the_unsplit_job(tiled_server, tiled_client, dask, ni_c
     assert np.isfinite(split["fractions_lcf"]).sum() > 100
 
 
+@pytest.mark.cluster  # a LocalCluster: make test-stack (keeps make test under 15 minutes)
 def test_split_lcf_failure_is_recorded(tiled_server, tiled_client, dask, ni_csv):
     refs = load_references(ni_csv)
     _result(tiled_client, "split-lcf-bad", refs, ENERGIES, (16, 16), references=str(ni_csv))
@@ -102,6 +104,7 @@ def models():
         yield proc
 
 
+@pytest.mark.cluster  # a LocalCluster: make test-stack (keeps make test under 15 minutes)
 def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, dask, models):
     from phasestream.jobs.enhance import EnhanceOptions, enhance_result
 
