@@ -22,7 +22,7 @@ from phasestream.app.cli.common import (
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
 from phasestream.app.live import LiveService
 from phasestream.app.notify import notify
-from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds
+from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds, check_raw_path
 from phasestream.jobs.executors import DaskExecutor
 from phasestream.kernels.backend import BACKENDS
 from phasestream.references import REFERENCE_FOLDERS_ENV
@@ -106,6 +106,9 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
                             "spectra (a registered name or a file); their keys are inferred or given below. Runs "
                             "with the block keep their own references")
     add_run_key_options(serve)
+    serve.add_argument("--raw", default="", metavar="PATH",
+                       help="Tiled path of the container where TiledWriter stores the raw runs, e.g. bl/raw "
+                            "(default: the catalog root): results link to them, lost runs are recovered from there")
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
 
@@ -122,6 +125,7 @@ def _configured(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _configured(args)
     defaults = run_defaults(args)  # refused before anything starts
+    raw = check_raw_path(args.raw)
     scheduler = scheduler_option(args)
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         bounds = DocumentBounds(max_num_points=args.max_num_points, max_image_pixels=args.max_image_pixels)
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, partial_budget=args.partial_budget,
-                              root=args.root, write_od=not args.no_od,
+                              root=args.root, raw=raw, write_od=not args.no_od,
                               od_store=args.od_store, reference_folders=folders, bounds=bounds, defaults=defaults,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
