@@ -139,8 +139,9 @@ def test_raw_paths_that_are_not_plain_are_refused(tiled_server, tiled_client, st
 
 
 def test_a_missing_raw_container_is_a_refused_request(tiled_server, stored, capsys):
-    assert _reprocess(tiled_server, "--raw", "bl/nothing", "--soc", "2.0") == 2
-    assert "no container 'bl/nothing' of raw runs" in capsys.readouterr().err
+    for selection in (["--soc", "2.0"], [stored["a"][0]]):
+        assert _reprocess(tiled_server, "--raw", "bl/nothing", *selection) == 2
+        assert "no container 'bl/nothing' of raw runs" in capsys.readouterr().err
     assert check_raw_path("/") == "" and check_raw_path("/bl/raw/") == RAW
 
 

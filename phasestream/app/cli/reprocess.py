@@ -36,6 +36,7 @@ from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.jobs.split import SplitStep, run_split_steps, split_steps
 from phasestream.kernels.backend import BACKENDS
 from phasestream.store.catalog import find_raw_runs
+from phasestream.store.tiled import raw_runs
 
 __all__ = ["EXIT_COMPLETE", "EXIT_FAILED", "EXIT_SKIPPED", "add_parser", "run"]
 
@@ -102,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(SCHEDULER_NEEDS_TILED)
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         uids = list(dict.fromkeys(args.uids))
-        if not selection.empty:
+        if args.raw and not (args.refine_only and selection.empty):
             try:
-                found = find_raw_runs(client, selection, raw=args.raw)
+                raw_runs(client, args.raw)
             except KeyError as error:  # no such container: a refused request, not a failed run
                 raise ValueError(error.args[0]) from None
-            uids += [u for u in found if u not in uids]
+        if not selection.empty:
+            uids += [u for u in find_raw_runs(client, selection, raw=args.raw) if u not in uids]
             if not uids:
                 print(f"no raw runs match (under {args.raw or 'the catalog root'})", file=sys.stderr)
                 return 1
