@@ -126,14 +126,15 @@ def find(
 
 def find_raw_runs(
     client: Container,
-    query: RunQuery | None = None,
+    query: RunQuery | Mapping[str, Any] | None = None,
     *,
     raw: str = "",
     state_of_charge: float | None = None,
     tolerance: float = 0.0,
 ) -> list[str]:
     """Uids of the raw runs (TiledWriter) under ``raw`` (a Tiled path such as ``bl/raw``; ``""`` the catalog
-    root) whose start document matches ``query``, sorted by start time.
+    root) whose start document matches ``query``, sorted by start time. ``query`` may also be a mapping of
+    start-document keys (dotted) and values, ``RunQuery(start=...)``.
 
     Refuses an empty query (it would select every run). Raises ``KeyError`` when ``raw`` is not a container.
     """
@@ -147,10 +148,12 @@ def find_raw_runs(
     return [uid for _, uid in sorted(found)]
 
 
-def _with_soc(query: RunQuery | None, state_of_charge: float | None, tolerance: float) -> RunQuery:
+def _with_soc(query: RunQuery | Mapping | None, state_of_charge: float | None, tolerance: float) -> RunQuery:
     """``query`` with the shorthand ``state_of_charge=`` (and its tolerance) when given."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if isinstance(query, Mapping):  # start-document keys and values, as find_raw_runs(query=...) took before
+        query = RunQuery(start=query)
     query = query or RunQuery()
     return query if state_of_charge is None else replace(query, state_of_charge=state_of_charge, tolerance=tolerance)
 

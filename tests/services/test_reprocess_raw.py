@@ -112,6 +112,7 @@ def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_
         expected = _expected(stored, labels)
         assert set(find_raw_runs(client, query, raw=RAW)) == expected, (labels, query)
         assert set(find(client, query, root="selection")) == expected, (labels, query)
+    assert set(find_raw_runs(client, {"sample.name": "P1"}, raw=RAW)) == _expected(stored, "ab")  # the older form
     # sorted by start time; the results at the root are not raw runs
     assert find_raw_runs(client, RunQuery(since=times["a"]), raw=RAW) == [stored[k][0] for k in "abc"]
     assert find_raw_runs(client, RunQuery(since=times["a"])) == [stored["a"][0]]
