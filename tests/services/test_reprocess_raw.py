@@ -4,6 +4,7 @@ and results, the result's link back to its raw run, and raw paths that are refus
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -87,7 +88,7 @@ def _expected(stored, labels: str) -> set[str]:
     return {stored[label][0] for label in labels}
 
 
-def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_client, stored):
+def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_client, stored, capsys):
     client = tiled_client
     times = {label: start["time"] for label, (_, start, _) in stored.items()}
     # every run under bl/raw, selected by time through the command, reprocessed into a root of its own
@@ -113,6 +114,11 @@ def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_
         assert set(find_raw_runs(client, query, raw=RAW)) == expected, (labels, query)
         assert set(find(client, query, root="selection")) == expected, (labels, query)
     assert set(find_raw_runs(client, {"sample.name": "P1"}, raw=RAW)) == _expected(stored, "ab")  # the older form
+    # phasestream query: the same keys on the results, a time in ISO 8601 between runs a and b
+    between = datetime.fromtimestamp((times["a"] + times["b"]) / 2, UTC).isoformat()
+    capsys.readouterr()
+    assert main(["query", "--tiled", tiled_server.uri, "--root", "selection", "--since", between, "--json"]) == 0
+    assert {row["run_uid"] for row in json.loads(capsys.readouterr().out)} == _expected(stored, "bc")
     # sorted by start time; the results at the root are not raw runs
     assert find_raw_runs(client, RunQuery(since=times["a"]), raw=RAW) == [stored[k][0] for k in "abc"]
     assert find_raw_runs(client, RunQuery(since=times["a"])) == [stored["a"][0]]
