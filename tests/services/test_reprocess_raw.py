@@ -91,9 +91,16 @@ def _expected(stored, labels: str) -> set[str]:
 def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_client, stored, capsys):
     client = tiled_client
     times = {label: start["time"] for label, (_, start, _) in stored.items()}
-    # every run under bl/raw, selected by time through the command, reprocessed into a root of its own
-    assert _reprocess(tiled_server, "--raw", RAW, "--root", "selection", "--since", repr(times["a"])) == 0
-    assert set(client["selection"]) == _expected(stored, "abc")
+    # the command reprocesses exactly the runs selected, each into a root of its own
+    steps = [("b", ["--sample", "P1", "--plan", "energy_stack_scan", "--since", repr(times["b"]), "--soc", "2.0",
+                    "--tolerance", "0.1"]),
+             ("a", ["--until", repr(times["b"])]),
+             ("c", ["--plan", "xanes_map"])]
+    for i, (_, options) in enumerate(steps):
+        assert _reprocess(tiled_server, "--raw", RAW, "--root", "selection", *options) == 0
+        assert set(client["selection"]) == _expected(stored, [label for label, _ in steps[: i + 1]])
+    assert _reprocess(tiled_server, "--raw", RAW, "--root", "selection", "--sample", "P9") == 1
+    assert "no raw runs match (under bl/raw)" in capsys.readouterr().err
     cases = [
         ("b", RunQuery(state_of_charge=2.0)),
         ("bc", RunQuery(state_of_charge=2.0, tolerance=0.1)),
@@ -122,15 +129,6 @@ def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_
     # sorted by start time; the results at the root are not raw runs
     assert find_raw_runs(client, RunQuery(since=times["a"]), raw=RAW) == [stored[k][0] for k in "abc"]
     assert find_raw_runs(client, RunQuery(since=times["a"])) == [stored["a"][0]]
-
-
-def test_command_reprocesses_exactly_the_selected_runs(tiled_server, tiled_client, stored, capsys):
-    since = repr(stored["b"][1]["time"])
-    assert _reprocess(tiled_server, "--raw", RAW, "--root", "picked", "--sample", "P1", "--plan", "energy_stack_scan",
-                      "--since", since, "--soc", "2.0", "--tolerance", "0.1") == 0
-    assert set(tiled_client["picked"]) == _expected(stored, "b")
-    assert _reprocess(tiled_server, "--raw", RAW, "--root", "picked", "--sample", "P9") == 1
-    assert "no raw runs match (under bl/raw)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["../x", "a//b", ".", "bl/..", "bl/./raw", "bl/raw/../.."])
