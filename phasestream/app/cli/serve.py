@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -31,6 +32,8 @@ from phasestream.transport.wire import DEFAULT_MAX_MESSAGE_SIZE, parse_byte_size
 from phasestream.transport.worker import DocumentWorker
 
 __all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -134,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     with tiled_client(args, readable_storage=readable or None, wait=wait) as (client, uri):
         if args.od_store:
             check_od_store(client, args.od_store)
+        if raw and raw not in client:  # TiledWriter may create it later: said, not refused
+            logger.warning("no container %r of raw runs in Tiled yet (--raw): results link to raw runs there, and "
+                           "runs that lose documents are recovered from there", raw)
         folders = [str(Path(f).resolve()) for f in args.references_dir]
         # post-scan jobs (threads, Dask workers started from here) load references by the same rule
         os.environ[REFERENCE_FOLDERS_ENV] = os.pathsep.join(folders)
