@@ -484,6 +484,9 @@ def checked_run_origin(start: Mapping[str, Any]) -> dict:
     since the epoch), ``plan_name`` a string of at most ``MAX_KEY_LENGTH`` characters. A result copies them
     under the same names, so that results and raw runs are searched by the same keys."""
     when, plan = start.get("time"), start.get("plan_name")
-    usable_time = isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when)
-    return {"time": float(when) if usable_time else None,
+    try:
+        when = float(when) if isinstance(when, int | float) and not isinstance(when, bool) else None
+    except OverflowError:  # an int beyond a float
+        when = None
+    return {"time": when if when is not None and math.isfinite(when) else None,
             "plan_name": plan if isinstance(plan, str) and len(plan) <= MAX_KEY_LENGTH else None}

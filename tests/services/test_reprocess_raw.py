@@ -14,7 +14,7 @@ from bluesky import RunEngine
 from phasestream.app.cli import main
 from phasestream.app.cli.selection import parse_time
 from phasestream.app.live import LiveService
-from phasestream.contract import InvalidIdentifierError, check_raw_path
+from phasestream.contract import InvalidIdentifierError, check_raw_path, checked_run_origin
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
@@ -177,3 +177,10 @@ def test_times_are_iso_dates_or_seconds():
         RunQuery(since=2.0, until=1.0)
     with pytest.raises(ValueError, match="refusing to select every run"):
         find_raw_runs(None, RunQuery())
+
+
+def test_a_result_copies_only_usable_start_times_and_plan_names():
+    assert checked_run_origin({"time": 5, "plan_name": "list_scan"}) == {"time": 5.0, "plan_name": "list_scan"}
+    for start in ({"time": 10**400, "plan_name": "x" * 5000}, {"time": float("nan"), "plan_name": 3},
+                  {"time": True, "plan_name": None}, {}):
+        assert checked_run_origin(start) == {"time": None, "plan_name": None}
