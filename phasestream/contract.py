@@ -46,8 +46,10 @@ __all__ = [
     "RunSettingsError",
     "Status",
     "check_metadata",
+    "check_raw_path",
     "check_result_root",
     "check_run_uid",
+    "checked_run_origin",
     "checked_sample",
     "path_inside",
 ]
@@ -211,15 +213,32 @@ def check_run_uid(uid: Any) -> str:
     return uid
 
 
-def check_result_root(root: Any) -> str:
-    """Return the results container path (``a`` or ``a/b``) if every key in it is a plain name."""
-    keys = str(root).strip("/").split("/") if isinstance(root, str) else []
-    if not keys or any(_ROOT_KEY.fullmatch(k) is None for k in keys):
+def _plain_path(path: Any, what: str, *, example: str) -> str:
+    """``path`` without leading and trailing ``/`` if every ``/``-separated key is a plain name (no ``.``, ``..``
+    or empty key: Tiled resolves a path like a URL); ``""`` when it names no key at all."""
+    keys = path.strip("/").split("/") if isinstance(path, str) else [None]
+    if keys == [""]:
+        return ""
+    if any(not isinstance(k, str) or _ROOT_KEY.fullmatch(k) is None for k in keys):
         raise InvalidIdentifierError(
-            f"results root {_shown(root)} refused: one or more '/'-separated names of letters, digits, '.', "
-            "'_' or '-' (none starting with '.')"
+            f"{what} {_shown(path)} refused: one or more '/'-separated names of letters, digits, '.', '_' or '-', "
+            f"none starting with '.' and none empty (e.g. {example})"
         )
     return "/".join(keys)
+
+
+def check_result_root(root: Any) -> str:
+    """Return the results container path (``a`` or ``a/b``) if every key in it is a plain name."""
+    checked = _plain_path(root, "results root", example="'phasestream'")
+    if not checked:
+        raise InvalidIdentifierError(f"results root {_shown(root)} refused: name a container, e.g. 'phasestream'")
+    return checked
+
+
+def check_raw_path(path: Any) -> str:
+    """Return the container of the raw runs (``bl/raw``; ``""`` the catalog root, also for ``"/"``) if
+    every key in it is a plain name. A trusted option, checked all the same: ``..`` would leave it."""
+    return _plain_path(path, "raw-run path", example="'bl/raw', or '' for the catalog root")
 
 
 def path_inside(root: str | Path, *parts: str) -> Path:
@@ -359,6 +378,8 @@ class RunSettings:
     num_points: int | None = None
     extra: dict = field(default_factory=dict)
     keys_from: dict = field(default_factory=dict)
+    #: the start document's ``time`` and ``plan_name`` (:func:`checked_run_origin`)
+    origin: dict = field(default_factory=dict)
 
     @property
     def state_of_charge(self) -> float | None:
@@ -431,6 +452,7 @@ class RunSettings:
             num_points=num,
             extra={k: v for k, v in block.items() if k not in known},
             keys_from=dict(keys_from or {}),
+            origin=checked_run_origin(start),
         )
 
 
@@ -455,3 +477,16 @@ def checked_sample(start: dict[str, Any], bounds: DocumentBounds | None = None) 
     if soc is not None and not (isinstance(soc, int | float) and not isinstance(soc, bool) and math.isfinite(soc)):
         raise RunSettingsError(f"run {uid}: sample.state_of_charge must be a finite number, got {soc!r:.60}")
     return dict(sample)
+
+
+def checked_run_origin(start: Mapping[str, Any]) -> dict:
+    """``{time, plan_name}`` of a start document, each None unless usable: ``time`` a finite number (seconds
+    since the epoch), ``plan_name`` a string of at most ``MAX_KEY_LENGTH`` characters. A result copies them
+    under the same names, so that results and raw runs are searched by the same keys."""
+    when, plan = start.get("time"), start.get("plan_name")
+    try:
+        when = float(when) if isinstance(when, int | float) and not isinstance(when, bool) else None
+    except OverflowError:  # an int beyond a float
+        when = None
+    return {"time": when if when is not None and math.isfinite(when) else None,
+            "plan_name": plan if isinstance(plan, str) and len(plan) <= MAX_KEY_LENGTH else None}

@@ -44,7 +44,7 @@ from phasestream.jobs.methods import MethodsOptions, methods_options_from_start
 from phasestream.jobs.refine import RefineOptions
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.store.results import ResultWriter
-from phasestream.store.tiled import raw_run_complete, separate_api_key
+from phasestream.store.tiled import open_raw_run, raw_run_complete, separate_api_key
 
 __all__ = ["LiveService", "ServeProcess"]
 
@@ -72,7 +72,8 @@ class LiveService:
     dask_workers : LocalCluster workers for ``scheduler="local"``
     stale_after : seconds after which a ``running`` result that no open run of this service
         touches is recovered from its raw run (None: never look for them)
-    **callback_options : passed to :class:`PhaseMapCallback`
+    **callback_options : passed to :class:`PhaseMapCallback`; its ``raw`` (the container of the raw runs,
+        default the catalog root) is also where lost runs are recovered from
     """
 
     def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
@@ -261,7 +262,7 @@ class LiveService:
             if uid in self.callback.active:
                 continue  # the stop may still come; the callback finalizes first
             try:
-                ready = raw_run_complete(self.client, uid)
+                ready = raw_run_complete(self.client, uid, self.callback.raw)
             except Exception as exc:  # noqa: BLE001 - Tiled unreachable or run not there yet
                 logger.debug("raw run %s not readable yet: %s", uid, exc)
                 ready = False
@@ -282,13 +283,13 @@ class LiveService:
         what it holds, ending ``partial``); a raw run that is not there leaves the result ``failed``."""
         defaults = self.callback.defaults  # runs without a phasestream block are recovered as they were analysed
         options = ReprocessOptions(root=self.callback.root, backend=self.callback.backend,
-                                   require_complete=complete,
+                                   require_complete=complete, raw=self.callback.raw,
                                    reference_folders=tuple(str(f) for f in self.callback.reference_folders),
                                    defaults=None if defaults is None else asdict(defaults))
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []
-            start = self.client[uid].metadata["start"]
+            start = open_raw_run(self.client, uid, self.callback.raw).metadata["start"]
             extra = dict(RunSettings.from_start(start).extra) if "phasestream" in start else {}
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)

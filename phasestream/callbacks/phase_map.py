@@ -43,7 +43,9 @@ from phasestream.contract import (
     RunDefaults,
     RunSettings,
     RunSettingsError,
+    check_raw_path,
     check_run_uid,
+    checked_run_origin,
     checked_sample,
 )
 from phasestream.kernels import (
@@ -53,6 +55,7 @@ from phasestream.kernels import (
 )
 from phasestream.references import ReferenceSet, load_document_references, load_references
 from phasestream.store.results import ResultExistsError, ResultWriter
+from phasestream.store.tiled import raw_run_link
 
 __all__ = ["PhaseMapCallback"]
 
@@ -115,6 +118,8 @@ class PhaseMapCallback:
     keep_arrays : keep each run's final arrays in :attr:`results` (default: only without a Tiled
         client, where they are the only copy); with Tiled the worker keeps summaries only
     max_results : runs remembered in :attr:`results` (oldest dropped first)
+    raw : Tiled path of the container where the raw runs are (TiledWriter's; ``""`` the catalog root,
+        ``bl/raw``): each result links to its raw run there (``raw`` metadata)
     """
 
     def __init__(
@@ -141,11 +146,13 @@ class PhaseMapCallback:
         keep_arrays: bool | None = None,
         max_results: int = 1000,
         defaults: RunDefaults | None = None,
+        raw: str = "",
     ):
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
         self.client = tiled_client
         self.root = root
+        self.raw = check_raw_path(raw)
         self.update_every = int(update_every)
         self.update_seconds = float(update_seconds)
         self.min_update_seconds = float(min_update_seconds)
@@ -205,7 +212,8 @@ class PhaseMapCallback:
                 phases=list(analysis.references.phases),
                 # without OD writing (or without an image) no `od` array is created (it would read as zeros)
                 n_energies=analysis.settings.num_points if self.write_od and shape is not None else None,
-                metadata={**analysis.base_metadata(), **_keys_note(analysis.settings)},
+                metadata={**analysis.base_metadata(), **_keys_note(analysis.settings),
+                          **self._origin(analysis.settings.run_uid, analysis.settings.origin)},
                 replace=self.replace,
                 od_store=self.od_store,
             )
@@ -214,6 +222,11 @@ class PhaseMapCallback:
             analysis.conflict = True
             self._record_conflict(analysis.settings.run_uid)
             return None
+
+    def _origin(self, uid: str, origin: dict) -> dict:
+        """Where a result comes from: the start document's ``time`` and ``plan_name``, and ``raw``, the raw
+        run's Tiled path and URI (without the API key)."""
+        return {**origin, "raw": raw_run_link(self.client, uid, self.raw)}
 
     def _write_failed(self, key, exc: BaseException) -> None:
         analysis = self.active.get(key) if isinstance(key, str) else None
@@ -345,7 +358,8 @@ class PhaseMapCallback:
         if self.client is None:
             failed.done.set()
             return
-        metadata = {"run_uid": uid, "status": status, "errors": [reason], "sample": self._safe_sample(start)}
+        metadata = {"run_uid": uid, "status": status, "errors": [reason], "sample": self._safe_sample(start),
+                    **self._origin(uid, checked_run_origin(start))}
         if isinstance(start.get("scan_id"), int) and not isinstance(start.get("scan_id"), bool):
             metadata["scan_id"] = start["scan_id"]
 

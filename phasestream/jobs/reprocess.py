@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.contract import JobOutcome, RunDefaults
+from phasestream.contract import JobOutcome, RunDefaults, check_raw_path
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
 from phasestream.store.results import ResultExistsError
-from phasestream.store.tiled import open_raw_run, raw_run_complete
+from phasestream.store.tiled import open_raw_run
 
 __all__ = [
     "NoPhasestreamBlockError",
@@ -63,10 +63,13 @@ class ReprocessOptions:
     #: how a run without a ``phasestream`` block is analysed (:class:`~phasestream.contract.RunDefaults`
     #: as a dict, so that the options travel to Dask); None: with ``references`` only, keys inferred
     defaults: dict | None = None
+    #: Tiled path of the container of the raw runs (``bl/raw``); ``""``: the catalog root
+    raw: str = ""
 
     def validate(self) -> ReprocessOptions:
         if not self.root or "/" in self.root:
             raise ValueError(f"root must be a single container name, got {self.root!r}")
+        self.raw = check_raw_path(self.raw)
         self.reference_folders = tuple(str(f) for f in self.reference_folders)
         if self.defaults is not None:
             self.defaults = asdict(RunDefaults(**self.defaults))
@@ -234,7 +237,8 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
 
 
 def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None) -> RunResult:
-    """Recompute the phase maps of one raw run in Tiled; results replace ``<root>/<run_uid>``.
+    """Recompute the phase maps of one raw run in Tiled (``<raw>/<run_uid>``); results replace
+    ``<root>/<run_uid>`` and link back to the raw run (``raw`` metadata).
 
     Each stream's rows are paired with their image frames by ``seq_num``; when rows, frames and
     the stop document's ``num_events`` disagree, only correctly paired events are analysed and the
@@ -250,8 +254,8 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
         when the run's result is ``complete`` and ``replace`` is not set.
     """
     opts = (options or ReprocessOptions()).validate()
-    run = open_raw_run(client, run_uid)
-    if opts.require_complete and not raw_run_complete(client, run_uid):
+    run = open_raw_run(client, run_uid, opts.raw)
+    if opts.require_complete and run.metadata.get("stop") is None:
         raise RuntimeError(f"raw run {run_uid} is not complete in Tiled yet (no stop document); try again later")
     if not opts.replace and _result_status(client, opts.root, run_uid) == "complete":
         raise ResultCompleteError(f"run {run_uid} already has a complete result at {opts.root}/{run_uid}: pass "
@@ -259,7 +263,7 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
     folders = opts.reference_folders or tuple(str(f) for f in reference_folders_from_env())
     cb = PhaseMapCallback(client, root=opts.root, backend=opts.backend, references=opts.references,
                           defaults=opts.run_defaults(), update_every=10**9, update_seconds=float("inf"),
-                          replace=True, reference_folders=folders)
+                          replace=True, reference_folders=folders, raw=opts.raw)
     try:
         # rows that cannot be paired with their frames are left out and the run ends `partial`
         for name, doc in raw_run_documents(run, on_mismatch=lambda reason: cb.run_incomplete(run_uid, reason)):
@@ -288,16 +292,18 @@ def _result_status(client, root: str, run_uid: str) -> str | None:
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
     """The ``reprocess`` job: recompute the result of ``run_uid`` from its raw run in Tiled."""
-    opts = ReprocessOptions(**options)
+    opts = ReprocessOptions(**options).validate()
+    where = f"--raw {opts.raw} " if opts.raw else ""
     t0 = time.perf_counter()
     try:
         result = reprocess_run(context.tiled(), run_uid, opts)
     except NoPhasestreamBlockError as exc:
         return JobOutcome(run_uid, "reprocess", "skipped", reason=str(exc), seconds=round(time.perf_counter() - t0, 3),
-                          retry=f"phasestream reprocess --references R {run_uid}")
-    retry = "" if result.status == "complete" else f"phasestream reprocess --replace {run_uid}"
+                          retry=f"phasestream reprocess {where}--references R {run_uid}")
+    retry = "" if result.status == "complete" else f"phasestream reprocess {where}--replace {run_uid}"
     if result.status == "skipped":
-        retry = f"phasestream reprocess --references {opts.references or 'R'} --image-key K --energy-key E {run_uid}"
+        retry = (f"phasestream reprocess {where}--references {opts.references or 'R'} --image-key K --energy-key E "
+                 f"{run_uid}")
     # a result status (complete, partial, failed) is also a job status
     return JobOutcome(run_uid, "reprocess", result.status, reason="; ".join(result.errors[:5]),
                       seconds=round(time.perf_counter() - t0, 3), retry=retry,

@@ -1,4 +1,4 @@
-"""Finding phase-mapping results in Tiled: by state of charge, status, sample.
+"""Finding phase-mapping results, and raw runs, in Tiled: by state of charge, sample, start time, plan, status.
 
 Results live at ``<root>/<run uid>`` (docs/contract.md, "Results in Tiled") with ``state_of_charge`` at
 the top level of their metadata, so a plain Tiled query works as well:
@@ -11,21 +11,91 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tiled.client.container import Container
 from tiled.queries import Key
 
 from phasestream.contract import FINAL_JOB_STATUSES, FINAL_STATUSES, STATUSES
+from phasestream.store.tiled import raw_runs
 
-__all__ = ["find", "find_raw_runs", "result_rows", "wait_for_refinement",
+__all__ = ["RunQuery", "find", "find_raw_runs", "result_rows", "search_runs", "wait_for_refinement",
            "wait_for_result"]
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunQuery:
+    """The friendly keys by which results and raw runs are both searched (``query``, ``reprocess``).
+
+    Each names a start-document key; a result copies those keys under the same names (docs/contract.md)
+    and a raw run (TiledWriter) keeps the start document under ``start``, so one search serves both, with
+    the key prefix as the only difference (:func:`search_runs`).
+
+    Parameters
+    ----------
+    state_of_charge : ``|sample.state_of_charge - x| <= tolerance`` (exact equality when 0)
+    tolerance : non-negative
+    sample : ``sample.name`` equal to this
+    since, until : ``since <= time < until``, the run's start time in seconds since the epoch
+    plan : ``plan_name`` equal to this
+    start : more keys (dotted, e.g. ``{"scan_id": 12}``) and the values they must equal
+    """
+
+    state_of_charge: float | None = None
+    tolerance: float = 0.0
+    sample: str | None = None
+    since: float | None = None
+    until: float | None = None
+    plan: str | None = None
+    start: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError(f"since ({self.since}) must be before until ({self.until})")
+        for key in self.start:
+            if not (isinstance(key, str) and key and all(key.split("."))):
+                raise ValueError(f"a start-document key is dotted names, e.g. sample.name; got {key!r}")
+
+    @property
+    def empty(self) -> bool:
+        """True when the query selects every run."""
+        return all(value is None for value in (self.state_of_charge, self.sample, self.since, self.until,
+                                               self.plan)) and not self.start
+
+
+def search_runs(node: Container, query: RunQuery, *, prefix: str = "") -> Container:
+    """``node.search(...)`` for every criterion of ``query``; ``prefix`` is ``""`` for results and
+    ``"start."`` for raw runs (TiledWriter keeps the start document under ``metadata["start"]``)."""
+    def key(name: str) -> Key:
+        return Key(f"{prefix}{name}")
+
+    if query.state_of_charge is not None:
+        soc, at = float(query.state_of_charge), key("sample.state_of_charge")
+        if query.tolerance == 0:
+            node = node.search(at == soc)
+        else:
+            node = node.search(at >= soc - query.tolerance).search(at <= soc + query.tolerance)
+    if query.sample is not None:
+        node = node.search(key("sample.name") == query.sample)
+    if query.since is not None:
+        node = node.search(key("time") >= float(query.since))
+    if query.until is not None:
+        node = node.search(key("time") < float(query.until))
+    if query.plan is not None:
+        node = node.search(key("plan_name") == query.plan)
+    for name, value in query.start.items():
+        node = node.search(key(name) == value)
+    return node
+
+
 def find(
     client: Container,
+    query: RunQuery | None = None,
     *,
     state_of_charge: float | None = None,
     tolerance: float = 0.0,
@@ -36,12 +106,11 @@ def find(
 
     Parameters
     ----------
-    state_of_charge : match ``|state_of_charge - x| <= tolerance`` (exact equality when 0)
-    tolerance : non-negative
+    query : the friendly keys (:class:`RunQuery`: state of charge, sample, start time, plan)
+    state_of_charge, tolerance : shorthand for ``RunQuery(state_of_charge=..., tolerance=...)``
     status : one of ``STATUSES``
     """
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    query = _with_soc(query, state_of_charge, tolerance)
     if status is not None and status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     try:
@@ -49,13 +118,7 @@ def find(
     except KeyError:
         log.debug("no results container %r in Tiled: nothing found", root)
         return {}
-    if state_of_charge is not None:
-        soc = float(state_of_charge)
-        if tolerance == 0:
-            results = results.search(Key("state_of_charge") == soc)
-        else:
-            results = results.search(Key("state_of_charge") >= soc - tolerance)
-            results = results.search(Key("state_of_charge") <= soc + tolerance)
+    results = search_runs(results, query)
     if status is not None:
         results = results.search(Key("status") == status)
     return dict(results.items())
@@ -63,35 +126,36 @@ def find(
 
 def find_raw_runs(
     client: Container,
+    query: RunQuery | Mapping[str, Any] | None = None,
     *,
+    raw: str = "",
     state_of_charge: float | None = None,
     tolerance: float = 0.0,
-    query: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Uids of the raw runs (TiledWriter, at the top level) whose start document matches, sorted by start time.
+    """Uids of the raw runs (TiledWriter) under ``raw`` (a Tiled path such as ``bl/raw``; ``""`` the catalog
+    root) whose start document matches ``query``, sorted by start time. ``query`` may also be a mapping of
+    start-document keys (dotted) and values, ``RunQuery(start=...)``.
 
-    Parameters
-    ----------
-    state_of_charge : match ``|start.sample.state_of_charge - x| <= tolerance``
-    query : start-document keys (dotted) and values that must be equal, e.g.
-        ``{"sample.name": "P1", "scan_id": 12}``
+    Refuses an empty query (it would select every run). Raises ``KeyError`` when ``raw`` is not a container.
     """
-    if state_of_charge is None and not query:
-        raise ValueError("find_raw_runs needs state_of_charge= or query= (refusing to select every run)")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    runs = client
-    if state_of_charge is not None:
-        soc, key = float(state_of_charge), Key("start.sample.state_of_charge")
-        if tolerance == 0:
-            runs = runs.search(key == soc)
-        else:
-            runs = runs.search(key >= soc - tolerance).search(key <= soc + tolerance)
-    for name, value in (query or {}).items():
-        runs = runs.search(Key(f"start.{name}") == value)
+    query = _with_soc(query, state_of_charge, tolerance)
+    if query.empty:
+        raise ValueError("find_raw_runs needs a criterion (state of charge, sample, time, plan or start-document "
+                         "keys): refusing to select every run")
+    runs = search_runs(raw_runs(client, raw), query, prefix="start.")
     found = [(node.metadata.get("start", {}).get("time", 0.0), uid) for uid, node in runs.items()
              if "start" in node.metadata]
     return [uid for _, uid in sorted(found)]
+
+
+def _with_soc(query: RunQuery | Mapping | None, state_of_charge: float | None, tolerance: float) -> RunQuery:
+    """``query`` with the shorthand ``state_of_charge=`` (and its tolerance) when given."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if isinstance(query, Mapping):  # start-document keys and values, as find_raw_runs(query=...) took before
+        query = RunQuery(start=query)
+    query = query or RunQuery()
+    return query if state_of_charge is None else replace(query, state_of_charge=state_of_charge, tolerance=tolerance)
 
 
 def result_rows(results: dict[str, Container]) -> list[dict]:

@@ -37,6 +37,8 @@ from tiled.media_type_registration import default_serialization_registry
 from tiled.server import SimpleTiledServer
 from tiled.utils import OneShotCachedMap
 
+from phasestream.contract import check_raw_path, check_run_uid
+
 __all__ = [
     "BLUESKY_RUN_DOCUMENTS",
     "BLUESKY_RUN_MEDIA_TYPES",
@@ -50,7 +52,10 @@ __all__ = [
     "open_raw_run",
     "public_uri",
     "raw_run_complete",
+    "raw_run_link",
+    "raw_run_path",
     "raw_run_writer",
+    "raw_runs",
     "separate_api_key",
     "start_embedded_tiled",
     "structure_clients",
@@ -321,7 +326,8 @@ def describe_tiled_error(error: BaseException) -> str | None:
 
 
 def raw_run_writer(client: Container, *, batch_size: int = 1) -> TiledWriter:
-    """A TiledWriter that stores raw runs under ``client`` (``client[<run uid>]``).
+    """A TiledWriter that stores raw runs under ``client`` (``client[<run uid>]``): the catalog root, or a
+    container such as ``client["bl/raw"]`` (then read them with ``raw="bl/raw"``).
 
     Subscribe it to a RunEngine (``RE.subscribe(raw_run_writer(client))``). ``batch_size=1``
     writes every event as it arrives (live use); larger batches suit bulk migration.
@@ -331,21 +337,45 @@ def raw_run_writer(client: Container, *, batch_size: int = 1) -> TiledWriter:
     return TiledWriter(client, batch_size=batch_size)
 
 
-def open_raw_run(client: Container, uid: str) -> BlueskyRun:
-    """The raw run ``uid`` as a databroker-2 BlueskyRun: ``run["primary"]["det_img"].read()``."""
+def raw_runs(client: Container, raw: str = "") -> Container:
+    """The container of the raw runs: ``client[raw]`` (``bl/raw``), or ``client`` itself for ``raw=""``."""
+    raw = check_raw_path(raw)
+    if not raw:
+        return client
     try:
-        run = client[uid]
+        return client[raw]
     except KeyError as error:
-        raise KeyError(f"no raw run {uid!r} in Tiled at {client.uri}: was TiledWriter subscribed?") from error
+        raise KeyError(f"no container {raw!r} of raw runs in Tiled at {public_uri(client.uri)} (--raw PATH)") from error
+
+
+def raw_run_path(uid: str, raw: str = "") -> str:
+    """The Tiled path of raw run ``uid`` under ``raw`` (both checked): ``bl/raw/<uid>``, or ``<uid>``."""
+    return "/".join(part for part in (check_raw_path(raw), check_run_uid(uid)) if part)
+
+
+def raw_run_link(client: Container, uid: str, raw: str = "") -> dict[str, str]:
+    """``{path, uri}`` of raw run ``uid`` under ``raw``, for a result's ``raw`` metadata: the path from the
+    catalog root and the node's URI without an API key or a password (it is stored for everyone to read)."""
+    path = raw_run_path(uid, raw)
+    return {"path": path, "uri": public_uri(f"{str(client.uri).rstrip('/')}/{path}")}
+
+
+def open_raw_run(client: Container, uid: str, raw: str = "") -> BlueskyRun:
+    """The raw run ``uid`` under ``raw`` as a databroker-2 BlueskyRun: ``run["primary"]["det_img"].read()``."""
+    runs = raw_runs(client, raw)
+    try:
+        run = runs[check_run_uid(uid)]
+    except KeyError as error:
+        raise KeyError(f"no raw run {uid!r} in Tiled at {public_uri(runs.uri)}: was TiledWriter subscribed?") from error
     if not isinstance(run, BlueskyRun):
         specs = [spec.name for spec in run.specs]
         raise TypeError(f"Tiled node {uid!r} is not a BlueskyRun (specs {specs}); is it a raw run uid?")
     return run
 
 
-def raw_run_complete(client: Container, uid: str) -> bool:
+def raw_run_complete(client: Container, uid: str, raw: str = "") -> bool:
     """True when the raw run's stop document has been written (``metadata["stop"]``)."""
-    return open_raw_run(client, uid).metadata.get("stop") is not None
+    return open_raw_run(client, uid, raw).metadata.get("stop") is not None
 
 
 # --------------------------------------------------------------------------- results

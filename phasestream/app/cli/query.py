@@ -6,6 +6,7 @@ import argparse
 import json
 
 from phasestream.app.cli.common import add_tiled_options, tiled_client
+from phasestream.app.cli.selection import add_selection_options, run_query
 from phasestream.contract import STATUSES
 from phasestream.store.catalog import find, result_rows
 
@@ -15,8 +16,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     query = subparsers.add_parser("query", help="list phase-mapping results, e.g. --soc 2.0")
     add_tiled_options(query)
-    query.add_argument("--soc", type=float, default=None, help="state of charge (Na content x)")
-    query.add_argument("--tolerance", type=float, default=0.0, help="match |SoC - x| <= tolerance")
+    add_selection_options(query, "results")
     query.add_argument("--status", choices=STATUSES, default=None)
     query.add_argument("--root", default="phasestream", help="results container (default phasestream)")
     query.add_argument("--json", action="store_true")
@@ -24,8 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with tiled_client(args) as (client, _):
-        rows = result_rows(find(client, state_of_charge=args.soc, tolerance=args.tolerance, status=args.status,
-                                root=args.root))
+        rows = result_rows(find(client, run_query(args), status=args.status, root=args.root))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

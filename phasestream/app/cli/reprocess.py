@@ -27,6 +27,8 @@ from phasestream.app.cli.common import (
     workers_api_key,
 )
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, refine_options
+from phasestream.app.cli.selection import add_selection_options, run_query
+from phasestream.contract import check_raw_path
 from phasestream.jobs.cluster import dask_client
 from phasestream.jobs.executors import Job, run_jobs, submit_jobs
 from phasestream.jobs.methods import MethodsOptions
@@ -34,6 +36,7 @@ from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.jobs.split import SplitStep, run_split_steps, split_steps
 from phasestream.kernels.backend import BACKENDS
 from phasestream.store.catalog import find_raw_runs
+from phasestream.store.tiled import raw_runs
 
 __all__ = ["EXIT_COMPLETE", "EXIT_FAILED", "EXIT_SKIPPED", "add_parser", "run"]
 
@@ -44,10 +47,11 @@ EXIT_SKIPPED = 3  # 2 is a refused request (argparse and run_reporting_errors)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep = subparsers.add_parser("reprocess", help="recompute results from raw runs already in Tiled")
     add_tiled_options(rep)
-    rep.add_argument("uids", nargs="*", metavar="UID", help="raw run uids (or select runs with --soc / --query)")
-    rep.add_argument("--soc", type=float, default=None, metavar="X",
-                     help="every raw run whose start document has sample.state_of_charge X")
-    rep.add_argument("--tolerance", type=float, default=0.0, help="--soc: match |SoC - X| <= tolerance")
+    rep.add_argument("uids", nargs="*", metavar="UID",
+                     help="raw run uids (or select runs with --soc, --sample, --since, --until, --plan, --query)")
+    rep.add_argument("--raw", default="", metavar="PATH",
+                     help="Tiled path of the container of the raw runs, e.g. bl/raw (default: the catalog root)")
+    add_selection_options(rep, "raw runs")
     rep.add_argument("--query", action="append", metavar="KEY=VALUE",
                      help="every raw run whose start document has KEY (dotted) equal to VALUE; repeatable")
     rep.add_argument("--scheduler", default=None, metavar="ADDRESS",
@@ -85,9 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.refine_only and not (args.enhance or args.method):
         args.refine = True
-    query = _query_pairs(args.query)
-    if not (args.uids or args.soc is not None or query):
-        raise ValueError("reprocess needs run uids, --soc X or --query KEY=VALUE")
+    args.raw = check_raw_path(args.raw)
+    selection = run_query(args, _query_pairs(args.query))
+    if not args.uids and selection.empty:
+        raise ValueError("reprocess needs run uids or a selection (--soc X, --sample NAME, --since T, --until T, "
+                         "--plan NAME, --query KEY=VALUE)")
     scheduler = args.settings.dask_scheduler if args.scheduler is None else args.scheduler
     scheduler = scheduler or None
     # a cluster only when asked for: a named scheduler, --workers N, or --split N (which needs Dask)
@@ -97,11 +103,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(SCHEDULER_NEEDS_TILED)
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
         uids = list(dict.fromkeys(args.uids))
-        if args.soc is not None or query:
-            uids += [u for u in find_raw_runs(client, state_of_charge=args.soc, tolerance=args.tolerance,
-                                              query=query) if u not in uids]
+        if args.raw and not (args.refine_only and selection.empty):
+            try:
+                raw_runs(client, args.raw)
+            except KeyError as error:  # no such container: a refused request, not a failed run
+                raise ValueError(error.args[0]) from None
+        if not selection.empty:
+            uids += [u for u in find_raw_runs(client, selection, raw=args.raw) if u not in uids]
             if not uids:
-                print("no raw runs match", file=sys.stderr)
+                print(f"no raw runs match (under {args.raw or 'the catalog root'})", file=sys.stderr)
                 return 1
         jobs = _reprocess_jobs(args, uids)
         api_key = workers_api_key(uri)
@@ -152,7 +162,7 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list[Job]:
     if not args.refine_only:
         defaults = run_defaults(args)
         opts = ReprocessOptions(root=args.root, backend=args.backend, references=args.references, replace=args.replace,
-                                defaults=None if defaults is None else asdict(defaults)).validate()
+                                defaults=None if defaults is None else asdict(defaults), raw=args.raw).validate()
         steps.append(("reprocess", asdict(opts)))
     if args.enhance:
         steps.append(("enhance", asdict(enhance_options(args))))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -22,7 +23,7 @@ from phasestream.app.cli.common import (
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
 from phasestream.app.live import LiveService
 from phasestream.app.notify import notify
-from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds
+from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds, check_raw_path
 from phasestream.jobs.executors import DaskExecutor
 from phasestream.kernels.backend import BACKENDS
 from phasestream.references import REFERENCE_FOLDERS_ENV
@@ -31,6 +32,8 @@ from phasestream.transport.wire import DEFAULT_MAX_MESSAGE_SIZE, parse_byte_size
 from phasestream.transport.worker import DocumentWorker
 
 __all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -106,6 +109,9 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
                             "spectra (a registered name or a file); their keys are inferred or given below. Runs "
                             "with the block keep their own references")
     add_run_key_options(serve)
+    serve.add_argument("--raw", default="", metavar="PATH",
+                       help="Tiled path of the container where TiledWriter stores the raw runs, e.g. bl/raw "
+                            "(default: the catalog root): results link to them, lost runs are recovered from there")
     serve.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                        help="embedded server only: directories of detector files it may read")
 
@@ -122,6 +128,7 @@ def _configured(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _configured(args)
     defaults = run_defaults(args)  # refused before anything starts
+    raw = check_raw_path(args.raw)
     scheduler = scheduler_option(args)
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
@@ -130,13 +137,16 @@ def run(args: argparse.Namespace) -> int:
     with tiled_client(args, readable_storage=readable or None, wait=wait) as (client, uri):
         if args.od_store:
             check_od_store(client, args.od_store)
+        if raw and raw not in client:  # TiledWriter may create it later: said, not refused
+            logger.warning("no container %r of raw runs in Tiled yet (--raw): results link to raw runs there, and "
+                           "runs that lose documents are recovered from there", raw)
         folders = [str(Path(f).resolve()) for f in args.references_dir]
         # post-scan jobs (threads, Dask workers started from here) load references by the same rule
         os.environ[REFERENCE_FOLDERS_ENV] = os.pathsep.join(folders)
         bounds = DocumentBounds(max_num_points=args.max_num_points, max_image_pixels=args.max_image_pixels)
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, partial_budget=args.partial_budget,
-                              root=args.root, write_od=not args.no_od,
+                              root=args.root, raw=raw, write_od=not args.no_od,
                               od_store=args.od_store, reference_folders=folders, bounds=bounds, defaults=defaults,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
