@@ -88,6 +88,18 @@ def tiled_client(args: argparse.Namespace, *, readable_storage=None, wait: float
     return tiled_session(uri, directory=args.catalog, readable_storage=readable_storage, wait=wait)
 
 
+def add_wait_for_tiled_option(parser: argparse.ArgumentParser) -> None:
+    """``--wait-for-tiled SECONDS`` of the long-running commands (``serve``, ``view``); see :func:`tiled_wait`."""
+    parser.add_argument("--wait-for-tiled", type=float, default=300.0, metavar="SECONDS",
+                        help="wait this long for the Tiled server to answer, logging 'waiting for Tiled at ...' "
+                             "with backoff (default 300; -1: no limit; 0: exit at once)")
+
+
+def tiled_wait(args: argparse.Namespace) -> float | None:
+    """``--wait-for-tiled`` as :func:`tiled_client`'s ``wait`` (None: no limit)."""
+    return None if args.wait_for_tiled < 0 else args.wait_for_tiled
+
+
 def tiled_uri(args: argparse.Namespace) -> str | None:
     """The Tiled server of the command: ``--tiled URI``, else ``$TILED_URI`` (the stack's env file sets
     it), unless ``--catalog DIR`` asks for an embedded server; None: an embedded server."""

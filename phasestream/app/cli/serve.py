@@ -16,9 +16,11 @@ from pathlib import Path
 from phasestream.app.cli.common import (
     add_run_key_options,
     add_tiled_options,
+    add_wait_for_tiled_option,
     run_defaults,
     scheduler_option,
     tiled_client,
+    tiled_wait,
 )
 from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
 from phasestream.app.live import LiveService
@@ -67,9 +69,7 @@ def _add_stream_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--zmq", default=None, metavar="ADDRESS",
                        help="output address of the 0MQ proxy, e.g. tcp://127.0.0.1:5578 (default "
                             "$PHASESTREAM_ZMQ_OUT, else tcp://127.0.0.1:5578)")
-    serve.add_argument("--wait-for-tiled", type=float, default=300.0, metavar="SECONDS",
-                       help="wait this long for the Tiled server to answer, logging 'waiting for Tiled at ...' "
-                            "with backoff (default 300; -1: no limit; 0: exit at once)")
+    add_wait_for_tiled_option(serve)
     serve.add_argument("--backend", choices=("auto", *BACKENDS), default=None)
     serve.add_argument("--update-every", type=int, default=4, help="partial maps every N images (default 4)")
     serve.add_argument("--update-seconds", type=float, default=2.0, help="... or every T seconds (default 2)")
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
     readable = [*(args.readable_storage or []), *([args.od_store] if args.od_store else [])]
-    wait = None if args.wait_for_tiled < 0 else args.wait_for_tiled
+    wait = tiled_wait(args)
     with tiled_client(args, readable_storage=readable or None, wait=wait) as (client, uri):
         if args.od_store:
             check_od_store(client, args.od_store)

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from phasestream.app.cli.common import add_tiled_options, tiled_client
+from phasestream.app.cli.common import add_tiled_options, add_wait_for_tiled_option, tiled_client, tiled_wait
 from phasestream.app.notify import notify
 
 __all__ = ["add_parser", "run"]
@@ -23,9 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     view.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 with --public)")
     view.add_argument("--port", type=int, default=8010, help="port (default 8010; 0 picks a free one)")
     view.add_argument("--root", default="phasestream", help="results container (default phasestream)")
-    view.add_argument("--wait-for-tiled", type=float, default=300.0, metavar="SECONDS",
-                      help="wait this long for the Tiled server to answer, logging 'waiting for Tiled at ...' "
-                           "with backoff (default 300; -1: no limit; 0: exit at once)")
+    add_wait_for_tiled_option(view)
     view.add_argument("--public", action="store_true",
                       help="listen on every interface (read-only view, no login): only on a trusted network")
 
@@ -44,7 +42,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"ready": True, "url": url}), flush=True)
         notify(ready=True, status=f"serving {url}")
 
-    wait = None if args.wait_for_tiled < 0 else args.wait_for_tiled
-    with tiled_client(args, wait=wait) as (client, _):
+    with tiled_client(args, wait=tiled_wait(args)) as (client, _):
         run_view(client, host=host, port=args.port, root=args.root, ready=ready)
     return 0
