@@ -9,7 +9,7 @@ square, K = 5 references, ``--energies`` images each) are published one after th
 ``--rate`` frames/s, each while the page (opened on that run) shows it; the worker runs with its
 defaults (one partial map per 20-image scan), so several scans give the statistics their samples.
 
-* ``update_to_drawn_s``: for every map update of the runs that the page drew, the time from the
+* ``update_to_drawn_s``: for every map update (an update with maps) of the runs that the page drew, the time from the
   worker's metadata write (``updated_at``, stamped just before the write to Tiled) to the moment
   the page's phase image had loaded and decoded (the page's own timestamp,
   ``window.phasestreamLog``); median, p95, max and count. ``update_to_received_s``: the same up to
@@ -66,10 +66,16 @@ def finished_results(client, n: int) -> None:
 
 
 @contextlib.contextmanager
-def view_process(uri: str, api_key: str):
-    """``phasestream view --port 0`` as its own process (the key in its environment); yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "phasestream.app.cli", "view", "--tiled", uri, "--port", "0"],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "TILED_API_KEY": api_key})
+def view_process(uri: str, api_key: str, log_path: str | None = None):
+    """``phasestream view --port 0`` as its own process (the key in its environment); yields its URL.
+
+    With ``log_path``, the view logs at debug level (``-vv``, timestamps to the millisecond) to that file.
+    """
+    verbose = ["-vv"] if log_path else []
+    log_file = open(log_path, "w") if log_path else None  # closed below
+    proc = subprocess.Popen([sys.executable, "-m", "phasestream.app.cli", *verbose, "view", "--tiled", uri,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=log_file, text=True,
+                            env={**os.environ, "TILED_API_KEY": api_key})
     try:
         line = proc.stdout.readline()  # {"ready": true, "url": ...} once it serves
         if not line:
@@ -78,6 +84,8 @@ def view_process(uri: str, api_key: str):
     finally:
         proc.terminate()
         proc.wait(30)
+        if log_file is not None:
+            log_file.close()
 
 
 @contextlib.contextmanager
@@ -140,6 +148,8 @@ def main() -> None:
                              "default 0: the worker's defaults")
     parser.add_argument("--view-in-process", action="store_true",
                         help="the view on a thread of this process (beside the embedded Tiled) instead of its own")
+    parser.add_argument("--view-log", metavar="FILE",
+                        help="the view process logs at debug level to FILE (where the time goes; slows it a little)")
     args = parser.parse_args()
     if missing():
         sys.exit(f"benchmarks/view.py: {missing()}")
@@ -162,7 +172,8 @@ def main() -> None:
         with start_proxy() as proxy, DocumentPublisher(proxy.in_address) as publisher, \
                 ServeProcess(proxy.out_address, server.uri, args=worker_args), \
                 (view_thread(server.uri) if args.view_in_process
-                 else view_process(public_uri(server.uri), client.context.api_key)) as url, chromium() as driver:
+                 else view_process(public_uri(server.uri), client.context.api_key, args.view_log)) as url, \
+                chromium() as driver:
             assert publisher.wait_for_subscriber(10)
             t0 = time.perf_counter()
             httpx.get(f"{url}/api/state", timeout=30)
@@ -185,11 +196,13 @@ def main() -> None:
         report["partial_maps_written"] = partial_maps
         report["updates_received"] = len(entries)
         report["update_to_received_s"] = stats([e["received"] - e["updated_at"] for e in entries])
-        report["update_to_drawn_s"] = stats([e["drawn"] - e["updated_at"] for e in entries if e["drawn"]])
-        report["updates_never_drawn"] = sum(1 for e in entries if not e["drawn"])  # superseded while loading
+        maps = [e for e in entries if e["maps"]]  # the result's first update has no maps to draw yet
+        report["map_updates_received"] = len(maps)
+        report["update_to_drawn_s"] = stats([e["drawn"] - e["updated_at"] for e in maps if e["drawn"]])
+        report["map_updates_never_drawn"] = sum(1 for e in maps if not e["drawn"])  # superseded while loading
         report["updates"] = [{k: e[k] for k in ("n", "maps", "status")}
-                             | {"received_s": round(e["received"] - e["updated_at"], 3),
-                                "drawn_s": e["drawn"] and round(e["drawn"] - e["updated_at"], 3)} for e in entries]
+                             | {f"{k}_s": e.get(k) and round(e[k] - e["updated_at"], 3)
+                                for k in ("received", "requested", "loaded", "drawn")} for e in entries]
     finally:
         server.close()
     print(json.dumps(report, indent=2))

@@ -2,10 +2,10 @@
 
 A real embedded Tiled (streaming cache in memory) and the worker's own ``ResultWriter``: partial
 maps are written as the worker writes them (the three arrays overwritten in place, then the
-metadata). The follower must hand the map cache the streamed arrays of each version after the
-first (whose arrays were created before the view could subscribe), with no read of the arrays,
-and the PNG must equal ``phase_rgb`` of the arrays in Tiled (the paper's display). A version
-whose metadata update follows no map write (an error recorded) falls back to reading.
+metadata). Once the follower has subscribed to the arrays (announced when the first map created
+them), it must hand the map cache the streamed arrays of each version, with no read of the
+arrays, and the PNG must equal ``phase_rgb`` of the arrays in Tiled (the paper's display). A
+version whose metadata update follows no map write (an error recorded) falls back to reading.
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def test_running_phase_map_is_drawn_from_the_stream(tiled_client):
             return wait(lambda: follower.runs[uid].version > before and follower.runs[uid].version, 30,
                         f"the partial map after {n} energies")
 
-        first = write_partial(1, 3)  # creates the arrays: read, then the view subscribes to them
-        assert cache.image(uid, first, "phase") is not None
-        assert reads == [(uid, ("phase", "reliability", "ambiguous"))]
-        wait(lambda: follower._live_maps.get(uid) is not None, 30, "the map subscriptions")
+        first = write_partial(1, 3)  # creates the arrays: Tiled announces them, the view subscribes
+        assert cache.image(uid, first, "phase") is not None  # streamed or read: a race with the subscriptions
+        wait(lambda: uid in follower._live_maps and not follower._live_maps[uid].missing, 30,
+             "the map subscriptions")
         time.sleep(0.5)  # their websockets connect
         for seed, n in ((2, 5), (3, 7)):
             version = write_partial(seed, n)

@@ -30,7 +30,7 @@ from typing import Any
 
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
-from phasestream.app.view.live_maps import MAP_ARRAYS, MAX_MESSAGE_BYTES, LiveMaps
+from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, LiveMaps
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.store.catalog import find
 from phasestream.store.tiled import connect, public_uri
@@ -161,7 +161,8 @@ class CatalogFollower:
         self._subscription: _FollowedContainer | None = None
         self._od_subscriptions: dict[str, ArraySubscription] = {}
         self._od_callbacks: dict[str, Callable] = {}  # Tiled's callback registry holds them weakly
-        self._live_maps: dict[str, LiveMaps | None] = {}  # None: being set up
+        self._live_maps: dict[str, LiveMaps] = {}
+        self._maps_lookups: set[str] = set()  # results whose existing map arrays are being looked up
         self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="view-read")
 
     # -- listeners ------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ class CatalogFollower:
     def _drop_subscriptions(self) -> None:
         with self._lock:
             subs = [self._subscription, *self._od_subscriptions.values()]
-            live_maps = [live for live in self._live_maps.values() if live is not None]
+            live_maps = list(self._live_maps.values())
             self._subscription, self._od_subscriptions, self._live_maps = None, {}, {}
         for sub in subs:
             if sub is not None:
@@ -322,9 +323,8 @@ class CatalogFollower:
                 live.mark(timestamp, run.version if changed else None)
         status = metadata.get("status")
         if status == Status.RUNNING:
+            self._follow_maps(uid, maps_written=bool(metadata.get("n_energies_seen")))
             self._follow_running(uid)
-            if metadata.get("n_energies_seen"):  # maps written: their arrays exist
-                self._follow_maps(uid)
         elif status in FINAL_STATUSES:
             self._unfollow(uid)
         if changed:
@@ -350,32 +350,32 @@ class CatalogFollower:
             self._od_subscriptions[uid] = sub
         threading.Thread(target=self._run_od, args=(uid, sub), daemon=True, name=f"view-od-{uid[:8]}").start()
 
-    def _follow_maps(self, uid: str) -> None:
-        """Subscribe to a running result's phase-map arrays (on a thread: the lookups wait on Tiled)."""
+    def _follow_maps(self, uid: str, maps_written: bool) -> None:
+        """Follow a running result's phase-map arrays (``live_maps``): its container at once, for the
+        arrays' creation; arrays that exist already (a view started mid-run) looked up on a thread."""
         with self._lock:
-            if uid in self._live_maps or self._stop.is_set():
+            if self._stop.is_set():
                 return
-            self._live_maps[uid] = None
+            live = self._live_maps.get(uid)
+            if live is None:
+                live = self._live_maps[uid] = LiveMaps(self.client.context, [*self.root.split("/"), uid],
+                                                       self.client.structure_clients).start()
+                live.mark(self.runs[uid].streamed_at, None)  # the window of the next version opens here
+            if not maps_written or not live.missing or uid in self._maps_lookups:
+                return
+            self._maps_lookups.add(uid)
 
-        def subscribe() -> None:
-            live = None
+        def look_up() -> None:
             try:
-                nodes = {name: self.client[f"{self.root}/{uid}/{name}"] for name in MAP_ARRAYS}
-                live = LiveMaps(self.client.context, nodes)
+                for name in live.missing:
+                    live.subscribe(name, self.client[f"{self.root}/{uid}/{name}"])
             except Exception as error:  # noqa: BLE001 - maps are read instead; the next update tries again
                 log.debug("view: no live maps for %s: %s", uid, error)
-            with self._lock:
-                if uid in self._live_maps and self._live_maps[uid] is None:
-                    if live is None:
-                        del self._live_maps[uid]
-                    else:
-                        self._live_maps[uid] = live.start()
-                        live.mark(self.runs[uid].streamed_at, None)  # the window of the next version opens here
-                        return
-            if live is not None:  # unfollowed meanwhile
-                live.close()
+            finally:
+                with self._lock:
+                    self._maps_lookups.discard(uid)
 
-        threading.Thread(target=subscribe, daemon=True, name=f"view-maps-{uid[:8]}").start()
+        threading.Thread(target=look_up, daemon=True, name=f"view-maps-{uid[:8]}").start()
 
     def streamed_maps(self, uid: str, version: int) -> dict[str, Any] | None:
         """The phase-map arrays of map version ``version`` of ``uid`` as Tiled streamed them, or None."""

@@ -15,8 +15,12 @@ concurrent rounds), and the latest of each is taken: the three are then from one
 writes, the round that U followed. Anything else (an update whose window holds no write: an
 error recorded, a heartbeat in between; a write that arrived before the subscription; a message
 still on its way after a short wait) answers None, and the view reads the arrays from Tiled as
-before. The array creation (the first map of a run) happens before the view can subscribe: that
-map is read too.
+before.
+
+The view subscribes to the result container as soon as the result runs, and to each map array as
+soon as Tiled announces it (``container-child-created``), from the first update Tiled's streaming
+cache still holds (``start=1``): the write that created the array (the run's first map) is
+replayed even when it went in before the array's subscription did.
 
 The windows compare the server's own clocks: with several Tiled servers behind one Redis
 streaming cache they must be synchronised (NTP) to well under the time between a map write and
@@ -34,7 +38,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from tiled.client.stream import ArraySubscription
+from tiled.client.stream import ArraySubscription, ContainerSubscription
 
 __all__ = ["MAP_ARRAYS", "MAX_MESSAGE_BYTES", "LiveMaps"]
 
@@ -62,41 +66,69 @@ class LiveMaps:
     Parameters
     ----------
     context : the Tiled client context
-    nodes : name -> the array's Tiled client (its path, shape and dtype), for each of ``MAP_ARRAYS``
+    path_parts : the result container's path in Tiled
+    structure_clients : the Tiled client's structure clients (to make clients of announced arrays)
     """
 
-    def __init__(self, context, nodes: dict[str, Any]):
-        self._nodes = nodes
-        self._messages: dict[str, deque[_Message]] = {name: deque(maxlen=KEPT) for name in nodes}
+    def __init__(self, context, path_parts: list[str], structure_clients):
+        self._context = context
+        self._messages: dict[str, deque[_Message]] = {name: deque(maxlen=KEPT) for name in MAP_ARRAYS}
         self._changed = threading.Condition()
+        self._closed = False
         self._last_mark: datetime | None = None
         self._window: tuple[int, datetime, datetime] | None = None  # (version, after, before)
-        self._subscriptions = {name: ArraySubscription(context, node.path_parts) for name, node in nodes.items()}
-        self._callbacks = {name: self._receiver(name) for name in nodes}  # held: Tiled keeps callbacks weakly
-        for name, sub in self._subscriptions.items():
-            sub.new_data.add_callback(self._callbacks[name])
+        self._subscriptions: dict[str, Any] = {}
+        self._callbacks: list = []  # held: Tiled's callback registries keep callbacks weakly
+        self._container = ContainerSubscription(context, path_parts, structure_clients=structure_clients)
+        self._callbacks.append(self._on_child)
+        self._container.child_created.add_callback(self._on_child)
 
     def start(self) -> LiveMaps:
-        for name, sub in self._subscriptions.items():
-            threading.Thread(target=self._run, args=(name, sub), daemon=True, name=f"view-map-{name}").start()
+        threading.Thread(target=self._run, args=("result", self._container, {}), daemon=True,
+                         name="view-map-result").start()
         return self
 
-    def close(self) -> None:
-        for sub in self._subscriptions.values():
-            threading.Thread(target=sub.disconnect, daemon=True).start()  # may wait for its thread
+    @property
+    def missing(self) -> list[str]:
+        """The map arrays not subscribed to yet."""
         with self._changed:
+            return [name for name in MAP_ARRAYS if name not in self._subscriptions]
+
+    def subscribe(self, name: str, node) -> None:
+        """Follow map array ``name`` (its Tiled client ``node``), from the oldest update Tiled still holds."""
+        with self._changed:
+            if name in self._subscriptions or self._closed:
+                return
+            sub = self._subscriptions[name] = ArraySubscription(self._context, node.path_parts)
+        receive = self._receiver(name, tuple(node.shape), np.dtype(node.dtype))
+        self._callbacks.append(receive)
+        sub.new_data.add_callback(receive)
+        threading.Thread(target=self._run, args=(name, sub, {"start": 1, "max_size": MAX_MESSAGE_BYTES}),
+                         daemon=True, name=f"view-map-{name}").start()
+
+    def _on_child(self, update) -> None:
+        if update.key in MAP_ARRAYS and update.structure_family == "array":
+            try:
+                self.subscribe(update.key, update.child())
+            except Exception as error:  # noqa: BLE001 - the maps are read from Tiled instead
+                log.debug("view: cannot follow %s: %s", update.key, error)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            subs = [self._container, *self._subscriptions.values()]
             self._window = None
             self._changed.notify_all()
+        for sub in subs:
+            threading.Thread(target=sub.disconnect, daemon=True).start()  # may wait for its thread
 
-    def _run(self, name: str, sub: ArraySubscription) -> None:
+    def _run(self, name: str, sub, options: dict) -> None:
         try:
-            sub.start(max_size=MAX_MESSAGE_BYTES)
+            sub.start(**options)
         except Exception as error:  # noqa: BLE001 - the maps are read from Tiled instead
             log.debug("view: %s subscription ended: %s", name, error)
 
-    def _receiver(self, name: str):
-        node = self._nodes[name]
-        shape, dtype = tuple(node.shape), np.dtype(node.dtype)
+    def _receiver(self, name: str, shape: tuple[int, ...], dtype: np.dtype):
 
         def receive(update) -> None:
             whole = (getattr(update, "type", None) == "array-data" and update.offset is None

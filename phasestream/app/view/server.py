@@ -141,7 +141,8 @@ def create_app(follower: CatalogFollower) -> Starlette:
 
     def prefetch(kind: str, payload: dict) -> None:
         """A run's maps changed: render them now, while the update travels to the pages."""
-        if kind == "run" and broadcaster.queues and payload["version"] != drawn_versions.get(payload["uid"]):
+        if (kind == "run" and broadcaster.queues and payload["maps_energies"]
+                and payload["version"] != drawn_versions.get(payload["uid"])):
             drawn_versions[payload["uid"]] = payload["version"]
             cache.prefetch(payload["uid"], payload["version"])
 
