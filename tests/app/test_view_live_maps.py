@@ -5,7 +5,8 @@ maps are written as the worker writes them (the three arrays overwritten in plac
 metadata). Once the follower has subscribed to the arrays (announced when the first map created
 them), it must hand the map cache the streamed arrays of each version, with no read of the
 arrays, and the PNG must equal ``phase_rgb`` of the arrays in Tiled (the paper's display). A
-version whose metadata update follows no map write (an error recorded) falls back to reading.
+version whose metadata update follows no map write (an error recorded) or only some of the three
+(maps of mixed versions) falls back to reading.
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ def test_running_phase_map_is_drawn_from_the_stream(tiled_client):
             np.testing.assert_array_equal(node["phase"].read(), maps(seed)["phase"])
             assert cache.image(uid, version, "pcc0") is not None  # the PCC maps are read, as before
             assert reads == [(uid, ("pcc",))]
+
+        # only the phase array written before the update: the streamed phase would go with older
+        # reliability and ambiguous maps (mixed versions), so the three are read
+        before = follower.runs[uid].version
+        writer.write_maps(phase=maps(4)["phase"])
+        writer.update_metadata(n_energies_seen=9)
+        version = wait(lambda: follower.runs[uid].version > before and follower.runs[uid].version, 30,
+                       "the phase-only update")
+        reads.clear()
+        assert cache.image(uid, version, "phase") is not None
+        assert reads == [(uid, ("phase", "reliability", "ambiguous"))]
 
         # a metadata update after no map write (an error recorded): no arrays in its window, read
         before = follower.runs[uid].version

@@ -20,7 +20,9 @@ before.
 The view subscribes to the result container as soon as the result runs, and to each map array as
 soon as Tiled announces it (``container-child-created``), from the first update Tiled's streaming
 cache still holds (``start=1``): the write that created the array (the run's first map) is
-replayed even when it went in before the array's subscription did.
+replayed even when it went in before the array's subscription did. Arrays that already existed
+when the view started following the result are followed from their next update only (a long
+run's history is not replayed).
 
 The windows compare the server's own clocks: with several Tiled servers behind one Redis
 streaming cache they must be synchronised (NTP) to well under the time between a map write and
@@ -94,22 +96,25 @@ class LiveMaps:
         with self._changed:
             return [name for name in MAP_ARRAYS if name not in self._subscriptions]
 
-    def subscribe(self, name: str, node) -> None:
-        """Follow map array ``name`` (its Tiled client ``node``), from the oldest update Tiled still holds."""
-        with self._changed:
+    def subscribe(self, name: str, node, *, replay: bool = False) -> None:
+        """Follow map array ``name`` (its Tiled client ``node``); with ``replay``, from the oldest update Tiled
+        still holds (an array just created: its first write), else from the next one."""
+        sub = ArraySubscription(self._context, node.path_parts)
+        receive = self._receiver(name, tuple(node.shape), np.dtype(node.dtype))
+        sub.new_data.add_callback(receive)
+        with self._changed:  # started under the lock: close() never misses it
             if name in self._subscriptions or self._closed:
                 return
-            sub = self._subscriptions[name] = ArraySubscription(self._context, node.path_parts)
-        receive = self._receiver(name, tuple(node.shape), np.dtype(node.dtype))
-        self._callbacks.append(receive)
-        sub.new_data.add_callback(receive)
-        threading.Thread(target=self._run, args=(name, sub, {"start": 1, "max_size": MAX_MESSAGE_BYTES}),
-                         daemon=True, name=f"view-map-{name}").start()
+            self._subscriptions[name] = sub
+            self._callbacks.append(receive)
+            threading.Thread(target=self._run, args=(name, sub, {"start": 1 if replay else None,
+                                                                 "max_size": MAX_MESSAGE_BYTES}),
+                             daemon=True, name=f"view-map-{name}").start()
 
     def _on_child(self, update) -> None:
         if update.key in MAP_ARRAYS and update.structure_family == "array":
             try:
-                self.subscribe(update.key, update.child())
+                self.subscribe(update.key, update.child(), replay=True)
             except Exception as error:  # noqa: BLE001 - the maps are read from Tiled instead
                 log.debug("view: cannot follow %s: %s", update.key, error)
 
@@ -171,7 +176,11 @@ class LiveMaps:
                 self._changed.wait(remaining)
         if chosen is None:
             return None
-        return {name: message.update.data() for name, message in chosen.items()}
+        try:
+            return {name: message.update.data() for name, message in chosen.items()}
+        except Exception as error:  # noqa: BLE001 - a payload that does not decode: read the arrays instead
+            log.warning("view: streamed map arrays of version %d do not decode (%s); reading them", version, error)
+            return None
 
     def _round(self, after: datetime, before: datetime) -> dict[str, _Message] | None:
         chosen, counts = {}, set()
