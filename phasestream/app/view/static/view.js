@@ -168,7 +168,10 @@ function renderRun(force = false) {
     loadImage($("img-phase"), `${base}/phase.png?v=${version}`, (t) => {
       entry.drawn = t;
       $("phase-caption").textContent = `phase map after ${entry.maps} energies (brightness: reliability; grey: ambiguous)`;
-    }, entry, () => run.phases.forEach((p, k) => { const img = $("img-pcc" + k); if (img) loadImage(img, `${base}/pcc${k}.png?v=${version}`); }));
+    }, entry, () => {
+      if (view.selected !== run.uid) return;  // another run was selected meanwhile: it loads its own
+      run.phases.forEach((p, k) => { const img = $("img-pcc" + k); if (img) loadImage(img, `${base}/pcc${k}.png?v=${version}`); });
+    });
   }
   const odKey = `${run.energies_seen}:${run.od_version}`;
   if (run.energies_seen > 0 && (force || view.drawnOd[run.uid] !== odKey)) {
