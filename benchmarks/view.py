@@ -4,11 +4,12 @@ The real topology on one machine: an embedded Tiled server (streaming cache in m
 subprocess, a ``phasestream serve`` worker subprocess, the view as its own process
 (``phasestream view``, as ``phasestream up`` and the systemd unit run it; ``--view-in-process``: a
 ``ViewServer`` thread of this process, sharing its interpreter with the embedded Tiled server) and
-a headless Chromium (selenium, the system chromedriver). A simulated scan (``--size`` square,
-K = 5 references, ``--energies`` images) is published at ``--rate`` frames/s while the page shows
-the run.
+a headless Chromium (selenium, the system chromedriver). ``--scans`` simulated scans (``--size``
+square, K = 5 references, ``--energies`` images each) are published one after the other at
+``--rate`` frames/s, each while the page (opened on that run) shows it; the worker runs with its
+defaults (one partial map per 20-image scan), so several scans give the statistics their samples.
 
-* ``update_to_drawn_s``: for every map update of the run that the page drew, the time from the
+* ``update_to_drawn_s``: for every map update (an update with maps) of the runs that the page drew, the time from the
   worker's metadata write (``updated_at``, stamped just before the write to Tiled) to the moment
   the page's phase image had loaded and decoded (the page's own timestamp,
   ``window.phasestreamLog``); median, p95, max and count. ``update_to_received_s``: the same up to
@@ -16,7 +17,7 @@ the run.
 * ``list_50_finished_s``: time from opening the page to the list showing ``--runs`` finished results
   (and the time of the ``/api/state`` request that carries them).
 
-Usage: ``python benchmarks/view.py [--size 512] [--energies 20] [--rate 2] [--runs 50]``. Needs
+Usage: ``python benchmarks/view.py [--size 512] [--energies 20] [--rate 2] [--scans 4] [--runs 50]``. Needs
 ``/usr/bin/chromium``, chromedriver and selenium (the dev extra).
 """
 
@@ -29,7 +30,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -66,10 +66,16 @@ def finished_results(client, n: int) -> None:
 
 
 @contextlib.contextmanager
-def view_process(uri: str, api_key: str):
-    """``phasestream view --port 0`` as its own process (the key in its environment); yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "phasestream.app.cli", "view", "--tiled", uri, "--port", "0"],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "TILED_API_KEY": api_key})
+def view_process(uri: str, api_key: str, log_path: str | None = None):
+    """``phasestream view --port 0`` as its own process (the key in its environment); yields its URL.
+
+    With ``log_path``, the view logs at debug level (``-vv``, timestamps to the millisecond) to that file.
+    """
+    verbose = ["-vv"] if log_path else []
+    log_file = open(log_path, "w") if log_path else None  # closed below
+    proc = subprocess.Popen([sys.executable, "-m", "phasestream.app.cli", *verbose, "view", "--tiled", uri,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=log_file, text=True,
+                            env={**os.environ, "TILED_API_KEY": api_key})
     try:
         line = proc.stdout.readline()  # {"ready": true, "url": ...} once it serves
         if not line:
@@ -78,6 +84,8 @@ def view_process(uri: str, api_key: str):
     finally:
         proc.terminate()
         proc.wait(30)
+        if log_file is not None:
+            log_file.close()
 
 
 @contextlib.contextmanager
@@ -86,15 +94,37 @@ def view_thread(uri: str):
         yield view.url
 
 
-def scan_documents(size: int, n_energies: int):
-    sample = make_sample((size, size), state_of_charge=2.0, seed=1, n_particles=4)
+def scan_documents(size: int, n_energies: int, seed: int = 1):
+    sample = make_sample((size, size), state_of_charge=2.0, seed=seed, n_particles=4)
     energy = make_energy()
-    det = TransmissionDetector(sample, energy, i0=6000.0, seed=1)
+    det = TransmissionDetector(sample, energy, i0=6000.0, seed=seed)
     docs: list[tuple[str, dict]] = []
     energies = select_energies(load_references("nvpf-synthetic"), n_energies - 1)
     RunEngine({})(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key),
                   lambda name, doc: docs.append((name, doc)))
     return docs
+
+
+def run_scan(docs, publisher, client, driver, rate: float) -> tuple[dict, list[dict]]:
+    """Publish one scan at ``rate`` images/s; its final result metadata and the page's latency log."""
+    uid = docs[0][1]["uid"]
+    start = time.perf_counter()
+    i = 0
+    for name, doc in docs:
+        if name == "event":
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            i += 1
+        publisher(name, doc)
+    md = dict(wait_for_result(client, uid, timeout=300).metadata)
+    deadline = time.monotonic() + 30
+    log: list[dict] = []
+    while time.monotonic() < deadline:
+        log = driver.execute_script("return window.phasestreamLog")
+        final = [e for e in log if e["uid"] == uid and e["status"] == md["status"]]
+        if final and final[-1]["drawn"]:
+            break
+        time.sleep(0.1)
+    return md, log
 
 
 def stats(values: list[float]) -> dict:
@@ -110,6 +140,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--energies", type=int, default=20)
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second")
+    parser.add_argument("--scans", type=int, default=4, help="scans in a row (the samples add up)")
     parser.add_argument("--runs", type=int, default=50, help="finished results in the list")
     parser.add_argument("--backend", default="numba")
     parser.add_argument("--partial-every", type=int, default=0,
@@ -117,6 +148,8 @@ def main() -> None:
                              "default 0: the worker's defaults")
     parser.add_argument("--view-in-process", action="store_true",
                         help="the view on a thread of this process (beside the embedded Tiled) instead of its own")
+    parser.add_argument("--view-log", metavar="FILE",
+                        help="the view process logs at debug level to FILE (where the time goes; slows it a little)")
     args = parser.parse_args()
     if missing():
         sys.exit(f"benchmarks/view.py: {missing()}")
@@ -125,57 +158,51 @@ def main() -> None:
     client = connect(server.uri)
     report: dict = {"benchmark": "view", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                     "size": args.size, "energies": args.energies, "rate_fps": args.rate, "references": 5,
+                    "scans": args.scans,
                     "view": "thread of the benchmark process" if args.view_in_process else "own process"}
     try:
         finished_results(client, args.runs)
-        docs = scan_documents(args.size, args.energies)
-        uid = docs[0][1]["uid"]
         worker_args = ("--backend", args.backend, "--no-refine")
         if args.partial_every:
             worker_args += ("--update-every", str(args.partial_every), "--partial-budget", "none")
         report["worker_args"] = list(worker_args)
+        entries: list[dict] = []
+        statuses: list[str] = []
+        partial_maps: list = []
         with start_proxy() as proxy, DocumentPublisher(proxy.in_address) as publisher, \
                 ServeProcess(proxy.out_address, server.uri, args=worker_args), \
                 (view_thread(server.uri) if args.view_in_process
-                 else view_process(public_uri(server.uri), client.context.api_key)) as url, chromium() as driver:
+                 else view_process(public_uri(server.uri), client.context.api_key, args.view_log)) as url, \
+                chromium() as driver:
             assert publisher.wait_for_subscriber(10)
             t0 = time.perf_counter()
             httpx.get(f"{url}/api/state", timeout=30)
             report["api_state_s"] = round(time.perf_counter() - t0, 4)
-            t0 = time.perf_counter()
-            driver.get(f"{url}/#{uid}")
-            while len(driver.find_elements("css selector", "#runs tr")) < args.runs:
-                time.sleep(0.01)
-            report[f"list_{args.runs}_finished_s"] = round(time.perf_counter() - t0, 3)
-
-            def send() -> None:
-                start = time.perf_counter()
-                i = 0
-                for name, doc in docs:
-                    if name == "event":
-                        time.sleep(max(0.0, start + i / args.rate - time.perf_counter()))
-                        i += 1
-                    publisher(name, doc)
-
-            sender = threading.Thread(target=send, daemon=True)
-            sender.start()
-            sender.join()
-            md = dict(wait_for_result(client, uid, timeout=300).metadata)
-            deadline = time.monotonic() + 30
-            log: list[dict] = []
-            while time.monotonic() < deadline:
-                log = driver.execute_script("return window.phasestreamLog")
-                final = [e for e in log if e["uid"] == uid and e["status"] == md["status"]]
-                if final and final[-1]["drawn"]:
-                    break
-                time.sleep(0.1)
-        entries = [e for e in log if e["uid"] == uid and e["updated_at"]]
-        report["status"] = md["status"]
-        report["partial_maps_written"] = (md.get("timings") or {}).get("partial_maps", {}).get("written")
+            for scan in range(args.scans):
+                docs = scan_documents(args.size, args.energies, seed=1 + scan)
+                uid = docs[0][1]["uid"]
+                t0 = time.perf_counter()
+                driver.get(f"{url}/?scan={scan}#{uid}")  # a fresh page per scan (a new query: not a mere
+                # fragment change), waiting for the run named in its URL
+                while len(driver.find_elements("css selector", "#runs tr")) < args.runs + scan:
+                    time.sleep(0.01)
+                if scan == 0:
+                    report[f"list_{args.runs}_finished_s"] = round(time.perf_counter() - t0, 3)
+                md, log = run_scan(docs, publisher, client, driver, args.rate)
+                statuses.append(md["status"])
+                partial_maps.append((md.get("timings") or {}).get("partial_maps", {}).get("written"))
+                entries += [e for e in log if e["uid"] == uid and e["updated_at"]]
+        report["status"] = statuses
+        report["partial_maps_written"] = partial_maps
         report["updates_received"] = len(entries)
         report["update_to_received_s"] = stats([e["received"] - e["updated_at"] for e in entries])
-        report["update_to_drawn_s"] = stats([e["drawn"] - e["updated_at"] for e in entries if e["drawn"]])
-        report["updates_never_drawn"] = sum(1 for e in entries if not e["drawn"])
+        maps = [e for e in entries if e["maps"]]  # the result's first update has no maps to draw yet
+        report["map_updates_received"] = len(maps)
+        report["update_to_drawn_s"] = stats([e["drawn"] - e["updated_at"] for e in maps if e["drawn"]])
+        report["map_updates_never_drawn"] = sum(1 for e in maps if not e["drawn"])  # superseded while loading
+        report["updates"] = [{k: e[k] for k in ("n", "maps", "status")}
+                             | {f"{k}_s": e.get(k) and round(e[k] - e["updated_at"], 3)
+                                for k in ("received", "requested", "loaded", "drawn")} for e in entries]
     finally:
         server.close()
     print(json.dumps(report, indent=2))

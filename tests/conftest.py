@@ -49,7 +49,9 @@ def close_embedded_tiled(server, timeout: float = 60.0) -> None:
     (seen once: ``Connection.commit`` in ``SQLAdapter.append_partition`` never returned) would keep
     uvicorn waiting for it, and the test run with it. After ``timeout`` s uvicorn is told to stop
     waiting (``force_exit``) and the hang is reported as a warning; the tests' results stand."""
-    closer = threading.Thread(target=server.close, daemon=True, name="tiled-close")
+    from phasestream.store.tiled import close_embedded_tiled as close  # and the log handlers it leaves
+
+    closer = threading.Thread(target=close, args=(server,), daemon=True, name="tiled-close")
     closer.start()
     closer.join(timeout)
     if closer.is_alive():

@@ -46,6 +46,7 @@ __all__ = [
     "TiledConnectionError",
     "TiledPermissionError",
     "api_key_scope",
+    "close_embedded_tiled",
     "connect",
     "describe_tiled_error",
     "explained_refusal",
@@ -401,4 +402,25 @@ def tiled_session(
     try:
         yield connect(server.uri), server.uri
     finally:
+        close_embedded_tiled(server)
+
+
+def close_embedded_tiled(server: SimpleTiledServer) -> None:
+    """``server.close()``, then remove the logging handlers the server left behind.
+
+    SimpleTiledServer (Tiled 0.2.20) logs the ``tiled`` logger to ``error.log`` in its folder and
+    leaves that FileHandler attached when it closes; once a temporary folder is removed, the next
+    ``tiled`` INFO record anywhere in the process raises FileNotFoundError in the code that logged.
+    """
+    folder = Path(server.directory).resolve()
+    try:
         server.close()
+    finally:
+        loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(logger, logging.Logger))]
+        for logger in loggers:
+            for handler in list(logger.handlers):
+                if isinstance(handler, logging.FileHandler) \
+                        and Path(handler.baseFilename).resolve().is_relative_to(folder):
+                    logger.removeHandler(handler)
+                    handler.close()

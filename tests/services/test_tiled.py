@@ -392,3 +392,18 @@ def test_a_raw_run_is_complete_once_its_stop_document_is_written(client):
     writer(client, "run-not-raw")
     with pytest.raises(TypeError, match="not a BlueskyRun"):
         open_raw_run(client["phasestream"], "run-not-raw")
+
+
+def test_a_closed_embedded_server_leaves_no_log_file_handler_behind(tmp_path):
+    """SimpleTiledServer logs `tiled` to a file in its folder; once the folder is gone, a stale handler would
+    raise FileNotFoundError in whatever code logs next (it broke the demo after the view tests)."""
+    import logging
+
+    from phasestream.store.tiled import tiled_session
+
+    with tiled_session(directory=tmp_path / "catalog") as (client, _):
+        assert "phasestream" not in client
+    stale = [h for name in ("", "tiled", "uvicorn", "uvicorn.error", "uvicorn.access")
+             for h in logging.getLogger(name).handlers
+             if isinstance(h, logging.FileHandler) and str(tmp_path) in h.baseFilename]
+    assert not stale

@@ -4,9 +4,11 @@
 "Results in Tiled") and tells its listeners of every change. It learns of changes from Tiled's
 websocket streaming (``tiled.client.stream.ContainerSubscription``, which needs the server's
 ``streaming_cache``): on the results container (a result created, a result's metadata updated:
-every partial map, every final status, every post-scan job record) and on each running result's
-``od`` array (``ArraySubscription``: one update per OD plane written, the latest OD image). It
-never polls: after each (re)connection it reads the container once (catch-up) and then listens.
+every partial map, every final status, every post-scan job record), on each running result's
+``od`` array (``ArraySubscription``: one update per OD plane written, the latest OD image) and on
+its phase-map arrays (``live_maps.LiveMaps``: the maps' data as written, so the view draws a
+running result's phase map without reading it back). It never polls: after each (re)connection it
+reads the container once (catch-up) and then listens.
 
 When the websocket closes (Tiled restarting) the listeners hear ``reconnecting``; the follower
 connects again with backoff, reads the container again and says ``live``. A restarted server's
@@ -23,10 +25,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
+from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, LiveMaps
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.store.catalog import find
 from phasestream.store.tiled import connect, public_uri
@@ -40,6 +44,7 @@ Listener = Callable[[str, dict], None]
 ``("snapshot", {"runs": [...]})``."""
 
 HISTORY_LIMIT = 2000
+MAPS_LINGER_S = 10.0  # a finished result's map subscriptions outlive its final update by this long
 
 
 @dataclass
@@ -54,6 +59,7 @@ class RunSummary:
     expected: int | None = None  # the raw run's ``num_points``, when known
     history: list = field(default_factory=list)  # [[n_energies_seen, {phase: fraction}], ...]
     received_at: float = 0.0  # when the last update reached the view (seconds since the epoch)
+    streamed_at: datetime | None = None  # Tiled's timestamp of the last metadata update streamed (None: read)
 
     def absorb(self, metadata: dict) -> bool:
         """Take new metadata; True when the maps (or the status) may have changed, not a mere heartbeat."""
@@ -155,6 +161,8 @@ class CatalogFollower:
         self._subscription: _FollowedContainer | None = None
         self._od_subscriptions: dict[str, ArraySubscription] = {}
         self._od_callbacks: dict[str, Callable] = {}  # Tiled's callback registry holds them weakly
+        self._live_maps: dict[str, LiveMaps] = {}
+        self._maps_lookups: set[str] = set()  # results whose existing map arrays are being looked up
         self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="view-read")
 
     # -- listeners ------------------------------------------------------------------------------
@@ -265,11 +273,15 @@ class CatalogFollower:
             return None
 
     def _drop_subscriptions(self) -> None:
-        subs = [self._subscription, *self._od_subscriptions.values()]
-        self._subscription, self._od_subscriptions = None, {}
+        with self._lock:
+            subs = [self._subscription, *self._od_subscriptions.values()]
+            live_maps = list(self._live_maps.values())
+            self._subscription, self._od_subscriptions, self._live_maps = None, {}, {}
         for sub in subs:
             if sub is not None:
                 threading.Thread(target=sub.disconnect, daemon=True).start()  # may wait for its thread
+        for live in live_maps:
+            live.close()
 
     def _connected(self) -> None:
         """The websocket is up: read every result once (what happened while it was down), then stream."""
@@ -278,7 +290,7 @@ class CatalogFollower:
             for uid, node in found.items():
                 run = self.runs.setdefault(uid, RunSummary(uid, {}))
                 run.absorb(dict(node.metadata))
-                run.received_at = time.time()
+                run.received_at, run.streamed_at = time.time(), None
             for uid in set(self.runs) - set(found):
                 del self.runs[uid]  # replaced or removed while we were away
         for uid, run in list(self.runs.items()):
@@ -296,17 +308,22 @@ class CatalogFollower:
                 metadata = dict(self.client[self.root][update.key].metadata)
             except KeyError:
                 return
-        self.apply(update.key, metadata)
+        self.apply(update.key, metadata, timestamp=update.timestamp)
 
-    def apply(self, uid: str, metadata: dict) -> None:
-        """Take a result's new metadata (from the stream or a catch-up read) and tell the listeners."""
+    def apply(self, uid: str, metadata: dict, *, timestamp: datetime | None = None) -> None:
+        """Take a result's new metadata (from the stream, with Tiled's ``timestamp``, or a catch-up read)
+        and tell the listeners."""
         received = time.time()
         with self._lock:
             run = self.runs.setdefault(uid, RunSummary(uid, {}))
             changed = run.absorb(metadata)
-            run.received_at = received
+            run.received_at, run.streamed_at = received, timestamp
+            live = self._live_maps.get(uid)
+            if live is not None:
+                live.mark(timestamp, run.version if changed else None)
         status = metadata.get("status")
         if status == Status.RUNNING:
+            self._follow_maps(uid, maps_written=bool(metadata.get("n_energies_seen")))
             self._follow_running(uid)
         elif status in FINAL_STATUSES:
             self._unfollow(uid)
@@ -333,9 +350,42 @@ class CatalogFollower:
             self._od_subscriptions[uid] = sub
         threading.Thread(target=self._run_od, args=(uid, sub), daemon=True, name=f"view-od-{uid[:8]}").start()
 
+    def _follow_maps(self, uid: str, maps_written: bool) -> None:
+        """Follow a running result's phase-map arrays (``live_maps``): its container at once, for the
+        arrays' creation; arrays that exist already (a view started mid-run) looked up on a thread."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            live = self._live_maps.get(uid)
+            if live is None:
+                live = self._live_maps[uid] = LiveMaps(self.client.context, [*self.root.split("/"), uid],
+                                                       self.client.structure_clients).start()
+                live.mark(self.runs[uid].streamed_at, None)  # the window of the next version opens here
+            if not maps_written or not live.missing or uid in self._maps_lookups:
+                return
+            self._maps_lookups.add(uid)
+
+        def look_up() -> None:
+            try:
+                for name in live.missing:
+                    live.subscribe(name, self.client[f"{self.root}/{uid}/{name}"])
+            except Exception as error:  # noqa: BLE001 - maps are read instead; the next update tries again
+                log.debug("view: no live maps for %s: %s", uid, error)
+            finally:
+                with self._lock:
+                    self._maps_lookups.discard(uid)
+
+        threading.Thread(target=look_up, daemon=True, name=f"view-maps-{uid[:8]}").start()
+
+    def streamed_maps(self, uid: str, version: int) -> dict[str, Any] | None:
+        """The phase-map arrays of map version ``version`` of ``uid`` as Tiled streamed them, or None."""
+        with self._lock:
+            live = self._live_maps.get(uid)
+        return None if live is None else live.arrays(version)
+
     def _run_od(self, uid: str, sub: ArraySubscription) -> None:
         try:
-            sub.start()
+            sub.start(max_size=MAX_MESSAGE_BYTES)  # one OD plane inline is larger than Tiled's 1 MB default
         except Exception as error:  # noqa: BLE001 - the container subscription reconnects everything
             log.debug("view: od subscription of %s ended: %s", uid, error)
         with self._lock:
@@ -365,8 +415,19 @@ class CatalogFollower:
         with self._lock:
             sub = self._od_subscriptions.pop(uid, None)
             self._od_callbacks.pop(uid, None)
+            live = self._live_maps.get(uid)
         if sub is not None:
             threading.Thread(target=sub.disconnect, daemon=True).start()
+        if live is not None:  # kept a while: the final maps are drawn from it
+            timer = threading.Timer(MAPS_LINGER_S, self._drop_live_maps, args=(uid, live))
+            timer.daemon = True
+            timer.start()
+
+    def _drop_live_maps(self, uid: str, live: LiveMaps) -> None:
+        with self._lock:
+            if self._live_maps.get(uid) is live:
+                del self._live_maps[uid]
+        live.close()
 
     def _expected(self, uid: str) -> int | None:
         """The raw run's ``num_points`` (TiledWriter keeps the start document), when it is there."""

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,7 +71,10 @@ class MapCache:
     Two groups, each read and rendered on its own: the phase map (``phase``, ``reliability``,
     ``ambiguous``: small) and the PCC maps (``pcc``, K times larger), so the phase map is not held up
     by the PCC maps. ``prefetch`` reads and renders a new version as soon as the update arrives
-    (before the page asks for the images), so the page's requests find them ready.
+    (before the page asks for the images), so the page's requests find them ready: the phase map
+    first, then the PCC maps. A running result's phase map is rendered from the arrays Tiled
+    streamed to the view when they are those of the version (``CatalogFollower.streamed_maps``),
+    without reading them back.
     """
 
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {"phase": ("phase", "reliability", "ambiguous"), "pcc": ("pcc",)}
@@ -91,22 +95,32 @@ class MapCache:
         with lock:
             cached = self._entries.get(key)
             if cached is None or cached[0] < version:
-                cached = (version, self._render(self.follower.read_arrays(uid, self.GROUPS[group])))
+                cached = (version, self._render(self._arrays(uid, version, group)))
                 with self._lock:
                     self._entries[key] = cached
                     while len(self._entries) > self.size:
                         self._entries.pop(next(iter(self._entries)))
             return cached[1].get(kind)
 
-    def prefetch(self, uid: str, version: int) -> None:
-        for kind in ("phase", "pcc0"):
-            self._prefetcher.submit(self._prefetch, uid, version, kind)
+    def _arrays(self, uid: str, version: int, group: str) -> dict:
+        t0 = time.perf_counter()
+        arrays = self.follower.streamed_maps(uid, version) if group == "phase" else None
+        source = "streamed" if arrays is not None else "read"
+        if arrays is None:
+            arrays = self.follower.read_arrays(uid, self.GROUPS[group])
+        log.debug("view: %s arrays of %s version %d %s in %.3f s", group, uid, version, source,
+                  time.perf_counter() - t0)
+        return arrays
 
-    def _prefetch(self, uid: str, version: int, kind: str) -> None:
-        try:
-            self.image(uid, version, kind)
-        except Exception as error:  # noqa: BLE001 - the page's own request will try again and answer
-            log.debug("view: prefetching %s of %s version %d failed: %s", kind, uid, version, error)
+    def prefetch(self, uid: str, version: int) -> None:
+        self._prefetcher.submit(self._prefetch, uid, version)
+
+    def _prefetch(self, uid: str, version: int) -> None:
+        for kind in ("phase", "pcc0"):  # one after the other: the phase map is the one a user waits for
+            try:
+                self.image(uid, version, kind)
+            except Exception as error:  # noqa: BLE001 - the page's own request will try again and answer
+                log.debug("view: prefetching %s of %s version %d failed: %s", kind, uid, version, error)
 
     @staticmethod
     def _render(arrays: dict) -> dict[str, bytes]:
@@ -127,7 +141,8 @@ def create_app(follower: CatalogFollower) -> Starlette:
 
     def prefetch(kind: str, payload: dict) -> None:
         """A run's maps changed: render them now, while the update travels to the pages."""
-        if kind == "run" and broadcaster.queues and payload["version"] != drawn_versions.get(payload["uid"]):
+        if (kind == "run" and broadcaster.queues and payload["maps_energies"]
+                and payload["version"] != drawn_versions.get(payload["uid"])):
             drawn_versions[payload["uid"]] = payload["version"]
             cache.prefetch(payload["uid"], payload["version"])
 

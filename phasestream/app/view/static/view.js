@@ -88,18 +88,25 @@ function select(uid) {
 
 // One request per image at a time: while an image loads, a newer version waits and replaces any older
 // waiting one, so a fast stream never leaves an image forever half-loaded.
-function loadImage(img, src, onDrawn) {
-  if (img.dataset.loading === "1") { img._next = [src, onDrawn]; return; }
+// onSettled (optional) is called once the image loaded or failed; timing (optional): an object that gets
+// `requested` and `loaded` (seconds) as the image is fetched.
+function loadImage(img, src, onDrawn, timing, onSettled) {
+  if (img.dataset.loading === "1") { img._next = [src, onDrawn, timing, onSettled]; return; }
   img.dataset.loading = "1";
   const settle = (drawn) => {
     img.dataset.loading = "0";
     if (drawn && onDrawn) onDrawn(now());
+    if (onSettled) onSettled();
     const next = img._next;
     img._next = null;
     if (next) loadImage(img, ...next);
   };
-  img.onload = () => { if (img.decode) img.decode().then(() => settle(true), () => settle(true)); else settle(true); };
+  img.onload = () => {
+    if (timing) timing.loaded = now();
+    if (img.decode) img.decode().then(() => settle(true), () => settle(true)); else settle(true);
+  };
   img.onerror = () => settle(false);
+  if (timing) timing.requested = now();
   img.src = src;
 }
 
@@ -152,15 +159,19 @@ function renderRun(force = false) {
     const entry = { uid: run.uid, version: run.version, n: run.energies_seen, maps: run.maps_energies, status: run.status,
       updated_at: run.updated_at, received: run._received || now(), drawn: null };
     window.phasestreamLog.push(entry);
-    loadImage($("img-phase"), `${base}/phase.png?v=${run.version}`, (t) => {
-      entry.drawn = t;
-      $("phase-caption").textContent = `phase map after ${entry.maps} energies (brightness: reliability; grey: ambiguous)`;
-    });
     const pccs = $("pcc-images");
     if (pccs.children.length !== run.phases.length || force) {
       pccs.replaceChildren(...run.phases.map((p, k) => el("figure", {}, el("img", { id: "img-pcc" + k, alt: "PCC " + p }), el("figcaption", {}, "PCC with " + p + " (-1 blue, +1 red)"))));
     }
-    run.phases.forEach((p, k) => loadImage($("img-pcc" + k), `${base}/pcc${k}.png?v=${run.version}`));
+    const version = run.version;
+    // the PCC maps once the phase map is in: their rendering (K times the data) would hold it up
+    loadImage($("img-phase"), `${base}/phase.png?v=${version}`, (t) => {
+      entry.drawn = t;
+      $("phase-caption").textContent = `phase map after ${entry.maps} energies (brightness: reliability; grey: ambiguous)`;
+    }, entry, () => {
+      if (view.selected !== run.uid) return;  // another run was selected meanwhile: it loads its own
+      run.phases.forEach((p, k) => { const img = $("img-pcc" + k); if (img) loadImage(img, `${base}/pcc${k}.png?v=${version}`); });
+    });
   }
   const odKey = `${run.energies_seen}:${run.od_version}`;
   if (run.energies_seen > 0 && (force || view.drawnOd[run.uid] !== odKey)) {
