@@ -105,7 +105,8 @@ def perturb_confident(
     labels : (N,) their PCC phase, the truth of the check
     ref_values : (K, E) reference values at the same energies
     sigma : (E,) the run's OD noise per energy (:func:`od_noise_level`)
-    ambiguity : a perturbed pixel is held out when its PCC gap falls below this
+    ambiguity : a perturbed pixel is held out when its PCC gap falls below this and its own phase's PCC
+        is within this of the best (a pixel pushed to a clear wrong phase is a PCC error, not an ambiguity)
     n_max : at most this many held-out pixels
     scales : noise multiples of ``sigma`` tried in turn on the pixels not yet held out
     seed : random seed (pixel order and noise)
@@ -129,7 +130,10 @@ def perturb_confident(
         noisy = spectra[pool] + rng.normal(size=(len(pool), spectra.shape[1])) * (scale * np.asarray(sigma))
         pcc = pcc_rows(noisy, ref_values)
         ordered = np.sort(np.where(np.isfinite(pcc), pcc, -np.inf), axis=1)
-        hit = np.flatnonzero(np.isfinite(ordered[:, -2]) & (ordered[:, -1] - ordered[:, -2] < ambiguity))
+        own = np.where(np.isfinite(pcc), pcc, -np.inf)[np.arange(len(pool)), labels[pool]]
+        # ambiguous as real pixels are: in a near tie, with its own phase among those in question
+        hit = np.flatnonzero(np.isfinite(ordered[:, -2]) & (ordered[:, -1] - ordered[:, -2] < ambiguity)
+                             & (own >= ordered[:, -1] - ambiguity))
         hit = hit[: n_max - n]
         taken.append(pool[hit])
         parts["spectra"].append(noisy[hit])

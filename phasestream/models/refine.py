@@ -135,14 +135,15 @@ def _candidates(pcc, image_shape, idx: np.ndarray, ambiguity: float, n_phases: i
     return allowed
 
 
-def _best_allowed(scores: np.ndarray, labels: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
-    """Label of the lowest score per row, among allowed labels when any of them is scored."""
+def _best_allowed(scores: np.ndarray, labels: np.ndarray,
+                  allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Label of the lowest score per row among the allowed labels, and whether any allowed label is scored
+    (a row without one is left alone: the latent space knows nothing of the phases in question)."""
     labels = np.asarray(labels)
-    if allowed is not None:
-        ok = allowed[:, labels]
-        usable = ok.any(axis=1, keepdims=True)
-        scores = np.where(ok | ~usable, scores, np.inf)
-    return labels[np.argmin(scores, axis=1)]
+    if allowed is None:
+        return labels[np.argmin(scores, axis=1)], np.ones(len(scores), bool)
+    ok = allowed[:, labels]
+    return labels[np.argmin(np.where(ok, scores, np.inf), axis=1)], ok.any(axis=1)
 
 
 def refine_ambiguous(
@@ -177,7 +178,8 @@ def refine_ambiguous(
     pcc : (K, ...) PCC maps; when given, an ambiguous pixel chooses only among the phases in question,
         those whose PCC is within ``ambiguity`` of its best (as in the paper's figure 4, where the
         ambiguous spectra are projected with the unambiguous spectra of the two phases in question);
-        a pixel none of whose candidates has a cluster chooses among all clusters
+        a pixel none of whose candidates has a cluster (or a labelled latent neighbour) keeps its PCC
+        phase: the latent space has seen no confident pixel of the phases in question
     ambiguity : the PCC gap defining the candidates (the threshold that marked the pixel ambiguous)
     anchors : (K, D) latent points of the K reference spectra, required by ``anchor``
     reliability : (...) PCC gap of each pixel, the weight of a confident neighbour's vote in the
@@ -248,7 +250,8 @@ def refine_ambiguous(
             if strategy == "spatial+knn":
                 proba = _knn_proba(points, flat_phase, sure_idx, z_amb, n_phases, n_neighbors, max_knn_points, seed)
                 scores = -(proba + SPATIAL_FLOOR) * np.where(voted[:, None], prior + SPATIAL_FLOOR, 1.0)
-                voted = np.ones(len(amb_idx), bool)
+                # evidence from either side for one of the phases in question
+                voted |= (proba if allowed is None else np.where(allowed, proba, 0.0)).sum(axis=1) > 0
             amb_idx, scores = amb_idx[voted], scores[voted]
             allowed = None if allowed is None else allowed[voted]
         elif strategy == "anchor":
@@ -266,7 +269,8 @@ def refine_ambiguous(
             proba = _knn_proba(points, flat_phase, sure_idx, z_amb, n_phases, n_neighbors, max_knn_points, seed)
             labels = np.flatnonzero(np.isin(np.arange(n_phases), flat_phase[sure_idx]))
             scores = -proba[:, labels]
-        winner = _best_allowed(scores, labels, allowed)
+        winner, usable = _best_allowed(scores, labels, allowed)
+        amb_idx, winner, scores = amb_idx[usable], winner[usable], scores[usable]
         if strategy == "knn" and min_agreement > 0:
             votes = -scores[np.arange(len(winner)), np.searchsorted(labels, winner)]
             sure_vote = votes >= min_agreement - 1e-9
