@@ -73,10 +73,13 @@ def neighbour_prior(
     w = np.ones(phase.shape) if weight is None else np.where(np.isfinite(weight), weight, 0.0).astype(np.float64)
     w = np.where(evidence, np.maximum(w, 1e-6), 0.0)
     rows, cols = np.unravel_index(targets, phase.shape)
-    # summed-area tables: one box sum per target and radius, whatever the window size
+    # summed-area tables: one box sum per target and radius, whatever the window size; the vote counts are
+    # integers, so that round-off in the weight sums never invents a vote in an empty window
     tables = np.zeros((n_phases, phase.shape[0] + 1, phase.shape[1] + 1))
+    counts = np.zeros((n_phases, phase.shape[0] + 1, phase.shape[1] + 1), np.int64)
     for k in range(n_phases):
         tables[k, 1:, 1:] = np.cumsum(np.cumsum(np.where(phase == k, w, 0.0), axis=0), axis=1)
+        counts[k, 1:, 1:] = np.cumsum(np.cumsum(evidence & (phase == k), axis=0), axis=1)
     prior = np.zeros((len(targets), n_phases))
     radius = np.zeros(len(targets), np.int64)
     todo = np.ones(len(targets), bool)
@@ -87,6 +90,8 @@ def neighbour_prior(
         y0, y1 = np.clip(rows[idx] - r, 0, phase.shape[0]), np.clip(rows[idx] + r + 1, 0, phase.shape[0])
         x0, x1 = np.clip(cols[idx] - r, 0, phase.shape[1]), np.clip(cols[idx] + r + 1, 0, phase.shape[1])
         votes = (tables[:, y1, x1] - tables[:, y0, x1] - tables[:, y1, x0] + tables[:, y0, x0]).T
+        n = (counts[:, y1, x1] - counts[:, y0, x1] - counts[:, y1, x0] + counts[:, y0, x0]).T
+        votes = np.where(n > 0, np.maximum(votes, 1e-12), 0.0)
         if allowed is not None:
             votes = np.where(allowed[idx], votes, 0.0)
         total = votes.sum(axis=1)
