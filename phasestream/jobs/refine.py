@@ -31,8 +31,16 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
-from phasestream.models.heldout import NOISE_SCALES, HeldOut, od_noise_level, perturb_confident, score_strategies
-from phasestream.models.refine import AUTO, STRATEGIES, STRATEGY_CHOICES, refine_ambiguous
+from phasestream.models.heldout import (
+    NOISE_SCALES,
+    HeldOut,
+    od_noise_level,
+    perturb_confident,
+    score_spatial,
+    score_strategies,
+)
+from phasestream.models.refine import AUTO, MODEL_FREE, SPATIAL, STRATEGIES, STRATEGY_CHOICES, refine_ambiguous
+from phasestream.models.spatial import pcc_reliability
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
 from phasestream.references import load_document_references, reference_folders_from_env
@@ -172,7 +180,7 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
                             skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
                             retry=opts.retry_command(run_uid),
                             extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
-                                   "model": opts.model})
+                                   "model": None if opts.strategy in MODEL_FREE else opts.model})
 
 
 def clear_refinement(writer: ResultWriter) -> None:
@@ -219,18 +227,72 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
         raise RefinementSkipped(f"the result lacks the maps {missing}")
     if "od" not in arrays:
         raise RefinementSkipped("the result has no OD cube (the worker ran with --no-od)")
-    info = _model_info(client, opts)
+    model_free = opts.strategy in MODEL_FREE
+    info = None if model_free else _model_info(client, opts)
     n_seen = int(md.get("n_energies_seen") or 0)
     energies = list(md.get("energies_eV") or [])[:n_seen]
-    planes = match_energies(energies, info["energies_eV"], opts.energy_tolerance_eV)
+    planes = np.arange(len(energies)) if model_free else match_energies(energies, info["energies_eV"],
+                                                                         opts.energy_tolerance_eV)
     phase = arrays["phase"].read()
     ambiguous = arrays["ambiguous"].read().astype(bool)
     mask = arrays["mask"].read().astype(bool)
-    pcc = arrays["pcc"].read() if opts.candidates else None
+    pcc_maps = arrays["pcc"].read()
+    pcc = pcc_maps if opts.candidates else None
     od = arrays["od"][:n_seen]
     full = od[:, mask].T  # (N, E_run): the spectra PCC saw
-    spectra = full[:, planes]  # (N, E) in the model's energy order
     usable = np.isfinite(full).all(axis=1)
+    ref_values = _reference_values(md, energies)
+    latent = flat_latent = anchors = None
+    if not model_free:
+        latent, flat_latent = _encode_pixels(client, opts, info, full[:, planes], usable, mask)
+        if ref_values is not None:
+            anchors = client.encode(opts.model, ref_values[:, planes].astype(np.float32),
+                                    version=info["version"]).latent
+        elif opts.strategy == "anchor":
+            raise RefinementSkipped(f"strategy 'anchor' needs the run's reference spectra: the result holds none "
+                                    f"and {(md.get('references') or {}).get('name')!r} is neither registered nor a "
+                                    "file in the reference folders (PHASESTREAM_REFERENCES)")
+    strategy, held_record = opts.strategy, None
+    if opts.check:
+        try:
+            strategy, held_record = held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
+                                                    flat_latent, planes, ref_values, anchors, writer.phases,
+                                                    pcc=pcc_maps)
+        except RefinementSkipped as skip:
+            # repeating the command would skip again: the retry is the one that refines anyway, unchecked
+            named = opts.strategy if opts.strategy != AUTO else "knn"
+            forced = replace(opts, strategy=skip.details.get("strategy") or named, check=False)
+            skip.details["retry"] = forced.retry_command(writer.run_uid)
+            raise
+    inside = mask if latent is None else mask & np.isfinite(latent).all(axis=-1)
+    result = refine_ambiguous(latent, phase, ambiguous, inside, strategy, pcc=pcc, ambiguity=opts.ambiguity,
+                              anchors=anchors, reliability=pcc_reliability(pcc_maps))
+    phases = writer.phases
+    fractions = phase_fractions(result.refined_phase, mask, n_phases=len(phases))
+    maps = {"refined_phase": result.refined_phase, "false_positive": result.false_positive.astype(np.uint8)}
+    writer.write_maps(**maps, **({} if latent is None else {"latent": latent}))
+    n_mask = max(int(mask.sum()), 1)
+    models = dict(writer.metadata.get("models") or {})
+    if info is not None:
+        models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
+    writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
+    return {
+        "status": "complete",
+        "strategy": strategy,
+        "candidates": bool(opts.candidates),
+        "model": None if info is None else info["name"],
+        "version": None if info is None else info["version"],
+        "held_out": held_record,
+        "reassigned_fraction": float(result.reassigned.sum() / n_mask),
+        "false_positive_fraction": float(result.false_positive.sum() / n_mask),
+        "unencoded_pixels": 0 if model_free else int((~usable).sum()),
+    }
+
+
+def _encode_pixels(client: ModelClient, opts: RefineOptions, info: dict[str, Any], spectra: np.ndarray,
+                   usable: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Latent points of the particle pixels: the (Y, X, D) map and the (N, D) rows in mask order (NaN where
+    a spectrum is not finite)."""
     encoded = client.encode(opts.model, spectra[usable], version=info["version"]) if usable.any() else None
     d = 3 if encoded is None else encoded.latent.shape[1]
     latent = np.full((*mask.shape, d), np.nan, np.float32)
@@ -239,62 +301,32 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
         rows, cols = np.nonzero(mask)
         latent[rows[usable], cols[usable]] = encoded.latent
         flat_latent[usable] = encoded.latent
-    ref_values = _reference_values(md, energies)
-    anchors = None
-    if ref_values is not None:
-        anchors = client.encode(opts.model, ref_values[:, planes].astype(np.float32), version=info["version"]).latent
-    elif opts.strategy == "anchor":
-        raise RefinementSkipped(f"strategy 'anchor' needs the run's reference spectra: the result holds none and "
-                                f"{(md.get('references') or {}).get('name')!r} is neither registered nor a file in "
-                                "the reference folders (PHASESTREAM_REFERENCES)")
-    strategy, held_record = opts.strategy, None
-    if opts.check:
-        try:
-            strategy, held_record = held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
-                                                    flat_latent, planes, ref_values, anchors, writer.phases)
-        except RefinementSkipped as skip:
-            # repeating the command would skip again: the retry is the one that refines anyway, unchecked
-            named = opts.strategy if opts.strategy != AUTO else "knn"
-            forced = replace(opts, strategy=skip.details.get("strategy") or named, check=False)
-            skip.details["retry"] = forced.retry_command(writer.run_uid)
-            raise
-    result = refine_ambiguous(latent, phase, ambiguous, mask & np.isfinite(latent).all(axis=-1), strategy,
-                              pcc=pcc, ambiguity=opts.ambiguity, anchors=anchors)
-    phases = writer.phases
-    fractions = phase_fractions(result.refined_phase, mask, n_phases=len(phases))
-    writer.write_maps(refined_phase=result.refined_phase, latent=latent,
-                      false_positive=result.false_positive.astype(np.uint8))
-    n_mask = max(int(mask.sum()), 1)
-    models = dict(writer.metadata.get("models") or {})
-    models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
-    writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
-    return {
-        "status": "complete",
-        "strategy": strategy,
-        "candidates": bool(opts.candidates),
-        "version": info["version"],
-        "held_out": held_record,
-        "reassigned_fraction": float(result.reassigned.sum() / n_mask),
-        "false_positive_fraction": float(result.false_positive.sum() / n_mask),
-        "unencoded_pixels": int((~usable).sum()),
-    }
+    return latent, flat_latent
 
 
 def held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable, flat_latent, planes,
-                    ref_values, anchors, phases) -> tuple[str, dict[str, Any]]:
+                   ref_values, anchors, phases, *, pcc=None) -> tuple[str, dict[str, Any]]:
     """The strategy to apply and the ``held_out`` record; raises RefinementSkipped when none beats PCC.
 
-    ``od`` (E_run, Y, X), ``mask``, ``phase`` and ``ambiguous`` (Y, X) are the result's maps; ``full``
-    (N, E_run) the particle spectra (mask order), ``usable`` (N,) those encoded, ``flat_latent`` (N, D)
-    their latent points, ``planes`` the run energies of the model's, ``ref_values`` (K, E_run) and
-    ``anchors`` (K, D) the references, ``phases`` their names. ``client.encode`` encodes the perturbed
-    spectra (a ModelClient, or anything with its ``encode``).
+    ``od`` (E_run, Y, X), ``mask``, ``phase`` and ``ambiguous`` (Y, X) are the result's maps, ``pcc``
+    (K, Y, X) its PCC maps (the image strategies' candidates and vote weights); ``full`` (N, E_run) the
+    particle spectra (mask order), ``usable`` (N,) those encoded, ``flat_latent`` (N, D) their latent
+    points (None without a model: only :data:`~phasestream.models.refine.MODEL_FREE` strategies are
+    tried), ``planes`` the run energies of the model's, ``ref_values`` (K, E_run) and ``anchors`` (K, D)
+    the references, ``phases`` their names. ``client.encode`` encodes the perturbed spectra (a
+    ModelClient, or anything with its ``encode``).
     """
     if ref_values is None:
         raise RefinementSkipped("cannot check that refinement helps: the run's reference spectra are neither in "
                                 "the result nor resolvable by name (rerun with --no-check to refine unchecked)")
+    if opts.strategy != AUTO:
+        tried = (opts.strategy,)
+    else:
+        tried = STRATEGIES if flat_latent is not None else MODEL_FREE
     labels = phase[mask]
-    sure = usable & ~ambiguous[mask] & (labels >= 0) & np.isfinite(flat_latent).all(axis=1)
+    sure = usable & ~ambiguous[mask] & (labels >= 0)
+    if flat_latent is not None:
+        sure &= np.isfinite(flat_latent).all(axis=1)
     sure_idx = np.flatnonzero(sure)
     sigma = od_noise_level(od, mask)
     held: HeldOut = perturb_confident(full[sure_idx], labels[sure_idx], ref_values, sigma, ambiguity=opts.ambiguity,
@@ -307,18 +339,37 @@ def held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
         raise RefinementSkipped(
             f"cannot check that refinement helps: only {len(held)} confident pixels became ambiguous with up to "
             f"{max(NOISE_SCALES)}x the run's noise added (at least {opts.min_held_out} needed)", {"held_out": record})
-    latent_held = client.encode(opts.model, held.spectra[:, planes].astype(np.float32), version=info["version"]).latent
-    tried = STRATEGIES if opts.strategy == AUTO else (opts.strategy,)
-    scores = score_strategies(flat_latent[sure_idx], labels[sure_idx], held.index, latent_held, held, tried,
-                              ambiguity=opts.ambiguity, candidates=opts.candidates, anchors=anchors)
+    latent_held = None
+    if flat_latent is not None:
+        latent_held = client.encode(opts.model, held.spectra[:, planes].astype(np.float32),
+                                    version=info["version"]).latent
+    scores = {}
+    in_latent = tuple(s for s in tried if s not in SPATIAL)
+    if in_latent:
+        scores.update(score_strategies(flat_latent[sure_idx], labels[sure_idx], held.index, latent_held, held,
+                                       in_latent, ambiguity=opts.ambiguity, candidates=opts.candidates,
+                                       anchors=anchors))
+    in_image = tuple(s for s in tried if s in SPATIAL)
+    if in_image:
+        latent = None
+        if flat_latent is not None:
+            latent = np.full((*mask.shape, flat_latent.shape[1]), np.nan)
+            latent[mask] = flat_latent
+        held_pixels = np.flatnonzero(mask)[sure_idx[held.index]]
+        scores.update(score_spatial(phase, ambiguous, mask, pcc, held_pixels, held, in_image, latent=latent,
+                                    latent_held=latent_held, ambiguity=opts.ambiguity, candidates=opts.candidates,
+                                    seed=opts.seed))
+    scores = {k: scores[k] for k in tried if k in scores}
     record["strategies"] = {k: round(v, 4) for k, v in scores.items()}
     best = max(scores, key=lambda k: (scores[k], -tried.index(k)))
     record["gain"] = round(scores[best] - pcc_acc, 4)
     if scores[best] - pcc_acc < opts.min_gain:
         pair = held.confused_pair()
         what = f"{phases[pair[0]]} from {phases[pair[1]]}" if pair else "the phases"
+        by = ("neither the latent space nor the image neighbours separate" if in_latent and in_image else
+              "the image neighbours do not separate" if in_image else "latent space does not separate")
         raise RefinementSkipped(
-            f"latent space does not separate {what} on this run: {best} {scores[best]:.3f} vs PCC {pcc_acc:.3f} on "
+            f"{by} {what} on this run: {best} {scores[best]:.3f} vs PCC {pcc_acc:.3f} on "
             f"{len(held):,} held-out pixels (needs a gain of {opts.min_gain:.3f}); PCC phases kept",
             {"held_out": record, "strategy": best})
     logger.info("held-out check: %s %.3f vs PCC %.3f on %d pixels", best, scores[best], pcc_acc, len(held))

@@ -21,21 +21,24 @@ from typing import Any
 import numpy as np
 
 from phasestream.jobs.cluster import dask_task
+from phasestream.jobs.training_report import ValidationRun, training_report
 
-__all__ = ["PairSet", "TrainingSet", "analysed_labels", "result_spectra",
+__all__ = ["PairSet", "TrainingSet", "ValidationRun", "analysed_labels", "result_spectra",
            "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
 logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingSet:
-    """Spectra (N, E) at ``energies_eV``, PCC labels (N,), the reference phases and the provenance."""
+    """Spectra (N, E) at ``energies_eV``, PCC labels (N,), the reference phases and the provenance;
+    ``validation``: a few whole runs for the training report (:mod:`phasestream.jobs.training_report`)."""
 
     spectra: np.ndarray
     labels: np.ndarray
     energies_eV: np.ndarray
     phases: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
+    validation: list[ValidationRun] = field(default_factory=list)
 
 
 def analysed_labels(od: np.ndarray, references: np.ndarray):
@@ -111,8 +114,11 @@ def tiled_training_set(
     scheduler: str | None = None,
     retries: int = 2,
     api_key: str | None = None,
+    n_validation: int = 2,
 ) -> TrainingSet:
     """Particle-pixel spectra of complete results in Tiled, by state of charge and/or run uid.
+
+    The last ``n_validation`` runs are also read whole, as the validation runs of the training report.
 
     Every run must have been measured at the same energies (within ``energy_tolerance_eV``) as the
     first one; runs that were not are refused with an error naming them.
@@ -153,7 +159,22 @@ def tiled_training_set(
     if scheduler:
         provenance["extracted_on"] = "dask"
     labels = np.concatenate([run["labels"] for run in extracted])
-    return TrainingSet(x, labels, energies[order], phases, provenance)
+    validation = [v for v in (_validation_run(nodes[uid], uid, order) for uid in list(nodes)[-n_validation:])
+                  if v is not None] if n_validation else []
+    return TrainingSet(x, labels, energies[order], phases, provenance, validation)
+
+
+def _validation_run(node, uid: str, order: np.ndarray) -> ValidationRun | None:
+    """A run's maps for the training report, at the set's energies; None when it lacks the reference values."""
+    md = node.metadata
+    values = md.get("reference_values")
+    if values is None or "pcc" not in node or "ambiguous" not in node:
+        logger.info("run %s: no reference values or PCC maps in its result; not a validation run", uid)
+        return None
+    n = int(md.get("n_energies_seen") or 0)
+    return ValidationRun(uid, np.asarray(node["od"][:n], np.float64)[order], node["mask"].read().astype(bool),
+                         node["phase"].read(), node["ambiguous"].read().astype(bool), node["pcc"].read(),
+                         np.asarray(values, np.float64)[:, :n][:, order])
 
 
 def train_artifact(
@@ -167,17 +188,21 @@ def train_artifact(
 ):
     """Train a GMVAE on ``data`` and save it as the artifact ``<directory>/<name>-<version>``.
 
-    ``train_options`` go to :func:`phasestream.models.gmvae.train_gmvae`. Returns ``(artifact, result)``.
+    ``train_options`` go to :func:`phasestream.models.gmvae.train_gmvae`. The training report
+    (per-phase purity, held-out refinement gain on ``data.validation``, warnings) is stored in the
+    manifest as ``report`` and returned as ``result.report``. Returns ``(artifact, result)``.
     """
     from phasestream.models.gmvae import train_gmvae
     from phasestream.models.registry import save_artifact
 
     result = train_gmvae(data.spectra, labels=data.labels, n_components=len(data.phases), **train_options)
-    training = {**data.provenance, "split": result.split,
+    result.report = training_report(result.model, data.spectra, data.labels, data.phases, data.validation,
+                                    seed=int(train_options.get("seed", 0)))
+    training = {**data.provenance, "split": result.split, "validation_runs": [v.name for v in data.validation],
                 "options": {k: v for k, v in train_options.items() if k != "progress"}}
     artifact = save_artifact(result.model, directory, name=name, version=version, kind="gmvae",
                              energies_eV=data.energies_eV, phases=data.phases, training=training,
-                             metrics=result.metrics, overwrite=overwrite)
+                             metrics=result.metrics, extra={"report": result.report}, overwrite=overwrite)
     return artifact, result
 
 

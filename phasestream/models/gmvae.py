@@ -34,7 +34,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-__all__ = ["GMVAE", "NORMALIZATIONS", "SpectrumNormalization", "TrainingResult", "fit_normalization", "train_gmvae"]
+__all__ = ["GMVAE", "NORMALIZATIONS", "SpectrumNormalization", "TrainingResult", "cluster_purity", "fit_normalization",
+           "per_phase_purity", "train_gmvae"]
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +299,8 @@ class TrainingResult:
     metrics: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
     split: dict[str, int] = field(default_factory=dict)
+    #: the training report (``phasestream.jobs.training_report``), filled in by ``train_artifact``
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def cluster_purity(components: np.ndarray, labels: np.ndarray) -> float:
@@ -312,6 +315,20 @@ def cluster_purity(components: np.ndarray, labels: np.ndarray) -> float:
         members = labels[assigned == c]
         agree += np.bincount(members - members.min()).max() if members.size else 0
     return float(agree / max(1, labels.size))
+
+
+def per_phase_purity(components: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Per label: the fraction of its spectra whose mixture component's majority label is that label.
+
+    ``components`` (N, K) component probabilities; ``labels`` (N,) reference labels (PCC phases, >= 0).
+    A phase whose spectra share components with another, larger phase scores low: the latent space
+    does not keep it apart.
+    """
+    assigned = np.argmax(components, axis=1)
+    labels = np.asarray(labels)
+    majority = {int(c): int(np.bincount(labels[assigned == c]).argmax()) for c in np.unique(assigned)}
+    owner = np.array([majority[int(c)] for c in assigned]) if len(assigned) else np.zeros(0, int)
+    return {int(k): float(np.mean(owner[labels == k] == k)) for k in np.unique(labels)}
 
 
 def train_gmvae(

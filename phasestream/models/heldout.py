@@ -8,6 +8,13 @@ resolves them with each strategy through the same latent-space path as the real 
 clusters). Their unperturbed PCC label is the truth; PCC's own accuracy on the perturbed spectra is
 the baseline a strategy has to beat (docs/models.md, "Refinement").
 
+The strategies that read the image neighbourhood (``spatial``, ``spatial+knn``) are checked on the
+image (:func:`score_spatial`): a held-out pixel's own label is hidden from the neighbour vote, and so
+are the confident pixels around it, out to a distance drawn from the run's real ambiguous pixels'
+distances to their nearest confident pixel. Real ambiguous pixels come in patches (thin edges,
+domain boundaries, whole regions of a close phase); a held-out pixel alone among confident
+neighbours would be far easier to vote on than they are.
+
 Pure NumPy: the perturbed spectra are encoded by the caller (through the model server).
 """
 
@@ -19,9 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from phasestream.kernels.pearson import pearson_maps
-from phasestream.models.refine import refine_ambiguous
+from phasestream.models.refine import SPATIAL, refine_ambiguous
+from phasestream.models.spatial import distance_to_evidence, hidden_discs, pcc_reliability
 
-__all__ = ["NOISE_SCALES", "HeldOut", "od_noise_level", "pcc_rows", "perturb_confident", "score_strategies"]
+__all__ = ["NOISE_SCALES", "HeldOut", "od_noise_level", "pcc_rows", "perturb_confident", "score_spatial",
+           "score_strategies"]
 
 #: multiples of the run's OD noise tried in turn, smallest first
 NOISE_SCALES = (0.5, 1.0)
@@ -96,7 +105,8 @@ def perturb_confident(
     labels : (N,) their PCC phase, the truth of the check
     ref_values : (K, E) reference values at the same energies
     sigma : (E,) the run's OD noise per energy (:func:`od_noise_level`)
-    ambiguity : a perturbed pixel is held out when its PCC gap falls below this
+    ambiguity : a perturbed pixel is held out when its PCC gap falls below this and its own phase's PCC
+        is within this of the best (a pixel pushed to a clear wrong phase is a PCC error, not an ambiguity)
     n_max : at most this many held-out pixels
     scales : noise multiples of ``sigma`` tried in turn on the pixels not yet held out
     seed : random seed (pixel order and noise)
@@ -120,7 +130,10 @@ def perturb_confident(
         noisy = spectra[pool] + rng.normal(size=(len(pool), spectra.shape[1])) * (scale * np.asarray(sigma))
         pcc = pcc_rows(noisy, ref_values)
         ordered = np.sort(np.where(np.isfinite(pcc), pcc, -np.inf), axis=1)
-        hit = np.flatnonzero(np.isfinite(ordered[:, -2]) & (ordered[:, -1] - ordered[:, -2] < ambiguity))
+        own = np.where(np.isfinite(pcc), pcc, -np.inf)[np.arange(len(pool)), labels[pool]]
+        # ambiguous as real pixels are: in a near tie, with its own phase among those in question
+        hit = np.flatnonzero(np.isfinite(ordered[:, -2]) & (ordered[:, -1] - ordered[:, -2] < ambiguity)
+                             & (own >= ordered[:, -1] - ambiguity))
         hit = hit[: n_max - n]
         taken.append(pool[hit])
         parts["spectra"].append(noisy[hit])
@@ -178,4 +191,69 @@ def score_strategies(
             result = refine_ambiguous(latent, phase, ambiguous, np.ones(len(latent), bool), strategy, pcc=pcc,
                                       ambiguity=ambiguity, anchors=anchors)
             right[strategy][rows] = result.refined_phase[n_sure:] == held.truth[rows]
+    return {strategy: float(hits.mean()) for strategy, hits in right.items()}
+
+
+def score_spatial(
+    phase: np.ndarray,
+    ambiguous: np.ndarray,
+    mask: np.ndarray,
+    pcc: np.ndarray | None,
+    held_pixels: np.ndarray,
+    held: HeldOut,
+    strategies: tuple[str, ...],
+    *,
+    latent: np.ndarray | None = None,
+    latent_held: np.ndarray | None = None,
+    ambiguity: float = 0.005,
+    candidates: bool = True,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy of the image strategies (:data:`~phasestream.models.refine.SPATIAL`) on the held-out pixels.
+
+    ``phase``, ``ambiguous``, ``mask`` (Y, X) and ``pcc`` (K, Y, X) are the run's maps, ``held_pixels``
+    (H,) the flat image index of each held-out pixel, ``latent`` (Y, X, D) and ``latent_held`` (H, D)
+    the latent points (``spatial+knn`` only). In each of ``folds`` folds the fold's held-out pixels
+    take their perturbed PCC (phase, candidates) and latent point and become ambiguous, and every
+    confident pixel within a radius drawn from the distances of the run's real ambiguous pixels to
+    their nearest confident pixel (at least the pixel itself) is hidden from the vote. Returns
+    ``{strategy: accuracy}`` against ``held.truth``.
+    """
+    strategies = tuple(s for s in strategies if s in SPATIAL and (s == "spatial" or latent is not None))
+    phase = np.asarray(phase)
+    mask = np.asarray(mask, bool)
+    ambiguous = np.asarray(ambiguous, bool)
+    held_pixels = np.asarray(held_pixels, np.int64)
+    sure = mask & ~ambiguous & (phase >= 0)
+    real = distance_to_evidence(sure)[ambiguous & mask]
+    real = real[np.isfinite(real)]
+    rng = np.random.default_rng(seed)
+    radii = rng.choice(real, len(held_pixels)) if len(real) else np.ones(len(held_pixels))
+    radii = np.maximum(radii, 1.0)
+    weight = None if pcc is None else pcc_reliability(pcc)
+    fold_of = np.arange(len(held_pixels)) % max(int(folds), 1)
+    right = {s: np.zeros(len(held_pixels), bool) for s in strategies}
+    for fold in np.unique(fold_of):
+        rows = np.flatnonzero(fold_of == fold)
+        at = held_pixels[rows]
+        hidden = hidden_discs(phase.shape, at, radii[rows]) & sure
+        fold_phase = phase.astype(np.int16, copy=True)
+        fold_phase.flat[at] = np.argmax(held.pcc[rows], axis=1)
+        fold_pcc = None
+        if candidates and pcc is not None:
+            fold_pcc = np.array(pcc, dtype=np.float64, copy=True).reshape(len(pcc), -1)
+            fold_pcc[:, at] = held.pcc[rows].T
+            fold_pcc = fold_pcc.reshape(np.shape(pcc))
+        fold_latent = None
+        if latent is not None:
+            fold_latent = np.array(latent, dtype=np.float64, copy=True).reshape(-1, latent.shape[-1])
+            fold_latent[at] = latent_held[rows]
+            fold_latent = fold_latent.reshape(latent.shape)
+        for strategy in strategies:
+            use = None if strategy == "spatial" else fold_latent
+            inside = mask if use is None else mask & np.isfinite(use).all(axis=-1)
+            result = refine_ambiguous(use, fold_phase, ambiguous | hidden, inside, strategy, pcc=fold_pcc,
+                                      ambiguity=ambiguity, reliability=weight)
+            right[strategy][rows] = result.refined_phase.flat[at] == held.truth[rows]
     return {strategy: float(hits.mean()) for strategy, hits in right.items()}

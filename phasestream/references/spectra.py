@@ -41,6 +41,8 @@ _SHOWN_CHARS = 200
 
 REGISTRY: dict[str, Callable[[], ReferenceSet] | str] = {
     "nvpf-synthetic": "phasestream.sim.references:nvpf_references",
+    "kedge-synthetic": "phasestream.sim.references:kedge_references",
+    "ledge-close-synthetic": "phasestream.sim.references:ledge_close_references",
 }
 
 

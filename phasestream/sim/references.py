@@ -22,7 +22,8 @@ import numpy as np
 
 from phasestream.references import ReferenceSet
 
-__all__ = ["NVPF_NA_CONTENT", "NVPF_OXIDATION", "NVPF_PHASES", "nvpf_references", "nvpf_spectrum"]
+__all__ = ["KEDGE_SHIFT_EV", "LEDGE_MIX", "NVPF_NA_CONTENT", "NVPF_OXIDATION", "NVPF_PHASES", "kedge_references",
+           "ledge_close_references", "nvpf_references", "nvpf_spectrum"]
 
 NVPF_PHASES = ("Na3.0", "Na2.4", "Na2.0", "Na1.0", "Na1-y")
 NVPF_NA_CONTENT = {"Na3.0": 3.0, "Na2.4": 2.4, "Na2.0": 2.0, "Na1.0": 1.0, "Na1-y": 0.8}
@@ -91,3 +92,52 @@ def nvpf_references(
         attrs={"synthetic": True, "seed": seed, "units": "OD per unit thickness",
                "description": "synthetic NaxV2(PO4)2F3-like V L2,3 / O K references (phasestream.sim)"},
     )
+
+
+# ------------------------------------------------------------------ two more shapes, for the refinement benchmark
+
+#: K-edge-like set: the edge and white line move 1.2 eV per oxidation step; well separated phases
+KEDGE_SHIFT_EV = {"M0": 0.0, "M1": 1.2, "M2": 2.4, "M3": 3.6}
+#: L-edge multiplet set: the weight of the high-energy multiplet; ``B`` and ``C`` close on purpose
+LEDGE_MIX = {"A": 0.0, "B": 0.45, "C": 0.52, "D": 1.0}
+
+
+def kedge_references(*, energies: np.ndarray | None = None) -> ReferenceSet:
+    """A synthetic four-phase transition-metal K-edge set (arctangent edge, pre-edge peak, white line)
+    whose phases differ by a rigid 1.2 eV shift per oxidation step: far apart for PCC. SYNTHETIC."""
+    grid = np.round(np.arange(7100.0, 7160.0 + 1e-9, 0.25), 3) if energies is None else np.asarray(energies)
+    spectra = []
+    for i, shift in enumerate(KEDGE_SHIFT_EV.values()):
+        e0 = 7120.0 + shift
+        od = 0.3 + 1.0 * _step(grid, e0, 1.5) + (0.05 + 0.04 * i) * _gauss(grid, 7113.0 + 0.5 * shift, 1.5)
+        od += (0.55 - 0.08 * i) * _gauss(grid, e0 + 4.0, 4.0) - 0.12 * _gauss(grid, e0 + 18.0, 8.0)
+        spectra.append(od)
+    phases = tuple(KEDGE_SHIFT_EV)
+    return ReferenceSet(grid, phases, np.stack(spectra), name="kedge-synthetic",
+                        metadata={p: {"na_content": float(len(phases) - 1 - i)} for i, p in enumerate(phases)},
+                        attrs={"synthetic": True, "units": "OD per unit thickness",
+                               "description": "synthetic K-edge set, rigid 1.2 eV edge shifts (phasestream.sim); "
+                                              "na_content is only the simulator's ordering of the phases"})
+
+
+def ledge_close_references(*, energies: np.ndarray | None = None) -> ReferenceSet:
+    """A synthetic four-phase L2,3-edge multiplet set (Lorentzian-broadened lines) in which phases ``B``
+    and ``C`` mix the low- and high-energy multiplets almost equally: close for PCC, as in issue 21's
+    set. SYNTHETIC."""
+    grid = np.round(np.arange(636.0, 660.0 + 1e-9, 0.1), 3) if energies is None else np.asarray(energies)
+
+    def lorentz(center: float, width: float) -> np.ndarray:
+        return 1.0 / (1.0 + ((grid - center) / (width / 2)) ** 2)
+
+    spectra = []
+    for m in LEDGE_MIX.values():
+        od = 0.2 + 0.3 * _step(grid, 641.0, 0.8) + 0.15 * _step(grid, 652.0, 0.8)
+        od += (1 - m) * (0.9 * lorentz(640.2, 1.0) + 0.35 * lorentz(642.0, 1.4) + 0.3 * lorentz(651.2, 2.0))
+        od += m * (0.45 * lorentz(640.6, 1.0) + 0.85 * lorentz(641.9, 1.2) + 0.35 * lorentz(652.4, 2.0))
+        spectra.append(od)
+    phases = tuple(LEDGE_MIX)
+    return ReferenceSet(grid, phases, np.stack(spectra), name="ledge-close-synthetic",
+                        metadata={p: {"na_content": float(len(phases) - 1 - i)} for i, p in enumerate(phases)},
+                        attrs={"synthetic": True, "units": "OD per unit thickness",
+                               "description": "synthetic L-edge multiplet set, B and C close (phasestream.sim); "
+                                              "na_content is only the simulator's ordering of the phases"})

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phasestream.jobs.training import PairSet, TrainingSet, analysed_labels
+from phasestream.jobs.training import PairSet, TrainingSet, ValidationRun, analysed_labels
+from phasestream.kernels.pearson import pearson_maps
+from phasestream.kernels.phases import assign_phases, particle_mask
 
 __all__ = ["SYNTHETIC_STATES", "synthetic_indi_pairs", "synthetic_training_set"]
 
@@ -29,12 +31,14 @@ def synthetic_training_set(
     n_energies: int = 12,
     references: str = "nvpf-synthetic",
     max_spectra: int | None = 200_000,
+    n_validation: int = 2,
 ) -> TrainingSet:
     """Particle-pixel spectra of simulated STXM scans (Poisson noise) with their PCC labels.
 
     Energies are ``select_energies(references, n_energies, method="score")`` (the demo's: n_energies + 1 with the
     pre-edge energy). Samples use seeds ``seed * 1000 + i`` so a training seed never reuses the
-    demo's or the tests' samples (seeds < 1000) unless asked to.
+    demo's or the tests' samples (seeds < 1000) unless asked to. ``n_validation`` more scans (seeds
+    ``seed * 1000 + 500 + i``, the middle states, the lowest dose) are the training report's validation runs.
     """
     from phasestream.references import load_references, select_energies
     from phasestream.sim.samples import make_sample
@@ -60,10 +64,22 @@ def synthetic_training_set(
     if max_spectra is not None and len(x) > max_spectra:
         pick = np.sort(rng.choice(len(x), max_spectra, replace=False))
         x, y = x[pick], y[pick]
+    validation = []
+    middle = sorted(states)[len(states) // 2 - 1: len(states) // 2 + 1] or list(states)
+    for i in range(n_validation):
+        sample = make_sample(shape, state_of_charge=middle[i % len(middle)], references=refs,
+                             seed=1000 * (seed + 1) + 500 + i)
+        counts = np.stack([sample.transmitted(e, i0=min(doses), rng=rng) for e in energies])
+        with np.errstate(divide="ignore"):
+            od = -np.log(np.where(counts > 0, counts, np.nan) / min(doses))
+        pcc = pearson_maps(od, ref_spectra)
+        mask = particle_mask(od)
+        phase, _, ambiguous = assign_phases(pcc, mask)
+        validation.append(ValidationRun(f"simulated-{i}", od, mask, phase, ambiguous, pcc, ref_spectra))
     provenance = {"source": "synthetic", "seed": seed, "references": refs.name, "states": list(states),
                   "doses": list(doses), "samples_per_state": n_samples, "shape": list(shape),
                   "n_spectra": len(x)}
-    return TrainingSet(x, y, energies, list(refs.phases), provenance)
+    return TrainingSet(x, y, energies, list(refs.phases), provenance, validation)
 
 
 def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, int] = (256, 256),

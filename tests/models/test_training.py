@@ -73,6 +73,11 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     assert manifest["training"]["extracted_on"] == "dask"
     assert "api_key" not in json.dumps(manifest)  # the key never lands in an artifact
     assert manifest["metrics"]["test_reconstruction_mse"] > 0
+    # the training report: per-phase purity, validation runs (the last two given), warnings in words
+    report = manifest["report"]
+    assert set(report["per_phase_purity"]) <= set(manifest["phases"]) and report["per_phase_purity"]
+    assert [run["run"] for run in report["validation_runs"]] == manifest["training"]["validation_runs"]
+    assert len(manifest["training"]["validation_runs"]) == 2 and isinstance(report["warnings"], list)
     assert ModelRegistry([tmp_path]).get("gmvae-beamline").version == "0.1.0"
 
 

@@ -225,3 +225,21 @@ def test_anchor_strategy_with_references_from_a_csv_file(tiled_client, models, t
     # anchor gives every ambiguous pixel a phase from the latent space
     assert record["reassigned_fraction"] == pytest.approx(node.metadata["ambiguous_fraction"], abs=1e-6)
     assert record["reassigned_fraction"] > 0.01
+
+
+def test_spatial_refines_without_a_model_server(tiled_client):
+    sample = make_sample((96, 96), state_of_charge=2.0, seed=11, n_particles=2)
+    uid = _scan(tiled_client, sample)
+    down = RefineOptions(address="tcp://127.0.0.1:1", timeout=0.5, retries=0, strategy="spatial", check=False)
+    record = refine_result(tiled_client, uid, down)
+    node = tiled_client["phasestream"][uid]
+    assert record["status"] == "complete" and record["strategy"] == "spatial" and record["model"] is None
+    assert "latent" not in node and node.metadata["refinement"]["model"] is None
+    assert "--strategy spatial --no-check" in down.retry_command(uid)
+    phase, refined = node["phase"].read(), node["refined_phase"].read()
+    amb = node["ambiguous"].read().astype(bool) & sample.particle & ~sample.boundary
+    assert amb.sum() > 50
+    truth = sample.phase
+    assert np.mean(refined[amb] == truth[amb]) > np.mean(phase[amb] == truth[amb])  # the simulator's truth
+    sure = ~amb & sample.particle & ~sample.boundary
+    assert (refined[sure] == phase[sure]).all()

@@ -94,7 +94,20 @@ def train_gmvae(args: argparse.Namespace) -> int:
     artifact = Artifact.read(artifact.path)
     print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
                       "sha256": artifact.sha256, "metrics": result.metrics}, indent=2))
+    _print_report(result.report)
     return 0
+
+
+def _print_report(report: dict) -> None:
+    """The training report in words: per-phase purity, the held-out refinement gain, the warnings."""
+    purity = ", ".join(f"{phase} {value:.2f}" for phase, value in report.get("per_phase_purity", {}).items())
+    print(f"cluster purity per phase: {purity}")
+    if "model_gain" in report:
+        runs = len([r for r in report["validation_runs"] if "pixels" in r])
+        print(f"held-out refinement gain over PCC on {runs} validation run(s): {report['best_strategy']} "
+              f"{report['model_gain']:+.3f} (image neighbours alone, no model: {report['spatial_gain']:+.3f})")
+    for text in report.get("warnings", []):
+        print(f"WARNING: {text}")
 
 
 def train_indi(args: argparse.Namespace) -> int:
