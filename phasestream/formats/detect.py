@@ -6,6 +6,7 @@ from pathlib import Path
 
 import h5py
 
+from phasestream.formats.hdf5util import text
 from phasestream.formats.stack import FormatError
 
 __all__ = ["HDF5_SUFFIXES", "detect_format", "hdf5_flavour"]
@@ -15,14 +16,6 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".nx", ".cxi")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-def _text(value) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if hasattr(value, "shape") and getattr(value, "shape", None) in ((1,),):
-        return _text(value[0])
-    return str(value)
 
 
 def hdf5_flavour(path: str | Path) -> str:
@@ -38,7 +31,7 @@ def hdf5_flavour(path: str | Path) -> str:
                 if not isinstance(node, h5py.Group):
                     continue
                 definition = node.get("definition")
-                if isinstance(definition, h5py.Dataset) and _text(definition[()]).strip() == "NXstxm":
+                if isinstance(definition, h5py.Dataset) and text(definition[()]).strip() == "NXstxm":
                     return "nxstxm"
             if isinstance(handle.get("img_xanes"), h5py.Dataset) and isinstance(handle.get("X_eng"), h5py.Dataset):
                 return "pyxas"

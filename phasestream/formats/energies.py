@@ -2,7 +2,7 @@
 
 A text energy file holds one energy per line, or energies separated by whitespace or commas;
 ``#`` starts a comment that runs to the end of the line. Energies are kept in the order given
-(acquisition order), must be finite and distinct; they need not increase.
+(acquisition order), must be finite, positive and distinct; they need not increase.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def parse_energy_text(text: str, path: str | Path) -> np.ndarray:
 
 
 def check_energies(path: str | Path, energies: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Return ``energies`` as (E,) float64 eV; refuse an empty list, NaN/inf or duplicates.
+    """Return ``energies`` as (E,) float64 eV; refuse an empty list, NaN/inf, values <= 0 or duplicates.
 
     Raises :class:`FormatError` naming ``path``.
     """
@@ -66,6 +66,10 @@ def check_energies(path: str | Path, energies: Sequence[float] | np.ndarray) -> 
     bad = ~np.isfinite(values)
     if np.any(bad):
         raise FormatError(path, f"energy #{int(np.argmax(bad))} is {values[bad][0]} (energies must be finite, in eV)")
+    if np.any(values <= 0):
+        raise FormatError(
+            path, f"energy #{int(np.argmax(values <= 0))} is {values[values <= 0][0]} (photon energies are > 0 eV)"
+        )
     unique, counts = np.unique(values, return_counts=True)
     if np.any(counts > 1):
         raise FormatError(path, f"duplicate energies (eV): {unique[counts > 1].tolist()}")

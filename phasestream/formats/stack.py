@@ -15,7 +15,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_STACK_BYTES", "MODES", "FormatError", "HDF5Source", "ImportedStack", "check_stack_size", "sha256_of"]
+__all__ = [
+    "MAX_STACK_BYTES",
+    "MODES",
+    "FormatError",
+    "HDF5Source",
+    "ImportedStack",
+    "check_stack_size",
+    "intensity_dtype",
+    "sha256_of",
+]
 
 MODES = ("stxm", "txm")
 
@@ -65,6 +74,10 @@ class ImportedStack:
         plain JSON values only
     files : every file read, for provenance; ``sha256`` is over them in this order
     hdf5 : where the images lie in HDF5, when they do (see :class:`HDF5Source`)
+    monitor : None, (E,) or (E, Y, X): a flux monitor recorded with the images (NXstxm
+        ``control``: usually the storage-ring current). Relative, not an I0: it corrects
+        flux changes between points (divide the images by ``monitor / median(monitor)``); the
+        absolute I0 still comes from the open beam
     """
 
     source: Path
@@ -78,6 +91,7 @@ class ImportedStack:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
     hdf5: HDF5Source | None = None
+    monitor: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         energies = np.asarray(self.energies, dtype=np.float64)
@@ -124,6 +138,17 @@ def check_stack_size(path: str | Path, shape: tuple[int, ...], dtype, limit: int
             f"a stack of shape {tuple(int(n) for n in shape)} ({np.dtype(dtype)}) is {nbytes / 2**30:.1f} GiB, "
             f"over the {limit / 2**30:.0f} GiB bound of a reader (corrupt header?)",
         )
+
+
+def intensity_dtype(path: str | Path, dtype) -> np.dtype:
+    """The float type images of ``dtype`` are returned in: float32 for 8/16-bit integers and
+    float32 (exact), float64 for wider integers and float64. Refuses non-numeric types."""
+    dtype = np.dtype(dtype)
+    if (dtype.kind in "ui" and dtype.itemsize <= 2) or dtype == np.float32:
+        return np.dtype(np.float32)
+    if dtype.kind in "uif" and dtype.itemsize <= 8:
+        return np.dtype(np.float64)
+    raise FormatError(path, f"pixel type {dtype} is not an intensity (integer or float)")
 
 
 def sha256_of(paths) -> str:

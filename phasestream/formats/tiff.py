@@ -23,7 +23,7 @@ import numpy as np
 import tifffile
 
 from phasestream.formats.energies import load_energies
-from phasestream.formats.stack import MODES, FormatError, ImportedStack, check_stack_size
+from phasestream.formats.stack import MODES, FormatError, ImportedStack, check_stack_size, intensity_dtype
 
 __all__ = ["TIFF_SUFFIXES", "find_energy_file", "natural_key", "read_tiff", "tiff_files"]
 
@@ -52,15 +52,6 @@ def find_energy_file(path: str | Path) -> Path | None:
     path = Path(path)
     candidates = [path / "energies.txt"] if path.is_dir() else [path.with_suffix(".txt"), path.parent / "energies.txt"]
     return next((c for c in candidates if c.is_file()), None)
-
-
-def _float_dtype(path: Path, dtype: np.dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if (dtype.kind in "ui" and dtype.itemsize <= 2) or dtype == np.float32:
-        return np.dtype(np.float32)
-    if dtype.kind in "uif":
-        return np.dtype(np.float64)
-    raise FormatError(path, f"pixel type {dtype} is not an intensity (integer or float)")
 
 
 def _page_shape(path: Path, page, index: int) -> tuple[int, int]:
@@ -104,7 +95,7 @@ def _read_multipage(path: Path) -> np.ndarray:
                 raise FormatError(path, f"truncated or corrupt TIFF: the page list breaks off after {count} page(s)")
             first = pages[0]
             shape = _page_shape(path, first, 0)
-            dtype = _float_dtype(path, first.dtype)
+            dtype = intensity_dtype(path, first.dtype)
             check_stack_size(path, (count, *shape), dtype)
             for index in range(1, count):
                 page = pages[index]
@@ -132,12 +123,12 @@ def _read_folder(folder: Path, files: list[Path]) -> np.ndarray:
                 page_shape = _page_shape(path, page, 0)
                 if images is None:
                     shape = page_shape
-                    dtype = _float_dtype(path, page.dtype)
+                    dtype = intensity_dtype(path, page.dtype)
                     check_stack_size(folder, (len(files), *shape), dtype)
                     images = np.empty((len(files), *shape), dtype=dtype)
                 elif page_shape != shape:
                     raise FormatError(path, f"image shape {page_shape} differs from {shape} of {files[0].name}")
-                elif _float_dtype(path, page.dtype).itemsize > images.dtype.itemsize:
+                elif intensity_dtype(path, page.dtype).itemsize > images.dtype.itemsize:
                     images = images.astype(np.float64)
                 images[index] = page.asarray()
         except FormatError:
