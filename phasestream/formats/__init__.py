@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from phasestream.formats.detect import detect_format
+from phasestream.formats.nxstxm import read_nxstxm
 from phasestream.formats.pyxas import read_pyxas
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, sha256_of
 from phasestream.formats.tiff import read_tiff
@@ -20,6 +21,7 @@ __all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "detect_form
 
 _READERS: dict[str, Callable[..., ImportedStack]] = {
     "tiff": read_tiff,
+    "nxstxm": read_nxstxm,
     "pyxas": read_pyxas,
 }
 #: Reader names :func:`read_stack` accepts as ``format=``.
