@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phasestream.formats.axis2000 import read_axis2000
 from phasestream.formats.detect import detect_format
 from phasestream.formats.nxstxm import read_nxstxm
 from phasestream.formats.pyxas import read_pyxas
@@ -23,6 +24,7 @@ _READERS: dict[str, Callable[..., ImportedStack]] = {
     "tiff": read_tiff,
     "nxstxm": read_nxstxm,
     "pyxas": read_pyxas,
+    "axis2000": read_axis2000,
 }
 #: Reader names :func:`read_stack` accepts as ``format=``.
 FORMATS: tuple[str, ...] = tuple(_READERS)
