@@ -17,6 +17,7 @@ from phasestream.formats.nxstxm import read_nxstxm
 from phasestream.formats.pyxas import read_pyxas
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, sha256_of
 from phasestream.formats.tiff import read_tiff
+from phasestream.formats.xrm import read_xrm
 
 __all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "detect_format", "read_stack", "sha256_of"]
 
@@ -25,6 +26,7 @@ _READERS: dict[str, Callable[..., ImportedStack]] = {
     "nxstxm": read_nxstxm,
     "pyxas": read_pyxas,
     "axis2000": read_axis2000,
+    "xrm": read_xrm,
 }
 #: Reader names :func:`read_stack` accepts as ``format=``.
 FORMATS: tuple[str, ...] = tuple(_READERS)
