@@ -6,7 +6,8 @@ from pathlib import Path
 
 import h5py
 
-from phasestream.formats.hdf5util import text
+from phasestream.formats.hdf5util import open_hdf5
+from phasestream.formats.nxstxm import nxstxm_entries
 from phasestream.formats.stack import FormatError
 
 __all__ = ["HDF5_SUFFIXES", "detect_format", "hdf5_flavour"]
@@ -24,23 +25,15 @@ def hdf5_flavour(path: str | Path) -> str:
     Raises :class:`FormatError` for an unreadable HDF5 file or one that is neither.
     """
     path = Path(path)
-    try:
-        with h5py.File(path, "r") as handle:
-            for name in handle:
-                node = handle.get(name)
-                if not isinstance(node, h5py.Group):
-                    continue
-                definition = node.get("definition")
-                if isinstance(definition, h5py.Dataset) and text(definition[()]).strip() == "NXstxm":
-                    return "nxstxm"
-            if isinstance(handle.get("img_xanes"), h5py.Dataset) and isinstance(handle.get("X_eng"), h5py.Dataset):
-                return "pyxas"
-            keys = sorted(handle)[:20]
-    except OSError as error:
-        raise FormatError(path, f"not a readable HDF5 file (truncated or corrupt?): {error}") from None
+    with open_hdf5(path) as handle:
+        if nxstxm_entries(handle):
+            return "nxstxm"
+        if isinstance(handle.get("img_xanes"), h5py.Dataset) and isinstance(handle.get("X_eng"), h5py.Dataset):
+            return "pyxas"
+        keys = sorted(handle)[:20]
     raise FormatError(
         path,
-        f"HDF5 file is neither NeXus NXstxm (an entry with definition 'NXstxm') nor PyXAS "
+        f"HDF5 file is neither NeXus NXstxm (an NXentry with definition 'NXstxm') nor PyXAS "
         f"(img_xanes and X_eng); top-level keys: {keys}",
     )
 

@@ -122,3 +122,12 @@ def test_truncated_hdf5(tmp_path):
     assert info.value.path == str(path)
     with pytest.raises(FormatError, match="truncated"):
         read_stack(path)
+
+
+def test_hdf5_that_is_neither(tmp_path):
+    path = tmp_path / "other.h5"
+    _write(path, data=np.ones((2, 3, 4)))
+    with pytest.raises(FormatError, match=r"neither NeXus NXstxm .* nor PyXAS .* top-level keys: \['data'\]"):
+        read_stack(path)
+    with pytest.raises(FormatError, match="no img_xanes dataset"):
+        read_stack(path, format="pyxas", energies=[1.0, 2.0])
