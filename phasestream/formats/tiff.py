@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +30,19 @@ __all__ = ["TIFF_SUFFIXES", "find_energy_file", "natural_key", "read_tiff", "tif
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
-# what tifffile raises on a truncated or corrupt file
-_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, struct.error, EOFError, IndexError, KeyError)
+# what tifffile raises on a truncated or corrupt file; zlib.error and RuntimeError (imagecodecs'
+# codec errors) come from compressed data that does not decode
+_TIFF_ERRORS = (
+    tifffile.TiffFileError,
+    ValueError,
+    OSError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    zlib.error,
+    RuntimeError,
+)
 
 
 def natural_key(name: str) -> tuple:
@@ -105,7 +117,11 @@ def _read_multipage(path: Path) -> np.ndarray:
     except FormatError:
         raise
     except _TIFF_ERRORS as error:
-        raise FormatError(path, f"truncated or corrupt TIFF ({type(error).__name__}: {error})") from None
+        raise FormatError(
+            path,
+            f"cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
+            f"{type(error).__name__}: {error}",
+        ) from None
     return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False)
 
 
@@ -134,7 +150,11 @@ def _read_folder(folder: Path, files: list[Path]) -> np.ndarray:
         except FormatError:
             raise
         except _TIFF_ERRORS as error:
-            raise FormatError(path, f"truncated or corrupt TIFF ({type(error).__name__}: {error})") from None
+            raise FormatError(
+                path,
+                f"cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
+                f"{type(error).__name__}: {error}",
+            ) from None
     assert images is not None
     return images
 

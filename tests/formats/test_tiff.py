@@ -137,7 +137,20 @@ def test_truncated_tiff(tmp_path, keep):
     tifffile.imwrite(path, _stack(), photometric="minisblack")
     data = path.read_bytes()
     path.write_bytes(data[: int(keep * len(data))])
-    with pytest.raises(FormatError, match=r"truncated or corrupt TIFF|no image") as info:
+    with pytest.raises(FormatError, match=r"truncated|corrupt|no image") as info:
+        read_tiff(path, energies=ENERGIES)
+    assert info.value.path == str(path)
+
+
+def test_corrupt_compressed_data(tmp_path):
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, _stack(shape=(5, 64, 64)), photometric="minisblack", compression="zlib")
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        start = tif.pages[1].dataoffsets[0]
+    data[start + 10 : start + 60] = b"\xff" * 50  # inside page 1's deflate stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=r"corrupt, .*: error: Error -3 while decompressing") as info:
         read_tiff(path, energies=ENERGIES)
     assert info.value.path == str(path)
 
@@ -160,7 +173,7 @@ def test_folder_mismatches(tmp_path):
     tifffile.imwrite(folder / "a2.tif", np.zeros((4, 5), np.uint16))
     data = (folder / "a2.tif").read_bytes()
     (folder / "a2.tif").write_bytes(data[:-30])
-    with pytest.raises(FormatError, match="truncated or corrupt TIFF") as info:
+    with pytest.raises(FormatError, match="truncated") as info:
         read_tiff(folder, energies=[1.0, 2.0])
     assert info.value.path == str(folder / "a2.tif")
     with pytest.raises(FormatError, match="2 TIFF files for 3 energies"):
