@@ -214,7 +214,9 @@ def read_nxstxm(
             raise FormatError(path, f"no NXstxm entry {entry!r}; entries: {entries}")
         group = handle[entry]
         data, channels = _pick_data(path, group, channel)
-        scan_type = text(data["stxm_scan_type"][()]) if isinstance(data.get("stxm_scan_type"), h5py.Dataset) else ""
+        if not isinstance(data.get("stxm_scan_type"), h5py.Dataset):
+            raise FormatError(path, f"{data.name} has no stxm_scan_type (required by NXstxm)")
+        scan_type = text(data["stxm_scan_type"][()])
         if scan_type not in IMAGE_SCAN_TYPES:
             raise FormatError(path, f"stxm_scan_type {scan_type!r} is not an image stack (one of {IMAGE_SCAN_TYPES})")
         signal = _signal(path, data)

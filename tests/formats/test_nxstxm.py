@@ -200,6 +200,7 @@ def _attr(node, name, value):
         (lambda h: h["entry0/counter0/energy"].attrs.modify("units", "J"), "energy unit 'J'"),
         (lambda h: h.create_dataset("entry0/control/data", data=np.ones(7)), "control data has shape"),
         (lambda h: h["entry0"].__delitem__("counter0"), "has no NXdata group"),
+        (lambda h: h["entry0/counter0"].__delitem__("stxm_scan_type"), "has no stxm_scan_type"),
     ],
 )
 def test_bad_files(tmp_path, change, problem):
