@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FormatError", "ImportedStack", "HDF5Source", "sha256_of"]
+__all__ = ["FormatError", "HDF5Source", "ImportedStack", "sha256_of"]
 
 MODES = ("stxm", "txm")
 
