@@ -353,7 +353,9 @@ class PhaseMapCallback:
 
         def job() -> None:
             try:
-                writer = ResultWriter.open(self.client, uid, root=self.root)
+                # a run of several fields has no result of its uid: the note goes on its first field's
+                key = uid if parse_field_key(uid) or uid in self.client[self.root] else f"{uid}.f0"
+                writer = ResultWriter.open(self.client, key, root=self.root)
                 noted = sum(CONFLICT_NOTE in str(e) for e in writer.metadata.get("errors") or [])
                 if noted < MAX_CONFLICT_NOTES:  # a replay flood must not grow the result's metadata
                     writer.record_error(message)
