@@ -17,8 +17,9 @@ motor's display ``precision`` (``10**-precision``), else a millionth of the valu
 
 :class:`FieldRuns` stands where a :class:`~phasestream.callbacks.analysis.RunAnalysis` stands for
 one run: it makes one ``RunAnalysis`` per field as the fields appear, gives each field every
-document but the other fields' primary events (dark and flat frames go to all), and finishes every
-field at the stop. A run with no position key (one dimension) keeps one analysis under the run uid.
+document but the other fields' primary events (the fields share one copy of a TXM run's dark and
+flat frames), and finishes every field at the stop. A run with no position key (one dimension)
+keeps one analysis under the run uid.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 #: dimensions and motors looked at (a document may list more; a plan has a handful)
 _MAX_DIMENSIONS = 16
-#: documents other than primary events kept for fields that appear later (descriptors, darks, flats)
+#: documents kept for the fields that appear later (the start and the descriptors)
 MAX_SHARED_DOCUMENTS = 1000
 #: relative tolerance of positions when neither the grid nor the motor's precision gives one
 DEFAULT_RELATIVE_TOLERANCE = 1e-6
@@ -273,12 +274,7 @@ class FieldRuns:
     def event(self, doc: dict) -> None:
         stream = self.streams.get(doc.get("descriptor"))
         if stream != "primary" or not self.plan or not self.plan.position_keys:
-            if stream is not None and stream != "primary":
-                self._share("event", self._filled(doc))
-                for field in self.fields:
-                    field("event", self._filled(doc))
-                return
-            self.fields[0]("event", doc)
+            self.fields[0]("event", doc)  # dark and flat frames go into the lists every field shares
             return
         if self.stopped:
             self.fields[0].record_error(f"event {doc.get('seq_num')} arrived after the run was finalized; ignored")
@@ -293,7 +289,7 @@ class FieldRuns:
             field("event", self._filled(doc))
 
     def _filled(self, doc: dict) -> dict:
-        """``doc`` with its external image read in (by the first field), so that every field gets the frame."""
+        """``doc`` with its external image (read by the first field, which gets every StreamDatum) inline."""
         frame = self.fields[0].stream_frames.pop((doc.get("descriptor"), doc.get("seq_num")), None)
         if frame is None:
             return doc
@@ -336,6 +332,7 @@ class FieldRuns:
         field.result.field = {"index": index, "count": max(self.plan.count or 0, index + 1), "positions": named}
         for name, doc in self.shared:
             field(name, doc)
+        field.darks, field.flats = self.fields[0].darks, self.fields[0].flats  # one copy of a TXM run's frames
         self.fields.append(field)
         if self.plan.count is None or index + 1 > self.plan.count:
             for other in self.fields:

@@ -4,6 +4,8 @@ equal to a single-position scan of that field, from a real RunEngine with ophyd 
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from bluesky import plan_stubs as bps
+from bluesky import preprocessors as bpp
 from bluesky.plans import grid_scan, list_grid_scan, list_scan
 from ophyd.sim import SynAxis
 
@@ -159,3 +161,43 @@ def test_field_keys_follow_the_uid_rules():
     for index in (-1, MAX_FIELDS, True, 1.0):
         with pytest.raises(InvalidIdentifierError):
             field_key(uid, index)
+
+
+def _txm_grid(det, energy, x, positions):
+    """A TXM grid: a dark, then per energy one flat (sample out) and one image per position (one position: a
+    plain energy scan, the oracle)."""
+    md = {"phasestream": {"references": "nvpf-synthetic", "image_key": det.image_key, "energy_key": "energy",
+                          "mode": "txm"},
+          "motors": ["energy", "sample_x"], "num_points": len(ENERGIES) * len(positions),
+          "hints": {"dimensions": [(["energy"], "primary"), (["sample_x"], "primary")][:1 + (len(positions) > 1)]}}
+
+    @bpp.stage_decorator([det])
+    @bpp.run_decorator(md=md)
+    def plan():
+        yield from bps.mv(det.shutter, "closed")
+        yield from bps.trigger_and_read([det], name="dark")
+        yield from bps.mv(det.shutter, "open")
+        for e in ENERGIES:
+            yield from bps.mv(energy, e, det.sample_position, "out")
+            yield from bps.trigger_and_read([det, energy], name="flat")
+            yield from bps.mv(det.sample_position, "in")
+            for p in positions:
+                yield from bps.mv(x, p)
+                yield from bps.trigger_and_read([det, energy, x])
+
+    return plan()
+
+
+def test_the_fields_of_a_txm_grid_share_its_darks_and_flats():
+    energy, x = make_energy(), SynAxis(name="sample_x")
+    det = MosaicDetector(SAMPLES, POSITIONS, x, energy, mode="txm", noise=False)
+    cb, uid = _run(_txm_grid(det, energy, x, POSITIONS))
+    for index, sample in enumerate(SAMPLES):
+        energy, x = make_energy(), SynAxis(name="sample_x")
+        single, one = _run(_txm_grid(MosaicDetector([sample], [POSITIONS[index]], x, energy, mode="txm", noise=False),
+                                     energy, x, [POSITIONS[index]]))
+        oracle, result = single.results[one], cb.results[field_key(uid, index)]
+        assert result.status == oracle.status == "complete", (result.errors, oracle.errors)
+        assert result.metadata["phase_fractions"] == oracle.metadata["phase_fractions"]
+        for name in MAPS:
+            np.testing.assert_array_equal(result.arrays[name], oracle.arrays[name], err_msg=name)
