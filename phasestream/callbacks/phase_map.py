@@ -234,7 +234,7 @@ class PhaseMapCallback:
         return {**origin, "raw": raw_run_link(self.client, uid, self.raw)}
 
     def _write_failed(self, key, exc: BaseException) -> None:
-        analysis = self._open_result(key) if isinstance(key, str) else None
+        analysis = self._analysis_writing(key) if isinstance(key, str) else None
         if analysis is not None:
             analysis.record_error(f"writing results to Tiled failed: {exc}")
 
@@ -247,7 +247,7 @@ class PhaseMapCallback:
             self._reference_cache[name] = load_document_references(name, folders=self.reference_folders)
         return self._reference_cache[name]
 
-    def _open_result(self, key: str) -> RunAnalysis | None:
+    def _analysis_writing(self, key: str) -> RunAnalysis | None:
         """The open analysis writing result ``key`` (a run uid, or one field's key)."""
         run = self.active.get((parse_field_key(key) or (key,))[0])
         return run.by_key(key) if isinstance(run, FieldRuns) else run
@@ -313,6 +313,7 @@ class PhaseMapCallback:
         except (RunSettingsError, OSError, ValueError) as exc:
             self._reject(uid, start, exc)
             return None
+
         def analysis_of(settings: RunSettings) -> RunAnalysis:
             return RunAnalysis(self.analysis_config(), settings, refs, sink=self.sink, open_writer=self.writer_factory,
                                on_finished=self._finished)
@@ -344,7 +345,7 @@ class PhaseMapCallback:
                    "ignored (a result is never replaced on behalf of a document; phasestream reprocess "
                    "--replace does it on purpose)")
         logger.error("run %s: %s", uid, message)
-        analysis = self.active.get(uid) or self._open_result(uid)
+        analysis = self.active.get(uid) or self._analysis_writing(uid)
         if analysis is not None:
             analysis.record_error(message)
             return
