@@ -11,7 +11,7 @@ from ophyd.sim import SynAxis
 
 from phasestream.callbacks.fields import FieldPlan, field_plan, may_have_fields
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.contract import InvalidIdentifierError, RunDefaults
+from phasestream.contract import InvalidIdentifierError, RunDefaults, check_run_uid
 from phasestream.contract.fields import MAX_FIELDS, check_result_key, field_key, parse_field_key
 from phasestream.references import load_references, select_energies
 from phasestream.sim import MosaicDetector, TransmissionDetector, make_energy, make_sample
@@ -161,6 +161,12 @@ def test_field_keys_follow_the_uid_rules():
     for index in (-1, MAX_FIELDS, True, 1.0):
         with pytest.raises(InvalidIdentifierError):
             field_key(uid, index)
+    # a run whose uid ends like a field key could take another run's field result: refused as a run uid
+    for posing in (f"{uid}.f0", "x.f12", "x.f01"):
+        with pytest.raises(InvalidIdentifierError, match="field"):
+            check_run_uid(posing)
+        with pytest.raises(InvalidIdentifierError):
+            field_key(posing, 0)
 
 
 def _txm_grid(det, energy, x, positions):
