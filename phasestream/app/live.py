@@ -35,9 +35,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from tiled.queries import Key
+
 from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome, RunSettings
+from phasestream.contract.fields import parse_field_key
 from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
 from phasestream.jobs.methods import MethodsOptions, methods_options_from_start
@@ -135,8 +138,8 @@ class LiveService:
         if self.post_scan and result.status in USABLE_STATUSES:
             with self._lock:
                 lost = result.uid in self._pending  # post-scan steps follow its reprocessing instead
-            if not lost:
-                self._submit(result.uid, [], dict(result.settings.extra))
+            if not lost:  # on the result: one field's (``<uid>.f<index>``) for a run of several fields
+                self._submit(result.key, [], dict(result.settings.extra))
 
     def outcome(self, uid: str, job: str) -> JobOutcome | None:
         """The outcome of ``job`` (refine, enhance, methods, reprocess) on run ``uid``, once it ended."""
@@ -191,11 +194,12 @@ class LiveService:
             self._record(uid, JobOutcome.from_dict(record))
         if "reprocess" in steps:
             status = steps["reprocess"]["status"]
-            try:
-                ResultWriter.open(self.client, uid, root=self.callback.root).update_metadata(
-                    recovered=self._recovered_note(uid, live_errors or []))
-            except Exception:  # the reprocessed result stands without the note
-                logger.exception("run %s: could not record the recovery", uid)
+            for key in (steps["reprocess"].get("details") or {}).get("fields") or [uid]:  # each field's result
+                try:
+                    ResultWriter.open(self.client, key, root=self.callback.root).update_metadata(
+                        recovered=self._recovered_note(uid, live_errors or []))
+                except Exception:  # the reprocessed result stands without the note
+                    logger.exception("run %s: could not record the recovery on %s", uid, key)
             logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, status)
             self._done(uid, status)
 
@@ -213,8 +217,6 @@ class LiveService:
     def find_stale(self) -> list[str]:
         """Queue for recovery the results still ``running`` that no live worker has touched for
         ``stale_after`` seconds; their uids."""
-        from tiled.queries import Key
-
         root = self.callback.root
         try:
             if root not in self.client:
@@ -224,11 +226,12 @@ class LiveService:
             logger.warning("cannot look for results left running: %s", exc)
             return []
         now, stale = time.time(), []
-        for uid, node in running:
+        for key, node in running:
+            uid = (parse_field_key(key) or (key,))[0]  # a field's result is recovered with its whole run
             updated = node.metadata.get("updated_at")
             if uid in self.callback.active or (isinstance(updated, int | float) and now - updated < self.stale_after):
                 continue
-            stale.append(uid)
+            stale += [] if uid in stale else [uid]
         with self._lock:
             for uid in stale:
                 if uid not in self._pending and uid not in self._submitted:
@@ -302,15 +305,27 @@ class LiveService:
         self._submit(uid, [("reprocess", asdict(options))], extra, live_errors)
 
     def _give_up(self, uid: str, reason: str) -> None:
-        """A result that could not be recovered ends with a final status and the reason, never ``running``."""
+        """A result that could not be recovered ends with a final status and the reason, never ``running``
+        (every field's result, for a run imaged at several positions)."""
+        for key in self._result_keys(uid):
+            try:
+                writer = ResultWriter.open(self.client, key, root=self.callback.root)
+                if writer.metadata.get("status") == "running":
+                    writer.record_error(reason)
+                    writer.update_metadata(status="failed" if writer.shape is None else "partial",
+                                           recovered={**self._recovered_note(uid, []), "failed": reason})
+            except Exception:
+                logger.exception("run %s: could not record why %s was not recovered", uid, key)
+
+    def _result_keys(self, uid: str) -> list[str]:
+        """The keys of the results of run ``uid``: its own, else its fields' (``<uid>.f<index>``)."""
         try:
-            writer = ResultWriter.open(self.client, uid, root=self.callback.root)
-            if writer.metadata.get("status") == "running":
-                writer.record_error(reason)
-                writer.update_metadata(status="failed" if writer.shape is None else "partial",
-                                       recovered={**self._recovered_note(uid, []), "failed": reason})
-        except Exception:
-            logger.exception("run %s: could not record why it was not recovered", uid)
+            results = self.client[self.callback.root]
+            if uid in results:
+                return [uid]
+            return [k for k in results.search(Key("run_uid") == uid) if (parse_field_key(k) or ("",))[0] == uid]
+        except Exception:  # noqa: BLE001 - Tiled unreachable: recorded on the run uid's result, if any
+            return [uid]
 
     def _done(self, uid: str, status: str) -> None:
         with self._lock:

@@ -208,7 +208,8 @@ class LivePhaseMap(QtAwareCallback):
     # -- the two sources --------------------------------------------------------------------
 
     def _draw_in_process(self) -> None:
-        result = self.analysis.results.get(self._uid)
+        # a run imaged at several positions: its first field (docs/contract.md, "Fields")
+        result = self.analysis.results.get(self._uid) or self.analysis.results.get(f"{self._uid}.f0")
         if result is None:
             return
         n = int(result.metadata.get("n_energies_seen") or 0)

@@ -57,8 +57,7 @@ class RunAnalysis(DocumentRouter):
                  sink: ResultSink, open_writer: Callable[[RunAnalysis, tuple[int, int] | None], Any],
                  on_finished: Callable[[RunAnalysis], None]):
         super().__init__()
-        self.config = config
-        self.sink = sink
+        self.config, self.sink = config, sink
         self.open_writer = open_writer  # (analysis, image shape) -> ResultWriter or None, on the sink thread
         self.on_finished = on_finished
         self.settings = settings
@@ -80,7 +79,7 @@ class RunAnalysis(DocumentRouter):
         self._final: tuple[int, dict] | None = None  # (images, summary) of maps written before the stop
         # OD planes waiting for the sink: one job writes all that queued up, in one request
         self.planes = PlaneQueue(lambda: self.sink.submit(self._write(self.planes.write, "OD planes"),
-                                                          key=settings.run_uid))
+                                                          key=self.result.key))
         self.partials = PartialMapPolicy(config)
         self.valid_pixels = 0
         self.closed = False
@@ -94,7 +93,7 @@ class RunAnalysis(DocumentRouter):
 
     def record_error(self, message: str) -> None:
         message = message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
-        logger.warning("run %s: %s", self.settings.run_uid, message)
+        logger.warning("run %s: %s", self.result.key, message)
         if len(self.result.errors) < MAX_ERRORS:
             self.result.errors.append(message)
         elif len(self.result.errors) == MAX_ERRORS:
@@ -107,13 +106,12 @@ class RunAnalysis(DocumentRouter):
         if entry[0] == 1:
             self.record_error(f"writing {what} to Tiled failed: {entry[1]}")
         else:
-            logger.debug("run %s: writing %s failed again (%d): %s", self.settings.run_uid, what, entry[0], exc)
+            logger.debug("run %s: writing %s failed again (%d): %s", self.result.key, what, entry[0], exc)
 
     def heartbeat(self) -> None:
         """Queue a touch of the result's ``updated_at``: this run is alive (see ``LiveService``)."""
         if not self.closed:
-            self.sink.submit(self._write(lambda writer: writer.update_metadata(), HEARTBEAT),
-                                   key=self.settings.run_uid)
+            self.sink.submit(self._write(lambda writer: writer.update_metadata(), HEARTBEAT), key=self.result.key)
 
     def base_metadata(self) -> dict:
         s = self.settings
@@ -133,7 +131,12 @@ class RunAnalysis(DocumentRouter):
             "refined_fractions": {},
             "models": {},
             "timings": {},
+            **self.field_metadata(),
         }
+
+    def field_metadata(self) -> dict:
+        """``field``: which field of a run imaged at several positions this result is (none for one position)."""
+        return {} if self.result.field is None else {"field": self.result.field}
 
     # -- writer jobs (run on the sink thread) ---------------------------------------------
 
@@ -149,7 +152,7 @@ class RunAnalysis(DocumentRouter):
             except Exception as exc:  # noqa: BLE001 - recorded on the run; it ends failed
                 self.write_failed("the result container", exc)
 
-        self.sink.submit(job, key=self.settings.run_uid)
+        self.sink.submit(job, key=self.result.key)
 
     def _write(self, fn: Callable[[Any], None], what: str) -> Callable[[], None]:
         def job() -> None:
@@ -348,7 +351,7 @@ class RunAnalysis(DocumentRouter):
 
         if final:
             # superseded partial maps are dropped; the summary goes with the final status update
-            if self.sink.cancel_latest(("maps", self.settings.run_uid)):
+            if self.sink.cancel_latest(("maps", self.result.key)):
                 self.partials.busy = False
 
             def final_maps(w) -> None:
@@ -358,7 +361,7 @@ class RunAnalysis(DocumentRouter):
                     w.write_od_planes(start, block)
                 w.write_maps(od_planes=last, **arrays)
 
-            self.sink.submit(self._write(final_maps, "final maps"), key=self.settings.run_uid)
+            self.sink.submit(self._write(final_maps, "final maps"), key=self.result.key)
             return md
 
         def partial_job() -> None:
@@ -376,7 +379,7 @@ class RunAnalysis(DocumentRouter):
                 self.partials.busy = False
 
         self.partials.busy = True
-        self.sink.submit_latest(("maps", self.settings.run_uid), partial_job)
+        self.sink.submit_latest(("maps", self.result.key), partial_job)
         return None
 
     def stop(self, doc: dict) -> None:
@@ -453,7 +456,8 @@ class RunAnalysis(DocumentRouter):
             # last image -> final maps and OD in Tiled; status and timings follow in one update
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
             timings["partial_maps"] = {"written": self.partials.n_written, "last_cost_s": self.partials.cost_s}
-            md = {**summary, "status": final_status, "errors": list(self.result.errors), "n_energies_seen": n}
+            md = {**summary, "status": final_status, "errors": list(self.result.errors), "n_energies_seen": n,
+                  **self.field_metadata()}
             if self.writer is not None and not self._write_final_metadata(md, timings):
                 final_status = md["status"] = "failed"
                 failed_write = True
@@ -463,7 +467,7 @@ class RunAnalysis(DocumentRouter):
             if not self.config.keep_arrays:
                 self.result.arrays = {}  # they are in Tiled; the worker keeps summaries only
 
-        self.sink.submit(final_job, key=s.run_uid)
+        self.sink.submit(final_job, key=self.result.key)
         self.sink.submit(self.result.done.set)
         self.on_finished(self)
 

@@ -5,7 +5,9 @@
 ``phasestream`` block in its start document. Runs from any other plan are analysed when the
 callback has :class:`~phasestream.contract.RunDefaults` (or references): their keys are inferred
 from the primary descriptor (:mod:`phasestream.callbacks.inference`), and a run whose keys cannot
-be inferred gets a ``skipped`` result with the reason (docs/any-plan.md).
+be inferred gets a ``skipped`` result with the reason (docs/any-plan.md). A run imaged at several
+sample positions (a grid scan over energy and position) is split into one result per field,
+``<root>/<run uid>.f<index>`` (:mod:`phasestream.callbacks.fields`, docs/contract.md).
 Per image: OD -> ``PearsonAccumulator.update``; every ``update_every`` images or
 ``update_seconds`` the partial maps are handed to a background :class:`ResultSink` that
 writes them to Tiled (the hot path never waits on HTTP). At stop the final maps, fractions,
@@ -31,6 +33,7 @@ from event_model import RunRouter
 
 from phasestream.callbacks.analysis import RunAnalysis
 from phasestream.callbacks.assets import default_handler_registry
+from phasestream.callbacks.fields import FieldRuns, may_have_fields
 from phasestream.callbacks.inference import KeysNotInferred, infer_block
 from phasestream.callbacks.pending import PendingRun
 from phasestream.callbacks.result import RunResult
@@ -48,6 +51,7 @@ from phasestream.contract import (
     checked_run_origin,
     checked_sample,
 )
+from phasestream.contract.fields import parse_field_key
 from phasestream.kernels import (
     DEFAULT_AMBIGUITY,
     limit_kernel_threads,
@@ -207,6 +211,7 @@ class PhaseMapCallback:
             return ResultWriter(
                 self.client,
                 analysis.settings.run_uid,
+                key=analysis.result.key,
                 root=self.root,
                 shape=shape,
                 phases=list(analysis.references.phases),
@@ -220,7 +225,7 @@ class PhaseMapCallback:
         except ResultExistsError:
             # created meanwhile (another worker, a replayed start): never replaced; recorded there
             analysis.conflict = True
-            self._record_conflict(analysis.settings.run_uid)
+            self._record_conflict(analysis.result.key)
             return None
 
     def _origin(self, uid: str, origin: dict) -> dict:
@@ -229,7 +234,7 @@ class PhaseMapCallback:
         return {**origin, "raw": raw_run_link(self.client, uid, self.raw)}
 
     def _write_failed(self, key, exc: BaseException) -> None:
-        analysis = self.active.get(key) if isinstance(key, str) else None
+        analysis = self._analysis_writing(key) if isinstance(key, str) else None
         if analysis is not None:
             analysis.record_error(f"writing results to Tiled failed: {exc}")
 
@@ -242,11 +247,19 @@ class PhaseMapCallback:
             self._reference_cache[name] = load_document_references(name, folders=self.reference_folders)
         return self._reference_cache[name]
 
-    def _remember(self, result: RunResult) -> None:
-        """Keep ``result`` in :attr:`results`, forgetting the oldest past ``max_results``."""
+    def _analysis_writing(self, key: str) -> RunAnalysis | None:
+        """The open analysis writing result ``key`` (a run uid, or one field's key)."""
+        run = self.active.get((parse_field_key(key) or (key,))[0])
+        return run.by_key(key) if isinstance(run, FieldRuns) else run
+
+    def _remember(self, result: RunResult, previous: str | None = None) -> None:
+        """Keep ``result`` in :attr:`results` under its key (no longer under ``previous``: a run that turned
+        out to have several fields), forgetting the oldest past ``max_results``."""
         with self._lock:
-            self.results[result.uid] = result
-            self.results.move_to_end(result.uid)
+            if previous is not None and self.results.get(previous) is result:
+                del self.results[previous]
+            self.results[result.key] = result
+            self.results.move_to_end(result.key)
             while len(self.results) > self.max_results:
                 self.results.popitem(last=False)
 
@@ -300,8 +313,14 @@ class PhaseMapCallback:
         except (RunSettingsError, OSError, ValueError) as exc:
             self._reject(uid, start, exc)
             return None
-        analysis = RunAnalysis(self.analysis_config(), settings, refs, sink=self.sink, open_writer=self.writer_factory,
+
+        def analysis_of(settings: RunSettings) -> RunAnalysis:
+            return RunAnalysis(self.analysis_config(), settings, refs, sink=self.sink, open_writer=self.writer_factory,
                                on_finished=self._finished)
+
+        # a grid over energy and position: one analysis per field, as the fields appear
+        analysis = FieldRuns(start, settings, analysis_of, on_field=self._remember) if may_have_fields(start) \
+            else analysis_of(settings)
         with self._lock:
             self.active[settings.run_uid] = analysis
         self._remember(analysis.result)
@@ -310,12 +329,12 @@ class PhaseMapCallback:
     def _result_exists(self, uid: str) -> bool:
         """A result of ``uid`` is known here or in Tiled (unknown when Tiled cannot be asked: the
         writer refuses to replace one anyway)."""
-        if uid in self.results:
+        if uid in self.results or f"{uid}.f0" in self.results:
             return True
         if self.client is None:
             return False
         try:
-            return self.root in self.client and uid in self.client[self.root]
+            return self.root in self.client and any(key in self.client[self.root] for key in (uid, f"{uid}.f0"))
         except Exception:  # noqa: BLE001 - Tiled unreachable now: ResultWriter(replace=False) still refuses
             logger.warning("run %s: cannot ask Tiled whether a result exists; going on", uid)
             return False
@@ -326,7 +345,7 @@ class PhaseMapCallback:
                    "ignored (a result is never replaced on behalf of a document; phasestream reprocess "
                    "--replace does it on purpose)")
         logger.error("run %s: %s", uid, message)
-        analysis = self.active.get(uid)
+        analysis = self.active.get(uid) or self._analysis_writing(uid)
         if analysis is not None:
             analysis.record_error(message)
             return
@@ -335,7 +354,9 @@ class PhaseMapCallback:
 
         def job() -> None:
             try:
-                writer = ResultWriter.open(self.client, uid, root=self.root)
+                # a run of several fields has no result of its uid: the note goes on its first field's
+                key = uid if parse_field_key(uid) or uid in self.client[self.root] else f"{uid}.f0"
+                writer = ResultWriter.open(self.client, key, root=self.root)
                 noted = sum(CONFLICT_NOTE in str(e) for e in writer.metadata.get("errors") or [])
                 if noted < MAX_CONFLICT_NOTES:  # a replay flood must not grow the result's metadata
                     writer.record_error(message)
@@ -430,7 +451,8 @@ class PhaseMapCallback:
 
     def _finished(self, analysis: RunAnalysis) -> None:
         with self._lock:
-            self.active.pop(analysis.settings.run_uid, None)
+            if getattr(self.active.get(analysis.settings.run_uid), "closed", True):  # every field of it finished
+                self.active.pop(analysis.settings.run_uid, None)
         if self.on_run_complete is not None:
             result = analysis.result
             self.sink.submit(lambda: self.on_run_complete(result))

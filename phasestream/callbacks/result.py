@@ -12,10 +12,16 @@ __all__ = ["RunResult"]
 
 
 class RunResult:
-    """The in-memory outcome of one analysed run (what was written to Tiled, for callers and tests)."""
+    """The in-memory outcome of one analysed run (what was written to Tiled, for callers and tests).
+
+    ``key`` is the result's key in Tiled: the run uid, or ``<run uid>.f<index>`` for one field of a run
+    imaged at several positions, whose ``field`` is ``{index, count, positions}`` (docs/contract.md).
+    """
 
     def __init__(self, settings: RunSettings):
         self.settings = settings
+        self.key = settings.run_uid
+        self.field: dict | None = None
         self.status = "running"
         self.errors: list[str] = []
         self.energies: list[float] = []

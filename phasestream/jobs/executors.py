@@ -89,6 +89,8 @@ _SEVERITY = (JobStatus.COMPLETE, JobStatus.SKIPPED, JobStatus.PARTIAL, JobStatus
 def run_job(job: Job, context: JobContext) -> JobOutcome:
     """Run the steps of ``job`` here, in order; one outcome whose ``details["steps"]`` holds each step's.
 
+    After a ``reprocess`` step that wrote one result per field (a run imaged at several positions), each
+    later step runs on every field's result (``<uid>.f<index>``), reported as ``"<step> <key>"``.
     ``status`` is ``complete`` when every step completed, else the worst step status (failed, then
     partial, then skipped);
     ``reason`` names each step that did not complete. Exceptions propagate (an executor turns
@@ -98,14 +100,19 @@ def run_job(job: Job, context: JobContext) -> JobOutcome:
     t0 = time.perf_counter()
     steps: dict[str, dict] = {}
     status, reasons, retry = JobStatus.COMPLETE.value, [], ""
+    targets = [job.run_uid]
     for name, options in job.steps:
-        outcome = JOBS[name](context, job.run_uid, dict(options or {}))
-        steps[name] = outcome.as_dict()
-        if not outcome.ok:
-            reasons.append(f"{name} {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
-            retry = retry or outcome.retry
-            if _SEVERITY.index(outcome.status) > _SEVERITY.index(status):
-                status = outcome.status  # a failed step outranks a skipped one, whatever the order
+        for target in targets:
+            outcome = JOBS[name](context, target, dict(options or {}))
+            label = name if target == job.run_uid else f"{name} {target}"
+            steps[label] = outcome.as_dict()
+            if not outcome.ok:
+                reasons.append(f"{label} {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
+                retry = retry or outcome.retry
+                if _SEVERITY.index(outcome.status) > _SEVERITY.index(status):
+                    status = outcome.status  # a failed step outranks a skipped one, whatever the order
+        if name == "reprocess" and outcome.details.get("fields"):
+            targets = list(outcome.details["fields"])  # a run of several fields: later steps work on each one
     return JobOutcome(job.run_uid, "+".join(job.names), status, reason="; ".join(reasons),
                       seconds=round(time.perf_counter() - t0, 3), retry=retry, details={"steps": steps})
 

@@ -8,6 +8,11 @@ live path's, so a reprocessed result equals the live one. Table rows are paired 
 by ``seq_num`` and counted against the stop document's ``num_events`` (Tiled on PostgreSQL may
 return rows out of order; a lost row must not shift the energies of the images after it).
 
+A run imaged at several sample positions gets one result per field (``<root>/<uid>.f<index>``,
+docs/contract.md), as live: :func:`reprocess_results` returns them all, and results of the run that
+the new analysis did not write again (a ``skipped`` result of an earlier analysis, fields that are
+gone) are removed, so that the run's results are always those of one analysis.
+
 Post-scan jobs are plain functions of (tiled uri, run uid, options) so that they run the same
 in-process, on a Dask worker or from the command line: :func:`reprocess`.
 """
@@ -22,11 +27,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+from tiled.queries import Key
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.contract import JobOutcome, RunDefaults, check_raw_path
+from phasestream.contract import RESULT_SPEC, JobOutcome, RunDefaults, Status, check_raw_path
+from phasestream.contract.fields import parse_field_key
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
+from phasestream.store.odstore import external_od_path, remove_od_store
 from phasestream.store.results import ResultExistsError
 from phasestream.store.tiled import open_raw_run
 
@@ -36,6 +44,7 @@ __all__ = [
     "ReprocessOptions",
     "ResultCompleteError",
     "raw_run_documents",
+    "reprocess_results",
     "reprocess_run",
     "run",
 ]
@@ -236,9 +245,25 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
         yield "stop", dict(stop)
 
 
+#: how bad a result status is, to report one status for a run of several fields
+_WORST = {Status.FAILED.value: 3, Status.SKIPPED.value: 2, Status.PARTIAL.value: 1}
+
+
 def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None) -> RunResult:
+    """Recompute the phase maps of one raw run in Tiled (:func:`reprocess_results`); the run's result, or for
+    a run of several fields the one with the worst status (failed, skipped, partial, complete; the first
+    field among equals)."""
+    return _worst(reprocess_results(client, run_uid, options))
+
+
+def _worst(results: dict[str, RunResult]) -> RunResult:
+    return max(results.values(), key=lambda r: _WORST.get(r.status, 0))
+
+
+def reprocess_results(client, run_uid: str, options: ReprocessOptions | None = None) -> dict[str, RunResult]:
     """Recompute the phase maps of one raw run in Tiled (``<raw>/<run_uid>``); results replace
-    ``<root>/<run_uid>`` and link back to the raw run (``raw`` metadata).
+    ``<root>/<run_uid>`` (``<root>/<run_uid>.f<index>`` per field) and link back to the raw run (``raw``
+    metadata). Returns the run's results by key.
 
     Each stream's rows are paired with their image frames by ``seq_num``; when rows, frames and
     the stop document's ``num_events`` disagree, only correctly paired events are analysed and the
@@ -251,14 +276,16 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
     RuntimeError
         when the raw run has no stop document yet and ``require_complete`` is set.
     ResultCompleteError
-        when the run's result is ``complete`` and ``replace`` is not set.
+        when the run's results are all ``complete`` and ``replace`` is not set.
     """
     opts = (options or ReprocessOptions()).validate()
     run = open_raw_run(client, run_uid, opts.raw)
     if opts.require_complete and run.metadata.get("stop") is None:
         raise RuntimeError(f"raw run {run_uid} is not complete in Tiled yet (no stop document); try again later")
-    if not opts.replace and _result_status(client, opts.root, run_uid) == "complete":
-        raise ResultCompleteError(f"run {run_uid} already has a complete result at {opts.root}/{run_uid}: pass "
+    before = _results_of(client, opts.root, run_uid)
+    if not opts.replace and before and all(status == "complete" for status in before.values()):
+        raise ResultCompleteError(f"run {run_uid} already has a complete result at {opts.root}/"
+                                  f"{run_uid if run_uid in before else ', '.join(sorted(before))}: pass "
                                   "--replace (ReprocessOptions.replace) to recompute and replace it")
     folders = opts.reference_folders or tuple(str(f) for f in reference_folders_from_env())
     cb = PhaseMapCallback(client, root=opts.root, backend=opts.backend, references=opts.references,
@@ -273,21 +300,38 @@ def reprocess_run(client, run_uid: str, options: ReprocessOptions | None = None)
         cb.flush(None)
     finally:
         cb.close()
-    result = cb.results.get(run_uid)
-    if result is None:
+    results = {key: result for key, result in cb.results.items() if result.uid == run_uid}
+    if not results:
         raise NoPhasestreamBlockError(
             f"run {run_uid} has no phasestream block in its start document: pass --references R (and --image-key, "
             "--energy-key, --i0-key, --mode where they cannot be inferred) to analyse it (docs/any-plan.md)")
-    logger.info("reprocessed %s: %s", run_uid, result.status)
-    return result
+    _remove_stale(client, opts.root, run_uid, set(before) - set(results))
+    logger.info("reprocessed %s: %s", run_uid, {key: r.status for key, r in results.items()})
+    return results
 
 
-def _result_status(client, root: str, run_uid: str) -> str | None:
-    """The status of the run's result, None when it has none."""
+def _results_of(client, root: str, run_uid: str) -> dict[str, str | None]:
+    """The keys of the run's results (``<uid>``, ``<uid>.f<index>``) and their statuses."""
     try:
-        return client[root][run_uid].metadata.get("status")
+        found = client[root].search(Key("run_uid") == run_uid)
+        return {key: node.metadata.get("status") for key, node in found.items()
+                if key == run_uid or (parse_field_key(key) or ("",))[0] == run_uid}
     except KeyError:
-        return None
+        return {}
+
+
+def _remove_stale(client, root: str, run_uid: str, keys: set[str]) -> None:
+    """Remove the run's results ``keys`` that this analysis did not write again (checked: each key is the
+    run uid or one of its field keys, and the node a PhaseMap result of this run)."""
+    for key in sorted(keys):
+        node = client[root][key]
+        if RESULT_SPEC not in [spec.name for spec in node.specs] or node.metadata.get("run_uid") != run_uid:
+            continue
+        logger.info("run %s: removing its result %s/%s, which the new analysis did not write", run_uid, root, key)
+        stale = external_od_path(node["od"] if "od" in node else None)
+        node.delete(recursive=True, external_only=False)
+        if stale is not None and stale.parent.name == key:  # the OD store's folder of this result
+            remove_od_store(stale, None)
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
@@ -296,10 +340,11 @@ def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
     where = f"--raw {opts.raw} " if opts.raw else ""
     t0 = time.perf_counter()
     try:
-        result = reprocess_run(context.tiled(), run_uid, opts)
+        results = reprocess_results(context.tiled(), run_uid, opts)
     except NoPhasestreamBlockError as exc:
         return JobOutcome(run_uid, "reprocess", "skipped", reason=str(exc), seconds=round(time.perf_counter() - t0, 3),
                           retry=f"phasestream reprocess {where}--references R {run_uid}")
+    result = _worst(results)  # a run of several fields: the field with the worst status speaks for it
     retry = "" if result.status == "complete" else f"phasestream reprocess {where}--replace {run_uid}"
     if result.status == "skipped":
         retry = (f"phasestream reprocess {where}--references {opts.references or 'R'} --image-key K --energy-key E "
@@ -309,4 +354,6 @@ def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
                       seconds=round(time.perf_counter() - t0, 3), retry=retry,
                       details={"status": result.status, "errors": list(result.errors),
                                "phase_fractions": result.metadata.get("phase_fractions", {}),
-                               "options": asdict(opts)})
+                               "options": asdict(opts),
+                               **({"fields": {key: r.status for key, r in results.items()}} if len(results) > 1
+                                  or result.field is not None else {})})

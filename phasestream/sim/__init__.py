@@ -15,6 +15,7 @@ from phasestream.sim.samples import SimulatedSample, flat_field, make_sample
 _LAZY = {
     "TransmissionDetector": "phasestream.sim.devices",
     "HDF5TransmissionDetector": "phasestream.sim.devices",
+    "MosaicDetector": "phasestream.sim.devices",
     "make_energy": "phasestream.sim.devices",
     "read_stream_frame": "phasestream.sim.devices",
     "read_stream_frames": "phasestream.sim.devices",

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlunparse
@@ -67,6 +67,7 @@ __all__ = [
     "MODES",
     "ChoiceSignal",
     "HDF5TransmissionDetector",
+    "MosaicDetector",
     "TransmissionDetector",
     "make_energy",
     "read_stream_frame",
@@ -234,6 +235,35 @@ class TransmissionDetector(Device):
         if self.image_key in desc:
             desc[self.image_key].update(dtype="array", shape=list(self.shape), dtype_numpy=np.dtype(np.uint16).str)
         return desc
+
+
+class MosaicDetector(TransmissionDetector):
+    """:class:`TransmissionDetector` over several fields of view: the sample in the beam is the one at the
+    position nearest to a sample positioner's (a grid scan over energy and position, a mosaic).
+
+    Parameters
+    ----------
+    samples : one sample per field, all of one shape
+    positions : the position (positioner units) of each field
+    position : the sample positioner (``.position``) or signal (``.get()``)
+    energy, **kwargs : as for :class:`TransmissionDetector`; with ``noise=False`` a field's frames are
+        those of a ``TransmissionDetector`` of that field's sample, whatever the order of the scan
+    """
+
+    def __init__(self, samples: Sequence[SimulatedSample], positions: Sequence[float], position: Any, energy: Any,
+                 **kwargs: Any):
+        if len(samples) != len(positions) or not samples:
+            raise ValueError(f"one position per sample: {len(samples)} samples, {len(positions)} positions")
+        if len({tuple(sample.shape) for sample in samples}) != 1:
+            raise ValueError("every field's sample must have the same shape")
+        super().__init__(samples[0], energy, **kwargs)
+        self.samples, self.positions, self.position_source = list(samples), [float(p) for p in positions], position
+
+    def expected_frame(self, energy: float, condition: str = "data") -> np.ndarray:
+        source = self.position_source
+        at = float(source.position if hasattr(source, "position") else source.get())
+        self.sample = self.samples[int(np.argmin([abs(at - p) for p in self.positions]))]
+        return super().expected_frame(energy, condition)
 
 
 class _HDF5FrameWriter:

@@ -159,12 +159,16 @@ def _with_soc(query: RunQuery | Mapping | None, state_of_charge: float | None, t
 
 
 def result_rows(results: dict[str, Container]) -> list[dict]:
-    """One flat dict per result (uid, scan id, sample, state of charge, status, fractions), sorted by SoC then uid."""
+    """One flat dict per result (its key, run uid, field index, scan id, sample, state of charge, status,
+    fractions), sorted by SoC, run uid, then key (the fields of a run in order)."""
     rows = []
     for uid, node in results.items():
         md = node.metadata
+        field = md.get("field") if isinstance(md.get("field"), dict) else {}
         rows.append({
-            "run_uid": uid,
+            "run_uid": md.get("run_uid") or uid,
+            "key": uid,
+            "field": field.get("index"),
             "scan_id": md.get("scan_id"),
             "sample": (md.get("sample") or {}).get("name"),
             "state_of_charge": md.get("state_of_charge"),
@@ -175,7 +179,8 @@ def result_rows(results: dict[str, Container]) -> list[dict]:
             "refined_fractions": dict(md.get("refined_fractions") or {}),
             "n_energies_seen": md.get("n_energies_seen"),
         })
-    return sorted(rows, key=lambda r: (r["state_of_charge"] is None, r["state_of_charge"] or 0.0, r["run_uid"]))
+    return sorted(rows, key=lambda r: (r["state_of_charge"] is None, r["state_of_charge"] or 0.0, r["run_uid"],
+                                       r["field"] or 0, r["key"]))
 
 
 

@@ -67,7 +67,8 @@ def read_snapshot(container, run_uid: str) -> ResultSnapshot:
 
 
 class ResultFollower:
-    """Follow ``<root>/<run_uid>`` in Tiled until its status is final; call ``on_update`` on each new state.
+    """Follow ``<root>/<run_uid>`` (a run of several fields: its first, ``<run_uid>.f0``) in Tiled until its status
+    is final; call ``on_update`` on each new state.
 
     Parameters
     ----------
@@ -153,9 +154,9 @@ class ResultFollower:
                 return None
             if self.mode == "waiting":
                 self._subscribe(results)
-            if self.run_uid not in results:
-                return None
-            return read_snapshot(results[self.run_uid], self.run_uid)
+            # a run imaged at several positions has one result per field: its first field's is followed
+            key = next((k for k in (self.run_uid, f"{self.run_uid}.f0") if k in results), None)
+            return None if key is None else read_snapshot(results[key], self.run_uid)
         except Exception as exc:  # noqa: BLE001 - Tiled restarting, a write in progress: read again later
             logger.warning("run %s: reading the result from Tiled failed (%s); trying again", self.run_uid, exc)
             return None
@@ -188,7 +189,7 @@ class ResultFollower:
         self.mode = "streaming"
 
     def _on_stream_update(self, update) -> None:
-        if getattr(update, "key", None) == self.run_uid:
+        if getattr(update, "key", None) in (self.run_uid, f"{self.run_uid}.f0"):
             self._wake.set()
 
     def _unsubscribe(self) -> None:

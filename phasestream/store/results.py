@@ -1,16 +1,11 @@
 """Phase-map results in Tiled: the result container of docs/contract.md ("Results in Tiled") and its writer.
 
-One container ``<root>/<run uid>`` with specs ``["PhaseMap"]`` holding the arrays of
-``MAP_LAYOUT`` (``phasestream.contract``) and ``od`` (E, Y, X), and the result metadata. Run uids
-and the root are checked before they name a node or a folder; an existing result is replaced only
-when ``replace=True`` is asked for (``phasestream reprocess``), and :meth:`ResultWriter.verify`
-reads the arrays back before a result may be called complete (docs/security.md).
-
-Reading a result back::
-
-    res = client["phasestream"][run_uid]
-    od = res["od"][: res.metadata["n_energies_seen"]]     # (E, Y, X) float32
-    phase = res["phase"].read()                             # (Y, X) int16
+One container ``<root>/<run uid>`` (``<root>/<run uid>.f<index>`` per field of a run imaged at several
+positions) with specs ``["PhaseMap"]`` holding the arrays of ``MAP_LAYOUT`` (``phasestream.contract``)
+and ``od`` (E, Y, X), and the result metadata. Keys and the root are checked before they name a node
+or a folder; an existing result is replaced only when ``replace=True`` is asked for (``phasestream
+reprocess``), and :meth:`ResultWriter.verify` reads the arrays back before a result may be called
+complete (docs/security.md). Reading a result back: docs/contract.md.
 """
 
 from __future__ import annotations
@@ -42,6 +37,7 @@ from phasestream.contract import (
     check_run_uid,
     path_inside,
 )
+from phasestream.contract.fields import check_result_key
 from phasestream.store.odstore import (
     OD_ZARR_CONFIG,
     external_od_path,
@@ -56,7 +52,6 @@ from phasestream.store.tiled import explained_refusal
 __all__ = ["ResultExistsError", "ResultWriter"]
 
 log = logging.getLogger(__name__)
-
 
 
 class ResultExistsError(FileExistsError):
@@ -111,7 +106,8 @@ def _ensure_container(client: Container, path: str) -> Container:
 
 
 class ResultWriter:
-    """Writes one analysed run's results into Tiled, at ``<root>/<run_uid>`` (specs ["PhaseMap"]).
+    """Writes one analysed run's results into Tiled, at ``<root>/<key>`` (specs ["PhaseMap"]); ``key`` is the
+    run uid, or ``<run uid>.f<index>`` for one field of a run imaged at several positions (docs/contract.md).
 
     Synchronous and thread-safe (one lock per writer); meant for a writer thread off the hot path.
 
@@ -136,6 +132,7 @@ class ResultWriter:
     ----------
     client : Tiled client with write access
     run_uid : uid of the raw run the result belongs to
+    key : the result's key (``phasestream.contract.fields.field_key``); default ``run_uid``
     root : key (or path) of the results container, created if missing
     shape : (Y, X) image shape, or None for a run without any usable image (metadata only)
     phases : the K reference phase names, in ``pcc`` order
@@ -159,35 +156,37 @@ class ResultWriter:
         metadata: Mapping[str, Any] | None = None,
         replace: bool = False,
         od_store: str | Path | None = None,
+        key: str | None = None,
     ):
         if n_energies is not None and n_energies < 1:
             raise ValueError(f"n_energies must be >= 1 or None (unknown), got {n_energies}")
         # the uid names a Tiled key and a folder: checked before anything is written or deleted
         run_uid, root = check_run_uid(run_uid), check_result_root(root)
+        self.key = key = run_uid if key is None else check_result_key(key)
         self.run_uid, self.phases = run_uid, list(phases)
         # None: no image arrived (a failed run records its status and errors, no arrays)
         self.shape = None if shape is None else (int(shape[0]), int(shape[1]))
-        self.path = f"{root}/{run_uid}"
+        self.path = f"{root}/{key}"
         self.od_store = None if od_store is None else Path(od_store).resolve()
-        self.od_path = None if od_store is None else path_inside(self.od_store, root, run_uid, "od.zarr")
+        self.od_path = None if od_store is None else path_inside(self.od_store, root, key, "od.zarr")
         self._od_zarr: zarr.Array | None = None
         md = self._initial_metadata(metadata or {})
         with explained_refusal("create", self.path):
             results = _ensure_container(client, root)
-            if run_uid in results:
+            if key in results:
                 if not replace:
                     raise ResultExistsError(
                         f"a result for run {run_uid} already exists at {self.path}: pass replace=True to "
                         "overwrite it, or use ResultWriter.open() to continue it"
                     )
                 log.info("replacing result %s (asked for explicitly)", self.path)
-                existing = results[run_uid]
+                existing = results[key]
                 if RESULT_SPEC not in [spec.name for spec in existing.specs]:
                     raise TypeError(f"{self.path} is not a {RESULT_SPEC} result; refusing to replace it")
                 stale = external_od_path(existing["od"] if "od" in existing else None)
                 existing.delete(recursive=True, external_only=False)
                 remove_od_store(stale, self.od_store)
-            self.container = results.create_container(run_uid, metadata=md, specs=[RESULT_SPEC])
+            self.container = results.create_container(key, metadata=md, specs=[RESULT_SPEC])
         self._lock = threading.Lock()
         self._arrays: dict[str, Any] = {}
         self._planes: set[int] = set()
@@ -218,8 +217,8 @@ class ResultWriter:
 
     @classmethod
     def open(cls, client: Container, run_uid: str, root: str = "phasestream") -> ResultWriter:
-        """Reopen the existing result of ``run_uid`` to go on writing it."""
-        path = f"{check_result_root(root)}/{check_run_uid(run_uid)}"
+        """Reopen the existing result ``<root>/<run_uid>`` (a run uid, or a field's key) to go on writing it."""
+        path = f"{check_result_root(root)}/{check_result_key(run_uid)}"
         try:
             container = client[path]
         except KeyError as error:
@@ -228,7 +227,8 @@ class ResultWriter:
             raise TypeError(f"{path} is not a {RESULT_SPEC} result (specs {list(container.specs)})")
         self = cls.__new__(cls)
         md = container.metadata
-        self.run_uid, self.path, self.container = run_uid, path, container
+        self.run_uid = self.key = run_uid  # what names it again (a retry command): a field's key for a field
+        self.path, self.container = path, container
         self.shape = None if md.get("image_shape") is None else tuple(md["image_shape"])
         self.phases = list(md["references"]["phases"])
         self._lock = threading.Lock()

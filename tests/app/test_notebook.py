@@ -4,8 +4,10 @@ RunEngine scans, in-process and following a real ``phasestream serve`` worker th
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from bluesky.plans import list_grid_scan
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from ophyd.sim import SynAxis
 
 from phasestream.app.figures import phase_rgb
 from phasestream.app.live import ServeProcess
@@ -19,7 +21,7 @@ from phasestream.kernels import (
     phase_fractions,
 )
 from phasestream.references import load_references, select_energies
-from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.sim import MosaicDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.follow import ResultFollower
 from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import DocumentPublisher
@@ -158,3 +160,20 @@ def test_a_start_uid_that_is_no_run_uid_never_names_a_tiled_key(tiled_client):
     assert "not analysed" in local.figure.get_suptitle()
     with pytest.raises(ValueError, match="run uid"):
         ResultFollower(tiled_client, "..", lambda s: None)
+
+
+def test_in_process_view_of_a_grid_scan_shows_its_first_field():
+    """A run imaged at several positions has one result per field (docs/contract.md, "Fields"): the first is drawn."""
+    RE = RunEngine({})
+    live = LivePhaseMap(figure=agg_figure(), backend="numpy", display=False)
+    RE.subscribe(live)
+    energy, x = make_energy(), SynAxis(name="sample_x")
+    samples = [make_sample(SHAPE, state_of_charge=soc, seed=seed, n_particles=2) for seed, soc in ((4, 1.2), (5, 2.6))]
+    det = MosaicDetector(samples, [0.0, 1.0], x, energy, i0=8000.0, noise=False)
+    md = {"phasestream": {"references": "nvpf-synthetic", "image_key": det.image_key, "energy_key": "energy"}}
+    (uid,) = RE(list_grid_scan([det], energy, ENERGIES, x, [0.0, 1.0], md=md))
+    live.close()
+    snap = live.snapshot
+    assert snap.run_uid == uid and snap.status == "complete" and snap.n_energies_seen == len(ENERGIES)
+    assert snap.metadata["field"] == {"index": 0, "count": 2, "positions": {"sample_x": 0.0}}
+    assert samples[0].accuracy(snap.arrays["phase"]) > 0.9

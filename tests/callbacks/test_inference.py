@@ -67,12 +67,16 @@ def test_ambiguous_keys_skip_the_run_naming_the_option():
     assert result.status == "skipped"
     assert "--energy-key" in result.errors[0] and "'energy'" in result.errors[0] and "'sample_x'" in result.errors[0]
     assert not result.arrays and not cb.active and not cb.pending
-    # with the option the same run is analysed (the grid's repeated energies are duplicates, recorded)
+    # with the option the same run is analysed: one result per position of sample_x (tests/callbacks/test_fields.py)
     cb = PhaseMapCallback(defaults=RunDefaults("nvpf-synthetic", energy_key="energy"), backend="numpy")
     for name, doc in docs:
         cb(name, doc)
     cb.flush()
-    assert cb.results[docs[0][1]["uid"]].settings.keys_from["energy_key"] == "option"
+    uid = docs[0][1]["uid"]
+    assert sorted(cb.results) == [f"{uid}.f0", f"{uid}.f1"]
+    for result in cb.results.values():
+        assert result.settings.keys_from["energy_key"] == "option"
+        assert result.status == "complete" and len(result.energies) == 2, result.errors
 
 
 def test_infer_block_rules():

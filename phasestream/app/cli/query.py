@@ -33,16 +33,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_rows(rows: list[dict]) -> None:
-    """One line per result: run, scan, state of charge, status, phase fractions, ambiguous fraction."""
+    """One line per result: run (``.f<index>`` for a field of a run imaged at several positions), scan, state of
+    charge, status, phase fractions, ambiguous fraction."""
     if not rows:
         print("no results")
         return
     phases = rows[0]["phases"]
-    header = f"{'run uid':<10} {'scan':>5} {'SoC':>5} {'status':<9}"
+    header = f"{'run uid':<13} {'scan':>5} {'SoC':>5} {'status':<9}"
     print(header + "".join(f"{p:>8}" for p in phases) + f"{'ambig':>8}")
     for r in rows:
         fr = "".join(f"{100 * r['phase_fractions'].get(p, 0.0):7.1f}%" for p in phases)
         amb = r["ambiguous_fraction"]
         soc = r["state_of_charge"]
-        print(f"{r['run_uid'][:8]:<10} {r['scan_id'] or '':>5} {'' if soc is None else f'{soc:.2f}':>5} "
+        run = r["run_uid"][:8] + ("" if r.get("field") is None else f".f{r['field']}")
+        print(f"{run:<13} {r['scan_id'] or '':>5} {'' if soc is None else f'{soc:.2f}':>5} "
               f"{r['status'] or '':<9}{fr}{'' if amb is None else f'{100 * amb:7.1f}%':>8}")

@@ -177,6 +177,8 @@ OD_DTYPE = np.dtype("float32")
 RUN_UID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 #: One key of the results root (``phasestream`` or ``beamline/phasestream``).
 _ROOT_KEY = RUN_UID_PATTERN
+#: the end of a field's result key (``<run uid>.f<index>``): no run uid ends so (it could take a field's key)
+_FIELD_SUFFIX = re.compile(r"\.f[0-9]+$")
 
 DEFAULT_MAX_NUM_POINTS = 10_000
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
@@ -209,6 +211,11 @@ def check_run_uid(uid: Any) -> str:
         raise InvalidIdentifierError(
             f"run uid {_shown(uid)} refused: a uid is 1-128 letters, digits, '.', '_' or '-', not starting "
             "with '.' (event-model uids are UUIDs)"
+        )
+    if _FIELD_SUFFIX.search(uid) is not None:
+        raise InvalidIdentifierError(
+            f"run uid {_shown(uid)} refused: it ends like the result key of a field of another run "
+            "('<run uid>.f<index>', docs/contract.md, Fields)"
         )
     return uid
 
