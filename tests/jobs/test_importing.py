@@ -98,9 +98,9 @@ def test_an_imported_stack_analyses_to_the_phase_map_of_the_same_scan_taken_live
     cases = {
         "copied": (_stack(frames, mode, tmp_path / f"{mode}.npy"), "copied"),
         "hdf5 in readable storage": (_stack(frames, mode, detector_files / f"{mode}.h5", hdf5=True), "external"),
-        # the server may not read this folder: it refuses the file, the images are written into Tiled
-        "hdf5 elsewhere": (_stack(frames, mode, tmp_path / f"{mode}.h5", hdf5=True), "copied"),
     }
+    if mode == "stxm":  # the server may not read this folder: it refuses the file, the images go into Tiled
+        cases["hdf5 elsewhere"] = (_stack(frames, mode, tmp_path / f"{mode}.h5", hdf5=True), "copied")
     for case, (stack, images) in cases.items():
         outcome = import_stack(client, stack, ImportOptions())
         assert outcome.status == "complete", (case, outcome.reason)
