@@ -1,5 +1,75 @@
-"""Facility STXM/TXM file readers: each turns a file into an :class:`ImportedStack`."""
+"""Facility STXM/TXM file readers: each turns a file into an :class:`ImportedStack`.
 
+:func:`read_stack` picks the reader from the file (or ``format=``); the readers themselves are
+``read_<format>`` in the module of that name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from phasestream.formats.axis2000 import read_axis2000
+from phasestream.formats.detect import detect_format
+from phasestream.formats.nxstxm import read_nxstxm
+from phasestream.formats.pyxas import read_pyxas
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, sha256_of
+from phasestream.formats.tiff import read_tiff
+from phasestream.formats.xrm import read_xrm
 
-__all__ = ["FormatError", "HDF5Source", "ImportedStack", "sha256_of"]
+__all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "detect_format", "read_stack", "sha256_of"]
+
+_READERS: dict[str, Callable[..., ImportedStack]] = {
+    "tiff": read_tiff,
+    "nxstxm": read_nxstxm,
+    "pyxas": read_pyxas,
+    "axis2000": read_axis2000,
+    "xrm": read_xrm,
+}
+#: Reader names :func:`read_stack` accepts as ``format=``.
+FORMATS: tuple[str, ...] = tuple(_READERS)
+# readers whose files do not say whether the images are STXM or TXM: they take mode=
+_MODE_FREE = ("tiff",)
+
+
+def read_stack(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    energies: Sequence[float] | np.ndarray | str | Path | None = None,
+    mode: str | None = None,
+) -> ImportedStack:
+    """Read one energy stack from a facility file.
+
+    Parameters
+    ----------
+    path : the file (or folder, for a folder of TIFFs)
+    format : one of :data:`FORMATS`; detected from the name and content when None
+    energies : (E,) energies in eV or an energy file: required by formats without energies
+        (TIFF; found beside the file when None), else they replace the file's energies
+        (same count)
+    mode : ``"stxm"`` or ``"txm"`` for formats that do not say (TIFF, default ``"stxm"``);
+        for the others it must agree with the file
+
+    Returns
+    -------
+    ImportedStack (images (E, Y, X), energies (E,) eV, provenance).
+
+    Raises
+    ------
+    FormatError
+        unknown format, a file that cannot be read, or a stack that is not consistent.
+    """
+    path = Path(path)
+    name = detect_format(path) if format is None else format.lower()
+    reader = _READERS.get(name)
+    if reader is None:
+        raise FormatError(path, f"no reader for format {name!r}; known: {', '.join(FORMATS)}")
+    if name in _MODE_FREE:
+        return reader(path, energies=energies, mode=mode or "stxm")
+    stack = reader(path, energies=energies)
+    if mode is not None and mode != stack.mode:
+        raise FormatError(path, f"a {name} file holds a {stack.mode} stack, not {mode}")
+    return stack

@@ -15,9 +15,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FormatError", "ImportedStack", "HDF5Source", "sha256_of"]
+__all__ = [
+    "MAX_STACK_BYTES",
+    "MODES",
+    "FormatError",
+    "HDF5Source",
+    "ImportedStack",
+    "check_stack_size",
+    "intensity_dtype",
+    "sha256_of",
+]
 
 MODES = ("stxm", "txm")
+
+#: Largest stack (images, as read) a reader allocates: a header that promises more is refused before
+#: any array is made. 16 GiB is far beyond a STXM/TXM energy stack (E ~ 100-500, 2048 x 2048 float32
+#: is 2-8 GiB) and below what a header with corrupt sizes asks for.
+MAX_STACK_BYTES = 16 * 2**30
 
 
 class FormatError(ValueError):
@@ -51,7 +65,7 @@ class ImportedStack:
     ----------
     source : the file (or folder, for a folder of TIFFs) the stack came from
     format : reader name (``"nxstxm"``, ``"axis2000"``, ``"tiff"``, ``"pyxas"``, ``"xrm"``)
-    energies : (E,) float64, eV, in acquisition order
+    energies : (E,) float64, eV, in acquisition order: finite and distinct (not necessarily increasing)
     images : (E, Y, X) float32 or float64: transmitted counts (STXM) or sample-in images (TXM)
     mode : ``"stxm"`` or ``"txm"``
     i0 : None, (E,) or (E, Y, X): incident flux for STXM (counts per pixel in the open beam)
@@ -60,6 +74,10 @@ class ImportedStack:
         plain JSON values only
     files : every file read, for provenance; ``sha256`` is over them in this order
     hdf5 : where the images lie in HDF5, when they do (see :class:`HDF5Source`)
+    monitor : None, (E,) or (E, Y, X): a flux monitor recorded with the images (NXstxm
+        ``control``: usually the storage-ring current). Relative, not an I0: it corrects
+        flux changes between points (divide the images by ``monitor / median(monitor)``); the
+        absolute I0 still comes from the open beam
     """
 
     source: Path
@@ -73,6 +91,7 @@ class ImportedStack:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
     hdf5: HDF5Source | None = None
+    monitor: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         energies = np.asarray(self.energies, dtype=np.float64)
@@ -80,6 +99,9 @@ class ImportedStack:
             raise FormatError(self.source, f"energies must be a non-empty list, got shape {energies.shape}")
         if not np.all(np.isfinite(energies)):
             raise FormatError(self.source, "energies contain NaN or inf")
+        unique, counts = np.unique(energies, return_counts=True)
+        if np.any(counts > 1):
+            raise FormatError(self.source, f"duplicate energies (eV): {unique[counts > 1].tolist()}")
         images = self.images
         if images.ndim != 3:
             raise FormatError(self.source, f"images must be (energy, y, x), got shape {images.shape}")
@@ -98,6 +120,35 @@ class ImportedStack:
     def sha256(self) -> str:
         """SHA-256 over the bytes of every file read, in order: the identity of an import."""
         return sha256_of(self.files)
+
+
+def check_stack_size(path: str | Path, shape: tuple[int, ...], dtype, limit: int = MAX_STACK_BYTES) -> None:
+    """Refuse a stack of ``shape`` and ``dtype`` larger than ``limit`` bytes, before allocating it.
+
+    Raises :class:`FormatError` naming ``path`` for a negative size or one over the limit.
+    """
+    if any(int(n) < 0 for n in shape):
+        raise FormatError(path, f"negative image size {tuple(shape)}")
+    nbytes = int(np.dtype(dtype).itemsize)
+    for n in shape:
+        nbytes *= int(n)
+    if nbytes > limit:
+        raise FormatError(
+            path,
+            f"a stack of shape {tuple(int(n) for n in shape)} ({np.dtype(dtype)}) is {nbytes / 2**30:.1f} GiB, "
+            f"over the {limit / 2**30:.0f} GiB bound of a reader (corrupt header?)",
+        )
+
+
+def intensity_dtype(path: str | Path, dtype) -> np.dtype:
+    """The float type images of ``dtype`` are returned in: float32 for 8/16-bit integers and
+    float32 (exact), float64 for wider integers and float64. Refuses non-numeric types."""
+    dtype = np.dtype(dtype)
+    if (dtype.kind in "ui" and dtype.itemsize <= 2) or dtype == np.float32:
+        return np.dtype(np.float32)
+    if dtype.kind in "uif" and dtype.itemsize <= 8:
+        return np.dtype(np.float64)
+    raise FormatError(path, f"pixel type {dtype} is not an intensity (integer or float)")
 
 
 def sha256_of(paths) -> str:

@@ -1,0 +1,68 @@
+"""Which reader a file needs: by its name, else by its first bytes and, for HDF5, by its content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+
+from phasestream.formats.hdf5util import open_hdf5
+from phasestream.formats.nxstxm import nxstxm_entries
+from phasestream.formats.stack import FormatError
+
+__all__ = ["HDF5_SUFFIXES", "detect_format", "hdf5_flavour"]
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".nx", ".cxi")
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def hdf5_flavour(path: str | Path) -> str:
+    """``"nxstxm"`` for a NeXus file with an NXstxm entry, ``"pyxas"`` for PyXAS's layout.
+
+    Raises :class:`FormatError` for an unreadable HDF5 file or one that is neither.
+    """
+    path = Path(path)
+    with open_hdf5(path) as handle:
+        if nxstxm_entries(handle):
+            return "nxstxm"
+        if isinstance(handle.get("img_xanes"), h5py.Dataset) and isinstance(handle.get("X_eng"), h5py.Dataset):
+            return "pyxas"
+        keys = sorted(handle)[:20]
+    raise FormatError(
+        path,
+        f"HDF5 file is neither NeXus NXstxm (an NXentry with definition 'NXstxm') nor PyXAS "
+        f"(img_xanes and X_eng); top-level keys: {keys}",
+    )
+
+
+def detect_format(path: str | Path) -> str:
+    """The reader name for ``path``: ``tiff``, ``nxstxm``, ``pyxas``, ``axis2000`` or ``xrm``.
+
+    A folder is a folder of TIFFs. A file is known by its suffix (``.tif``, ``.hdr``,
+    ``.xrm`` / ``.txrm``, HDF5 suffixes), else by its first bytes; an HDF5 file is told
+    apart by content (:func:`hdf5_flavour`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "tiff"
+    if not path.is_file():
+        raise FormatError(path, "no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        return "tiff"
+    if suffix == ".hdr":
+        return "axis2000"
+    if suffix in (".xrm", ".txrm"):
+        return "xrm"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if suffix in HDF5_SUFFIXES or head == _HDF5_MAGIC:
+        return hdf5_flavour(path)
+    if head[:4] in _TIFF_MAGICS:
+        return "tiff"
+    if head == _OLE_MAGIC:
+        return "xrm"
+    raise FormatError(path, f"unknown stack format (suffix {suffix!r}); pass format= one of the known formats")

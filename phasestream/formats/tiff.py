@@ -1,0 +1,217 @@
+"""TIFF energy stacks: one multi-page TIFF, or a folder of single-image TIFFs, plus an energy list.
+
+TIFF carries no energies, so they come from ``energies=`` (a sequence in eV, or an energy file,
+see :mod:`phasestream.formats.energies`) or, when that is not given, from a file found beside
+the images: ``<stem>.txt`` or ``energies.txt`` next to a multi-page TIFF, ``energies.txt``
+inside a folder of TIFFs.
+
+A multi-page file gives one energy per page (2-D greyscale pages of one shape). A folder gives
+one energy per ``*.tif`` / ``*.tiff`` file, in natural name order (``img_2.tif`` before
+``img_10.tif``); hidden files (``.*``) are skipped. Pages with several samples per pixel (RGB,
+or a stack written by ``tifffile.imwrite`` without ``photometric="minisblack"``) are refused.
+Images are returned as float32 (8/16-bit integers and float32) or float64 (wider types).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from phasestream.formats.energies import load_energies
+from phasestream.formats.stack import MODES, FormatError, ImportedStack, check_stack_size, intensity_dtype
+
+__all__ = ["TIFF_SUFFIXES", "find_energy_file", "natural_key", "read_tiff", "tiff_files"]
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+# what tifffile raises on a truncated or corrupt file; zlib.error and RuntimeError (imagecodecs'
+# codec errors) come from compressed data that does not decode
+_TIFF_ERRORS = (
+    tifffile.TiffFileError,
+    ValueError,
+    OSError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    zlib.error,
+    RuntimeError,
+)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: ``a_2`` before ``a_10``."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name))
+
+
+def tiff_files(folder: str | Path) -> list[Path]:
+    """The TIFF files of ``folder`` (not recursive, no hidden files), in natural name order."""
+    folder = Path(folder)
+    files = [
+        p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    ]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def find_energy_file(path: str | Path) -> Path | None:
+    """The energy file that goes with a TIFF file or folder, if there is one (see module doc)."""
+    path = Path(path)
+    candidates = [path / "energies.txt"] if path.is_dir() else [path.with_suffix(".txt"), path.parent / "energies.txt"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _page_shape(path: Path, page, index: int) -> tuple[int, int]:
+    if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
+        raise FormatError(
+            path,
+            f"page {index} has shape {page.shape} (axes {page.axes}): expected one 2-D greyscale image per energy "
+            "(write stacks with photometric='minisblack')",
+        )
+    return tuple(int(n) for n in page.shape)
+
+
+def _ifd_chain_ends(tif: tifffile.TiffFile) -> bool:
+    """True when the last page tifffile found ends the IFD chain (next-IFD offset 0).
+
+    tifffile stops at a broken chain with a logged error and fewer pages; a truncated file then
+    looks like a shorter stack unless the chain is checked.
+    """
+    fmt = tif.tiff
+    handle = tif.filehandle
+    offset = tif.pages[-1].offset
+    handle.seek(offset)
+    raw = handle.read(fmt.tagnosize)
+    if len(raw) < fmt.tagnosize:
+        return False
+    (count,) = struct.unpack(fmt.tagnoformat, raw)
+    handle.seek(offset + fmt.tagnosize + count * fmt.tagsize)
+    raw = handle.read(fmt.offsetsize)
+    return len(raw) == fmt.offsetsize and struct.unpack(fmt.offsetformat, raw)[0] == 0
+
+
+def _read_multipage(path: Path) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = tif.pages
+            pages.useframes = False
+            count = len(pages)
+            if count == 0:
+                raise FormatError(path, "TIFF file has no image")
+            if not _ifd_chain_ends(tif):
+                raise FormatError(path, f"truncated or corrupt TIFF: the page list breaks off after {count} page(s)")
+            first = pages[0]
+            shape = _page_shape(path, first, 0)
+            dtype = intensity_dtype(path, first.dtype)
+            check_stack_size(path, (count, *shape), dtype)
+            for index in range(1, count):
+                page = pages[index]
+                if _page_shape(path, page, index) != shape:
+                    raise FormatError(path, f"page {index} has shape {page.shape}, page 0 has {shape}")
+            data = tif.asarray(key=range(count)) if count > 1 else first.asarray()[np.newaxis]
+    except FormatError:
+        raise
+    except _TIFF_ERRORS as error:
+        raise FormatError(
+            path,
+            f"cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
+            f"{type(error).__name__}: {error}",
+        ) from None
+    return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False)
+
+
+def _read_folder(folder: Path, files: list[Path]) -> np.ndarray:
+    images: np.ndarray | None = None
+    shape: tuple[int, int] = (0, 0)
+    for index, path in enumerate(files):
+        try:
+            with tifffile.TiffFile(path) as tif:
+                if len(tif.pages) != 1:
+                    raise FormatError(path, f"{len(tif.pages)} pages in one file of a folder stack (expected 1)")
+                if not _ifd_chain_ends(tif):
+                    raise FormatError(path, "truncated or corrupt TIFF: its page list does not end")
+                page = tif.pages[0]
+                page_shape = _page_shape(path, page, 0)
+                if images is None:
+                    shape = page_shape
+                    dtype = intensity_dtype(path, page.dtype)
+                    check_stack_size(folder, (len(files), *shape), dtype)
+                    images = np.empty((len(files), *shape), dtype=dtype)
+                elif page_shape != shape:
+                    raise FormatError(path, f"image shape {page_shape} differs from {shape} of {files[0].name}")
+                elif intensity_dtype(path, page.dtype).itemsize > images.dtype.itemsize:
+                    images = images.astype(np.float64)
+                images[index] = page.asarray()
+        except FormatError:
+            raise
+        except _TIFF_ERRORS as error:
+            raise FormatError(
+                path,
+                f"cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
+                f"{type(error).__name__}: {error}",
+            ) from None
+    assert images is not None
+    return images
+
+
+def read_tiff(
+    path: str | Path,
+    *,
+    energies: Sequence[float] | np.ndarray | str | Path | None = None,
+    mode: str = "stxm",
+) -> ImportedStack:
+    """Read a TIFF energy stack (multi-page file or folder of TIFFs).
+
+    Parameters
+    ----------
+    path : a ``.tif`` / ``.tiff`` file (one page per energy) or a folder of TIFFs (one per energy)
+    energies : (E,) energies in eV, or an energy file; found beside the images when None
+    mode : ``"stxm"`` (images are transmitted counts; I0 is estimated later) or ``"txm"``
+
+    Returns
+    -------
+    ImportedStack with images (E, Y, X) float32/float64, energies (E,) eV, ``files`` the
+    TIFF files read then the energy file (if one was read).
+
+    Raises
+    ------
+    FormatError
+        missing path or energies, a corrupt or truncated TIFF, mixed image shapes, or a number
+        of images different from the number of energies.
+    """
+    path = Path(path)
+    if mode not in MODES:
+        raise FormatError(path, f"mode must be one of {MODES}, got {mode!r}")
+    if path.is_dir():
+        files = tiff_files(path)
+        if not files:
+            raise FormatError(path, f"no TIFF files ({', '.join(TIFF_SUFFIXES)}) in this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FormatError(path, "no such file or folder")
+    energy_file: Path | None = None
+    if energies is None:
+        energy_file = find_energy_file(path)
+        if energy_file is None:
+            where = "energies.txt in the folder" if path.is_dir() else f"{path.stem}.txt or energies.txt beside it"
+            raise FormatError(path, f"TIFF has no energies: pass energies= (eV or an energy file) or put {where}")
+        energies = energy_file
+    elif isinstance(energies, str | Path):
+        energy_file = Path(energies)
+    values = load_energies(energies, path)
+    if path.is_dir() and len(files) != values.size:
+        raise FormatError(path, f"{len(files)} TIFF files for {values.size} energies")
+    images = _read_folder(path, files) if path.is_dir() else _read_multipage(path)
+    if images.shape[0] != values.size:
+        raise FormatError(path, f"{images.shape[0]} images (pages) for {values.size} energies")
+    provenance = tuple(files) + ((energy_file,) if energy_file is not None else ())
+    metadata = {"image_files": [f.name for f in files]} if path.is_dir() else {}
+    return ImportedStack(
+        source=path, format="tiff", energies=values, images=images, mode=mode, metadata=metadata, files=provenance
+    )

@@ -1,0 +1,199 @@
+"""aXis2000 / SDF stacks: .hdr headers and .xim images written here from the format's
+description (MANTiS's SDF plugin, mantis_xray/file_plugins/file_sdf.py of
+mlerotic/spectromicroscopy, and a MAXYMUS header in stonerlab/Stoner-PythonCode sample-data:
+structures in braces, count-prefixed Points arrays, one tab-separated text row per QAxis point,
+<stem>_a000.xim ... per energy), read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phasestream.formats import FormatError, read_stack
+from phasestream.formats.axis2000 import parse_hdr, read_axis2000
+
+ENERGIES = np.array([705.0, 707.5, 708.25, 710.0])
+X = -75.523 + 0.0333 * np.arange(5)  # PAxis, columns
+Y = 2680.228 + 0.0333 * np.arange(3)  # QAxis, rows
+
+
+def _points(values) -> str:
+    return "(" + ", ".join([str(len(values))] + [f"{v:.3f}" for v in values]) + ")"
+
+
+def _header(
+    stem: str,
+    energies=ENERGIES,
+    x=X,
+    y=Y,
+    *,
+    flags="Image Stack",
+    scan_type="NEXAFS Image Scan",
+    stack_name="Energy",
+    regions=1,
+    extra="",
+) -> str:
+    region = (
+        '{\n\t\t\tPAxis = { Name = "Sample X"; Unit = "um"; Min = 0; Max = 1; Dir = 1;\n'
+        f"\t\t\t\tPoints = {_points(x)};\n}};\n\n"
+        '\t\t\tQAxis = { Name = "Sample Y"; Unit = "um"; Min = 0; Max = 1; Dir = 1;\n'
+        f"\t\t\t\tPoints = {_points(y)};\n}};\n}}"
+    )
+    return (
+        f'\nScanDefinition = {{ Label = "{stem}.hdr"; Type = "{scan_type}"; Flags = "{flags}"; Dwell = 1.2;\n'
+        f"\tRegions = ({regions},\n" + ",\n".join([region] * regions) + ");\n\n"
+        f'\tStackAxis = {{ Name = "{stack_name}"; Unit = "eV"; Min = 0; Max = 1; Dir = 1;\n'
+        f"\t\tPoints = {_points(energies)};\n}};\n\n"
+        '\tChannels = (2,\n{ Name = "PMT"; Unit = "counts";},\n{ Name = "Diode"; Unit = "counts";});\n};\n'
+        ' Time = "2026 November 30 10:00:00"; BeamFeedback = false; ShutterAutomatic = true;\n'
+        "StorageRingCurrent = 297; " + extra + "\n"
+    )
+
+
+def _xim(image: np.ndarray) -> str:
+    return "".join("".join(f"{int(v)}\t" for v in row) + "\n" for row in image)
+
+
+def _write_stack(folder: Path, stem="Sample_001", n=4, channel="a", seed=5) -> tuple[Path, np.ndarray]:
+    images = np.random.default_rng(seed).integers(1000, 20000, size=(n, Y.size, X.size))
+    header = folder / f"{stem}.hdr"
+    header.write_text(_header(stem))
+    for i, image in enumerate(images):
+        (folder / f"{stem}_{channel}{i:03d}.xim").write_text(_xim(image))
+    return header, images
+
+
+def test_stack_reads_back(tmp_path):
+    header, images = _write_stack(tmp_path)
+    stack = read_stack(header)  # .hdr -> axis2000
+    assert stack.format == "axis2000" and stack.mode == "stxm"
+    np.testing.assert_array_equal(stack.images, images.astype(np.float64))
+    np.testing.assert_allclose(stack.energies, ENERGIES)
+    assert stack.files == (header, *(tmp_path / f"Sample_001_a{i:03d}.xim" for i in range(4)))
+    meta = stack.metadata
+    assert meta["dwell_ms"] == 1.2 and meta["channel"] == "PMT" and meta["label"] == "Sample_001.hdr"
+    assert meta["pixel_size_x_um"] == pytest.approx(0.0333, abs=1e-3)
+    assert meta["start_time"] == "2026 November 30 10:00:00"
+
+
+def test_second_channel_and_energy_override(tmp_path):
+    header, _ = _write_stack(tmp_path)
+    _, diode = _write_stack(tmp_path, channel="b", seed=9)
+    np.testing.assert_array_equal(read_axis2000(header, channel="Diode").images, diode)
+    np.testing.assert_array_equal(read_axis2000(header, channel=1).images, diode)
+    stack = read_axis2000(header, energies=[1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(stack.energies, [1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(FormatError, match="no channel 'APD'"):
+        read_axis2000(header, channel="APD")
+
+
+def test_parse_hdr_structures_and_arrays(tmp_path):
+    header = tmp_path / "h.hdr"
+    header.write_text(_header("h", extra="ImageScan = { EnergyRegions = (1,\n{ StartEnergy = 708; Points = 1;}); };"))
+    parsed = parse_hdr(header)
+    scan = parsed["ScanDefinition"]
+    assert scan["Dwell"] == 1.2 and scan["Flags"] == "Image Stack"
+    assert scan["Regions"][0] == 1 and scan["Regions"][1]["PAxis"]["Points"][0] == 5
+    assert scan["StackAxis"]["Points"][1:] == pytest.approx(list(ENERGIES))
+    assert scan["Channels"][2]["Name"] == "Diode"
+    assert parsed["BeamFeedback"] == "false" and parsed["StorageRingCurrent"] == 297
+    assert parsed["ImageScan"]["EnergyRegions"][1]["StartEnergy"] == 708
+
+
+def test_single_image(tmp_path):
+    header = tmp_path / "img.hdr"
+    text = _header(
+        "img", flags="Image", extra="ImageScan = { EnergyRegions = (1,\n{ StartEnergy = 708.5; Points = 1;}); };"
+    )
+    header.write_text(text)
+    image = np.arange(15).reshape(3, 5) + 100
+    (tmp_path / "img_a.xim").write_text(_xim(image))
+    stack = read_axis2000(header)
+    np.testing.assert_array_equal(stack.images, image[np.newaxis])
+    np.testing.assert_array_equal(stack.energies, [708.5])
+
+
+def test_missing_xim(tmp_path):
+    header, _ = _write_stack(tmp_path)
+    (tmp_path / "Sample_001_a002.xim").unlink()
+    with pytest.raises(FormatError, match=r"lists 4 energies but 3 .*missing: \['Sample_001_a002.xim'\]") as info:
+        read_axis2000(header)
+    assert info.value.path == str(header)
+
+
+def test_more_xim_than_energies(tmp_path):
+    header, _ = _write_stack(tmp_path)
+    (tmp_path / "Sample_001_a004.xim").write_text(_xim(np.ones((3, 5))))
+    with pytest.raises(FormatError, match="lists 4 energies but 5"):
+        read_axis2000(header)
+
+
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        (np.ones((2, 5)), r"2 rows of \[5\] values; the header says 3 rows"),
+        (np.ones((3, 6)), r"3 rows of \[6\] values"),
+    ],
+)
+def test_wrong_image_size(tmp_path, image, problem):
+    header, _ = _write_stack(tmp_path)
+    bad = tmp_path / "Sample_001_a001.xim"
+    bad.write_text(_xim(image))
+    with pytest.raises(FormatError, match=problem) as info:
+        read_axis2000(header)
+    assert info.value.path == str(bad)
+
+
+def test_ragged_and_non_numeric_images(tmp_path):
+    header, _ = _write_stack(tmp_path)
+    bad = tmp_path / "Sample_001_a003.xim"
+    bad.write_text("1\t2\t3\t4\t5\n1\t2\t3\n1\t2\t3\t4\t5\n")
+    with pytest.raises(FormatError, match=r"\[3, 5\] values"):
+        read_axis2000(header)
+    bad.write_text("1\t2\t3\t4\t5\n1\t2\tx\t4\t5\n1\t2\t3\t4\t5\n")
+    with pytest.raises(FormatError, match="not numbers"):
+        read_axis2000(header)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"flags": "Spectra", "scan_type": "NEXAFS Point Scan"}, "is not an image stack"),
+        ({"regions": 2}, "2 regions: only single-region"),
+        ({"stack_name": "MagnetField"}, "stack axis is 'MagnetField', not Energy"),
+        ({"energies": [705.0, 705.0, 708.0, 710.0]}, "duplicate energies"),
+        ({"energies": [-2.0, -1.0, 1.0, 2.0]}, "photon energies are > 0 eV"),
+    ],
+)
+def test_bad_headers(tmp_path, kwargs, problem):
+    header, _ = _write_stack(tmp_path)
+    header.write_text(_header("Sample_001", **kwargs))
+    with pytest.raises(FormatError, match=problem) as info:
+        read_axis2000(header)
+    assert info.value.path == str(header)
+
+
+def test_header_energy_count_differs_from_images(tmp_path):
+    header, _ = _write_stack(tmp_path)
+    header.write_text(_header("Sample_001", energies=ENERGIES[:3]))
+    with pytest.raises(FormatError, match="lists 3 energies but 4"):
+        read_axis2000(header)
+
+
+def test_truncated_and_corrupt_headers(tmp_path):
+    header, _ = _write_stack(tmp_path)
+    text = header.read_text()
+    header.write_text(text[: len(text) // 2])
+    with pytest.raises(FormatError, match="truncated"):
+        read_axis2000(header)
+    header.write_text(text.replace("Points = (5,", "Points = (7,"))
+    with pytest.raises(FormatError, match="PAxis Points says 7 values but lists 5"):
+        read_axis2000(header)
+    header.write_text('ScanDefinition = { Label = "oops; };')
+    with pytest.raises(FormatError, match="unterminated string"):
+        read_axis2000(header)
+    header.write_text("just some text\n")
+    with pytest.raises(FormatError):
+        read_axis2000(header)

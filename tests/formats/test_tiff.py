@@ -1,0 +1,211 @@
+"""TIFF stacks written by tifffile (multi-page and a folder), read back with read_tiff / read_stack."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import tifffile
+
+from phasestream.formats import FORMATS, FormatError, read_stack
+from phasestream.formats.energies import parse_energy_text
+from phasestream.formats.tiff import natural_key, read_tiff
+
+ENERGIES = np.array([705.0, 708.5, 710.25, 712.0, 720.0])
+
+
+def _stack(dtype=np.uint16, shape=(5, 6, 7)) -> np.ndarray:
+    rng = np.random.default_rng(20)
+    return rng.integers(100, 60000, size=shape).astype(dtype)
+
+
+def test_multipage_with_energy_list(tmp_path):
+    images = _stack()
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, images, photometric="minisblack")
+    stack = read_tiff(path, energies=ENERGIES.tolist())
+    assert stack.format == "tiff" and stack.mode == "stxm"
+    assert stack.images.dtype == np.float32
+    np.testing.assert_array_equal(stack.images, images.astype(np.float32))
+    np.testing.assert_array_equal(stack.energies, ENERGIES)
+    assert stack.files == (path,)
+    assert stack.shape == (6, 7)
+
+
+def test_pages_appended_one_by_one_and_float64(tmp_path):
+    images = np.random.default_rng(1).random((3, 4, 5))
+    path = tmp_path / "appended.tiff"
+    for image in images:
+        tifffile.imwrite(path, image, append=True)
+    stack = read_tiff(path, energies=[1.0, 2.0, 3.0], mode="txm")
+    assert stack.images.dtype == np.float64 and stack.mode == "txm"
+    np.testing.assert_array_equal(stack.images, images)
+
+
+def test_single_page_is_one_energy(tmp_path):
+    image = _stack(shape=(4, 5))
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, image)
+    stack = read_tiff(path, energies=[850.0])
+    assert stack.images.shape == (1, 4, 5)
+    np.testing.assert_array_equal(stack.images[0], image)
+
+
+def test_energy_file_beside_the_stack_and_its_syntax(tmp_path):
+    images = _stack()
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, images, photometric="minisblack")
+    (tmp_path / "scan.txt").write_text("# Fe L3\n705, 708.5\n710.25   712.0 # edge\n\n720.0\n")
+    stack = read_tiff(path)
+    np.testing.assert_array_equal(stack.energies, ENERGIES)
+    assert stack.files == (path, tmp_path / "scan.txt")
+    # read_stack detects TIFF from the suffix and finds the same file
+    again = read_stack(path)
+    np.testing.assert_array_equal(again.images, stack.images)
+    assert again.sha256() == stack.sha256()
+
+
+def test_folder_in_natural_order(tmp_path):
+    images = _stack(dtype=np.uint8, shape=(11, 3, 4))
+    energies = np.linspace(280.0, 300.0, 11)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        tifffile.imwrite(folder / f"img_{index}.tif", image)  # img_10 sorts after img_9
+    (folder / ".hidden.tif").write_bytes(b"not a tiff")
+    (folder / "energies.txt").write_text("\n".join(str(e) for e in energies))
+    stack = read_stack(folder)
+    assert stack.format == "tiff"
+    np.testing.assert_array_equal(stack.images, images.astype(np.float32))
+    np.testing.assert_array_equal(stack.energies, energies)
+    assert [p.name for p in stack.files[:-1]] == [f"img_{i}.tif" for i in range(11)]
+    assert stack.metadata["image_files"][-1] == "img_10.tif"
+
+
+def test_natural_key():
+    names = ["a10.tif", "a2.tif", "A1.tif", "b.tif"]
+    assert sorted(names, key=natural_key) == ["A1.tif", "a2.tif", "a10.tif", "b.tif"]
+
+
+def test_read_stack_energy_file_and_mode(tmp_path):
+    images = _stack()
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, images, photometric="minisblack")
+    efile = tmp_path / "e.dat"
+    efile.write_text(" ".join(map(str, ENERGIES)))
+    stack = read_stack(path, format="TIFF", energies=efile, mode="txm")
+    assert stack.mode == "txm" and stack.files == (path, efile)
+    assert "tiff" in FORMATS
+
+
+@pytest.mark.parametrize(
+    ("energies", "problem"),
+    [
+        ([1.0, 2.0, 3.0], r"5 images \(pages\) for 3 energies"),
+        ([1.0, 2.0, 2.0, 3.0, 4.0], "duplicate energies"),
+        ([1.0, 2.0, float("nan"), 3.0, 4.0], "must be finite"),
+        ([], "no energies"),
+    ],
+)
+def test_bad_energies(tmp_path, energies, problem):
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, _stack(), photometric="minisblack")
+    with pytest.raises(FormatError, match=problem) as info:
+        read_tiff(path, energies=energies)
+    assert info.value.path == str(path)
+
+
+def test_missing_energies_and_bad_energy_file(tmp_path):
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, _stack(), photometric="minisblack")
+    with pytest.raises(FormatError, match="TIFF has no energies"):
+        read_tiff(path)
+    (tmp_path / "s.txt").write_text("705\n7o8\n")
+    with pytest.raises(FormatError, match=r"line 2: '7o8' is not an energy") as info:
+        read_tiff(path)
+    assert info.value.path == str(tmp_path / "s.txt")
+    with pytest.raises(FormatError, match="energy file not found"):
+        read_tiff(path, energies=tmp_path / "missing.txt")
+    with pytest.raises(FormatError, match="no energies"):
+        parse_energy_text("# nothing here\n", "x.txt")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.01, 0.1, 0.5, 0.9])
+def test_truncated_tiff(tmp_path, keep):
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, _stack(), photometric="minisblack")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(FormatError, match=r"truncated|corrupt|no image") as info:
+        read_tiff(path, energies=ENERGIES)
+    assert info.value.path == str(path)
+
+
+def test_corrupt_compressed_data(tmp_path):
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, _stack(shape=(5, 64, 64)), photometric="minisblack", compression="zlib")
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        start = tif.pages[1].dataoffsets[0]
+    data[start + 10 : start + 60] = b"\xff" * 50  # inside page 1's deflate stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=r"corrupt, .*: error: Error -3 while decompressing") as info:
+        read_tiff(path, energies=ENERGIES)
+    assert info.value.path == str(path)
+
+
+def test_rgb_pages_refused(tmp_path):
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, np.zeros((3, 4, 5), np.uint8), photometric="rgb", planarconfig="separate")
+    with pytest.raises(FormatError, match="one 2-D greyscale image per energy"):
+        read_tiff(path, energies=[1.0, 2.0, 3.0])
+
+
+def test_folder_mismatches(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a1.tif", np.zeros((4, 5), np.uint16))
+    tifffile.imwrite(folder / "a2.tif", np.zeros((4, 6), np.uint16))
+    with pytest.raises(FormatError, match=r"image shape \(4, 6\) differs") as info:
+        read_tiff(folder, energies=[1.0, 2.0])
+    assert info.value.path == str(folder / "a2.tif")
+    tifffile.imwrite(folder / "a2.tif", np.zeros((4, 5), np.uint16))
+    data = (folder / "a2.tif").read_bytes()
+    (folder / "a2.tif").write_bytes(data[:-30])
+    with pytest.raises(FormatError, match="truncated") as info:
+        read_tiff(folder, energies=[1.0, 2.0])
+    assert info.value.path == str(folder / "a2.tif")
+    with pytest.raises(FormatError, match="2 TIFF files for 3 energies"):
+        read_tiff(folder, energies=[1.0, 2.0, 3.0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FormatError, match="no TIFF files"):
+        read_stack(empty, energies=[1.0])
+    with pytest.raises(FormatError, match="no such file"):
+        read_stack(tmp_path / "nope.tif", energies=[1.0])
+
+
+def test_unknown_format(tmp_path):
+    path = tmp_path / "s.dat"
+    path.write_bytes(b"hello world")
+    with pytest.raises(FormatError, match="unknown stack format"):
+        read_stack(path)
+    with pytest.raises(FormatError, match="no reader for format 'png'"):
+        read_stack(path, format="png")
+
+
+def test_absurd_size_refused_before_reading(tmp_path):
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, _stack(dtype=np.uint32), photometric="minisblack")
+    # a corrupt header: page 0 claims 60000 x 60000 pixels (5 pages x 14 GB as float64)
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        offsets = [(tags[name].valueoffset, tags[name].dtype) for name in ("ImageWidth", "ImageLength")]
+    data = bytearray(path.read_bytes())
+    for offset, dtype in offsets:
+        fmt = "<I" if dtype == 4 else "<H"
+        struct.pack_into(fmt, data, offset, 60000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="over the 16 GiB bound"):
+        read_tiff(path, energies=ENERGIES)
