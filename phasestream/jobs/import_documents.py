@@ -215,7 +215,7 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         "import": {"format": stack.format, "files": [str(Path(p).absolute()) for p in stack.files],
                    "sha256": sha256, "source": str(Path(source).absolute()), "metadata": file_md},
     }
-    for key in ("dwell", "dwell_ms", "beamline", "pixel_size_um"):
+    for key in ("dwell_ms", "beamline", "pixel_size_x_um", "pixel_size_y_um"):
         if file_md.get(key) is not None:
             metadata[key] = file_md[key]
     check_metadata(metadata, what=f"{source}: the start document", max_bytes=4 * 64 * 1024)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -64,7 +64,6 @@ class ImportOptions:
     soc: float | None = None
     external: bool = True
     batch_bytes: int = BATCH_BYTES
-    reader: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ImportOptions:
         self.raw = check_raw_path(self.raw)
@@ -167,7 +166,10 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions | None = N
                                  sample=opts.sample, soc=opts.soc, external=opts.external)
     except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
         return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
-    runs = raw_runs(client, opts.raw)
+    try:
+        runs = raw_runs(client, opts.raw)
+    except KeyError as exc:
+        return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
     existing = find_import(client, checked.sha256, opts.raw)
     if existing:
         done = [uid for uid, complete in existing if complete]
@@ -207,7 +209,7 @@ def run(context: JobContext, path: str, options: dict) -> JobOutcome:
     opts = ImportOptions(**options).validate()
     t0 = time.perf_counter()
     try:
-        stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode, **opts.reader)
+        stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode)
     except (FormatError, OSError, ValueError) as exc:
         return JobOutcome("", JOB, JobStatus.FAILED, reason=f"refused, nothing written: {exc}",
                           seconds=round(time.perf_counter() - t0, 3), retry=f"phasestream import {path}",

@@ -193,3 +193,93 @@ def test_a_write_that_fails_half_way_leaves_nothing_in_tiled(tiled_client, detec
     assert (detector_files / "refused.h5").exists()  # the original file is never touched
     monkeypatch.undo()
     assert import_stack(client, stack, one).status == "complete"  # and nothing blocks a retry
+
+
+def _nxstxm(path, frames) -> None:
+    """An NXstxm file (the definition's layout: NXentry / NXdata ``data`` (energy, sample_y, sample_x))."""
+    from nexusformat.nexus import NXdata, NXentry, NXfield, NXroot, NXsample
+
+    entry = NXentry()
+    entry.definition = NXfield("NXstxm")
+    entry.sample = NXsample()
+    entry.sample["name"] = NXfield("P7")
+    axes = [NXfield(np.asarray(ENERGIES), name="energy", units="eV"),
+            NXfield(np.arange(SHAPE[0]) * 0.05, name="sample_y", units="um"),
+            NXfield(np.arange(SHAPE[1]) * 0.05, name="sample_x", units="um")]
+    entry.counter0 = NXdata(NXfield(frames["images"], name="data"), axes)
+    entry.counter0.stxm_scan_type = NXfield("sample image stack")
+    root = NXroot()
+    root["entry0"] = entry
+    root.save(str(path), "w")
+
+
+def _imported(out: str) -> dict[str, tuple[str, str]]:
+    """``FILE: imported UID (...)`` / ``FILE: already imported UID`` lines: file name -> (word, uid)."""
+    found = {}
+    for line in out.splitlines():
+        path, _, rest = line.partition(": ")
+        words = rest.split()
+        if words[:1] == ["imported"]:
+            found[path.rsplit("/", 1)[-1]] = ("imported", words[1])
+        elif words[:2] == ["already", "imported"]:
+            found[path.rsplit("/", 1)[-1]] = ("already", words[2])
+    return found
+
+
+def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken_live(
+        tiled_server, tiled_client, detector_files, tmp_path, capsys):
+    import tifffile
+
+    from phasestream.app.cli import main
+
+    client = tiled_client
+    # facility files carry no I0 count: the live scans record none either (I0 from the image background)
+    sample, energy, det = _detector("stxm", 21)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    (stxm_live,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample))
+    txm_live = _live(client, "txm", 22)
+    live = {"stxm": _result(client, stxm_live), "txm": _result(client, txm_live)}
+    stxm, txm = _frames("stxm", 21), _frames("txm", 22)
+    tifffile.imwrite(tmp_path / "stack.tif", stxm["images"], photometric="minisblack")
+    _nxstxm(detector_files / "stack.nxs", stxm)
+    with h5py.File(tmp_path / "txm.h5", "w") as f:  # PyXAS: raw sample-in images with flats and a dark
+        f["img_xanes"], f["X_eng"] = txm["images"], np.asarray(ENERGIES)
+        f["img_bkg"], f["img_dark"] = txm["flat"], txm["dark"]
+    files = {"stack.tif": "stxm", "stack.nxs": "stxm", "txm.h5": "txm"}
+    paths = [str(tmp_path / "stack.tif"), str(detector_files / "stack.nxs"), str(tmp_path / "txm.h5")]
+    energies = ",".join(repr(float(e)) for e in ENERGIES)
+    before = _run_uids(client)
+    capsys.readouterr()
+    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--soc", str(SOC), "--analyze",
+                 "--backend", "numpy", *paths]) == 0
+    out = capsys.readouterr().out
+    lines = _imported(out)
+    assert sorted(lines) == sorted(files) and {word for word, _ in lines.values()} == {"imported"}, out
+    assert "stack.nxs: imported" in out and "images left in the HDF5 file" in out
+    assert _run_uids(client) - before == {uid for _, uid in lines.values()}
+    for name, mode in files.items():
+        uid = lines[name][1]
+        start = open_raw_run(client, uid).metadata["start"]
+        assert start["sample"]["state_of_charge"] == SOC and start["import"]["format"] in ("tiff", "nxstxm", "pyxas")
+        result = client["phasestream"][uid]
+        assert result.metadata["status"] == "complete", (name, result.metadata.get("errors"))
+        for key in ARRAYS:
+            np.testing.assert_array_equal(result[key].read(), live[mode][key], err_msg=f"{name}: {key}")
+
+    # again: nothing written, each file names its run
+    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--analyze", *paths]) == 0
+    again = _imported(capsys.readouterr().out)
+    assert again == {name: ("already", uid) for name, (_, uid) in lines.items()}
+    assert _run_uids(client) - before == {uid for _, uid in lines.values()}
+
+    # a file that is not a stack: an error naming it, exit 1, nothing written; the good file still imports
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    np.save(tmp_path / "other.npy", stxm["images"])
+    tifffile.imwrite(tmp_path / "other.tif", stxm["images"][::-1].copy(), photometric="minisblack")
+    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--sample", "P8",
+                 str(tmp_path / "broken.tif"), str(tmp_path / "other.tif")]) == 1
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'broken.tif'}: error: " in captured.err and "other.tif: imported" in captured.out
+    assert len(_run_uids(client) - before) == len(files) + 1
+    assert main(["import", "--tiled", tiled_server.uri, "--refine", paths[0]]) == 2  # --refine needs --analyze
