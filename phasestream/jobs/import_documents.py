@@ -46,6 +46,7 @@ __all__ = [
     "CheckedImport",
     "ImportRefusedError",
     "checked_import",
+    "counts_dtype",
     "run_documents",
 ]
 
@@ -222,8 +223,21 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
     return CheckedImport(stack, metadata, sha256, keep, copy_reason)
 
 
-def _key(array: Any, frame: bool) -> dict[str, Any]:
+def counts_dtype(array: Any, block: int = 8) -> np.dtype:
+    """``uint16`` for float images that hold whole counts from 0 to 65535 (a reader's float32 copy of a 16-bit
+    detector's counts: stored as the detector counted them, half the bytes), else the array's own dtype."""
     dtype = np.dtype(array.dtype)
+    if dtype.kind != "f":
+        return dtype
+    for start in range(0, len(array), block):
+        part = np.asarray(array[start:start + block])
+        if not (np.all(part >= 0) and np.all(part <= 65535) and np.array_equal(np.rint(part), part)):
+            return dtype
+    return np.dtype(np.uint16)
+
+
+def _key(array: Any, frame: bool, dtype: np.dtype | None = None) -> dict[str, Any]:
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
     shape = list(array.shape[1:]) if frame else []
     return {"source": "import", "dtype": "array" if shape else "number", "shape": shape,
             "dtype_numpy": dtype.str}
@@ -253,14 +267,17 @@ def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
     if stack.mode == "txm":
         dark = (np.zeros(stack.shape, dtype=stack.images.dtype) if stack.dark is None
                 else np.asarray(stack.dark))
+        dark = dark.astype(counts_dtype(dark[None]), copy=False)
         dark_desc = bundle.compose_descriptor(name="dark", data_keys={IMAGE_KEY: _key(dark[None], True)})
         flat = np.asarray(stack.flat)
+        flat = flat.astype(counts_dtype(flat[None] if flat.ndim == 2 else flat), copy=False)
         flat_desc = bundle.compose_descriptor(name="flat", data_keys={IMAGE_KEY: _key(flat[None] if flat.ndim == 2
                                                                                       else flat, True),
                                                                       ENERGY_KEY: energy_key})
         yield "descriptor", dark_desc.descriptor_doc
         yield "descriptor", flat_desc.descriptor_doc
-    primary_keys = {ENERGY_KEY: energy_key, IMAGE_KEY: _key(stack.images, True)}
+    image_dtype = np.dtype(stack.images.dtype) if checked.external else counts_dtype(stack.images)
+    primary_keys = {ENERGY_KEY: energy_key, IMAGE_KEY: _key(stack.images, True, image_dtype)}
     i0 = None if stack.mode == "txm" or stack.i0 is None else np.asarray(stack.i0, dtype=np.float64)
     if i0 is not None:
         primary_keys[I0_KEY] = _key(i0, i0.ndim == 3)
@@ -291,7 +308,7 @@ def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
                                  when)
         data: dict[str, Any] = {ENERGY_KEY: float(energies[i])}
         if not checked.external:
-            data[IMAGE_KEY] = np.asarray(stack.images[i])
+            data[IMAGE_KEY] = np.asarray(stack.images[i]).astype(image_dtype, copy=False)
         if i0 is not None:
             data[I0_KEY] = float(i0[i]) if i0.ndim == 1 else i0[i]
         yield "event", event(primary, data, i + 1, when + EVENT_SPACING)

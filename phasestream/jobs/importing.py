@@ -81,9 +81,14 @@ def find_import(client, sha256: str, raw: str = "") -> list[tuple[str, bool]]:
     return [(uid, node.metadata.get("stop") is not None) for uid, node in found.items()]
 
 
-def _batch_size(stack: ImportedStack, batch_bytes: int) -> int:
-    frame = stack.images.dtype.itemsize * stack.shape[0] * stack.shape[1]
-    return max(1, min(len(stack.energies), batch_bytes // max(frame, 1)))
+def _batch_size(checked: CheckedImport, batch_bytes: int) -> int:
+    """Events per TiledWriter batch: about ``batch_bytes`` of images, or every event at once when none carries
+    an image (STXM images left in HDF5)."""
+    stack = checked.stack
+    if checked.external and stack.mode == "stxm":
+        return len(stack.energies)
+    frame = 2 * stack.shape[0] * stack.shape[1]  # images are mostly written as 16-bit counts (counts_dtype)
+    return max(1, min(len(stack.energies), batch_bytes // frame))
 
 
 def _remove_own_run(runs, uid: str, sha256: str) -> tuple[bool, str]:
@@ -178,10 +183,9 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions | None = N
         uid = existing[0][0]
         return outcome(uid, JobStatus.FAILED, f"an incomplete import of these files is in Tiled as {uid} (no stop "
                        "document): remove it first; nothing written", sha256=checked.sha256)
-    batch = _batch_size(stack, opts.batch_bytes)
     details: dict[str, Any] = {"sha256": checked.sha256, "already_imported": False}
     try:
-        uid = _write(runs, checked, batch)
+        uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
         details["images"] = "external" if checked.external else "copied"
         refusal = _external_refusal(runs, uid, checked) if checked.external else None
         if refusal is not None:
@@ -192,7 +196,7 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions | None = N
             reason = f"Tiled does not serve the HDF5 file ({refusal}): {note}, and the images were written into Tiled"
             logger.warning("%s: %s", source, reason)
             checked = CheckedImport(checked.stack, checked.metadata, checked.sha256, False, reason)
-            uid = _write(runs, checked, batch)
+            uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
             details["images"] = "copied"
     except Exception as exc:  # noqa: BLE001 - the outcome says what happened and what is left
         notes = "; ".join(getattr(exc, "__notes__", []))

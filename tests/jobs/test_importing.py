@@ -283,3 +283,15 @@ def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken
     assert f"{tmp_path / 'broken.tif'}: error: " in captured.err and "other.tif: imported" in captured.out
     assert len(_run_uids(client) - before) == len(files) + 1
     assert main(["import", "--tiled", tiled_server.uri, "--refine", paths[0]]) == 2  # --refine needs --analyze
+
+
+def test_whole_counts_read_as_floats_are_stored_as_16_bit_counts():
+    from phasestream.jobs.import_documents import counts_dtype
+
+    counts = np.random.default_rng(1).poisson(3000.0, size=(20, 4, 4)).astype(np.float32)
+    assert counts_dtype(counts) == np.uint16
+    assert counts_dtype(counts.astype(np.uint16)) == np.uint16  # integers keep their type
+    for value in (0.25, -1.0, 70000.0):  # in the last block: every block is looked at
+        changed = counts.copy()
+        changed[-1, 0, 0] = value
+        assert counts_dtype(changed) == np.float32
