@@ -5,9 +5,9 @@ references, I0 / flat / dark shapes, metadata) before a single document exists;
 :func:`run_documents` then composes the run with event-model (``compose_run``): the start document
 phasestream's worker reads (docs/contract.md, "Start document"), and the streams of
 :func:`phasestream.sim.plans.energy_stack_scan`: ``primary`` (one event per energy: image, energy,
-I0) and, for TXM, ``dark`` (one event, before the first energy) and ``flat`` (one event per energy,
-just before that energy's image). Event times follow that order, so a replay of the stored run
-(reprocess) sees flats and darks before the images they correct.
+I0) and, for TXM, ``dark`` (one event, before the first energy, when the file has a dark) and
+``flat`` (one event per energy, just before that energy's image). Event times follow that order,
+so a replay of the stored run (reprocess) sees flats and darks before the images they correct.
 
 Images either travel inside the events (TiledWriter stores them in Tiled) or, when they already
 lie in an HDF5 file, stay there: the ``primary`` stream then carries one StreamResource pointing at
@@ -190,8 +190,9 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         if i0 is not None and not (np.all(np.isfinite(i0)) and np.all(i0 > 0)):
             raise ImportRefusedError(source, "i0 must be positive, finite counts at every energy")
     file_md = check_metadata(_plain(dict(stack.metadata)), what=f"{source}: the file's metadata")
-    sample_name = _name(sample if sample is not None else file_md.get("sample") or file_md.get("sample_name")
-                        or Path(source).stem, "the sample name", source)
+    named = [v for v in (file_md.get("sample"), file_md.get("sample_name")) if isinstance(v, str) and v.strip()]
+    sample_name = _name(sample if sample is not None else [*named, Path(source).stem][0][:_MAX_NAME],
+                        "the sample name", source)
     sample_md: dict[str, Any] = {"name": sample_name}
     chosen_soc = soc if soc is not None else file_md.get("state_of_charge")
     if chosen_soc is not None:
@@ -265,16 +266,17 @@ def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
 
     energy_key = {"source": "import", "dtype": "number", "shape": [], "units": "eV"}
     if stack.mode == "txm":
-        dark = (np.zeros(stack.shape, dtype=stack.images.dtype) if stack.dark is None
-                else np.asarray(stack.dark))
-        dark = dark.astype(counts_dtype(dark[None]), copy=False)
-        dark_desc = bundle.compose_descriptor(name="dark", data_keys={IMAGE_KEY: _key(dark[None], True)})
+        dark = None if stack.dark is None else np.asarray(stack.dark)
+        if dark is not None:  # no dark image: no dark stream (the analysis then subtracts none)
+            dark = dark.astype(counts_dtype(dark[None]), copy=False)
+            dark_desc = bundle.compose_descriptor(name="dark", data_keys={IMAGE_KEY: _key(dark[None], True)})
         flat = np.asarray(stack.flat)
         flat = flat.astype(counts_dtype(flat[None] if flat.ndim == 2 else flat), copy=False)
         flat_desc = bundle.compose_descriptor(name="flat", data_keys={IMAGE_KEY: _key(flat[None] if flat.ndim == 2
                                                                                       else flat, True),
                                                                       ENERGY_KEY: energy_key})
-        yield "descriptor", dark_desc.descriptor_doc
+        if dark is not None:
+            yield "descriptor", dark_desc.descriptor_doc
         yield "descriptor", flat_desc.descriptor_doc
     image_dtype = np.dtype(stack.images.dtype) if checked.external else counts_dtype(stack.images)
     primary_keys = {ENERGY_KEY: energy_key, IMAGE_KEY: _key(stack.images, True, image_dtype)}
@@ -298,7 +300,7 @@ def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
     yield "descriptor", primary.descriptor_doc
     if resource is not None:
         yield "stream_resource", resource.stream_resource_doc
-    if stack.mode == "txm":
+    if stack.mode == "txm" and dark is not None:
         yield "event", event(dark_desc, {IMAGE_KEY: dark}, 1, t + EVENT_SPACING)
     for i in range(n):
         when = t + EVENT_SPACING * (2 * i + 2)

@@ -295,3 +295,14 @@ def test_whole_counts_read_as_floats_are_stored_as_16_bit_counts():
         changed = counts.copy()
         changed[-1, 0, 0] = value
         assert counts_dtype(changed) == np.float32
+
+
+def test_a_txm_stack_without_a_dark_image_has_no_dark_stream_and_is_analysed(tiled_client, tmp_path):
+    client = tiled_client
+    frames = _frames("txm", 23)
+    stack = _stack({k: v for k, v in frames.items() if k != "dark"}, "txm", tmp_path / "nodark.npy")
+    outcome = import_stack(client, stack)
+    assert outcome.status == "complete", outcome.reason
+    assert sorted(open_raw_run(client, outcome.run_uid)) == ["flat", "primary"]
+    result = reprocess_run(client, outcome.run_uid, ReprocessOptions(backend="numpy"))
+    assert result.status == "complete", result.errors
