@@ -306,3 +306,25 @@ def test_a_txm_stack_without_a_dark_image_has_no_dark_stream_and_is_analysed(til
     assert sorted(open_raw_run(client, outcome.run_uid)) == ["flat", "primary"]
     result = reprocess_run(client, outcome.run_uid, ReprocessOptions(backend="numpy"))
     assert result.status == "complete", result.errors
+
+
+def test_import_under_a_raw_path_creates_the_container_and_finds_re_imports_there(
+        tiled_server, tiled_client, tmp_path, capsys):
+    import tifffile
+
+    from phasestream.app.cli import main
+
+    client = tiled_client
+    frames = _frames("stxm", 24)
+    path = tmp_path / "raw.tif"
+    tifffile.imwrite(path, frames["images"], photometric="minisblack")
+    (tmp_path / "raw.txt").write_text("\n".join(repr(float(e)) for e in ENERGIES))  # found beside the TIFF
+    capsys.readouterr()
+    assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
+    captured = capsys.readouterr()
+    ((word, uid),) = _imported(captured.out).values()
+    assert word == "imported" and "created container" in captured.err
+    assert open_raw_run(client, uid, "beamline/imports").metadata["start"]["import"]["files"][-1].endswith("raw.txt")
+    assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
+    assert _imported(capsys.readouterr().out) == {"raw.tif": ("already", uid)}
+    assert main(["import", "--tiled", tiled_server.uri, "--raw", "../x", str(path)]) == 2  # refused path
