@@ -54,12 +54,13 @@ def disk_read(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def write_file(name: str, folder: Path, frames: int, size: int) -> Path:
-    """The stack as a multi-page TIFF (with ``stack.txt``, its energies) or an NXstxm file."""
+def write_file(name: str, folder: Path, frames: int, size: int, seed: int = 0) -> Path:
+    """The stack as a multi-page TIFF (with ``stack.txt``, its energies) or an NXstxm file; another ``seed``
+    gives other counts (a file imported again would be a no-op)."""
     refs = load_references("nvpf-synthetic")
     lo, hi = refs.energy_range
     energies = np.linspace(lo, hi, frames)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = rng.poisson(5000.0, size=(frames, size, size)).astype(np.uint16)
     if name == "tiff":
         tiff = folder / "stack.tif"
@@ -96,7 +97,7 @@ def measure(client, path: Path, frames: int, options: dict) -> dict:
     t2 = time.perf_counter()
     outcome = import_file(JobContext(client=client), str(path), options)
     import_s = time.perf_counter() - t2
-    if not outcome.ok:
+    if not outcome.ok or outcome.details.get("already_imported"):
         raise RuntimeError(f"{path}: {outcome.reason}")
     return {"file_MB": round(size / 1e6, 1), "disk_read_s": round(disk, 3), "import_s": round(import_s, 3),
             "ratio": round(import_s / disk, 2), "MB_per_s": round(size / 1e6 / import_s, 1),
@@ -129,7 +130,7 @@ def main() -> None:
                 for i in range(args.repeat):
                     files_dir = folder / "files" / f"{name}{i}"
                     files_dir.mkdir(parents=True)
-                    result = measure(client, write_file(name, files_dir, args.frames, args.size), args.frames,
+                    result = measure(client, write_file(name, files_dir, args.frames, args.size, seed=i), args.frames,
                                      options)
                     best = result if best is None or result["import_s"] < best["import_s"] else best
                 report[name] = best
