@@ -33,6 +33,7 @@ COMMANDS = {
     "query": "query",
     "view": "view",
     "reprocess": "reprocess",
+    "import": "importing",
     "up": "stack",
     "status": "stack",
     "down": "stack",

@@ -122,15 +122,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--split N spreads one run over Dask workers: it needs Dask (not --in-process)")
             jobs, split = split_steps(jobs)
         if in_process:
-            report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=_print_job)
+            report = run_jobs(jobs, uri, api_key=api_key, progress=progress, on_done=print_job_outcome)
             where = "in process"
         else:
             with dask_client(scheduler or "local", n_workers=args.workers) as dask:
                 where = f"on Dask ({len(dask.scheduler_info()['workers'])} workers at {dask.scheduler.address})"
                 report = submit_jobs(dask, jobs, uri, api_key=api_key, retries=args.retries, progress=progress,
-                                     on_done=_print_job)
+                                     on_done=print_job_outcome)
                 run_split_steps(dask, split, uri, report, parts=args.split, api_key=api_key,
-                                retries=args.retries, on_done=_print_job)
+                                retries=args.retries, on_done=print_job_outcome)
     n_runs = len({*(j.run_uid for j in jobs), *(uid for uid, _, _ in split)})
     skipped = [o for o in report.failures if o["status"] == "skipped"]
     n_failed = len(report.failures) - len(skipped)
@@ -173,7 +173,7 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list[Job]:
     return [Job(uid, tuple(steps)).validate() for uid in uids]
 
 
-def _print_job(outcome: dict) -> None:
+def print_job_outcome(outcome: dict) -> None:
     """One line per run: ``UID: complete (step status, ...)``; ``UID: skipped: reason`` and its retry command on
     stdout (a skip is an outcome, not an error); ``UID: failed: reason`` and its retry command on stderr."""
     steps = outcome.get("details", {}).get("steps") or {}

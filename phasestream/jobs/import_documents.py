@@ -1,0 +1,321 @@
+"""An imported energy stack as the documents of a Bluesky run, laid out as a live scan writes them.
+
+:func:`checked_import` validates everything a file brings (sizes, dtypes, energies against the
+references, I0 / flat / dark shapes, metadata) before a single document exists;
+:func:`run_documents` then composes the run with event-model (``compose_run``): the start document
+phasestream's worker reads (docs/contract.md, "Start document"), and the streams of
+:func:`phasestream.sim.plans.energy_stack_scan`: ``primary`` (one event per energy: image, energy,
+I0) and, for TXM, ``dark`` (one event, before the first energy, when the file has a dark) and
+``flat`` (one event per energy, just before that energy's image). Event times follow that order,
+so a replay of the stored run (reprocess) sees flats and darks before the images they correct.
+
+Images either travel inside the events (TiledWriter stores them in Tiled) or, when they already
+lie in an HDF5 file, stay there: the ``primary`` stream then carries one StreamResource pointing at
+the dataset and one StreamDatum covering every frame.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlunparse
+
+import h5py
+import numpy as np
+from event_model import StreamRange, compose_run
+
+from phasestream.contract import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_NUM_POINTS,
+    MAX_KEY_LENGTH,
+    check_metadata,
+)
+from phasestream.formats import ImportedStack
+from phasestream.references import ReferenceSet
+
+__all__ = [
+    "ENERGY_KEY",
+    "I0_KEY",
+    "IMAGE_KEY",
+    "PLAN_NAME",
+    "CheckedImport",
+    "ImportRefusedError",
+    "checked_import",
+    "counts_dtype",
+    "run_documents",
+]
+
+#: data keys of an imported run (those of the simulator's detector ``det``)
+IMAGE_KEY, I0_KEY, ENERGY_KEY = "det_img", "det_i0", "energy"
+PLAN_NAME = "import"
+HDF5_MIMETYPE = "application/x-hdf5"
+#: seconds between consecutive events of an imported run (their order is what matters)
+EVENT_SPACING = 1e-3
+_HDF5_PATH = re.compile(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+_MAX_NAME = 256
+
+
+class ImportRefusedError(ValueError):
+    """A stack that cannot become a run; the message names the file and what is wrong. Nothing was written."""
+
+    def __init__(self, source: str | Path, problem: str):
+        self.source = str(source)
+        super().__init__(f"{source}: {problem}")
+
+
+@dataclass(frozen=True)
+class CheckedImport:
+    """A stack checked against the import's options, ready to compose: the start metadata, and where the
+    images go (``external``: the HDF5 dataset, else inside the events; ``copy_reason`` why not external)."""
+
+    stack: ImportedStack
+    metadata: dict[str, Any]
+    sha256: str
+    external: bool
+    copy_reason: str = ""
+
+
+def _plain(value: Any) -> Any:
+    """File metadata as start-document values: JSON types, nested keys without ``.`` (the schema forbids it)."""
+    if isinstance(value, Mapping):
+        return {str(k).replace(".", "_"): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def _name(value: Any, what: str, source: Path) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > _MAX_NAME:
+        raise ImportRefusedError(source, f"{what} must be a non-empty string of at most {_MAX_NAME} characters, "
+                                 f"got {value!r:.60}")
+    return value.strip()
+
+
+def _soc(value: Any, source: Path) -> float:
+    try:
+        soc = float(value)
+    except (TypeError, ValueError):
+        soc = math.nan
+    if not math.isfinite(soc):
+        raise ImportRefusedError(source, f"state of charge must be a finite number, got {value!r:.60}")
+    return soc
+
+
+def _check_array(array: Any, what: str, shapes: tuple[tuple[int, ...], ...], source: Path) -> None:
+    if np.dtype(array.dtype).kind not in "iuf":
+        raise ImportRefusedError(source, f"{what} must be numbers (integer or float), got dtype {array.dtype}")
+    if tuple(array.shape) not in shapes:
+        raise ImportRefusedError(source, f"{what} has shape {tuple(array.shape)}; expected one of {list(shapes)}")
+
+
+def _hdf5_target(stack: ImportedStack) -> tuple[bool, str]:
+    """Whether the images can stay in their HDF5 file (and why not): an energy-first dataset of the stack's
+    shape and a numeric dtype, in a file that exists. Only the dataset's header is read."""
+    src = stack.hdf5
+    if src is None:
+        return False, ""
+    if src.energy_axis != 0:
+        return False, f"the images lie with energy on axis {src.energy_axis} of {src.dataset}, not axis 0"
+    if not isinstance(src.dataset, str) or _HDF5_PATH.fullmatch(src.dataset) is None:
+        return False, f"HDF5 dataset path {src.dataset!r:.60} is not a plain path"
+    try:
+        with h5py.File(src.path, "r") as f:
+            dataset = f.get(src.dataset)
+            if not isinstance(dataset, h5py.Dataset):
+                return False, f"{src.dataset} is not a dataset of {src.path}"
+            shape, dtype = tuple(dataset.shape), dataset.dtype
+    except OSError as exc:
+        return False, f"cannot open {src.path}: {exc}"
+    if shape != tuple(stack.images.shape) or dtype.kind not in "iuf":
+        return False, f"{src.dataset} is {shape} {dtype}, the stack {tuple(stack.images.shape)}"
+    return True, ""
+
+
+def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_name: str,
+                   sample: str | None = None, soc: float | None = None, external: bool = True,
+                   max_num_points: int = DEFAULT_MAX_NUM_POINTS,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> CheckedImport:
+    """Check ``stack`` before anything is written and build the run's start metadata.
+
+    Parameters
+    ----------
+    stack : what a reader returned
+    references : the reference spectra the run will be analysed against (loaded, trusted option);
+        every energy of the stack must lie in their range
+    reference_name : how the start document names them (a registered name or a path)
+    sample, soc : sample name and state of charge; default the file's (``metadata["sample"]`` or
+        ``metadata["sample_name"]``, ``metadata["state_of_charge"]``), else the file's stem and none
+    external : keep images that lie in HDF5 there (StreamResource) instead of copying them
+
+    Raises
+    ------
+    ImportRefusedError
+        naming the file and what is wrong.
+    """
+    source = stack.source
+    images = stack.images
+    n, ny, nx = (int(v) for v in images.shape)
+    if n > max_num_points:
+        raise ImportRefusedError(source, f"{n} energies, more than the {max_num_points} a run may have")
+    if ny * nx > max_image_pixels or ny < 1 or nx < 1:
+        raise ImportRefusedError(source, f"images of {ny} x {nx} pixels; 1 to {max_image_pixels} pixels allowed")
+    _check_array(images, "images", ((n, ny, nx),), source)
+    lo, hi = references.energy_range
+    outside = [float(e) for e in stack.energies if not lo <= e <= hi]
+    if outside:
+        raise ImportRefusedError(source, f"{len(outside)} energies outside the range of references "
+                                 f"{reference_name!r} ({lo:g}-{hi:g} eV), e.g. {outside[0]:g} eV; pass --references")
+    if stack.mode == "txm":
+        if stack.flat is None:
+            raise ImportRefusedError(source, "a TXM stack needs flat-field (sample out) images")
+        _check_array(stack.flat, "flat", ((n, ny, nx), (ny, nx)), source)
+        if stack.dark is not None:
+            _check_array(stack.dark, "dark", ((ny, nx),), source)
+    elif stack.i0 is not None:
+        _check_array(stack.i0, "i0", ((n,), (n, ny, nx)), source)
+        i0 = np.asarray(stack.i0) if np.ndim(stack.i0) == 1 else None
+        if i0 is not None and not (np.all(np.isfinite(i0)) and np.all(i0 > 0)):
+            raise ImportRefusedError(source, "i0 must be positive, finite counts at every energy")
+    file_md = check_metadata(_plain(dict(stack.metadata)), what=f"{source}: the file's metadata")
+    named = [v for v in (file_md.get("sample"), file_md.get("sample_name")) if isinstance(v, str) and v.strip()]
+    sample_name = _name(sample if sample is not None else [*named, Path(source).stem][0][:_MAX_NAME],
+                        "the sample name", source)
+    sample_md: dict[str, Any] = {"name": sample_name}
+    chosen_soc = soc if soc is not None else file_md.get("state_of_charge")
+    if chosen_soc is not None:
+        sample_md["state_of_charge"] = _soc(chosen_soc, source)
+    if not isinstance(reference_name, str) or not 0 < len(reference_name) <= MAX_KEY_LENGTH:
+        raise ImportRefusedError(source, f"references {reference_name!r:.60} must be a name or a path")
+    keep, copy_reason = _hdf5_target(stack) if external else (False, "")
+    sha256 = stack.sha256()
+    block = {"references": reference_name, "image_key": IMAGE_KEY, "energy_key": ENERGY_KEY, "mode": stack.mode}
+    if stack.mode == "stxm" and stack.i0 is not None:
+        block["i0_key"] = I0_KEY
+    metadata = {
+        "plan_name": PLAN_NAME,
+        "detectors": ["det"],
+        "motors": [ENERGY_KEY],
+        "num_points": n,
+        "num_intervals": n - 1,
+        "energies": [float(e) for e in stack.energies],
+        "hints": {"dimensions": [[[ENERGY_KEY], "primary"]]},
+        "sample": sample_md,
+        "phasestream": block,
+        "import": {"format": stack.format, "files": [str(Path(p).absolute()) for p in stack.files],
+                   "sha256": sha256, "source": str(Path(source).absolute()), "metadata": file_md},
+    }
+    for key in ("dwell_ms", "beamline", "pixel_size_x_um", "pixel_size_y_um"):
+        if file_md.get(key) is not None:
+            metadata[key] = file_md[key]
+    check_metadata(metadata, what=f"{source}: the start document", max_bytes=4 * 64 * 1024)
+    return CheckedImport(stack, metadata, sha256, keep, copy_reason)
+
+
+def counts_dtype(array: Any, block: int = 8) -> np.dtype:
+    """``uint16`` for float images that hold whole counts from 0 to 65535 (a reader's float32 copy of a 16-bit
+    detector's counts: stored as the detector counted them, half the bytes), else the array's own dtype."""
+    dtype = np.dtype(array.dtype)
+    if dtype.kind != "f":
+        return dtype
+    for start in range(0, len(array), block):
+        part = np.asarray(array[start:start + block])
+        if not (np.all(part >= 0) and np.all(part <= 65535) and np.array_equal(np.rint(part), part)):
+            return dtype
+    return np.dtype(np.uint16)
+
+
+def _key(array: Any, frame: bool, dtype: np.dtype | None = None) -> dict[str, Any]:
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
+    shape = list(array.shape[1:]) if frame else []
+    return {"source": "import", "dtype": "array" if shape else "number", "shape": shape,
+            "dtype_numpy": dtype.str}
+
+
+def run_documents(checked: CheckedImport, *, uid: str | None = None,
+                  t0: float | None = None) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """``(run uid, documents)`` of the stack as a Bluesky run; the documents are made as they are consumed,
+    one image at a time (an image is read from the stack only when its event is made)."""
+    bundle = compose_run(uid=uid, time=t0 or time.time(), metadata=checked.metadata)
+    return bundle.start_doc["uid"], _documents(checked, bundle)
+
+
+def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
+    stack = checked.stack
+    start = bundle.start_doc
+    t = start["time"]
+    n = len(stack.energies)
+    energies = stack.energies
+    yield "start", start
+
+    def event(desc, data: dict, seq: int, when: float) -> dict:
+        return desc.compose_event(data=data, timestamps=dict.fromkeys(data, when), seq_num=seq, time=when,
+                                  validate=False)
+
+    energy_key = {"source": "import", "dtype": "number", "shape": [], "units": "eV"}
+    if stack.mode == "txm":
+        dark = None if stack.dark is None else np.asarray(stack.dark)
+        if dark is not None:  # no dark image: no dark stream (the analysis then subtracts none)
+            dark = dark.astype(counts_dtype(dark[None]), copy=False)
+            dark_desc = bundle.compose_descriptor(name="dark", data_keys={IMAGE_KEY: _key(dark[None], True)})
+        flat = np.asarray(stack.flat)
+        flat = flat.astype(counts_dtype(flat[None] if flat.ndim == 2 else flat), copy=False)
+        flat_desc = bundle.compose_descriptor(name="flat", data_keys={IMAGE_KEY: _key(flat[None] if flat.ndim == 2
+                                                                                      else flat, True),
+                                                                      ENERGY_KEY: energy_key})
+        if dark is not None:
+            yield "descriptor", dark_desc.descriptor_doc
+        yield "descriptor", flat_desc.descriptor_doc
+    image_dtype = np.dtype(stack.images.dtype) if checked.external else counts_dtype(stack.images)
+    primary_keys = {ENERGY_KEY: energy_key, IMAGE_KEY: _key(stack.images, True, image_dtype)}
+    i0 = None if stack.mode == "txm" or stack.i0 is None else np.asarray(stack.i0, dtype=np.float64)
+    if i0 is not None:
+        primary_keys[I0_KEY] = _key(i0, i0.ndim == 3)
+    resource = None
+    if checked.external:
+        src = stack.hdf5
+        with h5py.File(src.path, "r") as f:
+            primary_keys[IMAGE_KEY]["dtype_numpy"] = f[src.dataset].dtype.str
+        primary_keys[IMAGE_KEY]["external"] = "STREAM:"
+        resource = bundle.compose_stream_resource(
+            mimetype=HDF5_MIMETYPE,
+            uri=urlunparse(("file", "localhost", str(Path(src.path).absolute()), "", "", "")),
+            data_key=IMAGE_KEY,
+            parameters={"dataset": src.dataset, "chunk_shape": [1, *stack.shape], "swmr": False},
+        )
+    primary = bundle.compose_descriptor(name="primary", data_keys=primary_keys,
+                                        hints={"energy": {"fields": [ENERGY_KEY]}})
+    yield "descriptor", primary.descriptor_doc
+    if resource is not None:
+        yield "stream_resource", resource.stream_resource_doc
+    if stack.mode == "txm" and dark is not None:
+        yield "event", event(dark_desc, {IMAGE_KEY: dark}, 1, t + EVENT_SPACING)
+    for i in range(n):
+        when = t + EVENT_SPACING * (2 * i + 2)
+        if stack.mode == "txm":
+            frame = flat if flat.ndim == 2 else flat[i]
+            yield "event", event(flat_desc, {IMAGE_KEY: np.asarray(frame), ENERGY_KEY: float(energies[i])}, i + 1,
+                                 when)
+        data: dict[str, Any] = {ENERGY_KEY: float(energies[i])}
+        if not checked.external:
+            data[IMAGE_KEY] = np.asarray(stack.images[i]).astype(image_dtype, copy=False)
+        if i0 is not None:
+            data[I0_KEY] = float(i0[i]) if i0.ndim == 1 else i0[i]
+        yield "event", event(primary, data, i + 1, when + EVENT_SPACING)
+    if resource is not None:
+        yield "stream_datum", resource.compose_stream_datum(
+            indices=StreamRange(start=0, stop=n), seq_nums=StreamRange(start=1, stop=n + 1),
+            descriptor=primary.descriptor_doc)
+    yield "stop", bundle.compose_stop(exit_status="success", time=t + EVENT_SPACING * (2 * n + 2))

@@ -1,0 +1,221 @@
+"""The ``import`` job: a facility file (an :class:`~phasestream.formats.ImportedStack`) becomes a raw run in
+Tiled, laid out as a live scan of the simulator writes it, so that ``reprocess`` and the worker analyse it
+with no further options (docs/import.md).
+
+All or nothing: the stack is checked (:func:`~phasestream.jobs.import_documents.checked_import`) before
+anything is written; a write that fails half-way removes the run node this import created (its uid is
+fresh, made here by ``compose_run``) and the job reports ``failed`` with the reason. Importing the same
+bytes again (the SHA-256 of the files, under the same raw path) writes nothing and returns the uid of
+the run already there.
+
+Images that lie in an HDF5 file stay there (StreamResource / StreamDatum; the Tiled server reads the
+file, which must be in its readable storage). If the server refuses the file, the partial run is
+removed and the images are written into Tiled instead; the outcome says so (``details["images"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from tiled.queries import Key
+
+from phasestream import formats
+from phasestream.contract import JobOutcome, JobStatus, check_raw_path, check_run_uid
+from phasestream.formats import FormatError, ImportedStack
+from phasestream.jobs.context import JobContext
+from phasestream.jobs.import_documents import (
+    IMAGE_KEY,
+    CheckedImport,
+    ImportRefusedError,
+    checked_import,
+    run_documents,
+)
+from phasestream.references import load_references
+from phasestream.store.tiled import raw_run_writer, raw_runs
+
+__all__ = ["DEFAULT_REFERENCES", "ImportOptions", "find_import", "import_stack", "run"]
+
+logger = logging.getLogger(__name__)
+
+JOB = "import"
+DEFAULT_REFERENCES = "nvpf-synthetic"
+#: images per TiledWriter batch: about this many bytes (one request per batch and stream)
+BATCH_BYTES = 64 * 2**20
+
+
+@dataclass
+class ImportOptions:
+    """Options of an import (validated by :meth:`validate`); plain values, so that they travel to Dask.
+
+    ``format``, ``energies`` and ``mode`` are handed to the reader; ``sample`` and ``soc`` override
+    the file's; ``external`` keeps images that lie in HDF5 in their file.
+    """
+
+    raw: str = ""
+    references: str = DEFAULT_REFERENCES
+    format: str | None = None
+    energies: list[float] | str | None = None
+    mode: str | None = None
+    sample: str | None = None
+    soc: float | None = None
+    external: bool = True
+    batch_bytes: int = BATCH_BYTES
+
+    def validate(self) -> ImportOptions:
+        self.raw = check_raw_path(self.raw)
+        if not isinstance(self.references, str) or not self.references:
+            raise ValueError(f"references must be a registered name or a file, got {self.references!r}")
+        if self.batch_bytes < 1:
+            raise ValueError(f"batch_bytes must be >= 1, got {self.batch_bytes}")
+        return self
+
+
+def find_import(client, sha256: str, raw: str = "") -> list[tuple[str, bool]]:
+    """``[(uid, has stop document)]`` of the runs under ``raw`` imported from files with this SHA-256."""
+    runs = raw_runs(client, raw)
+    found = runs.search(Key("start.import.sha256") == sha256)
+    return [(uid, node.metadata.get("stop") is not None) for uid, node in found.items()]
+
+
+def _batch_size(checked: CheckedImport, batch_bytes: int) -> int:
+    """Events per TiledWriter batch: about ``batch_bytes`` of images, or every event at once when none carries
+    an image (STXM images left in HDF5)."""
+    stack = checked.stack
+    if checked.external and stack.mode == "stxm":
+        return len(stack.energies)
+    frame = 2 * stack.shape[0] * stack.shape[1]  # images are mostly written as 16-bit counts (counts_dtype)
+    return max(1, min(len(stack.energies), batch_bytes // frame))
+
+
+def _remove_own_run(runs, uid: str, sha256: str) -> tuple[bool, str]:
+    """Remove the run node ``uid`` this import created (a fresh uid, checked to hold this import's start
+    document; an original file it points at is not touched: Tiled deletes only data it wrote).
+    ``(nothing of it is left, what happened)``."""
+    check_run_uid(uid)
+    try:
+        node = runs[uid]
+    except KeyError:
+        return True, "nothing was written"
+    start = node.metadata.get("start") or {}
+    if start.get("uid") != uid or (start.get("import") or {}).get("sha256") != sha256:
+        return False, f"node {uid} is not this import's run; left as it is"
+    try:
+        runs.delete_contents(uid, recursive=True, external_only=False)
+    except Exception as exc:  # noqa: BLE001 - reported: the caller's status says the run may remain
+        return False, f"removing the partial run {uid} failed ({type(exc).__name__}: {exc}); remove it by hand"
+    return True, f"the partial run {uid} was removed"
+
+
+def _write(runs, checked: CheckedImport, batch_size: int) -> str:
+    """Write the run; on failure remove it and re-raise with the note of the clean-up in ``__notes__``."""
+    uid, documents = run_documents(checked)
+    writer = raw_run_writer(runs, batch_size=batch_size)
+    try:
+        for name, doc in documents:
+            writer(name, doc)
+    except BaseException as exc:
+        exc.add_note(_remove_own_run(runs, uid, checked.sha256)[1])
+        raise
+    return uid
+
+
+def _served_frame(node, index: int) -> np.ndarray:
+    """Frame ``index`` of the array ``node`` as the server serves it, in one request: the client's own read
+    retries a refusal (a 500) for half a minute."""
+    reply = node.context.http_client.get(node.item["links"]["full"], params={"slice": str(index)},
+                                         headers={"Accept": "application/octet-stream"})
+    reply.raise_for_status()
+    dtype = np.dtype(node.dtype)
+    return np.frombuffer(reply.content, dtype=dtype).reshape(node.shape[1:])
+
+
+def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
+    """Why the server cannot serve the images it registered from the HDF5 file (None when it serves them,
+    equal to the stack's first and last image). Tiled registers any file; it refuses to read one outside its
+    readable storage only when the data are read."""
+    images = checked.stack.images
+    try:
+        node = runs[uid]["primary"].base[IMAGE_KEY]
+        served = [_served_frame(node, i) for i in (0, len(images) - 1)]
+    except Exception as exc:  # noqa: BLE001 - every refusal means the same: copy the images instead
+        return f"{type(exc).__name__}: {exc}"
+    if not (np.array_equal(served[0], images[0]) and np.array_equal(served[1], images[len(images) - 1])):
+        return "the images Tiled serves from it differ from those read from the file"
+    return None
+
+
+def import_stack(client, stack: ImportedStack, options: ImportOptions | None = None) -> JobOutcome:
+    """Import one stack into ``<raw>/<new uid>``; the outcome's ``run_uid`` is the run's (new or existing).
+
+    ``details``: ``file``, ``sha256``, ``images`` (``"external"``: left in the HDF5 file, ``"copied"``:
+    written into Tiled), ``already_imported`` and, when the images were copied although they lie in
+    HDF5, ``copy_reason``. A refused stack or a failed write is ``failed`` with the reason, and
+    nothing of it is left in Tiled.
+    """
+    opts = (options or ImportOptions()).validate()
+    t0 = time.perf_counter()
+    source = str(stack.source)
+
+    def outcome(uid: str, status: str, reason: str = "", **details: Any) -> JobOutcome:
+        retry = "" if status == JobStatus.COMPLETE else f"phasestream import {source}"
+        return JobOutcome(uid, JOB, status, reason=reason, seconds=round(time.perf_counter() - t0, 3),
+                          retry=retry, details={"file": source, **details})
+
+    try:
+        references = load_references(opts.references)
+        checked = checked_import(stack, references=references, reference_name=opts.references,
+                                 sample=opts.sample, soc=opts.soc, external=opts.external)
+    except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
+        return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
+    try:
+        runs = raw_runs(client, opts.raw)
+    except KeyError as exc:
+        return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
+    existing = find_import(client, checked.sha256, opts.raw)
+    if existing:
+        done = [uid for uid, complete in existing if complete]
+        if done:
+            return outcome(done[0], JobStatus.COMPLETE, sha256=checked.sha256, already_imported=True)
+        uid = existing[0][0]
+        return outcome(uid, JobStatus.FAILED, f"an incomplete import of these files is in Tiled as {uid} (no stop "
+                       "document): remove it first; nothing written", sha256=checked.sha256)
+    details: dict[str, Any] = {"sha256": checked.sha256, "already_imported": False}
+    try:
+        uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
+        details["images"] = "external" if checked.external else "copied"
+        refusal = _external_refusal(runs, uid, checked) if checked.external else None
+        if refusal is not None:
+            removed, note = _remove_own_run(runs, uid, checked.sha256)
+            if not removed:
+                return outcome("", JobStatus.FAILED, f"Tiled does not serve the HDF5 file ({refusal}); {note}",
+                               **details)
+            reason = f"Tiled does not serve the HDF5 file ({refusal}): {note}, and the images were written into Tiled"
+            logger.warning("%s: %s", source, reason)
+            checked = CheckedImport(checked.stack, checked.metadata, checked.sha256, False, reason)
+            uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
+            details["images"] = "copied"
+    except Exception as exc:  # noqa: BLE001 - the outcome says what happened and what is left
+        notes = "; ".join(getattr(exc, "__notes__", []))
+        return outcome("", JobStatus.FAILED, f"writing failed: {type(exc).__name__}: {exc}"
+                       + (f" ({notes})" if notes else ""), **details)
+    if checked.copy_reason:
+        details["copy_reason"] = checked.copy_reason
+    logger.info("imported %s as %s (%s)", source, uid, details["images"])
+    return outcome(uid, JobStatus.COMPLETE, **details)
+
+
+def run(context: JobContext, path: str, options: dict) -> JobOutcome:
+    """The ``import`` job: read the file at ``path`` (:func:`phasestream.formats.read_stack`) and import it."""
+    opts = ImportOptions(**options).validate()
+    t0 = time.perf_counter()
+    try:
+        stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode)
+    except (FormatError, OSError, ValueError) as exc:
+        return JobOutcome("", JOB, JobStatus.FAILED, reason=f"refused, nothing written: {exc}",
+                          seconds=round(time.perf_counter() - t0, 3), retry=f"phasestream import {path}",
+                          details={"file": str(path), "options": asdict(opts)})
+    return import_stack(context.tiled(), stack, opts)

@@ -1,0 +1,330 @@
+"""``phasestream import`` (issue 20): a facility stack becomes a raw run that analyses to the same phase map as
+the same scan taken live through the simulator; refused input and failed writes leave nothing in Tiled; the
+same file imported twice is one run."""
+
+from __future__ import annotations
+
+import h5py
+import httpx
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from phasestream.formats import HDF5Source, ImportedStack
+from phasestream.jobs.importing import ImportOptions, find_import, import_stack
+from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
+from phasestream.references import load_references, select_energies
+from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.store.tiled import open_raw_run, raw_run_writer
+
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 12)  # 13 energies with the pre-edge one
+SHAPE = (32, 32)
+ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
+SOC = 1.5
+
+
+def _detector(mode: str, seed: int):
+    sample = make_sample(SHAPE, state_of_charge=SOC, seed=seed, n_particles=2)
+    energy = make_energy()
+    return sample, energy, TransmissionDetector(sample, energy, mode=mode, i0=6000.0, seed=seed)
+
+
+def _live(client, mode: str, seed: int) -> str:
+    """The scan taken live: RunEngine, simulated devices, TiledWriter; the raw run's uid."""
+    sample, energy, det = _detector(mode, seed)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, mode=mode,
+                                  i0_key=det.i0_key if mode == "stxm" else None))
+    return uid
+
+
+def _frames(mode: str, seed: int) -> dict[str, np.ndarray]:
+    """The frames the live scan's detector draws, in the same order (same seed): darks, then per energy the
+    flat (TXM) and the image. What a facility file of that scan holds."""
+    _, energy, det = _detector(mode, seed)
+    out: dict[str, list] = {"images": [], "flat": [], "i0": []}
+    if mode == "txm":
+        det.shutter.put("closed")
+        out["dark"] = det.acquire()[0]
+        det.shutter.put("open")
+    for e in ENERGIES:
+        energy.set(e).wait(5)
+        if mode == "txm":
+            det.sample_position.put("out")
+            out["flat"].append(det.acquire()[0])
+            det.sample_position.put("in")
+        frame, i0 = det.acquire()
+        out["images"].append(frame)
+        out["i0"].append(i0)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _stack(frames, mode: str, path, *, hdf5: bool = False, images=None) -> ImportedStack:
+    """An ImportedStack of ``frames``, as a reader returns it; with ``hdf5`` the images lie in ``path`` (NXstxm
+    layout) and the stack points there."""
+    if hdf5:
+        with h5py.File(path, "w") as f:
+            f["/entry/data/data"] = frames["images"]
+            f["/entry"].attrs["file_name"] = str(path)  # two files of the same frames are two imports
+    else:
+        np.save(path, frames["images"])
+    txm = mode == "txm"
+    return ImportedStack(path, "nxstxm" if hdf5 else "tiff", np.asarray(ENERGIES),
+                         frames["images"] if images is None else images, mode=mode,
+                         i0=None if txm else frames["i0"], flat=frames["flat"] if txm else None,
+                         dark=frames.get("dark"), metadata={"sample": "P7", "state_of_charge": SOC, "dwell_ms": 1.0},
+                         files=(path,), hdf5=HDF5Source(path, "/entry/data/data") if hdf5 else None)
+
+
+def _result(client, uid: str) -> dict[str, np.ndarray]:
+    result = reprocess_run(client, uid, ReprocessOptions(backend="numpy", replace=True))
+    assert result.status == "complete", result.errors
+    node = client["phasestream"][uid]
+    return {key: node[key].read() for key in ARRAYS}
+
+
+def _run_uids(client) -> set[str]:
+    return {uid for uid in client if uid != "phasestream"}
+
+
+@pytest.mark.parametrize("mode", ["stxm", "txm"])
+def test_an_imported_stack_analyses_to_the_phase_map_of_the_same_scan_taken_live(
+        tiled_client, detector_files, tmp_path, mode):
+    client = tiled_client
+    seed = 5 if mode == "stxm" else 6
+    live = _result(client, _live(client, mode, seed))
+    frames = _frames(mode, seed)
+    cases = {
+        "copied": (_stack(frames, mode, tmp_path / f"{mode}.npy"), "copied"),
+        "hdf5 in readable storage": (_stack(frames, mode, detector_files / f"{mode}.h5", hdf5=True), "external"),
+    }
+    if mode == "stxm":  # the server may not read this folder: it refuses the file, the images go into Tiled
+        cases["hdf5 elsewhere"] = (_stack(frames, mode, tmp_path / f"{mode}.h5", hdf5=True), "copied")
+    for case, (stack, images) in cases.items():
+        outcome = import_stack(client, stack, ImportOptions())
+        assert outcome.status == "complete", (case, outcome.reason)
+        assert outcome.details["images"] == images, case
+        assert ("copy_reason" in outcome.details) == (case == "hdf5 elsewhere"), case
+        run = open_raw_run(client, outcome.run_uid)
+        start = run.metadata["start"]
+        assert start["sample"] == {"name": "P7", "state_of_charge": SOC}
+        assert start["import"]["sha256"] == stack.sha256() and start["import"]["files"] == [str(stack.source)]
+        assert start["phasestream"]["mode"] == mode and start["num_points"] == len(ENERGIES)
+        assert sorted(run) == (["dark", "flat", "primary"] if mode == "txm" else ["primary"])
+        imported = _result(client, outcome.run_uid)
+        for key in ARRAYS:
+            np.testing.assert_array_equal(imported[key], live[key], err_msg=f"{case}: {key}")
+        assert client["phasestream"][outcome.run_uid].metadata["status"] == "complete"
+
+
+def test_importing_the_same_file_again_writes_nothing_and_names_the_run(tiled_client, tmp_path):
+    client = tiled_client
+    stack = _stack(_frames("stxm", 7), "stxm", tmp_path / "again.npy")
+    first = import_stack(client, stack)
+    before = _run_uids(client)
+    again = import_stack(client, stack, ImportOptions(sample="another name"))
+    assert again.status == "complete" and again.details["already_imported"] is True
+    assert again.run_uid == first.run_uid and _run_uids(client) == before
+    assert [uid for uid, _ in find_import(client, stack.sha256())] == [first.run_uid]
+
+
+def _refused(client, stack, options=None):
+    before = _run_uids(client)
+    outcome = import_stack(client, stack, options)
+    assert outcome.status == "failed" and outcome.run_uid == ""
+    assert _run_uids(client) == before
+    return outcome.reason
+
+
+def test_bad_input_is_refused_with_the_reason_and_nothing_is_written(tiled_client, tmp_path):
+    client = tiled_client
+    frames = _frames("stxm", 8)
+    path = tmp_path / "bad.npy"
+    stack = _stack(frames, "stxm", path)
+    far = ImportedStack(path, "tiff", np.asarray(ENERGIES) + 2000.0, frames["images"], files=(path,))
+    assert "outside the range of references 'nvpf-synthetic'" in _refused(client, far)
+    txm = ImportedStack(path, "tiff", np.asarray(ENERGIES), frames["images"], mode="txm", files=(path,))
+    assert "needs flat-field" in _refused(client, txm)
+    text = ImportedStack(path, "tiff", np.asarray(ENERGIES), frames["images"].astype(str), files=(path,))
+    assert "must be numbers" in _refused(client, text)
+    i0 = ImportedStack(path, "tiff", np.asarray(ENERGIES), frames["images"], i0=np.zeros(3), files=(path,))
+    assert "i0 has shape (3,)" in _refused(client, i0)
+    assert "state of charge must be a finite number" in _refused(client, stack, ImportOptions(soc=float("nan")))
+    assert "no such" in _refused(client, stack, ImportOptions(references="no-such-references")).lower()
+
+
+class _FailingFrames(np.ndarray):
+    """Images whose 7th frame cannot be read (a corrupt chunk of a lazily read file)."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int | np.integer) and index == 6:
+            raise OSError("frame 6: corrupt chunk")
+        return super().__getitem__(index)
+
+
+def test_a_write_that_fails_half_way_leaves_nothing_in_tiled(tiled_client, detector_files, tmp_path, monkeypatch):
+    client = tiled_client
+    frames = _frames("txm", 9)
+    # frames are written one by one (one image per batch): six are in Tiled when the seventh fails
+    one = ImportOptions(batch_bytes=1)
+    failing = _stack(frames, "txm", tmp_path / "fail.npy", images=frames["images"].view(_FailingFrames))
+    reason = _refused(client, failing, one)
+    assert "corrupt chunk" in reason and "was removed" in reason
+
+    # the server refuses mid-way (a full disk on the tenth request for array data)
+    from tiled.client.array import ArrayClient
+
+    calls = {"n": 0}
+    patch = ArrayClient.patch
+
+    def refusing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            request = httpx.Request("PATCH", str(self.uri))
+            raise httpx.HTTPStatusError("507 Insufficient Storage", request=request,
+                                        response=httpx.Response(507, request=request))
+        return patch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrayClient, "patch", refusing)
+    stack = _stack(frames, "txm", detector_files / "refused.h5", hdf5=True)
+    reason = _refused(client, stack, one)
+    assert "507" in reason and "was removed" in reason and calls["n"] >= 10
+    assert (detector_files / "refused.h5").exists()  # the original file is never touched
+    monkeypatch.undo()
+    assert import_stack(client, stack, one).status == "complete"  # and nothing blocks a retry
+
+
+def _nxstxm(path, frames) -> None:
+    """An NXstxm file (the definition's layout: NXentry / NXdata ``data`` (energy, sample_y, sample_x))."""
+    from nexusformat.nexus import NXdata, NXentry, NXfield, NXroot, NXsample
+
+    entry = NXentry()
+    entry.definition = NXfield("NXstxm")
+    entry.sample = NXsample()
+    entry.sample["name"] = NXfield("P7")
+    axes = [NXfield(np.asarray(ENERGIES), name="energy", units="eV"),
+            NXfield(np.arange(SHAPE[0]) * 0.05, name="sample_y", units="um"),
+            NXfield(np.arange(SHAPE[1]) * 0.05, name="sample_x", units="um")]
+    entry.counter0 = NXdata(NXfield(frames["images"], name="data"), axes)
+    entry.counter0.stxm_scan_type = NXfield("sample image stack")
+    root = NXroot()
+    root["entry0"] = entry
+    root.save(str(path), "w")
+
+
+def _imported(out: str) -> dict[str, tuple[str, str]]:
+    """``FILE: imported UID (...)`` / ``FILE: already imported UID`` lines: file name -> (word, uid)."""
+    found = {}
+    for line in out.splitlines():
+        path, _, rest = line.partition(": ")
+        words = rest.split()
+        if words[:1] == ["imported"]:
+            found[path.rsplit("/", 1)[-1]] = ("imported", words[1])
+        elif words[:2] == ["already", "imported"]:
+            found[path.rsplit("/", 1)[-1]] = ("already", words[2])
+    return found
+
+
+def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken_live(
+        tiled_server, tiled_client, detector_files, tmp_path, capsys):
+    import tifffile
+
+    from phasestream.app.cli import main
+
+    client = tiled_client
+    # facility files carry no I0 count: the live scans record none either (I0 from the image background)
+    sample, energy, det = _detector("stxm", 21)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    (stxm_live,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample))
+    txm_live = _live(client, "txm", 22)
+    live = {"stxm": _result(client, stxm_live), "txm": _result(client, txm_live)}
+    stxm, txm = _frames("stxm", 21), _frames("txm", 22)
+    tifffile.imwrite(tmp_path / "stack.tif", stxm["images"], photometric="minisblack")
+    _nxstxm(detector_files / "stack.nxs", stxm)
+    with h5py.File(tmp_path / "txm.h5", "w") as f:  # PyXAS: raw sample-in images with flats and a dark
+        f["img_xanes"], f["X_eng"] = txm["images"], np.asarray(ENERGIES)
+        f["img_bkg"], f["img_dark"] = txm["flat"], txm["dark"]
+    files = {"stack.tif": "stxm", "stack.nxs": "stxm", "txm.h5": "txm"}
+    paths = [str(tmp_path / "stack.tif"), str(detector_files / "stack.nxs"), str(tmp_path / "txm.h5")]
+    energies = ",".join(repr(float(e)) for e in ENERGIES)
+    before = _run_uids(client)
+    capsys.readouterr()
+    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--soc", str(SOC), "--analyze",
+                 "--backend", "numpy", *paths]) == 0
+    out = capsys.readouterr().out
+    lines = _imported(out)
+    assert sorted(lines) == sorted(files) and {word for word, _ in lines.values()} == {"imported"}, out
+    assert "stack.nxs: imported" in out and "images left in the HDF5 file" in out
+    assert _run_uids(client) - before == {uid for _, uid in lines.values()}
+    for name, mode in files.items():
+        uid = lines[name][1]
+        start = open_raw_run(client, uid).metadata["start"]
+        assert start["sample"]["state_of_charge"] == SOC and start["import"]["format"] in ("tiff", "nxstxm", "pyxas")
+        result = client["phasestream"][uid]
+        assert result.metadata["status"] == "complete", (name, result.metadata.get("errors"))
+        for key in ARRAYS:
+            np.testing.assert_array_equal(result[key].read(), live[mode][key], err_msg=f"{name}: {key}")
+
+    # again: nothing written, each file names its run
+    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--analyze", *paths]) == 0
+    again = _imported(capsys.readouterr().out)
+    assert again == {name: ("already", uid) for name, (_, uid) in lines.items()}
+    assert _run_uids(client) - before == {uid for _, uid in lines.values()}
+
+    # a file that is not a stack: an error naming it, exit 1, nothing written; the good file still imports
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    np.save(tmp_path / "other.npy", stxm["images"])
+    tifffile.imwrite(tmp_path / "other.tif", stxm["images"][::-1].copy(), photometric="minisblack")
+    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--sample", "P8",
+                 str(tmp_path / "broken.tif"), str(tmp_path / "other.tif")]) == 1
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'broken.tif'}: error: " in captured.err and "other.tif: imported" in captured.out
+    assert len(_run_uids(client) - before) == len(files) + 1
+    assert main(["import", "--tiled", tiled_server.uri, "--refine", paths[0]]) == 2  # --refine needs --analyze
+
+
+def test_whole_counts_read_as_floats_are_stored_as_16_bit_counts():
+    from phasestream.jobs.import_documents import counts_dtype
+
+    counts = np.random.default_rng(1).poisson(3000.0, size=(20, 4, 4)).astype(np.float32)
+    assert counts_dtype(counts) == np.uint16
+    assert counts_dtype(counts.astype(np.uint16)) == np.uint16  # integers keep their type
+    for value in (0.25, -1.0, 70000.0):  # in the last block: every block is looked at
+        changed = counts.copy()
+        changed[-1, 0, 0] = value
+        assert counts_dtype(changed) == np.float32
+
+
+def test_a_txm_stack_without_a_dark_image_has_no_dark_stream_and_is_analysed(tiled_client, tmp_path):
+    client = tiled_client
+    frames = _frames("txm", 23)
+    stack = _stack({k: v for k, v in frames.items() if k != "dark"}, "txm", tmp_path / "nodark.npy")
+    outcome = import_stack(client, stack)
+    assert outcome.status == "complete", outcome.reason
+    assert sorted(open_raw_run(client, outcome.run_uid)) == ["flat", "primary"]
+    result = reprocess_run(client, outcome.run_uid, ReprocessOptions(backend="numpy"))
+    assert result.status == "complete", result.errors
+
+
+def test_import_under_a_raw_path_creates_the_container_and_finds_re_imports_there(
+        tiled_server, tiled_client, tmp_path, capsys):
+    import tifffile
+
+    from phasestream.app.cli import main
+
+    client = tiled_client
+    frames = _frames("stxm", 24)
+    path = tmp_path / "raw.tif"
+    tifffile.imwrite(path, frames["images"], photometric="minisblack")
+    (tmp_path / "raw.txt").write_text("\n".join(repr(float(e)) for e in ENERGIES))  # found beside the TIFF
+    capsys.readouterr()
+    assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
+    captured = capsys.readouterr()
+    ((word, uid),) = _imported(captured.out).values()
+    assert word == "imported" and "created container" in captured.err
+    assert open_raw_run(client, uid, "beamline/imports").metadata["start"]["import"]["files"][-1].endswith("raw.txt")
+    assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
+    assert _imported(capsys.readouterr().out) == {"raw.tif": ("already", uid)}
+    assert main(["import", "--tiled", tiled_server.uri, "--raw", "../x", str(path)]) == 2  # refused path
