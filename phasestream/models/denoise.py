@@ -19,10 +19,14 @@ Why this design (docs/models.md#denoising):
   here the mask is the whole line, built into the network instead of drawn on the input (the
   blind-spot construction of Laine et al.): one branch sees only the rows above, one (the same
   weights on the flipped image) only the rows below, each shifted by one row, and 1x1 convolutions
-  combine them. The prediction for a pixel never depends on its own scan line, so noise that is
-  independent between lines is unpredictable, the loss on every pixel is the self-supervised
-  ``||f(y) - y||^2`` (whose expectation is the clean error plus the noise variance), no input
-  pixels are replaced, and inference needs no masks.
+  combine them into per-pixel weights of local means of the other lines, a convex combination (a
+  first version that predicted the value freely learned to shrink weak components, the phase
+  contrast, towards zero). Its likelihood under the predicted mean and variance is the loss (the
+  pixel itself being the mean plus unit noise), and the output is the posterior mean. The
+  prediction for a pixel never depends on its own scan line, so noise that is
+  independent between lines is unpredictable, every pixel is a training target (Noise2Self:
+  the expected loss is that against the clean image plus a constant), no input pixels are
+  replaced, and inference needs no masks.
 * **Speed.** Each component image is normalized by its noise level, so a network pretrained on
   simulated stacks (``denoise-stxm-synthetic``) is fine-tuned on the scan itself in a few hundred
   steps; a guide channel (the first, highest-SNR component) gives every component the sample's edges.
@@ -159,10 +163,33 @@ class UpwardConv(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "dilation": self.dilation}
 
 
-def upward_box_mean(x, k: int):
-    """Mean of ``x`` (B, Y, X, C) over rows ``r - k .. r`` and columns ``c - k .. c + k`` (zeros outside)."""
-    padded = ops.pad(x, [[0, 0], [k, 0], [k, k], [0, 0]])
-    return ops.average_pool(padded, (k + 1, 2 * k + 1), strides=1, padding="valid")
+def upward_box_mean(x, k: int, side: str = "centre"):
+    """Mean of ``x`` (B, Y, X, C) over rows ``r - k .. r`` and columns ``c - k .. c + k`` (``side``
+    ``"left"``: ``c - k .. c``, ``"right"``: ``c .. c + k``); zeros outside the image."""
+    left, right = {"centre": (k, k), "left": (k, 0), "right": (0, k)}[side]
+    padded = ops.pad(x, [[0, 0], [k, 0], [left, right], [0, 0]])
+    return ops.average_pool(padded, (k + 1, left + right + 1), strides=1, padding="valid")
+
+
+def _shift_down(x):
+    """Row ``r`` of the result is row ``r - 1`` of ``x`` (zeros in row 0)."""
+    return ops.pad(x, [[0, 0], [1, 0], [0, 0], [0, 0]])[:, :-1]
+
+
+def candidate_means(x, box_sizes: Sequence[int]):
+    """(B, Y, X, M) local means of ``x`` (B, Y, X, 1) over the lines strictly above each pixel, and
+    over those strictly below: the pixel right above (below) it, and boxes of half-width ``k`` that
+    are centred on its column or end at it on the left or the right; ``M = 2 (1 + 3 len(box_sizes))``.
+    Averages weight their pixels by the share of the box inside the image."""
+    n = ops.shape(x)[0]
+    both = ops.concatenate([x, ops.flip(x, axis=1)], axis=0)
+    ones = ops.ones_like(both)
+    means = [both]
+    for k in box_sizes:
+        for side in ("centre", "left", "right"):
+            means.append(upward_box_mean(both, k, side) / ops.maximum(upward_box_mean(ones, k, side), 1e-6))
+    up = _shift_down(ops.concatenate(means, axis=-1))
+    return ops.concatenate([up[:n], ops.flip(up[n:], axis=1)], axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="phasestream")
@@ -173,7 +200,10 @@ class BlindRowNet(keras.Model):
     component, of unit standard deviation); the branch sees the component through ``asinh``.
     Output (B, Y, X, 2): the mean ``mu`` and log-variance ``log s^2`` of the clean component
     predicted from the other lines (Laine et al.'s prior; :func:`blind_row_loss`,
-    :func:`posterior_mean`). Row ``r`` of the output depends on input rows above ``r`` (one branch)
+    :func:`posterior_mean`). ``mu`` is a convex combination of local means of the other lines
+    (:func:`candidate_means`) with weights the network predicts per pixel (kernel prediction): it
+    chooses the scale and side of its smoothing but cannot shrink a contrast. Row ``r`` of the
+    output depends on input rows above ``r`` (one branch)
     and below ``r`` (the same branch on the flipped image), never on row ``r``.
 
     Parameters
@@ -183,8 +213,8 @@ class BlindRowNet(keras.Model):
         field reaches ``1 + 2 * sum(dilations)`` rows up or down and ``sum(dilations)`` columns aside
     head : width of the two 1x1 convolutions that combine the branches
     box_sizes : half-widths ``k`` of the fixed upward box means given to the branch beside its
-        input (:func:`upward_box_mean`): smoothing at several scales to start from, so that a few
-        hundred steps suffice
+        input (:func:`upward_box_mean`), and of the local means the output mean is a convex
+        combination of (:func:`candidate_means`; the network predicts the weights)
     """
 
     def __init__(self, filters: int = 16, dilations: Sequence[int] = (1, 2, 4, 8), head: int = 32,
@@ -198,7 +228,7 @@ class BlindRowNet(keras.Model):
         self.convs = [UpwardConv(self.filters, d) for d in self.dilations]
         self.head1 = layers.Conv2D(self.head_width, 1)
         self.head2 = layers.Conv2D(self.head_width, 1)
-        self.out = layers.Conv2D(2, 1)
+        self.out = layers.Conv2D(2 * (1 + 3 * len(self.box_sizes)) + 1, 1)
 
     def call(self, x, training: bool = False):
         n = ops.shape(x)[0]
@@ -207,12 +237,14 @@ class BlindRowNet(keras.Model):
         h = ops.concatenate([h] + [upward_box_mean(h, k) for k in self.box_sizes], axis=-1)
         for i, conv in enumerate(self.convs):
             h = ops.silu(conv(h)) if i == 0 else h + ops.silu(conv(h))
-        h = ops.pad(h, [[0, 0], [1, 0], [0, 0], [0, 0]])[:, :-1]  # shift down: row r sees rows < r
+        h = _shift_down(h)  # row r sees rows < r
         h = ops.concatenate([h[:n], ops.flip(h[n:], axis=1)], axis=-1)
         out = self.out(ops.silu(self.head2(ops.silu(self.head1(h)))))
-        # the mean starts as that of the lines above and below (zero padded): learning starts there
-        c = ops.pad(x[..., :1], [[0, 0], [1, 1], [0, 0], [0, 0]])
-        return ops.concatenate([0.5 * (c[:, :-2] + c[:, 2:]) + out[..., :1], out[..., 1:]], axis=-1)
+        # the mean is a convex combination of local means of the other lines: it can choose the scale
+        # and side of its smoothing, but never scale a contrast down or make a value none of them has
+        weights = ops.softmax(out[..., :-1], axis=-1)
+        mu = ops.sum(weights * candidate_means(x[..., :1], self.box_sizes), axis=-1, keepdims=True)
+        return ops.concatenate([mu, out[..., -1:]], axis=-1)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "filters": self.filters, "dilations": self.dilations, "head": self.head_width,
@@ -353,7 +385,7 @@ class Denoised:
     info: dict[str, Any]
 
 
-def _predict(model: BlindRowNet, inputs: np.ndarray, tile_rows: int) -> np.ndarray:
+def _predict(model: BlindRowNet, inputs: np.ndarray, tile_rows: int, *, posterior: bool = True) -> np.ndarray:
     """(K, Y, X) denoised components (:func:`posterior_mean`), in row tiles with a margin of the
     receptive field (memory stays bounded; the result equals whole-image inference)."""
     k, h = inputs.shape[:2]
@@ -364,7 +396,8 @@ def _predict(model: BlindRowNet, inputs: np.ndarray, tile_rows: int) -> np.ndarr
             a, b = max(0, r0 - margin), min(h, r0 + tile_rows + margin)
             pred = np.asarray(model.predict_images(tf.constant(inputs[i:i + 1, a:b])))[0]
             rows = slice(r0 - a, r0 - a + min(tile_rows, h - r0))
-            out[i, r0:min(h, r0 + tile_rows)] = posterior_mean(inputs[i, a:b, :, 0][rows], pred[rows])
+            out[i, r0:min(h, r0 + tile_rows)] = (posterior_mean(inputs[i, a:b, :, 0][rows], pred[rows]) if posterior
+                                                 else pred[rows, :, 0])
     return out
 
 
@@ -408,7 +441,9 @@ def image_denoiser(model: BlindRowNet, *, tile_rows: int = 256):
     noise of standard deviation ``sigma`` (RUM-PnP's ``denoiser``; its name is ``"learned"``).
 
     The image (less its mean) in units of ``sigma`` is the component channel and, scaled to unit
-    standard deviation, its own guide.
+    standard deviation, its own guide. The result is the network's mean from the other lines
+    (not the posterior mean: its variance head is calibrated on component images, not on the
+    ADMM's iterates, and the ADMM weighs the data itself).
     """
 
     def learned(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -416,6 +451,6 @@ def image_denoiser(model: BlindRowNet, *, tile_rows: int = 256):
         s, mean = max(float(sigma), 1e-12), float(img.mean())
         centred = img - mean
         inputs = np.stack([centred / s, centred / max(float(centred.std()), 1e-12)], axis=-1)[None]
-        return _predict(model, inputs.astype(np.float32), tile_rows)[0].astype(np.float64) * s + mean
+        return _predict(model, inputs.astype(np.float32), tile_rows, posterior=False)[0].astype(np.float64) * s + mean
 
     return learned
