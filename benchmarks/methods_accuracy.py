@@ -26,8 +26,13 @@ pixels a structure spans; the paper's images are 379 x 520 and 761 x 742 pixels,
 PSNR runs over the whole image with the estimate's maximum as peak; here only the particle pixels
 count (our background has a thickness of 0.1 and an arbitrary fraction) and the peak is 1.
 
+With ``--learned MODEL`` RUM-PnP runs a second time with the learned denoiser as its prior
+(``phasestream.models.denoise.image_denoiser`` of the artifact MODEL, e.g. ``denoise-stxm-synthetic``;
+its strength tuned the same way), reported as ``rum_pnp_learned`` beside ``rum_pnp`` (BM3D, or TV
+without the ``bm3d`` package) and ``rum_tv``.
+
 Usage: python benchmarks/methods_accuracy.py [--size 512] [--sigmas 0.05 0.1 0.2 0.3 0.5]
-       [--pnp-strengths 0.5] [--pnp-iter 20]
+       [--pnp-strengths 0.5] [--pnp-iter 20] [--learned denoise-stxm-synthetic]
 """
 
 from __future__ import annotations
@@ -101,12 +106,22 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--pnp-iter", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--learned", default=None, metavar="MODEL",
+                        help="also RUM-PnP with this denoise artifact as the prior (imports TensorFlow)")
     args = parser.parse_args()
 
     energies = np.linspace(8300.0, 8450.0, args.energies)
     refs = ni_references().interpolate(energies)
     window = (8330.0, 8360.0)
     denoiser = "bm3d" if bm3d_available() else "tv"
+    pnp = {"pnp": denoiser}
+    if args.learned:
+        from phasestream.models.denoise import image_denoiser
+        from phasestream.models.registry import ModelRegistry
+
+        pnp["pnp_learned"] = image_denoiser(ModelRegistry().load(args.learned)[1])
+    runs = [("tv", "tv", args.strengths, args.max_iter, denoiser)]
+    runs += [(key, "pnp", args.pnp_strengths, args.pnp_iter, d) for key, d in pnp.items()]
     rows = []
     for sigma in args.sigmas:
         row = {"sigma": sigma}
@@ -114,10 +129,12 @@ def main() -> None:
         # choose RUM strengths on a held-out sample
         thick_v, frac_v = two_phase_sample(args.size // 2, seed=args.seed + 100)
         y_v = simulate(refs, thick_v, frac_v, sigma, seed=args.seed + 200)
-        for prior, grid, iters in (("tv", args.strengths, args.max_iter), ("pnp", args.pnp_strengths, args.pnp_iter)):
-            tuned[prior] = grid[0] if len(grid) == 1 else max(grid, key=lambda st, prior=prior, iters=iters: scores(
-                frac_v, robust_unmixing(y_v, refs, prior=prior, strength=st, max_iter=iters,
-                                        denoiser=denoiser).fractions[0], thick_v >= 0.3)["psnr"])
+        for key, prior, grid, iters, den in runs:
+            def held_out(st, prior=prior, iters=iters, den=den, y=y_v, truth=frac_v, mask=thick_v >= 0.3):
+                res = robust_unmixing(y, refs, prior=prior, strength=st, max_iter=iters, denoiser=den)
+                return scores(truth, res.fractions[0], mask)["psnr"]
+
+            tuned[key] = grid[0] if len(grid) == 1 else max(grid, key=held_out)
         thickness, fraction = two_phase_sample(args.size, seed=args.seed)
         mask = thickness >= 0.3
         stack = simulate(refs, thickness, fraction, sigma, seed=args.seed + 1)
@@ -126,10 +143,10 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t, 2)}
         t = time.perf_counter()
         row["lcf"] = {**scores(fraction, lcf_fraction(stack, refs), mask), "seconds": round(time.perf_counter() - t, 2)}
-        for prior, name, iters in (("tv", "rum_tv", args.max_iter), ("pnp", "rum_pnp", args.pnp_iter)):
-            res = robust_unmixing(stack, refs, prior=prior, strength=tuned[prior], max_iter=iters, denoiser=denoiser)
-            row[name] = {**scores(fraction, res.fractions[0], mask), "seconds": round(res.seconds, 2),
-                         "strength": tuned[prior], "iterations": res.iterations}
+        for key, prior, _, iters, den in runs:
+            res = robust_unmixing(stack, refs, prior=prior, strength=tuned[key], max_iter=iters, denoiser=den)
+            row[f"rum_{key}"] = {**scores(fraction, res.fractions[0], mask), "seconds": round(res.seconds, 2),
+                                 "strength": tuned[key], "iterations": res.iterations}
         row["rum_tv_gain_db"] = round(row["rum_tv"]["psnr"] - row["lcf"]["psnr"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -269,3 +269,18 @@ def train_indi_artifact(data: PairSet, directory: str | Path, *, name: str, vers
     artifact = save_artifact(result.model, directory, name=name, version=version, kind="indi", training=training,
                              metrics=result.metrics, extra=extra, overwrite=overwrite)
     return artifact, result
+
+
+def train_denoise_artifact(stacks, provenance: dict, directory: str | Path, *, name: str, version: str,
+                           overwrite: bool = False, **train_options: Any):
+    """Train the blind-row denoiser on OD ``stacks`` (each (E, Y, X)) and save the artifact
+    ``<directory>/<name>-<version>``; ``(artifact, result)``."""
+    from phasestream.models.denoise import train_denoiser
+    from phasestream.models.registry import save_artifact
+
+    result = train_denoiser(stacks, **train_options)
+    training = {**provenance, "options": {k: v for k, v in train_options.items() if k != "progress"}}
+    extra = {"components": "pca-whitened", "mask": "blind scan line (rows above and below only)"}
+    artifact = save_artifact(result.model, directory, name=name, version=version, kind="denoise",
+                             training=training, metrics=result.metrics, extra=extra, overwrite=overwrite)
+    return artifact, result

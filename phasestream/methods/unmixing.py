@@ -200,6 +200,9 @@ def _denoiser(name: str | Callable) -> Callable[[np.ndarray, float], np.ndarray]
         return lambda image, sigma: np.asarray(bm3d.bm3d(image, sigma_psd=sigma), np.float64)
     if name == "tv":  # the exact proximal map of lam * isotropic TV: weight = lam / rho = sigma^2
         return lambda image, sigma: denoise_tv_chambolle(image, weight=sigma**2)
+    if name == "learned":
+        raise ValueError("the learned denoiser lives in the models layer: pass it as a callable, "
+                         "denoiser=phasestream.models.denoise.image_denoiser(model)")
     if name == "nl_means":
         return lambda image, sigma: denoise_nl_means(image, h=0.8 * sigma, sigma=sigma, patch_size=5,
                                                      patch_distance=6, fast_mode=True)
@@ -243,8 +246,9 @@ def robust_unmixing(
         weights, and the second term keeps the shrinkage threshold ``lam / rho`` at most 0.15 so
         that strong priors converge instead of oscillating (for PnP ``lam`` of TV at the same
         strength; with ``lam`` given for PnP, ``c_A^2``)
-    denoiser : PnP only: ``"bm3d"``, ``"tv"``, ``"nl_means"``, a callable ``(image, sigma) -> image``,
-        or ``"auto"`` (BM3D when installed, else ``"tv"``)
+    denoiser : PnP only: ``"bm3d"``, ``"tv"``, ``"nl_means"``, a callable ``(image, sigma) -> image``
+        (the learned denoiser: ``phasestream.models.denoise.image_denoiser(model)``, recorded as
+        ``"learned"``), or ``"auto"`` (BM3D when installed, else ``"tv"``)
     max_iter : ADMM iterations at most (the paper: 100)
     tol : stop when the relative change of X is below this (after ``min_iter`` iterations)
     min_iter : iterations at least

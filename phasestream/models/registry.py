@@ -4,7 +4,7 @@ An artifact is a folder holding the saved Keras model (``model.keras``) and ``ma
 
     {
       "format": "phasestream-model/1",
-      "name": "gmvae-nvpf-synthetic", "kind": "gmvae", "version": "1.0.0",
+      "name": "gmvae-nvpf-synthetic", "kind": "gmvae" | "indi" | "denoise", "version": "1.0.0",
       "sha256": "<sha256 of the weights: every weight array's dtype, shape and bytes, in order>",
       "files": {"model.keras": "<sha256 of the file>"},
       "energies_eV": [...], "phases": [...],
@@ -46,7 +46,7 @@ FORMAT = "phasestream-model/1"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-KINDS = ("gmvae", "indi")
+KINDS = ("gmvae", "indi", "denoise")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REQUIRED = ("format", "name", "kind", "version", "sha256", "files", "created")
 
@@ -170,6 +170,7 @@ class Artifact:
         import keras
 
         # importing the modules registers their Keras classes
+        from phasestream.models.denoise import BlindRowNet  # noqa: F401
         from phasestream.models.gmvae import GMVAE  # noqa: F401
         from phasestream.models.indi import InDINet  # noqa: F401
 

@@ -136,6 +136,12 @@ class ModelClient:
         return self.request("enhance", model=model, version=version, array=np.asarray(images, np.float32),
                             options={"steps": int(steps)} if steps is not None else None, timeout=timeout)
 
+    def denoise(self, model: str, od: np.ndarray, *, version: str | None = None, fine_tune_steps: int = 0,
+                timeout: float | None = None) -> dict:
+        """Denoised OD stack: the reply (``array`` (E, Y, X), ``components``, ``seconds``, model info)."""
+        return self.request("denoise", model=model, version=version, array=np.asarray(od, np.float32),
+                            options={"fine_tune_steps": int(fine_tune_steps)}, timeout=timeout)
+
     def decode(self, model: str, latent: np.ndarray, *, version: str | None = None) -> np.ndarray:
         return self.request("decode", model=model, version=version, array=np.asarray(latent, np.float32))["array"]
 

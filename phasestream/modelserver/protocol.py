@@ -3,7 +3,7 @@
 Wire format (docs/contract.md, "Wire formats"): the server is a ROUTER; clients are DEALER (or REQ)
 sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` layout, never pickle)::
 
-    request  {op: "health"|"list"|"encode"|"decode"|"enhance", model: str, version: str (optional),
+    request  {op: "health"|"list"|"encode"|"decode"|"enhance"|"denoise", model: str, version: str (optional),
               array: ndarray, options: {}, id: any (optional, echoed)}
     reply    {ok: bool, model, version, sha256, array (when any), error: str (when not ok), id}
 
@@ -12,7 +12,10 @@ sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` l
 ``options: {components: true}``); ``decode`` takes latent points (N, D) and replies with normalized
 spectra (N, E); ``enhance`` (InDI models) takes a low-quality image (Y, X) or images (N, Y, X) and
 replies with the enhanced, ``scale``-times larger image(s) (``options: {steps: N}``, default the
-model's). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
+model's); ``denoise`` (denoise models) takes an OD stack (E, Y, X), NaN allowed, and replies with
+the denoised stack, ``components`` kept and ``seconds`` (``options: {fine_tune_steps: N}``,
+self-supervised fine-tuning on the stack first, default 0). ``list`` replies ``models``: the
+artifacts' summaries; ``health`` replies ``status``,
 ``loaded`` models, ``uptime_s``, ``pid`` and ``stats`` (request, batch and item counters).
 
 Arrays are validated after conversion to float32, the dtype the models compute in: a float64 value
@@ -33,9 +36,9 @@ __all__ = ["DEFAULT_MODEL_ADDRESS", "MAX_ERROR_CHARS", "MODEL_DTYPE", "MODEL_OPS
            "ModelServerUnavailable", "truncated"]
 
 DEFAULT_MODEL_ADDRESS = "tcp://127.0.0.1:5579"
-OPS = ("health", "list", "encode", "decode", "enhance")
-MODEL_OPS = {"gmvae": ("encode", "decode"), "indi": ("enhance",)}
-# what GMVAE.encode/decode and indi.enhance_image cast their input to: requests are checked in it
+OPS = ("health", "list", "encode", "decode", "enhance", "denoise")
+MODEL_OPS = {"gmvae": ("encode", "decode"), "indi": ("enhance",), "denoise": ("denoise",)}
+# what GMVAE.encode/decode, indi.enhance_image and denoise.denoise_stack cast their input to: requests are checked in it
 MODEL_DTYPE = np.dtype(np.float32)
 MAX_ERROR_CHARS = 1000
 
@@ -46,7 +49,6 @@ class ModelServerError(RuntimeError):
 
 class ModelServerUnavailable(ConnectionError):
     """No reply from the model server within the timeout, after every retry."""
-
 
 
 def truncated(text: str, limit: int = MAX_ERROR_CHARS) -> str:

@@ -206,7 +206,7 @@ class ModelServer:
         op = message.get("op")
         if op not in OPS:
             raise _RequestError(f"malformed request: op must be one of {list(OPS)}, got {op!r}")
-        if op in ("encode", "decode", "enhance"):
+        if op in ("encode", "decode", "enhance", "denoise"):
             if not isinstance(message.get("model"), str) or not message["model"]:
                 raise _RequestError(f"malformed request: op {op!r} needs a model name")
             if message.get("version") is not None and not isinstance(message["version"], str):
@@ -262,6 +262,8 @@ class ModelServer:
             return
         if op == "enhance":
             self._enhance(loaded, valid)
+        elif op == "denoise":
+            self._denoise(loaded, valid)
         else:
             self._run_batch(op, loaded, valid)
 
@@ -330,6 +332,25 @@ class ModelServer:
             self.stats["items"] += len(images)
             req.reply = {"ok": True, **loaded.info, "steps": steps, "array": out[0] if array.ndim == 2 else out}
 
+    def _denoise(self, loaded: _Loaded, valid: list[tuple[_Request, np.ndarray]]) -> None:
+        """Denoising: each request's OD stack (E, Y, X), one at a time, optionally fine-tuned on it first."""
+        from phasestream.models.denoise import denoise_stack
+
+        for req, array in valid:
+            steps = req.message.get("options", {}).get("fine_tune_steps", 0)
+            if not isinstance(steps, int) or not 0 <= steps <= 5000:
+                req.reply = self._error(f"options.fine_tune_steps must be an integer in 0..5000, got {steps!r}",
+                                        **loaded.info)
+                continue
+            try:
+                result = denoise_stack(loaded.model, array, fine_tune_steps=steps)
+            except Exception as exc:  # noqa: BLE001 - nor one in denoising a stack
+                req.reply = self._inference_error("denoise", loaded, exc)
+                continue
+            self.stats["items"] += 1
+            req.reply = {"ok": True, **loaded.info, "array": result.od, "components": result.components,
+                         "fine_tune_steps": steps, "seconds": result.info["seconds"]}
+
     def _check_input(self, op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
         """The request's array as :data:`MODEL_DTYPE`, checked in that dtype (shape, size, finite values)."""
         model, art = loaded.model, loaded.artifact
@@ -339,6 +360,10 @@ class ModelServer:
             if array.ndim not in (2, 3) or min(array.shape[-2:]) < 8 or array.size == 0:
                 raise _RequestError(f"model {art.name} {art.version} enhances an image (Y, X) or images (N, Y, X) "
                                     f"of at least 8 x 8 pixels; got shape {list(array.shape)}")
+        elif op == "denoise":
+            if array.ndim != 3 or array.shape[0] < 2 or min(array.shape[1:]) < 8:
+                raise _RequestError(f"model {art.name} {art.version} denoises an OD stack (E, Y, X) of at least 2 "
+                                    f"energies and 8 x 8 pixels; got shape {list(array.shape)}")
         elif op == "encode":
             n = model.n_energies
             if array.ndim != 2 or array.shape[1] != n:
@@ -363,9 +388,9 @@ class ModelServer:
         if array.dtype.itemsize > MODEL_DTYPE.itemsize and (np.isfinite(array) & ~finite).any():
             raise _RequestError(f"array has non-finite values after conversion to {MODEL_DTYPE} ({array.dtype} "
                                 f"values beyond {MODEL_DTYPE} range, max {np.finfo(MODEL_DTYPE).max:.4g}?)")
-        if op != "enhance":
+        if op not in ("enhance", "denoise"):
             raise _RequestError("array contains NaN or infinite values: send particle pixels only")
-        if not finite.any():  # enhance_image fills NaN pixels with the image's median
+        if not finite.any():  # enhance_image and denoise_stack fill NaN pixels with the median
             raise _RequestError("the image has no finite pixel")
         return x
 

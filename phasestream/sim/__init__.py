@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from phasestream.sim.noise import LINE_CORRELATED, SimulatedStack, STXMNoise, simulate_stack
 from phasestream.sim.references import nvpf_references
 from phasestream.sim.samples import SimulatedSample, flat_field, make_sample
 
@@ -23,7 +24,8 @@ _LAZY = {
     "sample_metadata": "phasestream.sim.plans",
 }
 
-__all__ = ["SimulatedSample", "flat_field", "make_sample", "nvpf_references", *_LAZY]
+__all__ = ["LINE_CORRELATED", "STXMNoise", "SimulatedSample", "SimulatedStack", "flat_field", "make_sample",
+           "nvpf_references", "simulate_stack", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

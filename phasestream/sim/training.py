@@ -16,7 +16,7 @@ from phasestream.jobs.training import PairSet, TrainingSet, ValidationRun, analy
 from phasestream.kernels.pearson import pearson_maps
 from phasestream.kernels.phases import assign_phases, particle_mask
 
-__all__ = ["SYNTHETIC_STATES", "synthetic_indi_pairs", "synthetic_training_set"]
+__all__ = ["SYNTHETIC_STATES", "synthetic_denoise_stacks", "synthetic_indi_pairs", "synthetic_training_set"]
 
 SYNTHETIC_STATES = (3.0, 2.4, 2.0, 1.0, 0.8)
 
@@ -92,3 +92,32 @@ def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, 
     provenance = {"source": "synthetic", "seed": seed, "n_pairs": n_pairs, "shape": list(shape),
                   "degradation": {"blur_sigma_px": blur_sigma, "downsample": 2, "noise_std": noise}}
     return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance)
+
+
+def synthetic_denoise_stacks(*, seed: int = 0, n_stacks: int = 10, shape: tuple[int, int] = (192, 192),
+                             doses: Sequence[float] = (200.0, 300.0, 500.0, 1000.0, 3000.0),
+                             states: Sequence[float] = SYNTHETIC_STATES, n_energies: int = 12,
+                             references: str = "nvpf-synthetic") -> tuple[list[np.ndarray], dict]:
+    """Noisy OD stacks (E, Y, X) of simulated STXM scans with line-correlated noise
+    (:data:`phasestream.sim.noise.LINE_CORRELATED`), for training the denoiser, and their provenance.
+
+    Stack ``i`` is a sample at ``states[i % len(states)]`` and ``doses[i % len(doses)]`` counts/px,
+    seed ``1000 * (seed + 1) + 500 + i`` (never a test's or benchmark's sample, < 1000), at the
+    demo's energies.
+    """
+    from phasestream.references import load_references, select_energies
+    from phasestream.sim.noise import LINE_CORRELATED, simulate_stack
+    from phasestream.sim.samples import make_sample
+
+    refs = load_references(references)
+    energies = np.asarray(select_energies(refs, n_energies, method="score"))
+    rng = np.random.default_rng(seed)
+    stacks = []
+    for i in range(n_stacks):
+        sample = make_sample(shape, state_of_charge=states[i % len(states)], references=refs,
+                             n_particles=int(rng.integers(3, 7)), seed=1000 * (seed + 1) + 500 + i)
+        stacks.append(simulate_stack(sample, energies, dose=doses[i % len(doses)], noise=LINE_CORRELATED, rng=rng).od)
+    provenance = {"source": "synthetic", "seed": seed, "references": refs.name, "n_stacks": n_stacks,
+                  "shape": list(shape), "doses": list(doses), "states": list(states),
+                  "energies_eV": [float(e) for e in energies], "noise": "LINE_CORRELATED"}
+    return stacks, provenance
