@@ -34,7 +34,7 @@ from phasestream.contract import RESULT_SPEC, JobOutcome, RunDefaults, Status, c
 from phasestream.contract.fields import parse_field_key
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
-from phasestream.store.odstore import external_od_path, remove_od_store
+from phasestream.store.odstore import external_od_path
 from phasestream.store.results import ResultExistsError
 from phasestream.store.tiled import open_raw_run
 
@@ -322,7 +322,8 @@ def _results_of(client, root: str, run_uid: str) -> dict[str, str | None]:
 
 def _remove_stale(client, root: str, run_uid: str, keys: set[str]) -> None:
     """Remove the run's results ``keys`` that this analysis did not write again (checked: each key is the
-    run uid or one of its field keys, and the node a PhaseMap result of this run)."""
+    run uid or one of its field keys, and the node a PhaseMap result of this run). An external ``od``
+    directory such a result names is left on disk: its path comes from Tiled, not from a configured folder."""
     for key in sorted(keys):
         node = client[root][key]
         if RESULT_SPEC not in [spec.name for spec in node.specs] or node.metadata.get("run_uid") != run_uid:
@@ -330,8 +331,8 @@ def _remove_stale(client, root: str, run_uid: str, keys: set[str]) -> None:
         logger.info("run %s: removing its result %s/%s, which the new analysis did not write", run_uid, root, key)
         stale = external_od_path(node["od"] if "od" in node else None)
         node.delete(recursive=True, external_only=False)
-        if stale is not None and stale.parent.name == key:  # the OD store's folder of this result
-            remove_od_store(stale, None)
+        if stale is not None:  # a path read from Tiled, and reprocess knows no OD store: never removed from here
+            logger.warning("run %s: the external od of %s/%s is left in place at %s", run_uid, root, key, stale)
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
