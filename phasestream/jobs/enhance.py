@@ -26,7 +26,12 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.modelserver.protocol import (
+    DEFAULT_MODEL_ADDRESS,
+    ModelRefused,
+    ModelServerError,
+    ModelServerUnavailable,
+)
 from phasestream.store.results import ResultWriter
 
 __all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance_options_from_start", "enhance_result",
@@ -77,7 +82,8 @@ def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = 
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
     with jobs_model_client(opts, model_client) as client:
         return recorded_job(writer, "enhancement", lambda: _enhance(writer, client, opts),
-                            skipped=(ModelServerUnavailable,), failed=(ModelServerError, ValueError),
+                            skipped=(ModelServerUnavailable, ModelRefused),
+                            failed=(ModelServerError, ValueError),
                             retry=f"phasestream reprocess --enhance {run_uid}", extra={"model": opts.model})
 
 
@@ -101,8 +107,8 @@ def _enhance(writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) ->
     planes, info = [], None
     for i in range(n):
         plane = np.asarray(od[i], np.float32)
-        reply = client.enhance(opts.model, plane, version=opts.version if info is None else info["version"],
-                               steps=opts.steps)
+        reply = client.enhance(opts.model, plane, domain="od",
+                               version=opts.version if info is None else info["version"], steps=opts.steps)
         info = info or reply
         planes.append(reply["array"])
     enhanced = np.stack(planes).astype(np.float32)

@@ -43,7 +43,7 @@ from phasestream.jobs.executors import Job, JobReport
 from phasestream.jobs.methods import MethodsOptions, _references, lcf_arrays
 from phasestream.jobs.record import recorded_job
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import ModelServerError, ModelServerUnavailable
+from phasestream.modelserver.protocol import ModelRefused, ModelServerError, ModelServerUnavailable
 from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import connect, separate_api_key
 
@@ -180,7 +180,8 @@ def enhance_planes(tiled_uri: str, run_uid: str, root: str, planes: tuple[int, i
     info: dict = {}
     with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
         for i in range(*planes):
-            reply = models.enhance(opts.model, np.asarray(od[i], np.float32), version=opts.version, steps=opts.steps)
+            reply = models.enhance(opts.model, np.asarray(od[i], np.float32), domain="od", version=opts.version,
+                                   steps=opts.steps)
             out.write_block(np.ascontiguousarray(reply["array"][np.newaxis], np.float32), block=(i, 0, 0))
             info = {k: reply[k] for k in ("model", "version", "sha256", "steps")}
     return {"planes": list(planes), **info}
@@ -207,7 +208,8 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
         md = writer.metadata
         with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
             models.health(timeout=min(5.0, opts.timeout))
-            probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), version=opts.version, steps=1)
+            probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), domain="od", version=opts.version,
+                                   steps=1)
         scale = probe["array"].shape[-1] // 8
         ny, nx = writer.container["od"].shape[1:]
         shape = (n, ny * scale, nx * scale)
@@ -228,7 +230,7 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
                 "steps": chunks[0]["steps"], "scale": float(scale), "shape": list(shape), "source": "od",
                 "split": {"parts": len(ranges), "ranges": [list(r) for r in ranges]}}
 
-    return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable,),
+    return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable, ModelRefused),
                         failed=(ModelServerError, ValueError, SplitJobError),
                         retry=f"phasestream reprocess --enhance --split {parts} {run_uid}", extra={"model": opts.model})
 

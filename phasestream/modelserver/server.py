@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from phasestream.models.domain import DOMAINS, ModelRefusedError, check_domain
 from phasestream.models.registry import ArtifactError, ModelNotFoundError, ModelRegistry
 from phasestream.modelserver.protocol import (
     DEFAULT_MODEL_ADDRESS,
@@ -320,6 +321,10 @@ class ModelServer:
             if not isinstance(steps, int) or not 1 <= steps <= 100:
                 req.reply = self._error(f"options.steps must be an integer in 1..100, got {steps!r}", **loaded.info)
                 continue
+            refusal = self._refusal(art, options)
+            if refusal is not None:
+                req.reply = refusal
+                continue
             try:
                 images = array[None] if array.ndim == 2 else array
                 out = np.stack([enhance_image(loaded.model, im, steps=steps, scale=int(art.manifest.get("scale", 2)))
@@ -329,6 +334,20 @@ class ModelServer:
                 continue
             self.stats["items"] += len(images)
             req.reply = {"ok": True, **loaded.info, "steps": steps, "array": out[0] if array.ndim == 2 else out}
+
+    def _refusal(self, art, options: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply refusing to enhance with ``art`` (image of another domain), or None when it may."""
+        info = {"model": art.name, "version": art.version, "sha256": art.sha256}
+        domain = options.get("domain")
+        if not isinstance(domain, str) or domain not in DOMAINS:
+            return self._error(f"options.domain must say what the image is, one of {list(DOMAINS)}; got "
+                               f"{truncated(repr(domain), 60)}", **info)
+        try:
+            check_domain(art.manifest, domain)
+        except ModelRefusedError as exc:
+            self.stats["refused"] += 1
+            return {**self._error(str(exc), **info), "refused": "domain"}
+        return None
 
     def _check_input(self, op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
         """The request's array as :data:`MODEL_DTYPE`, checked in that dtype (shape, size, finite values)."""

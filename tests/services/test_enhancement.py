@@ -15,7 +15,7 @@ from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.jobs.enhance import EnhanceOptions, enhance_result
 from phasestream.models.registry import ModelRegistry
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import ModelServerError
+from phasestream.modelserver.protocol import ModelRefused, ModelServerError
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import raw_run_writer
@@ -27,9 +27,27 @@ INDI = "indi-particles-synthetic"
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 4)
 
 
+TRANSMISSION_MODEL = "indi-transmission"
+
+
 @pytest.fixture(scope="module")
-def models():
-    with ModelServerProcess(args=("--preload", INDI)) as proc:
+def user_models(tmp_path_factory):
+    """A folder with a (tiny, untrained) InDI artifact declared as trained on transmission images."""
+    from phasestream.models.indi import InDINet
+    from phasestream.models.registry import save_artifact
+
+    folder = tmp_path_factory.mktemp("models")
+    net = InDINet(base_filters=4, depth=1, dilations=(1,)).build_for_inference()
+    domain = {"image": "transmission", "normalization": {"mode": "open_beam", "lq": {"i0": 120.0, "from": "test"},
+                                                          "hq": {"i0": 3000.0, "from": "test"}}}
+    save_artifact(net, folder, name=TRANSMISSION_MODEL, version="1.0.0", kind="indi",
+                  metrics={"gain_over_bicubic_db": 5.0}, extra={"scale": 2, "steps": 1, "domain": domain})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(user_models):
+    with ModelServerProcess(args=("--preload", INDI, "--models-dir", str(user_models))) as proc:
         yield proc
 
 
@@ -54,16 +72,18 @@ def test_enhance_op_equals_the_model_in_process(models):
     art, model = ModelRegistry().load(INDI)
     image = np.random.default_rng(0).uniform(0, 1, (40, 48)).astype(np.float32)
     with ModelClient(models.address, timeout=120) as client:
-        reply = client.enhance(INDI, image, steps=3)
+        reply = client.enhance(INDI, image, domain="od", steps=3)
         assert reply["array"].shape == (80, 96) and reply["steps"] == 3
         assert (reply["model"], reply["version"], reply["sha256"]) == (INDI, art.version, art.sha256)
         np.testing.assert_allclose(reply["array"], enhance_image(model, image, steps=3), rtol=1e-4, atol=1e-4)
-        stack = client.enhance(INDI, np.stack([image, image[::-1]]))["array"]
+        stack = client.enhance(INDI, np.stack([image, image[::-1]]), domain="od")["array"]
         assert stack.shape == (2, 80, 96)
         with pytest.raises(ModelServerError, match="at least 8 x 8"):
-            client.enhance(INDI, np.zeros((4, 4), np.float32))
+            client.enhance(INDI, np.zeros((4, 4), np.float32), domain="od")
         with pytest.raises(ModelServerError, match="steps must be an integer"):
-            client.request("enhance", model=INDI, array=image, options={"steps": 0})
+            client.request("enhance", model=INDI, array=image, options={"steps": 0, "domain": "od"})
+        with pytest.raises(ModelServerError, match="options.domain must say what the image is"):
+            client.request("enhance", model=INDI, array=image, options={"steps": 1})
         with pytest.raises(ModelServerError, match="is a indi model"):
             client.request("encode", model=INDI, array=np.zeros((2, 13), np.float32))
         assert client.health()["status"] == "serving"
@@ -106,3 +126,20 @@ def test_reprocess_enhance_command_and_server_down(tiled_server, tiled_client, m
                      "--models", models.address])
     assert code == 0
     assert tiled_client["phasestream"][uid].metadata["enhancement"]["status"] == "complete"
+
+
+def test_a_transmission_model_is_refused_on_od_images(tiled_client, models):
+    """Issue 23: a model trained on transmission never enhances OD, through the server nor the job."""
+    image = np.random.default_rng(3).uniform(0.2, 1.0, (32, 32)).astype(np.float32)
+    with ModelClient(models.address, timeout=120) as client:
+        with pytest.raises(ModelRefused, match="trained on transmission images and these images are od"):
+            client.enhance(TRANSMISSION_MODEL, image, domain="od")
+        same = client.enhance(TRANSMISSION_MODEL, image, domain="transmission")  # its own domain: enhanced
+        assert same["array"].shape == (64, 64)
+        assert client.health()["stats"]["refused"] == 1
+    uid = _scan(tiled_client)
+    record = enhance_result(tiled_client, uid, EnhanceOptions(model=TRANSMISSION_MODEL, address=models.address))
+    assert record["status"] == "skipped", record
+    assert "trained on transmission images and these images are od" in record["reason"]
+    node = tiled_client["phasestream"][uid]
+    assert "enhanced" not in node and TRANSMISSION_MODEL not in (node.metadata.get("models") or {})
