@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from phasestream.jobs.training import PairSet, TrainingSet, analysed_labels
+from phasestream.models.domain import SYNTHETIC_DOMAIN
 
 __all__ = ["SYNTHETIC_STATES", "synthetic_indi_pairs", "synthetic_training_set"]
 
@@ -75,4 +76,5 @@ def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, 
     hq, lq = phantom_pairs(n_pairs, shape, seed=seed + 1, blur_sigma=blur_sigma, noise=noise)
     provenance = {"source": "synthetic", "seed": seed, "n_pairs": n_pairs, "shape": list(shape),
                   "degradation": {"blur_sigma_px": blur_sigma, "downsample": 2, "noise_std": noise}}
-    return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance)
+    return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance,
+                   dict(SYNTHETIC_DOMAIN))

@@ -24,7 +24,7 @@ from phasestream.sim.phantoms import degrade, particle_phantom, phantom_pairs, u
 
 
 def test_tiny_unet_trains_and_its_loss_falls():
-    hq, lq = phantom_pairs(4, (64, 64), seed=7)
+    hq, lq = phantom_pairs(2, (96, 96), seed=7)
     result = train_indi(list(hq), [upscale(x) for x in lq], base_filters=4, depth=1, crop=32, batch_size=4,
                         iterations=80, max_learning_rate=3e-3, step_candidates=(1, 2), progress=False)
     first, last = np.mean(result.history[:10]), np.mean(result.history[-10:])
