@@ -94,7 +94,9 @@ def test_enhancement_job_writes_enhanced_od_images(tiled_client, models):
     record = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=2))
     assert record["status"] == "complete", record
     node = tiled_client["phasestream"][uid]
-    enhanced = node["enhanced"].read()
+    version = ModelRegistry().get(INDI).version
+    assert record["path"] == f"enhanced/{INDI}/{version}/2" and record["domain"] == "od"
+    enhanced = node[record["path"]].read()
     assert enhanced.shape == (len(ENERGIES), 96, 96) and enhanced.dtype == np.float32
     assert node.metadata["enhancement"]["steps"] == 2
     assert node.metadata["models"][INDI]["sha256"] == ModelRegistry().get(INDI).sha256
@@ -121,7 +123,8 @@ def test_enhancement_requested_in_the_start_document(tiled_client, models):
 def test_reprocess_enhance_command_and_server_down(tiled_server, tiled_client, models):
     uid = _scan(tiled_client)
     down = enhance_result(tiled_client, uid, EnhanceOptions(address="tcp://127.0.0.1:1", timeout=0.5))
-    assert down["status"] == "skipped" and down["retry"] == f"phasestream reprocess --enhance {uid}"
+    assert down["status"] == "skipped"
+    assert down["retry"] == f"phasestream enhance --source od --model {INDI} {uid}"
     code = cli_main(["reprocess", "--refine-only", "--enhance", uid, "--steps", "1", "--tiled", tiled_server.uri,
                      "--models", models.address])
     assert code == 0
@@ -143,3 +146,50 @@ def test_a_transmission_model_is_refused_on_od_images(tiled_client, models):
     assert "trained on transmission images and these images are od" in record["reason"]
     node = tiled_client["phasestream"][uid]
     assert "enhanced" not in node and TRANSMISSION_MODEL not in (node.metadata.get("models") or {})
+
+
+def test_enhance_command_side_by_side_and_the_python_api(tiled_server, tiled_client, models):
+    """``phasestream enhance``: step counts side by side, nothing overwritten; the array API gives the same."""
+    from phasestream.jobs.enhance import enhance_images
+
+    uid = _scan(tiled_client)
+    base = ["enhance", uid, "--tiled", tiled_server.uri, "--models", models.address]
+    assert cli_main([*base, "--steps", "1"]) == 0
+    assert cli_main([*base, "--steps", "2", "--source", "od"]) == 0
+    node = tiled_client["phasestream"][uid]
+    version = ModelRegistry().get(INDI).version
+    one, two = node[f"enhanced/{INDI}/{version}/1"].read(), node[f"enhanced/{INDI}/{version}/2"].read()
+    assert one.shape == two.shape == (len(ENERGIES), 96, 96) and not np.allclose(one, two)
+    assert set(node.metadata["enhancements"]) == {f"{INDI}/{version}/1", f"{INDI}/{version}/2"}
+    assert node.metadata["enhancement"]["steps"] == 2  # the latest
+    od = np.stack([np.nan_to_num(node["od"][i], nan=np.nanmedian(node["od"][i])) for i in range(len(ENERGIES))])
+    api = enhance_images(od, domain="od", steps=2, address=models.address)
+    np.testing.assert_allclose(api["array"], two, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelRefused, match="trained on transmission"):
+        enhance_images(od[0], domain="od", model=TRANSMISSION_MODEL, address=models.address)
+
+
+def test_enhance_raw_frames_of_a_transmission_model(tiled_server, tiled_client, models):
+    """``--source raw``: each frame divided by the run's own I0 column, enhanced by a transmission model."""
+    from phasestream.jobs.enhance import enhance_images
+    from phasestream.store.tiled import open_raw_run
+
+    uid = _scan(tiled_client)
+    code = cli_main(["enhance", uid, "--source", "raw", "--model", TRANSMISSION_MODEL, "--tiled", tiled_server.uri,
+                     "--models", models.address])
+    assert code == 0
+    node = tiled_client["phasestream"][uid]
+    record = node.metadata["enhancements"][f"{TRANSMISSION_MODEL}/1.0.0/1"]
+    assert record["source"] == "raw" and record["domain"] == "transmission"
+    assert record["normalization"]["from"].startswith("i0 data key")
+    run = open_raw_run(tiled_client, uid)
+    keys = run.metadata["start"]["phasestream"]
+    det = run["primary"][keys["image_key"]].read()
+    i0 = np.asarray(run["primary"][keys["i0_key"]].read(), np.float64)
+    transmission = (np.asarray(det, np.float64) / i0.reshape(-1, 1, 1)).astype(np.float32)
+    expected = enhance_images(transmission, domain="transmission", model=TRANSMISSION_MODEL,
+                              address=models.address)["array"]
+    np.testing.assert_allclose(node[record["path"]].read(), expected, rtol=1e-4, atol=1e-4)
+    # the shipped model declares od: raw counts are refused, nothing written
+    refused = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, source="raw"))
+    assert refused["status"] == "skipped" and "trained on od images and these images are counts" in refused["reason"]

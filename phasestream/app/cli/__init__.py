@@ -33,6 +33,7 @@ COMMANDS = {
     "query": "query",
     "view": "view",
     "reprocess": "reprocess",
+    "enhance": "enhance",
     "up": "stack",
     "status": "stack",
     "down": "stack",
