@@ -25,7 +25,7 @@ cube records ``status: skipped`` and the reason.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,8 +48,8 @@ from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import open_raw_run
 
 __all__ = ["DEFAULT_INDI_MODEL", "ENHANCED", "SOURCES", "EnhanceOptions", "enhance_images",
-           "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "model_summary",
-           "od_images_to_enhance", "record_enhancement", "run"]
+           "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "marked",
+           "model_summary", "od_images_to_enhance", "record_enhancement", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class EnhanceOptions:
     retries: int = 0
     source: str = "od"
     raw: str = ""
+    allow_low_gain: bool = False
+    #: False when a start document asked for enhancement without naming a model (a demo model then warns)
+    model_named: bool = True
 
     def validate(self) -> EnhanceOptions:
         if self.steps is not None and not 1 <= int(self.steps) <= 100:
@@ -100,10 +103,10 @@ def enhance_options_from_start(extra: dict[str, Any], base: EnhanceOptions) -> E
     if not request:
         return None
     if request is True:
-        return base
+        return replace(base, model_named=False)
     if isinstance(request, dict):
         allowed = {k: request[k] for k in ("model", "version", "steps") if k in request}
-        return EnhanceOptions(**{**asdict(base), **allowed}).validate()
+        return EnhanceOptions(**{**asdict(base), **allowed, "model_named": "model" in request}).validate()
     raise ValueError(f"phasestream.enhance must be true or {{model, version, steps}}, got {request!r}")
 
 
@@ -215,7 +218,7 @@ def _enhance(tiled_client, writer: ResultWriter, client: ModelClient, opts: Enha
         dims = ("frame", "y", "x")
     planes, info = [], None
     for image in images:
-        reply = client.enhance(opts.model, image, domain=domain, steps=opts.steps,
+        reply = client.enhance(opts.model, image, domain=domain, steps=opts.steps, allow_low_gain=opts.allow_low_gain,
                                version=opts.version if info is None else info["version"])
         info = info or reply
         planes.append(reply["array"])
@@ -232,19 +235,38 @@ def _enhance(tiled_client, writer: ResultWriter, client: ModelClient, opts: Enha
         record["normalization"] = normalization
     if note:
         record["note"] = note
-    return record_enhancement(writer, info, record)
+    return record_enhancement(writer, info, marked(record, info, opts))
+
+
+DEMO_WARNING = ("enhanced with {model} {version}, a demo model trained on simulated particle phantoms, because the "
+                "start document asked for enhancement without naming a model: it can make real images worse than "
+                "bicubic up-sampling; train a model on pairs from your beamline (phasestream train indi) and name "
+                "it (phasestream: {{enhance: {{model: NAME}}}})")
+
+
+def marked(record: dict[str, Any], reply: dict[str, Any], opts: EnhanceOptions) -> dict[str, Any]:
+    """``record`` with the marks a reader must see: ``low_gain`` (written only because asked to, the model's
+    validated gain being below 1 dB) and ``warning`` (a demo model nobody named)."""
+    if reply.get("low_gain") is not None:
+        record["low_gain"] = reply["low_gain"]
+    if reply.get("demo") and not opts.model_named:
+        record["warning"] = DEMO_WARNING.format(model=reply["model"], version=reply["version"])
+        logger.warning("%s", record["warning"])
+    return record
 
 
 def enhance_images(images: np.ndarray, *, domain: str, model: str = DEFAULT_INDI_MODEL, version: str | None = None,
-                   steps: int | None = None, address: str = DEFAULT_MODEL_ADDRESS, timeout: float = 300.0,
-                   client: ModelClient | None = None) -> dict[str, Any]:
+                   steps: int | None = None, allow_low_gain: bool = False, address: str = DEFAULT_MODEL_ADDRESS,
+                   timeout: float = 300.0, client: ModelClient | None = None) -> dict[str, Any]:
     """InDI enhancement of images you hold, through the model server: ``images`` (Y, X) or (N, Y, X) of
     ``domain`` (``transmission``, ``od`` or ``counts``, as the model was trained on; another is refused with
-    :class:`~phasestream.modelserver.protocol.ModelRefused`). Returns the server's reply: ``array`` (Y*s, X*s)
-    or (N, Y*s, X*s), ``model``, ``version``, ``sha256``, ``steps``."""
+    :class:`~phasestream.modelserver.protocol.ModelRefused`, as is a model whose validated gain over bicubic is
+    below 1 dB unless ``allow_low_gain``). Returns the server's reply: ``array`` (Y*s, X*s) or (N, Y*s, X*s),
+    ``model``, ``version``, ``sha256``, ``steps``, ``low_gain`` when marked."""
     opts = EnhanceOptions(model=model, version=version, steps=steps, address=address, timeout=timeout).validate()
     with jobs_model_client(opts, client) as models:
-        return models.enhance(model, np.asarray(images, np.float32), domain=domain, version=version, steps=steps)
+        return models.enhance(model, np.asarray(images, np.float32), domain=domain, version=version, steps=steps,
+                              allow_low_gain=allow_low_gain)
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:

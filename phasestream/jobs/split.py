@@ -42,6 +42,7 @@ from phasestream.jobs.enhance import (
     EnhanceOptions,
     enhanced_node,
     enhanced_path,
+    marked,
     od_images_to_enhance,
     record_enhancement,
 )
@@ -188,7 +189,7 @@ def enhance_planes(tiled_uri: str, run_uid: str, root: str, planes: tuple[int, i
     with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
         for i in range(*planes):
             reply = models.enhance(opts.model, np.asarray(od[i], np.float32), domain="od", version=opts.version,
-                                   steps=opts.steps)
+                                   steps=opts.steps, allow_low_gain=opts.allow_low_gain)
             out.write_block(np.ascontiguousarray(reply["array"][np.newaxis], np.float32), block=(i, 0, 0))
             info = {k: reply[k] for k in ("model", "version", "sha256", "steps")}
     return {"planes": list(planes), **info}
@@ -215,7 +216,7 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
         with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
             models.health(timeout=min(5.0, opts.timeout))
             probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), domain="od", version=opts.version,
-                                   steps=opts.steps)
+                                   steps=opts.steps, allow_low_gain=opts.allow_low_gain)
         scale = probe["array"].shape[-1] // 8
         ny, nx = writer.container["od"].shape[1:]
         shape = (n, ny * scale, nx * scale)
@@ -235,7 +236,7 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
                   "domain": "od", "path": path, "split": {"parts": len(ranges), "ranges": [list(r) for r in ranges]}}
         if note:
             record["note"] = note
-        return record_enhancement(writer, probe, record)
+        return record_enhancement(writer, probe, marked(record, probe, opts))
 
     return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable, ModelRefused),
                         failed=(ModelServerError, ValueError, SplitJobError),

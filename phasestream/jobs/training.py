@@ -296,6 +296,7 @@ def train_indi_artifact(data: PairSet, directory: str | Path, *, name: str, vers
     result = train_indi(data.hq, data.lq_upscaled, **train_options)
     training = {**data.provenance, "options": {k: v for k, v in train_options.items() if k != "progress"}}
     extra = {"scale": data.scale, "pixel_size": data.pixel_size, "steps": result.steps, "domain": data.domain,
+             "demo": data.provenance.get("source") == "synthetic",
              "normalization": {"mode": "percentile", "percentiles": list(PERCENTILES), "of": "upscaled LQ image"}}
     artifact = save_artifact(result.model, directory, name=name, version=version, kind="indi", training=training,
                              metrics=result.metrics, extra=extra, overwrite=overwrite)

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DOMAINS", "SYNTHETIC_DOMAIN", "DomainMismatchError", "ModelRefusedError", "check_domain",
-           "domain_of", "to_domain"]
+__all__ = ["DOMAINS", "MIN_GAIN_DB", "SYNTHETIC_DOMAIN", "DomainMismatchError", "LowGainError", "ModelRefusedError",
+           "check_domain", "check_gain", "domain_of", "to_domain", "validated_gain"]
 
 #: the image domains an InDI model can be trained on
 DOMAINS = ("transmission", "od", "counts")
@@ -43,6 +43,39 @@ class ModelRefusedError(ValueError):
 
 class DomainMismatchError(ModelRefusedError):
     """The image is not in the domain the model was trained on."""
+
+
+class LowGainError(ModelRefusedError):
+    """The model's validated gain over bicubic up-sampling is below :data:`MIN_GAIN_DB` (or unknown)."""
+
+
+#: enhancement with a model that gained less than this over bicubic on its validation data is refused
+MIN_GAIN_DB = 1.0
+
+
+def validated_gain(manifest: Mapping[str, Any]) -> float | None:
+    """The PSNR gain (dB) over bicubic the model showed on its held-out validation data, or None."""
+    metrics = manifest.get("metrics") or {}
+    gain = metrics.get("gain_over_bicubic_db", (metrics.get("validation") or {}).get("gain_over_bicubic_db"))
+    try:
+        return float(gain) if gain is not None and np.isfinite(float(gain)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def check_gain(manifest: Mapping[str, Any], *, allow_low_gain: bool = False) -> dict[str, Any] | None:
+    """None when the model's validated gain is at least :data:`MIN_GAIN_DB`; the mark for the record when it is
+    not but ``allow_low_gain`` is set; raises :class:`LowGainError` otherwise."""
+    gain = validated_gain(manifest)
+    if gain is not None and gain >= MIN_GAIN_DB:
+        return None
+    shown = "unknown (the manifest has no validation gain)" if gain is None else f"{gain:.2f} dB"
+    if allow_low_gain:
+        return {"gain_over_bicubic_db": gain, "min_db": MIN_GAIN_DB, "allowed": True}
+    raise LowGainError(
+        f"InDI model {manifest.get('name')} {manifest.get('version')} gained {shown} over bicubic up-sampling on "
+        f"its validation data, below {MIN_GAIN_DB:g} dB: refused (it may make images worse). Train a model on "
+        "pairs from your beamline, or pass --allow-low-gain to write the result marked as such")
 
 
 def domain_of(manifest: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -137,13 +137,17 @@ class ModelClient:
                             info["model"], info["version"], info["sha256"])
 
     def enhance(self, model: str, images: np.ndarray, *, domain: str, version: str | None = None,
-                steps: int | None = None, timeout: float | None = None) -> dict:
+                steps: int | None = None, allow_low_gain: bool = False, timeout: float | None = None) -> dict:
         """InDI-enhanced image(s): the reply (``array`` (Y*s, X*s) or (N, Y*s, X*s), ``steps``, model info).
 
         ``domain`` says what the images are (``transmission``, ``od`` or ``counts``): the server refuses
-        (:class:`~phasestream.modelserver.protocol.ModelRefused`) a model trained on another domain.
+        (:class:`~phasestream.modelserver.protocol.ModelRefused`) a model trained on another domain, and one
+        whose validated gain over bicubic is below 1 dB unless ``allow_low_gain`` (the reply then carries
+        ``low_gain``). ``demo`` in the reply: the model is a demonstration model.
         """
         options: dict[str, Any] = {"domain": domain}
+        if allow_low_gain:
+            options["allow_low_gain"] = True
         if steps is not None:
             options["steps"] = int(steps)
         return self.request("enhance", model=model, version=version, array=np.asarray(images, np.float32),

@@ -13,7 +13,9 @@ sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` l
 spectra (N, E); ``enhance`` (InDI models) takes a low-quality image (Y, X) or images (N, Y, X) and
 replies with the enhanced, ``scale``-times larger image(s) (``options: {domain, steps: N}``: ``domain``,
 required, is the domain of the image(s), ``transmission``, ``od`` or ``counts``; an image of another domain
-than the model's is refused with ``refused: "domain"``; ``steps`` default the model's). ``list`` replies
+than the model's is refused with ``refused: "domain"``, a model whose validated gain over bicubic is below
+1 dB with ``refused: "low_gain"`` unless ``allow_low_gain: true``, when the reply carries ``low_gain``;
+``steps`` default the model's; ``demo`` in the reply marks a demonstration model). ``list`` replies
 ``models``: the artifacts' summaries; ``health`` replies ``status``,
 ``loaded`` models, ``uptime_s``, ``pid`` and ``stats`` (request, batch and item counters).
 

@@ -28,6 +28,7 @@ ENERGIES = select_energies(load_references("nvpf-synthetic"), 4)
 
 
 TRANSMISSION_MODEL = "indi-transmission"
+LOW_GAIN_MODEL = "indi-low-gain"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,9 @@ def user_models(tmp_path_factory):
                                                           "hq": {"i0": 3000.0, "from": "test"}}}
     save_artifact(net, folder, name=TRANSMISSION_MODEL, version="1.0.0", kind="indi",
                   metrics={"gain_over_bicubic_db": 5.0}, extra={"scale": 2, "steps": 1, "domain": domain})
+    od = {"image": "od", "normalization": {"mode": "open_beam"}}
+    save_artifact(net, folder, name=LOW_GAIN_MODEL, version="1.0.0", kind="indi",
+                  metrics={"validation": {"gain_over_bicubic_db": 0.4}}, extra={"scale": 2, "steps": 1, "domain": od})
     return folder
 
 
@@ -82,7 +86,7 @@ def test_enhance_op_equals_the_model_in_process(models):
             client.enhance(INDI, np.zeros((4, 4), np.float32), domain="od")
         with pytest.raises(ModelServerError, match="steps must be an integer"):
             client.request("enhance", model=INDI, array=image, options={"steps": 0, "domain": "od"})
-        with pytest.raises(ModelServerError, match="options.domain must say what the image is"):
+        with pytest.raises(ModelServerError, match=r"options\.domain must say what the image is"):
             client.request("enhance", model=INDI, array=image, options={"steps": 1})
         with pytest.raises(ModelServerError, match="is a indi model"):
             client.request("encode", model=INDI, array=np.zeros((2, 13), np.float32))
@@ -116,6 +120,8 @@ def test_enhancement_requested_in_the_start_document(tiled_client, models):
     assert service.outcome(uid, "enhance").status == "complete"
     written = tiled_client["phasestream"][uid].metadata["enhancement"]
     assert service.outcome(uid, "enhance").details["sha256"] == written["sha256"]
+    # enhance: true named no model: the shipped demo model ran, and the result says so
+    assert "a demo model trained on simulated particle phantoms" in written["warning"]
     assert "enhanced" in tiled_client["phasestream"][uid]
     assert service.outcome(other, "enhance") is None and "enhanced" not in tiled_client["phasestream"][other]
 
@@ -162,6 +168,7 @@ def test_enhance_command_side_by_side_and_the_python_api(tiled_server, tiled_cli
     assert one.shape == two.shape == (len(ENERGIES), 96, 96) and not np.allclose(one, two)
     assert set(node.metadata["enhancements"]) == {f"{INDI}/{version}/1", f"{INDI}/{version}/2"}
     assert node.metadata["enhancement"]["steps"] == 2  # the latest
+    assert "warning" not in node.metadata["enhancement"]  # a model named on the command line
     od = np.stack([np.nan_to_num(node["od"][i], nan=np.nanmedian(node["od"][i])) for i in range(len(ENERGIES))])
     api = enhance_images(od, domain="od", steps=2, address=models.address)
     np.testing.assert_allclose(api["array"], two, rtol=1e-4, atol=1e-4)
@@ -193,3 +200,16 @@ def test_enhance_raw_frames_of_a_transmission_model(tiled_server, tiled_client, 
     # the shipped model declares od: raw counts are refused, nothing written
     refused = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, source="raw"))
     assert refused["status"] == "skipped" and "trained on od images and these images are counts" in refused["reason"]
+
+
+def test_a_model_with_too_little_validated_gain_is_refused_unless_allowed(tiled_server, tiled_client, models):
+    uid = _scan(tiled_client)
+    refused = enhance_result(tiled_client, uid, EnhanceOptions(model=LOW_GAIN_MODEL, address=models.address))
+    assert refused["status"] == "skipped" and "gained 0.40 dB over bicubic" in refused["reason"]
+    assert "--allow-low-gain" in refused["reason"] and "enhanced" not in tiled_client["phasestream"][uid]
+    code = cli_main(["enhance", uid, "--model", LOW_GAIN_MODEL, "--allow-low-gain", "--tiled", tiled_server.uri,
+                     "--models", models.address])
+    assert code == 0
+    record = tiled_client["phasestream"][uid].metadata["enhancement"]
+    assert record["status"] == "complete"
+    assert record["low_gain"] == {"gain_over_bicubic_db": 0.4, "min_db": 1.0, "allowed": True}

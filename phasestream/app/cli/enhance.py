@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     enhance.add_argument("--model", default=DEFAULT_INDI_MODEL, help=f"InDI artifact (default {DEFAULT_INDI_MODEL})")
     enhance.add_argument("--version", default=None, help="artifact version (default: the highest)")
     enhance.add_argument("--steps", type=int, default=None, help="InDI steps (default: the artifact's)")
+    enhance.add_argument("--allow-low-gain", action="store_true",
+                         help="enhance even with a model whose validated gain over bicubic is below 1 dB (the record "
+                              "is marked low_gain)")
     enhance.add_argument("--models", default=None, metavar="ADDRESS",
                          help=f"model server address (default $PHASESTREAM_MODEL_SERVER, else {DEFAULT_MODEL_ADDRESS})")
     enhance.add_argument("--root", default="phasestream", help="results container (default phasestream)")
@@ -40,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     options = EnhanceOptions(model=args.model, version=args.version, steps=args.steps, address=model_address(args),
                              root=args.root, timeout=args.timeout, source=args.source,
+                             allow_low_gain=args.allow_low_gain,
                              raw=check_raw_path(args.raw)).validate()
     records = {}
     with tiled_client(args) as (client, _):
