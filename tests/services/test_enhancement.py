@@ -213,3 +213,28 @@ def test_a_model_with_too_little_validated_gain_is_refused_unless_allowed(tiled_
     record = tiled_client["phasestream"][uid].metadata["enhancement"]
     assert record["status"] == "complete"
     assert record["low_gain"] == {"gain_over_bicubic_db": 0.4, "min_db": 1.0, "allowed": True}
+
+
+def test_raw_frames_of_a_run_never_analysed(tiled_server, tiled_client, models):
+    """A plain ``count`` of one camera frame: ``enhance --source raw`` makes a ``skipped`` result to hold it."""
+    import bluesky.plan_stubs as bps
+    from bluesky.preprocessors import run_decorator
+    from ophyd.sim import SynSignal
+
+    frame = np.random.default_rng(8).poisson(900.0, (24, 32)).astype(np.float32)
+    det = SynSignal(func=lambda: frame, name="cam_image")
+
+    @run_decorator(md={"sample": {"name": "plain"}, "phasestream": {"image_key": "cam_image"}})
+    def count():
+        yield from bps.trigger_and_read([det])
+
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled_client))
+    (uid,) = RE(count())
+    assert cli_main(["enhance", uid, "--source", "raw", "--model", TRANSMISSION_MODEL, "--tiled", tiled_server.uri,
+                     "--models", models.address]) == 0
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["status"] == "skipped" and "not analysed" in node.metadata["errors"][0]
+    record = node.metadata["enhancement"]
+    assert record["normalization"]["from"] == "estimated from each frame's open-beam background"
+    assert node[record["path"]].shape == (1, 48, 64)
