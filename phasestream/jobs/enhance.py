@@ -165,8 +165,9 @@ def _raw_in_model_domain(frames: RawFrames, summary: dict[str, Any]) -> tuple[st
     domain = (summary.get("domain") or {}).get("image")
     mode = ((summary.get("domain") or {}).get("normalization") or {}).get("mode")
     if domain == "transmission" or (domain == "counts" and mode == "dose"):
-        return domain, [to_domain(im, domain, float(i0)) for im, i0 in zip(frames.images, frames.i0, strict=True)], \
-            frames.normalization()
+        images = [to_domain(im, domain, float(i0)) for im, i0 in zip(frames.images, frames.i0, strict=True)]
+        return domain, images, {"mode": "open_beam" if domain == "transmission" else "dose",
+                                **frames.normalization()}
     return "counts", list(frames.images), {"mode": "none"}
 
 
