@@ -64,3 +64,22 @@ def test_sift_congruent_points():
     same = sift_matches(a, a)
     assert same >= 10
     assert sift_matches(a, noise) < same / 3
+
+
+def test_hf_correlation_against_a_difference_of_gaussians_oracle():
+    from scipy import ndimage
+
+    from phasestream.metrics import hf_correlation
+
+    rng = np.random.default_rng(4)
+    reference = ndimage.gaussian_filter(rng.normal(size=(64, 64)), 1.0)
+    image = reference + 0.5 * ndimage.gaussian_filter(rng.normal(size=(64, 64)), 0.8)
+
+    def dog(a):
+        return ndimage.gaussian_filter(a, 0.75) - ndimage.gaussian_filter(a, 2.0)
+
+    expected = np.corrcoef(dog(reference).ravel(), dog(image).ravel())[0, 1]
+    assert hf_correlation(reference, image) == pytest.approx(expected, rel=1e-9)
+    assert hf_correlation(reference, reference) == pytest.approx(1.0)
+    smooth = ndimage.gaussian_filter(reference, 3.0)  # fine detail lost
+    assert hf_correlation(reference, smooth) < hf_correlation(reference, image)

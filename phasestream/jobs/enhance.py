@@ -1,45 +1,68 @@
-"""Post-scan InDI enhancement of a run's OD images in Tiled.
+"""Post-scan InDI enhancement of what the user has: a result's OD images, or a raw run's frames.
 
-:func:`enhance_result` reads the OD cube (E, Y, X) of a run's result, sends each energy's image
-to the model server's ``enhance`` operation (an InDI artifact; no TensorFlow in this process) and
-writes the ``enhanced`` array (E, Y*s, X*s) float32 into the same result with the metadata
-``enhancement: {status, model, version, sha256, steps, scale, seconds}`` (and the model under
-``models``). Masked (NaN) OD pixels are filled with the image median before enhancement; the
-``mask`` of the PCC result still says which pixels are particle.
+:func:`enhance_result` sends each image to the model server's ``enhance`` operation (an InDI
+artifact; no TensorFlow in this process) and writes the enhanced images side by side, never over
+another model's or step count's, at ``enhanced/<model>/<version>/<steps>`` inside the run's result
+(docs/contract.md, "Enhanced images"):
 
-It runs after a scan when the start document asks for it (``phasestream: {enhance: true}`` or
-``{enhance: {model, steps}}``), or with ``phasestream reprocess --enhance UID``. Like the GMVAE
-refinement it never spoils the PCC result: a model server that is down or a result without OD
+* ``source="od"``: the result's OD cube (E, Y, X) -> (E, Y*s, X*s); masked (NaN) OD pixels are
+  filled with the image median first (the ``mask`` still says which pixels are particle);
+* ``source="raw"``: the raw run's ``primary`` frames (N, Y, X) -> (N, Y*s, X*s), divided by the run's
+  open beam when the model was trained on transmission (or on counts per dose). A raw run without a
+  result gets one with status ``skipped`` (not analysed) to hold them.
+
+The image's domain is sent with every request and the server refuses a model trained on another
+domain (models/domain.py). Each enhancement's record goes under ``enhancements[<model>/<version>/
+<steps>]`` and, as the latest one, ``enhancement``. It runs when the start document asks for it
+(``phasestream: {enhance: true}`` or ``{enhance: {model, version, steps}}``), with
+``phasestream enhance UID`` or ``phasestream reprocess --enhance UID``. Like the GMVAE refinement it
+never spoils the PCC result: a model server that is down, a refused model or a result without OD
 cube records ``status: skipped`` and the reason.
+
+:func:`enhance_images` does the same on arrays, for Python users.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+from tiled.structures.core import StructureFamily
 
-from phasestream.contract import JobOutcome
+from phasestream.contract import RUN_UID_PATTERN, InvalidIdentifierError, JobOutcome
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.frames import RawFrames, raw_frames
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
+from phasestream.models.domain import DomainMismatchError, to_domain
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.modelserver.protocol import (
+    DEFAULT_MODEL_ADDRESS,
+    ModelRefused,
+    ModelServerError,
+    ModelServerUnavailable,
+)
 from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import open_raw_run
 
-__all__ = ["DEFAULT_INDI_MODEL", "EnhanceOptions", "enhance_options_from_start", "enhance_result",
-           "od_images_to_enhance", "run"]
+__all__ = ["DEFAULT_INDI_MODEL", "ENHANCED", "SOURCES", "EnhanceOptions", "enhance_images",
+           "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "marked",
+           "model_summary", "od_images_to_enhance", "record_enhancement", "run"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INDI_MODEL = "indi-particles-synthetic"
+#: the container of every enhancement inside a result
+ENHANCED = "enhanced"
+SOURCES = ("od", "raw")
 
 
 @dataclass
 class EnhanceOptions:
-    """Options of the enhancement job: the InDI artifact, steps (default: the artifact's), server."""
+    """Options of the enhancement job: the InDI artifact, steps (default: the artifact's), what to
+    enhance (``source``: the result's ``od`` or the ``raw`` run's frames under ``raw``), the server."""
 
     model: str = DEFAULT_INDI_MODEL
     version: str | None = None
@@ -48,13 +71,30 @@ class EnhanceOptions:
     root: str = "phasestream"
     timeout: float = 300.0
     retries: int = 0
+    source: str = "od"
+    raw: str = ""
+    allow_low_gain: bool = False
+    #: False when a start document asked for enhancement without naming a model (a demo model then warns)
+    model_named: bool = True
 
     def validate(self) -> EnhanceOptions:
         if self.steps is not None and not 1 <= int(self.steps) <= 100:
             raise ValueError(f"steps must be in 1..100, got {self.steps}")
         if self.timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         return self
+
+
+def enhanced_path(model: str, version: str, steps: int) -> str:
+    """``enhanced/<model>/<version>/<steps>``, each key checked against the contract's key pattern."""
+    keys = (str(model), str(version), str(int(steps)))
+    for what, key in zip(("model", "version", "steps"), keys, strict=True):
+        if RUN_UID_PATTERN.fullmatch(key) is None:
+            raise InvalidIdentifierError(f"{what} {key[:60]!r} cannot name a Tiled key: letters, digits, '.', '_' "
+                                         "or '-', not starting with '.'")
+    return "/".join((ENHANCED, *keys))
 
 
 def enhance_options_from_start(extra: dict[str, Any], base: EnhanceOptions) -> EnhanceOptions | None:
@@ -63,22 +103,42 @@ def enhance_options_from_start(extra: dict[str, Any], base: EnhanceOptions) -> E
     if not request:
         return None
     if request is True:
-        return base
+        return replace(base, model_named=False)
     if isinstance(request, dict):
         allowed = {k: request[k] for k in ("model", "version", "steps") if k in request}
-        return EnhanceOptions(**{**asdict(base), **allowed}).validate()
+        return EnhanceOptions(**{**asdict(base), **allowed, "model_named": "model" in request}).validate()
     raise ValueError(f"phasestream.enhance must be true or {{model, version, steps}}, got {request!r}")
+
+
+def _retry(run_uid: str, opts: EnhanceOptions) -> str:
+    version = f" --version {opts.version}" if opts.version else ""
+    steps = f" --steps {opts.steps}" if opts.steps else ""
+    return f"phasestream enhance --source {opts.source} --model {opts.model}{version}{steps} {run_uid}"
+
+
+def _writer(tiled_client, run_uid: str, opts: EnhanceOptions) -> ResultWriter:
+    """The run's result; for raw frames of a run never analysed, a new ``skipped`` result to hold them."""
+    try:
+        return ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    except KeyError:
+        if opts.source != "raw":
+            raise
+    start = dict(open_raw_run(tiled_client, run_uid, opts.raw).metadata["start"])
+    md = {"status": "skipped", "sample": start.get("sample") or {}, "scan_id": start.get("scan_id"),
+          "errors": ["not analysed: holds the enhanced raw frames of `phasestream enhance --source raw`"]}
+    return ResultWriter(tiled_client, run_uid, root=opts.root, shape=None, phases=[], metadata=md)
 
 
 def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = None, *,
                    model_client: ModelClient | None = None) -> dict[str, Any]:
-    """Enhance the OD images of ``run_uid``'s result; returns the ``enhancement`` metadata it wrote."""
+    """Enhance the OD images (or raw frames) of ``run_uid``; returns the record it wrote (see the module)."""
     opts = (options or EnhanceOptions()).validate()
-    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    writer = _writer(tiled_client, run_uid, opts)
     with jobs_model_client(opts, model_client) as client:
-        return recorded_job(writer, "enhancement", lambda: _enhance(writer, client, opts),
-                            skipped=(ModelServerUnavailable,), failed=(ModelServerError, ValueError),
-                            retry=f"phasestream reprocess --enhance {run_uid}", extra={"model": opts.model})
+        return recorded_job(writer, "enhancement", lambda: _enhance(tiled_client, writer, client, opts),
+                            skipped=(ModelServerUnavailable, ModelRefused, DomainMismatchError),
+                            failed=(ModelServerError, ValueError), retry=_retry(run_uid, opts),
+                            extra={"model": opts.model, "source": opts.source})
 
 
 def od_images_to_enhance(writer: ResultWriter) -> tuple[int, dict[str, Any] | None]:
@@ -91,31 +151,126 @@ def od_images_to_enhance(writer: ResultWriter) -> tuple[int, dict[str, Any] | No
     return n, None
 
 
-def _enhance(writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) -> dict[str, Any]:
-    n, skipped = od_images_to_enhance(writer)
-    if skipped is not None:
-        return skipped
+def model_summary(client: ModelClient, name: str, version: str | None) -> dict[str, Any]:
+    """The registered artifact ``name`` (``version``, else the highest) as the server lists it."""
+    found = [m for m in client.list_models() if m["name"] == name and (version is None or m["version"] == version)]
+    if not found:
+        raise ModelRefused(f"the model server has no InDI model {name!r}" + (f" {version}" if version else ""))
+    return found[-1]  # the server lists versions in increasing order
+
+
+def _raw_in_model_domain(frames: RawFrames, summary: dict[str, Any]) -> tuple[str, list[np.ndarray], dict]:
+    """The raw frames in the model's domain: ``counts`` as they are (or per dose), ``transmission`` divided by
+    each frame's open beam; a model of OD is left to the server to refuse (enhance the result's OD)."""
+    domain = (summary.get("domain") or {}).get("image")
+    mode = ((summary.get("domain") or {}).get("normalization") or {}).get("mode")
+    if domain == "transmission" or (domain == "counts" and mode == "dose"):
+        images = [to_domain(im, domain, float(i0)) for im, i0 in zip(frames.images, frames.i0, strict=True)]
+        return domain, images, {"mode": "open_beam" if domain == "transmission" else "dose",
+                                **frames.normalization()}
+    return "counts", list(frames.images), {"mode": "none"}
+
+
+def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None]:
+    """``(container, key, note)``: the containers along ``path`` inside the result, created as needed, the key
+    of the array in the last one (an earlier array of the same model, version and steps removed), and a
+    note when an unversioned ``enhanced`` array of an earlier phasestream had to go."""
+    note = None
+    node = writer.container
+    keys = path.split("/")
+    for key in keys[:-1]:
+        if key in node and node[key].structure_family != StructureFamily.container:
+            node.delete_contents(key, external_only=False)
+            note = f"the unversioned {key!r} array written by an earlier phasestream was removed"
+        if key not in node:
+            node.create_container(key)
+        node = node[key]
+    if keys[-1] in node:
+        node.delete_contents(keys[-1], external_only=False)
+    return node, keys[-1], note
+
+
+def record_enhancement(writer: ResultWriter, info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Add ``record`` to the result's ``enhancements`` (under ``<model>/<version>/<steps>``) and the model to
+    ``models``; returns the record (which the caller writes as the latest ``enhancement``)."""
     md = writer.metadata
-    client.health(timeout=min(5.0, opts.timeout))  # a stopped server is found out in seconds
-    od = writer.container["od"]
-    planes, info = [], None
-    for i in range(n):
-        plane = np.asarray(od[i], np.float32)
-        reply = client.enhance(opts.model, plane, version=opts.version if info is None else info["version"],
-                               steps=opts.steps)
-        info = info or reply
-        planes.append(reply["array"])
-    enhanced = np.stack(planes).astype(np.float32)
-    writer.write_maps(enhanced=enhanced)
     models = dict(md.get("models") or {})
     models[info["model"]] = {"version": info["version"], "sha256": info["sha256"]}
-    writer.update_metadata(models=models)
-    scale = enhanced.shape[1] / od.shape[1]
-    return {"status": "complete", "version": info["version"], "sha256": info["sha256"], "steps": info["steps"],
-            "scale": scale, "shape": list(enhanced.shape), "source": "od"}
+    enhancements = dict(md.get("enhancements") or {})
+    enhancements[record["path"].removeprefix(f"{ENHANCED}/")] = {**record, "model": info["model"]}
+    writer.update_metadata(models=models, enhancements=enhancements)
+    return record
+
+
+def _enhance(tiled_client, writer: ResultWriter, client: ModelClient, opts: EnhanceOptions) -> dict[str, Any]:
+    client.health(timeout=min(5.0, opts.timeout))  # a stopped server is found out in seconds
+    normalization = None
+    if opts.source == "od":
+        n, skipped = od_images_to_enhance(writer)
+        if skipped is not None:
+            return skipped
+        od = writer.container["od"]
+        images = [np.asarray(od[i], np.float32) for i in range(n)]
+        domain, dims = "od", ("energy", "y", "x")
+    else:
+        frames = raw_frames(tiled_client, writer.run_uid, raw=opts.raw)
+        summary = model_summary(client, opts.model, opts.version)
+        domain, images, normalization = _raw_in_model_domain(frames, summary)
+        dims = ("frame", "y", "x")
+    planes, info = [], None
+    for image in images:
+        reply = client.enhance(opts.model, image, domain=domain, steps=opts.steps, allow_low_gain=opts.allow_low_gain,
+                               version=opts.version if info is None else info["version"])
+        info = info or reply
+        planes.append(reply["array"])
+    if info is None:
+        return {"status": "skipped", "reason": "the run has no image to enhance"}
+    enhanced = np.stack(planes).astype(np.float32)
+    path = enhanced_path(info["model"], info["version"], info["steps"])
+    parent, key, note = enhanced_node(writer, path)
+    parent.write_array(enhanced, key=key, dims=dims)
+    record = {"status": "complete", "version": info["version"], "sha256": info["sha256"], "steps": info["steps"],
+              "scale": enhanced.shape[-1] / images[0].shape[-1], "shape": list(enhanced.shape),
+              "source": opts.source, "domain": domain, "path": path}
+    if normalization is not None:
+        record["normalization"] = normalization
+    if note:
+        record["note"] = note
+    return record_enhancement(writer, info, marked(record, info, opts))
+
+
+DEMO_WARNING = ("enhanced with {model} {version}, a demo model trained on simulated particle phantoms, because the "
+                "start document asked for enhancement without naming a model: it can make real images worse than "
+                "bicubic up-sampling; train a model on pairs from your beamline (phasestream train indi) and name "
+                "it (phasestream: {{enhance: {{model: NAME}}}})")
+
+
+def marked(record: dict[str, Any], reply: dict[str, Any], opts: EnhanceOptions) -> dict[str, Any]:
+    """``record`` with the marks a reader must see: ``low_gain`` (written only because asked to, the model's
+    validated gain being below 1 dB) and ``warning`` (a demo model nobody named)."""
+    if reply.get("low_gain") is not None:
+        record["low_gain"] = reply["low_gain"]
+    if reply.get("demo") and not opts.model_named:
+        record["warning"] = DEMO_WARNING.format(model=reply["model"], version=reply["version"])
+        logger.warning("%s", record["warning"])
+    return record
+
+
+def enhance_images(images: np.ndarray, *, domain: str, model: str = DEFAULT_INDI_MODEL, version: str | None = None,
+                   steps: int | None = None, allow_low_gain: bool = False, address: str = DEFAULT_MODEL_ADDRESS,
+                   timeout: float = 300.0, client: ModelClient | None = None) -> dict[str, Any]:
+    """InDI enhancement of images you hold, through the model server: ``images`` (Y, X) or (N, Y, X) of
+    ``domain`` (``transmission``, ``od`` or ``counts``, as the model was trained on; another is refused with
+    :class:`~phasestream.modelserver.protocol.ModelRefused`, as is a model whose validated gain over bicubic is
+    below 1 dB unless ``allow_low_gain``). Returns the server's reply: ``array`` (Y*s, X*s) or (N, Y*s, X*s),
+    ``model``, ``version``, ``sha256``, ``steps``, ``low_gain`` when marked."""
+    opts = EnhanceOptions(model=model, version=version, steps=steps, address=address, timeout=timeout).validate()
+    with jobs_model_client(opts, client) as models:
+        return models.enhance(model, np.asarray(images, np.float32), domain=domain, version=version, steps=steps,
+                              allow_low_gain=allow_low_gain)
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
-    """The ``enhance`` job: InDI enhancement of the OD images of ``run_uid`` (its ``enhancement`` record)."""
+    """The ``enhance`` job: InDI enhancement of the OD images (or raw frames) of ``run_uid``."""
     record = enhance_result(context.tiled(), run_uid, EnhanceOptions(**options))
     return JobOutcome.from_record(run_uid, "enhance", record)

@@ -38,12 +38,19 @@ from tiled.structures.data_source import DataSource
 
 from phasestream.contract import MAP_LAYOUT, JobOutcome, JobStatus
 from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
-from phasestream.jobs.enhance import EnhanceOptions, od_images_to_enhance
+from phasestream.jobs.enhance import (
+    EnhanceOptions,
+    enhanced_node,
+    enhanced_path,
+    marked,
+    od_images_to_enhance,
+    record_enhancement,
+)
 from phasestream.jobs.executors import Job, JobReport
 from phasestream.jobs.methods import MethodsOptions, _references, lcf_arrays
 from phasestream.jobs.record import recorded_job
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import ModelServerError, ModelServerUnavailable
+from phasestream.modelserver.protocol import ModelRefused, ModelServerError, ModelServerUnavailable
 from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import connect, separate_api_key
 
@@ -173,14 +180,16 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
 @dask_task
 def enhance_planes(tiled_uri: str, run_uid: str, root: str, planes: tuple[int, int], options: dict,
                    api_key: str | None = None) -> dict:
-    """Dask task: enhance OD planes ``[i0, i1)`` through the model server into ``enhanced[i0:i1]``."""
+    """Dask task: enhance OD planes ``[i0, i1)`` through the model server into planes ``[i0, i1)`` of
+    ``enhanced/<model>/<version>/<steps>`` (version and steps fixed in ``options``)."""
     opts = EnhanceOptions(**options)
     node = connect(tiled_uri, api_key=api_key)[f"{root}/{run_uid}"]
-    od, out = node["od"], node["enhanced"]
+    od, out = node["od"], node[enhanced_path(opts.model, opts.version, opts.steps)]
     info: dict = {}
     with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
         for i in range(*planes):
-            reply = models.enhance(opts.model, np.asarray(od[i], np.float32), version=opts.version, steps=opts.steps)
+            reply = models.enhance(opts.model, np.asarray(od[i], np.float32), domain="od", version=opts.version,
+                                   steps=opts.steps, allow_low_gain=opts.allow_low_gain)
             out.write_block(np.ascontiguousarray(reply["array"][np.newaxis], np.float32), block=(i, 0, 0))
             info = {k: reply[k] for k in ("model", "version", "sha256", "steps")}
     return {"planes": list(planes), **info}
@@ -204,33 +213,35 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
         n, skipped = od_images_to_enhance(writer)
         if skipped is not None:
             return skipped
-        md = writer.metadata
         with ModelClient(opts.address, timeout=opts.timeout, retries=opts.retries) as models:
             models.health(timeout=min(5.0, opts.timeout))
-            probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), version=opts.version, steps=1)
+            probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), domain="od", version=opts.version,
+                                   steps=opts.steps, allow_low_gain=opts.allow_low_gain)
         scale = probe["array"].shape[-1] // 8
         ny, nx = writer.container["od"].shape[1:]
         shape = (n, ny * scale, nx * scale)
-        _create_chunked(writer.container, "enhanced", shape, ((1,) * n, (shape[1],), (shape[2],)), np.float32,
-                        ("energy", "y", "x"))
+        path = enhanced_path(probe["model"], probe["version"], probe["steps"])
+        parent, key, note = enhanced_node(writer, path)
+        _create_chunked(parent, key, shape, ((1,) * n, (shape[1],), (shape[2],)), np.float32, ("energy", "y", "x"))
         ranges = split_ranges(n, parts)
-        task_opts = {**asdict(opts), "version": probe["version"]}
+        task_opts = {**asdict(opts), "version": probe["version"], "steps": probe["steps"]}
         futures = submit_tasks(dask, enhance_planes, [(uri, run_uid, opts.root, r, task_opts, api_key)
                                                       for r in ranges],
                                retries=retries, tag=f"enhance-{run_uid}")
         chunks = gather_all(futures, [f"enhancement part {i}" for i in range(len(ranges))], SplitJobError)
         if {c["sha256"] for c in chunks} != {probe["sha256"]}:
             raise SplitJobError(f"chunks were enhanced by different artifacts: {sorted({c['sha256'] for c in chunks})}")
-        models_md = dict(md.get("models") or {})
-        models_md[probe["model"]] = {"version": probe["version"], "sha256": probe["sha256"]}
-        writer.update_metadata(models=models_md)
-        return {"status": "complete", "version": probe["version"], "sha256": probe["sha256"],
-                "steps": chunks[0]["steps"], "scale": float(scale), "shape": list(shape), "source": "od",
-                "split": {"parts": len(ranges), "ranges": [list(r) for r in ranges]}}
+        record = {"status": "complete", "version": probe["version"], "sha256": probe["sha256"],
+                  "steps": chunks[0]["steps"], "scale": float(scale), "shape": list(shape), "source": "od",
+                  "domain": "od", "path": path, "split": {"parts": len(ranges), "ranges": [list(r) for r in ranges]}}
+        if note:
+            record["note"] = note
+        return record_enhancement(writer, probe, marked(record, probe, opts))
 
-    return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable,),
+    return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable, ModelRefused),
                         failed=(ModelServerError, ValueError, SplitJobError),
-                        retry=f"phasestream reprocess --enhance --split {parts} {run_uid}", extra={"model": opts.model})
+                        retry=f"phasestream reprocess --enhance --split {parts} {run_uid}",
+                        extra={"model": opts.model, "source": "od"})
 
 
 SplitStep = tuple[str, str, dict]  # (run uid, "enhance" or "lcf", the step's options)

@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 
 from phasestream.jobs.cluster import dask_task
+from phasestream.jobs.frames import PIXEL_SIZE_KEY, RawFrames, raw_frames
 from phasestream.jobs.training_report import ValidationRun, training_report
+from phasestream.models.domain import DOMAINS, to_domain
+from phasestream.models.pairs import PERCENTILES, check_pair_range, prepare_pair, split_field
 
-__all__ = ["PairSet", "TrainingSet", "ValidationRun", "analysed_labels", "result_spectra",
+__all__ = ["PairSet", "TrainingSet", "ValidationRun", "analysed_labels", "check_indi_pairs", "result_spectra",
            "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
 logger = logging.getLogger(__name__)
@@ -211,60 +214,114 @@ def train_artifact(
 
 @dataclass
 class PairSet:
-    """Registered InDI training pairs: HQ images and LQ images upscaled to the same shapes."""
+    """Registered InDI training pairs: HQ images and LQ images upscaled to the same shapes, in one image
+    ``domain`` (``{"image": "transmission" | "od" | "counts", "normalization": {...}}``, models/domain.py)."""
 
     hq: list[np.ndarray]
     lq_upscaled: list[np.ndarray]
     scale: int
     pixel_size: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
+    domain: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_images(client, uid: str) -> tuple[np.ndarray, dict]:
-    from phasestream.store.tiled import open_raw_run
-
-    run = open_raw_run(client, uid)
-    start = run.metadata["start"]
-    key = (start.get("phasestream") or {}).get("image_key") or start.get("image_key")
-    primary = run["primary"]
-    if key is None:
-        arrays = [k for k, v in primary.metadata.get("data_keys", {}).items() if len(v.get("shape", [])) == 2]
-        if len(arrays) != 1:
-            raise ValueError(f"run {uid}: name the image key in the start document (phasestream.image_key); "
-                             f"2D data keys found: {arrays}")
-        key = arrays[0]
-    images = np.asarray(primary[key].read(), np.float32)
-    if images.ndim == 2:
-        images = images[None]
-    return images, start
+def _pixel_sizes(lq: RawFrames, hq: RawFrames, scale: int, given: Sequence[float] | None) -> dict[str, Any]:
+    if given is not None:
+        if len(given) != 2 or min(given) <= 0:
+            raise ValueError(f"--pixel-size takes two positive sizes in µm, LQ then HQ; got {list(given)}")
+        sizes = {"lq": float(given[0]), "hq": float(given[1]), "unit": "um", "from": "--pixel-size"}
+    else:
+        sizes = {"lq": lq.pixel_size_um, "hq": hq.pixel_size_um, "unit": "um",
+                 "from": lq.pixel_size_from or hq.pixel_size_from}
+    if sizes["lq"] is not None and sizes["hq"] is not None and abs(sizes["lq"] / sizes["hq"] / scale - 1) > 0.1:
+        raise ValueError(f"the LQ pixel ({sizes['lq']:g} µm) is not {scale} x the HQ pixel ({sizes['hq']:g} µm): "
+                         f"InDI upscales LQ by {scale}; resample the scans or correct {PIXEL_SIZE_KEY}")
+    return sizes
 
 
-def tiled_indi_pairs(client, lq_uid: str, hq_uid: str, *, scale: int = 2, tiled_uri: str | None = None) -> PairSet:
-    """Pairs from two raw image runs in Tiled (one LQ and one HQ scan of the same sample): frame i of
-    the LQ run goes with frame i of the HQ run; each pair is matched and registered with
-    :func:`phasestream.models.indi.prepare_pair` (imports TensorFlow)."""
-    from phasestream.models.indi import prepare_pair
+def _in_domain(frames: RawFrames, domain: str, i0: Sequence[float] | None) -> list[np.ndarray]:
+    images = []
+    for k, image in enumerate(frames.images):
+        converted = to_domain(image, domain, None if i0 is None else float(i0[k]))
+        if not np.isfinite(converted).all():  # OD of non-positive counts
+            converted = np.where(np.isfinite(converted), converted, np.nanmedian(converted))
+        images.append(converted)
+    return images
 
-    lq, lq_start = _run_images(client, lq_uid)
-    hq, hq_start = _run_images(client, hq_uid)
-    if len(lq) != len(hq):
-        raise ValueError(f"LQ run {lq_uid} has {len(lq)} images and HQ run {hq_uid} has {len(hq)}: pair them 1:1")
-    pairs = [prepare_pair(lo, hi, scale=scale) for lo, hi in zip(lq, hq, strict=True)]
+
+def tiled_indi_pairs(client, lq_uid: str, hq_uid: str, *, scale: int = 2, tiled_uri: str | None = None,
+                     domain: str = "od", open_beam: Sequence[float] | None = None,
+                     pixel_size: Sequence[float] | None = None, raw: str = "") -> PairSet:
+    """Pairs from two raw image runs in Tiled (a low- and a high-quality scan of the same field; one frame
+    each, or frame i of one with frame i of the other), in ``domain``.
+
+    Each scan is normalized by its own open beam (I0): ``open_beam`` (LQ, HQ) when given, else the run's
+    I0 column or the estimate from each frame's background (:func:`phasestream.jobs.frames.raw_frames`);
+    ``transmission`` is ``I / I0``, ``od`` ``-ln(I / I0)``; ``counts`` are the raw counts, divided by
+    each scan's dose only when ``open_beam`` gives it. Each pair is then matched and registered
+    (:func:`phasestream.models.pairs.prepare_pair`) and checked to lie on one intensity scale
+    (:func:`~phasestream.models.pairs.check_pair_range`). Pixel sizes come from ``pixel_size`` (µm, LQ
+    then HQ) or the start documents (``sample.pixel_size_um``). Every error is raised here, before
+    TensorFlow is loaded.
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    if open_beam is not None and (len(open_beam) != 2 or min(open_beam) <= 0):
+        raise ValueError(f"--open-beam takes two positive intensities (counts/px), LQ then HQ; got {list(open_beam)}")
+    lq, hq = raw_frames(client, lq_uid, raw=raw), raw_frames(client, hq_uid, raw=raw)
+    if len(lq.images) != len(hq.images):
+        raise ValueError(f"LQ run {lq_uid} has {len(lq.images)} images and HQ run {hq_uid} has {len(hq.images)}: "
+                         "pair them 1:1 (one frame each is a pair)")
+    sizes = _pixel_sizes(lq, hq, scale, pixel_size)
+    if domain == "counts" and open_beam is None:
+        normalization: dict[str, Any] = {"mode": "none"}
+        lq_i0 = hq_i0 = None
+    else:
+        if open_beam is not None:
+            lq.i0, hq.i0 = np.full(len(lq.images), float(open_beam[0])), np.full(len(hq.images), float(open_beam[1]))
+            lq.i0_from = hq.i0_from = "--open-beam"
+        normalization = {"mode": "dose" if domain == "counts" else "open_beam", "lq": lq.normalization(),
+                         "hq": hq.normalization()}
+        lq_i0, hq_i0 = lq.i0, hq.i0
+    pairs = []
+    for k, (lo, hi) in enumerate(zip(_in_domain(lq, domain, lq_i0), _in_domain(hq, domain, hq_i0), strict=True)):
+        hq_c, lq_c, info = prepare_pair(lo, hi, scale=scale)
+        check_pair_range(hq_c, lq_c, what=f"pair {k} (LQ run {lq_uid}, HQ run {hq_uid}, {domain})")
+        pairs.append((hq_c, lq_c, info))
     provenance = {"source": "tiled", "tiled": (tiled_uri or "").split("?")[0] or None, "lq_run": lq_uid,
                   "hq_run": hq_uid, "n_pairs": len(pairs), "registration": [p[2] for p in pairs]}
-    pixel = {"lq": lq_start.get("pixel_size"), "hq": hq_start.get("pixel_size"), "unit": lq_start.get("pixel_unit")}
-    return PairSet([p[0] for p in pairs], [p[1] for p in pairs], scale, pixel, provenance)
+    return PairSet([p[0] for p in pairs], [p[1] for p in pairs], scale, sizes, provenance,
+                   {"image": domain, "normalization": normalization})
+
+
+def check_indi_pairs(data: PairSet, *, crop: int = 64) -> None:
+    """Every data error of a training set, raised before TensorFlow is loaded: a declared domain, pairs of
+    one shape each, a field large enough for training crops and a held-out validation band."""
+    if (data.domain or {}).get("image") not in DOMAINS:
+        raise ValueError(f"the training pairs must declare their image domain (one of {DOMAINS}), got {data.domain}")
+    if not data.hq or len(data.hq) != len(data.lq_upscaled):
+        raise ValueError(f"need HQ/LQ pairs of equal count (one pair is enough), got {len(data.hq)} HQ and "
+                         f"{len(data.lq_upscaled)} LQ images")
+    for k, (h, lqu) in enumerate(zip(data.hq, data.lq_upscaled, strict=True)):
+        if np.shape(h) != np.shape(lqu):
+            raise ValueError(f"pair {k}: HQ {np.shape(h)} and upscaled LQ {np.shape(lqu)} differ; use prepare_pair")
+        split_field(np.shape(h), crop=crop)
 
 
 def train_indi_artifact(data: PairSet, directory: str | Path, *, name: str, version: str, overwrite: bool = False,
                         **train_options: Any):
-    """Train InDI on ``data`` and save the artifact ``<directory>/<name>-<version>``; ``(artifact, result)``."""
-    from phasestream.models.indi import PERCENTILES, train_indi
+    """Train InDI on ``data`` and save the artifact ``<directory>/<name>-<version>``; ``(artifact, result)``.
+
+    The data are checked first (:func:`check_indi_pairs`): a bad set fails before TensorFlow loads.
+    """
+    check_indi_pairs(data, crop=int(train_options.get("crop", 64)))
+    from phasestream.models.indi import train_indi
     from phasestream.models.registry import save_artifact
 
     result = train_indi(data.hq, data.lq_upscaled, **train_options)
     training = {**data.provenance, "options": {k: v for k, v in train_options.items() if k != "progress"}}
-    extra = {"scale": data.scale, "pixel_size": data.pixel_size, "steps": result.steps,
+    extra = {"scale": data.scale, "pixel_size": data.pixel_size, "steps": result.steps, "domain": data.domain,
+             "demo": data.provenance.get("source") == "synthetic",
              "normalization": {"mode": "percentile", "percentiles": list(PERCENTILES), "of": "upscaled LQ image"}}
     artifact = save_artifact(result.model, directory, name=name, version=version, kind="indi", training=training,
                              metrics=result.metrics, extra=extra, overwrite=overwrite)

@@ -40,13 +40,13 @@ import tensorflow as tf
 from keras import layers, ops
 
 from phasestream.kernels.resample import upscale
+from phasestream.metrics import hf_correlation, median_edge_fwhm, psnr, ssim
+from phasestream.models.pairs import PERCENTILES, from_unit, normalization_of, prepare_pair, split_field, to_unit
 
-__all__ = ["InDINet", "InDITraining", "enhance_image", "enhance_volume", "huber_like", "indi_restore",
-           "normalization_of", "prepare_pair", "train_indi"]
+__all__ = ["PERCENTILES", "InDINet", "InDITraining", "choose_steps", "enhance_image", "enhance_volume", "huber_like",
+           "indi_restore", "normalization_of", "prepare_pair", "train_indi", "validate"]
 
 logger = logging.getLogger(__name__)
-
-PERCENTILES = (0.5, 99.5)
 
 
 # ---------------------------------------------------------------------------------------------- network
@@ -171,71 +171,6 @@ class InDINet(keras.Model):
         return self((x, t), training=False)
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-
-def normalization_of(lq_up: np.ndarray, percentiles: Sequence[float] = PERCENTILES) -> tuple[float, float]:
-    """``(low, high)`` intensities of the (upscaled) LQ image mapped to -1 and 1."""
-    lo, hi = np.nanpercentile(np.asarray(lq_up, np.float64), percentiles)
-    if not hi > lo:
-        hi = lo + 1.0
-    return float(lo), float(hi)
-
-
-def _to_unit(a, lo, hi):
-    return (2.0 * (np.asarray(a, np.float32) - lo) / (hi - lo) - 1.0).astype(np.float32)
-
-
-def _from_unit(a, lo, hi):
-    return ((np.asarray(a, np.float32) + 1.0) * 0.5 * (hi - lo) + lo).astype(np.float32)
-
-
-def prepare_pair(lq: np.ndarray, hq: np.ndarray, *, scale: int = 2,
-                 search: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Match an LQ scan to its HQ partner: upscale LQ ``scale``x (bicubic), find the HQ field of view
-    in it, register by sub-pixel phase correlation, return ``(hq_crop, lq_aligned, info)``.
-
-    The LQ scan may cover a larger field of view than the HQ one (the usual case: a fast, wide scan
-    and a slow, small one). With ``search``, the HQ field is located in the upscaled LQ image by
-    normalized cross-correlation (``skimage.feature.match_template``); the residual translation is
-    then measured by ``skimage.registration.phase_cross_correlation`` (upsample factor 20, the HQ
-    image blurred by a Gaussian of ``scale / 2`` pixels to the LQ resolution, both tapered by a Hann
-    window) and applied to the LQ image with cubic spline interpolation. Registration is rigid (translation
-    only); no non-rigid step is made. Both outputs have the HQ image's shape (minus the borders
-    lost to the shift, trimmed to a multiple of 4 pixels).
-    """
-    from skimage.feature import match_template
-    from skimage.registration import phase_cross_correlation
-
-    hq = np.asarray(hq, np.float32)
-    up = upscale(lq, scale)
-    offset = (0, 0)
-    if search and (up.shape[0] > hq.shape[0] or up.shape[1] > hq.shape[1]):
-        score = match_template(up, hq)
-        offset = tuple(int(v) for v in np.unravel_index(np.argmax(score), score.shape))
-    window = up[offset[0]:offset[0] + hq.shape[0], offset[1]:offset[1] + hq.shape[1]]
-    if window.shape != hq.shape:
-        raise ValueError(f"the upscaled LQ image {up.shape} does not cover the HQ image {hq.shape}")
-    from scipy import ndimage
-
-    # register at a common resolution: the HQ image blurred to the LQ scan's (about half its pixel)
-    from skimage.filters import window as taper
-
-    hann = taper("hann", hq.shape)  # no wrap-around edges in the Fourier transform
-    reference = ndimage.gaussian_filter(hq, scale / 2)
-    shift, error, _ = phase_cross_correlation((reference - reference.mean()) * hann, (window - window.mean()) * hann,
-                                              upsample_factor=20, normalization=None)
-
-    aligned = ndimage.shift(window, shift, order=3, mode="nearest").astype(np.float32)
-    margin = int(np.ceil(np.abs(shift).max())) + 1
-    sl = slice(margin, None)
-    h, w = ((n - 2 * margin) // 4 * 4 for n in hq.shape)
-    hq_c = hq[sl, sl][:h, :w]
-    lq_c = aligned[sl, sl][:h, :w]
-    return hq_c, lq_c, {"offset_px": list(offset), "shift_px": [float(s) for s in shift], "margin_px": margin,
-                        "registration_error": float(error)}
-
-
 # ---------------------------------------------------------------------------------------------- inference
 
 
@@ -295,8 +230,8 @@ def enhance_image(model: InDINet, lq: np.ndarray, *, steps: int = 8, scale: int 
         lq = np.where(np.isfinite(lq), lq, np.nanmedian(lq) if np.isfinite(lq).any() else 0.0)
     y = lq if upscaled else upscale(lq, scale)
     lo, hi = normalization_of(y)
-    x = indi_restore(lambda a, t: _predict_tiled(model, a, t, tile, overlap), _to_unit(y, lo, hi), steps)
-    return _from_unit(x, lo, hi)
+    x = indi_restore(lambda a, t: _predict_tiled(model, a, t, tile, overlap), to_unit(y, lo, hi), steps)
+    return from_unit(x, lo, hi)
 
 
 def enhance_volume(model: InDINet, volume: np.ndarray, *, steps: int = 8, scale: int = 2, **kwargs) -> np.ndarray:
@@ -357,41 +292,42 @@ def train_indi(
     batch_size: int = 8,
     iterations: int = 2000,
     max_learning_rate: float = 5e-4,
-    validation_fraction: float = 0.1,
+    validation_fraction: float = 0.2,
     step_candidates: Sequence[int] = (1, 2, 4, 6, 8, 10, 15, 20),
     t_one_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = True,
 ) -> InDITraining:
-    """Train InDI on registered pairs: HQ images and LQ images already upscaled to the same shape.
+    """Train InDI on registered pairs (one is enough): HQ images and LQ images upscaled to the same shape.
 
-    ``t`` is drawn uniformly in [0, 1] with a fraction ``t_one_fraction`` set exactly to 1 (the
-    pure-LQ start of every restoration). Crops of ``crop`` pixels with random flips and 90-degree
-    rotations; Adam with a one-cycle schedule (linear warm-up over 30% of the iterations to
-    ``max_learning_rate``, cosine decay after); loss :func:`huber_like` on ``F(x_t, t)`` vs ``x``.
-    The validation pairs (``validation_fraction``, at least one) choose the number of steps: the
-    smallest of ``step_candidates`` within 0.05 dB of the best PSNR.
+    Each pair's field is split (:func:`phasestream.models.pairs.split_field`): a band at the end of its
+    longer axis (``validation_fraction``) is held out, a separate area of the field, never a frame of
+    the same area. Training crops of ``crop`` pixels come from the rest, with random flips and 90-degree
+    rotations; ``t`` is drawn uniformly in [0, 1] with a fraction ``t_one_fraction`` set exactly to 1
+    (the pure-LQ start of every restoration); Adam with a one-cycle schedule (linear warm-up over 30% of
+    the iterations to ``max_learning_rate``, cosine decay after); loss :func:`huber_like` on
+    ``F(x_t, t)`` vs ``x``.
+
+    The validation bands choose the number of steps (:func:`choose_steps`: by PSNR, never past a step
+    count whose high-frequency correlation with HQ falls below that of 1 step) and give the metrics the
+    manifest keeps: PSNR, SSIM, edge FWHM, high-frequency correlation, and the same for bicubic
+    up-sampling, with the gain over it (``metrics["validation"]``).
     """
     from tqdm import tqdm
 
-    from phasestream.metrics import psnr
-
-    if len(hq) != len(lq_upscaled) or len(hq) < 2:
-        raise ValueError(f"need at least 2 HQ/LQ pairs of equal count, got {len(hq)} and {len(lq_upscaled)}")
-    pairs = []
+    if len(hq) != len(lq_upscaled) or len(hq) < 1:
+        raise ValueError(f"need HQ/LQ pairs of equal count (one is enough), got {len(hq)} and {len(lq_upscaled)}")
+    train, val = [], []
     for i, (h, lqu) in enumerate(zip(hq, lq_upscaled, strict=True)):
         h, lqu = np.asarray(h, np.float32), np.asarray(lqu, np.float32)
         if h.shape != lqu.shape:
             raise ValueError(f"pair {i}: HQ {h.shape} and upscaled LQ {lqu.shape} differ; use prepare_pair")
-        if min(h.shape) < crop:
-            raise ValueError(f"pair {i}: image {h.shape} smaller than the crop {crop}")
-        lo, hi = normalization_of(lqu)
-        pairs.append((_to_unit(h, lo, hi), _to_unit(lqu, lo, hi), (lo, hi)))
+        region, held_out = split_field(h.shape, crop=crop, fraction=validation_fraction)
+        lo, hi = normalization_of(lqu[region])
+        train.append((to_unit(h[region], lo, hi), to_unit(lqu[region], lo, hi)))
+        val.append((h[held_out], lqu[held_out], (lo, hi)))
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(pairs))
-    n_val = max(1, round(validation_fraction * len(pairs)))
-    val, train = [pairs[i] for i in order[:n_val]], [pairs[i] for i in order[n_val:]]
     model = InDINet(base_filters=base_filters, depth=depth).build_for_inference()
     warm = max(1, int(0.3 * iterations))
     schedule = keras.optimizers.schedules.CosineDecay(max_learning_rate / 25, decay_steps=max(1, iterations - warm),
@@ -419,20 +355,67 @@ def train_indi(
         history.append(loss)
         if i % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}", refresh=False)
-    metrics: dict[str, Any] = {"iterations": iterations, "final_loss": float(np.mean(history[-50:])),
-                               "validation_pairs": len(val), "psnr_by_steps": {}}
-    bicubic = []
-    for x, y, (lo, hi) in val:
-        bicubic.append(psnr(_from_unit(x, lo, hi), _from_unit(y, lo, hi)))
-    for n in step_candidates:
-        values = []
-        for x, y, (lo, hi) in val:
-            out = indi_restore(lambda a, t: _predict_tiled(model, a, t, 512, 64), y, n)
-            values.append(psnr(_from_unit(x, lo, hi), _from_unit(out, lo, hi)))
-        metrics["psnr_by_steps"][str(n)] = float(np.mean(values))
-    best = max(metrics["psnr_by_steps"].values())
-    chosen = min(n for n in step_candidates if metrics["psnr_by_steps"][str(n)] >= best - 0.05)
-    metrics.update(validation_psnr=metrics["psnr_by_steps"][str(chosen)],
-                   validation_psnr_bicubic=float(np.mean(bicubic)), steps=chosen)
-    logger.info("trained InDI: %s", metrics)
-    return InDITraining(model=model, metrics=metrics, steps=chosen, history=history)
+    validation = validate(model, val, step_candidates)
+    validation["region"] = {"fraction": validation_fraction, "where": "a band at the end of each field's longer axis",
+                            "shapes": [list(v[0].shape) for v in val]}
+    steps = validation["steps"]
+    metrics: dict[str, Any] = {
+        "iterations": iterations, "final_loss": float(np.mean(history[-50:])), "validation_pairs": len(val),
+        "psnr_by_steps": {n: v["psnr_db"] for n, v in validation["by_steps"].items()},
+        "validation_psnr": validation["psnr_db"], "validation_psnr_bicubic": validation["bicubic"]["psnr_db"],
+        "gain_over_bicubic_db": validation["gain_over_bicubic_db"], "steps": steps, "validation": validation}
+    logger.info("trained InDI: %s", {k: v for k, v in metrics.items() if k != "validation"})
+    return InDITraining(model=model, metrics=metrics, steps=steps, history=history)
+
+
+def choose_steps(by_steps: dict[str, dict[str, float]], *, tolerance_db: float = 0.05) -> int:
+    """The default number of steps: the fewest within ``tolerance_db`` of the best PSNR among the step counts
+    below the first one whose high-frequency correlation with HQ is lower than at the fewest steps (more
+    steps past that point add texture the truth does not have)."""
+    counts = sorted(int(n) for n in by_steps)
+    floor = by_steps[str(counts[0])]["hf_correlation"]
+    allowed = []
+    for n in counts:
+        if by_steps[str(n)]["hf_correlation"] < floor:
+            break
+        allowed.append(n)
+    best = max(by_steps[str(n)]["psnr_db"] for n in allowed)
+    return min(n for n in allowed if by_steps[str(n)]["psnr_db"] >= best - tolerance_db)
+
+
+def _quality(reference: np.ndarray, image: np.ndarray) -> dict[str, float | None]:
+    return {"psnr_db": psnr(reference, image), "ssim": ssim(reference, image),
+            "edge_fwhm_px": median_edge_fwhm(reference, image, border=4),
+            "hf_correlation": hf_correlation(reference, image)}
+
+
+def _mean(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def validate(model: InDINet, pairs: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, float]]],
+             step_candidates: Sequence[int] = (1, 2, 4, 6, 8, 10, 15, 20)) -> dict[str, Any]:
+    """Quality of ``model`` on held-out ``(hq, lq_upscaled, (lo, hi))`` pairs, in their intensities: PSNR and
+    high-frequency correlation by steps, the chosen steps (:func:`choose_steps`), PSNR, SSIM, median edge
+    FWHM (px) and HF correlation at those steps and for bicubic up-sampling, and the gain over bicubic."""
+    by_steps: dict[str, dict[str, float]] = {}
+    outputs = {}
+    for n in sorted(set(int(s) for s in step_candidates)):
+        rows = []
+        outputs[n] = []
+        for h, lqu, (lo, hi) in pairs:
+            out = from_unit(indi_restore(lambda a, t: _predict_tiled(model, a, t, 512, 64), to_unit(lqu, lo, hi), n),
+                            lo, hi)
+            outputs[n].append(out)
+            rows.append({"psnr_db": psnr(h, out), "hf_correlation": hf_correlation(h, out)})
+        by_steps[str(n)] = _mean(rows)
+    steps = choose_steps(by_steps)
+    chosen = _mean([_quality(h, out) for (h, _, _), out in zip(pairs, outputs[steps], strict=True)])
+    bicubic = _mean([_quality(h, lqu) for h, lqu, _ in pairs])
+    hq_fwhm = _mean([{"w": median_edge_fwhm(h, h, border=4)} for h, _, _ in pairs])["w"]
+    return {"pairs": len(pairs), "steps": steps, "by_steps": by_steps, **chosen, "bicubic": bicubic,
+            "hq_edge_fwhm_px": hq_fwhm, "gain_over_bicubic_db": chosen["psnr_db"] - bicubic["psnr_db"]}

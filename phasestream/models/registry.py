@@ -124,7 +124,8 @@ class Artifact:
                 "energies_eV": m.get("energies_eV", []), "phases": m.get("phases", []),
                 "training": {k: v for k, v in m.get("training", {}).items() if k in ("source", "seed", "runs",
                                                                                       "query", "n_spectra")},
-                "metrics": m.get("metrics", {}), "created": m.get("created"), "path": str(self.path)}
+                "metrics": m.get("metrics", {}), "created": m.get("created"), "path": str(self.path),
+                **{k: m[k] for k in ("domain", "steps", "scale", "pixel_size") if k in m}}
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Artifact:

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.modelserver.protocol import (
+    DEFAULT_MODEL_ADDRESS,
+    ModelRefused,
+    ModelServerError,
+    ModelServerUnavailable,
+)
 from phasestream.transport.wire import deserialize, serialize
 
 __all__ = ["EncodeResult", "ModelClient"]
@@ -95,7 +100,8 @@ class ModelClient:
                     # no id: the server could not read our request (too large, undecodable)
                     if isinstance(reply, dict) and reply.get("id") in (message["id"], None):
                         if not reply.get("ok"):
-                            raise ModelServerError(reply.get("error") or "model server error")
+                            error = ModelRefused if reply.get("refused") else ModelServerError
+                            raise error(reply.get("error") or "model server error")
                         return reply
                     # a late reply to an earlier attempt: ignore it
                 logger.warning("no reply from the model server at %s (attempt %d of %d)", self.address, attempt + 1,
@@ -130,11 +136,22 @@ class ModelClient:
         return EncodeResult(np.concatenate(latents), np.concatenate(comps) if components else None,
                             info["model"], info["version"], info["sha256"])
 
-    def enhance(self, model: str, images: np.ndarray, *, version: str | None = None, steps: int | None = None,
-                timeout: float | None = None) -> dict:
-        """InDI-enhanced image(s): the reply (``array`` (Y*s, X*s) or (N, Y*s, X*s), ``steps``, model info)."""
+    def enhance(self, model: str, images: np.ndarray, *, domain: str, version: str | None = None,
+                steps: int | None = None, allow_low_gain: bool = False, timeout: float | None = None) -> dict:
+        """InDI-enhanced image(s): the reply (``array`` (Y*s, X*s) or (N, Y*s, X*s), ``steps``, model info).
+
+        ``domain`` says what the images are (``transmission``, ``od`` or ``counts``): the server refuses
+        (:class:`~phasestream.modelserver.protocol.ModelRefused`) a model trained on another domain, and one
+        whose validated gain over bicubic is below 1 dB unless ``allow_low_gain`` (the reply then carries
+        ``low_gain``). ``demo`` in the reply: the model is a demonstration model.
+        """
+        options: dict[str, Any] = {"domain": domain}
+        if allow_low_gain:
+            options["allow_low_gain"] = True
+        if steps is not None:
+            options["steps"] = int(steps)
         return self.request("enhance", model=model, version=version, array=np.asarray(images, np.float32),
-                            options={"steps": int(steps)} if steps is not None else None, timeout=timeout)
+                            options=options, timeout=timeout)
 
     def denoise(self, model: str, od: np.ndarray, *, version: str | None = None, fine_tune_steps: int = 0,
                 timeout: float | None = None) -> dict:

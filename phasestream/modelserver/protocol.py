@@ -11,11 +11,14 @@ sockets sending one msgpack frame per request (arrays in the ``msgpack_numpy`` l
 ``array`` (and the mixture-component probabilities (N, K) in ``components`` with
 ``options: {components: true}``); ``decode`` takes latent points (N, D) and replies with normalized
 spectra (N, E); ``enhance`` (InDI models) takes a low-quality image (Y, X) or images (N, Y, X) and
-replies with the enhanced, ``scale``-times larger image(s) (``options: {steps: N}``, default the
-model's); ``denoise`` (denoise models) takes an OD stack (E, Y, X), NaN allowed, and replies with
-the denoised stack, ``components`` kept and ``seconds`` (``options: {fine_tune_steps: N}``,
-self-supervised fine-tuning on the stack first, default 0). ``list`` replies ``models``: the
-artifacts' summaries; ``health`` replies ``status``,
+replies with the enhanced, ``scale``-times larger image(s) (``options: {domain, steps: N}``: ``domain``,
+required, is the domain of the image(s), ``transmission``, ``od`` or ``counts``; an image of another domain
+than the model's is refused with ``refused: "domain"``, a model whose validated gain over bicubic is below
+1 dB with ``refused: "low_gain"`` unless ``allow_low_gain: true``, when the reply carries ``low_gain``;
+``steps`` default the model's; ``demo`` in the reply marks a demonstration model); ``denoise`` (denoise
+models) takes an OD stack (E, Y, X), NaN allowed, and replies with the denoised stack, ``components``
+kept and ``seconds`` (``options: {fine_tune_steps: N}``, self-supervised fine-tuning on the stack first,
+default 0). ``list`` replies ``models``: the artifacts' summaries; ``health`` replies ``status``,
 ``loaded`` models, ``uptime_s``, ``pid`` and ``stats`` (request, batch and item counters).
 
 Arrays are validated after conversion to float32, the dtype the models compute in: a float64 value
@@ -32,8 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_MODEL_ADDRESS", "MAX_ERROR_CHARS", "MODEL_DTYPE", "MODEL_OPS", "OPS", "ModelServerError",
-           "ModelServerUnavailable", "truncated"]
+__all__ = ["DEFAULT_MODEL_ADDRESS", "MAX_ERROR_CHARS", "MODEL_DTYPE", "MODEL_OPS", "OPS", "ModelRefused",
+           "ModelServerError", "ModelServerUnavailable", "truncated"]
 
 DEFAULT_MODEL_ADDRESS = "tcp://127.0.0.1:5579"
 OPS = ("health", "list", "encode", "decode", "enhance", "denoise")
@@ -45,6 +48,11 @@ MAX_ERROR_CHARS = 1000
 
 class ModelServerError(RuntimeError):
     """The model server replied ``ok: false``; the message is the server's error."""
+
+
+class ModelRefused(ModelServerError):
+    """The server refused to apply the model to this input (a reply with ``refused``: ``"domain"`` when the
+    image is not in the model's training domain, ``"low_gain"`` when its validated gain is too small)."""
 
 
 class ModelServerUnavailable(ConnectionError):

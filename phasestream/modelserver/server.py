@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from phasestream.models.domain import DOMAINS, DomainMismatchError, ModelRefusedError, check_domain, check_gain
 from phasestream.models.registry import ArtifactError, ModelNotFoundError, ModelRegistry
 from phasestream.modelserver.protocol import (
     DEFAULT_MODEL_ADDRESS,
@@ -322,6 +323,10 @@ class ModelServer:
             if not isinstance(steps, int) or not 1 <= steps <= 100:
                 req.reply = self._error(f"options.steps must be an integer in 1..100, got {steps!r}", **loaded.info)
                 continue
+            refusal, low_gain = self._refusal(art, options)
+            if refusal is not None:
+                req.reply = refusal
+                continue
             try:
                 images = array[None] if array.ndim == 2 else array
                 out = np.stack([enhance_image(loaded.model, im, steps=steps, scale=int(art.manifest.get("scale", 2)))
@@ -330,7 +335,26 @@ class ModelServer:
                 req.reply = self._inference_error("enhance", loaded, exc)
                 continue
             self.stats["items"] += len(images)
-            req.reply = {"ok": True, **loaded.info, "steps": steps, "array": out[0] if array.ndim == 2 else out}
+            req.reply = {"ok": True, **loaded.info, "steps": steps, "array": out[0] if array.ndim == 2 else out,
+                         "demo": bool(art.manifest.get("demo", False))}
+            if low_gain is not None:
+                req.reply["low_gain"] = low_gain
+
+    def _refusal(self, art, options: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """``(the reply refusing to enhance with art, None)`` for an image of another domain or a model whose
+        validated gain is too low (unless ``options.allow_low_gain``); else ``(None, the low-gain mark or None)``."""
+        info = {"model": art.name, "version": art.version, "sha256": art.sha256}
+        domain = options.get("domain")
+        if not isinstance(domain, str) or domain not in DOMAINS:
+            return self._error(f"options.domain must say what the image is, one of {list(DOMAINS)}; got "
+                               f"{truncated(repr(domain), 60)}", **info), None
+        try:
+            check_domain(art.manifest, domain)
+            return None, check_gain(art.manifest, allow_low_gain=options.get("allow_low_gain") is True)
+        except ModelRefusedError as exc:
+            self.stats["refused"] += 1
+            reason = "domain" if isinstance(exc, DomainMismatchError) else "low_gain"
+            return {**self._error(str(exc), **info), "refused": reason}, None
 
     def _denoise(self, loaded: _Loaded, valid: list[tuple[_Request, np.ndarray]]) -> None:
         """Denoising: each request's OD stack (E, Y, X), one at a time, optionally fine-tuned on it first."""

@@ -3,7 +3,7 @@
 :func:`energy_stack_scan` is ``bluesky.plans.list_scan`` over X-ray energies with the run
 metadata phasestream reads from the start document (docs/contract.md, "Start document"):
 
-    sample:      {name, state_of_charge, ...}
+    sample:      {name, state_of_charge (optional), ...}
     phasestream: {references, image_key, energy_key, i0_key (when given), mode}
     num_points:  number of energies
 
@@ -78,7 +78,8 @@ def energy_stack_scan(
         ``md["phasestream"]`` may add keys but not contradict the arguments
     sample : sample metadata ``{name, state_of_charge, ...}``, or a SimulatedSample (see
         :func:`sample_metadata`); None takes ``md["sample"]`` or the simulated sample of the
-        first detector that has one
+        first detector that has one. ``state_of_charge`` is optional (a sample that is not a
+        battery has none; its results are then not found by ``--soc`` queries)
     references : reference spectra the run is analysed against: a path or registered name
     mode : ``"stxm"`` or ``"txm"``; TXM needs a detector with ``shutter`` and
         ``sample_position`` signals (see :class:`~phasestream.sim.devices.TransmissionDetector`)
@@ -206,13 +207,17 @@ def _sample_metadata(sample: Mapping[str, Any] | SimulatedSample | None, detecto
     name = result.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"sample['name'] must be a non-empty string, got {name!r}")
+    if result.get("state_of_charge") is None:  # a plain imaging sample, not a battery: no state of charge
+        result.pop("state_of_charge", None)
+        return result
     try:
         soc = float(result.get("state_of_charge"))
     except (TypeError, ValueError):
         soc = math.nan
     if not math.isfinite(soc):
         raise ValueError(
-            f"sample['state_of_charge'] must be a finite number (Na content), got {result.get('state_of_charge')!r}"
+            f"sample['state_of_charge'] must be a finite number (Na content) or absent, got "
+            f"{result.get('state_of_charge')!r}"
         )
     result["state_of_charge"] = soc
     return result

@@ -15,6 +15,7 @@ import numpy as np
 from phasestream.jobs.training import PairSet, TrainingSet, ValidationRun, analysed_labels
 from phasestream.kernels.pearson import pearson_maps
 from phasestream.kernels.phases import assign_phases, particle_mask
+from phasestream.models.domain import SYNTHETIC_DOMAIN
 
 __all__ = ["SYNTHETIC_STATES", "synthetic_denoise_stacks", "synthetic_indi_pairs", "synthetic_training_set"]
 
@@ -91,7 +92,8 @@ def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, 
     hq, lq = phantom_pairs(n_pairs, shape, seed=seed + 1, blur_sigma=blur_sigma, noise=noise)
     provenance = {"source": "synthetic", "seed": seed, "n_pairs": n_pairs, "shape": list(shape),
                   "degradation": {"blur_sigma_px": blur_sigma, "downsample": 2, "noise_std": noise}}
-    return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance)
+    return PairSet(list(hq), [upscale(x) for x in lq], 2, {"lq": 2.0, "hq": 1.0, "unit": "px"}, provenance,
+                   dict(SYNTHETIC_DOMAIN))
 
 
 def synthetic_denoise_stacks(*, seed: int = 0, n_stacks: int = 10, shape: tuple[int, int] = (192, 192),

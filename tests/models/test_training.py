@@ -157,7 +157,7 @@ def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_p
 
     code = cli_main(["train", "indi", "--tiled", tiled_server.uri, "--lq", lq_uid, "--hq", hq_uid,
                      "--iterations", "20", "--filters", "4", "--crop", "32", "--batch-size", "2",
-                     "--out", str(tmp_path), "--name", "indi-beamline"])
+                     "--domain", "counts", "--out", str(tmp_path), "--name", "indi-beamline"])
     assert code == 0
     art = Artifact.read(tmp_path / "indi-beamline-1.0.0")
     manifest = json.loads((art.path / "manifest.json").read_text())
@@ -166,6 +166,7 @@ def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_p
     for info in training["registration"]:
         assert np.abs(np.array(info["offset_px"]) - [40, 24]).max() <= 2  # integer search
         assert np.abs(np.array(info["offset_px"]) - [40, 24] - info["shift_px"]).max() < 0.2  # + sub-pixel
-    assert manifest["pixel_size"] == {"lq": 20.0, "hq": 10.0, "unit": "nm"} and manifest["scale"] == 2
+    assert manifest["pixel_size"] == {"lq": 0.02, "hq": 0.01, "unit": "um", "from": "pixel_size (nm)"}
+    assert manifest["scale"] == 2 and manifest["domain"] == {"image": "counts", "normalization": {"mode": "none"}}
     assert "api_key" not in json.dumps(manifest)
     assert ModelRegistry([tmp_path]).get("indi-beamline").kind == "indi"

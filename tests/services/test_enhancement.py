@@ -15,7 +15,7 @@ from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.jobs.enhance import EnhanceOptions, enhance_result
 from phasestream.models.registry import ModelRegistry
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import ModelServerError
+from phasestream.modelserver.protocol import ModelRefused, ModelServerError
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import raw_run_writer
@@ -27,9 +27,31 @@ INDI = "indi-particles-synthetic"
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 4)
 
 
+TRANSMISSION_MODEL = "indi-transmission"
+LOW_GAIN_MODEL = "indi-low-gain"
+
+
 @pytest.fixture(scope="module")
-def models():
-    with ModelServerProcess(args=("--preload", INDI)) as proc:
+def user_models(tmp_path_factory):
+    """A folder with a (tiny, untrained) InDI artifact declared as trained on transmission images."""
+    from phasestream.models.indi import InDINet
+    from phasestream.models.registry import save_artifact
+
+    folder = tmp_path_factory.mktemp("models")
+    net = InDINet(base_filters=4, depth=1, dilations=(1,)).build_for_inference()
+    domain = {"image": "transmission", "normalization": {"mode": "open_beam", "lq": {"i0": 120.0, "from": "test"},
+                                                          "hq": {"i0": 3000.0, "from": "test"}}}
+    save_artifact(net, folder, name=TRANSMISSION_MODEL, version="1.0.0", kind="indi",
+                  metrics={"gain_over_bicubic_db": 5.0}, extra={"scale": 2, "steps": 1, "domain": domain})
+    od = {"image": "od", "normalization": {"mode": "open_beam"}}
+    save_artifact(net, folder, name=LOW_GAIN_MODEL, version="1.0.0", kind="indi",
+                  metrics={"validation": {"gain_over_bicubic_db": 0.4}}, extra={"scale": 2, "steps": 1, "domain": od})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(user_models):
+    with ModelServerProcess(args=("--preload", INDI, "--models-dir", str(user_models))) as proc:
         yield proc
 
 
@@ -54,16 +76,18 @@ def test_enhance_op_equals_the_model_in_process(models):
     art, model = ModelRegistry().load(INDI)
     image = np.random.default_rng(0).uniform(0, 1, (40, 48)).astype(np.float32)
     with ModelClient(models.address, timeout=120) as client:
-        reply = client.enhance(INDI, image, steps=3)
+        reply = client.enhance(INDI, image, domain="od", steps=3)
         assert reply["array"].shape == (80, 96) and reply["steps"] == 3
         assert (reply["model"], reply["version"], reply["sha256"]) == (INDI, art.version, art.sha256)
         np.testing.assert_allclose(reply["array"], enhance_image(model, image, steps=3), rtol=1e-4, atol=1e-4)
-        stack = client.enhance(INDI, np.stack([image, image[::-1]]))["array"]
+        stack = client.enhance(INDI, np.stack([image, image[::-1]]), domain="od")["array"]
         assert stack.shape == (2, 80, 96)
         with pytest.raises(ModelServerError, match="at least 8 x 8"):
-            client.enhance(INDI, np.zeros((4, 4), np.float32))
+            client.enhance(INDI, np.zeros((4, 4), np.float32), domain="od")
         with pytest.raises(ModelServerError, match="steps must be an integer"):
-            client.request("enhance", model=INDI, array=image, options={"steps": 0})
+            client.request("enhance", model=INDI, array=image, options={"steps": 0, "domain": "od"})
+        with pytest.raises(ModelServerError, match=r"options\.domain must say what the image is"):
+            client.request("enhance", model=INDI, array=image, options={"steps": 1})
         with pytest.raises(ModelServerError, match="is a indi model"):
             client.request("encode", model=INDI, array=np.zeros((2, 13), np.float32))
         assert client.health()["status"] == "serving"
@@ -74,7 +98,9 @@ def test_enhancement_job_writes_enhanced_od_images(tiled_client, models):
     record = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=2))
     assert record["status"] == "complete", record
     node = tiled_client["phasestream"][uid]
-    enhanced = node["enhanced"].read()
+    version = ModelRegistry().get(INDI).version
+    assert record["path"] == f"enhanced/{INDI}/{version}/2" and record["domain"] == "od"
+    enhanced = node[record["path"]].read()
     assert enhanced.shape == (len(ENERGIES), 96, 96) and enhanced.dtype == np.float32
     assert node.metadata["enhancement"]["steps"] == 2
     assert node.metadata["models"][INDI]["sha256"] == ModelRegistry().get(INDI).sha256
@@ -94,6 +120,8 @@ def test_enhancement_requested_in_the_start_document(tiled_client, models):
     assert service.outcome(uid, "enhance").status == "complete"
     written = tiled_client["phasestream"][uid].metadata["enhancement"]
     assert service.outcome(uid, "enhance").details["sha256"] == written["sha256"]
+    # enhance: true named no model: the shipped demo model ran, and the result says so
+    assert "a demo model trained on simulated particle phantoms" in written["warning"]
     assert "enhanced" in tiled_client["phasestream"][uid]
     assert service.outcome(other, "enhance") is None and "enhanced" not in tiled_client["phasestream"][other]
 
@@ -101,8 +129,112 @@ def test_enhancement_requested_in_the_start_document(tiled_client, models):
 def test_reprocess_enhance_command_and_server_down(tiled_server, tiled_client, models):
     uid = _scan(tiled_client)
     down = enhance_result(tiled_client, uid, EnhanceOptions(address="tcp://127.0.0.1:1", timeout=0.5))
-    assert down["status"] == "skipped" and down["retry"] == f"phasestream reprocess --enhance {uid}"
+    assert down["status"] == "skipped"
+    assert down["retry"] == f"phasestream enhance --source od --model {INDI} {uid}"
     code = cli_main(["reprocess", "--refine-only", "--enhance", uid, "--steps", "1", "--tiled", tiled_server.uri,
                      "--models", models.address])
     assert code == 0
     assert tiled_client["phasestream"][uid].metadata["enhancement"]["status"] == "complete"
+
+
+def test_a_transmission_model_is_refused_on_od_images(tiled_client, models):
+    """Issue 23: a model trained on transmission never enhances OD, through the server nor the job."""
+    image = np.random.default_rng(3).uniform(0.2, 1.0, (32, 32)).astype(np.float32)
+    with ModelClient(models.address, timeout=120) as client:
+        with pytest.raises(ModelRefused, match="trained on transmission images and these images are od"):
+            client.enhance(TRANSMISSION_MODEL, image, domain="od")
+        same = client.enhance(TRANSMISSION_MODEL, image, domain="transmission")  # its own domain: enhanced
+        assert same["array"].shape == (64, 64)
+        assert client.health()["stats"]["refused"] == 1
+    uid = _scan(tiled_client)
+    record = enhance_result(tiled_client, uid, EnhanceOptions(model=TRANSMISSION_MODEL, address=models.address))
+    assert record["status"] == "skipped", record
+    assert "trained on transmission images and these images are od" in record["reason"]
+    node = tiled_client["phasestream"][uid]
+    assert "enhanced" not in node and TRANSMISSION_MODEL not in (node.metadata.get("models") or {})
+
+
+def test_enhance_command_side_by_side_and_the_python_api(tiled_server, tiled_client, models):
+    """``phasestream enhance``: step counts side by side, nothing overwritten; the array API gives the same."""
+    from phasestream.jobs.enhance import enhance_images
+
+    uid = _scan(tiled_client)
+    base = ["enhance", uid, "--tiled", tiled_server.uri, "--models", models.address]
+    assert cli_main([*base, "--steps", "1"]) == 0
+    assert cli_main([*base, "--steps", "2", "--source", "od"]) == 0
+    node = tiled_client["phasestream"][uid]
+    version = ModelRegistry().get(INDI).version
+    one, two = node[f"enhanced/{INDI}/{version}/1"].read(), node[f"enhanced/{INDI}/{version}/2"].read()
+    assert one.shape == two.shape == (len(ENERGIES), 96, 96) and not np.allclose(one, two)
+    assert set(node.metadata["enhancements"]) == {f"{INDI}/{version}/1", f"{INDI}/{version}/2"}
+    assert node.metadata["enhancement"]["steps"] == 2  # the latest
+    assert "warning" not in node.metadata["enhancement"]  # a model named on the command line
+    od = np.stack([np.nan_to_num(node["od"][i], nan=np.nanmedian(node["od"][i])) for i in range(len(ENERGIES))])
+    api = enhance_images(od, domain="od", steps=2, address=models.address)
+    np.testing.assert_allclose(api["array"], two, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelRefused, match="trained on transmission"):
+        enhance_images(od[0], domain="od", model=TRANSMISSION_MODEL, address=models.address)
+
+
+def test_enhance_raw_frames_of_a_transmission_model(tiled_server, tiled_client, models):
+    """``--source raw``: each frame divided by the run's own I0 column, enhanced by a transmission model."""
+    from phasestream.jobs.enhance import enhance_images
+    from phasestream.store.tiled import open_raw_run
+
+    uid = _scan(tiled_client)
+    code = cli_main(["enhance", uid, "--source", "raw", "--model", TRANSMISSION_MODEL, "--tiled", tiled_server.uri,
+                     "--models", models.address])
+    assert code == 0
+    node = tiled_client["phasestream"][uid]
+    record = node.metadata["enhancements"][f"{TRANSMISSION_MODEL}/1.0.0/1"]
+    assert record["source"] == "raw" and record["domain"] == "transmission"
+    assert record["normalization"]["from"].startswith("i0 data key")
+    run = open_raw_run(tiled_client, uid)
+    keys = run.metadata["start"]["phasestream"]
+    det = run["primary"][keys["image_key"]].read()
+    i0 = np.asarray(run["primary"][keys["i0_key"]].read(), np.float64)
+    transmission = (np.asarray(det, np.float64) / i0.reshape(-1, 1, 1)).astype(np.float32)
+    expected = enhance_images(transmission, domain="transmission", model=TRANSMISSION_MODEL,
+                              address=models.address)["array"]
+    np.testing.assert_allclose(node[record["path"]].read(), expected, rtol=1e-4, atol=1e-4)
+    # the shipped model declares od: raw counts are refused, nothing written
+    refused = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, source="raw"))
+    assert refused["status"] == "skipped" and "trained on od images and these images are counts" in refused["reason"]
+
+
+def test_a_model_with_too_little_validated_gain_is_refused_unless_allowed(tiled_server, tiled_client, models):
+    uid = _scan(tiled_client)
+    refused = enhance_result(tiled_client, uid, EnhanceOptions(model=LOW_GAIN_MODEL, address=models.address))
+    assert refused["status"] == "skipped" and "gained 0.40 dB over bicubic" in refused["reason"]
+    assert "--allow-low-gain" in refused["reason"] and "enhanced" not in tiled_client["phasestream"][uid]
+    code = cli_main(["enhance", uid, "--model", LOW_GAIN_MODEL, "--allow-low-gain", "--tiled", tiled_server.uri,
+                     "--models", models.address])
+    assert code == 0
+    record = tiled_client["phasestream"][uid].metadata["enhancement"]
+    assert record["status"] == "complete"
+    assert record["low_gain"] == {"gain_over_bicubic_db": 0.4, "min_db": 1.0, "allowed": True}
+
+
+def test_raw_frames_of_a_run_never_analysed(tiled_server, tiled_client, models):
+    """A plain ``count`` of one camera frame: ``enhance --source raw`` makes a ``skipped`` result to hold it."""
+    import bluesky.plan_stubs as bps
+    from bluesky.preprocessors import run_decorator
+    from ophyd.sim import SynSignal
+
+    frame = np.random.default_rng(8).poisson(900.0, (24, 32)).astype(np.float32)
+    det = SynSignal(func=lambda: frame, name="cam_image")
+
+    @run_decorator(md={"sample": {"name": "plain"}, "phasestream": {"image_key": "cam_image"}})
+    def count():
+        yield from bps.trigger_and_read([det])
+
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled_client))
+    (uid,) = RE(count())
+    assert cli_main(["enhance", uid, "--source", "raw", "--model", TRANSMISSION_MODEL, "--tiled", tiled_server.uri,
+                     "--models", models.address]) == 0
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["status"] == "skipped" and "not analysed" in node.metadata["errors"][0]
+    record = node.metadata["enhancement"]
+    assert record["normalization"]["from"] == "estimated from each frame's open-beam background"
+    assert node[record["path"]].shape == (1, 48, 64)

@@ -120,12 +120,14 @@ def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, da
     assert record["status"] == "complete", record
     assert record["split"]["ranges"] == [[0, 2], [2, 4]] and record["scale"] == 2.0
     node = tiled_client["phasestream"]["split-enhance"]
-    split = node["enhanced"].read()
-    assert split.shape == (4, 64, 64) and node["enhanced"].chunks[0] == (1, 1, 1, 1)
+    path = f"enhanced/{INDI}/{record['version']}/2"
+    assert record["path"] == path
+    split = node[path].read()
+    assert split.shape == (4, 64, 64) and node[path].chunks[0] == (1, 1, 1, 1)
     assert node.metadata["enhancement"]["split"]["parts"] == 2
-    # the oracle: the unsplit job, one plane per request, as the tasks send them
+    # the oracle: the unsplit job, one plane per request, as the tasks send them (same model and steps: same key)
     assert enhance_result(tiled_client, "split-enhance", options)["status"] == "complete"
-    np.testing.assert_allclose(split, node["enhanced"].read(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(split, node[path].read(), rtol=1e-5, atol=1e-5)
     assert np.abs(split).max() > 0
 
 

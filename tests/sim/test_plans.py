@@ -195,8 +195,8 @@ def test_sample_from_md_and_generic_image_detector(RE, run):
         ({"mode": "xrf"}, "mode"),
         ({"image_key": "nope_img"}, "image_key"),
         ({"i0_key": "nope_i0"}, "i0_key"),
-        ({"sample": {"name": "x"}}, "state_of_charge"),
         ({"sample": {"name": "x", "state_of_charge": float("nan")}}, "state_of_charge"),
+        ({"sample": {"name": "x", "state_of_charge": "full"}}, "state_of_charge"),
         ({"sample": {"state_of_charge": 2.0}}, "name"),
         ({"references": ""}, "references"),
         ({"md": {"phasestream": {"mode": "txm"}}}, "contradicts"),
@@ -222,3 +222,28 @@ def test_detectors_must_be_given_and_txm_needs_shutter_and_sample_stage():
     point = SynGauss("point", energy, "energy", center=517.0, Imax=1.0, sigma=2.0)
     with pytest.raises(ValueError, match="no image data key"):
         energy_stack_scan([point], energy, ENERGIES, sample={"name": "s", "state_of_charge": 2.0})
+
+
+def test_a_sample_without_state_of_charge_is_scanned_and_not_found_by_soc(tiled_client, sample):
+    """Issue 23: a plain imaging sample (no battery) scans; ``--soc`` queries simply do not find its result."""
+    from bluesky import RunEngine
+
+    from phasestream.callbacks.phase_map import PhaseMapCallback
+    from phasestream.store.catalog import RunQuery, find, find_raw_runs
+    from phasestream.store.tiled import raw_run_writer
+
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled_client))
+    callback = PhaseMapCallback(tiled_client, backend="numpy")
+    RE.subscribe(callback)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES[:3], sample={"name": "plain-imaging", "cycle": 1}))
+    assert callback.flush(60)
+    callback.close()
+    result = tiled_client["phasestream"][uid].metadata
+    assert result["sample"] == {"name": "plain-imaging", "cycle": 1} and result["state_of_charge"] is None
+    assert result["status"] in ("complete", "partial")
+    assert uid in find(tiled_client, RunQuery(sample="plain-imaging"))
+    assert uid not in find(tiled_client, state_of_charge=2.4, tolerance=10.0)
+    assert uid not in find_raw_runs(tiled_client, state_of_charge=2.4, tolerance=10.0)

@@ -34,6 +34,7 @@ COMMANDS = {
     "view": "view",
     "reprocess": "reprocess",
     "import": "importing",
+    "enhance": "enhance",
     "up": "stack",
     "status": "stack",
     "down": "stack",

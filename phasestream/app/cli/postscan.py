@@ -22,6 +22,9 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--indi-model", default="indi-particles-synthetic",
                         help="InDI artifact for enhancement (default indi-particles-synthetic)")
     parser.add_argument("--steps", type=int, default=None, help="InDI steps (default: the artifact's)")
+    parser.add_argument("--allow-low-gain", action="store_true",
+                        help="InDI: enhance even with a model whose validated gain over bicubic is below 1 dB "
+                             "(the record is marked low_gain)")
     parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default=AUTO,
                         help="how ambiguous pixels get a phase in the latent space (default auto: the strategy that "
                              "wins the run's held-out check; mahalanobis is the paper's)")
@@ -46,8 +49,8 @@ def model_address(args: argparse.Namespace) -> str:
 
 def enhance_options(args: argparse.Namespace) -> EnhanceOptions:
     """The InDI enhancement of the options added by :func:`add_refine_options`."""
-    return EnhanceOptions(model=args.indi_model, steps=args.steps, address=model_address(args),
-                          root=args.root).validate()
+    return EnhanceOptions(model=args.indi_model, steps=args.steps, address=model_address(args), root=args.root,
+                          allow_low_gain=args.allow_low_gain).validate()
 
 
 def methods_base(args: argparse.Namespace) -> MethodsOptions:

@@ -79,7 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--refine-only", action="store_true",
                      help="only post-scan jobs on the existing results (no PCC recomputation); implies --refine "
                           "unless --enhance or --method is given")
-    rep.add_argument("--enhance", action="store_true", help="InDI-enhance the OD images into `enhanced`")
+    rep.add_argument("--enhance", action="store_true",
+                     help="InDI-enhance the OD images into enhanced/<model>/<version>/<steps>")
     rep.add_argument("--method", action="append", metavar="NAME", default=[],
                      help="classic method on the result (repeat for several): normalize, lcf, edge50, peak, masks, "
                           "kmeans, rum_tv, rum_pnp")

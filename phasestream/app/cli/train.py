@@ -6,13 +6,16 @@ import argparse
 import json
 
 from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client, workers_api_key
+from phasestream.jobs.frames import PIXEL_SIZE_KEY
 from phasestream.jobs.training import (
+    check_indi_pairs,
     tiled_indi_pairs,
     tiled_training_set,
     train_artifact,
     train_denoise_artifact,
     train_indi_artifact,
 )
+from phasestream.models.domain import DOMAINS
 from phasestream.models.registry import Artifact
 from phasestream.sim.training import synthetic_denoise_stacks, synthetic_indi_pairs, synthetic_training_set
 
@@ -59,6 +62,17 @@ def _add_indi_parser(train_sub: argparse._SubParsersAction) -> None:
     indi_source.add_argument("--synthetic", action="store_true", help="train on simulated particle phantoms")
     indi_source.add_argument("--lq", metavar="UID", help="raw run of the low-quality scan in Tiled")
     indi.add_argument("--hq", metavar="UID", help="raw run of the high-quality scan of the same field")
+    indi.add_argument("--domain", choices=DOMAINS, default="od",
+                      help="the images the model learns and will enhance: od (-ln(I/I0), what `enhance --source od` "
+                           "and `reprocess --enhance` enhance; the default), transmission (I/I0) or counts (raw; "
+                           "`enhance --source raw` takes transmission or counts models)")
+    indi.add_argument("--open-beam", type=float, nargs=2, metavar=("LQ", "HQ"), default=None,
+                      help="open-beam intensity (counts/px) of the LQ and the HQ scan (default: each run's I0 "
+                           "column, else estimated from each frame's background); with --domain counts: divide "
+                           "each scan by it (scans at different doses)")
+    indi.add_argument("--pixel-size", type=float, nargs=2, metavar=("LQ", "HQ"), default=None,
+                      help=f"pixel sizes in µm of the LQ and the HQ scan (default: the start documents' "
+                           f"{PIXEL_SIZE_KEY})")
     indi.add_argument("--seed", type=int, default=0)
     indi.add_argument("--pairs", type=int, default=24, help="--synthetic: phantom pairs (default 24)")
     indi.add_argument("--iterations", type=int, default=4000, help="training iterations (default 4000)")
@@ -133,6 +147,10 @@ def _print_report(report: dict) -> None:
 
 def train_indi(args: argparse.Namespace) -> int:
     """``train indi``: on simulated particle phantoms, or on a low- and a high-quality scan in Tiled."""
+    if args.iterations < 1 or args.batch_size < 1 or args.filters < 1:
+        raise ValueError("--iterations, --batch-size and --filters must be >= 1")
+    if args.crop < 8 or args.crop % 4:
+        raise ValueError(f"--crop must be a multiple of 4 of at least 8 pixels, got {args.crop}")
     if args.synthetic:
         data = synthetic_indi_pairs(seed=args.seed, n_pairs=args.pairs)
         name = args.name or "indi-particles-synthetic"
@@ -140,9 +158,12 @@ def train_indi(args: argparse.Namespace) -> int:
         if not (args.lq and args.hq):
             raise ValueError("train indi needs --synthetic, or --tiled URI with --lq UID --hq UID")
         with tiled_client(args) as (client, uri):
-            data = tiled_indi_pairs(client, args.lq, args.hq, tiled_uri=uri)
+            data = tiled_indi_pairs(client, args.lq, args.hq, tiled_uri=uri, domain=args.domain,
+                                    open_beam=args.open_beam, pixel_size=args.pixel_size)
         name = args.name or "indi-tiled"
-    print(f"training {name} {args.version} on {len(data.hq)} image pairs ({data.provenance['source']})")
+    check_indi_pairs(data, crop=args.crop)  # every data error before TensorFlow loads
+    print(f"training {name} {args.version} on {len(data.hq)} image pair(s) of {data.domain['image']} "
+          f"({data.provenance['source']})")
     artifact, result = train_indi_artifact(data, _artifact_folder(args), name=name, version=args.version,
                                            overwrite=args.overwrite, iterations=args.iterations,
                                            base_filters=args.filters, seed=args.seed, crop=args.crop,
