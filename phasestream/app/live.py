@@ -18,8 +18,8 @@ open as ``partial`` ("worker stopped"); while it runs, the service touches each 
 final write never reached Tiled): it is recovered from the raw run like a run that lost
 documents, and records ``recovered: {reason: "worker restarted"}``.
 
-The service only builds jobs: the post-scan steps of each finished run (refine, enhance, methods
-as requested) and the reprocessing of runs that lost documents become one
+The service only builds jobs: the post-scan steps of each finished run (refine, enhance, methods,
+denoise as requested) and the reprocessing of runs that lost documents become one
 :class:`~phasestream.jobs.executors.Job` per run, handed to an executor: a thread of this process
 (:class:`~phasestream.jobs.executors.InlineExecutor`), or with a Dask scheduler (``scheduler=``:
 an address, ``"local"`` or a ``distributed.Client``) one task per run with retries
@@ -41,6 +41,7 @@ from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome, RunSettings
 from phasestream.contract.fields import parse_field_key
+from phasestream.jobs.denoise import DenoiseOptions
 from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
 from phasestream.jobs.methods import MethodsOptions, methods_options_from_start
@@ -67,6 +68,8 @@ class LiveService:
         (``phasestream: {enhance: true}``); None: never
     methods : base options of the classic methods (LCF, unmixing, ...), run for runs whose start
         document asks for them (``phasestream: {methods: [lcf, rum_tv]}``); None: never
+    denoise : base options (model server, root) of the denoising, run for runs whose start document
+        asks for it (``phasestream: {denoise: true}``, ``RunSettings.denoise``); None: never
     scheduler : where post-scan jobs and lost-run reprocessing run: None or ``"none"``, a thread of
         this process; a Dask scheduler address (``tcp://HOST:8786``), ``"local"`` (a LocalCluster of
         ``dask_workers`` processes) or a ``distributed.Client``: one Dask task per run
@@ -81,16 +84,18 @@ class LiveService:
 
     def __init__(self, tiled_client, *, recover_after: float = 600.0, poll_seconds: float = 1.0,
                  refine: RefineOptions | None = None, enhance: EnhanceOptions | None = None,
-                 methods: MethodsOptions | None = None, scheduler: Any = None, tiled_uri: str | None = None,
+                 methods: MethodsOptions | None = None, denoise: DenoiseOptions | None = None,
+                 scheduler: Any = None, tiled_uri: str | None = None,
                  retries: int = 2, dask_workers: int | None = 1, stale_after: float | None = 600.0,
                  **callback_options):
         self.client = tiled_client
         self.refine_options = refine
         self.enhance_options = enhance
         self.methods_options = methods
-        #: run uid -> job name (refine, enhance, methods, reprocess) -> its outcome, whichever executor ran it
+        self.denoise_options = denoise
+        #: run uid -> job name (refine, enhance, methods, denoise, reprocess) -> its outcome, whichever executor ran it
         self.outcomes: dict[str, dict[str, JobOutcome]] = {}
-        self.post_scan = refine is not None or enhance is not None or methods is not None
+        self.post_scan = any(o is not None for o in (refine, enhance, methods, denoise))
         self.executor: Executor
         if scheduler is not None and not (isinstance(scheduler, str) and scheduler.lower() == "none"):
             self.executor = DaskExecutor(scheduler, tiled_uri or str(tiled_client.context.api_uri),
@@ -139,10 +144,10 @@ class LiveService:
             with self._lock:
                 lost = result.uid in self._pending  # post-scan steps follow its reprocessing instead
             if not lost:  # on the result: one field's (``<uid>.f<index>``) for a run of several fields
-                self._submit(result.key, [], dict(result.settings.extra))
+                self._submit(result.key, [], result.settings)
 
     def outcome(self, uid: str, job: str) -> JobOutcome | None:
-        """The outcome of ``job`` (refine, enhance, methods, reprocess) on run ``uid``, once it ended."""
+        """The outcome of ``job`` (refine, enhance, methods, denoise, reprocess) on run ``uid``, once it ended."""
         with self._lock:
             return self.outcomes.get(uid, {}).get(job)
 
@@ -150,8 +155,10 @@ class LiveService:
         with self._lock:
             self.outcomes.setdefault(uid, {})[outcome.job] = outcome
 
-    def _post_scan_steps(self, uid: str, extra: dict) -> list[tuple[str, dict]]:
-        """The Job steps of the post-scan work ``uid`` asks for; a malformed request is recorded as failed."""
+    def _post_scan_steps(self, uid: str, settings: RunSettings | None) -> list[tuple[str, dict]]:
+        """The Job steps of the post-scan work ``uid`` asks for; a malformed request is recorded as failed
+        (a malformed ``denoise`` request by the denoising job, on the result)."""
+        extra = dict(settings.extra) if settings is not None else {}
         steps: list[tuple[str, dict]] = []
         if self.refine_options is not None:
             steps.append(("refine", asdict(self.refine_options)))
@@ -167,11 +174,14 @@ class LiveService:
             else:
                 if options is not None:
                     steps.append((name, asdict(options)))
+        if self.denoise_options is not None and settings is not None and settings.denoise is not None:
+            steps.append(("denoise", asdict(self.denoise_options.requested(settings.denoise))))
         return steps
 
-    def _submit(self, uid: str, first: list[tuple[str, dict]], extra: dict, live_errors: list | None = None) -> None:
+    def _submit(self, uid: str, first: list[tuple[str, dict]], settings: RunSettings | None,
+                live_errors: list | None = None) -> None:
         """Hand ``first`` (reprocessing) and the post-scan steps of ``uid`` to the executor as one job."""
-        steps = [*first, *self._post_scan_steps(uid, extra)]
+        steps = [*first, *self._post_scan_steps(uid, settings)]
         if steps:
             job = Job(uid, tuple(steps))
             self.executor.submit(job, lambda outcome: self._job_done(job, outcome, live_errors))
@@ -293,7 +303,7 @@ class LiveService:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []
             start = open_raw_run(self.client, uid, self.callback.raw).metadata["start"]
-            extra = dict(RunSettings.from_start(start).extra) if "phasestream" in start else {}
+            settings = RunSettings.from_start(start) if "phasestream" in start else None
         except Exception as exc:  # recorded; the service goes on
             logger.exception("run %s: reprocessing after lost documents failed", uid)
             self._give_up(uid, f"recovery from the raw run failed: {type(exc).__name__}: {exc}")
@@ -302,7 +312,7 @@ class LiveService:
         with self._lock:
             self._pending.pop(uid, None)  # submitted: recovered[uid] is set when the job ends
             self._submitted.add(uid)
-        self._submit(uid, [("reprocess", asdict(options))], extra, live_errors)
+        self._submit(uid, [("reprocess", asdict(options))], settings, live_errors)
 
     def _give_up(self, uid: str, reason: str) -> None:
         """A result that could not be recovered ends with a final status and the reason, never ``running``

@@ -21,36 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.contract.denoise import DENOISED_LAYOUT, DenoiseRequest, denoise_request
+
 __all__ = [
-    "DEFAULT_MAX_IMAGE_PIXELS",
-    "DEFAULT_MAX_METADATA_BYTES",
-    "DEFAULT_MAX_METADATA_DEPTH",
-    "DEFAULT_MAX_NUM_POINTS",
-    "FINAL_JOB_STATUSES",
-    "FINAL_STATUSES",
-    "MAP_LAYOUT",
-    "MODES",
-    "OD_DTYPE",
-    "RESULT_SPEC",
-    "RUN_UID_PATTERN",
-    "STATUSES",
-    "USABLE_STATUSES",
-    "DocumentBounds",
-    "IncompleteReason",
-    "InvalidIdentifierError",
-    "JobOutcome",
-    "JobStatus",
-    "MetadataTooLargeError",
-    "RunDefaults",
-    "RunSettings",
-    "RunSettingsError",
-    "Status",
-    "check_metadata",
-    "check_raw_path",
-    "check_result_root",
-    "check_run_uid",
-    "checked_run_origin",
-    "checked_sample",
+    "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "DEFAULT_MAX_NUM_POINTS",
+    "FINAL_JOB_STATUSES", "FINAL_STATUSES", "MAP_LAYOUT", "MODES", "OD_DTYPE", "RESULT_SPEC", "RUN_UID_PATTERN",
+    "STATUSES", "USABLE_STATUSES", "DocumentBounds", "IncompleteReason", "InvalidIdentifierError", "JobOutcome",
+    "JobStatus", "MetadataTooLargeError", "RunDefaults", "RunSettings", "RunSettingsError", "Status",
+    "check_metadata", "check_raw_path", "check_result_root", "check_run_uid", "checked_run_origin", "checked_sample",
     "path_inside",
 ]
 
@@ -168,6 +146,7 @@ MAP_LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "scale_rum_tv": (np.dtype("float32"), ("y", "x")),
     "fractions_rum_pnp": (np.dtype("float32"), ("phase", "y", "x")),
     "scale_rum_pnp": (np.dtype("float32"), ("y", "x")),
+    **DENOISED_LAYOUT,  # a denoising's arrays (phasestream.contract.denoise)
 }
 #: dtype of the OD cube ``od`` (E, Y, X)
 OD_DTYPE = np.dtype("float32")
@@ -372,6 +351,7 @@ class RunSettings:
     num_points : expected number of energies, when the plan says so
     keys_from : for a run without a ``phasestream`` block, how each key was chosen
         (``{"image_key": "inferred" | "option", ...}``); empty for runs with the block
+    denoise : the block's ``denoise`` request (:func:`~phasestream.contract.denoise.denoise_request`), or None
     """
 
     run_uid: str
@@ -387,6 +367,7 @@ class RunSettings:
     keys_from: dict = field(default_factory=dict)
     #: the start document's ``time`` and ``plan_name`` (:func:`checked_run_origin`)
     origin: dict = field(default_factory=dict)
+    denoise: DenoiseRequest | None = None
 
     @property
     def state_of_charge(self) -> float | None:
@@ -446,7 +427,7 @@ class RunSettings:
         if num is not None and num > bounds.max_num_points:
             raise RunSettingsError(f"run {uid}: num_points {num} is more than the {bounds.max_num_points} energies "
                                    "allowed (phasestream serve --max-num-points)")
-        known = {"references", "image_key", "energy_key", "i0_key", "mode"}
+        known = {"references", "image_key", "energy_key", "i0_key", "mode", "denoise"}
         return cls(
             run_uid=uid,
             scan_id=scan_id,
@@ -460,6 +441,7 @@ class RunSettings:
             extra={k: v for k, v in block.items() if k not in known},
             keys_from=dict(keys_from or {}),
             origin=checked_run_origin(start),
+            denoise=denoise_request(block.get("denoise"), uid),
         )
 
 

@@ -1,7 +1,7 @@
 """Post-scan jobs and the executors that run them: one job model, one outcome record.
 
 A job is one function ``run(context, run_uid, options) -> JobOutcome`` (:data:`JOBS`:
-``reprocess``, ``refine``, ``enhance``, ``methods``). It reads the run from Tiled through its
+``reprocess``, ``refine``, ``enhance``, ``methods``, ``denoise``). It reads the run from Tiled through its
 :class:`JobContext`, writes its result there and returns a
 :class:`~phasestream.contract.JobOutcome`: status, reason, seconds, retry command, details. No
 client, socket or array crosses a process boundary: on Dask each task connects to Tiled itself.
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from phasestream.contract import JobOutcome, JobStatus
-from phasestream.jobs import enhance, methods, refine, reprocess
+from phasestream.jobs import denoise, enhance, methods, refine, reprocess
 from phasestream.jobs.cluster import dask_client, dask_task
 from phasestream.jobs.context import JobContext
 from phasestream.store.tiled import separate_api_key
@@ -53,6 +53,7 @@ JOBS: dict[str, Callable[[JobContext, str, dict], JobOutcome]] = {
     "refine": refine.run,
     "enhance": enhance.run,
     "methods": methods.run,
+    "denoise": denoise.run,
 }
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from phasestream.contract import USABLE_STATUSES, JobOutcome
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.maps import result_reference_values
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
@@ -43,7 +44,6 @@ from phasestream.models.refine import AUTO, MODEL_FREE, SPATIAL, STRATEGIES, STR
 from phasestream.models.spatial import pcc_reliability
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
-from phasestream.references import load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
 
 __all__ = [
@@ -198,25 +198,6 @@ def clear_refinement(writer: ResultWriter) -> None:
                            refinement={"status": "running", "model": earlier.get("model")})
 
 
-def _reference_values(md: dict[str, Any], energies: list[float]) -> np.ndarray | None:
-    """(K, E) reference values at the run's energies: stored in the result, else loaded by name
-    (a registered name or a file in the configured reference folders); None when neither works."""
-    k = len((md.get("references") or {}).get("phases") or [])
-    stored = md.get("reference_values")
-    if stored is not None:
-        values = np.asarray(stored, dtype=np.float64)
-        if values.shape == (k, len(energies)) or (values.ndim == 2 and values.shape[0] == k
-                                                   and values.shape[1] >= len(energies)):
-            return values[:, : len(energies)]
-    try:
-        refs = load_document_references((md.get("references") or {}).get("name"),
-                                        folders=reference_folders_from_env())
-        return refs.interpolate(energies)
-    except (ValueError, TypeError) as error:
-        logger.info("references of %s not resolvable: %s", md.get("run_uid"), error)
-        return None
-
-
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> dict[str, Any]:
     md = writer.metadata
     if md.get("status") not in USABLE_STATUSES:
@@ -241,7 +222,7 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
     od = arrays["od"][:n_seen]
     full = od[:, mask].T  # (N, E_run): the spectra PCC saw
     usable = np.isfinite(full).all(axis=1)
-    ref_values = _reference_values(md, energies)
+    ref_values = result_reference_values(md, energies)
     latent = flat_latent = anchors = None
     if not model_free:
         latent, flat_latent = _encode_pixels(client, opts, info, full[:, planes], usable, mask)

@@ -1,4 +1,5 @@
-"""The model server's denoise operation, through a real model-server subprocess."""
+"""The model server's denoise operation and the post-scan denoising job, through a real model-server subprocess
+and a real Tiled server."""
 
 from __future__ import annotations
 
@@ -6,18 +7,34 @@ import importlib.util
 
 import numpy as np
 import pytest
+from bluesky import RunEngine
 
+from phasestream.app.cli import main as cli_main
+from phasestream.app.live import LiveService
 from phasestream.app.process import ModelServerProcess
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.contract.denoise import DENOISING_ARRAYS
+from phasestream.jobs.denoise import DenoiseOptions, denoise_result
+from phasestream.kernels import assign_phases, pearson_maps
 from phasestream.models.registry import ModelRegistry
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import ModelServerError
 from phasestream.references import load_references, select_energies
-from phasestream.sim import LINE_CORRELATED, make_sample, simulate_stack
+from phasestream.sim import (
+    LINE_CORRELATED,
+    TransmissionDetector,
+    energy_stack_scan,
+    make_energy,
+    make_sample,
+    simulate_stack,
+)
+from phasestream.store.tiled import raw_run_writer
 
 if importlib.util.find_spec("tensorflow") is None:  # the model server process runs it, not this one
     pytest.skip("TensorFlow is not installed", allow_module_level=True)
 
 DENOISE = "denoise-stxm-synthetic"
+ENERGIES = select_energies(load_references("nvpf-synthetic"), 13)
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +66,107 @@ def test_denoise_op_equals_the_model_in_process(models):
             client.request("denoise", model=DENOISE, array=od, options={"fine_tune_steps": -1})
         with pytest.raises(ModelServerError, match="is a denoise model"):
             client.request("enhance", model=DENOISE, array=od[0])
+
+
+def _scan(client, callback=None, md=None, seed=4):
+    """A simulated 13-energy scan of a 48 x 48 sample; its uid (the result written by ``callback``)."""
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    cb = callback or PhaseMapCallback(client, backend="numba")
+    RE.subscribe(cb)
+    sample = make_sample((48, 48), state_of_charge=2.0, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, name="det", i0=300.0, seed=seed)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key, md=md))
+    if callback is None:
+        assert cb.flush(60)
+        cb.close()
+    return uid
+
+
+def _denoised_oracle(node):
+    """The shipped model's denoise of the result's OD in this process, then the PCC kernels' NumPy reference."""
+    from phasestream.models.denoise import denoise_stack
+
+    _, model = ModelRegistry().load(DENOISE)
+    md = node.metadata
+    od = node["od"][: md["n_energies_seen"]]
+    denoised = denoise_stack(model, od.astype(np.float32)).od
+    pcc = pearson_maps(denoised, np.asarray(md["reference_values"]))
+    phase, reliability, ambiguous = assign_phases(pcc, node["mask"].read().astype(bool), backend="numpy")
+    return od, denoised, pcc, phase, reliability, ambiguous
+
+
+def _no_denoised_arrays(node) -> bool:
+    return not set(DENOISING_ARRAYS) & set(node)
+
+
+def test_denoising_requested_in_the_start_document(tiled_client, models):
+    service = LiveService(tiled_client, backend="numba", denoise=DenoiseOptions(address=models.address, timeout=300))
+    uid = _scan(tiled_client, callback=service, md={"phasestream": {"denoise": True}})
+    bad = _scan(tiled_client, callback=service, md={"phasestream": {"denoise": {"fine_tune_steps": -3}}}, seed=5)
+    service.callback.flush(60)
+    service.close()
+    assert service.outcome(uid, "denoise").status == "complete", service.outcome(uid, "denoise")
+    node = tiled_client["phasestream"][uid]
+    md = node.metadata
+    record = md["denoising"]
+    art = ModelRegistry().get(DENOISE)
+    assert (record["status"], record["model"], record["version"], record["sha256"]) == (
+        "complete", DENOISE, art.version, art.sha256)
+    assert record["seconds"] > 0 and record["reason"] == "" and record["fine_tune_steps"] == 0
+    od, denoised, pcc, phase, reliability, ambiguous = _denoised_oracle(node)
+    np.testing.assert_allclose(node["denoised"].read(), denoised, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(node["pcc_denoised"].read(), pcc, atol=1e-4)
+    np.testing.assert_array_equal(node["phase_denoised"].read(), phase)
+    np.testing.assert_allclose(node["reliability_denoised"].read(), reliability, atol=1e-4)
+    np.testing.assert_array_equal(node["ambiguous_denoised"].read().astype(bool), ambiguous)
+    mask = node["mask"].read().astype(bool)
+    n = mask.sum()
+    assert md["ambiguous_fraction_denoised"] == pytest.approx(ambiguous[mask].sum() / n)
+    phases = md["references"]["phases"]
+    assert md["phase_fractions_denoised"] == pytest.approx(
+        {name: float((phase[mask] == k).sum() / n) for k, name in enumerate(phases)})
+    # the live maps are the raw OD's, untouched
+    live_pcc = pearson_maps(od, np.asarray(md["reference_values"]))
+    np.testing.assert_allclose(node["pcc"].read(), live_pcc, atol=1e-4)
+    np.testing.assert_array_equal(node["phase"].read(), assign_phases(live_pcc, mask, backend="numpy")[0])
+    assert not np.allclose(node["pcc"].read()[:, mask], node["pcc_denoised"].read()[:, mask], atol=1e-3)
+    assert md["status"] == "complete" and md["models"][DENOISE]["sha256"] == art.sha256
+    # a malformed request: a failed record on the result, and the PCC result as it is
+    bad_md = tiled_client["phasestream"][bad].metadata
+    assert bad_md["status"] == "complete" and bad_md["phase_fractions"]
+    assert bad_md["denoising"]["status"] == "failed"
+    assert "fine_tune_steps must be an integer in 0..5000, got -3" in bad_md["denoising"]["reason"]
+    assert service.outcome(bad, "denoise").status == "failed"
+    assert _no_denoised_arrays(tiled_client["phasestream"][bad])
+
+
+def test_skipped_denoising_leaves_no_stale_arrays(tiled_client, models):
+    uid = _scan(tiled_client, seed=6)
+    assert denoise_result(tiled_client, uid, DenoiseOptions(address=models.address))["status"] == "complete"
+    node = tiled_client["phasestream"][uid]
+    assert not _no_denoised_arrays(node) and node.metadata["phase_fractions_denoised"]
+    live = node["phase"].read()
+    down = denoise_result(tiled_client, uid, DenoiseOptions(address="tcp://127.0.0.1:1", timeout=0.5))
+    assert down["status"] == "skipped" and "no reply from the model server" in down["reason"]
+    assert "phasestream reprocess" in down["retry"] and "--denoise" in down["retry"] and uid in down["retry"]
+    node = tiled_client["phasestream"][uid]
+    assert _no_denoised_arrays(node), "an earlier denoising's arrays stayed beside a skipped record"
+    md = node.metadata
+    assert md["denoising"]["status"] == "skipped" and md["phase_fractions_denoised"] == {}
+    assert md["ambiguous_fraction_denoised"] is None and DENOISE not in md["models"]
+    np.testing.assert_array_equal(node["phase"].read(), live)
+    missing = denoise_result(tiled_client, uid, DenoiseOptions(address=models.address, model="denoise-none"))
+    assert missing["status"] == "skipped" and "has no model 'denoise-none'" in missing["reason"]
+
+
+def test_reprocess_denoise_command(tiled_server, tiled_client, models):
+    uid = _scan(tiled_client, seed=7)
+    base = ["reprocess", "--refine-only", "--denoise", uid, "--tiled", tiled_server.uri]
+    assert cli_main([*base, "--models", models.address]) == 0
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["denoising"]["status"] == "complete" and "phase_denoised" in node
+    assert "refinement" not in node.metadata or node.metadata["refinement"].get("status") is None
+    assert cli_main([*base, "--models", models.address, "--denoise-model", "denoise-none"]) == 3  # skipped
+    assert _no_denoised_arrays(tiled_client["phasestream"][uid])

@@ -1,16 +1,20 @@
-"""The post-scan job options ``serve`` and ``reprocess`` share: GMVAE refinement, InDI enhancement, methods."""
+"""The post-scan job options ``serve`` and ``reprocess`` share: GMVAE refinement, InDI enhancement, methods,
+denoising."""
 
 from __future__ import annotations
 
 import argparse
 
+from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL, MAX_FINE_TUNE_STEPS
+from phasestream.jobs.denoise import DenoiseOptions
 from phasestream.jobs.enhance import EnhanceOptions
 from phasestream.jobs.methods import MethodsOptions
 from phasestream.jobs.refine import DEFAULT_MODEL, RefineOptions
 from phasestream.models.refine import AUTO, STRATEGY_CHOICES
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
 
-__all__ = ["add_refine_options", "enhance_options", "methods_base", "model_address", "refine_options"]
+__all__ = ["add_refine_options", "denoise_options", "enhance_options", "methods_base", "model_address",
+           "refine_options"]
 
 
 def add_refine_options(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +29,13 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-low-gain", action="store_true",
                         help="InDI: enhance even with a model whose validated gain over bicubic is below 1 dB "
                              "(the record is marked low_gain)")
+    parser.add_argument("--denoise-model", default=DEFAULT_DENOISE_MODEL,
+                        help=f"denoise artifact for --denoise and runs asking for denoising with `denoise: true` "
+                             f"(default {DEFAULT_DENOISE_MODEL})")
+    parser.add_argument("--denoise-version", default=None, help="denoise artifact version (default: the highest)")
+    parser.add_argument("--fine-tune-steps", type=int, default=0, metavar="N",
+                        help="self-supervised fine-tuning steps on the scan before denoising "
+                             f"(0-{MAX_FINE_TUNE_STEPS}, default 0)")
     parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default=AUTO,
                         help="how ambiguous pixels get a phase in the latent space (default auto: the strategy that "
                              "wins the run's held-out check; mahalanobis is the paper's)")
@@ -51,6 +62,13 @@ def enhance_options(args: argparse.Namespace) -> EnhanceOptions:
     """The InDI enhancement of the options added by :func:`add_refine_options`."""
     return EnhanceOptions(model=args.indi_model, steps=args.steps, address=model_address(args), root=args.root,
                           allow_low_gain=args.allow_low_gain).validate()
+
+
+def denoise_options(args: argparse.Namespace) -> DenoiseOptions:
+    """The denoising of the options added by :func:`add_refine_options` (a run's own request overrides the model)."""
+    return DenoiseOptions(model=args.denoise_model, version=args.denoise_version,
+                          fine_tune_steps=args.fine_tune_steps, address=model_address(args), root=args.root,
+                          backend=getattr(args, "backend", None)).validate()
 
 
 def methods_base(args: argparse.Namespace) -> MethodsOptions:

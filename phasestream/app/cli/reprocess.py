@@ -26,7 +26,7 @@ from phasestream.app.cli.common import (
     tiled_uri,
     workers_api_key,
 )
-from phasestream.app.cli.postscan import add_refine_options, enhance_options, refine_options
+from phasestream.app.cli.postscan import add_refine_options, denoise_options, enhance_options, refine_options
 from phasestream.app.cli.selection import add_selection_options, run_query
 from phasestream.contract import check_raw_path
 from phasestream.jobs.cluster import dask_client
@@ -78,17 +78,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--refine", action="store_true", help="then refine ambiguous pixels with the GMVAE")
     rep.add_argument("--refine-only", action="store_true",
                      help="only post-scan jobs on the existing results (no PCC recomputation); implies --refine "
-                          "unless --enhance or --method is given")
+                          "unless --enhance, --method or --denoise is given")
     rep.add_argument("--enhance", action="store_true",
                      help="InDI-enhance the OD images into enhanced/<model>/<version>/<steps>")
     rep.add_argument("--method", action="append", metavar="NAME", default=[],
                      help="classic method on the result (repeat for several): normalize, lcf, edge50, peak, masks, "
                           "kmeans, rum_tv, rum_pnp")
+    rep.add_argument("--denoise", action="store_true",
+                     help="denoise the OD cube into `denoised` and map its phases beside the live maps "
+                          "(`phase_denoised`, ...; --denoise-model, --fine-tune-steps)")
     add_refine_options(rep)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.refine_only and not (args.enhance or args.method):
+    if args.refine_only and not (args.enhance or args.method or args.denoise):
         args.refine = True
     args.raw = check_raw_path(args.raw)
     selection = run_query(args, _query_pairs(args.query))
@@ -171,6 +174,8 @@ def _reprocess_jobs(args: argparse.Namespace, uids: list[str]) -> list[Job]:
         steps.append(("refine", asdict(refine_options(args))))
     if args.method:
         steps.append(("methods", asdict(MethodsOptions(methods=tuple(args.method), root=args.root).validate())))
+    if args.denoise:
+        steps.append(("denoise", asdict(denoise_options(args))))
     return [Job(uid, tuple(steps)).validate() for uid in uids]
 
 

@@ -22,7 +22,13 @@ from phasestream.app.cli.common import (
     tiled_client,
     tiled_wait,
 )
-from phasestream.app.cli.postscan import add_refine_options, enhance_options, methods_base, refine_options
+from phasestream.app.cli.postscan import (
+    add_refine_options,
+    denoise_options,
+    enhance_options,
+    methods_base,
+    refine_options,
+)
 from phasestream.app.live import LiveService
 from phasestream.app.notify import notify
 from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds, check_raw_path
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                               od_store=args.od_store, reference_folders=folders, bounds=bounds, defaults=defaults,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
-                              enhance=enhance_options(args), methods=methods_base(args),
+                              enhance=enhance_options(args), methods=methods_base(args), denoise=denoise_options(args),
                               scheduler=scheduler, retries=args.retries, dask_workers=args.workers)
         executor = service.executor
         post_scan = f"dask {executor.address}" if isinstance(executor, DaskExecutor) else "thread"

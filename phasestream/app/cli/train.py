@@ -6,6 +6,7 @@ import argparse
 import json
 
 from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client, workers_api_key
+from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL
 from phasestream.jobs.frames import PIXEL_SIZE_KEY
 from phasestream.jobs.training import (
     check_indi_pairs,
@@ -93,7 +94,7 @@ def _add_denoise_parser(train_sub: argparse._SubParsersAction) -> None:
     den.add_argument("--stacks", type=int, default=10, help="simulated stacks (default 10)")
     den.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     den.add_argument("--filters", type=int, default=16, help="width of the network (default 16)")
-    den.add_argument("--name", default="denoise-stxm-synthetic")
+    den.add_argument("--name", default=DEFAULT_DENOISE_MODEL)
     den.add_argument("--version", default="1.0.0")
     den.add_argument("--out", default=None, help="artifact folder (default: $PHASESTREAM_MODELS or ./models)")
     den.add_argument("--overwrite", action="store_true")
