@@ -36,3 +36,28 @@ def recorded_scan(client, energies, *, shape, seed: int, state_of_charge: float 
     RE(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key),
        lambda name, doc: docs.append((name, doc)))
     return docs, sample
+
+
+def frame_run(client, images, md: dict) -> str:
+    """A raw run of ``images`` (one frame per event, data key ``cam_image``) that a RunEngine takes from an
+    ophyd sim signal and TiledWriter stores in ``client``; ``md`` is added to its start document."""
+    import bluesky.plan_stubs as bps
+    from bluesky import RunEngine
+    from bluesky.preprocessors import run_decorator
+    from ophyd.sim import SynSignal
+
+    from phasestream.store.tiled import raw_run_writer
+
+    current = {"i": 0}
+    det = SynSignal(func=lambda: images[current["i"]], name="cam_image")
+
+    @run_decorator(md={**md, "phasestream": {"image_key": "cam_image"}})
+    def scan():
+        for i in range(len(images)):
+            current["i"] = i
+            yield from bps.trigger_and_read([det])
+
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    (uid,) = RE(scan())
+    return uid

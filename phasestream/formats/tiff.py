@@ -117,11 +117,7 @@ def _read_multipage(path: Path) -> np.ndarray:
     except FormatError:
         raise
     except _TIFF_ERRORS as error:
-        raise FormatError(
-            path,
-            f"cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
-            f"{type(error).__name__}: {error}",
-        ) from None
+        raise _unreadable(path, error) from None
     return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False)
 
 
@@ -150,11 +146,7 @@ def _read_folder(folder: Path, files: list[Path]) -> np.ndarray:
         except FormatError:
             raise
         except _TIFF_ERRORS as error:
-            raise FormatError(
-                path,
-                f"cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
-                f"{type(error).__name__}: {error}",
-            ) from None
+            raise _unreadable(path, error) from None
     assert images is not None
     return images
 
@@ -214,4 +206,13 @@ def read_tiff(
     metadata = {"image_files": [f.name for f in files]} if path.is_dir() else {}
     return ImportedStack(
         source=path, format="tiff", energies=values, images=images, mode=mode, metadata=metadata, files=provenance
+    )
+
+
+def _unreadable(path: Path, error: Exception) -> FormatError:
+    """tifffile's (or a codec's) error on ``path`` as a FormatError that says what may be wrong."""
+    return FormatError(
+        path,
+        "cannot read the TIFF (truncated, corrupt, or compressed with a codec that is not installed): "
+        f"{type(error).__name__}: {error}",
     )

@@ -8,37 +8,16 @@ import json
 import subprocess
 import sys
 
-import bluesky.plan_stubs as bps
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from bluesky.preprocessors import run_decorator
-from ophyd.sim import SynSignal
+from support import frame_run
 
 from phasestream.app.cli import main as cli_main
 from phasestream.models.pairs import check_pair_range, split_field
 from phasestream.models.registry import Artifact
 from phasestream.sim.phantoms import degrade, particle_phantom
-from phasestream.store.tiled import raw_run_writer
 
 LQ_DOSE, HQ_DOSE = 120.0, 3000.0
-
-
-def _frame_run(client, images: np.ndarray, sample: dict) -> str:
-    """A raw run of ``images`` (one event each) taken by a RunEngine from an ophyd sim signal."""
-    current = {"i": 0}
-    det = SynSignal(func=lambda: images[current["i"]], name="cam_image")
-
-    @run_decorator(md={"sample": sample, "phasestream": {"image_key": "cam_image"}})
-    def scan():
-        for i in range(len(images)):
-            current["i"] = i
-            yield from bps.trigger_and_read([det])
-
-    RE = RunEngine({})
-    RE.subscribe(raw_run_writer(client))
-    (uid,) = RE(scan())
-    return uid
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +29,8 @@ def dose_pair(tiled_client):
     transmission = np.exp(-od)
     hq = rng.poisson(HQ_DOSE * transmission[40:168, 24:152]).astype(np.float32)
     lq = rng.poisson(LQ_DOSE * degrade(transmission, noise=0.0)).astype(np.float32)
-    lq_uid = _frame_run(tiled_client, lq[None], {"name": "P1", "pixel_size_um": 0.04})
-    hq_uid = _frame_run(tiled_client, hq[None], {"name": "P1", "pixel_size_um": 0.02})
+    lq_uid = frame_run(tiled_client, lq[None], {"sample": {"name": "P1", "pixel_size_um": 0.04}})
+    hq_uid = frame_run(tiled_client, hq[None], {"sample": {"name": "P1", "pixel_size_um": 0.02}})
     return lq_uid, hq_uid
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from support import frame_run
 
 from phasestream.app.cli import main as cli_main
 from phasestream.callbacks.phase_map import PhaseMapCallback
@@ -123,27 +124,6 @@ def test_extraction_on_dask_equals_in_process_and_names_failed_runs(tiled_server
     assert uids[0] not in str(info.value)  # only the failed run is named
 
 
-def _image_run(client, images: np.ndarray, pixel_size: float) -> str:
-    """A raw run of ``images`` (one per event) in Tiled, taken by a RunEngine from an ophyd sim signal."""
-    import bluesky.plan_stubs as bps
-    from bluesky.preprocessors import run_decorator
-    from ophyd.sim import SynSignal
-
-    current = {"i": 0}
-    det = SynSignal(func=lambda: images[current["i"]], name="cam_image")
-
-    @run_decorator(md={"pixel_size": pixel_size, "pixel_unit": "nm", "phasestream": {"image_key": "cam_image"}})
-    def scan():
-        for i in range(len(images)):
-            current["i"] = i
-            yield from bps.trigger_and_read([det])
-
-    RE = RunEngine({})
-    RE.subscribe(raw_run_writer(client))
-    (uid,) = RE(scan())
-    return uid
-
-
 def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_path):
     pytest.importorskip("tensorflow")
     from phasestream.sim.phantoms import degrade, particle_phantom
@@ -153,7 +133,8 @@ def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_p
     wide = np.stack([particle_phantom((256, 256), seed=s, n_particles=14) for s in (41, 42)])
     hq = wide[:, 40:168, 24:152]
     lq = np.stack([degrade(w, noise=0.01, seed=i) for i, w in enumerate(wide)])
-    hq_uid, lq_uid = _image_run(tiled_client, hq, 10.0), _image_run(tiled_client, lq, 20.0)
+    hq_uid = frame_run(tiled_client, hq, {"pixel_size": 10.0, "pixel_unit": "nm"})
+    lq_uid = frame_run(tiled_client, lq, {"pixel_size": 20.0, "pixel_unit": "nm"})
 
     code = cli_main(["train", "indi", "--tiled", tiled_server.uri, "--lq", lq_uid, "--hq", hq_uid,
                      "--iterations", "20", "--filters", "4", "--crop", "32", "--batch-size", "2",
