@@ -88,6 +88,7 @@ def _run_uids(client) -> set[str]:
     return {uid for uid in client if uid != "phasestream"}
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 @pytest.mark.parametrize("mode", ["stxm", "txm"])
 def test_an_imported_stack_analyses_to_the_phase_map_of_the_same_scan_taken_live(
         tiled_client, detector_files, tmp_path, mode):
@@ -226,6 +227,7 @@ def _imported(out: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken_live(
         tiled_server, tiled_client, detector_files, tmp_path, capsys):
     import tifffile

@@ -52,6 +52,7 @@ def _scan(client, soc: float, seed: int, energies=ENERGIES) -> str:
     return uid
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     uids = [_scan(tiled_client, 2.0, 21), _scan(tiled_client, 2.0, 22), _scan(tiled_client, 3.0, 23)]
     data = tiled_training_set(tiled_client, state_of_charge=[2.0])
@@ -124,6 +125,7 @@ def test_extraction_on_dask_equals_in_process_and_names_failed_runs(tiled_server
     assert uids[0] not in str(info.value)  # only the failed run is named
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_path):
     pytest.importorskip("tensorflow")
     from phasestream.sim.phantoms import degrade, particle_phantom

@@ -33,6 +33,7 @@ def _arrays(client, uid):
     return {k: node[k].read() for k in ARRAYS}
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_serve_with_references_analyses_a_stock_list_scan_like_the_same_scan_with_the_block(
         tiled_server, tiled_client):
     client = tiled_client

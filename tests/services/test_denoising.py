@@ -101,6 +101,7 @@ def _no_denoised_arrays(node) -> bool:
     return not set(DENOISING_ARRAYS) & set(node)
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_denoising_requested_in_the_start_document(tiled_client, models):
     service = LiveService(tiled_client, backend="numba", denoise=DenoiseOptions(address=models.address, timeout=300))
     uid = _scan(tiled_client, callback=service, md={"phasestream": {"denoise": True}})

@@ -5,6 +5,7 @@ single-position scan of that field, found by the catalog's queries like any othe
 import time
 
 import numpy as np
+import pytest
 from bluesky import RunEngine
 from bluesky.plans import list_grid_scan, list_scan
 from ophyd.sim import SynAxis
@@ -45,6 +46,7 @@ def _assert_equal(client, field, single):
     assert md_a["phase_fractions"] == md_b["phase_fractions"] and md_a["energies_eV"] == md_b["energies_eV"]
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_a_grid_scan_gives_one_complete_result_per_field_live_and_reprocessed(tiled_server, tiled_client, capsys):
     client = tiled_client
     samples = _samples()
@@ -98,6 +100,7 @@ def test_a_grid_scan_gives_one_complete_result_per_field_live_and_reprocessed(ti
         _assert_equal(client, key, single)
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_reprocess_with_the_energy_key_replaces_the_skipped_result_by_the_fields(tiled_server, tiled_client):
     client = tiled_client
     RE = RunEngine({})

@@ -28,6 +28,7 @@ def topology(tiled_server, tiled_client, detector_files):
             yield proxy, worker, publisher, tiled_client
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_worker_process_survives_garbage_and_analyses_external_images(topology, detector_files):
     proxy, worker, publisher, client = topology
     context = zmq.Context()

@@ -131,6 +131,7 @@ def test_split_enhancement_equals_the_unsplit_job(tiled_server, tiled_client, da
     assert np.abs(split).max() > 0
 
 
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
 def test_reprocess_split_command(tiled_server, tiled_client, ni_csv, capsys):
     """``reprocess --method lcf --method edge50 --split 3``: LCF in 3 bands on Dask, edge50 in the run's job."""
     from phasestream.app.cli import main
