@@ -27,12 +27,13 @@ services:
 	@bash .ci/ensure-services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest -m "not faults and not stack and not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults and not stack and not cluster and not browser" $(PYTEST_ARGS)
 
 # the whole service started with `phasestream up` (embedded and PostgreSQL Tiled, Dask, model server),
-# the Procfile under honcho, and the tests that start Dask clusters or the demo's processes (marker cluster)
+# the Procfile under honcho, the tests that start Dask clusters or the demo's processes (marker cluster),
+# and the tests that watch the view in a headless Chromium (marker browser)
 test-stack: $(STAMP) services
-	$(BIN)/python -m pytest -m "stack or cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "stack or cluster or browser" $(PYTEST_ARGS)
 
 # processes killed and restarted (worker SIGTERM/SIGKILL, Tiled killed during a final write); docs/security.md
 test-faults: $(STAMP) services

@@ -31,7 +31,7 @@ ENERGIES = select_energies(load_references("nvpf-synthetic"), 8)
 SHAPE = (48, 48)
 PACE = 0.7  # s between images: longer than the worker's min_update_seconds (0.5), so partial maps appear
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
 
 
 MAPS_DRAWN = """

@@ -25,7 +25,7 @@ from view_support import chromium, missing
 from phasestream.app.view import ViewServer
 from phasestream.store.tiled import connect
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
 
 
 class TiledProcess:
