@@ -44,6 +44,7 @@ from matplotlib.patches import Patch
 from phasestream.app.figures import AMBIGUOUS_GREY, PHASE_COLORS, phase_rgb
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.contract import InvalidIdentifierError, Status, check_run_uid
+from phasestream.contract.fields import check_field_index, field_key
 from phasestream.kernels import DEFAULT_AMBIGUITY
 from phasestream.references import ReferenceSet
 from phasestream.store.follow import ResultFollower, ResultSnapshot
@@ -74,6 +75,8 @@ class LivePhaseMap(QtAwareCallback):
         when running in an IPython kernel and the figure has no pyplot manager (a plain
         ``Figure``, which nothing else would show)
     use_teleporter : bluesky's Qt teleporter (default: when the matplotlib backend is Qt)
+    field : for a run imaged at several positions (one result per field, docs/contract.md, "Fields"),
+        the field drawn (0-based index; default the first); a run at one position ignores it
 
     Attributes
     ----------
@@ -87,8 +90,9 @@ class LivePhaseMap(QtAwareCallback):
                  backend: str | None = "auto", ambiguity: float = DEFAULT_AMBIGUITY,
                  mask_threshold: float | None = None, update_every: int = 1, poll_seconds: float = 1.0,
                  streaming: bool = True, final_timeout: float = 10.0, display: bool | None = None,
-                 use_teleporter: bool | None = None):
+                 use_teleporter: bool | None = None, field: int = 0):
         super().__init__(use_teleporter=use_teleporter)
+        self.field = check_field_index(field)  # checked here, not at the first scan
         self.tiled = tiled
         self.root = root
         self.poll_seconds = float(poll_seconds)
@@ -157,7 +161,8 @@ class LivePhaseMap(QtAwareCallback):
             self._phase_names = list(analysis.references.phases)
         else:
             self._follower = ResultFollower(self.tiled, self._uid, self._received, root=self.root,
-                                            poll_seconds=self.poll_seconds, streaming=self.streaming).start()
+                                            poll_seconds=self.poll_seconds, streaming=self.streaming,
+                                            field=self.field).start()
         self._draw_title(Status.RUNNING.value)
 
     def descriptor(self, doc: dict) -> None:
@@ -208,8 +213,8 @@ class LivePhaseMap(QtAwareCallback):
     # -- the two sources --------------------------------------------------------------------
 
     def _draw_in_process(self) -> None:
-        # a run imaged at several positions: its first field (docs/contract.md, "Fields")
-        result = self.analysis.results.get(self._uid) or self.analysis.results.get(f"{self._uid}.f0")
+        # a run imaged at several positions: the chosen field (docs/contract.md, "Fields")
+        result = self.analysis.results.get(self._uid) or self.analysis.results.get(field_key(self._uid, self.field))
         if result is None:
             return
         n = int(result.metadata.get("n_energies_seen") or 0)

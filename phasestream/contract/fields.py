@@ -15,7 +15,7 @@ from typing import Any
 
 from phasestream.contract import RUN_UID_PATTERN, InvalidIdentifierError, check_run_uid
 
-__all__ = ["MAX_FIELDS", "check_result_key", "field_key", "parse_field_key"]
+__all__ = ["MAX_FIELDS", "check_field_index", "check_result_key", "field_key", "parse_field_key"]
 
 #: fields one run may have (each one is a result container; a mosaic of 32 x 32 tiles fits)
 MAX_FIELDS = 1024
@@ -32,9 +32,20 @@ def field_key(run_uid: str, index: int) -> str:
         when ``run_uid`` is not a run uid or ``index`` is not in ``0 .. MAX_FIELDS - 1``.
     """
     check_run_uid(run_uid)
+    return f"{run_uid}.f{check_field_index(index)}"
+
+
+def check_field_index(index: Any) -> int:
+    """Return ``index`` if it may name a field: an int in ``0 .. MAX_FIELDS - 1``.
+
+    Raises
+    ------
+    InvalidIdentifierError
+        naming the value (shortened) and the range.
+    """
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_FIELDS:
         raise InvalidIdentifierError(f"field index {index!r:.40} refused: 0 to {MAX_FIELDS - 1}")
-    return f"{run_uid}.f{index}"
+    return index
 
 
 def parse_field_key(key: Any) -> tuple[str, int] | None:

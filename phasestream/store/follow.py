@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from phasestream.contract import Status, check_result_root, check_run_uid
+from phasestream.contract.fields import field_key
 
 __all__ = ["MAP_ARRAYS", "ResultFollower", "ResultSnapshot"]
 
@@ -67,8 +68,8 @@ def read_snapshot(container, run_uid: str) -> ResultSnapshot:
 
 
 class ResultFollower:
-    """Follow ``<root>/<run_uid>`` (a run of several fields: its first, ``<run_uid>.f0``) in Tiled until its status
-    is final; call ``on_update`` on each new state.
+    """Follow ``<root>/<run_uid>`` (a run of several fields: field ``field``'s result, ``<run_uid>.f<field>``) in
+    Tiled until its status is final; call ``on_update`` on each new state.
 
     Parameters
     ----------
@@ -80,6 +81,7 @@ class ResultFollower:
     poll_seconds : how often the metadata is read without a streaming subscription
     streaming : try Tiled's streaming subscription first (False: poll only)
     connect_timeout : seconds to wait for the websocket before falling back to polling
+    field : which field's result to follow when the run was imaged at several positions (0-based)
 
     ``mode`` says which is in use (``"waiting"`` until the results container exists, then
     ``"streaming"`` or ``"polling"``). :meth:`stop` ends it early; :meth:`join` waits for the end.
@@ -87,9 +89,10 @@ class ResultFollower:
 
     def __init__(self, client, run_uid: str, on_update: Callable[[ResultSnapshot], None], *,
                  root: str = "phasestream", poll_seconds: float = 1.0, streaming: bool = True,
-                 connect_timeout: float = 5.0):
+                 connect_timeout: float = 5.0, field: int = 0):
         self.client = client
         self.run_uid = check_run_uid(run_uid)
+        self.keys = (self.run_uid, field_key(self.run_uid, field))  # the run's result, or its field's
         self.root = check_result_root(root)
         self.on_update = on_update
         self.poll_seconds = float(poll_seconds)
@@ -154,8 +157,8 @@ class ResultFollower:
                 return None
             if self.mode == "waiting":
                 self._subscribe(results)
-            # a run imaged at several positions has one result per field: its first field's is followed
-            key = next((k for k in (self.run_uid, f"{self.run_uid}.f0") if k in results), None)
+            # a run imaged at several positions has one result per field: the chosen field's is followed
+            key = next((k for k in self.keys if k in results), None)
             return None if key is None else read_snapshot(results[key], self.run_uid)
         except Exception as exc:  # noqa: BLE001 - Tiled restarting, a write in progress: read again later
             logger.warning("run %s: reading the result from Tiled failed (%s); trying again", self.run_uid, exc)
@@ -189,7 +192,7 @@ class ResultFollower:
         self.mode = "streaming"
 
     def _on_stream_update(self, update) -> None:
-        if getattr(update, "key", None) in (self.run_uid, f"{self.run_uid}.f0"):
+        if getattr(update, "key", None) in self.keys:
             self._wake.set()
 
     def _unsubscribe(self) -> None:

@@ -1,6 +1,9 @@
 """LivePhaseMap: the live phase-map view for IPython / Jupyter, drawing into an Agg figure during real
 RunEngine scans, in-process and following a real ``phasestream serve`` worker through Tiled."""
 
+import time
+import uuid
+
 import numpy as np
 import pytest
 from bluesky import RunEngine
@@ -12,6 +15,7 @@ from ophyd.sim import SynAxis
 from phasestream.app.figures import phase_rgb
 from phasestream.app.live import ServeProcess
 from phasestream.app.notebook import LivePhaseMap
+from phasestream.contract.fields import MAX_FIELDS, field_key
 from phasestream.kernels import (
     DEFAULT_AMBIGUITY,
     assign_phases,
@@ -23,6 +27,7 @@ from phasestream.kernels import (
 from phasestream.references import load_references, select_energies
 from phasestream.sim import MosaicDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.follow import ResultFollower
+from phasestream.store.results import ResultWriter
 from phasestream.transport.proxy import start_proxy
 from phasestream.transport.wire import DocumentPublisher
 
@@ -162,10 +167,13 @@ def test_a_start_uid_that_is_no_run_uid_never_names_a_tiled_key(tiled_client):
         ResultFollower(tiled_client, "..", lambda s: None)
 
 
-def test_in_process_view_of_a_grid_scan_shows_its_first_field():
-    """A run imaged at several positions has one result per field (docs/contract.md, "Fields"): the first is drawn."""
+@pytest.mark.parametrize("field", [None, 1])
+def test_in_process_view_of_a_grid_scan_shows_the_chosen_field(field):
+    """A run imaged at several positions has one result per field (docs/contract.md, "Fields"): the first is drawn,
+    or the one asked for."""
     RE = RunEngine({})
-    live = LivePhaseMap(figure=agg_figure(), backend="numpy", display=False)
+    live = LivePhaseMap(figure=agg_figure(), backend="numpy", display=False, **({} if field is None else
+                                                                              {"field": field}))
     RE.subscribe(live)
     energy, x = make_energy(), SynAxis(name="sample_x")
     samples = [make_sample(SHAPE, state_of_charge=soc, seed=seed, n_particles=2) for seed, soc in ((4, 1.2), (5, 2.6))]
@@ -175,5 +183,27 @@ def test_in_process_view_of_a_grid_scan_shows_its_first_field():
     live.close()
     snap = live.snapshot
     assert snap.run_uid == uid and snap.status == "complete" and snap.n_energies_seen == len(ENERGIES)
-    assert snap.metadata["field"] == {"index": 0, "count": 2, "positions": {"sample_x": 0.0}}
-    assert samples[0].accuracy(snap.arrays["phase"]) > 0.9
+    index = field or 0
+    assert snap.metadata["field"] == {"index": index, "count": 2, "positions": {"sample_x": float(index)}}
+    assert samples[index].accuracy(snap.arrays["phase"]) > 0.9
+    with pytest.raises(ValueError, match="field index"):
+        LivePhaseMap(figure=agg_figure(), backend="numpy", display=False, field=-1)
+
+
+def test_follower_follows_the_chosen_field_of_a_run(tiled_client):
+    uid = str(uuid.uuid4())
+    for index in (0, 1):
+        ResultWriter(tiled_client, uid, key=field_key(uid, index), shape=(4, 4), phases=["A", "B"],
+                     metadata={"run_uid": uid, "field": {"index": index, "count": 2, "positions": {"x": index}}})
+    seen: list = []
+    follower = ResultFollower(tiled_client, uid, seen.append, streaming=False, poll_seconds=0.05, field=1).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not seen:
+            assert time.monotonic() < deadline, "the follower never read the field's result"
+            time.sleep(0.05)
+    finally:
+        follower.stop()
+    assert seen[0].run_uid == uid and seen[0].metadata["field"]["index"] == 1
+    with pytest.raises(ValueError, match="field index"):
+        ResultFollower(tiled_client, uid, seen.append, field=MAX_FIELDS)

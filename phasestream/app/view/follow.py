@@ -32,6 +32,7 @@ from tiled.client.stream import ArraySubscription, ContainerSubscription
 
 from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, LiveMaps
 from phasestream.contract import FINAL_STATUSES, Status
+from phasestream.contract.fields import parse_field_key
 from phasestream.store.catalog import find
 from phasestream.store.tiled import connect, public_uri
 
@@ -430,12 +431,25 @@ class CatalogFollower:
         live.close()
 
     def _expected(self, uid: str) -> int | None:
-        """The raw run's ``num_points`` (TiledWriter keeps the start document), when it is there."""
+        """The energies result ``uid`` will see: the raw run's ``num_points`` (TiledWriter keeps the start
+        document), divided by the run's number of fields for a field's result (docs/contract.md, "Fields");
+        None when unknown."""
+        run_uid, fields = uid, 1
+        parsed = parse_field_key(uid)
+        if parsed is not None:
+            run_uid = parsed[0]
+            with self._lock:
+                field_md = self.runs[uid].metadata.get("field") if uid in self.runs else None
+            fields = field_md.get("count") if isinstance(field_md, dict) else None
+            if not isinstance(fields, int) or isinstance(fields, bool) or fields < 1:
+                return None
         try:
-            value = (self.client[uid].metadata.get("start") or {}).get("num_points")
+            value = (self.client[run_uid].metadata.get("start") or {}).get("num_points")
         except Exception:  # noqa: BLE001 - no raw run in this catalog: the count is unknown
             return None
-        return value if isinstance(value, int) and value > 0 else None
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % fields:
+            return None
+        return value // fields
 
     # -- reading arrays for the images ----------------------------------------------------------
 
