@@ -1,5 +1,7 @@
 """Helpers shared by the test modules (importable: tests/ is on pytest's pythonpath)."""
 
+import time
+
 import numpy as np
 
 
@@ -61,3 +63,15 @@ def frame_run(client, images, md: dict) -> str:
     RE.subscribe(raw_run_writer(client))
     (uid,) = RE(scan())
     return uid
+
+
+def wait(predicate, timeout: float, what: str, interval: float = 0.05):
+    """``predicate()``'s first truthy value, asked every ``interval`` s; AssertionError naming ``what`` after
+    ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import recorded_scan
+from support import recorded_scan, wait
 from view_support import IMAGE_DATA, chromium, missing
 
 from phasestream.app.live import ServeProcess
@@ -45,15 +45,6 @@ def scan_documents(client, *, seed: int = 5, state_of_charge: float = 2.0):
     """A simulated scan whose raw run TiledWriter stores; its documents, to publish paced."""
     return recorded_scan(client, ENERGIES, shape=SHAPE, seed=seed, state_of_charge=state_of_charge)[0]
 
-
-def wait(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def text_of(driver, element_id: str) -> str | None:

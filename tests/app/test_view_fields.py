@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import list_grid_scan
 from ophyd.sim import SynAxis
+from support import wait
 
 from phasestream.app.view.follow import CatalogFollower
 from phasestream.store.results import ResultWriter
@@ -18,15 +18,6 @@ from phasestream.store.tiled import raw_run_writer
 ENERGIES = [700.0, 705.0, 710.0]
 POSITIONS = [0.0, 1.0]
 
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

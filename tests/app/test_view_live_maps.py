@@ -17,6 +17,7 @@ import uuid
 
 import numpy as np
 from PIL import Image
+from support import wait
 
 from phasestream.app.figures import phase_rgb
 from phasestream.app.view.follow import CatalogFollower
@@ -35,15 +36,6 @@ def maps(seed: int) -> dict[str, np.ndarray]:
             "ambiguous": (rng.random(SHAPE) < 0.1).astype(np.uint8),
             "pcc": rng.uniform(-1, 1, (len(PHASES), *SHAPE)).astype(np.float32)}
 
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def decoded(body: bytes) -> np.ndarray:
