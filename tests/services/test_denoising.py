@@ -171,3 +171,37 @@ def test_reprocess_denoise_command(tiled_server, tiled_client, models):
     assert "refinement" not in node.metadata or node.metadata["refinement"].get("status") is None
     assert cli_main([*base, "--models", models.address, "--denoise-model", "denoise-none"]) == 3  # skipped
     assert _no_denoised_arrays(tiled_client["phasestream"][uid])
+
+
+@pytest.mark.cluster  # a LocalCluster of 2 worker processes: make test-stack
+def test_lost_run_asking_for_denoising_is_recovered_and_denoised_on_dask(tiled_client, models):
+    from phasestream.jobs.cluster import dask_client
+    from phasestream.jobs.executors import DaskExecutor
+
+    docs: list = []
+    uid = _scan(tiled_client, callback=lambda n, d: docs.append((n, d)), md={"phasestream": {"denoise": True}},
+                seed=6)
+    lost = next(i for i, (n, _) in enumerate(docs) if n == "event")
+    with dask_client(n_workers=2) as dask:
+        live = LiveService(tiled_client, backend="numba", poll_seconds=0.1, scheduler=dask,
+                           denoise=DenoiseOptions(address=models.address, timeout=300))
+        assert isinstance(live.executor, DaskExecutor)
+        for i, (name, doc) in enumerate(docs):
+            if i == lost:
+                live.run_incomplete(uid, "message gap: 1 document lost")
+                continue
+            live(name, doc)
+        live.callback.flush(30)
+        assert live.callback.results[uid].status == "partial"
+        assert live.wait_recovered(uid, 180) == "complete"
+        assert live.executor.wait(300)
+        live.close()
+    assert live.outcome(uid, "reprocess").status == "complete"
+    assert live.outcome(uid, "denoise").status == "complete", live.outcome(uid, "denoise")
+    node = tiled_client["phasestream"][uid]
+    md = node.metadata
+    assert md["recovered"]["on"] == "dask" and md["denoising"]["status"] == "complete"
+    assert md["n_energies_seen"] == len(ENERGIES)  # the recovered result, not the live one with an image lost
+    _, denoised, _, phase, _, _ = _denoised_oracle(node)
+    np.testing.assert_allclose(node["denoised"].read(), denoised, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(node["phase_denoised"].read(), phase)
