@@ -8,8 +8,9 @@ another model's or step count's, at ``enhanced/<model>/<version>/<steps>`` insid
 * ``source="od"``: the result's OD cube (E, Y, X) -> (E, Y*s, X*s); masked (NaN) OD pixels are
   filled with the image median first (the ``mask`` still says which pixels are particle);
 * ``source="raw"``: the raw run's ``primary`` frames (N, Y, X) -> (N, Y*s, X*s), divided by the run's
-  open beam when the model was trained on transmission (or on counts per dose). A raw run without a
-  result gets one with status ``skipped`` (not analysed) to hold them.
+  open beam when the model was trained on transmission (or on counts per dose), converted to
+  ``-ln(I / I0)`` for a model trained on OD. A raw run without a result gets one with status
+  ``skipped`` (not analysed) to hold them.
 
 The image's domain is sent with every request and the server refuses a model trained on another
 domain (models/domain.py). Each enhancement's record goes under ``enhancements[<model>/<version>/
@@ -161,13 +162,13 @@ def model_summary(client: ModelClient, name: str, version: str | None) -> dict[s
 
 def _raw_in_model_domain(frames: RawFrames, summary: dict[str, Any]) -> tuple[str, list[np.ndarray], dict]:
     """The raw frames in the model's domain: ``counts`` as they are (or per dose), ``transmission`` divided by
-    each frame's open beam; a model of OD is left to the server to refuse (enhance the result's OD)."""
+    each frame's open beam, ``od`` as ``-ln`` of that (counts that are not positive become NaN, filled like
+    the result's masked OD); a model declaring no domain gets counts, for the server to refuse."""
     domain = (summary.get("domain") or {}).get("image")
     mode = ((summary.get("domain") or {}).get("normalization") or {}).get("mode")
-    if domain == "transmission" or (domain == "counts" and mode == "dose"):
+    if domain in ("transmission", "od") or (domain == "counts" and mode == "dose"):
         images = [to_domain(im, domain, float(i0)) for im, i0 in zip(frames.images, frames.i0, strict=True)]
-        return domain, images, {"mode": "open_beam" if domain == "transmission" else "dose",
-                                **frames.normalization()}
+        return domain, images, {"mode": "dose" if domain == "counts" else "open_beam", **frames.normalization()}
     return "counts", list(frames.images), {"mode": "none"}
 
 

@@ -197,9 +197,15 @@ def test_enhance_raw_frames_of_a_transmission_model(tiled_server, tiled_client, 
     expected = enhance_images(transmission, domain="transmission", model=TRANSMISSION_MODEL,
                               address=models.address)["array"]
     np.testing.assert_allclose(node[record["path"]].read(), expected, rtol=1e-4, atol=1e-4)
-    # the shipped model declares od: raw counts are refused, nothing written
-    refused = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, source="raw"))
-    assert refused["status"] == "skipped" and "trained on od images and these images are counts" in refused["reason"]
+    # the shipped model declares od: the frames become -ln(I / I0) with the same open beam, then enhanced
+    od_record = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, source="raw"))
+    assert od_record["status"] == "complete" and od_record["domain"] == "od", od_record
+    assert od_record["normalization"] == record["normalization"]
+    od = (-np.log(np.asarray(det, np.float64) / i0.reshape(-1, 1, 1))).astype(np.float32)
+    assert np.isfinite(od).all()
+    expected = enhance_images(od, domain="od", address=models.address)["array"]
+    np.testing.assert_allclose(node[od_record["path"]].read(), expected, rtol=1e-4, atol=1e-4)
+    assert node[record["path"]].shape == node[od_record["path"]].shape  # side by side, the first one kept
 
 
 def test_a_model_with_too_little_validated_gain_is_refused_unless_allowed(tiled_server, tiled_client, models):
