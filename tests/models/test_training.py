@@ -64,6 +64,10 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     order = np.argsort(node.metadata["energies_eV"])
     np.testing.assert_allclose(data.spectra[:n_first], od[order][:, mask].T, rtol=1e-6)  # the spectra as stored
     np.testing.assert_allclose(data.energies_eV, np.sort(ENERGIES), atol=1e-6)
+    # each label's reliability is the stored map's, the PCC gap (an independent recomputation)
+    np.testing.assert_allclose(data.reliability[:n_first], node["reliability"].read()[mask], rtol=1e-6)
+    pcc = np.sort(node["pcc"].read()[:, mask], axis=0)
+    np.testing.assert_allclose(data.reliability[:n_first], pcc[-1] - pcc[-2], atol=1e-5)
 
     code = cli_main(["train", "gmvae", "--tiled", tiled_server.uri, "--runs", *uids, "--epochs", "1",
                      "--out", str(tmp_path), "--name", "gmvae-beamline", "--version", "0.1.0",
@@ -73,6 +77,9 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     manifest = json.loads((art.path / "manifest.json").read_text())
     assert manifest["training"]["source"] == "tiled" and set(manifest["training"]["runs"]) == set(uids)
     assert manifest["training"]["extracted_on"] == "dask"
+    supervision = manifest["training"]["supervision"]  # runs from Tiled: semi-supervised by default
+    assert supervision["labels"] == "pcc" and supervision["min_reliability"] == 0.02
+    assert 0 < supervision["spectra"] < manifest["training"]["n_spectra"]
     assert "api_key" not in json.dumps(manifest)  # the key never lands in an artifact
     assert manifest["metrics"]["test_reconstruction_mse"] > 0
     # the training report: per-phase purity, validation runs (the last two given), warnings in words
