@@ -1,7 +1,8 @@
 """Training sets for the GMVAE and the ``phasestream train gmvae`` job.
 
 A training set is the particle-pixel OD spectra of many scans at one set of energies, with their
-PCC labels (for the cluster-purity metric) and where they came from:
+PCC labels and reliabilities (for the cluster-purity metric and, where PCC is confident, as the
+labels of semi-supervised training) and where they came from:
 
 * :func:`tiled_training_set`: results already in Tiled (``od``, ``mask``, ``phase``), found by
   state of charge or by run uid, read here or one Dask task per run (:func:`result_spectra`).
@@ -25,16 +26,27 @@ from phasestream.jobs.frames import PIXEL_SIZE_KEY, RawFrames, raw_frames
 from phasestream.jobs.training_report import ValidationRun, training_report
 from phasestream.models.domain import DOMAINS, to_domain
 from phasestream.models.pairs import PERCENTILES, check_pair_range, prepare_pair, split_field
+from phasestream.models.spatial import pcc_reliability
 
-__all__ = ["PairSet", "TrainingSet", "ValidationRun", "analysed_labels", "check_indi_pairs", "result_spectra",
+__all__ = ["DEFAULT_MIN_RELIABILITY", "DEFAULT_SUPERVISION_WEIGHT", "SUPERVISIONS", "PairSet", "TrainingSet",
+           "ValidationRun", "analysed_labels", "check_indi_pairs", "result_spectra", "supervised_spectra",
            "tiled_indi_pairs", "tiled_training_set", "train_artifact", "train_indi_artifact"]
 
 logger = logging.getLogger(__name__)
 
+#: how a GMVAE is trained: ``none`` (unsupervised) or ``pcc`` (confident PCC labels supervise the mixture components)
+SUPERVISIONS = ("none", "pcc")
+#: ``pcc`` supervision: a spectrum's PCC label is trained on when its reliability (best minus second-best PCC)
+#: is at least this, four times the 0.005 ambiguity gap (docs/models.md, "Semi-supervised training")
+DEFAULT_MIN_RELIABILITY = 0.02
+#: ``pcc`` supervision: weight of the cross-entropy (1.0 moved the mixture components too little in 40 epochs)
+DEFAULT_SUPERVISION_WEIGHT = 5.0
+
 @dataclass
 class TrainingSet:
     """Spectra (N, E) at ``energies_eV``, PCC labels (N,), the reference phases and the provenance;
-    ``validation``: a few whole runs for the training report (:mod:`phasestream.jobs.training_report`)."""
+    ``validation``: a few whole runs for the training report (:mod:`phasestream.jobs.training_report`);
+    ``reliability`` (N,): each label's PCC gap (best minus second best), None when not known."""
 
     spectra: np.ndarray
     labels: np.ndarray
@@ -42,15 +54,27 @@ class TrainingSet:
     phases: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
     validation: list[ValidationRun] = field(default_factory=list)
+    reliability: np.ndarray | None = None
 
 
-def analysed_labels(od: np.ndarray, references: np.ndarray):
+def analysed_labels(od: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The particle ``mask``, PCC ``phase`` and ``reliability`` maps (Y, X) of an OD stack (E, Y, X), as
+    the live path computes them."""
     from phasestream.kernels.pearson import pearson_maps
     from phasestream.kernels.phases import assign_phases, particle_mask
 
     mask = particle_mask(od)
-    phase, _, _ = assign_phases(pearson_maps(od, references), mask)
-    return mask, phase
+    phase, reliability, _ = assign_phases(pearson_maps(od, references), mask)
+    return mask, phase, reliability
+
+
+def supervised_spectra(data: TrainingSet, min_reliability: float = DEFAULT_MIN_RELIABILITY) -> np.ndarray:
+    """(N,) bool: the spectra of ``data`` whose PCC label is confident enough to supervise the GMVAE
+    (a phase, and a reliability of at least ``min_reliability``)."""
+    if data.reliability is None:
+        raise ValueError("this training set carries no PCC reliabilities: train with supervision 'none'")
+    reliability = np.asarray(data.reliability, np.float64)
+    return (np.asarray(data.labels) >= 0) & np.isfinite(reliability) & (reliability >= min_reliability)
 
 
 @dask_task
@@ -64,7 +88,8 @@ def result_spectra(tiled_uri: str, run_uid: str, options: dict | None = None,
 
     Returns
     -------
-    ``{"run_uid", "energies_eV" (E,) as measured, "phases", "spectra" (N, E) float32, "labels" (N,) int16}``
+    ``{"run_uid", "energies_eV" (E,) as measured, "phases", "spectra" (N, E) float32, "labels" (N,) int16,
+    "reliability" (N,) float32}``
     """
     from phasestream.store.tiled import connect
 
@@ -87,9 +112,14 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
     mask = node["mask"].read().astype(bool)
     x = node["od"][:n][:, mask].T
     keep = np.isfinite(x).all(axis=1)
+    if "reliability" in node:
+        reliability = node["reliability"].read()
+    else:  # a result without the map: the gap of its PCC maps
+        reliability = pcc_reliability(node["pcc"].read())
     return {"run_uid": uid, "energies_eV": np.asarray(md["energies_eV"][:n], dtype=np.float64),
             "phases": list(md["references"]["phases"]), "spectra": x[keep].astype(np.float32),
-            "labels": node["phase"].read()[mask][keep].astype(np.int16)}
+            "labels": node["phase"].read()[mask][keep].astype(np.int16),
+            "reliability": np.asarray(reliability)[mask][keep].astype(np.float32)}
 
 
 def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: str | None, retries: int,
@@ -162,9 +192,10 @@ def tiled_training_set(
     if scheduler:
         provenance["extracted_on"] = "dask"
     labels = np.concatenate([run["labels"] for run in extracted])
+    reliability = np.concatenate([run["reliability"] for run in extracted])
     validation = [v for v in (_validation_run(nodes[uid], uid, order) for uid in list(nodes)[-n_validation:])
                   if v is not None] if n_validation else []
-    return TrainingSet(x, labels, energies[order], phases, provenance, validation)
+    return TrainingSet(x, labels, energies[order], phases, provenance, validation, reliability)
 
 
 def _validation_run(node, uid: str, order: np.ndarray) -> ValidationRun | None:
@@ -187,26 +218,52 @@ def train_artifact(
     name: str,
     version: str,
     overwrite: bool = False,
+    supervision: str = "none",
+    min_reliability: float = DEFAULT_MIN_RELIABILITY,
+    supervision_weight: float = DEFAULT_SUPERVISION_WEIGHT,
     **train_options: Any,
 ):
     """Train a GMVAE on ``data`` and save it as the artifact ``<directory>/<name>-<version>``.
 
-    ``train_options`` go to :func:`phasestream.models.gmvae.train_gmvae`. The training report
+    ``supervision``: ``none`` (unsupervised) or ``pcc``: the spectra whose PCC reliability is at least
+    ``min_reliability`` (:func:`supervised_spectra`) train their PCC phase as their mixture component
+    (cross-entropy weighted by ``supervision_weight``), the others as without labels; recorded in the
+    manifest's ``training.supervision``. ``train_options`` go to
+    :func:`phasestream.models.gmvae.train_gmvae`. The training report
     (per-phase purity, held-out refinement gain on ``data.validation``, warnings) is stored in the
     manifest as ``report`` and returned as ``result.report``. Returns ``(artifact, result)``.
     """
     from phasestream.models.gmvae import train_gmvae
     from phasestream.models.registry import save_artifact
 
-    result = train_gmvae(data.spectra, labels=data.labels, n_components=len(data.phases), **train_options)
+    if supervision not in SUPERVISIONS:
+        raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {supervision!r}")
+    supervised = supervised_spectra(data, min_reliability) if supervision == "pcc" else None
+    if supervised is not None and not supervised.any():
+        raise ValueError(f"no training spectrum has a PCC reliability of at least {min_reliability}: lower "
+                         "--min-reliability or train with --supervision none")
+    result = train_gmvae(data.spectra, labels=data.labels, supervised=supervised,
+                         supervision_weight=supervision_weight, n_components=len(data.phases), **train_options)
     result.report = training_report(result.model, data.spectra, data.labels, data.phases, data.validation,
                                     seed=int(train_options.get("seed", 0)))
     training = {**data.provenance, "split": result.split, "validation_runs": [v.name for v in data.validation],
-                "options": {k: v for k, v in train_options.items() if k != "progress"}}
+                "options": {k: v for k, v in train_options.items() if k != "progress"},
+                "supervision": _supervision_record(data, supervision, supervised, min_reliability,
+                                                   supervision_weight)}
     artifact = save_artifact(result.model, directory, name=name, version=version, kind="gmvae",
                              energies_eV=data.energies_eV, phases=data.phases, training=training,
                              metrics=result.metrics, extra={"report": result.report}, overwrite=overwrite)
     return artifact, result
+
+
+def _supervision_record(data: TrainingSet, supervision: str, supervised: np.ndarray | None, min_reliability: float,
+                        weight: float) -> dict[str, Any]:
+    if supervised is None:
+        return {"labels": "none"}
+    per_phase = np.bincount(np.asarray(data.labels)[supervised], minlength=len(data.phases))
+    return {"labels": supervision, "min_reliability": min_reliability, "weight": weight,
+            "spectra": int(supervised.sum()), "fraction": round(float(supervised.mean()), 4),
+            "per_phase": {p: int(n) for p, n in zip(data.phases, per_phase, strict=False)}}
 
 
 # ---------------------------------------------------------------------------------------------- InDI

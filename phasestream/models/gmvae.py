@@ -119,10 +119,17 @@ class GMVAE(keras.Model):
         L = sum_e (x~_e - x^_e)^2                                  reconstruction (E x MSE)
             + beta * sum_c pi_c * KL(N(mu, sigma^2) || N(mu_c, sigma_c^2))   mixture KL of z
             + beta * sum_c pi_c * log(K * pi_c)                    KL(q(c|x) || uniform), categorical
+            - gamma * [y >= 0] * log pi_y                          supervision (semi-supervised training)
 
     with the Gaussian KL in closed form,
     ``KL = 1/2 sum_d [log(sigma_c^2 / sigma^2) + (sigma^2 + (mu - mu_c)^2) / sigma_c^2 - 1]``.
     ``z`` is sampled with the reparameterization trick while training; inference uses ``mu``.
+
+    Semi-supervised training (Kingma et al., "Semi-supervised learning with deep generative models",
+    NeurIPS 2014, arXiv:1406.5298): a spectrum with a component label ``y >= 0`` (a confident PCC
+    phase, component ``k`` = phase ``k``) adds the cross-entropy of ``q(c|x)`` against ``y``,
+    weighted by ``gamma`` (``supervision_weight``); a spectrum with ``y = -1`` is trained as without
+    labels. ``fit(x, y)`` trains with labels, ``fit(x)`` without.
 
     Parameters
     ----------
@@ -133,6 +140,7 @@ class GMVAE(keras.Model):
     dropout : dropout rate after each hidden layer
     beta : weight of the KL terms
     normalization : ``{"mode", "mean", "scale"}`` of :class:`SpectrumNormalization`
+    supervision_weight : ``gamma``, weight of the cross-entropy of labelled spectra
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class GMVAE(keras.Model):
         dropout: float = 0.1,
         beta: float = 1.0,
         normalization: dict[str, Any] | None = None,
+        supervision_weight: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -152,6 +161,7 @@ class GMVAE(keras.Model):
                              f"{n_energies}, {n_components}, {latent_dim}")
         self.n_energies, self.n_components, self.latent_dim = int(n_energies), int(n_components), int(latent_dim)
         self.hidden, self.dropout_rate, self.beta = [int(h) for h in hidden], float(dropout), float(beta)
+        self.supervision_weight = float(supervision_weight)
         self.normalization = dict(normalization or {"mode": "spectrum"})
         self.normalize = SpectrumNormalization(**self.normalization, name="normalize")
         self.encoder_layers = _dense_block(self.hidden, self.dropout_rate, "encoder")
@@ -169,6 +179,7 @@ class GMVAE(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction")
         self.kl_tracker = keras.metrics.Mean(name="kl")
+        self.supervision_tracker = keras.metrics.Mean(name="supervision")
 
     # ------------------------------------------------------------------ network
 
@@ -203,8 +214,11 @@ class GMVAE(keras.Model):
 
     # ------------------------------------------------------------------ loss and training steps
 
-    def losses_of(self, x, outputs):
-        """Per-batch mean ``(total, reconstruction, kl)``; the formula is in the class docstring."""
+    def losses_of(self, x, outputs, y=None):
+        """Per-batch mean ``(total, reconstruction, kl, supervision)``; the formula is in the class docstring.
+
+        ``y`` (N,) int component labels, -1 where a spectrum has none (None: no labels at all).
+        """
         target = self.normalize(x)
         reconstruction = ops.sum(ops.square(target - outputs["reconstruction"]), axis=-1)
         mu, log_var = outputs["z_mean"][:, None, :], outputs["z_log_var"][:, None, :]
@@ -217,31 +231,44 @@ class GMVAE(keras.Model):
         kl_c = ops.sum(pi * ops.log(pi * self.n_components + _EPS), axis=-1)
         kl = kl_z + kl_c
         total = reconstruction + self.beta * kl
-        return ops.mean(total), ops.mean(reconstruction), ops.mean(kl)
+        supervision = ops.zeros_like(reconstruction)
+        if y is not None:
+            y = ops.reshape(ops.cast(y, "int32"), (-1,))
+            labelled = ops.cast(y >= 0, pi.dtype)
+            chosen = ops.sum(ops.one_hot(ops.maximum(y, 0), self.n_components, dtype=pi.dtype) * pi, axis=-1)
+            supervision = -labelled * ops.log(chosen + _EPS)
+            total = total + self.supervision_weight * supervision
+        return ops.mean(total), ops.mean(reconstruction), ops.mean(kl), ops.mean(supervision)
+
+    @staticmethod
+    def _unpack(data):
+        if isinstance(data, tuple):
+            return data[0], (data[1] if len(data) > 1 else None)
+        return data, None
 
     def train_step(self, data):
-        x = data[0] if isinstance(data, tuple) else data
+        x, y = self._unpack(data)
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
-            total, reconstruction, kl = self.losses_of(x, outputs)
-        grads = tape.gradient(total, self.trainable_weights)
+            losses = self.losses_of(x, outputs, y)
+        grads = tape.gradient(losses[0], self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
-        return self._track(total, reconstruction, kl)
+        return self._track(*losses)
 
     def test_step(self, data):
-        x = data[0] if isinstance(data, tuple) else data
-        total, reconstruction, kl = self.losses_of(x, self(x, training=False))
-        return self._track(total, reconstruction, kl)
+        x, y = self._unpack(data)
+        return self._track(*self.losses_of(x, self(x, training=False), y))
 
-    def _track(self, total, reconstruction, kl) -> dict[str, Any]:
+    def _track(self, total, reconstruction, kl, supervision) -> dict[str, Any]:
         self.loss_tracker.update_state(total)
         self.reconstruction_tracker.update_state(reconstruction)
         self.kl_tracker.update_state(kl)
+        self.supervision_tracker.update_state(supervision)
         return {m.name: m.result() for m in self.metrics}
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.reconstruction_tracker, self.kl_tracker]
+        return [self.loss_tracker, self.reconstruction_tracker, self.kl_tracker, self.supervision_tracker]
 
     # ------------------------------------------------------------------ inference on NumPy arrays
 
@@ -283,7 +310,8 @@ class GMVAE(keras.Model):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "n_energies": self.n_energies, "n_components": self.n_components,
                 "latent_dim": self.latent_dim, "hidden": self.hidden, "dropout": self.dropout_rate,
-                "beta": self.beta, "normalization": self.normalization}
+                "beta": self.beta, "normalization": self.normalization,
+                "supervision_weight": self.supervision_weight}
 
     def build_for_inference(self) -> GMVAE:
         """Create the weights (a forward pass on zeros); returns ``self``."""
@@ -335,6 +363,8 @@ def train_gmvae(
     spectra: np.ndarray,
     *,
     labels: np.ndarray | None = None,
+    supervised: np.ndarray | None = None,
+    supervision_weight: float = 5.0,
     n_components: int = 5,
     latent_dim: int = 3,
     normalization: str = "spectrum",
@@ -352,7 +382,11 @@ def train_gmvae(
     Parameters
     ----------
     spectra : (N, E) OD spectra, finite
-    labels : (N,) int PCC phase labels, for the cluster-purity metric (not used in training)
+    labels : (N,) int PCC phase labels, for the cluster-purity metric (and the supervision)
+    supervised : (N,) bool, the spectra whose label is trained as their mixture component
+        (semi-supervised: cross-entropy of ``q(c|x)``; the others as without labels); None or none
+        True: unsupervised. Component ``k`` is then phase ``k``: ``n_components`` >= the phases
+    supervision_weight : weight of that cross-entropy (``GMVAE``'s ``gamma``)
     normalization : input normalization mode (:data:`NORMALIZATIONS`), fitted on the training split
     seed : seeds the split, the weights and the sampling (``keras.utils.set_random_seed``)
     progress : show a progress bar (one step per epoch)
@@ -361,7 +395,8 @@ def train_gmvae(
     -------
     TrainingResult
         ``metrics``: ``test_reconstruction_mse`` (held-out test split, normalized units, per energy),
-        ``validation_loss``, ``train_loss``, ``cluster_purity`` (test split, when ``labels`` are given).
+        ``validation_loss``, ``train_loss``, ``cluster_purity`` (test split, when ``labels`` are given),
+        ``supervised_spectra`` (labelled spectra trained on, 0 when unsupervised).
     """
     x = np.asarray(spectra, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 40:
@@ -370,18 +405,29 @@ def train_gmvae(
         raise ValueError("training spectra contain NaN or infinite values")
     if labels is not None and len(labels) != len(x):
         raise ValueError(f"labels has {len(labels)} entries for {len(x)} spectra")
+    targets = None
+    if supervised is not None and np.any(supervised):
+        if labels is None or len(supervised) != len(x):
+            raise ValueError(f"supervised training needs labels and a supervised flag per spectrum ({len(x)})")
+        targets = np.where(np.asarray(supervised, bool), np.asarray(labels), -1).astype(np.int32)
+        if targets.max() >= n_components:
+            raise ValueError(f"label {int(targets.max())} has no mixture component (n_components={n_components})")
     keras.utils.set_random_seed(seed)
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = n_test = max(1, round(0.025 * len(x)))
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     norm = fit_normalization(x[train], normalization)
     model = GMVAE(x.shape[1], n_components=n_components, latent_dim=latent_dim, hidden=hidden, dropout=dropout,
-                  beta=beta, normalization=norm)
+                  beta=beta, normalization=norm, supervision_weight=supervision_weight)
     model._seeds = keras.random.SeedGenerator(seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     callbacks = [_ProgressBar(epochs)] if progress else []
-    fit = model.fit(x[train], validation_data=(x[val],), epochs=epochs, batch_size=batch_size, shuffle=True,
-                    verbose=0, callbacks=callbacks)
+    if targets is None:
+        fit = model.fit(x[train], validation_data=(x[val],), epochs=epochs, batch_size=batch_size, shuffle=True,
+                        verbose=0, callbacks=callbacks)
+    else:
+        fit = model.fit(x[train], targets[train], validation_data=(x[val], targets[val]), epochs=epochs,
+                        batch_size=batch_size, shuffle=True, verbose=0, callbacks=callbacks)
     history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     reconstruction = model.decode(model.encode(x[test])[0])
     target = np.asarray(model.normalize(x[test]))
@@ -389,6 +435,7 @@ def train_gmvae(
         "test_reconstruction_mse": float(np.mean((reconstruction - target) ** 2)),
         "train_loss": history["loss"][-1],
         "validation_loss": history["val_loss"][-1],
+        "supervised_spectra": 0 if targets is None else int(np.sum(targets[train] >= 0)),
     }
     if labels is not None:
         metrics["cluster_purity"] = cluster_purity(model.encode(x[test])[1], np.asarray(labels)[test])

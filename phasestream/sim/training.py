@@ -48,7 +48,7 @@ def synthetic_training_set(
     energies = np.asarray(select_energies(refs, n_energies, method="score"))
     ref_spectra = refs.interpolate(energies)
     rng = np.random.default_rng(seed)
-    spectra, labels = [], []
+    spectra, labels, reliabilities = [], [], []
     for soc in states:
         for i in range(n_samples):
             sample = make_sample(shape, state_of_charge=soc, references=refs, seed=1000 * (seed + 1) + i)
@@ -56,15 +56,16 @@ def synthetic_training_set(
                 counts = np.stack([sample.transmitted(e, i0=dose, rng=rng) for e in energies])
                 with np.errstate(divide="ignore"):
                     od = -np.log(np.where(counts > 0, counts, np.nan) / dose)
-                mask, phase = analysed_labels(od, ref_spectra)
+                mask, phase, reliability = analysed_labels(od, ref_spectra)
                 x = od[:, mask].T
                 keep = np.isfinite(x).all(axis=1)
                 spectra.append(x[keep].astype(np.float32))
                 labels.append(phase[mask][keep])
-    x, y = np.concatenate(spectra), np.concatenate(labels).astype(np.int16)
+                reliabilities.append(reliability[mask][keep].astype(np.float32))
+    x, y, r = np.concatenate(spectra), np.concatenate(labels).astype(np.int16), np.concatenate(reliabilities)
     if max_spectra is not None and len(x) > max_spectra:
         pick = np.sort(rng.choice(len(x), max_spectra, replace=False))
-        x, y = x[pick], y[pick]
+        x, y, r = x[pick], y[pick], r[pick]
     validation = []
     middle = sorted(states)[len(states) // 2 - 1: len(states) // 2 + 1] or list(states)
     for i in range(n_validation):
@@ -80,7 +81,7 @@ def synthetic_training_set(
     provenance = {"source": "synthetic", "seed": seed, "references": refs.name, "states": list(states),
                   "doses": list(doses), "samples_per_state": n_samples, "shape": list(shape),
                   "n_spectra": len(x)}
-    return TrainingSet(x, y, energies, list(refs.phases), provenance, validation)
+    return TrainingSet(x, y, energies, list(refs.phases), provenance, validation, r)
 
 
 def synthetic_indi_pairs(*, seed: int = 0, n_pairs: int = 24, shape: tuple[int, int] = (256, 256),

@@ -21,7 +21,7 @@ def _spectra(n=600, e=13, seed=0):
     return x.astype(np.float32), labels
 
 
-def _numpy_loss(model: GMVAE, x: np.ndarray) -> tuple[float, float, float]:
+def _numpy_loss(model: GMVAE, x: np.ndarray, y: np.ndarray | None = None) -> tuple[float, ...]:
     """The documented loss, recomputed in NumPy from the network's outputs (training=False)."""
     out = {k: np.asarray(v, dtype=np.float64) for k, v in model(x, training=False).items()}
     norm = model.normalization
@@ -39,7 +39,12 @@ def _numpy_loss(model: GMVAE, x: np.ndarray) -> tuple[float, float, float]:
         kl_gauss[:, c] = 0.5 * (plv[c] - lv + (np.exp(lv) + (mu - pm[c]) ** 2) / np.exp(plv[c]) - 1).sum(axis=1)
     kl = (pi * kl_gauss).sum(axis=1) + (pi * np.log(pi * k + 1e-6)).sum(axis=1)
     total = rec + model.beta * kl
-    return total.mean(), rec.mean(), kl.mean()
+    supervision = np.zeros(len(x))
+    if y is not None:
+        labelled = y >= 0
+        supervision[labelled] = -np.log(pi[labelled, y[labelled]] + 1e-6)
+        total = total + model.supervision_weight * supervision
+    return total.mean(), rec.mean(), kl.mean(), supervision.mean()
 
 
 @pytest.mark.parametrize("mode", ["feature", "spectrum"])
@@ -50,6 +55,19 @@ def test_loss_matches_numpy(mode):
     outputs = model(x, training=False)
     got = [float(v) for v in model.losses_of(x, outputs)]
     np.testing.assert_allclose(got, _numpy_loss(model, x), rtol=1e-4)
+
+
+def test_supervised_loss_matches_numpy():
+    """Labelled spectra add gamma x the cross-entropy of q(c|x); unlabelled ones (-1) add nothing."""
+    x, labels = _spectra(64)
+    y = np.where(np.arange(64) % 3 == 0, -1, labels)
+    model = GMVAE(13, n_components=3, hidden=(32, 16, 8, 4), beta=0.7, supervision_weight=2.5,
+                  normalization=fit_normalization(x, "feature"))
+    model.build_for_inference()
+    got = [float(v) for v in model.losses_of(x, model(x, training=False), y)]
+    expected = _numpy_loss(model, x, y)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert expected[3] > 0 and got[0] > float(model.losses_of(x, model(x, training=False))[0])
 
 
 def test_normalization_is_part_of_the_model():

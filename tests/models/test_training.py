@@ -64,6 +64,10 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     order = np.argsort(node.metadata["energies_eV"])
     np.testing.assert_allclose(data.spectra[:n_first], od[order][:, mask].T, rtol=1e-6)  # the spectra as stored
     np.testing.assert_allclose(data.energies_eV, np.sort(ENERGIES), atol=1e-6)
+    # each label's reliability is the stored map's, the PCC gap (an independent recomputation)
+    np.testing.assert_allclose(data.reliability[:n_first], node["reliability"].read()[mask], rtol=1e-6)
+    pcc = np.sort(node["pcc"].read()[:, mask], axis=0)
+    np.testing.assert_allclose(data.reliability[:n_first], pcc[-1] - pcc[-2], atol=1e-5)
 
     code = cli_main(["train", "gmvae", "--tiled", tiled_server.uri, "--runs", *uids, "--epochs", "1",
                      "--out", str(tmp_path), "--name", "gmvae-beamline", "--version", "0.1.0",
@@ -73,6 +77,9 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     manifest = json.loads((art.path / "manifest.json").read_text())
     assert manifest["training"]["source"] == "tiled" and set(manifest["training"]["runs"]) == set(uids)
     assert manifest["training"]["extracted_on"] == "dask"
+    supervision = manifest["training"]["supervision"]  # runs from Tiled: semi-supervised by default
+    assert supervision["labels"] == "pcc" and supervision["min_reliability"] == 0.02
+    assert 0 < supervision["spectra"] < manifest["training"]["n_spectra"]
     assert "api_key" not in json.dumps(manifest)  # the key never lands in an artifact
     assert manifest["metrics"]["test_reconstruction_mse"] > 0
     # the training report: per-phase purity, validation runs (the last two given), warnings in words
@@ -153,3 +160,70 @@ def test_train_indi_from_an_lq_hq_pair_of_runs(tiled_server, tiled_client, tmp_p
     assert manifest["scale"] == 2 and manifest["domain"] == {"image": "counts", "normalization": {"mode": "none"}}
     assert "api_key" not in json.dumps(manifest)
     assert ModelRegistry([tmp_path]).get("indi-beamline").kind == "indi"
+
+
+def _truth_set(seed: int = 7) -> tuple:
+    """Particle-pixel spectra of simulated 64^2 scans of the five NVPF states (2000 counts/px), their
+    PCC labels and reliabilities as the live path computes them, and the simulator's truth."""
+    from phasestream.jobs.training import TrainingSet, analysed_labels
+
+    ref_values = REFS.interpolate(ENERGIES)
+    rng = np.random.default_rng(seed)
+    x, labels, reliability, truth = [], [], [], []
+    for soc in (3.0, 2.4, 2.0, 1.0, 0.8):
+        sample = make_sample((64, 64), state_of_charge=soc, references=REFS, seed=seed + int(10 * soc))
+        counts = np.stack([sample.transmitted(e, i0=2000.0, rng=rng) for e in ENERGIES])
+        with np.errstate(divide="ignore"):
+            od = -np.log(np.where(counts > 0, counts, np.nan) / 2000.0)
+        mask, phase, gap = analysed_labels(od, ref_values)
+        keep = mask & sample.particle & np.isfinite(od).all(axis=0)
+        x.append(od[:, keep].T)
+        labels.append(phase[keep])
+        reliability.append(gap[keep])
+        truth.append(sample.phase[keep])
+    data = TrainingSet(np.concatenate(x).astype(np.float32), np.concatenate(labels).astype(np.int16),
+                       np.asarray(ENERGIES), list(REFS.phases), {"source": "test"}, [], np.concatenate(reliability))
+    return data, np.concatenate(truth)
+
+
+def test_pcc_supervision_raises_purity_against_the_truth(tmp_path):
+    """Confident PCC labels as partial supervision: the mixture components align with the true phases
+    (purity against the simulator's truth, not against the labels trained on) and the manifest says so."""
+    pytest.importorskip("tensorflow")
+    from phasestream.jobs.training import supervised_spectra, train_artifact
+    from phasestream.models.gmvae import cluster_purity
+
+    data, truth = _truth_set()
+    supervised = supervised_spectra(data)
+    assert 0.3 < supervised.mean() < 0.9  # partial: many spectra stay unlabelled
+    assert np.mean(data.labels[supervised] == truth[supervised]) > 0.95  # confident labels are mostly right
+    options = {"epochs": 30, "hidden": (128, 64, 32, 16), "normalization": "feature", "beta": 0.2, "seed": 0,
+               "progress": False}
+    purity, aligned = {}, {}
+    for supervision in ("none", "pcc"):
+        artifact, result = train_artifact(data, tmp_path, name=f"gmvae-{supervision}", version="0.0.1",
+                                          supervision=supervision, **options)
+        components = result.model.encode(data.spectra)[1]
+        purity[supervision] = cluster_purity(components, truth)
+        aligned[supervision] = float(np.mean(components.argmax(axis=1) == truth))
+        manifest = json.loads((artifact.path / "manifest.json").read_text())
+        assert manifest["training"]["supervision"]["labels"] == supervision
+    print(f"purity against the truth: unsupervised {purity['none']:.3f}, PCC-supervised {purity['pcc']:.3f}; "
+          f"component = true phase: {aligned['none']:.3f} -> {aligned['pcc']:.3f}")
+    assert purity["pcc"] >= purity["none"] + 0.1
+    assert aligned["pcc"] > 0.6  # component k is phase k
+    record = manifest["training"]["supervision"]
+    assert record["spectra"] == sum(record["per_phase"].values()) == int(supervised.sum())
+    assert 0 < result.metrics["supervised_spectra"] <= record["spectra"]  # those of the training split
+    assert record["min_reliability"] == 0.02 and record["weight"] == 5.0
+
+
+def test_supervision_needs_reliabilities(tmp_path):
+    from phasestream.jobs.training import TrainingSet, train_artifact
+
+    data = TrainingSet(np.zeros((50, 13), np.float32), np.zeros(50, np.int16), np.asarray(ENERGIES),
+                       list(REFS.phases))
+    with pytest.raises(ValueError, match="no PCC reliabilities"):
+        train_artifact(data, tmp_path, name="g", version="0.0.1", supervision="pcc")
+    with pytest.raises(ValueError, match="supervision must be one of"):
+        train_artifact(data, tmp_path, name="g", version="0.0.1", supervision="labels")

@@ -9,6 +9,9 @@ from phasestream.app.cli.common import add_tiled_options, scheduler_option, tile
 from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL
 from phasestream.jobs.frames import PIXEL_SIZE_KEY
 from phasestream.jobs.training import (
+    DEFAULT_MIN_RELIABILITY,
+    DEFAULT_SUPERVISION_WEIGHT,
+    SUPERVISIONS,
     check_indi_pairs,
     tiled_indi_pairs,
     tiled_training_set,
@@ -20,7 +23,10 @@ from phasestream.models.domain import DOMAINS
 from phasestream.models.registry import Artifact
 from phasestream.sim.training import synthetic_denoise_stacks, synthetic_indi_pairs, synthetic_training_set
 
-__all__ = ["add_parser", "run"]
+__all__ = ["TILED_SUPERVISION", "add_parser", "run"]
+
+#: ``train gmvae --tiled``'s default supervision (``--synthetic`` trains unsupervised, as the shipped model was)
+TILED_SUPERVISION = "pcc"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +55,15 @@ def _add_gmvae_parser(train_sub: argparse._SubParsersAction) -> None:
     gmvae.add_argument("--normalization", choices=("feature", "spectrum"), default="feature",
                        help="feature: per-energy standardization, keeps thickness (default); spectrum: shape only")
     gmvae.add_argument("--beta", type=float, default=0.2, help="weight of the KL terms (default 0.2)")
+    gmvae.add_argument("--supervision", choices=SUPERVISIONS, default=None,
+                       help="pcc: confident PCC labels train the mixture components (semi-supervised; default with "
+                            "--tiled); none: unsupervised (default with --synthetic)")
+    gmvae.add_argument("--min-reliability", type=float, default=DEFAULT_MIN_RELIABILITY,
+                       help="--supervision pcc: the PCC reliability (best minus second-best PCC) a label needs "
+                            f"(default {DEFAULT_MIN_RELIABILITY})")
+    gmvae.add_argument("--supervision-weight", type=float, default=DEFAULT_SUPERVISION_WEIGHT,
+                       help="--supervision pcc: weight of the labels' cross-entropy "
+                            f"(default {DEFAULT_SUPERVISION_WEIGHT})")
     gmvae.add_argument("--max-spectra", type=int, default=150_000, help="--synthetic: spectra kept (default 150000)")
     gmvae.add_argument("--name", default=None, help="artifact name (default gmvae-nvpf-synthetic / gmvae-tiled)")
     gmvae.add_argument("--version", default="1.0.0")
@@ -113,6 +128,7 @@ def train_gmvae(args: argparse.Namespace) -> int:
     if args.synthetic:
         data = synthetic_training_set(seed=args.seed, n_samples=args.samples, max_spectra=args.max_spectra)
         name = args.name or "gmvae-nvpf-synthetic"
+        supervision = args.supervision or "none"
     else:
         if not (args.soc or args.runs):
             raise ValueError("train gmvae needs --synthetic, or --tiled URI with --soc X ... or --runs UID ...")
@@ -122,11 +138,14 @@ def train_gmvae(args: argparse.Namespace) -> int:
                                       tiled_uri=uri, scheduler=scheduler, retries=args.retries,
                                       api_key=workers_api_key(uri))
         name = args.name or "gmvae-tiled"
+        supervision = args.supervision or TILED_SUPERVISION
     print(f"training {name} {args.version} on {len(data.spectra)} spectra at {len(data.energies_eV)} energies "
-          f"({data.provenance['source']})")
+          f"({data.provenance['source']}, supervision: {supervision})")
     artifact, result = train_artifact(data, _artifact_folder(args), name=name, version=args.version,
                                       epochs=args.epochs, seed=args.seed, normalization=args.normalization,
-                                      beta=args.beta, overwrite=args.overwrite)
+                                      beta=args.beta, overwrite=args.overwrite, supervision=supervision,
+                                      min_reliability=args.min_reliability,
+                                      supervision_weight=args.supervision_weight)
     artifact = Artifact.read(artifact.path)
     print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
                       "sha256": artifact.sha256, "metrics": result.metrics}, indent=2))
@@ -137,7 +156,7 @@ def train_gmvae(args: argparse.Namespace) -> int:
 def _print_report(report: dict) -> None:
     """The training report in words: per-phase purity, the held-out refinement gain, the warnings."""
     purity = ", ".join(f"{phase} {value:.2f}" for phase, value in report.get("per_phase_purity", {}).items())
-    print(f"cluster purity per phase: {purity}")
+    print(f"cluster purity {report.get('cluster_purity', float('nan')):.3f}; per phase: {purity}")
     if "model_gain" in report:
         runs = len([r for r in report["validation_runs"] if "pixels" in r])
         print(f"held-out refinement gain over PCC on {runs} validation run(s): {report['best_strategy']} "
