@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "phasestream needs Python >= 3.11, found " + sys.version' 
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,models]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,models,methods]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""Self-supervised denoising of STXM energy stacks: PSNR of OD, phase identification, training time (JSON).
+"""Self-supervised denoising of STXM energy stacks: PSNR of OD, phase identification, variability (JSON).
 
 Protocol (issue 22). Held-out simulated NVPF samples (``phasestream.sim``; seeds below 1000, never
 used to train the shipped model) imaged at the demo's 13 energies with line-correlated STXM noise
@@ -9,17 +9,35 @@ noise, 2% along-line I0 fluctuation with a 10 px correlation length).
   clean OD's), at ``--doses`` counts/px, for: ``raw``; ``pca`` (the principal components above the
   noise floor only, no spatial step); ``learned`` (the shipped ``denoise-stxm-synthetic`` as it
   is); ``learned_finetuned`` (fine-tuned on the scan itself for ``--fine-tune-steps``, self-supervised);
-  ``tv`` (scikit-image ``denoise_tv_chambolle`` on every energy image); ``bm3d`` (every energy
-  image, when the ``bm3d`` package is installed). TV and BM3D strengths are chosen on a separate
-  sample (another seed) at the same dose: the best PSNR over ``TV_WEIGHTS`` / ``BM3D_SIGMAS``.
-* ``phase_id``: PCC phase identification (``pearson_maps``, ``assign_phases``) of the raw and the
-  denoised OD of ``--phase-samples`` samples at ``--phase-dose``: accuracy on the particle pixels
-  (``all``; ``interior``: away from domain boundaries and particle edges) and the ambiguous fraction
-  of the particle pixels, against the simulator's truth.
+  ``tv`` (scikit-image ``denoise_tv_chambolle`` on every energy image); ``bm3d`` (the ``bm3d``
+  package on every energy image, ``sigma_psd`` = a factor times that image's noise level estimated
+  across scan lines, ``line_noise_level``; when ``bm3d`` is not installed the row says so). Their
+  strengths are chosen on a separate sample (another seed) at the same dose: the best PSNR over
+  ``TV_WEIGHTS`` (whole stack) / ``BM3D_FACTORS`` (centre 128^2 of every third energy: BM3D is slow).
+* ``phase_id``: PCC phase identification (``pearson_maps``, ``assign_phases``) of the noiseless
+  (``truth``: the floor any denoiser can reach), raw and denoised OD of ``--phase-samples`` samples
+  at ``--phase-dose``: accuracy on the particle pixels (``all``; ``interior``: away from domain
+  boundaries and particle edges), the ambiguous fraction of the particle pixels (also per true
+  phase) and the median PCC gap of interior pixels, against the simulator's truth.
+  ``ambiguous_vs_dose``: the raw stack's ambiguous fraction at higher doses (the line noise does
+  not fall with the dose).
+* ``variability``: ``--realisations`` noise realisations of each phase sample at ``--phase-dose``:
+  the standard deviation over realisations of each particle's phase fractions (share of its pixels
+  per phase; particles: connected parts of the particle mask; the mean over particles and the
+  phases present), raw and denoised (learned, TV; BM3D left out for time), per sample and the mean
+  over samples; ``reduction`` is ``1 - std / std_raw``.
+* ``standards``: the real-standards phantoms of ``benchmarks/phase_id.py`` (stripes of the
+  measured references of ``tests/data`` over the top three quarters, a two-phase mixture ramp
+  below) as ``--standards-size``^2 images (smooth thickness 0.7-1.0), their 13 energies
+  ``select_energies(refs, 12, dose=dose)``, ``LINE_CORRELATED`` noise at ``--phase-dose``: PSNR
+  and the phase measures of ``phase_id`` (accuracy over the pure stripes away from their edges,
+  ambiguous over all pixels). TV's weight is tuned on the same phantom with another thickness
+  and noise seed; BM3D's factor (in units of the noise level, so it carries over) is the NVPF one.
 * ``training``: seconds to fine-tune (``--fine-tune-steps``) and to train from scratch
   (``--scratch-steps``) on one 13 x ``--timing-size``^2 stack, the machine noted.
 
 Usage: python benchmarks/denoise.py [--size 256] [--doses 300 1000] [--fine-tune-steps 200]
+       python benchmarks/denoise.py --quick   # small images, one dose, 3 realisations: a smoke run
 """
 
 from __future__ import annotations
@@ -29,20 +47,25 @@ import json
 import os
 import platform
 import time
+from types import SimpleNamespace
 
 import numpy as np
+from phase_id import DATA, SETS, phantom  # benchmarks/phase_id.py: the real-standards phantoms
+from scipy import ndimage
 from skimage.restoration import denoise_tv_chambolle
 
 from phasestream.kernels import assign_phases, pearson_maps
 from phasestream.methods.unmixing import bm3d_available
 from phasestream.metrics import psnr
-from phasestream.models.denoise import denoise_stack, train_denoiser
+from phasestream.models.denoise import denoise_stack, line_noise_level, train_denoiser
 from phasestream.models.registry import ModelRegistry
 from phasestream.references import load_references, select_energies
-from phasestream.sim import LINE_CORRELATED, make_sample, simulate_stack
+from phasestream.sim import LINE_CORRELATED, SimulatedSample, make_sample, simulate_stack
 
 TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)
-BM3D_SIGMAS = (0.02, 0.04, 0.06, 0.08, 0.12, 0.16)
+BM3D_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
+BM3D_MISSING = "not installed (pip install 'phasestream[methods]')"
+MEASURES = ("accuracy", "accuracy_interior", "ambiguous", "median_gap_interior")
 
 
 def per_energy(fn, od: np.ndarray) -> np.ndarray:
@@ -53,10 +76,11 @@ def tv(od, weight):
     return per_energy(lambda img: denoise_tv_chambolle(img, weight=weight), od)
 
 
-def bm3d(od, sigma):
+def bm3d(od, factor):
+    """BM3D of every energy image, ``sigma_psd`` = ``factor`` times the image's noise level."""
     import bm3d as _bm3d
 
-    return per_energy(lambda img: np.asarray(_bm3d.bm3d(img, sigma_psd=sigma)), od)
+    return per_energy(lambda img: np.asarray(_bm3d.bm3d(img, sigma_psd=factor * line_noise_level(img))), od)
 
 
 def score(stack, estimate) -> float:
@@ -64,72 +88,213 @@ def score(stack, estimate) -> float:
     return round(psnr(clean, np.nan_to_num(estimate), data_range=float(clean.max() - clean.min())), 2)
 
 
-def stack_of(energies, refs, size, seed, dose, soc=2.0):
+def stack_of(energies, refs, size, seed, dose, soc=2.0, rng=None):
     sample = make_sample((size, size), state_of_charge=soc, references=refs, n_particles=6, seed=seed)
-    return sample, simulate_stack(sample, energies, dose=dose, noise=LINE_CORRELATED, rng=seed + 17)
+    return sample, simulate_stack(sample, energies, dose=dose, noise=LINE_CORRELATED,
+                                  rng=seed + 17 if rng is None else rng)
 
 
 def tuned(method, grid, stack) -> float:
     return max(grid, key=lambda p: score(stack, method(stack.od, p)))
 
 
-def phase_scores(sample, od, mu) -> dict:
-    phase, _, ambiguous = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")
+def bm3d_tuning_view(stack, size: int = 128):
+    """The centre ``size``^2 of every third energy image: BM3D's strength is tuned on it (speed)."""
+    h, w = stack.od.shape[1:]
+    r, c = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    window = (slice(None, None, 3), slice(r, r + size), slice(c, c + size))
+    return SimpleNamespace(od=stack.od[window], clean_od=stack.clean_od[window])
+
+
+def interior_gap(reliability, region) -> float:
+    return round(float(np.nanmedian(reliability[region])), 4) if region.any() else float("nan")
+
+
+def phase_scores(sample, od, mu, phases) -> dict:
+    phase, reliability, ambiguous = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")
+    inside = sample.particle
+    present = [k for k in range(len(phases)) if (inside & (sample.phase == k)).any()]
     return {"accuracy": round(sample.accuracy(phase, exclude_boundary=False), 4),
             "accuracy_interior": round(sample.accuracy(phase), 4),
-            "ambiguous": round(float(ambiguous[sample.particle].mean()), 4)}
+            "ambiguous": round(float(ambiguous[inside].mean()), 4),
+            "median_gap_interior": interior_gap(reliability, inside & ~sample.boundary),
+            "ambiguous_by_phase": {phases[k]: round(float(ambiguous[inside & (sample.phase == k)].mean()), 4)
+                                   for k in present}}
 
 
-def main() -> None:
+def estimates(stack, model, weight, factor) -> dict:
+    """The noiseless, raw and denoised OD of ``stack`` by every method (``bm3d`` when ``factor``)."""
+    out = {"truth": stack.clean_od, "raw": stack.od, "pca": denoise_stack(None, stack.od).od,
+           "learned": denoise_stack(model, stack.od).od, "tv": tv(stack.od, weight)}
+    if factor is not None:
+        out["bm3d"] = bm3d(stack.od, factor)
+    return out
+
+
+def means(samples: list[dict], methods) -> dict:
+    return {m: {k: round(float(np.mean([s[m][k] for s in samples])), 4) for k in MEASURES} for m in methods}
+
+
+def particle_fractions(phase: np.ndarray, labels: np.ndarray, n_labels: int, k: int) -> np.ndarray:
+    """(particles, K) share of each particle's pixels assigned to each phase."""
+    out = np.zeros((n_labels, k))
+    for j in range(n_labels):
+        values = phase[labels == j + 1]
+        out[j] = np.bincount(values[values >= 0], minlength=k)[:k] / max(1, values.size)
+    return out
+
+
+def variability(sample, energies, mu, model, dose, realisations, weight) -> dict:
+    """Standard deviation over noise realisations of each particle's phase fractions, raw and denoised."""
+    labels, n = ndimage.label(sample.particle)
+    k = mu.shape[0]
+    fractions: dict[str, list[np.ndarray]] = {"raw": [], "learned": [], "tv": []}
+    for r in range(realisations):
+        stack = simulate_stack(sample, energies, dose=dose, noise=LINE_CORRELATED, rng=5000 + r)
+        for method, od in (("raw", stack.od), ("learned", denoise_stack(model, stack.od).od),
+                           ("tv", tv(stack.od, weight))):
+            phase = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")[0]
+            fractions[method].append(particle_fractions(phase, labels, n, k))
+    truth = particle_fractions(np.where(sample.particle, sample.phase, -1), labels, n, k)
+    present = truth > 0
+    out = {"state_of_charge": sample.state_of_charge, "particles": n}
+    for method, runs in fractions.items():
+        a = np.stack(runs)
+        out[method] = {"std": round(float(a.std(axis=0, ddof=1)[present].mean()), 4),
+                       "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4)}
+    for method in ("learned", "tv"):
+        out[method]["reduction"] = round(1.0 - out[method]["std"] / out["raw"]["std"], 3)
+    return out
+
+
+def standards_sample(refs, size: int, seed: int) -> SimulatedSample:
+    """The phase_id phantom of ``refs`` as a (size, size) sample with a smooth thickness of 0.7-1.0."""
+    k = len(refs.phases)
+    weights, pure = phantom(k, size)
+    weights, pure = weights.reshape(k, size, size), pure.reshape(size, size)
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).random((size, size)), size / 8)
+    thickness = 0.7 + 0.3 * (field - field.min()) / max(float(np.ptp(field)), 1e-12)
+    phase = np.argmax(weights, axis=0).astype(np.int16)
+    edges = ndimage.binary_dilation(np.diff(phase, axis=1, prepend=phase[:, :1]) != 0, iterations=2)
+    return SimulatedSample(references=refs, thickness=thickness, weights=weights, phase=phase,
+                           particle=np.ones((size, size), bool), boundary=~pure | edges)
+
+
+def standards(model, size: int, dose: float, factor: float | None) -> dict:
+    out = {}
+    for name in SETS:
+        refs = load_references(sorted((DATA / name).glob("ref_*.txt")))
+        energies = np.asarray(select_energies(refs, 12, dose=dose))
+        mu = refs.interpolate(energies)
+        tune = simulate_stack(standards_sample(refs, size, 1), energies, dose=dose, noise=LINE_CORRELATED, rng=11)
+        sample = standards_sample(refs, size, 0)
+        test = simulate_stack(sample, energies, dose=dose, noise=LINE_CORRELATED, rng=10)
+        weight = tuned(tv, TV_WEIGHTS, tune)
+        est = estimates(test, model, weight, factor)
+        row = {"phases": list(refs.phases), "tv_weight": weight, "bm3d_factor": factor,
+               "psnr": {m: score(test, od) for m, od in est.items() if m != "truth"}, "phase_id": {}}
+        for method, od in est.items():
+            phase, reliability, ambiguous = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")
+            row["phase_id"][method] = {"accuracy": round(sample.accuracy(phase), 4),
+                                       "ambiguous": round(float(ambiguous.mean()), 4),
+                                       "median_gap_pure": interior_gap(reliability, ~sample.boundary)}
+        if factor is None:
+            row["psnr"]["bm3d"] = BM3D_MISSING
+        out[name] = row
+    return out
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--doses", type=float, nargs="+", default=[300.0, 1000.0])
     parser.add_argument("--fine-tune-steps", type=int, default=200)
     parser.add_argument("--phase-dose", type=float, default=300.0)
     parser.add_argument("--phase-samples", type=int, default=3)
+    parser.add_argument("--realisations", type=int, default=10)
+    parser.add_argument("--standards-size", type=int, default=128)
     parser.add_argument("--timing-size", type=int, default=512)
     parser.add_argument("--scratch-steps", type=int, default=400)
     parser.add_argument("--model", default="denoise-stxm-synthetic")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 128^2 images, one dose, 1 phase sample, 3 realisations, short training")
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.doses, args.fine_tune_steps, args.phase_samples = 128, [args.phase_dose], 20, 1
+        args.realisations, args.standards_size, args.timing_size, args.scratch_steps = 3, 64, 128, 20
+    return args
+
+
+def main() -> None:
+    args = arguments()
     started = time.perf_counter()
     refs = load_references("nvpf-synthetic")
     energies = np.asarray(select_energies(refs, 12, method="score"))
     mu = refs.interpolate(energies)
     artifact, model = ModelRegistry().load(args.model)
-    report = {"benchmark": "denoise", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    bm3d_on = bm3d_available()
+    report = {"benchmark": "denoise", "quick": args.quick,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "model": {"name": artifact.name, "version": artifact.version, "sha256": artifact.sha256},
               "noise": LINE_CORRELATED.__dict__, "size": args.size, "energies": len(energies),
-              "bm3d": "installed" if bm3d_available() else "not installed (pip install 'phasestream[methods]')",
-              "psnr": {}}
+              "bm3d": "installed, per energy image" if bm3d_on else BM3D_MISSING, "psnr": {}}
+    tuning = {}
     for dose in args.doses:
         _, tune = stack_of(energies, refs, args.size, 901, dose)
         _, test = stack_of(energies, refs, args.size, 902, dose)
         weight = tuned(tv, TV_WEIGHTS, tune)
+        factor = tuned(bm3d, BM3D_FACTORS, bm3d_tuning_view(tune)) if bm3d_on else None
+        tuning[dose] = (weight, factor)
         row = {"raw": score(test, test.od), "pca": score(test, denoise_stack(None, test.od).od),
                "learned": score(test, denoise_stack(model, test.od).od)}
         fine = denoise_stack(model, test.od, fine_tune_steps=args.fine_tune_steps, learning_rate=5e-4)
         row["learned_finetuned"] = score(test, fine.od)
-        row["tv"] = score(test, tv(test.od, weight))
-        row["tv_weight"] = weight
-        if bm3d_available():
-            sigma = tuned(bm3d, BM3D_SIGMAS, tune)
-            row["bm3d"], row["bm3d_sigma"] = score(test, bm3d(test.od, sigma)), sigma
-        best_classic = max(row["tv"], row.get("bm3d", -np.inf))
+        row["tv"], row["tv_weight"] = score(test, tv(test.od, weight)), weight
+        if bm3d_on:
+            row["bm3d"], row["bm3d_factor"] = score(test, bm3d(test.od, factor)), factor
+        else:
+            row["bm3d"] = BM3D_MISSING
         best_learned = max(row["learned"], row["learned_finetuned"])
         row["gain_over_raw_dB"] = round(best_learned - row["raw"], 2)
-        row["gain_over_best_classic_dB"] = round(best_learned - best_classic, 2)
+        row["gain_over_tv_dB"] = round(best_learned - row["tv"], 2)
+        if bm3d_on:
+            row["gain_over_bm3d_dB"] = round(best_learned - row["bm3d"], 2)
         report["psnr"][f"{dose:g}"] = row
+        print(json.dumps({f"psnr_{dose:g}": row}), flush=True)
+    weight, factor = tuning.get(args.phase_dose) or (0.1, 1.0 if bm3d_on else None)
     phase = {"dose": args.phase_dose, "samples": []}
     for i in range(args.phase_samples):
         sample, stack = stack_of(energies, refs, args.size, 910 + i, args.phase_dose, soc=(2.0, 1.0, 2.4)[i % 3])
-        weight = report["psnr"].get(f"{args.phase_dose:g}", {}).get("tv_weight", 0.1)
-        phase["samples"].append({"seed": 910 + i, "raw": phase_scores(sample, stack.od, mu),
-                                 "learned": phase_scores(sample, denoise_stack(model, stack.od).od, mu),
-                                 "tv": phase_scores(sample, tv(stack.od, weight), mu)})
-    for method in ("raw", "learned", "tv"):
-        phase[method] = {k: round(float(np.mean([s[method][k] for s in phase["samples"]])), 4)
-                         for k in ("accuracy", "accuracy_interior", "ambiguous")}
+        scores = {m: phase_scores(sample, od, mu, refs.phases)
+                  for m, od in estimates(stack, model, weight, factor).items()}
+        phase["samples"].append({"seed": 910 + i, "state_of_charge": sample.state_of_charge, **scores})
+    methods = [m for m in phase["samples"][0] if m not in ("seed", "state_of_charge")]
+    phase["means"] = means(phase["samples"], methods)
+    raw_ambiguous = phase["means"]["raw"]["ambiguous"]
+    phase["target_ambiguous_half_of_raw"] = round(raw_ambiguous / 2, 4)
+    phase["ambiguous_vs_dose"] = {}
+    for dose in (args.phase_dose, 3 * args.phase_dose, 10 * args.phase_dose, 1e6):
+        values = []
+        for i in range(args.phase_samples):
+            sample, stack = stack_of(energies, refs, args.size, 910 + i, dose, soc=(2.0, 1.0, 2.4)[i % 3])
+            values.append(phase_scores(sample, stack.od, mu, refs.phases)["ambiguous"])
+        phase["ambiguous_vs_dose"][f"{dose:g}"] = round(float(np.mean(values)), 4)
     report["phase_id"] = phase
+    print(json.dumps({"phase_id_means": phase["means"]}), flush=True)
+    report["variability"] = {"dose": args.phase_dose, "realisations": args.realisations, "samples": {}}
+    for i in range(args.phase_samples):
+        sample, _ = stack_of(energies, refs, args.size, 910 + i, args.phase_dose, soc=(2.0, 1.0, 2.4)[i % 3])
+        report["variability"]["samples"][str(910 + i)] = variability(sample, energies, mu, model, args.phase_dose,
+                                                                      args.realisations, weight)
+    for method in ("raw", "learned", "tv"):
+        report["variability"][method] = round(float(np.mean(
+            [v[method]["std"] for v in report["variability"]["samples"].values()])), 4)
+    for method in ("learned", "tv"):
+        report["variability"][f"{method}_reduction"] = round(
+            1.0 - report["variability"][method] / report["variability"]["raw"], 3)
+    print(json.dumps({"variability": report["variability"]}), flush=True)
+    report["standards"] = {"size": args.standards_size, "dose": args.phase_dose,
+                           "sets": standards(model, args.standards_size, args.phase_dose, factor)}
     _, timing = stack_of(energies, refs, args.timing_size, 903, 300.0)
     t0 = time.perf_counter()
     denoise_stack(model, timing.od, fine_tune_steps=args.fine_tune_steps, learning_rate=5e-4)

@@ -29,7 +29,9 @@ count (our background has a thickness of 0.1 and an arbitrary fraction) and the 
 With ``--learned MODEL`` RUM-PnP runs a second time with the learned denoiser as its prior
 (``phasestream.models.denoise.image_denoiser`` of the artifact MODEL, e.g. ``denoise-stxm-synthetic``;
 its strength tuned the same way), reported as ``rum_pnp_learned`` beside ``rum_pnp`` (BM3D, or TV
-without the ``bm3d`` package) and ``rum_tv``.
+without the ``bm3d`` package) and ``rum_tv``. With the ``bm3d`` package RUM-PnP also runs with the
+TV denoiser, ``rum_pnp_tv``, so that every noise level has PnP with BM3D, TV and (``--learned``) the
+learned prior side by side.
 
 Usage: python benchmarks/methods_accuracy.py [--size 512] [--sigmas 0.05 0.1 0.2 0.3 0.5]
        [--pnp-strengths 0.5] [--pnp-iter 20] [--learned denoise-stxm-synthetic]
@@ -114,7 +116,7 @@ def main() -> None:
     refs = ni_references().interpolate(energies)
     window = (8330.0, 8360.0)
     denoiser = "bm3d" if bm3d_available() else "tv"
-    pnp = {"pnp": denoiser}
+    pnp = {"pnp": denoiser, **({"pnp_tv": "tv"} if denoiser != "tv" else {})}
     if args.learned:
         from phasestream.models.denoise import image_denoiser
         from phasestream.models.registry import ModelRegistry

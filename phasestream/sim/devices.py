@@ -11,6 +11,17 @@ the sample in and 1 with the sample out, and no beam with the shutter closed. No
 ``numpy.random.default_rng(seed)``: two detectors with the same seed, triggered in the same
 order, give the same frames. With ``noise=False`` the frame is the rounded expected value.
 
+``noise`` may instead be a :class:`~phasestream.sim.noise.STXMNoise`: each frame then has the
+noise of :func:`~phasestream.sim.noise.simulate_stack` (the model in ``phasestream.sim.noise``),
+so that a live simulated scan can carry line-correlated noise. The beam of every sample-in or
+flat frame is multiplied by its own draw of
+:func:`~phasestream.sim.noise.beam_fluctuation` (a per-scan-line I0 factor and an AR(1)
+fluctuation along each line; scan lines are the rows, X the fast axis); Gaussian read noise
+(``read_sigma``) is added after the Poisson draw (``poisson=False``: expected counts) and the frame
+rounded; ``dark_counts`` sets the dark level when ``dark_level`` is not given. The sample drift
+between energies (``drift_px``) is not simulated by the detector (it would have to know which
+frames start a new energy image): use :func:`~phasestream.sim.noise.simulate_stack` for it.
+
 The detector reads (data keys for ``name="det"``):
 
 * ``det_img`` (Y, X) uint16, the frame (inline in events);
@@ -60,6 +71,7 @@ from ophyd.sim import SynAxis
 from ophyd.status import DeviceStatus
 
 from phasestream.callbacks.assets import HDF5_MIMETYPE, read_stream_frames
+from phasestream.sim.noise import STXMNoise, beam_fluctuation
 from phasestream.sim.samples import SimulatedSample, flat_field
 
 __all__ = [
@@ -116,7 +128,8 @@ class TransmissionDetector(Device):
     dark_level : detector offset in counts (Poisson); default 0 for STXM, 100 for TXM
     flat_variation, flat_seed : relative amplitude and seed of the TXM illumination pattern
         (:func:`~phasestream.sim.samples.flat_field`); unused in STXM
-    noise : draw Poisson counts (True) or return the rounded expected counts (False)
+    noise : draw Poisson counts (True), return the rounded expected counts (False), or an
+        :class:`~phasestream.sim.noise.STXMNoise` (module docstring; ``drift_px`` must be 0)
     seed : ``numpy.random.default_rng`` seed of the counting noise
     """
 
@@ -137,17 +150,27 @@ class TransmissionDetector(Device):
         dark_level: float | None = None,
         flat_variation: float = 0.2,
         flat_seed: int = 0,
-        noise: bool = True,
+        noise: bool | STXMNoise = True,
         seed: int | None = 0,
         **kwargs: Any,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        model = noise if isinstance(noise, STXMNoise) else STXMNoise(poisson=bool(noise))
+        if model.drift_px > 0:
+            raise ValueError("the detector does not simulate sample drift (STXMNoise.drift_px > 0): "
+                             "use phasestream.sim.simulate_stack for a drifting stack")
+        if model.dark_counts > 0:
+            if dark_level is not None and float(dark_level) != model.dark_counts:
+                raise ValueError(f"dark_level {dark_level!r} and noise.dark_counts {model.dark_counts!r} differ: "
+                                 "give one of them")
+            dark_level = model.dark_counts
         super().__init__(name=name, **kwargs)
         self.sample = sample
         self.energy_source = energy
         self.mode = mode
-        self.noise = bool(noise)
+        self.noise_model = model
+        self.noise = model.poisson
         self.seed = seed
         self._i0_source = i0
         self._rng = np.random.default_rng(seed)
@@ -214,9 +237,16 @@ class TransmissionDetector(Device):
     def acquire(self) -> tuple[np.ndarray, float]:
         """Draw one frame at the current energy and condition: ((Y, X) uint16 counts, i0 counts per pixel)."""
         energy = self.current_energy()
-        expected = self.expected_frame(energy, self.condition)
-        counts = self._rng.poisson(expected) if self.noise else np.rint(expected)
-        return np.clip(counts, 0, _UINT16_MAX).astype(np.uint16), self.i0_at(energy)
+        condition = self.condition
+        expected = self.expected_frame(energy, condition)
+        model = self.noise_model
+        if model.line_correlated and condition != "dark":  # the beam fluctuates; the dark level does not
+            dark = float(self.dark_level.get())
+            expected = dark + (expected - dark) * beam_fluctuation(self.shape, model, self._rng)
+        counts = self._rng.poisson(expected).astype(np.float64) if model.poisson else expected
+        if model.read_sigma > 0:
+            counts = counts + self._rng.normal(0.0, model.read_sigma, self.shape)
+        return np.clip(np.rint(counts), 0, _UINT16_MAX).astype(np.uint16), self.i0_at(energy)
 
     def trigger(self) -> DeviceStatus:
         frame, i0 = self.acquire()

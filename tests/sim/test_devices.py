@@ -15,6 +15,7 @@ from phasestream.sim.devices import (
     read_stream_frame,
     read_stream_frames,
 )
+from phasestream.sim.noise import STXMNoise
 from phasestream.sim.samples import flat_field, make_sample
 
 SHAPE = (32, 32)
@@ -129,6 +130,56 @@ def test_txm_dark_noise_is_poisson_around_the_dark_level(RE, run):
     dark = ev["data"]["det_img"].astype(float)
     assert dark.mean() == pytest.approx(100.0, abs=0.8)  # standard error 0.16
     assert dark.var() == pytest.approx(100.0, rel=0.1)
+
+
+def _empty_field(shape):
+    """A sample of substrate only: every pixel's expected counts are ``i0 * exp(-substrate_od)``."""
+    sample = make_sample(shape, n_particles=1, seed=0)
+    sample.thickness[:] = 0.0
+    return sample
+
+
+def test_line_correlated_noise_in_live_frames_matches_its_parameters(RE, run):
+    # oracle: the parameters of STXMNoise (as tests/sim/test_noise.py checks simulate_stack's beam)
+    sample = _empty_field((200, 256))
+    noise = STXMNoise(poisson=False, line_i0=0.02, along_line=0.01, along_line_px=8.0)
+    energy = make_energy(value=517.5)
+    det = TransmissionDetector(sample, energy, i0=20000.0, noise=noise, seed=3)
+    docs = run(RE, bp.count([det], num=6))
+    mean = sample.transmitted(517.5, i0=20000.0, noise=False)
+    beam = np.concatenate([e["data"]["det_img"] / mean - 1.0 for e in events(docs)])  # 1200 scan lines
+    assert all(e["data"]["det_i0"] == 20000.0 for e in events(docs))  # the monitor reports the nominal I0
+    line_means = beam.mean(axis=1)
+    # the along-line term adds (0.01^2 (1 + r) / (1 - r)) / 256 to the line means' variance: std 0.0202
+    assert line_means.std() == pytest.approx(0.0202, rel=0.1)
+    assert abs(np.corrcoef(line_means[:-1], line_means[1:])[0, 1]) < 0.1  # independent between lines
+    within = beam - line_means[:, None]
+    assert within.std() == pytest.approx(0.01 * np.sqrt(1 - 16 / 256), rel=0.1)
+    lag1 = float((within[:, :-1] * within[:, 1:]).mean() / (within * within).mean())
+    assert lag1 == pytest.approx(np.exp(-1 / 8), abs=0.04)
+
+
+def test_live_frames_add_dark_and_read_noise_to_poisson_counts(RE, run):
+    sample = _empty_field((100, 100))
+    det = TransmissionDetector(sample, make_energy(), i0=2000.0, noise=STXMNoise(dark_counts=4.0, read_sigma=3.0),
+                               seed=4)
+    assert det.dark_level.get() == 4.0  # the noise model's dark counts are the detector's dark level
+    docs = run(RE, bp.count([det], num=4))
+    net = np.stack([e["data"]["det_img"] for e in events(docs)]).astype(float) - 4.0
+    expected = 2000.0 * np.exp(-sample.substrate_od)
+    assert net.mean() == pytest.approx(expected, rel=2e-3)
+    assert net.var() == pytest.approx(expected + 4.0 + 9.0 + 1 / 12, rel=0.04)  # Poisson, dark, read, rounding
+
+
+def test_default_stxm_noise_is_the_poisson_detector(sample):
+    energy = make_energy(value=520.0)
+    a = TransmissionDetector(sample, energy, seed=7, name="a")
+    b = TransmissionDetector(sample, energy, seed=7, name="b", noise=STXMNoise())
+    np.testing.assert_array_equal(a.acquire()[0], b.acquire()[0])
+    with pytest.raises(ValueError, match="drift"):
+        TransmissionDetector(sample, energy, noise=STXMNoise(drift_px=0.5))
+    with pytest.raises(ValueError, match="dark_counts"):
+        TransmissionDetector(sample, energy, dark_level=2.0, noise=STXMNoise(dark_counts=4.0))
 
 
 def test_same_seed_gives_same_frames(sample):
