@@ -6,8 +6,9 @@ page cache (``posix_fadvise(DONTNEED)``, a ``cat`` from disk), and ``import_s``,
 (:func:`phasestream.jobs.importing.run`: read and check the file, SHA-256, write the run through
 TiledWriter, read two frames back), also from a cold cache; ``ratio`` = import_s / disk_read_s (target
 3), ``MB_per_s`` and ``frames_per_s`` of the import, and its parts (``read_stack_s``, ``sha256_s``, the
-rest ``write_s``). NXstxm images stay in their file (the server reads it: readable storage), TIFF
-images are written into Tiled (float32, as the reader returns them).
+rest ``write_s``). Both files lie in the server's readable storage, so the images of both stay in their
+file (StreamResource/StreamDatum; ``images: external``): the import writes the documents and reads two
+frames back through Tiled.
 
 Usage: ``python benchmarks/import.py [--frames 100] [--size 1024] [--repeat 2]``; prints JSON.
 """

@@ -21,6 +21,7 @@ __all__ = [
     "FormatError",
     "HDF5Source",
     "ImportedStack",
+    "TiffSource",
     "check_stack_size",
     "intensity_dtype",
     "sha256_of",
@@ -58,6 +59,19 @@ class HDF5Source:
 
 
 @dataclass(frozen=True)
+class TiffSource:
+    """Where the images already lie in TIFF files, so a run can point at them instead of copying them.
+
+    ``files``: one multi-page file whose pages are the stack in order (one page per energy), or one
+    single-page file per energy, in the stack's order. ``dtype``: the pixels' type as stored (the
+    reader returns them as float); every page has it.
+    """
+
+    files: tuple[Path, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
 class ImportedStack:
     """One energy stack read from a facility file.
 
@@ -74,6 +88,7 @@ class ImportedStack:
         plain JSON values only
     files : every file read, for provenance; ``sha256`` is over them in this order
     hdf5 : where the images lie in HDF5, when they do (see :class:`HDF5Source`)
+    tiff : where the images lie in TIFF files, when they do as stored pages (see :class:`TiffSource`)
     monitor : None, (E,) or (E, Y, X): a flux monitor recorded with the images (NXstxm
         ``control``: usually the storage-ring current). Relative, not an I0: it corrects
         flux changes between points (divide the images by ``monitor / median(monitor)``); the
@@ -92,6 +107,7 @@ class ImportedStack:
     files: tuple[Path, ...] = ()
     hdf5: HDF5Source | None = None
     monitor: np.ndarray | None = None
+    tiff: TiffSource | None = None
 
     def __post_init__(self) -> None:
         energies = np.asarray(self.energies, dtype=np.float64)

@@ -9,7 +9,8 @@ A multi-page file gives one energy per page (2-D greyscale pages of one shape). 
 one energy per ``*.tif`` / ``*.tiff`` file, in natural name order (``img_2.tif`` before
 ``img_10.tif``); hidden files (``.*``) are skipped. Pages with several samples per pixel (RGB,
 or a stack written by ``tifffile.imwrite`` without ``photometric="minisblack"``) are refused.
-Images are returned as float32 (8/16-bit integers and float32) or float64 (wider types).
+Images are returned as float32 (8/16-bit integers and float32) or float64 (wider types); ``tiff``
+says where they lie as stored, so that an import can leave them in their files.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import numpy as np
 import tifffile
 
 from phasestream.formats.energies import load_energies
-from phasestream.formats.stack import MODES, FormatError, ImportedStack, check_stack_size, intensity_dtype
+from phasestream.formats.stack import (
+    MODES,
+    FormatError,
+    ImportedStack,
+    TiffSource,
+    check_stack_size,
+    intensity_dtype,
+)
 
 __all__ = ["TIFF_SUFFIXES", "find_energy_file", "natural_key", "read_tiff", "tiff_files"]
 
@@ -95,7 +103,9 @@ def _ifd_chain_ends(tif: tifffile.TiffFile) -> bool:
     return len(raw) == fmt.offsetsize and struct.unpack(fmt.offsetformat, raw)[0] == 0
 
 
-def _read_multipage(path: Path) -> np.ndarray:
+def _read_multipage(path: Path) -> tuple[np.ndarray, str | None]:
+    """The pages as (E, Y, X) and the pixels' stored dtype when the file's first series is exactly those pages
+    (what a TIFF reader that reads the series, such as Tiled's, returns), else None."""
     try:
         with tifffile.TiffFile(path) as tif:
             pages = tif.pages
@@ -109,21 +119,28 @@ def _read_multipage(path: Path) -> np.ndarray:
             shape = _page_shape(path, first, 0)
             dtype = intensity_dtype(path, first.dtype)
             check_stack_size(path, (count, *shape), dtype)
+            uniform = True
             for index in range(1, count):
                 page = pages[index]
                 if _page_shape(path, page, index) != shape:
                     raise FormatError(path, f"page {index} has shape {page.shape}, page 0 has {shape}")
+                uniform = uniform and page.dtype == first.dtype
             data = tif.asarray(key=range(count)) if count > 1 else first.asarray()[np.newaxis]
+            series = tif.series[0] if tif.series else None
+            stored = (np.dtype(first.dtype).str if uniform and series is not None and series.dtype == first.dtype
+                      and int(np.prod(series.shape)) == count * shape[0] * shape[1] else None)
     except FormatError:
         raise
     except _TIFF_ERRORS as error:
         raise _unreadable(path, error) from None
-    return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False)
+    return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False), stored
 
 
-def _read_folder(folder: Path, files: list[Path]) -> np.ndarray:
+def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray, str | None]:
+    """The files' images as (E, Y, X) and their pixels' stored dtype when every file has the same, else None."""
     images: np.ndarray | None = None
     shape: tuple[int, int] = (0, 0)
+    stored: set[str] = set()
     for index, path in enumerate(files):
         try:
             with tifffile.TiffFile(path) as tif:
@@ -143,12 +160,13 @@ def _read_folder(folder: Path, files: list[Path]) -> np.ndarray:
                 elif intensity_dtype(path, page.dtype).itemsize > images.dtype.itemsize:
                     images = images.astype(np.float64)
                 images[index] = page.asarray()
+                stored.add(np.dtype(page.dtype).str)
         except FormatError:
             raise
         except _TIFF_ERRORS as error:
             raise _unreadable(path, error) from None
     assert images is not None
-    return images
+    return images, (stored.pop() if len(stored) == 1 else None)
 
 
 def read_tiff(
@@ -168,7 +186,8 @@ def read_tiff(
     Returns
     -------
     ImportedStack with images (E, Y, X) float32/float64, energies (E,) eV, ``files`` the
-    TIFF files read then the energy file (if one was read).
+    TIFF files read then the energy file (if one was read), ``tiff`` the TIFF files when their
+    pages, as stored, are the stack (one pixel type; for a multi-page file, its first series).
 
     Raises
     ------
@@ -199,13 +218,14 @@ def read_tiff(
     values = load_energies(energies, path)
     if path.is_dir() and len(files) != values.size:
         raise FormatError(path, f"{len(files)} TIFF files for {values.size} energies")
-    images = _read_folder(path, files) if path.is_dir() else _read_multipage(path)
+    images, stored = _read_folder(path, files) if path.is_dir() else _read_multipage(path)
     if images.shape[0] != values.size:
         raise FormatError(path, f"{images.shape[0]} images (pages) for {values.size} energies")
     provenance = tuple(files) + ((energy_file,) if energy_file is not None else ())
     metadata = {"image_files": [f.name for f in files]} if path.is_dir() else {}
     return ImportedStack(
-        source=path, format="tiff", energies=values, images=images, mode=mode, metadata=metadata, files=provenance
+        source=path, format="tiff", energies=values, images=images, mode=mode, metadata=metadata, files=provenance,
+        tiff=TiffSource(tuple(files), stored) if stored is not None else None,
     )
 
 

@@ -10,22 +10,21 @@ I0) and, for TXM, ``dark`` (one event, before the first energy, when the file ha
 so a replay of the stored run (reprocess) sees flats and darks before the images they correct.
 
 Images either travel inside the events (TiledWriter stores them in Tiled) or, when they already
-lie in an HDF5 file, stay there: the ``primary`` stream then carries one StreamResource pointing at
-the dataset and one StreamDatum covering every frame.
+lie in an HDF5 dataset or in TIFF files (:mod:`phasestream.jobs.import_external`), stay there: the
+``primary`` stream then carries one StreamResource pointing at them and one StreamDatum covering every
+frame. Events come as event pages (one per stream and batch of images), which TiledWriter stores with
+one table append per batch.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlunparse
 
-import h5py
 import numpy as np
 from event_model import StreamRange, compose_run
 
@@ -36,6 +35,7 @@ from phasestream.contract import (
     check_metadata,
 )
 from phasestream.formats import ImportedStack
+from phasestream.jobs.import_external import ExternalImages, external_images
 from phasestream.references import ReferenceSet
 
 __all__ = [
@@ -53,10 +53,8 @@ __all__ = [
 #: data keys of an imported run (those of the simulator's detector ``det``)
 IMAGE_KEY, I0_KEY, ENERGY_KEY = "det_img", "det_i0", "energy"
 PLAN_NAME = "import"
-HDF5_MIMETYPE = "application/x-hdf5"
 #: seconds between consecutive events of an imported run (their order is what matters)
 EVENT_SPACING = 1e-3
-_HDF5_PATH = re.compile(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 _MAX_NAME = 256
 
 
@@ -71,12 +69,13 @@ class ImportRefusedError(ValueError):
 @dataclass(frozen=True)
 class CheckedImport:
     """A stack checked against the import's options, ready to compose: the start metadata, and where the
-    images go (``external``: the HDF5 dataset, else inside the events; ``copy_reason`` why not external)."""
+    images go (``external``: the file they lie in, else None: inside the events; ``copy_reason`` why not
+    external)."""
 
     stack: ImportedStack
     metadata: dict[str, Any]
     sha256: str
-    external: bool
+    external: ExternalImages | None
     copy_reason: str = ""
 
 
@@ -119,29 +118,6 @@ def _check_array(array: Any, what: str, shapes: tuple[tuple[int, ...], ...], sou
         raise ImportRefusedError(source, f"{what} must be numbers (integer or float), got dtype {array.dtype}")
     if tuple(array.shape) not in shapes:
         raise ImportRefusedError(source, f"{what} has shape {tuple(array.shape)}; expected one of {list(shapes)}")
-
-
-def _hdf5_target(stack: ImportedStack) -> tuple[bool, str]:
-    """Whether the images can stay in their HDF5 file (and why not): an energy-first dataset of the stack's
-    shape and a numeric dtype, in a file that exists. Only the dataset's header is read."""
-    src = stack.hdf5
-    if src is None:
-        return False, ""
-    if src.energy_axis != 0:
-        return False, f"the images lie with energy on axis {src.energy_axis} of {src.dataset}, not axis 0"
-    if not isinstance(src.dataset, str) or _HDF5_PATH.fullmatch(src.dataset) is None:
-        return False, f"HDF5 dataset path {src.dataset!r:.60} is not a plain path"
-    try:
-        with h5py.File(src.path, "r") as f:
-            dataset = f.get(src.dataset)
-            if not isinstance(dataset, h5py.Dataset):
-                return False, f"{src.dataset} is not a dataset of {src.path}"
-            shape, dtype = tuple(dataset.shape), dataset.dtype
-    except OSError as exc:
-        return False, f"cannot open {src.path}: {exc}"
-    if shape != tuple(stack.images.shape) or dtype.kind not in "iuf":
-        return False, f"{src.dataset} is {shape} {dtype}, the stack {tuple(stack.images.shape)}"
-    return True, ""
 
 
 def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_name: str,
@@ -199,7 +175,7 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         sample_md["state_of_charge"] = _soc(chosen_soc, source)
     if not isinstance(reference_name, str) or not 0 < len(reference_name) <= MAX_KEY_LENGTH:
         raise ImportRefusedError(source, f"references {reference_name!r:.60} must be a name or a path")
-    keep, copy_reason = _hdf5_target(stack) if external else (False, "")
+    keep, copy_reason = external_images(stack) if external else (None, "")
     sha256 = stack.sha256()
     block = {"references": reference_name, "image_key": IMAGE_KEY, "energy_key": ENERGY_KEY, "mode": stack.mode}
     if stack.mode == "stxm" and stack.i0 is not None:
@@ -244,28 +220,36 @@ def _key(array: Any, frame: bool, dtype: np.dtype | None = None) -> dict[str, An
             "dtype_numpy": dtype.str}
 
 
-def run_documents(checked: CheckedImport, *, uid: str | None = None,
-                  t0: float | None = None) -> tuple[str, Iterator[tuple[str, dict]]]:
-    """``(run uid, documents)`` of the stack as a Bluesky run; the documents are made as they are consumed,
-    one image at a time (an image is read from the stack only when its event is made)."""
+def run_documents(checked: CheckedImport, *, uid: str | None = None, t0: float | None = None,
+                  page_size: int | None = None) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """``(run uid, documents)`` of the stack as a Bluesky run. Events come as event pages of at most
+    ``page_size`` events per stream (every event of a stream in one page when None); the documents are made
+    as they are consumed, so an image is read from the stack only when its page is made."""
     bundle = compose_run(uid=uid, time=t0 or time.time(), metadata=checked.metadata)
-    return bundle.start_doc["uid"], _documents(checked, bundle)
+    n = len(checked.stack.energies)
+    page = n if page_size is None else max(1, min(int(page_size), n))
+    return bundle.start_doc["uid"], _documents(checked, bundle, page)
 
 
-def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
+def _page(desc, data: dict[str, list], seq: range, times: list[float]) -> dict:
+    return desc.compose_event_page(data=data, timestamps=dict.fromkeys(data, times), seq_num=list(seq), time=times,
+                                   validate=False)
+
+
+def _documents(checked: CheckedImport, bundle, page: int) -> Iterator[tuple[str, dict]]:
     stack = checked.stack
+    external = checked.external
     start = bundle.start_doc
     t = start["time"]
     n = len(stack.energies)
-    energies = stack.energies
+    energies = [float(e) for e in stack.energies]
+    txm = stack.mode == "txm"
     yield "start", start
 
-    def event(desc, data: dict, seq: int, when: float) -> dict:
-        return desc.compose_event(data=data, timestamps=dict.fromkeys(data, when), seq_num=seq, time=when,
-                                  validate=False)
-
-    energy_key = {"source": "import", "dtype": "number", "shape": [], "units": "eV"}
-    if stack.mode == "txm":
+    # dtype_numpy as TiledWriter's normalizer would add it (the import's writer skips the normalizer)
+    energy_key = {"source": "import", "dtype": "number", "shape": [], "units": "eV", "dtype_numpy": "<f8"}
+    dark = None
+    if txm:
         dark = None if stack.dark is None else np.asarray(stack.dark)
         if dark is not None:  # no dark image: no dark stream (the analysis then subtracts none)
             dark = dark.astype(counts_dtype(dark[None]), copy=False)
@@ -278,44 +262,39 @@ def _documents(checked: CheckedImport, bundle) -> Iterator[tuple[str, dict]]:
         if dark is not None:
             yield "descriptor", dark_desc.descriptor_doc
         yield "descriptor", flat_desc.descriptor_doc
-    image_dtype = np.dtype(stack.images.dtype) if checked.external else counts_dtype(stack.images)
+    image_dtype = np.dtype(external.dtype) if external is not None else counts_dtype(stack.images)
     primary_keys = {ENERGY_KEY: energy_key, IMAGE_KEY: _key(stack.images, True, image_dtype)}
-    i0 = None if stack.mode == "txm" or stack.i0 is None else np.asarray(stack.i0, dtype=np.float64)
+    i0 = None if txm or stack.i0 is None else np.asarray(stack.i0, dtype=np.float64)
     if i0 is not None:
         primary_keys[I0_KEY] = _key(i0, i0.ndim == 3)
     resource = None
-    if checked.external:
-        src = stack.hdf5
-        with h5py.File(src.path, "r") as f:
-            primary_keys[IMAGE_KEY]["dtype_numpy"] = f[src.dataset].dtype.str
+    if external is not None:
         primary_keys[IMAGE_KEY]["external"] = "STREAM:"
-        resource = bundle.compose_stream_resource(
-            mimetype=HDF5_MIMETYPE,
-            uri=urlunparse(("file", "localhost", str(Path(src.path).absolute()), "", "", "")),
-            data_key=IMAGE_KEY,
-            parameters={"dataset": src.dataset, "chunk_shape": [1, *stack.shape], "swmr": False},
-        )
+        resource = bundle.compose_stream_resource(mimetype=external.mimetype, uri=external.uri, data_key=IMAGE_KEY,
+                                                  parameters=dict(external.parameters))
     primary = bundle.compose_descriptor(name="primary", data_keys=primary_keys,
                                         hints={"energy": {"fields": [ENERGY_KEY]}})
     yield "descriptor", primary.descriptor_doc
     if resource is not None:
         yield "stream_resource", resource.stream_resource_doc
-    if stack.mode == "txm" and dark is not None:
-        yield "event", event(dark_desc, {IMAGE_KEY: dark}, 1, t + EVENT_SPACING)
-    for i in range(n):
-        when = t + EVENT_SPACING * (2 * i + 2)
-        if stack.mode == "txm":
-            frame = flat if flat.ndim == 2 else flat[i]
-            yield "event", event(flat_desc, {IMAGE_KEY: np.asarray(frame), ENERGY_KEY: float(energies[i])}, i + 1,
-                                 when)
-        data: dict[str, Any] = {ENERGY_KEY: float(energies[i])}
-        if not checked.external:
-            data[IMAGE_KEY] = np.asarray(stack.images[i]).astype(image_dtype, copy=False)
+    if dark is not None:
+        yield "event_page", _page(dark_desc, {IMAGE_KEY: [dark]}, range(1, 2), [t + EVENT_SPACING])
+    for lo in range(0, n, page):
+        index = range(lo, min(lo + page, n))
+        when = [t + EVENT_SPACING * (2 * i + 2) for i in index]  # each flat 1 ms before its image
+        seq = range(index.start + 1, index.stop + 1)
+        if txm:
+            frames = [np.asarray(flat if flat.ndim == 2 else flat[i]) for i in index]
+            yield "event_page", _page(flat_desc, {IMAGE_KEY: frames, ENERGY_KEY: [energies[i] for i in index]}, seq,
+                                      when)
+        data: dict[str, list] = {ENERGY_KEY: [energies[i] for i in index]}
+        if external is None:
+            data[IMAGE_KEY] = [np.asarray(stack.images[i]).astype(image_dtype, copy=False) for i in index]
         if i0 is not None:
-            data[I0_KEY] = float(i0[i]) if i0.ndim == 1 else i0[i]
-        yield "event", event(primary, data, i + 1, when + EVENT_SPACING)
+            data[I0_KEY] = [float(i0[i]) if i0.ndim == 1 else i0[i] for i in index]
+        yield "event_page", _page(primary, data, seq, [w + EVENT_SPACING for w in when])
     if resource is not None:
         yield "stream_datum", resource.compose_stream_datum(
-            indices=StreamRange(start=0, stop=n), seq_nums=StreamRange(start=1, stop=n + 1),
-            descriptor=primary.descriptor_doc)
+            indices=StreamRange(start=external.first_index, stop=external.first_index + n),
+            seq_nums=StreamRange(start=1, stop=n + 1), descriptor=primary.descriptor_doc)
     yield "stop", bundle.compose_stop(exit_status="success", time=t + EVENT_SPACING * (2 * n + 2))

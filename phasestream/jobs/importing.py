@@ -8,9 +8,15 @@ fresh, made here by ``compose_run``) and the job reports ``failed`` with the rea
 bytes again (the SHA-256 of the files, under the same raw path) writes nothing and returns the uid of
 the run already there.
 
-Images that lie in an HDF5 file stay there (StreamResource / StreamDatum; the Tiled server reads the
-file, which must be in its readable storage). If the server refuses the file, the partial run is
-removed and the images are written into Tiled instead; the outcome says so (``details["images"]``).
+Images that lie in an HDF5 dataset or in TIFF files stay there (StreamResource / StreamDatum,
+:mod:`phasestream.jobs.import_external`; the Tiled server reads the file, which must be in its readable
+storage). If the server refuses the file, the partial run is removed and the images are written into Tiled
+instead; the outcome says so (``details["images"]``).
+
+Requests: the run is written by TiledWriter without its normalizer (the documents are composed here in
+the current schema), as event pages that it stores with one table append per stream and batch, and one
+StreamDatum covering every frame; the frames read back to check that the server serves the file are the
+first and the last, in one request.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from phasestream.jobs.import_documents import (
     checked_import,
     run_documents,
 )
+from phasestream.jobs.import_external import ExternalImages
 from phasestream.references import load_references
 from phasestream.store.tiled import raw_run_writer, raw_runs
 
@@ -52,7 +59,7 @@ class ImportOptions:
     """Options of an import (validated by :meth:`validate`); plain values, so that they travel to Dask.
 
     ``format``, ``energies`` and ``mode`` are handed to the reader; ``sample`` and ``soc`` override
-    the file's; ``external`` keeps images that lie in HDF5 in their file.
+    the file's; ``external`` keeps images that lie in an HDF5 dataset or TIFF files in their file.
     """
 
     raw: str = ""
@@ -76,14 +83,17 @@ class ImportOptions:
 
 def find_import(client, sha256: str, raw: str = "") -> list[tuple[str, bool]]:
     """``[(uid, has stop document)]`` of the runs under ``raw`` imported from files with this SHA-256."""
-    runs = raw_runs(client, raw)
+    return _imports_in(raw_runs(client, raw), sha256)
+
+
+def _imports_in(runs, sha256: str) -> list[tuple[str, bool]]:
     found = runs.search(Key("start.import.sha256") == sha256)
     return [(uid, node.metadata.get("stop") is not None) for uid, node in found.items()]
 
 
 def _batch_size(checked: CheckedImport, batch_bytes: int) -> int:
-    """Events per TiledWriter batch: about ``batch_bytes`` of images, or every event at once when none carries
-    an image (STXM images left in HDF5)."""
+    """Events per TiledWriter batch (and event page): about ``batch_bytes`` of images, or every event at once
+    when none carries an image (STXM images left in their file)."""
     stack = checked.stack
     if checked.external and stack.mode == "stxm":
         return len(stack.energies)
@@ -112,8 +122,8 @@ def _remove_own_run(runs, uid: str, sha256: str) -> tuple[bool, str]:
 
 def _write(runs, checked: CheckedImport, batch_size: int) -> str:
     """Write the run; on failure remove it and re-raise with the note of the clean-up in ``__notes__``."""
-    uid, documents = run_documents(checked)
-    writer = raw_run_writer(runs, batch_size=batch_size)
+    uid, documents = run_documents(checked, page_size=batch_size)
+    writer = raw_run_writer(runs, batch_size=batch_size, normalize=False)
     try:
         for name, doc in documents:
             writer(name, doc)
@@ -123,27 +133,34 @@ def _write(runs, checked: CheckedImport, batch_size: int) -> str:
     return uid
 
 
-def _served_frame(node, index: int) -> np.ndarray:
-    """Frame ``index`` of the array ``node`` as the server serves it, in one request: the client's own read
-    retries a refusal (a 500) for half a minute."""
-    reply = node.context.http_client.get(node.item["links"]["full"], params={"slice": str(index)},
+def _served_frames(runs, uid: str, external: ExternalImages, n: int, shape: tuple[int, int]) -> np.ndarray:
+    """The first and the last frame of the run's ``primary`` images as the server serves them, in one request
+    to the array's address (no lookups on the way; the client's own read would retry a refusal, a 500, for
+    half a minute)."""
+    base = str(runs.uri).replace("/metadata/", "/array/full/", 1).rstrip("/")
+    step = max(n - 1, 1)
+    reply = runs.context.http_client.get(f"{base}/{uid}/primary/{IMAGE_KEY}", params={"slice": f"0:{n}:{step}"},
                                          headers={"Accept": "application/octet-stream"})
     reply.raise_for_status()
-    dtype = np.dtype(node.dtype)
-    return np.frombuffer(reply.content, dtype=dtype).reshape(node.shape[1:])
+    dtype = np.dtype(external.dtype)
+    frames = min(n, 2)
+    expected = frames * shape[0] * shape[1] * dtype.itemsize
+    if len(reply.content) != expected:
+        raise ValueError(f"{len(reply.content)} bytes served for {frames} frames of {shape} {dtype} ({expected})")
+    return np.frombuffer(reply.content, dtype=dtype).reshape(frames, *shape)
 
 
 def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
-    """Why the server cannot serve the images it registered from the HDF5 file (None when it serves them,
-    equal to the stack's first and last image). Tiled registers any file; it refuses to read one outside its
+    """Why the server cannot serve the images it registered from their file (None when it serves them, equal
+    to the stack's first and last image). Tiled registers any file; it refuses to read one outside its
     readable storage only when the data are read."""
     images = checked.stack.images
+    n = len(images)
     try:
-        node = runs[uid]["primary"].base[IMAGE_KEY]
-        served = [_served_frame(node, i) for i in (0, len(images) - 1)]
+        served = _served_frames(runs, uid, checked.external, n, checked.stack.shape)
     except Exception as exc:  # noqa: BLE001 - every refusal means the same: copy the images instead
         return f"{type(exc).__name__}: {exc}"
-    if not (np.array_equal(served[0], images[0]) and np.array_equal(served[1], images[len(images) - 1])):
+    if not (np.array_equal(served[0], images[0]) and np.array_equal(served[-1], images[n - 1])):
         return "the images Tiled serves from it differ from those read from the file"
     return None
 
@@ -151,9 +168,10 @@ def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
 def import_stack(client, stack: ImportedStack, options: ImportOptions | None = None) -> JobOutcome:
     """Import one stack into ``<raw>/<new uid>``; the outcome's ``run_uid`` is the run's (new or existing).
 
-    ``details``: ``file``, ``sha256``, ``images`` (``"external"``: left in the HDF5 file, ``"copied"``:
-    written into Tiled), ``already_imported`` and, when the images were copied although they lie in
-    HDF5, ``copy_reason``. A refused stack or a failed write is ``failed`` with the reason, and
+    ``details``: ``file``, ``sha256``, ``images`` (``"external"``: left in their file, ``"copied"``:
+    written into Tiled), ``images_in`` (with ``"external"``: ``"the HDF5 file"``, ``"the TIFF file"``,
+    ``"the TIFF files"``), ``already_imported`` and, when the images were copied although they lie in
+    a file Tiled could point at, ``copy_reason``. A refused stack or a failed write is ``failed`` with the reason, and
     nothing of it is left in Tiled.
     """
     opts = (options or ImportOptions()).validate()
@@ -172,10 +190,11 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions | None = N
     except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
         return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
     try:
-        runs = raw_runs(client, opts.raw)
+        # one client that fetches data sources (TiledWriter asks for it; a second one would be fetched again)
+        runs = raw_runs(client.include_data_sources(), opts.raw)
     except KeyError as exc:
         return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
-    existing = find_import(client, checked.sha256, opts.raw)
+    existing = _imports_in(runs, checked.sha256)
     if existing:
         done = [uid for uid, complete in existing if complete]
         if done:
@@ -186,18 +205,21 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions | None = N
     details: dict[str, Any] = {"sha256": checked.sha256, "already_imported": False}
     try:
         uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
-        details["images"] = "external" if checked.external else "copied"
-        refusal = _external_refusal(runs, uid, checked) if checked.external else None
+        external = checked.external
+        details["images"] = "external" if external is not None else "copied"
+        refusal = _external_refusal(runs, uid, checked) if external is not None else None
         if refusal is not None:
             removed, note = _remove_own_run(runs, uid, checked.sha256)
             if not removed:
-                return outcome("", JobStatus.FAILED, f"Tiled does not serve the HDF5 file ({refusal}); {note}",
+                return outcome("", JobStatus.FAILED, f"Tiled does not serve {external.what} ({refusal}); {note}",
                                **details)
-            reason = f"Tiled does not serve the HDF5 file ({refusal}): {note}, and the images were written into Tiled"
+            reason = f"Tiled does not serve {external.what} ({refusal}): {note}, and the images were written into Tiled"
             logger.warning("%s: %s", source, reason)
-            checked = CheckedImport(checked.stack, checked.metadata, checked.sha256, False, reason)
+            checked = CheckedImport(checked.stack, checked.metadata, checked.sha256, None, reason)
             uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
             details["images"] = "copied"
+        elif external is not None:
+            details["images_in"] = external.what
     except Exception as exc:  # noqa: BLE001 - the outcome says what happened and what is left
         notes = "; ".join(getattr(exc, "__notes__", []))
         return outcome("", JobStatus.FAILED, f"writing failed: {type(exc).__name__}: {exc}"

@@ -38,6 +38,7 @@ from tiled.server import SimpleTiledServer
 from tiled.utils import OneShotCachedMap
 
 from phasestream.contract import check_raw_path, check_run_uid
+from phasestream.store.external import register_consolidators
 
 __all__ = [
     "BLUESKY_RUN_DOCUMENTS",
@@ -326,16 +327,23 @@ def describe_tiled_error(error: BaseException) -> str | None:
     return None
 
 
-def raw_run_writer(client: Container, *, batch_size: int = 1) -> TiledWriter:
+def raw_run_writer(client: Container, *, batch_size: int = 1, normalize: bool = True) -> TiledWriter:
     """A TiledWriter that stores raw runs under ``client`` (``client[<run uid>]``): the catalog root, or a
     container such as ``client["bl/raw"]`` (then read them with ``raw="bl/raw"``).
 
     Subscribe it to a RunEngine (``RE.subscribe(raw_run_writer(client))``). ``batch_size=1``
-    writes every event as it arrives (live use); larger batches suit bulk migration.
+    writes every event as it arrives (live use); larger batches suit bulk migration. ``normalize=False``
+    skips TiledWriter's ``RunNormalizer`` (a deep copy and a schema validation of every document, and
+    the conversion of Resource/Datum): only for documents composed with event-model's current schema and
+    StreamResource/StreamDatum (an import), never for a RunEngine's. Multi-page TIFF files
+    (``image/tiff``) are registered readably (:mod:`phasestream.store.external`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return TiledWriter(client, batch_size=batch_size)
+    register_consolidators()
+    if normalize:
+        return TiledWriter(client, batch_size=batch_size)
+    return TiledWriter(client, batch_size=batch_size, normalizer=None)
 
 
 def raw_runs(client: Container, raw: str = "") -> Container:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from phasestream.formats import FORMATS, FormatError, read_stack
+from phasestream.formats import FORMATS, FormatError, TiffSource, read_stack
 from phasestream.formats.energies import parse_energy_text
 from phasestream.formats.tiff import natural_key, read_tiff
 
@@ -209,3 +209,18 @@ def test_absurd_size_refused_before_reading(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="over the 16 GiB bound"):
         read_tiff(path, energies=ENERGIES)
+
+
+def test_the_stack_says_where_its_images_lie_as_stored(tmp_path):
+    images = np.random.default_rng(3).integers(0, 4000, size=(3, 4, 5)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", images, photometric="minisblack")
+    stack = read_tiff(tmp_path / "stack.tif", energies=[705.0, 706.0, 707.0])
+    assert stack.tiff == TiffSource((tmp_path / "stack.tif",), "<u2")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        tifffile.imwrite(folder / f"img_{i + 1}.tif", image)
+    stack = read_tiff(folder, energies=[705.0, 706.0, 707.0])
+    assert stack.tiff == TiffSource(tuple(folder / f"img_{i}.tif" for i in (1, 2, 3)), "<u2")
+    tifffile.imwrite(folder / "img_3.tif", images[2].astype(np.float32))  # pixel types differ: no one stored type
+    assert read_tiff(folder, energies=[705.0, 706.0, 707.0]).tiff is None

@@ -330,3 +330,90 @@ def test_import_under_a_raw_path_creates_the_container_and_finds_re_imports_ther
     assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
     assert _imported(capsys.readouterr().out) == {"raw.tif": ("already", uid)}
     assert main(["import", "--tiled", tiled_server.uri, "--raw", "../x", str(path)]) == 2  # refused path
+
+
+def _axis2000(folder, images, stem: str = "Scan_001") -> None:
+    """An aXis2000 stack as the format describes it (docs/formats.md): a text ``.hdr`` with the energy list
+    (full precision) and one tab-separated ``.xim`` of counts per energy (``<stem>_a000.xim``, ...)."""
+    ny, nx = images.shape[1:]
+
+    def points(values) -> str:
+        return "(" + ", ".join([str(len(values))] + [repr(float(v)) for v in values]) + ")"
+
+    region = ('{\n PAxis = { Name = "Sample X"; Unit = "um"; Min = 0; Max = 1; Dir = 1;\n'
+              f"  Points = {points(np.arange(nx) * 0.05)};\n}};\n"
+              ' QAxis = { Name = "Sample Y"; Unit = "um"; Min = 0; Max = 1; Dir = 1;\n'
+              f"  Points = {points(np.arange(ny) * 0.05)};\n}};\n}}")
+    (folder / f"{stem}.hdr").write_text(
+        f'\nScanDefinition = {{ Label = "{stem}.hdr"; Type = "NEXAFS Image Scan"; Flags = "Image Stack"; '
+        f"Dwell = 1.0;\n Regions = (1,\n{region});\n"
+        f' StackAxis = {{ Name = "Energy"; Unit = "eV"; Min = 0; Max = 1; Dir = 1;\n'
+        f"  Points = {points(ENERGIES)};\n}};\n"
+        ' Channels = (1,\n{ Name = "PMT"; Unit = "counts";});\n};\n Time = "2026 December 3 10:00:00";\n')
+    for i, image in enumerate(images):
+        (folder / f"{stem}_a{i:03d}.xim").write_text(
+            "".join("".join(f"{int(v)}\t" for v in row) + "\n" for row in image))
+
+
+@pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
+def test_axis2000_and_tiffs_the_server_reads_analyse_to_the_scan_taken_live(
+        tiled_server, tiled_client, detector_files, tmp_path, capsys):
+    """aXis2000 (copied into Tiled), one multi-page TIFF and a numbered sequence of TIFFs in the server's readable
+    storage (left in their files): each imported with --analyze gives the live scan's phase map."""
+    import tifffile
+
+    from phasestream.app.cli import main
+
+    client = tiled_client
+    sample, energy, det = _detector("stxm", 23)
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    (uid_live,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample))
+    live = _result(client, uid_live)
+    images = _frames("stxm", 23)["images"]
+    assert np.array_equal(images, np.round(images))  # counts: the .xim text holds them exactly
+    axis = tmp_path / "axis"
+    axis.mkdir()
+    _axis2000(axis, images)
+    one = detector_files / "one.tif"
+    tifffile.imwrite(one, images.astype(np.uint16), photometric="minisblack")
+    sequence = detector_files / "sequence"
+    sequence.mkdir()
+    for i, image in enumerate(images):
+        tifffile.imwrite(sequence / f"img_{i + 1:03d}.tif", image.astype(np.uint16))
+    energies = ",".join(repr(float(e)) for e in ENERGIES)
+    expected = {"axis2000": "images written into Tiled", "tiff-file": "images left in the TIFF file",
+                "tiff-sequence": "images left in the TIFF files"}
+    paths = {"axis2000": [str(axis / "Scan_001.hdr")], "tiff-file": [str(one)],
+             "tiff-sequence": [str(sequence)]}
+    for case, files in paths.items():
+        extra = [] if case == "axis2000" else ["--energies", energies]
+        capsys.readouterr()
+        assert main(["import", "--tiled", tiled_server.uri, *extra, "--soc", str(SOC), "--analyze",
+                     "--backend", "numpy", *files]) == 0, case
+        out = capsys.readouterr().out
+        assert expected[case] in out, (case, out)
+        uid = out.split(": imported ", 1)[1].split()[0]
+        result = client["phasestream"][uid]
+        assert result.metadata["status"] == "complete", (case, result.metadata.get("errors"))
+        for key in ARRAYS:
+            np.testing.assert_array_equal(result[key].read(), live[key], err_msg=f"{case}: {key}")
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["img_001.tif", "img_002.tif", "img_003.tif"], ("img_{:03d}.tif", 1)),
+    (["s9.tif", "s10.tif", "s11.tif"], ("s{:d}.tif", 9)),
+    (["a{1}_0.tif", "a{1}_1.tif"], ("a{{1}}_{:01d}.tif", 0)),
+    (["img_001.tif", "img_003.tif"], None),  # a gap
+    (["img_001.tif", "pic_002.tif"], None),  # another prefix
+    (["s09.tif", "s10.tif"], ("s{:02d}.tif", 9)),
+    (["s9.tif", "s010.tif"], None),  # padded and unpadded mixed
+    (["img_%d_1.tif", "img_%d_2.tif"], None),  # TiledWriter reads %-templates
+])
+def test_numbered_template_names_a_sequence_or_nothing(names, expected):
+    from phasestream.jobs.import_external import numbered_template
+
+    assert numbered_template(names) == expected
+    if expected is not None:
+        template, first = expected
+        assert [template.format(first + i) for i in range(len(names))] == names

@@ -53,9 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="Tiled path of the container of the raw runs, e.g. bl/raw (default: the catalog root); "
                           "created when missing")
     imp.add_argument("--copy-images", action="store_true",
-                     help="write HDF5 images into Tiled even when the server could read them from the file")
+                     help="write HDF5 and TIFF images into Tiled even when the server could read them from the file")
     imp.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
-                     help="embedded server only: folders of files it may read (HDF5 images stay there)")
+                     help="embedded server only: folders of files it may read (HDF5 and TIFF images stay there)")
     imp.add_argument("--analyze", action="store_true",
                      help="analyse each imported run right away (phase maps, as reprocess), then --refine/--method")
     imp.add_argument("--root", default="phasestream", help="results container (default phasestream)")
@@ -148,6 +148,7 @@ def _print_import(path: str, outcome) -> None:
     if details.get("already_imported"):
         print(f"{path}: already imported {outcome.run_uid}", flush=True)
         return
-    where = "images left in the HDF5 file" if details.get("images") == "external" else "images written into Tiled"
+    where = (f"images left in {details.get('images_in', 'their file')}" if details.get("images") == "external"
+             else "images written into Tiled")
     note = f"; {details['copy_reason']}" if details.get("copy_reason") else ""
     print(f"{path}: imported {outcome.run_uid} ({where}{note})", flush=True)
