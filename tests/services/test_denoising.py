@@ -8,6 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from support import feed_losing_first_event
 
 from phasestream.app.cli import main as cli_main
 from phasestream.app.live import LiveService
@@ -181,18 +182,11 @@ def test_lost_run_asking_for_denoising_is_recovered_and_denoised_on_dask(tiled_c
     docs: list = []
     uid = _scan(tiled_client, callback=lambda n, d: docs.append((n, d)), md={"phasestream": {"denoise": True}},
                 seed=6)
-    lost = next(i for i, (n, _) in enumerate(docs) if n == "event")
     with dask_client(n_workers=2) as dask:
         live = LiveService(tiled_client, backend="numba", poll_seconds=0.1, scheduler=dask,
                            denoise=DenoiseOptions(address=models.address, timeout=300))
         assert isinstance(live.executor, DaskExecutor)
-        for i, (name, doc) in enumerate(docs):
-            if i == lost:
-                live.run_incomplete(uid, "message gap: 1 document lost")
-                continue
-            live(name, doc)
-        live.callback.flush(30)
-        assert live.callback.results[uid].status == "partial"
+        feed_losing_first_event(live, docs, uid)
         assert live.wait_recovered(uid, 180) == "complete"
         assert live.executor.wait(300)
         live.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bluesky import RunEngine
+from support import feed_losing_first_event
 
 from phasestream.app.live import LiveService
 from phasestream.jobs.cluster import dask_client
@@ -68,14 +69,7 @@ def test_lost_run_is_reprocessed_on_dask(tiled_client, dask):
     uid, sample = _scan(raw_run_writer(tiled_client), lambda n, d: docs.append((n, d)),
                         md={"phasestream": {"methods": ["lcf"]}})
     live = LiveService(tiled_client, backend="numba", poll_seconds=0.1, methods=MethodsOptions(), scheduler=dask)
-    lost = next(i for i, (n, _) in enumerate(docs) if n == "event")
-    for i, (name, doc) in enumerate(docs):
-        if i == lost:
-            live.run_incomplete(uid, "message gap: 1 document lost")
-            continue
-        live(name, doc)
-    live.callback.flush(30)
-    assert live.callback.results[uid].status == "partial"
+    feed_losing_first_event(live, docs, uid)
     assert live.wait_recovered(uid, 120) == "complete"
     live.close()
     assert live.outcome(uid, "methods").details["lcf"]["status"] == "complete"
