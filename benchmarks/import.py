@@ -124,7 +124,9 @@ def main() -> None:
         server = start_embedded_tiled(directory=folder / "tiled", readable_storage=[folder / "files"])
         try:
             client = connect(server.uri)
-            options = {} if args.batch_mib is None else {"batch_bytes": args.batch_mib * 2**20}
+            options = {"references": "nvpf-synthetic"}
+            if args.batch_mib is not None:
+                options["batch_bytes"] = args.batch_mib * 2**20
             report["batch_bytes"] = options.get("batch_bytes", BATCH_BYTES)
             for name in args.formats:
                 best = None

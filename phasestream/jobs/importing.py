@@ -58,12 +58,14 @@ BATCH_BYTES = 64 * 2**20
 class ImportOptions:
     """Options of an import (validated by :meth:`validate`); plain values, so that they travel to Dask.
 
-    ``format``, ``energies`` and ``mode`` are handed to the reader; ``sample`` and ``soc`` override
+    ``references`` is required: the reference spectra the run is analysed against, which no facility file
+    names (:data:`DEFAULT_REFERENCES` is only the simulated demo set, named explicitly by the tests and
+    benchmarks). ``format``, ``energies`` and ``mode`` are handed to the reader; ``sample`` and ``soc`` override
     the file's; ``external`` keeps images that lie in an HDF5 dataset or TIFF files in their file.
     """
 
     raw: str = ""
-    references: str = DEFAULT_REFERENCES
+    references: str = ""
     format: str | None = None
     energies: list[float] | str | None = None
     mode: str | None = None
@@ -75,7 +77,9 @@ class ImportOptions:
     def validate(self) -> ImportOptions:
         self.raw = check_raw_path(self.raw)
         if not isinstance(self.references, str) or not self.references:
-            raise ValueError(f"references must be a registered name or a file, got {self.references!r}")
+            raise ValueError(f"references must be given: a registered name or a file, got {self.references!r} (an "
+                             f"import is analysed against them and files name none; {DEFAULT_REFERENCES!r} is the "
+                             "simulated demo set)")
         if self.batch_bytes < 1:
             raise ValueError(f"batch_bytes must be >= 1, got {self.batch_bytes}")
         return self
@@ -165,7 +169,7 @@ def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
     return None
 
 
-def import_stack(client, stack: ImportedStack, options: ImportOptions | None = None) -> JobOutcome:
+def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOutcome:
     """Import one stack into ``<raw>/<new uid>``; the outcome's ``run_uid`` is the run's (new or existing).
 
     ``details``: ``file``, ``sha256``, ``images`` (``"external"``: left in their file, ``"copied"``:
@@ -174,7 +178,7 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions | None = N
     a file Tiled could point at, ``copy_reason``. A refused stack or a failed write is ``failed`` with the reason, and
     nothing of it is left in Tiled.
     """
-    opts = (options or ImportOptions()).validate()
+    opts = options.validate()
     t0 = time.perf_counter()
     source = str(stack.source)
 

@@ -21,6 +21,8 @@ ENERGIES = select_energies(load_references("nvpf-synthetic"), 12)  # 13 energies
 SHAPE = (32, 32)
 ARRAYS = ("od", "pcc", "phase", "reliability", "ambiguous", "mask")
 SOC = 1.5
+REFS = "nvpf-synthetic"  # an import names its references: a facility file does not
+IMPORT = ["import", "--references", REFS]
 
 
 def _detector(mode: str, seed: int):
@@ -103,7 +105,7 @@ def test_an_imported_stack_analyses_to_the_phase_map_of_the_same_scan_taken_live
     if mode == "stxm":  # the server may not read this folder: it refuses the file, the images go into Tiled
         cases["hdf5 elsewhere"] = (_stack(frames, mode, tmp_path / f"{mode}.h5", hdf5=True), "copied")
     for case, (stack, images) in cases.items():
-        outcome = import_stack(client, stack, ImportOptions())
+        outcome = import_stack(client, stack, ImportOptions(references=REFS))
         assert outcome.status == "complete", (case, outcome.reason)
         assert outcome.details["images"] == images, case
         assert ("copy_reason" in outcome.details) == (case == "hdf5 elsewhere"), case
@@ -122,9 +124,9 @@ def test_an_imported_stack_analyses_to_the_phase_map_of_the_same_scan_taken_live
 def test_importing_the_same_file_again_writes_nothing_and_names_the_run(tiled_client, tmp_path):
     client = tiled_client
     stack = _stack(_frames("stxm", 7), "stxm", tmp_path / "again.npy")
-    first = import_stack(client, stack)
+    first = import_stack(client, stack, ImportOptions(references=REFS))
     before = _run_uids(client)
-    again = import_stack(client, stack, ImportOptions(sample="another name"))
+    again = import_stack(client, stack, ImportOptions(references=REFS, sample="another name"))
     assert again.status == "complete" and again.details["already_imported"] is True
     assert again.run_uid == first.run_uid and _run_uids(client) == before
     assert [uid for uid, _ in find_import(client, stack.sha256())] == [first.run_uid]
@@ -132,7 +134,7 @@ def test_importing_the_same_file_again_writes_nothing_and_names_the_run(tiled_cl
 
 def _refused(client, stack, options=None):
     before = _run_uids(client)
-    outcome = import_stack(client, stack, options)
+    outcome = import_stack(client, stack, options or ImportOptions(references=REFS))
     assert outcome.status == "failed" and outcome.run_uid == ""
     assert _run_uids(client) == before
     return outcome.reason
@@ -151,8 +153,11 @@ def test_bad_input_is_refused_with_the_reason_and_nothing_is_written(tiled_clien
     assert "must be numbers" in _refused(client, text)
     i0 = ImportedStack(path, "tiff", np.asarray(ENERGIES), frames["images"], i0=np.zeros(3), files=(path,))
     assert "i0 has shape (3,)" in _refused(client, i0)
-    assert "state of charge must be a finite number" in _refused(client, stack, ImportOptions(soc=float("nan")))
+    nan_soc = ImportOptions(references=REFS, soc=float("nan"))
+    assert "state of charge must be a finite number" in _refused(client, stack, nan_soc)
     assert "no such" in _refused(client, stack, ImportOptions(references="no-such-references")).lower()
+    with pytest.raises(ValueError, match="references must be given"):
+        import_stack(client, stack, ImportOptions())
 
 
 class _FailingFrames(np.ndarray):
@@ -168,7 +173,7 @@ def test_a_write_that_fails_half_way_leaves_nothing_in_tiled(tiled_client, detec
     client = tiled_client
     frames = _frames("txm", 9)
     # frames are written one by one (one image per batch): six are in Tiled when the seventh fails
-    one = ImportOptions(batch_bytes=1)
+    one = ImportOptions(references=REFS, batch_bytes=1)
     failing = _stack(frames, "txm", tmp_path / "fail.npy", images=frames["images"].view(_FailingFrames))
     reason = _refused(client, failing, one)
     assert "corrupt chunk" in reason and "was removed" in reason
@@ -253,7 +258,7 @@ def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken
     energies = ",".join(repr(float(e)) for e in ENERGIES)
     before = _run_uids(client)
     capsys.readouterr()
-    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--soc", str(SOC), "--analyze",
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--energies", energies, "--soc", str(SOC), "--analyze",
                  "--backend", "numpy", *paths]) == 0
     out = capsys.readouterr().out
     lines = _imported(out)
@@ -270,7 +275,7 @@ def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken
             np.testing.assert_array_equal(result[key].read(), live[mode][key], err_msg=f"{name}: {key}")
 
     # again: nothing written, each file names its run
-    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--analyze", *paths]) == 0
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--energies", energies, "--analyze", *paths]) == 0
     again = _imported(capsys.readouterr().out)
     assert again == {name: ("already", uid) for name, (_, uid) in lines.items()}
     assert _run_uids(client) - before == {uid for _, uid in lines.values()}
@@ -279,12 +284,16 @@ def test_each_format_imported_with_analyze_gives_the_phase_map_of_the_scan_taken
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
     np.save(tmp_path / "other.npy", stxm["images"])
     tifffile.imwrite(tmp_path / "other.tif", stxm["images"][::-1].copy(), photometric="minisblack")
-    assert main(["import", "--tiled", tiled_server.uri, "--energies", energies, "--sample", "P8",
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--energies", energies, "--sample", "P8",
                  str(tmp_path / "broken.tif"), str(tmp_path / "other.tif")]) == 1
     captured = capsys.readouterr()
     assert f"{tmp_path / 'broken.tif'}: error: " in captured.err and "other.tif: imported" in captured.out
     assert len(_run_uids(client) - before) == len(files) + 1
-    assert main(["import", "--tiled", tiled_server.uri, "--refine", paths[0]]) == 2  # --refine needs --analyze
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--refine", paths[0]]) == 2  # --refine needs --analyze
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # no references: refused before anything is read
+        main(["import", "--tiled", tiled_server.uri, paths[0]])
+    assert exited.value.code == 2 and "--references" in capsys.readouterr().err
 
 
 def test_whole_counts_read_as_floats_are_stored_as_16_bit_counts():
@@ -303,7 +312,7 @@ def test_a_txm_stack_without_a_dark_image_has_no_dark_stream_and_is_analysed(til
     client = tiled_client
     frames = _frames("txm", 23)
     stack = _stack({k: v for k, v in frames.items() if k != "dark"}, "txm", tmp_path / "nodark.npy")
-    outcome = import_stack(client, stack)
+    outcome = import_stack(client, stack, ImportOptions(references=REFS))
     assert outcome.status == "complete", outcome.reason
     assert sorted(open_raw_run(client, outcome.run_uid)) == ["flat", "primary"]
     result = reprocess_run(client, outcome.run_uid, ReprocessOptions(backend="numpy"))
@@ -322,14 +331,14 @@ def test_import_under_a_raw_path_creates_the_container_and_finds_re_imports_ther
     tifffile.imwrite(path, frames["images"], photometric="minisblack")
     (tmp_path / "raw.txt").write_text("\n".join(repr(float(e)) for e in ENERGIES))  # found beside the TIFF
     capsys.readouterr()
-    assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
     captured = capsys.readouterr()
     ((word, uid),) = _imported(captured.out).values()
     assert word == "imported" and "created container" in captured.err
     assert open_raw_run(client, uid, "beamline/imports").metadata["start"]["import"]["files"][-1].endswith("raw.txt")
-    assert main(["import", "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--raw", "beamline/imports", str(path)]) == 0
     assert _imported(capsys.readouterr().out) == {"raw.tif": ("already", uid)}
-    assert main(["import", "--tiled", tiled_server.uri, "--raw", "../x", str(path)]) == 2  # refused path
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--raw", "../x", str(path)]) == 2  # refused path
 
 
 def _axis2000(folder, images, stem: str = "Scan_001") -> None:
@@ -389,7 +398,7 @@ def test_axis2000_and_tiffs_the_server_reads_analyse_to_the_scan_taken_live(
     for case, files in paths.items():
         extra = [] if case == "axis2000" else ["--energies", energies]
         capsys.readouterr()
-        assert main(["import", "--tiled", tiled_server.uri, *extra, "--soc", str(SOC), "--analyze",
+        assert main([*IMPORT, "--tiled", tiled_server.uri, *extra, "--soc", str(SOC), "--analyze",
                      "--backend", "numpy", *files]) == 0, case
         out = capsys.readouterr().out
         assert expected[case] in out, (case, out)

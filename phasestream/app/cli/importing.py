@@ -43,9 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="energies in eV: a text file, or a comma-separated list (TIFF needs them unless an "
                           "energy file lies beside it; for other formats they replace the file's)")
     imp.add_argument("--mode", choices=MODES, default=None, help="stxm or txm, for formats that do not say (TIFF)")
-    imp.add_argument("--references", default=DEFAULT_REFERENCES, metavar="R",
-                     help=f"reference spectra the runs are analysed against, a registered name or a file "
-                          f"(default {DEFAULT_REFERENCES}); every energy must lie in their range")
+    imp.add_argument("--references", required=True, metavar="R",
+                     help=f"reference spectra the runs are analysed against, a registered name or a file (required: "
+                          f"a facility file names none; {DEFAULT_REFERENCES} is the simulated demo set); every "
+                          "energy must lie in their range")
     imp.add_argument("--sample", default=None, metavar="NAME", help="sample name (default: the file's, else its "
                                                                     "name)")
     imp.add_argument("--soc", type=float, default=None, metavar="X", help="state of charge (default: the file's)")
