@@ -15,11 +15,11 @@ from phasestream.formats.axis2000 import read_axis2000
 from phasestream.formats.detect import detect_format
 from phasestream.formats.nxstxm import read_nxstxm
 from phasestream.formats.pyxas import read_pyxas
-from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, TiffSource, sha256_of
+from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, LazyImages, TiffSource, sha256_of
 from phasestream.formats.tiff import read_tiff
 from phasestream.formats.xrm import read_xrm
 
-__all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "TiffSource", "detect_format",
+__all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "LazyImages", "TiffSource", "detect_format",
            "read_stack", "sha256_of"]
 
 _READERS: dict[str, Callable[..., ImportedStack]] = {

@@ -1,4 +1,4 @@
-"""Small h5py helpers shared by the HDF5 readers (NXstxm, PyXAS): text values, bounded reads."""
+"""Small h5py helpers shared by the HDF5 readers (NXstxm, PyXAS): text values, bounded and lazy reads."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from phasestream.formats.stack import FormatError, check_stack_size
+from phasestream.formats.stack import FormatError, LazyImages, check_stack_size
 
-__all__ = ["open_hdf5", "read_array", "scalar", "text"]
+__all__ = ["lazy_frames", "open_hdf5", "read_array", "scalar", "text"]
 
 
 def open_hdf5(path: str | Path) -> h5py.File:
@@ -64,3 +64,43 @@ def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str) -> np.nda
     except (OSError, TypeError, ValueError) as error:
         raise FormatError(path, f"cannot read {what} ({dataset.name}): {error} (truncated file?)") from None
     return out
+
+
+def _stored_extent(dataset: h5py.Dataset) -> int:
+    """The end (byte offset) of the last byte ``dataset``'s stored data occupy in its file (0 for data kept in
+    the object header or not yet written)."""
+    ident = dataset.id
+    layout = ident.get_create_plist().get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = ident.get_offset()
+        return 0 if offset is None else int(offset) + int(ident.get_storage_size())
+    if layout == h5py.h5d.CHUNKED:
+        ends = [0]
+        # one pass over the chunk index (get_chunk_info(i) walks it from the start: quadratic in the chunks)
+        ident.chunk_iter(lambda info: ends.append(int(info.byte_offset) + int(info.size)))
+        return max(ends)
+    return 0
+
+
+def lazy_frames(path: Path, dataset: h5py.Dataset, dtype, *, what: str) -> LazyImages:
+    """``dataset`` (energy first, 3-D) as :class:`LazyImages` read from ``path`` when indexed, after checking
+    its size and that its stored bytes lie within the file (a truncated file is refused here, as a full read
+    would refuse it). Each read opens the file; an HDF5 error then is a :class:`FormatError` naming ``what``."""
+    if dataset.dtype.kind not in "uif" or dataset.ndim != 3:
+        raise FormatError(path, f"{what} ({dataset.name}) is {dataset.shape} {dataset.dtype}, not (energy, y, x) "
+                          "numbers")
+    check_stack_size(path, dataset.shape, dtype)
+    end, size = _stored_extent(dataset), Path(path).stat().st_size
+    if end > size:
+        raise FormatError(path, f"cannot read {what} ({dataset.name}): its data end at byte {end} of a {size}-byte "
+                          "file (truncated file?)")
+    name = dataset.name
+
+    def read(key):
+        try:
+            with h5py.File(path, "r") as handle:
+                return handle[name][key]
+        except (OSError, KeyError, TypeError, ValueError) as error:
+            raise FormatError(path, f"cannot read {what} ({name}): {error} (truncated file?)") from None
+
+    return LazyImages(dataset.shape, dataset.dtype, dtype, read)

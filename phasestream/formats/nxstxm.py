@@ -24,6 +24,7 @@ aborted scan leaves them so) are listed in ``metadata["unmeasured_energy_indices
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import h5py
 import numpy as np
 
 from phasestream.formats.energies import check_energies, load_energies
-from phasestream.formats.hdf5util import open_hdf5, read_array, scalar, text
+from phasestream.formats.hdf5util import lazy_frames, open_hdf5, read_array, scalar, text
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, intensity_dtype
 
 __all__ = ["IMAGE_SCAN_TYPES", "nxstxm_entries", "read_nxstxm"]
@@ -41,8 +42,9 @@ IMAGE_SCAN_TYPES = ("sample image stack", "sample image", "generic scan")
 
 _ENERGY_FIELDS = ("energy", "photon_energy")
 _ENERGY_UNITS = {"ev": 1.0, "kev": 1000.0}
-_LENGTH_UNITS_UM = {"um": 1.0, "µm": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6}
-_TIME_UNITS_MS = {"s": 1000.0, "sec": 1000.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3}
+# keys in NFKC form (how _scale looks units up): micro is the Greek mu, U+03BC
+_LENGTH_UNITS_UM = {"um": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6}
+_TIME_UNITS_MS = {"s": 1000.0, "sec": 1000.0, "ms": 1.0, "us": 1e-3, "\u03bcs": 1e-3}
 
 
 def _nx_class(node) -> str:
@@ -98,7 +100,8 @@ def _signal(path: Path, group: h5py.Group) -> h5py.Dataset:
 
 
 def _scale(path: Path, node: h5py.Dataset, table: dict[str, float], default: str, what: str) -> float:
-    unit = text(node.attrs.get("units", default)) or default
+    # NFKC: the micro sign (U+00B5, "µm") and the Greek mu (U+03BC, "μm", as PolLux writes it) are one unit
+    unit = unicodedata.normalize("NFKC", text(node.attrs.get("units", default)) or default)
     factor = table.get(unit, table.get(unit.lower()))
     if factor is None:
         raise FormatError(path, f"{what} unit {unit!r} is not one of {sorted(table)}")
@@ -193,7 +196,8 @@ def read_nxstxm(
 
     Returns
     -------
-    ImportedStack, ``mode="stxm"``: images (E, Y, X) transmitted counts, energies (E,) eV,
+    ImportedStack, ``mode="stxm"``: images (E, Y, X) transmitted counts (integer counts stored
+    energy first are left in the file, :class:`~phasestream.formats.stack.LazyImages`), energies (E,) eV,
     ``monitor`` (E, Y, X) or (E,) from ``control`` when present, ``i0`` None,
     ``hdf5`` pointing at the signal when its (Y, X) order needs no transpose.
 
@@ -245,8 +249,12 @@ def read_nxstxm(
             values = load_energies(energies, path)
         if values.size != shape[order[0]]:
             raise FormatError(path, f"{shape[order[0]]} images in {signal.name} for {values.size} energies")
-        raw_images = read_array(path, signal, intensity_dtype(path, signal.dtype), what="data").reshape(shape)
-        images = np.ascontiguousarray(np.transpose(raw_images, order))
+        if signal.ndim == 3 and order == (0, 1, 2) and signal.dtype.kind in "ui":
+            # integer counts in the stack's order (no NaN to look for): left in the file, read when indexed
+            images = lazy_frames(path, signal, intensity_dtype(path, signal.dtype), what="data")
+        else:
+            raw_images = read_array(path, signal, intensity_dtype(path, signal.dtype), what="data").reshape(shape)
+            images = np.ascontiguousarray(np.transpose(raw_images, order))
         monitor_node = _monitor(group)
         monitor = None
         if monitor_node is not None:
@@ -265,7 +273,8 @@ def read_nxstxm(
             metadata["entries"] = entries
         if len(channels) > 1:
             metadata["channels"] = channels
-    empty = [int(i) for i in np.flatnonzero(np.all(np.isnan(images), axis=(1, 2)))] if images.dtype.kind == "f" else []
+    stored_float = isinstance(images, np.ndarray) and images.dtype.kind == "f"  # integer counts hold no NaN
+    empty = [int(i) for i in np.flatnonzero(np.all(np.isnan(images), axis=(1, 2)))] if stored_float else []
     if empty:
         metadata["unmeasured_energy_indices"] = empty
     # the import can point at the file when moving energy to the front leaves (y, x) in order

@@ -21,6 +21,7 @@ __all__ = [
     "FormatError",
     "HDF5Source",
     "ImportedStack",
+    "LazyImages",
     "TiffSource",
     "check_stack_size",
     "intensity_dtype",
@@ -71,6 +72,51 @@ class TiffSource:
     dtype: str
 
 
+class LazyImages:
+    """An (E, Y, X) image stack left in its file and read when indexed: what a reader returns instead of a
+    copy of the pixels when the images lie in the file as stored (an uncompressed multi-page TIFF, an HDF5
+    dataset of integer counts with energy first), so that an import that leaves them there reads only the
+    frames it checks.
+
+    Indexing the first axis (an int or a slice) reads those frames and returns them as ``dtype`` (the
+    reader's float type, :func:`intensity_dtype`); ``np.asarray(stack)`` reads them all. ``stored_dtype``
+    is the pixels' type in the file. ``read(key)`` is the reader's: it returns the stored frames of ``key``.
+    """
+
+    ndim = 3
+
+    def __init__(self, shape: tuple[int, int, int], stored_dtype, dtype, read):
+        self.shape = tuple(int(n) for n in shape)
+        self.stored_dtype = np.dtype(stored_dtype)
+        self.dtype = np.dtype(dtype)
+        self._read = read
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            first, rest = key[0], key[1:]
+            return self[first][(slice(None), *rest) if isinstance(first, slice) else rest]
+        if isinstance(key, slice):
+            return np.asarray(self._read(slice(*key.indices(self.shape[0]))), dtype=self.dtype)
+        index = int(key)
+        if not -self.shape[0] <= index < self.shape[0]:
+            raise IndexError(f"frame {index} of {self.shape[0]}")
+        return np.asarray(self._read(index % self.shape[0]), dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        frames = self[:]
+        return frames if dtype is None else frames.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LazyImages(shape={self.shape}, stored_dtype={self.stored_dtype}, dtype={self.dtype})"
+
+
 @dataclass(frozen=True)
 class ImportedStack:
     """One energy stack read from a facility file.
@@ -80,7 +126,9 @@ class ImportedStack:
     source : the file (or folder, for a folder of TIFFs) the stack came from
     format : reader name (``"nxstxm"``, ``"axis2000"``, ``"tiff"``, ``"pyxas"``, ``"xrm"``)
     energies : (E,) float64, eV, in acquisition order: finite and distinct (not necessarily increasing)
-    images : (E, Y, X) float32 or float64: transmitted counts (STXM) or sample-in images (TXM)
+    images : (E, Y, X) float32 or float64: transmitted counts (STXM) or sample-in images (TXM); an array,
+        or :class:`LazyImages` (same shape and dtype, read from the file when indexed) when the reader
+        left them in the file
     mode : ``"stxm"`` or ``"txm"``
     i0 : None, (E,) or (E, Y, X): incident flux for STXM (counts per pixel in the open beam)
     flat : None or (E, Y, X) / (Y, X): TXM sample-out images; ``dark`` likewise (Y, X)

@@ -10,7 +10,10 @@ one energy per ``*.tif`` / ``*.tiff`` file, in natural name order (``img_2.tif``
 ``img_10.tif``); hidden files (``.*``) are skipped. Pages with several samples per pixel (RGB,
 or a stack written by ``tifffile.imwrite`` without ``photometric="minisblack"``) are refused.
 Images are returned as float32 (8/16-bit integers and float32) or float64 (wider types); ``tiff``
-says where they lie as stored, so that an import can leave them in their files.
+says where they lie as stored, so that an import can leave them in their files. The pages of an
+uncompressed multi-page file, stored one after the other, are mapped from the file rather than read
+(:class:`~phasestream.formats.stack.LazyImages`): an import that leaves them there reads only the
+frames it checks.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from phasestream.formats.stack import (
     MODES,
     FormatError,
     ImportedStack,
+    LazyImages,
     TiffSource,
     check_stack_size,
     intensity_dtype,
@@ -103,9 +107,10 @@ def _ifd_chain_ends(tif: tifffile.TiffFile) -> bool:
     return len(raw) == fmt.offsetsize and struct.unpack(fmt.offsetformat, raw)[0] == 0
 
 
-def _read_multipage(path: Path) -> tuple[np.ndarray, str | None]:
+def _read_multipage(path: Path) -> tuple[np.ndarray | LazyImages, str | None]:
     """The pages as (E, Y, X) and the pixels' stored dtype when the file's first series is exactly those pages
-    (what a TIFF reader that reads the series, such as Tiled's, returns), else None."""
+    (what a TIFF reader that reads the series, such as Tiled's, returns), else None. Such pages stored
+    uncompressed, one after the other, are mapped from the file (:func:`_mapped`), not read."""
     try:
         with tifffile.TiffFile(path) as tif:
             pages = tif.pages
@@ -125,15 +130,40 @@ def _read_multipage(path: Path) -> tuple[np.ndarray, str | None]:
                 if _page_shape(path, page, index) != shape:
                     raise FormatError(path, f"page {index} has shape {page.shape}, page 0 has {shape}")
                 uniform = uniform and page.dtype == first.dtype
-            data = tif.asarray(key=range(count)) if count > 1 else first.asarray()[np.newaxis]
             series = tif.series[0] if tif.series else None
             stored = (np.dtype(first.dtype).str if uniform and series is not None and series.dtype == first.dtype
                       and int(np.prod(series.shape)) == count * shape[0] * shape[1] else None)
+            contiguous = stored is not None and series.dataoffset is not None
+            data = None if contiguous else _pixels(tif, count, shape, dtype)
+        if data is None:
+            data = _mapped(path, (count, *shape), dtype)
+        if data is None:  # pixel data that run past the end of the file: read them, and fail, the usual way
+            with tifffile.TiffFile(path) as tif:
+                data = _pixels(tif, count, shape, dtype)
     except FormatError:
         raise
     except _TIFF_ERRORS as error:
         raise _unreadable(path, error) from None
-    return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False), stored
+    return data, stored
+
+
+def _pixels(tif: tifffile.TiffFile, count: int, shape: tuple[int, int], dtype) -> np.ndarray:
+    """Every page's pixels, (E, Y, X) as ``dtype``."""
+    data = tif.asarray(key=range(count)) if count > 1 else tif.pages[0].asarray()[np.newaxis]
+    return np.asarray(data).reshape(count, *shape).astype(dtype, copy=False)
+
+
+def _mapped(path: Path, shape: tuple[int, int, int], dtype) -> LazyImages | None:
+    """The pages of an uncompressed, contiguous multi-page TIFF mapped from the file (read when indexed), or
+    None when the file cannot be mapped (its pixel data run past its end)."""
+    try:
+        mapped = tifffile.memmap(path, mode="r")
+    except (ValueError, OSError):
+        return None
+    if mapped.size != shape[0] * shape[1] * shape[2]:
+        return None
+    frames = mapped.reshape(shape)
+    return LazyImages(shape, frames.dtype, dtype, frames.__getitem__)
 
 
 def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray, str | None]:

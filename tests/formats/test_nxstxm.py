@@ -19,7 +19,7 @@ from nexusformat.nexus import (
     NXsource,
 )
 
-from phasestream.formats import FormatError, read_stack
+from phasestream.formats import FormatError, LazyImages, read_stack
 from phasestream.formats.nxstxm import read_nxstxm
 
 ENERGIES = np.array([700.0, 706.5, 708.0, 709.2, 720.0])
@@ -91,6 +91,36 @@ def test_image_stack_with_control(tmp_path):
     assert stack.hdf5 is not None and stack.hdf5.dataset == "/entry0/counter0/data" and stack.hdf5.energy_axis == 0
     with h5py.File(path) as handle:  # the HDF5 source really is the stack
         np.testing.assert_array_equal(handle[stack.hdf5.dataset][()], counts)
+
+
+@pytest.mark.parametrize("micro", ["\u00b5", "\u03bc"])
+def test_micro_is_the_micro_sign_or_the_greek_mu(tmp_path, micro):
+    """PolLux (SLS) files write their axes in "\u03bcm" (Greek mu, U+03BC; nexusformat/exampledata
+    SLS/Sample_Stack_2021-03-16_128.hdf5); others in "\u00b5m" (the micro sign): both are micrometres."""
+    path = tmp_path / "mu.hdf5"
+    _save(path, entry0=_entry(_counts()))
+    with h5py.File(path, "r+") as handle:
+        for axis in ("sample_x", "sample_y"):
+            handle[f"entry0/counter0/{axis}"].attrs["units"] = f"{micro}m"
+        handle["entry0/counter0/count_time"].attrs["units"] = f"{micro}s"
+    meta = read_nxstxm(path).metadata
+    assert meta["pixel_size_x_um"] == pytest.approx(np.median(np.diff(X)))
+    assert meta["pixel_size_y_um"] == pytest.approx(np.median(np.diff(Y)))
+    assert meta["dwell_ms"] == pytest.approx(2.5e-6)
+
+
+def test_integer_counts_stay_in_the_file_until_read(tmp_path):
+    """Integer counts stored energy first are read frame by frame when indexed, as the file holds them."""
+    counts = _counts()
+    path = tmp_path / "lazy.hdf5"
+    _save(path, entry0=_entry(counts))
+    images = read_nxstxm(path).images
+    assert isinstance(images, LazyImages) and images.dtype == np.float64 and images.stored_dtype == np.int32
+    np.testing.assert_array_equal(images[3], counts[3])
+    np.testing.assert_array_equal(images[1:4, 2], counts[1:4, 2])
+    np.testing.assert_array_equal(np.asarray(images), counts)
+    with pytest.raises(IndexError):
+        images[len(counts)]
 
 
 def test_energy_last_axes(tmp_path):
