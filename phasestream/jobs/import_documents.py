@@ -122,7 +122,7 @@ def _check_array(array: Any, what: str, shapes: tuple[tuple[int, ...], ...], sou
 
 def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_name: str,
                    sample: str | None = None, soc: float | None = None, external: bool = True,
-                   max_num_points: int = DEFAULT_MAX_NUM_POINTS,
+                   sha256: str | None = None, max_num_points: int = DEFAULT_MAX_NUM_POINTS,
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> CheckedImport:
     """Check ``stack`` before anything is written and build the run's start metadata.
 
@@ -135,6 +135,8 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
     sample, soc : sample name and state of charge; default the file's (``metadata["sample"]`` or
         ``metadata["sample_name"]``, ``metadata["state_of_charge"]``), else the file's stem and none
     external : keep images that lie in HDF5 there (StreamResource) instead of copying them
+    sha256 : the SHA-256 of the stack's files (``stack.sha256()``) when the caller computed it; computed here
+        when None
 
     Raises
     ------
@@ -176,7 +178,7 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
     if not isinstance(reference_name, str) or not 0 < len(reference_name) <= MAX_KEY_LENGTH:
         raise ImportRefusedError(source, f"references {reference_name!r:.60} must be a name or a path")
     keep, copy_reason = external_images(stack) if external else (None, "")
-    sha256 = stack.sha256()
+    sha256 = stack.sha256() if sha256 is None else sha256
     block = {"references": reference_name, "image_key": IMAGE_KEY, "energy_key": ENERGY_KEY, "mode": stack.mode}
     if stack.mode == "stxm" and stack.i0 is not None:
         block["i0_key"] = I0_KEY

@@ -3,10 +3,15 @@ Tiled, laid out as a live scan of the simulator writes it, so that ``reprocess``
 with no further options (docs/import.md).
 
 All or nothing: the stack is checked (:func:`~phasestream.jobs.import_documents.checked_import`) before
-anything is written; a write that fails half-way removes the run node this import created (its uid is
-fresh, made here by ``compose_run``) and the job reports ``failed`` with the reason. Importing the same
+anything is written; a write that fails half-way removes the run node this import created (checked to
+hold this import's start document) and the job reports ``failed`` with the reason. Importing the same
 bytes again (the SHA-256 of the files, under the same raw path) writes nothing and returns the uid of
 the run already there.
+
+The run's uid is made from the raw path and the SHA-256 (:func:`import_uid`), so two imports of the same
+file started at the same moment write one run: Tiled refuses the second start (the key exists), and that
+import reports the first one's run, writing nothing. The SHA-256 is computed in a thread while the
+references load and the raw path is looked up.
 
 Images that lie in an HDF5 dataset or in TIFF files stay there (StreamResource / StreamDatum,
 :mod:`phasestream.jobs.import_external`; the Tiled server reads the file, which must be in its readable
@@ -15,14 +20,16 @@ instead; the outcome says so (``details["images"]``).
 
 Requests: the run is written by TiledWriter without its normalizer (the documents are composed here in
 the current schema), as event pages that it stores with one table append per stream and batch, and one
-StreamDatum covering every frame; the frames read back to check that the server serves the file are the
-first and the last, in one request.
+StreamDatum covering every frame; what is read back to check that the server serves the file is a grid of
+pixels of the first and the last frame, in one request.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,7 +51,7 @@ from phasestream.jobs.import_external import ExternalImages
 from phasestream.references import load_references
 from phasestream.store.tiled import raw_run_writer, raw_runs
 
-__all__ = ["DEFAULT_REFERENCES", "ImportOptions", "find_import", "import_stack", "run"]
+__all__ = ["DEFAULT_REFERENCES", "ImportOptions", "find_import", "import_stack", "import_uid", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,8 @@ JOB = "import"
 DEFAULT_REFERENCES = "nvpf-synthetic"
 #: images per TiledWriter batch: about this many bytes (one request per batch and stream)
 BATCH_BYTES = 64 * 2**20
+#: namespace of the uids of imported runs (:func:`import_uid`)
+IMPORT_NAMESPACE = uuid.UUID("0e6f2b8a-3c1d-5f4e-9a7b-2d8c6e1f4a90")
 
 
 @dataclass
@@ -83,6 +92,16 @@ class ImportOptions:
         if self.batch_bytes < 1:
             raise ValueError(f"batch_bytes must be >= 1, got {self.batch_bytes}")
         return self
+
+
+def import_uid(raw: str, sha256: str) -> str:
+    """The uid of the run that imports files of this SHA-256 under the raw path ``raw``: a UUID (version 5)
+    of the two, the same for every import of the same bytes to the same place."""
+    return str(uuid.uuid5(IMPORT_NAMESPACE, f"{raw}\n{sha256}"))
+
+
+class _StartRefusedError(Exception):
+    """Tiled refused the run's start (its container): nothing of this import was written."""
 
 
 def find_import(client, sha256: str, raw: str = "") -> list[tuple[str, bool]]:
@@ -124,10 +143,16 @@ def _remove_own_run(runs, uid: str, sha256: str) -> tuple[bool, str]:
     return True, f"the partial run {uid} was removed"
 
 
-def _write(runs, checked: CheckedImport, batch_size: int) -> str:
-    """Write the run; on failure remove it and re-raise with the note of the clean-up in ``__notes__``."""
-    uid, documents = run_documents(checked, page_size=batch_size)
+def _write(runs, checked: CheckedImport, batch_size: int, uid: str) -> str:
+    """Write the run ``uid``. A refused start raises :class:`_StartRefusedError` (nothing written: the node, if
+    there is one, is not this import's); a later failure removes the run and re-raises with the note of the
+    clean-up in ``__notes__``."""
+    _, documents = run_documents(checked, uid=uid, page_size=batch_size)
     writer = raw_run_writer(runs, batch_size=batch_size, normalize=False)
+    try:
+        writer(*next(documents))
+    except Exception as exc:
+        raise _StartRefusedError(f"{type(exc).__name__}: {exc}") from exc
     try:
         for name, doc in documents:
             writer(name, doc)
@@ -137,34 +162,43 @@ def _write(runs, checked: CheckedImport, batch_size: int) -> str:
     return uid
 
 
-def _served_frames(runs, uid: str, external: ExternalImages, n: int, shape: tuple[int, int]) -> np.ndarray:
-    """The first and the last frame of the run's ``primary`` images as the server serves them, in one request
-    to the array's address (no lookups on the way; the client's own read would retry a refusal, a 500, for
-    half a minute)."""
+def _sample(n: int, shape: tuple[int, int]) -> tuple[slice, slice, slice]:
+    """The pixels the read-back compares: the first and the last frame, on a 4 x 4 grid of rows and columns
+    from corner to corner (32 values: a wrong file, offset, byte order, dtype or transposition shows)."""
+    return (slice(0, n, max(n - 1, 1)), *(slice(0, size, max((size - 1) // 3, 1)) for size in shape))
+
+
+def _served_sample(runs, uid: str, external: ExternalImages, n: int, shape: tuple[int, int]) -> np.ndarray:
+    """The :func:`_sample` pixels of the run's ``primary`` images as the server serves them, in one request to
+    the array's address (no lookups on the way; the client's own read would retry a refusal, a 500, for half a
+    minute). A sample, not whole frames: the server reads only the chunks it touches."""
     base = str(runs.uri).replace("/metadata/", "/array/full/", 1).rstrip("/")
-    step = max(n - 1, 1)
-    reply = runs.context.http_client.get(f"{base}/{uid}/primary/{IMAGE_KEY}", params={"slice": f"0:{n}:{step}"},
+    sample = _sample(n, shape)
+    param = ",".join(f"{s.start}:{s.stop}:{s.step}" for s in sample)
+    reply = runs.context.http_client.get(f"{base}/{uid}/primary/{IMAGE_KEY}", params={"slice": param},
                                          headers={"Accept": "application/octet-stream"})
     reply.raise_for_status()
     dtype = np.dtype(external.dtype)
-    frames = min(n, 2)
-    expected = frames * shape[0] * shape[1] * dtype.itemsize
+    counts = [len(range(s.start, s.stop, s.step)) for s in sample]
+    expected = counts[0] * counts[1] * counts[2] * dtype.itemsize
     if len(reply.content) != expected:
-        raise ValueError(f"{len(reply.content)} bytes served for {frames} frames of {shape} {dtype} ({expected})")
-    return np.frombuffer(reply.content, dtype=dtype).reshape(frames, *shape)
+        raise ValueError(f"{len(reply.content)} bytes served for {counts} {dtype} pixels ({expected})")
+    return np.frombuffer(reply.content, dtype=dtype).reshape(counts)
 
 
 def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
-    """Why the server cannot serve the images it registered from their file (None when it serves them, equal
-    to the stack's first and last image). Tiled registers any file; it refuses to read one outside its
+    """Why the server cannot serve the images it registered from their file (None when it serves them: the
+    :func:`_sample` pixels equal the stack's). Tiled registers any file; it refuses to read one outside its
     readable storage only when the data are read."""
     images = checked.stack.images
     n = len(images)
     try:
-        served = _served_frames(runs, uid, checked.external, n, checked.stack.shape)
+        served = _served_sample(runs, uid, checked.external, n, checked.stack.shape)
     except Exception as exc:  # noqa: BLE001 - every refusal means the same: copy the images instead
         return f"{type(exc).__name__}: {exc}"
-    if not (np.array_equal(served[0], images[0]) and np.array_equal(served[-1], images[n - 1])):
+    frames, rows, cols = _sample(n, checked.stack.shape)
+    read = np.stack([np.asarray(images[i])[rows, cols] for i in range(n)[frames]])
+    if not np.array_equal(served, read):
         return "the images Tiled serves from it differ from those read from the file"
     return None
 
@@ -187,28 +221,35 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
         return JobOutcome(uid, JOB, status, reason=reason, seconds=round(time.perf_counter() - t0, 3),
                           retry=retry, details={"file": source, **details})
 
-    try:
-        references = load_references(opts.references)
-        checked = checked_import(stack, references=references, reference_name=opts.references,
-                                 sample=opts.sample, soc=opts.soc, external=opts.external)
-    except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
-        return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
-    try:
-        # one client that fetches data sources (TiledWriter asks for it; a second one would be fetched again)
-        runs = raw_runs(client.include_data_sources(), opts.raw)
-    except KeyError as exc:
-        return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
-    existing = _imports_in(runs, checked.sha256)
-    if existing:
+    def already(existing: list[tuple[str, bool]], sha256: str) -> JobOutcome:
         done = [uid for uid, complete in existing if complete]
         if done:
-            return outcome(done[0], JobStatus.COMPLETE, sha256=checked.sha256, already_imported=True)
+            return outcome(done[0], JobStatus.COMPLETE, sha256=sha256, already_imported=True)
         uid = existing[0][0]
         return outcome(uid, JobStatus.FAILED, f"an incomplete import of these files is in Tiled as {uid} (no stop "
-                       "document): remove it first; nothing written", sha256=checked.sha256)
+                       "document: being written by another import right now, or left by one that died): nothing "
+                       "written; if no import is running, remove it first", sha256=sha256)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-sha256") as pool:
+        hashing = pool.submit(stack.sha256)  # reads every byte of the files while the rest is looked up
+        try:
+            references = load_references(opts.references)
+            # one client that fetches data sources (TiledWriter asks for it; a second one would fetch them again)
+            runs = raw_runs(client.include_data_sources(), opts.raw)
+            checked = checked_import(stack, references=references, reference_name=opts.references,
+                                     sample=opts.sample, soc=opts.soc, external=opts.external,
+                                     sha256=hashing.result())
+        except KeyError as exc:
+            return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
+        except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
+            return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
+    existing = _imports_in(runs, checked.sha256)
+    if existing:
+        return already(existing, checked.sha256)
     details: dict[str, Any] = {"sha256": checked.sha256, "already_imported": False}
+    uid = import_uid(opts.raw, checked.sha256)
     try:
-        uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
+        _write(runs, checked, _batch_size(checked, opts.batch_bytes), uid)
         external = checked.external
         details["images"] = "external" if external is not None else "copied"
         refusal = _external_refusal(runs, uid, checked) if external is not None else None
@@ -220,10 +261,16 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
             reason = f"Tiled does not serve {external.what} ({refusal}): {note}, and the images were written into Tiled"
             logger.warning("%s: %s", source, reason)
             checked = CheckedImport(checked.stack, checked.metadata, checked.sha256, None, reason)
-            uid = _write(runs, checked, _batch_size(checked, opts.batch_bytes))
+            _write(runs, checked, _batch_size(checked, opts.batch_bytes), uid)
             details["images"] = "copied"
         elif external is not None:
             details["images_in"] = external.what
+    except _StartRefusedError as exc:
+        existing = _imports_in(runs, checked.sha256)
+        if existing:  # another import of the same files wrote the run first
+            return already(existing, checked.sha256)
+        return outcome("", JobStatus.FAILED, f"writing failed, nothing written: Tiled refused the run {uid}: {exc}",
+                       **details)
     except Exception as exc:  # noqa: BLE001 - the outcome says what happened and what is left
         notes = "; ".join(getattr(exc, "__notes__", []))
         return outcome("", JobStatus.FAILED, f"writing failed: {type(exc).__name__}: {exc}"

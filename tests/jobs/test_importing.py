@@ -4,6 +4,9 @@ same file imported twice is one run."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import h5py
 import httpx
 import numpy as np
@@ -11,7 +14,8 @@ import pytest
 from bluesky import RunEngine
 
 from phasestream.formats import HDF5Source, ImportedStack
-from phasestream.jobs.importing import ImportOptions, find_import, import_stack
+from phasestream.jobs import importing
+from phasestream.jobs.importing import ImportOptions, find_import, import_stack, import_uid
 from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
@@ -130,6 +134,40 @@ def test_importing_the_same_file_again_writes_nothing_and_names_the_run(tiled_cl
     assert again.status == "complete" and again.details["already_imported"] is True
     assert again.run_uid == first.run_uid and _run_uids(client) == before
     assert [uid for uid, _ in find_import(client, stack.sha256())] == [first.run_uid]
+
+
+def test_two_imports_of_the_same_file_at_the_same_moment_write_one_run(tiled_client, tmp_path, monkeypatch):
+    """Both imports look for the file's run before either writes (held at a barrier after the real search):
+    the run's uid comes from the raw path and the SHA-256, so Tiled refuses the second start and that import
+    names the first one's run, writing nothing; the first import's run is complete and untouched."""
+    client = tiled_client
+    stack = _stack(_frames("stxm", 8), "stxm", tmp_path / "twice.npy")
+    searched = threading.Barrier(2, timeout=60)
+    real_search = importing._imports_in
+    calls = []
+
+    def search_then_wait(runs, sha256):
+        found = real_search(runs, sha256)
+        calls.append(found)
+        if len(calls) <= 2:  # the two first searches, one per import; later ones (after a refusal) go on
+            searched.wait()
+        return found
+
+    monkeypatch.setattr(importing, "_imports_in", search_then_wait)
+    before = _run_uids(client)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: import_stack(client, stack, ImportOptions(references=REFS)), range(2)))
+    assert calls[0] == calls[1] == []  # neither saw the other's run: the race was real
+    uid = import_uid("", stack.sha256())
+    assert {o.run_uid for o in outcomes} == {uid}
+    wrote = [o for o in outcomes if o.details.get("already_imported") is False]
+    assert len(wrote) == 1 and wrote[0].status == "complete", [o.reason for o in outcomes]
+    (other,) = [o for o in outcomes if o is not wrote[0]]
+    # the second either found the run complete or still being written: never a second run, never removed it
+    assert other.status == "complete" or "being written by another import" in other.reason, other.reason
+    assert _run_uids(client) - before == {uid}
+    assert [u for u, _ in find_import(client, stack.sha256())] == [uid]
+    assert open_raw_run(client, uid).metadata["stop"]["exit_status"] == "success"
 
 
 def _refused(client, stack, options=None):
