@@ -13,7 +13,7 @@ Images are returned as float32 (8/16-bit integers and float32) or float64 (wider
 says where they lie as stored, so that an import can leave them in their files. The pages of an
 uncompressed multi-page file, stored one after the other, are mapped from the file rather than read
 (:class:`~phasestream.formats.stack.LazyImages`): an import that leaves them there reads only the
-frames it checks.
+frames it checks; so are the images of a folder of uncompressed single-page TIFFs of one pixel type.
 """
 
 from __future__ import annotations
@@ -166,11 +166,15 @@ def _mapped(path: Path, shape: tuple[int, int, int], dtype) -> LazyImages | None
     return LazyImages(shape, frames.dtype, dtype, frames.__getitem__)
 
 
-def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray, str | None]:
-    """The files' images as (E, Y, X) and their pixels' stored dtype when every file has the same, else None."""
-    images: np.ndarray | None = None
+def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImages, str | None]:
+    """The files' images as (E, Y, X) and their pixels' stored dtype when every file has the same, else None.
+
+    Every header is read and checked first; when every file holds its pixels uncompressed in one piece of one
+    stored type, inside the file, the images are mapped from the files (read when indexed), else read."""
     shape: tuple[int, int] = (0, 0)
+    dtype = np.dtype(np.float32)
     stored: set[str] = set()
+    mappable = True
     for index, path in enumerate(files):
         try:
             with tifffile.TiffFile(path) as tif:
@@ -180,23 +184,41 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray, str | Non
                     raise FormatError(path, "truncated or corrupt TIFF: its page list does not end")
                 page = tif.pages[0]
                 page_shape = _page_shape(path, page, 0)
-                if images is None:
+                if index == 0:
                     shape = page_shape
                     dtype = intensity_dtype(path, page.dtype)
                     check_stack_size(folder, (len(files), *shape), dtype)
-                    images = np.empty((len(files), *shape), dtype=dtype)
                 elif page_shape != shape:
                     raise FormatError(path, f"image shape {page_shape} differs from {shape} of {files[0].name}")
-                elif intensity_dtype(path, page.dtype).itemsize > images.dtype.itemsize:
-                    images = images.astype(np.float64)
-                images[index] = page.asarray()
+                elif intensity_dtype(path, page.dtype).itemsize > dtype.itemsize:
+                    dtype = np.dtype(np.float64)
                 stored.add(np.dtype(page.dtype).str)
+                mappable = mappable and bool(page.is_contiguous) and (
+                    page.dataoffsets[0] + sum(page.databytecounts) <= path.stat().st_size)
         except FormatError:
             raise
         except _TIFF_ERRORS as error:
             raise _unreadable(path, error) from None
-    assert images is not None
-    return images, (stored.pop() if len(stored) == 1 else None)
+    one_type = stored.pop() if len(stored) == 1 else None
+    if mappable and one_type is not None:
+        def read(key):
+            chosen = range(len(files))[key] if isinstance(key, slice) else [key]
+            try:
+                frames = [tifffile.memmap(files[i], mode="r") for i in chosen]
+            except (ValueError, OSError) as error:
+                raise _unreadable(files[chosen[0]], error) from None
+            if not isinstance(key, slice):
+                return frames[0]
+            return np.stack(frames) if frames else np.empty((0, *shape), one_type)
+
+        return LazyImages((len(files), *shape), one_type, dtype, read), one_type
+    images = np.empty((len(files), *shape), dtype=dtype)
+    for index, path in enumerate(files):
+        try:
+            images[index] = tifffile.imread(path)
+        except _TIFF_ERRORS as error:
+            raise _unreadable(path, error) from None
+    return images, one_type
 
 
 def read_tiff(

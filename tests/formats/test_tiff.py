@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from phasestream.formats import FORMATS, FormatError, TiffSource, read_stack
+from phasestream.formats import FORMATS, FormatError, LazyImages, TiffSource, read_stack
 from phasestream.formats.energies import parse_energy_text
 from phasestream.formats.tiff import natural_key, read_tiff
 
@@ -30,6 +30,14 @@ def test_multipage_with_energy_list(tmp_path):
     np.testing.assert_array_equal(stack.images, images.astype(np.float32))
     np.testing.assert_array_equal(stack.energies, ENERGIES)
     assert stack.files == (path,)
+    # uncompressed pages one after the other: mapped, not read (an import that leaves them reads only a sample)
+    assert isinstance(stack.images, LazyImages) and stack.images.stored_dtype == images.dtype
+    np.testing.assert_array_equal(stack.images[-1], images[-1])
+    compressed = tmp_path / "zlib.tif"
+    tifffile.imwrite(compressed, images, photometric="minisblack", compression="zlib")
+    again = read_tiff(compressed, energies=ENERGIES.tolist())
+    assert isinstance(again.images, np.ndarray) and again.images.dtype == np.float32  # compressed pages are read
+    np.testing.assert_array_equal(again.images, images.astype(np.float32))
     assert stack.shape == (6, 7)
 
 
@@ -81,6 +89,11 @@ def test_folder_in_natural_order(tmp_path):
     np.testing.assert_array_equal(stack.energies, energies)
     assert [p.name for p in stack.files[:-1]] == [f"img_{i}.tif" for i in range(11)]
     assert stack.metadata["image_files"][-1] == "img_10.tif"
+    # uncompressed single pages of one type: mapped from the files, read when indexed, as the files hold them
+    assert isinstance(stack.images, LazyImages) and stack.images.stored_dtype == np.uint8
+    np.testing.assert_array_equal(stack.images[10], images[10])
+    np.testing.assert_array_equal(stack.images[2:5, 1], images[2:5, 1])
+    assert stack.images[5:5].shape == (0, 3, 4)
 
 
 def test_natural_key():
