@@ -13,7 +13,8 @@
   (gains over bicubic, which must agree within 0.3 dB), HF correlation by steps, and the shipped demo
   model's gain on the same sample.
 
-Usage: ``python benchmarks/indi.py [--pairs 4] [--steps 1 2 ... 20] [--workflow [--iterations 300]]``
+Usage: ``python benchmarks/indi.py [--pairs 4] [--steps 1 2 ... 20] [--workflow [--iterations 300] [--size 256]
+[--filters 16] [--depth 2]]``
 """
 
 from __future__ import annotations
@@ -96,12 +97,15 @@ def main() -> None:
     parser.add_argument("--workflow", action="store_true", help="only the user-workflow benchmark (issue 23)")
     parser.add_argument("--iterations", type=int, default=300, help="--workflow: training iterations")
     parser.add_argument("--size", type=int, default=256, help="--workflow: field size (px)")
+    parser.add_argument("--filters", type=int, default=16, help="--workflow: base filters of the U-Net")
+    parser.add_argument("--depth", type=int, default=2, help="--workflow: down-sampling blocks of the U-Net")
     args = parser.parse_args()
     if args.workflow:
         from indi_workflow import run_workflow  # benchmarks/indi_workflow.py, beside this script
 
         report = {"benchmark": "indi-workflow", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                  **run_workflow(size=args.size, iterations=args.iterations)}
+                  **run_workflow(size=args.size, iterations=args.iterations, filters=args.filters,
+                                 depth=args.depth)}
         print(json.dumps(report, indent=2))
         return
     import tensorflow as tf

@@ -110,7 +110,8 @@ def _gain(reference: np.ndarray, image: np.ndarray, bicubic: np.ndarray) -> floa
     return psnr(reference, image) - psnr(reference, bicubic)
 
 
-def run_workflow(*, size: int = 256, iterations: int = 300, steps_list=(1, 2, 4, 7)) -> dict:
+def run_workflow(*, size: int = 256, iterations: int = 300, steps_list=(1, 2, 4, 7), filters: int = 16,
+                 depth: int = 2) -> dict:
     from phasestream.app.process import ModelServerProcess
     from phasestream.jobs.enhance import enhance_images
     from phasestream.kernels.od import estimate_i0
@@ -132,8 +133,10 @@ def run_workflow(*, size: int = 256, iterations: int = 300, steps_list=(1, 2, 4,
             models = Path(tmp) / "models"
             t0 = time.perf_counter()
             _cli("train", "indi", "--tiled", server.uri, "--lq", uids["lq_a"], "--hq", uids["hq_a"], "--domain",
-                 "transmission", "--iterations", str(iterations), "--out", str(models), "--name", USER_MODEL)
-            report["training"] = {"iterations": iterations, "seconds": round(time.perf_counter() - t0, 1),
+                 "transmission", "--iterations", str(iterations), "--filters", str(filters), "--depth", str(depth),
+                 "--out", str(models), "--name", USER_MODEL)
+            report["training"] = {"iterations": iterations, "filters": filters, "depth": depth,
+                                  "seconds": round(time.perf_counter() - t0, 1),
                                   "pairs": "one frame each (field A)", "domain": "transmission"}
             from phasestream.models.registry import Artifact
 

@@ -73,6 +73,8 @@ def test_data_and_argument_errors_come_before_tensorflow(tiled_server, dose_pair
         "outside the network's range": [*base, "--domain", "counts"],  # raw counts at 120 and 3000: refused
         "is not 2 x the HQ pixel": [*base, "--pixel-size", "0.05", "0.02"],
         "--crop must be a multiple of 4": [*base, "--crop", "30"],
+        "--crop must be a multiple of 8 of at least 16 pixels (--depth 3)": [*base, "--depth", "3", "--crop", "36"],
+        "--depth must be 1 to 5": [*base, "--depth", "0"],
         "too small to train on": [*base, "--crop", "128"],
         "--open-beam takes two positive": [*base, "--open-beam", "120", "0"],
     }

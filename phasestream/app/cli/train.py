@@ -93,6 +93,8 @@ def _add_indi_parser(train_sub: argparse._SubParsersAction) -> None:
     indi.add_argument("--pairs", type=int, default=24, help="--synthetic: phantom pairs (default 24)")
     indi.add_argument("--iterations", type=int, default=4000, help="training iterations (default 4000)")
     indi.add_argument("--filters", type=int, default=16, help="base filters of the U-Net (paper: 64; default 16)")
+    indi.add_argument("--depth", type=int, default=2,
+                      help="down-sampling blocks of the U-Net, 1-5 (default 2; --crop must be a multiple of 2**depth)")
     indi.add_argument("--crop", type=int, default=64, help="training crop size (default 64)")
     indi.add_argument("--batch-size", type=int, default=8)
     indi.add_argument("--name", default=None, help="artifact name (default indi-particles-synthetic / indi-tiled)")
@@ -169,8 +171,12 @@ def train_indi(args: argparse.Namespace) -> int:
     """``train indi``: on simulated particle phantoms, or on a low- and a high-quality scan in Tiled."""
     if args.iterations < 1 or args.batch_size < 1 or args.filters < 1:
         raise ValueError("--iterations, --batch-size and --filters must be >= 1")
-    if args.crop < 8 or args.crop % 4:
-        raise ValueError(f"--crop must be a multiple of 4 of at least 8 pixels, got {args.crop}")
+    if not 1 <= args.depth <= 5:
+        raise ValueError(f"--depth must be 1 to 5 down-sampling blocks, got {args.depth}")
+    multiple = max(4, 2**args.depth)
+    if args.crop < 2 * multiple or args.crop % multiple:
+        raise ValueError(f"--crop must be a multiple of {multiple} of at least {2 * multiple} pixels (--depth "
+                         f"{args.depth}), got {args.crop}")
     if args.synthetic:
         data = synthetic_indi_pairs(seed=args.seed, n_pairs=args.pairs)
         name = args.name or "indi-particles-synthetic"
@@ -186,7 +192,8 @@ def train_indi(args: argparse.Namespace) -> int:
           f"({data.provenance['source']})")
     artifact, result = train_indi_artifact(data, _artifact_folder(args), name=name, version=args.version,
                                            overwrite=args.overwrite, iterations=args.iterations,
-                                           base_filters=args.filters, seed=args.seed, crop=args.crop,
+                                           base_filters=args.filters, depth=args.depth, seed=args.seed,
+                                           crop=args.crop,
                                            batch_size=args.batch_size)
     print(json.dumps({"artifact": str(artifact.path), "name": artifact.name, "version": artifact.version,
                       "sha256": artifact.sha256, "steps": result.steps, "metrics": result.metrics}, indent=2))
