@@ -24,14 +24,19 @@ def open_hdf5(path: str | Path) -> h5py.File:
 
 
 def text(value) -> str:
-    """A string from an HDF5 value: bytes, str, or a one-element array of either (NeXus writers
-    store ``definition`` both as a scalar and as a (1,) array)."""
+    """A string from an HDF5 value: bytes (UTF-8, else Latin-1), str, or a one-element array of either
+    (NeXus writers store ``definition`` both as a scalar and as a (1,) array)."""
     if isinstance(value, np.ndarray):
         if value.size != 1:
             return " ".join(text(v) for v in value.ravel())
         value = value.ravel()[0]
     if isinstance(value, bytes | np.bytes_):
-        return bytes(value).decode("utf-8", "replace").rstrip("\x00").strip()
+        raw = bytes(value)
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:  # Latin-1, as some writers store units: b"\xb5m" is "µm"
+            decoded = raw.decode("latin-1")
+        return decoded.rstrip("\x00").strip()
     return str(value).strip()
 
 
