@@ -143,7 +143,7 @@ def _remove_own_run(runs, uid: str, sha256: str) -> tuple[bool, str]:
     return True, f"the partial run {uid} was removed"
 
 
-def _write(runs, checked: CheckedImport, batch_size: int, uid: str) -> str:
+def _write(runs, checked: CheckedImport, batch_size: int, uid: str) -> None:
     """Write the run ``uid``. A refused start raises :class:`_StartRefusedError` (nothing written: the node, if
     there is one, is not this import's); a later failure removes the run and re-raises with the note of the
     clean-up in ``__notes__``."""
@@ -159,7 +159,6 @@ def _write(runs, checked: CheckedImport, batch_size: int, uid: str) -> str:
     except BaseException as exc:
         exc.add_note(_remove_own_run(runs, uid, checked.sha256)[1])
         raise
-    return uid
 
 
 def _sample(n: int, shape: tuple[int, int]) -> tuple[slice, slice, slice]:
@@ -168,12 +167,11 @@ def _sample(n: int, shape: tuple[int, int]) -> tuple[slice, slice, slice]:
     return (slice(0, n, max(n - 1, 1)), *(slice(0, size, max((size - 1) // 3, 1)) for size in shape))
 
 
-def _served_sample(runs, uid: str, external: ExternalImages, n: int, shape: tuple[int, int]) -> np.ndarray:
-    """The :func:`_sample` pixels of the run's ``primary`` images as the server serves them, in one request to
-    the array's address (no lookups on the way; the client's own read would retry a refusal, a 500, for half a
-    minute). A sample, not whole frames: the server reads only the chunks it touches."""
+def _served_sample(runs, uid: str, external: ExternalImages, sample: tuple[slice, slice, slice]) -> np.ndarray:
+    """The ``sample`` pixels (:func:`_sample`) of the run's ``primary`` images as the server serves them, in one
+    request to the array's address (no lookups on the way; the client's own read would retry a refusal, a 500,
+    for half a minute). A sample, not whole frames: the server reads only the chunks it touches."""
     base = str(runs.uri).replace("/metadata/", "/array/full/", 1).rstrip("/")
-    sample = _sample(n, shape)
     param = ",".join(f"{s.start}:{s.stop}:{s.step}" for s in sample)
     reply = runs.context.http_client.get(f"{base}/{uid}/primary/{IMAGE_KEY}", params={"slice": param},
                                          headers={"Accept": "application/octet-stream"})
@@ -192,11 +190,11 @@ def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
     readable storage only when the data are read."""
     images = checked.stack.images
     n = len(images)
+    frames, rows, cols = sample = _sample(n, checked.stack.shape)
     try:
-        served = _served_sample(runs, uid, checked.external, n, checked.stack.shape)
+        served = _served_sample(runs, uid, checked.external, sample)
     except Exception as exc:  # noqa: BLE001 - every refusal means the same: copy the images instead
         return f"{type(exc).__name__}: {exc}"
-    frames, rows, cols = _sample(n, checked.stack.shape)
     read = np.stack([np.asarray(images[i])[rows, cols] for i in range(n)[frames]])
     if not np.array_equal(served, read):
         return "the images Tiled serves from it differ from those read from the file"
