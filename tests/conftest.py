@@ -9,8 +9,11 @@ import threading
 import warnings
 
 import pytest
+from support import keep_absl_off_captured_streams
 
 from phasestream.kernels.backend import cupy_available
+
+keep_absl_off_captured_streams()
 
 
 def _backend_params():

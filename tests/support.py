@@ -1,8 +1,26 @@
 """Helpers shared by the test modules (importable: tests/ is on pytest's pythonpath)."""
 
+import sys
 import time
 
 import numpy as np
+
+
+def keep_absl_off_captured_streams() -> None:
+    """Make absl's logging handler hold the process's own stderr, which it never closes.
+
+    absl (imported by TensorFlow) creates its handler with the ``sys.stderr`` of the moment it is imported,
+    and closes that stream when logging's handlers are shut down, unless it is the ``sys.stderr`` of that
+    later moment. Every in-process Tiled server shuts all handlers down (uvicorn's
+    ``logging.config.dictConfig``). Under pytest, absl first imported inside a test held pytest's capture
+    file; a later test that captured with ``capsys`` and started a Tiled server closed it, and pytest died
+    ("I/O operation on closed file", "lost sys.stderr"). tests/test_harness.py runs that sequence.
+    """
+    try:
+        import absl.logging
+    except ImportError:  # installed without the models extra: no TensorFlow, no absl
+        return
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def normalize(obj: object) -> object:
