@@ -14,7 +14,7 @@
   model's gain on the same sample.
 
 Usage: ``python benchmarks/indi.py [--pairs 4] [--steps 1 2 ... 20] [--workflow [--iterations 300] [--size 256]
-[--filters 16] [--depth 2]]``
+[--filters 16] [--depth 2] [--sample dense|sparse] [--frames 1]]``
 """
 
 from __future__ import annotations
@@ -99,13 +99,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="--workflow: field size (px)")
     parser.add_argument("--filters", type=int, default=16, help="--workflow: base filters of the U-Net")
     parser.add_argument("--depth", type=int, default=2, help="--workflow: down-sampling blocks of the U-Net")
+    parser.add_argument("--sample", choices=("dense", "sparse"), default="dense",
+                        help="--workflow: the sample (benchmarks/indi_workflow.py SAMPLES)")
+    parser.add_argument("--frames", type=int, default=1, help="--workflow: frames of the training LQ and HQ runs")
     args = parser.parse_args()
     if args.workflow:
         from indi_workflow import run_workflow  # benchmarks/indi_workflow.py, beside this script
 
         report = {"benchmark": "indi-workflow", "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                   **run_workflow(size=args.size, iterations=args.iterations, filters=args.filters,
-                                 depth=args.depth)}
+                                 depth=args.depth, sample=args.sample, frames=args.frames)}
         print(json.dumps(report, indent=2))
         return
     import tensorflow as tf
