@@ -181,7 +181,9 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) ->
     return {"status": "complete", "reason": "", "model": info["name"], "version": info["version"],
             "sha256": info["sha256"],
             "fine_tune_steps": int(reply.get("fine_tune_steps", opts.fine_tune_steps)),
-            "components": int(reply["components"]), "model_seconds": float(reply.get("seconds") or 0.0),
+            "components": int(reply["components"]),
+            "posterior_components": int(reply.get("posterior_components") or 0),
+            "model_seconds": float(reply.get("seconds") or 0.0),
             "ambiguity": opts.ambiguity, "mask": "the live result's", "shape": list(denoised.shape)}
 
 

@@ -22,7 +22,8 @@ Why this design (docs/models.md#denoising):
   combine them into per-pixel weights of local means of the other lines, a convex combination (a
   first version that predicted the value freely learned to shrink weak components, the phase
   contrast, towards zero). Its likelihood under the predicted mean and variance is the loss (the
-  pixel itself being the mean plus unit noise), and the output is the posterior mean. The
+  pixel itself being the mean plus unit noise), and the output is the posterior mean in the strong
+  components, the predicted mean in the weak ones (``POSTERIOR_SNR``). The
   prediction for a pixel never depends on its own scan line, so noise that is
   independent between lines is unpredictable, every pixel is a training target (Noise2Self:
   the expected loss is that against the clean image plus a constant), no input pixels are
@@ -62,6 +63,12 @@ __all__ = ["BlindRowNet", "DenoiseTraining", "Denoised", "SpectralComponents", "
            "image_denoiser", "line_noise_level", "posterior_mean", "spectral_components", "train_denoiser"]
 
 logger = logging.getLogger(__name__)
+
+#: A component's own pixel value enters its denoised value (the posterior mean) only where the
+#: component rises this far above the noise floor (eigenvalue / floor: its signal variance is then at
+#: least 3 times the noise's). In the weak components, where the phase contrast lies, a pixel is
+#: mostly noise and the network's predicted mean is kept (measured in docs/models.md#denoising).
+POSTERIOR_SNR = 4.0
 
 
 # ---------------------------------------------------------------------------------------------- spectra
@@ -385,10 +392,13 @@ class Denoised:
     info: dict[str, Any]
 
 
-def _predict(model: BlindRowNet, inputs: np.ndarray, tile_rows: int, *, posterior: bool = True) -> np.ndarray:
-    """(K, Y, X) denoised components (:func:`posterior_mean`), in row tiles with a margin of the
-    receptive field (memory stays bounded; the result equals whole-image inference)."""
+def _predict(model: BlindRowNet, inputs: np.ndarray, tile_rows: int, *,
+             posterior: bool | Sequence[bool] = True) -> np.ndarray:
+    """(K, Y, X) denoised components, in row tiles with a margin of the receptive field (memory stays
+    bounded; the result equals whole-image inference): the :func:`posterior_mean` of each component
+    where ``posterior`` (one flag, or one per component) is true, the predicted mean elsewhere."""
     k, h = inputs.shape[:2]
+    flags = np.broadcast_to(np.asarray(posterior, bool), (k,))
     margin = 2 + 2 * sum(model.dilations) + max(model.box_sizes, default=0)
     out = np.empty(inputs.shape[:3], np.float32)
     for i in range(k):
@@ -396,7 +406,7 @@ def _predict(model: BlindRowNet, inputs: np.ndarray, tile_rows: int, *, posterio
             a, b = max(0, r0 - margin), min(h, r0 + tile_rows + margin)
             pred = np.asarray(model.predict_images(tf.constant(inputs[i:i + 1, a:b])))[0]
             rows = slice(r0 - a, r0 - a + min(tile_rows, h - r0))
-            out[i, r0:min(h, r0 + tile_rows)] = (posterior_mean(inputs[i, a:b, :, 0][rows], pred[rows]) if posterior
+            out[i, r0:min(h, r0 + tile_rows)] = (posterior_mean(inputs[i, a:b, :, 0][rows], pred[rows]) if flags[i]
                                                  else pred[rows, :, 0])
     return out
 
@@ -430,7 +440,9 @@ def denoise_stack(
     if model is None:
         out = sc.reconstruct()
     else:
-        pred = _predict(model, _inputs(sc), tile_rows)
+        posterior = sc.eigenvalues[:sc.basis.shape[1]] >= POSTERIOR_SNR * sc.noise_floor
+        info["posterior_components"] = int(posterior.sum())
+        pred = _predict(model, _inputs(sc), tile_rows, posterior=posterior)
         out = sc.reconstruct(pred * sc.noise[:, None, None])
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Denoised(out.astype(np.float32), int(sc.basis.shape[1]), info)
