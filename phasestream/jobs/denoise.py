@@ -182,7 +182,7 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) ->
             "sha256": info["sha256"],
             "fine_tune_steps": int(reply.get("fine_tune_steps", opts.fine_tune_steps)),
             "components": int(reply["components"]),
-            "posterior_components": int(reply.get("posterior_components") or 0),
+            "posterior_components": int(reply["posterior_components"]),
             "model_seconds": float(reply.get("seconds") or 0.0),
             "ambiguity": opts.ambiguity, "mask": "the live result's", "shape": list(denoised.shape)}
 

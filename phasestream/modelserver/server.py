@@ -373,7 +373,7 @@ class ModelServer:
                 continue
             self.stats["items"] += 1
             req.reply = {"ok": True, **loaded.info, "array": result.od, "components": result.components,
-                         "posterior_components": int(result.info.get("posterior_components", 0)),
+                         "posterior_components": result.info["posterior_components"],
                          "fine_tune_steps": steps, "seconds": result.info["seconds"]}
 
     def _check_input(self, op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:
