@@ -249,3 +249,38 @@ def assign_phases(pcc: np.ndarray, inside: np.ndarray, ambiguity: float):
         _assign(np.ascontiguousarray(pcc, dtype=np.float32), np.ascontiguousarray(inside, dtype=np.bool_),
                 float(ambiguity), phase, reliability, ambiguous)
     return phase, reliability, ambiguous
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _guided_sums(guide, values, radius, skip_row, out):
+    n_guide, ny, nx = guide.shape
+    n_values = values.shape[0]
+    r2 = radius * radius
+    for y in numba.prange(ny):
+        for x in range(nx):
+            for c in range(n_values):
+                out[c, y, x] = 0.0
+            for dy in range(-radius, radius + 1):
+                yy = y + dy
+                if yy < 0 or yy >= ny or (skip_row and dy == 0):
+                    continue
+                for dx in range(-radius, radius + 1):
+                    xx = x + dx
+                    if xx < 0 or xx >= nx or dy * dy + dx * dx > r2:
+                        continue
+                    d2 = 0.0
+                    for g in range(n_guide):
+                        t = guide[g, y, x] - guide[g, yy, xx]
+                        d2 += t * t
+                    w = np.exp(-0.5 * d2)
+                    for c in range(n_values):
+                        out[c, y, x] += w * values[c, yy, xx]
+
+
+def guided_sums(guide: np.ndarray, values: np.ndarray, radius: int, skip_row: bool) -> np.ndarray:
+    """(C, Y, X) guide-weighted sums over a disc; see ``guided.guided_sums``."""
+    out = np.empty(values.shape, np.float64)
+    with _LOCK:
+        _guided_sums(np.ascontiguousarray(guide, dtype=np.float64), np.ascontiguousarray(values, dtype=np.float64),
+                     int(radius), bool(skip_row), out)
+    return out

@@ -59,8 +59,16 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from phasestream.models.spectra import (
+    SpectralComponents,
+    line_noise_level,
+    shape_average,
+    spectral_components,
+)
+
 __all__ = ["BlindRowNet", "DenoiseTraining", "Denoised", "SpectralComponents", "blind_row_loss", "denoise_stack",
-           "image_denoiser", "line_noise_level", "posterior_mean", "spectral_components", "train_denoiser"]
+           "image_denoiser", "line_noise_level", "posterior_mean", "shape_average", "spectral_components",
+           "train_denoiser"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,85 +77,6 @@ logger = logging.getLogger(__name__)
 #: least 3 times the noise's). In the weak components, where the phase contrast lies, a pixel is
 #: mostly noise and the network's predicted mean is kept (measured in docs/models.md#denoising).
 POSTERIOR_SNR = 4.0
-
-
-# ---------------------------------------------------------------------------------------------- spectra
-
-
-def line_noise_level(image: np.ndarray) -> float:
-    """Noise standard deviation of an image whose noise is independent between rows (scan lines).
-
-    ``1.4826 * MAD(y[r] - (y[r-1] + y[r+1]) / 2) / sqrt(1.5)``: the second difference across lines
-    cancels smooth structure and any noise shared along a line is kept (it differs between lines).
-    """
-    a = np.asarray(image, np.float64)
-    d = a[1:-1] - 0.5 * (a[:-2] + a[2:])
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return 0.0
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(1.5))
-
-
-@dataclass(frozen=True)
-class SpectralComponents:
-    """Whitened principal components of a stack: ``od ~ mean + scale * (basis @ components)``.
-
-    Attributes
-    ----------
-    mean : (E,) mean OD per energy; scale : (E,) noise level per energy (the whitening)
-    basis : (E, K) orthonormal spectral components of the whitened stack
-    components : (K, Y, X) component images; noise : (K,) their noise levels
-    eigenvalues : (E,) of the whitened covariance, descending; noise_floor : their noise level
-    """
-
-    mean: np.ndarray
-    scale: np.ndarray
-    basis: np.ndarray
-    components: np.ndarray
-    noise: np.ndarray
-    eigenvalues: np.ndarray
-    noise_floor: float
-
-    def reconstruct(self, components: np.ndarray | None = None) -> np.ndarray:
-        """(E, Y, X) OD from (K, Y, X) component images (default: the noisy ones)."""
-        c = self.components if components is None else np.asarray(components, np.float64)
-        k, h, w = c.shape
-        return (self.mean[:, None] + self.scale[:, None] * (self.basis @ c.reshape(k, -1))).reshape(-1, h, w)
-
-
-def spectral_components(od: np.ndarray, *, components: int | None = None, threshold: float = 1.15,
-                        max_components: int = 8) -> SpectralComponents:
-    """Principal components of the whitened OD stack (E, Y, X) that rise above the noise floor.
-
-    Each energy is divided by its :func:`line_noise_level`; NaN pixels take the energy's median.
-    The noise floor is the median of the smaller half of the covariance eigenvalues (pure noise
-    when there are fewer phases than half the energies); components with an eigenvalue above
-    ``threshold`` times the floor are kept (at least one, at most ``max_components``), unless
-    ``components`` fixes their number.
-    """
-    x = np.asarray(od, np.float64)
-    if x.ndim != 3 or x.shape[0] < 2:
-        raise ValueError(f"od must be an (E, Y, X) stack with E >= 2, got shape {x.shape}")
-    n_e, h, w = x.shape
-    x = np.where(np.isfinite(x), x, np.nan)
-    if not np.isfinite(x).any(axis=(1, 2)).all():
-        raise ValueError("every energy image needs at least one finite pixel")
-    x = np.where(np.isfinite(x), x, np.nanmedian(x, axis=(1, 2), keepdims=True))
-    scale = np.array([line_noise_level(img) for img in x])
-    scale = np.where(scale > 0, scale, max(scale.max(), 1e-6))
-    mean = x.mean(axis=(1, 2))
-    z = ((x - mean[:, None, None]) / scale[:, None, None]).reshape(n_e, -1)
-    eigenvalues, vectors = np.linalg.eigh(z @ z.T / z.shape[1])
-    order = np.argsort(eigenvalues)[::-1]
-    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-    floor = float(np.median(eigenvalues[n_e // 2:]))
-    if components is None:
-        components = int(np.clip((eigenvalues > threshold * floor).sum(), 1, min(max_components, n_e)))
-    basis = vectors[:, :components]
-    basis = basis * np.where(basis[np.argmax(np.abs(basis), axis=0), range(components)] < 0, -1.0, 1.0)
-    comps = (basis.T @ z).reshape(components, h, w)
-    noise = np.array([max(line_noise_level(c), 1e-6) for c in comps])
-    return SpectralComponents(mean, scale, basis, comps, noise, eigenvalues, floor)
 
 
 # ---------------------------------------------------------------------------------------------- network
@@ -419,6 +348,7 @@ def denoise_stack(
     components: int | None = None,
     tile_rows: int = 256,
     seed: int = 0,
+    shape_averaging: bool = True,
     **train_options: Any,
 ) -> Denoised:
     """Denoise an OD stack (E, Y, X): principal components, the blind-row network on each, back.
@@ -426,8 +356,9 @@ def denoise_stack(
     With ``fine_tune_steps`` the network is first fine-tuned on this stack
     (:func:`train_denoiser`, self-supervised; ``model=None`` trains a new one from scratch). With
     ``model=None`` and no steps only the spectral projection is applied (components above the noise
-    floor, no spatial denoising). NaN pixels are filled (with the energy's median) before and
-    denoised like the rest.
+    floor, no spatial denoising). The network's predicted mean of the weak components is then the
+    pilot of :func:`shape_average` (unless ``shape_averaging`` is false). NaN pixels are filled (with
+    the energy's median) before and denoised like the rest.
     """
     t0 = time.perf_counter()
     od = np.asarray(od, np.float64)
@@ -442,8 +373,12 @@ def denoise_stack(
     else:
         posterior = sc.eigenvalues[:sc.basis.shape[1]] >= POSTERIOR_SNR * sc.noise_floor
         info["posterior_components"] = int(posterior.sum())
-        pred = _predict(model, _inputs(sc), tile_rows, posterior=posterior)
-        out = sc.reconstruct(pred * sc.noise[:, None, None])
+        pred = _predict(model, _inputs(sc), tile_rows, posterior=posterior) * sc.noise[:, None, None]
+        averaged = 0
+        if shape_averaging:
+            pred, averaged = shape_average(sc, pred, ~posterior)
+        info["shape_averaged_components"] = averaged
+        out = sc.reconstruct(pred)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Denoised(out.astype(np.float32), int(sc.basis.shape[1]), info)
 

@@ -1,0 +1,152 @@
+"""The spectral side of the denoiser, free of TensorFlow: principal components of an (E, Y, X) OD
+stack above its noise floor, and the spectral-shape averaging of its weak components
+(``phasestream.models.denoise`` puts the blind-row network between the two; docs/models.md#denoising).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from phasestream.kernels.guided import guided_sums
+
+__all__ = ["SHAPE_ITERATIONS", "SHAPE_RADIUS", "SHAPE_THICKNESS_TOLERANCE", "SHAPE_TOLERANCE", "SpectralComponents",
+           "line_noise_level", "shape_average", "spectral_components"]
+
+#: Spectral-shape averaging of the weak components (:func:`shape_average`): the disc (px), the
+#: tolerance of the guide (noise units of the thickness-normalized weak components, and a share of
+#: the typical particle thickness) and the rounds of re-weighting. Chosen on NVPF samples at 300
+#: counts/px (seeds 920-922) that ``benchmarks/denoise.py`` never scores (docs/models.md#denoising).
+SHAPE_RADIUS = 12
+SHAPE_TOLERANCE = 0.4
+SHAPE_THICKNESS_TOLERANCE = 0.6
+SHAPE_ITERATIONS = 3
+
+
+def line_noise_level(image: np.ndarray) -> float:
+    """Noise standard deviation of an image whose noise is independent between rows (scan lines).
+
+    ``1.4826 * MAD(y[r] - (y[r-1] + y[r+1]) / 2) / sqrt(1.5)``: the second difference across lines
+    cancels smooth structure and any noise shared along a line is kept (it differs between lines).
+    """
+    a = np.asarray(image, np.float64)
+    d = a[1:-1] - 0.5 * (a[:-2] + a[2:])
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(1.5))
+
+
+@dataclass(frozen=True)
+class SpectralComponents:
+    """Whitened principal components of a stack: ``od ~ mean + scale * (basis @ components)``.
+
+    Attributes
+    ----------
+    mean : (E,) mean OD per energy; scale : (E,) noise level per energy (the whitening)
+    basis : (E, K) orthonormal spectral components of the whitened stack
+    components : (K, Y, X) component images; noise : (K,) their noise levels
+    eigenvalues : (E,) of the whitened covariance, descending; noise_floor : their noise level
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    basis: np.ndarray
+    components: np.ndarray
+    noise: np.ndarray
+    eigenvalues: np.ndarray
+    noise_floor: float
+
+    def reconstruct(self, components: np.ndarray | None = None) -> np.ndarray:
+        """(E, Y, X) OD from (K, Y, X) component images (default: the noisy ones)."""
+        c = self.components if components is None else np.asarray(components, np.float64)
+        k, h, w = c.shape
+        return (self.mean[:, None] + self.scale[:, None] * (self.basis @ c.reshape(k, -1))).reshape(-1, h, w)
+
+
+def spectral_components(od: np.ndarray, *, components: int | None = None, threshold: float = 1.15,
+                        max_components: int = 8) -> SpectralComponents:
+    """Principal components of the whitened OD stack (E, Y, X) that rise above the noise floor.
+
+    Each energy is divided by its :func:`line_noise_level`; NaN pixels take the energy's median.
+    The noise floor is the median of the smaller half of the covariance eigenvalues (pure noise
+    when there are fewer phases than half the energies); components with an eigenvalue above
+    ``threshold`` times the floor are kept (at least one, at most ``max_components``), unless
+    ``components`` fixes their number.
+    """
+    x = np.asarray(od, np.float64)
+    if x.ndim != 3 or x.shape[0] < 2:
+        raise ValueError(f"od must be an (E, Y, X) stack with E >= 2, got shape {x.shape}")
+    n_e, h, w = x.shape
+    x = np.where(np.isfinite(x), x, np.nan)
+    if not np.isfinite(x).any(axis=(1, 2)).all():
+        raise ValueError("every energy image needs at least one finite pixel")
+    x = np.where(np.isfinite(x), x, np.nanmedian(x, axis=(1, 2), keepdims=True))
+    scale = np.array([line_noise_level(img) for img in x])
+    scale = np.where(scale > 0, scale, max(scale.max(), 1e-6))
+    mean = x.mean(axis=(1, 2))
+    z = ((x - mean[:, None, None]) / scale[:, None, None]).reshape(n_e, -1)
+    eigenvalues, vectors = np.linalg.eigh(z @ z.T / z.shape[1])
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    floor = float(np.median(eigenvalues[n_e // 2:]))
+    if components is None:
+        components = int(np.clip((eigenvalues > threshold * floor).sum(), 1, min(max_components, n_e)))
+    basis = vectors[:, :components]
+    basis = basis * np.where(basis[np.argmax(np.abs(basis), axis=0), range(components)] < 0, -1.0, 1.0)
+    comps = (basis.T @ z).reshape(components, h, w)
+    noise = np.array([max(line_noise_level(c), 1e-6) for c in comps])
+    return SpectralComponents(mean, scale, basis, comps, noise, eigenvalues, floor)
+
+
+def shape_average(sc: SpectralComponents, pilot: np.ndarray, weak: Sequence[bool], *,
+                  radius: int = SHAPE_RADIUS, tolerance: float = SHAPE_TOLERANCE,
+                  thickness_tolerance: float = SHAPE_THICKNESS_TOLERANCE,
+                  iterations: int = SHAPE_ITERATIONS) -> tuple[np.ndarray, int]:
+    """The ``weak`` components re-estimated as averages of the *noisy* spectra of the pixels whose
+    spectral shape, in the ``pilot``, is that of the pixel: (K, Y, X) components.
+
+    ``od = thickness x shape``, and phases differ in shape alone, so within a phase domain the
+    weak components divided by the thickness (the uncentred first component, ``T``) are constant
+    however the thickness varies. For each pixel ``p`` the neighbours ``q`` within ``radius`` are
+    weighted by ``exp(-d^2 / 2)``, ``d^2`` the squared difference of their pilot shapes (the weak
+    components times ``T_ref / T``, in units of ``tolerance`` times the component's noise) plus that of
+    their thicknesses (in units of ``thickness_tolerance`` times ``T_ref``, the typical particle
+    thickness); a weak component is then ``T(p) * sum_q w W(q) / sum_q w T(q)`` (``W``: the noisy
+    uncentred component), the shape of the neighbours at the pixel's own thickness (a ratio
+    estimator: averaging spectra of one phase at different thicknesses keeps its shape). The result
+    is the next round's pilot (``iterations``): the weights sharpen, the values averaged stay the noisy
+    ones, never the pilot's; those intermediate pilots leave the pixel's own scan line out. The
+    neighbours' weighted thickness is floored at a tenth of ``T_ref``, so that over the background
+    (``T ~ 0``) the result tends to zero OD. A denoised spectrum is a weighted mean of measured
+    spectra: it cannot make a shape the stack does not hold, nor shrink a contrast between domains
+    that the weights separate. The first component (the thickness) is not changed; when it is weak
+    itself, or no other component is, the pilot is returned as it is. Nothing here is trained.
+    Returns the (K, Y, X) components and how many of them were averaged.
+    """
+    k = sc.basis.shape[1]
+    weak = np.broadcast_to(np.asarray(weak, bool), (k,))
+    out = np.array(pilot, np.float64)
+    offsets = sc.basis.T @ (sc.mean / sc.scale)  # uncentred component = centred + offset
+    thickness = out[0] + offsets[0]
+    top = float(np.percentile(thickness, 99))
+    refine = [j for j in range(1, k) if weak[j]]
+    if weak[0] or not refine or top <= 0 or iterations < 1:
+        return out, 0
+    t_ref = float(np.median(thickness[thickness > 0.3 * top]))
+    t_floor = np.maximum(thickness, 0.5 * t_ref)
+    noisy = np.stack([sc.components[j] + offsets[j] for j in refine] + [thickness, np.ones_like(thickness)])
+    for it in range(iterations):
+        shapes = [(out[j] + offsets[j]) * (t_ref / t_floor) / (tolerance * sc.noise[j]) for j in range(1, k)]
+        guide = np.stack([*shapes, thickness / (thickness_tolerance * t_ref)])
+        # the pilots of the next round leave the pixel's own scan line out: its line noise, shared by
+        # the whole line, would otherwise make whole lines join the wrong side of an edge along them
+        sums = guided_sums(guide, noisy, radius, skip_row=it < iterations - 1)
+        # the neighbours' thickness, floored at a tenth of T_ref: over the background (T ~ 0) the
+        # result tends to T(p) times a bounded mean, zero OD, never to noise over noise
+        ratio = sums[:-2] / np.maximum(sums[-2], 0.1 * t_ref * sums[-1])
+        for i, j in enumerate(refine):
+            out[j] = thickness * ratio[i] - offsets[j]
+    return out, len(refine)
