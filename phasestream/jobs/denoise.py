@@ -183,6 +183,7 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) ->
             "fine_tune_steps": int(reply.get("fine_tune_steps", opts.fine_tune_steps)),
             "components": int(reply["components"]),
             "posterior_components": int(reply["posterior_components"]),
+            "shape_averaged_components": int(reply["shape_averaged_components"]),
             "model_seconds": float(reply.get("seconds") or 0.0),
             "ambiguity": opts.ambiguity, "mask": "the live result's", "shape": list(denoised.shape)}
 

@@ -59,6 +59,8 @@ def test_denoise_op_equals_the_model_in_process(models):
         expected = denoise_stack(model, od.astype(np.float32))
         assert reply["components"] == expected.components
         assert reply["posterior_components"] == expected.info["posterior_components"] == 1
+        assert reply["shape_averaged_components"] == expected.info["shape_averaged_components"]
+        assert reply["shape_averaged_components"] == reply["components"] - 1  # every weak component
         np.testing.assert_allclose(reply["array"], expected.od, rtol=1e-4, atol=1e-4)
         tuned = client.denoise(DENOISE, od, fine_tune_steps=3)
         assert tuned["fine_tune_steps"] == 3 and tuned["array"].shape == od.shape
@@ -119,6 +121,7 @@ def test_denoising_requested_in_the_start_document(tiled_client, models):
         "complete", DENOISE, art.version, art.sha256)
     assert record["seconds"] > 0 and record["reason"] == "" and record["fine_tune_steps"] == 0
     assert 1 <= record["posterior_components"] <= record["components"]
+    assert record["posterior_components"] + record["shape_averaged_components"] == record["components"]
     od, denoised, pcc, phase, reliability, ambiguous = _denoised_oracle(node)
     np.testing.assert_allclose(node["denoised"].read(), denoised, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(node["pcc_denoised"].read(), pcc, atol=1e-4)
