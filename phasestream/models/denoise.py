@@ -364,6 +364,7 @@ def denoise_stack(
     od = np.asarray(od, np.float64)
     sc = spectral_components(od, components=components)
     info: dict[str, Any] = {"eigenvalues": [round(float(v), 4) for v in sc.eigenvalues],
+                            "signal_eigenvalues": [round(float(v), 4) for v in sc.signal],
                             "noise_floor": round(sc.noise_floor, 4), "component_noise": sc.noise.round(5).tolist()}
     if fine_tune_steps > 0:
         trained = train_denoiser([od], model=model, steps=fine_tune_steps, seed=seed, **train_options)
@@ -371,7 +372,7 @@ def denoise_stack(
     if model is None:
         out = sc.reconstruct()
     else:
-        posterior = sc.eigenvalues[:sc.basis.shape[1]] >= POSTERIOR_SNR * sc.noise_floor
+        posterior = sc.variance >= POSTERIOR_SNR * sc.noise_floor
         info["posterior_components"] = int(posterior.sum())
         pred = _predict(model, _inputs(sc), tile_rows, posterior=posterior) * sc.noise[:, None, None]
         averaged = 0

@@ -18,9 +18,6 @@ from phasestream.models.denoise import (
     _predict,
     denoise_stack,
     image_denoiser,
-    line_noise_level,
-    shape_average,
-    spectral_components,
     train_denoiser,
 )
 from phasestream.models.registry import ModelRegistry, save_artifact
@@ -46,28 +43,6 @@ def test_prediction_never_depends_on_its_own_scan_line():
         grad = np.abs(tape.gradient(value, x).numpy()[0])
         assert grad[12].max() == 0.0  # the whole row, both channels
         assert grad[11].max() > 0 and grad[13].max() > 0
-
-
-def test_line_noise_level_sees_line_correlated_noise():
-    rng = np.random.default_rng(1)
-    white = rng.normal(0, 0.3, (400, 400))
-    lines = white + rng.normal(0, 0.2, (400, 1))  # plus an offset per line
-    smooth = np.add.outer(np.linspace(0, 5, 400), np.linspace(0, 3, 400))
-    assert line_noise_level(white + smooth) == pytest.approx(0.3, rel=0.05)
-    assert line_noise_level(lines) == pytest.approx(np.hypot(0.3, 0.2), rel=0.06)
-
-
-def test_spectral_components_keep_the_signal_rank():
-    rng = np.random.default_rng(2)
-    maps = ndimage.gaussian_filter(rng.uniform(0, 1, (2, 64, 64)), (0, 4, 4)) * 10  # smooth, as images are
-    spectra = rng.uniform(0, 1, (8, 2))  # rank 2 plus a mean
-    clean = np.tensordot(spectra, maps, axes=1) * 20.0
-    sc = spectral_components(clean + rng.normal(0, 1.0, clean.shape))
-    assert sc.basis.shape[1] == 2
-    assert sc.noise_floor == pytest.approx(1.0, rel=0.1)
-    np.testing.assert_allclose(sc.basis.T @ sc.basis, np.eye(2), atol=1e-10)
-    exact = spectral_components(clean, components=8)  # all components: reconstruction is exact
-    np.testing.assert_allclose(exact.reconstruct(), clean, atol=1e-8)
 
 
 def test_training_lowers_the_self_supervised_loss():
@@ -146,26 +121,13 @@ def test_phase_interiors_are_identified_after_denoising(shipped, seed, soc):
     assert accuracy >= 0.98 and accuracy > raw + 0.2, (accuracy, raw)
 
 
-def test_shape_averaging_keeps_a_pure_phase_at_any_thickness():
-    """The ratio estimator: neighbours of one phase at other thicknesses give back the pixel's own
-    spectrum (a stack of one phase, thickness 0.3-1.0 across the field, noise 1e-6 OD)."""
-    h, w = 40, 48
-    thickness = 0.3 + 0.35 * np.add.outer(np.linspace(0, 1, h), np.linspace(0, 1, w))
-    clean = thickness[None] * REFS.interpolate(ENERGIES)[2][:, None, None]
-    od = clean + 1e-6 * np.random.default_rng(0).normal(size=clean.shape)
-    sc = spectral_components(od, components=2)
-    out, averaged = shape_average(sc, sc.components, [False, True])
-    assert averaged == 1
-    np.testing.assert_allclose(sc.reconstruct(out), clean, rtol=1e-4)
-
-
 @pytest.mark.parametrize(("seed", "soc"), [(31, 2.0), (32, 1.0)])
 def test_fewer_ambiguous_pixels_after_denoising(shipped, seed, soc):
     """Against raw and the network alone, on the samples above: spectral-shape averaging of the weak
-    components leaves fewer pixels ambiguous than the network alone and as many right; on the
-    state-of-charge 1.0 sample it halves the raw ambiguous fraction, on the 2.0 sample (thin Na 2.0 /
-    Na 1.0 domains, PCC 0.992 between those references) it does not (measured 0.41 against raw 0.28,
-    network alone 0.61; docs/models.md#denoising)."""
+    components leaves fewer pixels ambiguous than raw and than the network alone, and as many right;
+    on the state-of-charge 1.0 sample it halves the raw ambiguous fraction (measured 0.05 against raw
+    0.26), on the 2.0 sample (thin Na 2.0 / Na 1.0 domains, PCC 0.992 between those references) it
+    does not (0.20 against raw 0.28, network alone 0.49; docs/models.md#denoising)."""
     _, model = shipped
     sample = make_sample((128, 128), state_of_charge=soc, references=REFS, n_particles=4, seed=seed)
     stack = simulate_stack(sample, ENERGIES, dose=300.0, noise=LINE_CORRELATED, rng=seed + 1)
@@ -179,7 +141,7 @@ def test_fewer_ambiguous_pixels_after_denoising(shipped, seed, soc):
     assert averaged.info["shape_averaged_components"] >= 1
     raw, network, shape = (scores(stack.od), scores(denoise_stack(model, stack.od, shape_averaging=False).od),
                            scores(averaged.od))
-    assert shape[0] < 0.8 * network[0], (raw, network, shape)
+    assert shape[0] < 0.8 * network[0] and shape[0] < raw[0], (raw, network, shape)
     if soc == 1.0:
         assert shape[0] <= 0.5 * raw[0], (raw, network, shape)
     assert shape[1] >= network[1] - 0.005 and shape[1] > raw[1] + 0.1, (raw, network, shape)
@@ -205,18 +167,22 @@ def test_a_sharp_phase_boundary_stays_sharp(shipped, boundary_axis):
 @pytest.mark.parametrize("boundary_axis", [1, 0], ids=["across-lines", "along-lines"])
 def test_od_bias_is_under_one_percent_of_the_edge_jump_on_each_phase(shipped, boundary_axis):
     """Against the truth on each side of the boundary separately (a shrunk phase contrast would show),
-    at 1000 counts/px: at 300 the raw OD itself is biased by about 1% (-ln of Poisson counts)."""
+    at 1000 counts/px: at 300 the raw OD itself is biased by about 1% (-ln of Poisson counts).
+
+    The bias is the error averaged over 8 noise realisations: one realisation's region mean still
+    carries its lines' I0 noise, about 0.5% of the jump (rms), raw or denoised alike."""
     _, model = shipped
     sample = _two_phase_sample((96, 96), boundary_axis=boundary_axis)
-    stack = simulate_stack(sample, ENERGIES, dose=1000.0, noise=LINE_CORRELATED, rng=12)
-    out = denoise_stack(model, stack.od).od
+    regions = [ndimage.binary_erosion(sample.phase == phase, iterations=4) for phase in (2, 3)]
+    errors = []
+    for rng in range(12, 20):
+        stack = simulate_stack(sample, ENERGIES, dose=1000.0, noise=LINE_CORRELATED, rng=rng)
+        out = denoise_stack(model, stack.od).od
+        errors.append([(out - stack.clean_od)[:, region].mean(axis=1) for region in regions])
     mu = REFS.interpolate(ENERGIES)
     jump = 0.9 * float(np.abs(mu[:, -1] - mu[:, 0]).max())  # the edge jump of the slab
-    for phase in (2, 3):
-        region = ndimage.binary_erosion(sample.phase == phase, iterations=4)
-        bias = np.abs((out - stack.clean_od)[:, region].mean(axis=1)).max()
-        raw = np.abs((stack.od - stack.clean_od)[:, region].mean(axis=1)).max()
-        assert bias < 0.01 * jump, (phase, bias, raw, jump)
+    bias = np.abs(np.mean(errors, axis=0)).max(axis=1)  # per phase, the worst energy
+    assert (bias < 0.01 * jump).all(), (bias, jump)
 
 
 def test_learned_prior_in_rum_pnp(shipped):
