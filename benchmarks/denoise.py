@@ -25,7 +25,10 @@ noise, 2% along-line I0 fluctuation with a 10 px correlation length).
   the standard deviation over realisations of each particle's phase fractions (share of its pixels
   per phase; particles: connected parts of the particle mask; the mean over particles and the
   phases present), raw and denoised (learned, TV; BM3D left out for time), per sample and the mean
-  over samples; ``reduction`` is ``1 - std / std_raw``.
+  over samples; ``reduction`` is ``1 - std / std_raw``. Per pixel as well (the paper's sense of
+  noise-induced variability, supplementary): ``pixel_od_std``, the OD's standard deviation over
+  realisations (mean over particle pixels and energies), and ``pixel_flip``, the probability that
+  two realisations give a particle pixel different phases, with their reductions.
 * ``standards``: the real-standards phantoms of ``benchmarks/phase_id.py`` (stripes of the
   measured references of ``tests/data`` over the top three quarters, a two-phase mixture ramp
   below) as ``--standards-size``^2 images (smooth thickness 0.7-1.0), their 13 energies
@@ -144,26 +147,46 @@ def particle_fractions(phase: np.ndarray, labels: np.ndarray, n_labels: int, k: 
     return out
 
 
+def pixel_flip_probability(phases: np.ndarray, region: np.ndarray, k: int) -> float:
+    """Mean over ``region`` of the probability that two realisations (R, Y, X) give a pixel different phases."""
+    r = phases.shape[0]
+    counts = np.stack([(phases == j).sum(axis=0) for j in range(k)])[:, region].astype(float)
+    return float(np.mean(1.0 - (counts * (counts - 1)).sum(axis=0) / (r * (r - 1))))
+
+
 def variability(sample, energies, mu, model, dose, realisations, weight) -> dict:
-    """Standard deviation over noise realisations of each particle's phase fractions, raw and denoised."""
+    """Standard deviation over noise realisations of each particle's phase fractions, raw and denoised;
+    and per pixel: the OD's standard deviation over realisations and the probability of a phase flip."""
     labels, n = ndimage.label(sample.particle)
     k = mu.shape[0]
     fractions: dict[str, list[np.ndarray]] = {"raw": [], "learned": [], "tv": []}
+    phases: dict[str, list[np.ndarray]] = {m: [] for m in fractions}
+    sums = {m: [0.0, 0.0] for m in fractions}  # per pixel: sum and sum of squares of the OD
     for r in range(realisations):
         stack = simulate_stack(sample, energies, dose=dose, noise=LINE_CORRELATED, rng=5000 + r)
         for method, od in (("raw", stack.od), ("learned", denoise_stack(model, stack.od).od),
                            ("tv", tv(stack.od, weight))):
             phase = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")[0]
             fractions[method].append(particle_fractions(phase, labels, n, k))
+            phases[method].append(np.where(sample.particle, phase, -1).astype(np.int8))
+            od = np.asarray(od, np.float64)[:, sample.particle]
+            sums[method][0] = sums[method][0] + od
+            sums[method][1] = sums[method][1] + od**2
     truth = particle_fractions(np.where(sample.particle, sample.phase, -1), labels, n, k)
     present = truth > 0
     out = {"state_of_charge": sample.state_of_charge, "particles": n}
     for method, runs in fractions.items():
         a = np.stack(runs)
+        total, squares = sums[method]
+        od_var = (squares - total**2 / realisations) / (realisations - 1)
         out[method] = {"std": round(float(a.std(axis=0, ddof=1)[present].mean()), 4),
-                       "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4)}
+                       "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4),
+                       "pixel_od_std": round(float(np.nanmean(np.sqrt(np.maximum(od_var, 0.0)))), 5),
+                       "pixel_flip": round(pixel_flip_probability(np.stack(phases[method]), sample.particle, k), 4)}
     for method in ("learned", "tv"):
-        out[method]["reduction"] = round(1.0 - out[method]["std"] / out["raw"]["std"], 3)
+        for measure, name in (("std", "reduction"), ("pixel_od_std", "pixel_od_reduction"),
+                              ("pixel_flip", "pixel_flip_reduction")):
+            out[method][name] = round(1.0 - out[method][measure] / out["raw"][measure], 3)
     return out
 
 
@@ -286,12 +309,18 @@ def main() -> None:
         sample, _ = stack_of(energies, refs, args.size, 910 + i, args.phase_dose, soc=(2.0, 1.0, 2.4)[i % 3])
         report["variability"]["samples"][str(910 + i)] = variability(sample, energies, mu, model, args.phase_dose,
                                                                       args.realisations, weight)
+    samples = report["variability"]["samples"].values()
     for method in ("raw", "learned", "tv"):
-        report["variability"][method] = round(float(np.mean(
-            [v[method]["std"] for v in report["variability"]["samples"].values()])), 4)
+        report["variability"][method] = round(float(np.mean([v[method]["std"] for v in samples])), 4)
+        for measure in ("pixel_od_std", "pixel_flip"):
+            values = [v[method][measure] for v in samples]
+            report["variability"][f"{method}_{measure}"] = round(float(np.mean(values)), 5)
     for method in ("learned", "tv"):
         report["variability"][f"{method}_reduction"] = round(
             1.0 - report["variability"][method] / report["variability"]["raw"], 3)
+        for measure in ("pixel_od_std", "pixel_flip"):
+            report["variability"][f"{method}_{measure}_reduction"] = round(
+                1.0 - report["variability"][f"{method}_{measure}"] / report["variability"][f"raw_{measure}"], 3)
     print(json.dumps({"variability": report["variability"]}), flush=True)
     report["standards"] = {"size": args.standards_size, "dose": args.phase_dose,
                            "sets": standards(model, args.standards_size, args.phase_dose, factor)}
