@@ -18,7 +18,10 @@ noise, 2% along-line I0 fluctuation with a 10 px correlation length).
   (``truth``: the floor any denoiser can reach), raw and denoised OD of ``--phase-samples`` samples
   at ``--phase-dose``: accuracy on the particle pixels (``all``; ``interior``: away from domain
   boundaries and particle edges), the ambiguous fraction of the particle pixels (also per true
-  phase) and the median PCC gap of interior pixels, against the simulator's truth.
+  phase, and over the pixels the noiseless OD leaves unambiguous: the ambiguity noise adds; noise
+  also turns truly ambiguous mixtures at domain boundaries into decided pixels, so a noisy map can
+  score under the noiseless fraction) and the median PCC gap of interior pixels, against the
+  simulator's truth.
   ``ambiguous_vs_dose``: the raw stack's ambiguous fraction at higher doses (the line noise does
   not fall with the dose).
 * ``variability``: ``--realisations`` noise realisations of each phase sample at ``--phase-dose``:
@@ -68,7 +71,7 @@ from phasestream.sim import LINE_CORRELATED, SimulatedSample, make_sample, simul
 TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)
 BM3D_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 BM3D_MISSING = "not installed (pip install 'phasestream[methods]')"
-MEASURES = ("accuracy", "accuracy_interior", "ambiguous", "median_gap_interior")
+MEASURES = ("accuracy", "accuracy_interior", "ambiguous", "ambiguous_where_truth_decided", "median_gap_interior")
 
 
 def per_energy(fn, od: np.ndarray) -> np.ndarray:
@@ -113,13 +116,17 @@ def interior_gap(reliability, region) -> float:
     return round(float(np.nanmedian(reliability[region])), 4) if region.any() else float("nan")
 
 
-def phase_scores(sample, od, mu, phases) -> dict:
+def phase_scores(sample, od, mu, phases, decided=None) -> dict:
+    """PCC phase measures of ``od`` against ``sample``'s truth; ``decided``: the particle pixels that
+    the noiseless OD leaves unambiguous (``ambiguous_where_truth_decided``: the ambiguity noise adds)."""
     phase, reliability, ambiguous = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")
     inside = sample.particle
     present = [k for k in range(len(phases)) if (inside & (sample.phase == k)).any()]
+    extra = {} if decided is None else {
+        "ambiguous_where_truth_decided": round(float(ambiguous[inside & decided].mean()), 4)}
     return {"accuracy": round(sample.accuracy(phase, exclude_boundary=False), 4),
             "accuracy_interior": round(sample.accuracy(phase), 4),
-            "ambiguous": round(float(ambiguous[inside].mean()), 4),
+            "ambiguous": round(float(ambiguous[inside].mean()), 4), **extra,
             "median_gap_interior": interior_gap(reliability, inside & ~sample.boundary),
             "ambiguous_by_phase": {phases[k]: round(float(ambiguous[inside & (sample.phase == k)].mean()), 4)
                                    for k in present}}
@@ -288,7 +295,8 @@ def main() -> None:
     phase = {"dose": args.phase_dose, "samples": []}
     for i in range(args.phase_samples):
         sample, stack = stack_of(energies, refs, args.size, 910 + i, args.phase_dose, soc=(2.0, 1.0, 2.4)[i % 3])
-        scores = {m: phase_scores(sample, od, mu, refs.phases)
+        decided = ~assign_phases(pearson_maps(stack.clean_od, mu), backend="numpy")[2].astype(bool)
+        scores = {m: phase_scores(sample, od, mu, refs.phases, decided)
                   for m, od in estimates(stack, model, weight, factor).items()}
         phase["samples"].append({"seed": 910 + i, "state_of_charge": sample.state_of_charge, **scores})
     methods = [m for m in phase["samples"][0] if m not in ("seed", "state_of_charge")]

@@ -1,12 +1,13 @@
-"""Self-supervised denoising of (E, Y, X) energy stacks: principal components and a blind-row network.
+"""Self-supervised denoising of (E, Y, X) energy stacks: spectral components and a blind-row network.
 
 Why this design (docs/models.md#denoising):
 
-* **Energy axis: principal components of the spectra.** A stack of a few phases has spectra in a
+* **Energy axis: spectral components.** A stack of a few phases has spectra in a
   low-dimensional space: the signal of 13 energies lies in about as many components as there are
   phases, and the other components are noise. The OD is whitened per energy (by its own noise
-  level), its principal components are computed over the pixels, and only the components above the
-  noise floor are kept (the smallest eigenvalues estimate that floor). Dropping the rest removes
+  level), and the components that hold signal are found from the covariance *across* scan lines,
+  to which noise independent between lines adds nothing on average (``models/spectra.py``; the
+  ordinary covariance lost weak phases under line-correlated noise). Dropping the rest removes
   most of the noise of the spectral dimensions at no spatial cost, and it cannot make a new phase:
   every denoised spectrum is the mean plus a combination of the stack's own leading components.
   The alternative, a 2.5-D network with neighbouring energies as channels, learns the same
@@ -73,7 +74,7 @@ __all__ = ["BlindRowNet", "DenoiseTraining", "Denoised", "SpectralComponents", "
 logger = logging.getLogger(__name__)
 
 #: A component's own pixel value enters its denoised value (the posterior mean) only where the
-#: component rises this far above the noise floor (eigenvalue / floor: its signal variance is then at
+#: component rises this far above the noise floor (its variance / floor: its signal variance is then at
 #: least 3 times the noise's). In the weak components, where the phase contrast lies, a pixel is
 #: mostly noise and the network's predicted mean is kept (measured in docs/models.md#denoising).
 POSTERIOR_SNR = 4.0
@@ -259,7 +260,7 @@ def train_denoiser(
 ) -> DenoiseTraining:
     """Train a :class:`BlindRowNet` on noisy OD stacks alone (each (E, Y, X)): self-supervised.
 
-    The stacks' principal components (:func:`spectral_components`) are the training images; the
+    The stacks' spectral components (:func:`spectral_components`) are the training images; the
     loss (:func:`blind_row_loss`) compares the network's prediction from the other lines with the
     noisy input over every pixel of random ``crop``-pixel crops (flips and sign changes only). With ``model``
     the given network is fine-tuned (a copy; the original is untouched), else a new one with
@@ -312,8 +313,8 @@ class Denoised:
     Attributes
     ----------
     od : (E, Y, X) float32 denoised OD
-    components : number of principal components kept
-    info : eigenvalues, noise levels, fine-tuning metrics, seconds
+    components : number of spectral components kept
+    info : eigenvalues (ordinary and across-line), noise levels, fine-tuning metrics, seconds
     """
 
     od: np.ndarray
@@ -351,7 +352,7 @@ def denoise_stack(
     shape_averaging: bool = True,
     **train_options: Any,
 ) -> Denoised:
-    """Denoise an OD stack (E, Y, X): principal components, the blind-row network on each, back.
+    """Denoise an OD stack (E, Y, X): spectral components, the blind-row network on each, back.
 
     With ``fine_tune_steps`` the network is first fine-tuned on this stack
     (:func:`train_denoiser`, self-supervised; ``model=None`` trains a new one from scratch). With

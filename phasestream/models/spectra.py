@@ -1,5 +1,5 @@
-"""The spectral side of the denoiser, free of TensorFlow: principal components of an (E, Y, X) OD
-stack above its noise floor, and the spectral-shape averaging of its weak components
+"""The spectral side of the denoiser, free of TensorFlow: the spectral components of an (E, Y, X) OD
+stack that hold signal (found across scan lines), and the spectral-shape averaging of its weak components
 (``phasestream.models.denoise`` puts the blind-row network between the two; docs/models.md#denoising).
 """
 
@@ -51,7 +51,7 @@ def line_noise_level(image: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class SpectralComponents:
-    """Whitened principal components of a stack: ``od ~ mean + scale * (basis @ components)``.
+    """Whitened spectral components of a stack: ``od ~ mean + scale * (basis @ components)``.
 
     Attributes
     ----------
