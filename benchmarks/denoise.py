@@ -175,7 +175,7 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
                            ("tv", tv(stack.od, weight))):
             phase = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")[0]
             fractions[method].append(particle_fractions(phase, labels, n, k))
-            phases[method].append(np.where(sample.particle, phase, -1).astype(np.int8))
+            phases[method].append(phase.astype(np.int8))
             od = np.asarray(od, np.float64)[:, sample.particle]
             sums[method][0] = sums[method][0] + od
             sums[method][1] = sums[method][1] + od**2
