@@ -183,7 +183,11 @@ def shape_average(sc: SpectralComponents, pilot: np.ndarray, weak: Sequence[bool
         sums = guided_sums(guide, noisy, radius, skip_row=it < iterations - 1)
         # the neighbours' thickness, floored at a tenth of T_ref: over the background (T ~ 0) the
         # result tends to T(p) times a bounded mean, zero OD, never to noise over noise
-        ratio = sums[:-2] / np.maximum(sums[-2], 0.1 * t_ref * sums[-1])
+        denominator = np.maximum(sums[-2], 0.1 * t_ref * sums[-1])
+        # a pixel whose pilot shape no neighbour shares (outside its own line, all weights underflow
+        # to zero) gets no evidence from them: it keeps its current estimate, never 0 / 0
+        weighted = denominator > 0
+        ratio = np.divide(sums[:-2], denominator, out=np.zeros_like(sums[:-2]), where=weighted)
         for i, j in enumerate(refine):
-            out[j] = thickness * ratio[i] - offsets[j]
+            out[j] = np.where(weighted, thickness * ratio[i] - offsets[j], out[j])
     return out, len(refine)
