@@ -31,7 +31,11 @@ noise, 2% along-line I0 fluctuation with a 10 px correlation length).
   over samples; ``reduction`` is ``1 - std / std_raw``. Per pixel as well (the paper's sense of
   noise-induced variability, supplementary): ``pixel_od_std``, the OD's standard deviation over
   realisations (mean over particle pixels and energies), and ``pixel_flip``, the probability that
-  two realisations give a particle pixel different phases, with their reductions.
+  two realisations give a particle pixel different phases, with their reductions. Two bounds from
+  the simulator's truth beside them (``truth_bounds``; diagnostics, not methods): ``truth_in_basis``
+  (the noiseless OD in each realisation's spectral basis) and ``guided_by_truth`` (the denoiser's
+  spectral-shape averaging guided by the noiseless components): how far a perfect pilot would take
+  this denoiser.
 * ``standards``: the real-standards phantoms of ``benchmarks/phase_id.py`` (stripes of the
   measured references of ``tests/data`` over the top three quarters, a two-phase mixture ramp
   below) as ``--standards-size``^2 images (smooth thickness 0.7-1.0), their 13 energies
@@ -63,14 +67,16 @@ from skimage.restoration import denoise_tv_chambolle
 from phasestream.kernels import assign_phases, pearson_maps
 from phasestream.methods.unmixing import bm3d_available
 from phasestream.metrics import psnr
-from phasestream.models.denoise import denoise_stack, line_noise_level, train_denoiser
+from phasestream.models.denoise import POSTERIOR_SNR, denoise_stack, line_noise_level, train_denoiser
 from phasestream.models.registry import ModelRegistry
+from phasestream.models.spectra import shape_average, spectral_components
 from phasestream.references import load_references, select_energies
 from phasestream.sim import LINE_CORRELATED, SimulatedSample, make_sample, simulate_stack
 
 TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)
 BM3D_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 BM3D_MISSING = "not installed (pip install 'phasestream[methods]')"
+BOUNDS = ("truth_in_basis", "guided_by_truth")  # variability diagnostics from the truth (truth_bounds)
 MEASURES = ("accuracy", "accuracy_interior", "ambiguous", "ambiguous_where_truth_decided", "median_gap_interior")
 
 
@@ -161,18 +167,31 @@ def pixel_flip_probability(phases: np.ndarray, region: np.ndarray, k: int) -> fl
     return float(np.mean(1.0 - (counts * (counts - 1)).sum(axis=0) / (r * (r - 1))))
 
 
+def truth_bounds(stack) -> dict[str, np.ndarray]:
+    """Diagnostics from the simulator's truth, not methods (``BOUNDS``): ``truth_in_basis``, the
+    noiseless OD in the spectral basis the denoiser finds on this noisy stack (what the basis alone
+    decides); ``guided_by_truth``, the denoiser's spectral-shape averaging of the noisy stack with the
+    noiseless components as its guide (one round) and the strong components taken from the truth:
+    what the ratio estimator gives with a perfect pilot, the floor of this denoiser's variability."""
+    sc = spectral_components(stack.od)
+    clean = sc.project(stack.clean_od)
+    weak = sc.variance < POSTERIOR_SNR * sc.noise_floor
+    guided, _ = shape_average(sc, clean, weak, iterations=1)
+    return {"truth_in_basis": sc.reconstruct(clean), "guided_by_truth": sc.reconstruct(guided)}
+
+
 def variability(sample, energies, mu, model, dose, realisations, weight) -> dict:
     """Standard deviation over noise realisations of each particle's phase fractions, raw and denoised;
     and per pixel: the OD's standard deviation over realisations and the probability of a phase flip."""
     labels, n = ndimage.label(sample.particle)
     k = mu.shape[0]
-    fractions: dict[str, list[np.ndarray]] = {"raw": [], "learned": [], "tv": []}
+    fractions: dict[str, list[np.ndarray]] = {m: [] for m in ("raw", "learned", "tv", *BOUNDS)}
     phases: dict[str, list[np.ndarray]] = {m: [] for m in fractions}
     sums = {m: [0.0, 0.0] for m in fractions}  # per pixel: sum and sum of squares of the OD
     for r in range(realisations):
         stack = simulate_stack(sample, energies, dose=dose, noise=LINE_CORRELATED, rng=5000 + r)
         for method, od in (("raw", stack.od), ("learned", denoise_stack(model, stack.od).od),
-                           ("tv", tv(stack.od, weight))):
+                           ("tv", tv(stack.od, weight)), *truth_bounds(stack).items()):
             phase = assign_phases(pearson_maps(np.nan_to_num(od), mu), backend="numpy")[0]
             fractions[method].append(particle_fractions(phase, labels, n, k))
             phases[method].append(phase.astype(np.int8))
@@ -190,7 +209,7 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
                        "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4),
                        "pixel_od_std": round(float(np.nanmean(np.sqrt(np.maximum(od_var, 0.0)))), 5),
                        "pixel_flip": round(pixel_flip_probability(np.stack(phases[method]), sample.particle, k), 4)}
-    for method in ("learned", "tv"):
+    for method in ("learned", "tv", *BOUNDS):
         for measure, name in (("std", "reduction"), ("pixel_od_std", "pixel_od_reduction"),
                               ("pixel_flip", "pixel_flip_reduction")):
             out[method][name] = round(1.0 - out[method][measure] / out["raw"][measure], 3)
@@ -318,12 +337,12 @@ def main() -> None:
         report["variability"]["samples"][str(910 + i)] = variability(sample, energies, mu, model, args.phase_dose,
                                                                       args.realisations, weight)
     samples = report["variability"]["samples"].values()
-    for method in ("raw", "learned", "tv"):
+    for method in ("raw", "learned", "tv", *BOUNDS):
         report["variability"][method] = round(float(np.mean([v[method]["std"] for v in samples])), 4)
         for measure in ("pixel_od_std", "pixel_flip"):
             values = [v[method][measure] for v in samples]
             report["variability"][f"{method}_{measure}"] = round(float(np.mean(values)), 5)
-    for method in ("learned", "tv"):
+    for method in ("learned", "tv", *BOUNDS):
         report["variability"][f"{method}_reduction"] = round(
             1.0 - report["variability"][method] / report["variability"]["raw"], 3)
         for measure in ("pixel_od_std", "pixel_flip"):

@@ -73,6 +73,13 @@ class SpectralComponents:
     variance: np.ndarray
     signal: np.ndarray
 
+    def project(self, od: np.ndarray) -> np.ndarray:
+        """(K, Y, X) component images of any (E, Y, X) OD stack in this basis (the inverse of
+        :meth:`reconstruct` on the basis's span), e.g. the simulator's noiseless OD."""
+        x = np.asarray(od, np.float64)
+        z = (x - self.mean[:, None, None]) / self.scale[:, None, None]
+        return (self.basis.T @ z.reshape(len(self.mean), -1)).reshape(-1, *x.shape[1:])
+
     def reconstruct(self, components: np.ndarray | None = None) -> np.ndarray:
         """(E, Y, X) OD from (K, Y, X) component images (default: the noisy ones)."""
         c = self.components if components is None else np.asarray(components, np.float64)

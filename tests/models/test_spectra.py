@@ -9,7 +9,13 @@ import pytest
 from scipy import ndimage
 from scipy.linalg import subspace_angles
 
-from phasestream.models.spectra import SHAPE_ITERATIONS, SHAPE_RADIUS, line_noise_level, shape_average, spectral_components
+from phasestream.models.spectra import (
+    SHAPE_ITERATIONS,
+    SHAPE_RADIUS,
+    line_noise_level,
+    shape_average,
+    spectral_components,
+)
 from phasestream.references import load_references, select_energies
 from phasestream.sim import LINE_CORRELATED, make_sample, simulate_stack
 
@@ -37,6 +43,8 @@ def test_spectral_components_keep_the_signal_rank():
     np.testing.assert_allclose(sc.basis.T @ sc.basis, np.eye(2), atol=1e-10)
     exact = spectral_components(clean, components=8)  # all components: reconstruction is exact
     np.testing.assert_allclose(exact.reconstruct(), clean, atol=1e-8)
+    np.testing.assert_allclose(exact.project(clean), exact.components, atol=1e-8)
+    np.testing.assert_allclose(sc.project(sc.reconstruct()), sc.components, atol=1e-8)
 
 
 def test_shape_averaging_keeps_a_pure_phase_at_any_thickness():
@@ -69,7 +77,8 @@ def test_shape_averaging_of_a_pixel_no_neighbour_resembles_stays_finite():
     out, averaged = shape_average(sc, outlier, [False, True])
     assert averaged == 1 and np.isfinite(out).all()
     yy, xx = np.mgrid[:h, :w]
-    far = (yy - 20) ** 2 + (xx - 24) ** 2 > (SHAPE_ITERATIONS * SHAPE_RADIUS + 1) ** 2  # each round reaches a disc further
+    reach = SHAPE_ITERATIONS * SHAPE_RADIUS + 1  # each round reaches one disc further
+    far = (yy - 20) ** 2 + (xx - 24) ** 2 > reach**2
     np.testing.assert_array_equal(out[:, far], reference[:, far])
 
 
