@@ -77,6 +77,7 @@ TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)
 BM3D_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 BM3D_MISSING = "not installed (pip install 'phasestream[methods]')"
 BOUNDS = ("truth_in_basis", "guided_by_truth")  # variability diagnostics from the truth (truth_bounds)
+COMPARED = ("learned", "tv", *BOUNDS)  # variability: each compared with raw (its reductions)
 MEASURES = ("accuracy", "accuracy_interior", "ambiguous", "ambiguous_where_truth_decided", "median_gap_interior")
 
 
@@ -185,7 +186,7 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
     and per pixel: the OD's standard deviation over realisations and the probability of a phase flip."""
     labels, n = ndimage.label(sample.particle)
     k = mu.shape[0]
-    fractions: dict[str, list[np.ndarray]] = {m: [] for m in ("raw", "learned", "tv", *BOUNDS)}
+    fractions: dict[str, list[np.ndarray]] = {m: [] for m in ("raw", *COMPARED)}
     phases: dict[str, list[np.ndarray]] = {m: [] for m in fractions}
     sums = {m: [0.0, 0.0] for m in fractions}  # per pixel: sum and sum of squares of the OD
     for r in range(realisations):
@@ -209,7 +210,7 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
                        "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4),
                        "pixel_od_std": round(float(np.nanmean(np.sqrt(np.maximum(od_var, 0.0)))), 5),
                        "pixel_flip": round(pixel_flip_probability(np.stack(phases[method]), sample.particle, k), 4)}
-    for method in ("learned", "tv", *BOUNDS):
+    for method in COMPARED:
         for measure, name in (("std", "reduction"), ("pixel_od_std", "pixel_od_reduction"),
                               ("pixel_flip", "pixel_flip_reduction")):
             out[method][name] = round(1.0 - out[method][measure] / out["raw"][measure], 3)
@@ -337,12 +338,12 @@ def main() -> None:
         report["variability"]["samples"][str(910 + i)] = variability(sample, energies, mu, model, args.phase_dose,
                                                                       args.realisations, weight)
     samples = report["variability"]["samples"].values()
-    for method in ("raw", "learned", "tv", *BOUNDS):
+    for method in ("raw", *COMPARED):
         report["variability"][method] = round(float(np.mean([v[method]["std"] for v in samples])), 4)
         for measure in ("pixel_od_std", "pixel_flip"):
             values = [v[method][measure] for v in samples]
             report["variability"][f"{method}_{measure}"] = round(float(np.mean(values)), 5)
-    for method in ("learned", "tv", *BOUNDS):
+    for method in COMPARED:
         report["variability"][f"{method}_reduction"] = round(
             1.0 - report["variability"][method] / report["variability"]["raw"], 3)
         for measure in ("pixel_od_std", "pixel_flip"):
