@@ -35,7 +35,11 @@ noise, 2% along-line I0 fluctuation with a 10 px correlation length).
   the simulator's truth beside them (``truth_bounds``; diagnostics, not methods): ``truth_in_basis``
   (the noiseless OD in each realisation's spectral basis) and ``guided_by_truth`` (the denoiser's
   spectral-shape averaging guided by the noiseless components): how far a perfect pilot would take
-  this denoiser.
+  this denoiser. Where the fractions vary (``by_region``): the particle's ``rim`` (within
+  ``RIM_PX`` of its edge), its domain ``transition`` pixels (the rest of the simulator's
+  ``boundary``: mixtures and the pixels beside a domain boundary) and its ``interior``;
+  ``variance_share_by_region``, the share of the variance each carries, and ``std_by_region``, the
+  standard deviation of each one's part of the fractions (per sample, and the mean over samples).
 * ``standards``: the real-standards phantoms of ``benchmarks/phase_id.py`` (stripes of the
   measured references of ``tests/data`` over the top three quarters, a two-phase mixture ramp
   below) as ``--standards-size``^2 images (smooth thickness 0.7-1.0), their 13 energies
@@ -78,6 +82,7 @@ BM3D_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
 BM3D_MISSING = "not installed (pip install 'phasestream[methods]')"
 BOUNDS = ("truth_in_basis", "guided_by_truth")  # variability diagnostics from the truth (truth_bounds)
 COMPARED = ("learned", "tv", *BOUNDS)  # variability: each compared with raw (its reductions)
+RIM_PX = 3  # variability's variance shares: particle pixels this close to the particle's edge are its rim
 MEASURES = ("accuracy", "accuracy_interior", "ambiguous", "ambiguous_where_truth_decided", "median_gap_interior")
 
 
@@ -168,6 +173,41 @@ def pixel_flip_probability(phases: np.ndarray, region: np.ndarray, k: int) -> fl
     return float(np.mean(1.0 - (counts * (counts - 1)).sum(axis=0) / (r * (r - 1))))
 
 
+def particle_regions(sample, rim: int = RIM_PX) -> dict[str, np.ndarray]:
+    """The particle pixels in three parts: ``rim`` (within ``rim`` px of the particle's edge),
+    ``transition`` (the rest of ``sample.boundary``: mixtures and the 2 px beside a domain boundary)
+    and ``interior`` (one phase, away from both)."""
+    edge = sample.particle & (ndimage.distance_transform_edt(sample.particle) <= rim)
+    transition = sample.particle & ~edge & sample.boundary
+    return {"rim": edge, "transition": transition, "interior": sample.particle & ~edge & ~transition}
+
+
+def by_region(phases: np.ndarray, labels: np.ndarray, present: np.ndarray,
+              regions: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Where the particles' phase fractions vary over realisations (R, Y, X), by region of the particle.
+
+    ``variance_share``: the share of the fractions' variance each region's pixels carry (summed over
+    particles and the phases present; the shares add up to 1): a fraction ``S = mean_p I_p``
+    (``I_p``: the pixel is given the phase) has ``var(S) = mean_p cov(I_p, S)``, each pixel's
+    covariance with its particle's fraction is its part. ``std``: the standard deviation over
+    realisations of each region's own part of the fractions (its pixels given the phase, over all the
+    particle's pixels), the mean over particles and phases present, like the benchmark's ``std``.
+    """
+    r = phases.shape[0]
+    parts, stds = dict.fromkeys(regions, 0.0), {name: [] for name in regions}
+    for j, k in np.argwhere(present):
+        inside = labels == j + 1
+        hits = (phases[:, inside] == k).astype(float)  # (R, pixels of the particle)
+        fraction = hits.mean(axis=1)
+        cov = ((hits - hits.mean(axis=0)) * (fraction - fraction.mean())[:, None]).sum(axis=0) / (r - 1)
+        for name, region in regions.items():
+            parts[name] += float(cov[region[inside]].sum()) / inside.sum()
+            stds[name].append(float(hits[:, region[inside]].sum(axis=1).std(ddof=1)) / inside.sum())
+    total = sum(parts.values())
+    return {"variance_share": {name: round(v / total, 3) if total > 0 else float("nan") for name, v in parts.items()},
+            "std": {name: round(float(np.mean(v)), 4) for name, v in stds.items()}}
+
+
 def truth_bounds(stack) -> dict[str, np.ndarray]:
     """Diagnostics from the simulator's truth, not methods (``BOUNDS``): ``truth_in_basis``, the
     noiseless OD in the spectral basis the denoiser finds on this noisy stack (what the basis alone
@@ -201,7 +241,9 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
             sums[method][1] = sums[method][1] + od**2
     truth = particle_fractions(np.where(sample.particle, sample.phase, -1), labels, n, k)
     present = truth > 0
-    out = {"state_of_charge": sample.state_of_charge, "particles": n}
+    regions = particle_regions(sample)
+    out = {"state_of_charge": sample.state_of_charge, "particles": n,
+           "pixels": {name: int(region.sum()) for name, region in regions.items()}}
     for method, runs in fractions.items():
         a = np.stack(runs)
         total, squares = sums[method]
@@ -209,7 +251,9 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
         out[method] = {"std": round(float(a.std(axis=0, ddof=1)[present].mean()), 4),
                        "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4),
                        "pixel_od_std": round(float(np.nanmean(np.sqrt(np.maximum(od_var, 0.0)))), 5),
-                       "pixel_flip": round(pixel_flip_probability(np.stack(phases[method]), sample.particle, k), 4)}
+                       "pixel_flip": round(pixel_flip_probability(np.stack(phases[method]), sample.particle, k), 4),
+                       **{f"{measure}_by_region": value for measure, value in
+                          by_region(np.stack(phases[method]), labels, present, regions).items()}}
     for method in COMPARED:
         for measure, name in (("std", "reduction"), ("pixel_od_std", "pixel_od_reduction"),
                               ("pixel_flip", "pixel_flip_reduction")):
@@ -343,6 +387,10 @@ def main() -> None:
         for measure in ("pixel_od_std", "pixel_flip"):
             values = [v[method][measure] for v in samples]
             report["variability"][f"{method}_{measure}"] = round(float(np.mean(values)), 5)
+        for measure in ("variance_share_by_region", "std_by_region"):
+            parts = [v[method][measure] for v in samples]
+            report["variability"][f"{method}_{measure}"] = {
+                name: round(float(np.mean([part[name] for part in parts])), 4) for name in parts[0]}
     for method in COMPARED:
         report["variability"][f"{method}_reduction"] = round(
             1.0 - report["variability"][method] / report["variability"]["raw"], 3)
