@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_DENOISE_MODEL", "DENOISED_LAYOUT", "DENOISING_ARRAYS", "MAX_FINE_TUNE_STEPS", "DenoiseRequest",
-           "denoise_request"]
+__all__ = ["AVERAGING_SETTINGS", "DEFAULT_DENOISE_MODEL", "DENOISED_LAYOUT", "DENOISING_ARRAYS", "MAX_FINE_TUNE_STEPS",
+           "DenoiseRequest", "averaging_settings", "denoise_request"]
 
 #: the shipped denoiser (docs/models.md, Denoising)
 DEFAULT_DENOISE_MODEL = "denoise-stxm-synthetic"
+#: the spectral-shape averaging's settings that the model server's reply and the ``denoising`` record
+#: carry as ``shape_averaging`` (``phasestream.models.spectra.shape_averaging_settings``)
+AVERAGING_SETTINGS = ("radius", "tolerance", "thickness_tolerance", "rounds")
 #: the most self-supervised fine-tuning steps the model server's ``denoise`` op accepts
 MAX_FINE_TUNE_STEPS = 5000
 #: longest model name or version accepted from a start document
@@ -84,3 +87,19 @@ def denoise_request(value: Any, uid: str = "?") -> DenoiseRequest | None:
         return DenoiseRequest(error=f"{expected}; fine_tune_steps must be an integer in 0..{MAX_FINE_TUNE_STEPS}, "
                                     f"got {steps!r:.60}")
     return DenoiseRequest(model=model, version=version, fine_tune_steps=steps)
+
+
+def averaging_settings(value: Any) -> dict[str, int | float] | None:
+    """A model server's ``shape_averaging`` (the settings its spectral-shape averaging ran with, or
+    None when no component was averaged), checked before a ``denoising`` record carries it: the keys
+    of :data:`AVERAGING_SETTINGS`, each a finite number. Raises ValueError naming what is wrong."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != set(AVERAGING_SETTINGS):
+        keys = sorted(map(str, value)) if isinstance(value, Mapping) else type(value).__name__
+        raise ValueError(f"shape_averaging must map exactly {', '.join(AVERAGING_SETTINGS)}, got {str(keys)[:200]}")
+    for key in AVERAGING_SETTINGS:
+        number = value[key]
+        if isinstance(number, bool) or not isinstance(number, int | float) or not np.isfinite(number):
+            raise ValueError(f"shape_averaging.{key} must be a finite number, got {str(number)[:100]!r}")
+    return {key: value[key] for key in AVERAGING_SETTINGS}

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from phasestream.contract import USABLE_STATUSES, JobOutcome
-from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL, DENOISING_ARRAYS, MAX_FINE_TUNE_STEPS, DenoiseRequest
+from phasestream.contract.denoise import (
+    DEFAULT_DENOISE_MODEL,
+    DENOISING_ARRAYS,
+    MAX_FINE_TUNE_STEPS,
+    DenoiseRequest,
+    averaging_settings,
+)
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
 from phasestream.jobs.record import model_client as jobs_model_client
@@ -165,6 +171,7 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) ->
     denoised = np.asarray(reply["array"], np.float32)
     if denoised.shape != od.shape:
         raise ValueError(f"the model server returned a stack of shape {denoised.shape} for an OD cube of {od.shape}")
+    averaging = averaging_settings(reply.get("shape_averaging"))
     denoised = np.where(np.isfinite(od), denoised, np.float32(np.nan))  # a masked pixel stays unmeasured
     mask = arrays["mask"].read().astype(bool)
     maps = pcc_phase_maps(denoised, ref_values, mask, ambiguity=opts.ambiguity, backend=opts.backend)
@@ -183,7 +190,7 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) ->
             "fine_tune_steps": int(reply.get("fine_tune_steps", opts.fine_tune_steps)),
             "components": int(reply["components"]),
             "posterior_components": int(reply["posterior_components"]),
-            "shape_averaged_components": int(reply["shape_averaged_components"]),
+            "shape_averaged_components": int(reply["shape_averaged_components"]), "shape_averaging": averaging,
             "model_seconds": float(reply.get("seconds") or 0.0),
             "ambiguity": opts.ambiguity, "mask": "the live result's", "shape": list(denoised.shape)}
 

@@ -64,6 +64,7 @@ from phasestream.models.spectra import (
     SpectralComponents,
     line_noise_level,
     shape_average,
+    shape_averaging_settings,
     spectral_components,
 )
 
@@ -314,7 +315,10 @@ class Denoised:
     ----------
     od : (E, Y, X) float32 denoised OD
     components : number of spectral components kept
-    info : eigenvalues (ordinary and across-line), noise levels, fine-tuning metrics, seconds
+    info : eigenvalues (ordinary and across-line), noise levels, fine-tuning metrics, seconds; with a
+        model, ``posterior_components``, ``shape_averaged_components`` and ``shape_averaging`` (the
+        averaging's settings, :func:`~phasestream.models.spectra.shape_averaging_settings`; None when
+        no component was averaged)
     """
 
     od: np.ndarray
@@ -380,6 +384,7 @@ def denoise_stack(
         if shape_averaging:
             pred, averaged = shape_average(sc, pred, ~posterior)
         info["shape_averaged_components"] = averaged
+        info["shape_averaging"] = shape_averaging_settings() if averaged else None
         out = sc.reconstruct(pred)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Denoised(out.astype(np.float32), int(sc.basis.shape[1]), info)

@@ -14,16 +14,26 @@ from phasestream.kernels.guided import guided_sums
 
 __all__ = ["SHAPE_ITERATIONS", "SHAPE_RADIUS", "SHAPE_THICKNESS_TOLERANCE", "SHAPE_TOLERANCE", "SIGNAL_LAGS",
            "SIGNAL_RATIO", "SpectralComponents", "across_line_covariance", "line_noise_level", "shape_average",
-           "spectral_components"]
+           "shape_averaging_settings", "spectral_components"]
 
 #: Spectral-shape averaging of the weak components (:func:`shape_average`): the disc (px), the
 #: tolerance of the guide (noise units of the thickness-normalized weak components, and a share of
 #: the typical particle thickness) and the rounds of re-weighting. Chosen on NVPF samples at 300
-#: counts/px (seeds 920-922) that ``benchmarks/denoise.py`` never scores (docs/models.md#denoising).
+#: counts/px (seeds 920-922; the thickness tolerance, 0.6 until 2026-12-06, on 920-925, where 0.2
+#: keeps a core's spectra out of its shell's averages) that ``benchmarks/denoise.py`` never scores
+#: (docs/models.md#denoising).
 SHAPE_RADIUS = 12
 SHAPE_TOLERANCE = 0.4
-SHAPE_THICKNESS_TOLERANCE = 0.6
+SHAPE_THICKNESS_TOLERANCE = 0.2
 SHAPE_ITERATIONS = 3
+
+
+def shape_averaging_settings() -> dict[str, float | int]:
+    """The settings :func:`shape_average` runs with by default, as a denoised result records them: a
+    model version alone does not say how its output was averaged (the thickness tolerance changed on
+    2026-12-06 under the same shipped model)."""
+    return {"radius": SHAPE_RADIUS, "tolerance": SHAPE_TOLERANCE,
+            "thickness_tolerance": SHAPE_THICKNESS_TOLERANCE, "rounds": SHAPE_ITERATIONS}
 
 #: A spectral component is signal when its across-line covariance (rows 1..``SIGNAL_LAGS`` apart,
 #: :func:`spectral_components`) exceeds ``SIGNAL_RATIO`` times the largest negative one, the size

@@ -375,6 +375,7 @@ class ModelServer:
             req.reply = {"ok": True, **loaded.info, "array": result.od, "components": result.components,
                          "posterior_components": result.info["posterior_components"],
                          "shape_averaged_components": result.info["shape_averaged_components"],
+                         "shape_averaging": result.info["shape_averaging"],
                          "fine_tune_steps": steps, "seconds": result.info["seconds"]}
 
     def _check_input(self, op: str, loaded: _Loaded, array: np.ndarray) -> np.ndarray:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from phasestream.contract import MAP_LAYOUT, RunSettings
-from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL, DENOISING_ARRAYS, DenoiseRequest, denoise_request
+from phasestream.contract.denoise import (
+    AVERAGING_SETTINGS,
+    DEFAULT_DENOISE_MODEL,
+    DENOISING_ARRAYS,
+    DenoiseRequest,
+    averaging_settings,
+    denoise_request,
+)
 
 
 def _settings(denoise) -> RunSettings:
@@ -45,3 +52,24 @@ def test_a_malformed_request_carries_its_error_and_never_refuses_the_run(value, 
 def test_the_denoised_arrays_are_contract_arrays():
     assert set(DENOISING_ARRAYS) <= set(MAP_LAYOUT)
     assert MAP_LAYOUT["denoised"][1] == ("energy", "y", "x") and MAP_LAYOUT["phase_denoised"][1] == ("y", "x")
+
+
+def test_the_averaging_settings_a_record_carries_are_checked():
+    good = {"radius": 12, "tolerance": 0.4, "thickness_tolerance": 0.2, "rounds": 3}
+    assert averaging_settings(good) == good and list(averaging_settings(good)) == list(AVERAGING_SETTINGS)
+    assert averaging_settings(None) is None  # no component was averaged
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ([12, 0.4, 0.2, 3], "must map exactly radius, tolerance, thickness_tolerance, rounds, got list"),
+    ({"radius": 12, "tolerance": 0.4, "rounds": 3}, "got ['radius', 'rounds', 'tolerance']"),
+    ({"radius": 12, "tolerance": 0.4, "thickness_tolerance": 0.2, "rounds": 3, "path": "/etc"}, "'path'"),
+    ({"radius": 12, "tolerance": float("nan"), "thickness_tolerance": 0.2, "rounds": 3}, "shape_averaging.tolerance"),
+    ({"radius": True, "tolerance": 0.4, "thickness_tolerance": 0.2, "rounds": 3}, "shape_averaging.radius"),
+    ({"radius": 12, "tolerance": 0.4, "thickness_tolerance": "0.2", "rounds": 3}, "thickness_tolerance must be"),
+])
+def test_malformed_averaging_settings_are_refused_naming_what_is_wrong(value, says):
+    with pytest.raises(ValueError, match="shape_averaging") as error:
+        averaging_settings(value)
+    assert says in str(error.value)
+

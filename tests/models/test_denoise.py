@@ -21,6 +21,7 @@ from phasestream.models.denoise import (
     train_denoiser,
 )
 from phasestream.models.registry import ModelRegistry, save_artifact
+from phasestream.models.spectra import shape_averaging_settings
 from phasestream.references import load_references, select_energies
 from phasestream.sim import LINE_CORRELATED, SimulatedSample, make_sample, simulate_stack
 
@@ -139,8 +140,9 @@ def test_fewer_ambiguous_pixels_after_denoising(shipped, seed, soc):
 
     averaged = denoise_stack(model, stack.od)
     assert averaged.info["shape_averaged_components"] >= 1
-    raw, network, shape = (scores(stack.od), scores(denoise_stack(model, stack.od, shape_averaging=False).od),
-                           scores(averaged.od))
+    alone = denoise_stack(model, stack.od, shape_averaging=False)
+    assert averaged.info["shape_averaging"] == shape_averaging_settings() and alone.info["shape_averaging"] is None
+    raw, network, shape = scores(stack.od), scores(alone.od), scores(averaged.od)
     assert shape[0] < 0.8 * network[0] and shape[0] < raw[0], (raw, network, shape)
     if soc == 1.0:
         assert shape[0] <= 0.5 * raw[0], (raw, network, shape)

@@ -18,6 +18,7 @@ from phasestream.contract.denoise import DENOISING_ARRAYS
 from phasestream.jobs.denoise import DenoiseOptions, denoise_result
 from phasestream.kernels import assign_phases, pearson_maps
 from phasestream.models.registry import ModelRegistry
+from phasestream.models.spectra import shape_averaging_settings
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import ModelServerError
 from phasestream.references import load_references, select_energies
@@ -61,6 +62,8 @@ def test_denoise_op_equals_the_model_in_process(models):
         assert reply["posterior_components"] == expected.info["posterior_components"] == 1
         assert reply["shape_averaged_components"] == expected.info["shape_averaged_components"]
         assert reply["shape_averaged_components"] == reply["components"] - 1  # every weak component
+        settings = shape_averaging_settings() if reply["shape_averaged_components"] else None
+        assert reply["shape_averaging"] == expected.info["shape_averaging"] == settings
         np.testing.assert_allclose(reply["array"], expected.od, rtol=1e-4, atol=1e-4)
         tuned = client.denoise(DENOISE, od, fine_tune_steps=3)
         assert tuned["fine_tune_steps"] == 3 and tuned["array"].shape == od.shape
@@ -122,6 +125,8 @@ def test_denoising_requested_in_the_start_document(tiled_client, models):
     assert record["seconds"] > 0 and record["reason"] == "" and record["fine_tune_steps"] == 0
     assert 1 <= record["posterior_components"] <= record["components"]
     assert record["posterior_components"] + record["shape_averaged_components"] == record["components"]
+    assert record["shape_averaged_components"] >= 1  # a scan with a weak component, averaged:
+    assert record["shape_averaging"] == shape_averaging_settings()  # the record says how
     od, denoised, pcc, phase, reliability, ambiguous = _denoised_oracle(node)
     np.testing.assert_allclose(node["denoised"].read(), denoised, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(node["pcc_denoised"].read(), pcc, atol=1e-4)
