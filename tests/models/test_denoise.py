@@ -126,9 +126,10 @@ def test_phase_interiors_are_identified_after_denoising(shipped, seed, soc):
 def test_fewer_ambiguous_pixels_after_denoising(shipped, seed, soc):
     """Against raw and the network alone, on the samples above: spectral-shape averaging of the weak
     components leaves fewer pixels ambiguous than raw and than the network alone, and as many right;
-    on the state-of-charge 1.0 sample it halves the raw ambiguous fraction (measured 0.05 against raw
-    0.26), on the 2.0 sample (thin Na 2.0 / Na 1.0 domains, PCC 0.992 between those references) it
-    does not (0.20 against raw 0.28, network alone 0.49; docs/models.md#denoising)."""
+    on the state-of-charge 1.0 sample it halves the raw ambiguous fraction (measured 0.069 against raw
+    0.263, 2026-12-06), on the 2.0 sample (thin Na 2.0 / Na 1.0 domains, PCC 0.992 between those
+    references) not quite (0.147 against raw 0.280, network alone 0.494; with the thickness tolerance
+    of 0.6, 0.20; docs/models.md#denoising)."""
     _, model = shipped
     sample = make_sample((128, 128), state_of_charge=soc, references=REFS, n_particles=4, seed=seed)
     stack = simulate_stack(sample, ENERGIES, dose=300.0, noise=LINE_CORRELATED, rng=seed + 1)
