@@ -27,14 +27,6 @@ SHAPE_TOLERANCE = 0.4
 SHAPE_THICKNESS_TOLERANCE = 0.2
 SHAPE_ITERATIONS = 3
 
-
-def shape_averaging_settings() -> dict[str, float | int]:
-    """The settings :func:`shape_average` runs with by default, as a denoised result records them: a
-    model version alone does not say how its output was averaged (the thickness tolerance changed on
-    2026-12-06 under the same shipped model)."""
-    return {"radius": SHAPE_RADIUS, "tolerance": SHAPE_TOLERANCE,
-            "thickness_tolerance": SHAPE_THICKNESS_TOLERANCE, "rounds": SHAPE_ITERATIONS}
-
 #: A spectral component is signal when its across-line covariance (rows 1..``SIGNAL_LAGS`` apart,
 #: :func:`spectral_components`) exceeds ``SIGNAL_RATIO`` times the largest negative one, the size
 #: noise alone reaches. Measured on simulated NVPF stacks, 12 energies, line-correlated noise at 300
@@ -43,6 +35,14 @@ def shape_averaging_settings() -> dict[str, float | int]:
 #: one lag and 1.3, 7.8% and 91% (docs/models.md#denoising).
 SIGNAL_RATIO = 1.6
 SIGNAL_LAGS = 3
+
+
+def shape_averaging_settings() -> dict[str, float | int]:
+    """The settings :func:`shape_average` runs with by default, as a denoised result records them: a
+    model version alone does not say how its output was averaged (the thickness tolerance changed on
+    2026-12-06 under the same shipped model)."""
+    return {"radius": SHAPE_RADIUS, "tolerance": SHAPE_TOLERANCE,
+            "thickness_tolerance": SHAPE_THICKNESS_TOLERANCE, "rounds": SHAPE_ITERATIONS}
 
 
 def line_noise_level(image: np.ndarray) -> float:
