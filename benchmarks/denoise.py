@@ -245,15 +245,15 @@ def variability(sample, energies, mu, model, dose, realisations, weight) -> dict
     out = {"state_of_charge": sample.state_of_charge, "particles": n,
            "pixels": {name: int(region.sum()) for name, region in regions.items()}}
     for method, runs in fractions.items():
-        a = np.stack(runs)
+        a, maps = np.stack(runs), np.stack(phases[method])
         total, squares = sums[method]
         od_var = (squares - total**2 / realisations) / (realisations - 1)
         out[method] = {"std": round(float(a.std(axis=0, ddof=1)[present].mean()), 4),
                        "mean_abs_error": round(float(np.abs(a.mean(axis=0) - truth)[present].mean()), 4),
                        "pixel_od_std": round(float(np.nanmean(np.sqrt(np.maximum(od_var, 0.0)))), 5),
-                       "pixel_flip": round(pixel_flip_probability(np.stack(phases[method]), sample.particle, k), 4),
-                       **{f"{measure}_by_region": value for measure, value in
-                          by_region(np.stack(phases[method]), labels, present, regions).items()}}
+                       "pixel_flip": round(pixel_flip_probability(maps, sample.particle, k), 4),
+                       **{f"{measure}_by_region": value
+                          for measure, value in by_region(maps, labels, present, regions).items()}}
     for method in COMPARED:
         for measure, name in (("std", "reduction"), ("pixel_od_std", "pixel_od_reduction"),
                               ("pixel_flip", "pixel_flip_reduction")):

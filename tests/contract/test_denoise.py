@@ -72,4 +72,3 @@ def test_malformed_averaging_settings_are_refused_naming_what_is_wrong(value, sa
     with pytest.raises(ValueError, match="shape_averaging") as error:
         averaging_settings(value)
     assert says in str(error.value)
-
