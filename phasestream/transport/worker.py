@@ -45,6 +45,10 @@ FRAME_OVERHEAD = 4096
 """Bytes allowed on top of ``max_message_size`` in 0MQ's own limit: the frame's prefix and document name."""
 RECONNECT_GRACE = 0.25
 """Seconds to wait, after a disconnection, for libzmq to announce that it reconnects by itself."""
+RESTART_WINDOW = 1000
+"""A sequenced message this many numbers or more behind the last one of its publisher, or numbered 1,
+starts that publisher's sequence again (a publisher restarted under a fixed id, or a last number that
+was never the publisher's): PUB/SUB keeps one publisher's order, so only a few can be duplicates."""
 
 
 def _log_sparsely(count: int) -> bool:
@@ -109,6 +113,7 @@ class DocumentReceiver(RemoteDispatcher):
             "gaps": [],
             "missed_at_join": 0,
             "out_of_order": 0,
+            "restarts": 0,
             "undecodable": 0,
             "oversize": 0,
             "unsequenced": 0,
@@ -149,7 +154,10 @@ class DocumentReceiver(RemoteDispatcher):
             )
 
     def _check_sequence(self, publisher_id: str, seq: int) -> bool:
-        """Record ``seq``; report a gap; False for a duplicate or reordered message (not dispatched)."""
+        """Record ``seq``; report a gap; False for a duplicate or reordered message (not dispatched).
+
+        A message far behind the last one, or numbered 1, restarts the publisher's sequence
+        (``RESTART_WINDOW``): one bad number must not silence a publisher for good."""
         last = self._last_seq.get(publisher_id)
         if last is None:
             self._stats["publishers"] += 1
@@ -162,6 +170,16 @@ class DocumentReceiver(RemoteDispatcher):
                     seq,
                     seq - 1,
                 )
+        elif seq <= last and (seq == 1 or last - seq >= RESTART_WINDOW):
+            self._stats["restarts"] += 1
+            logger.warning(
+                "publisher %s: message %d after %d, its sequence starts again (publisher restarted, or %d "
+                "was not its own)",
+                publisher_id,
+                seq,
+                last,
+                last,
+            )
         elif seq <= last:
             self._stats["out_of_order"] += 1
             logger.warning(

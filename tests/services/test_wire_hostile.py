@@ -25,7 +25,8 @@ from phasestream.store.catalog import wait_for_result
 from phasestream.store.tiled import raw_run_writer
 from phasestream.transport.proxy import start_proxy
 from phasestream.transport.tracking import RunTracker
-from phasestream.transport.wire import DocumentPublisher, pack_frame, pickle_protocol, serialize
+from phasestream.transport.wire import ENVELOPE_TAG, DocumentPublisher, pack_frame, pickle_protocol, serialize
+from phasestream.transport.worker import DocumentWorker
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 TIMEOUT = 60.0
@@ -230,3 +231,22 @@ def test_tracker_holds_back_every_document_of_a_run_without_start():
     assert tracker.stats["runs_without_start"] == 1 and list(tracker.incomplete) == [lost_uid]
     orphan = {"descriptor": "never-seen", "seq_num": 1, "uid": "e", "data": {}, "timestamps": {}, "time": 0.0}
     assert analysable([("event", orphan)]) == [True]  # not placed in a run: the callback decides
+
+
+def test_a_stray_sequence_number_does_not_silence_its_publisher():
+    """A message numbered far ahead under a publisher's id (forged, or a publisher restarted under a
+    fixed id) must not make the receiver drop everything that publisher sends afterwards."""
+    received = Collector()
+    worker = DocumentWorker(0, received)
+
+    def send(seq: int, name: str, uid: str) -> None:
+        worker.receiver.handle_message(pack_frame(b"", name, serialize([ENVELOPE_TAG, "beamline", seq, {"uid": uid}])))
+
+    send(1, "start", "a")
+    send(2**63, "start", "stray")
+    send(2, "descriptor", "d")  # far behind: the sequence starts again, delivered
+    send(3, "stop", "s")
+    send(3, "stop", "s-again")  # a duplicate right behind the last one is still dropped
+    send(1, "start", "b")  # a publisher restarted under the same id
+    assert [doc["uid"] for _, doc in received.docs] == ["a", "stray", "d", "s", "b"]
+    assert (worker.stats["restarts"], worker.stats["out_of_order"]) == (2, 1)
