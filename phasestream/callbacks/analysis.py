@@ -287,8 +287,9 @@ class RunAnalysis(DocumentRouter):
         now = time.time()
         self.t_first_image = self.t_first_image or now
         self.t_last_image = now
-        if "time" in doc:
-            self.event_latency.append(now - float(doc["time"]))
+        sent = doc.get("time")  # a latency only from a real timestamp; a bad one must not cost the OD plane
+        if isinstance(sent, (int, float)) and not isinstance(sent, bool) and np.isfinite(sent):
+            self.event_latency.append(now - float(sent))
         if self.config.write_od:
             self.planes.put(index, self.planes.pool.copy(od_host))
         self.partials.since_update += 1

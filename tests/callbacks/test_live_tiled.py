@@ -138,3 +138,28 @@ def test_od_planes_queued_behind_a_busy_writer_go_in_fewer_requests(tiled, monke
     images, i0 = raw["primary"]["det_img"].read(), raw["primary"]["det_i0"].read()
     ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(images, i0, strict=True)])
     np.testing.assert_allclose(res["od"].read(), ods, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad_time", ["noon", None])
+def test_an_event_time_that_is_not_a_number_costs_no_od_plane(tiled, bad_time):
+    """The event's ``time`` only gives a latency: a malformed one must not leave its OD plane unwritten
+    under a ``complete`` status (it did: the plane was queued after parsing the time)."""
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled))
+    cb = PhaseMapCallback(tiled, backend="numba")
+
+    def forward(name, doc):
+        if name == "event" and doc["seq_num"] == 2:
+            doc = {**doc, "time": bad_time}
+        cb(name, doc)
+
+    RE.subscribe(forward)
+    uid, _ = scan(RE, 2.0, seed=5)
+    assert cb.flush(60)
+    cb.close()
+    res = tiled["phasestream"][uid]
+    assert res.metadata["status"] == "complete" and res.metadata["errors"] == []
+    raw = open_raw_run(tiled, uid)
+    images, i0 = raw["primary"]["det_img"].read(), raw["primary"]["det_i0"].read()
+    ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(images, i0, strict=True)])
+    np.testing.assert_allclose(res["od"].read(), ods, rtol=1e-6, equal_nan=True)
