@@ -9,18 +9,46 @@ import numpy as np
 
 from phasestream.formats.stack import FormatError, LazyImages, check_stack_size
 
-__all__ = ["lazy_frames", "open_hdf5", "read_array", "scalar", "text"]
+__all__ = ["lazy_frames", "open_hdf5", "outside_references", "read_array", "scalar", "text"]
+
+
+def outside_references(handle: h5py.File) -> list[str]:
+    """What in an open HDF5 file makes h5py read another host file: external links, datasets with
+    external storage (raw bytes of any file) and virtual datasets (``[]`` when none). Such a file names
+    host files that no configured folder vouches for, and its checksum does not cover their bytes."""
+    found: list[str] = []
+
+    def link(name: str, info: h5py.ExternalLink | h5py.SoftLink | h5py.HardLink) -> None:
+        if isinstance(info, h5py.ExternalLink):
+            found.append(f"/{name} is an external link to {info.filename!r:.80}")
+
+    def dataset(name: str, node) -> None:
+        if isinstance(node, h5py.Dataset) and node.external:
+            found.append(f"/{name} keeps its data in external files")
+        elif isinstance(node, h5py.Dataset) and node.is_virtual:
+            found.append(f"/{name} is a virtual dataset (its data lies in other files)")
+
+    handle.visititems_links(link)
+    handle.visititems(dataset)
+    return found
 
 
 def open_hdf5(path: str | Path) -> h5py.File:
-    """Open ``path`` read-only; a missing, truncated or non-HDF5 file is a :class:`FormatError`."""
+    """Open ``path`` read-only; a missing, truncated or non-HDF5 file is a :class:`FormatError`, and so
+    is a file that refers to other host files (:func:`outside_references`): only the file named is read."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(path, "no such file")
     try:
-        return h5py.File(path, "r")
+        handle = h5py.File(path, "r")
     except OSError as error:
         raise FormatError(path, f"not a readable HDF5 file (truncated or corrupt?): {error}") from None
+    found = outside_references(handle)
+    if found:
+        handle.close()
+        raise FormatError(path, "refers to other files, which are not read: " + "; ".join(found[:3])
+                          + (f" (and {len(found) - 3} more)" if len(found) > 3 else ""))
+    return handle
 
 
 def text(value) -> str:

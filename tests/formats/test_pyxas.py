@@ -131,3 +131,39 @@ def test_hdf5_that_is_neither(tmp_path):
         read_stack(path)
     with pytest.raises(FormatError, match="no img_xanes dataset"):
         read_stack(path, format="pyxas", energies=[1.0, 2.0])
+
+
+def _external_storage(path, other):
+    other.write_bytes(np.full(5 * 6 * 7, 42, np.uint8).tobytes())
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("X_eng", data=KEV)
+        handle.create_dataset("img_xanes", shape=(5, 6, 7), dtype="u1", external=[(str(other), 0, 5 * 6 * 7)])
+
+
+def _external_link(path, other):
+    _write(other, img=_transmission())
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("X_eng", data=KEV)
+        handle["img_xanes"] = h5py.ExternalLink(str(other), "/img")
+
+
+def _virtual(path, other):
+    _write(other, img=_transmission())
+    layout = h5py.VirtualLayout(shape=(5, 6, 7), dtype=np.float32)
+    layout[:] = h5py.VirtualSource(str(other), "img", shape=(5, 6, 7))
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("X_eng", data=KEV)
+        handle.create_virtual_dataset("img_xanes", layout)
+
+
+@pytest.mark.parametrize(("make", "problem"), [(_external_storage, "keeps its data in external files"),
+                                                (_external_link, "is an external link to"),
+                                                (_virtual, "is a virtual dataset")])
+def test_a_file_that_refers_to_other_host_files_is_refused(tmp_path, make, problem):
+    """Through HDF5 external storage, external links or virtual datasets an imported file could make
+    phasestream (and Tiled, serving the import) read any host file; its checksum would not cover it."""
+    (tmp_path / "elsewhere").mkdir()
+    path, other = tmp_path / "xanes.h5", tmp_path / "elsewhere" / "other.bin"
+    make(path, other)
+    with pytest.raises(FormatError, match=f"refers to other files, which are not read: /img_xanes {problem}"):
+        read_stack(path)
