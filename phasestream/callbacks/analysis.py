@@ -284,9 +284,8 @@ class RunAnalysis(DocumentRouter):
         index = len(self.result.energies)
         self.result.energies.append(energy)
         self.frame_seconds.append(time.perf_counter() - t0)
-        now = time.time()
+        self.t_last_image = now = time.time()
         self.t_first_image = self.t_first_image or now
-        self.t_last_image = now
         sent = doc.get("time")  # a latency only from a real timestamp; a bad one must not cost the OD plane
         if isinstance(sent, (int, float)) and not isinstance(sent, bool) and np.isfinite(sent):
             self.event_latency.append(now - float(sent))
