@@ -169,8 +169,8 @@ class LiveService:
                 continue
             try:
                 options = from_start(extra, base)
-            except ValueError as exc:
-                self._record(uid, JobOutcome(uid, name, "failed", reason=f"{type(exc).__name__}: {exc}"))
+            except (ValueError, TypeError) as exc:  # a malformed request fails its own step, never the others
+                self._record(uid, JobOutcome(uid, name, "failed", reason=f"phasestream.{name}: {exc}"))
             else:
                 if options is not None:
                     steps.append((name, asdict(options)))

@@ -79,8 +79,9 @@ class EnhanceOptions:
     model_named: bool = True
 
     def validate(self) -> EnhanceOptions:
-        if self.steps is not None and not 1 <= int(self.steps) <= 100:
-            raise ValueError(f"steps must be in 1..100, got {self.steps}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or not 1 <= self.steps <= 100):
+            raise ValueError(f"steps must be an integer in 1..100, got {self.steps!r}")
         if self.timeout <= 0:
             raise ValueError("timeout must be > 0")
         if self.source not in SOURCES:

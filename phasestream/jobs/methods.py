@@ -123,14 +123,18 @@ class MethodsOptions:
                              f"got {self.kmeans_input!r}, {self.kmeans_mask!r}")
         if self.curve_fit not in m.CURVE_FITS:
             raise ValueError(f"curve_fit must be one of {m.CURVE_FITS}, got {self.curve_fit!r}")
-        if self.n_clusters < 1 or self.rum_max_iter < 1:
-            raise ValueError("n_clusters and rum_max_iter must be >= 1")
+        for name in ("n_clusters", "rum_max_iter", "curve_order"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.denoiser not in ("auto", *m.DENOISERS):
             raise ValueError(f"denoiser must be 'auto' or one of {m.DENOISERS}, got {self.denoiser!r}")
         for name in ("pre_edge", "post_edge", "edge_window", "peak_window"):
             value = getattr(self, name)
             if value is not None:
-                if len(value) != 2 or not float(value[0]) < float(value[1]):
+                if (not isinstance(value, list | tuple) or len(value) != 2
+                        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                        or not float(value[0]) < float(value[1])):
                     raise ValueError(f"{name} must be (low, high) eV with low < high, got {value!r}")
                 setattr(self, name, (float(value[0]), float(value[1])))
         return self
@@ -159,7 +163,9 @@ def methods_options_from_start(start_doc: Mapping[str, Any], base: MethodsOption
         if unknown:
             raise ValueError(f"phasestream.methods: unknown keys {sorted(unknown)} (allowed: names, {sorted(allowed)})")
         names = request.get("names") or base.methods
-        names = (names,) if isinstance(names, str) else tuple(names)
+        names = (names,) if isinstance(names, str) else names
+        if not isinstance(names, list | tuple):
+            raise ValueError(f"phasestream.methods.names must be a list of method names, got {names!r}")
         return replace(base, methods=names, **{k: v for k, v in request.items() if k in allowed}).validate()
     raise ValueError(f"phasestream.methods must be a list of names or a mapping, got {request!r}")
 

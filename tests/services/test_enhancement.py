@@ -12,7 +12,7 @@ from phasestream.app.cli import main as cli_main
 from phasestream.app.live import LiveService
 from phasestream.app.process import ModelServerProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.jobs.enhance import EnhanceOptions, enhance_result
+from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start, enhance_result
 from phasestream.models.registry import ModelRegistry
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import ModelRefused, ModelServerError
@@ -244,3 +244,10 @@ def test_raw_frames_of_a_run_never_analysed(tiled_server, tiled_client, models):
     record = node.metadata["enhancement"]
     assert record["normalization"]["from"] == "estimated from each frame's open-beam background"
     assert node[record["path"]].shape == (1, 48, 64)
+
+
+@pytest.mark.parametrize("steps", [[5], "5", 2.5, True, 0, 101])
+def test_enhance_steps_of_a_start_document_must_be_an_integer_in_range(steps):
+    with pytest.raises(ValueError, match=r"steps must be an integer in 1\.\.100"):
+        enhance_options_from_start({"enhance": {"steps": steps}}, EnhanceOptions())
+    assert enhance_options_from_start({"enhance": {"steps": 5}}, EnhanceOptions()).steps == 5

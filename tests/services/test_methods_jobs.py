@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,25 @@ def test_options_from_start_document():
     with pytest.raises(ValueError, match="unknown keys"):
         methods_options_from_start({"phasestream": {"methods": {"names": ["lcf"], "speed": 1}}})
     assert set(MethodsOptions(methods=METHODS).validate().methods) == set(METHODS)
+
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"names": ["lcf"], "n_clusters": "3"}, "n_clusters must be an integer >= 1, got '3'"),
+        ({"names": ["lcf"], "curve_order": 2.5}, "curve_order must be an integer"),
+        ({"names": ["lcf"], "rum_max_iter": True}, "rum_max_iter must be an integer"),
+        ({"names": ["lcf"], "pre_edge": 500}, "pre_edge must be (low, high) eV"),
+        ({"names": ["lcf"], "edge_window": ["a", "b"]}, "edge_window must be (low, high) eV"),
+        ({"names": 5}, "names must be a list of method names"),
+    ],
+)
+def test_a_wrongly_typed_request_is_a_value_error_naming_the_field(request_, message):
+    """Values of the wrong type from a start document raised TypeError, which the live service did not
+    catch: every post-scan step of the run vanished without a status."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        methods_options_from_start({"phasestream": {"methods": request_}})
 
 
 def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
