@@ -135,7 +135,8 @@ def field_plan(start: Mapping[str, Any], descriptor: Mapping[str, Any], energy_k
     if shape is not None and any(_count(n) is None for n in shape):
         shape = None
     num_points = _count(start.get("num_points"))
-    if shape is not None and num_points is not None and math.prod(shape) != num_points:
+    # the shape sizes the fields' arrays: only as a count of the num_points that RunSettings bounded
+    if shape is not None and (num_points is None or math.prod(shape) != num_points):
         shape = None
     extents = list(extents) if isinstance(extents, list | tuple) and len(extents) == len(dims) else None
     tolerances = []

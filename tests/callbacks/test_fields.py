@@ -141,6 +141,10 @@ def test_field_plan_reads_the_grid_from_the_start_document():
     assert field_plan({**start, "shape": None}, descriptor, "energy") == FieldPlan(("sample_x",), (1e-3,), None, None)
     # a shape that disagrees with num_points is not trusted
     assert field_plan({**start, "num_points": 7}, descriptor, "energy").count is None
+    # nor a shape without num_points: it would size each field's OD cube past the --max-num-points bound
+    huge = {**start, "shape": (200000, 4)}
+    del huge["num_points"]
+    assert field_plan(huge, descriptor, "energy") == FieldPlan(("sample_x",), (1e-3,), None, None)
     # the energy in no dimension, or a single dimension: one field
     assert field_plan(start, descriptor, "mono") == FieldPlan()
     one = {"motors": ("energy", "zp"), "hints": {"dimensions": [(["energy", "zp"], "primary")]}}
