@@ -64,7 +64,7 @@ class LivePhaseMap(QtAwareCallback):
     figure : the figure to draw into (``plt.figure()`` for an interactive backend); default a new
         ``matplotlib.figure.Figure`` on an Agg canvas
     root : results container in Tiled (remote mode; ``serve --root``)
-    references, reference_folders, backend, ambiguity, mask_threshold : the analysis options of
+    references, reference_folders, asset_folders, backend, ambiguity, mask_threshold : the analysis options of
         :class:`~phasestream.callbacks.phase_map.PhaseMapCallback` (in-process mode)
     update_every : in-process, new maps after this many images (each costs a full phase
         assignment of the image)
@@ -87,7 +87,8 @@ class LivePhaseMap(QtAwareCallback):
 
     def __init__(self, tiled=None, *, figure: Figure | None = None, root: str = "phasestream",
                  references: str | ReferenceSet | None = None, reference_folders: Sequence[str | Path] = (),
-                 backend: str | None = "auto", ambiguity: float = DEFAULT_AMBIGUITY,
+                 asset_folders: Sequence[str | Path] = (), backend: str | None = "auto",
+                 ambiguity: float = DEFAULT_AMBIGUITY,
                  mask_threshold: float | None = None, update_every: int = 1, poll_seconds: float = 1.0,
                  streaming: bool = True, final_timeout: float = 10.0, display: bool | None = None,
                  use_teleporter: bool | None = None, field: int = 0):
@@ -106,7 +107,8 @@ class LivePhaseMap(QtAwareCallback):
         if tiled is None:
             # the worker's analysis, results kept in memory: partial maps after every update_every images
             self.analysis = PhaseMapCallback(
-                None, references=references, reference_folders=reference_folders, backend=backend,
+                None, references=references, reference_folders=reference_folders, asset_folders=asset_folders,
+                backend=backend,
                 ambiguity=ambiguity, mask_threshold=mask_threshold, update_every=update_every,
                 update_seconds=float("inf"), min_update_seconds=0.0, partial_budget=None, write_od=False,
                 kernel_threads=None, keep_arrays=True, max_results=4)

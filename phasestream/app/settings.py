@@ -76,7 +76,7 @@ class Settings(BaseModel):
     tiled_data: str | None = Field(None, validation_alias=_var("PHASESTREAM_TILED_DATA", "tiled_data"),
                                    description="folder Tiled writes arrays to")
     detector_files: str | None = Field(None, validation_alias=_var("PHASESTREAM_DETECTOR_FILES", "detector_files"),
-                                       description="folder of detector files Tiled may read")
+                                       description="folder of detector files Tiled and serve (--asset-dir) read")
     redis: str | None = Field(None, validation_alias=_var("PHASESTREAM_REDIS", "redis"),
                               description="Redis of Tiled's streaming cache")
     od_store: str | None = Field(None, validation_alias=_var("PHASESTREAM_OD_STORE", "od_store"),

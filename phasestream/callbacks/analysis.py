@@ -185,7 +185,7 @@ class RunAnalysis(DocumentRouter):
     def stream_datum(self, doc: dict) -> None:
         try:
             resource = self.stream_resources[doc["stream_resource"]]
-            frames = read_stream_frames(resource, doc)
+            frames = read_stream_frames(resource, doc, folders=self.config.assets, bounds=self.config.bounds)
             if resource.get("data_key") not in (None, self.settings.image_key):
                 return
             first = doc["seq_nums"]["start"]

@@ -32,7 +32,7 @@ from pathlib import Path
 from event_model import RunRouter
 
 from phasestream.callbacks.analysis import RunAnalysis
-from phasestream.callbacks.assets import default_handler_registry
+from phasestream.callbacks.assets import AssetFolders, default_handler_registry, guarded_registry
 from phasestream.callbacks.fields import FieldRuns, may_have_fields
 from phasestream.callbacks.inference import KeysNotInferred, infer_block
 from phasestream.callbacks.pending import PendingRun
@@ -111,7 +111,9 @@ class PhaseMapCallback:
     kernel_threads : numba threads of the kernels run on the document thread (default 1: the
         live worker shares its cores with the proxy, the publisher and Tiled, and a parallel
         kernel would wait for descheduled threads); None: numba's default (every core)
-    handler_registry : Resource/Datum handlers (default: NPY_SEQ)
+    handler_registry : Resource/Datum handlers (default: NPY_SEQ), each used for resources inside ``asset_folders``
+    asset_folders : folders whose files Resource and StreamResource documents may name (external images);
+        none (default): no file a document names is read, and such images are errors of their run
     on_run_complete : called with the :class:`RunResult` after a run's final result is written
     reference_folders : folders whose files a start document may name as references (besides
         registered names); none: registered names only
@@ -140,6 +142,7 @@ class PhaseMapCallback:
         ambiguity: float = DEFAULT_AMBIGUITY,
         mask_threshold: float | None = None,
         handler_registry: dict | None = None,
+        asset_folders: Sequence[str | Path] = (),
         write_od: bool = True,
         od_store: str | Path | None = None,
         kernel_threads: int | None = 1,
@@ -189,7 +192,9 @@ class PhaseMapCallback:
         self.active: dict[str, RunAnalysis] = {}
         self._unknown_seen: dict = {}  # runs/descriptors whose documents arrived unannounced (logged once)
         self.sink = ResultSink(on_error=self._write_failed)
-        registry = default_handler_registry() if handler_registry is None else handler_registry
+        self.assets = AssetFolders(asset_folders)
+        registry = (default_handler_registry(self.assets) if handler_registry is None
+                    else guarded_registry(handler_registry, self.assets))
         self.router = RunRouter([self._factory], handler_registry=registry)
         self._lock = threading.RLock()
 
@@ -199,7 +204,7 @@ class PhaseMapCallback:
                               update_every=self.update_every, update_seconds=self.update_seconds,
                               min_update_seconds=self.min_update_seconds, partial_budget=self.partial_budget,
                               write_od=self.write_od, keep_arrays=self.keep_arrays,
-                              writes_tiled=self.client is not None, bounds=self.bounds)
+                              writes_tiled=self.client is not None, bounds=self.bounds, assets=self.assets)
 
     # -- Tiled -----------------------------------------------------------------------------
 
@@ -437,7 +442,10 @@ class PhaseMapCallback:
 
     def _run_of(self, name: str, doc: dict) -> RunAnalysis | None:
         uid = doc.get("run_start") or (doc.get("uid") if name == "start" else None)
-        return self.active.get(uid) if uid else None
+        if uid or not isinstance(doc.get("descriptor"), str):
+            return self.active.get(uid) if uid else None
+        # an event (page): the run of its descriptor, e.g. when filling its external image failed
+        return next((run for run in self.active.values() if doc["descriptor"] in run.streams), None)
 
     def abort_active(self, reason: str) -> None:
         """Finalize every run still open as ``partial`` with ``reason`` (the worker is stopping); a run

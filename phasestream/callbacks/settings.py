@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from phasestream.callbacks.assets import AssetFolders
 from phasestream.contract import DocumentBounds
 
 __all__ = ["AnalysisConfig"]
@@ -29,3 +30,4 @@ class AnalysisConfig:
     keep_arrays: bool = True
     writes_tiled: bool = False
     bounds: DocumentBounds = field(default_factory=DocumentBounds)
+    assets: AssetFolders = field(default_factory=AssetFolders)  # where external images may be read

@@ -70,7 +70,7 @@ from ophyd import Device, Signal
 from ophyd.sim import SynAxis
 from ophyd.status import DeviceStatus
 
-from phasestream.callbacks.assets import HDF5_MIMETYPE, read_stream_frames
+from phasestream.callbacks.assets import HDF5_MIMETYPE, AssetFolders, read_stream_frames
 from phasestream.sim.noise import STXMNoise, beam_fluctuation
 from phasestream.sim.samples import SimulatedSample, flat_field
 
@@ -411,9 +411,10 @@ class HDF5TransmissionDetector(TransmissionDetector):
         return desc
 
 
-def read_stream_frame(stream_resource: dict, stream_datum: dict) -> np.ndarray:
-    """The one frame (Y, X) referenced by a single-index StreamDatum (see :func:`read_stream_frames`)."""
-    frames = read_stream_frames(stream_resource, stream_datum)
+def read_stream_frame(stream_resource: dict, stream_datum: dict, *, folders: AssetFolders) -> np.ndarray:
+    """The one frame (Y, X) referenced by a single-index StreamDatum, in one of ``folders`` (see
+    :func:`read_stream_frames`)."""
+    frames = read_stream_frames(stream_resource, stream_datum, folders=folders)
     if len(frames) != 1:
         raise ValueError(f"StreamDatum {stream_datum['uid']!r} covers {len(frames)} frames; use read_stream_frames")
     return frames[0]

@@ -64,7 +64,7 @@ def test_external_hdf5_images_give_the_same_result_as_inline(tmp_path):
     external, _ = scan_documents(seed=3, detector=HDF5TransmissionDetector, write_path=tmp_path)
     assert any(n == "stream_datum" for n, _ in external)
     a = feed(inline).results[inline[0][1]["uid"]]
-    b = feed(external).results[external[0][1]["uid"]]
+    b = feed(external, asset_folders=[tmp_path]).results[external[0][1]["uid"]]
     assert b.status == "complete", b.errors
     np.testing.assert_array_equal(a.arrays["phase"], b.arrays["phase"])
     np.testing.assert_allclose(a.arrays["pcc"], b.arrays["pcc"], equal_nan=True)
@@ -213,7 +213,7 @@ def test_resource_datum_images_are_filled_through_the_handler_registry(tmp_path)
     )
     assert any(n == "resource" and d["spec"] == "NPY_SEQ" for n, d in docs)
     assert all(isinstance(d["data"]["det_img"], str) for n, d in docs if n == "event")  # datum ids, not arrays
-    result = feed(docs).results[docs[0][1]["uid"]]
+    result = feed(docs, asset_folders=[tmp_path]).results[docs[0][1]["uid"]]
     assert result.status == "complete", result.errors
     # oracle frames: the files the events' datum ids point to, loaded with np.load
     resources = {d["uid"]: d for n, d in docs if n == "resource"}

@@ -22,7 +22,8 @@ def topology(tiled_server, tiled_client, detector_files):
     # the OD cube as external zarr data (serve --od-store) in a folder the server may read
     od_store = detector_files / "od-store-serve"
     with start_proxy() as proxy, ServeProcess(proxy.out_address, tiled_server.uri,
-                                              args=("--backend", "numba", "--od-store", str(od_store))) as worker:
+                                              args=("--backend", "numba", "--od-store", str(od_store),
+                                                    "--asset-dir", str(detector_files))) as worker:
         with DocumentPublisher(proxy.in_address) as publisher:
             assert publisher.wait_for_subscriber(10)
             yield proxy, worker, publisher, tiled_client

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from event_model import DocumentNames, schema_validators
 
+from phasestream.callbacks.assets import AssetFolders
 from phasestream.references import EnergyOutOfRangeError
 from phasestream.sim.devices import (
     HDF5TransmissionDetector,
@@ -211,6 +212,7 @@ def test_energy_outside_the_references_fails_the_scan(RE, sample):
 
 
 def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frames(RE, sample, tmp_path, run):
+    folders = AssetFolders([tmp_path])  # where the documents' files may be read
     energy = make_energy()
     inline = TransmissionDetector(sample, energy, i0=3000.0, seed=11)
     external = HDF5TransmissionDetector(sample, energy, i0=3000.0, seed=11, write_path=tmp_path / "frames")
@@ -224,7 +226,7 @@ def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frame
         if name == "stream_resource":
             resources[doc["uid"]] = doc
         elif name == "stream_datum":  # read while the run goes on: the file is still open for writing
-            live.append(read_stream_frame(resources[doc["stream_resource"]], doc))
+            live.append(read_stream_frame(resources[doc["stream_resource"]], doc, folders=folders))
 
     RE(bp.list_scan([external], energy, ENERGIES), collect)
     for name, doc in docs:
@@ -243,7 +245,7 @@ def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frame
     assert [d["seq_nums"]["start"] for d in datums] == [e["seq_num"] for e in evs]
     assert all("det_img" not in e["data"] and e["data"]["det_i0"] == 3000.0 for e in evs)
 
-    after = [read_stream_frame(sres, d) for d in datums]  # after the run: the file is closed
+    after = [read_stream_frame(sres, d, folders=folders) for d in datums]  # after the run: the file closed
     for frames in (live, after):
         assert all(f.dtype == np.uint16 for f in frames)
         np.testing.assert_array_equal(np.stack(frames), np.stack(inline_frames))
@@ -251,19 +253,20 @@ def test_hdf5_detector_frames_read_back_from_stream_documents_equal_inline_frame
 
 
 def test_read_stream_frames_checks_its_documents(RE, sample, tmp_path, run):
+    folders = AssetFolders([tmp_path])  # where the documents' files may be read
     energy = make_energy()
     det = HDF5TransmissionDetector(sample, energy, write_path=tmp_path)
     docs = run(RE, bp.list_scan([det], energy, ENERGIES[:2]))
     (sres,) = [d for n, d in docs if n == "stream_resource"]
     datum = next(d for n, d in docs if n == "stream_datum")
     both = {**datum, "indices": {"start": 0, "stop": 2}}
-    assert read_stream_frames(sres, both).shape == (2, *SHAPE)
+    assert read_stream_frames(sres, both, folders=folders).shape == (2, *SHAPE)
     with pytest.raises(ValueError, match="covers 2 frames"):
-        read_stream_frame(sres, both)
+        read_stream_frame(sres, both, folders=folders)
     with pytest.raises(ValueError, match="mimetype"):
-        read_stream_frame({**sres, "mimetype": "image/tiff"}, datum)
+        read_stream_frame({**sres, "mimetype": "image/tiff"}, datum, folders=folders)
     with pytest.raises(ValueError, match="refers to"):
-        read_stream_frame({**sres, "uid": "other"}, datum)
+        read_stream_frame({**sres, "uid": "other"}, datum, folders=folders)
 
 
 def test_hdf5_detector_must_be_staged(sample, tmp_path):
@@ -291,6 +294,7 @@ def test_tiled_writer_ingests_the_hdf5_stream(RE, sample, tmp_path):
             yield from bps.mv(det.sample_position, "in")
             yield from bps.trigger_and_read([det, energy], name="primary")
 
+    folders = AssetFolders([tmp_path])
     with SimpleTiledServer(readable_storage=[tmp_path]) as server:
         client = from_uri(server.uri)
         docs = []
@@ -302,7 +306,8 @@ def test_tiled_writer_ingests_the_hdf5_stream(RE, sample, tmp_path):
             stored = bluesky_run[stream]["det_img"].read()
             descriptor_uid = next(d["uid"] for n, d in docs if n == "descriptor" and d["name"] == stream)
             datums = [d for n, d in docs if n == "stream_datum" and d["descriptor"] == descriptor_uid]
-            expected = np.stack([read_stream_frame(resources[d["stream_resource"]], d) for d in datums])
+            expected = np.stack([read_stream_frame(resources[d["stream_resource"]], d, folders=folders)
+                                 for d in datums])
             assert stored.shape == (count, *SHAPE) and stored.dtype == np.uint16
             np.testing.assert_array_equal(stored, expected)
         np.testing.assert_array_equal(bluesky_run["primary"]["energy"].read(), ENERGIES[:2])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from ophyd.sim import DirectImage, SynGauss
 
+from phasestream.callbacks.assets import AssetFolders
 from phasestream.references import load_references
 from phasestream.sim import (
     HDF5TransmissionDetector,
@@ -143,7 +144,8 @@ def test_txm_hdf5_frames_from_documents_equal_inline_frames(RE, sample, tmp_path
     for stream in ("dark", "flat", "primary"):
         datums = [d for n, d in docs if n == "stream_datum" and descriptors[d["descriptor"]] == stream]
         assert len({d["stream_resource"] for d in datums}) == 1  # one StreamResource per stream
-        frames = np.stack([read_stream_frame(resources[d["stream_resource"]], d) for d in datums])
+        folders = AssetFolders([tmp_path])
+        frames = np.stack([read_stream_frame(resources[d["stream_resource"]], d, folders=folders) for d in datums])
         expected = np.stack([e["data"]["det_img"] for e in events(inline_docs, stream)])
         np.testing.assert_array_equal(frames, expected)
         assert all("det_img" not in e["data"] for e in events(docs, stream))

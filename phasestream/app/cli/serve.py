@@ -105,6 +105,10 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
                        default=None,
                        help="folder whose reference files a start document may name (repeatable); default "
                             "$PHASESTREAM_REFERENCES (os.pathsep-separated). Without one, only registered names")
+    serve.add_argument("--asset-dir", action="append", metavar="DIR", default=None,
+                       help="folder of detector files (HDF5, .npy) that Resource and StreamResource documents may "
+                            "name (repeatable); default $PHASESTREAM_DETECTOR_FILES. Without one, "
+                            "no file a document names is read: runs with external images fail with that reason")
     serve.add_argument("--max-num-points", type=int, default=DEFAULT_MAX_NUM_POINTS, metavar="N",
                        help=f"refuse runs whose start document expects more energies (default "
                             f"{DEFAULT_MAX_NUM_POINTS})")
@@ -127,6 +131,7 @@ def _configured(args: argparse.Namespace) -> None:
     s = args.settings
     args.od_store = s.od_store if args.od_store is None else args.od_store
     args.references_dir = s.reference_folders if args.references_dir is None else args.references_dir
+    args.asset_dir = ([s.detector_files] if s.detector_files else []) if args.asset_dir is None else args.asset_dir
     args.max_message_size = s.max_message_size if args.max_message_size is None else args.max_message_size
     args.zmq = s.zmq_out if args.zmq is None else args.zmq
 
@@ -153,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         service = LiveService(client, backend=args.backend, update_every=args.update_every,
                               update_seconds=args.update_seconds, partial_budget=args.partial_budget,
                               root=args.root, raw=raw, write_od=not args.no_od,
-                              od_store=args.od_store, reference_folders=folders, bounds=bounds, defaults=defaults,
+                              od_store=args.od_store, reference_folders=folders, asset_folders=args.asset_dir,
+                              bounds=bounds, defaults=defaults,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
                               enhance=enhance_options(args), methods=methods_base(args), denoise=denoise_options(args),
