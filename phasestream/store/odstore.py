@@ -97,7 +97,7 @@ def check_od_store(client: Container, od_store: str | Path) -> Path:
         finally:
             delete_node(client, key)
     finally:
-        remove_od_store(path)
+        remove_od_store(path, root)
     if not np.array_equal(got, expected):
         raise PermissionError(f"the Tiled server reads other data than was written in the OD store {root}: {advice}")
     return root
@@ -131,15 +131,16 @@ def flush_and_drop(path: Path) -> None:
         os.close(fd)
 
 
-def remove_od_store(path: Path | None, store: Path | None = None) -> None:
+def remove_od_store(path: Path | None, store: str | Path | None) -> None:
     """Remove an external ``od`` zarr directory (``.../<run uid>/od.zarr``) and its run folder if empty.
 
-    With ``store``, only a directory inside it is removed (one registered elsewhere is left alone).
+    Only a directory inside ``store``, the OD store configured here, is removed: the path comes from
+    Tiled, and one registered elsewhere (another worker's store, or none configured here) is left alone.
     """
     if path is None or path.name != "od.zarr":
         return
-    if store is not None and not Path(path).resolve().is_relative_to(Path(store).resolve()):
-        log.warning("external od %s lies outside the OD store %s; left in place", path, store)
+    if store is None or not Path(path).resolve().is_relative_to(Path(store).resolve()):
+        log.warning("external od %s lies outside the OD store configured here (%s); left in place", path, store)
         return
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):

@@ -331,6 +331,24 @@ def test_existing_results_are_refused_replaced_or_reopened(client, od_store):
         ResultWriter.open(client, "run-never")
 
 
+def test_replacing_without_that_od_store_leaves_its_files(client, store_root):
+    """The path of an external od comes from Tiled: a writer removes it only inside its own OD store
+    (``reprocess`` replaces with no OD store; another worker's store is not its to empty)."""
+    uid = "run-replaced-elsewhere"
+    w = writer(client, uid, od_store=store_root, n_energies=2)
+    w.write_od(0, np.ones(SHAPE))
+    files = store_root / "phasestream" / uid / "od.zarr"
+    other = store_root / "another-store"
+    other.mkdir(exist_ok=True)
+    for od_store in (None, other):
+        writer(client, uid, od_store=od_store, replace=True, n_energies=2).write_od(0, np.ones(SHAPE))
+        assert files.is_dir() and list(client[f"phasestream/{uid}"]) == ["od"]
+    # the result's od now lies in `other`: a writer of that store removes it there
+    assert (other / "phasestream" / uid / "od.zarr").is_dir()
+    writer(client, uid, od_store=other, replace=True)
+    assert not (other / "phasestream" / uid).exists() and files.is_dir()
+
+
 # ---------------------------------------------------------------- search
 
 
