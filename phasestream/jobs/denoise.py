@@ -21,6 +21,7 @@ records ``skipped`` and the reason, a malformed request or a model-server error 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,18 +100,38 @@ def denoise_result(tiled_client, run_uid: str, options: DenoiseOptions | None = 
     the run has no result at all.
     """
     opts = options or DenoiseOptions()
-    clear_denoising(ResultWriter.open(tiled_client, run_uid, root=opts.root), opts.model)
-    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
+    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    earlier = writer.metadata.get("denoising") or {}
+    # an earlier complete denoising stays until this one is ready to be written (as for the refinement)
+    earlier = earlier if earlier.get("status") == "complete" else earlier.get("kept")  # kept by a re-run
+    kept = [earlier] if earlier else []
+    if kept:
+        writer.update_metadata(denoising={"status": "running", "model": opts.model, "kept": earlier})
+    else:
+        clear_denoising(writer, opts.model)
+        writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
+
+    def ready() -> ResultWriter:
+        """The writer of the new denoising's arrays: an earlier complete one's removed only now."""
+        if not kept:
+            return writer
+        clear_denoising(writer, opts.model)
+        kept.clear()
+        return ResultWriter.open(tiled_client, run_uid, root=opts.root)
+
     record: dict[str, Any] | None = None
     try:
         with jobs_model_client(opts, model_client) as client:
-            record = recorded_job(writer, "denoising", lambda: _denoise(writer, client, opts),
+            record = recorded_job(writer, "denoising", lambda: _denoise(writer, client, opts, ready),
                                   skipped=(DenoisingSkipped, ModelServerUnavailable),
                                   failed=(ModelServerError, ValueError), retry=opts.retry_command(run_uid),
                                   extra={"model": opts.model, "version": opts.version,
                                          "fine_tune_steps": opts.fine_tune_steps})
     finally:
-        if record is None or record["status"] != "complete":  # nothing of it stays beside a record that says so
+        if kept:  # not completed: the arrays beside this record are the earlier denoising's, `kept`
+            record = {**(writer.metadata.get("denoising") or {}), "kept": kept[0]}
+            writer.update_metadata(denoising=record)
+        elif record is None or record["status"] != "complete":  # nothing of it stays beside a record saying so
             _remove_arrays(writer)
     return record
 
@@ -120,6 +141,7 @@ def clear_denoising(writer: ResultWriter, model: str | None = None) -> None:
     _remove_arrays(writer)
     md = writer.metadata
     earlier = md.get("denoising") or {}
+    earlier = earlier.get("kept") or earlier  # a denoising at work keeps the complete one it replaces
     models = dict(md.get("models") or {})
     if earlier.get("status") == "complete" and earlier.get("model") in models:
         models.pop(earlier["model"])
@@ -144,7 +166,8 @@ def _model_info(client: ModelClient, opts: DenoiseOptions) -> dict[str, Any]:
     return found[-1]
 
 
-def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) -> dict[str, Any]:
+def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
+             ready: Callable[[], ResultWriter]) -> dict[str, Any]:
     if opts.error:
         return {"status": "failed", "reason": opts.error}
     opts.validate()
@@ -176,6 +199,7 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions) ->
     mask = arrays["mask"].read().astype(bool)
     maps = pcc_phase_maps(denoised, ref_values, mask, ambiguity=opts.ambiguity, backend=opts.backend)
     written = {"denoised": denoised, **{f"{name}_denoised": a for name, a in maps.items()}}
+    writer = ready()
     writer.write_maps(**written)
     problems = writer.verify({name: a.shape for name, a in written.items()})
     if problems:

@@ -21,6 +21,7 @@ options).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -173,14 +174,37 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     opts = (options or RefineOptions()).validate()
     if opts.tiled is None:
         opts = replace(opts, tiled=_tiled_uri(tiled_client))
-    clear_refinement(ResultWriter.open(tiled_client, run_uid, root=opts.root))
-    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
+    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    earlier = writer.metadata.get("refinement") or {}
+    # an earlier complete refinement stays until this one is ready to be written; any other goes now
+    earlier = earlier if earlier.get("status") == "complete" else earlier.get("kept")  # kept by a re-run
+    kept = [earlier] if earlier else []
+    if kept:
+        writer.update_metadata(refinement={"status": "running", "model": earlier.get("model"), "kept": earlier})
+    else:
+        clear_refinement(writer)
+        writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
+
+    def ready() -> ResultWriter:
+        """The writer of the new refinement's arrays: an earlier complete one's removed only now."""
+        if not kept:
+            return writer
+        clear_refinement(writer)
+        kept.clear()
+        return ResultWriter.open(tiled_client, run_uid, root=opts.root)
+
     with jobs_model_client(opts, model_client) as client:
-        return recorded_job(writer, "refinement", lambda: _refine(writer, client, opts),
-                            skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
-                            retry=opts.retry_command(run_uid),
-                            extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
-                                   "model": None if opts.strategy in MODEL_FREE else opts.model})
+        try:
+            record = recorded_job(writer, "refinement", lambda: _refine(writer, client, opts, ready),
+                                skipped=(RefinementSkipped, ModelServerUnavailable),
+                                failed=(ModelServerError, ValueError), retry=opts.retry_command(run_uid),
+                                extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
+                                       "model": None if opts.strategy in MODEL_FREE else opts.model})
+        finally:
+            if kept:  # not completed: the arrays beside this record are the earlier refinement's, `kept`
+                record = {**(writer.metadata.get("refinement") or {}), "kept": kept[0]}
+                writer.update_metadata(refinement=record)
+    return record
 
 
 def clear_refinement(writer: ResultWriter) -> None:
@@ -191,6 +215,7 @@ def clear_refinement(writer: ResultWriter) -> None:
             writer.container.delete_contents(name, external_only=False)
     md = writer.metadata
     earlier = md.get("refinement") or {}
+    earlier = earlier.get("kept") or earlier  # a refinement at work keeps the complete one it replaces
     models = dict(md.get("models") or {})
     if earlier.get("model") in models and earlier.get("status") == "complete":
         models.pop(earlier["model"])
@@ -198,7 +223,8 @@ def clear_refinement(writer: ResultWriter) -> None:
                            refinement={"status": "running", "model": earlier.get("model")})
 
 
-def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> dict[str, Any]:
+def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,
+            ready: Callable[[], ResultWriter]) -> dict[str, Any]:
     md = writer.metadata
     if md.get("status") not in USABLE_STATUSES:
         raise RefinementSkipped(f"the PCC result is {md.get('status')!r}, not complete")
@@ -251,6 +277,7 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions) -> d
     phases = writer.phases
     fractions = phase_fractions(result.refined_phase, mask, n_phases=len(phases))
     maps = {"refined_phase": result.refined_phase, "false_positive": result.false_positive.astype(np.uint8)}
+    writer = ready()
     writer.write_maps(**maps, **({} if latent is None else {"latent": latent}))
     n_mask = max(int(mask.sum()), 1)
     models = dict(writer.metadata.get("models") or {})

@@ -105,3 +105,17 @@ def test_running_phase_map_is_drawn_from_the_stream(tiled_client):
         assert reads == [(uid, ("phase", "reliability", "ambiguous"))]
     finally:
         follower.close()
+
+
+def test_a_kept_refinement_is_said_beside_the_record_that_did_not_complete():
+    """The refined fractions beside a skipped re-run are the earlier complete refinement's: the page says so."""
+    from phasestream.app.view.follow import RunSummary
+
+    kept = {"status": "complete", "strategy": "knn", "model": "gmvae", "version": "1", "seconds": 2.0}
+    md = {"status": "complete", "refined_fractions": {"a": 0.5, "b": 0.5},
+          "refinement": {"status": "skipped", "reason": "no model server", "kept": kept}}
+    shown = RunSummary("u1", md).as_dict(tiled_base="http://127.0.0.1:1", root="phasestream")
+    assert shown["refinement"] == {"status": "skipped", "reason": "no model server",
+                                   "kept": {"strategy": "knn", "model": "gmvae", "version": "1"}}
+    md["refinement"] = kept
+    assert "kept" not in RunSummary("u1", md).as_dict(tiled_base="http://127.0.0.1:1", root="phasestream")["refinement"]

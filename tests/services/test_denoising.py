@@ -154,23 +154,45 @@ def test_denoising_requested_in_the_start_document(tiled_client, models):
     assert _no_denoised_arrays(tiled_client["phasestream"][bad])
 
 
-def test_skipped_denoising_leaves_no_stale_arrays(tiled_client, models):
+def test_a_denoising_that_does_not_complete_keeps_the_earlier_complete_one(tiled_client, models):
+    """A re-run against a model server that is down, or without the model, is skipped: the earlier complete
+    denoising's arrays, fractions and model entry stay, described by ``kept``; a re-run that completes
+    replaces them."""
     uid = _scan(tiled_client, seed=6)
-    assert denoise_result(tiled_client, uid, DenoiseOptions(address=models.address))["status"] == "complete"
+    first = denoise_result(tiled_client, uid, DenoiseOptions(address=models.address))
+    assert first["status"] == "complete", first
     node = tiled_client["phasestream"][uid]
     assert not _no_denoised_arrays(node) and node.metadata["phase_fractions_denoised"]
+    arrays = {name: node[name].read() for name in DENOISING_ARRAYS}
+    fractions = node.metadata["phase_fractions_denoised"]
     live = node["phase"].read()
     down = denoise_result(tiled_client, uid, DenoiseOptions(address="tcp://127.0.0.1:1", timeout=0.5))
     assert down["status"] == "skipped" and "no reply from the model server" in down["reason"]
     assert "phasestream reprocess" in down["retry"] and "--denoise" in down["retry"] and uid in down["retry"]
-    node = tiled_client["phasestream"][uid]
-    assert _no_denoised_arrays(node), "an earlier denoising's arrays stayed beside a skipped record"
-    md = node.metadata
-    assert md["denoising"]["status"] == "skipped" and md["phase_fractions_denoised"] == {}
-    assert md["ambiguous_fraction_denoised"] is None and DENOISE not in md["models"]
-    np.testing.assert_array_equal(node["phase"].read(), live)
     missing = denoise_result(tiled_client, uid, DenoiseOptions(address=models.address, model="denoise-none"))
     assert missing["status"] == "skipped" and "has no model 'denoise-none'" in missing["reason"]
+    node = tiled_client["phasestream"][uid]
+    md = node.metadata
+    assert md["denoising"]["status"] == "skipped" and md["denoising"]["kept"]["status"] == "complete"
+    assert md["denoising"]["kept"]["sha256"] == first["sha256"] and down["kept"]["version"] == first["version"]
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(node[name].read(), array)
+    assert md["phase_fractions_denoised"] == fractions and DENOISE in md["models"]
+    np.testing.assert_array_equal(node["phase"].read(), live)
+    again = denoise_result(tiled_client, uid, DenoiseOptions(address=models.address))
+    md = tiled_client["phasestream"][uid].metadata
+    assert again["status"] == "complete" and "kept" not in again and "kept" not in md["denoising"]
+    assert md["phase_fractions_denoised"] and DENOISE in md["models"]
+
+
+def test_a_denoising_that_does_not_complete_leaves_no_arrays_of_its_own(tiled_client, models):
+    uid = _scan(tiled_client, seed=7)
+    down = denoise_result(tiled_client, uid, DenoiseOptions(address="tcp://127.0.0.1:1", timeout=0.5))
+    node = tiled_client["phasestream"][uid]
+    md = node.metadata
+    assert down["status"] == "skipped" and "kept" not in md["denoising"] and _no_denoised_arrays(node)
+    assert md["phase_fractions_denoised"] == {} and md["ambiguous_fraction_denoised"] is None
+    assert DENOISE not in md["models"]
 
 
 def test_reprocess_denoise_command(tiled_server, tiled_client, models):
@@ -181,7 +203,8 @@ def test_reprocess_denoise_command(tiled_server, tiled_client, models):
     assert node.metadata["denoising"]["status"] == "complete" and "phase_denoised" in node
     assert "refinement" not in node.metadata or node.metadata["refinement"].get("status") is None
     assert cli_main([*base, "--models", models.address, "--denoise-model", "denoise-none"]) == 3  # skipped
-    assert _no_denoised_arrays(tiled_client["phasestream"][uid])
+    node = tiled_client["phasestream"][uid]  # the complete denoising is kept beside the skipped record
+    assert node.metadata["denoising"]["kept"]["status"] == "complete" and "phase_denoised" in node
 
 
 @pytest.mark.cluster  # a LocalCluster of 2 worker processes: make test-stack

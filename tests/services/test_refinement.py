@@ -171,15 +171,18 @@ def test_live_path_never_imports_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_a_skipped_refinement_leaves_no_stale_arrays(tiled_client, models):
-    """A refinement that skips (here: it cannot show a gain of 100 points) removes the arrays, fractions and
-    model entry of the earlier complete one, and records its held-out figures."""
+def test_a_refinement_that_does_not_complete_keeps_the_earlier_complete_one(tiled_client, models):
+    """A re-run that skips (here: it cannot show a gain of 100 points) leaves the earlier complete refinement's
+    arrays, fractions and model entry in place, described by ``kept``, and records its held-out figures; a
+    re-run that completes replaces them, stale arrays (``latent`` of a model-free strategy) included."""
     sample = make_sample((128, 128), state_of_charge=2.0, seed=1, n_particles=2)
     uid = _scan(tiled_client, sample, dose=2000.0, seed=11)
     first = refine_result(tiled_client, uid, RefineOptions(address=models.address))
     assert first["status"] == "complete", first
     node = tiled_client["phasestream"][uid]
     assert "refined_phase" in node and MODEL in node.metadata["models"] and node.metadata["refined_fractions"]
+    arrays = {key: node[key].read() for key in ("refined_phase", "latent", "false_positive")}
+    fractions = node.metadata["refined_fractions"]
     record = refine_result(tiled_client, uid, RefineOptions(address=models.address, min_gain=1.0))
     held = record["held_out"]
     assert record["status"] == "skipped", record
@@ -190,8 +193,27 @@ def test_a_skipped_refinement_leaves_no_stale_arrays(tiled_client, models):
     node = tiled_client["phasestream"][uid]
     md = node.metadata
     assert md["status"] == "complete" and md["refinement"]["status"] == "skipped"
-    assert not {"refined_phase", "latent", "false_positive"} & set(node)
-    assert md["refined_fractions"] == {} and MODEL not in md["models"]
+    kept = md["refinement"]["kept"]
+    assert kept["status"] == "complete" and kept["strategy"] == first["strategy"]
+    assert kept["reassigned_fraction"] == pytest.approx(first["reassigned_fraction"])
+    for key, array in arrays.items():
+        np.testing.assert_array_equal(node[key].read(), array)
+    assert md["refined_fractions"] == fractions and MODEL in md["models"]
+    # a second one that does not complete (the server is down) keeps the same
+    down = refine_result(tiled_client, uid, RefineOptions(address="tcp://127.0.0.1:1", timeout=0.5))
+    assert down["status"] == "skipped" and down["kept"] == kept, down
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["refinement"]["kept"] == kept and node.metadata["refined_fractions"] == fractions
+    np.testing.assert_array_equal(node["refined_phase"].read(), arrays["refined_phase"])
+    # a refinement that completes replaces the kept one: no latent beside a model-free record
+    spatial = refine_result(tiled_client, uid, RefineOptions(address=models.address, strategy="spatial",
+                                                             check=False))
+    assert spatial["status"] == "complete", spatial
+    node = tiled_client["phasestream"][uid]
+    md = node.metadata
+    assert "kept" not in md["refinement"] and md["refinement"]["strategy"] == "spatial"
+    assert {"refined_phase", "false_positive"} <= set(node) and "latent" not in node
+    assert MODEL not in md["models"] and md["refined_fractions"] != {}
 
 
 def test_anchor_strategy_with_references_from_a_csv_file(tiled_client, models, tmp_path, monkeypatch):

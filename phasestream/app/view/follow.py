@@ -104,7 +104,9 @@ def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
         "mean_reliability": md.get("mean_reliability"),
         "refined_fractions": dict(md.get("refined_fractions") or {}),
         "refinement": {k: refinement.get(k) for k in ("status", "reason", "strategy", "model", "version")
-                       if refinement.get(k) is not None},
+                       if refinement.get(k) is not None}
+        | ({"kept": {k: v for k, v in refinement["kept"].items() if k in ("strategy", "model", "version")}}
+           if isinstance(refinement.get("kept"), dict) else {}),
         "errors": list(md.get("errors") or []),
         "updated_at": md.get("updated_at"),
         "received_at": run.received_at,

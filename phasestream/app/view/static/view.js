@@ -148,7 +148,8 @@ function renderRun(force = false) {
     el("td", {}, p), el("td", {}, pct(run.phase_fractions[p])), el("td", {}, pct(run.refined_fractions[p])))));
   $("fractions").replaceChildren(...rows);
   const r = run.refinement;
-  $("refinement").textContent = r.status ? `GMVAE refinement: ${r.status}${r.strategy ? " (" + r.strategy + ")" : ""}${r.reason ? ": " + r.reason : ""}` : "GMVAE refinement: not run";
+  const kept = r.kept ? ` (refined fractions from the earlier complete refinement${r.kept.strategy ? ", " + r.kept.strategy : ""}, kept)` : "";
+  $("refinement").textContent = r.status ? `GMVAE refinement: ${r.status}${r.strategy ? " (" + r.strategy + ")" : ""}${r.reason ? ": " + r.reason : ""}${kept}` : "GMVAE refinement: not run";
   $("links").replaceChildren("In Tiled (sign in to Tiled to open): ",
     ...Object.entries(run.links).map(([name, href]) => el("a", { href, target: "_blank", rel: "noopener" }, name)).flatMap((a) => [a, " "]));
   renderHistory(run);
