@@ -25,7 +25,7 @@ def test_reprocess_equals_live(tiled, mode, external):
     server, client, files = tiled
     RE = RunEngine({})
     RE.subscribe(raw_run_writer(client))
-    live = PhaseMapCallback(client, backend="numba", update_every=2)
+    live = PhaseMapCallback(client, backend="numba", update_every=2, asset_folders=[files] if external else ())
     RE.subscribe(live)
     sample = make_sample((40, 40), state_of_charge=1.0, seed=3, n_particles=2)
     energy = make_energy()
