@@ -23,7 +23,8 @@ default 0). ``list`` replies ``models``: the artifacts' summaries; ``health`` re
 
 Arrays are validated after conversion to float32, the dtype the models compute in: a float64 value
 beyond float32's range (1e308) is refused, not passed on as infinity. Every failure is a reply with
-``ok: false`` (unknown model or version, input not matching the model's energies, non-finite values,
+``ok: false`` (a field of the wrong type, unknown model or version, input not matching the model's
+energies, non-finite values,
 an array larger than ``max_request_bytes`` as float32, malformed or undecodable message, payload over
 ``max_request_bytes``); error texts are cut to ``MAX_ERROR_CHARS``, and neither arrays nor requests
 are logged. The server keeps serving. Requests that arrive together for the same model and op are run

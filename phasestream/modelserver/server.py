@@ -92,6 +92,9 @@ class _Request:
     reply: dict[str, Any] | None = None
 
 
+RECEIVE_QUEUE_PER_CONNECTION = 4
+
+
 class ModelServer:
     """Serves the registry's models on a ROUTER socket (see the module docstring for the protocol)."""
 
@@ -117,6 +120,9 @@ class ModelServer:
         # hard cap protecting memory; requests between the configured limit and this get an error reply
         limit = self.config.max_request_bytes
         sock.setsockopt(zmq.MAXMSGSIZE, max(4 * limit, limit + (64 << 20)))
+        # a client waits for each reply (ModelClient), so a few queued requests per connection are plenty; ZeroMQ's
+        # default of 1000 let one connection queue 1000 requests of up to MAXMSGSIZE each in this process
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_PER_CONNECTION)
         sock.bind(self.config.bind)
         self.socket = sock
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -146,7 +152,11 @@ class ModelServer:
                         batch.append(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-                self._handle_batch(batch)
+                try:
+                    self._handle_batch(batch)
+                except Exception as exc:  # never expected (each failure is a reply): keep serving
+                    logger.error("a batch of %d requests could not be handled: %s", len(batch), type(exc).__name__)
+                    logger.debug("the batch's failure", exc_info=True)
         finally:
             self.socket.close(linger=0)
             self.socket = None
@@ -166,6 +176,8 @@ class ModelServer:
                 self._validate(req.message)
             except _RequestError as exc:
                 req.reply = self._error(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a request no check foresaw fails alone
+                req.reply = self._error(f"malformed request: {type(exc).__name__}")
             requests.append(req)
         groups: dict[tuple, list[_Request]] = defaultdict(list)
         for req in requests:
@@ -177,7 +189,15 @@ class ModelServer:
             else:
                 groups[(op, req.message["model"], req.message.get("version"))].append(req)
         for (op, name, version), reqs in groups.items():
-            self._run_group(op, name, version, reqs)
+            try:
+                self._run_group(op, name, version, reqs)
+            except Exception as exc:  # never expected; each of them still gets an answer
+                logger.error("%s with %s %s failed outside the model: %s", op, name, version, type(exc).__name__)
+                logger.debug("the failure outside the model", exc_info=True)
+                for req in reqs:
+                    if req.reply is None:
+                        req.reply = self._error(f"{op} failed in the server: {type(exc).__name__}",
+                                                model=name, version=version)
         for req in requests:
             reply = req.reply
             if isinstance(req.message.get("id"), str | int):
@@ -205,7 +225,7 @@ class ModelServer:
     @staticmethod
     def _validate(message: dict[str, Any]) -> None:
         op = message.get("op")
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise _RequestError(f"malformed request: op must be one of {list(OPS)}, got {op!r}")
         if op in ("encode", "decode", "enhance", "denoise"):
             if not isinstance(message.get("model"), str) or not message["model"]:
@@ -214,8 +234,13 @@ class ModelServer:
                 raise _RequestError("malformed request: version must be a string")
             if not isinstance(message.get("array"), np.ndarray):
                 raise _RequestError(f"malformed request: op {op!r} needs an array")
-        if not isinstance(message.get("options", {}), dict):
+        options = message.get("options", {})
+        if not isinstance(options, dict):
             raise _RequestError("malformed request: options must be a map")
+        for key, value in options.items():
+            if key in ("components", "allow_low_gain") and not isinstance(value, bool):
+                raise _RequestError(f"malformed request: options.{key} must be true or false, "
+                                    f"got {type(value).__name__}")
 
     @staticmethod
     def _error(message: str, **info: Any) -> dict[str, Any]:

@@ -154,6 +154,59 @@ def test_error_replies_are_short(server, client, message):
     _assert_serving(client)
 
 
+@pytest.mark.parametrize("message, said", [
+    ({"op": np.array(["encode", "decode"])}, "op must be one of"),
+    ({"op": ["encode"]}, "op must be one of"),
+    ({"op": "encode", "model": MODEL, "array": np.ones((2, 13), np.float32),
+      "options": {"components": np.array([1, 1])}}, "options.components must be true or false"),
+    ({"op": "enhance", "model": INDI, "array": np.ones((16, 16), np.float32),
+      "options": {"domain": "od", "allow_low_gain": np.array([True, False])}}, "options.allow_low_gain must be"),
+    ({"op": "encode", "model": MODEL, "array": np.ones((2, 13), np.float32), "options": {"components": 1}},
+     "options.components must be true or false"),
+])
+def test_fields_of_the_wrong_type_fail_alone(server, client, message, said):
+    """Before: an array where a string or flag belongs raised outside the request checks (NumPy's ambiguous
+    truth value) and ended the server."""
+    sock = _dealer(server.address)
+    try:
+        sock.send(serialize({**message, "id": "typed"}))
+        reply = _reply(sock)
+    finally:
+        sock.close()
+    assert reply["ok"] is False and reply["id"] == "typed"
+    assert said in reply["error"]
+    _assert_serving(client)
+
+
+def test_a_failure_outside_the_checks_is_answered_and_the_server_goes_on(in_process, monkeypatch, caplog):
+    """A request that breaks the server somewhere no check foresaw still gets its answer, the other requests
+    of the batch theirs."""
+    server, loaded = in_process
+    sent = []
+
+    class Socket:
+        def send_multipart(self, frames, copy=True):
+            sent.append((frames[0], deserialize(frames[-1])))
+
+    def broken_parse(payload):
+        message = deserialize(payload)
+        if message.get("id") == "breaks":
+            raise RuntimeError("nobody foresaw this")
+        return message
+
+    monkeypatch.setattr(server, "socket", Socket())
+    monkeypatch.setattr(server, "_parse", broken_parse)
+    x = _spectra(13, 4, seed=1)
+    frames = [[zmq.Frame(b"c" + i.encode()), zmq.Frame(serialize({"op": "encode", "model": MODEL, "array": x,
+                                                                   "id": i}))] for i in ("breaks", "fine")]
+    with caplog.at_level(logging.WARNING, logger="phasestream"):
+        server._handle_batch(frames)
+    replies = dict(sent)
+    assert replies[b"cbreaks"]["ok"] is False and "RuntimeError" in replies[b"cbreaks"]["error"]
+    assert replies[b"cfine"]["ok"] is True
+    np.testing.assert_allclose(replies[b"cfine"]["array"], loaded.model.encode(x)[0], rtol=1e-5, atol=1e-6)
+
+
 def _assert_serving(client):
     assert client.health()["status"] == "serving"
     x = _spectra(13, 5, seed=0)
