@@ -15,6 +15,7 @@ from collections.abc import Callable
 from phasestream.contract import MODES, RunDefaults
 
 __all__ = [
+    "QUIET_AT_DEBUG",
     "NO_TILED",
     "SCHEDULER_NEEDS_TILED",
     "add_run_key_options",
@@ -39,9 +40,17 @@ NO_TILED = ("no Tiled server configured: pass --tiled URI, set TILED_URI (for th
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 
+# libraries whose debug lines carry request headers (the Tiled API key in ``Authorization``): info at most
+QUIET_AT_DEBUG = ("websockets", "httpcore", "httpx", "hpack", "h11", "urllib3")
+
+
 def configure_logging(verbose: int) -> None:
-    """Log to stderr: warnings, or info with ``-v``, or debug with ``-vv``."""
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)], format=LOG_FORMAT)
+    """Log to stderr: warnings, or info with ``-v``, or debug with ``-vv`` (phasestream's and Tiled's;
+    never the HTTP and websocket libraries' debug lines, which show the API key)."""
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    for name in QUIET_AT_DEBUG:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
 
 
 def run_reporting_errors(command: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
