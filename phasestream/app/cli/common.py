@@ -15,8 +15,8 @@ from collections.abc import Callable
 from phasestream.contract import MODES, RunDefaults
 
 __all__ = [
-    "QUIET_AT_DEBUG",
     "NO_TILED",
+    "QUIET_AT_DEBUG",
     "SCHEDULER_NEEDS_TILED",
     "add_run_key_options",
     "add_tiled_options",
