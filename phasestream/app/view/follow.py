@@ -31,6 +31,7 @@ from typing import Any
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
 from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, LiveMaps
+from phasestream.app.view.metadata import shown_metadata
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.contract.fields import parse_field_key
 from phasestream.store.catalog import find
@@ -65,7 +66,7 @@ class RunSummary:
     def absorb(self, metadata: dict) -> bool:
         """Take new metadata; True when the maps (or the status) may have changed, not a mere heartbeat."""
         old = self.metadata
-        self.metadata = dict(metadata)
+        self.metadata = metadata = shown_metadata(metadata)
         changed = any(old.get(k) != metadata.get(k) for k in
                       ("n_energies_seen", "status", "phase_fractions", "refined_fractions", "refinement",
                        "errors", "particle_pixels"))
@@ -83,32 +84,28 @@ class RunSummary:
 
 def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
     """The JSON the page gets for one run (no secrets: links carry no API key)."""
-    md = run.metadata
-    refinement = md.get("refinement") or {}
-    seen = max(int(md.get("n_energies_seen") or 0), run.od_planes if md.get("status") == Status.RUNNING else 0)
+    md = shown_metadata(run.metadata)  # a RunSummary made directly holds metadata as read
+    seen = max(md["n_energies_seen"], run.od_planes if md["status"] == Status.RUNNING else 0)
     path = f"{root}/{run.uid}"
     base = public_uri(tiled_base).rstrip("/")
     arrays = ("phase", "reliability", "ambiguous", "pcc", "mask", "od", "refined_phase")
     return {
         "uid": run.uid,
-        "scan_id": md.get("scan_id"),
-        "sample": (md.get("sample") or {}).get("name"),
-        "state_of_charge": md.get("state_of_charge"),
-        "status": md.get("status"),
+        "scan_id": md["scan_id"],
+        "sample": md["sample"].get("name"),
+        "state_of_charge": md["state_of_charge"],
+        "status": md["status"],
         "energies_seen": seen,
-        "maps_energies": int(md.get("n_energies_seen") or 0),  # the energies behind the latest maps
+        "maps_energies": md["n_energies_seen"],  # the energies behind the latest maps
         "energies_expected": run.expected,
-        "phases": list((md.get("references") or {}).get("phases", [])),
-        "phase_fractions": dict(md.get("phase_fractions") or {}),
-        "ambiguous_fraction": md.get("ambiguous_fraction"),
-        "mean_reliability": md.get("mean_reliability"),
-        "refined_fractions": dict(md.get("refined_fractions") or {}),
-        "refinement": {k: refinement.get(k) for k in ("status", "reason", "strategy", "model", "version")
-                       if refinement.get(k) is not None}
-        | ({"kept": {k: v for k, v in refinement["kept"].items() if k in ("strategy", "model", "version")}}
-           if isinstance(refinement.get("kept"), dict) else {}),
-        "errors": list(md.get("errors") or []),
-        "updated_at": md.get("updated_at"),
+        "phases": md["references"]["phases"],
+        "phase_fractions": md["phase_fractions"],
+        "ambiguous_fraction": md["ambiguous_fraction"],
+        "mean_reliability": md["mean_reliability"],
+        "refined_fractions": md["refined_fractions"],
+        "refinement": md["refinement"],
+        "errors": md["errors"],
+        "updated_at": md["updated_at"],
         "received_at": run.received_at,
         "version": run.version,
         "od_version": run.od_version,
@@ -320,13 +317,14 @@ class CatalogFollower:
         with self._lock:
             run = self.runs.setdefault(uid, RunSummary(uid, {}))
             changed = run.absorb(metadata)
+            metadata = run.metadata  # checked (app/view/metadata.py)
             run.received_at, run.streamed_at = received, timestamp
             live = self._live_maps.get(uid)
             if live is not None:
                 live.mark(timestamp, run.version if changed else None)
-        status = metadata.get("status")
+        status = metadata["status"]
         if status == Status.RUNNING:
-            self._follow_maps(uid, maps_written=bool(metadata.get("n_energies_seen")))
+            self._follow_maps(uid, maps_written=bool(metadata["n_energies_seen"]))
             self._follow_running(uid)
         elif status in FINAL_STATUSES:
             self._unfollow(uid)

@@ -1,0 +1,78 @@
+"""A result's metadata as the view may show it: every field the page uses, of the type it expects.
+
+Results are written by the worker, but the catalog is writable by anyone holding the key, and older
+or hand-edited results exist: a string ``updated_at``, a list for ``sample`` or a NaN fraction must
+cost that field (shown as unknown), never the view (before: a ``TypeError`` in sorting or summarizing
+ended the follower's thread, and every page with it). Fields the view does not use pass unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["shown_metadata"]
+
+MAX_TEXT = 4096  # characters of any one string the page gets
+MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _text(value: Any) -> str | None:
+    return value[:MAX_TEXT] if isinstance(value, str) else None
+
+
+def _fractions(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    return {key[:MAX_TEXT]: number for key, x in value.items()
+            if isinstance(key, str) and (number := _number(x)) is not None}
+
+
+def _record(value: Any) -> dict[str, Any]:
+    """A post-scan job record (``refinement``): its text fields and the record it ``kept``."""
+    if not isinstance(value, dict):
+        return {}
+    record = {k: text for k in ("status", "reason", "strategy", "model", "version")
+              if (text := _text(value.get(k))) is not None}
+    if isinstance(value.get("kept"), dict):
+        record["kept"] = {k: text for k in ("strategy", "model", "version")
+                          if (text := _text(value["kept"].get(k))) is not None}
+    return record
+
+
+def shown_metadata(metadata: Any) -> dict[str, Any]:
+    """``metadata`` with the fields the view uses checked: a field of the wrong type becomes unknown
+    (None, 0, empty), never an exception."""
+    md = dict(metadata) if isinstance(metadata, dict) else {}
+    sample = md.get("sample")
+    references = md.get("references")
+    scan_id = md.get("scan_id")
+    errors = md.get("errors")
+    phases = references.get("phases") if isinstance(references, dict) else None
+    return md | {
+        "status": _text(md.get("status")),
+        "scan_id": scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) else _text(scan_id),
+        "sample": {"name": _text(sample.get("name"))} if isinstance(sample, dict) else {},
+        "references": {"phases": [p[:MAX_TEXT] for p in phases if isinstance(p, str)]
+                       if isinstance(phases, list) else []},
+        "n_energies_seen": _count(md.get("n_energies_seen")),
+        "state_of_charge": _number(md.get("state_of_charge")),
+        "ambiguous_fraction": _number(md.get("ambiguous_fraction")),
+        "mean_reliability": _number(md.get("mean_reliability")),
+        "updated_at": _number(md.get("updated_at")),
+        "phase_fractions": _fractions(md.get("phase_fractions")),
+        "refined_fractions": _fractions(md.get("refined_fractions")),
+        "refinement": _record(md.get("refinement")),
+        "errors": [e[:MAX_TEXT] if isinstance(e, str) else repr(e)[:MAX_TEXT] for e in errors[:MAX_ERRORS]]
+        if isinstance(errors, list) else [],
+    }
