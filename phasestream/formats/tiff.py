@@ -57,6 +57,28 @@ _TIFF_ERRORS = (
 )
 
 
+# tifffile, left to itself, assembles a file's series from its metadata: OME-XML (whose TiffData can
+# map planes to pages in any order, and whose UUID FileName entries make it open other files, named
+# relative to the file or absolutely), Micro-Manager stacks and NDTiff (index files, other files).
+# Every file here is opened alone, on its pages; only these series kinds keep the pages' order.
+_ALONE = {"is_ome": False, "is_mmstack": False, "is_ndtiff": False, "_multifile": False}
+_PAGE_ORDER_SERIES = ("generic", "uniform", "shaped", "imagej")
+
+
+def _open(path: Path) -> tifffile.TiffFile:
+    """``path`` opened alone (see ``_ALONE``)."""
+    return tifffile.TiffFile(path, **_ALONE)
+
+
+def _series_in_page_order(tif: tifffile.TiffFile) -> bool:
+    """True when a reader that takes the file's first series as tifffile makes it by default (Tiled's
+    TIFF adapters) gets the pages in their order: no OME-XML or Micro-Manager metadata to reorder them
+    (or to name other files), and a series kind that follows the pages."""
+    first = tif.pages.first
+    return (not first.is_ome and not first.is_micromanager and bool(tif.series)
+            and tif.series[0].kind in _PAGE_ORDER_SERIES)
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders digit runs by value: ``a_2`` before ``a_10``."""
     return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name))
@@ -112,7 +134,7 @@ def _read_multipage(path: Path) -> tuple[np.ndarray | LazyImages, str | None]:
     (what a TIFF reader that reads the series, such as Tiled's, returns), else None. Such pages stored
     uncompressed, one after the other, are mapped from the file (:func:`_mapped`), not read."""
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _open(path) as tif:
             pages = tif.pages
             pages.useframes = False
             count = len(pages)
@@ -132,13 +154,14 @@ def _read_multipage(path: Path) -> tuple[np.ndarray | LazyImages, str | None]:
                 uniform = uniform and page.dtype == first.dtype
             series = tif.series[0] if tif.series else None
             stored = (np.dtype(first.dtype).str if uniform and series is not None and series.dtype == first.dtype
-                      and int(np.prod(series.shape)) == count * shape[0] * shape[1] else None)
+                      and _series_in_page_order(tif) and int(np.prod(series.shape)) == count * shape[0] * shape[1]
+                      else None)
             contiguous = stored is not None and series.dataoffset is not None
             data = None if contiguous else _pixels(tif, count, shape, dtype)
         if data is None:
             data = _mapped(path, (count, *shape), dtype)
         if data is None:  # pixel data that run past the end of the file: read them, and fail, the usual way
-            with tifffile.TiffFile(path) as tif:
+            with _open(path) as tif:
                 data = _pixels(tif, count, shape, dtype)
     except FormatError:
         raise
@@ -157,7 +180,7 @@ def _mapped(path: Path, shape: tuple[int, int, int], dtype) -> LazyImages | None
     """The pages of an uncompressed, contiguous multi-page TIFF mapped from the file (read when indexed), or
     None when the file cannot be mapped (its pixel data run past its end)."""
     try:
-        mapped = tifffile.memmap(path, mode="r")
+        mapped = tifffile.memmap(path, mode="r", **_ALONE)
     except (ValueError, OSError):
         return None
     if mapped.size != shape[0] * shape[1] * shape[2]:
@@ -177,7 +200,7 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImag
     mappable = True
     for index, path in enumerate(files):
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _open(path) as tif:
                 if len(tif.pages) != 1:
                     raise FormatError(path, f"{len(tif.pages)} pages in one file of a folder stack (expected 1)")
                 if not _ifd_chain_ends(tif):
@@ -192,19 +215,19 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImag
                     raise FormatError(path, f"image shape {page_shape} differs from {shape} of {files[0].name}")
                 elif intensity_dtype(path, page.dtype).itemsize > dtype.itemsize:
                     dtype = np.dtype(np.float64)
-                stored.add(np.dtype(page.dtype).str)
+                stored.add(np.dtype(page.dtype).str if _series_in_page_order(tif) else "")
                 mappable = mappable and bool(page.is_contiguous) and (
                     page.dataoffsets[0] + sum(page.databytecounts) <= path.stat().st_size)
         except FormatError:
             raise
         except _TIFF_ERRORS as error:
             raise _unreadable(path, error) from None
-    one_type = stored.pop() if len(stored) == 1 else None
+    one_type = (stored.pop() or None) if len(stored) == 1 else None  # "": a file whose series is not its page
     if mappable and one_type is not None:
         def read(key):
             chosen = range(len(files))[key] if isinstance(key, slice) else [key]
             try:
-                frames = [tifffile.memmap(files[i], mode="r") for i in chosen]
+                frames = [tifffile.memmap(files[i], mode="r", **_ALONE) for i in chosen]
             except (ValueError, OSError) as error:
                 raise _unreadable(files[chosen[0]], error) from None
             if not isinstance(key, slice):
@@ -215,7 +238,7 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImag
     images = np.empty((len(files), *shape), dtype=dtype)
     for index, path in enumerate(files):
         try:
-            images[index] = tifffile.imread(path)
+            images[index] = tifffile.imread(path, **_ALONE)
         except _TIFF_ERRORS as error:
             raise _unreadable(path, error) from None
     return images, one_type

@@ -237,3 +237,74 @@ def test_the_stack_says_where_its_images_lie_as_stored(tmp_path):
     assert stack.tiff == TiffSource(tuple(folder / f"img_{i}.tif" for i in (1, 2, 3)), "<u2")
     tifffile.imwrite(folder / "img_3.tif", images[2].astype(np.float32))  # pixel types differ: no one stored type
     assert read_tiff(folder, energies=[705.0, 706.0, 707.0]).tiff is None
+
+
+def _ome(size_yx: tuple[int, int], planes: list[str], *, uuid: str = "urn:uuid:11111111-2222-3333-4444-555555555555"):
+    """OME-XML for an uint16 T stack whose TiffData elements are ``planes``."""
+    return ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+            f'UUID="{uuid}"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint16" '
+            f'SizeX="{size_yx[1]}" SizeY="{size_yx[0]}" SizeZ="1" SizeC="1" SizeT="{len(planes)}">'
+            + "".join(planes) + "</Pixels></Image></OME>")
+
+
+def test_ome_planes_in_another_order_than_the_pages_are_copied(tmp_path):
+    """OME-XML may map its planes to the pages in any order: tifffile's default series (what Tiled's TIFF
+    adapter returns) is then not the pages, and leaving the images in the file would pair frames with the
+    wrong energies. The pages are read in their order (one per energy) and the images copied."""
+    images = np.stack([np.full((8, 8), 100 * (i + 1), np.uint16) for i in range(3)])
+    xml = _ome((8, 8), [f'<TiffData FirstT="{t}" IFD="{2 - t}" PlaneCount="1"/>' for t in range(3)])
+    path = tmp_path / "reordered.ome.tif"
+    tifffile.imwrite(path, images, description=xml, metadata=None, photometric="minisblack")
+    assert tifffile.imread(path)[0, 0, 0] == 300  # the oracle: the default reading is the OME order
+    stack = read_tiff(path, energies=[705.0, 706.0, 707.0])
+    np.testing.assert_array_equal(np.asarray(stack.images[:]), images.astype(np.float32))  # page i at energy i
+    assert stack.tiff is None  # not left in the file: Tiled would read the frames in the other order
+    plain = tmp_path / "plain.tif"  # the same pages without OME-XML stay where they are
+    tifffile.imwrite(plain, images, photometric="minisblack")
+    assert read_tiff(plain, energies=[705.0, 706.0, 707.0]).tiff == TiffSource((plain,), "<u2")
+
+
+@pytest.mark.parametrize("where", ["beside", "elsewhere"])
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_ome_file_names_open_no_other_file(tmp_path, where, layout):
+    """OME-XML's UUID FileName makes tifffile open other files, named relative to the TIFF or absolutely
+    (``../x``, ``/etc/...``): a TIFF chosen for import must be read alone."""
+    import sys
+
+    elsewhere = tmp_path / "private"
+    elsewhere.mkdir()
+    named = (tmp_path / "data" if where == "beside" else elsewhere) / "other.ome.tif"
+    named.parent.mkdir(exist_ok=True)
+    images = np.stack([np.full((8, 8), 10 * (i + 1), np.uint16) for i in range(2)])
+    tifffile.imwrite(named, images[:1], photometric="minisblack")
+    file_name = named.name if where == "beside" else str(named)
+    planes = ['<TiffData FirstT="0" IFD="0" PlaneCount="1"/>',
+              f'<TiffData FirstT="1" PlaneCount="1"><UUID FileName="{file_name}">'
+              'urn:uuid:99999999-2222-3333-4444-555555555555</UUID></TiffData>']
+    target = tmp_path / "data" / "stack.ome.tif"
+    target.parent.mkdir(exist_ok=True)
+    pages = images if layout == "file" else images[:1]
+    tifffile.imwrite(target, pages, description=_ome((8, 8), planes), metadata=None, photometric="minisblack")
+    opened: list[str] = []
+    watching = [True]
+
+    def hook(event, args):
+        if watching[0] and event == "open" and isinstance(args[0], str | bytes):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)  # hooks stay for the process: this one records only while watching
+    try:
+        if layout == "file":
+            stack = read_tiff(target, energies=[705.0, 706.0])
+        else:
+            count = 2 if where == "beside" else 1  # stack.ome.tif, and other.ome.tif beside it
+            stack = read_tiff(target.parent, energies=[705.0, 706.0][:count])
+        np.asarray(stack.images[:])
+    finally:
+        watching[0] = False
+    others = {p for p in opened if p.endswith(".tif") and "other" in p}
+    if layout == "file" or where == "elsewhere":
+        assert others == set(), f"opened {others}"
+    else:  # a folder stack reads each of its files, other.ome.tif among them, itself
+        assert others == {str(named)}
+    assert stack.tiff is None
