@@ -341,9 +341,11 @@ def raw_run_writer(client: Container, *, batch_size: int = 1, normalize: bool = 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     register_consolidators()
+    # every array data key as an array node: TiledWriter's default puts arrays of up to 16 elements into the
+    # event table, where a 2-D image (4 x 4) fails in Arrow and the run with it (readers pair frames either way)
     if normalize:
-        return TiledWriter(client, batch_size=batch_size)
-    return TiledWriter(client, batch_size=batch_size, normalizer=None)
+        return TiledWriter(client, batch_size=batch_size, max_array_size=0)
+    return TiledWriter(client, batch_size=batch_size, normalizer=None, max_array_size=0)
 
 
 def raw_runs(client: Container, raw: str = "") -> Container:

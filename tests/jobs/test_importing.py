@@ -357,6 +357,25 @@ def test_a_txm_stack_without_a_dark_image_has_no_dark_stream_and_is_analysed(til
     assert result.status == "complete", result.errors
 
 
+@pytest.mark.parametrize("hdf5", [False, True])
+def test_images_of_sixteen_pixels_or_fewer_are_imported_and_analysed(tiled_client, tmp_path, hdf5):
+    """TiledWriter's default put arrays of up to 16 elements into the event table, where a 4 x 4 image failed
+    in Arrow ("Can only convert 1-dimensional array values") and the import with it."""
+    client = tiled_client
+    frames = {k: v[..., 10:14, 10:14] if v.ndim >= 2 else v for k, v in _frames("txm", 29).items()}
+    stack = _stack(frames, "txm", tmp_path / ("tiny.h5" if hdf5 else "tiny.npy"), hdf5=hdf5)
+    outcome = import_stack(client, stack, ImportOptions(references=REFS))
+    assert outcome.status == "complete", outcome.reason
+    raw = open_raw_run(client, outcome.run_uid)
+    np.testing.assert_array_equal(raw["primary"]["det_img"].read(), frames["images"])
+    result = reprocess_run(client, outcome.run_uid, ReprocessOptions(backend="numpy"))
+    assert result.status in ("complete", "partial"), result.errors
+    images, flat, dark = (frames[k].astype(np.float64) for k in ("images", "flat", "dark"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = -np.log((images - dark) / (flat - dark))  # the oracle: TXM optical density
+    np.testing.assert_allclose(client["phasestream"][outcome.run_uid]["od"].read(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_import_under_a_raw_path_creates_the_container_and_finds_re_imports_there(
         tiled_server, tiled_client, tmp_path, capsys):
     import tifffile
