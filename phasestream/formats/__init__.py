@@ -68,9 +68,14 @@ def read_stack(
     reader = _READERS.get(name)
     if reader is None:
         raise FormatError(path, f"no reader for format {name!r}; known: {', '.join(FORMATS)}")
-    if name in _MODE_FREE:
-        return reader(path, energies=energies, mode=mode or "stxm")
-    stack = reader(path, energies=energies)
+    try:
+        if name in _MODE_FREE:
+            return reader(path, energies=energies, mode=mode or "stxm")
+        stack = reader(path, energies=energies)
+    except (FormatError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # a file the reader's checks did not foresee: still that file's error, not a crash
+        raise FormatError(path, f"the {name} reader could not read this file: {type(exc).__name__}: {exc}") from exc
     if mode is not None and mode != stack.mode:
         raise FormatError(path, f"a {name} file holds a {stack.mode} stack, not {mode}")
     return stack

@@ -41,6 +41,7 @@ __all__ = ["MAX_HEADER_BYTES", "parse_hdr", "read_axis2000"]
 
 #: A header is a few kB (tens with long point lists); bigger is not a header.
 MAX_HEADER_BYTES = 16 * 2**20
+MAX_NESTING = 32  # structures and arrays inside each other (a real header nests 4 deep)
 
 _TOKEN = re.compile(r'\s+|"(?P<string>[^"]*)"|(?P<punct>[{}();=,])|(?P<word>[^\s{}();=,"]+)')
 _IMAGE_TYPES = ("NEXAFS Image Scan", "Image Scan")
@@ -62,6 +63,7 @@ class _Parser:
             if match.lastgroup is not None:
                 self.tokens.append((match.lastgroup, match.group(match.lastgroup)))
         self.index = 0
+        self.depth = 0
 
     def _next(self) -> tuple[str, str]:
         if self.index >= len(self.tokens):
@@ -102,10 +104,15 @@ class _Parser:
         kind, value = self._next()
         if kind == "string":
             return value
-        if kind == "punct" and value == "{":
-            return self.structure(closed=True)
-        if kind == "punct" and value == "(":
-            return self.array()
+        if kind == "punct" and value in "{(":
+            if self.depth >= MAX_NESTING:
+                raise FormatError(self.path, f"structures and arrays nested over {MAX_NESTING} deep "
+                                  f"(token {self.index})")
+            self.depth += 1
+            try:
+                return self.structure(closed=True) if value == "{" else self.array()
+            finally:
+                self.depth -= 1
         if kind == "word":
             for convert in (int, float):
                 try:
@@ -218,8 +225,10 @@ def read_axis2000(
         header_energies = _points(path, stack_axis, "StackAxis")
         image_names = [f"{path.stem}_{letter}{i:03d}.xim" for i in range(header_energies.size)]
     else:
-        regions_e = (scan.get("ImageScan") or header.get("ImageScan") or {}).get("EnergyRegions")
-        first = _counted(path, regions_e, "ImageScan EnergyRegions")[0] if regions_e else {}
+        image_scan = scan.get("ImageScan") or header.get("ImageScan")
+        regions_e = image_scan.get("EnergyRegions") if isinstance(image_scan, dict) else None
+        listed = _counted(path, regions_e, "ImageScan EnergyRegions") if regions_e else []
+        first = listed[0] if listed and isinstance(listed[0], dict) else {}
         header_energies = np.asarray([first.get("StartEnergy", np.nan)], dtype=np.float64)
         image_names = [f"{path.stem}_{letter}.xim"]
     values = check_energies(path, header_energies) if energies is None else load_energies(energies, path)

@@ -9,7 +9,11 @@ import numpy as np
 
 from phasestream.formats.stack import FormatError, LazyImages, check_stack_size
 
-__all__ = ["lazy_frames", "open_hdf5", "outside_references", "read_array", "scalar", "text"]
+__all__ = ["MAX_AXIS_VALUES", "MAX_TEXT_ELEMENTS", "lazy_frames", "open_hdf5", "outside_references", "read_array",
+           "read_text", "scalar", "text"]
+
+MAX_TEXT_ELEMENTS = 16  # a text field (definition, stxm_scan_type, units) is one string, a few at most
+MAX_AXIS_VALUES = 1_000_000  # energies (or positions) along one axis: read only below this count
 
 
 def outside_references(handle: h5py.File) -> list[str]:
@@ -84,11 +88,26 @@ def scalar(node) -> float | str | None:
     return None
 
 
-def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str) -> np.ndarray:
-    """Read all of ``dataset`` as ``dtype`` after checking its size; HDF5 read errors (a
-    truncated file) become :class:`FormatError` naming ``what``."""
+def read_text(path: Path, node, what: str) -> str:
+    """The text of a short string dataset (:func:`text`), its size checked before it is read: a field that
+    should hold one string and holds millions is a :class:`FormatError`, not a read."""
+    if not isinstance(node, h5py.Dataset):
+        raise FormatError(path, f"{what} is not a dataset")
+    if node.dtype.kind not in "SUO" or node.size > MAX_TEXT_ELEMENTS:
+        raise FormatError(path, f"{what} ({node.name}) is {node.size} values of {node.dtype}, not a text")
+    try:
+        return text(node[()])
+    except (OSError, TypeError, ValueError) as error:
+        raise FormatError(path, f"cannot read {what} ({node.name}): {error}") from None
+
+
+def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str, max_values: int | None = None) -> np.ndarray:
+    """Read all of ``dataset`` as ``dtype`` after checking its size (and its count against ``max_values``);
+    HDF5 read errors (a truncated file) become :class:`FormatError` naming ``what``."""
     if dataset.dtype.kind not in "uif":
         raise FormatError(path, f"{what} ({dataset.name}) holds {dataset.dtype}, not numbers")
+    if max_values is not None and dataset.size > max_values:
+        raise FormatError(path, f"{what} ({dataset.name}) has {dataset.size} values, over the {max_values} read")
     check_stack_size(path, dataset.shape, dtype)
     out = np.empty(dataset.shape, dtype=dtype)
     try:

@@ -32,7 +32,16 @@ import h5py
 import numpy as np
 
 from phasestream.formats.energies import check_energies, load_energies
-from phasestream.formats.hdf5util import lazy_frames, open_hdf5, read_array, scalar, text
+from phasestream.formats.hdf5util import (
+    MAX_AXIS_VALUES,
+    MAX_TEXT_ELEMENTS,
+    lazy_frames,
+    open_hdf5,
+    read_array,
+    read_text,
+    scalar,
+    text,
+)
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, intensity_dtype
 
 __all__ = ["IMAGE_SCAN_TYPES", "nxstxm_entries", "read_nxstxm"]
@@ -62,7 +71,8 @@ def nxstxm_entries(handle: h5py.File) -> list[str]:
     names = []
     for name in _children(handle, "NXentry"):
         definition = handle[name].get("definition")
-        if isinstance(definition, h5py.Dataset) and text(definition[()]) == "NXstxm":
+        if isinstance(definition, h5py.Dataset) and definition.size <= MAX_TEXT_ELEMENTS \
+                and definition.dtype.kind in "SUO" and text(definition[()]) == "NXstxm":
             names.append(name)
     return names
 
@@ -81,7 +91,11 @@ def _axis_names(path: Path, group: h5py.Group, ndim: int) -> list[str]:
     for name in group:
         node = group.get(name)
         if isinstance(node, h5py.Dataset) and "axis" in node.attrs:
-            index = int(np.atleast_1d(node.attrs["axis"])[0]) - 1
+            try:
+                index = int(np.atleast_1d(node.attrs["axis"]).ravel()[0]) - 1
+            except (TypeError, ValueError, IndexError, OverflowError):
+                raise FormatError(path, f"{node.name} has an axis attribute that is not a dimension number: "
+                                  f"{node.attrs['axis']!r:.80}") from None
             if 0 <= index < ndim:
                 names[index] = name
     if "" in names:
@@ -220,7 +234,7 @@ def read_nxstxm(
         data, channels = _pick_data(path, group, channel)
         if not isinstance(data.get("stxm_scan_type"), h5py.Dataset):
             raise FormatError(path, f"{data.name} has no stxm_scan_type (required by NXstxm)")
-        scan_type = text(data["stxm_scan_type"][()])
+        scan_type = read_text(path, data["stxm_scan_type"], "stxm_scan_type")
         if scan_type not in IMAGE_SCAN_TYPES:
             raise FormatError(path, f"stxm_scan_type {scan_type!r} is not an image stack (one of {IMAGE_SCAN_TYPES})")
         signal = _signal(path, data)
@@ -243,7 +257,7 @@ def read_nxstxm(
                 raise FormatError(path, f"{name} has {node.size} positions for {shape[axis]} pixels")
         energy_node = data[energy_name]
         if energies is None:
-            raw = read_array(path, energy_node, np.float64, what=energy_name).ravel()
+            raw = read_array(path, energy_node, np.float64, what=energy_name, max_values=MAX_AXIS_VALUES).ravel()
             values = check_energies(path, raw * _scale(path, energy_node, _ENERGY_UNITS, "eV", energy_name))
         else:
             values = load_energies(energies, path)

@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from phasestream.formats.energies import check_energies, load_energies
-from phasestream.formats.hdf5util import open_hdf5, read_array, scalar, text
+from phasestream.formats.hdf5util import MAX_AXIS_VALUES, open_hdf5, read_array, read_text, scalar, text
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, intensity_dtype
 
 __all__ = ["read_pyxas"]
@@ -51,7 +51,7 @@ def _energy_unit(handle: h5py.File, energies: h5py.Dataset, values: np.ndarray) 
             return _named_unit(handle.filename, text(energies.attrs[key]))
     unit = handle.get("unit")
     if isinstance(unit, h5py.Dataset):
-        return _named_unit(handle.filename, text(unit[()]))
+        return _named_unit(handle.filename, read_text(Path(handle.filename), unit, "unit"))
     if values.size and np.nanmax(np.abs(values)) < _KEV_BELOW:
         return 1000.0, "keV (inferred)"
     return 1.0, "eV (inferred)"
@@ -115,7 +115,7 @@ def read_pyxas(path: str | Path, *, energies: Sequence[float] | np.ndarray | str
             energy_node = handle.get("X_eng")
             if not isinstance(energy_node, h5py.Dataset):
                 raise FormatError(path, "no X_eng dataset: the energies are missing (pass energies=)")
-            raw = read_array(path, energy_node, np.float64, what="X_eng").ravel()
+            raw = read_array(path, energy_node, np.float64, what="X_eng", max_values=MAX_AXIS_VALUES).ravel()
             factor, unit = _energy_unit(handle, energy_node, raw)
             values = check_energies(path, raw * factor)
             metadata["energy_unit_in_file"] = unit

@@ -197,3 +197,44 @@ def test_truncated_and_corrupt_headers(tmp_path):
     header.write_text("just some text\n")
     with pytest.raises(FormatError):
         read_axis2000(header)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("ScanDefinition = " + "{ A = " * 5000 + "1", "nested over 32 deep"),  # RecursionError before
+    ("ScanDefinition = " + "(" * 5000, "nested over 32 deep"),
+])
+def test_deeply_nested_header_is_refused(tmp_path, text, problem):
+    header = tmp_path / "deep.hdr"
+    header.write_text(text)
+    with pytest.raises(FormatError, match=problem):
+        read_axis2000(header)
+
+
+@pytest.mark.parametrize("image_scan", [
+    "ImageScan = (1, 2);",  # an array where a structure belongs: AttributeError before
+    "ImageScan = { EnergyRegions = (0); };",  # a count of none: IndexError before
+    "ImageScan = { EnergyRegions = (1, 708.5); };",  # a number where a region belongs
+])
+def test_single_image_header_of_the_wrong_shape_is_a_format_error(tmp_path, image_scan):
+    header = tmp_path / "img.hdr"
+    header.write_text(_header("img", flags="Image", extra=image_scan))
+    (tmp_path / "img_a.xim").write_text(_xim(np.arange(15).reshape(3, 5) + 100))
+    with pytest.raises(FormatError) as info:
+        read_axis2000(header)
+    assert info.value.path == str(header)
+
+
+def test_an_error_no_check_foresaw_is_the_files_format_error(tmp_path, monkeypatch):
+    """Whatever a reader raises on a file is a FormatError naming that file (an import of several files
+    goes on with the next), never a traceback."""
+    from phasestream import formats
+
+    header, _ = _write_stack(tmp_path)
+
+    def broken(path, energies=None):
+        raise KeyError("something nobody foresaw")
+
+    monkeypatch.setitem(formats._READERS, "axis2000", broken)
+    with pytest.raises(FormatError, match="the axis2000 reader could not read this file: KeyError") as info:
+        formats.read_stack(header)
+    assert info.value.path == str(header)

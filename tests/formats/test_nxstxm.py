@@ -214,6 +214,19 @@ def _set(handle, name, value):
     handle[name] = value
 
 
+def _old_style_axis(handle, value):
+    group = handle["entry0/counter0"]
+    del group.attrs["axes"]
+    for name, axis in (("sample_y", 2), ("sample_x", 3), ("energy", value)):
+        group[name].attrs["axis"] = axis
+
+
+def _sparse(handle, name, dtype, size):
+    """``name`` replaced by a dataset of ``size`` values that takes no room in the file (never written)."""
+    del handle[name]
+    handle.create_dataset(name, shape=(size,), dtype=dtype, chunks=(1024,))
+
+
 def _attr(node, name, value):
     del node.attrs[name]
     node.attrs[name] = value
@@ -235,6 +248,14 @@ def _attr(node, name, value):
         (lambda h: h.create_dataset("entry0/control/data", data=np.ones(7)), "control data has shape"),
         (lambda h: h["entry0"].__delitem__("counter0"), "has no NXdata group"),
         (lambda h: h["entry0/counter0"].__delitem__("stxm_scan_type"), "has no stxm_scan_type"),
+        # fields whose type or size the reader did not check before
+        (lambda h: _old_style_axis(h, "energy"), "axis attribute that is not a dimension number"),
+        (lambda h: _old_style_axis(h, np.array([], np.int64)), "axis attribute that is not a dimension number"),
+        (lambda h: _set(h, "entry0/counter0/stxm_scan_type", np.array([b"sample image stack"] * 1000)),
+         "1000 values of .* not a text"),
+        (lambda h: _sparse(h, "entry0/counter0/stxm_scan_type", "S20", 10**9), "not a text"),
+        (lambda h: _sparse(h, "entry0/counter0/energy", np.float64, 10**9), "over the 1000000 read"),
+        (lambda h: _sparse(h, "entry0/definition", "S6", 10**9), "no NXentry with definition 'NXstxm'"),
     ],
 )
 def test_bad_files(tmp_path, change, problem):
