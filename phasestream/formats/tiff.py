@@ -107,6 +107,10 @@ def _page_shape(path: Path, page, index: int) -> tuple[int, int]:
             f"page {index} has shape {page.shape} (axes {page.axes}): expected one 2-D greyscale image per energy "
             "(write stacks with photometric='minisblack')",
         )
+    empty = sum(1 for count in page.databytecounts if count == 0)
+    if empty:  # tifffile would fill them with zeros: counts that were never measured
+        raise FormatError(path, f"page {index} has {empty} of {len(page.databytecounts)} strips or tiles without "
+                          "data (a sparse TIFF): their pixels were not recorded")
     return tuple(int(n) for n in page.shape)
 
 

@@ -308,3 +308,22 @@ def test_ome_file_names_open_no_other_file(tmp_path, where, layout):
     else:  # a folder stack reads each of its files, other.ome.tif among them, itself
         assert others == {str(named)}
     assert stack.tiff is None
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_strips_without_data_are_refused_not_read_as_zeros(tmp_path, compression):
+    """A sparse TIFF (strips or tiles of byte count 0) reads as zeros in tifffile: counts never recorded."""
+    images = np.random.default_rng(2).integers(100, 4000, (2, 64, 64)).astype(np.uint16)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, images, photometric="minisblack", rowsperstrip=16, compression=compression)
+    with tifffile.TiffFile(path, mode="r+") as tif:  # page 1's second strip made sparse: offset and count 0
+        for name in ("StripOffsets", "StripByteCounts"):
+            tag = tif.pages[1].tags[name]
+            values = list(tag.value)
+            values[1] = 0
+            tag.overwrite(values)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[1].databytecounts[1] == 0
+        assert (tif.pages[1].asarray()[16:32] == 0).all()  # the oracle: tifffile's zeros
+    with pytest.raises(FormatError, match="page 1 has 1 of 4 strips or tiles without data"):
+        read_tiff(path, energies=[705.0, 706.0])
