@@ -196,7 +196,7 @@ def _external_refusal(runs, uid: str, checked: CheckedImport) -> str | None:
     except Exception as exc:  # noqa: BLE001 - every refusal means the same: copy the images instead
         return f"{type(exc).__name__}: {exc}"
     read = np.stack([np.asarray(images[i])[rows, cols] for i in range(n)[frames]])
-    if not np.array_equal(served, read):
+    if not np.array_equal(served, read, equal_nan=served.dtype.kind in "fc"):  # NaN: an unrecorded pixel
         return "the images Tiled serves from it differ from those read from the file"
     return None
 

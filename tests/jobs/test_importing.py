@@ -376,6 +376,20 @@ def test_images_of_sixteen_pixels_or_fewer_are_imported_and_analysed(tiled_clien
     np.testing.assert_allclose(client["phasestream"][outcome.run_uid]["od"].read(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_float_stack_with_an_unrecorded_pixel_stays_in_its_file(tiled_client, detector_files):
+    """A NaN pixel (not recorded) among float images: Tiled serves what the file holds, NaN included; before,
+    the read-back compared NaN unequal to itself and copied the images "because they differ"."""
+    frames = _frames("stxm", 31)
+    frames["images"] = frames["images"].astype(np.float32)
+    frames["images"][0, 0, 0] = np.nan  # a pixel the read-back compares
+    stack = _stack(frames, "stxm", detector_files / "nan-pixel.h5", hdf5=True)
+    outcome = import_stack(tiled_client, stack, ImportOptions(references=REFS))
+    assert outcome.status == "complete", outcome.reason
+    assert outcome.details["images"] == "external", outcome.details.get("copy_reason")
+    served = open_raw_run(tiled_client, outcome.run_uid)["primary"]["det_img"].read()
+    np.testing.assert_array_equal(served, frames["images"])  # NaN where NaN
+
+
 def test_import_under_a_raw_path_creates_the_container_and_finds_re_imports_there(
         tiled_server, tiled_client, tmp_path, capsys):
     import tifffile
