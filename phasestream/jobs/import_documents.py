@@ -144,6 +144,12 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         naming the file and what is wrong.
     """
     source = stack.source
+    for path in (source, *stack.files):
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ImportRefusedError(source, f"the path {str(path)!r} is not valid UTF-8, which the run's documents "
+                                     "and Tiled need: rename the file") from None
     images = stack.images
     n, ny, nx = (int(v) for v in images.shape)
     if n > max_num_points:

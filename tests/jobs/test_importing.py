@@ -4,6 +4,7 @@ same file imported twice is one run."""
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -191,6 +192,10 @@ def test_bad_input_is_refused_with_the_reason_and_nothing_is_written(tiled_clien
     assert "must be numbers" in _refused(client, text)
     i0 = ImportedStack(path, "tiff", np.asarray(ENERGIES), frames["images"], i0=np.zeros(3), files=(path,))
     assert "i0 has shape (3,)" in _refused(client, i0)
+    odd = tmp_path / os.fsdecode(b"scan-\xff.npy")  # a name in no UTF-8: failed in TiledWriter before
+    np.save(odd, frames["images"])
+    named = ImportedStack(odd, "tiff", np.asarray(ENERGIES), frames["images"], files=(odd,))
+    assert "is not valid UTF-8, which the run's documents and Tiled need: rename" in _refused(client, named)
     nan_soc = ImportOptions(references=REFS, soc=float("nan"))
     assert "state of charge must be a finite number" in _refused(client, stack, nan_soc)
     assert "no such" in _refused(client, stack, ImportOptions(references="no-such-references")).lower()
