@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_wait_for_tiled_option(view)
     view.add_argument("--public", action="store_true",
                       help="listen on every interface (read-only view, no login): only on a trusted network")
+    view.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                      help="a Host name the view answers besides 127.0.0.1 and localhost when it listens on "
+                           "loopback (a reverse proxy's public name; repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
         notify(ready=True, status=f"serving {url}")
 
     with tiled_client(args, wait=tiled_wait(args)) as (client, _):
-        run_view(client, host=host, port=args.port, root=args.root, ready=ready)
+        run_view(client, host=host, port=args.port, root=args.root, ready=ready, extra_hosts=args.allow_host)
     return 0

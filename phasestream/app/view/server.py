@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -132,8 +134,20 @@ class MapCache:
         return images
 
 
-def create_app(follower: CatalogFollower) -> Starlette:
-    """The view's ASGI application over a started (or to be started) ``follower``."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+
+
+def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The ``Host`` headers the view answers when it listens on ``host``: on loopback only the loopback
+    names, so that a web page whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read the results
+    through the visitor's browser; anything when it listens elsewhere (``--public``: the names it is reached
+    by are not known here)."""
+    return [*LOOPBACK_NAMES, *extra] if host in LOOPBACK_NAMES else ["*"]
+
+
+def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None) -> Starlette:
+    """The view's ASGI application over a started (or to be started) ``follower``, answering requests whose
+    ``Host`` is one of ``hosts`` (default: the loopback names, :func:`allowed_hosts`)."""
     broadcaster = Broadcaster()
     cache = MapCache(follower)
     follower.add_listener(broadcaster)
@@ -247,11 +261,12 @@ def create_app(follower: CatalogFollower) -> Starlette:
         Route("/events", events),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES) if hosts is None else hosts)])
 
 
 def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, root: str = "phasestream",
-             api_key: str | None = None, ready=None) -> None:
+             api_key: str | None = None, ready=None, extra_hosts: list[str] | tuple[str, ...] = ()) -> None:
     """Serve the view until interrupted (SIGINT/SIGTERM).
 
     Parameters
@@ -261,6 +276,7 @@ def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, 
     root : the results container
     api_key : Tiled API key; default ``TILED_API_KEY``
     ready : called with the bound ``(host, port)`` once the view serves
+    extra_hosts : ``Host`` names answered besides the loopback names (:func:`allowed_hosts`)
     """
     import uvicorn
 
@@ -268,7 +284,8 @@ def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, 
         follower = CatalogFollower(tiled, api_key=api_key, root=root)
     else:
         follower = CatalogFollower(str(tiled.uri), root=root, client=tiled)
-    config = uvicorn.Config(create_app(follower), host=host, port=port, log_level="warning",
+    app = create_app(follower, hosts=allowed_hosts(host, extra_hosts))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     if ready is not None:
@@ -300,7 +317,8 @@ class ViewServer:
             self.follower = CatalogFollower(tiled, api_key=api_key, root=root)
         else:
             self.follower = CatalogFollower(str(tiled.uri), root=root, client=tiled)
-        config = uvicorn.Config(create_app(self.follower), host=host, port=port, log_level="warning",
+        app = create_app(self.follower, hosts=allowed_hosts(host))
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                 access_log=False, lifespan="on")
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # not the main thread
