@@ -175,8 +175,10 @@ def _raw_in_model_domain(frames: RawFrames, summary: dict[str, Any]) -> tuple[st
 
 def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None]:
     """``(container, key, note)``: the containers along ``path`` inside the result, created as needed, the key
-    of the array in the last one (an earlier array of the same model, version and steps removed), and a
-    note when an unversioned ``enhanced`` array of an earlier phasestream had to go."""
+    of the array in the last one (an earlier array of the same model, version and steps removed, its entry in
+    ``enhancements`` first: the metadata never names an array that is gone or being rewritten, and a re-run
+    that fails leaves no complete record of it), and a note when an unversioned ``enhanced`` array of an earlier
+    phasestream had to go."""
     note = None
     node = writer.container
     keys = path.split("/")
@@ -188,6 +190,9 @@ def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None
             node.create_container(key)
         node = node[key]
     if keys[-1] in node:
+        enhancements = dict(writer.metadata.get("enhancements") or {})
+        if enhancements.pop(path.removeprefix(f"{ENHANCED}/"), None) is not None:
+            writer.update_metadata(enhancements=enhancements)
         node.delete_contents(keys[-1], external_only=False)
     return node, keys[-1], note
 

@@ -111,6 +111,38 @@ def test_enhancement_job_writes_enhanced_od_images(tiled_client, models):
     assert np.corrcoef(enhanced[0].ravel(), upscale(od).ravel())[0, 1] > 0.9
 
 
+def test_a_rerun_that_fails_to_write_leaves_no_record_of_the_array_it_replaced(tiled_client, models, monkeypatch):
+    """A re-run of the same model, version and steps replaces the earlier array: when its write fails, the
+    result's ``enhancements`` must not go on naming an array as complete that is gone (before: it did)."""
+    from tiled.client.container import Container
+
+    uid = _scan(tiled_client)
+    first = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=1))
+    assert first["status"] == "complete", first
+    node = tiled_client["phasestream"][uid]
+    assert first["path"].removeprefix("enhanced/") in node.metadata["enhancements"]
+
+    def full_disk(self, *args, **kwargs):
+        raise ValueError("no space left on the storage")
+
+    monkeypatch.setattr(Container, "write_array", full_disk)
+    again = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=1))
+    monkeypatch.undo()
+    assert again["status"] == "failed" and "no space left" in again["reason"], again
+    node = tiled_client["phasestream"][uid]
+    for path, record in node.metadata["enhancements"].items():  # every array the metadata names is there
+        assert record["status"] != "complete" or f"enhanced/{path}" in _paths(node), path
+    assert node.metadata["enhancement"]["status"] == "failed"
+
+
+def _paths(node, prefix="") -> set[str]:
+    out = set()
+    for key in node:
+        child = node[key]
+        out |= _paths(child, f"{prefix}{key}/") if child.structure_family == "container" else {f"{prefix}{key}"}
+    return out
+
+
 def test_enhancement_requested_in_the_start_document(tiled_client, models):
     service = LiveService(tiled_client, backend="numba", enhance=EnhanceOptions(address=models.address, steps=1))
     uid = _scan(tiled_client, callback=service, md={"phasestream": {"enhance": True}})
