@@ -34,7 +34,6 @@ import numpy as np
 from phasestream.formats.energies import check_energies, load_energies
 from phasestream.formats.hdf5util import (
     MAX_AXIS_VALUES,
-    MAX_TEXT_ELEMENTS,
     lazy_frames,
     open_hdf5,
     read_array,
@@ -70,9 +69,11 @@ def nxstxm_entries(handle: h5py.File) -> list[str]:
     """Names of the root groups that are NXentry with ``definition == "NXstxm"``, sorted."""
     names = []
     for name in _children(handle, "NXentry"):
-        definition = handle[name].get("definition")
-        if isinstance(definition, h5py.Dataset) and definition.size <= MAX_TEXT_ELEMENTS \
-                and definition.dtype.kind in "SUO" and text(definition[()]) == "NXstxm":
+        try:
+            definition = read_text(Path(handle.filename), handle[name].get("definition"), "definition")
+        except FormatError:  # none, or not a short text: not an NXstxm entry
+            continue
+        if definition == "NXstxm":
             names.append(name)
     return names
 

@@ -201,7 +201,7 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImag
     shape: tuple[int, int] = (0, 0)
     dtype = np.dtype(np.float32)
     stored: set[str] = set()
-    mappable = True
+    mappable = in_order = True
     for index, path in enumerate(files):
         try:
             with _open(path) as tif:
@@ -219,14 +219,15 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImag
                     raise FormatError(path, f"image shape {page_shape} differs from {shape} of {files[0].name}")
                 elif intensity_dtype(path, page.dtype).itemsize > dtype.itemsize:
                     dtype = np.dtype(np.float64)
-                stored.add(np.dtype(page.dtype).str if _series_in_page_order(tif) else "")
+                stored.add(np.dtype(page.dtype).str)
+                in_order = in_order and _series_in_page_order(tif)
                 mappable = mappable and bool(page.is_contiguous) and (
                     page.dataoffsets[0] + sum(page.databytecounts) <= path.stat().st_size)
         except FormatError:
             raise
         except _TIFF_ERRORS as error:
             raise _unreadable(path, error) from None
-    one_type = (stored.pop() or None) if len(stored) == 1 else None  # "": a file whose series is not its page
+    one_type = stored.pop() if len(stored) == 1 and in_order else None
     if mappable and one_type is not None:
         def read(key):
             chosen = range(len(files))[key] if isinstance(key, slice) else [key]
