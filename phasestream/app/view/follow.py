@@ -63,20 +63,23 @@ class RunSummary:
     received_at: float = 0.0  # when the last update reached the view (seconds since the epoch)
     streamed_at: datetime | None = None  # Tiled's timestamp of the last metadata update streamed (None: read)
 
+    def __post_init__(self) -> None:
+        self.metadata = shown_metadata(self.metadata)  # every field the view shows checked (view/metadata.py)
+
     def absorb(self, metadata: dict) -> bool:
         """Take new metadata; True when the maps (or the status) may have changed, not a mere heartbeat."""
-        old = self.metadata
+        old, first = self.metadata, self.version == 0  # every first absorb bumps the version
         self.metadata = metadata = shown_metadata(metadata)
-        changed = any(old.get(k) != metadata.get(k) for k in
-                      ("n_energies_seen", "status", "phase_fractions", "refined_fractions", "refinement",
-                       "errors", "particle_pixels"))
-        if changed or not old:
+        changed = first or any(old.get(k) != metadata.get(k) for k in
+                               ("n_energies_seen", "status", "phase_fractions", "refined_fractions", "refinement",
+                                "errors", "particle_pixels"))
+        if changed:
             self.version += 1
         fr, n = metadata.get("phase_fractions") or {}, metadata.get("n_energies_seen") or 0
         if fr and n and (not self.history or self.history[-1][0] != n or self.history[-1][1] != fr):
             self.history = [*[h for h in self.history if h[0] != n][-HISTORY_LIMIT:], [n, dict(fr)]]
             self.history.sort(key=lambda h: h[0])
-        return changed or not old
+        return changed
 
     def as_dict(self, *, tiled_base: str, root: str) -> dict:
         return summarize(self, tiled_base=tiled_base, root=root)
@@ -84,7 +87,7 @@ class RunSummary:
 
 def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
     """The JSON the page gets for one run (no secrets: links carry no API key)."""
-    md = shown_metadata(run.metadata)  # a RunSummary made directly holds metadata as read
+    md = run.metadata
     seen = max(md["n_energies_seen"], run.od_planes if md["status"] == Status.RUNNING else 0)
     path = f"{root}/{run.uid}"
     base = public_uri(tiled_base).rstrip("/")
