@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from tiled.client.container import Container
 from tiled.queries import Key
 
 from phasestream.contract import FINAL_JOB_STATUSES, FINAL_STATUSES, STATUSES
+from phasestream.contract.metadata import shown_metadata
 from phasestream.store.tiled import raw_runs
 
 __all__ = ["RunQuery", "find", "find_raw_runs", "result_rows", "search_runs", "wait_for_refinement",
@@ -143,9 +145,16 @@ def find_raw_runs(
         raise ValueError("find_raw_runs needs a criterion (state of charge, sample, time, plan or start-document "
                          "keys): refusing to select every run")
     runs = search_runs(raw_runs(client, raw), query, prefix="start.")
-    found = [(node.metadata.get("start", {}).get("time", 0.0), uid) for uid, node in runs.items()
-             if "start" in node.metadata]
+    found = [(_start_time(node.metadata.get("start")), uid) for uid, node in runs.items() if "start" in node.metadata]
     return [uid for _, uid in sorted(found)]
+
+
+def _start_time(start) -> float:
+    """A raw run's start time for sorting; 0 when its start document has none that is a number (one run's
+    string ``time`` made every selection fail)."""
+    value = start.get("time") if isinstance(start, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        else 0.0
 
 
 def _with_soc(query: RunQuery | Mapping | None, state_of_charge: float | None, tolerance: float) -> RunQuery:
@@ -163,21 +172,20 @@ def result_rows(results: dict[str, Container]) -> list[dict]:
     fractions), sorted by SoC, run uid, then key (the fields of a run in order)."""
     rows = []
     for uid, node in results.items():
-        md = node.metadata
-        field = md.get("field") if isinstance(md.get("field"), dict) else {}
+        md = shown_metadata(node.metadata)  # a field of the wrong type is unknown, the other results listed
         rows.append({
-            "run_uid": md.get("run_uid") or uid,
+            "run_uid": md["run_uid"] or uid,
             "key": uid,
-            "field": field.get("index"),
-            "scan_id": md.get("scan_id"),
-            "sample": (md.get("sample") or {}).get("name"),
-            "state_of_charge": md.get("state_of_charge"),
-            "status": md.get("status"),
-            "phases": list((md.get("references") or {}).get("phases", [])),
-            "phase_fractions": dict(md.get("phase_fractions") or {}),
-            "ambiguous_fraction": md.get("ambiguous_fraction"),
-            "refined_fractions": dict(md.get("refined_fractions") or {}),
-            "n_energies_seen": md.get("n_energies_seen"),
+            "field": (md["field"] or {}).get("index"),
+            "scan_id": md["scan_id"],
+            "sample": md["sample"].get("name"),
+            "state_of_charge": md["state_of_charge"],
+            "status": md["status"],
+            "phases": md["references"]["phases"],
+            "phase_fractions": md["phase_fractions"],
+            "ambiguous_fraction": md["ambiguous_fraction"],
+            "refined_fractions": md["refined_fractions"],
+            "n_energies_seen": md["n_energies_seen"],
         })
     return sorted(rows, key=lambda r: (r["state_of_charge"] is None, r["state_of_charge"] or 0.0, r["run_uid"],
                                        r["field"] or 0, r["key"]))

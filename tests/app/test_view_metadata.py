@@ -14,7 +14,7 @@ import pytest
 from support import wait
 
 from phasestream.app.view import ViewServer
-from phasestream.app.view.metadata import shown_metadata
+from phasestream.contract.metadata import shown_metadata
 
 GOOD = {"status": "complete", "sample": {"name": "good"}, "state_of_charge": 1.0, "n_energies_seen": 6,
         "references": {"phases": ["A", "B"]}, "phase_fractions": {"A": 0.25, "B": 0.75}, "errors": [],

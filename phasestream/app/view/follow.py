@@ -31,9 +31,9 @@ from typing import Any
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
 from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, LiveMaps
-from phasestream.app.view.metadata import shown_metadata
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.contract.fields import parse_field_key
+from phasestream.contract.metadata import shown_metadata
 from phasestream.store.catalog import find
 from phasestream.store.tiled import connect, public_uri
 
@@ -64,7 +64,7 @@ class RunSummary:
     streamed_at: datetime | None = None  # Tiled's timestamp of the last metadata update streamed (None: read)
 
     def __post_init__(self) -> None:
-        self.metadata = shown_metadata(self.metadata)  # every field the view shows checked (view/metadata.py)
+        self.metadata = shown_metadata(self.metadata)  # every field the view shows checked (contract/metadata.py)
 
     def absorb(self, metadata: dict) -> bool:
         """Take new metadata; True when the maps (or the status) may have changed, not a mere heartbeat."""
@@ -320,7 +320,7 @@ class CatalogFollower:
         with self._lock:
             run = self.runs.setdefault(uid, RunSummary(uid, {}))
             changed = run.absorb(metadata)
-            metadata = run.metadata  # checked (app/view/metadata.py)
+            metadata = run.metadata  # checked (contract/metadata.py)
             run.received_at, run.streamed_at = received, timestamp
             live = self._live_maps.get(uid)
             if live is not None:

@@ -1,14 +1,17 @@
-"""A result's metadata as the view may show it: every field the page uses, of the type it expects.
+"""A result's metadata as a reader may show it: every field the view and ``phasestream query`` use, of
+the type they expect.
 
 Results are written by the worker, but the catalog is writable by anyone holding the key, and older
-or hand-edited results exist: a string ``updated_at``, a list for ``sample`` or a NaN fraction must
-cost that field (shown as unknown), never the view (before: a ``TypeError`` in sorting or summarizing
-ended the follower's thread, and every page with it). Fields the view does not use pass unchanged.
+or hand-edited results exist: a string ``updated_at`` or ``state_of_charge``, a list for ``sample`` or
+a NaN fraction must cost that field (shown as unknown), never the reader (before: a ``TypeError`` in
+sorting or summarizing ended the view's follower thread, and every page with it, and one such result
+made ``phasestream query`` fail for all). Fields not checked here pass unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["shown_metadata"]
@@ -31,8 +34,13 @@ def _text(value: Any) -> str | None:
     return value[:MAX_TEXT] if isinstance(value, str) else None
 
 
+def _is_list(value: Any) -> bool:
+    """A list as JSON has it (Tiled's client gives nested ones as ``ListView``)."""
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
 def _fractions(value: Any) -> dict[str, float]:
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         return {}
     return {key[:MAX_TEXT]: number for key, x in value.items()
             if isinstance(key, str) and (number := _number(x)) is not None}
@@ -40,11 +48,11 @@ def _fractions(value: Any) -> dict[str, float]:
 
 def _record(value: Any) -> dict[str, Any]:
     """A post-scan job record (``refinement``): its text fields and the record it ``kept``."""
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         return {}
     record = {k: text for k in ("status", "reason", "strategy", "model", "version")
               if (text := _text(value.get(k))) is not None}
-    if isinstance(value.get("kept"), dict):
+    if isinstance(value.get("kept"), Mapping):
         record["kept"] = {k: text for k in ("strategy", "model", "version")
                           if (text := _text(value["kept"].get(k))) is not None}
     return record
@@ -53,18 +61,23 @@ def _record(value: Any) -> dict[str, Any]:
 def shown_metadata(metadata: Any) -> dict[str, Any]:
     """``metadata`` with the fields the view uses checked: a field of the wrong type becomes unknown
     (None, 0, empty), never an exception."""
-    md = dict(metadata) if isinstance(metadata, dict) else {}
+    md = dict(metadata) if isinstance(metadata, Mapping) else {}  # nested maps: Tiled's DictView
     sample = md.get("sample")
     references = md.get("references")
     scan_id = md.get("scan_id")
     errors = md.get("errors")
-    phases = references.get("phases") if isinstance(references, dict) else None
+    phases = references.get("phases") if isinstance(references, Mapping) else None
+    field = md.get("field")
+    index = field.get("index") if isinstance(field, Mapping) else None
     return md | {
+        "run_uid": _text(md.get("run_uid")),
+        "field": dict(field) | {"index": index if isinstance(index, int) and not isinstance(index, bool) else None}
+        if isinstance(field, Mapping) else None,
         "status": _text(md.get("status")),
         "scan_id": scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) else _text(scan_id),
-        "sample": {"name": _text(sample.get("name"))} if isinstance(sample, dict) else {},
+        "sample": {"name": _text(sample.get("name"))} if isinstance(sample, Mapping) else {},
         "references": {"phases": [p[:MAX_TEXT] for p in phases if isinstance(p, str)]
-                       if isinstance(phases, list) else []},
+                       if _is_list(phases) else []},
         "n_energies_seen": _count(md.get("n_energies_seen")),
         "state_of_charge": _number(md.get("state_of_charge")),
         "ambiguous_fraction": _number(md.get("ambiguous_fraction")),
@@ -74,5 +87,5 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
         "refined_fractions": _fractions(md.get("refined_fractions")),
         "refinement": _record(md.get("refinement")),
         "errors": [e[:MAX_TEXT] if isinstance(e, str) else repr(e)[:MAX_TEXT] for e in errors[:MAX_ERRORS]]
-        if isinstance(errors, list) else [],
+        if _is_list(errors) else [],
     }
