@@ -22,8 +22,9 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,6 +117,28 @@ def _identical(rows: pd.DataFrame) -> bool:
     )
 
 
+MAX_EVENTS = 1_000_000  # a stream's num_events beyond this is not believed (a bound on the pairing's memory)
+
+
+def _event_counts(stop: Any) -> tuple[dict[str, int], list[str]]:
+    """The stop document's ``num_events`` per stream, each an integer in 0..MAX_EVENTS; the problems with any
+    that is not (that stream is then paired by its table's ``seq_num`` alone). Before: a count of 10**12
+    built a set of that many integers, until the process was killed."""
+    if stop is not None and not isinstance(stop, Mapping):
+        return {}, [f"the stop document is not a map: {stop!r:.80}; not used"]
+    counts = stop.get("num_events") if stop is not None else None
+    if not isinstance(counts, Mapping):
+        return {}, [] if counts is None else [f"the stop document's num_events is not a map: {counts!r:.80}"]
+    good, problems = {}, []
+    for stream, n in counts.items():
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_EVENTS:
+            good[stream] = n
+        else:
+            problems.append(f"stream {stream!r}: the run's num_events {n!r:.80} is not a count of 0 to {MAX_EVENTS}; "
+                            "not used")
+    return good, problems
+
+
 def _stream_events(run, stream: str, expected: int | None) -> tuple[list[tuple[float, int, dict]], list[str]]:
     """Events of ``stream``, each table row paired with its image frames by ``seq_num``; and the problems found.
 
@@ -160,7 +183,7 @@ def _stream_events(run, stream: str, expected: int | None) -> tuple[list[tuple[f
     if problems:
         return [], problems
     if expected is not None and len(distinct) != expected:  # a row appended twice (a retry) is harmless
-        missing = sorted(set(range(1, expected + 1)) - set(distinct.tolist()))
+        missing = np.setdiff1d(np.arange(1, expected + 1), distinct)[:11].tolist()
         problems.append(
             f"{where}: the run's num_events is {expected}, Tiled has {n_rows} rows with {len(distinct)} distinct "
             f"seq_num" + (f" (missing seq_num {missing[:10]}{' ...' if len(missing) > 10 else ''})" if missing else "")
@@ -214,10 +237,10 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
     """
     start = dict(run.metadata["start"])
     stop = run.metadata.get("stop")
-    num_events = (stop or {}).get("num_events") or {}
+    num_events, problems = _event_counts(stop)
     streams = list(run)
-    paired = {s: _stream_events(run, s, num_events.get(s) if num_events else None) for s in streams}
-    problems = [problem for _, found in paired.values() for problem in found]
+    paired = {s: _stream_events(run, s, num_events.get(s)) for s in streams}
+    problems += [problem for _, found in paired.values() for problem in found]
     problems += [f"stream {s!r}: the run's num_events is {n}, Tiled has no such stream"
                  for s, n in num_events.items() if n and s not in paired]
     if problems and on_mismatch is None:
@@ -241,7 +264,7 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
     for problem in problems:
         logger.warning("raw run %s: %s", start.get("uid"), problem)
         on_mismatch(problem)
-    if stop:
+    if isinstance(stop, Mapping) and stop:
         yield "stop", dict(stop)
 
 

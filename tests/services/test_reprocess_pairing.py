@@ -303,3 +303,23 @@ def test_a_lost_frame_refuses_the_stream(tiled_client, recorded):
     result = _reprocess(tiled_client, copy)
     assert result.status == "failed"  # no primary image could be paired
     assert any(message in e for e in result.errors), result.errors
+
+
+@pytest.mark.parametrize(("counts", "tag"), [({"primary": 10**12}, "1a1a"), ({"primary": "seven", "dark": -1}, "1b1b"),
+                                           ("all of them", "1c1c")])
+def test_num_events_that_are_not_counts_are_not_used(tiled_client, recorded, counts, tag):
+    """A stop document's num_events is a count per stream from the network: 10**12 built a set of that many
+    integers (the reprocess, or the worker's recovery thread, ran until the OOM killer), a string raised. Such a
+    count is reported and not used; the rows pair with their frames by seq_num, as the live maps did."""
+    uid, live, _, raw = recorded
+    stop = raw["stop"]
+    tampered = {**raw, "stop": {**stop, "num_events": counts if isinstance(counts, str)
+                                else {**stop["num_events"], **counts}}}
+    copy = _copy_run(tiled_client, tampered, uid[:-4] + tag)
+    result = _reprocess(tiled_client, copy)
+    assert result.status == "partial", result.errors
+    expected = ["the stop document's num_events is not a map"] if isinstance(counts, str) else [
+        f"stream {stream!r}: the run's num_events {n!r} is not a count" for stream, n in counts.items()]
+    for text in expected:
+        assert any(text in e for e in result.errors), (text, result.errors)
+    _assert_maps_equal(tiled_client, copy, live)
