@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["shown_metadata"]
+__all__ = ["result_layout", "shown_metadata"]
 
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
@@ -89,3 +89,24 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
         "errors": [e[:MAX_TEXT] if isinstance(e, str) else repr(e)[:MAX_TEXT] for e in errors[:MAX_ERRORS]]
         if _is_list(errors) else [],
     }
+
+
+def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int]:
+    """``(image_shape, phases, n_energies_seen)`` of the existing result at ``path`` (reopened to write more
+    into it: ``ResultWriter.open``), each checked: a result whose metadata was edited by hand or written by
+    another tool is a ValueError naming the field, not a ``TypeError`` or ``KeyError`` from inside a job."""
+    shape = md.get("image_shape")
+    if shape is not None and not (isinstance(shape, Sequence) and len(shape) == 2
+                                  and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"result {path}: image_shape {shape!r:.80} is not two pixel counts")
+    references = md.get("references")
+    if not isinstance(references, Mapping):
+        raise ValueError(f"result {path}: references {references!r:.80} is not a map naming the phases")
+    phases = references.get("phases")
+    if not (isinstance(phases, Sequence) and not isinstance(phases, str) and phases
+            and all(isinstance(p, str) for p in phases)):
+        raise ValueError(f"result {path}: references.phases {phases!r:.80} is not a list of phase names")
+    seen = md.get("n_energies_seen") or 0
+    if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+        raise ValueError(f"result {path}: n_energies_seen {seen!r:.80} is not a count")
+    return (None if shape is None else (int(shape[0]), int(shape[1]))), list(phases), seen

@@ -38,6 +38,7 @@ from phasestream.contract import (
     path_inside,
 )
 from phasestream.contract.fields import check_result_key
+from phasestream.contract.metadata import result_layout
 from phasestream.store.odstore import (
     OD_ZARR_CONFIG,
     external_od_path,
@@ -226,11 +227,9 @@ class ResultWriter:
         if RESULT_SPEC not in [spec.name for spec in container.specs]:
             raise TypeError(f"{path} is not a {RESULT_SPEC} result (specs {list(container.specs)})")
         self = cls.__new__(cls)
-        md = container.metadata
         self.run_uid = self.key = run_uid  # what names it again (a retry command): a field's key for a field
         self.path, self.container = path, container
-        self.shape = None if md.get("image_shape") is None else tuple(md["image_shape"])
-        self.phases = list(md["references"]["phases"])
+        self.shape, self.phases, seen = result_layout(path, container.metadata)
         self._lock = threading.Lock()
         self._arrays = {key: container[key] for key in container}
         self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
@@ -239,7 +238,7 @@ class ResultWriter:
         self.od_path = external_od_path(self._arrays.get("od"))
         self.od_store = None if self.od_path is None else self.od_path.parent.parent.parent
         self._od_zarr = None
-        self._planes = set(range(min(int(md.get("n_energies_seen") or 0), self._od_capacity)))
+        self._planes = set(range(min(seen, self._od_capacity)))
         return self
 
     @property
@@ -498,3 +497,4 @@ class ResultWriter:
         patch = [{"op": "add", "path": "/errors/-", "value": str(message)}]
         with self._lock, explained_refusal("update metadata of", self.path):
             self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
+

@@ -169,6 +169,26 @@ def test_reprocess_enhance_command_and_server_down(tiled_server, tiled_client, m
     assert tiled_client["phasestream"][uid].metadata["enhancement"]["status"] == "complete"
 
 
+@pytest.mark.parametrize(("hostile", "said"), [
+    ({"references": "nvpf-synthetic"}, "references 'nvpf-synthetic' is not a map naming the phases"),
+    ({"references": {"phases": "AB"}}, "references.phases 'AB' is not a list of phase names"),
+    ({"image_shape": 24}, "image_shape 24 is not two pixel counts"),
+    ({"n_energies_seen": "seven"}, "n_energies_seen 'seven' is not a count"),
+])
+def test_enhance_command_goes_on_past_a_result_of_the_wrong_types(tiled_server, tiled_client, models, capsys,
+                                                                    hostile, said):
+    """One result whose metadata was edited by hand fails alone, naming the field; the next run is enhanced
+    (before: a TypeError or KeyError ended the command at the first)."""
+    bad, good = _scan(tiled_client), _scan(tiled_client)
+    node = tiled_client["phasestream"][bad]
+    node.replace_metadata(metadata={**dict(node.metadata), **hostile})
+    code = cli_main(["enhance", bad, good, "--steps", "1", "--tiled", tiled_server.uri, "--models", models.address])
+    out = capsys.readouterr().out
+    assert code != 0
+    assert f"{bad}: failed: ValueError: result phasestream/{bad}: {said}" in out, out
+    assert f"{good}: complete" in out, out
+
+
 def test_a_transmission_model_is_refused_on_od_images(tiled_client, models):
     """Issue 23: a model trained on transmission never enhances OD, through the server nor the job."""
     image = np.random.default_rng(3).uniform(0.2, 1.0, (32, 32)).astype(np.float32)

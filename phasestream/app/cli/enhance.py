@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     records = {}
     with tiled_client(args) as (client, _):
         for uid in dict.fromkeys(args.uids):
-            records[uid] = record = enhance_result(client, uid, options)
+            try:
+                records[uid] = record = enhance_result(client, uid, options)
+            except (KeyError, TypeError, ValueError) as exc:  # this run's result: the next runs go on
+                reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                records[uid] = record = {"status": "failed", "reason": f"{type(exc).__name__}: {reason}"}
             if not args.json:
                 where = record.get("path") or record.get("reason")
                 print(f"{uid}: {record['status']}: {where}", flush=True)
