@@ -91,10 +91,11 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
     }
 
 
-def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int]:
-    """``(image_shape, phases, n_energies_seen)`` of the existing result at ``path`` (reopened to write more
-    into it: ``ResultWriter.open``), each checked: a result whose metadata was edited by hand or written by
-    another tool is a ValueError naming the field, not a ``TypeError`` or ``KeyError`` from inside a job."""
+def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int, list[str] | None]:
+    """``(image_shape, phases, n_energies_seen, errors)`` of the existing result at ``path`` (reopened to write
+    more into it: ``ResultWriter.open``), each checked: a result whose metadata was edited by hand or written by
+    another tool is a ValueError naming the field, not a ``TypeError`` or ``KeyError`` from inside a job.
+    ``errors`` is None when the result's are a list (or none); else the list to write instead, quoting them."""
     shape = md.get("image_shape")
     if shape is not None and not (isinstance(shape, Sequence) and len(shape) == 2
                                   and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
@@ -103,10 +104,11 @@ def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int
     if not isinstance(references, Mapping):
         raise ValueError(f"result {path}: references {references!r:.80} is not a map naming the phases")
     phases = references.get("phases")
-    if not (isinstance(phases, Sequence) and not isinstance(phases, str) and phases
-            and all(isinstance(p, str) for p in phases)):
+    if not (isinstance(phases, Sequence) and not isinstance(phases, str) and all(isinstance(p, str) for p in phases)):
         raise ValueError(f"result {path}: references.phases {phases!r:.80} is not a list of phase names")
     seen = md.get("n_energies_seen") or 0
     if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
         raise ValueError(f"result {path}: n_energies_seen {seen!r:.80} is not a count")
-    return (None if shape is None else (int(shape[0]), int(shape[1]))), list(phases), seen
+    errors = md.get("errors")
+    fixed = None if errors is None or _is_list(errors) else [f"errors were not a list: {errors!r:.500}"]
+    return (None if shape is None else (int(shape[0]), int(shape[1]))), list(phases), seen, fixed

@@ -3,9 +3,8 @@
 One container ``<root>/<run uid>`` (``<root>/<run uid>.f<index>`` per field of a run imaged at several
 positions) with specs ``["PhaseMap"]`` holding the arrays of ``MAP_LAYOUT`` (``phasestream.contract``)
 and ``od`` (E, Y, X), and the result metadata. Keys and the root are checked before they name a node
-or a folder; an existing result is replaced only when ``replace=True`` is asked for (``phasestream
-reprocess``), and :meth:`ResultWriter.verify` reads the arrays back before a result may be called
-complete (docs/security.md). Reading a result back: docs/contract.md.
+or a folder; an existing result is replaced only with ``replace=True`` (``phasestream reprocess``), and
+:meth:`ResultWriter.verify` reads the arrays back before a result is complete (docs/security.md).
 """
 
 from __future__ import annotations
@@ -229,12 +228,13 @@ class ResultWriter:
         self = cls.__new__(cls)
         self.run_uid = self.key = run_uid  # what names it again (a retry command): a field's key for a field
         self.path, self.container = path, container
-        self.shape, self.phases, seen = result_layout(path, container.metadata)
+        self.shape, self.phases, seen, errors = result_layout(path, container.metadata)
         self._lock = threading.Lock()
+        if errors is not None:  # not a list, which record_error appends to (500s, retried for 25 s)
+            self.update_metadata(errors=errors)
         self._arrays = {key: container[key] for key in container}
         self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
-        # an external od is opened only if this writer writes od: post-scan jobs that only add
-        # arrays may run on hosts that do not see the OD store
+        # an external od is opened only to write od: jobs that only add arrays may not see the OD store
         self.od_path = external_od_path(self._arrays.get("od"))
         self.od_store = None if self.od_path is None else self.od_path.parent.parent.parent
         self._od_zarr = None

@@ -1,5 +1,6 @@
 """Tiled helpers against a real embedded Tiled server and a real RunEngine; oracle: the NumPy arrays written."""
 
+import re
 import socket
 
 import numpy as np
@@ -412,6 +413,28 @@ def test_a_raw_run_is_complete_once_its_stop_document_is_written(client):
         open_raw_run(client["phasestream"], "run-not-raw")
 
 
+def test_a_reopened_result_whose_errors_are_not_a_list_gets_a_list_quoting_them(client):
+    """record_error appends to the result's ``errors`` on the server; a value that is not a list (edited by hand)
+    made every append a 500 that the client retried for 25 s: the worker's recovery never finalized such a
+    result, and a replayed start document stalled the live writes. Reopening it makes the list, quoting it."""
+    import time
+
+    ResultWriter(client, "errors-not-a-list", shape=None, phases=[], metadata={"errors": "x"})
+    writer = ResultWriter.open(client, "errors-not-a-list")
+    t0 = time.monotonic()
+    writer.record_error("the next error")
+    assert time.monotonic() - t0 < 5
+    assert client["phasestream"]["errors-not-a-list"].metadata["errors"] == [
+        "errors were not a list: 'x'", "the next error"]
+    for bad, said in (({"references": "nvpf"}, "references 'nvpf' is not a map"),
+                      ({"image_shape": [3]}, "image_shape [3] is not two pixel counts"),
+                      ({"n_energies_seen": -2}, "n_energies_seen -2 is not a count")):
+        node = client["phasestream"]["errors-not-a-list"]
+        node.replace_metadata(metadata={**dict(node.metadata), "references": {"phases": []}, "image_shape": None,
+                                        "n_energies_seen": 0, **bad})
+        with pytest.raises(ValueError, match=re.escape(said)):
+            ResultWriter.open(client, "errors-not-a-list")
+
 def test_a_closed_embedded_server_leaves_no_log_file_handler_behind(tmp_path):
     """SimpleTiledServer logs `tiled` to a file in its folder; once the folder is gone, a stale handler would
     raise FileNotFoundError in whatever code logs next (it broke the demo after the view tests)."""
@@ -425,3 +448,4 @@ def test_a_closed_embedded_server_leaves_no_log_file_handler_behind(tmp_path):
              for h in logging.getLogger(name).handlers
              if isinstance(h, logging.FileHandler) and str(tmp_path) in h.baseFilename]
     assert not stale
+
