@@ -24,6 +24,7 @@ import numpy as np
 
 from phasestream.contract import Status, check_result_root, check_run_uid
 from phasestream.contract.fields import field_key
+from phasestream.contract.metadata import shown_metadata
 
 __all__ = ["MAP_ARRAYS", "ResultFollower", "ResultSnapshot"]
 
@@ -59,7 +60,7 @@ class ResultSnapshot:
 def read_snapshot(container, run_uid: str) -> ResultSnapshot:
     """The result ``container``'s current state (metadata, then the maps present in it)."""
     md = dict(container.metadata)
-    n = int(md.get("n_energies_seen") or 0)
+    n = shown_metadata(md)["n_energies_seen"]  # a count, 0 when it is not one ("seven" followed for good)
     arrays = {}
     if n >= 2:  # maps are computed from two energies on; before that the arrays hold no maps
         keys = set(container.keys())

@@ -207,3 +207,18 @@ def test_follower_follows_the_chosen_field_of_a_run(tiled_client):
     assert seen[0].run_uid == uid and seen[0].metadata["field"]["index"] == 1
     with pytest.raises(ValueError, match="field index"):
         ResultFollower(tiled_client, uid, seen.append, field=MAX_FIELDS)
+
+
+def test_a_final_result_with_a_count_that_is_no_number_ends_the_follower(tiled_client):
+    """``n_energies_seen: "seven"`` (hand-edited) raised in every read, which the follower retried for good: it
+    never saw the final status and ``join()`` never returned."""
+    uid = str(uuid.uuid4())
+    writer = ResultWriter(tiled_client, uid, shape=(4, 4), phases=["A", "B"])
+    writer.update_metadata(status="complete", n_energies_seen="seven")
+    seen: list = []
+    follower = ResultFollower(tiled_client, uid, seen.append, streaming=False, poll_seconds=0.05).start()
+    try:
+        assert follower.join(30), "the follower never ended"
+    finally:
+        follower.stop()
+    assert seen[-1].status == "complete" and seen[-1].n_energies_seen == 0 and seen[-1].arrays == {}
