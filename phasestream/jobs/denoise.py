@@ -37,8 +37,8 @@ from phasestream.contract.denoise import (
 )
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
+from phasestream.jobs.record import earlier_records, recorded_job
 from phasestream.jobs.record import model_client as jobs_model_client
-from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
@@ -101,9 +101,9 @@ def denoise_result(tiled_client, run_uid: str, options: DenoiseOptions | None = 
     """
     opts = options or DenoiseOptions()
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
-    earlier = writer.metadata.get("denoising") or {}
+    earlier, kept_before, _ = earlier_records(writer.metadata, "denoising")
     # an earlier complete denoising stays until this one is ready to be written (as for the refinement)
-    earlier = earlier if earlier.get("status") == "complete" else earlier.get("kept")  # kept by a re-run
+    earlier = earlier if earlier.get("status") == "complete" else kept_before  # kept by a re-run
     kept = [earlier] if earlier else []
     if kept:
         writer.update_metadata(denoising={"status": "running", "model": opts.model, "kept": earlier})
@@ -139,11 +139,9 @@ def denoise_result(tiled_client, run_uid: str, options: DenoiseOptions | None = 
 def clear_denoising(writer: ResultWriter, model: str | None = None) -> None:
     """Remove an earlier denoising's arrays, fractions and model entry, and mark the denoising ``running``."""
     _remove_arrays(writer)
-    md = writer.metadata
-    earlier = md.get("denoising") or {}
-    earlier = earlier.get("kept") or earlier  # a denoising at work keeps the complete one it replaces
-    models = dict(md.get("models") or {})
-    if earlier.get("status") == "complete" and earlier.get("model") in models:
+    earlier, kept, models = earlier_records(writer.metadata, "denoising")
+    earlier = kept or earlier  # a denoising at work keeps the complete one it replaces
+    if earlier.get("status") == "complete" and isinstance(earlier.get("model"), str) and earlier["model"] in models:
         models.pop(earlier["model"])
     writer.update_metadata(phase_fractions_denoised={}, ambiguous_fraction_denoised=None, models=models,
                            denoising={"status": "running", "model": model})

@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from phasestream.modelserver.client import ModelClient
 from phasestream.store.results import ResultWriter
 
-__all__ = ["model_client", "recorded_job"]
+__all__ = ["earlier_records", "model_client", "recorded_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +69,13 @@ def model_client(options: Any, client: ModelClient | None = None) -> Iterator[Mo
         yield own
     finally:
         own.close()
+
+
+def earlier_records(md: Mapping, name: str) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """``(record, kept, models)``: the result's job record ``name`` (``refinement``, ``denoising``), the complete
+    record it keeps (a re-run at work or one that did not complete) and the result's ``models``, each a dict
+    (None for no kept record): a value of another type (edited by hand) is none, not an AttributeError."""
+    record = dict(md[name]) if isinstance(md.get(name), Mapping) else {}
+    kept = dict(record["kept"]) if isinstance(record.get("kept"), Mapping) else None
+    models = dict(md["models"]) if isinstance(md.get("models"), Mapping) else {}
+    return record, kept, models

@@ -30,8 +30,8 @@ import numpy as np
 from phasestream.contract import USABLE_STATUSES, JobOutcome
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import result_reference_values
+from phasestream.jobs.record import earlier_records, recorded_job
 from phasestream.jobs.record import model_client as jobs_model_client
-from phasestream.jobs.record import recorded_job
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.models.heldout import (
     NOISE_SCALES,
@@ -175,9 +175,9 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     if opts.tiled is None:
         opts = replace(opts, tiled=_tiled_uri(tiled_client))
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
-    earlier = writer.metadata.get("refinement") or {}
+    earlier, kept_before, _ = earlier_records(writer.metadata, "refinement")
     # an earlier complete refinement stays until this one is ready to be written; any other goes now
-    earlier = earlier if earlier.get("status") == "complete" else earlier.get("kept")  # kept by a re-run
+    earlier = earlier if earlier.get("status") == "complete" else kept_before  # kept by a re-run
     kept = [earlier] if earlier else []
     if kept:
         writer.update_metadata(refinement={"status": "running", "model": earlier.get("model"), "kept": earlier})
@@ -213,11 +213,9 @@ def clear_refinement(writer: ResultWriter) -> None:
     for name in REFINEMENT_ARRAYS:  # fixed names of the contract, never a document field
         if name in writer.container:
             writer.container.delete_contents(name, external_only=False)
-    md = writer.metadata
-    earlier = md.get("refinement") or {}
-    earlier = earlier.get("kept") or earlier  # a refinement at work keeps the complete one it replaces
-    models = dict(md.get("models") or {})
-    if earlier.get("model") in models and earlier.get("status") == "complete":
+    earlier, kept, models = earlier_records(writer.metadata, "refinement")
+    earlier = kept or earlier  # a refinement at work keeps the complete one it replaces
+    if isinstance(earlier.get("model"), str) and earlier["model"] in models and earlier.get("status") == "complete":
         models.pop(earlier["model"])
     writer.update_metadata(refined_fractions={}, models=models,
                            refinement={"status": "running", "model": earlier.get("model")})

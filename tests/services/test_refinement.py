@@ -114,6 +114,26 @@ def test_model_server_down_skips_and_reprocess_refines_later(tiled_client, tiled
     assert node["refined_phase"].read().shape == (64, 64)
 
 
+@pytest.mark.parametrize("hostile", [{"refinement": "x", "models": [1, 2]},
+                                     {"refinement": {"status": "skipped", "kept": "earlier"}},
+                                     {"refinement": {"status": "complete", "model": ["gmvae"]}, "models": {"a": 1}}])
+def test_an_earlier_refinement_record_of_the_wrong_type_is_no_record(tiled_client, hostile):
+    """A hand-edited ``refinement`` or ``models`` (a string, a list) raised AttributeError/TypeError in the job;
+    it is taken as no earlier record and the refinement records its own status."""
+    from phasestream.jobs.denoise import DenoiseOptions, denoise_result
+
+    uid = _scan(tiled_client, make_sample((32, 32), state_of_charge=2.0, seed=6, n_particles=1))
+    node = tiled_client["phasestream"][uid]
+    node.replace_metadata(metadata={**dict(node.metadata), **hostile,
+                                    "denoising": hostile.get("refinement")})
+    record = refine_result(tiled_client, uid, RefineOptions(address="tcp://127.0.0.1:1", timeout=0.5, retries=0))
+    assert record["status"] == "skipped" and "no reply from the model server" in record["reason"], record
+    record = denoise_result(tiled_client, uid, DenoiseOptions(address="tcp://127.0.0.1:1", timeout=0.5, retries=0))
+    assert record["status"] == "skipped", record
+    md = tiled_client["phasestream"][uid].metadata
+    assert md["refinement"]["status"] == "skipped" and md["denoising"]["status"] == "skipped"
+
+
 def test_energies_not_matching_the_model_are_skipped_with_reason(tiled_client, tiled_server, models, capsys):
     sample = make_sample((48, 48), state_of_charge=2.0, seed=6, n_particles=1)
     uid = _scan(tiled_client, sample, energies=select_energies(REFS, 6))
