@@ -28,7 +28,10 @@ def result_reference_values(md: dict[str, Any], energies: list[float]) -> np.nda
     k = len((md.get("references") or {}).get("phases") or [])
     stored = md.get("reference_values")
     if stored is not None:
-        values = np.asarray(stored, dtype=np.float64)
+        try:
+            values = np.asarray(stored, dtype=np.float64)
+        except (TypeError, ValueError):  # not a (K, E) table of numbers (edited by hand): load them by name
+            values = np.empty(0)
         if values.shape == (k, len(energies)) or (values.ndim == 2 and values.shape[0] == k
                                                    and values.shape[1] >= len(energies)):
             return values[:, : len(energies)]

@@ -373,7 +373,7 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     t0 = time.perf_counter()
     writer = ResultWriter.open(client, uid, root=opts.root)  # KeyError: no result to record anything on
     md = writer.metadata
-    record: dict[str, Any] = dict(md.get("methods") or {})
+    record: dict[str, Any] = dict(md["methods"]) if isinstance(md.get("methods"), Mapping) else {}
     try:
         ctx = _load(client, uid, writer, md, opts)
     except Exception as exc:  # noqa: BLE001 - any bad input is recorded on the result, never raised
@@ -399,7 +399,7 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
         entry["seconds"] = round(time.perf_counter() - t, 3)
         record[name] = entry
         writer.update_metadata(methods=record)
-    timings = dict(md.get("timings") or {})
+    timings = dict(md["timings"]) if isinstance(md.get("timings"), Mapping) else {}
     timings["methods"] = round(time.perf_counter() - t0, 3)
     writer.update_metadata(timings=timings)
     return record

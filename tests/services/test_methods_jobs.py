@@ -98,6 +98,21 @@ def test_bad_input_is_recorded_not_raised(tiled_client, ni_csv):
         run_methods(tiled_client, "no-such-run")
 
 
+@pytest.mark.parametrize("hostile", [{"methods": ["lcf"], "timings": [1]}, {"methods": "lcf", "timings": "fast"},
+                                     {"reference_values": {"a": 1}}])
+def test_earlier_records_of_the_wrong_type_are_none(tiled_client, ni_csv, hostile):
+    """``methods``, ``timings`` or ``reference_values`` edited by hand (a list, a string, a map) raised in the job;
+    they are taken as none (the references then loaded by name) and the method runs."""
+    uid = f"run-methods-hostile-{len(str(hostile))}"
+    _result(tiled_client, uid, ni_csv)
+    node = tiled_client["phasestream"][uid]
+    node.replace_metadata(metadata={**dict(node.metadata), **hostile})
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf",)))
+    assert record["lcf"]["status"] == "complete", record
+    md = tiled_client["phasestream"][uid].metadata
+    assert md["methods"]["lcf"]["status"] == "complete" and "methods" in md["timings"]
+
+
 def test_options_from_start_document():
     assert methods_options_from_start({"phasestream": {"references": "x"}}) is None
     opts = methods_options_from_start({"phasestream": {"methods": ["rum_tv", "lcf"]}})
