@@ -26,8 +26,12 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return value if _is_int(value) and value >= 0 else 0
 
 
 def _text(value: Any) -> str | None:
@@ -71,10 +75,10 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
     index = field.get("index") if isinstance(field, Mapping) else None
     return md | {
         "run_uid": _text(md.get("run_uid")),
-        "field": dict(field) | {"index": index if isinstance(index, int) and not isinstance(index, bool) else None}
+        "field": dict(field) | {"index": index if _is_int(index) else None}
         if isinstance(field, Mapping) else None,
         "status": _text(md.get("status")),
-        "scan_id": scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) else _text(scan_id),
+        "scan_id": scan_id if _is_int(scan_id) else _text(scan_id),
         "sample": {"name": _text(sample.get("name"))} if isinstance(sample, Mapping) else {},
         "references": {"phases": [p[:MAX_TEXT] for p in phases if isinstance(p, str)]
                        if _is_list(phases) else []},
@@ -97,17 +101,16 @@ def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int
     another tool is a ValueError naming the field, not a ``TypeError`` or ``KeyError`` from inside a job.
     ``errors`` is None when the result's are a list (or none); else the list to write instead, quoting them."""
     shape = md.get("image_shape")
-    if shape is not None and not (isinstance(shape, Sequence) and len(shape) == 2
-                                  and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+    if shape is not None and not (_is_list(shape) and len(shape) == 2 and all(_is_int(n) and n > 0 for n in shape)):
         raise ValueError(f"result {path}: image_shape {shape!r:.80} is not two pixel counts")
     references = md.get("references")
     if not isinstance(references, Mapping):
         raise ValueError(f"result {path}: references {references!r:.80} is not a map naming the phases")
     phases = references.get("phases")
-    if not (isinstance(phases, Sequence) and not isinstance(phases, str) and all(isinstance(p, str) for p in phases)):
+    if not (_is_list(phases) and all(isinstance(p, str) for p in phases)):
         raise ValueError(f"result {path}: references.phases {phases!r:.80} is not a list of phase names")
     seen = md.get("n_energies_seen") or 0
-    if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+    if not _is_int(seen) or seen < 0:
         raise ValueError(f"result {path}: n_energies_seen {seen!r:.80} is not a count")
     errors = md.get("errors")
     fixed = None if errors is None or _is_list(errors) else [f"errors were not a list: {errors!r:.500}"]
