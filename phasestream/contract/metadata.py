@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["result_layout", "shown_metadata"]
+__all__ = ["is_count", "recorded_map", "result_layout", "shown_metadata"]
 
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
@@ -31,7 +31,19 @@ def _is_int(value: Any) -> bool:
 
 
 def _count(value: Any) -> int:
-    return value if _is_int(value) and value >= 0 else 0
+    return value if is_count(value) else 0
+
+
+def is_count(value: Any, maximum: int | None = None) -> bool:
+    """Whether ``value`` is an integer (not a bool) from 0 to ``maximum`` (no bound when None)."""
+    return _is_int(value) and value >= 0 and (maximum is None or value <= maximum)
+
+
+def recorded_map(md: Any, key: str) -> dict[str, Any]:
+    """The result's map ``key`` (``models``, ``enhancements``, a job's record) as a dict to extend; a value of
+    another type (edited by hand, another tool) is none, not an exception in the job that extends it."""
+    value = md.get(key) if isinstance(md, Mapping) else None
+    return dict(value) if isinstance(value, Mapping) else {}
 
 
 def _text(value: Any) -> str | None:

@@ -35,6 +35,7 @@ from phasestream.contract.denoise import (
     DenoiseRequest,
     averaging_settings,
 )
+from phasestream.contract.metadata import recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
 from phasestream.jobs.record import earlier_records, recorded_job
@@ -203,7 +204,7 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
     if problems:
         return {"status": "failed", "reason": f"denoised arrays did not read back from Tiled: {'; '.join(problems)}"}
     fr = phase_fractions(maps["phase"], mask, maps["ambiguous"], len(writer.phases))
-    models = dict(writer.metadata.get("models") or {})
+    models = recorded_map(writer.metadata, "models")
     models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
     writer.update_metadata(phase_fractions_denoised=fr.as_dict(writer.phases) if fr.n_particle else {},
                            ambiguous_fraction_denoised=float(fr.ambiguous) if fr.n_particle else None, models=models)

@@ -33,6 +33,7 @@ import numpy as np
 from tiled.structures.core import StructureFamily
 
 from phasestream.contract import RUN_UID_PATTERN, InvalidIdentifierError, JobOutcome
+from phasestream.contract.metadata import recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.frames import RawFrames, raw_frames
 from phasestream.jobs.record import model_client as jobs_model_client
@@ -190,7 +191,7 @@ def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None
             node.create_container(key)
         node = node[key]
     if keys[-1] in node:
-        enhancements = dict(writer.metadata.get("enhancements") or {})
+        enhancements = recorded_map(writer.metadata, "enhancements")
         if enhancements.pop(path.removeprefix(f"{ENHANCED}/"), None) is not None:
             writer.update_metadata(enhancements=enhancements)
         node.delete_contents(keys[-1], external_only=False)
@@ -201,9 +202,9 @@ def record_enhancement(writer: ResultWriter, info: dict[str, Any], record: dict[
     """Add ``record`` to the result's ``enhancements`` (under ``<model>/<version>/<steps>``) and the model to
     ``models``; returns the record (which the caller writes as the latest ``enhancement``)."""
     md = writer.metadata
-    models = dict(md.get("models") or {})
+    models = recorded_map(md, "models")
     models[info["model"]] = {"version": info["version"], "sha256": info["sha256"]}
-    enhancements = dict(md.get("enhancements") or {})
+    enhancements = recorded_map(md, "enhancements")
     enhancements[record["path"].removeprefix(f"{ENHANCED}/")] = {**record, "model": info["model"]}
     writer.update_metadata(models=models, enhancements=enhancements)
     return record

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from phasestream.contract.metadata import recorded_map
 from phasestream.modelserver.client import ModelClient
 from phasestream.store.results import ResultWriter
 
@@ -75,7 +76,6 @@ def earlier_records(md: Mapping, name: str) -> tuple[dict[str, Any], dict[str, A
     """``(record, kept, models)``: the result's job record ``name`` (``refinement``, ``denoising``), the complete
     record it keeps (a re-run at work or one that did not complete) and the result's ``models``, each a dict
     (None for no kept record): a value of another type (edited by hand) is none, not an AttributeError."""
-    record = dict(md[name]) if isinstance(md.get(name), Mapping) else {}
+    record = recorded_map(md, name)
     kept = dict(record["kept"]) if isinstance(record.get("kept"), Mapping) else None
-    models = dict(md["models"]) if isinstance(md.get("models"), Mapping) else {}
-    return record, kept, models
+    return record, kept, recorded_map(md, "models")

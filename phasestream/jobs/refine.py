@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from phasestream.contract import USABLE_STATUSES, JobOutcome
+from phasestream.contract.metadata import recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import result_reference_values
 from phasestream.jobs.record import earlier_records, recorded_job
@@ -278,7 +279,7 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,
     writer = ready()
     writer.write_maps(**maps, **({} if latent is None else {"latent": latent}))
     n_mask = max(int(mask.sum()), 1)
-    models = dict(writer.metadata.get("models") or {})
+    models = recorded_map(writer.metadata, "models")
     if info is not None:
         models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
     writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)

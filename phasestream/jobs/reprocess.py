@@ -33,6 +33,7 @@ from tiled.queries import Key
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.contract import RESULT_SPEC, JobOutcome, RunDefaults, Status, check_raw_path
 from phasestream.contract.fields import parse_field_key
+from phasestream.contract.metadata import is_count
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
 from phasestream.store.odstore import external_od_path
@@ -131,7 +132,7 @@ def _event_counts(stop: Any) -> tuple[dict[str, int], list[str]]:
         return {}, [] if counts is None else [f"the stop document's num_events is not a map: {counts!r:.80}"]
     good, problems = {}, []
     for stream, n in counts.items():
-        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_EVENTS:
+        if is_count(n, MAX_EVENTS):
             good[stream] = n
         else:
             problems.append(f"stream {stream!r}: the run's num_events {n!r:.80} is not a count of 0 to {MAX_EVENTS}; "

@@ -16,6 +16,7 @@ from phasestream.app.process import ModelServerProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.contract.denoise import DENOISING_ARRAYS
 from phasestream.jobs.denoise import DenoiseOptions, denoise_result
+from phasestream.jobs.refine import RefineOptions, refine_result
 from phasestream.kernels import assign_phases, pearson_maps
 from phasestream.models.registry import ModelRegistry
 from phasestream.models.spectra import shape_averaging_settings
@@ -193,6 +194,22 @@ def test_a_denoising_that_does_not_complete_leaves_no_arrays_of_its_own(tiled_cl
     assert down["status"] == "skipped" and "kept" not in md["denoising"] and _no_denoised_arrays(node)
     assert md["phase_fractions_denoised"] == {} and md["ambiguous_fraction_denoised"] is None
     assert DENOISE not in md["models"]
+
+
+def test_models_of_the_wrong_type_are_taken_as_none(tiled_client, models):
+    """A hand-edited ``models`` (a string) failed the denoising after its arrays were written (``dict()``'s
+    ValueError), and the refinement likewise; it is taken as none and the model entry written."""
+    uid = _scan(tiled_client, seed=8)
+    node = tiled_client["phasestream"][uid]
+    node.replace_metadata(metadata={**dict(node.metadata), "models": "hand-edited"})
+    record = denoise_result(tiled_client, uid, DenoiseOptions(address=models.address))
+    assert record["status"] == "complete", record
+    assert tiled_client["phasestream"][uid].metadata["models"][DENOISE]["sha256"] == record["sha256"]
+    node.replace_metadata(metadata={**dict(node.metadata), "models": ["hand-edited"]})
+    refined = refine_result(tiled_client, uid, RefineOptions(address="tcp://127.0.0.1:1", timeout=0.5, retries=0,
+                                                           strategy="spatial", check=False))
+    assert refined["status"] == "complete", refined
+    assert tiled_client["phasestream"][uid].metadata["refined_fractions"]
 
 
 def test_reprocess_denoise_command(tiled_server, tiled_client, models):

@@ -135,6 +135,23 @@ def test_a_rerun_that_fails_to_write_leaves_no_record_of_the_array_it_replaced(t
     assert node.metadata["enhancement"]["status"] == "failed"
 
 
+@pytest.mark.parametrize("hostile", [{"models": "indi", "enhancements": "all of them"},
+                                     {"models": [INDI], "enhancements": ["indi-particles-synthetic/1.0.0/1"]}])
+def test_models_and_enhancements_of_the_wrong_type_are_taken_as_none(tiled_client, models, hostile):
+    """A hand-edited ``models`` or ``enhancements`` (a string, a list) failed the enhancement with a ValueError
+    from ``dict()``, the array written but not recorded; it is taken as none and the record is written."""
+    uid = _scan(tiled_client)
+    assert enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=1))["status"] == "complete"
+    node = tiled_client["phasestream"][uid]
+    node.replace_metadata(metadata={**dict(node.metadata), **hostile})
+    record = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=1))  # replaces it
+    assert record["status"] == "complete", record
+    md = tiled_client["phasestream"][uid].metadata
+    assert md["models"][INDI]["sha256"] == ModelRegistry().get(INDI).sha256
+    assert md["enhancements"][record["path"].removeprefix("enhanced/")]["status"] == "complete"
+    assert record["path"] in _paths(tiled_client["phasestream"][uid])
+
+
 def _paths(node, prefix="") -> set[str]:
     out = set()
     for key in node:
