@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["is_count", "recorded_map", "result_layout", "shown_metadata"]
+__all__ = ["is_count", "recorded_energies", "recorded_map", "result_layout", "shown_metadata"]
 
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
@@ -127,3 +127,16 @@ def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int
     errors = md.get("errors")
     fixed = None if errors is None or _is_list(errors) else [f"errors were not a list: {errors!r:.500}"]
     return (None if shape is None else (int(shape[0]), int(shape[1]))), list(phases), seen, fixed
+
+
+def recorded_energies(path: str, md: Mapping) -> tuple[int, list[float]]:
+    """``(n_energies_seen, energies_eV[:n])`` of the result at ``path``, each checked: a count, and a list of
+    finite numbers (eV). A result edited by hand is a ValueError naming the field, not a ``TypeError`` from
+    inside a post-scan job; a list shorter than the count is left for the caller to refuse."""
+    seen = md.get("n_energies_seen") or 0
+    if not is_count(seen):
+        raise ValueError(f"result {path}: n_energies_seen {seen!r:.80} is not a count")
+    energies = md.get("energies_eV") or []
+    if not (_is_list(energies) and all(_number(e) is not None for e in energies[:seen])):
+        raise ValueError(f"result {path}: energies_eV {energies!r:.80} is not a list of energies in eV")
+    return seen, [float(e) for e in energies[:seen]]

@@ -35,7 +35,7 @@ from phasestream.contract.denoise import (
     DenoiseRequest,
     averaging_settings,
 )
-from phasestream.contract.metadata import recorded_map
+from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
 from phasestream.jobs.record import earlier_records, recorded_job
@@ -178,10 +178,9 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
         raise DenoisingSkipped("the result has no OD cube (the worker ran with --no-od)")
     if "mask" not in arrays:
         raise DenoisingSkipped("the result has no particle mask")
-    n = int(md.get("n_energies_seen") or 0)
+    n, energies = recorded_energies(writer.path, md)
     if n < 2:
         raise DenoisingSkipped(f"the result has {n} OD images; denoising needs at least 2")
-    energies = list(md.get("energies_eV") or [])[:n]
     ref_values = result_reference_values(md, energies)
     if ref_values is None:
         raise DenoisingSkipped(f"the run's reference values are neither stored in the result nor loadable by name "

@@ -94,8 +94,10 @@ def run_job(job: Job, context: JobContext) -> JobOutcome:
     later step runs on every field's result (``<uid>.f<index>``), reported as ``"<step> <key>"``.
     ``status`` is ``complete`` when every step completed, else the worst step status (failed, then
     partial, then skipped);
-    ``reason`` names each step that did not complete. Exceptions propagate (an executor turns
-    them into :meth:`Job.failed`; Dask retries first).
+    ``reason`` names each step that did not complete. An exception before any step has finished propagates (an
+    executor turns it into :meth:`Job.failed`; Dask retries first); one raised by a later step is that step's
+    ``failed`` outcome (``internal error: ...``) and the steps after it still run, so that what the earlier
+    steps did (a reprocessed result) is reported as it is, not as failed, and not done again by a retry.
     """
     job.validate()
     t0 = time.perf_counter()
@@ -104,7 +106,14 @@ def run_job(job: Job, context: JobContext) -> JobOutcome:
     targets = [job.run_uid]
     for name, options in job.steps:
         for target in targets:
-            outcome = JOBS[name](context, target, dict(options or {}))
+            try:
+                outcome = JOBS[name](context, target, dict(options or {}))
+            except Exception as exc:
+                if not steps:
+                    raise
+                logger.exception("run %s: post-scan step %s on %s raised", job.run_uid, name, target)
+                outcome = JobOutcome(target, name, JobStatus.FAILED,
+                                     reason=f"internal error: {type(exc).__name__}: {exc}")
             label = name if target == job.run_uid else f"{name} {target}"
             steps[label] = outcome.as_dict()
             if not outcome.ok:

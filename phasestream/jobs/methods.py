@@ -44,6 +44,7 @@ import numpy as np
 
 from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
+from phasestream.contract.metadata import recorded_energies
 from phasestream.jobs.context import JobContext
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
@@ -408,8 +409,8 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
 def _load(client, uid: str, writer: ResultWriter, md: Mapping[str, Any], opts: MethodsOptions) -> _Context:
     if "od" not in writer.container:
         raise ValueError(f"the result of run {uid} has no OD cube 'od' (the worker ran with --no-od)")
-    n = int(md.get("n_energies_seen") or 0)
-    energies = np.asarray(md.get("energies_eV") or [], np.float64)[:n]
+    n, seen = recorded_energies(writer.path, md)
+    energies = np.asarray(seen, np.float64)
     if n < 2 or energies.size != n:
         raise ValueError(f"the result of run {uid} has {n} OD planes and {energies.size} energies_eV; "
                          "need >= 2 of both")

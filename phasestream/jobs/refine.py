@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from phasestream.contract import USABLE_STATUSES, JobOutcome
-from phasestream.contract.metadata import recorded_map
+from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.maps import result_reference_values
 from phasestream.jobs.record import earlier_records, recorded_job
@@ -235,8 +235,7 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,
         raise RefinementSkipped("the result has no OD cube (the worker ran with --no-od)")
     model_free = opts.strategy in MODEL_FREE
     info = None if model_free else _model_info(client, opts)
-    n_seen = int(md.get("n_energies_seen") or 0)
-    energies = list(md.get("energies_eV") or [])[:n_seen]
+    n_seen, energies = recorded_energies(writer.path, md)
     planes = np.arange(len(energies)) if model_free else match_energies(energies, info["energies_eV"],
                                                                          opts.energy_tolerance_eV)
     phase = arrays["phase"].read()

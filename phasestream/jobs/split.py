@@ -37,6 +37,7 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
 from phasestream.contract import MAP_LAYOUT, JobOutcome, JobStatus
+from phasestream.contract.metadata import recorded_energies
 from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
 from phasestream.jobs.enhance import (
     EnhanceOptions,
@@ -138,8 +139,8 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
             raise ValueError("split LCF fits the OD cube (lcf_input='od'); run the normalized input unsplit")
         if "od" not in writer.container:
             raise ValueError(f"the result of run {run_uid} has no OD cube 'od' (the worker ran with --no-od)")
-        n = int(md.get("n_energies_seen") or 0)
-        stored = np.asarray(md.get("energies_eV") or [], np.float64)[:n]
+        n, seen = recorded_energies(writer.path, md)
+        stored = np.asarray(seen, np.float64)
         if n < 2 or stored.size != n:
             raise ValueError(f"the result of run {run_uid} has {n} OD planes and {stored.size} energies_eV")
         order = np.argsort(stored, kind="stable")

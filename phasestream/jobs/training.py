@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.contract.metadata import recorded_energies, result_layout
 from phasestream.jobs.cluster import dask_task
 from phasestream.jobs.frames import PIXEL_SIZE_KEY, RawFrames, raw_frames
 from phasestream.jobs.training_report import ValidationRun, training_report
@@ -108,7 +109,8 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
     md = node.metadata
     if "od" not in node:
         raise ValueError(f"result {uid} has no OD cube: reprocess it first (phasestream reprocess {uid})")
-    n = int(md.get("n_energies_seen") or 0)
+    _, phases, _, _ = result_layout(uid, md)
+    n, energies = recorded_energies(uid, md)
     mask = node["mask"].read().astype(bool)
     x = node["od"][:n][:, mask].T
     keep = np.isfinite(x).all(axis=1)
@@ -116,8 +118,8 @@ def _node_spectra(node, uid: str) -> dict[str, Any]:
         reliability = node["reliability"].read()
     else:  # a result without the map: the gap of its PCC maps
         reliability = pcc_reliability(node["pcc"].read())
-    return {"run_uid": uid, "energies_eV": np.asarray(md["energies_eV"][:n], dtype=np.float64),
-            "phases": list(md["references"]["phases"]), "spectra": x[keep].astype(np.float32),
+    return {"run_uid": uid, "energies_eV": np.asarray(energies, dtype=np.float64),
+            "phases": phases, "spectra": x[keep].astype(np.float32),
             "labels": node["phase"].read()[mask][keep].astype(np.int16),
             "reliability": np.asarray(reliability)[mask][keep].astype(np.float32)}
 
@@ -205,7 +207,7 @@ def _validation_run(node, uid: str, order: np.ndarray) -> ValidationRun | None:
     if values is None or "pcc" not in node or "ambiguous" not in node:
         logger.info("run %s: no reference values or PCC maps in its result; not a validation run", uid)
         return None
-    n = int(md.get("n_energies_seen") or 0)
+    n, _ = recorded_energies(uid, md)
     return ValidationRun(uid, np.asarray(node["od"][:n], np.float64)[order], node["mask"].read().astype(bool),
                          node["phase"].read(), node["ambiguous"].read().astype(bool), node["pcc"].read(),
                          np.asarray(values, np.float64)[:, :n][:, order])

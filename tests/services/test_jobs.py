@@ -135,6 +135,31 @@ def test_api_key_travels_separately(tiled_server, runs):
 
 
 @pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores
+def test_a_later_step_that_raises_leaves_the_earlier_ones_reported(tiled_server, runs, monkeypatch):
+    """A post-scan step raising (a bug) after a complete reprocess made the whole job one ``failed`` outcome:
+    the live worker recorded the recovery as failed although the result was complete. The step that raised is
+    failed with its error, the reprocess reported complete, and the steps after it still run."""
+    good, _ = runs
+
+    def broken(context, run_uid, options):
+        raise RuntimeError("a bug in this step")
+
+    monkeypatch.setitem(JOBS, "refine", broken)
+    steps = (("reprocess", {"backend": "numpy", "replace": True}), ("refine", {}),
+             ("methods", {"methods": ["lcf"]}))
+    outcome = run_job(Job(good[2], steps), JobContext(tiled_server.uri))
+    assert outcome.status == "failed", outcome
+    done = outcome.details["steps"]
+    assert done["reprocess"]["status"] == "complete"
+    assert done["refine"]["status"] == "failed" and done["refine"]["reason"] == "internal error: RuntimeError: a bug " \
+                                                                                "in this step"
+    # the step after it ran (these runs' 5 energies are too few for an LCF with offset: its own reason)
+    assert done["methods"]["reason"] == "lcf: ValueError: 6 free parameters need more than 6 energies", done
+    assert "refine failed: internal error: RuntimeError" in outcome.reason
+    with pytest.raises(RuntimeError, match="a bug in this step"):  # nothing done yet: raised, for a retry
+        run_job(Job(good[2], (("refine", {}),)), JobContext(tiled_server.uri))
+
+
 def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys):
     from phasestream.app.cli import main
 

@@ -280,3 +280,43 @@ def test_kmeans_on_normalized_particle_spectra_finds_the_phases(seed):
     old = _cluster_accuracy(kmeans_clusters(od, 2).labels, phase, region)  # the former default
     print(f"seed {seed}: k-means accuracy {new:.3f} (normalized, particle mask), {old:.3f} (raw OD, all pixels)")
     assert new >= 0.95 and old < 0.75
+
+
+@pytest.mark.parametrize(("hostile", "said"), [
+    ({"energies_eV": 8300.0}, "energies_eV 8300.0 is not a list of energies in eV"),
+    ({"energies_eV": ["8300 eV"] * 40}, "is not a list of energies in eV"),
+    ({"n_energies_seen": "forty"}, "n_energies_seen 'forty' is not a count"),
+    ({"n_energies_seen": [40]}, "n_energies_seen [40] is not a count"),
+])
+def test_energies_of_the_wrong_type_fail_naming_the_field(tiled_client, ni_csv, hostile, said):
+    """A hand-edited ``energies_eV`` or ``n_energies_seen`` (a number, strings, a list) was a TypeError inside the
+    methods, refinement, denoising and training jobs; each now fails with a ValueError naming the field."""
+    from phasestream.jobs.denoise import DenoiseOptions, denoise_result
+    from phasestream.jobs.refine import RefineOptions, refine_result
+    from phasestream.jobs.training import tiled_training_set
+
+    uid = f"run-methods-energies-{abs(hash(str(hostile)))}"
+    _result(tiled_client, uid, ni_csv)
+    node = tiled_client["phasestream"][uid]
+    for key, array in {"ambiguous": np.zeros((24, 32), np.uint8), "phase": np.zeros((24, 32), np.int8),
+                       "mask": np.ones((24, 32), np.uint8), "pcc": np.zeros((2, 24, 32), np.float32)}.items():
+        node.write_array(array, key=key)
+    node.replace_metadata(metadata={**dict(node.metadata), **hostile, "status": "complete"})
+    down = {"address": "tcp://127.0.0.1:1", "timeout": 0.5, "retries": 0}
+    said_again = pytest.raises(ValueError, match=re.escape(said))
+    if "n_energies_seen" in hostile:  # refused on opening the result to write (ResultWriter.open)
+        with said_again:
+            run_methods(tiled_client, uid, MethodsOptions(methods=("lcf",)))
+        with said_again:
+            refine_result(tiled_client, uid, RefineOptions(**down, strategy="spatial", check=False))
+        with said_again:
+            denoise_result(tiled_client, uid, DenoiseOptions(**down))
+    else:
+        record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf",)))
+        assert record["lcf"]["status"] == "failed" and said in record["lcf"]["errors"][0], record
+        refined = refine_result(tiled_client, uid, RefineOptions(**down, strategy="spatial", check=False))
+        assert refined["status"] == "failed" and said in refined["reason"], refined
+        denoised = denoise_result(tiled_client, uid, DenoiseOptions(**down))
+        assert denoised["status"] == "failed" and said in denoised["reason"], denoised
+    with said_again:
+        tiled_training_set(tiled_client, runs=[uid])
