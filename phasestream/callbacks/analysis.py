@@ -383,7 +383,11 @@ class RunAnalysis(DocumentRouter):
         return None
 
     def stop(self, doc: dict) -> None:
-        self.finalize(exit_status=doc.get("exit_status", "success"), reason=doc.get("reason", ""))
+        exit_status, reason = doc.get("exit_status", "success"), doc.get("reason", "")
+        if not isinstance(exit_status, str):  # an array here raised after the run was closed: left running
+            self.record_error(f"the stop document's exit_status {exit_status!r:.80} is not text")
+            exit_status = "unknown"
+        self.finalize(exit_status=exit_status[:40], reason=reason if isinstance(reason, str) else repr(reason))
 
     def finalize(self, *, exit_status: str = "success", reason: str = "") -> None:
         """Write final maps, fractions, status and timings (on stop, or when the run is given up).

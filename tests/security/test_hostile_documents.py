@@ -446,6 +446,21 @@ def test_refused_start_document_gets_a_failed_result_with_the_reason(client, hon
     serves_a_good_scan(live, honest)
 
 
+@pytest.mark.parametrize("exit_status", [np.array([1, 2]), ["success"], 5])
+def test_a_stop_whose_exit_status_is_not_text_ends_the_run(client, honest, live, exit_status):
+    """A stop with an array as ``exit_status`` (what msgpack-numpy decodes) raised after the run was closed: the
+    result stayed ``running``, never recovered, never heartbeaten. It ends ``partial``, naming the field."""
+    docs = retarget(honest)
+    uid = docs[0][1]["uid"]
+    docs[-1] = ("stop", {**docs[-1][1], "exit_status": exit_status})
+    feed(live, docs)
+    md = result_md(client, uid)
+    assert md["status"] == "partial", md
+    assert any("exit_status" in e and "is not text" in e for e in md["errors"]), md["errors"]
+    assert uid not in live.callback.active
+    serves_a_good_scan(live, honest)
+
+
 def test_stopping_the_worker_finalizes_open_runs(client, honest):
     live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
     docs = retarget(honest)
