@@ -117,6 +117,8 @@ def _unpack_dtype(descr: Any) -> np.dtype:
     dtype = np.dtype(descr)
     if dtype.hasobject:
         raise WireFormatError(f"refusing dtype {dtype}: object arrays are never decoded (they would need pickle)")
+    if dtype.itemsize == 0:  # any number of elements in no bytes: a 100-byte message made 10**9 objects
+        raise WireFormatError(f"refusing dtype {dtype}: its elements have no size")
     return dtype
 
 

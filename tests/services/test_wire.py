@@ -180,6 +180,10 @@ def test_deserialize_refuses_garbage(garbage):
         {b"nd": True, b"type": "not a dtype", b"kind": b"", b"shape": [5], b"data": b"\x00" * 10},
         {b"nd": True, b"type": "<u2", b"kind": b"", b"shape": [5], b"data": "text, not bin"},
         {b"nd": False, b"type": "<i8", b"data": b"\x00" * 3},
+        # elements of no size: any shape matches no data (a 132-byte message took 1.4 GB for 2*10**7 of them)
+        {b"nd": True, b"type": "|V0", b"kind": b"", b"shape": [10**12], b"data": b""},
+        {b"nd": True, b"type": "|S0", b"kind": b"", b"shape": [10**12], b"data": b""},
+        {b"nd": True, b"type": [], b"kind": b"", b"shape": [10**12], b"data": b""},
         {b"complex": True, b"data": "1+" * 100},
     ],
 )
