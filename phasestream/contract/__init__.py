@@ -242,19 +242,29 @@ def path_inside(root: str | Path, *parts: str) -> Path:
     return path
 
 
+def _as_json(value: Any) -> Any:
+    """What the result's metadata holds for a value JSON has no type for (store/results.py writes arrays
+    and NumPy scalars as lists and numbers)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return str(value)
+
+
 def check_metadata(value: Any, *, what: str, max_depth: int = DEFAULT_MAX_METADATA_DEPTH,
                    max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Any:
     """Return ``value`` if it nests at most ``max_depth`` levels and its JSON is at most ``max_bytes``.
 
     Checked iteratively (a 1000-level document cannot exhaust the stack) before anything is
-    written. Values JSON cannot hold are measured by their ``str``.
+    written. A NumPy array (what msgpack-numpy decodes) counts at least two bytes per element before
+    it is measured as the list it is written as; other values JSON cannot hold are measured by their
+    ``str``.
 
     Raises
     ------
     MetadataTooLargeError
         naming ``what`` and the bound.
     """
-    stack = [(value, 1)]
+    stack, elements = [(value, 1)], 0
     while stack:
         item, depth = stack.pop()
         if isinstance(item, Mapping | list | tuple):
@@ -262,7 +272,14 @@ def check_metadata(value: Any, *, what: str, max_depth: int = DEFAULT_MAX_METADA
                 raise MetadataTooLargeError(f"{what} nests deeper than {max_depth} levels; refused")
             children = item.values() if isinstance(item, Mapping) else item
             stack.extend((child, depth + 1) for child in children)
-    size = len(json.dumps(value, default=str))
+        elif isinstance(item, np.ndarray):  # its str is abbreviated ("[0. 0. ... 0.]"), its list is not
+            elements += item.size
+            if depth + item.ndim > max_depth + 1:
+                raise MetadataTooLargeError(f"{what} nests deeper than {max_depth} levels; refused")
+            if 2 * elements > max_bytes:
+                raise MetadataTooLargeError(f"{what} holds arrays of {elements} elements, more than the "
+                                            f"{max_bytes} bytes of JSON allowed; refused")
+    size = len(json.dumps(value, default=_as_json))
     if size > max_bytes:
         raise MetadataTooLargeError(f"{what} is {size} bytes of JSON, more than the {max_bytes} allowed; refused")
     return value

@@ -297,12 +297,18 @@ def test_metadata_too_deep_or_too_large_is_refused_without_recursion(client, hon
     for _ in range(1000):
         node["x"] = {}
         node = node["x"]
-    for sample in ({"name": "deep", "nested": deep}, {"name": "big", "blob": "x" * 200_000}):
+    arrays = {"name": "arrays", "blob": np.zeros(4_000_000)}  # as msgpack-numpy decodes it: its str is short
+    deep_array = {"name": "deep-array", "blob": np.zeros((1,) * 40)}
+    for sample in ({"name": "deep", "nested": deep}, {"name": "big", "blob": "x" * 200_000}, arrays, deep_array):
         docs = retarget(honest, edit=lambda start, s=sample: start.__setitem__("sample", s))
         feed(live, docs)
         md = result_md(client, docs[0][1]["uid"])
         assert md["status"] == "failed" and "'sample' block" in md["errors"][0], md["errors"]
         assert md["sample"] == {}
+    docs = retarget(honest, edit=lambda start: start.__setitem__("sample", {"name": "small", "blob": np.arange(3.0)}))
+    feed(live, docs)  # a small array is kept, as the list it is written as
+    md = result_md(client, docs[0][1]["uid"])
+    assert md["status"] == "complete" and md["sample"]["blob"] == [0.0, 1.0, 2.0], md
 
 
 def test_image_unlike_the_descriptor_or_too_large_is_refused(client, honest):
