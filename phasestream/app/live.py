@@ -30,8 +30,10 @@ an address, ``"local"`` or a ``distributed.Client``) one task per run with retri
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -39,8 +41,9 @@ from tiled.queries import Key
 
 from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome, RunSettings
+from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome, RunSettings, Status
 from phasestream.contract.fields import parse_field_key
+from phasestream.contract.metadata import shown_metadata
 from phasestream.jobs.denoise import DenoiseOptions
 from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
@@ -111,6 +114,7 @@ class LiveService:
         self._pending: dict[str, float] = {}
         self._reasons: dict[str, str] = {}  # pending uid -> why it is recovered (default: documents lost)
         self._submitted: set[str] = set()  # uids whose reprocessing job is with the executor
+        self._start_unseen: set[str] = set()  # pending uids whose start document this worker never saw
         self.stale_after = None if stale_after is None else float(stale_after)
         self._next_stale_check = 0.0  # at once: results an earlier worker left running
         self._next_heartbeat = 0.0
@@ -129,6 +133,8 @@ class LiveService:
         self.callback.run_incomplete(run_uid, reason, kind=kind)
         with self._lock:
             self._pending.setdefault(run_uid, time.monotonic())
+            if kind is IncompleteReason.NO_START:
+                self._start_unseen.add(run_uid)
         self._wake.set()
 
     def _run_complete(self, result: RunResult) -> None:
@@ -279,12 +285,35 @@ class LiveService:
             except Exception as exc:  # noqa: BLE001 - Tiled unreachable or run not there yet
                 logger.debug("raw run %s not readable yet: %s", uid, exc)
                 ready = False
-            if ready:
+            if ready and uid in self._start_unseen and (why := self._ended_after_its_stop(uid)):
+                # a document naming an old run (replayed or forged) never replaces its result: a person does
+                logger.warning("run %s: documents arrived without its start, but %s: left as it is", uid, why)
+                self._done(uid, f"left as it is: {why}")
+            elif ready:
                 self._reprocess(uid)
             elif time.monotonic() - since > self.recover_after:
                 logger.error("run %s: raw run still incomplete in Tiled after %.0f s; analysing what it holds",
                              uid, self.recover_after)
                 self._reprocess(uid, complete=False)
+
+    def _ended_after_its_stop(self, uid: str) -> str | None:
+        """Why the results of ``uid`` must stay as they are, when each has a final status written after the raw
+        run's stop document (or the stop's time cannot be read): a worker finished them with the whole run. None
+        when one is missing, ``running``, or older than the stop (a worker stopped mid-run: the run went on)."""
+        stop = open_raw_run(self.client, uid, self.callback.raw).metadata.get("stop")
+        stop_time = stop.get("time") if isinstance(stop, Mapping) else None
+        known = isinstance(stop_time, int | float) and not isinstance(stop_time, bool) and math.isfinite(stop_time)
+        results = self.client[self.callback.root]
+        keys = [key for key in self._result_keys(uid) if key in results]
+        if not keys:
+            return None
+        statuses = []
+        for key in keys:
+            md = shown_metadata(results[key].metadata)
+            if md["status"] in (None, Status.RUNNING.value) or (known and (md["updated_at"] or 0) < stop_time):
+                return None
+            statuses.append(md["status"])
+        return f"its result ended {', '.join(sorted(set(statuses)))} after the run's stop"
 
     def _recovered_note(self, uid: str, live_errors: list) -> dict:
         reason = self._reasons.get(uid, "documents lost")
@@ -342,6 +371,7 @@ class LiveService:
             self._pending.pop(uid, None)
             self._reasons.pop(uid, None)
             self._submitted.discard(uid)
+            self._start_unseen.discard(uid)
             self.recovered[uid] = status
 
     def wait_recovered(self, uid: str, timeout: float = 60.0) -> str | None:

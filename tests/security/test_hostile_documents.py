@@ -17,6 +17,7 @@ import hashlib
 import os
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import raw_run_writer
+from phasestream.transport.wire import ENVELOPE_TAG, pack_frame, serialize
+from phasestream.transport.worker import DocumentWorker
 
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 6)
@@ -493,6 +496,63 @@ def test_result_left_running_by_a_dead_worker_is_recovered(client):
     md = result_md(client, uid)
     assert md["status"] == "complete" and md["n_energies_seen"] == len(ENERGIES)
     assert md["recovered"]["reason"] == "worker restarted"
+
+
+def _orphan_descriptor(live, uid: str) -> None:
+    """One descriptor naming run ``uid``, through the worker's receiver and tracker (the start never seen)."""
+    worker = DocumentWorker("tcp://127.0.0.1:1", live.callback, listener=live)
+    doc = {"uid": str(uuid.uuid4()), "run_start": uid, "name": "primary", "time": time.time(), "data_keys": {}}
+    worker.receiver.handle_message(pack_frame(b"", "descriptor", serialize([ENVELOPE_TAG, "someone", 1, doc])))
+
+
+def test_a_document_naming_a_finished_run_never_replaces_its_result(client):
+    """One descriptor naming an old run this worker never saw made it reprocess the run with ``replace``: an
+    honest ``partial`` result was deleted and rewritten ``complete``, a person's notes gone, and ``recovered:
+    documents lost`` written on it. A result that ended after its raw run's stop is left as it is."""
+    docs = scan(client, seed=6)  # the raw run is complete in Tiled
+    uid = docs[0][1]["uid"]
+    first = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
+    feed(first, [d for d in docs if not (d[0] == "event" and d[1]["seq_num"] > 4)])  # two events lost
+    first.close()
+    ResultWriter.open(client, uid).update_metadata(notes="reviewed: keep")
+    before = catalog_state(client, data_of=(f"/phasestream/{uid}",))
+    assert before[f"/phasestream/{uid}"][1]["status"] == "partial"
+    live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None, recover_after=600)
+    try:
+        _orphan_descriptor(live, uid)
+        assert live.wait_recovered(uid, 60) == "left as it is: its result ended partial after the run's stop"
+    finally:
+        live.close()
+    assert catalog_state(client, data_of=(f"/phasestream/{uid}",)) == before
+
+
+def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
+    """A worker stopped mid-run (its result ``partial``, "worker stopped"); the run went on and the next worker
+    got its later documents without the start: the result is older than the run's stop, so it is recovered."""
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=7, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=5000.0, seed=7)
+    docs: Docs = []
+    RunEngine({})(energy_stack_scan([det], energy, ENERGIES, sample=sample, references="nvpf-synthetic",
+                                    i0_key=det.i0_key), lambda n, d: docs.append((n, copy.deepcopy(d))))
+    uid = docs[0][1]["uid"]
+    raw = raw_run_writer(client)
+    for name, doc in docs[:-1]:  # the run, as TiledWriter stores it while it goes on
+        raw(name, doc)
+    first = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
+    feed(first, docs[:5])
+    first.close()  # SIGTERM mid-run
+    assert result_md(client, uid)["status"] == "partial"
+    time.sleep(0.1)
+    raw("stop", {**docs[-1][1], "time": time.time()})  # the run ends after the worker stopped
+    live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
+    try:
+        _orphan_descriptor(live, uid)
+        assert live.wait_recovered(uid, 120) == "complete"
+    finally:
+        live.close()
+    md = result_md(client, uid)
+    assert md["status"] == "complete" and md["n_energies_seen"] == len(ENERGIES) and "recovered" in md
 
 
 # --------------------------------------------------------------------------- 12. memory
