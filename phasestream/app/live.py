@@ -327,7 +327,8 @@ class LiveService:
         options = ReprocessOptions(root=self.callback.root, backend=self.callback.backend,
                                    require_complete=complete, raw=self.callback.raw,
                                    reference_folders=tuple(str(f) for f in self.callback.reference_folders),
-                                   defaults=None if defaults is None else asdict(defaults))
+                                   defaults=None if defaults is None else asdict(defaults),
+                                   bounds=self.callback.bounds.as_dict())
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []

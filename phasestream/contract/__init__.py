@@ -308,6 +308,11 @@ class DocumentBounds:
         self.max_metadata_depth = int(max_metadata_depth)
         self.max_metadata_bytes = int(max_metadata_bytes)
 
+    def as_dict(self) -> dict[str, int]:
+        """The keywords that make these bounds again (to send them to another process)."""
+        return {"max_num_points": self.max_num_points, "max_image_pixels": self.max_image_pixels,
+                "max_metadata_depth": self.max_metadata_depth, "max_metadata_bytes": self.max_metadata_bytes}
+
     def metadata(self, value: Any, what: str) -> Any:
         return check_metadata(value, what=what, max_depth=self.max_metadata_depth,
                               max_bytes=self.max_metadata_bytes)

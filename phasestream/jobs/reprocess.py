@@ -31,7 +31,7 @@ import pandas as pd
 from tiled.queries import Key
 
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
-from phasestream.contract import RESULT_SPEC, JobOutcome, RunDefaults, Status, check_raw_path
+from phasestream.contract import RESULT_SPEC, DocumentBounds, JobOutcome, RunDefaults, Status, check_raw_path
 from phasestream.contract.fields import parse_field_key
 from phasestream.contract.metadata import is_count
 from phasestream.jobs.context import JobContext
@@ -76,6 +76,9 @@ class ReprocessOptions:
     defaults: dict | None = None
     #: Tiled path of the container of the raw runs (``bl/raw``); ``""``: the catalog root
     raw: str = ""
+    #: what a start document may ask for (:class:`~phasestream.contract.DocumentBounds` keywords, so that they
+    #: travel to Dask): the live worker's own, so that a recovered run meets the bounds it was refused by
+    bounds: dict | None = None
 
     def validate(self) -> ReprocessOptions:
         if not self.root or "/" in self.root:
@@ -84,6 +87,8 @@ class ReprocessOptions:
         self.reference_folders = tuple(str(f) for f in self.reference_folders)
         if self.defaults is not None:
             self.defaults = asdict(RunDefaults(**self.defaults))
+        if self.bounds is not None:
+            self.bounds = DocumentBounds(**self.bounds).as_dict()
         return self
 
     def run_defaults(self) -> RunDefaults | None:
@@ -314,7 +319,8 @@ def reprocess_results(client, run_uid: str, options: ReprocessOptions | None = N
     folders = opts.reference_folders or tuple(str(f) for f in reference_folders_from_env())
     cb = PhaseMapCallback(client, root=opts.root, backend=opts.backend, references=opts.references,
                           defaults=opts.run_defaults(), update_every=10**9, update_seconds=float("inf"),
-                          replace=True, reference_folders=folders, raw=opts.raw)
+                          replace=True, reference_folders=folders, raw=opts.raw,
+                          bounds=None if opts.bounds is None else DocumentBounds(**opts.bounds))
     try:
         # rows that cannot be paired with their frames are left out and the run ends `partial`
         for name, doc in raw_run_documents(run, on_mismatch=lambda reason: cb.run_incomplete(run_uid, reason)):

@@ -555,6 +555,26 @@ def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
     assert md["status"] == "complete" and md["n_energies_seen"] == len(ENERGIES) and "recovered" in md
 
 
+def test_a_recovered_run_meets_the_bounds_of_the_worker(client):
+    """The worker's bounds (``serve --max-num-points``) held for the documents it got but not when it recovered
+    a run from the raw run: reprocessing used the default bounds. A recovered run meets the worker's own."""
+    docs = scan(client, seed=8)
+    uid = docs[0][1]["uid"]
+    dead = PhaseMapCallback(client, backend="numba")  # a worker with the default bounds, killed mid-run
+    for name, doc in docs[:5]:
+        dead(name, doc)
+    dead.flush(60)
+    assert result_md(client, uid)["status"] == "running"
+    live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=0.0,
+                       bounds=DocumentBounds(max_num_points=len(ENERGIES) - 1))
+    try:
+        assert live.wait_recovered(uid, 120) == "failed"
+    finally:
+        live.close()
+    md = result_md(client, uid)
+    assert md["status"] == "failed" and f"num_points {len(ENERGIES)}" in md["errors"][0], md["errors"]
+
+
 # --------------------------------------------------------------------------- 12. memory
 
 
