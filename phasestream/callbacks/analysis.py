@@ -19,6 +19,7 @@ import numpy as np
 from event_model import DocumentRouter, unpack_event_page
 
 from phasestream.callbacks.assets import read_stream_frames
+from phasestream.callbacks.corrections import TXMCorrections
 from phasestream.callbacks.planes import PartialMapPolicy, PlaneQueue
 from phasestream.callbacks.result import RunResult
 from phasestream.callbacks.settings import AnalysisConfig
@@ -65,8 +66,7 @@ class RunAnalysis(DocumentRouter):
         self.result = RunResult(settings)
         self.streams: dict[str, str] = {}  # descriptor uid -> stream name
         self.acc: PearsonAccumulator | None = None
-        self.darks: list[np.ndarray] = []
-        self.flats: list[tuple[float, np.ndarray]] = []
+        self.corrections = TXMCorrections(max_flats=config.bounds.max_num_points)
         self.stream_resources: dict[str, dict] = {}
         self.stream_frames: dict[tuple[str, int], np.ndarray] = {}
         self.t_start = time.time()
@@ -211,9 +211,9 @@ class RunAnalysis(DocumentRouter):
             if stream == "primary":
                 self._image_event(doc)
             elif stream == "dark":
-                self.darks.append(self._image(doc).astype(np.float64))
+                self.corrections.add_dark(self._image(doc))
             elif stream == "flat":
-                self.flats.append((float(doc["data"][self.settings.energy_key]), self._image(doc)))
+                self.corrections.add_flat(float(doc["data"][self.settings.energy_key]), self._image(doc))
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the stream goes on
             self.record_error(f"{stream} event {doc.get('seq_num')}: {exc}")
 
@@ -246,14 +246,10 @@ class RunAnalysis(DocumentRouter):
         return image
 
     def _od(self, image: np.ndarray, energy: float, data: dict):
-        s = self.settings
-        backend = self.config.backend
+        s, backend = self.settings, self.config.backend
         if s.mode == "txm":
-            if not self.flats:
-                raise ValueError("TXM image before any flat-field image (stream 'flat')")
-            flat = min(self.flats, key=lambda f: abs(f[0] - energy))
-            dark = np.mean(self.darks, axis=0) if self.darks else 0.0
-            return optical_density(image, flat=flat[1], dark=dark, backend=backend)
+            txm = self.corrections
+            return optical_density(image, flat=txm.flat(energy), dark=txm.dark(), backend=backend)
         i0 = None
         if s.i0_key:
             if s.i0_key not in data:
@@ -386,8 +382,8 @@ class RunAnalysis(DocumentRouter):
         exit_status, reason = doc.get("exit_status", "success"), doc.get("reason", "")
         if not isinstance(exit_status, str):  # an array here raised after the run was closed: left running
             self.record_error(f"the stop document's exit_status {exit_status!r:.80} is not text")
-            exit_status = "unknown"
-        self.finalize(exit_status=exit_status[:40], reason=reason if isinstance(reason, str) else repr(reason))
+        self.finalize(exit_status=exit_status[:40] if isinstance(exit_status, str) else "unknown",
+                      reason=reason if isinstance(reason, str) else repr(reason))
 
     def finalize(self, *, exit_status: str = "success", reason: str = "") -> None:
         """Write final maps, fractions, status and timings (on stop, or when the run is given up).

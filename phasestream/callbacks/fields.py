@@ -333,7 +333,7 @@ class FieldRuns:
         field.result.field = {"index": index, "count": max(self.plan.count or 0, index + 1), "positions": named}
         for name, doc in self.shared:
             field(name, doc)
-        field.darks, field.flats = self.fields[0].darks, self.fields[0].flats  # one copy of a TXM run's frames
+        field.corrections = self.fields[0].corrections  # one copy of a TXM run's dark and flat frames
         self.fields.append(field)
         if self.plan.count is None or index + 1 > self.plan.count:
             for other in self.fields:

@@ -10,7 +10,6 @@ statuses.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -22,6 +21,12 @@ from typing import Any
 import numpy as np
 
 from phasestream.contract.denoise import DENOISED_LAYOUT, DenoiseRequest, denoise_request
+from phasestream.contract.metadata import (
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_DEPTH,
+    MetadataTooLargeError,
+    check_metadata,
+)
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "DEFAULT_MAX_NUM_POINTS",
@@ -161,16 +166,10 @@ _FIELD_SUFFIX = re.compile(r"\.f[0-9]+$")
 
 DEFAULT_MAX_NUM_POINTS = 10_000
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
-DEFAULT_MAX_METADATA_DEPTH = 8
-DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 
 
 class InvalidIdentifierError(ValueError):
     """A document field that would name a Tiled key or a file does not match the allowed pattern."""
-
-
-class MetadataTooLargeError(ValueError):
-    """Document metadata nests too deep or is too large to be stored with a result."""
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -241,48 +240,6 @@ def path_inside(root: str | Path, *parts: str) -> Path:
         raise InvalidIdentifierError(f"path {_shown('/'.join(parts))} leaves {base}; refused")
     return path
 
-
-def _as_json(value: Any) -> Any:
-    """What the result's metadata holds for a value JSON has no type for (store/results.py writes arrays
-    and NumPy scalars as lists and numbers)."""
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    return str(value)
-
-
-def check_metadata(value: Any, *, what: str, max_depth: int = DEFAULT_MAX_METADATA_DEPTH,
-                   max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Any:
-    """Return ``value`` if it nests at most ``max_depth`` levels and its JSON is at most ``max_bytes``.
-
-    Checked iteratively (a 1000-level document cannot exhaust the stack) before anything is
-    written. A NumPy array (what msgpack-numpy decodes) counts at least two bytes per element before
-    it is measured as the list it is written as; other values JSON cannot hold are measured by their
-    ``str``.
-
-    Raises
-    ------
-    MetadataTooLargeError
-        naming ``what`` and the bound.
-    """
-    stack, elements = [(value, 1)], 0
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping | list | tuple):
-            if depth > max_depth:
-                raise MetadataTooLargeError(f"{what} nests deeper than {max_depth} levels; refused")
-            children = item.values() if isinstance(item, Mapping) else item
-            stack.extend((child, depth + 1) for child in children)
-        elif isinstance(item, np.ndarray):  # its str is abbreviated ("[0. 0. ... 0.]"), its list is not
-            elements += item.size
-            if depth + item.ndim > max_depth + 1:
-                raise MetadataTooLargeError(f"{what} nests deeper than {max_depth} levels; refused")
-            if 2 * elements > max_bytes:
-                raise MetadataTooLargeError(f"{what} holds arrays of {elements} elements, more than the "
-                                            f"{max_bytes} bytes of JSON allowed; refused")
-    size = len(json.dumps(value, default=_as_json))
-    if size > max_bytes:
-        raise MetadataTooLargeError(f"{what} is {size} bytes of JSON, more than the {max_bytes} allowed; refused")
-    return value
 
 
 class DocumentBounds:

@@ -6,16 +6,25 @@ or hand-edited results exist: a string ``updated_at`` or ``state_of_charge``, a 
 a NaN fraction must cost that field (shown as unknown), never the reader (before: a ``TypeError`` in
 sorting or summarizing ended the view's follower thread, and every page with it, and one such result
 made ``phasestream query`` fail for all). Fields not checked here pass unchanged.
+
+And the bound on what a document may put into a result's metadata (:func:`check_metadata`: the ``sample``
+and ``phasestream`` blocks of a start document).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["is_count", "recorded_energies", "recorded_map", "result_layout", "shown_metadata"]
+import numpy as np
 
+__all__ = ["DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "MetadataTooLargeError", "check_metadata",
+           "is_count", "recorded_energies", "recorded_map", "result_layout", "shown_metadata"]
+
+DEFAULT_MAX_METADATA_DEPTH = 8
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
 
@@ -140,3 +149,50 @@ def recorded_energies(path: str, md: Mapping) -> tuple[int, list[float]]:
     if not (_is_list(energies) and all(_number(e) is not None for e in energies[:seen])):
         raise ValueError(f"result {path}: energies_eV {energies!r:.80} is not a list of energies in eV")
     return seen, [float(e) for e in energies[:seen]]
+
+
+class MetadataTooLargeError(ValueError):
+    """Document metadata nests too deep or is too large to be stored with a result."""
+
+
+def _as_json(value: Any) -> Any:
+    """What the result's metadata holds for a value JSON has no type for (store/results.py writes arrays
+    and NumPy scalars as lists and numbers)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return str(value)
+
+
+def check_metadata(value: Any, *, what: str, max_depth: int = DEFAULT_MAX_METADATA_DEPTH,
+                   max_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> Any:
+    """Return ``value`` if it nests at most ``max_depth`` levels and its JSON is at most ``max_bytes``.
+
+    Checked iteratively (a 1000-level document cannot exhaust the stack) before anything is
+    written. A NumPy array (what msgpack-numpy decodes) counts at least two bytes per element before
+    it is measured as the list it is written as; other values JSON cannot hold are measured by their
+    ``str``.
+
+    Raises
+    ------
+    MetadataTooLargeError
+        naming ``what`` and the bound.
+    """
+    stack, elements = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping | list | tuple):
+            if depth > max_depth:
+                raise MetadataTooLargeError(f"{what} nests deeper than {max_depth} levels; refused")
+            children = item.values() if isinstance(item, Mapping) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, np.ndarray):  # its str is abbreviated ("[0. 0. ... 0.]"), its list is not
+            elements += item.size
+            if depth + item.ndim > max_depth + 1:
+                raise MetadataTooLargeError(f"{what} nests deeper than {max_depth} levels; refused")
+            if 2 * elements > max_bytes:
+                raise MetadataTooLargeError(f"{what} holds arrays of {elements} elements, more than the "
+                                            f"{max_bytes} bytes of JSON allowed; refused")
+    size = len(json.dumps(value, default=_as_json))
+    if size > max_bytes:
+        raise MetadataTooLargeError(f"{what} is {size} bytes of JSON, more than the {max_bytes} allowed; refused")
+    return value
