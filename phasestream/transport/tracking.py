@@ -20,11 +20,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from phasestream.contract import IncompleteReason
+from phasestream.contract import RUN_UID_PATTERN, IncompleteReason
 
-__all__ = ["RunIncompleteListener", "RunTracker"]
+__all__ = ["MAX_TRACKED_RUNS", "RunIncompleteListener", "RunTracker", "log_sparsely"]
 
 logger = logging.getLogger(__name__)
+
+#: runs kept by the tracker that never stopped (timed out): beyond this, the longest silent ones are forgotten
+MAX_TRACKED_RUNS = 1000
+#: reasons kept per run in :attr:`RunTracker.incomplete`, and runs kept there
+MAX_REASONS = 50
+#: the identifier fields the tracker keys on, per document name
+_IDENTIFIERS = {"start": ("uid",), "descriptor": ("uid", "run_start"), "resource": ("uid",),
+                "stream_resource": ("uid",), "event": ("descriptor",), "event_page": ("descriptor",),
+                "stream_datum": ("descriptor", "stream_resource"), "datum": ("resource",),
+                "datum_page": ("resource",), "stop": ("run_start",)}
+
+
+def log_sparsely(count: int) -> bool:
+    """Log the first 10 occurrences of a problem, then every 1000th, so a flood does not flood the log."""
+    return count <= 10 or count % 1000 == 0
+
+
+def _identifiers_ok(name: str, doc: Any) -> bool:
+    """Whether the fields ``doc`` is tracked by are uids (a resource's ``run_start`` may be absent)."""
+    if not isinstance(doc, dict):
+        return False
+    fields = _IDENTIFIERS.get(name, ())
+    if name in ("resource", "stream_resource") and doc.get("run_start"):
+        fields = (*fields, "run_start")
+    return all(isinstance(doc.get(f), str) and RUN_UID_PATTERN.fullmatch(doc[f]) for f in fields)
 
 
 class RunIncompleteListener(Protocol):
@@ -104,6 +129,8 @@ class RunTracker:
             "missing_events": 0,
             "orphan_events": 0,
             "runs_without_start": 0,
+            "untracked": 0,  # documents whose identifiers are not uids (the callback refuses them too)
+            "forgotten_runs": 0,  # runs that timed out and were dropped to keep MAX_TRACKED_RUNS
         }
         self.incomplete: dict[str, list[str]] = {}  # run uid -> reasons reported
 
@@ -114,7 +141,11 @@ class RunTracker:
 
     def _report(self, run_uid: str, kind: IncompleteReason, reason: str, *, log: bool = True) -> None:
         self.stats["reports"] += 1
-        self.incomplete.setdefault(run_uid, []).append(reason)
+        reasons = self.incomplete.setdefault(run_uid, [])
+        if len(reasons) < MAX_REASONS:
+            reasons.append(reason)
+        if len(self.incomplete) > MAX_TRACKED_RUNS:
+            del self.incomplete[next(iter(self.incomplete))]
         if log:
             logger.warning("run %s incomplete: %s", run_uid, reason)
         if self.listener is not None:
@@ -171,12 +202,24 @@ class RunTracker:
                 run.timeout_reported = True
                 self._report(uid, IncompleteReason.STOP_TIMEOUT,
                              f"no stop document within {self.stop_timeout:g} s of the run's last document")
+        if len(self._runs) > MAX_TRACKED_RUNS:  # starts that never stop (a flood of them) are not kept for ever
+            silent = sorted((run.last_seen, uid) for uid, run in self._runs.items() if run.timed_out)
+            for _, uid in silent[:len(self._runs) - MAX_TRACKED_RUNS]:
+                self._forget(uid)
+                self.stats["forgotten_runs"] += 1
         return expired
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         handler = getattr(self, f"_{name}", None)
-        if handler is not None:
-            handler(doc)
+        if handler is None:
+            return
+        if not _identifiers_ok(name, doc):  # not kept, not logged in full: a megabyte "uid" was logged per run
+            self.stats["untracked"] += 1
+            if log_sparsely(self.stats["untracked"]):
+                logger.warning("%s document whose identifiers are not uids: not tracked (%d so far)", name,
+                               self.stats["untracked"])
+            return
+        handler(doc)
 
     def analysable(self, name: str, doc: dict[str, Any]) -> bool:
         """False for a document (already seen by this tracker) of a run whose start document was not received.
@@ -184,7 +227,7 @@ class RunTracker:
         Documents that cannot be placed in a run (an event of an unknown descriptor, a datum of an unknown
         resource) are analysable: whether they matter is the callback's decision.
         """
-        if not self._without_start or name == "start":
+        if not self._without_start or name == "start" or not _identifiers_ok(name, doc):
             return True
         if name in ("event", "event_page", "stream_datum"):
             descriptor = self._descriptors.get(doc.get("descriptor"))
@@ -225,10 +268,13 @@ class RunTracker:
         if len(self._orphan_descriptors) > 1000:
             self._orphan_descriptors.popitem(last=False)
         reason = f"{what} of descriptor {descriptor_uid}, whose descriptor document was not received"
-        if not self.open_runs:
+        open_runs = self.open_runs
+        if not open_runs:
             logger.warning("%s, and no run is open; its run is reported when its stop arrives", reason)
-        for run_uid in self.open_runs:
-            self._report(run_uid, IncompleteReason.NO_DESCRIPTOR, reason)
+        else:  # one line, not one per open run
+            logger.warning("%s: each of the %d open runs is reported incomplete", reason, len(open_runs))
+        for run_uid in open_runs:
+            self._report(run_uid, IncompleteReason.NO_DESCRIPTOR, reason, log=False)
 
     def _seq_nums(self, doc: dict[str, Any], seq_nums: list[int]) -> None:
         descriptor = self._descriptors.get(doc["descriptor"])
@@ -286,12 +332,16 @@ class RunTracker:
             if seen < expected and stream not in run.stream_datum_streams:
                 self._report(run_uid, IncompleteReason.EVENT_COUNT,
                              f"stop counts {expected} events in stream {stream!r}, {seen} were received")
+        self._forget(run_uid)
+        self._finished[run_uid] = None
+        if len(self._finished) > 1000:
+            self._finished.popitem(last=False)
+
+    def _forget(self, run_uid: str) -> None:
+        """Drop what is kept of ``run_uid``: its state, descriptors and resources."""
         del self._runs[run_uid]
         for uid in [uid for uid, d in self._descriptors.items() if d.run_uid == run_uid]:
             del self._descriptors[uid]
         for uid in [uid for uid, r in self._resources.items() if r == run_uid]:
             del self._resources[uid]
             self._stream_resource_next.pop(uid, None)
-        self._finished[run_uid] = None
-        if len(self._finished) > 1000:
-            self._finished.popitem(last=False)

@@ -228,11 +228,16 @@ def parse_byte_size(text: str | int) -> int:
     return value
 
 
+#: characters of a publisher id (its receiver keeps one entry per publisher)
+MAX_PUBLISHER_ID = 256
+
+
 def open_envelope(obj: Any) -> Envelope:
     """Split a deserialized payload into publisher id, sequence number and document.
 
     A map is an unsequenced document; a ``[ENVELOPE_TAG, publisher_id, seq, document]`` array is a
-    sequenced one. Anything else raises :class:`WireFormatError`.
+    sequenced one (a publisher id of at most ``MAX_PUBLISHER_ID`` characters). Anything else raises
+    :class:`WireFormatError`.
     """
     if isinstance(obj, dict):
         return Envelope(None, None, obj)
@@ -241,6 +246,7 @@ def open_envelope(obj: Any) -> Envelope:
         and len(obj) == 4
         and obj[0] == ENVELOPE_TAG
         and isinstance(obj[1], str)
+        and len(obj[1]) <= MAX_PUBLISHER_ID
         and type(obj[2]) is int
         and obj[2] >= 1
         and isinstance(obj[3], dict)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ import zmq.utils.monitor
 from bluesky.callbacks.zmq import RemoteDispatcher
 from bluesky.run_engine import DocumentNames
 
-from phasestream.transport.tracking import RunIncompleteListener, RunTracker
+from phasestream.transport.tracking import RunIncompleteListener, RunTracker, log_sparsely
 from phasestream.transport.wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_OUT_ADDRESS,
@@ -49,11 +50,9 @@ RESTART_WINDOW = 1000
 """A sequenced message this many numbers or more behind the last one of its publisher, or numbered 1,
 starts that publisher's sequence again (a publisher restarted under a fixed id, or a last number that
 was never the publisher's): PUB/SUB keeps one publisher's order, so only a few can be duplicates."""
-
-
-def _log_sparsely(count: int) -> bool:
-    """Log the first 10 occurrences of a problem, then every 1000th, so a flood does not flood the log."""
-    return count <= 10 or count % 1000 == 0
+MAX_PUBLISHERS = 1000
+"""Publishers whose last sequence number is kept (the least recently heard from are dropped); also the
+number of gap sizes kept in ``stats["gaps"]`` (the latest)."""
 
 
 class DocumentReceiver(RemoteDispatcher):
@@ -104,13 +103,13 @@ class DocumentReceiver(RemoteDispatcher):
         self.on_gap = on_gap
         self.rcvhwm = rcvhwm
         self.connected = threading.Event()
-        self._last_seq: dict[str, int] = {}
+        self._last_seq: OrderedDict[str, int] = OrderedDict()  # at most MAX_PUBLISHERS, the least recent dropped
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._stats: dict[str, Any] = {
             "messages": 0,
             "received": 0,
             "lost": 0,
-            "gaps": [],
+            "gaps": deque(maxlen=MAX_PUBLISHERS),
             "missed_at_join": 0,
             "out_of_order": 0,
             "restarts": 0,
@@ -143,7 +142,7 @@ class DocumentReceiver(RemoteDispatcher):
 
     def _undecodable(self, message: bytes, problem: str) -> None:
         self._stats["undecodable"] += 1
-        if _log_sparsely(self._stats["undecodable"]):
+        if log_sparsely(self._stats["undecodable"]):
             logger.error(
                 "dropped undecodable message #%d (%d bytes, starts %r) from %s: %s",
                 self._stats["undecodable"],
@@ -163,6 +162,7 @@ class DocumentReceiver(RemoteDispatcher):
             self._stats["publishers"] += 1
             if seq > 1:
                 self._stats["missed_at_join"] += seq - 1
+            if seq > 1 and log_sparsely(self._stats["publishers"]):
                 logger.warning(
                     "publisher %s first seen at message %d: %d earlier messages were not received "
                     "(worker started late, or lost before the subscription)",
@@ -199,6 +199,9 @@ class DocumentReceiver(RemoteDispatcher):
                 except Exception:
                     logger.exception("gap handler %r raised; continuing", self.on_gap)
         self._last_seq[publisher_id] = seq
+        self._last_seq.move_to_end(publisher_id)
+        if len(self._last_seq) > MAX_PUBLISHERS:
+            self._last_seq.popitem(last=False)
         return True
 
     def handle_message(self, message: bytes) -> None:
@@ -257,7 +260,7 @@ class DocumentReceiver(RemoteDispatcher):
             )
             return
         self._stats["oversize"] += 1
-        if _log_sparsely(self._stats["oversize"]):
+        if log_sparsely(self._stats["oversize"]):
             logger.error(
                 "0MQ closed the connection to %s without reconnecting (#%d): a message larger than "
                 "max_message_size=%d bytes (plus %d for the frame) arrived and was dropped unread. Connecting "

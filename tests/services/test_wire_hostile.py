@@ -250,3 +250,69 @@ def test_a_stray_sequence_number_does_not_silence_its_publisher():
     send(1, "start", "b")  # a publisher restarted under the same id
     assert [doc["uid"] for _, doc in received.docs] == ["a", "stray", "d", "s", "b"]
     assert (worker.stats["restarts"], worker.stats["out_of_order"]) == (2, 1)
+
+
+class _Reports:
+    """A listener counting the runs reported incomplete, by kind."""
+
+    def __init__(self):
+        self.reports: list[tuple[str, str]] = []
+
+    def run_incomplete(self, run_uid, reason, *, kind):
+        self.reports.append((run_uid, kind))
+
+
+def test_documents_whose_identifiers_are_not_uids_are_not_tracked(caplog):
+    """An event naming a megabyte "descriptor uid" was logged in full once per open run (3 such events and 500
+    open runs: 1.6 GB of log). The tracker keys only on uids; anything else is counted and logged sparsely."""
+    reports = _Reports()
+    worker = DocumentWorker(0, Collector(), listener=reports)
+    for i in range(500):
+        worker.receiver.handle_message(pack_frame(b"", "start", serialize({"uid": f"run-{i}", "time": 0.0})))
+    caplog.clear()
+    for j in range(3):
+        event = {"descriptor": f"{j}" + "d" * (1 << 20), "seq_num": 1, "uid": "e", "time": 0.0, "data": {},
+                 "timestamps": {}}
+        worker.receiver.handle_message(pack_frame(b"", "event", serialize(event)))
+    for uid in (["a list"], "x" * 129, "../up"):
+        worker.receiver.handle_message(pack_frame(b"", "start", serialize({"uid": uid, "time": 0.0})))
+    assert len(caplog.text) < 10_000, len(caplog.text)
+    assert worker.tracker.stats["untracked"] == 6 and reports.reports == []
+    assert len(worker.tracker.open_runs) == 500
+
+
+def test_an_event_of_an_unknown_descriptor_is_logged_once_and_every_open_run_reported(caplog):
+    reports = _Reports()
+    tracker = RunTracker(reports)
+    for i in range(500):
+        tracker("start", {"uid": f"run-{i}", "time": 0.0})
+    caplog.clear()
+    tracker("event", {"descriptor": "never-seen", "seq_num": 1, "uid": "e", "time": 0.0, "data": {}})
+    assert len([r for r in caplog.records if "never-seen" in r.getMessage()]) == 1
+    assert len(reports.reports) == 500 and {kind for _, kind in reports.reports} == {"no descriptor document"}
+
+
+def test_runs_that_never_stop_and_publishers_are_kept_to_a_bound():
+    """Starts that never stop were kept for ever (and each publisher id the receiver heard of): a flood of
+    them grew the worker's memory without end (0.64 GB for 300 messages of 2 MB)."""
+    from phasestream.transport.tracking import MAX_TRACKED_RUNS
+    from phasestream.transport.worker import MAX_PUBLISHERS
+
+    now = [0.0]
+    tracker = RunTracker(stop_timeout=1.0, clock=lambda: now[0])
+    for i in range(MAX_TRACKED_RUNS + 500):
+        now[0] += 0.001
+        tracker("start", {"uid": f"run-{i}", "time": 0.0})
+    now[0] += 10.0
+    tracker("start", {"uid": "open", "time": 0.0})
+    tracker.check_timeouts()
+    assert tracker.stats["forgotten_runs"] == 501 and tracker.open_runs == ["open"]
+    assert len(tracker.incomplete) <= MAX_TRACKED_RUNS and "run-1499" in tracker.incomplete
+    tracker("stop", {"run_start": "run-1499", "uid": "s", "time": 0.0})  # a kept run is still tracked
+
+    worker = DocumentWorker(0, Collector())
+    for i in range(MAX_PUBLISHERS + 200):
+        worker.receiver.handle_message(pack_frame(b"", "start", serialize([ENVELOPE_TAG, f"p{i}", 1, {"uid": "a"}])))
+    assert len(worker.receiver._last_seq) == MAX_PUBLISHERS and worker.stats["publishers"] == MAX_PUBLISHERS + 200
+    worker.receiver.handle_message(pack_frame(b"", "start", serialize([ENVELOPE_TAG, "p" * 300, 1, {"uid": "b"}])))
+    assert worker.stats["undecodable"] == 1
