@@ -302,3 +302,50 @@ def test_energy_units_explicit(tmp_path):
     np.testing.assert_array_equal(load_references(small_ev, units="eV").energies, [60.0, 61.0])
     with pytest.raises(ValueError, match="units must be one of"):
         load_references(kev, units="MeV")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("nan 0.5\n", r"k\.txt: non-finite value at line 3, column 1"),  # the median was NaN: keV read as eV
+    ("8.320 inf\n", r"k\.txt: non-finite value at line 3, column 2"),
+])
+def test_a_non_finite_value_is_refused_naming_its_line(tmp_path, text, message):
+    kev = tmp_path / "k.txt"
+    kev.write_text("8.300 1\n8.310 2\n" + text)
+    with pytest.raises(ReferenceFormatError, match=message):
+        load_references(kev)
+    table = tmp_path / "t.csv"
+    table.write_text("energy_eV,A\n8300,1\n8310,nan\n")
+    with pytest.raises(ReferenceFormatError, match=r"t\.csv: non-finite value at line 3, column 2"):
+        load_references(table)
+
+
+@pytest.mark.parametrize(("sidecar", "message"), [
+    ("name: !!set {a, b}\n", "'name' must be text, got set"),
+    ("name: 5\n", "'name' must be text, got int"),
+    # a "billion laughs" of YAML aliases: 10**9 elements if it were ever expanded (repr'd or written to Tiled)
+    ('a: &a ["x","x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+     'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\n'
+     'e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n'
+     'g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]\nname: [*h,*h,*h,*h]\n',
+     "'name' must be text, got list"),
+])
+def test_a_sidecar_name_that_is_not_text_is_refused_without_expanding_it(folder, sidecar, message):
+    """The set's name goes into every result's metadata: a YAML set failed the result's creation (no result at
+    all), an alias bomb held the worker for a minute and gigabytes, then timed Tiled out."""
+    (folder / "toy.yaml").write_text(sidecar)
+    finished, exc = _finishes_within(lambda: load_document_references("toy.csv", folders=[folder]), 10)
+    assert finished and isinstance(exc, ReferenceFormatError) and message in str(exc), exc
+
+
+def test_a_set_of_more_phases_than_the_bound_is_refused(tmp_path):
+    """40,000 phases in a 1 MB file overflowed the int16 phase map, the run reported complete."""
+    from phasestream.references import MAX_PHASES
+
+    many = tmp_path / "many.csv"
+    header = ",".join(f"P{i}" for i in range(MAX_PHASES + 1))
+    many.write_text(f"energy_eV,{header}\n" + "\n".join(f"{8300 + i}," + ",".join(["1"] * (MAX_PHASES + 1))
+                                                       for i in range(3)) + "\n")
+    with pytest.raises(ReferenceFormatError, match=f"{MAX_PHASES + 1} phases, more than the {MAX_PHASES}"):
+        load_references(many)
+    with pytest.raises(ReferenceFormatError, match=r"the set's name \(list\) is not text"):
+        ReferenceSet(np.array([1.0, 2.0]), ("A",), np.array([[1.0, 2.0]]), name=["a"])

@@ -34,6 +34,8 @@ from phasestream.references.selection import (
 )
 from phasestream.references.spectra import (
     DEFAULT_MAX_REFERENCE_BYTES,
+    MAX_NAME_LENGTH,
+    MAX_PHASES,
     REFERENCE_FOLDERS_ENV,
     EnergyOutOfRangeError,
     ReferenceAccessError,

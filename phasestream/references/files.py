@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import math
 import os
 import reprlib
 import stat
@@ -343,6 +344,8 @@ def _parse_csv(text: str, path: Path, sidecar: tuple[Path, str] | None, units: s
                 table[i, j] = float(value)
             except ValueError:
                 raise ReferenceFormatError(f"{path}: non-numeric value at line {line}, column {j + 1}") from None
+            if not math.isfinite(table[i, j]):
+                raise ReferenceFormatError(f"{path}: non-finite value at line {line}, column {j + 1}")
     table = table[np.argsort(table[:, 0], kind="stable")]
     if table.shape[0]:
         table[:, 0] = _energies_in_ev(table[:, 0], path, units, header_ev=True)
@@ -357,6 +360,8 @@ def _parse_csv(text: str, path: Path, sidecar: tuple[Path, str] | None, units: s
             raise ReferenceFormatError(f"{sidecar[0]}: phases {sorted(unknown)} are not columns of {path.name}")
         attrs.update(doc)
     name = attrs.pop("name", path.stem)
+    if sidecar is not None and not isinstance(name, str):  # a YAML set or alias bomb went into every result
+        raise ReferenceFormatError(f"{sidecar[0]}: 'name' must be text, got {type(name).__name__}")
     return ReferenceSet(table[:, 0], tuple(header[1:]), table[:, 1:].T, name=name, metadata=meta, attrs=attrs)
 
 
@@ -394,6 +399,8 @@ def _parse_two_column(text: str, path: Path, units: str = "auto") -> tuple[np.nd
                 raise ReferenceFormatError(
                     f"{path}: not a two-column numeric file: non-numeric value at line {line}, column {column}"
                 ) from None
+            if not math.isfinite(row[-1]):  # a NaN energy made the keV file's median NaN: read as eV
+                raise ReferenceFormatError(f"{path}: non-finite value at line {line}, column {column}")
         rows.append(row)
     if not rows:
         raise ReferenceFormatError(f"{path}: not a two-column numeric file: no data rows")

@@ -15,6 +15,8 @@ import yaml
 
 __all__ = [
     "DEFAULT_MAX_REFERENCE_BYTES",
+    "MAX_NAME_LENGTH",
+    "MAX_PHASES",
     "REFERENCE_FOLDERS_ENV",
     "EnergyOutOfRangeError",
     "ReferenceAccessError",
@@ -32,6 +34,13 @@ _KEV_THRESHOLD = 100.0
 
 # Reference files are a few hundred rows; anything much larger is not a reference file.
 DEFAULT_MAX_REFERENCE_BYTES = 16 * 1024 * 1024
+
+# Phases of one set: a phase map is int16 and the PCC maps hold one (Y, X) plane per phase; a set of
+# 40,000 phases in a 1 MB file overflowed the phase map, with status complete.
+MAX_PHASES = 256
+
+# Longest set or phase name (the set's name is written into every result's metadata).
+MAX_NAME_LENGTH = 4096
 
 # Environment variable with the reference folders (os.pathsep-separated).
 REFERENCE_FOLDERS_ENV = "PHASESTREAM_REFERENCES"
@@ -95,6 +104,10 @@ class ReferenceSet:
     attrs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and 0 < len(self.name) <= MAX_NAME_LENGTH):  # never repr'd: a YAML
+            what = type(self.name).__name__ if not isinstance(self.name, str) else f"{len(self.name)} characters"
+            raise ReferenceFormatError(f"references: the set's name ({what}) is not text of 1 to "  # alias bomb
+                                       f"{MAX_NAME_LENGTH} characters")
         energies = np.asarray(self.energies, dtype=np.float64)
         spectra = np.atleast_2d(np.asarray(self.spectra, dtype=np.float64))
         if energies.ndim != 1 or energies.size < 2:
@@ -104,6 +117,9 @@ class ReferenceSet:
                 f"references {self.name!r}: spectra shape {spectra.shape} does not match "
                 f"{len(self.phases)} phases x {energies.size} energies"
             )
+        if len(self.phases) > MAX_PHASES:
+            raise ReferenceFormatError(f"references {self.name!r:.{_SHOWN_CHARS}}: {len(self.phases)} phases, more "
+                                       f"than the {MAX_PHASES} a set may have")
         if len(set(self.phases)) != len(self.phases):
             raise ReferenceFormatError(f"references {self.name!r}: duplicate phase names {self.phases}")
         if not (np.all(np.isfinite(energies)) and np.all(np.isfinite(spectra))):
