@@ -173,3 +173,28 @@ def test_deploy_check_against_real_postgres_and_redis(tmp_path):
         refused = next(c for c in checks if c.name == "database tiled_tables")
         assert refused.level == "error" and "password authentication failed" in refused.detail, refused
         assert all(PASSWORD not in c.detail for c in checks)
+
+
+@pytest.mark.parametrize(("toml", "variable", "message"), [
+    ("max_message_size = 1.5\n", "PHASESTREAM_MAX_MESSAGE_SIZE", "not a size in bytes: 1.5"),  # AttributeError before
+    ("max_message_size = [1]\n", "PHASESTREAM_MAX_MESSAGE_SIZE", r"not a size in bytes: \[1\]"),
+    ("max_message_size = true\n", "PHASESTREAM_MAX_MESSAGE_SIZE", "not a size in bytes: True"),  # was 1 byte
+    ("max_message_size = '99999999999999999999G'\n", "PHASESTREAM_MAX_MESSAGE_SIZE", "at most 1 TiB"),
+    ("dask_workers = true\n", "PHASESTREAM_DASK_WORKERS", "an integer, got True"),
+    ("dask_workers = -3\n", "PHASESTREAM_DASK_WORKERS", "greater than or equal to 1"),
+    ("tiled_port = 99999\n", "PHASESTREAM_TILED_PORT", "less than or equal to 65535"),
+    ("view_port = 0\n", "PHASESTREAM_VIEW_PORT", "greater than or equal to 1"),
+])
+def test_a_configuration_value_of_the_wrong_type_or_range_names_its_variable(tmp_path, toml, variable, message):
+    (tmp_path / "c.toml").write_text(toml)
+    with pytest.raises(ValueError, match=rf"invalid configuration: {variable} \(.*c\.toml\): .*{message}"):
+        load_settings(config_file=tmp_path / "c.toml", environ={})
+
+
+@pytest.mark.parametrize("argv", [["serve", "--workers", "0"], ["reprocess", "--workers", "-1", "x"],
+                                  ["up", "--dask-workers", "0"]])
+def test_worker_counts_below_one_are_refused_by_the_command_line(argv, capsys):
+    """``--workers -1`` made a Dask cluster of no worker, on which a submitted job never ran."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err

@@ -63,7 +63,7 @@ class Settings(BaseModel):
                                             description="Tiled's single API key (letters and digits)")
     tiled_host: str = Field("127.0.0.1", validation_alias=_var("PHASESTREAM_TILED_HOST", "tiled_host"),
                             description="address the Tiled server binds")
-    tiled_port: int = Field(8000, validation_alias=_var("PHASESTREAM_TILED_PORT", "tiled_port"),
+    tiled_port: int = Field(8000, ge=1, le=65535, validation_alias=_var("PHASESTREAM_TILED_PORT", "tiled_port"),
                             description="port the Tiled server binds")
     db_user: str | None = Field(None, validation_alias=_var("PGUSER", "db_user"),
                                 description="PostgreSQL role of Tiled's catalog and tables (libpq's variable)")
@@ -92,13 +92,13 @@ class Settings(BaseModel):
                                description="folders of model artifacts besides the packaged ones (os.pathsep)")
     dask_scheduler: str | None = Field(None, validation_alias=_var("PHASESTREAM_DASK_SCHEDULER", "dask_scheduler"),
                                        description="Dask scheduler of the post-scan jobs")
-    dask_workers: int = Field(2, validation_alias=_var("PHASESTREAM_DASK_WORKERS", "dask_workers"),
+    dask_workers: int = Field(2, ge=1, le=1024, validation_alias=_var("PHASESTREAM_DASK_WORKERS", "dask_workers"),
                               description="Dask worker processes of the stack")
     dask_http: str = Field("127.0.0.1:8787", validation_alias=_var("PHASESTREAM_DASK_HTTP", "dask_http"),
                            description="the Dask scheduler's HTTP server (health, metrics)")
     host: str = Field("127.0.0.1", validation_alias=_var("PHASESTREAM_HOST", "host"),
                       description="address the Dask workers and the live view bind (deployment files)")
-    view_port: int = Field(8010, validation_alias=_var("PHASESTREAM_VIEW_PORT", "view_port"),
+    view_port: int = Field(8010, ge=1, le=65535, validation_alias=_var("PHASESTREAM_VIEW_PORT", "view_port"),
                            description="port of the live view (phasestream view)")
     references: str | None = Field(None, validation_alias=_var(REFERENCE_FOLDERS_ENV, "references"),
                                    description="folders whose reference files a start document may name")
@@ -109,6 +109,13 @@ class Settings(BaseModel):
                                   description="largest 0MQ document a worker accepts (bytes; 64MB, 1GiB)")
     log_level: str | None = Field(None, validation_alias=_var("PHASESTREAM_LOG_LEVEL", "log_level"),
                                   description="log level of the services (-v wins)")
+
+    @field_validator("dask_workers", "tiled_port", "view_port", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # TOML true would be 1 worker, port 1
+            raise ValueError(f"an integer, got {value!r}")
+        return value
 
     @field_validator("max_message_size", mode="before")
     @classmethod

@@ -209,11 +209,18 @@ def pickle_protocol(data: bytes | bytearray | memoryview) -> int | None:
     return None
 
 
+#: the largest size :func:`parse_byte_size` accepts (1 TiB)
+MAX_BYTE_SIZE = 1 << 40
+
+
 def parse_byte_size(text: str | int) -> int:
     """A positive size in bytes from ``"1048576"``, ``"64K"``, ``"256M"`` or ``"1G"`` (binary units, case-insensitive).
 
-    Raises ``ValueError`` for anything else (zero, negative, fractions, unknown units).
+    Raises ``ValueError`` for anything else (zero, negative, fractions, unknown units, other types, more
+    than ``MAX_BYTE_SIZE``).
     """
+    if isinstance(text, bool) or not isinstance(text, int | str):  # TOML true, 1.5 or [1]
+        raise ValueError(f"not a size in bytes: {text!r:.80} (expected e.g. 1048576, 64K, 256M or 1G)")
     if isinstance(text, int):
         value = text
     else:
@@ -225,6 +232,8 @@ def parse_byte_size(text: str | int) -> int:
         value = int(digits) * scale
     if value < 1:
         raise ValueError(f"a size in bytes must be positive, got {text!r}")
+    if value > MAX_BYTE_SIZE:
+        raise ValueError(f"a size in bytes of at most 1 TiB, got {text!r:.80}")
     return value
 
 

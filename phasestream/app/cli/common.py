@@ -44,6 +44,18 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 QUIET_AT_DEBUG = ("websockets", "httpcore", "httpx", "hpack", "h11", "urllib3")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``--workers -1`` made a Dask cluster of no worker that never
+    ran a task)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def configure_logging(verbose: int) -> None:
     """Log to stderr: warnings, or info with ``-v``, or debug with ``-vv`` (phasestream's and Tiled's;
     never the HTTP and websocket libraries' debug lines, which show the API key)."""

@@ -21,6 +21,7 @@ from phasestream.app.cli.common import (
     SCHEDULER_NEEDS_TILED,
     add_run_key_options,
     add_tiled_options,
+    positive_int,
     run_defaults,
     tiled_client,
     tiled_uri,
@@ -58,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="Dask scheduler, e.g. tcp://HOST:8786 (default $PHASESTREAM_DASK_SCHEDULER, else in "
                           "this process unless --workers N or --split N asks for a LocalCluster); 'none': here")
     rep.add_argument("--in-process", action="store_true", help="no Dask: the runs one after the other here")
-    rep.add_argument("--workers", type=int, default=None,
+    rep.add_argument("--workers", type=positive_int, default=None,
                      help="run on a LocalCluster of N worker processes on this host (default: in this process)")
     rep.add_argument("--retries", type=int, default=2, help="Dask retries of a failed run (default 2)")
     rep.add_argument("--split", type=int, default=1, metavar="N",

@@ -17,6 +17,7 @@ from phasestream.app.cli.common import (
     add_run_key_options,
     add_tiled_options,
     add_wait_for_tiled_option,
+    positive_int,
     run_defaults,
     scheduler_option,
     tiled_client,
@@ -55,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="Dask scheduler of the post-scan jobs, e.g. tcp://HOST:8786, or 'local' (a LocalCluster "
                             "of --workers processes); default $PHASESTREAM_DASK_SCHEDULER, else 'none': a thread of "
                             "this worker")
-    serve.add_argument("--workers", type=int, default=1, help="--scheduler local: worker processes (default 1)")
+    serve.add_argument("--workers", type=positive_int, default=1,
+                       help="--scheduler local: worker processes (default 1)")
     serve.add_argument("--retries", type=int, default=2, help="Dask retries of a failed post-scan job (default 2)")
 
 

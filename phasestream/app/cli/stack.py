@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from phasestream.app.cli.common import positive_int
 from phasestream.app.stack import COMPONENTS, DEFAULT_RUN_DIR, StackConfig, down, restart, status, up
 
 __all__ = ["add_parser", "run"]
@@ -42,7 +43,7 @@ def _add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     upp.add_argument("--scheduler-port", type=int, default=8786)
     upp.add_argument("--scheduler-http-port", type=int, default=8787,
                      help="the Dask scheduler's health and Prometheus metrics, on --host (default 8787)")
-    upp.add_argument("--dask-workers", type=int, default=2, help="Dask worker processes (default 2)")
+    upp.add_argument("--dask-workers", type=positive_int, default=2, help="Dask worker processes (default 2)")
     upp.add_argument("--view-port", type=int, default=8010, help="the live view, http://HOST:PORT/ (default 8010)")
     upp.add_argument("--only", default=None, metavar="NAMES",
                      help=f"comma-separated components to start (default all: {','.join(COMPONENTS)})")
