@@ -15,18 +15,28 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = ["DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "MetadataTooLargeError", "check_metadata",
-           "is_count", "recorded_energies", "recorded_map", "result_layout", "shown_metadata"]
+           "is_count", "recorded_energies", "recorded_map", "result_layout", "shown", "shown_metadata"]
 
 DEFAULT_MAX_METADATA_DEPTH = 8
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for an error message; a huge or deeply shared value (a
+    YAML alias bomb) is never expanded (``reprlib``)."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    text = reprlib.repr(value)
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def _number(value: Any) -> float | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.contract.metadata import shown
 from phasestream.kernels.od import estimate_i0
 from phasestream.store.tiled import open_raw_run
 
@@ -74,11 +75,38 @@ def _positive(value: Any, key: str) -> float:
     return v
 
 
+def _block(start: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The start document's ``phasestream`` block ({} when absent); ValueError when it is not a map."""
+    block = start.get("phasestream")
+    if block is None:
+        return {}
+    if not isinstance(block, Mapping):
+        raise ValueError(f"start document phasestream must be a map, got {shown(block)}")
+    return block
+
+
+def _data_key(value: Any, field: str) -> str | None:
+    """A start document's data key (None when absent); ValueError naming ``field`` when it is not a string."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"start document {field} must be a data key (a string), got {shown(value)}")
+    return value
+
+
 def _image_key(uid: str, start: Mapping[str, Any], primary) -> str:
-    key = (start.get("phasestream") or {}).get("image_key") or start.get("image_key")
-    if key is not None:
-        return key
-    arrays = [k for k, v in primary.metadata.get("data_keys", {}).items() if len(v.get("shape", [])) == 2]
+    for field, value in (("phasestream.image_key", _block(start).get("image_key")),
+                         ("image_key", start.get("image_key"))):
+        key = _data_key(value, field)
+        if key is not None:
+            if key not in primary:
+                raise ValueError(f"run {uid}: {field} {shown(key)} is not a data key of the primary stream "
+                                 f"(keys: {shown(sorted(primary))})")
+            return key
+    data_keys = primary.metadata.get("data_keys")
+    data_keys = data_keys if isinstance(data_keys, Mapping) else {}
+    arrays = [k for k, v in data_keys.items()
+              if isinstance(v, Mapping) and isinstance(v.get("shape"), list | tuple) and len(v["shape"]) == 2]
     if len(arrays) != 1:
         raise ValueError(f"run {uid}: name the image key in the start document (phasestream.image_key); "
                          f"2D data keys found: {arrays}")
@@ -96,7 +124,7 @@ def raw_frames(client, uid: str, *, raw: str = "") -> RawFrames:
         images = images[None]
     if images.ndim != 3 or min(images.shape[1:]) < 8:
         raise ValueError(f"run {uid}: {key} holds arrays of shape {list(images.shape)}, not images of at least 8 x 8")
-    i0_key = (start.get("phasestream") or {}).get("i0_key")
+    i0_key = _data_key(_block(start).get("i0_key"), "phasestream.i0_key")
     if i0_key is not None and i0_key in primary:
         i0 = np.asarray(primary[i0_key].read(), np.float64).reshape(len(images), -1).mean(axis=1)
         i0_from = f"i0 data key {i0_key}"

@@ -33,6 +33,7 @@ Requested in the start document (``phasestream: {methods: [lcf, rum_tv]}`` or
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 import warnings
@@ -44,7 +45,7 @@ import numpy as np
 
 from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
-from phasestream.contract.metadata import recorded_energies
+from phasestream.contract.metadata import recorded_energies, shown
 from phasestream.jobs.context import JobContext
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
@@ -66,12 +67,13 @@ class MethodsOptions:
     ----------
     methods : names from ``METHODS``, run in the order of ``METHODS``
     root : key of the results container in Tiled
-    references : reference set (path or registered name) overriding the run's
+    references : reference set (path or registered name) overriding the run's; one that does not load fails
+        the methods (never replaced by the run's own)
     pre_edge, post_edge : normalization windows (default :func:`~phasestream.methods.default_windows`)
     lcf_method : ``"lstsq"``, ``"nnls"`` or ``"fcls"``; lcf_input : ``"od"`` or ``"normalized"``
     lcf_sum_to_one : divide the LCF weights by their sum (the scale of the mixture goes to ``scale_lcf``)
     background_order : polynomial background of the LCF: 0 (default) a constant offset, which takes
-        up the non-resonant absorption of OD input; None: none
+        up the non-resonant absorption of OD input; None: none; at most ``MAX_BACKGROUND_ORDER`` (5)
     edge_window, peak_window : windows of the edge-50 and peak fits (default: around the steepest
         rise / the maximum of the mean normalized spectrum, +-15 eV)
     curve_fit, curve_order : ``"polynomial"`` / ``"spline"`` and the polynomial degree
@@ -124,21 +126,50 @@ class MethodsOptions:
                              f"got {self.kmeans_input!r}, {self.kmeans_mask!r}")
         if self.curve_fit not in m.CURVE_FITS:
             raise ValueError(f"curve_fit must be one of {m.CURVE_FITS}, got {self.curve_fit!r}")
-        for name in ("n_clusters", "rum_max_iter", "curve_order"):
+        for name, (low, high) in _INTEGER_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value is None and name == "background_order":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                allowed = "None or " if name == "background_order" else ""
+                raise ValueError(f"{name} must be {allowed}an integer from {low} to {high}, got {value!r}")
+        for name, positive in _REAL_OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None:
+                if not _finite_real(value) or (value <= 0 if positive else value < 0):
+                    raise ValueError(f"{name} must be None or a finite number {'>' if positive else '>='} 0, "
+                                     f"got {value!r}")
+                setattr(self, name, float(value))
         if self.denoiser not in ("auto", *m.DENOISERS):
             raise ValueError(f"denoiser must be 'auto' or one of {m.DENOISERS}, got {self.denoiser!r}")
         for name in ("pre_edge", "post_edge", "edge_window", "peak_window"):
             value = getattr(self, name)
             if value is not None:
                 if (not isinstance(value, list | tuple) or len(value) != 2
-                        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                        or not all(_finite_real(v) for v in value)
                         or not float(value[0]) < float(value[1])):
                     raise ValueError(f"{name} must be (low, high) eV with low < high, got {value!r}")
                 setattr(self, name, (float(value[0]), float(value[1])))
         return self
+
+
+#: (low, high) of the integer options; an LCF background above order 5 fits away the edge itself
+MAX_BACKGROUND_ORDER = 5
+_INTEGER_RANGES = {"background_order": (0, MAX_BACKGROUND_ORDER), "n_clusters": (1, 100), "rum_max_iter": (1, 10_000),
+                   "curve_order": (1, 10)}
+#: the real-valued options (None: not given) and whether they must be > 0 (else >= 0)
+_REAL_OPTIONS = {"rum_strength": False, "rum_lam": False, "rum_rho": True, "thickness_min": False,
+                 "fit_error_max": False}
+
+
+def _finite_real(value: Any) -> bool:
+    """A finite int or float (numpy scalars included), not a bool or a string."""
+    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(value, bool | np.bool_):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float
+        return False
 
 
 def methods_options_from_start(start_doc: Mapping[str, Any], base: MethodsOptions | None = None
@@ -171,22 +202,43 @@ def methods_options_from_start(start_doc: Mapping[str, Any], base: MethodsOption
     raise ValueError(f"phasestream.methods must be a list of names or a mapping, got {request!r}")
 
 
-def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOptions) -> ReferenceSet:
-    """The run's references: the option, the run's start document, or the result's reference name."""
+def _references(client, run_uid: str, md: Mapping[str, Any], opts: MethodsOptions
+                ) -> tuple[ReferenceSet, dict[str, str]]:
+    """The run's references and which they are, ``{name, source, from}``: the option (``from: option``), the
+    run's start document (``start document``), or the result's reference name (``result``).
+
+    An option that does not load is a ValueError naming it and why (not found, outside the reference
+    folders, unreadable), never replaced by the run's own references.
+    """
+    folders = reference_folders_from_env()
+    if opts.references is not None:
+        try:
+            refs = load_document_references(opts.references, folders=folders)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"references override {shown(opts.references)} (phasestream.methods.references) "
+                             f"cannot be loaded: {exc}") from None
+        return refs, _used(refs, opts.references, "option")
     tried = []
-    candidates = [opts.references]
+    candidates = []
     try:  # only the references are needed here: a start without image and energy keys will do
-        candidates.append(client[run_uid].metadata["start"]["phasestream"]["references"])
+        candidates.append((client[run_uid].metadata["start"]["phasestream"]["references"], "start document"))
     except (KeyError, TypeError):
         tried.append(f"no raw run {run_uid} with start.phasestream.references")
-    candidates.append((md.get("references") or {}).get("name"))
-    for source in candidates:
+    recorded = md.get("references")
+    candidates.append(((recorded if isinstance(recorded, Mapping) else {}).get("name"), "result"))
+    for source, where in candidates:
         if source:
             try:
-                return load_document_references(source, folders=reference_folders_from_env())
-            except (FileNotFoundError, ValueError) as exc:
+                refs = load_document_references(source, folders=folders)
+            except (OSError, ValueError) as exc:
                 tried.append(str(exc))
+            else:
+                return refs, _used(refs, source, where)
     raise FileNotFoundError(f"no loadable references for run {run_uid}: {'; '.join(tried)}")
+
+
+def _used(refs: ReferenceSet, source: Any, where: str) -> dict[str, str]:
+    return {"name": refs.name, "source": str(source)[:500], "from": where}
 
 
 class StepSkipped(Exception):
@@ -196,8 +248,9 @@ class StepSkipped(Exception):
 class _Context:
     """The inputs and intermediate results shared by the methods of one job."""
 
-    def __init__(self, od: np.ndarray, energies: np.ndarray, refs: ReferenceSet, opts: MethodsOptions):
-        self.od, self.energies, self.opts = od, energies, opts
+    def __init__(self, od: np.ndarray, energies: np.ndarray, refs: ReferenceSet, opts: MethodsOptions,
+                 references_used: dict[str, str]):
+        self.od, self.energies, self.opts, self.references_used = od, energies, opts, references_used
         self.phases = list(refs.phases)
         self.references = refs.interpolate(energies)  # (K, E); out-of-range energies are an error
         self.reference_set = refs
@@ -366,9 +419,10 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     Returns
     -------
     The ``methods`` record written into the result metadata, ``{name: {status: complete | skipped |
-    failed, parameters, seconds, arrays, errors}}`` (``reason`` with skipped). Bad input (no OD cube, references
-    not covering the energies) is recorded as failed, not raised. Raises ``KeyError`` (``TypeError``)
-    when the run has no result (a node that is not a result): there is nothing to record it on.
+    failed, parameters, seconds, arrays, errors}}`` (``reason`` with skipped; with complete ``references:
+    {name, source, from}``, the references used). Bad input (no OD cube, a references option that does not
+    load, references not covering the energies) fails every method, recorded, not raised. Raises ``KeyError``
+    (``TypeError``) when the run has no result (a node that is not a result): there is nothing to record it on.
     """
     opts = (options or MethodsOptions()).validate()
     t0 = time.perf_counter()
@@ -389,7 +443,8 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
         try:
             arrays, params = _RUNNERS[name](ctx)
             writer.write_maps(**arrays)
-            entry = {"status": "complete", "parameters": params, "arrays": sorted(arrays), "errors": []}
+            entry = {"status": "complete", "parameters": params, "arrays": sorted(arrays), "errors": [],
+                     "references": ctx.references_used}
         except StepSkipped as exc:
             logger.info("run %s: method %s skipped: %s", uid, name, exc)
             entry = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": str(exc)}
@@ -416,8 +471,8 @@ def _load(client, uid: str, writer: ResultWriter, md: Mapping[str, Any], opts: M
                          "need >= 2 of both")
     od = np.asarray(writer.container["od"][:n], np.float64)
     order = np.argsort(energies, kind="stable")  # the methods need increasing energies
-    refs = _references(client, uid, md, opts)
-    return _Context(od[order], energies[order], refs, opts)
+    refs, used = _references(client, uid, md, opts)
+    return _Context(od[order], energies[order], refs, opts, used)
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:

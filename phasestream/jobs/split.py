@@ -37,7 +37,7 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
 from phasestream.contract import MAP_LAYOUT, JobOutcome, JobStatus
-from phasestream.contract.metadata import recorded_energies
+from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
 from phasestream.jobs.enhance import (
     EnhanceOptions,
@@ -144,7 +144,7 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
         if n < 2 or stored.size != n:
             raise ValueError(f"the result of run {run_uid} has {n} OD planes and {stored.size} energies_eV")
         order = np.argsort(stored, kind="stable")
-        refs = _references(client, run_uid, md, opts)
+        refs, used = _references(client, run_uid, md, opts)  # a references option that does not load: failed
         if list(refs.phases) != writer.phases:
             raise ValueError(f"references {list(refs.phases)} differ from the result's phases {writer.phases}")
         energies = stored[order]
@@ -164,14 +164,14 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
         bands = gather_all(futures, [f"LCF band part {i}" for i in range(len(ranges))], SplitJobError)
         entry.update(parameters={"method": opts.lcf_method, "input": opts.lcf_input, "sum_to_one": opts.lcf_sum_to_one,
                                  "background_order": opts.background_order, "phases": list(refs.phases)},
-                     arrays=sorted(LCF_ARRAYS),
+                     arrays=sorted(LCF_ARRAYS), references=used,
                      split={"parts": len(ranges), "ranges": [list(r) for r in ranges],
                             "seconds": [b["seconds"] for b in bands]})
     except (ValueError, FileNotFoundError, SplitJobError) as exc:
         logger.warning("run %s: split LCF failed: %s", run_uid, exc)
         entry.update(status="failed", errors=[f"{type(exc).__name__}: {exc}"])
     entry["seconds"] = round(time.perf_counter() - t0, 3)
-    writer.update_metadata(methods={**(md.get("methods") or {}), "lcf": entry})
+    writer.update_metadata(methods={**recorded_map(md, "methods"), "lcf": entry})
     return entry
 
 

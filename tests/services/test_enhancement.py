@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -320,3 +321,38 @@ def test_enhance_steps_of_a_start_document_must_be_an_integer_in_range(steps):
     with pytest.raises(ValueError, match=r"steps must be an integer in 1\.\.100"):
         enhance_options_from_start({"enhance": {"steps": steps}}, EnhanceOptions())
     assert enhance_options_from_start({"enhance": {"steps": 5}}, EnhanceOptions()).steps == 5
+
+
+@pytest.mark.parametrize(("block", "said"), [
+    (["x"], "start document phasestream must be a map, got ['x']"),
+    ("x", "start document phasestream must be a map, got 'x'"),
+    ({"image_key": ["a"]}, "start document phasestream.image_key must be a data key (a string), got ['a']"),
+    ({"image_key": "no_such_key"}, "phasestream.image_key 'no_such_key' is not a data key of the primary stream"),
+    ({"image_key": "cam_image", "i0_key": {"k": 1}}, "start document phasestream.i0_key must be a data key (a string)"),
+])
+def test_raw_frames_of_a_start_document_of_the_wrong_types_fail_naming_the_field(tiled_client, models, block, said):
+    """A raw run's ``phasestream`` block is stored as the start document had it: a list, a string or a list as
+    the image key was an AttributeError or TypeError in ``raw_frames`` (``train indi``, ``enhance --source raw``),
+    which neither job records; each is now a ValueError naming the field, recorded as the job's failure."""
+    import bluesky.plan_stubs as bps
+    from bluesky.preprocessors import run_decorator
+    from ophyd.sim import SynSignal
+
+    from phasestream.jobs.frames import raw_frames
+
+    frame = np.random.default_rng(9).poisson(900.0, (24, 32)).astype(np.float32)
+    det = SynSignal(func=lambda: frame, name="cam_image")
+
+    @run_decorator(md={"phasestream": block})
+    def count():
+        yield from bps.trigger_and_read([det])
+
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(tiled_client))
+    (uid,) = RE(count())
+    with pytest.raises(ValueError, match=re.escape(said)):
+        raw_frames(tiled_client, uid)
+    record = enhance_result(tiled_client, uid, EnhanceOptions(model=TRANSMISSION_MODEL, address=models.address,
+                                                              source="raw"))
+    assert record["status"] == "failed" and said in record["reason"], record
+    assert tiled_client["phasestream"][uid].metadata["enhancement"]["status"] == "failed"

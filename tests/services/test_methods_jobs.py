@@ -127,15 +127,39 @@ def test_options_from_start_document():
 
 
 
+BACKGROUND_ORDER = "background_order must be None or an integer from 0 to 5"
+
+
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        ({"names": ["lcf"], "n_clusters": "3"}, "n_clusters must be an integer >= 1, got '3'"),
+        ({"names": ["lcf"], "n_clusters": "3"}, "n_clusters must be an integer from 1 to 100, got '3'"),
         ({"names": ["lcf"], "curve_order": 2.5}, "curve_order must be an integer"),
         ({"names": ["lcf"], "rum_max_iter": True}, "rum_max_iter must be an integer"),
         ({"names": ["lcf"], "pre_edge": 500}, "pre_edge must be (low, high) eV"),
         ({"names": ["lcf"], "edge_window": ["a", "b"]}, "edge_window must be (low, high) eV"),
+        ({"names": ["lcf"], "edge_window": [8300, float("inf")]}, "edge_window must be (low, high) eV"),
         ({"names": 5}, "names must be a list of method names"),
+        ({"names": ["lcf"], "n_clusters": 10**6}, "n_clusters must be an integer from 1 to 100, got 1000000"),
+        ({"names": ["lcf"], "rum_max_iter": 10**9}, "rum_max_iter must be an integer from 1 to 10000"),
+        ({"names": ["lcf"], "curve_order": 50}, "curve_order must be an integer from 1 to 10, got 50"),
+        # background_order: 30000000 took 91 s and 9 GB before a MemoryError; "2" and 1.5 were TypeErrors
+        ({"names": ["lcf"], "background_order": "2"}, f"{BACKGROUND_ORDER}, got '2'"),
+        ({"names": ["lcf"], "background_order": 1.5}, f"{BACKGROUND_ORDER}, got 1.5"),
+        ({"names": ["lcf"], "background_order": True}, f"{BACKGROUND_ORDER}, got True"),
+        ({"names": ["lcf"], "background_order": -1}, f"{BACKGROUND_ORDER}, got -1"),
+        ({"names": ["lcf"], "background_order": 30_000_000}, f"{BACKGROUND_ORDER}, got 30000000"),
+        # numeric options that were not checked at all: "x" was a TypeError inside robust_unmixing
+        ({"names": ["rum_tv"], "rum_strength": "x"}, "rum_strength must be None or a finite number >= 0, got 'x'"),
+        ({"names": ["rum_tv"], "rum_strength": -1.0}, "rum_strength must be None or a finite number >= 0, got -1.0"),
+        ({"names": ["rum_tv"], "rum_lam": True}, "rum_lam must be None or a finite number >= 0, got True"),
+        ({"names": ["rum_tv"], "rum_lam": float("nan")}, "rum_lam must be None or a finite number >= 0, got nan"),
+        ({"names": ["rum_tv"], "rum_rho": 0}, "rum_rho must be None or a finite number > 0, got 0"),
+        ({"names": ["rum_tv"], "rum_rho": [1.0]}, "rum_rho must be None or a finite number > 0, got [1.0]"),
+        ({"names": ["masks"], "thickness_min": "0.3"}, "thickness_min must be None or a finite number >= 0, got '0.3'"),
+        ({"names": ["masks"], "thickness_min": float("inf")}, "thickness_min must be None or a finite number >= 0"),
+        ({"names": ["masks"], "fit_error_max": -1}, "fit_error_max must be None or a finite number >= 0, got -1"),
+        ({"names": ["masks"], "fit_error_max": {"x": 1}}, "fit_error_max must be None or a finite number >= 0"),
     ],
 )
 def test_a_wrongly_typed_request_is_a_value_error_naming_the_field(request_, message):
@@ -143,6 +167,65 @@ def test_a_wrongly_typed_request_is_a_value_error_naming_the_field(request_, mes
     catch: every post-scan step of the run vanished without a status."""
     with pytest.raises(ValueError, match=re.escape(message)):
         methods_options_from_start({"phasestream": {"methods": request_}})
+
+
+def test_numeric_options_in_their_ranges_are_accepted():
+    opts = methods_options_from_start({"methods": {"names": ["lcf"], "background_order": 5, "rum_strength": 0,
+                                                   "rum_lam": 0.5, "rum_rho": 2, "thickness_min": 0,
+                                                   "fit_error_max": 1e-3, "n_clusters": 100, "curve_order": 10}})
+    assert (opts.background_order, opts.rum_strength, opts.rum_rho, opts.thickness_min) == (5, 0.0, 2.0, 0.0)
+    opts = methods_options_from_start({"methods": {"names": ["lcf"], "background_order": None}})
+    assert opts.background_order is None
+
+
+@pytest.mark.parametrize(("override", "why"), [
+    ("no-such-file.csv", "no such file in the reference folders"),
+    ("outside", "lies outside the reference folders"),
+    ("a-folder.csv", "not a regular file"),
+])
+def test_a_references_override_that_cannot_be_loaded_fails_naming_it(tiled_server, tiled_client, ni_csv, tmp_path,
+                                                                    override, why):
+    """``phasestream: {methods: {references: ...}}`` that did not load was dropped silently: the job reported
+    ``complete`` with the run's own references. Now every method asked for fails, naming the override and why."""
+    from dataclasses import asdict
+
+    from phasestream.jobs.context import JobContext
+    from phasestream.jobs.methods import run as methods_job
+
+    uid = f"run-methods-override-{override.partition('.')[0]}"
+    _result(tiled_client, uid, ni_csv)
+    if override == "outside":  # valid references, but not in the configured folder
+        override = str(tmp_path / "ni.csv")
+        Path(override).write_bytes(ni_csv.read_bytes())
+    elif override == "a-folder.csv":
+        (ni_csv.parent / override).mkdir(exist_ok=True)
+    opts = methods_options_from_start({"phasestream": {"methods": {"names": ["lcf", "rum_tv"], "rum_max_iter": 5,
+                                                                   "references": override}}})
+    outcome = methods_job(JobContext(client=tiled_client), uid, asdict(opts))
+    said = f"references override {override!r} (phasestream.methods.references) cannot be loaded"
+    assert outcome.status == "failed" and said in outcome.reason and why in outcome.reason, outcome.reason
+    node = tiled_client["phasestream"][uid]
+    for name in ("lcf", "rum_tv"):
+        entry = node.metadata["methods"][name]
+        assert entry["status"] == "failed" and said in entry["errors"][0] and why in entry["errors"][0], entry
+    assert "fractions_lcf" not in node and "fractions_rum_tv" not in node
+    # the split LCF (same references function) fails alike, before any band is submitted (no Dask needed)
+    from phasestream.jobs.split import submit_split_lcf
+
+    split = submit_split_lcf(None, tiled_server.uri, uid, opts, parts=2, retries=0)
+    assert split["status"] == "failed" and said in split["errors"][0] and why in split["errors"][0], split
+    assert "fractions_lcf" not in tiled_client["phasestream"][uid]
+
+
+def test_a_complete_method_records_the_references_it_used(tiled_client, ni_csv):
+    _result(tiled_client, "run-methods-refs", ni_csv)
+    record = run_methods(tiled_client, "run-methods-refs", MethodsOptions(methods=("lcf",)))
+    assert record["lcf"]["status"] == "complete"
+    assert record["lcf"]["references"] == {"name": "ni", "source": str(ni_csv), "from": "start document"}
+    record = run_methods(tiled_client, "run-methods-refs", MethodsOptions(methods=("lcf",), references="ni.csv"))
+    assert record["lcf"]["references"] == {"name": "ni", "source": "ni.csv", "from": "option"}
+    md = tiled_client["phasestream"]["run-methods-refs"].metadata["methods"]
+    assert md["lcf"]["references"]["from"] == "option"
 
 
 def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
