@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 KINDS = ("gmvae", "indi", "denoise")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REQUIRED = ("format", "name", "kind", "version", "sha256", "files", "created")
+MAX_MANIFEST_BYTES = 1 << 20
+"""A larger manifest.json is refused unread (a real one is a few kB)."""
 
 
 class ArtifactError(ValueError):
@@ -79,6 +82,57 @@ def weights_sha256(weights: Iterable[np.ndarray]) -> str:
         digest.update(f"{a.dtype.str}{a.shape}".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()
+
+
+def _read_manifest(manifest_path: Path) -> Any:
+    """The parsed ``manifest.json``: only a regular file (a FIFO or device would block or never end) of at
+    most :data:`MAX_MANIFEST_BYTES`; every failure is an :class:`ArtifactError` saying what is wrong."""
+    try:
+        fd = os.open(manifest_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{manifest_path.parent} is not a model artifact: {MANIFEST} is missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"{manifest_path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArtifactError(f"{manifest_path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ArtifactError(f"{manifest_path} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from None
+
+
+def _is_hex_hash(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+#: the manifest fields whose type is checked: (accepts the value, what it must be); None is accepted
+#: (as absent) for every field but sha256 and created
+_FIELD_TYPES = {
+    "sha256": (_is_hex_hash, "a sha256 (64 hex digits)"),
+    "created": (lambda v: isinstance(v, str), "a string"),
+    "energies_eV": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of finite numbers"),
+    "phases": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of strings"),
+    "training": (lambda v: isinstance(v, dict), "a map"),
+    "metrics": (lambda v: isinstance(v, dict), "a map"),
+    "domain": (lambda v: isinstance(v, dict), "a map"),
+    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "scale": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+}
 
 
 def _version_key(version: str) -> tuple:
@@ -117,27 +171,38 @@ class Artifact:
     def phases(self) -> list[str]:
         return list(self.manifest.get("phases", []))
 
-    def summary(self) -> dict[str, Any]:
-        """The manifest without bulky fields: what ``list`` replies carry."""
+    def field_problems(self) -> dict[str, str]:
+        """``{field: what it must be}`` for each manifest field of the wrong type (empty for a sound manifest)."""
         m = self.manifest
-        return {"name": m["name"], "version": m["version"], "kind": m["kind"], "sha256": m["sha256"],
-                "energies_eV": m.get("energies_eV", []), "phases": m.get("phases", []),
-                "training": {k: v for k, v in m.get("training", {}).items() if k in ("source", "seed", "runs",
-                                                                                      "query", "n_spectra")},
-                "metrics": m.get("metrics", {}), "created": m.get("created"), "path": str(self.path),
-                **{k: m[k] for k in ("domain", "steps", "scale", "pixel_size") if k in m}}
+        problems = {key: f"must be {what}, got {type(m[key]).__name__}" for key, (ok, what) in _FIELD_TYPES.items()
+                    if key in m and not (m[key] is None and key not in _REQUIRED) and not ok(m[key])}
+        bad = sorted(name for name, digest in m["files"].items() if not _is_hex_hash(digest))
+        if bad:
+            problems["files"] = f"must be a map of file names to sha256s (64 hex digits); not so for {bad}"
+        return problems
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest without bulky fields: what ``list`` replies carry. A field of the wrong type is left
+        out (None, or empty) and named in ``problems`` (``{field: what it must be}``), as :meth:`load` refuses it."""
+        problems = self.field_problems()
+        m = {k: v for k, v in self.manifest.items() if k not in problems}
+        training = m.get("training") or {}
+        out = {"name": m["name"], "version": m["version"], "kind": m["kind"], "sha256": m.get("sha256"),
+               "energies_eV": m.get("energies_eV", []), "phases": m.get("phases", []),
+               "training": {k: v for k, v in training.items() if k in ("source", "seed", "runs", "query",
+                                                                       "n_spectra")},
+               "metrics": m.get("metrics", {}), "created": m.get("created"), "path": str(self.path),
+               **{k: m[k] for k in ("domain", "steps", "scale", "pixel_size") if k in m}}
+        if problems:
+            out["problems"] = problems
+        return out
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Artifact:
         """Parse and check the manifest of the artifact folder ``path`` (no model is loaded)."""
         path = Path(path)
         manifest_path = path / MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise ArtifactError(f"{path} is not a model artifact: {MANIFEST} is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from None
+        manifest = _read_manifest(manifest_path)
         if not isinstance(manifest, dict):
             raise ArtifactError(f"{manifest_path} must hold a JSON object")
         missing = [k for k in _REQUIRED if k not in manifest]
@@ -154,8 +219,16 @@ class Artifact:
             raise ArtifactError(f"{manifest_path}: files must list {MODEL_FILE} with its sha256")
         return cls(path, manifest)
 
+    def check_fields(self) -> None:
+        """Raise :class:`ArtifactError` naming each manifest field of the wrong type."""
+        problems = self.field_problems()
+        if problems:
+            raise ArtifactError(f"artifact {self.name} {self.version}: "
+                                + "; ".join(f"manifest field {k} {v}" for k, v in problems.items()))
+
     def verify_files(self) -> None:
         """Check every listed file against its sha256 (before anything is deserialized)."""
+        self.check_fields()
         for name, expected in self.manifest["files"].items():
             file = self.path / name
             if Path(name).name != name or not file.is_file():
@@ -290,10 +363,16 @@ class ModelRegistry:
         for folder in self.folders:
             if not folder.is_dir():
                 continue
-            for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                paths = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError as exc:  # e.g. a folder this user may not read
+                self._problems[str(folder)] = f"cannot be listed: {exc.strerror or exc}"
+                logger.warning("skipping the model folder %s: %s", folder, self._problems[str(folder)])
+                continue
+            for path in paths:
                 try:
                     art = Artifact.read(path)
-                except ArtifactError as exc:
+                except (ArtifactError, OSError, RecursionError) as exc:  # read() means to raise only the first
                     self._problems[str(path)] = str(exc)
                     logger.warning("skipping %s: %s", path, exc)
                     continue

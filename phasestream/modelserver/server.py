@@ -185,7 +185,11 @@ class ModelServer:
                 continue
             op = req.message["op"]
             if op in ("health", "list"):
-                req.reply = self._health() if op == "health" else self._list()
+                try:
+                    req.reply = self._health() if op == "health" else self._list()
+                except Exception as exc:  # never expected; this request fails alone
+                    logger.error("%s failed in the server: %s", op, type(exc).__name__, exc_info=True)
+                    req.reply = self._error(f"{op} failed in the server: {type(exc).__name__}")
             else:
                 groups[(op, req.message["model"], req.message.get("version"))].append(req)
         for (op, name, version), reqs in groups.items():
@@ -205,8 +209,8 @@ class ModelServer:
             self.stats["errors" if not reply["ok"] else "ok"] += 1
             try:
                 data = serialize(reply)
-            except TypeError as exc:  # never expected; still answer
-                data = serialize(self._error(f"reply could not be encoded: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - never expected (OverflowError, TypeError); still answer
+                data = serialize(self._error(f"reply could not be encoded: {type(exc).__name__}: {exc}"))
             self.socket.send_multipart([*req.envelope, data], copy=False)
 
     def _parse(self, payload: memoryview) -> dict[str, Any]:
@@ -253,8 +257,18 @@ class ModelServer:
                 "pid": os.getpid(), "stats": dict(self.stats)}
 
     def _list(self) -> dict[str, Any]:
-        return {"ok": True, "model": None, "version": None, "sha256": None,
-                "models": [a.summary() for a in self.registry.artifacts()]}
+        """Every artifact's summary; one that cannot be sent is listed by name, the reason in its ``problems``."""
+        models = []
+        for art in self.registry.artifacts():
+            try:
+                serialize(summary := art.summary())
+            except Exception as exc:  # noqa: BLE001 - e.g. an integer too large for msgpack in its metrics
+                why = truncated(f"cannot be sent: {type(exc).__name__}: {exc}", 300)
+                logger.warning("artifact %s %s: its summary %s", art.name, art.version, why)
+                summary = {"name": art.name, "version": art.version, "kind": art.kind, "path": str(art.path),
+                           "problems": {"summary": why}}
+            models.append(summary)
+        return {"ok": True, "model": None, "version": None, "sha256": None, "models": models}
 
     def _model(self, name: str, version: str | None) -> _Loaded:
         artifact = self.registry.get(name, version)

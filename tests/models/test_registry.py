@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from phasestream.models.gmvae import GMVAE, fit_normalization
 from phasestream.models.registry import (
     MANIFEST,
     MODEL_FILE,
+    PRETRAINED_DIR,
     Artifact,
     ArtifactError,
     ModelNotFoundError,
@@ -139,3 +143,107 @@ def test_packaged_pretrained_artifact_is_valid_and_small():
     assert size < 5e6
     model = art.load()
     assert isinstance(model, GMVAE) and model.latent_dim == 3
+
+
+def _unreadable(kind):
+    def make(manifest):
+        manifest.unlink()
+        if kind == "directory":
+            manifest.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(manifest)
+        elif kind == "deep":
+            manifest.write_text("[" * 100_000 + "]" * 100_000)
+        else:  # over the size limit, though valid JSON
+            manifest.write_text(json.dumps({"name": "x", "padding": "x" * (2 << 20)}))
+    return make
+
+
+def _in_thread(call, timeout=20.0):
+    """call() in a thread: a registry that blocks fails the test instead of hanging it."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - raised again below, in the test's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"blocked for {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("directory", "not a regular file"),
+    ("fifo", "not a regular file"),
+    ("deep", "nested too deeply"),
+    ("huge", "larger than 1048576 bytes"),
+])
+def test_an_unreadable_manifest_is_skipped_and_the_packaged_models_still_load(artifact, tmp_path, kind, reason,
+                                                                              caplog):
+    """Before: a manifest.json that is a directory, a FIFO or deeply nested JSON raised IsADirectoryError or
+    RecursionError out of every listing (or blocked it forever), so no model, not even a packaged one, loaded."""
+    broken = _copy(artifact, tmp_path)
+    _unreadable(kind)(broken / MANIFEST)
+    good = save_artifact(artifact.load(), tmp_path, name="gmvae-test", version="2.0.0", kind="gmvae",
+                         energies_eV=ENERGIES)
+    registry = ModelRegistry([PRETRAINED_DIR, tmp_path])
+    try:
+        with caplog.at_level(logging.WARNING, logger="phasestream"):
+            problems = _in_thread(registry.problems)
+            packaged = _in_thread(lambda: registry.get("gmvae-nvpf-synthetic"))
+    finally:
+        if kind == "fifo":
+            _release(broken / MANIFEST)
+    assert reason in problems[str(broken)]
+    assert str(broken) in caplog.text and reason in caplog.text
+    assert packaged.path.parent == PRETRAINED_DIR and packaged.load().latent_dim == 3
+    assert registry.get("gmvae-test").path == good.path
+
+
+def _release(fifo):
+    """Let a reader still blocked in opening ``fifo`` go on (it reads end of file)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody has it open for reading
+        pass
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["files"].__setitem__(MODEL_FILE, 123), "files"),
+    (lambda m: m.__setitem__("sha256", 5), "sha256"),
+    (lambda m: m.__setitem__("energies_eV", 5), "energies_eV"),
+    (lambda m: m.__setitem__("energies_eV", ["505", 510.0]), "energies_eV"),
+    (lambda m: m.__setitem__("phases", 5), "phases"),
+    (lambda m: m.__setitem__("training", [1, 2]), "training"),
+    (lambda m: m.__setitem__("metrics", "good"), "metrics"),
+], ids=["file-hash-int", "sha256-int", "energies-int", "energies-str", "phases-int", "training-list", "metrics-str"])
+def test_manifest_fields_of_the_wrong_type_are_artifact_errors(artifact, tmp_path, edit, field):
+    """Before: a number where a hash or a list belongs raised TypeError ("'int' object is not subscriptable",
+    "has no len()") out of load(), and a list as training broke summary() (AttributeError)."""
+    path = _copy(artifact, tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    registry = ModelRegistry([tmp_path])
+    with pytest.raises(ArtifactError, match=rf"manifest field {field}\b"):
+        registry.load("gmvae-test")
+    summary = registry.get("gmvae-test").summary()  # listed, the field flagged and left out
+    assert field in summary["problems"] and "must be" in summary["problems"][field]
+    assert summary["name"] == "gmvae-test" and summary["kind"] == "gmvae"
+    assert summary.get(field) in (None, {}, [])
+
+
+def test_a_null_training_is_summarized_as_empty(artifact, tmp_path):
+    path = _copy(artifact, tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["training"] = None
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    art = Artifact.read(path)
+    assert art.summary()["training"] == {} and "problems" not in art.summary()
+    assert art.load().latent_dim == 3

@@ -4,7 +4,9 @@ results, and the server keeps serving."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 
 import numpy as np
@@ -14,8 +16,9 @@ import zmq
 pytest.importorskip("tensorflow")
 
 from phasestream.app.process import ModelServerProcess
+from phasestream.models.registry import PRETRAINED_DIR
 from phasestream.modelserver.client import ModelClient
-from phasestream.modelserver.protocol import MAX_ERROR_CHARS
+from phasestream.modelserver.protocol import MAX_ERROR_CHARS, ModelServerError
 from phasestream.modelserver.server import ModelServer, ModelServerConfig, _Request
 from phasestream.transport.wire import deserialize, serialize
 
@@ -252,3 +255,71 @@ def test_a_request_failing_in_the_model_fails_alone(in_process, op, caplog):
     # the failure is logged, neither the request's values nor its other fields
     assert f"{op} failed in model" in caplog.text
     assert "4242" not in caplog.text and "SECRETKEY42" not in caplog.text
+
+
+def _user_artifact(folder, version, **changes):
+    """A copy of the packaged GMVAE artifact named ``gmvae-odd`` with ``changes`` made to its manifest."""
+    target = folder / f"gmvae-odd-{version}"
+    shutil.copytree(PRETRAINED_DIR / f"{MODEL}-1.0.0", target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest.update(name="gmvae-odd", version=version, **changes)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def odd_server(tmp_path_factory):
+    """A model server whose user folder holds artifacts with manifest fields of the wrong type."""
+    folder = tmp_path_factory.mktemp("odd-models")
+    _user_artifact(folder, "9.9.1", training=None)
+    _user_artifact(folder, "9.9.2", training=[1, 2])
+    _user_artifact(folder, "9.9.3", metrics={"spectra": 10**30})  # msgpack has no integer that large
+    with ModelServerProcess(args=("--models-dir", str(folder), "--preload", MODEL), timeout=90) as proc:
+        yield proc
+
+
+def test_health_and_list_in_one_batch_are_both_answered(odd_server):
+    """Before: a manifest whose training is null or a list made ``list`` raise outside the per-request checks:
+    no request of its batch was answered (a ``health`` from another client neither), nor any later ``list``."""
+    socks = [_dealer(odd_server.address) for _ in range(3)]  # a blocker, health, list
+    try:
+        for sock in socks:
+            sock.send(serialize({"op": "health"}))
+            assert _reply(sock)["ok"]
+        blocker = np.random.default_rng(0).normal(size=(BLOCKER_POINTS, 3)).astype(np.float32)
+        socks[0].send(serialize({"op": "decode", "model": MODEL, "array": blocker, "id": "blocker"}))
+        time.sleep(0.2)  # the server is decoding: health and list queue up and are taken as one batch
+        socks[1].send(serialize({"op": "health", "id": "health"}))
+        socks[2].send(serialize({"op": "list", "id": "list"}))
+        replies = [_reply(sock, 30_000) for sock in socks]
+        socks[2].send(serialize({"op": "list", "id": "again"}))
+        again = _reply(socks[2], 30_000)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert replies[0]["ok"] and replies[1]["ok"] and replies[1]["id"] == "health"
+    for reply, rid in ((replies[2], "list"), (again, "again")):
+        assert reply["ok"] is True and reply["id"] == rid, reply.get("error")
+        listed = {(m["name"], m["version"]): m for m in reply["models"]}
+        assert {(MODEL, "1.0.0"), (INDI, "1.0.0")} <= set(listed)
+        assert listed["gmvae-odd", "9.9.1"]["training"] == {}  # null: no training recorded
+        odd = listed["gmvae-odd", "9.9.2"]
+        assert odd["training"] == {} and "training" in odd["problems"] and "must be" in odd["problems"]["training"]
+        huge = listed["gmvae-odd", "9.9.3"]  # listed, its summary not sendable: said so
+        assert huge["kind"] == "gmvae" and "cannot be sent" in huge["problems"]["summary"]
+    with ModelClient(odd_server.address, timeout=120.0, retries=0) as c:
+        with pytest.raises(ModelServerError, match="manifest field training"):
+            c.encode("gmvae-odd", _spectra(13, 5, seed=0), version="9.9.2")
+        _assert_serving(c)
+
+
+def test_a_broken_artifact_folder_does_not_stop_the_server(tmp_path):
+    """Before: a user folder whose manifest.json is a directory (or nested too deeply) raised out of every
+    registry listing: the server could not start, even for its packaged models."""
+    (tmp_path / "as-directory" / "manifest.json").mkdir(parents=True)
+    (tmp_path / "too-deep").mkdir()
+    (tmp_path / "too-deep" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with ModelServerProcess(args=("--models-dir", str(tmp_path)), timeout=90) as proc:
+        assert {f"{MODEL}:1.0.0", f"{INDI}:1.0.0"} <= set(proc.ready["models"])
+        with ModelClient(proc.address, timeout=120.0, retries=0) as c:
+            assert {m["name"] for m in c.list_models()} >= {MODEL, INDI}
+            _assert_serving(c)
