@@ -359,7 +359,7 @@ class ModelServer:
         for req, array in valid:
             options = req.message.get("options", {})
             steps = options.get("steps", art.manifest.get("steps", 8))
-            if not isinstance(steps, int) or not 1 <= steps <= 100:
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
                 req.reply = self._error(f"options.steps must be an integer in 1..100, got {steps!r}", **loaded.info)
                 continue
             refusal, low_gain = self._refusal(art, options)
@@ -401,7 +401,7 @@ class ModelServer:
 
         for req, array in valid:
             steps = req.message.get("options", {}).get("fine_tune_steps", 0)
-            if not isinstance(steps, int) or not 0 <= steps <= 5000:
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 5000:
                 req.reply = self._error(f"options.fine_tune_steps must be an integer in 0..5000, got {steps!r}",
                                         **loaded.info)
                 continue

@@ -166,6 +166,8 @@ def test_error_replies_are_short(server, client, message):
       "options": {"domain": "od", "allow_low_gain": np.array([True, False])}}, "options.allow_low_gain must be"),
     ({"op": "encode", "model": MODEL, "array": np.ones((2, 13), np.float32), "options": {"components": 1}},
      "options.components must be true or false"),
+    ({"op": "enhance", "model": INDI, "array": np.ones((16, 16), np.float32),  # True was taken as 1 step
+      "options": {"domain": "od", "steps": True}}, "options.steps must be an integer in 1..100, got True"),
 ])
 def test_fields_of_the_wrong_type_fail_alone(server, client, message, said):
     """Before: an array where a string or flag belongs raised outside the request checks (NumPy's ambiguous
