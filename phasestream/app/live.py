@@ -210,7 +210,8 @@ class LiveService:
             self._record(uid, JobOutcome.from_dict(record))
         if "reprocess" in steps:
             status = steps["reprocess"]["status"]
-            for key in (steps["reprocess"].get("details") or {}).get("fields") or [uid]:  # each field's result
+            kept = (steps["reprocess"].get("details") or {}).get("kept")  # nothing written: no recovery to note
+            for key in [] if kept else (steps["reprocess"].get("details") or {}).get("fields") or [uid]:
                 try:
                     ResultWriter.open(self.client, key, root=self.callback.root).update_metadata(
                         recovered=self._recovered_note(uid, live_errors or []))
@@ -328,7 +329,7 @@ class LiveService:
                                    require_complete=complete, raw=self.callback.raw,
                                    reference_folders=tuple(str(f) for f in self.callback.reference_folders),
                                    defaults=None if defaults is None else asdict(defaults),
-                                   bounds=self.callback.bounds.as_dict())
+                                   bounds=self.callback.bounds.as_dict(), busy_seconds=0.0)
         try:
             self.callback.flush(60.0)  # the partial result is written before it is replaced
             live_errors = list(self.callback.results[uid].errors) if uid in self.callback.results else []

@@ -46,6 +46,7 @@ from phasestream.contract import (
     RunDefaults,
     RunSettings,
     RunSettingsError,
+    Status,
     check_raw_path,
     check_run_uid,
     checked_run_origin,
@@ -390,9 +391,9 @@ class PhaseMapCallback:
             metadata["scan_id"] = start["scan_id"]
 
         def job() -> None:
-            try:
+            try:  # an earlier result is replaced only while it is unfinished: a failed reprocess never wipes one
                 ResultWriter(self.client, uid, root=self.root, shape=None, phases=[], metadata=metadata,
-                             replace=self.replace)
+                             replace=self.replace and self._unfinished(uid))
             except ResultExistsError:
                 failed.errors.append("a result of this uid already exists; it was left as it is")
             except Exception as error:  # noqa: BLE001 - logged; the worker goes on
@@ -401,6 +402,14 @@ class PhaseMapCallback:
 
         self.sink.submit(job)
         self.sink.submit(failed.done.set)
+
+    def _unfinished(self, uid: str) -> bool:
+        """Whether the result of ``uid`` is missing or still ``running`` (True when Tiled cannot tell)."""
+        try:
+            results = self.client[self.root]
+            return uid not in results or results[uid].metadata.get("status") == Status.RUNNING.value
+        except Exception:  # noqa: BLE001 - the writer then meets the same Tiled, and says so
+            return True
 
     def _safe_sample(self, start: dict) -> dict:
         """The start document's ``sample`` if it passes the checks, else {} (a refused run still gets a result)."""

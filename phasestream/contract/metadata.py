@@ -22,12 +22,26 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "MetadataTooLargeError", "check_metadata",
-           "is_count", "recorded_energies", "recorded_map", "result_layout", "shown", "shown_metadata"]
+           "is_count", "json_ready", "recorded_energies", "recorded_map", "result_layout", "shown", "shown_metadata"]
 
 DEFAULT_MAX_METADATA_DEPTH = 8
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
+
+
+def json_ready(value: Any) -> Any:
+    """Plain JSON types, as a result's metadata is written: NumPy scalars and arrays to Python, tuples to lists,
+    NaN/inf to None."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray | list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def shown(value: Any, limit: int = 200) -> str:

@@ -33,7 +33,7 @@ from tiled.queries import Key
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.contract import RESULT_SPEC, DocumentBounds, JobOutcome, RunDefaults, Status, check_raw_path
 from phasestream.contract.fields import parse_field_key
-from phasestream.contract.metadata import is_count
+from phasestream.contract.metadata import is_count, shown_metadata
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
 from phasestream.store.odstore import external_od_path
@@ -44,7 +44,9 @@ __all__ = [
     "NoPhasestreamBlockError",
     "RawRunMismatchError",
     "ReprocessOptions",
+    "ResultBusyError",
     "ResultCompleteError",
+    "ResultNotBetterError",
     "raw_run_documents",
     "reprocess_results",
     "reprocess_run",
@@ -76,6 +78,10 @@ class ReprocessOptions:
     defaults: dict | None = None
     #: Tiled path of the container of the raw runs (``bl/raw``); ``""``: the catalog root
     raw: str = ""
+    #: a ``running`` result updated within this many seconds is being written by a live worker: refused (a
+    #: reprocess replaced it, and the live writer went on writing into the new result); the live worker, which
+    #: recovers only results it found stale or finalized itself, passes 0
+    busy_seconds: float = 600.0
     #: what a start document may ask for (:class:`~phasestream.contract.DocumentBounds` keywords, so that they
     #: travel to Dask): the live worker's own, so that a recovered run meets the bounds it was refused by
     bounds: dict | None = None
@@ -97,6 +103,14 @@ class ReprocessOptions:
 
 class ResultCompleteError(ResultExistsError):
     """The run already has a ``complete`` result, and replacing it was not asked for."""
+
+
+class ResultNotBetterError(ResultExistsError):
+    """Reprocessing would replace a finished result by one of a worse status (or none): the earlier is kept."""
+
+
+class ResultBusyError(ResultExistsError):
+    """The run's result is ``running`` and was updated recently: a live worker is writing it."""
 
 
 class NoPhasestreamBlockError(RuntimeError):
@@ -306,31 +320,37 @@ def reprocess_results(client, run_uid: str, options: ReprocessOptions | None = N
         when the raw run has no stop document yet and ``require_complete`` is set.
     ResultCompleteError
         when the run's results are all ``complete`` and ``replace`` is not set.
+    ResultBusyError
+        when a result is ``running`` and was updated within ``busy_seconds`` (a live worker writes it).
+    ResultNotBetterError
+        when the run has finished (complete or partial) results and the analysis, made in memory first, would
+        give one of a worse status: nothing is written.
     """
     opts = (options or ReprocessOptions()).validate()
     run = open_raw_run(client, run_uid, opts.raw)
     if opts.require_complete and run.metadata.get("stop") is None:
         raise RuntimeError(f"raw run {run_uid} is not complete in Tiled yet (no stop document); try again later")
     before = _results_of(client, opts.root, run_uid)
+    busy = _busy_results(client, opts.root, before, opts.busy_seconds)
+    if busy:
+        raise ResultBusyError(f"run {run_uid}: {busy}: a live worker is writing it; reprocess it once it has ended "
+                              f"(or once nothing has updated it for {opts.busy_seconds:g} s)")
     if not opts.replace and before and all(status == "complete" for status in before.values()):
         raise ResultCompleteError(f"run {run_uid} already has a complete result at {opts.root}/"
                                   f"{run_uid if run_uid in before else ', '.join(sorted(before))}: pass "
                                   "--replace (ReprocessOptions.replace) to recompute and replace it")
     folders = opts.reference_folders or tuple(str(f) for f in reference_folders_from_env())
-    cb = PhaseMapCallback(client, root=opts.root, backend=opts.backend, references=opts.references,
-                          defaults=opts.run_defaults(), update_every=10**9, update_seconds=float("inf"),
-                          replace=True, reference_folders=folders, raw=opts.raw,
-                          bounds=None if opts.bounds is None else DocumentBounds(**opts.bounds))
-    try:
-        # rows that cannot be paired with their frames are left out and the run ends `partial`
-        for name, doc in raw_run_documents(run, on_mismatch=lambda reason: cb.run_incomplete(run_uid, reason)):
-            cb(name, doc)
-        # a raw run that never got its stop document (require_complete=False) ends with what it holds
-        cb.abort_active("the raw run has no stop document: analysed as far as it goes")
-        cb.flush(None)
-    finally:
-        cb.close()
-    results = {key: result for key, result in cb.results.items() if result.uid == run_uid}
+    settings = {"root": opts.root, "backend": opts.backend, "references": opts.references,
+                "defaults": opts.run_defaults(), "update_every": 10**9, "update_seconds": float("inf"),
+                "reference_folders": folders, "raw": opts.raw,
+                "bounds": None if opts.bounds is None else DocumentBounds(**opts.bounds)}
+    finished = {key: status for key, status in before.items() if status in _FINISHED}
+    if finished:  # analysed in memory first: a finished result is replaced only by one at least as good
+        worse = _worse(_analysed(None, run, run_uid, settings), finished)
+        if worse:
+            raise ResultNotBetterError(f"run {run_uid}: reprocessing it gives {worse}; the earlier results are "
+                                       "kept (remove them in Tiled first to replace them anyway)")
+    results = _analysed(client, run, run_uid, {**settings, "replace": True})
     if not results:
         raise NoPhasestreamBlockError(
             f"run {run_uid} has no phasestream block in its start document: pass --references R (and --image-key, "
@@ -348,6 +368,50 @@ def _results_of(client, root: str, run_uid: str) -> dict[str, str | None]:
                 if key == run_uid or (parse_field_key(key) or ("",))[0] == run_uid}
     except KeyError:
         return {}
+
+
+#: the statuses of a finished result, and what ranks below each (a reprocess never replaces one by worse)
+_FINISHED = (Status.COMPLETE.value, Status.PARTIAL.value)
+
+
+def _analysed(client, run, run_uid: str, settings: dict[str, Any]) -> dict[str, RunResult]:
+    """The run's results by key, analysed from its raw run documents: written to Tiled under ``client``, or
+    kept in memory only (``client`` None)."""
+    cb = PhaseMapCallback(client, **settings)
+    try:
+        # rows that cannot be paired with their frames are left out and the run ends `partial`
+        for name, doc in raw_run_documents(run, on_mismatch=lambda reason: cb.run_incomplete(run_uid, reason)):
+            cb(name, doc)
+        # a raw run that never got its stop document (require_complete=False) ends with what it holds
+        cb.abort_active("the raw run has no stop document: analysed as far as it goes")
+        cb.flush(None)
+    finally:
+        cb.close()
+    return {key: result for key, result in cb.results.items() if result.uid == run_uid}
+
+
+def _worse(results: dict[str, RunResult], finished: dict[str, str]) -> str:
+    """How ``results`` fall short of the ``finished`` statuses of the same keys ("" when they do not)."""
+    worse = []
+    for key, old in sorted(finished.items()):
+        new = results.get(key)
+        if new is None or _WORST.get(new.status, 0) > _WORST.get(old, 0):
+            reason = "" if new is None else f" ({'; '.join(new.errors)[:300]})"
+            worse.append(f"{key} {'no result' if new is None else new.status}{reason} where it is {old}")
+    return "; ".join(worse)
+
+
+def _busy_results(client, root: str, statuses: Mapping[str, Any], seconds: float) -> str:
+    """The results among ``statuses`` that are ``running`` and were updated within ``seconds``, described ("" if
+    none)."""
+    busy = []
+    for key, status in sorted(statuses.items()):
+        if status != Status.RUNNING.value or seconds <= 0:
+            continue
+        updated = shown_metadata(client[root][key].metadata)["updated_at"]
+        if updated is not None and time.time() - updated < seconds:
+            busy.append(f"result {key} is running, updated {time.time() - updated:.0f} s ago")
+    return "; ".join(busy)
 
 
 def _remove_stale(client, root: str, run_uid: str, keys: set[str]) -> None:
@@ -375,6 +439,11 @@ def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
     except NoPhasestreamBlockError as exc:
         return JobOutcome(run_uid, "reprocess", "skipped", reason=str(exc), seconds=round(time.perf_counter() - t0, 3),
                           retry=f"phasestream reprocess {where}--references R {run_uid}")
+    except (ResultBusyError, ResultNotBetterError) as exc:  # nothing was written: the earlier results stand
+        status = "skipped" if isinstance(exc, ResultBusyError) else "failed"
+        return JobOutcome(run_uid, "reprocess", status, reason=str(exc), seconds=round(time.perf_counter() - t0, 3),
+                          retry=f"phasestream reprocess {where}{run_uid}" if status == "skipped" else "",
+                          details={"kept": True})
     result = _worst(results)  # a run of several fields: the field with the worst status speaks for it
     retry = "" if result.status == "complete" else f"phasestream reprocess {where}--replace {run_uid}"
     if result.status == "skipped":

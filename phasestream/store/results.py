@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ from phasestream.contract import (
     path_inside,
 )
 from phasestream.contract.fields import check_result_key
-from phasestream.contract.metadata import result_layout
+from phasestream.contract.metadata import json_ready, result_layout
 from phasestream.store.odstore import (
     OD_ZARR_CONFIG,
     external_od_path,
@@ -58,21 +57,8 @@ class ResultExistsError(FileExistsError):
     """A result container for this run already exists."""
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types: NumPy scalars and arrays to Python, tuples to lists, NaN/inf to None."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray | list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _normalized_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    fields = _jsonable(fields)
+    fields = json_ready(fields)
     if fields.get("state_of_charge") is not None:
         fields["state_of_charge"] = float(fields["state_of_charge"])
     if "status" in fields and fields["status"] not in STATUSES:
@@ -171,6 +157,7 @@ class ResultWriter:
         self.od_path = None if od_store is None else path_inside(self.od_store, root, key, "od.zarr")
         self._od_zarr: zarr.Array | None = None
         md = self._initial_metadata(metadata or {})
+        removed = None  # the status of an earlier result this one replaces
         with explained_refusal("create", self.path):
             results = _ensure_container(client, root)
             if key in results:
@@ -184,9 +171,16 @@ class ResultWriter:
                 if RESULT_SPEC not in [spec.name for spec in existing.specs]:
                     raise TypeError(f"{self.path} is not a {RESULT_SPEC} result; refusing to replace it")
                 stale = external_od_path(existing["od"] if "od" in existing else None)
+                removed = str(existing.metadata.get("status"))[:40]
                 existing.delete(recursive=True, external_only=False)
                 remove_od_store(stale, self.od_store)
-            self.container = results.create_container(key, metadata=md, specs=[RESULT_SPEC])
+            try:
+                self.container = results.create_container(key, metadata=md, specs=[RESULT_SPEC])
+            except Exception as exc:  # a replaced result: the error says it is gone (the raw run stays)
+                if removed is None:
+                    raise
+                raise RuntimeError(f"the earlier result at {self.path} (status {removed}) was removed to be "
+                                   f"replaced, and the new one could not be created: {exc}") from exc
         self._lock = threading.Lock()
         self._arrays: dict[str, Any] = {}
         self._planes: set[int] = set()

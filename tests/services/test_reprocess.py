@@ -6,7 +6,7 @@ from bluesky import RunEngine
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.jobs.context import JobContext
-from phasestream.jobs.reprocess import reprocess_run, run
+from phasestream.jobs.reprocess import ResultBusyError, reprocess_run, run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import raw_run_writer
@@ -52,3 +52,72 @@ def test_reprocess_unknown_run_is_a_clear_error(tiled):
     _, client, _ = tiled
     with pytest.raises(KeyError):
         reprocess_run(client, "no-such-uid")
+
+
+def _live_run(client, *, finish: bool = True) -> str:
+    """A raw run in Tiled and its live result (``complete``; ``running`` when not ``finish``ed)."""
+    RE = RunEngine({})
+    RE.subscribe(raw_run_writer(client))
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    sample = make_sample((24, 24), state_of_charge=1.0, seed=4, n_particles=1)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=6000.0, seed=4)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
+    live = PhaseMapCallback(client, backend="numpy")
+    for name, doc in docs if finish else docs[:-1]:
+        live(name, doc)
+    assert live.flush(60)
+    return uid
+
+
+def test_a_reprocess_that_cannot_analyse_the_run_leaves_the_earlier_result(tiled):
+    """Reprocessing with references of another edge (every energy outside them) wiped a complete result and
+    left a failed one without arrays. The earlier result stays as it was; the outcome says why it failed."""
+    server, client, _ = tiled
+    uid = _live_run(client)
+    before = {k: client["phasestream"][uid][k].read() for k in ARRAYS}
+    outcome = run(JobContext(server.uri), uid, {"backend": "numpy", "replace": True, "references": "kedge-synthetic"})
+    assert outcome.status == "failed" and "outside the range" in outcome.reason, outcome
+    assert f"{uid} failed" in outcome.reason and "where it is complete; the earlier results are kept" in outcome.reason
+    node = client["phasestream"][uid]
+    assert node.metadata["status"] == "complete"
+    for k in ARRAYS:
+        np.testing.assert_array_equal(node[k].read(), before[k], err_msg=k)
+
+
+def test_a_replace_that_cannot_write_says_the_earlier_result_is_gone(tiled, monkeypatch):
+    """The earlier result is removed before the new one is created: when that creation fails, the reason says
+    so (before: only "writing the result container failed", the complete result silently gone)."""
+    from tiled.client.container import Container
+
+    server, client, _ = tiled
+    uid = _live_run(client)
+    create = Container.create_container
+
+    def refused(self, key=None, *args, **kwargs):
+        if key == uid:
+            raise RuntimeError("503 from Tiled")
+        return create(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(Container, "create_container", refused)
+    outcome = run(JobContext(server.uri), uid, {"backend": "numpy", "replace": True})
+    monkeypatch.undo()
+    assert outcome.status == "failed", outcome
+    assert "the earlier result at phasestream/" in outcome.reason and "(status complete) was removed" in outcome.reason
+    assert "503 from Tiled" in outcome.reason
+
+
+def test_a_result_a_live_worker_is_writing_is_not_reprocessed(tiled):
+    """A person's reprocess replaced a result the live worker was still writing (its heartbeat fresh): the live
+    writer then wrote into the reprocessed result. Refused, naming the result; the live worker's recovery (which
+    recovers only results it found stale) passes ``busy_seconds=0``."""
+    server, client, _ = tiled
+    uid = _live_run(client, finish=False)
+    assert client["phasestream"][uid].metadata["status"] == "running"
+    with pytest.raises(ResultBusyError, match=rf"result {uid} is running, updated \d+ s ago: a live worker"):
+        reprocess_run(client, uid)
+    outcome = run(JobContext(server.uri), uid, {"backend": "numpy"})
+    assert outcome.status == "skipped" and "a live worker is writing it" in outcome.reason
+    outcome = run(JobContext(server.uri), uid, {"backend": "numpy", "busy_seconds": 0})
+    assert outcome.status == "complete", outcome
