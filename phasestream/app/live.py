@@ -30,7 +30,6 @@ an address, ``"local"`` or a ``distributed.Client``) one task per run with retri
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ from phasestream.app.process import ServiceProcess
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.contract import USABLE_STATUSES, IncompleteReason, JobOutcome, RunSettings, Status
 from phasestream.contract.fields import parse_field_key
-from phasestream.contract.metadata import shown_metadata
+from phasestream.contract.metadata import finite_number, shown_metadata
 from phasestream.jobs.denoise import DenoiseOptions
 from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
@@ -302,8 +301,8 @@ class LiveService:
         run's stop document (or the stop's time cannot be read): a worker finished them with the whole run. None
         when one is missing, ``running``, or older than the stop (a worker stopped mid-run: the run went on)."""
         stop = open_raw_run(self.client, uid, self.callback.raw).metadata.get("stop")
-        stop_time = stop.get("time") if isinstance(stop, Mapping) else None
-        known = isinstance(stop_time, int | float) and not isinstance(stop_time, bool) and math.isfinite(stop_time)
+        stop_time = finite_number(stop.get("time")) if isinstance(stop, Mapping) else None
+        known = stop_time is not None
         results = self.client[self.callback.root]
         keys = [key for key in self._result_keys(uid) if key in results]
         if not keys:

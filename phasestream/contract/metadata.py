@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "MetadataTooLargeError", "check_metadata",
-           "is_count", "json_ready", "recorded_energies", "recorded_map", "result_layout", "shown", "shown_metadata"]
+           "finite_number", "is_count", "json_ready", "recorded_energies", "recorded_map", "result_layout", "shown",
+           "shown_metadata"]
 
 DEFAULT_MAX_METADATA_DEPTH = 8
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
@@ -53,10 +54,15 @@ def shown(value: Any, limit: int = 200) -> str:
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return value
-    return None
+def finite_number(value: Any) -> float | int | None:
+    """``value`` if it is a finite real number (a NumPy scalar too; not a bool, not text), else None; an integer
+    beyond the float range is None too (``math.isfinite`` raised OverflowError on it)."""
+    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:
+        return None
 
 
 def _is_int(value: Any) -> bool:
@@ -92,7 +98,7 @@ def _fractions(value: Any) -> dict[str, float]:
     if not isinstance(value, Mapping):
         return {}
     return {key[:MAX_TEXT]: number for key, x in value.items()
-            if isinstance(key, str) and (number := _number(x)) is not None}
+            if isinstance(key, str) and (number := finite_number(x)) is not None}
 
 
 def _record(value: Any) -> dict[str, Any]:
@@ -128,10 +134,10 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
         "references": {"phases": [p[:MAX_TEXT] for p in phases if isinstance(p, str)]
                        if _is_list(phases) else []},
         "n_energies_seen": _count(md.get("n_energies_seen")),
-        "state_of_charge": _number(md.get("state_of_charge")),
-        "ambiguous_fraction": _number(md.get("ambiguous_fraction")),
-        "mean_reliability": _number(md.get("mean_reliability")),
-        "updated_at": _number(md.get("updated_at")),
+        "state_of_charge": finite_number(md.get("state_of_charge")),
+        "ambiguous_fraction": finite_number(md.get("ambiguous_fraction")),
+        "mean_reliability": finite_number(md.get("mean_reliability")),
+        "updated_at": finite_number(md.get("updated_at")),
         "phase_fractions": _fractions(md.get("phase_fractions")),
         "refined_fractions": _fractions(md.get("refined_fractions")),
         "refinement": _record(md.get("refinement")),
@@ -170,7 +176,7 @@ def recorded_energies(path: str, md: Mapping) -> tuple[int, list[float]]:
     if not is_count(seen):
         raise ValueError(f"result {path}: n_energies_seen {seen!r:.80} is not a count")
     energies = md.get("energies_eV") or []
-    if not (_is_list(energies) and all(_number(e) is not None for e in energies[:seen])):
+    if not (_is_list(energies) and all(finite_number(e) is not None for e in energies[:seen])):
         raise ValueError(f"result {path}: energies_eV {energies!r:.80} is not a list of energies in eV")
     return seen, [float(e) for e in energies[:seen]]
 

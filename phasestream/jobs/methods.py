@@ -33,7 +33,6 @@ Requested in the start document (``phasestream: {methods: [lcf, rum_tv]}`` or
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 import warnings
@@ -45,7 +44,7 @@ import numpy as np
 
 from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
-from phasestream.contract.metadata import recorded_energies, shown
+from phasestream.contract.metadata import finite_number, recorded_energies, shown
 from phasestream.jobs.context import JobContext
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
@@ -163,13 +162,7 @@ _REAL_OPTIONS = {"rum_strength": False, "rum_lam": False, "rum_rho": True, "thic
 
 
 def _finite_real(value: Any) -> bool:
-    """A finite int or float (numpy scalars included), not a bool or a string."""
-    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(value, bool | np.bool_):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float
-        return False
+    return finite_number(value) is not None
 
 
 def methods_options_from_start(start_doc: Mapping[str, Any], base: MethodsOptions | None = None

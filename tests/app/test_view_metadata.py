@@ -74,3 +74,14 @@ def test_the_view_serves_beside_results_with_wrong_metadata(tiled_client, order)
                 assert one.status_code == 200 and json.loads(one.text)["uid"] == uid
             assert not any(isinstance(v, float) and not math.isfinite(v) for r in runs.values() for v in r.values())
             assert http.get("/healthz").status_code == 200
+
+
+def test_a_number_beyond_the_float_range_is_unknown_not_an_overflow():
+    """``math.isfinite(10**400)`` raises OverflowError: such an ``updated_at`` (JSON holds any integer) ended the
+    check in an exception; it is now unknown like any other number that is not a finite real."""
+    import numpy as np
+
+    from phasestream.contract.metadata import finite_number, shown_metadata
+
+    assert shown_metadata({"updated_at": 10**400, "state_of_charge": np.float32(1.5)})["updated_at"] is None
+    assert finite_number(np.float32(1.5)) == 1.5 and finite_number(np.True_) is None and finite_number("1") is None
