@@ -330,8 +330,9 @@ def reprocess_results(client, run_uid: str, options: ReprocessOptions | None = N
     run = open_raw_run(client, run_uid, opts.raw)
     if opts.require_complete and run.metadata.get("stop") is None:
         raise RuntimeError(f"raw run {run_uid} is not complete in Tiled yet (no stop document); try again later")
-    before = _results_of(client, opts.root, run_uid)
-    busy = _busy_results(client, opts.root, before, opts.busy_seconds)
+    found = _results_of(client, opts.root, run_uid)
+    before = {key: md["status"] for key, md in found.items()}
+    busy = _busy_results(found, opts.busy_seconds)
     if busy:
         raise ResultBusyError(f"run {run_uid}: {busy}: a live worker is writing it; reprocess it once it has ended "
                               f"(or once nothing has updated it for {opts.busy_seconds:g} s)")
@@ -360,11 +361,11 @@ def reprocess_results(client, run_uid: str, options: ReprocessOptions | None = N
     return results
 
 
-def _results_of(client, root: str, run_uid: str) -> dict[str, str | None]:
-    """The keys of the run's results (``<uid>``, ``<uid>.f<index>``) and their statuses."""
+def _results_of(client, root: str, run_uid: str) -> dict[str, dict[str, Any]]:
+    """The keys of the run's results (``<uid>``, ``<uid>.f<index>``) and their metadata (checked as shown)."""
     try:
         found = client[root].search(Key("run_uid") == run_uid)
-        return {key: node.metadata.get("status") for key, node in found.items()
+        return {key: shown_metadata(node.metadata) for key, node in found.items()
                 if key == run_uid or (parse_field_key(key) or ("",))[0] == run_uid}
     except KeyError:
         return {}
@@ -401,14 +402,14 @@ def _worse(results: dict[str, RunResult], finished: dict[str, str]) -> str:
     return "; ".join(worse)
 
 
-def _busy_results(client, root: str, statuses: Mapping[str, Any], seconds: float) -> str:
-    """The results among ``statuses`` that are ``running`` and were updated within ``seconds``, described ("" if
-    none)."""
+def _busy_results(found: Mapping[str, Mapping[str, Any]], seconds: float) -> str:
+    """The results among ``found`` (key -> metadata) that are ``running`` and were updated within ``seconds``,
+    described ("" if none)."""
     busy = []
-    for key, status in sorted(statuses.items()):
-        if status != Status.RUNNING.value or seconds <= 0:
+    for key, md in sorted(found.items()):
+        if md["status"] != Status.RUNNING.value or seconds <= 0:
             continue
-        updated = shown_metadata(client[root][key].metadata)["updated_at"]
+        updated = md["updated_at"]
         if updated is not None and time.time() - updated < seconds:
             busy.append(f"result {key} is running, updated {time.time() - updated:.0f} s ago")
     return "; ".join(busy)
