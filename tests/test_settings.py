@@ -198,3 +198,11 @@ def test_worker_counts_below_one_are_refused_by_the_command_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e12", "lots"])
+def test_a_model_server_request_limit_that_is_not_a_finite_positive_size_is_refused(value, capsys):
+    """``--max-request-mb nan`` (or ``inf``) ended ``serve-models`` with a traceback from ``int()``."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve-models", "--max-request-mb", value])
+    assert exit_.value.code == 2 and "--max-request-mb: expected a number of MB" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""The model server's settings and its ``serve-models`` options."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
+
+__all__ = ["MAX_REQUEST_BYTES", "ModelServerConfig", "add_arguments", "config_from_args"]
+
+#: largest ``max_request_bytes`` a server accepts (its 0MQ limit is 4 times it)
+MAX_REQUEST_BYTES = 64 << 30
+
+
+@dataclass
+class ModelServerConfig:
+    """Settings of a model server (validated by :meth:`validate`).
+
+    bind : 0MQ address to bind; ``tcp://127.0.0.1:*`` picks a free port
+    max_request_bytes : larger requests get an error reply without being decoded
+    max_batch_requests : requests taken from the socket per batch
+    folders : artifact folders (default: the packaged pretrained folder and ``PHASESTREAM_MODELS``)
+    preload : ``name`` or ``name:version`` of models to load at start-up
+    """
+
+    bind: str = DEFAULT_MODEL_ADDRESS
+    max_request_bytes: int = 256 << 20
+    max_batch_requests: int = 64
+    folders: list[str] | None = None
+    preload: list[str] = field(default_factory=list)
+
+    def validate(self) -> ModelServerConfig:
+        if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"bind must be a 0MQ address like tcp://127.0.0.1:5579, got {self.bind!r}")
+        if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:
+            raise ValueError(f"max_request_bytes must be in 1024..{MAX_REQUEST_BYTES}, got {self.max_request_bytes}")
+        if self.max_batch_requests < 1:
+            raise ValueError("max_batch_requests must be >= 1")
+        return self
+
+
+def _megabytes(text: str) -> float:
+    """``--max-request-mb``: a finite, positive number of MB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_REQUEST_BYTES / (1 << 20):
+        raise argparse.ArgumentTypeError(f"expected a number of MB in (0, {MAX_REQUEST_BYTES >> 20}], got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve-models`` options (shared with the ``phasestream`` CLI)."""
+    parser.add_argument("--bind", default=DEFAULT_MODEL_ADDRESS,
+                        help=f"0MQ address to bind (default {DEFAULT_MODEL_ADDRESS}; tcp://127.0.0.1:* picks a port)")
+    parser.add_argument("--models-dir", action="append", default=None, metavar="DIR",
+                        help="artifact folder (repeatable; default: packaged models and $PHASESTREAM_MODELS)")
+    parser.add_argument("--max-request-mb", type=_megabytes, default=256.0, help="largest request accepted (MB)")
+    parser.add_argument("--preload", nargs="*", default=[], metavar="NAME[:VERSION]",
+                        help="models to load at start-up")
+
+
+def config_from_args(args: argparse.Namespace) -> ModelServerConfig:
+    folders = None
+    if args.models_dir:
+        from phasestream.models.registry import PRETRAINED_DIR
+
+        folders = [str(PRETRAINED_DIR), *args.models_dir]
+    return ModelServerConfig(bind=args.bind, max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                             folders=folders, preload=list(args.preload)).validate()
