@@ -216,6 +216,11 @@ class LiveService:
                         recovered=self._recovered_note(uid, live_errors or []))
                 except Exception:  # the reprocessed result stands without the note
                     logger.exception("run %s: could not record the recovery on %s", uid, key)
+            if kept:  # the earlier result is better (or still being written): it stays, and so does its status
+                logger.warning("run %s: its recovery from the raw run wrote nothing: %s", uid,
+                               steps["reprocess"].get("reason"))
+                self._done(uid, f"left as it is: {steps['reprocess'].get('reason')}")
+                return
             logger.info("run %s reprocessed from the raw run after lost documents: %s", uid, status)
             self._done(uid, status)
 

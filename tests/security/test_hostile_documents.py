@@ -555,6 +555,39 @@ def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
     assert md["status"] == "complete" and md["n_energies_seen"] == len(ENERGIES) and "recovered" in md
 
 
+def test_a_recovery_that_would_be_worse_keeps_the_partial_result(client):
+    """A worker stopped mid-run left a ``partial`` result; the run went on, and the next worker, whose bounds refuse
+    the raw run, recovers it: reprocessing gives ``failed``. The partial result, its arrays and a person's notes
+    stay as they were, with no ``recovered`` note; the recovery is reported failed, naming both statuses."""
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=9, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=5000.0, seed=9)
+    docs: Docs = []
+    RunEngine({})(energy_stack_scan([det], energy, ENERGIES, sample=sample, references="nvpf-synthetic",
+                                    i0_key=det.i0_key), lambda n, d: docs.append((n, copy.deepcopy(d))))
+    uid = docs[0][1]["uid"]
+    raw = raw_run_writer(client)
+    for name, doc in docs[:-1]:
+        raw(name, doc)
+    first = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
+    feed(first, docs[:5])
+    first.close()  # SIGTERM mid-run
+    ResultWriter.open(client, uid).update_metadata(notes="reviewed: keep")
+    time.sleep(0.1)
+    raw("stop", {**docs[-1][1], "time": time.time()})  # the run ends after the worker stopped
+    before = catalog_state(client, data_of=(f"/phasestream/{uid}",))
+    assert before[f"/phasestream/{uid}"][1]["status"] == "partial"
+    live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None,
+                       bounds=DocumentBounds(max_num_points=len(ENERGIES) - 1))
+    try:
+        _orphan_descriptor(live, uid)
+        outcome = live.wait_recovered(uid, 120)
+    finally:
+        live.close()
+    assert outcome.startswith("left as it is: ") and "failed" in outcome and "where it is partial" in outcome, outcome
+    assert catalog_state(client, data_of=(f"/phasestream/{uid}",)) == before
+
+
 def test_a_recovered_run_meets_the_bounds_of_the_worker(client):
     """The worker's bounds (``serve --max-num-points``) held for the documents it got but not when it recovered
     a run from the raw run: reprocessing used the default bounds. A recovered run meets the worker's own."""
