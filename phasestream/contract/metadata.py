@@ -13,6 +13,7 @@ and ``phasestream`` blocks of a start document).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import reprlib
@@ -29,6 +30,8 @@ DEFAULT_MAX_METADATA_DEPTH = 8
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 MAX_TEXT = 4096  # characters of any one string the page gets
 MAX_ERRORS = 50  # as the worker keeps (docs/security.md)
+MAX_SHOWN_PHASES = 256  # phases (and fractions) the page gets: as many as a reference set may have
+MAX_PHASE_NAME = 256  # characters of a phase name the page gets
 
 
 def json_ready(value: Any) -> Any:
@@ -97,8 +100,8 @@ def _is_list(value: Any) -> bool:
 def _fractions(value: Any) -> dict[str, float]:
     if not isinstance(value, Mapping):
         return {}
-    return {key[:MAX_TEXT]: number for key, x in value.items()
-            if isinstance(key, str) and (number := finite_number(x)) is not None}
+    fractions = ((key[:MAX_PHASE_NAME], finite_number(x)) for key, x in value.items() if isinstance(key, str))
+    return dict(itertools.islice(((key, x) for key, x in fractions if x is not None), MAX_SHOWN_PHASES))
 
 
 def _record(value: Any) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
         "status": _text(md.get("status")),
         "scan_id": scan_id if _is_int(scan_id) else _text(scan_id),
         "sample": {"name": _text(sample.get("name"))} if isinstance(sample, Mapping) else {},
-        "references": {"phases": [p[:MAX_TEXT] for p in phases if isinstance(p, str)]
+        "references": {"phases": [p[:MAX_PHASE_NAME] for p in phases if isinstance(p, str)][:MAX_SHOWN_PHASES]
                        if _is_list(phases) else []},
         "n_energies_seen": _count(md.get("n_energies_seen")),
         "state_of_charge": finite_number(md.get("state_of_charge")),

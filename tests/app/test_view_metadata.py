@@ -14,7 +14,8 @@ import pytest
 from support import wait
 
 from phasestream.app.view import ViewServer
-from phasestream.contract.metadata import shown_metadata
+from phasestream.app.view.follow import HISTORY_NUMBERS, RunSummary, summarize
+from phasestream.contract.metadata import MAX_PHASE_NAME, MAX_SHOWN_PHASES, shown_metadata
 
 GOOD = {"status": "complete", "sample": {"name": "good"}, "state_of_charge": 1.0, "n_energies_seen": 6,
         "references": {"phases": ["A", "B"]}, "phase_fractions": {"A": 0.25, "B": 0.75}, "errors": [],
@@ -85,3 +86,29 @@ def test_a_number_beyond_the_float_range_is_unknown_not_an_overflow():
 
     assert shown_metadata({"updated_at": 10**400, "state_of_charge": np.float32(1.5)})["updated_at"] is None
     assert finite_number(np.float32(1.5)) == 1.5 and finite_number(np.True_) is None and finite_number("1") is None
+
+
+def test_a_run_of_many_phases_and_energies_keeps_a_bounded_history_from_its_start():
+    """Each update with a new ``n_energies_seen`` kept another copy of every fraction, and every ``run`` event sent
+    them all: 256 phases grew a run's JSON to 50 MB after 200 updates (2000 points allowed). The history is now
+    bounded by points times phases, thinned to every other point (its first and newest kept) when full."""
+    phases = [f"phase {k} " + "x" * 5000 for k in range(300)]  # more phases, and longer names, than shown
+    run = RunSummary("u", {})
+    for n in range(1, 201):
+        fractions = {p: (k + n) / 1e5 for k, p in enumerate(phases)}
+        run.absorb({**GOOD, "n_energies_seen": n, "references": {"phases": phases}, "phase_fractions": fractions})
+    shown = summarize(run, tiled_base="http://127.0.0.1:1/api/v1", root="phasestream")
+    assert len(shown["phases"]) == MAX_SHOWN_PHASES and all(len(p) == MAX_PHASE_NAME for p in shown["phases"])
+    assert set(shown["phase_fractions"]) == set(shown["phases"])  # the names the fractions are keyed by, cut alike
+    points = [n for n, _ in shown["history"]]
+    assert points == sorted(points) and points[0] == 1 and points[-1] == 200
+    assert len(points) * MAX_SHOWN_PHASES <= HISTORY_NUMBERS and len(points) >= HISTORY_NUMBERS // MAX_SHOWN_PHASES // 2
+    assert shown["history"][-1][1] == [shown["phase_fractions"][p] for p in shown["phases"]]
+    assert len(json.dumps(shown)) < 1_000_000
+
+
+def test_a_history_of_few_phases_keeps_every_point():
+    run = RunSummary("u", {})
+    for n in (1, 2, 3, 3, 5):
+        run.absorb({**GOOD, "n_energies_seen": n, "phase_fractions": {"A": n / 10, "B": 1 - n / 10}})
+    assert run.history == [[n, [n / 10, 1 - n / 10]] for n in (1, 2, 3, 5)]  # GOOD's phases: A, B

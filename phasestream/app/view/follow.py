@@ -45,7 +45,8 @@ Listener = Callable[[str, dict], None]
 """``listener(kind, payload)``: ``("run", summary dict)``, ``("connection", {"state": ...})``,
 ``("snapshot", {"runs": [...]})``."""
 
-HISTORY_LIMIT = 2000
+HISTORY_LIMIT = 2000  # points of a run's fractions-against-energies curve the page gets
+HISTORY_NUMBERS = 10_000  # fractions in all (points x phases): a run of many phases gets fewer, coarser points
 MAPS_LINGER_S = 10.0  # a finished result's map subscriptions outlive its final update by this long
 
 
@@ -59,7 +60,7 @@ class RunSummary:
     od_planes: int = 0  # planes of ``od`` seen written through the array subscription
     od_version: int = 0
     expected: int | None = None  # the raw run's ``num_points``, when known
-    history: list = field(default_factory=list)  # [[n_energies_seen, {phase: fraction}], ...]
+    history: list = field(default_factory=list)  # [[n_energies_seen, [fraction of each phase]], ...]
     received_at: float = 0.0  # when the last update reached the view (seconds since the epoch)
     streamed_at: datetime | None = None  # Tiled's timestamp of the last metadata update streamed (None: read)
 
@@ -76,9 +77,13 @@ class RunSummary:
         if changed:
             self.version += 1
         fr, n = metadata.get("phase_fractions") or {}, metadata.get("n_energies_seen") or 0
-        if fr and n and (not self.history or self.history[-1][0] != n or self.history[-1][1] != fr):
-            self.history = [*[h for h in self.history if h[0] != n][-HISTORY_LIMIT:], [n, dict(fr)]]
-            self.history.sort(key=lambda h: h[0])
+        point = [n, [fr.get(p) for p in metadata["references"]["phases"] or fr]]  # in the order of the phases
+        if fr and n and (not self.history or self.history[-1] != point):
+            history = sorted([*(h for h in self.history if h[0] != n), point], key=lambda h: h[0])
+            limit = max(2, min(HISTORY_LIMIT, HISTORY_NUMBERS // len(fr)))
+            while len(history) > limit:  # every other point, the newest kept: the curve from its start, coarser
+                history = [*history[:-1:2], history[-1]]
+            self.history = history
         return changed
 
     def as_dict(self, *, tiled_base: str, root: str) -> dict:

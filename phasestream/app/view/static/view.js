@@ -119,7 +119,7 @@ function renderHistory(run) {
   const x = (n) => pad + (W - pad - 4) * (n - 1) / (maxN - 1);
   const y = (f) => 4 + (H - pad - 4) * (1 - f);
   run.phases.forEach((p, k) => {
-    const xy = pts.map(([n, fr]) => `${x(n).toFixed(1)},${y(fr[p] || 0).toFixed(1)}`);
+    const xy = pts.map(([n, fr]) => `${x(n).toFixed(1)},${y(fr[k] || 0).toFixed(1)}`);
     const color = view.colors[k % view.colors.length];
     if (xy.length) parts.push(`<polyline fill="none" stroke-width="2" stroke="${color}" points="${xy.join(" ")}"/>`);
     xy.forEach((p) => { const [cx, cy] = p.split(","); parts.push(`<circle cx="${cx}" cy="${cy}" r="3" fill="${color}"/>`); });
