@@ -114,6 +114,7 @@ def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
         "refinement": md["refinement"],
         "errors": md["errors"],
         "updated_at": md["updated_at"],
+        "summarized_at": time.time(),  # the page ages a silent running result on this clock (view.js)
         "received_at": run.received_at,
         "version": run.version,
         "od_version": run.od_version,

@@ -19,6 +19,25 @@ window.phasestreamView = view;
 const $ = (id) => document.getElementById(id);
 const pct = (x) => (x === null || x === undefined ? "" : (100 * x).toFixed(1) + "%");
 const now = () => Date.now() / 1000;
+// A result the worker keeps writing is touched at least every --stop-timeout / 3 (20 s by default); one left
+// `running` by a worker that died says so after this long (docs/contract.md, "Recovery").
+const SILENT_AFTER = 180;
+
+function received(run) {  // the view server's clock against this browser's (summarized_at: the server's)
+  run._received = now();
+  run._offset = typeof run.summarized_at === "number" ? run._received - run.summarized_at : 0;
+  return run;
+}
+
+function silentFor(run) {  // seconds a running result has gone without an update, on the view server's clock
+  if (run.status !== "running" || typeof run.updated_at !== "number") return 0;
+  return now() - run._offset - run.updated_at;
+}
+
+function statusText(run) {
+  const silent = silentFor(run);
+  return silent > SILENT_AFTER ? `running, no update for ${Math.floor(silent / 60)} min` : (run.status || "");
+}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -67,7 +86,7 @@ function renderList() {
     const tr = el("tr", { "data-uid": run.uid, class: run.uid === view.selected ? "selected" : "" },
       el("td", {}, run.sample || run.uid.slice(0, 8)),
       el("td", {}, run.state_of_charge === null ? "" : run.state_of_charge.toFixed(2)),
-      el("td", { class: "status-" + run.status }, run.status || ""),
+      el("td", { class: "status-" + run.status + (silentFor(run) > SILENT_AFTER ? " silent" : "") }, statusText(run)),
       el("td", { class: "energies" }, energies(run)),
       el("td", {}, fractionBar(run)),
       el("td", {}, pct(run.ambiguous_fraction)));
@@ -136,7 +155,7 @@ function renderRun(force = false) {
   if (!run) return;
   $("run-title").textContent = `${run.sample || ""} SoC ${run.state_of_charge ?? "?"}, scan ${run.scan_id ?? "?"} (${run.uid})`;
   const status = $("run-status");
-  status.replaceChildren(el("span", { id: "run-state", class: "status-" + run.status }, run.status || ""),
+  status.replaceChildren(el("span", { id: "run-state", class: "status-" + run.status }, statusText(run)),
     " energies seen ", el("span", { id: "run-energies" }, energies(run)),
     run.mean_reliability === null || run.mean_reliability === undefined ? "" : `, mean reliability ${run.mean_reliability.toFixed(3)}`,
     `, ambiguous ${pct(run.ambiguous_fraction)}`);
@@ -183,8 +202,7 @@ function renderRun(force = false) {
 }
 
 function update(run) {
-  run._received = now();
-  view.runs.set(run.uid, run);
+  view.runs.set(run.uid, received(run));
   if (!view.selected && run.uid === view.wanted) { select(run.uid); return; }
   renderList();
   if (run.uid === view.selected) renderRun();
@@ -207,7 +225,7 @@ async function start() {
   view.colors = state.phase_colors;
   view.statuses = state.statuses;
   for (const s of state.statuses) $("q-status").append(el("option", { value: s }, s));
-  state.runs.forEach((r) => view.runs.set(r.uid, r));
+  state.runs.forEach((r) => view.runs.set(r.uid, received(r)));
   setConnection(state.state);
   const wanted = view.wanted = location.hash.slice(1);  // a run named in the URL, shown once it exists
   if (wanted && view.runs.has(wanted)) select(wanted); else renderList();
@@ -217,7 +235,7 @@ async function start() {
   const events = new EventSource("/events");
   events.addEventListener("snapshot", (e) => {
     const body = JSON.parse(e.data);
-    view.runs = new Map(body.runs.map((r) => [r.uid, r]));
+    view.runs = new Map(body.runs.map((r) => [r.uid, received(r)]));
     setConnection(body.state);
     renderList();
     if (view.selected) renderRun();
@@ -226,6 +244,7 @@ async function start() {
   events.addEventListener("run", (e) => update(JSON.parse(e.data)));
   events.addEventListener("connection", (e) => setConnection(JSON.parse(e.data).state));
   events.onerror = () => setConnection("reconnecting");  // the view server itself; EventSource retries
+  setInterval(() => { renderList(); if (view.selected) renderRun(); }, 30000);  // a silent result's age
 }
 
 start();
