@@ -11,7 +11,9 @@ and the file headers, reading no pixel:
   files' numbers.
 
 Whether the Tiled server will actually read the file is known only by reading it back through Tiled
-(the import job does, and copies the images when it does not).
+(the import job does, and copies the images when it does not). The HDF5 file is opened through
+:func:`phasestream.formats.hdf5util.open_hdf5`, which refuses a file that refers to other host files (external
+links, external storage, virtual datasets): one replaced after the reader read it is copied, not pointed at.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from urllib.parse import urlunparse
 import h5py
 import numpy as np
 
-from phasestream.formats import ImportedStack
+from phasestream.formats import FormatError, ImportedStack
+from phasestream.formats.hdf5util import open_hdf5
 from phasestream.store.external import TIFF_FILE_MIMETYPE, TIFF_SEQUENCE_MIMETYPE
 
 __all__ = ["HDF5_MIMETYPE", "ExternalImages", "external_images", "file_uri", "numbered_template"]
@@ -91,12 +94,14 @@ def _hdf5(stack: ImportedStack) -> tuple[ExternalImages | None, str]:
         return None, f"the images lie with energy on axis {src.energy_axis} of {src.dataset}, not axis 0"
     if not isinstance(src.dataset, str) or _HDF5_PATH.fullmatch(src.dataset) is None:
         return None, f"HDF5 dataset path {src.dataset!r:.60} is not a plain path"
-    try:
-        with h5py.File(src.path, "r") as f:
+    try:  # checked again for outside references: the file may have been replaced since the reader read it
+        with open_hdf5(src.path) as f:
             dataset = f.get(src.dataset)
             if not isinstance(dataset, h5py.Dataset):
                 return None, f"{src.dataset} is not a dataset of {src.path}"
             shape, dtype = tuple(dataset.shape), dataset.dtype
+    except FormatError as exc:  # names the file and what it refers to
+        return None, str(exc)
     except OSError as exc:
         return None, f"cannot open {src.path}: {exc}"
     if shape != tuple(stack.images.shape) or dtype.kind not in "iuf":

@@ -10,8 +10,15 @@ the run already there.
 
 The run's uid is made from the raw path and the SHA-256 (:func:`import_uid`), so two imports of the same
 file started at the same moment write one run: Tiled refuses the second start (the key exists), and that
-import reports the first one's run, writing nothing. The SHA-256 is computed in a thread while the
-references load and the raw path is looked up.
+import reports the first one's run, writing nothing. An earlier import is looked up at that uid only, its
+start document checked to be this import's: raw runs are written from documents anyone may publish
+(docs/security.md), so a start document that names the file's SHA-256 elsewhere proves nothing, and a node
+at the uid that is not this import's run is a conflict (:class:`ImportConflictError`), reported and left as
+it is. The SHA-256 is computed in a thread while the references load and the raw path is looked up.
+
+A file whose reader (or whose lazily read images) fails in a way no check foresaw is that file's ``failed``
+outcome naming the file and the exception's type, never an exception out of :func:`run`: the CLI goes on
+with the next file.
 
 Images that lie in an HDF5 dataset or in TIFF files stay there (StreamResource / StreamDatum,
 :mod:`phasestream.jobs.import_external`; the Tiled server reads the file, which must be in its readable
@@ -29,12 +36,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from tiled.queries import Key
 
 from phasestream import formats
 from phasestream.contract import JobOutcome, JobStatus, check_raw_path, check_run_uid
@@ -42,6 +49,7 @@ from phasestream.formats import FormatError, ImportedStack
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.import_documents import (
     IMAGE_KEY,
+    PLAN_NAME,
     CheckedImport,
     ImportRefusedError,
     checked_import,
@@ -51,7 +59,8 @@ from phasestream.jobs.import_external import ExternalImages
 from phasestream.references import load_references
 from phasestream.store.tiled import raw_run_writer, raw_runs
 
-__all__ = ["DEFAULT_REFERENCES", "ImportOptions", "find_import", "import_stack", "import_uid", "run"]
+__all__ = ["DEFAULT_REFERENCES", "ImportConflictError", "ImportOptions", "find_import", "import_stack", "import_uid",
+           "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +113,51 @@ class _StartRefusedError(Exception):
     """Tiled refused the run's start (its container): nothing of this import was written."""
 
 
-def find_import(client, sha256: str, raw: str = "") -> list[tuple[str, bool]]:
-    """``[(uid, has stop document)]`` of the runs under ``raw`` imported from files with this SHA-256."""
-    return _imports_in(raw_runs(client, raw), sha256)
+class ImportConflictError(Exception):
+    """The key of an import's run (:func:`import_uid`) holds a node that is not that import's run: another run's
+    start document, or none. Nothing is reported from it, and it is neither replaced nor removed."""
 
 
-def _imports_in(runs, sha256: str) -> list[tuple[str, bool]]:
-    found = runs.search(Key("start.import.sha256") == sha256)
-    return [(uid, node.metadata.get("stop") is not None) for uid, node in found.items()]
+def find_import(client, sha256: str, raw: str = "") -> tuple[str, bool] | None:
+    """``(uid, has stop document)`` of the run under ``raw`` that imported files with this SHA-256, or None.
+
+    Looked up at its uid (:func:`import_uid`) only, never by searching start documents (they come from documents
+    anyone may publish); :class:`ImportConflictError` when the node there is not that import's run.
+    """
+    return _import_at(raw_runs(client, raw), import_uid(raw, sha256), sha256)
+
+
+def _not_this_import(start: Any, uid: str, sha256: str) -> str:
+    """Why ``start`` is not the start document of the run ``uid`` importing files with this SHA-256 (``""``
+    when it is)."""
+    if not isinstance(start, Mapping):
+        return "it has no start document"
+    if start.get("uid") != uid:
+        return f"its start document is run {start.get('uid')!r:.80}'s"
+    if start.get("plan_name") != PLAN_NAME:
+        return f"its start document is of plan {start.get('plan_name')!r:.80}, not {PLAN_NAME!r}"
+    imported = start.get("import")
+    found = imported.get("sha256") if isinstance(imported, Mapping) else None
+    if found != sha256:
+        return f"its start document is of files with SHA-256 {found!r:.80}, not {sha256}"
+    return ""
+
+
+def _import_at(runs, uid: str, sha256: str) -> tuple[str, bool] | None:
+    """``(uid, has stop document)`` when ``runs[uid]`` is the run importing files with this SHA-256, None when
+    there is no node ``uid``; :class:`ImportConflictError` naming the node and why when it is another's."""
+    check_run_uid(uid)
+    try:
+        metadata = runs[uid].metadata
+    except KeyError:
+        return None
+    why = _not_this_import(metadata.get("start"), uid, sha256)
+    if why:
+        raise ImportConflictError(
+            f"Tiled node {uid}, the key of the run importing these files (made from the raw path and the SHA-256), "
+            f"is not this import's run: {why}. Nothing written and the node left as it is; raw runs come from "
+            "documents anyone may publish: find out who wrote it and remove it, or import under another --raw path")
+    return uid, metadata.get("stop") is not None
 
 
 def _batch_size(checked: CheckedImport, batch_bytes: int) -> int:
@@ -133,8 +179,7 @@ def _remove_own_run(runs, uid: str, sha256: str) -> tuple[bool, str]:
         node = runs[uid]
     except KeyError:
         return True, "nothing was written"
-    start = node.metadata.get("start") or {}
-    if start.get("uid") != uid or (start.get("import") or {}).get("sha256") != sha256:
+    if _not_this_import(node.metadata.get("start"), uid, sha256):
         return False, f"node {uid} is not this import's run; left as it is"
     try:
         runs.delete_contents(uid, recursive=True, external_only=False)
@@ -219,11 +264,17 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
         return JobOutcome(uid, JOB, status, reason=reason, seconds=round(time.perf_counter() - t0, 3),
                           retry=retry, details={"file": source, **details})
 
-    def already(existing: list[tuple[str, bool]], sha256: str) -> JobOutcome:
-        done = [uid for uid, complete in existing if complete]
-        if done:
-            return outcome(done[0], JobStatus.COMPLETE, sha256=sha256, already_imported=True)
-        uid = existing[0][0]
+    def existing(uid: str, sha256: str) -> JobOutcome | None:
+        """The outcome when the key ``uid`` is taken (this import's run, complete or not yet, or a conflict);
+        None when it is free."""
+        try:
+            found = _import_at(runs, uid, sha256)
+        except ImportConflictError as exc:
+            return outcome("", JobStatus.FAILED, str(exc), sha256=sha256)
+        if found is None:
+            return None
+        if found[1]:
+            return outcome(uid, JobStatus.COMPLETE, sha256=sha256, already_imported=True)
         return outcome(uid, JobStatus.FAILED, f"an incomplete import of these files is in Tiled as {uid} (no stop "
                        "document: being written by another import right now, or left by one that died): nothing "
                        "written; if no import is running, remove it first", sha256=sha256)
@@ -241,11 +292,13 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
             return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
         except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
             return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
-    existing = _imports_in(runs, checked.sha256)
-    if existing:
-        return already(existing, checked.sha256)
-    details: dict[str, Any] = {"sha256": checked.sha256, "already_imported": False}
+        except Exception as exc:  # noqa: BLE001 - lazily read images or the hash failing unforeseen: this file's error
+            return outcome("", JobStatus.FAILED, f"refused, nothing written: {_failure(source, exc)}")
     uid = import_uid(opts.raw, checked.sha256)
+    earlier = existing(uid, checked.sha256)
+    if earlier is not None:
+        return earlier
+    details: dict[str, Any] = {"sha256": checked.sha256, "already_imported": False}
     try:
         _write(runs, checked, _batch_size(checked, opts.batch_bytes), uid)
         external = checked.external
@@ -264,9 +317,9 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
         elif external is not None:
             details["images_in"] = external.what
     except _StartRefusedError as exc:
-        existing = _imports_in(runs, checked.sha256)
-        if existing:  # another import of the same files wrote the run first
-            return already(existing, checked.sha256)
+        earlier = existing(uid, checked.sha256)
+        if earlier is not None:  # another import of the same files wrote the run first (or a conflict)
+            return earlier
         return outcome("", JobStatus.FAILED, f"writing failed, nothing written: Tiled refused the run {uid}: {exc}",
                        **details)
     except Exception as exc:  # noqa: BLE001 - the outcome says what happened and what is left
@@ -279,14 +332,32 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
     return outcome(uid, JobStatus.COMPLETE, **details)
 
 
+def _failure(path: str, exc: Exception) -> str:
+    """An exception no check foresaw, for a file's outcome: the file, the exception's type and message."""
+    return f"reading {path} failed: {type(exc).__name__}: {exc}"
+
+
 def run(context: JobContext, path: str, options: dict) -> JobOutcome:
-    """The ``import`` job: read the file at ``path`` (:func:`phasestream.formats.read_stack`) and import it."""
+    """The ``import`` job: read the file at ``path`` (:func:`phasestream.formats.read_stack`) and import it.
+
+    Any exception of the reader or the import is this file's ``failed`` outcome naming the file and the
+    exception's type (a caller importing several files goes on with the next); invalid ``options`` raise.
+    """
     opts = ImportOptions(**options).validate()
     t0 = time.perf_counter()
+
+    def failed(reason: str) -> JobOutcome:
+        return JobOutcome("", JOB, JobStatus.FAILED, reason=reason, seconds=round(time.perf_counter() - t0, 3),
+                          retry=f"phasestream import {path}", details={"file": str(path), "options": asdict(opts)})
+
     try:
         stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode)
-    except (FormatError, OSError, ValueError) as exc:
-        return JobOutcome("", JOB, JobStatus.FAILED, reason=f"refused, nothing written: {exc}",
-                          seconds=round(time.perf_counter() - t0, 3), retry=f"phasestream import {path}",
-                          details={"file": str(path), "options": asdict(opts)})
-    return import_stack(context.tiled(), stack, opts)
+    except FormatError as exc:  # names the file
+        return failed(f"refused, nothing written: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a reader failing unforeseen (MemoryError, h5py's TypeError, ...)
+        return failed(f"refused, nothing written: {_failure(path, exc)}")
+    try:
+        return import_stack(context.tiled(), stack, opts)
+    except Exception as exc:  # import_stack reports what it foresees; this is what it did not
+        logger.exception("importing %s failed", path)
+        return failed(f"importing {path} failed: {type(exc).__name__}: {exc}")

@@ -134,31 +134,31 @@ def test_importing_the_same_file_again_writes_nothing_and_names_the_run(tiled_cl
     again = import_stack(client, stack, ImportOptions(references=REFS, sample="another name"))
     assert again.status == "complete" and again.details["already_imported"] is True
     assert again.run_uid == first.run_uid and _run_uids(client) == before
-    assert [uid for uid, _ in find_import(client, stack.sha256())] == [first.run_uid]
+    assert find_import(client, stack.sha256()) == (first.run_uid, True)
 
 
 def test_two_imports_of_the_same_file_at_the_same_moment_write_one_run(tiled_client, tmp_path, monkeypatch):
-    """Both imports look for the file's run before either writes (held at a barrier after the real search):
+    """Both imports look for the file's run before either writes (held at a barrier after the real lookup):
     the run's uid comes from the raw path and the SHA-256, so Tiled refuses the second start and that import
     names the first one's run, writing nothing; the first import's run is complete and untouched."""
     client = tiled_client
     stack = _stack(_frames("stxm", 8), "stxm", tmp_path / "twice.npy")
     searched = threading.Barrier(2, timeout=60)
-    real_search = importing._imports_in
+    real_lookup = importing._import_at
     calls = []
 
-    def search_then_wait(runs, sha256):
-        found = real_search(runs, sha256)
+    def look_up_then_wait(runs, uid, sha256):
+        found = real_lookup(runs, uid, sha256)
         calls.append(found)
-        if len(calls) <= 2:  # the two first searches, one per import; later ones (after a refusal) go on
+        if len(calls) <= 2:  # the two first lookups, one per import; later ones (after a refusal) go on
             searched.wait()
         return found
 
-    monkeypatch.setattr(importing, "_imports_in", search_then_wait)
+    monkeypatch.setattr(importing, "_import_at", look_up_then_wait)
     before = _run_uids(client)
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(lambda _: import_stack(client, stack, ImportOptions(references=REFS)), range(2)))
-    assert calls[0] == calls[1] == []  # neither saw the other's run: the race was real
+    assert calls[0] is None and calls[1] is None  # neither saw the other's run: the race was real
     uid = import_uid("", stack.sha256())
     assert {o.run_uid for o in outcomes} == {uid}
     wrote = [o for o in outcomes if o.details.get("already_imported") is False]
@@ -167,7 +167,7 @@ def test_two_imports_of_the_same_file_at_the_same_moment_write_one_run(tiled_cli
     # the second either found the run complete or still being written: never a second run, never removed it
     assert other.status == "complete" or "being written by another import" in other.reason, other.reason
     assert _run_uids(client) - before == {uid}
-    assert [u for u, _ in find_import(client, stack.sha256())] == [uid]
+    assert find_import(client, stack.sha256()) == (uid, True)
     assert open_raw_run(client, uid).metadata["stop"]["exit_status"] == "success"
 
 
