@@ -17,14 +17,13 @@ A bad document never raises out of the callback: the error is recorded on the ru
 (``errors``, ``status``) and logged, and other runs go on. A start document that is refused
 (docs/security.md) still gets a ``failed`` result with the reason, unless its uid cannot name
 one; a start whose uid already has a result is recorded as a conflict on that result and
-ignored: nothing is replaced on behalf of a document.
+ignored: nothing is replaced on behalf of a document (:mod:`phasestream.callbacks.unanalysed` writes both).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from phasestream.callbacks.pending import PendingRun
 from phasestream.callbacks.result import RunResult
 from phasestream.callbacks.settings import AnalysisConfig
 from phasestream.callbacks.sink import ResultSink
+from phasestream.callbacks.unanalysed import UnanalysedRuns, conflict_message
 from phasestream.contract import (
     DocumentBounds,
     IncompleteReason,
@@ -46,11 +46,8 @@ from phasestream.contract import (
     RunDefaults,
     RunSettings,
     RunSettingsError,
-    Status,
     check_raw_path,
     check_run_uid,
-    checked_run_origin,
-    checked_sample,
 )
 from phasestream.contract.fields import parse_field_key
 from phasestream.kernels import (
@@ -65,10 +62,6 @@ from phasestream.store.tiled import raw_run_link
 __all__ = ["PhaseMapCallback"]
 
 logger = logging.getLogger(__name__)
-
-CONFLICT_NOTE = "a start document for this run arrived again"
-#: conflicts noted on one result; later ones are only logged
-MAX_CONFLICT_NOTES = 10
 
 def _keys_note(settings: RunSettings) -> dict:
     """``keys``: the keys a run without a ``phasestream`` block was analysed with, and how each was chosen."""
@@ -193,6 +186,8 @@ class PhaseMapCallback:
         self.active: dict[str, RunAnalysis] = {}
         self._unknown_seen: dict = {}  # runs/descriptors whose documents arrived unannounced (logged once)
         self.sink = ResultSink(on_error=self._write_failed)
+        self.unanalysed = UnanalysedRuns(self.client, self.root, self.sink, replace=self.replace, bounds=self.bounds,
+                                         origin=self._origin)
         self.assets = AssetFolders(asset_folders)
         registry = (default_handler_registry(self.assets) if handler_registry is None
                     else guarded_registry(handler_registry, self.assets))
@@ -333,43 +328,18 @@ class PhaseMapCallback:
         return analysis
 
     def _result_exists(self, uid: str) -> bool:
-        """A result of ``uid`` is known here or in Tiled (unknown when Tiled cannot be asked: the
-        writer refuses to replace one anyway)."""
-        if uid in self.results or f"{uid}.f0" in self.results:
-            return True
-        if self.client is None:
-            return False
-        try:
-            return self.root in self.client and any(key in self.client[self.root] for key in (uid, f"{uid}.f0"))
-        except Exception:  # noqa: BLE001 - Tiled unreachable now: ResultWriter(replace=False) still refuses
-            logger.warning("run %s: cannot ask Tiled whether a result exists; going on", uid)
-            return False
+        """A result of ``uid`` is known here or in Tiled."""
+        return uid in self.results or f"{uid}.f0" in self.results or self.unanalysed.in_tiled(uid)
 
     def _record_conflict(self, uid: str) -> None:
         """A start document for a uid that already has a result: recorded there, never replacing it."""
-        message = (f"{CONFLICT_NOTE} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
-                   "ignored (a result is never replaced on behalf of a document; phasestream reprocess "
-                   "--replace does it on purpose)")
+        message = conflict_message()
         logger.error("run %s: %s", uid, message)
         analysis = self.active.get(uid) or self._analysis_writing(uid)
         if analysis is not None:
             analysis.record_error(message)
-            return
-        if self.client is None:
-            return
-
-        def job() -> None:
-            try:
-                # a run of several fields has no result of its uid: the note goes on its first field's
-                key = uid if parse_field_key(uid) or uid in self.client[self.root] else f"{uid}.f0"
-                writer = ResultWriter.open(self.client, key, root=self.root)
-                noted = sum(CONFLICT_NOTE in str(e) for e in writer.metadata.get("errors") or [])
-                if noted < MAX_CONFLICT_NOTES:  # a replay flood must not grow the result's metadata
-                    writer.record_error(message)
-            except Exception as exc:  # noqa: BLE001 - the result may not exist on this server
-                logger.error("run %s: could not record the conflict on its result: %s", uid, exc)
-
-        self.sink.submit(job)
+        else:
+            self.unanalysed.note_conflict(uid, message)
 
     def _reject(self, uid: str, start: dict, exc: BaseException) -> None:
         """A refused start document: a ``failed`` result with the reason (the raw run stays in Tiled)."""
@@ -379,44 +349,9 @@ class PhaseMapCallback:
         """A run that is not analysed: a ``failed`` (refused) or ``skipped`` (keys not inferred) result
         with the reason, at ``<root>/<uid>`` (``uid`` already checked); the raw run stays in Tiled."""
         logger.error("run %s not analysed: %s", uid, reason)
-        failed = RunResult(RunSettings(uid, None, "", "", ""))
-        failed.status, failed.errors = status, [reason]
-        self._remember(failed)
-        if self.client is None:
-            failed.done.set()
-            return
-        metadata = {"run_uid": uid, "status": status, "errors": [reason], "sample": self._safe_sample(start),
-                    **self._origin(uid, checked_run_origin(start))}
-        if isinstance(start.get("scan_id"), int) and not isinstance(start.get("scan_id"), bool):
-            metadata["scan_id"] = start["scan_id"]
-
-        def job() -> None:
-            try:  # an earlier result is replaced only while it is unfinished: a failed reprocess never wipes one
-                ResultWriter(self.client, uid, root=self.root, shape=None, phases=[], metadata=metadata,
-                             replace=self.replace and self._unfinished(uid))
-            except ResultExistsError:
-                failed.errors.append("a result of this uid already exists; it was left as it is")
-            except Exception as error:  # noqa: BLE001 - logged; the worker goes on
-                logger.error("run %s: could not record why it was not analysed in Tiled: %s", uid, error)
-            failed.metadata = metadata
-
-        self.sink.submit(job)
-        self.sink.submit(failed.done.set)
-
-    def _unfinished(self, uid: str) -> bool:
-        """Whether the result of ``uid`` is missing or still ``running`` (True when Tiled cannot tell)."""
-        try:
-            results = self.client[self.root]
-            return uid not in results or results[uid].metadata.get("status") == Status.RUNNING.value
-        except Exception:  # noqa: BLE001 - the writer then meets the same Tiled, and says so
-            return True
-
-    def _safe_sample(self, start: dict) -> dict:
-        """The start document's ``sample`` if it passes the checks, else {} (a refused run still gets a result)."""
-        try:
-            return checked_sample(start, self.bounds)
-        except RunSettingsError:
-            return {}
+        result = self.unanalysed.result(uid, status, reason)
+        self._remember(result)
+        self.unanalysed.record(result, start)
 
     def __call__(self, name: str, doc: dict) -> None:
         if self.backend == "numba" and threading.get_ident() not in self._threads_limited:

@@ -26,7 +26,8 @@ import pytest
 from bluesky import RunEngine
 
 from phasestream.app.live import LiveService
-from phasestream.callbacks.phase_map import MAX_CONFLICT_NOTES, PhaseMapCallback
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.callbacks.unanalysed import MAX_CONFLICT_NOTES
 from phasestream.contract import DocumentBounds
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample

@@ -13,7 +13,8 @@ from tiled.queries import Key
 
 from phasestream.app.cli import main
 from phasestream.app.live import ServeProcess
-from phasestream.callbacks.phase_map import CONFLICT_NOTE, PhaseMapCallback
+from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.callbacks.unanalysed import CONFLICT_NOTE
 from phasestream.contract import RunDefaults
 from phasestream.contract.fields import field_key
 from phasestream.references import load_references, select_energies
