@@ -24,11 +24,11 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import Asset, DataSource, Management
 from tiled.utils import ensure_uri, path_from_uri
 
-from phasestream.contract import OD_DTYPE
+from phasestream.contract import OD_DTYPE, path_inside
 from phasestream.store.tiled import explained_refusal
 
-__all__ = ["OD_ZARR_CONFIG", "check_od_store", "delete_node", "external_od_path", "external_source", "flush_and_drop",
-           "new_od_zarr", "plane_structure", "remove_od_store"]
+__all__ = ["OD_ZARR_CONFIG", "check_od_store", "check_own_od", "delete_node", "external_od_path", "external_source",
+           "flush_and_drop", "new_od_zarr", "plane_structure", "remove_od_store"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,14 @@ def external_od_path(od_node: Any | None) -> Path | None:
         if source.management == Management.external and source.mimetype == ZARR_MIMETYPE and source.assets:
             return Path(path_from_uri(source.assets[0].data_uri))
     return None
+
+
+def check_own_od(path: Path, store: Path | None, result_path: str) -> None:
+    """Refuse (OSError) an external ``od`` at ``path`` unless it is the one of the result ``<root>/<key>``
+    (``result_path``) in ``store``, the OD store configured here: the path comes from Tiled."""
+    if store is None or Path(path).resolve() != path_inside(store, *result_path.rsplit("/", 1), "od.zarr"):
+        raise OSError(f"the OD cube of {result_path} is registered in Tiled at {path}, not where this result's lies "
+                      f"in the OD store configured here ({store}): not written")
 
 
 def new_od_zarr(path: Path, shape: tuple[int, ...]) -> zarr.Array:

@@ -39,6 +39,7 @@ from phasestream.contract.fields import check_result_key
 from phasestream.contract.metadata import json_ready, result_layout
 from phasestream.store.odstore import (
     OD_ZARR_CONFIG,
+    check_own_od,
     external_od_path,
     external_source,
     flush_and_drop,
@@ -210,8 +211,10 @@ class ResultWriter:
         return md
 
     @classmethod
-    def open(cls, client: Container, run_uid: str, root: str = "phasestream") -> ResultWriter:
-        """Reopen the existing result ``<root>/<run_uid>`` (a run uid, or a field's key) to go on writing it."""
+    def open(cls, client: Container, run_uid: str, root: str = "phasestream", *,
+             od_store: str | Path | None = None) -> ResultWriter:
+        """Reopen the existing result ``<root>/<run_uid>`` (a run uid, or a field's key) to go on writing it; its
+        external ``od`` (a path from Tiled) only where ``od_store``, the OD store configured here, puts it."""
         path = f"{check_result_root(root)}/{check_result_key(run_uid)}"
         try:
             container = client[path]
@@ -230,7 +233,7 @@ class ResultWriter:
         self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
         # an external od is opened only to write od: jobs that only add arrays may not see the OD store
         self.od_path = external_od_path(self._arrays.get("od"))
-        self.od_store = None if self.od_path is None else self.od_path.parent.parent.parent
+        self.od_store = None if od_store is None else Path(od_store).resolve()
         self._od_zarr = None
         self._planes = set(range(min(seen, self._od_capacity)))
         return self
@@ -274,6 +277,8 @@ class ResultWriter:
 
     @contextlib.contextmanager
     def _od_store_errors(self) -> Iterator[None]:
+        """Around every file operation on an external ``od``, first checked to be this result's in the OD store."""
+        check_own_od(self.od_path, self.od_store, self.path)
         try:
             yield
         except OSError as error:

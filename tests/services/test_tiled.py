@@ -5,6 +5,7 @@ import socket
 
 import numpy as np
 import pytest
+import zarr
 from bluesky import RunEngine
 from bluesky_tiled_plugins import BlueskyRun
 from event_model import compose_run
@@ -12,7 +13,7 @@ from tiled.queries import Key
 
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import find
-from phasestream.store.odstore import check_od_store
+from phasestream.store.odstore import check_od_store, external_source, new_od_zarr, plane_structure
 from phasestream.store.results import ResultExistsError, ResultWriter
 from phasestream.store.tiled import (
     TiledConnectionError,
@@ -318,7 +319,7 @@ def test_existing_results_are_refused_replaced_or_reopened(client, od_store):
     w.update_metadata(status="failed")
     with pytest.raises(ResultExistsError, match="replace=True"):
         writer(client, uid, od_store=od_store)
-    reopened = ResultWriter.open(client, uid)
+    reopened = ResultWriter.open(client, uid, od_store=od_store)
     assert reopened.shape == SHAPE and reopened.phases == PHASES
     reopened.write_od(1, np.full(SHAPE, 2.0))
     np.testing.assert_array_equal(client[f"phasestream/{uid}/od"].read()[:, 0, 0], [1.0, 2.0])
@@ -330,6 +331,22 @@ def test_existing_results_are_refused_replaced_or_reopened(client, od_store):
         assert not (od_store / "phasestream" / uid).exists()
     with pytest.raises(KeyError, match="no result"):
         ResultWriter.open(client, "run-never")
+
+
+def test_a_reopened_result_writes_its_external_od_only_where_the_od_store_puts_it(client, store_root):
+    """``ResultWriter.open`` took the external ``od``'s path from Tiled and the OD store from that path: a result whose
+    ``od`` named any folder called ``od.zarr`` had it written into by ``write_od`` and removed by ``finalize_od``."""
+    precious = store_root / "someone" / "od.zarr"  # readable by the server, not this result's place in a store
+    new_od_zarr(precious, (2, *SHAPE))[:] = 7.0
+    w = writer(client, "od-elsewhere")
+    w.container.new("array", [external_source(plane_structure(2, SHAPE), precious)], key="od")
+    for store in (None, store_root):
+        opened = ResultWriter.open(client, "od-elsewhere", od_store=store)
+        with pytest.raises(OSError, match="not where this result's lies in the OD store"):
+            opened.write_od(0, np.ones(SHAPE))
+        with pytest.raises(OSError, match="not where this result's lies in the OD store"):
+            opened.finalize_od(1)
+    np.testing.assert_array_equal(zarr.open_array(str(precious))[:], np.full((2, *SHAPE), 7.0))
 
 
 def test_replacing_without_that_od_store_leaves_its_files(client, store_root):
