@@ -64,7 +64,12 @@ def read_stack(
         unknown format, a file that cannot be read, or a stack that is not consistent.
     """
     path = Path(path)
-    name = detect_format(path) if format is None else format.lower()
+    try:
+        name = detect_format(path) if format is None else format.lower()
+    except FormatError:
+        raise
+    except Exception as exc:  # anything detection meets in a file is still that file's error
+        raise FormatError(path, f"could not tell the format of this file: {type(exc).__name__}: {exc}") from exc
     reader = _READERS.get(name)
     if reader is None:
         raise FormatError(path, f"no reader for format {name!r}; known: {', '.join(FORMATS)}")

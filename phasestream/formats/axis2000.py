@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,11 @@ from phasestream.formats.stack import FormatError, ImportedStack, check_stack_si
 
 __all__ = ["MAX_HEADER_BYTES", "parse_hdr", "read_axis2000"]
 
-#: A header is a few kB (tens with long point lists); bigger is not a header.
-MAX_HEADER_BYTES = 16 * 2**20
+#: A header is a few kB (the MAXYMUS one in tests/data/axis2000-real is 5.8 kB; 2048-point axes and 500
+#: energies make about 50 kB); bigger is not a header.
+MAX_HEADER_BYTES = 2**20
+#: Bytes an .xim may take per pixel (values of about 10 characters and a separator; far more is not this image).
+XIM_BYTES_PER_PIXEL = 32
 MAX_NESTING = 32  # structures and arrays inside each other (a real header nests 4 deep)
 
 _TOKEN = re.compile(r'\s+|"(?P<string>[^"]*)"|(?P<punct>[{}();=,])|(?P<word>[^\s{}();=,"]+)')
@@ -48,33 +51,46 @@ _IMAGE_TYPES = ("NEXAFS Image Scan", "Image Scan")
 _IMAGE_FLAGS = ("Image Stack", "Image")
 
 
+def _tokens(text: str, path: Path) -> Iterator[tuple[str, str]]:
+    """The header's tokens ``(kind, text)``, made as the parser asks for them (a list of every token took 60
+    times the header's size)."""
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None:  # only an unclosed quote gets here
+            raise FormatError(path, f"unterminated string at character {position}")
+        position = match.end()
+        if match.lastgroup is not None:
+            yield match.lastgroup, match.group(match.lastgroup)
+
+
 class _Parser:
     """Recursive descent over the header's tokens (see the module doc for the grammar)."""
 
     def __init__(self, text: str, path: Path):
         self.path = path
-        self.tokens: list[tuple[str, str]] = []
-        position = 0
-        while position < len(text):
-            match = _TOKEN.match(text, position)
-            if match is None:  # only an unclosed quote gets here
-                raise FormatError(path, f"unterminated string at character {position}")
-            position = match.end()
-            if match.lastgroup is not None:
-                self.tokens.append((match.lastgroup, match.group(match.lastgroup)))
-        self.index = 0
+        self.tokens = _tokens(text, path)
+        self.ahead: tuple[str, str] | None = None  # a token looked at and not yet taken
+        self.index = 0  # tokens taken, for messages
         self.depth = 0
 
+    def _peek(self) -> tuple[str, str]:
+        """The next token without taking it; ``("", "")`` at the end of the header."""
+        if self.ahead is None:
+            self.ahead = next(self.tokens, ("", ""))
+        return self.ahead
+
     def _next(self) -> tuple[str, str]:
-        if self.index >= len(self.tokens):
+        token = self._peek()
+        if token == ("", ""):
             raise FormatError(self.path, "header ends inside a structure or array (truncated?)")
-        token = self.tokens[self.index]
+        self.ahead = None
         self.index += 1
         return token
 
     def structure(self, closed: bool) -> dict[str, Any]:
         fields: dict[str, Any] = {}
-        while self.index < len(self.tokens) or closed:
+        while closed or self._peek() != ("", ""):
             kind, value = self._next()
             if kind == "punct" and value == "}" and closed:
                 return fields
@@ -91,12 +107,12 @@ class _Parser:
     def array(self) -> list[Any]:
         items: list[Any] = []
         while True:
-            kind, value = self.tokens[self.index] if self.index < len(self.tokens) else ("", "")
+            kind, value = self._peek()
             if kind == "punct" and value == ")":
-                self.index += 1
+                self._next()
                 return items
             if kind == "punct" and value in ",;}":  # a stray '}' is a known PolLux converter bug
-                self.index += 1
+                self._next()
                 continue
             items.append(self.value())
 
@@ -155,22 +171,35 @@ def _counted(path: Path, value: Any, what: str) -> list[Any]:
     return value[1:]
 
 
-def _read_xim(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    rows, cols = shape
+def _read_xim(path: Path, image: np.ndarray) -> None:
+    """Read the text image into ``image`` (rows, cols), row by row: a row of the wrong width, or one row too
+    many, is refused when it is met (blank lines are skipped)."""
+    rows, cols = image.shape
     if not path.is_file():
         raise FormatError(path, "missing .xim image")
     size = path.stat().st_size
-    if size > 32 * rows * cols + 4096:  # ~10 characters a value; far more is not this image
+    if size > XIM_BYTES_PER_PIXEL * rows * cols + 4096:
         raise FormatError(path, f"{size} bytes is too large for a {rows} x {cols} text image")
-    lines = [line.split() for line in path.read_bytes().decode("latin-1").splitlines() if line.strip()]
-    widths = {len(line) for line in lines}
-    if len(lines) != rows or widths != {cols}:
-        found = f"{len(lines)} rows of {sorted(widths)} values"
-        raise FormatError(path, f"image is {found}; the header says {rows} rows (QAxis) of {cols} (PAxis)")
-    try:
-        return np.array(lines, dtype=np.float64)
-    except ValueError:
-        raise FormatError(path, "image holds values that are not numbers") from None
+    row_bytes = XIM_BYTES_PER_PIXEL * cols + 4096
+    row = 0
+    with open(path, "rb") as handle:
+        for line in iter(lambda: handle.readline(row_bytes + 1), b""):
+            if len(line) > row_bytes:
+                raise FormatError(path, f"row {row + 1} is over {row_bytes} bytes, too long for {cols} values (PAxis)")
+            values = line.split()
+            if not values:
+                continue
+            if row == rows:
+                raise FormatError(path, f"image has over {rows} rows; the header says {rows} rows (QAxis)")
+            if len(values) != cols:
+                raise FormatError(path, f"row {row + 1} holds {len(values)} values; the header says {cols} (PAxis)")
+            try:
+                image[row] = np.array(values, dtype=np.float64)
+            except ValueError:
+                raise FormatError(path, f"row {row + 1} holds values that are not numbers") from None
+            row += 1
+    if row != rows:
+        raise FormatError(path, f"image is {row} rows; the header says {rows} rows (QAxis) of {cols} (PAxis)")
 
 
 def read_axis2000(
@@ -247,7 +276,7 @@ def read_axis2000(
     files = [path.parent / name for name in image_names]
     images = np.empty((len(files), y.size, x.size), dtype=np.float64)
     for i, image_path in enumerate(files):
-        images[i] = _read_xim(image_path, (y.size, x.size))
+        _read_xim(image_path, images[i])
     metadata: dict[str, Any] = {"scan_type": scan_type, "flags": flags, "channel": names[index]}
     if isinstance(scan.get("Dwell"), int | float):
         metadata["dwell_ms"] = float(scan["Dwell"])

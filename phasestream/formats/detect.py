@@ -6,7 +6,7 @@ from pathlib import Path
 
 import h5py
 
-from phasestream.formats.hdf5util import open_hdf5
+from phasestream.formats.hdf5util import HDF5_ERRORS, open_hdf5
 from phasestream.formats.nxstxm import nxstxm_entries
 from phasestream.formats.stack import FormatError
 
@@ -26,11 +26,15 @@ def hdf5_flavour(path: str | Path) -> str:
     """
     path = Path(path)
     with open_hdf5(path) as handle:
-        if nxstxm_entries(handle):
-            return "nxstxm"
-        if isinstance(handle.get("img_xanes"), h5py.Dataset) and isinstance(handle.get("X_eng"), h5py.Dataset):
-            return "pyxas"
-        keys = sorted(handle)[:20]
+        try:
+            if nxstxm_entries(handle):
+                return "nxstxm"
+            if isinstance(handle.get("img_xanes"), h5py.Dataset) and isinstance(handle.get("X_eng"), h5py.Dataset):
+                return "pyxas"
+            keys = sorted(handle)[:20]
+        except HDF5_ERRORS as error:  # a corrupt object header or link
+            raise FormatError(path, f"cannot tell the HDF5 flavour (corrupt file?): {type(error).__name__}: "
+                              f"{error}") from None
     raise FormatError(
         path,
         f"HDF5 file is neither NeXus NXstxm (an NXentry with definition 'NXstxm') nor PyXAS "

@@ -7,13 +7,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from phasestream.formats.hdf5storage import check_stored, stored_extent, unwritten
 from phasestream.formats.stack import FormatError, LazyImages, check_stack_size
 
-__all__ = ["MAX_AXIS_VALUES", "MAX_TEXT_ELEMENTS", "lazy_frames", "open_hdf5", "outside_references", "read_array",
-           "read_text", "scalar", "text"]
+__all__ = ["MAX_AXIS_VALUES", "MAX_TEXT_ELEMENTS", "is_empty", "lazy_frames", "open_hdf5", "outside_references",
+           "read_array", "read_text", "scalar", "text"]
 
 MAX_TEXT_ELEMENTS = 16  # a text field (definition, stxm_scan_type, units) is one string, a few at most
 MAX_AXIS_VALUES = 1_000_000  # energies (or positions) along one axis: read only below this count
+# what h5py raises on a corrupt object header, link or chunk index (a checksum that fails: RuntimeError)
+HDF5_ERRORS = (OSError, RuntimeError, KeyError, TypeError, ValueError)
 
 
 def outside_references(handle: h5py.File) -> list[str]:
@@ -47,7 +50,12 @@ def open_hdf5(path: str | Path) -> h5py.File:
         handle = h5py.File(path, "r")
     except OSError as error:
         raise FormatError(path, f"not a readable HDF5 file (truncated or corrupt?): {error}") from None
-    found = outside_references(handle)
+    try:
+        found = outside_references(handle)
+    except HDF5_ERRORS as error:
+        handle.close()
+        raise FormatError(path, f"cannot walk the file's objects (corrupt file?): {type(error).__name__}: {error}") \
+            from None
     if found:
         handle.close()
         raise FormatError(path, "refers to other files, which are not read: " + "; ".join(found[:3])
@@ -72,9 +80,15 @@ def text(value) -> str:
     return str(value).strip()
 
 
+def is_empty(node: h5py.Dataset) -> bool:
+    """True for a dataset with no value: a null dataspace (``h5py.Empty``) or a shape with a 0."""
+    return node.shape is None or node.size == 0
+
+
 def scalar(node) -> float | str | None:
-    """A JSON-able value of a small dataset (number or text), None for anything else."""
-    if not isinstance(node, h5py.Dataset) or node.size > 1:
+    """A JSON-able value of a small dataset (number or text), None for anything else (an empty one included:
+    an optional field without a value is absent)."""
+    if not isinstance(node, h5py.Dataset) or is_empty(node) or node.size > 1:
         return None
     value = node[()]
     if isinstance(value, np.ndarray):
@@ -93,6 +107,8 @@ def read_text(path: Path, node, what: str) -> str:
     should hold one string and holds millions is a :class:`FormatError`, not a read."""
     if not isinstance(node, h5py.Dataset):
         raise FormatError(path, f"{what} is not a dataset")
+    if is_empty(node):
+        raise FormatError(path, f"{what} ({node.name}) is empty")
     if node.dtype.kind not in "SUO" or node.size > MAX_TEXT_ELEMENTS:
         raise FormatError(path, f"{what} ({node.name}) is {node.size} values of {node.dtype}, not a text")
     try:
@@ -102,57 +118,66 @@ def read_text(path: Path, node, what: str) -> str:
 
 
 def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str, max_values: int | None = None) -> np.ndarray:
-    """Read all of ``dataset`` as ``dtype`` after checking its size (and its count against ``max_values``);
-    HDF5 read errors (a truncated file) become :class:`FormatError` naming ``what``."""
+    """Read all of ``dataset`` as the float ``dtype`` after checking its size (and its count against ``max_values``)
+    and that it stores what it declares (:func:`~phasestream.formats.hdf5storage.check_stored`). What was never
+    written is NaN, unmeasured, not the fill value. An empty dataset and HDF5 read errors (a truncated file)
+    are :class:`FormatError` naming ``what``."""
     if dataset.dtype.kind not in "uif":
         raise FormatError(path, f"{what} ({dataset.name}) holds {dataset.dtype}, not numbers")
+    if is_empty(dataset):
+        raise FormatError(path, f"{what} ({dataset.name}) is empty")
     if max_values is not None and dataset.size > max_values:
         raise FormatError(path, f"{what} ({dataset.name}) has {dataset.size} values, over the {max_values} read")
     check_stack_size(path, dataset.shape, dtype)
+    check_stored(path, dataset, what)
     out = np.empty(dataset.shape, dtype=dtype)
     try:
-        if out.size:
-            dataset.read_direct(out)
-    except (OSError, TypeError, ValueError) as error:
+        dataset.read_direct(out)
+        missing = unwritten(dataset)
+    except HDF5_ERRORS as error:
         raise FormatError(path, f"cannot read {what} ({dataset.name}): {error} (truncated file?)") from None
+    if missing is not None:
+        missing.mark(out, range(out.shape[0]) if out.ndim else ())
     return out
-
-
-def _stored_extent(dataset: h5py.Dataset) -> int:
-    """The end (byte offset) of the last byte ``dataset``'s stored data occupy in its file (0 for data kept in
-    the object header or not yet written)."""
-    ident = dataset.id
-    layout = ident.get_create_plist().get_layout()
-    if layout == h5py.h5d.CONTIGUOUS:
-        offset = ident.get_offset()
-        return 0 if offset is None else int(offset) + int(ident.get_storage_size())
-    if layout == h5py.h5d.CHUNKED:
-        ends = [0]
-        # one pass over the chunk index (get_chunk_info(i) walks it from the start: quadratic in the chunks)
-        ident.chunk_iter(lambda info: ends.append(int(info.byte_offset) + int(info.size)))
-        return max(ends)
-    return 0
 
 
 def lazy_frames(path: Path, dataset: h5py.Dataset, dtype, *, what: str) -> LazyImages:
     """``dataset`` (energy first, 3-D) as :class:`LazyImages` read from ``path`` when indexed, after checking
-    its size and that its stored bytes lie within the file (a truncated file is refused here, as a full read
-    would refuse it). Each read opens the file; an HDF5 error then is a :class:`FormatError` naming ``what``."""
-    if dataset.dtype.kind not in "uif" or dataset.ndim != 3:
+    its size, that it stores what it declares and that its stored bytes lie within the file (a truncated file
+    is refused here, as a full read would refuse it).
+
+    Each read opens the file again through :func:`open_hdf5` (a file replaced since, that now refers to other
+    host files, is refused) and checks the dataset still has its shape and type; what was never written reads
+    as NaN. An HDF5 error then is a :class:`FormatError` naming ``what``."""
+    if dataset.dtype.kind not in "uif" or is_empty(dataset) or dataset.ndim != 3:
         raise FormatError(path, f"{what} ({dataset.name}) is {dataset.shape} {dataset.dtype}, not (energy, y, x) "
                           "numbers")
     check_stack_size(path, dataset.shape, dtype)
-    end, size = _stored_extent(dataset), Path(path).stat().st_size
+    check_stored(path, dataset, what)
+    end, size = stored_extent(dataset), Path(path).stat().st_size
     if end > size:
         raise FormatError(path, f"cannot read {what} ({dataset.name}): its data end at byte {end} of a {size}-byte "
                           "file (truncated file?)")
-    name = dataset.name
+    name, shape, stored = dataset.name, tuple(dataset.shape), dataset.dtype
 
     def read(key):
-        try:
-            with h5py.File(path, "r") as handle:
-                return handle[name][key]
-        except (OSError, KeyError, TypeError, ValueError) as error:
-            raise FormatError(path, f"cannot read {what} ({name}): {error} (truncated file?)") from None
+        with open_hdf5(path) as handle:
+            node = handle.get(name)
+            if not isinstance(node, h5py.Dataset) or node.shape != shape or node.dtype != stored:
+                now = f"{node.shape} {node.dtype}" if isinstance(node, h5py.Dataset) else "not a dataset"
+                raise FormatError(path, f"{what} ({name}) changed since it was checked: now {now}, was {shape} "
+                                  f"{stored}")
+            check_stored(path, node, what)
+            try:
+                frames = node[key]
+                missing = unwritten(node)
+            except HDF5_ERRORS as error:
+                raise FormatError(path, f"cannot read {what} ({name}): {error} (truncated file?)") from None
+        if missing is None:
+            return frames
+        indices = range(shape[0])[key] if isinstance(key, slice) else [key]
+        frames = np.array(frames, dtype=dtype, ndmin=3)
+        missing.mark(frames, indices)
+        return frames if isinstance(key, slice) else frames[0]
 
     return LazyImages(dataset.shape, dataset.dtype, dtype, read)

@@ -19,7 +19,9 @@ Writers store ``definition`` and ``stxm_scan_type`` as scalars or as one-element
 (pyStxm, MANTiS's reader reads ``[0]``); both are accepted. Several ``NXdata`` groups (one per
 detector channel) are allowed: the entry's ``default`` attribute picks one, else the first by
 name; ``channel=`` chooses. Planes that are all NaN (pyStxm pre-fills stacks with NaN and an
-aborted scan leaves them so) are listed in ``metadata["unmeasured_energy_indices"]``.
+aborted scan leaves them so) are listed in ``metadata["unmeasured_energy_indices"]``; so are planes
+whose chunks were never written (an aborted scan of another writer), read as NaN, not as the fill
+value 0 (:mod:`phasestream.formats.hdf5storage`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import h5py
 import numpy as np
 
 from phasestream.formats.energies import check_energies, load_energies
+from phasestream.formats.hdf5storage import unwritten
 from phasestream.formats.hdf5util import (
     MAX_AXIS_VALUES,
+    is_empty,
     lazy_frames,
     open_hdf5,
     read_array,
@@ -111,6 +115,8 @@ def _signal(path: Path, group: h5py.Group) -> h5py.Dataset:
     node = group.get(name)
     if not isinstance(node, h5py.Dataset):
         raise FormatError(path, f"{group.name} has no signal dataset {name!r}")
+    if node.shape is None:
+        raise FormatError(path, f"{name} ({node.name}) is empty")
     return node
 
 
@@ -141,8 +147,9 @@ def _monitor(entry: h5py.Group) -> h5py.Dataset | None:
     if isinstance(instrument, h5py.Group):
         candidates.append(instrument.get("control"))
     for group in candidates:
-        if isinstance(group, h5py.Group) and isinstance(group.get("data"), h5py.Dataset):
-            return group["data"]
+        node = group.get("data") if isinstance(group, h5py.Group) else None
+        if isinstance(node, h5py.Dataset) and not is_empty(node):  # an empty monitor is none (it is optional)
+            return node
     return None
 
 
@@ -160,14 +167,15 @@ def _first_name(group: h5py.Group, path: Sequence[str]) -> str | None:
 
 def _step_um(path: Path, group: h5py.Group, name: str) -> float | None:
     node = group.get(name)
-    if not isinstance(node, h5py.Dataset) or node.size < 2 or node.ndim != 1:
+    if not isinstance(node, h5py.Dataset) or is_empty(node) or node.size < 2 or node.ndim != 1:
         return None
     values = read_array(path, node, np.float64, what=name) * _scale(path, node, _LENGTH_UNITS_UM, "um", name)
     step = float(np.median(np.abs(np.diff(values))))
     return step if np.isfinite(step) and step > 0 else None
 
 
-def _metadata(path: Path, entry: h5py.Group, data: h5py.Group, scan_type: str) -> dict:
+def _metadata(path: Path, entry: h5py.Group, data: h5py.Group, scan_type: str, points: int) -> dict:
+    """The entry's metadata; ``points`` is the signal's size, the most values a ``count_time`` has."""
     meta: dict = {"entry": entry.name.lstrip("/"), "channel": data.name.rsplit("/", 1)[-1], "stxm_scan_type": scan_type}
     for key in ("title", "start_time", "end_time"):
         value = scalar(entry.get(key))
@@ -180,7 +188,7 @@ def _metadata(path: Path, entry: h5py.Group, data: h5py.Group, scan_type: str) -
     if beamline is not None:
         meta["beamline"] = beamline
     count_time = data.get("count_time")
-    if isinstance(count_time, h5py.Dataset) and count_time.size:
+    if isinstance(count_time, h5py.Dataset) and not is_empty(count_time) and count_time.size <= points:
         values = read_array(path, count_time, np.float64, what="count_time")
         values = values[np.isfinite(values)]
         if values.size:
@@ -254,7 +262,7 @@ def read_nxstxm(
         shape = (1, *signal.shape) if signal.ndim == 2 else signal.shape
         for name, axis in (("sample_y", order[1]), ("sample_x", order[2])):
             node = data.get(name)
-            if isinstance(node, h5py.Dataset) and node.size not in (1, shape[axis]):
+            if isinstance(node, h5py.Dataset) and not is_empty(node) and node.size not in (1, shape[axis]):
                 raise FormatError(path, f"{name} has {node.size} positions for {shape[axis]} pixels")
         energy_node = data[energy_name]
         if energies is None:
@@ -265,35 +273,41 @@ def read_nxstxm(
         if values.size != shape[order[0]]:
             raise FormatError(path, f"{shape[order[0]]} images in {signal.name} for {values.size} energies")
         if signal.ndim == 3 and order == (0, 1, 2) and signal.dtype.kind in "ui":
-            # integer counts in the stack's order (no NaN to look for): left in the file, read when indexed
+            # integer counts in the stack's order (no NaN to look for but chunks never written): left in the
+            # file, read when indexed
             images = lazy_frames(path, signal, intensity_dtype(path, signal.dtype), what="data")
         else:
             raw_images = read_array(path, signal, intensity_dtype(path, signal.dtype), what="data").reshape(shape)
             images = np.ascontiguousarray(np.transpose(raw_images, order))
+        missing = unwritten(signal)  # after the reads above checked it stores what it declares
         monitor_node = _monitor(group)
         monitor = None
         if monitor_node is not None:
+            if monitor_node.size not in (signal.size, values.size):  # refused by its shape, before it is read
+                raise FormatError(
+                    path, f"control data has shape {monitor_node.shape}; expected {signal.shape} or ({values.size},)"
+                )
             raw_monitor = read_array(path, monitor_node, np.float64, what="control data")
             if raw_monitor.size == signal.size:
                 monitor = np.ascontiguousarray(np.transpose(raw_monitor.reshape(shape), order))
-            elif raw_monitor.size == values.size:
-                monitor = raw_monitor.reshape(values.size)
             else:
-                raise FormatError(
-                    path, f"control data has shape {raw_monitor.shape}; expected {signal.shape} or ({values.size},)"
-                )
+                monitor = raw_monitor.reshape(values.size)
         signal_name, signal_ndim = signal.name, signal.ndim
-        metadata = _metadata(path, group, data, scan_type)
+        metadata = _metadata(path, group, data, scan_type, signal.size)
         if len(entries) > 1:
             metadata["entries"] = entries
         if len(channels) > 1:
             metadata["channels"] = channels
-    stored_float = isinstance(images, np.ndarray) and images.dtype.kind == "f"  # integer counts hold no NaN
-    empty = [int(i) for i in np.flatnonzero(np.all(np.isnan(images), axis=(1, 2)))] if stored_float else []
+    if isinstance(images, np.ndarray):
+        empty = [int(i) for i in np.flatnonzero(np.all(np.isnan(images), axis=(1, 2)))]
+    else:  # lazy integer counts, energy first: NaN only where never written
+        empty = missing.unmeasured_planes() if missing is not None else []
     if empty:
         metadata["unmeasured_energy_indices"] = empty
-    # the import can point at the file when moving energy to the front leaves (y, x) in order
-    in_order = signal_ndim == 3 and [a for a in range(3) if a != order[0]] == [order[1], order[2]]
+    # the import can point at the file when moving energy to the front leaves (y, x) in order, and when the file
+    # holds every value (what was never written reads there as the fill value, not NaN)
+    in_order = (signal_ndim == 3 and [a for a in range(3) if a != order[0]] == [order[1], order[2]]
+                and missing is None)
     return ImportedStack(
         source=path,
         format="nxstxm",

@@ -10,6 +10,9 @@ The layout is PyXAS's own (M. Ge, PyXAS, BNL FXI 18-ID; read from its GUI loader
   and PyXAS normalizes it as ``(img_xanes - img_dark) / (img_bkg - img_dark)``;
 - optional ``scan_id``.
 
+Frames never written (chunks an aborted writer left) are NaN, listed in
+``metadata["unmeasured_energy_indices"]`` as NXstxm's are, never counts of 0.
+
 Mapping to :class:`ImportedStack` (always ``mode="txm"``):
 
 - with ``img_bkg``: ``images`` = ``img_xanes``, ``flat`` = ``img_bkg``, ``dark`` = ``img_dark``
@@ -35,7 +38,8 @@ import h5py
 import numpy as np
 
 from phasestream.formats.energies import check_energies, load_energies
-from phasestream.formats.hdf5util import MAX_AXIS_VALUES, open_hdf5, read_array, read_text, scalar, text
+from phasestream.formats.hdf5storage import unwritten
+from phasestream.formats.hdf5util import MAX_AXIS_VALUES, is_empty, open_hdf5, read_array, read_text, scalar, text
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, intensity_dtype
 
 __all__ = ["read_pyxas"]
@@ -50,7 +54,7 @@ def _energy_unit(handle: h5py.File, energies: h5py.Dataset, values: np.ndarray) 
         if key in energies.attrs:
             return _named_unit(handle.filename, text(energies.attrs[key]))
     unit = handle.get("unit")
-    if isinstance(unit, h5py.Dataset):
+    if isinstance(unit, h5py.Dataset) and not is_empty(unit):  # an empty unit is none
         return _named_unit(handle.filename, read_text(Path(handle.filename), unit, "unit"))
     if values.size and np.nanmax(np.abs(values)) < _KEV_BELOW:
         return 1000.0, "keV (inferred)"
@@ -107,10 +111,14 @@ def read_pyxas(path: str | Path, *, energies: Sequence[float] | np.ndarray | str
             raise FormatError(path, f"img_xanes has shape {images_node.shape}; expected (energy, y, x)")
         dtype = intensity_dtype(path, images_node.dtype)
         images = read_array(path, images_node, dtype, what="img_xanes")
-        source = HDF5Source(path, "/img_xanes", 0) if images.ndim == 3 else None
+        # the import points at the file only when it holds every value (never written reads there as 0)
+        source = HDF5Source(path, "/img_xanes", 0) if images.ndim == 3 and unwritten(images_node) is None else None
         if images.ndim == 2:
             images = images[np.newaxis]
         metadata: dict = {}
+        unmeasured = [int(i) for i in np.flatnonzero(np.all(np.isnan(images), axis=(1, 2)))]
+        if unmeasured:
+            metadata["unmeasured_energy_indices"] = unmeasured
         if energies is None:
             energy_node = handle.get("X_eng")
             if not isinstance(energy_node, h5py.Dataset):

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "EXPANSION_ALLOWANCE",
+    "MAX_EXPANSION",
     "MAX_STACK_BYTES",
     "MODES",
     "FormatError",
@@ -23,6 +25,7 @@ __all__ = [
     "ImportedStack",
     "LazyImages",
     "TiffSource",
+    "check_expansion",
     "check_stack_size",
     "intensity_dtype",
     "sha256_of",
@@ -34,6 +37,16 @@ MODES = ("stxm", "txm")
 #: any array is made. 16 GiB is far beyond a STXM/TXM energy stack (E ~ 100-500, 2048 x 2048 float32
 #: is 2-8 GiB) and below what a header with corrupt sizes asks for.
 MAX_STACK_BYTES = 16 * 2**30
+
+#: How many times its stored bytes an array may take once read: a dataset or TIFF page whose declared
+#: size is over ``MAX_EXPANSION`` x its stored bytes + ``EXPANSION_ALLOWANCE`` is refused before it is
+#: allocated (chunks never written, or a decompression bomb). STXM/TXM counts deflate 2-20 times; deflate's
+#: own ceiling is about 1032 to 1, so a bound near it would let a zlib bomb through (a 1.2 MB TIFF of zeros
+#: declares 895 times its size). At 200, a stack that is mostly constant (an aborted scan pre-filled with NaN)
+#: reaches the bound only when under 1 % of it was measured. The allowance lets small fields (energies, a
+#: scalar) be stored in a few bytes.
+MAX_EXPANSION = 200
+EXPANSION_ALLOWANCE = 2**20
 
 
 class FormatError(ValueError):
@@ -201,6 +214,20 @@ def check_stack_size(path: str | Path, shape: tuple[int, ...], dtype, limit: int
             path,
             f"a stack of shape {tuple(int(n) for n in shape)} ({np.dtype(dtype)}) is {nbytes / 2**30:.1f} GiB, "
             f"over the {limit / 2**30:.0f} GiB bound of a reader (corrupt header?)",
+        )
+
+
+def check_expansion(path: str | Path, what: str, declared_bytes: int, stored_bytes: int) -> None:
+    """Refuse ``what``, which declares ``declared_bytes`` and stores ``stored_bytes`` in ``path``, when it would
+    expand over ``MAX_EXPANSION`` times (see there), before it is read.
+
+    Raises :class:`FormatError` naming ``path`` and ``what``.
+    """
+    if declared_bytes > MAX_EXPANSION * stored_bytes + EXPANSION_ALLOWANCE:
+        raise FormatError(
+            path,
+            f"{what} declares {declared_bytes / 2**20:.1f} MiB but stores {stored_bytes} bytes, a {MAX_EXPANSION}-fold "
+            "expansion or more: data never written or a decompression bomb, not read",
         )
 
 

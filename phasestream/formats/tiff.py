@@ -14,6 +14,8 @@ says where they lie as stored, so that an import can leave them in their files. 
 uncompressed multi-page file, stored one after the other, are mapped from the file rather than read
 (:class:`~phasestream.formats.stack.LazyImages`): an import that leaves them there reads only the
 frames it checks; so are the images of a folder of uncompressed single-page TIFFs of one pixel type.
+Pages whose pixels declare far more bytes than the file stores for them (a decompression bomb) are refused
+before any is decoded (:func:`~phasestream.formats.stack.check_expansion`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from phasestream.formats.stack import (
     ImportedStack,
     LazyImages,
     TiffSource,
+    check_expansion,
     check_stack_size,
     intensity_dtype,
 )
@@ -114,6 +117,15 @@ def _page_shape(path: Path, page, index: int) -> tuple[int, int]:
     return tuple(int(n) for n in page.shape)
 
 
+def _check_stored(path: Path, pages: list) -> None:
+    """Refuse ``pages`` whose pixels, decoded, would take over ``MAX_EXPANSION`` times the bytes the file stores
+    for them (their strip or tile byte counts, at most the file's size), before any is decoded."""
+    declared = sum(int(page.nbytes) for page in pages)
+    stored = min(sum(int(count) for page in pages for count in page.databytecounts), path.stat().st_size)
+    what = f"the pixel data of {len(pages)} page" + ("s" if len(pages) > 1 else "")
+    check_expansion(path, what, declared, stored)
+
+
 def _ifd_chain_ends(tif: tifffile.TiffFile) -> bool:
     """True when the last page tifffile found ends the IFD chain (next-IFD offset 0).
 
@@ -156,6 +168,7 @@ def _read_multipage(path: Path) -> tuple[np.ndarray | LazyImages, str | None]:
                 if _page_shape(path, page, index) != shape:
                     raise FormatError(path, f"page {index} has shape {page.shape}, page 0 has {shape}")
                 uniform = uniform and page.dtype == first.dtype
+            _check_stored(path, [pages[index] for index in range(count)])
             series = tif.series[0] if tif.series else None
             stored = (np.dtype(first.dtype).str if uniform and series is not None and series.dtype == first.dtype
                       and _series_in_page_order(tif) and int(np.prod(series.shape)) == count * shape[0] * shape[1]
@@ -211,6 +224,7 @@ def _read_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray | LazyImag
                     raise FormatError(path, "truncated or corrupt TIFF: its page list does not end")
                 page = tif.pages[0]
                 page_shape = _page_shape(path, page, 0)
+                _check_stored(path, [page])
                 if index == 0:
                     shape = page_shape
                     dtype = intensity_dtype(path, page.dtype)

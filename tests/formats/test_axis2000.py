@@ -6,17 +6,19 @@ structures in braces, count-prefixed Points arrays, one tab-separated text row p
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from phasestream.formats import FormatError, read_stack
-from phasestream.formats.axis2000 import parse_hdr, read_axis2000
+from phasestream.formats.axis2000 import MAX_HEADER_BYTES, parse_hdr, read_axis2000
 
 ENERGIES = np.array([705.0, 707.5, 708.25, 710.0])
 X = -75.523 + 0.0333 * np.arange(5)  # PAxis, columns
 Y = 2680.228 + 0.0333 * np.arange(3)  # QAxis, rows
+REAL = Path(__file__).parents[1] / "data" / "axis2000-real"
 
 
 def _points(values) -> str:
@@ -133,8 +135,9 @@ def test_more_xim_than_energies(tmp_path):
 @pytest.mark.parametrize(
     ("image", "problem"),
     [
-        (np.ones((2, 5)), r"2 rows of \[5\] values; the header says 3 rows"),
-        (np.ones((3, 6)), r"3 rows of \[6\] values"),
+        (np.ones((2, 5)), r"image is 2 rows; the header says 3 rows"),
+        (np.ones((4, 5)), r"image has over 3 rows; the header says 3 rows"),
+        (np.ones((3, 6)), r"row 1 holds 6 values; the header says 5"),
     ],
 )
 def test_wrong_image_size(tmp_path, image, problem):
@@ -150,10 +153,10 @@ def test_ragged_and_non_numeric_images(tmp_path):
     header, _ = _write_stack(tmp_path)
     bad = tmp_path / "Sample_001_a003.xim"
     bad.write_text("1\t2\t3\t4\t5\n1\t2\t3\n1\t2\t3\t4\t5\n")
-    with pytest.raises(FormatError, match=r"\[3, 5\] values"):
+    with pytest.raises(FormatError, match=r"row 2 holds 3 values"):
         read_axis2000(header)
     bad.write_text("1\t2\t3\t4\t5\n1\t2\tx\t4\t5\n1\t2\t3\t4\t5\n")
-    with pytest.raises(FormatError, match="not numbers"):
+    with pytest.raises(FormatError, match="row 2 holds values that are not numbers"):
         read_axis2000(header)
 
 
@@ -238,3 +241,58 @@ def test_an_error_no_check_foresaw_is_the_files_format_error(tmp_path, monkeypat
     with pytest.raises(FormatError, match="the axis2000 reader could not read this file: KeyError") as info:
         formats.read_stack(header)
     assert info.value.path == str(header)
+
+
+def test_a_header_over_the_bound_is_refused_unread(tmp_path):
+    """A real header is a few kB (the MAXYMUS one in tests/data/axis2000-real is 5.8 kB); one of over
+    MAX_HEADER_BYTES is refused by its size, before it is read."""
+    header = tmp_path / "big.hdr"
+    header.write_text("A = (" + "10," * (2**21 // 3) + ");")  # 2 MiB
+    with pytest.raises(FormatError, match=f"over the {MAX_HEADER_BYTES} byte bound"):
+        read_axis2000(header)
+    assert (REAL / "tutorial000000003.hdr").stat().st_size * 100 < MAX_HEADER_BYTES  # a generous margin
+
+
+def _peak(call) -> int:
+    """Peak bytes Python allocated during ``call()`` (tracemalloc), the call's FormatError swallowed."""
+    tracemalloc.start()
+    try:
+        call()
+    except FormatError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_header_tokens_are_not_all_kept_at_once(tmp_path):
+    """Parsing a header takes memory of the order of what it holds, not one Python object per token (a
+    header of short tokens took 60 times its size before)."""
+    header = tmp_path / "tokens.hdr"
+    header.write_text("B = 1; " * 5_000)
+    size = header.stat().st_size
+    assert parse_hdr(header)["B"] == 1
+    assert _peak(lambda: parse_hdr(header)) < 4 * size
+
+
+def test_an_image_of_the_wrong_width_is_refused_at_its_first_row(tmp_path):
+    """An .xim is read row by row into the image: a row of the wrong width is refused when it is met, with
+    the row named, and its size never turns into one Python string per value of the file (25 times the
+    file's size before)."""
+    header, _ = _write_stack(tmp_path)
+    bad = tmp_path / "Sample_001_a001.xim"
+    bad.write_text("1\t2\t3\t4\t5\n" + ("7 " * 80 + "\n") * 2)  # row 2 of 80 values: within the byte bound
+    with pytest.raises(FormatError, match=r"row 2 holds 80 values; the header says 5 \(PAxis\)") as info:
+        read_axis2000(header)
+    assert info.value.path == str(bad)
+    n = 400
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "s.hdr").write_text(_header("s", energies=[708.0], x=np.arange(n) * 0.05, y=np.arange(n) * 0.05,
+                                          flags="Image", extra="ImageScan = { EnergyRegions = (1, "
+                                          "{ StartEnergy = 708; }); };"))
+    xim = folder / "s_a.xim"
+    xim.write_text(("10 " * (10 * n) + "\n") * (3 * n // 4))  # just under 32 bytes a pixel, 10x too wide
+    assert xim.stat().st_size < 32 * n * n + 4096
+    assert _peak(lambda: read_axis2000(folder / "s.hdr")) < n * n * 8 + xim.stat().st_size // 4  # the image

@@ -10,6 +10,7 @@ import tifffile
 
 from phasestream.formats import FORMATS, FormatError, LazyImages, TiffSource, read_stack
 from phasestream.formats.energies import parse_energy_text
+from phasestream.formats.stack import EXPANSION_ALLOWANCE, MAX_EXPANSION
 from phasestream.formats.tiff import natural_key, read_tiff
 
 ENERGIES = np.array([705.0, 708.5, 710.25, 712.0, 720.0])
@@ -327,3 +328,39 @@ def test_strips_without_data_are_refused_not_read_as_zeros(tmp_path, compression
         assert (tif.pages[1].asarray()[16:32] == 0).all()  # the oracle: tifffile's zeros
     with pytest.raises(FormatError, match="page 1 has 1 of 4 strips or tiles without data"):
         read_tiff(path, energies=[705.0, 706.0])
+
+
+def _zeros(path, pages: int, shape=(1024, 1024)) -> None:
+    """``pages`` pages of zeros, deflated about 1000-fold (deflate's ceiling)."""
+    with tifffile.TiffWriter(path) as tif:
+        for _ in range(pages):
+            tif.write(np.zeros(shape, np.uint16), photometric="minisblack", compression="zlib",
+                      compressionargs={"level": 9})
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """Pages that declare far more pixels than their compressed bytes hold (a few kB of zlib for 16 MiB):
+    refused from the byte counts, before any page is decoded (a 1.2 MB file allocated 3 GiB before)."""
+    path = tmp_path / "bomb.tif"
+    _zeros(path, 8)
+    with tifffile.TiffFile(path) as tif:  # the oracle: what the file stores and what it declares
+        stored = sum(sum(page.databytecounts) for page in tif.pages)
+        declared = sum(page.size * page.dtype.itemsize for page in tif.pages)
+    assert declared > MAX_EXPANSION * stored + EXPANSION_ALLOWANCE
+    decoded = []
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda self, *a, **k: decoded.append(self) or None)
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", lambda self, *a, **k: decoded.append(self) or None)
+    problem = rf"the pixel data of 8 pages declares 16\.0 MiB but stores {stored} bytes"
+    with pytest.raises(FormatError, match=problem) as info:
+        read_tiff(path, energies=np.arange(700.0, 708.0))
+    assert info.value.path == str(path) and decoded == []
+
+
+def test_a_decompression_bomb_in_a_folder_is_refused_naming_its_file(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    tifffile.imwrite(folder / "img_0.tif", _stack(shape=(1024, 1024)), photometric="minisblack", compression="zlib")
+    _zeros(folder / "img_1.tif", 1)
+    with pytest.raises(FormatError, match=r"the pixel data of 1 page declares 2\.0 MiB but stores") as info:
+        read_tiff(folder, energies=[705.0, 706.0])
+    assert info.value.path == str(folder / "img_1.tif")
