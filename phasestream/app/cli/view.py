@@ -33,15 +33,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phasestream.app.view import run_view  # starlette and uvicorn only for this command
+    from phasestream.app.view.server import is_loopback, url_host
 
-    host = args.host or ("0.0.0.0" if args.public else "127.0.0.1")
-    if args.public or host not in ("127.0.0.1", "localhost", "::1"):
+    host = (args.host or ("0.0.0.0" if args.public else "127.0.0.1")).removeprefix("[").removesuffix("]")  # [::1]
+    if args.public or not is_loopback(host):  # on loopback (::1 too) the Host guard is on: allowed_hosts
         import sys
 
         print(PUBLIC_WARNING.format(host=host, port=args.port), file=sys.stderr)
 
     def ready(bound_host: str, bound_port: int) -> None:
-        url = f"http://{bound_host}:{bound_port}/"
+        url = f"http://{url_host(bound_host)}:{bound_port}/"
         print(json.dumps({"ready": True, "url": url}), flush=True)
         notify(ready=True, status=f"serving {url}")
 

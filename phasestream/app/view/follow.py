@@ -30,7 +30,8 @@ from typing import Any
 
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
-from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, LiveMaps
+from phasestream.app.view.arrays import image_shape_of, read_arrays, read_od_plane
+from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, MAX_METADATA_MESSAGE_BYTES, LiveMaps
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.contract.fields import parse_field_key
 from phasestream.contract.metadata import shown_metadata
@@ -240,7 +241,7 @@ class CatalogFollower:
                     on_connected=self._connected, on_lost=lambda: self._set_state("reconnecting"))
                 sub.child_created.add_callback(self._on_child)
                 sub.child_metadata_updated.add_callback(self._on_child)
-                sub.start()  # blocks; returns (or raises) when the websocket is gone for good
+                sub.start(max_size=MAX_METADATA_MESSAGE_BYTES)  # blocks until the websocket is gone for good
                 delay = self.retry_seconds
             except Exception as error:  # noqa: BLE001 - Tiled down or restarting: try again
                 log.info("view: Tiled at %s unreachable (%s: %s)", public_uri(self.uri), type(error).__name__,
@@ -272,7 +273,7 @@ class CatalogFollower:
         self._subscription = sub = _FollowedContainer(self.client.context, [], on_connected=connected)
         self._root_callback = on_created  # the registry holds callbacks weakly
         sub.child_created.add_callback(on_created)
-        sub.start()
+        sub.start(max_size=MAX_METADATA_MESSAGE_BYTES)
         return appeared.is_set()
 
     def _results_container(self):
@@ -353,7 +354,7 @@ class CatalogFollower:
         except KeyError:
             return  # no OD plane yet: the next metadata update tries again
         sub = ArraySubscription(self.client.context, node.path_parts)
-        sub.new_data.add_callback(self._od_plane_callback(uid))
+        sub.new_data.add_callback(self._od_plane_callback(uid, tuple(node.chunks[0])))
         with self._lock:
             if uid in self._od_subscriptions:
                 return
@@ -402,12 +403,14 @@ class CatalogFollower:
             if self._od_subscriptions.get(uid) is sub:
                 del self._od_subscriptions[uid]
 
-    def _od_plane_callback(self, uid: str):
+    def _od_plane_callback(self, uid: str, chunks: tuple[int, ...]):
+        """``chunks``: ``od``'s chunk sizes along the energy axis, to place a block write (``write_block``, what
+        the worker does when ``num_points`` is known: ``offset`` None, ``block`` (k, 0, 0))."""
         def on_plane(update) -> None:
-            patch = getattr(update, "patch", None)
+            patch, block = getattr(update, "patch", None), getattr(update, "block", None)
             offset = getattr(update, "offset", None) or (patch.offset if patch is not None else None)
-            shape = getattr(update, "shape", None) or (patch.shape if patch is not None else None)
-            start = int(offset[0]) if offset else 0
+            shape = patch.shape if patch is not None else getattr(update, "shape", None)
+            start = int(offset[0]) if offset else _block_start(int(block[0]), chunks) if block else 0
             count = int(shape[0]) if shape is not None and len(shape) == 3 else 1
             with self._lock:
                 run = self.runs.get(uid)
@@ -462,24 +465,24 @@ class CatalogFollower:
 
     # -- reading arrays for the images ----------------------------------------------------------
 
-    def read_arrays(self, uid: str, names: tuple[str, ...]) -> dict[str, Any]:
-        """The arrays ``names`` of result ``uid`` that exist (missing ones are left out)."""
-        def read(name: str):
-            try:  # one path lookup per array, all at once: a round trip each, not one per path segment
-                return name, self.client[f"{self.root}/{uid}/{name}"].read()
-            except KeyError:
-                return name, None
+    def image_shape(self, uid: str) -> tuple[int, int] | None:
+        """Result ``uid``'s ``image_shape`` (Y, X) as its metadata says, None when unknown."""
+        with self._lock:
+            run = self.runs.get(uid)
+            return None if run is None else image_shape_of(run.metadata)
 
-        return {name: array for name, array in self._readers.map(read, names) if array is not None}
+    def read_arrays(self, uid: str, names: tuple[str, ...]) -> dict[str, Any]:
+        """The arrays ``names`` of result ``uid`` that exist, checked before they are read (``arrays.py``)."""
+        return read_arrays(self.client, f"{self.root}/{uid}", names, self.image_shape(uid), self._readers)
 
     def read_od_plane(self, uid: str, index: int):
-        try:
-            od = self.client[f"{self.root}/{uid}/od"]
-        except KeyError:
-            return None
-        if index < 0 or index >= od.shape[0]:
-            return None
-        return od[index]
+        """OD plane ``index`` of result ``uid``, checked (``arrays.py``), or None when there is none."""
+        return read_od_plane(self.client, f"{self.root}/{uid}", index, self.image_shape(uid))
+
+
+def _block_start(index: int, chunks: tuple[int, ...]) -> int:
+    """The first plane of block ``index`` along an axis of ``chunks`` (blocks past them: as large as the last)."""
+    return sum(chunks[:index]) + max(0, index - len(chunks)) * (chunks[-1] if chunks else 1)
 
 
 def _newest_first(row: dict) -> tuple:

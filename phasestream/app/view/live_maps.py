@@ -42,7 +42,10 @@ from typing import Any
 import numpy as np
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
-__all__ = ["MAP_ARRAYS", "MAX_MESSAGE_BYTES", "LiveMaps"]
+from phasestream.contract import DEFAULT_MAX_NUM_POINTS
+from phasestream.references import MAX_PHASES
+
+__all__ = ["MAP_ARRAYS", "MAX_MESSAGE_BYTES", "MAX_METADATA_MESSAGE_BYTES", "LiveMaps"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,14 @@ MAP_ARRAYS = ("phase", "reliability", "ambiguous")
 MAX_MESSAGE_BYTES = 64 * 2**20
 """The largest streamed update the view accepts: a whole result array (or OD block) inline.
 Tiled's client default (1 MB) is smaller than one 512x512 float32 map."""
+
+MAX_METADATA_MESSAGE_BYTES = 2 * 9 * (MAX_PHASES + 1) * DEFAULT_MAX_NUM_POINTS + 8 * 2**20
+"""The largest update the view accepts on a container subscription (a result's metadata inline): twice the
+largest the worker writes at its default bounds, its ``reference_values`` (K x E) and ``energies_eV`` (E) at
+9 bytes of msgpack a number (K = ``MAX_PHASES``, E = ``DEFAULT_MAX_NUM_POINTS``), plus 8 MiB for the rest
+(the start document's ``sample`` and ``phasestream`` blocks, at most 64 KiB of JSON each; errors; job records):
+about 55 MB. Tiled's client default (1 MB) is less than 12 phases at 10,000 energies. A larger message ends the
+subscription; the view then connects again and reads the results (docs/cli.md, "view")."""
 
 KEPT = 4  # messages kept per array: a window rarely holds more than one
 
@@ -86,7 +97,8 @@ class LiveMaps:
         self._container.child_created.add_callback(self._on_child)
 
     def start(self) -> LiveMaps:
-        threading.Thread(target=self._run, args=("result", self._container, {}), daemon=True,
+        options = {"max_size": MAX_METADATA_MESSAGE_BYTES}  # children's metadata inline
+        threading.Thread(target=self._run, args=("result", self._container, options), daemon=True,
                          name="view-map-result").start()
         return self
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import threading
@@ -21,8 +22,9 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -32,17 +34,19 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from phasestream.app.view import render
+from phasestream.app.view.arrays import NoImageError, checked_dtype
 from phasestream.app.view.follow import CatalogFollower
 from phasestream.contract import RUN_UID_PATTERN, STATUSES
 from phasestream.store.catalog import find
 from phasestream.store.tiled import public_uri
 
-__all__ = ["ViewServer", "create_app", "run_view"]
+__all__ = ["ViewServer", "allowed_hosts", "create_app", "is_loopback", "run_view", "tiled_error_response", "url_host"]
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 15.0
+TILED_TIMEOUT_S = 20.0  # the longest a request waits for Tiled before it is answered 503
 
 
 class Broadcaster:
@@ -107,12 +111,24 @@ class MapCache:
     def _arrays(self, uid: str, version: int, group: str) -> dict:
         t0 = time.perf_counter()
         arrays = self.follower.streamed_maps(uid, version) if group == "phase" else None
+        if arrays is not None:
+            arrays = self._checked(uid, arrays)
         source = "streamed" if arrays is not None else "read"
         if arrays is None:
             arrays = self.follower.read_arrays(uid, self.GROUPS[group])
         log.debug("view: %s arrays of %s version %d %s in %.3f s", group, uid, version, source,
                   time.perf_counter() - t0)
         return arrays
+
+    def _checked(self, uid: str, arrays: dict) -> dict | None:
+        """Streamed arrays in the contract's dtypes, or None (read them: the checks then say why not)."""
+        shape = self.follower.image_shape(uid)
+        try:
+            return {name: array.astype(checked_dtype(name, array.shape, array.dtype, shape), copy=False)
+                    for name, array in arrays.items()}
+        except NoImageError as error:
+            log.debug("view: streamed arrays of %s not drawn: %s", uid, error)
+            return None
 
     def prefetch(self, uid: str, version: int) -> None:
         self._prefetcher.submit(self._prefetch, uid, version)
@@ -126,6 +142,10 @@ class MapCache:
 
     @staticmethod
     def _render(arrays: dict) -> dict[str, bytes]:
+        """PNGs of checked arrays (``arrays.py``: the result's ``image_shape``, when known, holds each)."""
+        if len({array.shape[-2:] for array in arrays.values()}) > 1:
+            raise NoImageError("the map arrays differ in image shape: "
+                               + ", ".join(f"{name} {array.shape}" for name, array in arrays.items()))
         images = {}
         if {"phase", "reliability"} <= arrays.keys():
             images["phase"] = render.phase_png(arrays["phase"], arrays["reliability"], arrays.get("ambiguous"))
@@ -137,19 +157,88 @@ class MapCache:
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address to listen on) is this machine only: ``localhost``, 127.0.0.0/8, ``::1``
+    (bracketed or not), an IPv4-mapped loopback address."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _host_name(host: str) -> str:
+    """``host`` as a ``Host`` header names it (what ``TrustedHostMiddleware`` compares, the port left off):
+    lower case, an IPv6 address in brackets."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+
+
 def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The ``Host`` headers the view answers when it listens on ``host``: on loopback only the loopback
-    names, so that a web page whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read the results
-    through the visitor's browser; anything when it listens elsewhere (``--public``: the names it is reached
-    by are not known here)."""
-    return [*LOOPBACK_NAMES, *extra] if host in LOOPBACK_NAMES else ["*"]
+    """The ``Host`` headers the view answers when it listens on ``host``: on loopback (:func:`is_loopback`,
+    ``::1`` too) only the loopback names and the address it listens on, so that a web page whose name was
+    rebound to a loopback address (DNS rebinding) cannot read the results through the visitor's browser;
+    anything when it listens elsewhere (``--public``: the names it is reached by are not known here)."""
+    if not is_loopback(host):
+        return ["*"]
+    own = _host_name(host)
+    return [*LOOPBACK_NAMES, *([own] if own not in LOOPBACK_NAMES else []), *extra]
 
 
-def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None) -> Starlette:
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class TiledTimeoutError(TimeoutError):
+    """Tiled did not answer a request of the view in time."""
+
+
+def tiled_error_response(error: BaseException) -> JSONResponse | None:
+    """The answer to a request that failed in Tiled (a transport error, a timeout, an error status):
+    503 (Tiled unreachable or not answering) or 502 (Tiled answered an error), ``{"error": "..."}`` naming
+    the problem (the exception's type and status, never its text: that may quote a URL or a header);
+    None for any other error."""
+    if isinstance(error, TiledTimeoutError):
+        message, status = str(error), 503
+    elif isinstance(error, httpx.TimeoutException):
+        message, status = f"Tiled did not answer in time ({type(error).__name__})", 503
+    elif isinstance(error, httpx.HTTPStatusError):
+        response = error.response
+        message, status = f"Tiled answered {response.status_code} {response.reason_phrase}".rstrip(), 502
+    elif isinstance(error, httpx.TransportError):
+        message, status = f"cannot reach Tiled ({type(error).__name__})", 503
+    else:
+        return None
+    log.warning("view: %s", message)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None,
+               tiled_timeout: float = TILED_TIMEOUT_S) -> Starlette:
     """The view's ASGI application over a started (or to be started) ``follower``, answering requests whose
-    ``Host`` is one of ``hosts`` (default: the loopback names, :func:`allowed_hosts`)."""
+    ``Host`` is one of ``hosts`` (default: the loopback names, :func:`allowed_hosts`). A request that reads
+    Tiled (search, images) waits for it at most ``tiled_timeout`` seconds (then 503, :func:`tiled_error_response`)."""
     broadcaster = Broadcaster()
     cache = MapCache(follower)
+    tiled_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="view-tiled")  # bounded, as is the wait
+
+    async def from_tiled(function) -> Any:
+        """``function()`` (which reads Tiled) on ``tiled_pool``; TiledTimeoutError after ``tiled_timeout`` s (the
+        read goes on, bounded by the Tiled client's own timeouts, and its thread with it)."""
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(tiled_pool, function),
+                                          tiled_timeout)
+        except TimeoutError:
+            raise TiledTimeoutError(f"Tiled did not answer within {tiled_timeout:g} s") from None
     follower.add_listener(broadcaster)
     drawn_versions: dict[str, int] = {}
 
@@ -184,38 +273,52 @@ def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None) -> 
         live = follower.state == "live"
         return JSONResponse({"ok": live, "state": follower.state}, status_code=200 if live else 503)
 
-    def search(request: Request) -> Response:
+    async def search(request: Request) -> Response:
         """The uids ``phasestream query`` would list for ``soc``, ``tolerance`` and ``status``."""
         params = request.query_params
         try:
             soc = float(params["soc"]) if params.get("soc") else None
             tolerance = float(params.get("tolerance") or 0.0)
             status = params.get("status") or None
-            found = find(follower.client, state_of_charge=soc, tolerance=tolerance, status=status,
-                         root=follower.root)
+            found = await from_tiled(lambda: find(follower.client, state_of_charge=soc, tolerance=tolerance,
+                                                  status=status, root=follower.root))
         except (ValueError, TypeError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
+        except Exception as error:
+            reply = tiled_error_response(error)
+            if reply is None:
+                raise
+            return reply
         return JSONResponse({"uids": sorted(found)})
 
     def run(request: Request) -> Response:
         found = run_or_404(request)
         return found if isinstance(found, Response) else JSONResponse(found[1])
 
-    def image(request: Request) -> Response:
+    async def image(request: Request) -> Response:
         found = run_or_404(request)
         if isinstance(found, Response):
             return found
         uid, summary = found
         kind = request.path_params["kind"]
-        try:
+
+        def draw() -> bytes | None:
             if kind == "od":
-                index = summary["energies_seen"] - 1
-                plane = follower.read_od_plane(uid, index)
-                body = None if plane is None else render.od_png(plane)
-            else:
-                body = cache.image(uid, summary["version"], kind)
+                plane = follower.read_od_plane(uid, summary["energies_seen"] - 1)
+                return None if plane is None else render.od_png(plane)
+            return cache.image(uid, summary["version"], kind)
+
+        try:
+            body = await from_tiled(draw)
         except KeyError:
             body = None
+        except NoImageError as error:  # arrays off the contract (arrays.py): said, never drawn
+            return Response(f"no image: {error}", status_code=422)
+        except Exception as error:
+            reply = tiled_error_response(error)
+            if reply is None:
+                raise
+            return reply
         if body is None:
             return Response(f"no {kind} image for {uid} yet", status_code=404)
         # the URL names the version (?v=...), so a version's image never changes
@@ -266,7 +369,8 @@ def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None) -> 
 
 
 def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, root: str = "phasestream",
-             api_key: str | None = None, ready=None, extra_hosts: list[str] | tuple[str, ...] = ()) -> None:
+             api_key: str | None = None, ready=None, extra_hosts: list[str] | tuple[str, ...] = (),
+             tiled_timeout: float = TILED_TIMEOUT_S) -> None:
     """Serve the view until interrupted (SIGINT/SIGTERM).
 
     Parameters
@@ -277,6 +381,7 @@ def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, 
     api_key : Tiled API key; default ``TILED_API_KEY``
     ready : called with the bound ``(host, port)`` once the view serves
     extra_hosts : ``Host`` names answered besides the loopback names (:func:`allowed_hosts`)
+    tiled_timeout : seconds a request waits for Tiled before it is answered 503
     """
     import uvicorn
 
@@ -284,7 +389,7 @@ def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, 
         follower = CatalogFollower(tiled, api_key=api_key, root=root)
     else:
         follower = CatalogFollower(str(tiled.uri), root=root, client=tiled)
-    app = create_app(follower, hosts=allowed_hosts(host, extra_hosts))
+    app = create_app(follower, hosts=allowed_hosts(host, extra_hosts), tiled_timeout=tiled_timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             access_log=False, lifespan="on")
     server = uvicorn.Server(config)
@@ -306,18 +411,18 @@ def run_view(tiled: str | object, *, host: str = "127.0.0.1", port: int = 8010, 
 class ViewServer:
     """The view served on a thread of this process (tests, benchmarks, the demo): ``.url``, ``.close()``.
 
-    ``tiled`` as for :func:`run_view`; port 0 picks a free port.
+    ``tiled``, ``tiled_timeout`` as for :func:`run_view`; port 0 picks a free port.
     """
 
     def __init__(self, tiled: str | object, *, host: str = "127.0.0.1", port: int = 0, root: str = "phasestream",
-                 api_key: str | None = None, timeout: float = 30.0):
+                 api_key: str | None = None, timeout: float = 30.0, tiled_timeout: float = TILED_TIMEOUT_S):
         import uvicorn
 
         if isinstance(tiled, str):
             self.follower = CatalogFollower(tiled, api_key=api_key, root=root)
         else:
             self.follower = CatalogFollower(str(tiled.uri), root=root, client=tiled)
-        app = create_app(self.follower, hosts=allowed_hosts(host))
+        app = create_app(self.follower, hosts=allowed_hosts(host), tiled_timeout=tiled_timeout)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                 access_log=False, lifespan="on")
         self._server = uvicorn.Server(config)
@@ -333,7 +438,7 @@ class ViewServer:
             deadline -= 0.05
             threading.Event().wait(0.05)
         bound = self._server.servers[0].sockets[0].getsockname()
-        self.url = f"http://{bound[0]}:{bound[1]}"
+        self.url = f"http://{url_host(bound[0])}:{bound[1]}"
 
     def close(self) -> None:
         self._server.should_exit = True
