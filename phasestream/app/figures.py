@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PHASE_COLORS", "phase_rgb", "save_result_figures"]
+__all__ = ["MAX_LABEL_CHARS", "PHASE_COLORS", "label_text", "phase_rgb", "save_result_figures", "show_literally"]
 
 PHASE_COLORS = np.array(
     [
@@ -26,6 +26,25 @@ PHASE_COLORS = np.array(
     ]
 )
 AMBIGUOUS_GREY = np.array([0.6, 0.6, 0.6])
+#: the most characters of a name (sample, phase) shown in a figure
+MAX_LABEL_CHARS = 80
+#: text drawn as the characters it holds: a name with ``$`` is no mathtext, no text goes through TeX
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def label_text(value: object, limit: int = MAX_LABEL_CHARS) -> str:
+    """``value`` (a sample or phase name: any text a document or a result gives) as a figure label: unprintable
+    characters as spaces, at most ``limit`` characters, the last an ellipsis when it was longer."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def show_literally(*texts) -> None:
+    """Draw each matplotlib ``Text`` as the characters it holds: ``$...$`` is no mathtext (a name matplotlib
+    cannot parse raised when drawn), and no text goes through TeX."""
+    for text in texts:
+        text.set_parse_math(False)
+        text.set_usetex(False)
 
 
 def phase_rgb(phase: np.ndarray, reliability: np.ndarray, ambiguous: np.ndarray | None = None,
@@ -71,45 +90,59 @@ def save_result_figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    labels = [label_text(p) for p in phases]
+    title = label_text(title) if title else ""
+    with plt.rc_context(LITERAL_TEXT):  # sample and phase names are drawn as they are spelled
+        return [_phase_figure(plt, out / f"{name}_phase.png", labels, phase, reliability, ambiguous, title),
+                _pcc_figure(plt, out / f"{name}_pcc.png", labels, pcc, mask),
+                _fraction_figure(plt, out / f"{name}_fractions.png", labels, [fractions.get(p, 0.0) for p in phases],
+                                 title)]
+
+
+def _phase_figure(plt, path: Path, labels: list[str], phase, reliability, ambiguous, title: str) -> Path:
+    from matplotlib.patches import Patch
 
     fig, ax = plt.subplots(figsize=(6, 5.2))
     ax.imshow(phase_rgb(phase, reliability, ambiguous), interpolation="nearest")
-    handles = [Patch(color=PHASE_COLORS[i % len(PHASE_COLORS)], label=p) for i, p in enumerate(phases)]
+    handles = [Patch(color=PHASE_COLORS[i % len(PHASE_COLORS)], label=p) for i, p in enumerate(labels)]
     handles.append(Patch(color=AMBIGUOUS_GREY, label="ambiguous"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(f"{title}\nphase (colour), reliability (brightness)".strip())
     ax.set_axis_off()
     fig.tight_layout()
-    paths.append(out / f"{name}_phase.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
-    k = len(phases)
+
+def _pcc_figure(plt, path: Path, labels: list[str], pcc, mask) -> Path:
+    k = len(labels)
     shown = pcc if mask is None else np.where(np.asarray(mask, bool)[None], pcc, np.nan)
     low = float(np.nanmin(shown)) if np.isfinite(shown).any() else 0.0
     cmap = plt.get_cmap("magma").with_extremes(bad="black")
     fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.9), squeeze=False)
     for i, ax in enumerate(axes[0]):
         im = ax.imshow(shown[i], vmin=min(low, 0.99), vmax=1.0, cmap=cmap)
-        ax.set_title(f"PCC {phases[i]}")
+        ax.set_title(f"PCC {labels[i]}")
         ax.set_axis_off()
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    paths.append(out / f"{name}_pcc.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
+
+def _fraction_figure(plt, path: Path, labels: list[str], fractions: list[float], title: str) -> Path:
+    k = len(labels)
     fig, ax = plt.subplots(figsize=(5, 3))
-    values = [100 * fractions.get(p, 0.0) for p in phases]
-    ax.bar(list(phases), values, color=[PHASE_COLORS[i % len(PHASE_COLORS)] for i in range(k)])
+    # at positions, not categories: two names alike once shortened stay two bars
+    ax.bar(range(k), [100 * f for f in fractions], color=[PHASE_COLORS[i % len(PHASE_COLORS)] for i in range(k)])
+    ax.set_xticks(range(k), labels)
     ax.set_ylabel("% of particle pixels")
     ax.set_title(title or "phase fractions")
     fig.tight_layout()
-    paths.append(out / f"{name}_fractions.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
+    return path

@@ -29,9 +29,10 @@ draws. A plain figure in a Jupyter kernel (no pyplot manager) is shown through a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from phasestream.app.figures import AMBIGUOUS_GREY, PHASE_COLORS, phase_rgb
+from phasestream.app.figures import AMBIGUOUS_GREY, PHASE_COLORS, label_text, phase_rgb, show_literally
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.contract import InvalidIdentifierError, Status, check_run_uid
 from phasestream.contract.fields import check_field_index, field_key
@@ -279,22 +280,19 @@ class LivePhaseMap(QtAwareCallback):
                 self._phase_names = list(snapshot.metadata["phase_fractions"])
         return self._phase_names
 
+    @contextlib.contextmanager
+    def _drawing(self, what: str) -> Iterator[None]:
+        """Log a failure to draw ``what`` and go on: raised into the RunEngine, it would abort the user's scan."""
+        try:
+            yield
+        except Exception:
+            logger.exception("live phase map: drawing the %s of run %s failed; the scan goes on", what, self._uid)
+
     def _draw(self, snapshot: ResultSnapshot) -> None:
         with self._lock:
             if snapshot.run_uid != self._uid:
                 return  # a late state of the previous run
             phases = self._phases(snapshot)
-            maps = snapshot.arrays
-            if {"phase", "reliability"} <= set(maps):
-                rgb = phase_rgb(maps["phase"], maps["reliability"], maps.get("ambiguous"))
-                if self._image is None:
-                    self._image = self._map_ax.imshow(rgb, interpolation="nearest")
-                    handles = [Patch(color=PHASE_COLORS[i % len(PHASE_COLORS)], label=p) for i, p in enumerate(phases)]
-                    handles.append(Patch(color=AMBIGUOUS_GREY, label="ambiguous"))
-                    self._map_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0),
-                                        frameon=False, fontsize=8)
-                else:
-                    self._image.set_data(rgb)
             fractions = snapshot.metadata.get("phase_fractions") or {}
             n = snapshot.n_energies_seen
             if fractions:
@@ -303,10 +301,27 @@ class LivePhaseMap(QtAwareCallback):
                     self.fractions[-1] = point  # the final maps of the last energy, or a re-read
                 else:
                     self.fractions.append(point)
-                self._draw_fractions(phases)
             self.snapshot = snapshot
             self.redraws.append(n)
+            with self._drawing("maps"):
+                self._draw_map(phases, snapshot.arrays)
+                if fractions:
+                    self._draw_fractions(phases)
             self._draw_title(snapshot.status)
+
+    def _draw_map(self, phases: list[str], maps: dict) -> None:
+        if not {"phase", "reliability"} <= set(maps):
+            return
+        rgb = phase_rgb(maps["phase"], maps["reliability"], maps.get("ambiguous"))
+        if self._image is not None:
+            self._image.set_data(rgb)
+            return
+        self._image = self._map_ax.imshow(rgb, interpolation="nearest")
+        handles = [Patch(color=PHASE_COLORS[i % len(PHASE_COLORS)], label=label_text(p)) for i, p in enumerate(phases)]
+        handles.append(Patch(color=AMBIGUOUS_GREY, label="ambiguous"))
+        legend = self._map_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+                                     fontsize=8)
+        show_literally(*legend.get_texts())  # phase names as spelled, never mathtext
 
     def _draw_fractions(self, phases: list[str]) -> None:
         ns = [n for n, _, _ in self.fractions]
@@ -317,14 +332,16 @@ class LivePhaseMap(QtAwareCallback):
             if line is None:
                 ambiguous = name == "ambiguous"
                 color = AMBIGUOUS_GREY if ambiguous else PHASE_COLORS[i % len(PHASE_COLORS)]
-                (line,) = self._fraction_ax.plot(ns, values, marker=".", color=color, label=name,
+                (line,) = self._fraction_ax.plot(ns, values, marker=".", color=color, label=label_text(name),
                                                  linestyle="--" if ambiguous else "-")
                 self._lines[name] = line
             else:
                 line.set_data(ns, values)
         self._fraction_ax.set_xlim(0, max(self._expected() or 0, max(ns)) + 0.5)
         if len(self._lines) == len(series) and self._fraction_ax.get_legend() is None:
-            self._fraction_ax.legend(fontsize=8, loc="upper right")
+            # the lines as handles: a name starting with "_" is still shown
+            legend = self._fraction_ax.legend(handles=list(self._lines.values()), fontsize=8, loc="upper right")
+            show_literally(*legend.get_texts())
 
     def _expected(self) -> int | None:
         n = self._start.get("num_points")
@@ -337,12 +354,13 @@ class LivePhaseMap(QtAwareCallback):
             seen = self.snapshot.n_energies_seen if self.snapshot is not None else 0
             expected = self._expected()
             uid = self._start.get("uid")
-            parts = [str(sample.get("name") or (uid[:8] if isinstance(uid, str) and uid else "run"))]
+            parts = [label_text(sample.get("name") or (uid[:8] if isinstance(uid, str) and uid else "run"))]
             if isinstance(soc, int | float):
                 parts.append(f"SOC {soc:g}")
-            parts += [status, f"{seen}/{expected or '?'} energies"]
-            self.figure.suptitle("  |  ".join(parts))
-            self._show()
+            parts += [label_text(status), f"{seen}/{expected or '?'} energies"]
+            with self._drawing("title"):  # the sample name as spelled: "$...$" is no mathtext
+                self.figure.suptitle("  |  ".join(parts), parse_math=False, usetex=False)
+                self._show()
 
     def _show(self) -> None:
         self.figure.canvas.draw_idle()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,9 @@ class RunQuery:
     since, until : ``since <= time < until``, the run's start time in seconds since the epoch
     plan : ``plan_name`` equal to this
     start : more keys (dotted, e.g. ``{"scan_id": 12}``) and the values they must equal
+
+    Numbers must be finite (``ValueError`` naming the field otherwise): NaN would match no run and an
+    infinite tolerance every one.
     """
 
     state_of_charge: float | None = None
@@ -55,13 +59,23 @@ class RunQuery:
     start: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        # a number that is not finite matches nothing (nan) or everything (a tolerance of inf), silently
+        for name in ("state_of_charge", "since", "until"):
+            if getattr(self, name) is not None:
+                _check_finite(name, getattr(self, name))
+        _check_tolerance(self.tolerance)
+        if self.state_of_charge is not None and self.tolerance > 0 and not (
+                math.isfinite(self.state_of_charge - self.tolerance)
+                and math.isfinite(self.state_of_charge + self.tolerance)):
+            raise ValueError(f"state_of_charge ± tolerance must be finite, got {self.state_of_charge} ± "
+                             f"{self.tolerance}")
         if self.since is not None and self.until is not None and self.since >= self.until:
             raise ValueError(f"since ({self.since}) must be before until ({self.until})")
-        for key in self.start:
+        for key, value in self.start.items():
             if not (isinstance(key, str) and key and all(key.split("."))):
                 raise ValueError(f"a start-document key is dotted names, e.g. sample.name; got {key!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"start-document key {key}: a value must be a finite number, got {value}")
 
     @property
     def empty(self) -> bool:
@@ -157,10 +171,23 @@ def _start_time(start) -> float:
         else 0.0
 
 
-def _with_soc(query: RunQuery | Mapping | None, state_of_charge: float | None, tolerance: float) -> RunQuery:
-    """``query`` with the shorthand ``state_of_charge=`` (and its tolerance) when given."""
+def _check_finite(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def _check_tolerance(tolerance: Any) -> None:
+    _check_finite("tolerance", tolerance)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+
+
+def _with_soc(query: RunQuery | Mapping | None, state_of_charge: float | None, tolerance: float) -> RunQuery:
+    """``query`` with the shorthand ``state_of_charge=`` (and its tolerance) when given."""
+    _check_tolerance(tolerance)
     if isinstance(query, Mapping):  # start-document keys and values, as find_raw_runs(query=...) took before
         query = RunQuery(start=query)
     query = query or RunQuery()

@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from ophyd.sim import SynAxis
 
-from phasestream.app.figures import phase_rgb
+from phasestream.app.figures import MAX_LABEL_CHARS, phase_rgb, save_result_figures
 from phasestream.app.live import ServeProcess
 from phasestream.app.notebook import LivePhaseMap
 from phasestream.contract.fields import MAX_FIELDS, field_key
@@ -24,7 +24,7 @@ from phasestream.kernels import (
     pearson_maps,
     phase_fractions,
 )
-from phasestream.references import load_references, select_energies
+from phasestream.references import ReferenceSet, load_references, select_energies
 from phasestream.sim import MosaicDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.follow import ResultFollower
 from phasestream.store.results import ResultWriter
@@ -222,3 +222,82 @@ def test_a_final_result_with_a_count_that_is_no_number_ends_the_follower(tiled_c
     finally:
         follower.stop()
     assert seen[-1].status == "complete" and seen[-1].n_energies_seen == 0 and seen[-1].arrays == {}
+
+
+HOSTILE_NAMES = ["Na$_x$V2(PO4)2F3", "cell 3 ($\\bad cost$)", "price $5 vs $6 ^_^", "$\\frac{1}{$"]
+
+
+def hostile_references() -> ReferenceSet:
+    """nvpf-synthetic with phase names matplotlib would parse as mathtext (the last one it cannot parse)."""
+    names = ("Na$_3$", "$\\bad$", "2$", "_hidden", "x" * 300)
+    return ReferenceSet(energies=REFS.energies, phases=names, spectra=REFS.spectra, name="hostile-names")
+
+
+def scan_named(live: LivePhaseMap, name: str, *, references=REFS) -> str:
+    """A real scan of a sample called ``name``, the view subscribed; the scan's uid (the RunEngine raises when a
+    callback does)."""
+    RE = RunEngine({})
+    RE.subscribe(live)
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=3, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, i0=8000.0, seed=3)
+    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample={"name": name, "state_of_charge": 2.0},
+                                  references=references, i0_key=det.i0_key))
+    live.close()
+    return uid
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_sample_name_with_dollars_is_drawn_literally_and_the_scan_completes(name):
+    """A name with ``$`` was parsed as mathtext: rendered as math, or (one matplotlib cannot parse) raised in the
+    callback, which aborted the user's scan."""
+    live = LivePhaseMap(figure=agg_figure(), backend="numpy", display=False)
+    uid = scan_named(live, name)
+    assert live.snapshot.run_uid == uid and live.snapshot.status == "complete"
+    title = live.figure._suptitle
+    assert title.get_text().startswith(name + "  |  SOC 2  |  complete")
+    assert not title.get_parse_math() and not title.get_usetex()
+    live.figure.canvas.draw()  # renders
+
+
+def test_phase_names_in_the_legends_are_drawn_literally_and_capped():
+    refs = hostile_references()
+    live = LivePhaseMap(figure=agg_figure(), backend="numpy", display=False, references=refs)
+    scan_named(live, "x" * 5000, references=refs)
+    assert live.snapshot.status == "complete"
+    title = live.figure.get_suptitle().split("  |  ")[0]
+    assert len(title) <= MAX_LABEL_CHARS and title.startswith("x" * (MAX_LABEL_CHARS - 1))
+    capped = [p if len(p) <= MAX_LABEL_CHARS else p[:MAX_LABEL_CHARS - 1] + "…" for p in refs.phases]
+    for ax, extra in ((live.figure.axes[0], "ambiguous"), (live.figure.axes[1], "ambiguous")):
+        texts = ax.get_legend().get_texts()
+        assert [t.get_text() for t in texts] == [*capped, extra]
+        assert not any(t.get_parse_math() or t.get_usetex() for t in texts)
+    live.figure.canvas.draw()
+
+
+def test_a_drawing_failure_is_logged_and_never_aborts_the_scan(caplog):
+    figure = agg_figure()
+
+    def broken_draw(*args, **kwargs):
+        raise RuntimeError("the display went away")
+
+    figure.canvas.draw = broken_draw
+    live = LivePhaseMap(figure=figure, backend="numpy", display=False)
+    uid = scan_named(live, "P1")
+    assert live.snapshot.run_uid == uid and live.snapshot.status == "complete"
+    assert live.snapshot.n_energies_seen == len(ENERGIES)
+    failures = [r for r in caplog.records if r.name == "phasestream.app.notebook" and r.levelname == "ERROR"]
+    assert failures and "the display went away" in failures[0].exc_text
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_result_figures_of_hostile_names_are_written(tmp_path, name):
+    refs = hostile_references()
+    k, shape = len(refs.phases), (8, 8)
+    rng = np.random.default_rng(0)
+    phase = rng.integers(0, k, shape)
+    paths = save_result_figures(tmp_path, name="run", phases=list(refs.phases), pcc=rng.uniform(0.9, 1.0, (k, *shape)),
+                                phase=phase, reliability=rng.uniform(0, 0.1, shape), ambiguous=np.zeros(shape, bool),
+                                fractions={p: 1 / k for p in refs.phases}, title=name)
+    assert [p.name for p in paths] == ["run_phase.png", "run_pcc.png", "run_fractions.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)

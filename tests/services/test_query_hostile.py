@@ -5,15 +5,18 @@ query`` and the selection of raw runs by ``reprocess`` list every run."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 from bluesky import RunEngine
 
 from phasestream.app.cli import main
+from phasestream.app.view import ViewServer
 from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
-from phasestream.store.catalog import RunQuery, find_raw_runs
+from phasestream.store.catalog import RunQuery, find, find_raw_runs
 from phasestream.store.tiled import raw_run_writer
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 4)
@@ -69,3 +72,60 @@ def test_a_raw_run_without_a_numeric_start_time_is_still_selected(tiled_client, 
         assert found == [bad, good]  # the run without a time sorts first
     finally:
         node.replace_metadata(metadata=original)
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["state_of_charge", "tolerance", "since", "until"])
+def test_a_query_of_a_number_that_is_not_finite_is_refused_naming_it(name, value):
+    # nan matched nothing and inf everything, silently (soc=nan: no run; tolerance=inf: every run)
+    with pytest.raises(ValueError, match=name):
+        RunQuery(**{"state_of_charge": 1.0, name: value})
+    with pytest.raises(ValueError, match="scan_id"):
+        RunQuery(start={"scan_id": value})
+
+
+def test_a_query_whose_bounds_overflow_is_refused():
+    with pytest.raises(ValueError, match="tolerance"):
+        RunQuery(state_of_charge=1e308, tolerance=1e308)  # soc + tolerance is inf
+
+
+def test_find_refuses_a_state_of_charge_or_tolerance_that_is_not_finite(tiled_client, runs):
+    low, high = runs  # states of charge 1.0 and 2.0
+    assert set(find(tiled_client, state_of_charge=1.5, tolerance=0.5)) == {low, high}
+    assert set(find(tiled_client, state_of_charge=2.0)) == {high}
+    for soc, tolerance in [(float("nan"), 0.0), (1.0, float("nan")), (float("inf"), 0.0), (1.0, float("inf")),
+                           (float("1e400"), 1.0), (None, float("nan"))]:
+        with pytest.raises(ValueError, match=r"state_of_charge|tolerance"):
+            find(tiled_client, state_of_charge=soc, tolerance=tolerance)
+        with pytest.raises(ValueError, match=r"state_of_charge|tolerance"):
+            find_raw_runs(tiled_client, state_of_charge=soc, tolerance=tolerance)
+
+
+@pytest.mark.parametrize("argv", [["--soc", "nan"], ["--soc", "inf"], ["--soc", "1e400"], ["--soc=-inf"],
+                                  ["--soc", "1", "--tolerance", "nan"], ["--soc", "1", "--tolerance", "inf"],
+                                  ["--soc", "1", "--tolerance=-1"]])
+def test_query_refuses_an_option_that_is_no_finite_number(tiled_server, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["query", "--tiled", tiled_server.uri, *argv])
+    assert exit_.value.code == 2  # argparse's refusal, naming the option, before Tiled is asked
+    option = argv[-1].partition("=")[0] if "=" in argv[-1] else argv[-2]
+    assert f"argument {option}:" in capsys.readouterr().err
+
+
+def test_the_views_search_answers_400_to_a_number_that_is_not_finite(tiled_client, runs):
+    low, high = runs
+    with ViewServer(tiled_client) as view:
+        def search(query: str) -> tuple[int, dict]:
+            try:
+                with urllib.request.urlopen(f"{view.url}/api/search?{query}", timeout=30) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        assert search("soc=1.5&tolerance=0.5") == (200, {"uids": sorted([low, high])})
+        for query in ("soc=nan", "soc=1&tolerance=nan", "soc=inf", "soc=1&tolerance=inf", "soc=1e400&tolerance=1"):
+            status, body = search(query)
+            assert status == 400 and ("state_of_charge" in body["error"] or "tolerance" in body["error"]), query

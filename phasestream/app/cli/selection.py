@@ -10,15 +10,15 @@ from datetime import datetime
 
 from phasestream.store.catalog import RunQuery
 
-__all__ = ["add_selection_options", "parse_time", "run_query"]
+__all__ = ["add_selection_options", "finite_number", "parse_time", "parse_tolerance", "run_query"]
 
 
 def add_selection_options(parser: argparse.ArgumentParser, what: str) -> None:
     """The friendly keys as options; ``what`` names the runs they select (``results``, ``raw runs``)."""
     group = parser.add_argument_group(f"which {what} (all criteria given must match)")
-    group.add_argument("--soc", type=float, default=None, metavar="X",
+    group.add_argument("--soc", type=finite_number, default=None, metavar="X",
                        help="state of charge: sample.state_of_charge X (Na content x)")
-    group.add_argument("--tolerance", type=float, default=0.0, help="--soc: match |SoC - X| <= tolerance")
+    group.add_argument("--tolerance", type=parse_tolerance, default=0.0, help="--soc: match |SoC - X| <= tolerance")
     group.add_argument("--sample", default=None, metavar="NAME", help="sample.name equal to NAME")
     group.add_argument("--since", type=parse_time, default=None, metavar="T",
                        help="runs started at or after T: ISO 8601 (2026-12-03, 2026-12-03T14:00, local time "
@@ -32,6 +32,25 @@ def run_query(args: argparse.Namespace, start: dict | None = None) -> RunQuery:
     """The :class:`RunQuery` of the options (``start``: more start-document keys and values)."""
     return RunQuery(state_of_charge=args.soc, tolerance=args.tolerance, sample=args.sample, since=args.since,
                     until=args.until, plan=args.plan, start=dict(start or {}))
+
+
+def finite_number(text: str) -> float:
+    """``text`` as a finite float (argparse then names the option): NaN would select no run, inf none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def parse_tolerance(text: str) -> float:
+    """``text`` as a finite float >= 0 (an infinite tolerance would select every run)."""
+    value = finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def parse_time(text: str) -> float:
