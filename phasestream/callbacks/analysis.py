@@ -20,6 +20,7 @@ from event_model import DocumentRouter, unpack_event_page
 
 from phasestream.callbacks.assets import read_stream_frames
 from phasestream.callbacks.corrections import TXMCorrections
+from phasestream.callbacks.ending import run_timings, status_at_stop, status_of_maps
 from phasestream.callbacks.planes import PartialMapPolicy, PlaneQueue
 from phasestream.callbacks.result import RunResult
 from phasestream.callbacks.settings import AnalysisConfig
@@ -394,40 +395,23 @@ class RunAnalysis(DocumentRouter):
         if self.closed:
             return
         self.closed = True
-        s = self.settings
         n = len(self.result.energies)
-        expected = s.num_points
-        if n == 0:
-            first = f" (first problem: {self.result.errors[0]})" if self.result.errors else ""
-            self.record_error(f"no usable image in the run{first}")
-        if n and expected and n < expected:
-            self.record_error(f"{n} of {expected} energies analysed")
-        if n == 1:
-            self.record_error("only 1 energy analysed: phase maps need at least 2")
-        if n and exit_status != "success":
-            self.record_error(f"run ended with exit_status {exit_status!r:.40} {reason!s:.200}".strip())
-        if n == 0:
-            status = "failed"
-        elif self.incomplete_reason or exit_status != "success" or (expected and n < expected) or n < 2:
-            status = "partial"
-        else:
-            status = "complete"
+        status, errors = status_at_stop(n, self.settings.num_points, exit_status, reason,
+                                        incomplete=bool(self.incomplete_reason),
+                                        first_error=self.result.errors[0] if self.result.errors else None)
+        for error in errors:
+            self.record_error(error)
         self._open_result(None if self.acc is None else self.acc.shape)
         if self._final is not None and self._final[0] == n:
             summary = self._final[1]  # final maps already written after the last expected image
         else:
             summary = self._publish(final=True) if n > 0 else {}
-        if n and not summary.get("particle_pixels"):
-            if not summary.get("valid_pixels"):
-                self.record_error("every pixel's OD is masked (zero, negative or non-finite counts or I0): "
-                                  "nothing could be analysed")
-                status = "failed"
-            else:
-                self.record_error("no particle pixels found (the particle mask is empty): phase fractions "
-                                  "are undefined")
-                status = "partial" if status == "complete" else status
+        status, errors = status_of_maps(status, n, summary)
+        for error in errors:
+            self.record_error(error)
         self.result.status = status
-        timings = self._timings(n)
+        timings = run_timings(n, time.time(), self.t_first_image, self.t_last_image, self.frame_seconds,
+                              self.event_latency)
         t_last = self.t_last_image
         final_arrays = {name: a.shape for name, a in self.result.arrays.items()} if n else {}
 
@@ -470,18 +454,6 @@ class RunAnalysis(DocumentRouter):
         self.sink.submit(final_job, key=self.result.key)
         self.sink.submit(self.result.done.set)
         self.on_finished(self)
-
-    def _timings(self, n: int) -> dict:
-        t_stop = time.time()
-        return {
-            "first_image_to_stop_s": (t_stop - self.t_first_image) if self.t_first_image else None,
-            "median_frame_ms": 1e3 * float(np.median(self.frame_seconds)) if n else None,
-            "images_per_s": (n - 1) / (self.t_last_image - self.t_first_image)
-            if n > 1 and self.t_last_image > self.t_first_image else None,
-            "event_latency_ms": {"median": 1e3 * float(np.median(self.event_latency)),
-                                 "p95": 1e3 * float(np.percentile(self.event_latency, 95))}
-            if self.event_latency else None,
-        }
 
     def _write_final_metadata(self, md: dict, timings: dict, attempts: int = 4) -> bool:
         """The final status update, tried again with backoff (a restarting Tiled); False if it never went in."""
