@@ -7,6 +7,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from formats_support import write_nxstxm
 
 from phasestream.formats import FormatError, read_stack
 from phasestream.formats.nxstxm import read_nxstxm
@@ -23,19 +24,8 @@ def _pyxas(path, **extra) -> None:
 
 
 def _nxstxm(path) -> None:
-    with h5py.File(path, "w") as handle:
-        entry = handle.create_group("entry0")
-        entry.attrs["NX_class"] = "NXentry"
-        entry["definition"] = b"NXstxm"
-        data = entry.create_group("counter0")
-        data.attrs["NX_class"] = "NXdata"
-        data.attrs["signal"] = "data"
-        data.attrs["axes"] = ["energy", "sample_y", "sample_x"]
-        data["data"] = np.arange(3 * 4 * 6, dtype=np.float32).reshape(3, 4, 6) + 1
-        data["energy"] = [700.0, 708.0, 720.0]
-        data["sample_y"] = np.arange(4) * 0.05
-        data["sample_x"] = np.arange(6) * 0.04
-        data["stxm_scan_type"] = b"sample image stack"
+    counts = np.arange(3 * 4 * 6, dtype=np.float32).reshape(3, 4, 6) + 1
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=counts))
 
 
 def _replace(path, name, value) -> None:

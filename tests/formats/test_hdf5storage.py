@@ -11,36 +11,14 @@ import os
 import h5py
 import numpy as np
 import pytest
+from formats_support import write_nxstxm
 
 from phasestream.formats import FormatError, LazyImages, read_stack
 from phasestream.formats.nxstxm import read_nxstxm
 from phasestream.formats.pyxas import read_pyxas
 from phasestream.formats.stack import EXPANSION_ALLOWANCE, MAX_EXPANSION
 
-ENERGIES = np.array([700.0, 706.5, 708.0, 709.2, 720.0])
 KEV = np.array([8.30, 8.33, 8.345, 8.36, 8.40])
-
-
-def _nxstxm(path, make_signal, *, monitor=None) -> None:
-    """An NXstxm file as pyStxm lays it out, its signal made by ``make_signal(group)``."""
-    with h5py.File(path, "w") as handle:
-        entry = handle.create_group("entry0")
-        entry.attrs["NX_class"] = "NXentry"
-        entry["definition"] = b"NXstxm"
-        data = entry.create_group("counter0")
-        data.attrs["NX_class"] = "NXdata"
-        data.attrs["signal"] = "data"
-        data.attrs["axes"] = ["energy", "sample_y", "sample_x"]
-        make_signal(data)
-        rows, cols = data["data"].shape[1:]
-        data["energy"] = ENERGIES[: data["data"].shape[0]]
-        data["sample_y"] = np.arange(rows) * 0.05
-        data["sample_x"] = np.arange(cols) * 0.05
-        data["stxm_scan_type"] = b"sample image stack"
-        if monitor is not None:
-            control = entry.create_group("control")
-            control.attrs["NX_class"] = "NXmonitor"
-            monitor(control)
 
 
 def _counts(shape=(5, 4, 6)) -> np.ndarray:
@@ -72,7 +50,7 @@ def test_nxstxm_gzipped_zeros_are_refused_signal_and_monitor(tmp_path):
                              compression_opts=9)
 
     path = tmp_path / "zeros.h5"
-    _nxstxm(path, zeros)
+    write_nxstxm(path, zeros)
     with h5py.File(path) as handle:
         node = handle["entry0/counter0/data"]
         stored = node.id.get_storage_size()
@@ -81,7 +59,7 @@ def test_nxstxm_gzipped_zeros_are_refused_signal_and_monitor(tmp_path):
         read_nxstxm(path)
     # the same for the monitor, with a signal that is fine
     path = tmp_path / "monitor.h5"
-    _nxstxm(path, lambda g: g.create_dataset("data", data=np.ones(shape, np.float32)), monitor=zeros)
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=np.ones(shape, np.float32)), monitor=zeros)
     with pytest.raises(FormatError, match=r"control data \(/entry0/control/data\) declares 4\.0 MiB"):
         read_nxstxm(path)
 
@@ -89,7 +67,7 @@ def test_nxstxm_gzipped_zeros_are_refused_signal_and_monitor(tmp_path):
 def test_monitor_of_the_wrong_size_is_refused_before_it_is_read(tmp_path, monkeypatch):
     """A monitor larger than the signal is refused by its declared shape, not read first."""
     path = tmp_path / "big_monitor.h5"
-    _nxstxm(path, lambda g: g.create_dataset("data", data=_counts()),
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=_counts()),
             monitor=lambda group: group.create_dataset("data", data=np.ones((5, 4, 7))))
     read = []
     original = h5py.Dataset.read_direct
@@ -109,7 +87,7 @@ def test_well_compressed_real_counts_still_read(tmp_path):
     """Counts with shot noise deflate a few times: far inside the bound, read as written."""
     counts = _counts((5, 64, 64)).astype(np.uint16)
     path = tmp_path / "gzip.h5"
-    _nxstxm(path, lambda g: g.create_dataset("data", data=counts, chunks=(1, 64, 64), compression="gzip"))
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=counts, chunks=(1, 64, 64), compression="gzip"))
     np.testing.assert_array_equal(np.asarray(read_nxstxm(path).images), counts)
 
 
@@ -126,7 +104,7 @@ def test_nxstxm_aborted_scan_frames_never_written_are_unmeasured(tmp_path, dtype
         node = group.create_dataset("data", shape=counts.shape, dtype=dtype, chunks=(1, 4, 6))
         node[:3] = counts[:3]
 
-    _nxstxm(path, signal)
+    write_nxstxm(path, signal)
     with h5py.File(path) as handle:
         assert handle["entry0/counter0/data"].id.get_num_chunks() == 3
         assert not handle["entry0/counter0/data"][3:].any()  # the oracle: h5py reads them as 0
@@ -153,7 +131,7 @@ def test_part_of_a_plane_never_written_is_masked_not_zero(tmp_path):
             if index != 2:
                 node[index, 2:] = counts[index, 2:]
 
-    _nxstxm(path, signal)
+    write_nxstxm(path, signal)
     with h5py.File(path) as handle:
         assert handle["entry0/counter0/data"].id.get_num_chunks() == 9
     stack = read_nxstxm(path)
@@ -180,7 +158,7 @@ def test_pyxas_frames_never_written_are_unmeasured(tmp_path):
 def test_contiguous_dataset_never_written_is_unmeasured(tmp_path):
     """Contiguous storage never written (no address in the file): every plane unmeasured, not zeros."""
     path = tmp_path / "contiguous.h5"
-    _nxstxm(path, lambda g: g.create_dataset("data", shape=(2, 4, 6), dtype="f4"))
+    write_nxstxm(path, lambda g: g.create_dataset("data", shape=(2, 4, 6), dtype="f4"))
     with h5py.File(path) as handle:
         assert handle["entry0/counter0/data"].id.get_offset() is None  # the oracle: never allocated
     stack = read_nxstxm(path)
@@ -199,7 +177,7 @@ def test_lazy_frames_reopen_the_file_through_the_outside_reference_check(tmp_pat
         handle["s"] = np.full((3, 4, 6), 4242, np.int32)
     path = tmp_path / "swap.h5"
     counts = _counts((3, 4, 6)).astype(np.int32)
-    _nxstxm(path, lambda g: g.create_dataset("data", data=counts))
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=counts))
     stack = read_stack(path)
     assert isinstance(stack.images, LazyImages)
     np.testing.assert_array_equal(stack.images[0], counts[0])
@@ -210,7 +188,7 @@ def test_lazy_frames_reopen_the_file_through_the_outside_reference_check(tmp_pat
 
     with h5py.File(secret) as handle:  # _nxstxm reads the signal's shape through the link
         assert handle["s"].shape == (3, 4, 6)
-    _nxstxm(swapped, link)
+    write_nxstxm(swapped, link)
     os.replace(swapped, path)
     with pytest.raises(FormatError, match="refers to other files") as info:
         stack.images[0]
@@ -220,9 +198,9 @@ def test_lazy_frames_reopen_the_file_through_the_outside_reference_check(tmp_pat
 def test_lazy_frames_refuse_a_dataset_that_changed_shape_or_type(tmp_path):
     path = tmp_path / "changed.h5"
     counts = _counts((3, 4, 6)).astype(np.int32)
-    _nxstxm(path, lambda g: g.create_dataset("data", data=counts))
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=counts))
     images = read_nxstxm(path).images
     assert isinstance(images, LazyImages)
-    _nxstxm(path, lambda g: g.create_dataset("data", data=counts.astype(np.int16)))
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=counts.astype(np.int16)))
     with pytest.raises(FormatError, match=r"changed since it was checked: .*int16"):
         images[1]
