@@ -527,12 +527,12 @@ def test_a_document_naming_a_finished_run_never_replaces_its_result(client):
     assert catalog_state(client, data_of=(f"/phasestream/{uid}",)) == before
 
 
-def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
-    """A worker stopped mid-run (its result ``partial``, "worker stopped"); the run went on and the next worker
-    got its later documents without the start: the result is older than the run's stop, so it is recovered."""
-    sample = make_sample(SHAPE, state_of_charge=2.0, seed=7, n_particles=2)
+def _stopped_mid_run_then_ended(client, seed: int, *, notes: str | None = None) -> str:
+    """A run whose worker was stopped mid-run (its result ``partial``, "worker stopped", ``notes`` added by a
+    person), whose raw run went on and stopped after the worker did; its uid."""
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=seed, n_particles=2)
     energy = make_energy()
-    det = TransmissionDetector(sample, energy, i0=5000.0, seed=7)
+    det = TransmissionDetector(sample, energy, i0=5000.0, seed=seed)
     docs: Docs = []
     RunEngine({})(energy_stack_scan([det], energy, ENERGIES, sample=sample, references="nvpf-synthetic",
                                     i0_key=det.i0_key), lambda n, d: docs.append((n, copy.deepcopy(d))))
@@ -544,8 +544,17 @@ def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
     feed(first, docs[:5])
     first.close()  # SIGTERM mid-run
     assert result_md(client, uid)["status"] == "partial"
+    if notes is not None:
+        ResultWriter.open(client, uid).update_metadata(notes=notes)
     time.sleep(0.1)
     raw("stop", {**docs[-1][1], "time": time.time()})  # the run ends after the worker stopped
+    return uid
+
+
+def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
+    """A worker stopped mid-run (its result ``partial``, "worker stopped"); the run went on and the next worker
+    got its later documents without the start: the result is older than the run's stop, so it is recovered."""
+    uid = _stopped_mid_run_then_ended(client, seed=7)
     live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
     try:
         _orphan_descriptor(live, uid)
@@ -559,25 +568,9 @@ def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
 def test_a_recovery_that_would_be_worse_keeps_the_partial_result(client):
     """A worker stopped mid-run left a ``partial`` result; the run went on, and the next worker, whose bounds refuse
     the raw run, recovers it: reprocessing gives ``failed``. The partial result, its arrays and a person's notes
-    stay as they were, with no ``recovered`` note; the recovery is reported failed, naming both statuses."""
-    sample = make_sample(SHAPE, state_of_charge=2.0, seed=9, n_particles=2)
-    energy = make_energy()
-    det = TransmissionDetector(sample, energy, i0=5000.0, seed=9)
-    docs: Docs = []
-    RunEngine({})(energy_stack_scan([det], energy, ENERGIES, sample=sample, references="nvpf-synthetic",
-                                    i0_key=det.i0_key), lambda n, d: docs.append((n, copy.deepcopy(d))))
-    uid = docs[0][1]["uid"]
-    raw = raw_run_writer(client)
-    for name, doc in docs[:-1]:
-        raw(name, doc)
-    first = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None)
-    feed(first, docs[:5])
-    first.close()  # SIGTERM mid-run
-    ResultWriter.open(client, uid).update_metadata(notes="reviewed: keep")
-    time.sleep(0.1)
-    raw("stop", {**docs[-1][1], "time": time.time()})  # the run ends after the worker stopped
+    stay as they were, with no ``recovered`` note; the recovery says it left the result as it is, and why."""
+    uid = _stopped_mid_run_then_ended(client, seed=9, notes="reviewed: keep")
     before = catalog_state(client, data_of=(f"/phasestream/{uid}",))
-    assert before[f"/phasestream/{uid}"][1]["status"] == "partial"
     live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=None,
                        bounds=DocumentBounds(max_num_points=len(ENERGIES) - 1))
     try:
