@@ -206,3 +206,33 @@ def test_a_model_server_request_limit_that_is_not_a_finite_positive_size_is_refu
     with pytest.raises(SystemExit) as exit_:
         main(["serve-models", "--max-request-mb", value])
     assert exit_.value.code == 2 and "--max-request-mb: expected a number of MB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("variable", "uri", "shown"), [
+    ("PHASESTREAM_TILED_TABLES", f"postgresql://tiled@db:5432/tiled?password={PASSWORD}&sslmode=require",
+     "postgresql://tiled@db:5432/tiled?password=***&sslmode=require"),  # libpq reads ?password=
+    ("PHASESTREAM_REDIS", f"redis://:Red@{PASSWORD}@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),  # redis-py
+    ("PHASESTREAM_TILED_CATALOG", f"postgresql+asyncpg://tiled:p@ss@{PASSWORD}@db/tiled?sslpassword={PASSWORD}",
+     "postgresql+asyncpg://tiled:***@db/tiled?sslpassword=***"),
+    ("TILED_URI", f"http://127.0.0.1:8000/api/v1?api_key={PASSWORD}", "http://127.0.0.1:8000/api/v1?api_key=***"),
+])
+def test_uri_passwords_in_a_query_or_holding_an_at_sign_are_masked_as_in_tiled_logs(variable, uri, shown, capsys,
+                                                                                      monkeypatch):
+    from phasestream.app.stack import RedactSecrets
+
+    rows = {r["variable"]: r["value"] for r in describe(load_settings(environ={variable: uri}))}
+    assert rows[variable] == shown
+    assert RedactSecrets.redact(f"connecting to {uri} (refused)") == f"connecting to {shown} (refused)"
+    monkeypatch.setenv(variable, uri)
+    main(["config"])
+    assert PASSWORD not in capsys.readouterr().out
+
+
+def test_the_log_level_is_a_standard_level_name_refused_naming_its_variable(capsys, monkeypatch):
+    assert load_settings(environ={"PHASESTREAM_LOG_LEVEL": "warning"}).settings.log_level == "WARNING"
+    assert load_settings(environ={}).settings.log_level is None
+    with pytest.raises(ValueError, match=r"PHASESTREAM_LOG_LEVEL \(environment.*DEBUG, INFO, WARNING.*got 'loud'"):
+        load_settings(environ={"PHASESTREAM_LOG_LEVEL": "loud"})
+    monkeypatch.setenv("PHASESTREAM_LOG_LEVEL", "LOUD")
+    assert main(["config"]) == 2
+    assert "PHASESTREAM_LOG_LEVEL" in capsys.readouterr().err

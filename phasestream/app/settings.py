@@ -16,12 +16,14 @@ those that do, :mod:`phasestream.app.deploycheck`).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -29,8 +31,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, Vali
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS
 from phasestream.transport.wire import DEFAULT_IN_ADDRESS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_OUT_ADDRESS
 
-__all__ = ["CONFIG_ENV", "PLACEHOLDER", "Loaded", "Problem", "Settings", "describe", "export", "load_settings", "mask",
-           "problems", "variable"]
+__all__ = ["CONFIG_ENV", "LOG_LEVELS", "PLACEHOLDER", "Loaded", "Problem", "Settings", "describe", "export",
+           "load_settings", "mask", "mask_secrets", "problems", "variable"]
 
 CONFIG_ENV = "PHASESTREAM_CONFIG"
 # read where the kernels and the reference loader run (Dask workers too): the same names as
@@ -41,7 +43,12 @@ REFERENCE_FOLDERS_ENV = "PHASESTREAM_REFERENCES"
 PLACEHOLDER = "CHANGEME"  # a value containing it (or CHANGE-ME) was never filled in (deploy/env/phasestream.env)
 _PLACEHOLDER = re.compile(r"change-?me", re.IGNORECASE)
 API_KEY_PATTERN = re.compile(r"[A-Za-z0-9]+")  # what Tiled accepts as a single-user API key
-URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # and the other standard names (WARN, NOTSET ...)
+# in text: a URI (scheme://, up to a blank or a quote), else a name=value pair (a query parameter, a libpq
+# key/value string); a value whose name says it is secret is masked
+_URI_OR_PAIR = re.compile(r"(?P<uri>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+)"
+                          r"|(?P<name>[\w.%-]+)=(?P<value>[^\s&;'\"<>#]*)")
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|api_?key|credential|signature", re.IGNORECASE)
 
 
 def _var(name: str, field_name: str):
@@ -108,7 +115,7 @@ class Settings(BaseModel):
                                                                                   "max_message_size"),
                                   description="largest 0MQ document a worker accepts (bytes; 64MB, 1GiB)")
     log_level: str | None = Field(None, validation_alias=_var("PHASESTREAM_LOG_LEVEL", "log_level"),
-                                  description="log level of the services (-v wins)")
+                                  description="log level of the services (-v wins): DEBUG, INFO, WARNING, ...")
 
     @field_validator("dask_workers", "tiled_port", "view_port", mode="before")
     @classmethod
@@ -116,6 +123,16 @@ class Settings(BaseModel):
         if isinstance(value, bool):  # TOML true would be 1 worker, port 1
             raise ValueError(f"an integer, got {value!r}")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_name(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        name = str(value).strip().upper()
+        if name not in logging.getLevelNamesMapping():  # the proxy failed with "Unknown level", naming no variable
+            raise ValueError(f"a log level ({', '.join(LOG_LEVELS)}), got {value!r}")
+        return name
 
     @field_validator("max_message_size", mode="before")
     @classmethod
@@ -215,7 +232,7 @@ def export(loaded: Loaded, environ: dict[str, str] | None = None) -> None:
 
 
 def mask(name: str, value: Any) -> str:
-    """``value`` for people: secrets as ``***`` (with a placeholder said so), URI passwords masked."""
+    """``value`` for people: secrets as ``***`` (with a placeholder said so), else :func:`mask_secrets`."""
     if value is None:
         return ""
     if isinstance(value, SecretStr):
@@ -223,7 +240,41 @@ def mask(name: str, value: Any) -> str:
     text = str(value)
     if name in SECRETS:
         return "*** (placeholder)" if _PLACEHOLDER.search(text) else "***"
-    return URI_PASSWORD.sub(r"\1***@", text)
+    return mask_secrets(text)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` fit for people and logs: the password of every URI in it and the value of every
+    password-, key- or token-like ``name=value`` pair (``?password=``, ``api_key=``, ``access_token=``;
+    libpq's ``password=``) as ``***``.
+
+    A URI's password is its userinfo after the first ``:``, the userinfo being the network location up
+    to its **last** ``@`` (``redis://:p@ss@host`` has the password ``p@ss``). What ``phasestream config``,
+    ``deploy check`` and the Tiled log filter of ``phasestream up`` print goes through here.
+    """
+    return _URI_OR_PAIR.sub(_mask_match, text)
+
+
+def _mask_match(match: re.Match) -> str:
+    if match["uri"] is not None:
+        return _mask_uri(match["uri"])
+    name, value = match["name"], match["value"]
+    if value and _SECRET_NAME.search(unquote(name)):
+        return f"{name}=***"
+    return f"{name}={mask_secrets(value)}" if "://" in value else match.group()  # url=postgresql://u:pw@h
+
+
+def _mask_uri(uri: str) -> str:
+    scheme, _, rest = uri.partition("://")
+    try:
+        netloc = urlsplit(uri).netloc  # rest up to the first / ? or #
+    except ValueError:  # an unbalanced [ of an IPv6 host: the same split by hand
+        netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    tail = _URI_OR_PAIR.sub(_mask_match, rest[len(netloc):])  # the query's and the fragment's pairs
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return f"{scheme}://{netloc}{tail}"
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,16 @@ view          ``phasestream view --tiled URI --port ...``       ``/healthz`` 200
 ============  ================================================  =========================================
 
 Each runs in its own process group (``start_new_session``), logs to ``RUN_DIR/logs/NAME.log``
-(mode 0600), and is recorded in ``RUN_DIR/stack.json`` (pid, command, address).
-``RUN_DIR/phasestream.env`` (mode 0600) holds the addresses and the Tiled API key for clients:
-``set -a; . ~/.phasestream/run/phasestream.env; set +a``. Secrets travel in the environment,
-never on a command line, a URI or a log: Tiled logs through ``RUN_DIR/tiled/logging.json``,
-whose filter (:class:`RedactSecrets`) masks database passwords and ``api_key`` values. Every
-listening socket, Dask's HTTP servers (health, Prometheus metrics) included, binds 127.0.0.1
-unless ``host`` says otherwise.
+(mode 0600), and is recorded in ``RUN_DIR/stack.json`` (mode 0600: pid, start time and command line
+of its process, command, address); ``down`` signals only a process that still matches its record
+(:func:`~phasestream.app.supervise.is_running`). ``RUN_DIR/phasestream.env`` (mode 0600) holds the
+addresses and the Tiled API key for clients: ``set -a; . ~/.phasestream/run/phasestream.env; set +a``.
+Both are written as new files renamed into place, never through a symbolic link, in a run folder
+only its user may write (created 0700; ``up`` refuses one of another user or that others may write).
+Secrets travel in the environment, never on a command line, a URI or a log: Tiled logs through
+``RUN_DIR/tiled/logging.json``, whose filter (:class:`RedactSecrets`) masks database passwords and
+``api_key`` values, in exception text too. Every listening socket, Dask's HTTP servers (health,
+Prometheus metrics) included, binds 127.0.0.1 unless ``host`` says otherwise.
 
 Without ``tiled_config`` the Tiled server gets a generated configuration in ``RUN_DIR/tiled``
 (SQLite catalog, Zarr + DuckDB storage, in-memory streaming cache); ``deploy/tiled/config.yml``
@@ -34,11 +37,8 @@ is the PostgreSQL + Redis one for several processes and hosts.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -49,12 +49,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from phasestream.app.launch import SERVICES
-from phasestream.app.supervise import alive as _alive
-from phasestream.app.supervise import launch, read_state, request_restart, write_state
-from phasestream.store.tiled import BLUESKY_RUN_MEDIA_TYPES
+from phasestream.app.stack_tiled import RedactSecrets, generated_tiled_config, tiled_log_config
+from phasestream.app.supervise import (
+    alive,
+    is_running,
+    launch,
+    read_state,
+    request_restart,
+    started_identity,
+    write_private,
+    write_state,
+)
+from phasestream.store.tiled import public_uri, separate_api_key
 
 __all__ = ["COMPONENTS", "RedactSecrets", "StackConfig", "down", "restart", "status", "up"]
 
@@ -62,6 +70,9 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = tuple(service.name for service in SERVICES)
 DEFAULT_RUN_DIR = Path("~/.phasestream/run")
+# the port settings and the component that binds each
+PORTS = {"tiled_port": "tiled", "proxy_in_port": "proxy", "proxy_out_port": "proxy", "models_port": "models",
+         "scheduler_port": "scheduler", "scheduler_http_port": "scheduler", "view_port": "view"}
 
 
 @dataclass
@@ -92,12 +103,31 @@ class StackConfig:
         unknown = set(self.components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
+        if self.tiled_uri:  # its key travels beside it, in the components' environment, never in stack.json
+            self.tiled_uri, key = separate_api_key(self.tiled_uri)
+            if key and "TILED_API_KEY" not in self.env:
+                self.env = {**self.env, "TILED_API_KEY": str(key)}
         if self.tiled_uri and "tiled" in self.components:
             self.components = tuple(c for c in self.components if c != "tiled")
         if self.dask_workers < 1:
             raise ValueError(f"dask_workers must be >= 1, got {self.dask_workers}")
         self.components = tuple(c for c in COMPONENTS if c in self.components)
+        self._validate_ports()
         return self
+
+    def _validate_ports(self) -> None:
+        """Each port from 1 to 65535 (0MQ took 70000 as 4464 while the env file said 70000), and each
+        component's ports distinct from the others'."""
+        taken: dict[int, str] = {}
+        for name, component in PORTS.items():
+            port = getattr(self, name)
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValueError(f"{_option(name)} must be a port number from 1 to 65535, got {port!r}")
+            if component in self.components:
+                if port in taken:
+                    raise ValueError(f"{_option(taken[port])} and {_option(name)} are both {port}: each "
+                                     f"service needs a port of its own")
+                taken[port] = name
 
     # addresses
     @property
@@ -125,70 +155,12 @@ class StackConfig:
         return f"http://{self.host}:{self.view_port}/"
 
 
+def _option(name: str) -> str:
+    """``proxy_in_port (--proxy-in-port)``: a setting with the option of ``phasestream up`` that sets it."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 # --------------------------------------------------------------------------- commands
-
-
-def _generated_tiled_config(cfg: StackConfig) -> Path:
-    folder = cfg.run_dir / "tiled"
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    config = {
-        "authentication": {"single_user_api_key": "${TILED_API_KEY}", "allow_anonymous_access": False},
-        "catalog": {"uri": f"sqlite:///{folder / 'catalog.db'}", "init_if_not_exists": True,
-                    "writable_storage": [str(folder / "data"), f"duckdb:///{folder / 'tables.duckdb'}"]},
-        "streaming_cache": {"uri": "memory"},
-        "media_types": BLUESKY_RUN_MEDIA_TYPES,  # raw runs as documents (databroker, BlueskyRun.documents())
-    }
-    od_store = {**os.environ, **cfg.env}.get("PHASESTREAM_OD_STORE")
-    if od_store:  # the worker writes the live OD cube there (serve --od-store): Tiled must read it
-        config["catalog"]["readable_storage"] = [od_store]
-    path = folder / "config.yml"
-    path.write_text("# generated by `phasestream up`; deploy/tiled/config.yml is the PostgreSQL + Redis one\n"
-                    + yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-class RedactSecrets(logging.Filter):
-    """A logging filter for Tiled's handlers: URL passwords and ``api_key=`` values become ``***``.
-
-    Tiled logs its database URI at start-up (``postgresql+asyncpg://tiled:PASSWORD@...``) and
-    uvicorn every request line, ``?api_key=`` included when a client puts the key there.
-    """
-
-    PATTERNS = ((re.compile(r"(://[^:/@\s]*:)[^@\s]+@"), r"\1***@"), (re.compile(r"(api_key=)[^&\s\"']+"), r"\1***"))
-
-    @classmethod
-    def redact(cls, text: str) -> str:
-        for pattern, replacement in cls.PATTERNS:
-            text = pattern.sub(replacement, text)
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
-            args = list(record.args)  # (client, method, path, http version, status): the formatter wants them
-            args[2] = self.redact(str(args[2]))
-            record.args = tuple(args)
-            return True
-        message = record.getMessage()
-        redacted = self.redact(message)
-        if redacted != message:
-            record.msg, record.args = redacted, ()
-        return True
-
-
-def _tiled_log_config(cfg: StackConfig) -> Path:
-    """Tiled's own logging configuration, with :class:`RedactSecrets` on every handler and no colours."""
-    from tiled.server.logging_config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"]["redact"] = {"()": f"{__name__}.RedactSecrets"}
-    for handler in config["handlers"].values():
-        handler["filters"] = ["redact", *handler.get("filters", [])]
-    for formatter in config["formatters"].values():
-        formatter["use_colors"] = False
-    path = cfg.run_dir / "tiled" / "logging.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
-    return path
 
 
 def _commands(cfg: StackConfig) -> dict[str, list[str]]:
@@ -200,9 +172,10 @@ def _commands(cfg: StackConfig) -> dict[str, list[str]]:
               "scheduler_http": f"{cfg.host}:{cfg.scheduler_http_port}", "dask_workers": cfg.dask_workers,
               "dask_directory": str(cfg.run_dir / "dask"), "view_port": cfg.view_port}
     if "tiled" in cfg.components:
+        od_store = {**os.environ, **cfg.env}.get("PHASESTREAM_OD_STORE")
         values["tiled_config"] = str(Path(cfg.tiled_config).resolve() if cfg.tiled_config
-                                     else _generated_tiled_config(cfg))
-        values["tiled_log_config"] = str(_tiled_log_config(cfg))
+                                     else generated_tiled_config(cfg.run_dir / "tiled", od_store))
+        values["tiled_log_config"] = str(tiled_log_config(cfg.run_dir / "tiled"))
     extra = {"models": cfg.models_args, "worker": cfg.worker_args}
     return {s.name: s.command(values, running=cfg.components, extra=extra.get(s.name, ()), run_dir=True)
             for s in SERVICES if s.name in cfg.components}
@@ -221,7 +194,7 @@ def _port_open(address: str) -> bool:
 def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
     """Whether component ``name`` is healthy, and a one-line detail."""
     pid = record.get("pid")
-    if pid is not None and not _alive(pid):
+    if pid is not None and not is_running(record):
         return False, f"process {pid} is not running (log: {record.get('log')})"
     address = record.get("address", "")
     try:
@@ -297,11 +270,22 @@ def _write_env(cfg: StackConfig, api_key: str) -> dict[str, str]:
            "PHASESTREAM_ZMQ_OUT": cfg.zmq_out, "PHASESTREAM_MODEL_SERVER": cfg.models,
            "PHASESTREAM_DASK_SCHEDULER": cfg.scheduler, "PHASESTREAM_VIEW": cfg.view}
     path = cfg.run_dir / "phasestream.env"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("# written by `phasestream up`; load with: set -a; . " + str(path) + "; set +a\n")
-        f.writelines(f"{k}={v}\n" for k, v in env.items())
+    write_private(path, "# written by `phasestream up`; load with: set -a; . " + str(path) + "; set +a\n"
+                  + "".join(f"{k}={v}\n" for k, v in env.items()))
     return env
+
+
+def _private_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` (mode 0700), or check that only this user may write it: it holds the API key, and
+    the commands the supervisor runs. ``RuntimeError`` naming it and what to do otherwise."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info, uid = run_dir.stat(), os.geteuid()
+    if info.st_uid != uid:
+        raise RuntimeError(f"run folder {run_dir} is not owned by you (uid {uid}) but by uid {info.st_uid}: "
+                           f"give a --run-dir of your own (default {DEFAULT_RUN_DIR})")
+    if info.st_mode & 0o022:
+        raise RuntimeError(f"run folder {run_dir} may be written by others (mode {oct(info.st_mode & 0o777)}): "
+                           f"`chmod 700 {run_dir}`, or give a --run-dir of your own")
 
 
 def _address(name: str, cfg: StackConfig) -> str:
@@ -318,23 +302,29 @@ def up(cfg: StackConfig) -> dict[str, Any]:
     stack recorded in the run folder is still running.
     """
     cfg.validate()
-    state_path = _state_path(cfg.run_dir)
-    if state_path.exists() and any(_alive(r["pid"]) for r in read_state(cfg.run_dir)["components"].values()):
-        raise RuntimeError(f"a stack is already running from {cfg.run_dir}: `phasestream down` first")
+    _private_run_dir(cfg.run_dir)
+    if _state_path(cfg.run_dir).exists():
+        recorded = read_state(cfg.run_dir)
+        if any(is_running(r) for r in [*recorded["components"].values(), recorded.get("supervisor", {})]):
+            raise RuntimeError(f"a stack is already running from {cfg.run_dir}: `phasestream down` first")
+        logger.warning("the stack recorded in %s is gone (its pids run no process it started): starting anew",
+                       cfg.run_dir)
     (cfg.run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     api_key = cfg.env.get("TILED_API_KEY") or os.environ.get("TILED_API_KEY") or secrets.token_hex(16)
     client_env = _write_env(cfg, api_key)
     from phasestream.jobs.cluster import WORKER_ENV
 
     proc_env = {**os.environ, **WORKER_ENV, **cfg.env, "TILED_API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
-    state: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-                                        if k != "env"}, "components": {}}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "env"}
+    config["tiled_uri"] = public_uri(cfg.tiled_uri) if cfg.tiled_uri else None
+    state: dict[str, Any] = {"config": config, "components": {}}
+    write_state(cfg.run_dir, state)  # replaces a stale record at once
     try:
         for name, command in _commands(cfg).items():
             log = cfg.run_dir / "logs" / f"{name}.log"
             proc, offset = launch(command, log, proc_env, cfg.run_dir)
-            record = {"pid": proc.pid, "command": command, "log": str(log), "address": _address(name, cfg),
-                      "started": time.time(), "log_offset": offset, "restarts": 0}
+            record = {"pid": proc.pid, "identity": started_identity(proc), "command": command, "log": str(log),
+                      "address": _address(name, cfg), "started": time.time(), "log_offset": offset, "restarts": 0}
             if name == "dask-workers":
                 record["expected_workers"] = cfg.dask_workers
             state["components"][name] = record
@@ -350,9 +340,10 @@ def up(cfg: StackConfig) -> dict[str, Any]:
                 time.sleep(0.5)
         if cfg.supervise:
             log = cfg.run_dir / "logs" / "supervisor.log"
-            proc, _ = launch([sys.executable, "-m", "phasestream.app.supervise", str(cfg.run_dir)], log, proc_env,
-                             cfg.run_dir)
-            state["supervisor"] = {"pid": proc.pid, "log": str(log), "started": time.time()}
+            command = [sys.executable, "-m", "phasestream.app.supervise", str(cfg.run_dir)]
+            proc, _ = launch(command, log, proc_env, cfg.run_dir)
+            state["supervisor"] = {"pid": proc.pid, "identity": started_identity(proc), "command": command,
+                                   "log": str(log), "started": time.time()}
             write_state(cfg.run_dir, state)
     except BaseException:
         down(cfg.run_dir)
@@ -386,7 +377,7 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, dict]:
                         "restarts": restarts, "last_exit": record.get("last_exit")}
     if "supervisor" in state:
         record = state["supervisor"]
-        ok = _alive(record["pid"])
+        ok = is_running(record)
         report["supervisor"] = {"healthy": ok, "pid": record["pid"], "address": "", "restarts": 0, "last_exit": None,
                                 "detail": "restarts components that die" if ok else
                                 f"not running: dead components stay dead (log: {record['log']})"}
@@ -396,12 +387,13 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, dict]:
 def restart(run_dir: Path, name: str, *, timeout: float = 120.0) -> dict:
     """Restart component ``name`` through the supervisor of ``run_dir`` and wait until it is healthy
     again; its new record. ``RuntimeError`` when no supervisor runs or it does not come back healthy."""
-    state = read_state(run_dir) if _state_path(run_dir).exists() else None
-    if state is None:
+    if not _state_path(run_dir).exists():
         raise RuntimeError(f"no stack started from {run_dir} (phasestream up)")
+    _private_run_dir(_state_path(run_dir).parent)  # what it signals and runs comes from there
+    state = read_state(run_dir)
     if name not in state["components"]:
         raise ValueError(f"no component {name!r} in the stack of {run_dir}; it has: {', '.join(state['components'])}")
-    if not _alive(state.get("supervisor", {}).get("pid", -1)):
+    if not is_running(state.get("supervisor", {})):
         raise RuntimeError(f"the stack of {run_dir} has no running supervisor: `phasestream down` and `up` again")
     old = state["components"][name]["pid"]
     request_restart(run_dir, name)
@@ -418,36 +410,43 @@ def restart(run_dir: Path, name: str, *, timeout: float = 120.0) -> dict:
 
 def down(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 30.0) -> dict[str, str]:
     """Stop the stack recorded in ``run_dir``, last started first: SIGTERM to each process group,
-    SIGKILL after ``timeout`` seconds. ``{component: "stopped" | "killed" | "not running"}``.
+    SIGKILL after ``timeout`` seconds. ``{component: "stopped" | "killed" | "not running" | "stale"}``;
+    ``stale``: its pid now runs another process (after a reboot or a crash), which is left alone.
     """
     path = _state_path(run_dir)
     if not path.exists():
         return {}
+    _private_run_dir(path.parent)  # what it signals comes from there
     outcome = {}
     supervisor = read_state(run_dir).get("supervisor")
     if supervisor:  # first, so that nothing is started again while the stack stops
-        outcome["supervisor"] = _stop("supervisor", supervisor["pid"], timeout)
+        outcome["supervisor"] = _stop("supervisor", supervisor, timeout)
     state = read_state(run_dir)
     for name, record in reversed(list(state["components"].items())):
-        outcome[name] = _stop(name, record["pid"], timeout)
+        outcome[name] = _stop(name, record, timeout)
     path.unlink()
     for request in Path(run_dir).expanduser().resolve().glob("restart-*"):
         request.unlink()
     return outcome
 
 
-def _stop(name: str, pid: int, timeout: float) -> str:
-    """SIGTERM to the process group of ``pid``, SIGKILL after ``timeout`` s: stopped, killed or not running."""
-    if not _alive(pid):
+def _stop(name: str, record: dict, timeout: float) -> str:
+    """SIGTERM to the process group of ``record``'s process, SIGKILL after ``timeout`` s: stopped, killed,
+    not running, or stale (its pid runs another process now: left alone)."""
+    pid = record["pid"]
+    if not is_running(record):
+        if alive(pid):
+            logger.warning("%s: pid %d now runs another process than the one recorded; left alone", name, pid)
+            return "stale"
         return "not running"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     end = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < end:
+    while is_running(record) and time.monotonic() < end:
         _reap(pid)
         time.sleep(0.1)
     outcome = "stopped"
-    if _alive(pid):
+    if is_running(record):
         logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, pid, timeout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)

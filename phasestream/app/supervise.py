@@ -14,14 +14,25 @@ down`` stops the supervisor first, so nothing is restarted while the stack stops
 
 The supervisor restarts dead processes only: a live component that fails its health check is
 reported by ``status``, not killed.
+
+A recorded pid is the component's process only while it is :func:`is_running`: the process with that
+pid started at the recorded time (``/proc/PID/stat``, field 22) with the recorded command line, in
+the same boot. After a reboot or a crash the pid may be another program's, which is neither signalled
+nor counted as the component (``down`` reports it ``stale``; the supervisor starts the component
+again). Without ``/proc`` (not Linux) the pid alone tells, as it did before.
+
+``stack.json`` is written by :func:`write_private`: mode 0600, through a new file renamed over it,
+never through a symbolic link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,13 +40,15 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["POLL", "launch", "read_state", "request_restart", "supervise", "write_state"]
+__all__ = ["POLL", "alive", "is_running", "launch", "process_identity", "read_state", "request_restart",
+           "started_identity", "supervise", "write_private", "write_state"]
 
 logger = logging.getLogger("phasestream.supervise")
 
 POLL = 0.5
 FIRST_DELAY, MAX_DELAY, STABLE_AFTER = 1.0, 30.0, 60.0
 STOP_GRACE = 30.0  # seconds a component may take to stop after a requested restart
+PROC = Path("/proc")
 
 
 def read_state(run_dir: Path) -> dict:
@@ -43,11 +56,30 @@ def read_state(run_dir: Path) -> dict:
 
 
 def write_state(run_dir: Path, state: dict) -> None:
-    """Replace ``stack.json`` at once (a reader never sees half a file)."""
-    path = Path(run_dir) / "stack.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    """Replace ``stack.json`` at once (a reader never sees half a file), readable by its owner only."""
+    write_private(Path(run_dir) / "stack.json", json.dumps(state, indent=2))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` at once by a file of mode 0600 holding ``text``.
+
+    The text goes to a new file beside ``path`` (a random name, created exclusively and never through a
+    symbolic link), which is then renamed over ``path``: a file left there with a wider mode, or a
+    symbolic link to someone else's file, is replaced, never written to.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def _open_log(path: Path) -> int:
@@ -82,6 +114,59 @@ def alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
+def _boot_id() -> str | None:
+    with contextlib.suppress(OSError):
+        return (PROC / "sys/kernel/random/boot_id").read_text().strip()
+    return None
+
+
+def process_identity(pid: int) -> dict | None:
+    """What tells process ``pid`` from a later one given the same pid: ``{start_time, cmdline, boot_id}``
+    (clock ticks after boot, ``/proc/PID/stat`` field 22; its arguments; the boot). None where there is
+    no ``/proc`` (not Linux) or no such process."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+        cmdline = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold ")" and blanks
+    return {"start_time": int(fields[19]), "cmdline": [os.fsdecode(arg) for arg in cmdline.split(b"\0")[:-1]],
+            "boot_id": _boot_id()}
+
+
+def started_identity(proc: subprocess.Popen, wait: float = 2.0) -> dict | None:
+    """:func:`process_identity` of a process :func:`launch` just started. ``Popen`` may return while the
+    kernel still sets up the new program, its command line empty for a moment: this waits for it."""
+    end = time.monotonic() + wait
+    while True:
+        identity = process_identity(proc.pid)
+        if identity is None or identity["cmdline"] or proc.poll() is not None or time.monotonic() > end:
+            return identity
+        time.sleep(0.002)
+
+
+def is_running(record: dict) -> bool:
+    """The process of ``record`` (``pid``, and ``identity`` from :func:`process_identity` when it started)
+    still runs: its pid is alive, started at the recorded time with the recorded command line.
+
+    A record without ``identity`` (written by an earlier version) matches when the command line is its
+    ``command``; without ``/proc`` (not Linux) the pid alone tells.
+    """
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or not alive(pid):
+        return False
+    if not PROC.is_dir():
+        return True
+    now = process_identity(pid)
+    recorded = record.get("identity")
+    if now is None:
+        return False
+    if recorded is None:
+        return now["cmdline"] == record.get("command")
+    return all(recorded.get(key) == now[key] for key in ("start_time", "cmdline", "boot_id"))
+
+
 def _returncode(code: int | None) -> str:
     if code is None:
         return "unknown"
@@ -104,8 +189,9 @@ def request_restart(run_dir: Path, name: str) -> None:
     """Ask the supervisor of ``run_dir`` to restart ``name`` and stop the component (SIGTERM)."""
     (Path(run_dir) / f"restart-{name}").touch()
     record = read_state(run_dir)["components"][name]
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(record["pid"], signal.SIGTERM)
+    if is_running(record):  # not a process that took a stale record's pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(record["pid"], signal.SIGTERM)
 
 
 class Supervisor:
@@ -122,7 +208,7 @@ class Supervisor:
         for name, record in state["components"].items():
             request = self.run_dir / f"restart-{name}"
             requested = request.exists()
-            if alive(record["pid"]):
+            if is_running(record):
                 # SIGTERM was sent with the request: a component that ignores it for 30 s is killed
                 if requested and time.time() - request.stat().st_mtime > STOP_GRACE:
                     with contextlib.suppress(ProcessLookupError):
@@ -142,14 +228,18 @@ class Supervisor:
                 record["last_exit"] = "restart requested" if requested else how
                 logger.warning("%s (pid %d) is gone (%s); starting it again in %.0f s", name, record["pid"],
                                record["last_exit"], delay)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(record["pid"], signal.SIGKILL)  # what is left of its group frees its ports
+                if alive(record["pid"]):  # the pid is another process's now: neither it nor its group is ours
+                    logger.warning("%s: pid %d now belongs to another process; left alone", name, record["pid"])
+                else:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(record["pid"], signal.SIGKILL)  # what is left of its group frees its ports
                 changed = True
             if now >= self.due[name] and not self.stopping.is_set():
                 proc, offset = launch(record["command"], Path(record["log"]), dict(os.environ), self.run_dir)
                 self.children[name] = proc
-                record.update(pid=proc.pid, started=time.time(), log_offset=offset,
-                              restarts=int(record.get("restarts", 0)) + 1, last_restart=time.time())
+                record.update(pid=proc.pid, identity=started_identity(proc), started=time.time(),
+                              log_offset=offset, restarts=int(record.get("restarts", 0)) + 1,
+                              last_restart=time.time())
                 del self.due[name]
                 with contextlib.suppress(FileNotFoundError):
                     (self.run_dir / f"restart-{name}").unlink()

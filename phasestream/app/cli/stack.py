@@ -36,15 +36,16 @@ def _add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     upp.add_argument("--tiled-config", default=None, metavar="PATH",
                      help="Tiled configuration, e.g. deploy/tiled/config.yml (PostgreSQL + Redis); default a "
                           "generated SQLite one in RUN_DIR/tiled")
-    upp.add_argument("--tiled-port", type=int, default=8000)
-    upp.add_argument("--proxy-in-port", type=int, default=5577)
-    upp.add_argument("--proxy-out-port", type=int, default=5578)
-    upp.add_argument("--models-port", type=int, default=5579)
-    upp.add_argument("--scheduler-port", type=int, default=8786)
-    upp.add_argument("--scheduler-http-port", type=int, default=8787,
+    upp.add_argument("--tiled-port", type=port_number, default=8000)
+    upp.add_argument("--proxy-in-port", type=port_number, default=5577)
+    upp.add_argument("--proxy-out-port", type=port_number, default=5578)
+    upp.add_argument("--models-port", type=port_number, default=5579)
+    upp.add_argument("--scheduler-port", type=port_number, default=8786)
+    upp.add_argument("--scheduler-http-port", type=port_number, default=8787,
                      help="the Dask scheduler's health and Prometheus metrics, on --host (default 8787)")
     upp.add_argument("--dask-workers", type=positive_int, default=2, help="Dask worker processes (default 2)")
-    upp.add_argument("--view-port", type=int, default=8010, help="the live view, http://HOST:PORT/ (default 8010)")
+    upp.add_argument("--view-port", type=port_number, default=8010,
+                     help="the live view, http://HOST:PORT/ (default 8010)")
     upp.add_argument("--only", default=None, metavar="NAMES",
                      help=f"comma-separated components to start (default all: {','.join(COMPONENTS)})")
     upp.add_argument("--worker-arg", action="append", metavar="ARG",
@@ -54,6 +55,18 @@ def _add_up_parser(subparsers: argparse._SubParsersAction) -> None:
     upp.add_argument("--timeout", type=float, default=180.0, help="seconds each component may take to start")
     upp.add_argument("--no-supervise", action="store_true",
                      help="no supervisor: a component that dies stays dead (default: started again with backoff)")
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port from 1 to 65535 (the stack's clients are told each port before it
+    starts, so no 0 for "any"; 0MQ bound 70000 as 4464 while the env file said 70000)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
