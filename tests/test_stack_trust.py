@@ -78,19 +78,21 @@ def _mode(path: Path) -> int:
 
 def test_down_leaves_alone_a_process_that_now_holds_a_recorded_pid(run_dir, processes):
     stranger = processes(STUBBORN)  # after a reboot or a crash, the recorded pid is someone else's
-    _write_stack(run_dir, proxy={"pid": stranger.pid, "command": ["phasestream", "proxy"]})
+    # a record of an earlier version (no identity), started before the stranger was
+    _write_stack(run_dir, proxy={"pid": stranger.pid, "command": ["phasestream", "proxy"],
+                                 "started": time.time() - 86400})
     assert down(run_dir, timeout=1) == {"proxy": "stale"}
     time.sleep(0.2)
     assert stranger.poll() is None, "down signalled a process the stack never started"
     assert not (run_dir / "stack.json").exists()  # the stale record is dropped
 
 
-def test_a_recorded_pid_counts_only_while_its_start_time_and_command_line_match(run_dir, processes):
+def test_a_recorded_pid_counts_only_while_its_start_time_and_boot_match(run_dir, processes):
     ours = processes(SLEEPER)
     identity = supervise.process_identity(ours.pid)
-    assert identity["cmdline"] == SLEEPER and identity["start_time"] > 0
+    assert identity["start_time"] > 0
     assert supervise.is_running({"pid": ours.pid, "identity": identity})
-    for other in ({**identity, "start_time": identity["start_time"] + 1}, {**identity, "cmdline": ["sh"]}):
+    for other in ({**identity, "start_time": identity["start_time"] + 1}, {**identity, "boot_id": "another boot"}):
         assert not supervise.is_running({"pid": ours.pid, "identity": other})
     stranger = processes(STUBBORN)  # the same pid with another start time: what a stale stack.json gives
     _write_stack(run_dir, proxy={"pid": stranger.pid, "command": STUBBORN,
@@ -102,9 +104,34 @@ def test_a_recorded_pid_counts_only_while_its_start_time_and_command_line_match(
     assert not supervise.is_running({"pid": ours.pid, "identity": identity})
 
 
+def test_a_record_of_an_earlier_version_is_its_process_while_it_started_then(run_dir, processes):
+    """Records written before the start time was kept have ``started`` only: ``down`` after an upgrade left the
+    running supervisor and components of such a stack alone ("stale"), to go on restarting what it stopped."""
+    ours = processes(SLEEPER)
+    record = {"pid": ours.pid, "command": SLEEPER, "started": time.time()}
+    assert supervise.is_running(record)
+    assert not supervise.is_running({**record, "started": time.time() - 3600})
+    _write_stack(run_dir, proxy=record)
+    assert down(run_dir, timeout=5) == {"proxy": "stopped"}
+    ours.wait(5)
+
+
+def test_a_program_that_rewrites_its_command_line_is_still_its_process(run_dir, processes):
+    """Dask's scheduler rewrites its command line (``setproctitle``): compared, it read as stale, and ``down`` left
+    it holding its port."""
+    ours = processes([sys.executable, "-c",
+                      "import os, time; time.sleep(0.3); os.execv('/bin/sleep', ['sleep', '60'])"])
+    identity = supervise.process_identity(ours.pid)
+    before = (Path("/proc") / str(ours.pid) / "cmdline").read_bytes()
+    time.sleep(0.8)  # the same process (pid, start time) with another command line
+    assert (Path("/proc") / str(ours.pid) / "cmdline").read_bytes() != before
+    assert supervise.is_running({"pid": ours.pid, "identity": identity})
+
+
 def test_up_starts_over_a_stale_stack_record(run_dir, processes):
     stranger = processes(STUBBORN)
-    _write_stack(run_dir, proxy={"pid": stranger.pid, "command": ["phasestream", "proxy"]})
+    _write_stack(run_dir, proxy={"pid": stranger.pid, "command": ["phasestream", "proxy"],
+                                 "started": time.time() - 86400})
     up(StackConfig(run_dir=run_dir, components=(), supervise=False))  # no component: nothing starts
     assert read_state(run_dir)["components"] == {} and stranger.poll() is None
 
@@ -119,7 +146,7 @@ def test_the_supervisor_restarts_a_component_whose_pid_a_stranger_took(run_dir, 
         sup.step()
         record = read_state(run_dir)["components"]["proxy"]
         assert record["pid"] != stranger.pid and record["restarts"] == 1
-        assert supervise.is_running(record) and record["identity"]["cmdline"] == SLEEPER
+        assert supervise.is_running(record) and record["command"] == SLEEPER
     finally:
         for child in sup.children.values():
             child.kill()

@@ -16,10 +16,12 @@ The supervisor restarts dead processes only: a live component that fails its hea
 reported by ``status``, not killed.
 
 A recorded pid is the component's process only while it is :func:`is_running`: the process with that
-pid started at the recorded time (``/proc/PID/stat``, field 22) with the recorded command line, in
-the same boot. After a reboot or a crash the pid may be another program's, which is neither signalled
-nor counted as the component (``down`` reports it ``stale``; the supervisor starts the component
-again). Without ``/proc`` (not Linux) the pid alone tells, as it did before.
+pid started at the recorded time (``/proc/PID/stat``, field 22), in the same boot. Its command line is
+not compared: a program may rewrite it (Dask's scheduler does, with ``setproctitle``). After a reboot or
+a crash the pid may be another program's, which is neither signalled nor counted as the component
+(``down`` reports it ``stale``; the supervisor starts the component again). A record of an earlier
+version, without the start time, matches a process that started within seconds of its ``started``.
+Without ``/proc`` (not Linux) the pid alone tells, as it did before.
 
 ``stack.json`` is written by :func:`write_private`: mode 0600, through a new file renamed over it,
 never through a symbolic link.
@@ -122,36 +124,40 @@ def _boot_id() -> str | None:
 
 
 def process_identity(pid: int) -> dict | None:
-    """What tells process ``pid`` from a later one given the same pid: ``{start_time, cmdline, boot_id}``
-    (clock ticks after boot, ``/proc/PID/stat`` field 22; its arguments; the boot). None where there is
-    no ``/proc`` (not Linux) or no such process."""
+    """What tells process ``pid`` from a later one given the same pid: ``{start_time, boot_id}`` (clock ticks
+    after boot, ``/proc/PID/stat`` field 22, fixed when the process is made; the boot). None where there is no
+    ``/proc`` (not Linux) or no such process."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
-        cmdline = (PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold ")" and blanks
-    return {"start_time": int(fields[19]), "cmdline": [os.fsdecode(arg) for arg in cmdline.split(b"\0")[:-1]],
-            "boot_id": _boot_id()}
+    return {"start_time": int(fields[19]), "boot_id": _boot_id()}
 
 
-def started_identity(proc: subprocess.Popen, wait: float = 2.0) -> dict | None:
-    """:func:`process_identity` of a process :func:`launch` just started. ``Popen`` may return while the
-    kernel still sets up the new program, its command line empty for a moment: this waits for it."""
-    end = time.monotonic() + wait
-    while True:
-        identity = process_identity(proc.pid)
-        if identity is None or identity["cmdline"] or proc.poll() is not None or time.monotonic() > end:
-            return identity
-        time.sleep(0.002)
+def started_identity(proc: subprocess.Popen) -> dict | None:
+    """:func:`process_identity` of a process :func:`launch` just started."""
+    return process_identity(proc.pid)
+
+
+def _started_at(start_time: int) -> float | None:
+    """Seconds since the epoch at which a process of ``start_time`` (clock ticks after boot) started."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        boot = next(line for line in (PROC / "stat").read_text().splitlines() if line.startswith("btime "))
+        return int(boot.split()[1]) + start_time / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+#: how far a process's start may lie from an earlier version's recorded ``started`` (set just after it)
+STARTED_WITHIN_S = 10.0
 
 
 def is_running(record: dict) -> bool:
     """The process of ``record`` (``pid``, and ``identity`` from :func:`process_identity` when it started)
-    still runs: its pid is alive, started at the recorded time with the recorded command line.
+    still runs: its pid is alive, started at the recorded time, in the same boot.
 
-    A record without ``identity`` (written by an earlier version) matches when the command line is its
-    ``command``; without ``/proc`` (not Linux) the pid alone tells.
+    A record without ``identity`` (written by an earlier version) matches a process that started within
+    :data:`STARTED_WITHIN_S` of its ``started``; without ``/proc`` (not Linux) the pid alone tells.
     """
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 0 or not alive(pid):
@@ -162,9 +168,10 @@ def is_running(record: dict) -> bool:
     recorded = record.get("identity")
     if now is None:
         return False
-    if recorded is None:
-        return now["cmdline"] == record.get("command")
-    return all(recorded.get(key) == now[key] for key in ("start_time", "cmdline", "boot_id"))
+    if not isinstance(recorded, dict):
+        started, at = record.get("started"), _started_at(now["start_time"])
+        return isinstance(started, int | float) and at is not None and abs(at - started) <= STARTED_WITHIN_S
+    return all(recorded.get(key) == now[key] for key in ("start_time", "boot_id"))
 
 
 def _returncode(code: int | None) -> str:
