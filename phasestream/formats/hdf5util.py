@@ -117,11 +117,13 @@ def read_text(path: Path, node, what: str) -> str:
         raise FormatError(path, f"cannot read {what} ({node.name}): {error}") from None
 
 
-def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str, max_values: int | None = None) -> np.ndarray:
+def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str, max_values: int | None = None,
+               within_signal: bool = False) -> np.ndarray:
     """Read all of ``dataset`` as the float ``dtype`` after checking its size (and its count against ``max_values``)
-    and that it stores what it declares (:func:`~phasestream.formats.hdf5storage.check_stored`). What was never
-    written is NaN, unmeasured, not the fill value. An empty dataset and HDF5 read errors (a truncated file)
-    are :class:`FormatError` naming ``what``."""
+    and that it stores what it declares (:func:`~phasestream.formats.hdf5storage.check_stored`; not for a dataset
+    ``within_signal``, checked by the caller to hold no more values than the signal, which met the check: a
+    constant monitor compresses far beyond it). What was never written is NaN, unmeasured, not the fill value.
+    An empty dataset and HDF5 read errors (a truncated file) are :class:`FormatError` naming ``what``."""
     if dataset.dtype.kind not in "uif":
         raise FormatError(path, f"{what} ({dataset.name}) holds {dataset.dtype}, not numbers")
     if is_empty(dataset):
@@ -129,7 +131,8 @@ def read_array(path: Path, dataset: h5py.Dataset, dtype, *, what: str, max_value
     if max_values is not None and dataset.size > max_values:
         raise FormatError(path, f"{what} ({dataset.name}) has {dataset.size} values, over the {max_values} read")
     check_stack_size(path, dataset.shape, dtype)
-    check_stored(path, dataset, what)
+    if not within_signal:
+        check_stored(path, dataset, what)
     out = np.empty(dataset.shape, dtype=dtype)
     try:
         dataset.read_direct(out)

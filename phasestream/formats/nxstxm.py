@@ -189,7 +189,7 @@ def _metadata(path: Path, entry: h5py.Group, data: h5py.Group, scan_type: str, p
         meta["beamline"] = beamline
     count_time = data.get("count_time")
     if isinstance(count_time, h5py.Dataset) and not is_empty(count_time) and count_time.size <= points:
-        values = read_array(path, count_time, np.float64, what="count_time")
+        values = read_array(path, count_time, np.float64, what="count_time", within_signal=True)
         values = values[np.isfinite(values)]
         if values.size:
             meta["dwell_ms"] = float(np.median(values)) * _scale(path, count_time, _TIME_UNITS_MS, "s", "count_time")
@@ -287,7 +287,7 @@ def read_nxstxm(
                 raise FormatError(
                     path, f"control data has shape {monitor_node.shape}; expected {signal.shape} or ({values.size},)"
                 )
-            raw_monitor = read_array(path, monitor_node, np.float64, what="control data")
+            raw_monitor = read_array(path, monitor_node, np.float64, what="control data", within_signal=True)
             if raw_monitor.size == signal.size:
                 monitor = np.ascontiguousarray(np.transpose(raw_monitor.reshape(shape), order))
             else:

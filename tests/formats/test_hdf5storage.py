@@ -41,7 +41,7 @@ def test_pyxas_chunks_never_written_are_refused_before_they_are_allocated(tmp_pa
     assert info.value.path == str(path)
 
 
-def test_nxstxm_gzipped_zeros_are_refused_signal_and_monitor(tmp_path):
+def test_nxstxm_gzipped_zeros_are_refused_as_the_signal(tmp_path):
     """Written zeros, deflated about 1000-fold (deflate's ceiling): over MAX_EXPANSION, refused before the read."""
     shape = (4, 512, 512)
 
@@ -57,11 +57,26 @@ def test_nxstxm_gzipped_zeros_are_refused_signal_and_monitor(tmp_path):
         assert node.nbytes > MAX_EXPANSION * stored + EXPANSION_ALLOWANCE  # the oracle: this is a bomb
     with pytest.raises(FormatError, match=r"data \(/entry0/counter0/data\) declares 4\.0 MiB but stores"):
         read_nxstxm(path)
-    # the same for the monitor, with a signal that is fine
+
+
+def test_a_constant_monitor_beside_a_real_signal_is_read(tmp_path):
+    """A monitor no larger than the signal costs no more than the signal, which met the bound: one recorded as a
+    constant (no I0 counter) deflates far beyond MAX_EXPANSION, and refusing it refused the whole file."""
+    shape = (4, 1024, 1024)
+    counts = _counts(shape).astype(np.float32)
+
+    def constant(group):
+        group.create_dataset("data", data=np.full(shape, 3.0, np.float32), chunks=(1, 1024, 1024),
+                             compression="gzip", compression_opts=9)
+
     path = tmp_path / "monitor.h5"
-    write_nxstxm(path, lambda g: g.create_dataset("data", data=np.ones(shape, np.float32)), monitor=zeros)
-    with pytest.raises(FormatError, match=r"control data \(/entry0/control/data\) declares 4\.0 MiB"):
-        read_nxstxm(path)
+    write_nxstxm(path, lambda g: g.create_dataset("data", data=counts), monitor=constant)
+    with h5py.File(path) as handle:
+        node = handle["entry0/control/data"]
+        assert node.nbytes > MAX_EXPANSION * node.id.get_storage_size() + EXPANSION_ALLOWANCE  # over the bound
+    stack = read_nxstxm(path)
+    np.testing.assert_array_equal(stack.images, counts[: len(stack.energies)])
+    np.testing.assert_array_equal(stack.monitor, np.full(shape, 3.0))
 
 
 def test_monitor_of_the_wrong_size_is_refused_before_it_is_read(tmp_path, monkeypatch):
