@@ -281,18 +281,22 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-sha256") as pool:
         hashing = pool.submit(stack.sha256)  # reads every byte of the files while the rest is looked up
-        try:
+        try:  # Tiled's own errors (down, refusing the key) are not the file's: they go to the caller
             references = load_references(opts.references)
             # one client that fetches data sources (TiledWriter asks for it; a second one would fetch them again)
             runs = raw_runs(client.include_data_sources(), opts.raw)
+        except KeyError as exc:
+            return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
+        except (ValueError, OSError) as exc:  # references that do not load
+            return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
+        try:
             checked = checked_import(stack, references=references, reference_name=opts.references,
                                      sample=opts.sample, soc=opts.soc, external=opts.external,
                                      sha256=hashing.result())
-        except KeyError as exc:
-            return outcome("", JobStatus.FAILED, f"nothing written: {exc.args[0]}")
         except (ImportRefusedError, FormatError, ValueError, OSError) as exc:
             return outcome("", JobStatus.FAILED, f"refused, nothing written: {exc}")
-        except Exception as exc:  # noqa: BLE001 - lazily read images or the hash failing unforeseen: this file's error
+        except Exception as exc:  # lazily read images or the hash failing unforeseen: this file's error
+            logger.exception("checking %s failed", source)
             return outcome("", JobStatus.FAILED, f"refused, nothing written: {_failure(source, exc)}")
     uid = import_uid(opts.raw, checked.sha256)
     earlier = existing(uid, checked.sha256)
@@ -354,7 +358,8 @@ def run(context: JobContext, path: str, options: dict) -> JobOutcome:
         stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode)
     except FormatError as exc:  # names the file
         return failed(f"refused, nothing written: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a reader failing unforeseen (MemoryError, h5py's TypeError, ...)
+    except Exception as exc:  # a reader failing unforeseen (MemoryError, h5py's TypeError, ...)
+        logger.exception("reading %s failed", path)
         return failed(f"refused, nothing written: {_failure(path, exc)}")
     try:
         return import_stack(context.tiled(), stack, opts)
