@@ -182,8 +182,8 @@ def _read_xim(path: Path, image: np.ndarray) -> None:
         raise FormatError(path, f"{size} bytes is too large for a {rows} x {cols} text image")
     row_bytes = XIM_BYTES_PER_PIXEL * cols + 4096
     row = 0
-    with open(path, "rb") as handle:
-        for line in iter(lambda: handle.readline(row_bytes + 1), b""):
+    with open(path, encoding="latin-1", newline=None) as handle:  # rows end in LF, CR LF or CR alone
+        for line in iter(lambda: handle.readline(row_bytes + 1), ""):
             if len(line) > row_bytes:
                 raise FormatError(path, f"row {row + 1} is over {row_bytes} bytes, too long for {cols} values (PAxis)")
             values = line.split()

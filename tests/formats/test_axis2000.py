@@ -80,6 +80,16 @@ def test_stack_reads_back(tmp_path):
     assert meta["start_time"] == "2026 November 30 10:00:00"
 
 
+@pytest.mark.parametrize("ending", ["\r\n", "\r"], ids=["CR LF", "CR"])
+def test_rows_ending_in_cr_lf_or_cr_alone_read_back(tmp_path, ending):
+    """Windows and classic Mac line ends: the row-by-row reader took only LF for a row's end."""
+    header, images = _write_stack(tmp_path)
+    for i in range(len(images)):
+        xim = tmp_path / f"Sample_001_a{i:03d}.xim"
+        xim.write_bytes(xim.read_bytes().replace(b"\n", ending.encode()))
+    np.testing.assert_array_equal(read_stack(header).images, images.astype(np.float64))
+
+
 def test_second_channel_and_energy_override(tmp_path):
     header, _ = _write_stack(tmp_path)
     _, diode = _write_stack(tmp_path, channel="b", seed=9)
