@@ -6,7 +6,8 @@
 ``methods: {name: {status, parameters, seconds, arrays, errors, reason}}`` in its metadata. Each
 method runs on its own: one that fails records ``status: failed`` and its error and the others
 still run; one that does not fit the scan (too few energies in its window) records
-``status: skipped`` and the reason.
+``status: skipped`` and the reason. A re-run that does not complete keeps the method's earlier complete
+record (``kept``) and its arrays (:mod:`phasestream.jobs.methods_record`).
 
 Methods (``METHODS``) and the arrays they write (see ``MAP_LAYOUT`` in store/results.py):
 
@@ -46,6 +47,7 @@ from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
 from phasestream.contract.metadata import finite_number, recorded_energies, shown
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.methods_record import earlier_complete, settled_entry
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
@@ -427,12 +429,14 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     except Exception as exc:  # noqa: BLE001 - any bad input is recorded on the result, never raised
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("run %s: methods not run: %s", uid, error)
-        for name in opts.methods:
-            record[name] = {"status": "failed", "parameters": {}, "seconds": 0.0, "arrays": [], "errors": [error]}
+        for name in opts.methods:  # an earlier complete record and its arrays are kept
+            entry = {"status": "failed", "parameters": {}, "seconds": 0.0, "arrays": [], "errors": [error]}
+            record[name] = settled_entry(writer, name, entry, earlier_complete(record, name))
         writer.update_metadata(methods=record)
         return record
     for name in opts.methods:
         t = time.perf_counter()
+        arrays: dict[str, Any] = {}
         try:
             arrays, params = _RUNNERS[name](ctx)
             writer.write_maps(**arrays)
@@ -446,7 +450,7 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
             logger.debug("%s", traceback.format_exc())
             entry = {"status": "failed", "parameters": {}, "arrays": [], "errors": [f"{type(exc).__name__}: {exc}"]}
         entry["seconds"] = round(time.perf_counter() - t, 3)
-        record[name] = entry
+        record[name] = settled_entry(writer, name, entry, earlier_complete(record, name), written=arrays)
         writer.update_metadata(methods=record)
     timings = dict(md["timings"]) if isinstance(md.get("timings"), Mapping) else {}
     timings["methods"] = round(time.perf_counter() - t0, 3)

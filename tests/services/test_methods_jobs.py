@@ -403,3 +403,54 @@ def test_energies_of_the_wrong_type_fail_naming_the_field(tiled_client, ni_csv, 
         assert denoised["status"] == "failed" and said in denoised["reason"], denoised
     with said_again:
         tiled_training_set(tiled_client, runs=[uid])
+
+
+LCF_ARRAYS = ("fractions_lcf", "fit_error", "reduced_chi2", "scale_lcf")
+
+
+def test_a_rerun_that_does_not_complete_keeps_the_earlier_complete_record_and_arrays(tiled_client, ni_csv):
+    """A re-run whose references did not load (or a method that failed) replaced the ``complete`` record with a
+    ``failed`` one naming no arrays, while the earlier run's arrays stayed, described by no record. The earlier
+    complete record is now ``kept`` beside the failed one, and its arrays are unchanged."""
+    uid = "run-methods-rerun"
+    _result(tiled_client, uid, ni_csv)
+    first = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf", "masks"), thickness_min=0.3))
+    assert first["lcf"]["status"] == first["masks"]["status"] == "complete", first
+    node = tiled_client["phasestream"][uid]
+    before = {name: node[name].read() for name in (*LCF_ARRAYS, "threshold_mask")}
+    # the references do not load: every method fails; masks without thresholds fails on its own
+    reruns = (MethodsOptions(methods=("lcf", "masks"), references="missing.csv"), MethodsOptions(methods=("masks",)))
+    for opts in reruns:
+        run_methods(tiled_client, uid, opts)
+        node = tiled_client["phasestream"][uid]
+        for name in opts.methods:
+            entry = node.metadata["methods"][name]
+            assert entry["status"] == "failed" and entry["arrays"] == [], entry
+            assert entry["kept"] == first[name], entry
+        for name, value in before.items():
+            np.testing.assert_array_equal(node[name].read(), value)
+    # a re-run that completes replaces the record (no kept) and the arrays
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf",), lcf_method="lstsq", lcf_sum_to_one=False))
+    assert record["lcf"]["status"] == "complete" and "kept" not in record["lcf"], record["lcf"]
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["methods"]["lcf"]["parameters"]["method"] == "lstsq"
+    assert not np.array_equal(node["scale_lcf"].read(), before["scale_lcf"]) or not np.array_equal(
+        node["fractions_lcf"].read(), before["fractions_lcf"])
+
+
+def test_a_failed_run_without_an_earlier_complete_one_leaves_no_arrays(tiled_client, ni_csv, monkeypatch):
+    """A method whose arrays were written in part (the write failed) leaves none of them beside its failed record."""
+    uid = "run-methods-partial"
+    _result(tiled_client, uid, ni_csv)
+    real = ResultWriter.write_maps
+
+    def partial(self, **arrays):
+        real(self, fractions_lcf=arrays["fractions_lcf"])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ResultWriter, "write_maps", partial)
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf",)))
+    assert record["lcf"]["status"] == "failed" and "kept" not in record["lcf"], record["lcf"]
+    assert "disk full" in record["lcf"]["errors"][0]
+    node = tiled_client["phasestream"][uid]
+    assert not any(name in node for name in LCF_ARRAYS)
