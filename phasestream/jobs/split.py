@@ -36,7 +36,7 @@ from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
 
-from phasestream.contract import MAP_LAYOUT, JobOutcome, JobStatus
+from phasestream.contract import MAP_LAYOUT, USABLE_STATUSES, JobOutcome, JobStatus
 from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
 from phasestream.jobs.enhance import (
@@ -271,32 +271,68 @@ def split_steps(jobs: list[Job]) -> tuple[list[Job], list[SplitStep]]:
 def run_split_steps(dask, split: list[SplitStep], tiled_uri: str, report: JobReport, *, parts: int,
                     api_key: str | None = None, retries: int = 2,
                     on_done: Callable[[dict], None] | None = None) -> None:
-    """After the per-run jobs: each split step of each run whose job did not fail, ``parts`` tasks at once.
+    """After the per-run jobs: each split step of each run whose result is usable, ``parts`` tasks at once.
 
-    Each step's record joins its run's outcome in ``report`` (``details["steps"]``, as
-    ``"<kind> (split N)"``); a step that does not complete moves its run to the failures.
+    A run whose job was ``complete`` or ``partial`` (a usable result, ``USABLE_STATUSES``) gets its split
+    steps; one of several fields (the reprocess step's ``details.fields``) gets them on each field's
+    result. A run whose job failed or was skipped, or whose earlier split step failed, gets a ``skipped``
+    step record naming why. Each step's record joins its run's outcome in ``report`` (``details["steps"]``,
+    as ``"<kind> (split N)"``, ``"<kind> (split N) <field key>"`` for a field); a step that raises is
+    recorded as failed, and a step that does not complete moves its run to the failures, while the other
+    runs go on.
     """
     t0 = time.perf_counter()
-    failed = {f["run_uid"] for f in report.failures}
-    done = {s["run_uid"]: s for s in report.successes}
+    outcomes = {o["run_uid"]: o for o in [*report.successes, *report.failures]}
+    split_failed: set[str] = set()
     for uid, kind, options in split:
-        if uid in failed:
+        outcome = outcomes.get(uid)
+        created = outcome is None
+        if created:
+            outcome = outcomes[uid] = JobOutcome(uid, kind, JobStatus.COMPLETE, details={"steps": {}}).as_dict()
+        steps = outcome.setdefault("details", {}).setdefault("steps", {})
+        label = f"{kind} (split {parts})"
+        if uid in split_failed or outcome["status"] not in USABLE_STATUSES:
+            why = "an earlier split step failed" if uid in split_failed else f"the run's job was {outcome['status']}"
+            steps[label] = {"status": JobStatus.SKIPPED.value, "reason": f"not run: {why}"}
             continue
-        submit = submit_split_enhance if kind == "enhance" else submit_split_lcf
-        record = submit(dask, tiled_uri, uid, options, parts=parts, api_key=api_key, retries=retries)
-        outcome = done.get(uid) or JobOutcome(uid, kind, JobStatus.COMPLETE, details={"steps": {}}).as_dict()
-        outcome.setdefault("details", {}).setdefault("steps", {})[f"{kind} (split {parts})"] = record
-        if record["status"] != JobStatus.COMPLETE:
-            reason = record.get("reason") or "; ".join(record.get("errors") or [])
-            report.successes = [s for s in report.successes if s["run_uid"] != uid]
-            outcome.update(status=JobStatus.FAILED.value, reason=f"split {kind} {record['status']}: {reason}")
-            report.failures.append(outcome)
-            failed.add(uid)
-        elif uid in done:
-            continue
-        else:
-            done[uid] = outcome
-            report.successes.append(outcome)
-        if on_done is not None:
+        before = outcome["status"]
+        fields = _field_keys(steps)
+        failures = []
+        for target in fields or [uid]:
+            record = _split_step(dask, kind, tiled_uri, target, options, parts, api_key, retries)
+            steps[label if not fields else f"{label} {target}"] = record
+            if record["status"] != JobStatus.COMPLETE:
+                reason = record.get("reason") or "; ".join(record.get("errors") or [])
+                failures.append(f"split {kind}{'' if not fields else ' ' + target} {record['status']}: {reason}")
+        if failures:
+            split_failed.add(uid)
+            earlier = outcome.get("reason") if before != JobStatus.COMPLETE else ""
+            outcome.update(status=JobStatus.FAILED.value, reason="; ".join([r for r in [earlier] if r] + failures))
+        _file_outcome(report, outcome)
+        if on_done is not None and (created or outcome["status"] != before):
             on_done(outcome)
     report.seconds += time.perf_counter() - t0
+
+
+def _field_keys(steps: dict) -> list[str]:
+    """The result keys of a run of several fields (``details.fields`` of its reprocess step), else []."""
+    fields = ((steps.get("reprocess") or {}).get("details") or {}).get("fields")
+    return list(fields) if isinstance(fields, dict) and len(fields) > 1 else []
+
+
+def _split_step(dask, kind: str, tiled_uri: str, target: str, options: dict, parts: int, api_key: str | None,
+                retries: int) -> dict[str, Any]:
+    """One split step on one result: its record, or a failed record naming the error it raised."""
+    submit = submit_split_enhance if kind == "enhance" else submit_split_lcf
+    try:
+        return submit(dask, tiled_uri, target, options, parts=parts, api_key=api_key, retries=retries)
+    except Exception as exc:
+        logger.exception("result %s: split %s raised", target, kind)
+        return {"status": JobStatus.FAILED.value, "reason": f"{target}: {type(exc).__name__}: {exc}", "errors": []}
+
+
+def _file_outcome(report: JobReport, outcome: dict) -> None:
+    """``outcome`` in the report list its status says (complete: successes; else failures), once."""
+    report.successes = [o for o in report.successes if o is not outcome]
+    report.failures = [o for o in report.failures if o is not outcome]
+    (report.successes if outcome["status"] == JobStatus.COMPLETE else report.failures).append(outcome)

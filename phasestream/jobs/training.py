@@ -155,8 +155,12 @@ def tiled_training_set(
 
     The last ``n_validation`` runs are also read whole, as the validation runs of the training report.
 
-    Every run must have been measured at the same energies (within ``energy_tolerance_eV``) as the
-    first one; runs that were not are refused with an error naming them.
+    Every run named in ``runs`` must be ``complete`` (a result still running, partial or failed is refused
+    with an error naming the run and its status). Every run must name the same phases as the first one:
+    in another order, its labels (and validation maps) are remapped to the first run's order; other phases
+    are refused with an error naming the run and both phase lists. Every run must have been measured
+    at the same energies (within ``energy_tolerance_eV``) as the first one; runs that were not are
+    refused with an error naming them.
 
     With ``scheduler`` (a Dask scheduler address, or ``"local"`` for a LocalCluster) each run's
     spectra are extracted by :func:`result_spectra` in its own Dask task (retried ``retries``
@@ -170,6 +174,10 @@ def tiled_training_set(
         nodes.update(find(client, state_of_charge=soc, tolerance=tolerance, status="complete", root=root))
     for uid in runs:
         nodes[uid] = _result_node(client, uid, root)
+        status = nodes[uid].metadata.get("status")
+        if status != "complete":
+            raise ValueError(f"run {uid}: its result is {status!r}, not complete: only complete results are "
+                             "training data (reprocess it, or leave it out of --runs)")
     if not nodes:
         raise ValueError(f"no complete results match state_of_charge={list(state_of_charge)} runs={list(runs)}")
     if scheduler:
@@ -185,6 +193,10 @@ def tiled_training_set(
             raise ValueError(f"run {run['run_uid']} was measured at other energies ({run_energies.round(2).tolist()} "
                              f"eV) than the first run ({energies.round(2).tolist()} eV): train on one energy set at "
                              "a time")
+    remaps = {run["run_uid"]: _phase_remap(phases, run["phases"], run["run_uid"]) for run in extracted}
+    for run in extracted:
+        if remaps[run["run_uid"]] is not None:
+            run["labels"] = _remapped_labels(run["labels"], remaps[run["run_uid"]])
     order = np.argsort(energies)
     x = np.concatenate([run["spectra"] for run in extracted])[:, order]
     provenance = {"source": "tiled", "tiled": (tiled_uri or "").split("?")[0] or None,
@@ -195,22 +207,45 @@ def tiled_training_set(
         provenance["extracted_on"] = "dask"
     labels = np.concatenate([run["labels"] for run in extracted])
     reliability = np.concatenate([run["reliability"] for run in extracted])
-    validation = [v for v in (_validation_run(nodes[uid], uid, order) for uid in list(nodes)[-n_validation:])
+    validation = [v for v in (_validation_run(nodes[uid], uid, order, remaps.get(uid))
+                              for uid in list(nodes)[-n_validation:])
                   if v is not None] if n_validation else []
     return TrainingSet(x, labels, energies[order], phases, provenance, validation, reliability)
 
 
-def _validation_run(node, uid: str, order: np.ndarray) -> ValidationRun | None:
-    """A run's maps for the training report, at the set's energies; None when it lacks the reference values."""
+def _phase_remap(first: Sequence[str], phases: Sequence[str], uid: str) -> np.ndarray | None:
+    """None when ``phases`` is ``first``; else the index in ``first`` of each of a run's phases (the same
+    phases in another order); a ValueError naming the run and both lists when the phases differ."""
+    first, phases = list(first), list(phases)
+    if phases == first:
+        return None
+    if sorted(phases) != sorted(first) or len(set(phases)) != len(phases):
+        raise ValueError(f"run {uid} names the phases {phases}, the first run {first}: train on runs analysed "
+                         "against one set of references")
+    return np.array([first.index(p) for p in phases])
+
+
+def _remapped_labels(labels: np.ndarray, remap: np.ndarray) -> np.ndarray:
+    """A run's phase labels in the first run's phase order; negative labels (no phase) stay."""
+    labels = np.asarray(labels)
+    return np.where(labels >= 0, remap[np.clip(labels, 0, len(remap) - 1)], labels).astype(labels.dtype)
+
+
+def _validation_run(node, uid: str, order: np.ndarray, remap: np.ndarray | None = None) -> ValidationRun | None:
+    """A run's maps for the training report, at the set's energies (its phases in the first run's order when
+    ``remap`` is given); None when it lacks the reference values."""
     md = node.metadata
     values = md.get("reference_values")
     if values is None or "pcc" not in node or "ambiguous" not in node:
         logger.info("run %s: no reference values or PCC maps in its result; not a validation run", uid)
         return None
     n, _ = recorded_energies(uid, md)
+    phase, pcc, values = node["phase"].read(), node["pcc"].read(), np.asarray(values, np.float64)[:, :n][:, order]
+    if remap is not None:  # row k of the first run's order is the run's phase argsort(remap)[k]
+        back = np.argsort(remap)
+        phase, pcc, values = _remapped_labels(phase, remap), np.asarray(pcc)[back], values[back]
     return ValidationRun(uid, np.asarray(node["od"][:n], np.float64)[order], node["mask"].read().astype(bool),
-                         node["phase"].read(), node["ambiguous"].read().astype(bool), node["pcc"].read(),
-                         np.asarray(values, np.float64)[:, :n][:, order])
+                         phase, node["ambiguous"].read().astype(bool), pcc, values)
 
 
 def train_artifact(

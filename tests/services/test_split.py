@@ -148,3 +148,50 @@ def test_reprocess_split_command(tiled_server, tiled_client, ni_csv, capsys):
     split = node["fractions_lcf"].read()
     run_methods(tiled_client, "split-cli", MethodsOptions(methods=("lcf",)))
     np.testing.assert_allclose(split, node["fractions_lcf"].read(), rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.cluster  # a LocalCluster: make test-stack (keeps make test under 15 minutes)
+def test_split_steps_run_on_fields_and_partial_runs_and_go_on_past_an_error(tiled_server, tiled_client, dask, ni_csv):
+    """A run of several fields (results <uid>.f0, <uid>.f1) gets its split steps per field; a partial run
+    (usable) gets them too; a run whose result cannot be opened fails alone: the later runs go on."""
+    from dataclasses import asdict
+
+    from phasestream.contract import JobOutcome, JobStatus
+    from phasestream.jobs.executors import JobReport
+    from phasestream.jobs.split import run_split_steps
+
+    refs = load_references(ni_csv)
+    _result(tiled_client, "ss-ok", refs, ENERGIES, (16, 16), references=str(ni_csv))
+    _result(tiled_client, "ss-partial", refs, ENERGIES, (16, 16), references=str(ni_csv))
+    _result(tiled_client, "ss-mf", refs, ENERGIES, (16, 16), references=str(ni_csv))
+    od = tiled_client["phasestream"]["ss-mf"]["od"].read()
+    for key in ("ss-mf.f0", "ss-mf.f1"):  # what reprocess writes for a run of two fields
+        writer = ResultWriter(tiled_client, "ss-mf", key=key, shape=(16, 16), phases=refs.phases,
+                              n_energies=len(ENERGIES),
+                              metadata={"energies_eV": list(ENERGIES), "references": {"name": refs.name}})
+        writer.write_od_planes(0, od)
+        writer.finalize_od(len(ENERGIES))
+    fields = {"steps": {"reprocess": {"details": {"fields": {"ss-mf.f0": "complete", "ss-mf.f1": "complete"}}}}}
+    report = JobReport()
+    report.add(JobOutcome("ss-gone", "reprocess", JobStatus.COMPLETE))  # its result is not in Tiled
+    report.add(JobOutcome("ss-mf", "reprocess", JobStatus.COMPLETE, details=fields))
+    report.add(JobOutcome("ss-partial", "reprocess", JobStatus.PARTIAL, reason="reprocess partial: 28 of 30"))
+    report.add(JobOutcome("ss-ok", "reprocess", JobStatus.COMPLETE))
+    # the references named: a field's key is no raw run, so its start document does not name them
+    lcf = asdict(MethodsOptions(methods=("lcf",), references=str(ni_csv)))
+    seen = []
+    uri, _, key = tiled_server.uri.partition("?api_key=")
+    run_split_steps(dask, [(uid, "lcf", lcf) for uid in ("ss-gone", "ss-mf", "ss-partial", "ss-ok")], uri,
+                    report, parts=2, api_key=key, retries=0, on_done=seen.append)
+    results = tiled_client["phasestream"]
+    for uid in ("ss-mf.f0", "ss-mf.f1", "ss-partial", "ss-ok"):
+        assert results[uid].metadata["methods"]["lcf"]["status"] == "complete", uid
+    outcomes = {o["run_uid"]: o for o in [*report.successes, *report.failures]}
+    gone = outcomes["ss-gone"]
+    assert gone["status"] == "failed" and "split lcf" in gone["reason"] and "ss-gone" in gone["reason"], gone
+    assert outcomes["ss-mf"]["status"] == "complete"
+    assert set(outcomes["ss-mf"]["details"]["steps"]) >= {"lcf (split 2) ss-mf.f0", "lcf (split 2) ss-mf.f1"}
+    partial = outcomes["ss-partial"]
+    assert partial["status"] == "partial" and partial["details"]["steps"]["lcf (split 2)"]["status"] == "complete"
+    assert [o["run_uid"] for o in seen] == ["ss-gone"]  # the only outcome the split steps changed
+    assert {o["run_uid"] for o in report.successes} == {"ss-mf", "ss-ok"}
