@@ -27,13 +27,15 @@ services:
 	@bash .ci/ensure-services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest -m "not faults and not stack and not cluster and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults and not stack and not cluster and not browser and not slow" $(PYTEST_ARGS)
 
 # the whole service started with `phasestream up` (embedded and PostgreSQL Tiled, Dask, model server),
 # the Procfile under honcho, the tests that start Dask clusters or the demo's processes (marker cluster),
-# and the tests that watch the view in a headless Chromium (marker browser)
+# the tests that watch the view in a headless Chromium (marker browser), and the longest end-to-end tests
+# (marker slow: demo runs, model training, whole-catalog checks of hostile documents), which keep make test
+# under 15 minutes on a 2-core machine
 test-stack: $(STAMP) services
-	$(BIN)/python -m pytest -m "stack or cluster or browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "stack or cluster or browser or slow" $(PYTEST_ARGS)
 
 # processes killed and restarted (worker SIGTERM/SIGKILL, Tiled killed during a final write); docs/security.md
 test-faults: $(STAMP) services

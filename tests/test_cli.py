@@ -51,6 +51,7 @@ def test_zmq_demo_fractions_match_ground_truth_and_leave_a_queryable_catalog(dem
     assert found[0]["phase_fractions"] == pytest.approx(rows[1]["phase_fractions"])
 
 
+@pytest.mark.slow  # make test-stack
 def test_inprocess_demo_on_numpy_backend(tmp_path, capsys):
     argv = ["demo", "--states", "1.0", "--size", "64", "--energies", "7", "--topology", "inprocess",
             "--backend", "numpy", "--out", str(tmp_path), "--no-figures", "--json", "--view-port", "0"]
@@ -99,6 +100,7 @@ def test_serve_refuses_a_partial_budget_outside_0_1(budget, capsys):
     assert "--partial-budget must be a fraction in (0, 1] or 'none'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # make test-stack
 def test_the_demo_view_shows_each_scan_while_the_demo_runs(tmp_path):
     """run_demo's view follows the demo's embedded Tiled: after the scans (``demo --view`` holds here) it lists
     each run as complete, with the fractions the demo read from Tiled."""

@@ -86,6 +86,7 @@ def test_normalization_is_part_of_the_model():
                                atol=1e-4)
 
 
+@pytest.mark.slow  # make test-stack
 def test_training_learns_and_reports_metrics():
     x, labels = _spectra(800)
     result = train_gmvae(x, labels=labels, n_components=2, hidden=(64, 32, 16, 8), epochs=40, batch_size=32,

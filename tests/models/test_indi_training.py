@@ -34,6 +34,7 @@ def dose_pair(tiled_client):
     return lq_uid, hq_uid
 
 
+@pytest.mark.slow  # make test-stack
 def test_one_frame_pair_at_two_doses_trains_on_od(tiled_server, dose_pair, tmp_path):
     pytest.importorskip("tensorflow")
     lq_uid, hq_uid = dose_pair

@@ -186,6 +186,7 @@ def _truth_set(seed: int = 7) -> tuple:
     return data, np.concatenate(truth)
 
 
+@pytest.mark.slow  # make test-stack
 def test_pcc_supervision_raises_purity_against_the_truth(tmp_path):
     """Confident PCC labels as partial supervision: the mixture components align with the true phases
     (purity against the simulator's truth, not against the labels trained on) and the manifest says so."""

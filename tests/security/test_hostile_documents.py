@@ -243,6 +243,7 @@ def test_reference_file_inside_a_configured_folder_is_used(client, honest, live,
 # --------------------------------------------------------------------------- 4. replayed documents
 
 
+@pytest.mark.slow  # make test-stack
 def test_replayed_start_and_stop_never_replace_a_result(client, honest, live, target):
     docs = retarget(honest)
     uid = docs[0][1]["uid"]
@@ -357,6 +358,7 @@ def test_failed_final_write_is_never_complete(client, honest, live, monkeypatch)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.slow  # make test-stack
 def test_full_od_store_makes_the_run_partial_with_one_error_and_a_count(client, detector_files):
     store = detector_files / "small-od-store"
     store.mkdir(exist_ok=True)
@@ -437,6 +439,7 @@ REFUSED_STARTS = {
 }
 
 
+@pytest.mark.slow  # make test-stack
 def test_refused_start_document_gets_a_failed_result_with_the_reason(client, honest, live, subtests, target):
     before = catalog_state(client, data_of=target)
     uids = []
@@ -506,6 +509,7 @@ def _orphan_descriptor(live, uid: str) -> None:
     worker.receiver.handle_message(pack_frame(b"", "descriptor", serialize([ENVELOPE_TAG, "someone", 1, doc])))
 
 
+@pytest.mark.slow  # make test-stack
 def test_a_document_naming_a_finished_run_never_replaces_its_result(client):
     """One descriptor naming an old run this worker never saw made it reprocess the run with ``replace``: an
     honest ``partial`` result was deleted and rewritten ``complete``, a person's notes gone, and ``recovered:
@@ -565,6 +569,7 @@ def test_a_run_that_went_on_after_its_worker_stopped_is_recovered(client):
     assert md["status"] == "complete" and md["n_energies_seen"] == len(ENERGIES) and "recovered" in md
 
 
+@pytest.mark.slow  # make test-stack
 def test_a_recovery_that_would_be_worse_keeps_the_partial_result(client):
     """A worker stopped mid-run left a ``partial`` result; the run went on, and the next worker, whose bounds refuse
     the raw run, recovers it: reprocessing gives ``failed``. The partial result, its arrays and a person's notes

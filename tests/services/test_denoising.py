@@ -155,6 +155,7 @@ def test_denoising_requested_in_the_start_document(tiled_client, models):
     assert _no_denoised_arrays(tiled_client["phasestream"][bad])
 
 
+@pytest.mark.slow  # make test-stack
 def test_a_denoising_that_does_not_complete_keeps_the_earlier_complete_one(tiled_client, models):
     """A re-run against a model server that is down, or without the model, is skipped: the earlier complete
     denoising's arrays, fractions and model entry stay, described by ``kept``; a re-run that completes

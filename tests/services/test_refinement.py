@@ -191,6 +191,7 @@ def test_live_path_never_imports_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow  # make test-stack
 def test_a_refinement_that_does_not_complete_keeps_the_earlier_complete_one(tiled_client, models):
     """A re-run that skips (here: it cannot show a gain of 100 points) leaves the earlier complete refinement's
     arrays, fractions and model entry in place, described by ``kept``, and records its held-out figures; a

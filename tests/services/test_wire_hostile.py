@@ -75,6 +75,7 @@ def _result_metadata(client, uid: str) -> dict:
         return {}
 
 
+@pytest.mark.slow  # make test-stack
 def test_oversize_message_is_dropped_before_it_is_read_and_the_next_run_completes(
     proxy, tiled_server, tiled_client, capfd
 ):
@@ -140,6 +141,7 @@ def test_pickled_message_is_refused_unread_with_a_message_naming_msgpack(proxy, 
     assert not marker.exists()  # neither the proxy nor the worker unpickled it
 
 
+@pytest.mark.slow  # make test-stack
 def test_run_whose_start_was_lost_is_logged_once_and_reprocessed_from_tiled(proxy, tiled_server, tiled_client, capfd):
     log = WorkerLog(capfd)
     emitted: list[str] = []
