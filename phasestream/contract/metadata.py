@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DEFAULT_MAX_METADATA_BYTES", "DEFAULT_MAX_METADATA_DEPTH", "MetadataTooLargeError", "check_metadata",
-           "finite_number", "is_count", "json_ready", "recorded_energies", "recorded_map", "result_layout", "shown",
-           "shown_metadata"]
+           "finite_number", "image_shape_of", "is_count", "json_ready", "recorded_energies", "recorded_map",
+           "result_layout", "shown", "shown_metadata"]
 
 DEFAULT_MAX_METADATA_DEPTH = 8
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
@@ -149,14 +149,23 @@ def shown_metadata(metadata: Any) -> dict[str, Any]:
     }
 
 
+def image_shape_of(md: Mapping) -> tuple[int, int] | None:
+    """The result's ``image_shape`` (Y, X) if it is two positive integers (a list as Tiled's client gives it,
+    ``ListView``, too), else None: unknown."""
+    shape = md.get("image_shape")
+    if _is_list(shape) and len(shape) == 2 and all(_is_int(n) and n > 0 for n in shape):
+        return int(shape[0]), int(shape[1])
+    return None
+
+
 def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int, list[str] | None]:
     """``(image_shape, phases, n_energies_seen, errors)`` of the existing result at ``path`` (reopened to write
     more into it: ``ResultWriter.open``), each checked: a result whose metadata was edited by hand or written by
     another tool is a ValueError naming the field, not a ``TypeError`` or ``KeyError`` from inside a job.
     ``errors`` is None when the result's are a list (or none); else the list to write instead, quoting them."""
-    shape = md.get("image_shape")
-    if shape is not None and not (_is_list(shape) and len(shape) == 2 and all(_is_int(n) and n > 0 for n in shape)):
-        raise ValueError(f"result {path}: image_shape {shape!r:.80} is not two pixel counts")
+    shape = image_shape_of(md)
+    if shape is None and md.get("image_shape") is not None:
+        raise ValueError(f"result {path}: image_shape {md.get('image_shape')!r:.80} is not two pixel counts")
     references = md.get("references")
     if not isinstance(references, Mapping):
         raise ValueError(f"result {path}: references {references!r:.80} is not a map naming the phases")
@@ -168,7 +177,7 @@ def result_layout(path: str, md) -> tuple[tuple[int, int] | None, list[str], int
         raise ValueError(f"result {path}: n_energies_seen {seen!r:.80} is not a count")
     errors = md.get("errors")
     fixed = None if errors is None or _is_list(errors) else [f"errors were not a list: {errors!r:.500}"]
-    return (None if shape is None else (int(shape[0]), int(shape[1]))), list(phases), seen, fixed
+    return shape, list(phases), seen, fixed
 
 
 def recorded_energies(path: str, md: Mapping) -> tuple[int, list[float]]:

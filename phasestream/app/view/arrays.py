@@ -12,16 +12,14 @@ answers 422 "no image: ..."); nothing of the array is read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from typing import Any
 
 import numpy as np
 
 from phasestream.contract import MAP_LAYOUT, OD_DTYPE
 from phasestream.references import MAX_PHASES
 
-__all__ = ["MAX_DRAWN_PIXELS", "MAX_READ_VALUES", "NoImageError", "checked_dtype", "image_shape_of",
+__all__ = ["MAX_DRAWN_PIXELS", "MAX_READ_VALUES", "NoImageError", "checked_dtype",
            "read_arrays", "read_checked", "read_checked_plane", "read_od_plane"]
 
 MAX_DRAWN_PIXELS = 4096 * 4096
@@ -34,16 +32,6 @@ LAYOUT: dict[str, tuple[np.dtype, tuple[str, ...]]] = {**MAP_LAYOUT, "od": (OD_D
 
 class NoImageError(ValueError):
     """A result's array the view will not read or draw; the message says why."""
-
-
-def image_shape_of(metadata: Mapping[str, Any]) -> tuple[int, int] | None:
-    """The result's ``image_shape`` (Y, X) if it is two positive integers, else None (unknown). A list as Tiled's
-    client gives it (``ListView``) too."""
-    shape = metadata.get("image_shape")
-    if (isinstance(shape, Sequence) and not isinstance(shape, str | bytes) and len(shape) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
-        return int(shape[0]), int(shape[1])
-    return None
 
 
 def checked_dtype(name: str, shape: tuple[int, ...], dtype: np.dtype, image_shape: tuple[int, int] | None,

@@ -30,11 +30,11 @@ from typing import Any
 
 from tiled.client.stream import ArraySubscription, ContainerSubscription
 
-from phasestream.app.view.arrays import image_shape_of, read_arrays, read_od_plane
+from phasestream.app.view.arrays import read_arrays, read_od_plane
 from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, MAX_METADATA_MESSAGE_BYTES, LiveMaps
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.contract.fields import parse_field_key
-from phasestream.contract.metadata import shown_metadata
+from phasestream.contract.metadata import image_shape_of, shown_metadata
 from phasestream.store.catalog import find
 from phasestream.store.tiled import connect, public_uri
 
