@@ -57,3 +57,30 @@ const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height
 c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL('image/png');
 """
 """``driver.execute_script(IMAGE_DATA, "img-phase")``: the pixels the page shows, as a data URL."""
+
+
+def text_at(driver, css: str) -> str | None:
+    """The shown text of the first element ``css`` selects, or None, read in one WebDriver call: the view redraws
+    its table and panels at each update, so an element found in one call can be gone by the next
+    (StaleElementReferenceException, seen in CI)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : null;", css)
+
+
+def attributes_at(driver, css: str, name: str) -> list:
+    """Attribute ``name`` of every element ``css`` selects, read in one WebDriver call (see ``text_at``)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.getAttribute(arguments[1]));", css, name)
+
+
+def click(driver, css: str, attempts: int = 5) -> None:
+    """A real click on the first element ``css`` selects, found again when a redraw replaced it (see ``text_at``)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(attempts):
+        try:
+            driver.find_element("css selector", css).click()
+            return
+        except StaleElementReferenceException:
+            if attempt == attempts - 1:
+                raise

@@ -10,7 +10,6 @@ view-finished.png there (the README's screenshots: ``PHASESTREAM_SCREENSHOTS=doc
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from support import recorded_scan, wait
-from view_support import IMAGE_DATA, chromium, missing
+from view_support import IMAGE_DATA, chromium, missing, text_at
 
 from phasestream.app.live import ServeProcess
 from phasestream.app.view import ViewServer
@@ -47,13 +46,6 @@ def scan_documents(client, *, seed: int = 5, state_of_charge: float = 2.0):
 
 
 
-def text_of(driver, element_id: str) -> str | None:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-
-    with contextlib.suppress(NoSuchElementException, StaleElementReferenceException):
-        return driver.find_element("id", element_id).text
-    return None
-
 
 def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
     _, key = separate_api_key(tiled_server.uri)
@@ -67,7 +59,7 @@ def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
             ViewServer(tiled_server.uri) as view, chromium() as driver:
         assert publisher.wait_for_subscriber(10)
         driver.get(f"{view.url}/#{uid}")
-        wait(lambda: text_of(driver, "connection") == "live", 30, "the view to be live")
+        wait(lambda: text_at(driver, "#connection") == "live", 30, "the view to be live")
 
         sender = threading.Thread(target=lambda: [(publisher(n, d), time.sleep(PACE if n == "event" else 0))
                                                   for n, d in docs], daemon=True)
@@ -75,11 +67,11 @@ def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
         deadline = time.monotonic() + 180
         seen: list[str] = []
         partial_image, shot_running = None, False
-        while sender.is_alive() or text_of(driver, "run-state") in (None, "", "running"):
-            energies = text_of(driver, "run-energies")
+        while sender.is_alive() or text_at(driver, "#run-state") in (None, "", "running"):
+            energies = text_at(driver, "#run-energies")
             if energies and (not seen or seen[-1] != energies):
                 seen.append(energies)
-            state = text_of(driver, "run-state")
+            state = text_at(driver, "#run-state")
             if state == "running" and energies and 2 <= int(energies.split("/")[0]) < len(ENERGIES):
                 image = driver.execute_script(IMAGE_DATA, "img-phase")
                 if image and partial_image is None:
@@ -92,10 +84,10 @@ def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
         sender.join()
 
         md = dict(tiled_client["phasestream"][uid].metadata)
-        wait(lambda: text_of(driver, "run-state") == md["status"], 30, "the final status on the page")
+        wait(lambda: text_at(driver, "#run-state") == md["status"], 30, "the final status on the page")
         assert md["status"] == "complete", md["errors"]
-        if text_of(driver, "run-energies") != seen[-1]:
-            seen.append(text_of(driver, "run-energies"))
+        if text_at(driver, "#run-energies") != seen[-1]:
+            seen.append(text_at(driver, "#run-energies"))
         counts = [int(s.split("/")[0]) for s in seen]
         assert counts == sorted(counts) and len(set(counts)) >= 3, f"energies seen did not step up: {seen}"
         assert seen[-1] == f"{len(ENERGIES)}/{len(ENERGIES)}"
@@ -112,8 +104,8 @@ def test_view_follows_a_real_scan_in_a_browser(tiled_server, tiled_client):
         fractions = {row.get_attribute("data-phase"): float(row.get_attribute("data-fraction"))
                      for row in driver.find_elements("css selector", "#fractions tr.fraction")}
         assert fractions == md["phase_fractions"]
-        row = driver.find_element("css selector", f'#runs tr[data-uid="{uid}"]')
-        assert f"{len(ENERGIES)}/{len(ENERGIES)}" in row.text and "complete" in row.text
+        row = text_at(driver, f'#runs tr[data-uid="{uid}"]')
+        assert f"{len(ENERGIES)}/{len(ENERGIES)}" in row and "complete" in row
         if shots:
             driver.save_screenshot(str(Path(shots) / "view-finished.png"))
         assert key and key not in driver.page_source

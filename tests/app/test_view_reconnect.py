@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 from services_support import uvicorn_port
-from view_support import chromium, missing
+from view_support import attributes_at, chromium, click, missing, text_at
 
 from phasestream.app.view import ViewServer
 from phasestream.store.tiled import connect
@@ -93,10 +93,10 @@ def test_view_shows_errors_and_survives_tiled_restarting(tmp_path):
         result(tiled.client(), "failed-run", "failed", ["start document refused: num_points 20000 > 10000"])
         with ViewServer(f"{tiled.uri}?api_key={tiled.key}") as view, chromium() as driver:
             driver.get(f"{view.url}/#failed-run")
-            badge = lambda: driver.find_element("id", "connection").text  # noqa: E731
+            badge = lambda: text_at(driver, "#connection")  # noqa: E731
             wait(lambda: badge() == "live", 30, "the view to be live")
             assert httpx.get(f"{view.url}/healthz").json() == {"ok": True, "state": "live"}
-            wait(lambda: "num_points 20000" in driver.find_element("id", "run-errors").text, 10, "the run's errors")
+            wait(lambda: "num_points 20000" in (text_at(driver, "#run-errors") or ""), 10, "the run's errors")
             driver.execute_script("window.notReloaded = true")
 
             tiled.stop(signal.SIGKILL)
@@ -109,15 +109,14 @@ def test_view_shows_errors_and_survives_tiled_restarting(tmp_path):
                  "the result written after the restart on the page")
             wait(lambda: badge() == "live", 30, "the view to be live again")
             assert driver.execute_script("return window.notReloaded") is True
-            driver.find_element("css selector", '#runs tr[data-uid="partial-run"]').click()
-            errors = lambda: driver.find_element("id", "run-errors").text  # noqa: E731
-            wait(lambda: "worker stopped" in errors(), 10, "the partial run's errors")
+            click(driver, '#runs tr[data-uid="partial-run"]')
+            wait(lambda: "worker stopped" in (text_at(driver, "#run-errors") or ""), 10, "the partial run's errors")
             assert tiled.key not in driver.page_source
 
             # the search is phasestream query's: status failed lists the failed run only
-            driver.find_element("css selector", '#q-status option[value="failed"]').click()
-            driver.find_element("css selector", '#search button[type="submit"]').click()
-            rows = lambda: [r.get_attribute("data-uid") for r in driver.find_elements("css selector", "#runs tr")]  # noqa: E731
-            wait(lambda: rows() == ["failed-run"], 10, "the search to list the failed run only")
+            click(driver, '#q-status option[value="failed"]')
+            click(driver, '#search button[type="submit"]')
+            wait(lambda: attributes_at(driver, "#runs tr", "data-uid") == ["failed-run"], 10,
+                 "the search to list the failed run only")
     finally:
         tiled.stop()

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from support import wait
-from view_support import chromium, missing
+from view_support import chromium, missing, text_at
 
 from phasestream.app.view import ViewServer
 
@@ -32,9 +32,9 @@ def test_a_running_result_without_updates_for_minutes_says_so(tiled_client):
         driver.get(f"{view.url}/#dead-worker")
 
         def status(uid: str) -> str:
-            return driver.find_element("css selector", f'#runs tr[data-uid="{uid}"] td:nth-child(3)').text
+            return text_at(driver, f'#runs tr[data-uid="{uid}"] td:nth-child(3)')
 
         wait(lambda: status("finished") == "complete", 30, "the results on the page")
         assert status("dead-worker") == "running, no update for 10 min"
         assert status("live-worker") == "running"
-        assert driver.find_element("id", "run-state").text == "running, no update for 10 min"
+        assert text_at(driver, "#run-state") == "running, no update for 10 min"
