@@ -59,9 +59,12 @@ from phasestream.references import ReferenceSet, load_document_references, load_
 from phasestream.store.results import ResultExistsError, ResultWriter
 from phasestream.store.tiled import raw_run_link
 
-__all__ = ["PhaseMapCallback"]
+__all__ = ["DEFAULT_MAX_OPEN_RUNS", "PhaseMapCallback"]
 
 logger = logging.getLogger(__name__)
+
+#: runs analysed at once (``serve --max-open-runs``): each holds its accumulators, a RunEngine runs one at a time
+DEFAULT_MAX_OPEN_RUNS = 8
 
 def _keys_note(settings: RunSettings) -> dict:
     """``keys``: the keys a run without a ``phasestream`` block was analysed with, and how each was chosen."""
@@ -118,6 +121,8 @@ class PhaseMapCallback:
     keep_arrays : keep each run's final arrays in :attr:`results` (default: only without a Tiled
         client, where they are the only copy); with Tiled the worker keeps summaries only
     max_results : runs remembered in :attr:`results` (oldest dropped first)
+    max_open_runs : runs analysed or waiting for their primary descriptor at once; the start of one more is
+        refused (a ``failed`` result with the reason; its raw run stays for ``phasestream reprocess``)
     raw : Tiled path of the container where the raw runs are (TiledWriter's; ``""`` the catalog root,
         ``bl/raw``): each result links to its raw run there (``raw`` metadata)
     """
@@ -146,6 +151,7 @@ class PhaseMapCallback:
         replace: bool = False,
         keep_arrays: bool | None = None,
         max_results: int = 1000,
+        max_open_runs: int = DEFAULT_MAX_OPEN_RUNS,
         defaults: RunDefaults | None = None,
         raw: str = "",
     ):
@@ -182,6 +188,9 @@ class PhaseMapCallback:
         self.replace = bool(replace)
         self.keep_arrays = tiled_client is None if keep_arrays is None else bool(keep_arrays)
         self.max_results = int(max_results)
+        if int(max_open_runs) < 1:
+            raise ValueError(f"max_open_runs must be >= 1, got {max_open_runs}")
+        self.max_open_runs = int(max_open_runs)
         self.results: OrderedDict[str, RunResult] = OrderedDict()
         self.active: dict[str, RunAnalysis] = {}
         self._unknown_seen: dict = {}  # runs/descriptors whose documents arrived unannounced (logged once)
@@ -275,6 +284,13 @@ class PhaseMapCallback:
             return [], []
         if uid in self.active or uid in self.pending or (not self.replace and self._result_exists(uid)):
             self._record_conflict(uid)
+            return [], []
+        with self._lock:
+            open_runs = len(self.active) + len(self.pending)
+        if open_runs >= self.max_open_runs:
+            self._not_analysed(uid, start, "failed", f"not analysed: {open_runs} runs are open in this worker, at "
+                                                     f"most {self.max_open_runs} (serve --max-open-runs); the raw run "
+                                                     f"stays: phasestream reprocess {uid} analyses it")
             return [], []
         if blockless:  # keys from the primary descriptor, when it comes
             pending = PendingRun(start, resolve=self._resolve, give_up=lambda reason: self._give_up(uid, start, reason))

@@ -32,6 +32,7 @@ from phasestream.app.cli.postscan import (
 )
 from phasestream.app.live import LiveService
 from phasestream.app.notify import notify
+from phasestream.callbacks.phase_map import DEFAULT_MAX_OPEN_RUNS
 from phasestream.contract import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_POINTS, DocumentBounds, check_raw_path
 from phasestream.jobs.executors import DaskExecutor
 from phasestream.kernels.backend import BACKENDS
@@ -116,6 +117,9 @@ def _add_storage_options(serve: argparse.ArgumentParser) -> None:
                             f"{DEFAULT_MAX_NUM_POINTS})")
     serve.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help=f"refuse images of more pixels (default {DEFAULT_MAX_IMAGE_PIXELS}, 8192^2)")
+    serve.add_argument("--max-open-runs", type=positive_int, default=DEFAULT_MAX_OPEN_RUNS, metavar="N",
+                       help=f"runs analysed at once; the start of one more is refused, its raw run kept for "
+                            f"phasestream reprocess (default {DEFAULT_MAX_OPEN_RUNS})")
     serve.add_argument("--references", default=None, metavar="R",
                        help="analyse runs without a phasestream block (stock plans) against these reference "
                             "spectra (a registered name or a file); their keys are inferred or given below. Runs "
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                               update_seconds=args.update_seconds, partial_budget=args.partial_budget,
                               root=args.root, raw=raw, write_od=not args.no_od,
                               od_store=args.od_store, reference_folders=folders, asset_folders=args.asset_dir,
-                              bounds=bounds, defaults=defaults,
+                              bounds=bounds, defaults=defaults, max_open_runs=args.max_open_runs,
                               stale_after=args.stop_timeout,
                               refine=None if args.no_refine else refine_options(args),
                               enhance=enhance_options(args), methods=methods_base(args), denoise=denoise_options(args),
