@@ -364,7 +364,7 @@ class PhaseMapCallback:
     def _not_analysed(self, uid: str, start: dict, status: str, reason: str) -> None:
         """A run that is not analysed: a ``failed`` (refused) or ``skipped`` (keys not inferred) result
         with the reason, at ``<root>/<uid>`` (``uid`` already checked); the raw run stays in Tiled."""
-        logger.error("run %s not analysed: %s", uid, reason)
+        logger.error("run %s: %s", uid, reason)
         result = self.unanalysed.result(uid, status, reason)
         self._remember(result)
         self.unanalysed.record(result, start)
