@@ -56,6 +56,9 @@ def decoded(body: bytes) -> np.ndarray:
 GOOD_PHASE = np.array([[-1, 0, 1, 1]] * 4, dtype=np.int16)
 GOOD_RELIABILITY = np.linspace(0, 1, 16, dtype=np.float32).reshape(SHAPE)
 
+BIG_PHASE = np.random.default_rng(3).integers(-1, 3, size=(64, 60)).astype(np.int16)
+BIG_RELIABILITY = np.random.default_rng(4).random((64, 60), dtype=np.float32)
+
 BAD = {  # label: (arrays written, arrays declared only, image, what the refusal names)
     "float phase with NaN": ({"phase": np.full(SHAPE, np.nan), "reliability": GOOD_RELIABILITY}, {}, "phase",
                              "phase"),
@@ -93,6 +96,13 @@ def bad_results(tiled_client):
     node.write_array(np.eye(4, dtype=bool), key="ambiguous")
     node.write_array(np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, *SHAPE), key="pcc")
     node.write_array(np.arange(48, dtype=np.float32).reshape(3, *SHAPE), key="od")
+    big = uids["big"] = str(uuid.uuid4())  # drawn at a stride when the cap is lowered below its 64²
+    node = result(container, big, image_shape=list(BIG_PHASE.shape))
+    node.write_array(BIG_PHASE, key="phase")
+    node.write_array(BIG_RELIABILITY, key="reliability")
+    node.write_array(BIG_PHASE == 2, key="ambiguous")
+    node.write_array(np.stack([BIG_RELIABILITY, -BIG_RELIABILITY]), key="pcc")
+    node.write_array(np.stack([BIG_RELIABILITY * i for i in range(3)]), key="od")
     with ViewServer(tiled_client, root=root) as view:
         wait(lambda: view.follower.state == "live" and len(view.follower.runs) == len(uids), 60, "the view")
         yield view, uids
@@ -122,17 +132,47 @@ def test_arrays_castable_to_the_contract_are_drawn_as_it_says(bad_results):
 
 
 def test_the_caps_bound_what_one_image_reads():
-    from phasestream.app.view.arrays import MAX_DRAWN_PIXELS, MAX_READ_VALUES, NoImageError, checked_dtype
+    from phasestream.app.view.arrays import (
+        MAX_DRAWN_PIXELS,
+        MAX_IMAGE_PIXELS,
+        MAX_READ_VALUES,
+        Drawn,
+        NoImageError,
+        drawn_as,
+    )
 
     side = int(MAX_DRAWN_PIXELS**0.5)
-    assert checked_dtype("phase", (side, side), np.dtype("int64"), None) == np.dtype("int16")
+    assert drawn_as("phase", (side, side), np.dtype("int64"), None) == Drawn(np.dtype("int16"), 1)
+    # one pixel more each way: every other row and column, (side / 2 + 1)² pixels drawn
+    assert drawn_as("phase", (side + 1, side + 1), np.dtype("int16"), None) == Drawn(np.dtype("int16"), 2)
+    assert drawn_as("phase", (8192, 8192), np.dtype("int16"), (8192, 8192)).stride == 2  # the worker's default
+    big = int(MAX_IMAGE_PIXELS**0.5)
+    assert drawn_as("od", (3, big, big), np.dtype("float32"), None, whole=False).stride == 4
     with pytest.raises(NoImageError, match="pixels"):  # no image_shape to compare with: the cap still holds
-        checked_dtype("phase", (side + 1, side + 1), np.dtype("int16"), None)
+        drawn_as("phase", (big + 1, big + 1), np.dtype("int16"), None)
     k = MAX_READ_VALUES // (side * side) + 1
     with pytest.raises(NoImageError, match="values"):
-        checked_dtype("pcc", (k, side, side), np.dtype("float32"), (side, side))
+        drawn_as("pcc", (k, side, side), np.dtype("float32"), (side, side))
     with pytest.raises(NoImageError, match="shape"):
-        checked_dtype("reliability", (64, 64), np.dtype("float32"), (64, 65))
+        drawn_as("reliability", (64, 64), np.dtype("float32"), (64, 65))
+
+
+def test_maps_larger_than_the_view_draws_are_drawn_at_a_stride(bad_results, monkeypatch):
+    """Maps over ``MAX_DRAWN_PIXELS`` (a worker accepts 8192², the view draws 4096²) were "no image"; they are
+    read from Tiled at every s-th row and column (a strided slice) and drawn."""
+    from phasestream.app.view import arrays
+
+    view, uids = bad_results
+    monkeypatch.setattr(arrays, "MAX_DRAWN_PIXELS", 16 * 15)  # 64 x 60 drawn at stride 4: 16 x 15
+    with httpx.Client(base_url=f"{view.url}/api/runs/{uids['big']}", timeout=60) as http:
+        phase = http.get("/phase.png?v=1")
+        assert phase.status_code == 200, phase.text[:200]
+        step = (slice(None, None, 4),) * 2
+        expected = png(phase_rgb(BIG_PHASE[step], BIG_RELIABILITY[step], (BIG_PHASE == 2)[step]))
+        assert np.array_equal(decoded(phase.content), decoded(expected))
+        od = http.get("/od.png?v=1")
+        assert od.status_code == 200
+        assert np.array_equal(decoded(od.content), decoded(od_png(BIG_RELIABILITY[step] * 2)))
 
 
 # -- a Tiled that hangs or fails -------------------------------------------------------------------------------------

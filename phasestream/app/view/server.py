@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from phasestream.app.view import render
-from phasestream.app.view.arrays import NoImageError, checked_dtype
+from phasestream.app.view.arrays import NoImageError, drawn_as, strided
 from phasestream.app.view.follow import CatalogFollower
 from phasestream.contract import RUN_UID_PATTERN, STATUSES
 from phasestream.store.catalog import find
@@ -124,7 +124,8 @@ class MapCache:
         """Streamed arrays in the contract's dtypes, or None (read them: the checks then say why not)."""
         shape = self.follower.image_shape(uid)
         try:
-            return {name: array.astype(checked_dtype(name, array.shape, array.dtype, shape), copy=False)
+            drawn = {name: drawn_as(name, array.shape, array.dtype, shape) for name, array in arrays.items()}
+            return {name: strided(array, drawn[name].stride).astype(drawn[name].dtype, copy=False)
                     for name, array in arrays.items()}
         except NoImageError as error:
             log.debug("view: streamed arrays of %s not drawn: %s", uid, error)
