@@ -9,22 +9,18 @@ or a folder; an existing result is replaced only with ``replace=True`` (``phases
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from tiled.client.container import Container
 from tiled.client.utils import ClientError
-from tiled.structures.core import StructureFamily
-from tiled.structures.data_source import DataSource
 
 from phasestream.contract import (
     MAP_LAYOUT,
@@ -37,16 +33,8 @@ from phasestream.contract import (
 )
 from phasestream.contract.fields import check_result_key
 from phasestream.contract.metadata import json_ready, result_layout
-from phasestream.store.odstore import (
-    OD_ZARR_CONFIG,
-    check_own_od,
-    external_od_path,
-    external_source,
-    flush_and_drop,
-    new_od_zarr,
-    plane_structure,
-    remove_od_store,
-)
+from phasestream.store.odcube import OdCube
+from phasestream.store.odstore import external_od_path, remove_od_store
 from phasestream.store.tiled import explained_refusal
 
 __all__ = ["ResultExistsError", "ResultWriter"]
@@ -98,22 +86,13 @@ class ResultWriter:
 
     Synchronous and thread-safe (one lock per writer); meant for a writer thread off the hot path.
 
-    OD planes (``write_od``) go into the ``od`` array (E, Y, X) float32, chunked one energy
-    plane per chunk, so a plane is one block write. With ``n_energies`` known, ``od`` is
-    created at that size up front. Past its capacity, or with ``n_energies=None`` (created at
-    the first plane), ``od`` grows with ``patch(extend=True)``, which adds exactly the chunks
-    of the new planes (zarr chunks stay one plane). Tiled cannot shrink an array:
-    :meth:`finalize_od` trims a too-large ``od`` by rewriting it at the final size. Until then
-    planes not yet written read as 0; readers slice ``od[:n_energies_seen]``.
-
-    With ``od_store``, ``od`` is instead an uncompressed zarr array that this writer writes
-    directly, at ``<od_store>/<root>/<run uid>/od.zarr``, registered in Tiled as external data
-    (same key, shape, chunks and dtype: readers see no difference). A plane then costs a file
-    write instead of an HTTP upload that Tiled compresses (about 0.2 s of CPU for a 2048^2
-    plane): the way to keep the live OD cube at high frame rates. The Tiled server must be
-    allowed to read ``od_store`` (``readable_storage``), on a filesystem both see. Growing,
-    trimming and replacing resize the zarr array and register it again; replacing or deleting
-    through this writer also removes the files (Tiled never deletes external data).
+    OD planes (``write_od``) go into the ``od`` array (E, Y, X) float32, one energy plane per chunk,
+    through :attr:`od` (:class:`~phasestream.store.odcube.OdCube`): created at ``n_energies`` planes up
+    front, or grown; :meth:`finalize_od` trims a too-large one; readers slice ``od[:n_energies_seen]``.
+    With ``od_store``, ``od`` is an uncompressed zarr array at ``<od_store>/<root>/<key>/od.zarr`` written
+    directly and registered in Tiled as external data (the way to keep the live OD cube at high frame
+    rates; the Tiled server must be allowed to read ``od_store``, on a filesystem both see); replacing a
+    result through this writer also removes its files (Tiled never deletes external data).
 
     Parameters
     ----------
@@ -155,8 +134,6 @@ class ResultWriter:
         self.shape = None if shape is None else (int(shape[0]), int(shape[1]))
         self.path = f"{root}/{key}"
         self.od_store = None if od_store is None else Path(od_store).resolve()
-        self.od_path = None if od_store is None else path_inside(self.od_store, root, key, "od.zarr")
-        self._od_zarr: zarr.Array | None = None
         md = self._initial_metadata(metadata or {})
         removed = None  # the status of an earlier result this one replaces
         with explained_refusal("create", self.path):
@@ -184,11 +161,11 @@ class ResultWriter:
                                    f"replaced, and the new one could not be created: {exc}") from exc
         self._lock = threading.Lock()
         self._arrays: dict[str, Any] = {}
-        self._planes: set[int] = set()
-        self._od_capacity = 0
+        self.od = OdCube(self.container, self.path, run_uid, self.shape, self._arrays, od_store=self.od_store,
+                         od_path=None if od_store is None else path_inside(self.od_store, root, key, "od.zarr"))
         if n_energies is not None:
             try:
-                self._create_od(n_energies)
+                self.od.create(n_energies)
             except OSError as error:  # an OD store that cannot be written: the maps still can be
                 log.error("%s; od is created again with the first plane", error)
 
@@ -230,12 +207,10 @@ class ResultWriter:
         if errors is not None:  # not a list, which record_error appends to (500s, retried for 25 s)
             self.update_metadata(errors=errors)
         self._arrays = {key: container[key] for key in container}
-        self._od_capacity = self._arrays["od"].shape[0] if "od" in self._arrays else 0
-        # an external od is opened only to write od: jobs that only add arrays may not see the OD store
-        self.od_path = external_od_path(self._arrays.get("od"))
         self.od_store = None if od_store is None else Path(od_store).resolve()
-        self._od_zarr = None
-        self._planes = set(range(min(seen, self._od_capacity)))
+        # an external od is opened only to write od: jobs that only add arrays may not see the OD store
+        self.od = OdCube(container, path, run_uid, self.shape, self._arrays, od_store=self.od_store,
+                         od_path=external_od_path(self._arrays.get("od")), planes=set(range(seen)))
         return self
 
     @property
@@ -246,65 +221,19 @@ class ResultWriter:
     @property
     def n_od_planes(self) -> int:
         """Extent of the written OD planes: highest energy index written + 1 (0 if none)."""
-        return max(self._planes) + 1 if self._planes else 0
+        return self.od.n_planes
 
     @property
     def od_external(self) -> bool:
         """``od`` is written directly as external zarr data (``od_store``), not uploaded."""
-        return self.od_path is not None
-
-    def _create_od(self, n_planes: int) -> None:
-        """A new ``od`` of ``n_planes`` planes: in Tiled's storage, or a new external zarr array."""
-        if self.od_path is not None:
-            with self._od_store_errors():
-                self._od_zarr = new_od_zarr(self.od_path, (n_planes, *self.shape))
-        self._register_od(n_planes)
-
-    def _register_od(self, n_planes: int) -> None:
-        structure = plane_structure(n_planes, self.shape)
-        source = (DataSource(structure=structure, structure_family=StructureFamily.array) if self.od_path is None
-                  else external_source(structure, self.od_path))
-        with explained_refusal("create", f"{self.path}/od"):
-            self._arrays["od"] = self.container.new(StructureFamily.array, [source], key="od")
-        self._od_capacity = n_planes
-
-    def _od_array(self) -> zarr.Array:
-        """The external zarr array of ``od``, opened on first use."""
-        if self._od_zarr is None:
-            with self._od_store_errors():
-                self._od_zarr = zarr.open_array(str(self.od_path), mode="r+", config=OD_ZARR_CONFIG)
-        return self._od_zarr
-
-    @contextlib.contextmanager
-    def _od_store_errors(self) -> Iterator[None]:
-        """Around every file operation on an external ``od``, first checked to be this result's in the OD store."""
-        check_own_od(self.od_path, self.od_store, self.path)
-        try:
-            yield
-        except OSError as error:
-            raise OSError(f"cannot write the OD cube of run {self.run_uid} at {self.od_path}: {error}") from error
-
-    def _resize_external_od(self, n_planes: int) -> None:
-        """External ``od`` at a new number of planes: Tiled's record is immutable, so register it again."""
-        with self._od_store_errors():
-            self._od_array().resize((n_planes, *self.shape))
-        with explained_refusal("rewrite", f"{self.path}/od"):
-            self.container.delete_contents("od", external_only=False)
-        del self._arrays["od"]
-        self._register_od(n_planes)
+        return self.od.external
 
     def write_od(self, index: int, od: np.ndarray) -> None:
         """Write the (Y, X) OD plane of energy number ``index`` (0-based) into ``od[index]``."""
         plane = np.ascontiguousarray(od, dtype=OD_DTYPE)
         if plane.shape != self.shape:
             raise ValueError(f"OD plane {index} of run {self.run_uid} has shape {plane.shape}, expected {self.shape}")
-        if index < 0:
-            raise ValueError(f"energy index must be >= 0, got {index}")
-        with self._lock:
-            self._prepare_od(index + 1)
-            if index >= self._od_capacity:
-                log.debug("growing %s/od from %d to %d planes", self.path, self._od_capacity, index + 1)
-            self._write_od_block(index, plane[np.newaxis])
+        self.write_od_planes(index, plane[np.newaxis])
 
     def write_od_planes(self, start: int, planes: np.ndarray) -> None:
         """Write consecutive OD planes (n, Y, X) into ``od[start : start + n]`` with one request.
@@ -312,45 +241,10 @@ class ResultWriter:
         Fewer, larger requests when planes queue up behind a busy server (each request costs tens
         of ms whatever its size); the chunks stay one plane each, as with :meth:`write_od`.
         """
-        block = self._check_planes(start, planes)
+        block = self.od.checked(start, planes)
         with self._lock:
-            self._prepare_od(start + block.shape[0])
-            self._write_od_block(start, block)
-
-    def _check_planes(self, start: int, planes: np.ndarray) -> np.ndarray:
-        block = np.ascontiguousarray(planes, dtype=OD_DTYPE)
-        if block.ndim != 3 or block.shape[1:] != self.shape or block.shape[0] < 1:
-            raise ValueError(f"OD planes of run {self.run_uid} have shape {block.shape}, expected (n, *{self.shape})")
-        if start < 0:
-            raise ValueError(f"energy index must be >= 0, got {start}")
-        return block
-
-    def _prepare_od(self, end: int) -> None:
-        """Create ``od`` if missing (holding the lock)."""
-        if "od" not in self._arrays:
-            self._create_od(end)
-
-    def _write_od_block(self, start: int, block: np.ndarray) -> None:
-        """One request for ``od[start : start + n]`` (holding the lock; ``od`` exists)."""
-        end = start + block.shape[0]
-        if self.od_path is not None:
-            if end > self._od_capacity:  # unknown or exceeded number of energies: grow geometrically
-                self._resize_external_od(max(end, 2 * self._od_capacity))
-            array = self._od_array()
-            with self._od_store_errors():
-                array[start:end] = block
-                for index in range(start, end):
-                    flush_and_drop(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
-            self._planes.update(range(start, end))
-            return
-        with explained_refusal("write", f"{self.path}/od"):
-            array = self._arrays["od"]
-            if end == start + 1 and end <= self._od_capacity:
-                array.write_block(block, block=(start, 0, 0))
-            else:
-                array.patch(block, offset=(start,), extend=end > self._od_capacity)
-                self._od_capacity = max(self._od_capacity, end)
-            self._planes.update(range(start, end))
+            self.od.prepare(start + block.shape[0])
+            self.od.write(start, block)
 
     def finalize_od(self, n: int | None = None, *, update_metadata: bool = True) -> None:
         """Declare the final number of OD planes ``n`` (default :attr:`n_od_planes`).
@@ -361,27 +255,8 @@ class ResultWriter:
         with ``n == 0`` it is removed.
         """
         n = self.n_od_planes if n is None else int(n)
-        if not 0 <= n <= self._od_capacity:
-            raise ValueError(f"{self.path}/od holds {self._od_capacity} planes; cannot declare {n} of them")
         with self._lock:
-            if n < self._od_capacity:
-                log.info("trimming %s/od from %d to %d planes", self.path, self._od_capacity, n)
-                if self.od_path is not None and n:
-                    self._resize_external_od(n)
-                else:  # uploaded (the one way to shrink it is to write it again), or removed (n == 0)
-                    with explained_refusal("rewrite", f"{self.path}/od"):
-                        kept = self._arrays["od"][:n] if n else None
-                        self.container.delete_contents("od", external_only=False)
-                        del self._arrays["od"]
-                        self._od_capacity = 0
-                        if n:
-                            self._create_od(n)
-                            for index in range(n):
-                                self._arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
-                    if self.od_path is not None:  # external and removed: its files go too
-                        self._od_zarr = None
-                        remove_od_store(self.od_path, self.od_store)
-                self._planes = {p for p in self._planes if p < n}
+            self.od.trim(n)
         if update_metadata:
             self.update_metadata(n_energies_seen=n)
 
@@ -411,12 +286,12 @@ class ResultWriter:
         writes OD planes (:meth:`write_od_planes`) concurrently with the in-place map writes.
         """
         checked = {name: self._check_map(name, value) for name, value in arrays.items()}
-        od = None if od_planes is None else (od_planes[0], self._check_planes(*od_planes))
+        od = None if od_planes is None else (od_planes[0], self.od.checked(*od_planes))
 
         def write(item: tuple[str, np.ndarray]) -> None:
             name, array = item
             if name is None:  # the OD planes
-                self._write_od_block(*array)
+                self.od.write(*array)
                 return
             with explained_refusal("write", f"{self.path}/{name}"):
                 self._write_map(name, array)
@@ -430,7 +305,7 @@ class ResultWriter:
                 if item[0] not in dict(existing):
                     write(item)
             if od is not None:
-                self._prepare_od(od[0] + od[1].shape[0])
+                self.od.prepare(od[0] + od[1].shape[0])
                 existing.append((None, od))
             if len(existing) > 1:
                 list(_map_pool().map(write, existing))

@@ -1,0 +1,181 @@
+"""The ``od`` cube (E, Y, X) of one result, written plane by plane while a run goes on (``ResultWriter``).
+
+``od`` is float32, chunked one energy plane per chunk, so a plane is one block write. With the number
+of energies known it is created at that size up front; past its capacity, or with it unknown
+(created at the first plane), it grows with ``patch(extend=True)``, which adds exactly the chunks of
+the new planes. Tiled cannot shrink an array: :meth:`OdCube.trim` rewrites a too-large ``od`` at its
+final size. Until then planes not yet written read as 0; readers slice ``od[:n_energies_seen]``.
+
+With an OD store (``od_path`` inside ``od_store``), ``od`` is instead an uncompressed zarr array
+written directly and registered in Tiled as external data (same key, shape, chunks and dtype): a
+plane costs a file write instead of an HTTP upload that Tiled compresses (about 0.2 s of CPU for a
+2048^2 plane). Growing and trimming resize the zarr array and register it again; every file operation
+first checks that the path is this result's own in the store (``odstore.check_own_od``).
+
+Not thread-safe by itself: the :class:`~phasestream.store.results.ResultWriter` that owns it calls it
+holding its lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from tiled.structures.core import StructureFamily
+from tiled.structures.data_source import DataSource
+
+from phasestream.contract import OD_DTYPE
+from phasestream.store.odstore import (
+    OD_ZARR_CONFIG,
+    check_own_od,
+    external_source,
+    flush_and_drop,
+    new_od_zarr,
+    plane_structure,
+    remove_od_store,
+)
+from phasestream.store.tiled import explained_refusal
+
+__all__ = ["OdCube"]
+
+log = logging.getLogger(__name__)
+
+
+class OdCube:
+    """The ``od`` array of the result ``container`` at ``path``.
+
+    Parameters
+    ----------
+    container : the result's Tiled container
+    path : its path (in messages), ``run_uid`` the run (in messages)
+    shape : (Y, X) of a plane
+    arrays : the writer's name -> Tiled array node map; ``arrays["od"]`` is kept current here
+    od_path, od_store : the external zarr array and the OD store it must lie in (None: uploaded to Tiled)
+    planes : the planes already written (a reopened result)
+    """
+
+    def __init__(self, container, path: str, run_uid: str, shape: tuple[int, int] | None, arrays: dict[str, Any], *,
+                 od_path: Path | None = None, od_store: Path | None = None, planes: set[int] | None = None):
+        self.container, self.path, self.run_uid, self.shape = container, path, run_uid, shape
+        self.arrays = arrays
+        self.od_path, self.od_store = od_path, od_store
+        self._zarr: zarr.Array | None = None
+        self.capacity = arrays["od"].shape[0] if "od" in arrays else 0
+        self.planes: set[int] = set() if planes is None else {p for p in planes if p < self.capacity}
+
+    @property
+    def n_planes(self) -> int:
+        """Extent of the written planes: highest energy index written + 1 (0 if none)."""
+        return max(self.planes) + 1 if self.planes else 0
+
+    @property
+    def external(self) -> bool:
+        """``od`` is written directly as external zarr data, not uploaded."""
+        return self.od_path is not None
+
+    def create(self, n_planes: int) -> None:
+        """A new ``od`` of ``n_planes`` planes: in Tiled's storage, or a new external zarr array."""
+        if self.od_path is not None:
+            with self._store_errors():
+                self._zarr = new_od_zarr(self.od_path, (n_planes, *self.shape))
+        self._register(n_planes)
+
+    def _register(self, n_planes: int) -> None:
+        structure = plane_structure(n_planes, self.shape)
+        source = (DataSource(structure=structure, structure_family=StructureFamily.array) if self.od_path is None
+                  else external_source(structure, self.od_path))
+        with explained_refusal("create", f"{self.path}/od"):
+            self.arrays["od"] = self.container.new(StructureFamily.array, [source], key="od")
+        self.capacity = n_planes
+
+    def _zarr_array(self) -> zarr.Array:
+        """The external zarr array of ``od``, opened on first use."""
+        if self._zarr is None:
+            with self._store_errors():
+                self._zarr = zarr.open_array(str(self.od_path), mode="r+", config=OD_ZARR_CONFIG)
+        return self._zarr
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """Around every file operation on an external ``od``, first checked to be this result's in the OD store."""
+        check_own_od(self.od_path, self.od_store, self.path)
+        try:
+            yield
+        except OSError as error:
+            raise OSError(f"cannot write the OD cube of run {self.run_uid} at {self.od_path}: {error}") from error
+
+    def _resize_external(self, n_planes: int) -> None:
+        """External ``od`` at a new number of planes: Tiled's record is immutable, so register it again."""
+        with self._store_errors():
+            self._zarr_array().resize((n_planes, *self.shape))
+        with explained_refusal("rewrite", f"{self.path}/od"):
+            self.container.delete_contents("od", external_only=False)
+        del self.arrays["od"]
+        self._register(n_planes)
+
+    def checked(self, start: int, planes: np.ndarray) -> np.ndarray:
+        """``planes`` (n, Y, X) as the float32 block written at ``start``; ValueError for a wrong shape or start."""
+        block = np.ascontiguousarray(planes, dtype=OD_DTYPE)
+        if block.ndim != 3 or block.shape[1:] != self.shape or block.shape[0] < 1:
+            raise ValueError(f"OD planes of run {self.run_uid} have shape {block.shape}, expected (n, *{self.shape})")
+        if start < 0:
+            raise ValueError(f"energy index must be >= 0, got {start}")
+        return block
+
+    def prepare(self, end: int) -> None:
+        """Create ``od`` if missing, at ``end`` planes."""
+        if "od" not in self.arrays:
+            self.create(end)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """One request for ``od[start : start + n]`` (``od`` exists: :meth:`prepare`)."""
+        end = start + block.shape[0]
+        if end > self.capacity:
+            log.debug("growing %s/od from %d to %d planes", self.path, self.capacity, end)
+        if self.od_path is not None:
+            if end > self.capacity:  # unknown or exceeded number of energies: grow geometrically
+                self._resize_external(max(end, 2 * self.capacity))
+            array = self._zarr_array()
+            with self._store_errors():
+                array[start:end] = block
+                for index in range(start, end):
+                    flush_and_drop(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
+            self.planes.update(range(start, end))
+            return
+        with explained_refusal("write", f"{self.path}/od"):
+            array = self.arrays["od"]
+            if end == start + 1 and end <= self.capacity:
+                array.write_block(block, block=(start, 0, 0))
+            else:
+                array.patch(block, offset=(start,), extend=end > self.capacity)
+                self.capacity = max(self.capacity, end)
+            self.planes.update(range(start, end))
+
+    def trim(self, n: int) -> None:
+        """Keep the first ``n`` planes of an ``od`` holding more (an aborted scan): the external zarr array
+        resized, an uploaded one written again (the one way to shrink it in Tiled), removed for ``n == 0``."""
+        if not 0 <= n <= self.capacity:
+            raise ValueError(f"{self.path}/od holds {self.capacity} planes; cannot declare {n} of them")
+        if n < self.capacity:
+            log.info("trimming %s/od from %d to %d planes", self.path, self.capacity, n)
+            if self.od_path is not None and n:
+                self._resize_external(n)
+            else:
+                with explained_refusal("rewrite", f"{self.path}/od"):
+                    kept = self.arrays["od"][:n] if n else None
+                    self.container.delete_contents("od", external_only=False)
+                    del self.arrays["od"]
+                    self.capacity = 0
+                    if n:
+                        self.create(n)
+                        for index in range(n):
+                            self.arrays["od"].write_block(kept[index : index + 1], block=(index, 0, 0))
+                if self.od_path is not None:  # external and removed: its files go too
+                    self._zarr = None
+                    remove_od_store(self.od_path, self.od_store)
+            self.planes = {p for p in self.planes if p < n}
