@@ -109,7 +109,7 @@ def test_running_phase_map_is_drawn_from_the_stream(tiled_client):
 
 def test_a_kept_refinement_is_said_beside_the_record_that_did_not_complete():
     """The refined fractions beside a skipped re-run are the earlier complete refinement's: the page says so."""
-    from phasestream.app.view.follow import RunSummary
+    from phasestream.app.view.summary import RunSummary
 
     kept = {"status": "complete", "strategy": "knn", "model": "gmvae", "version": "1", "seconds": 2.0}
     md = {"status": "complete", "refined_fractions": {"a": 0.5, "b": 0.5},

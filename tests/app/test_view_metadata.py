@@ -14,7 +14,7 @@ import pytest
 from support import wait
 
 from phasestream.app.view import ViewServer
-from phasestream.app.view.follow import HISTORY_NUMBERS, RunSummary, summarize
+from phasestream.app.view.summary import HISTORY_NUMBERS, RunSummary, summarize
 from phasestream.contract.metadata import MAX_PHASE_NAME, MAX_SHOWN_PHASES, shown_metadata
 
 GOOD = {"status": "complete", "sample": {"name": "good"}, "state_of_charge": 1.0, "n_energies_seen": 6,

@@ -1,7 +1,7 @@
 """Following the results container in Tiled live: Tiled's streaming subscriptions, run summaries, catch-up.
 
 :class:`CatalogFollower` keeps one :class:`RunSummary` per result under ``root`` (docs/contract.md,
-"Results in Tiled") and tells its listeners of every change. It learns of changes from Tiled's
+"Results in Tiled"; ``view/summary.py``) and tells its listeners of every change. It learns of changes from Tiled's
 websocket streaming (``tiled.client.stream.ContainerSubscription``, which needs the server's
 ``streaming_cache``): on the results container (a result created, a result's metadata updated:
 every partial map, every final status, every post-scan job record), on each running result's
@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,13 +31,14 @@ from tiled.client.stream import ArraySubscription, ContainerSubscription
 
 from phasestream.app.view.arrays import read_arrays, read_od_plane
 from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, MAX_METADATA_MESSAGE_BYTES, LiveMaps
+from phasestream.app.view.summary import RunSummary
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.contract.fields import parse_field_key
-from phasestream.contract.metadata import image_shape_of, shown_metadata
+from phasestream.contract.metadata import image_shape_of
 from phasestream.store.catalog import find
 from phasestream.store.tiled import connect, public_uri
 
-__all__ = ["CatalogFollower", "RunSummary", "summarize"]
+__all__ = ["CatalogFollower"]
 
 log = logging.getLogger(__name__)
 
@@ -46,83 +46,7 @@ Listener = Callable[[str, dict], None]
 """``listener(kind, payload)``: ``("run", summary dict)``, ``("connection", {"state": ...})``,
 ``("snapshot", {"runs": [...]})``."""
 
-HISTORY_LIMIT = 2000  # points of a run's fractions-against-energies curve the page gets
-HISTORY_NUMBERS = 10_000  # fractions in all (points x phases): a run of many phases gets fewer, coarser points
 MAPS_LINGER_S = 10.0  # a finished result's map subscriptions outlive its final update by this long
-
-
-@dataclass
-class RunSummary:
-    """What the view shows of one result, from its metadata (plus what the view saw live)."""
-
-    uid: str
-    metadata: dict
-    version: int = 0  # bumped whenever the maps may have changed (the images' cache key)
-    od_planes: int = 0  # planes of ``od`` seen written through the array subscription
-    od_version: int = 0
-    expected: int | None = None  # the raw run's ``num_points``, when known
-    history: list = field(default_factory=list)  # [[n_energies_seen, [fraction of each phase]], ...]
-    received_at: float = 0.0  # when the last update reached the view (seconds since the epoch)
-    streamed_at: datetime | None = None  # Tiled's timestamp of the last metadata update streamed (None: read)
-
-    def __post_init__(self) -> None:
-        self.metadata = shown_metadata(self.metadata)  # every field the view shows checked (contract/metadata.py)
-
-    def absorb(self, metadata: dict) -> bool:
-        """Take new metadata; True when the maps (or the status) may have changed, not a mere heartbeat."""
-        old, first = self.metadata, self.version == 0  # every first absorb bumps the version
-        self.metadata = metadata = shown_metadata(metadata)
-        changed = first or any(old.get(k) != metadata.get(k) for k in
-                               ("n_energies_seen", "status", "phase_fractions", "refined_fractions", "refinement",
-                                "errors", "particle_pixels"))
-        if changed:
-            self.version += 1
-        fr, n = metadata.get("phase_fractions") or {}, metadata.get("n_energies_seen") or 0
-        point = [n, [fr.get(p) for p in metadata["references"]["phases"] or fr]]  # in the order of the phases
-        if fr and n and (not self.history or self.history[-1] != point):
-            history = sorted([*(h for h in self.history if h[0] != n), point], key=lambda h: h[0])
-            limit = max(2, min(HISTORY_LIMIT, HISTORY_NUMBERS // len(fr)))
-            while len(history) > limit:  # every other point, the newest kept: the curve from its start, coarser
-                history = [*history[:-1:2], history[-1]]
-            self.history = history
-        return changed
-
-    def as_dict(self, *, tiled_base: str, root: str) -> dict:
-        return summarize(self, tiled_base=tiled_base, root=root)
-
-
-def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
-    """The JSON the page gets for one run (no secrets: links carry no API key)."""
-    md = run.metadata
-    seen = max(md["n_energies_seen"], run.od_planes if md["status"] == Status.RUNNING else 0)
-    path = f"{root}/{run.uid}"
-    base = public_uri(tiled_base).rstrip("/")
-    arrays = ("phase", "reliability", "ambiguous", "pcc", "mask", "od", "refined_phase")
-    return {
-        "uid": run.uid,
-        "scan_id": md["scan_id"],
-        "sample": md["sample"].get("name"),
-        "state_of_charge": md["state_of_charge"],
-        "status": md["status"],
-        "energies_seen": seen,
-        "maps_energies": md["n_energies_seen"],  # the energies behind the latest maps
-        "energies_expected": run.expected,
-        "phases": md["references"]["phases"],
-        "phase_fractions": md["phase_fractions"],
-        "ambiguous_fraction": md["ambiguous_fraction"],
-        "mean_reliability": md["mean_reliability"],
-        "refined_fractions": md["refined_fractions"],
-        "refinement": md["refinement"],
-        "errors": md["errors"],
-        "updated_at": md["updated_at"],
-        "summarized_at": time.time(),  # the page ages a silent running result on this clock (view.js)
-        "received_at": run.received_at,
-        "version": run.version,
-        "od_version": run.od_version,
-        "history": run.history,
-        "links": {name: f"{base}/array/full/{path}/{name}" for name in arrays}
-        | {"metadata": f"{base}/metadata/{path}"},
-    }
 
 
 class _FollowedContainer(ContainerSubscription):
