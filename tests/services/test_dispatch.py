@@ -10,7 +10,8 @@ from support import feed_losing_first_event
 from phasestream.app.live import LiveService
 from phasestream.jobs.cluster import dask_client
 from phasestream.jobs.executors import DaskExecutor
-from phasestream.jobs.methods import MethodsOptions, run_methods
+from phasestream.jobs.methods import run_methods
+from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample

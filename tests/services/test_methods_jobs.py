@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from phasestream.jobs.methods import (
-    METHODS,
-    MethodsOptions,
-    kmeans_arrays,
-    lcf_arrays,
-    methods_options_from_start,
-    run_methods,
-)
+from phasestream.jobs.methods import kmeans_arrays, lcf_arrays, run_methods
+from phasestream.jobs.methods_options import METHODS, MethodsOptions, methods_options_from_start
 from phasestream.kernels import particle_mask
 from phasestream.methods import kmeans_clusters, linear_combination_fit, normalize_edge
 from phasestream.references import load_references

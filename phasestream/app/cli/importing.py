@@ -26,7 +26,7 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.executors import Job, run_jobs
 from phasestream.jobs.importing import DEFAULT_REFERENCES, ImportOptions
 from phasestream.jobs.importing import run as import_file
-from phasestream.jobs.methods import MethodsOptions
+from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.kernels.backend import BACKENDS
 

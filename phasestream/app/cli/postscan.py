@@ -8,7 +8,7 @@ import argparse
 from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL, MAX_FINE_TUNE_STEPS
 from phasestream.jobs.denoise import DenoiseOptions
 from phasestream.jobs.enhance import EnhanceOptions
-from phasestream.jobs.methods import MethodsOptions
+from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.refine import DEFAULT_MODEL, RefineOptions
 from phasestream.models.refine import AUTO, STRATEGY_CHOICES
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS

@@ -32,7 +32,7 @@ from phasestream.app.cli.selection import add_selection_options, run_query
 from phasestream.contract import check_raw_path
 from phasestream.jobs.cluster import dask_client
 from phasestream.jobs.executors import Job, run_jobs, submit_jobs
-from phasestream.jobs.methods import MethodsOptions
+from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.jobs.split import SplitStep, run_split_steps, split_steps
 from phasestream.kernels.backend import BACKENDS
