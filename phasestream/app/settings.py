@@ -39,6 +39,8 @@ CONFIG_ENV = "PHASESTREAM_CONFIG"
 # phasestream.kernels.backend.ENV_VAR and phasestream.references.spectra.REFERENCE_FOLDERS_ENV
 # (tests/test_settings.py checks), not imported so that `phasestream proxy` starts without NumPy's kernels
 BACKEND_ENV = "PHASESTREAM_BACKEND"
+#: the kernel backends a setting may name: kernels.backend.BACKENDS and auto (not imported: it loads numba)
+SETTINGS_BACKENDS = ("auto", "numpy", "numba", "cupy")
 REFERENCE_FOLDERS_ENV = "PHASESTREAM_REFERENCES"
 PLACEHOLDER = "CHANGEME"  # a value containing it (or CHANGE-ME) was never filled in (deploy/env/phasestream.env)
 _PLACEHOLDER = re.compile(r"change-?me", re.IGNORECASE)
@@ -110,7 +112,7 @@ class Settings(BaseModel):
     references: str | None = Field(None, validation_alias=_var(REFERENCE_FOLDERS_ENV, "references"),
                                    description="folders whose reference files a start document may name")
     backend: str = Field("auto", validation_alias=_var(BACKEND_ENV, "backend"),
-                         description="kernel backend: auto, numba or cupy")
+                         description="kernel backend: auto, numpy, numba or cupy")
     max_message_size: int = Field(DEFAULT_MAX_MESSAGE_SIZE, validation_alias=_var("PHASESTREAM_MAX_MESSAGE_SIZE",
                                                                                   "max_message_size"),
                                   description="largest 0MQ document a worker accepts (bytes; 64MB, 1GiB)")
@@ -314,8 +316,8 @@ def problems(settings: Settings) -> list[Problem]:
         value = getattr(settings, name)
         if value and value.lower() not in ("none", "local") and not re.fullmatch(r"(tcp://)?[^:/\s]+:\d+", value):
             found.append(Problem(name, "error", f"{variable(name)} must be tcp://HOST:PORT, got {value!r}"))
-    if settings.backend.lower() not in ("auto", "numba", "cupy"):
-        found.append(Problem("backend", "error", f"{BACKEND_ENV} must be auto, numba or cupy"))
+    if settings.backend.lower() not in SETTINGS_BACKENDS:
+        found.append(Problem("backend", "error", f"{BACKEND_ENV} must be one of {', '.join(SETTINGS_BACKENDS)}"))
     return found
 
 

@@ -223,8 +223,8 @@ class DaskExecutor(_Tracked):
         self._stack = contextlib.ExitStack()
         if isinstance(scheduler, Client):
             self.client = scheduler
-        elif scheduler == "local":
-            self.client = self._stack.enter_context(dask_client(None, n_workers=n_workers, set_as_default=False))
+        elif str(scheduler).lower() == "local":  # never the configured scheduler ($PHASESTREAM_DASK_SCHEDULER)
+            self.client = self._stack.enter_context(dask_client("local", n_workers=n_workers, set_as_default=False))
         else:  # not the default scheduler: the live worker's own Tiled reads stay in its process
             self.client = self._stack.enter_context(dask_client(str(scheduler), set_as_default=False))
         self.address = self.client.scheduler.address

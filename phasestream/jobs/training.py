@@ -131,7 +131,8 @@ def _spectra_on_dask(uids: Sequence[str], tiled_uri: str, root: str, scheduler: 
     from phasestream.store.tiled import separate_api_key
 
     uri, api_key = separate_api_key(tiled_uri, api_key)
-    with dask_client(None if scheduler in (None, "local") else scheduler) as dask:
+    local = scheduler is not None and scheduler.lower() == "local"  # never the configured scheduler
+    with dask_client("local" if local else scheduler) as dask:
         futures = submit_tasks(dask, result_spectra, [(uri, uid, {"root": root}, api_key) for uid in uids],
                                retries=retries, tag="spectra")
         return gather_all(futures, uids, ValueError, prefix="training data could not be read from ")

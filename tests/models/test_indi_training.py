@@ -78,6 +78,9 @@ def test_data_and_argument_errors_come_before_tensorflow(tiled_server, dose_pair
         "--depth must be 1 to 5": [*base, "--depth", "0"],
         "too small to train on": [*base, "--crop", "128"],
         "--open-beam takes two positive": [*base, "--open-beam", "120", "0"],
+        # a raw path is checked before it names a Tiled node; the runs are looked up there (none are)
+        "raw-run path 'bl/..' refused": [*base, "--raw", "bl/.."],
+        "no container 'bl/raw' of raw runs": [*base, "--raw", "bl/raw"],
     }
     out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(list(cases.values()))], capture_output=True,
                          text=True, timeout=300)

@@ -20,6 +20,7 @@ from pathlib import Path
 from phasestream.app.cli.common import add_tiled_options, tiled_client, workers_api_key
 from phasestream.app.cli.postscan import add_refine_options, refine_options
 from phasestream.app.cli.reprocess import EXIT_COMPLETE, EXIT_FAILED, EXIT_SKIPPED, print_job_outcome
+from phasestream.app.cli.selection import finite_number
 from phasestream.contract import MODES, check_raw_path
 from phasestream.formats import FORMATS
 from phasestream.jobs.context import JobContext
@@ -49,7 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "energy must lie in their range")
     imp.add_argument("--sample", default=None, metavar="NAME", help="sample name (default: the file's, else its "
                                                                     "name)")
-    imp.add_argument("--soc", type=float, default=None, metavar="X", help="state of charge (default: the file's)")
+    imp.add_argument("--soc", type=finite_number, default=None, metavar="X",
+                     help="state of charge (default: the file's)")
     imp.add_argument("--raw", default="", metavar="PATH",
                      help="Tiled path of the container of the raw runs, e.g. bl/raw (default: the catalog root); "
                           "created when missing")

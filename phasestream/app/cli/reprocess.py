@@ -27,7 +27,13 @@ from phasestream.app.cli.common import (
     tiled_uri,
     workers_api_key,
 )
-from phasestream.app.cli.postscan import add_refine_options, denoise_options, enhance_options, refine_options
+from phasestream.app.cli.postscan import (
+    add_enhance_and_denoise_options,
+    add_refine_options,
+    denoise_options,
+    enhance_options,
+    refine_options,
+)
 from phasestream.app.cli.selection import add_selection_options, run_query
 from phasestream.contract import check_raw_path
 from phasestream.jobs.cluster import dask_client
@@ -62,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--workers", type=positive_int, default=None,
                      help="run on a LocalCluster of N worker processes on this host (default: in this process)")
     rep.add_argument("--retries", type=int, default=2, help="Dask retries of a failed run (default 2)")
-    rep.add_argument("--split", type=int, default=1, metavar="N",
+    rep.add_argument("--split", type=positive_int, default=1, metavar="N",
                      help="spread each run's --enhance (chunks of energies) and --method lcf (row bands) over N "
                           "Dask tasks, stitched in Tiled (default 1: one task per run)")
     rep.add_argument("--json", action="store_true", help="print the summary of successes and failures as JSON")
@@ -89,6 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="denoise the OD cube into `denoised` and map its phases beside the live maps "
                           "(`phase_denoised`, ...; --denoise-model, --fine-tune-steps)")
     add_refine_options(rep)
+    add_enhance_and_denoise_options(rep)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from phasestream.app.cli.common import (
     tiled_wait,
 )
 from phasestream.app.cli.postscan import (
+    add_enhance_and_denoise_options,
     add_refine_options,
     denoise_options,
     enhance_options,
@@ -52,6 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_stream_options(serve)
     _add_storage_options(serve)
     add_refine_options(serve)
+    add_enhance_and_denoise_options(serve)
     serve.add_argument("--no-refine", action="store_true", help="no GMVAE refinement after each run")
     serve.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="Dask scheduler of the post-scan jobs, e.g. tcp://HOST:8786, or 'local' (a LocalCluster "

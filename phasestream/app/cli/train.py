@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 
 from phasestream.app.cli.common import add_tiled_options, scheduler_option, tiled_client, workers_api_key
+from phasestream.app.cli.selection import finite_number
+from phasestream.contract import check_raw_path
 from phasestream.contract.denoise import DEFAULT_DENOISE_MODEL
 from phasestream.jobs.frames import PIXEL_SIZE_KEY
 from phasestream.jobs.training import (
@@ -43,7 +47,8 @@ def _add_gmvae_parser(train_sub: argparse._SubParsersAction) -> None:
     source = gmvae.add_mutually_exclusive_group()
     source.add_argument("--synthetic", action="store_true", help="train on simulated scans (phasestream.sim)")
     source.add_argument("--runs", nargs="+", metavar="UID", help="results of these runs in Tiled")
-    gmvae.add_argument("--soc", type=float, nargs="+", metavar="X", help="results in Tiled at these states of charge")
+    gmvae.add_argument("--soc", type=finite_number, nargs="+", metavar="X",
+                       help="results in Tiled at these states of charge")
     gmvae.add_argument("--root", default="phasestream")
     gmvae.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="extract the runs' spectra on Dask, one task per run: tcp://HOST:8786 or 'local' (a "
@@ -78,6 +83,8 @@ def _add_indi_parser(train_sub: argparse._SubParsersAction) -> None:
     indi_source.add_argument("--synthetic", action="store_true", help="train on simulated particle phantoms")
     indi_source.add_argument("--lq", metavar="UID", help="raw run of the low-quality scan in Tiled")
     indi.add_argument("--hq", metavar="UID", help="raw run of the high-quality scan of the same field")
+    indi.add_argument("--raw", default="", metavar="PATH",
+                      help="Tiled path of the container of the raw runs, e.g. bl/raw (default: the catalog root)")
     indi.add_argument("--domain", choices=DOMAINS, default="od",
                       help="the images the model learns and will enhance: od (-ln(I/I0), what `enhance --source od` "
                            "and `reprocess --enhance` enhance; the default), transmission (I/I0) or counts (raw; "
@@ -125,9 +132,22 @@ def _artifact_folder(args: argparse.Namespace) -> str:
     return args.out or next(iter(args.settings.model_folders), "models")
 
 
+@contextlib.contextmanager
+def not_found_refused() -> Iterator[None]:
+    """A run or container not found in Tiled (the store's KeyError, its message naming it) as a refused request:
+    one error line, exit status 2 (``run_reporting_errors``), not a traceback."""
+    try:
+        yield
+    except KeyError as error:
+        raise ValueError(error.args[0] if error.args else str(error)) from error
+
+
 def train_gmvae(args: argparse.Namespace) -> int:
     """``train gmvae``: on simulated scans, or on the results of runs in Tiled."""
     if args.synthetic:
+        if args.soc:
+            raise ValueError("train gmvae --synthetic trains on simulated scans: --soc selects results in Tiled "
+                             "(give --soc with --tiled URI, or leave it out)")
         data = synthetic_training_set(seed=args.seed, n_samples=args.samples, max_spectra=args.max_spectra)
         name = args.name or "gmvae-nvpf-synthetic"
         supervision = args.supervision or "none"
@@ -135,7 +155,7 @@ def train_gmvae(args: argparse.Namespace) -> int:
         if not (args.soc or args.runs):
             raise ValueError("train gmvae needs --synthetic, or --tiled URI with --soc X ... or --runs UID ...")
         scheduler = scheduler_option(args)
-        with tiled_client(args) as (client, uri):
+        with tiled_client(args) as (client, uri), not_found_refused():
             data = tiled_training_set(client, state_of_charge=args.soc or (), runs=args.runs or (), root=args.root,
                                       tiled_uri=uri, scheduler=scheduler, retries=args.retries,
                                       api_key=workers_api_key(uri))
@@ -183,9 +203,10 @@ def train_indi(args: argparse.Namespace) -> int:
     else:
         if not (args.lq and args.hq):
             raise ValueError("train indi needs --synthetic, or --tiled URI with --lq UID --hq UID")
-        with tiled_client(args) as (client, uri):
+        raw = check_raw_path(args.raw)
+        with tiled_client(args) as (client, uri), not_found_refused():
             data = tiled_indi_pairs(client, args.lq, args.hq, tiled_uri=uri, domain=args.domain,
-                                    open_beam=args.open_beam, pixel_size=args.pixel_size)
+                                    open_beam=args.open_beam, pixel_size=args.pixel_size, raw=raw)
         name = args.name or "indi-tiled"
     check_indi_pairs(data, crop=args.crop)  # every data error before TensorFlow loads
     print(f"training {name} {args.version} on {len(data.hq)} image pair(s) of {data.domain['image']} "
