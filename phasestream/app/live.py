@@ -46,7 +46,8 @@ from phasestream.contract.metadata import finite_number, shown_metadata
 from phasestream.jobs.denoise import DenoiseOptions
 from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
-from phasestream.jobs.methods import MethodsOptions, methods_options_from_start
+from phasestream.jobs.interrupted import finalize_interrupted_jobs
+from phasestream.jobs.methods_options import MethodsOptions, methods_options_from_start
 from phasestream.jobs.refine import RefineOptions
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.store.results import ResultWriter
@@ -237,7 +238,8 @@ class LiveService:
 
     def find_stale(self) -> list[str]:
         """Queue for recovery the results still ``running`` that no live worker has touched for
-        ``stale_after`` seconds; their uids."""
+        ``stale_after`` seconds; their uids. Job records (refinement, denoising) left ``running`` without a
+        heartbeat for as long are recorded ``failed`` (interrupted), :mod:`phasestream.jobs.interrupted`."""
         root = self.callback.root
         try:
             if root not in self.client:
@@ -246,6 +248,10 @@ class LiveService:
         except Exception as exc:  # noqa: BLE001 - Tiled unreachable: look again later
             logger.warning("cannot look for results left running: %s", exc)
             return []
+        try:
+            finalize_interrupted_jobs(self.client, root, stale_after=self.stale_after)
+        except Exception as exc:  # noqa: BLE001 - Tiled unreachable: look again later
+            logger.warning("cannot look for job records left running: %s", exc)
         now, stale = time.time(), []
         for key, node in running:
             uid = (parse_field_key(key) or (key,))[0]  # a field's result is recovered with its whole run

@@ -37,7 +37,9 @@ from phasestream.contract.denoise import (
 )
 from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError, ensure_not_running
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
+from phasestream.jobs.readback import ReadBackError, read_back
 from phasestream.jobs.record import earlier_records, recorded_job
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
@@ -63,6 +65,8 @@ class DenoiseOptions:
     address, timeout, retries : the model server, seconds to wait for the denoised stack, retries
     ambiguity : reliability below this marks a denoised pixel ambiguous (the live default)
     backend : kernel backend of the PCC maps (default ``PHASESTREAM_BACKEND``)
+    heartbeat_seconds, stale_after : the ``running`` record's heartbeat, and how long one found without a
+        heartbeat waits before it is taken as interrupted (as for the refinement, :mod:`phasestream.jobs.heartbeat`)
     """
 
     model: str = DEFAULT_DENOISE_MODEL
@@ -75,12 +79,14 @@ class DenoiseOptions:
     retries: int = 0
     ambiguity: float = DEFAULT_AMBIGUITY
     backend: str | None = None
+    heartbeat_seconds: float = HEARTBEAT_SECONDS
+    stale_after: float = STALE_AFTER
 
     def validate(self) -> DenoiseOptions:
         if not 0 <= int(self.fine_tune_steps) <= MAX_FINE_TUNE_STEPS:
             raise ValueError(f"fine_tune_steps must be in 0..{MAX_FINE_TUNE_STEPS}, got {self.fine_tune_steps}")
-        if self.timeout <= 0 or self.ambiguity < 0:
-            raise ValueError("timeout must be > 0 and ambiguity >= 0")
+        if self.timeout <= 0 or self.ambiguity < 0 or self.heartbeat_seconds <= 0 or self.stale_after <= 0:
+            raise ValueError("timeout, heartbeat_seconds and stale_after must be > 0 and ambiguity >= 0")
         return self
 
     def requested(self, request: DenoiseRequest) -> DenoiseOptions:
@@ -98,32 +104,41 @@ def denoise_result(tiled_client, run_uid: str, options: DenoiseOptions | None = 
     """Denoise the OD cube of ``run_uid``'s result and map its phases; returns the ``denoising`` record written.
 
     Never raises for a run that cannot be denoised (the reason is recorded). Raises ``KeyError`` when
-    the run has no result at all.
+    the run has no result at all, and :class:`~phasestream.jobs.heartbeat.JobRunningError` (nothing written)
+    when another denoising of it is at work.
     """
     opts = options or DenoiseOptions()
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    ensure_not_running(writer, "denoising", DENOISING_ARRAYS, stale_after=opts.stale_after)
+    beat = JobHeartbeat(tiled_client, writer.path, "denoising", every=opts.heartbeat_seconds)
+    running = beat.running(model=opts.model, retry=opts.retry_command(run_uid))
     earlier, kept_before, _ = earlier_records(writer.metadata, "denoising")
     # an earlier complete denoising stays until this one is ready to be written (as for the refinement)
     earlier = earlier if earlier.get("status") == "complete" else kept_before  # kept by a re-run
     kept = [earlier] if earlier else []
     if kept:
-        writer.update_metadata(denoising={"status": "running", "model": opts.model, "kept": earlier})
+        writer.update_metadata(denoising={**running, "kept": earlier})
     else:
-        clear_denoising(writer, opts.model)
+        clear_denoising(writer, opts.model, running=running)
         writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
 
     def ready() -> ResultWriter:
         """The writer of the new denoising's arrays: an earlier complete one's removed only now."""
         if not kept:
             return writer
-        clear_denoising(writer, opts.model)
-        kept.clear()
-        return ResultWriter.open(tiled_client, run_uid, root=opts.root)
+        with beat.paused():
+            clear_denoising(writer, opts.model, running=beat.running(model=opts.model, retry=running["retry"]))
+            kept.clear()
+            return ResultWriter.open(tiled_client, run_uid, root=opts.root)
+
+    def work() -> dict[str, Any]:
+        with beat:  # the record's heartbeat, stopped before the final record is written
+            return _denoise(writer, client, opts, ready, beat)
 
     record: dict[str, Any] | None = None
     try:
         with jobs_model_client(opts, model_client) as client:
-            record = recorded_job(writer, "denoising", lambda: _denoise(writer, client, opts, ready),
+            record = recorded_job(writer, "denoising", work,
                                   skipped=(DenoisingSkipped, ModelServerUnavailable),
                                   failed=(ModelServerError, ValueError), retry=opts.retry_command(run_uid),
                                   extra={"model": opts.model, "version": opts.version,
@@ -137,15 +152,17 @@ def denoise_result(tiled_client, run_uid: str, options: DenoiseOptions | None = 
     return record
 
 
-def clear_denoising(writer: ResultWriter, model: str | None = None) -> None:
-    """Remove an earlier denoising's arrays, fractions and model entry, and mark the denoising ``running``."""
-    _remove_arrays(writer)
+def clear_denoising(writer: ResultWriter, model: str | None = None, *, running: dict[str, Any] | None = None) -> None:
+    """Remove an earlier denoising's arrays, fractions and model entry, and mark the denoising ``running`` (with
+    the fields of ``running``: who runs it, its heartbeat) before the arrays go: no record describes removed
+    arrays."""
     earlier, kept, models = earlier_records(writer.metadata, "denoising")
     earlier = kept or earlier  # a denoising at work keeps the complete one it replaces
     if earlier.get("status") == "complete" and isinstance(earlier.get("model"), str) and earlier["model"] in models:
         models.pop(earlier["model"])
     writer.update_metadata(phase_fractions_denoised={}, ambiguous_fraction_denoised=None, models=models,
-                           denoising={"status": "running", "model": model})
+                           denoising={"status": "running", "model": model, **(running or {})})
+    _remove_arrays(writer)
 
 
 def _remove_arrays(writer: ResultWriter) -> None:
@@ -166,7 +183,7 @@ def _model_info(client: ModelClient, opts: DenoiseOptions) -> dict[str, Any]:
 
 
 def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
-             ready: Callable[[], ResultWriter]) -> dict[str, Any]:
+             ready: Callable[[], ResultWriter], beat: JobHeartbeat) -> dict[str, Any]:
     if opts.error:
         return {"status": "failed", "reason": opts.error}
     opts.validate()
@@ -199,15 +216,19 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
     written = {"denoised": denoised, **{f"{name}_denoised": a for name, a in maps.items()}}
     writer = ready()
     writer.write_maps(**written)
-    problems = writer.verify({name: a.shape for name, a in written.items()})
-    if problems:
-        return {"status": "failed", "reason": f"denoised arrays did not read back from Tiled: {'; '.join(problems)}"}
+    try:
+        digests = read_back(writer, written)  # every array, bit for bit, in bounded blocks
+    except ReadBackError as error:
+        return {"status": "failed", "reason": f"denoised arrays did not read back from Tiled: {error}"}
     fr = phase_fractions(maps["phase"], mask, maps["ambiguous"], len(writer.phases))
     models = recorded_map(writer.metadata, "models")
     models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
-    writer.update_metadata(phase_fractions_denoised=fr.as_dict(writer.phases) if fr.n_particle else {},
-                           ambiguous_fraction_denoised=float(fr.ambiguous) if fr.n_particle else None, models=models)
+    with beat.paused():
+        writer.update_metadata(phase_fractions_denoised=fr.as_dict(writer.phases) if fr.n_particle else {},
+                               ambiguous_fraction_denoised=float(fr.ambiguous) if fr.n_particle else None,
+                               models=models)
     return {"status": "complete", "reason": "", "model": info["name"], "version": info["version"],
+            "array_sha256": digests,
             "sha256": info["sha256"],
             "fine_tune_steps": int(reply.get("fine_tune_steps", opts.fine_tune_steps)),
             "components": int(reply["components"]),
@@ -218,6 +239,11 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
-    """The ``denoise`` job: the denoised OD and its phase maps in ``run_uid``'s result (its ``denoising`` record)."""
-    record = denoise_result(context.tiled(), run_uid, DenoiseOptions(**options))
+    """The ``denoise`` job: the denoised OD and its phase maps in ``run_uid``'s result (its ``denoising`` record);
+    ``skipped``, nothing written, while another denoising of it is at work."""
+    opts = DenoiseOptions(**options)
+    try:
+        record = denoise_result(context.tiled(), run_uid, opts)
+    except JobRunningError as exc:
+        return JobOutcome(run_uid, "denoise", "skipped", reason=str(exc), retry=opts.retry_command(run_uid))
     return JobOutcome.from_record(run_uid, "denoise", record)

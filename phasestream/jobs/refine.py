@@ -14,8 +14,10 @@ energies not those of the model, no OD cube in the result) or cannot show that i
 strategy beats PCC on the held-out pixels by ``min_gain``), the result keeps its PCC maps and
 status and records ``refinement: {status: "skipped", reason, retry}``, and the arrays of an
 earlier refinement are removed first, so that ``refined_phase`` always belongs to the
-``refinement`` record beside it. :func:`refine` is the plain post-scan job (tiled uri, run uid,
-options).
+``refinement`` record beside it. While it works, its ``running`` record carries a heartbeat
+(:mod:`phasestream.jobs.heartbeat`: a killed job's record ends ``failed``, a second refinement of the same
+result is refused meanwhile), and ``complete`` means every array it wrote read back from Tiled as written
+(:mod:`phasestream.jobs.readback`). :func:`refine` is the plain post-scan job (tiled uri, run uid, options).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import numpy as np
 from phasestream.contract import USABLE_STATUSES, JobOutcome
 from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError, ensure_not_running
 from phasestream.jobs.maps import result_reference_values
+from phasestream.jobs.readback import read_back
 from phasestream.jobs.record import earlier_records, recorded_job
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
@@ -93,6 +97,9 @@ class RefineOptions:
     timeout : seconds to wait for each model-server reply
     energy_tolerance_eV : how far a run energy may be from the model's to count as the same
     tiled : the Tiled URI written into the retry command (``phasestream reprocess --tiled``)
+    heartbeat_seconds : how often the ``running`` record's ``heartbeat_at`` is touched while the job works
+    stale_after : a ``running`` record found without a heartbeat for this long (its job stopped) is recorded
+        ``failed`` and this refinement runs; a younger one refuses it (:mod:`phasestream.jobs.heartbeat`)
     """
 
     model: str = DEFAULT_MODEL
@@ -111,14 +118,16 @@ class RefineOptions:
     energy_tolerance_eV: float = 0.05
     ambiguity: float = DEFAULT_AMBIGUITY
     tiled: str | None = None
+    heartbeat_seconds: float = HEARTBEAT_SECONDS
+    stale_after: float = STALE_AFTER
 
     def validate(self) -> RefineOptions:
         if self.strategy not in STRATEGY_CHOICES:
             raise ValueError(f"strategy must be one of {STRATEGY_CHOICES}, got {self.strategy!r}")
         if self.strategy == AUTO and not self.check:
             raise ValueError("strategy 'auto' picks the winner of the held-out check: it cannot run without it")
-        if self.energy_tolerance_eV <= 0 or self.timeout <= 0:
-            raise ValueError("energy_tolerance_eV and timeout must be > 0")
+        if self.energy_tolerance_eV <= 0 or self.timeout <= 0 or self.heartbeat_seconds <= 0 or self.stale_after <= 0:
+            raise ValueError("energy_tolerance_eV, timeout, heartbeat_seconds and stale_after must be > 0")
         if self.held_out < 1 or self.min_held_out < 1 or not -1.0 <= self.min_gain <= 1.0:
             raise ValueError("held_out and min_held_out must be >= 1, min_gain within [-1, 1]")
         return self
@@ -170,60 +179,79 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     """Refine the result of ``run_uid`` in Tiled; returns the ``refinement`` metadata it wrote.
 
     Never raises for a run that cannot be refined: the reason is recorded (``status: skipped``
-    or ``failed``) and returned. Raises ``KeyError`` when the run has no result at all.
+    or ``failed``) and returned. Raises ``KeyError`` when the run has no result at all, and
+    :class:`~phasestream.jobs.heartbeat.JobRunningError` (nothing written) when another refinement of it is
+    at work (its ``running`` record has a heartbeat younger than ``stale_after``).
     """
     opts = (options or RefineOptions()).validate()
     if opts.tiled is None:
         opts = replace(opts, tiled=_tiled_uri(tiled_client))
     writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
+    ensure_not_running(writer, "refinement", REFINEMENT_ARRAYS, stale_after=opts.stale_after)
+    beat = JobHeartbeat(tiled_client, writer.path, "refinement", every=opts.heartbeat_seconds)
+    retry = opts.retry_command(run_uid)
     earlier, kept_before, _ = earlier_records(writer.metadata, "refinement")
     # an earlier complete refinement stays until this one is ready to be written; any other goes now
     earlier = earlier if earlier.get("status") == "complete" else kept_before  # kept by a re-run
     kept = [earlier] if earlier else []
     if kept:
-        writer.update_metadata(refinement={"status": "running", "model": earlier.get("model"), "kept": earlier})
+        writer.update_metadata(refinement=beat.running(model=earlier.get("model"), kept=earlier, retry=retry))
     else:
-        clear_refinement(writer)
+        clear_refinement(writer, beat.running(retry=retry))
         writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
 
     def ready() -> ResultWriter:
         """The writer of the new refinement's arrays: an earlier complete one's removed only now."""
         if not kept:
             return writer
-        clear_refinement(writer)
-        kept.clear()
-        return ResultWriter.open(tiled_client, run_uid, root=opts.root)
+        with beat.paused():
+            clear_refinement(writer, beat.running(retry=retry))
+            kept.clear()
+            return ResultWriter.open(tiled_client, run_uid, root=opts.root)
 
+    def work() -> dict[str, Any]:
+        with beat:  # the record's heartbeat, stopped before the final record is written
+            return _refine(writer, client, opts, ready, beat)
+
+    record: dict[str, Any] | None = None
     with jobs_model_client(opts, model_client) as client:
         try:
-            record = recorded_job(writer, "refinement", lambda: _refine(writer, client, opts, ready),
-                                skipped=(RefinementSkipped, ModelServerUnavailable),
-                                failed=(ModelServerError, ValueError), retry=opts.retry_command(run_uid),
-                                extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
-                                       "model": None if opts.strategy in MODEL_FREE else opts.model})
+            record = recorded_job(writer, "refinement", work,
+                                  skipped=(RefinementSkipped, ModelServerUnavailable),
+                                  failed=(ModelServerError, ValueError), retry=retry,
+                                  extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
+                                         "model": None if opts.strategy in MODEL_FREE else opts.model})
         finally:
             if kept:  # not completed: the arrays beside this record are the earlier refinement's, `kept`
                 record = {**(writer.metadata.get("refinement") or {}), "kept": kept[0]}
                 writer.update_metadata(refinement=record)
+            elif record is None or record["status"] != "complete":  # none of its arrays beside a record saying so
+                _remove_arrays(writer)
     return record
 
 
-def clear_refinement(writer: ResultWriter) -> None:
+def clear_refinement(writer: ResultWriter, running: dict[str, Any] | None = None) -> None:
     """Remove an earlier refinement's arrays, fractions and model entry: whatever this refinement's outcome,
-    no array of another refinement stays beside its record."""
-    for name in REFINEMENT_ARRAYS:  # fixed names of the contract, never a document field
-        if name in writer.container:
-            writer.container.delete_contents(name, external_only=False)
+    no array of another refinement stays beside its record. The record says ``running`` (with the fields of
+    ``running``: who runs it, its heartbeat) before the arrays go, so that no record describes removed arrays."""
     earlier, kept, models = earlier_records(writer.metadata, "refinement")
     earlier = kept or earlier  # a refinement at work keeps the complete one it replaces
     if isinstance(earlier.get("model"), str) and earlier["model"] in models and earlier.get("status") == "complete":
         models.pop(earlier["model"])
     writer.update_metadata(refined_fractions={}, models=models,
-                           refinement={"status": "running", "model": earlier.get("model")})
+                           refinement={"status": "running", "model": earlier.get("model"), **(running or {})})
+    _remove_arrays(writer)
+
+
+def _remove_arrays(writer: ResultWriter) -> None:
+    present = set(writer.container)
+    for name in REFINEMENT_ARRAYS:  # fixed names of the contract, never a document field
+        if name in present:
+            writer.container.delete_contents(name, external_only=False)
 
 
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,
-            ready: Callable[[], ResultWriter]) -> dict[str, Any]:
+            ready: Callable[[], ResultWriter], beat: JobHeartbeat) -> dict[str, Any]:
     md = writer.metadata
     if md.get("status") not in USABLE_STATUSES:
         raise RefinementSkipped(f"the PCC result is {md.get('status')!r}, not complete")
@@ -274,16 +302,20 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,
                               anchors=anchors, reliability=pcc_reliability(pcc_maps))
     phases = writer.phases
     fractions = phase_fractions(result.refined_phase, mask, n_phases=len(phases))
-    maps = {"refined_phase": result.refined_phase, "false_positive": result.false_positive.astype(np.uint8)}
+    maps = {"refined_phase": result.refined_phase, "false_positive": result.false_positive.astype(np.uint8),
+            **({} if latent is None else {"latent": latent})}
     writer = ready()
-    writer.write_maps(**maps, **({} if latent is None else {"latent": latent}))
+    writer.write_maps(**maps)
+    digests = read_back(writer, maps)  # complete only when every array reads back as written (ReadBackError: failed)
     n_mask = max(int(mask.sum()), 1)
     models = recorded_map(writer.metadata, "models")
     if info is not None:
         models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
-    writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
+    with beat.paused():
+        writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
     return {
         "status": "complete",
+        "array_sha256": digests,
         "strategy": strategy,
         "candidates": bool(opts.candidates),
         "model": None if info is None else info["name"],
@@ -383,6 +415,12 @@ def held_out_check(opts, client, info, od, mask, phase, ambiguous, full, usable,
 
 
 def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
-    """The ``refine`` job: GMVAE refinement of the result of ``run_uid`` (its ``refinement`` record)."""
-    record = refine_result(context.tiled(), run_uid, RefineOptions(**options))
+    """The ``refine`` job: GMVAE refinement of the result of ``run_uid`` (its ``refinement`` record); ``skipped``,
+    nothing written, while another refinement of it is at work."""
+    client, opts = context.tiled(), RefineOptions(**options)
+    try:
+        record = refine_result(client, run_uid, opts)
+    except JobRunningError as exc:
+        retry = replace(opts, tiled=opts.tiled or _tiled_uri(client)).retry_command(run_uid)
+        return JobOutcome(run_uid, "refine", "skipped", reason=str(exc), retry=retry)
     return JobOutcome.from_record(run_uid, "refine", record)
