@@ -58,6 +58,30 @@ def recorded_scan(client, energies, *, shape, seed: int, state_of_charge: float 
     return docs, sample
 
 
+def analysed_scan(client, energies, *, shape, seed: int, state_of_charge: float = 2.0, i0: float = 2000.0,
+                  raw: bool = False) -> str:
+    """A simulated energy scan analysed live into its result in ``client`` (its raw run too with ``raw``); its
+    uid."""
+    from bluesky import RunEngine
+
+    from phasestream.callbacks.phase_map import PhaseMapCallback
+    from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+    from phasestream.store.tiled import raw_run_writer
+
+    RE = RunEngine({})
+    if raw:
+        RE.subscribe(raw_run_writer(client))
+    cb = PhaseMapCallback(client, backend="numba")
+    RE.subscribe(cb)
+    sample = make_sample(shape, state_of_charge=state_of_charge, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, name="det", i0=i0, seed=seed)
+    (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key))
+    assert cb.flush(60)
+    cb.close()
+    return uid
+
+
 def frame_run(client, images, md: dict) -> str:
     """A raw run of ``images`` (one frame per event, data key ``cam_image``) that a RunEngine takes from an
     ophyd sim signal and TiledWriter stores in ``client``; ``md`` is added to its start document."""

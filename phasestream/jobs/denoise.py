@@ -37,19 +37,23 @@ from phasestream.contract.denoise import (
 )
 from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.context import JobContext
-from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError, ensure_not_running
+from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError
+from phasestream.jobs.keeping import KeptJob, run_keeping
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
 from phasestream.jobs.readback import ReadBackError, read_back
-from phasestream.jobs.record import earlier_records, recorded_job
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
 from phasestream.store.results import ResultWriter
 
-__all__ = ["DenoiseOptions", "DenoisingSkipped", "clear_denoising", "denoise_result", "run"]
+__all__ = ["DENOISING", "DenoiseOptions", "DenoisingSkipped", "denoise_result", "run"]
 
 logger = logging.getLogger(__name__)
+
+#: the denoising as a job that keeps its complete record through a re-run (jobs/keeping.py)
+DENOISING = KeptJob("denoising", DENOISING_ARRAYS,
+                    {"phase_fractions_denoised": {}, "ambiguous_fraction_denoised": None})
 
 
 class DenoisingSkipped(RuntimeError):
@@ -108,68 +112,16 @@ def denoise_result(tiled_client, run_uid: str, options: DenoiseOptions | None = 
     when another denoising of it is at work.
     """
     opts = options or DenoiseOptions()
-    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
-    ensure_not_running(writer, "denoising", DENOISING_ARRAYS, stale_after=opts.stale_after)
-    beat = JobHeartbeat(tiled_client, writer.path, "denoising", every=opts.heartbeat_seconds)
-    running = beat.running(model=opts.model, retry=opts.retry_command(run_uid))
-    earlier, kept_before, _ = earlier_records(writer.metadata, "denoising")
-    # an earlier complete denoising stays until this one is ready to be written (as for the refinement)
-    earlier = earlier if earlier.get("status") == "complete" else kept_before  # kept by a re-run
-    kept = [earlier] if earlier else []
-    if kept:
-        writer.update_metadata(denoising={**running, "kept": earlier})
-    else:
-        clear_denoising(writer, opts.model, running=running)
-        writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
+    def work(writer: ResultWriter, client: ModelClient, ready: Callable[[], ResultWriter],
+             beat: JobHeartbeat) -> dict[str, Any]:
+        return _denoise(writer, client, opts, ready, beat)
 
-    def ready() -> ResultWriter:
-        """The writer of the new denoising's arrays: an earlier complete one's removed only now."""
-        if not kept:
-            return writer
-        with beat.paused():
-            clear_denoising(writer, opts.model, running=beat.running(model=opts.model, retry=running["retry"]))
-            kept.clear()
-            return ResultWriter.open(tiled_client, run_uid, root=opts.root)
-
-    def work() -> dict[str, Any]:
-        with beat:  # the record's heartbeat, stopped before the final record is written
-            return _denoise(writer, client, opts, ready, beat)
-
-    record: dict[str, Any] | None = None
-    try:
-        with jobs_model_client(opts, model_client) as client:
-            record = recorded_job(writer, "denoising", work,
-                                  skipped=(DenoisingSkipped, ModelServerUnavailable),
-                                  failed=(ModelServerError, ValueError), retry=opts.retry_command(run_uid),
-                                  extra={"model": opts.model, "version": opts.version,
-                                         "fine_tune_steps": opts.fine_tune_steps})
-    finally:
-        if kept:  # not completed: the arrays beside this record are the earlier denoising's, `kept`
-            record = {**(writer.metadata.get("denoising") or {}), "kept": kept[0]}
-            writer.update_metadata(denoising=record)
-        elif record is None or record["status"] != "complete":  # nothing of it stays beside a record saying so
-            _remove_arrays(writer)
-    return record
-
-
-def clear_denoising(writer: ResultWriter, model: str | None = None, *, running: dict[str, Any] | None = None) -> None:
-    """Remove an earlier denoising's arrays, fractions and model entry, and mark the denoising ``running`` (with
-    the fields of ``running``: who runs it, its heartbeat) before the arrays go: no record describes removed
-    arrays."""
-    earlier, kept, models = earlier_records(writer.metadata, "denoising")
-    earlier = kept or earlier  # a denoising at work keeps the complete one it replaces
-    if earlier.get("status") == "complete" and isinstance(earlier.get("model"), str) and earlier["model"] in models:
-        models.pop(earlier["model"])
-    writer.update_metadata(phase_fractions_denoised={}, ambiguous_fraction_denoised=None, models=models,
-                           denoising={"status": "running", "model": model, **(running or {})})
-    _remove_arrays(writer)
-
-
-def _remove_arrays(writer: ResultWriter) -> None:
-    present = set(writer.container)
-    for name in DENOISING_ARRAYS:  # fixed names of the contract, never a document field
-        if name in present:
-            writer.container.delete_contents(name, external_only=False)
+    return run_keeping(tiled_client, run_uid, DENOISING, work, root=opts.root, retry=opts.retry_command(run_uid),
+                       model=opts.model,
+                       heartbeat_seconds=opts.heartbeat_seconds, stale_after=opts.stale_after,
+                       models=jobs_model_client(opts, model_client),
+                       skipped=(DenoisingSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
+                       extra={"model": opts.model, "version": opts.version, "fine_tune_steps": opts.fine_tune_steps})
 
 
 def _model_info(client: ModelClient, opts: DenoiseOptions) -> dict[str, Any]:

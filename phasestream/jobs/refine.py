@@ -32,10 +32,10 @@ import numpy as np
 from phasestream.contract import USABLE_STATUSES, JobOutcome
 from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.context import JobContext
-from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError, ensure_not_running
+from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError
+from phasestream.jobs.keeping import KeptJob, run_keeping
 from phasestream.jobs.maps import result_reference_values
 from phasestream.jobs.readback import read_back
-from phasestream.jobs.record import earlier_records, recorded_job
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.models.heldout import (
@@ -54,6 +54,7 @@ from phasestream.store.results import ResultWriter
 
 __all__ = [
     "DEFAULT_MODEL",
+    "REFINEMENT",
     "REFINEMENT_ARRAYS",
     "RefineOptions",
     "RefinementSkipped",
@@ -69,6 +70,8 @@ DEFAULT_MODEL = "gmvae-nvpf-synthetic"
 FINAL_REFINEMENT = ("complete", "skipped", "failed")
 #: the arrays a refinement writes; removed before every refinement (never left from an earlier one)
 REFINEMENT_ARRAYS = ("refined_phase", "latent", "false_positive")
+#: the refinement as a job that keeps its complete record through a re-run (jobs/keeping.py)
+REFINEMENT = KeptJob("refinement", REFINEMENT_ARRAYS, {"refined_fractions": {}})
 
 
 class RefinementSkipped(RuntimeError):
@@ -186,68 +189,17 @@ def refine_result(tiled_client, run_uid: str, options: RefineOptions | None = No
     opts = (options or RefineOptions()).validate()
     if opts.tiled is None:
         opts = replace(opts, tiled=_tiled_uri(tiled_client))
-    writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)
-    ensure_not_running(writer, "refinement", REFINEMENT_ARRAYS, stale_after=opts.stale_after)
-    beat = JobHeartbeat(tiled_client, writer.path, "refinement", every=opts.heartbeat_seconds)
-    retry = opts.retry_command(run_uid)
-    earlier, kept_before, _ = earlier_records(writer.metadata, "refinement")
-    # an earlier complete refinement stays until this one is ready to be written; any other goes now
-    earlier = earlier if earlier.get("status") == "complete" else kept_before  # kept by a re-run
-    kept = [earlier] if earlier else []
-    if kept:
-        writer.update_metadata(refinement=beat.running(model=earlier.get("model"), kept=earlier, retry=retry))
-    else:
-        clear_refinement(writer, beat.running(retry=retry))
-        writer = ResultWriter.open(tiled_client, run_uid, root=opts.root)  # opened again: without the removed arrays
+    def work(writer: ResultWriter, client: ModelClient, ready: Callable[[], ResultWriter],
+             beat: JobHeartbeat) -> dict[str, Any]:
+        return _refine(writer, client, opts, ready, beat)
 
-    def ready() -> ResultWriter:
-        """The writer of the new refinement's arrays: an earlier complete one's removed only now."""
-        if not kept:
-            return writer
-        with beat.paused():
-            clear_refinement(writer, beat.running(retry=retry))
-            kept.clear()
-            return ResultWriter.open(tiled_client, run_uid, root=opts.root)
-
-    def work() -> dict[str, Any]:
-        with beat:  # the record's heartbeat, stopped before the final record is written
-            return _refine(writer, client, opts, ready, beat)
-
-    record: dict[str, Any] | None = None
-    with jobs_model_client(opts, model_client) as client:
-        try:
-            record = recorded_job(writer, "refinement", work,
-                                  skipped=(RefinementSkipped, ModelServerUnavailable),
-                                  failed=(ModelServerError, ValueError), retry=retry,
-                                  extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
-                                         "model": None if opts.strategy in MODEL_FREE else opts.model})
-        finally:
-            if kept:  # not completed: the arrays beside this record are the earlier refinement's, `kept`
-                record = {**(writer.metadata.get("refinement") or {}), "kept": kept[0]}
-                writer.update_metadata(refinement=record)
-            elif record is None or record["status"] != "complete":  # none of its arrays beside a record saying so
-                _remove_arrays(writer)
-    return record
-
-
-def clear_refinement(writer: ResultWriter, running: dict[str, Any] | None = None) -> None:
-    """Remove an earlier refinement's arrays, fractions and model entry: whatever this refinement's outcome,
-    no array of another refinement stays beside its record. The record says ``running`` (with the fields of
-    ``running``: who runs it, its heartbeat) before the arrays go, so that no record describes removed arrays."""
-    earlier, kept, models = earlier_records(writer.metadata, "refinement")
-    earlier = kept or earlier  # a refinement at work keeps the complete one it replaces
-    if isinstance(earlier.get("model"), str) and earlier["model"] in models and earlier.get("status") == "complete":
-        models.pop(earlier["model"])
-    writer.update_metadata(refined_fractions={}, models=models,
-                           refinement={"status": "running", "model": earlier.get("model"), **(running or {})})
-    _remove_arrays(writer)
-
-
-def _remove_arrays(writer: ResultWriter) -> None:
-    present = set(writer.container)
-    for name in REFINEMENT_ARRAYS:  # fixed names of the contract, never a document field
-        if name in present:
-            writer.container.delete_contents(name, external_only=False)
+    return run_keeping(tiled_client, run_uid, REFINEMENT, work, root=opts.root, retry=opts.retry_command(run_uid),
+                       model=None,
+                       heartbeat_seconds=opts.heartbeat_seconds, stale_after=opts.stale_after,
+                       models=jobs_model_client(opts, model_client),
+                       skipped=(RefinementSkipped, ModelServerUnavailable), failed=(ModelServerError, ValueError),
+                       extra={"strategy": opts.strategy, "requested_strategy": opts.strategy,
+                              "model": None if opts.strategy in MODEL_FREE else opts.model})
 
 
 def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,

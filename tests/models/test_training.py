@@ -6,17 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from support import frame_run
+from support import analysed_scan, frame_run
 
 from phasestream.app.cli import main as cli_main
-from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.jobs.training import tiled_training_set
 from phasestream.models.registry import Artifact, ModelRegistry
 from phasestream.references import load_references, select_energies
-from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
+from phasestream.sim import make_sample
 from phasestream.sim.training import synthetic_training_set
-from phasestream.store.tiled import raw_run_writer
 
 REFS = load_references("nvpf-synthetic")
 ENERGIES = select_energies(REFS, 12, method="score")  # the energies of the demo and the pretrained GMVAE
@@ -39,17 +36,7 @@ def test_synthetic_set_labels_are_pcc_argmax():
 
 
 def _scan(client, soc: float, seed: int, energies=ENERGIES) -> str:
-    RE = RunEngine({})
-    RE.subscribe(raw_run_writer(client))
-    cb = PhaseMapCallback(client, backend="numba")
-    RE.subscribe(cb)
-    sample = make_sample((64, 64), state_of_charge=soc, seed=seed, n_particles=2)
-    energy = make_energy()
-    det = TransmissionDetector(sample, energy, name="det", i0=5000.0, seed=seed)
-    (uid,) = RE(energy_stack_scan([det], energy, energies, sample=sample, i0_key=det.i0_key))
-    assert cb.flush(60)
-    cb.close()
-    return uid
+    return analysed_scan(client, energies, shape=(64, 64), seed=seed, state_of_charge=soc, i0=5000.0, raw=True)
 
 
 @pytest.mark.cluster  # make test-stack: keeps make test under 15 minutes on 2 cores

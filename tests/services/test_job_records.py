@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
+from support import analysed_scan
 
 from phasestream.app.live import LiveService
-from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.contract.denoise import DENOISING_ARRAYS
 from phasestream.jobs import refine
 from phasestream.jobs.context import JobContext
@@ -29,7 +28,6 @@ from phasestream.jobs.interrupted import finalize_interrupted_jobs
 from phasestream.jobs.readback import ReadBackError, read_back
 from phasestream.jobs.refine import REFINEMENT_ARRAYS, RefineOptions, refine_result
 from phasestream.references import load_references, select_energies
-from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.results import ResultWriter
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
@@ -49,16 +47,7 @@ refine_result(connect(uri), uid, RefineOptions(address="tcp://127.0.0.1:1", time
 
 
 def _scan(client, seed: int, shape=(48, 48)) -> str:
-    RE = RunEngine({})
-    cb = PhaseMapCallback(client, backend="numba")
-    RE.subscribe(cb)
-    sample = make_sample(shape, state_of_charge=2.0, seed=seed, n_particles=2)
-    energy = make_energy()
-    det = TransmissionDetector(sample, energy, name="det", i0=2000.0, seed=seed)
-    (uid,) = RE(energy_stack_scan([det], energy, ENERGIES, sample=sample, i0_key=det.i0_key))
-    assert cb.flush(60)
-    cb.close()
-    return uid
+    return analysed_scan(client, ENERGIES, shape=shape, seed=seed)
 
 
 def _utc(seconds: float) -> str:  # the oracle of the reason's time: time.gmtime, not the job's formatting
