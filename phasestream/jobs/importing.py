@@ -79,7 +79,10 @@ class ImportOptions:
     ``references`` is required: the reference spectra the run is analysed against, which no facility file
     names (:data:`DEFAULT_REFERENCES` is only the simulated demo set, named explicitly by the tests and
     benchmarks). ``format``, ``energies`` and ``mode`` are handed to the reader; ``sample`` and ``soc`` override
-    the file's; ``external`` keeps images that lie in an HDF5 dataset or TIFF files in their file.
+    the file's; ``external`` keeps images that lie in an HDF5 dataset or TIFF files in their file;
+    ``replace_incomplete`` removes an incomplete run of this very import (its uid and start document, no stop
+    document: left by an import that was killed) and imports again, where it is otherwise refused (the user
+    says no import of these files is running; a complete run and another's node are never removed).
     """
 
     raw: str = ""
@@ -91,6 +94,7 @@ class ImportOptions:
     soc: float | None = None
     external: bool = True
     batch_bytes: int = BATCH_BYTES
+    replace_incomplete: bool = False
 
     def validate(self) -> ImportOptions:
         self.raw = check_raw_path(self.raw)
@@ -275,9 +279,18 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
             return None
         if found[1]:
             return outcome(uid, JobStatus.COMPLETE, sha256=sha256, already_imported=True)
+        if opts.replace_incomplete:
+            removed, note = _remove_own_run(runs, uid, sha256)
+            if removed:
+                logger.warning("%s: an incomplete import of these files (%s, no stop document) was replaced: %s",
+                               source, uid, note)
+                return None
+            return outcome(uid, JobStatus.FAILED, f"an incomplete import of these files is in Tiled as {uid}: {note}",
+                           sha256=sha256)
         return outcome(uid, JobStatus.FAILED, f"an incomplete import of these files is in Tiled as {uid} (no stop "
                        "document: being written by another import right now, or left by one that died): nothing "
-                       "written; if no import is running, remove it first", sha256=sha256)
+                       "written; if no import of these files is running, import again with --replace-incomplete",
+                       sha256=sha256)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-sha256") as pool:
         hashing = pool.submit(stack.sha256)  # reads every byte of the files while the rest is looked up

@@ -185,3 +185,25 @@ def test_tiled_down_is_not_taken_for_a_fault_of_the_file(tmp_path):
     server.close()  # Tiled goes away between the connection and the import
     with stamina.set_testing(True), pytest.raises(httpx.TransportError):  # the client's retries: once, at once
         import_stack(client, _stack(tmp_path / "good.npy", seed=31), ImportOptions(references=REFS))
+
+
+def test_an_import_killed_before_its_stop_is_replaced_only_when_asked(tiled_client, tmp_path):
+    """A killed import leaves its run without a stop document: the next import of the files is refused (another
+    may be writing it) and said how to go on; with ``replace_incomplete`` that run is removed and the files
+    imported again. A complete import is never removed."""
+    client = tiled_client
+    stack = _stack(tmp_path / "killed.npy", seed=21)
+    sha = stack.sha256()
+    uid = import_uid("", sha)
+    partial = _forge(client, uid, sha, stop=False)  # this import's start document, no events, no stop
+    refused = import_stack(client, stack, ImportOptions(references=REFS, external=False))
+    assert refused.status == "failed" and "--replace-incomplete" in refused.reason, refused.reason
+    assert dict(client[uid].metadata) == partial
+    replaced = import_stack(client, stack, ImportOptions(references=REFS, external=False, replace_incomplete=True))
+    assert replaced.status == "complete" and replaced.run_uid == uid, replaced.reason
+    run = open_raw_run(client, uid)
+    assert run.metadata["stop"]["exit_status"] == "success"
+    np.testing.assert_array_equal(run["primary"]["det_img"].read(), _images(21))
+    again = import_stack(client, stack, ImportOptions(references=REFS, external=False, replace_incomplete=True))
+    assert again.status == "complete" and again.details["already_imported"] is True
+    assert dict(open_raw_run(client, uid).metadata) == dict(run.metadata)  # the complete run stays as it was

@@ -57,6 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "created when missing")
     imp.add_argument("--copy-images", action="store_true",
                      help="write HDF5 and TIFF images into Tiled even when the server could read them from the file")
+    imp.add_argument("--replace-incomplete", action="store_true",
+                     help="an incomplete import of these files (no stop document, left by an import that was "
+                          "killed) is removed and the files imported again; say so only when no import of them is "
+                          "running (a complete import and another's run are never removed)")
     imp.add_argument("--readable-storage", nargs="*", default=None, metavar="DIR",
                      help="embedded server only: folders of files it may read (HDF5 and TIFF images stay there)")
     imp.add_argument("--analyze", action="store_true",
@@ -99,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--refine and --method act on the analysis: add --analyze")
     options = asdict(ImportOptions(raw=raw, references=args.references, format=args.format,
                                    energies=parse_energies(args.energies), mode=args.mode, sample=args.sample,
-                                   soc=args.soc, external=not args.copy_images).validate())
+                                   soc=args.soc, external=not args.copy_images,
+                                   replace_incomplete=args.replace_incomplete).validate())
     steps = _analysis_steps(args, raw) if args.analyze else ()
     outcomes, jobs = [], []
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
