@@ -45,3 +45,10 @@ def test_every_kernel_backend_is_a_valid_setting():
         assert not [p for p in problems(loaded.settings) if p.setting == "backend"], backend
     loaded = load_settings(environ={"PHASESTREAM_BACKEND": "opencl"})
     assert [p.level for p in problems(loaded.settings) if p.setting == "backend"] == ["error"]
+
+
+def test_a_refused_selection_starts_no_tiled(tmp_path, capsys):
+    catalog = tmp_path / "catalog"
+    assert main(["query", "--catalog", str(catalog), "--since", "2026-12-02", "--until", "2026-12-01"]) == 2
+    assert "since" in capsys.readouterr().err
+    assert not catalog.exists()  # refused before an embedded server was started over it

@@ -23,8 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    query = run_query(args)  # a refused selection before any Tiled is asked (or started: --catalog)
     with tiled_client(args) as (client, _):
-        rows = result_rows(find(client, run_query(args), status=args.status, root=args.root))
+        rows = result_rows(find(client, query, status=args.status, root=args.root))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
