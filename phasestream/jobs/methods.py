@@ -46,14 +46,13 @@ from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
 from phasestream.contract.metadata import recorded_energies, shown
 from phasestream.jobs.context import JobContext
-from phasestream.jobs.methods_options import METHODS, MethodsOptions, methods_options_from_start
+from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.methods_record import earlier_complete, settled_entry
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
 
-__all__ = ["METHODS", "MethodsOptions", "StepSkipped", "kmeans_arrays", "lcf_arrays", "methods_options_from_start",
-           "run", "run_methods"]
+__all__ = ["StepSkipped", "kmeans_arrays", "lcf_arrays", "run", "run_methods"]
 
 logger = logging.getLogger(__name__)
 
