@@ -171,22 +171,6 @@ def test_an_hdf5_file_that_refers_to_other_files_is_not_left_for_tiled_to_read(t
     assert keep is None and "refers to other files" in reason and str(path) in reason, reason
 
 
-def test_tiled_down_is_not_taken_for_a_fault_of_the_file(tmp_path):
-    """The catch-all that makes a reader's unforeseen exception the file's error also caught Tiled's: with Tiled
-    down, a good file was reported "refused, nothing written: reading FILE failed: ConnectError". Tiled's errors go
-    to the caller, which reports the import failed and says so (:func:`phasestream.jobs.importing.run`)."""
-    import httpx
-    import stamina
-
-    from phasestream.store.tiled import connect, start_embedded_tiled
-
-    server = start_embedded_tiled(directory=tmp_path / "tiled")
-    client = connect(server.uri)
-    server.close()  # Tiled goes away between the connection and the import
-    with stamina.set_testing(True), pytest.raises(httpx.TransportError):  # the client's retries: once, at once
-        import_stack(client, _stack(tmp_path / "good.npy", seed=31), ImportOptions(references=REFS))
-
-
 def test_an_import_killed_before_its_stop_is_replaced_only_when_asked(tiled_client, tmp_path):
     """A killed import leaves its run without a stop document: the next import of the files is refused (another
     may be writing it) and said how to go on; with ``replace_incomplete`` that run is removed and the files
