@@ -54,7 +54,7 @@ def test_pretrained_model_energies_are_the_demo_energies():
     assert art.phases == list(REFS.phases)
 
 
-@pytest.mark.parametrize(("soc", "seed"), [(2.0, 1), (1.0, 2)])
+@pytest.mark.parametrize(("soc", "seed"), [(2.0, 1), pytest.param(1.0, 2, marks=pytest.mark.slow)])  # make test-stack
 def test_refinement_resolves_ambiguous_pixels_against_ground_truth(tiled_client, models, soc, seed):
     """Acceptance: ambiguous pixels >= 85% right after refinement; overall better than PCC argmax."""
     sample = make_sample((256, 256), state_of_charge=soc, seed=seed)
@@ -114,9 +114,11 @@ def test_model_server_down_skips_and_reprocess_refines_later(tiled_client, tiled
     assert node["refined_phase"].read().shape == (64, 64)
 
 
-@pytest.mark.parametrize("hostile", [{"refinement": "x", "models": [1, 2]},
-                                     {"refinement": {"status": "skipped", "kept": "earlier"}},
-                                     {"refinement": {"status": "complete", "model": ["gmvae"]}, "models": {"a": 1}}])
+@pytest.mark.parametrize("hostile", [  # the last two in make test-stack: keeps make test under 15 minutes
+    {"refinement": "x", "models": [1, 2]},
+    pytest.param({"refinement": {"status": "skipped", "kept": "earlier"}}, marks=pytest.mark.slow),
+    pytest.param({"refinement": {"status": "complete", "model": ["gmvae"]}, "models": {"a": 1}},
+                 marks=pytest.mark.slow)])
 def test_an_earlier_refinement_record_of_the_wrong_type_is_no_record(tiled_client, hostile):
     """A hand-edited ``refinement`` or ``models`` (a string, a list) raised AttributeError/TypeError in the job;
     it is taken as no earlier record and the refinement records its own status."""

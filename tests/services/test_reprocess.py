@@ -20,7 +20,10 @@ def tiled(tiled_server, tiled_client, detector_files):
     return tiled_server, tiled_client, detector_files
 
 
-@pytest.mark.parametrize(("mode", "external"), [("stxm", False), ("txm", False), ("stxm", True)])
+@pytest.mark.parametrize(("mode", "external"), [
+    ("stxm", False), ("txm", False),
+    pytest.param("stxm", True, marks=pytest.mark.slow),  # make test-stack: keeps make test under 15 minutes
+])
 def test_reprocess_equals_live(tiled, mode, external):
     server, client, files = tiled
     RE = RunEngine({})
