@@ -91,9 +91,9 @@ class Settings(BaseModel):
     od_store: str | None = Field(None, validation_alias=_var("PHASESTREAM_OD_STORE", "od_store"),
                                  description="folder the worker writes the live OD cube to (serve --od-store)")
     zmq_in: str = Field(DEFAULT_IN_ADDRESS, validation_alias=_var("PHASESTREAM_ZMQ_IN", "zmq_in"),
-                        description="0MQ proxy: publishers connect here")
+                        description="0MQ proxy: publishers connect here (deployment files; proxy --in)")
     zmq_out: str = Field(DEFAULT_OUT_ADDRESS, validation_alias=_var("PHASESTREAM_ZMQ_OUT", "zmq_out"),
-                         description="0MQ proxy: workers subscribe here")
+                         description="0MQ proxy: workers subscribe here (serve --zmq; deployment files)")
     model_server: str = Field(DEFAULT_MODEL_ADDRESS, validation_alias=_var("PHASESTREAM_MODEL_SERVER",
                                                                            "model_server"),
                               description="model server address (serve, reprocess --models)")
@@ -102,13 +102,13 @@ class Settings(BaseModel):
     dask_scheduler: str | None = Field(None, validation_alias=_var("PHASESTREAM_DASK_SCHEDULER", "dask_scheduler"),
                                        description="Dask scheduler of the post-scan jobs")
     dask_workers: int = Field(2, ge=1, le=1024, validation_alias=_var("PHASESTREAM_DASK_WORKERS", "dask_workers"),
-                              description="Dask worker processes of the stack")
+                              description="Dask worker processes (deployment files; up --dask-workers)")
     dask_http: str = Field("127.0.0.1:8787", validation_alias=_var("PHASESTREAM_DASK_HTTP", "dask_http"),
                            description="the Dask scheduler's HTTP server (health, metrics)")
     host: str = Field("127.0.0.1", validation_alias=_var("PHASESTREAM_HOST", "host"),
                       description="address the Dask workers and the live view bind (deployment files)")
     view_port: int = Field(8010, ge=1, le=65535, validation_alias=_var("PHASESTREAM_VIEW_PORT", "view_port"),
-                           description="port of the live view (phasestream view)")
+                           description="port of the live view (deployment files; view --port)")
     references: str | None = Field(None, validation_alias=_var(REFERENCE_FOLDERS_ENV, "references"),
                                    description="folders whose reference files a start document may name")
     backend: str = Field("auto", validation_alias=_var(BACKEND_ENV, "backend"),
