@@ -44,7 +44,8 @@ def scan(RE, soc, seed, **det_kwargs):
     return uid, sample
 
 
-@pytest.mark.parametrize("external_od", [False, True], ids=["od-uploaded", "od-store"])
+@pytest.mark.parametrize("external_od", [  # od-uploaded in make test-stack: every analysed scan uploads its od
+    pytest.param(False, marks=pytest.mark.slow), True], ids=["od-uploaded", "od-store"])
 def test_live_results_in_tiled_follow_the_contract(tiled, detector_files, external_od):
     RE = RunEngine({})
     RE.subscribe(raw_run_writer(tiled))

@@ -67,6 +67,7 @@ def test_serve_with_references_analyses_a_stock_list_scan_like_the_same_scan_wit
     assert results[grid]["run_uid"] == grid
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_reprocess_agrees_with_a_databroker_v1_replay(tiled_server, tiled_client):
     client = tiled_client
     RE = RunEngine({})

@@ -197,6 +197,7 @@ def test_a_denoising_that_does_not_complete_leaves_no_arrays_of_its_own(tiled_cl
     assert DENOISE not in md["models"]
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_models_of_the_wrong_type_are_taken_as_none(tiled_client, models):
     """A hand-edited ``models`` (a string) failed the denoising after its arrays were written (``dict()``'s
     ValueError), and the refinement likewise; it is taken as none and the model entry written."""

@@ -246,6 +246,7 @@ def test_enhance_command_side_by_side_and_the_python_api(tiled_server, tiled_cli
         enhance_images(od[0], domain="od", model=TRANSMISSION_MODEL, address=models.address)
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_enhance_raw_frames_of_a_transmission_model(tiled_server, tiled_client, models):
     """``--source raw``: each frame divided by the run's own I0 column, enhanced by a transmission model."""
     from phasestream.jobs.enhance import enhance_images

@@ -160,6 +160,7 @@ def test_a_later_step_that_raises_leaves_the_earlier_ones_reported(tiled_server,
         run_job(Job(good[2], (("refine", {}),)), JobContext(tiled_server.uri))
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_reprocess_command_by_state_of_charge_on_dask(tiled_server, runs, capsys):
     from phasestream.app.cli import main
 

@@ -222,6 +222,7 @@ def test_a_complete_method_records_the_references_it_used(tiled_client, ni_csv):
     assert md["lcf"]["references"]["from"] == "option"
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_live_service_runs_the_methods_a_run_asks_for(tiled_client):
     """Real RunEngine scan asking for ``phasestream: {methods: [lcf]}``: the worker fits it after the scan."""
     from bluesky import RunEngine

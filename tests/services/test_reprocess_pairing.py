@@ -179,6 +179,7 @@ def _two_writers_at_once(uri: str) -> None:
         _assert_maps_equal(client, uid, live)
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_two_runengines_at_once_reprocess_to_the_live_maps(tiled_server):
     _two_writers_at_once(tiled_server.uri)
 

@@ -88,6 +88,7 @@ def _expected(stored, labels: str) -> set[str]:
     return {stored[label][0] for label in labels}
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_friendly_keys_select_the_same_raw_runs_and_results(tiled_server, tiled_client, stored, capsys):
     client = tiled_client
     times = {label: start["time"] for label, (_, start, _) in stored.items()}
