@@ -24,7 +24,7 @@ from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
 from phasestream.jobs.methods import _references, lcf_arrays
 from phasestream.jobs.methods_options import MethodsOptions
-from phasestream.jobs.methods_record import earlier_complete, settled_entry
+from phasestream.jobs.methods_record import METHOD_ARRAYS, earlier_complete, settled_entry
 from phasestream.jobs.split_parts import SplitJobError, od_image_shape, split_ranges
 from phasestream.jobs.staging import (
     ArrayLayout,
@@ -42,7 +42,7 @@ __all__ = ["LCF_ARRAYS", "lcf_band", "submit_split_lcf"]
 
 logger = logging.getLogger(__name__)
 
-LCF_ARRAYS = ("fractions_lcf", "fit_error", "reduced_chi2", "scale_lcf")
+LCF_ARRAYS = METHOD_ARRAYS["lcf"]
 
 
 class _Superseded(RuntimeError):
