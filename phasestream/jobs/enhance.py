@@ -18,13 +18,16 @@ domain (models/domain.py). Each enhancement's record goes under ``enhancements[<
 (``phasestream: {enhance: true}`` or ``{enhance: {model, version, steps}}``), with
 ``phasestream enhance UID`` or ``phasestream reprocess --enhance UID``. Like the GMVAE refinement it
 never spoils the PCC result: a model server that is down, a refused model or a result without OD
-cube records ``status: skipped`` and the reason.
+cube records ``status: skipped`` and the reason. ``complete`` means the array was read back from Tiled bit
+for bit as written (``array_sha256``, :mod:`phasestream.jobs.readback`); one that does not read back is
+removed and the record is ``failed``.
 
 :func:`enhance_images` does the same on arrays, for Python users.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -36,6 +39,7 @@ from phasestream.contract import RUN_UID_PATTERN, InvalidIdentifierError, JobOut
 from phasestream.contract.metadata import recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.frames import RawFrames, raw_frames
+from phasestream.jobs.readback import read_back
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.models.domain import DomainMismatchError, to_domain
@@ -51,7 +55,7 @@ from phasestream.store.tiled import open_raw_run
 
 __all__ = ["DEFAULT_INDI_MODEL", "ENHANCED", "SOURCES", "EnhanceOptions", "enhance_images",
            "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "marked",
-           "model_summary", "od_images_to_enhance", "record_enhancement", "run"]
+           "model_summary", "od_images_to_enhance", "record_enhancement", "remove_enhanced", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +202,15 @@ def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None
     return node, keys[-1], note
 
 
+def remove_enhanced(writer: ResultWriter, path: str) -> None:
+    """Remove the array at ``path`` (``enhanced_path``'s, checked) if it is there: a replacement that failed."""
+    parent, _, key = path.rpartition("/")
+    with contextlib.suppress(KeyError):  # no parent container: nothing to remove
+        node = writer.container[parent]
+        if key in node:
+            node.delete_contents(key, external_only=False)
+
+
 def record_enhancement(writer: ResultWriter, info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """Add ``record`` to the result's ``enhancements`` (under ``<model>/<version>/<steps>``) and the model to
     ``models``; returns the record (which the caller writes as the latest ``enhancement``)."""
@@ -236,10 +249,16 @@ def _enhance(tiled_client, writer: ResultWriter, client: ModelClient, opts: Enha
     enhanced = np.stack(planes).astype(np.float32)
     path = enhanced_path(info["model"], info["version"], info["steps"])
     parent, key, note = enhanced_node(writer, path)
-    parent.write_array(enhanced, key=key, dims=dims)
+    try:
+        parent.write_array(enhanced, key=key, dims=dims)
+        digests = read_back(writer, {path: enhanced})  # complete only when it reads back as written
+    except Exception:  # no array without its record: a failed write or read-back leaves none
+        with contextlib.suppress(Exception):
+            remove_enhanced(writer, path)
+        raise
     record = {"status": "complete", "version": info["version"], "sha256": info["sha256"], "steps": info["steps"],
               "scale": enhanced.shape[-1] / images[0].shape[-1], "shape": list(enhanced.shape),
-              "source": opts.source, "domain": domain, "path": path}
+              "source": opts.source, "domain": domain, "path": path, "array_sha256": digests}
     if normalization is not None:
         record["normalization"] = normalization
     if note:

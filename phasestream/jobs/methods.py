@@ -48,6 +48,7 @@ from phasestream.contract.metadata import recorded_energies, shown
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.methods_record import earlier_complete, settled_entry
+from phasestream.jobs.readback import read_back
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
 from phasestream.store.results import ResultWriter
@@ -299,8 +300,9 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
         try:
             arrays, params = _RUNNERS[name](ctx)
             writer.write_maps(**arrays)
+            digests = read_back(writer, arrays)  # complete only when every array reads back as written
             entry = {"status": "complete", "parameters": params, "arrays": sorted(arrays), "errors": [],
-                     "references": ctx.references_used}
+                     "references": ctx.references_used, "array_sha256": digests}
         except StepSkipped as exc:
             logger.info("run %s: method %s skipped: %s", uid, name, exc)
             entry = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": str(exc)}

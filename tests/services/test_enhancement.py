@@ -136,6 +136,38 @@ def test_a_rerun_that_fails_to_write_leaves_no_record_of_the_array_it_replaced(t
     assert node.metadata["enhancement"]["status"] == "failed"
 
 
+def test_a_complete_enhancement_read_its_array_back_and_one_that_does_not_is_removed(tiled_client, models,
+                                                                                    monkeypatch):
+    """``complete`` means the array read back from Tiled as written (``array_sha256``: the digest of the array
+    as Tiled serves it). Storage that kept other values than were sent makes the record ``failed``, naming the
+    array, and removes the array: no array stays beside a record that does not describe it."""
+    import hashlib
+
+    from tiled.client.container import Container
+
+    uid = _scan(tiled_client)
+    record = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=1))
+    assert record["status"] == "complete", record
+    node = tiled_client["phasestream"][uid]
+    served = hashlib.sha256(node[record["path"]].read().tobytes()).hexdigest()
+    assert record["array_sha256"] == {record["path"]: served} == node.metadata["enhancement"]["array_sha256"]
+    real = Container.write_array
+
+    def corrupting(self, array, *args, **kwargs):
+        changed = np.array(array, copy=True)
+        changed[-1, 3, 4] += 1.0
+        return real(self, changed, *args, **kwargs)
+
+    monkeypatch.setattr(Container, "write_array", corrupting)
+    again = enhance_result(tiled_client, uid, EnhanceOptions(address=models.address, steps=2))
+    monkeypatch.undo()
+    path = f"{record['path'].rpartition('/')[0]}/2"
+    assert again["status"] == "failed", again
+    assert re.search(rf"ReadBackError: {re.escape(path)}: .* at \({len(ENERGIES) - 1}, 3, 4\)", again["reason"]), again
+    node = tiled_client["phasestream"][uid]
+    assert path not in _paths(node) and record["path"] in _paths(node)
+
+
 @pytest.mark.parametrize("hostile", [{"models": "indi", "enhancements": "all of them"},
                                      {"models": [INDI], "enhancements": ["indi-particles-synthetic/1.0.0/1"]}])
 def test_models_and_enhancements_of_the_wrong_type_are_taken_as_none(tiled_client, models, hostile):

@@ -449,3 +449,40 @@ def test_a_failed_run_without_an_earlier_complete_one_leaves_no_arrays(tiled_cli
     assert "disk full" in record["lcf"]["errors"][0]
     node = tiled_client["phasestream"][uid]
     assert not any(name in node for name in LCF_ARRAYS)
+
+
+def test_a_complete_method_read_its_arrays_back(tiled_client, ni_csv):
+    """``complete`` means every array read back from Tiled as written: the record's ``array_sha256`` are the
+    digests of the arrays as Tiled serves them (read here independently), one per array the method wrote."""
+    import hashlib
+
+    uid = "run-methods-digests"
+    _result(tiled_client, uid, ni_csv)
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf", "masks"), thickness_min=0.3))
+    node = tiled_client["phasestream"][uid]
+    for name in ("lcf", "masks"):
+        assert record[name]["status"] == "complete", record[name]
+        served = {array: hashlib.sha256(node[array].read().tobytes()).hexdigest() for array in record[name]["arrays"]}
+        assert record[name]["array_sha256"] == served == node.metadata["methods"][name]["array_sha256"]
+    assert set(record["lcf"]["array_sha256"]) == set(LCF_ARRAYS)
+
+
+def test_a_method_whose_arrays_do_not_read_back_fails_and_leaves_none(tiled_client, ni_csv, monkeypatch):
+    """The storage kept other values than were sent (one fraction changed on its way): the LCF is ``failed``,
+    naming the array and the element, not ``complete``, and none of its arrays stays beside that record."""
+    uid = "run-methods-corrupt"
+    _result(tiled_client, uid, ni_csv)
+    real = ResultWriter.write_maps
+
+    def corrupting(self, **arrays):
+        changed = {name: np.array(value, copy=True) for name, value in arrays.items()}
+        changed["fractions_lcf"][1, 7, 5] += 0.25
+        real(self, **changed)
+
+    monkeypatch.setattr(ResultWriter, "write_maps", corrupting)
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf",)))
+    monkeypatch.undo()
+    assert record["lcf"]["status"] == "failed" and "array_sha256" not in record["lcf"], record["lcf"]
+    assert re.search(r"ReadBackError: fractions_lcf: .* at \(1, 7, 5\)", record["lcf"]["errors"][0]), record["lcf"]
+    node = tiled_client["phasestream"][uid]
+    assert not any(name in node for name in LCF_ARRAYS)
