@@ -52,3 +52,12 @@ def test_a_refused_selection_starts_no_tiled(tmp_path, capsys):
     assert main(["query", "--catalog", str(catalog), "--since", "2026-12-02", "--until", "2026-12-01"]) == 2
     assert "since" in capsys.readouterr().err
     assert not catalog.exists()  # refused before an embedded server was started over it
+
+
+def test_serve_refuses_options_that_cannot_run_together_before_tiled_starts(tmp_path, capsys):
+    """``--no-check`` with the default strategy ``auto`` (the held-out check's winner) cannot run: refused before
+    an embedded Tiled is started (before: after Tiled answered)."""
+    catalog = tmp_path / "catalog"
+    assert main(["serve", "--catalog", str(catalog), "--no-check"]) == 2
+    assert "strategy 'auto' picks the winner of the held-out check" in capsys.readouterr().err
+    assert not catalog.exists()

@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     _configured(args)
     defaults = run_defaults(args)  # refused before anything starts
     raw = check_raw_path(args.raw)
+    refine = None if args.no_refine else refine_options(args)  # (--no-check with --strategy auto, ...)
+    enhance, methods, denoise = enhance_options(args), methods_base(args), denoise_options(args)
     scheduler = scheduler_option(args)
     if args.od_store:  # fail now, not at the first image, when the folder cannot be made
         Path(args.od_store).mkdir(parents=True, exist_ok=True)
@@ -169,8 +171,7 @@ def run(args: argparse.Namespace) -> int:
                               od_store=args.od_store, reference_folders=folders, asset_folders=args.asset_dir,
                               bounds=bounds, defaults=defaults, max_open_runs=args.max_open_runs,
                               stale_after=args.stop_timeout,
-                              refine=None if args.no_refine else refine_options(args),
-                              enhance=enhance_options(args), methods=methods_base(args), denoise=denoise_options(args),
+                              refine=refine, enhance=enhance, methods=methods, denoise=denoise,
                               scheduler=scheduler, retries=args.retries, dask_workers=args.workers)
         executor = service.executor
         post_scan = f"dask {executor.address}" if isinstance(executor, DaskExecutor) else "thread"
