@@ -17,7 +17,7 @@ from phasestream.references import (
     reference_folders_from_env,
     write_references,
 )
-from phasestream.sim.references import nvpf_references
+from phasestream.references.synthetic import nvpf_references
 
 SECRET = "s3cr3tvalue"
 TOY = ReferenceSet(np.array([500.0, 510.0, 520.0]), ("A", "B"), np.array([[0.1, 0.5, 0.2], [0.2, 0.3, 0.9]]),

@@ -49,9 +49,9 @@ REFERENCE_FOLDERS_ENV = "PHASESTREAM_REFERENCES"
 _SHOWN_CHARS = 200
 
 REGISTRY: dict[str, Callable[[], ReferenceSet] | str] = {
-    "nvpf-synthetic": "phasestream.sim.references:nvpf_references",
-    "kedge-synthetic": "phasestream.sim.references:kedge_references",
-    "ledge-close-synthetic": "phasestream.sim.references:ledge_close_references",
+    "nvpf-synthetic": "phasestream.references.synthetic:nvpf_references",
+    "kedge-synthetic": "phasestream.references.synthetic:kedge_references",
+    "ledge-close-synthetic": "phasestream.references.synthetic:ledge_close_references",
 }
 
 

@@ -1,7 +1,9 @@
-"""Simulated beamline: synthetic references and samples, ophyd sim devices, Bluesky plans.
+"""Simulated beamline: samples, STXM noise, ophyd sim devices, Bluesky plans.
+
+The synthetic reference spectra they use are ``phasestream.references.synthetic``.
 
 The devices and plans import ophyd and bluesky; they are loaded on first use so that
-``phasestream.references`` (which resolves ``"nvpf-synthetic"`` through this package) stays light.
+the simulated samples stay light to import.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from phasestream.references.synthetic import nvpf_references
 from phasestream.sim.noise import LINE_CORRELATED, SimulatedStack, STXMNoise, simulate_stack
-from phasestream.sim.references import nvpf_references
 from phasestream.sim.samples import SimulatedSample, flat_field, make_sample
 
 _LAZY = {

@@ -1,6 +1,6 @@
 import numpy as np
 
-from phasestream.sim.references import NVPF_PHASES, nvpf_references
+from phasestream.references.synthetic import NVPF_PHASES, nvpf_references
 
 
 def test_nvpf_references_are_labelled_synthetic_and_have_the_paper_features():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from phasestream.references import ReferenceSet
+from phasestream.references.spectra import ReferenceSet
 
 __all__ = ["KEDGE_SHIFT_EV", "LEDGE_MIX", "NVPF_NA_CONTENT", "NVPF_OXIDATION", "NVPF_PHASES", "kedge_references",
            "ledge_close_references", "nvpf_references", "nvpf_spectrum"]
