@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -39,6 +40,7 @@ from phasestream.contract import RUN_UID_PATTERN, InvalidIdentifierError, JobOut
 from phasestream.contract.metadata import recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.frames import RawFrames, raw_frames
+from phasestream.jobs.heartbeat import STALE_AFTER, JobRunningError, ensure_not_running
 from phasestream.jobs.readback import read_back
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
@@ -54,8 +56,8 @@ from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import open_raw_run
 
 __all__ = ["DEFAULT_INDI_MODEL", "ENHANCED", "SOURCES", "EnhanceOptions", "enhance_images",
-           "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "marked",
-           "model_summary", "od_images_to_enhance", "record_enhancement", "remove_enhanced", "run"]
+           "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "enhancement_arrays",
+           "marked", "model_summary", "od_images_to_enhance", "record_enhancement", "remove_enhanced", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +140,18 @@ def _writer(tiled_client, run_uid: str, opts: EnhanceOptions) -> ResultWriter:
 
 def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = None, *,
                    model_client: ModelClient | None = None) -> dict[str, Any]:
-    """Enhance the OD images (or raw frames) of ``run_uid``; returns the record it wrote (see the module)."""
+    """Enhance the OD images (or raw frames) of ``run_uid``; returns the record it wrote (see the module). While a
+    split enhancement copies its array in (its ``enhancement`` record ``running`` and alive), nothing is written:
+    the ``skipped`` record returned says so."""
     opts = (options or EnhanceOptions()).validate()
     writer = _writer(tiled_client, run_uid, opts)
+    try:  # one left running by a split enhancement that stopped is finalized (failed, interrupted) first
+        ensure_not_running(writer, "enhancement", enhancement_arrays, stale_after=STALE_AFTER,
+                           job="split enhancement")
+    except JobRunningError as exc:
+        logger.warning("run %s: enhancement not run: %s", run_uid, exc)
+        return {"status": "skipped", "reason": str(exc), "model": opts.model, "source": opts.source,
+                "retry": _retry(run_uid, opts)}
     with jobs_model_client(opts, model_client) as client:
         return recorded_job(writer, "enhancement", lambda: _enhance(tiled_client, writer, client, opts),
                             skipped=(ModelServerUnavailable, ModelRefused, DomainMismatchError),
@@ -200,6 +211,17 @@ def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None
             writer.update_metadata(enhancements=enhancements)
         node.delete_contents(keys[-1], external_only=False)
     return node, keys[-1], note
+
+
+def enhancement_arrays(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The array an ``enhancement`` record was replacing: its ``path``, when that is an enhancement's
+    (``enhanced_path``'s, checked: a record edited by hand names none)."""
+    path = record.get("path")
+    keys = path.split("/") if isinstance(path, str) else []
+    with contextlib.suppress(ValueError):  # an InvalidIdentifierError, or steps that are not a number
+        if len(keys) == 4 and keys[0] == ENHANCED and enhanced_path(*keys[1:]) == path:
+            return (path,)
+    return ()
 
 
 def remove_enhanced(writer: ResultWriter, path: str) -> None:

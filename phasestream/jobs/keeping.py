@@ -6,7 +6,10 @@ metadata fields derived from them (``refined_fractions``). :func:`run_keeping` r
 1. It refuses while another run of the job on this result is alive, and finalizes one left ``running`` by a
    job that stopped (:func:`~phasestream.jobs.heartbeat.ensure_not_running`).
 2. An earlier ``complete`` record (or the complete one a record keeps) stays, with its arrays, while the job
-   works: the record says ``running`` with ``kept``. Anything else of an earlier run is removed first.
+   works: the record says ``running`` with ``kept``. Anything else of an earlier run is removed first. Between
+   writing ``running`` and anything else, the job reads its record back after a moment
+   (:meth:`~phasestream.jobs.heartbeat.JobHeartbeat.confirm`): of two runs that began at the same moment, the
+   one whose record stands runs, the other is refused.
 3. The job calls ``ready()`` once it has its arrays: the kept ones go only then (record first, then arrays:
    no record describes removed arrays).
 4. The job's record is written by :func:`~phasestream.jobs.record.recorded_job`, with a heartbeat while it
@@ -52,15 +55,19 @@ def remove_arrays(writer: ResultWriter, job: KeptJob) -> None:
             writer.container.delete_contents(name, external_only=False)
 
 
-def clear_earlier(writer: ResultWriter, job: KeptJob, running: Mapping[str, Any]) -> None:
+def clear_earlier(writer: ResultWriter, job: KeptJob, running: Mapping[str, Any],
+                  confirm: Callable[[], None] | None = None) -> None:
     """Remove an earlier run's arrays, derived fields and model entry. The record says ``running`` (the fields
-    of ``running``: who runs it, its heartbeat; the earlier model unless it names one) before the arrays go."""
+    of ``running``: who runs it, its heartbeat; the earlier model unless it names one) before the arrays go, and
+    ``confirm()`` (raising when the record is no longer this job's) runs between the two."""
     earlier, kept, models = earlier_records(writer.metadata, job.name)
     earlier = kept or earlier  # a run at work keeps the complete one it replaces
     if earlier.get("status") == "complete" and isinstance(earlier.get("model"), str) and earlier["model"] in models:
         models.pop(earlier["model"])
     writer.update_metadata(**dict(job.cleared), models=models,
                            **{job.name: {"status": "running", "model": earlier.get("model"), **running}})
+    if confirm is not None:
+        confirm()
     remove_arrays(writer, job)
 
 
@@ -86,8 +93,9 @@ def run_keeping(tiled_client, run_uid: str, job: KeptJob, work: Work, *, root: s
     kept = [earlier] if earlier else []
     if kept:
         writer.update_metadata(**{job.name: {"model": earlier.get("model"), **running(), "kept": earlier}})
+        beat.confirm(writer)  # another run that began at the same moment: the one whose record stands runs
     else:
-        clear_earlier(writer, job, running())
+        clear_earlier(writer, job, running(), confirm=lambda: beat.confirm(writer))
         writer = ResultWriter.open(tiled_client, run_uid, root=root)  # opened again: without the removed arrays
 
     def ready() -> ResultWriter:

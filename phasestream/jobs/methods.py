@@ -44,10 +44,11 @@ import numpy as np
 
 from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
-from phasestream.contract.metadata import recorded_energies, shown
+from phasestream.contract.metadata import recorded_energies, recorded_map, shown
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.heartbeat import STALE_AFTER, JobRunningError, ensure_not_running
 from phasestream.jobs.methods_options import MethodsOptions
-from phasestream.jobs.methods_record import earlier_complete, settled_entry
+from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, settled_entry
 from phasestream.jobs.readback import read_back
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
@@ -282,6 +283,7 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     opts = (options or MethodsOptions()).validate()
     t0 = time.perf_counter()
     writer = ResultWriter.open(client, uid, root=opts.root)  # KeyError: no result to record anything on
+    busy = _split_lcf_at_work(writer) if "lcf" in opts.methods else ""
     md = writer.metadata
     record: dict[str, Any] = dict(md["methods"]) if isinstance(md.get("methods"), Mapping) else {}
     try:
@@ -290,13 +292,17 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("run %s: methods not run: %s", uid, error)
         for name in opts.methods:  # an earlier complete record and its arrays are kept
+            if name == "lcf" and busy:
+                continue  # the split LCF at work writes that record
             entry = {"status": "failed", "parameters": {}, "seconds": 0.0, "arrays": [], "errors": [error]}
             record[name] = settled_entry(writer, name, entry, earlier_complete(record, name))
-        writer.update_metadata(methods=record)
-        return record
+        return _record_methods(writer, record, opts.methods)
     for name in opts.methods:
         t = time.perf_counter()
         arrays: dict[str, Any] = {}
+        if name == "lcf" and busy:
+            logger.info("run %s: method lcf not run: %s", uid, busy)
+            continue  # the split LCF at work writes that record; the outcome names it
         try:
             arrays, params = _RUNNERS[name](ctx)
             writer.write_maps(**arrays)
@@ -312,11 +318,33 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
             entry = {"status": "failed", "parameters": {}, "arrays": [], "errors": [f"{type(exc).__name__}: {exc}"]}
         entry["seconds"] = round(time.perf_counter() - t, 3)
         record[name] = settled_entry(writer, name, entry, earlier_complete(record, name), written=arrays)
-        writer.update_metadata(methods=record)
+        record = _record_methods(writer, record, [name])
     timings = dict(md["timings"]) if isinstance(md.get("timings"), Mapping) else {}
     timings["methods"] = round(time.perf_counter() - t0, 3)
     writer.update_metadata(timings=timings)
+    if busy:
+        record["lcf"] = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": busy}
     return record
+
+
+def _split_lcf_at_work(writer: ResultWriter) -> str:
+    """Why the LCF may not run now: a split LCF is replacing its arrays, its ``methods.lcf`` record ``running`` and
+    alive ("" when none is; one left by a submitter that stopped is finalized ``failed`` here, interrupted)."""
+    try:
+        ensure_not_running(writer, LCF_RECORD, METHOD_ARRAYS["lcf"], stale_after=STALE_AFTER, job="split LCF")
+    except JobRunningError as exc:
+        return str(exc)
+    return ""
+
+
+def _record_methods(writer: ResultWriter, record: Mapping[str, Any], names) -> dict[str, Any]:
+    """Write the records of the methods ``names`` into ``methods`` as it is in Tiled now (read again: a split LCF
+    writes ``methods.lcf`` meanwhile, and an old copy of it must not go back); the ``methods`` written."""
+    writer.container.refresh()
+    current = recorded_map(writer.metadata, "methods")
+    current.update({name: record[name] for name in names if name in record})
+    writer.update_metadata(methods=current)
+    return current
 
 
 def _load(client, uid: str, writer: ResultWriter, md: Mapping[str, Any], opts: MethodsOptions) -> _Context:

@@ -13,7 +13,7 @@ from typing import Any
 
 from phasestream.store.results import ResultWriter
 
-__all__ = ["METHOD_ARRAYS", "earlier_complete", "settled_entry"]
+__all__ = ["LCF_RECORD", "METHOD_ARRAYS", "earlier_complete", "settled_entry"]
 
 #: the arrays each method writes: fixed names of the contract, never a document field
 METHOD_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -22,6 +22,8 @@ METHOD_ARRAYS: dict[str, tuple[str, ...]] = {
     "kmeans": ("cluster_mask", "cluster_spectra"), "rum_tv": ("fractions_rum_tv", "scale_rum_tv"),
     "rum_pnp": ("fractions_rum_pnp", "scale_rum_pnp"),
 }
+#: the LCF's record, ``methods.lcf``, as the heartbeat names a record inside a map (the split LCF's says ``running``)
+LCF_RECORD = "methods.lcf"
 
 
 def earlier_complete(record: Mapping[str, Any], name: str) -> dict[str, Any] | None:

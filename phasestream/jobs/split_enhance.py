@@ -5,7 +5,11 @@
 OD planes ``[i0, i1)``: each reads its planes from Tiled, enhances them through the model server and writes
 them, one block per plane, into the (E, Y*s, X*s) array staged for its submission
 (:mod:`phasestream.jobs.staging`), which becomes ``enhanced/<model>/<version>/<steps>`` only once every block
-read back as written; a re-run that does not complete keeps the earlier complete enhancement.
+read back as written; a re-run that does not complete keeps the earlier complete enhancement. While it copies,
+``enhancement`` says ``running`` with ``staging``, ``path`` and a heartbeat
+(:class:`~phasestream.jobs.heartbeat.JobHeartbeat`): a submitter killed meanwhile leaves a record that the live
+worker's sweep, or the next split enhancement, records ``failed`` (interrupted); a split enhancement that finds a
+live one is not run.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from phasestream.jobs.enhance import (
     EnhanceOptions,
     enhanced_node,
     enhanced_path,
+    enhancement_arrays,
     marked,
     od_images_to_enhance,
     record_enhancement,
+    remove_enhanced,
 )
+from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError, ensure_not_running
 from phasestream.jobs.methods_record import earlier_complete
 from phasestream.jobs.record import recorded_job
 from phasestream.jobs.split_parts import SplitJobError, od_image_shape, split_ranges
@@ -47,6 +54,7 @@ from phasestream.store.tiled import connect, separate_api_key
 __all__ = ["enhance_planes", "submit_split_enhance"]
 
 logger = logging.getLogger(__name__)
+
 
 @dask_task
 def enhance_planes(tiled_uri: str, run_uid: str, root: str, staging: str, planes: tuple[int, int], options: dict,
@@ -70,20 +78,11 @@ def enhance_planes(tiled_uri: str, run_uid: str, root: str, staging: str, planes
     return {"planes": list(planes), **info, "digests": {"enhanced": digests}}
 
 
-def _remove_enhanced(writer: ResultWriter, path: str) -> None:
-    """Remove the array at ``path`` (``enhanced_path``'s, checked) if it is there: a replacement that failed."""
-    parent, _, key = path.rpartition("/")
-    with contextlib.suppress(KeyError):  # no parent container: nothing to remove
-        node = writer.container[parent]
-        if key in node:
-            node.delete_contents(key, external_only=False)
-
-
 def _staged_enhancement(dask, writer: ResultWriter, uri: str, api_key: str | None, opts: EnhanceOptions,
-                        probe: dict[str, Any], n: int, parts: int, retries: int) -> dict[str, Any]:
+                        probe: dict[str, Any], n: int, parts: int, retries: int, beat: JobHeartbeat) -> dict[str, Any]:
     """The enhancement of ``n`` OD planes by the artifact ``probe`` names, staged, read back, then copied to
-    its path; its record (failed: with the earlier complete one of the same path as ``kept`` while that
-    array is untouched)."""
+    its path, its ``running`` record beaten by ``beat`` meanwhile; its record (failed: with the earlier complete
+    one of the same path as ``kept`` while that array is untouched)."""
     path = enhanced_path(probe["model"], probe["version"], probe["steps"])
     earlier = earlier_complete(recorded_map(writer.metadata, "enhancements"), path.removeprefix(f"{ENHANCED}/"))
     scale = probe["array"].shape[-1] // 8
@@ -105,31 +104,35 @@ def _staged_enhancement(dask, writer: ResultWriter, uri: str, api_key: str | Non
         digests = merged_digests(c["digests"] for c in chunks)
         staging.read_back(digests)
         replacing = True  # from here the earlier array of this path is replaced: the records say so first
-        writer.update_metadata(enhancement={"status": "running", "model": probe["model"], "source": "od",
-                                            "path": path, "staging": staging.key,
-                                            "reason": f"replacing {path} with the staged enhancement"})
-        parent, key, note = enhanced_node(writer, path)
-        staging.copy("enhanced", parent, key, digests)
-        staging.verify_copy("enhanced", parent[key], digests)
-        staging.remove()
-        record = {"status": "complete", "version": probe["version"], "sha256": probe["sha256"],
-                  "steps": chunks[0]["steps"], "scale": float(scale), "shape": list(shape), "source": "od",
-                  "domain": "od", "path": path, "split": {"parts": len(ranges), "ranges": [list(r) for r in ranges]}}
-        if note:
-            record["note"] = note
-        return record_enhancement(writer, probe, marked(record, probe, opts))
+        writer.update_metadata(enhancement=beat.running(model=probe["model"], source="od", path=path,
+                                                        staging=staging.key,
+                                                        reason=f"replacing {path} with the staged enhancement"))
+        with beat:  # stopped before recorded_job writes the final record
+            with beat.paused():
+                parent, key, note = enhanced_node(writer, path)
+            staging.copy("enhanced", parent, key, digests)
+            staging.verify_copy("enhanced", parent[key], digests)
+            staging.remove()
+            record = {"status": "complete", "version": probe["version"], "sha256": probe["sha256"],
+                      "steps": chunks[0]["steps"], "scale": float(scale), "shape": list(shape), "source": "od",
+                      "domain": "od", "path": path,
+                      "split": {"parts": len(ranges), "ranges": [list(r) for r in ranges]}}
+            if note:
+                record["note"] = note
+            with beat.paused():
+                return record_enhancement(writer, probe, marked(record, probe, opts))
     except (ModelServerError, ValueError, SplitJobError, StagingError) as exc:
         failed = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "version": probe["version"],
                   "steps": probe["steps"], "path": path}
         if replacing:
-            _remove_enhanced(writer, path)
+            remove_enhanced(writer, path)
         elif earlier is not None:
             failed["kept"] = earlier
         return failed
     except Exception:  # recorded by recorded_job as an internal error; no array without its record
         if replacing:
             with contextlib.suppress(Exception):
-                _remove_enhanced(writer, path)
+                remove_enhanced(writer, path)
         raise
     finally:
         if staging is not None:
@@ -137,19 +140,33 @@ def _staged_enhancement(dask, writer: ResultWriter, uri: str, api_key: str | Non
 
 
 def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | EnhanceOptions | None = None, *,
-                         parts: int = 4, api_key: str | None = None, retries: int = 2) -> dict[str, Any]:
+                         parts: int = 4, api_key: str | None = None, retries: int = 2,
+                         heartbeat_seconds: float = HEARTBEAT_SECONDS, stale_after: float = STALE_AFTER
+                         ) -> dict[str, Any]:
     """InDI enhancement of ``run_uid``'s OD planes in ``parts`` chunks of energies on Dask, stitched in Tiled.
 
     The model version is fixed before the tasks start (one probe request), so every chunk uses the
     same artifact. Returns the ``enhancement`` record written into the result, as
     :func:`~phasestream.jobs.enhance.enhance_result` does (``skipped`` when the model server
     is down or there is no OD cube, ``failed`` when a chunk failed after its retries: with ``kept``, the
-    earlier complete enhancement of the same model, version and steps, whose array is untouched).
+    earlier complete enhancement of the same model, version and steps, whose array is untouched). While the
+    array is copied in, the ``running`` record beats every ``heartbeat_seconds``; a split enhancement that finds
+    another one's live ``running`` record (a heartbeat within ``stale_after`` seconds) returns a ``skipped``
+    record without writing it, and finalizes a stale one (``failed``, interrupted) before it runs.
     """
     opts = options if isinstance(options, EnhanceOptions) else EnhanceOptions(**(options or {}))
     opts = opts.validate()
     uri, api_key = separate_api_key(tiled_uri, api_key)
-    writer = ResultWriter.open(connect(uri, api_key=api_key), run_uid, root=opts.root)
+    client = connect(uri, api_key=api_key)
+    writer = ResultWriter.open(client, run_uid, root=opts.root)
+    retry = f"phasestream reprocess --enhance --split {parts} {run_uid}"
+    try:
+        ensure_not_running(writer, "enhancement", enhancement_arrays, stale_after=stale_after,
+                           job="split enhancement")
+    except JobRunningError as exc:
+        logger.warning("run %s: split enhancement not run: %s", run_uid, exc)
+        return {"status": "skipped", "reason": str(exc), "model": opts.model, "source": "od", "retry": retry}
+    beat = JobHeartbeat(client, writer.path, "enhancement", every=heartbeat_seconds)
 
     def work() -> dict[str, Any]:
         n, skipped = od_images_to_enhance(writer)
@@ -159,11 +176,11 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
             models.health(timeout=min(5.0, opts.timeout))
             probe = models.enhance(opts.model, np.zeros((8, 8), np.float32), domain="od", version=opts.version,
                                    steps=opts.steps, allow_low_gain=opts.allow_low_gain)
-        return _staged_enhancement(dask, writer, uri, api_key, opts, probe, n, parts, retries)
+        return _staged_enhancement(dask, writer, uri, api_key, opts, probe, n, parts, retries, beat)
 
     return recorded_job(writer, "enhancement", work, skipped=(ModelServerUnavailable, ModelRefused),
                         failed=(ModelServerError, ValueError, SplitJobError),
-                        retry=f"phasestream reprocess --enhance --split {parts} {run_uid}",
+                        retry=retry,
                         extra={"model": opts.model, "source": "od"})
 
 

@@ -5,7 +5,10 @@ slice, not the whole cube), fits it (:func:`~phasestream.jobs.methods.lcf_arrays
 blocks of ``fractions_lcf`` (K, Y, X), ``fit_error``, ``reduced_chi2`` and ``scale_lcf`` (Y, X) into the
 staging container of its submission (:mod:`phasestream.jobs.staging`); the result's arrays are replaced only
 once every block read back as written, and a re-run that does not complete keeps the earlier complete record
-(``kept``) and its arrays.
+(``kept``) and its arrays. While it replaces them, ``methods.lcf`` says ``running`` with ``staging`` and a
+heartbeat (:class:`~phasestream.jobs.heartbeat.JobHeartbeat`): a submitter killed meanwhile leaves a record that
+the live worker's sweep, or the next split LCF, records ``failed`` (interrupted); a split LCF that finds a live
+one is not run.
 """
 
 from __future__ import annotations
@@ -22,9 +25,17 @@ import numpy as np
 from phasestream.contract import MAP_LAYOUT
 from phasestream.contract.metadata import recorded_energies, recorded_map
 from phasestream.jobs.cluster import dask_task, gather_all, submit_tasks
+from phasestream.jobs.heartbeat import (
+    HEARTBEAT_SECONDS,
+    STALE_AFTER,
+    JobHeartbeat,
+    JobRunningError,
+    ensure_not_running,
+    job_record,
+)
 from phasestream.jobs.methods import _references, lcf_arrays
 from phasestream.jobs.methods_options import MethodsOptions
-from phasestream.jobs.methods_record import METHOD_ARRAYS, earlier_complete, settled_entry
+from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, settled_entry
 from phasestream.jobs.split_parts import SplitJobError, od_image_shape, split_ranges
 from phasestream.jobs.staging import (
     ArrayLayout,
@@ -112,44 +123,53 @@ def _write_lcf_record(writer: ResultWriter, entry: Mapping[str, Any]) -> None:
     writer.update_metadata(methods={**recorded_map(writer.metadata, "methods"), "lcf": dict(entry)})
 
 
-def _keep_lcf_claim(writer: ResultWriter, running: Mapping[str, Any], error: Exception | None = None) -> None:
-    """Make sure ``methods.lcf`` is still this submission's ``running`` record (Tiled has no lock). Another split
-    LCF's ``running`` record, written since, wins: a :class:`_Superseded` (that one copies last and records).
-    A record written over this one by a job that had not seen it is written over again: this one copies last."""
+def _keep_lcf_claim(writer: ResultWriter, beat: JobHeartbeat, running: Mapping[str, Any],
+                    error: Exception | None = None) -> None:
+    """Make sure ``methods.lcf`` is still this submission's ``running`` record (Tiled has no lock): the record of
+    its ``staging`` key, whatever its heartbeat says. Another split LCF's ``running`` record, written since, wins:
+    a :class:`_Superseded` (that one copies last and records). A record written over this one by a job that had
+    not seen it is written over again (``running``'s fields, ``beat``'s identity and a heartbeat of now): this one
+    copies last."""
     writer.container.refresh()
-    lcf = recorded_map(writer.metadata, "methods").get("lcf")
-    lcf = lcf if isinstance(lcf, Mapping) else {}
+    lcf = job_record(writer.metadata, LCF_RECORD)
     if lcf.get("staging") == running["staging"]:
         return
     if lcf.get("status") == "running" and lcf.get("staging"):
         why = f" ({type(error).__name__}: {error})" if error is not None else ""
         raise _Superseded(f"another split LCF ({lcf['staging']}) began replacing the arrays while this one "
                           f"({running['staging']}) did: its record stands{why}") from error
-    _write_lcf_record(writer, running)
+    with beat.paused():
+        _write_lcf_record(writer, beat.running(**running))
 
 
-def _replace_lcf_arrays(writer: ResultWriter, staging: Staging, digests: Digests, running: dict[str, Any]) -> None:
-    """Record that the arrays are being replaced (``running``), then copy each from ``staging`` and read every
-    block back. A failure once another submission holds the record is its doing: :class:`_Superseded`."""
-    _write_lcf_record(writer, running)
-    try:
-        present = set(writer.container)
-        for name in LCF_ARRAYS:
-            _keep_lcf_claim(writer, running)
-            if name in present:
-                writer.container.delete_contents(name, external_only=False)
-            staging.copy(name, writer.container, name, digests)
-        for name in LCF_ARRAYS:
-            staging.verify_copy(name, writer.container[name], digests)
-    except _Superseded:
-        raise
-    except Exception as exc:
-        _keep_lcf_claim(writer, running, exc)
-        raise
+def _replace_lcf_arrays(writer: ResultWriter, staging: Staging, digests: Digests, beat: JobHeartbeat,
+                        running: dict[str, Any]) -> None:
+    """Record that the arrays are being replaced (``running``: ``beat``'s identity, and a heartbeat that beats until
+    they are in), then copy each from ``staging``, read every block back and remove the staging container. A
+    failure once another submission holds the record is its doing: :class:`_Superseded`."""
+    _write_lcf_record(writer, beat.running(**running))
+    with beat:
+        try:
+            present = set(writer.container)
+            for name in LCF_ARRAYS:
+                _keep_lcf_claim(writer, beat, running)
+                if name in present:
+                    writer.container.delete_contents(name, external_only=False)
+                staging.copy(name, writer.container, name, digests)
+            for name in LCF_ARRAYS:
+                staging.verify_copy(name, writer.container[name], digests)
+        except _Superseded:
+            raise
+        except Exception as exc:
+            _keep_lcf_claim(writer, beat, running, exc)
+            raise
+        staging.remove()
+        _keep_lcf_claim(writer, beat, running)
 
 
 def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | MethodsOptions | None = None, *,
-                     parts: int = 4, api_key: str | None = None, retries: int = 2) -> dict[str, Any]:
+                     parts: int = 4, api_key: str | None = None, retries: int = 2,
+                     heartbeat_seconds: float = HEARTBEAT_SECONDS, stale_after: float = STALE_AFTER) -> dict[str, Any]:
     """LCF of ``run_uid``'s OD cube in ``parts`` row bands on Dask, stitched in its result in Tiled.
 
     Parameters
@@ -159,6 +179,9 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
     options : :class:`MethodsOptions` (the LCF ones are used; ``lcf_input`` must be ``"od"``)
     parts : row bands, one task each (at most the number of rows)
     retries : Dask retries of a band
+    heartbeat_seconds : seconds between two heartbeats of the ``running`` record while the arrays are replaced
+    stale_after : seconds without a heartbeat after which another split LCF's ``running`` record counts as
+        interrupted (:func:`~phasestream.jobs.heartbeat.ensure_not_running`)
 
     Returns
     -------
@@ -166,16 +189,23 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
     ``split: {parts, ranges}``); bad input is recorded as failed, as by ``run_methods``. A record that is
     not complete keeps an earlier complete one (``kept``) whose arrays are untouched, unless the failure
     came while the arrays were being replaced: then the LCF arrays are removed. A submission that finds
-    another one replacing the same arrays returns a failed record without writing it.
+    another one replacing the same arrays returns a failed record without writing it; one that finds another
+    one's live ``running`` record when it starts returns a skipped record (``reason``) without writing it.
     """
     opts = options if isinstance(options, MethodsOptions) else MethodsOptions(**(options or {}))
     opts = replace(opts, methods=("lcf",)).validate()
     uri, api_key = separate_api_key(tiled_uri, api_key)
     client = connect(uri, api_key=api_key)
     writer = ResultWriter.open(client, run_uid, root=opts.root)
-    earlier = earlier_complete(recorded_map(writer.metadata, "methods"), "lcf")
     t0 = time.perf_counter()
     entry: dict[str, Any] = {"status": "complete", "parameters": {}, "arrays": [], "errors": []}
+    try:
+        ensure_not_running(writer, LCF_RECORD, LCF_ARRAYS, stale_after=stale_after, job="split LCF")
+    except JobRunningError as exc:
+        logger.warning("run %s: split LCF not run: %s", run_uid, exc)
+        return {**entry, "status": "skipped", "reason": str(exc), "seconds": round(time.perf_counter() - t0, 3)}
+    beat = JobHeartbeat(client, writer.path, LCF_RECORD, every=heartbeat_seconds)
+    earlier = earlier_complete(recorded_map(writer.metadata, "methods"), "lcf")
     staging, replacing = None, False
     try:
         order, energies, references, phases, used = _lcf_inputs(client, writer, run_uid, opts)
@@ -196,11 +226,9 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
                      split={"parts": len(ranges), "ranges": [list(r) for r in ranges],
                             "seconds": [b["seconds"] for b in bands]})
         replacing = True
-        running = {**entry, "status": "running", "staging": staging.key,
+        running = {**entry, "staging": staging.key,  # its status made `running` by beat.running
                    "reason": "replacing the LCF arrays with the staged ones (read back as written)"}
-        _replace_lcf_arrays(writer, staging, digests, running)
-        staging.remove()
-        _keep_lcf_claim(writer, running)
+        _replace_lcf_arrays(writer, staging, digests, beat, running)
     except _Superseded as exc:
         logger.warning("run %s: split LCF stopped: %s", run_uid, exc)
         return {**entry, "status": "failed", "errors": [f"superseded: {exc}"],

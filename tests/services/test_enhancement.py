@@ -168,6 +168,25 @@ def test_a_complete_enhancement_read_its_array_back_and_one_that_does_not_is_rem
     assert path not in _paths(node) and record["path"] in _paths(node)
 
 
+def test_no_enhancement_while_a_split_one_copies_its_array_in(tiled_client):
+    """A split enhancement copying its staged array in (its ``enhancement`` record running, its heartbeat fresh):
+    an unsplit one would replace the same array at the same time. Nothing is written; the record returned says
+    why. No model server is asked."""
+    import time
+
+    from phasestream.store.liveness import process_identity
+    from phasestream.store.results import ResultWriter
+
+    uid = _scan(tiled_client)
+    running = {"status": "running", "path": f"enhanced/{INDI}/1.0.0/2", "staging": "_staging-0123456789abcdef",
+               **process_identity(), "heartbeat_at": time.time(), "heartbeat_seconds": 15.0}
+    ResultWriter.open(tiled_client, uid).update_metadata(enhancement=running)
+    record = enhance_result(tiled_client, uid, EnhanceOptions(address="tcp://127.0.0.1:1", timeout=0.5, retries=0))
+    assert record["status"] == "skipped" and "a split enhancement of result" in record["reason"], record
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["enhancement"] == running and "enhanced" not in node
+
+
 @pytest.mark.parametrize("hostile", [{"models": "indi", "enhancements": "all of them"},
                                      {"models": [INDI], "enhancements": ["indi-particles-synthetic/1.0.0/1"]}])
 def test_models_and_enhancements_of_the_wrong_type_are_taken_as_none(tiled_client, models, hostile):

@@ -1,5 +1,6 @@
-"""A post-scan job record never says ``running`` for good: while a refinement or denoising works, its record
-carries a heartbeat; one left ``running`` by a process that stopped (SIGKILL here) is finalized ``failed``
+"""A post-scan job record never says ``running`` for good: while a refinement or denoising works, or a split LCF
+or split enhancement copies its staged arrays in, its record carries a heartbeat; one left ``running`` by a
+process that stopped (SIGKILL here) is finalized ``failed``
 (``interrupted``) by the live worker's sweep or by the next run of the job, keeping the earlier complete record
 and every array as it is; a run that finds a live record is refused. A ``complete`` record means its arrays were
 read back from Tiled and are bit for bit what was written (phasestream.jobs.heartbeat, phasestream.jobs.readback,
@@ -8,6 +9,9 @@ docs/contract.md#post-scan-job-records)."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,10 +27,12 @@ from phasestream.contract.denoise import DENOISING_ARRAYS
 from phasestream.jobs import refine
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.denoise import DenoiseOptions, denoise_result
-from phasestream.jobs.heartbeat import JobRunningError, finalize_interrupted
+from phasestream.jobs.heartbeat import JobHeartbeat, JobRunningError, finalize_interrupted
 from phasestream.jobs.interrupted import finalize_interrupted_jobs
 from phasestream.jobs.readback import ReadBackError, read_back
 from phasestream.jobs.refine import REFINEMENT_ARRAYS, RefineOptions, refine_result
+from phasestream.jobs.split import LCF_ARRAYS, submit_split_enhance, submit_split_lcf
+from phasestream.jobs.staging import ArrayLayout, Staging
 from phasestream.references import load_references, select_energies
 from phasestream.store.results import ResultWriter
 
@@ -44,6 +50,12 @@ uri, uid = sys.argv[1], sys.stdin.readline().strip()
 refine_result(connect(uri), uid, RefineOptions(address="tcp://127.0.0.1:1", timeout=30, retries=3, strategy="knn",
                                                check=False, heartbeat_seconds=0.2))
 """
+
+
+#: where a split enhancement of 2 steps by version 1 of the InDI model writes its array
+ENHANCED_PATH = "enhanced/indi-particles-synthetic/1/2"
+#: the model server address where nothing listens
+NOWHERE = "tcp://127.0.0.1:1"
 
 
 def _scan(client, seed: int, shape=(48, 48)) -> str:
@@ -259,3 +271,199 @@ def test_read_back_finds_an_array_that_is_not_what_was_written(tiled_client):
     tiled_client["phasestream"]["read-back"].write_array(np.zeros((16, 16), np.float32), key="phase_denoised")
     with pytest.raises(ReadBackError, match=r"phase_denoised: .*float32 in Tiled, expected .*int16"):
         read_back(writer, {"phase_denoised": written["phase_denoised"]})
+
+
+def _split_result(tiled_client, key: str) -> str:
+    """A result as split jobs killed while they copied leave it: three of the four LCF arrays copied, an enhanced
+    array, a staging container still there (its key returned); no OD image."""
+    writer = ResultWriter(tiled_client, key, shape=(8, 8), phases=["a", "b"], n_energies=3)
+    rng = np.random.default_rng(2)
+    writer.write_maps(fractions_lcf=rng.random((2, 8, 8), dtype=np.float32),
+                      fit_error=rng.random((8, 8), dtype=np.float32), reduced_chi2=rng.random((8, 8), dtype=np.float32))
+    node = tiled_client["phasestream"][key]
+    parent, _, array = ENHANCED_PATH.rpartition("/")
+    for container in parent.split("/"):
+        node = node.create_container(container)
+    node.write_array(rng.random((3, 16, 16), dtype=np.float32), key=array)
+    staging = Staging(writer.container, {"scale_lcf": ArrayLayout((8, 8), ((8,), (8,)), np.dtype(np.float32),
+                                                                  ("y", "x"))}, job=f"split LCF of {writer.path}")
+    staging.create()
+    return staging.key
+
+
+def test_split_jobs_killed_while_they_copied_are_finalized_by_the_sweep(tiled_client):
+    """``methods.lcf`` and ``enhancement`` say ``running`` while a split job copies its staged arrays in. The
+    sweep finalizes one whose process is gone from this host (its heartbeat still fresh), and one of another host
+    whose heartbeat is old: ``failed``, naming the arrays no complete record describes, keeping ``staging`` and
+    every other field; nothing is deleted, the staging container included."""
+    staging = _split_result(tiled_client, "split-killed")
+    node = tiled_client["phasestream"]["split-killed"]
+    before = _arrays(node, [*LCF_ARRAYS, ENHANCED_PATH])
+    assert set(before) == {"fractions_lcf", "fit_error", "reduced_chi2", ENHANCED_PATH}
+    gone = subprocess.Popen(["true"])  # a process of this host that has ended
+    gone.wait()
+    now = time.time()
+    lcf = {"status": "running", "parameters": {"method": "nnls"}, "arrays": sorted(LCF_ARRAYS), "errors": [],
+           "staging": staging, "reason": "replacing the LCF arrays with the staged ones (read back as written)",
+           "host": socket.gethostname(), "pid": gone.pid, "pid_namespace": os.readlink("/proc/self/ns/pid"),
+           "started_at": now - 5, "heartbeat_at": now - 1, "heartbeat_seconds": 15.0}
+    normalize = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": "no pre-edge"}
+    enhancement = {"status": "running", "model": "indi-particles-synthetic", "source": "od", "path": ENHANCED_PATH,
+                   "staging": "_staging-00000000000000aa", "reason": f"replacing {ENHANCED_PATH}",
+                   "host": "beamline-gpu-7", "pid": 4242, "started_at": now - 900, "heartbeat_at": now - 600,
+                   "heartbeat_seconds": 15.0}
+    _patch(node, methods={"normalize": normalize, "lcf": lcf}, enhancement=enhancement)
+    finalized = finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60)
+    assert {("split-killed", "methods.lcf"), ("split-killed", "enhancement")} <= set(finalized), finalized
+    md = node.refresh().metadata
+    assert dict(md["methods"]["lcf"]) == {
+        **lcf, "status": "failed", "unverified_arrays": ["fit_error", "fractions_lcf", "reduced_chi2"],
+        "reason": f"interrupted: no heartbeat since {_utc(lcf['heartbeat_at'])} (the job's process stopped)"}
+    assert dict(md["enhancement"]) == {
+        **enhancement, "status": "failed", "unverified_arrays": [ENHANCED_PATH],
+        "reason": f"interrupted: no heartbeat since {_utc(enhancement['heartbeat_at'])} (the job's process stopped)"}
+    assert md["methods"]["normalize"] == normalize
+    assert _arrays(node, [*LCF_ARRAYS, ENHANCED_PATH]) == before and staging in node
+
+
+def test_a_split_record_left_running_by_an_earlier_version_counts_from_the_result_update(tiled_client):
+    """What the split jobs wrote before their records had a heartbeat: ``running`` with ``staging``. Interrupted
+    once the result's ``updated_at`` is older than the limit; not before. An enhancement record whose ``path``
+    is not an enhancement's (edited by hand) names no array."""
+    staging = _split_result(tiled_client, "split-legacy")
+    node = tiled_client["phasestream"]["split-legacy"]
+    lcf = {"status": "running", "parameters": {}, "arrays": sorted(LCF_ARRAYS), "errors": [], "staging": staging,
+           "reason": "replacing the LCF arrays with the staged ones (read back as written)"}
+    enhancement = {"status": "running", "model": "indi-particles-synthetic", "source": "od", "path": ENHANCED_PATH,
+                   "staging": staging, "reason": f"replacing {ENHANCED_PATH} with the staged enhancement"}
+    _patch(node, methods={"lcf": lcf}, enhancement=enhancement, updated_at=time.time() - 30)
+    finalized = finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60)
+    assert not {("split-legacy", "methods.lcf"), ("split-legacy", "enhancement")} & set(finalized)
+    assert node.refresh().metadata["methods"]["lcf"] == lcf and node.metadata["enhancement"] == enhancement
+    last = time.time() - 600
+    reason = f"interrupted: no heartbeat since {_utc(last)} (the job's process stopped)"
+    # one record at a time: a finalization touches the result's updated_at, the other record's last sign of life
+    _patch(node, enhancement={"status": "complete"}, updated_at=last)
+    assert ("split-legacy", "methods.lcf") in finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60)
+    assert dict(node.refresh().metadata["methods"]["lcf"]) == {**lcf, "status": "failed", "reason": reason,
+                                                               "unverified_arrays": ["fit_error", "fractions_lcf",
+                                                                                     "reduced_chi2"]}
+    _patch(node, enhancement=enhancement, updated_at=last)
+    assert ("split-legacy", "enhancement") in finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60)
+    assert dict(node.refresh().metadata["enhancement"]) == {**enhancement, "status": "failed", "reason": reason,
+                                                            "unverified_arrays": [ENHANCED_PATH]}
+    for path in ("fit_error", "../fit_error", f"{ENHANCED_PATH}/../../1/2"):
+        _patch(node, enhancement={**enhancement, "path": path}, updated_at=last)
+        finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60)
+        assert node.refresh().metadata["enhancement"]["unverified_arrays"] == [], path
+
+
+def test_a_split_job_is_refused_by_a_live_record_and_finalizes_a_stale_one(tiled_server, tiled_client, caplog):
+    """Records of split jobs on another host: only the heartbeat's age tells. A live one refuses the next split
+    job of its kind on the result (``skipped``, naming it; nothing written); a stale one is finalized by it,
+    which then runs (here on a result without OD images: both end before any Dask task)."""
+    staging = _split_result(tiled_client, "split-rerun")
+    node = tiled_client["phasestream"]["split-rerun"]
+    now = time.time()
+    who = {"host": "beamline-gpu-7", "pid": 4242, "started_at": now - 50, "heartbeat_at": now - 2,
+           "heartbeat_seconds": 15.0}
+    lcf = {"status": "running", "arrays": sorted(LCF_ARRAYS), "staging": staging, **who}
+    enhancement = {"status": "running", "model": "indi-particles-synthetic", "path": ENHANCED_PATH,
+                   "staging": staging, **who}
+    _patch(node, methods={"lcf": lcf}, enhancement=enhancement)
+    options = {"address": NOWHERE, "timeout": 0.5}
+    refused = [submit_split_lcf(None, tiled_server.uri, "split-rerun", parts=2, retries=0),
+               submit_split_enhance(None, tiled_server.uri, "split-rerun", options, parts=2, retries=0)]
+    for job, record in zip(("split LCF", "split enhancement"), refused, strict=True):
+        assert record["status"] == "skipped", record
+        assert re.match(rf"a {job} of result phasestream/split-rerun is already running: host beamline-gpu-7, "
+                        r"pid 4242, started .*, last heartbeat \d+ s ago", record["reason"]), record
+    assert refused[1]["retry"] == "phasestream reprocess --enhance --split 2 split-rerun"
+    md = node.refresh().metadata
+    assert md["methods"]["lcf"] == lcf and md["enhancement"] == enhancement  # refused: nothing written
+    assert not {("split-rerun", "methods.lcf"), ("split-rerun", "enhancement")} & set(
+        finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60))  # fresh: left running
+    # the same records, their heartbeat 10 minutes old: the next split jobs finalize them and run
+    last = now - 600
+    _patch(node, methods={"lcf": {**lcf, "heartbeat_at": last}}, enhancement={**enhancement, "heartbeat_at": last})
+    with caplog.at_level(logging.WARNING, logger="phasestream.jobs.heartbeat"):
+        record = submit_split_lcf(None, tiled_server.uri, "split-rerun", parts=2, retries=0)
+        enhanced = submit_split_enhance(None, tiled_server.uri, "split-rerun", options, parts=2, retries=0)
+    finalized = [r.getMessage() for r in caplog.records if r.name == "phasestream.jobs.heartbeat"]
+    reason = f"interrupted: no heartbeat since {_utc(last)} (the job's process stopped)"
+    assert len(finalized) == 2 and all(m.endswith(reason) for m in finalized), finalized
+    assert "methods.lcf record of a job on beamline-gpu-7 (pid 4242)" in finalized[0]
+    assert "enhancement record of a job on beamline-gpu-7 (pid 4242)" in finalized[1]
+    assert record["status"] == "failed" and "has 0 OD planes" in record["errors"][0], record
+    assert enhanced["status"] == "skipped" and "no OD image" in enhanced["reason"], enhanced
+    md = node.refresh().metadata
+    assert md["methods"]["lcf"]["status"] == "failed" and md["enhancement"]["status"] == "skipped"
+    # the LCF arrays the interrupted one left, which no complete record describes: removed by the next one
+    assert not set(LCF_ARRAYS) & set(node)
+
+
+def test_the_heartbeat_of_a_record_inside_a_map_touches_it_alone(tiled_client):
+    """``methods.lcf``: the heartbeat advances that record's ``heartbeat_at``, the other methods' records stay as
+    they are, and it stops once the record is no longer this job's ``running`` one."""
+    writer = ResultWriter(tiled_client, "nested-beat", shape=(4, 4), phases=["a", "b"], n_energies=2)
+    node = tiled_client["phasestream"]["nested-beat"]
+    beat = JobHeartbeat(tiled_client, writer.path, "methods.lcf", every=0.05)
+    running = beat.running(status="complete", staging="_staging-00000000000000bb")
+    assert running["status"] == "running" and running["pid"] == os.getpid() and running["heartbeat_seconds"] == 0.05
+    normalize = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": "no pre-edge"}
+    writer.update_metadata(methods={"normalize": normalize, "lcf": running})
+
+    def lcf():
+        return node.refresh().metadata["methods"]["lcf"]
+
+    with beat:
+        beaten = _wait_for(lambda: (r := lcf())["heartbeat_at"] > running["heartbeat_at"] and r, 10, "a heartbeat")
+        done = {"status": "complete", "staging": running["staging"]}
+        with beat.paused():
+            writer.update_metadata(methods={"normalize": normalize, "lcf": done})
+        time.sleep(0.3)  # several of its beats
+        assert lcf() == done  # not its running record: no heartbeat written into it
+    assert dict(beaten) == {**running, "heartbeat_at": beaten["heartbeat_at"]}
+    assert node.metadata["methods"]["normalize"] == normalize
+
+
+def test_of_two_refinements_begun_at_the_same_moment_one_runs(tiled_client, monkeypatch):
+    """Both passed the running-record check before either wrote its record (Tiled has no lock): both ran, each
+    replacing the other's arrays. Each now reads its ``running`` record back before it changes anything else: the
+    one whose record stands runs, the other is refused (JobRunningError), having written nothing else."""
+    import threading
+
+    from phasestream.jobs import keeping
+
+    uid = _scan(tiled_client, seed=21, shape=(32, 32))
+    together = threading.Barrier(2, timeout=30)
+    real = keeping.ensure_not_running
+
+    def checked_together(*args, **kwargs):
+        found = real(*args, **kwargs)
+        together.wait()  # both have found no running record; now both write theirs
+        return found
+
+    monkeypatch.setattr(keeping, "ensure_not_running", checked_together)
+    outcomes: list = [None, None]
+
+    def refinement(i: int) -> None:
+        try:
+            outcomes[i] = refine_result(tiled_client, uid, SPATIAL)
+        except JobRunningError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=refinement, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    refused = [o for o in outcomes if isinstance(o, JobRunningError)]
+    ran = [o for o in outcomes if isinstance(o, dict)]
+    assert len(refused) == 1 and len(ran) == 1, outcomes
+    assert "began at the same moment" in str(refused[0])
+    assert ran[0]["status"] == "complete", ran[0]
+    node = tiled_client["phasestream"][uid]
+    assert node.metadata["refinement"]["array_sha256"] == ran[0]["array_sha256"]
+    digests = {name: hashlib.sha256(node[name].read().tobytes()).hexdigest() for name in ran[0]["array_sha256"]}
+    assert digests == ran[0]["array_sha256"]

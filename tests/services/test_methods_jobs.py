@@ -486,3 +486,47 @@ def test_a_method_whose_arrays_do_not_read_back_fails_and_leaves_none(tiled_clie
     assert re.search(r"ReadBackError: fractions_lcf: .* at \(1, 7, 5\)", record["lcf"]["errors"][0]), record["lcf"]
     node = tiled_client["phasestream"][uid]
     assert not any(name in node for name in LCF_ARRAYS)
+
+
+def test_the_lcf_is_not_run_while_a_split_lcf_replaces_its_arrays(tiled_client, ni_csv):
+    """A split LCF copying its staged bands in (``methods.lcf`` running, its heartbeat fresh): an unsplit LCF
+    would write the same arrays at the same time. It is ``skipped``, naming the split LCF, and its record stays;
+    the other methods run."""
+    import time
+
+    from phasestream.store.liveness import process_identity
+
+    uid = "run-methods-split-at-work"
+    _result(tiled_client, uid, ni_csv)
+    node = tiled_client["phasestream"][uid]
+    running = {"status": "running", "staging": "_staging-0123456789abcdef", **process_identity(),
+               "heartbeat_at": time.time(), "heartbeat_seconds": 15.0}
+    ResultWriter.open(tiled_client, uid).update_metadata(methods={"lcf": running})
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf", "normalize")))
+    assert record["lcf"]["status"] == "skipped" and "a split LCF of result" in record["lcf"]["reason"], record
+    assert record["normalize"]["status"] == "complete", record["normalize"]
+    md = node.refresh().metadata["methods"]
+    assert md["lcf"] == running and md["normalize"]["status"] == "complete"
+    assert not any(name in node for name in LCF_ARRAYS)
+
+
+def test_a_methods_record_written_meanwhile_is_not_written_back_over(tiled_client, ni_csv, monkeypatch):
+    """The job wrote back the whole ``methods`` map it had read when it started: a record another job wrote
+    meanwhile (a split LCF finishing) went back to what it was. Each method's record now goes into the map as it
+    is in Tiled then."""
+    from phasestream.jobs import methods as methods_job
+
+    uid = "run-methods-meanwhile"
+    _result(tiled_client, uid, ni_csv)
+    other = {"status": "complete", "parameters": {"method": "split"}, "arrays": [], "errors": [], "seconds": 1.0}
+    real = methods_job._RUNNERS["normalize"]
+
+    def normalize_while_another_job_records(ctx):
+        ResultWriter.open(tiled_client, uid).update_metadata(methods={"lcf": other})
+        return real(ctx)
+
+    monkeypatch.setitem(methods_job._RUNNERS, "normalize", normalize_while_another_job_records)
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("normalize",)))
+    md = tiled_client["phasestream"][uid].metadata["methods"]
+    assert md["lcf"] == other and record["lcf"] == other
+    assert md["normalize"]["status"] == "complete"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ from phasestream.jobs.cluster import dask_client
 from phasestream.jobs.methods import run_methods
 from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.split import LCF_ARRAYS, split_ranges, submit_split_enhance, submit_split_lcf
+from phasestream.jobs.staging import STAGING_KEY
 from phasestream.references import load_references
 from phasestream.sim.phantoms import particle_phantom
 from phasestream.store.results import ResultWriter
@@ -363,3 +368,45 @@ def test_concurrent_split_lcfs_never_stitch_bands_of_both(tiled_server, tiled_cl
     for name in LCF_ARRAYS:
         np.testing.assert_allclose(split[name], node[name].read(), rtol=1e-6, atol=1e-7, equal_nan=True,
                                    err_msg=f"{name} of {method}")
+
+
+@pytest.mark.cluster  # a LocalCluster: make test-stack (keeps make test under 15 minutes)
+def test_split_lcf_record_beats_while_it_copies_after_finalizing_a_stale_one(tiled_server, tiled_client, dask, ni_csv):
+    """A split LCF finds the ``running`` record of one killed on another host (heartbeat 10 minutes old): it
+    records it ``failed`` (interrupted) and runs; while it copies, its own ``running`` record says who runs it and
+    beats. Every state of ``methods.lcf`` is watched from here as the job writes it."""
+    refs = load_references(ni_csv)
+    _result(tiled_client, "split-lcf-beats", refs, ENERGIES[::3], (16, 16), references=str(ni_csv))
+    node = tiled_client["phasestream"]["split-lcf-beats"]
+    stale = {"status": "running", "staging": "_staging-00000000000000cc", "host": "beamline-gpu-7", "pid": 4242,
+             "started_at": time.time() - 900, "heartbeat_at": time.time() - 600, "heartbeat_seconds": 15.0}
+    node.patch_metadata(metadata_patch=[{"op": "add", "path": "/methods", "value": {"lcf": stale}}],
+                        drop_revision=True)
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            record = dict(node.refresh().metadata["methods"]["lcf"])
+            if not seen or seen[-1] != record:
+                seen.append(record)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    uri, _, key = tiled_server.uri.partition("?api_key=")
+    try:
+        record = submit_split_lcf(dask, uri, "split-lcf-beats", parts=2, api_key=key, heartbeat_seconds=0.05)
+    finally:
+        done.set()
+        watcher.join()
+    assert record["status"] == "complete", record
+    interrupted = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stale["heartbeat_at"]))
+    assert {**stale, "status": "failed", "unverified_arrays": [],
+            "reason": f"interrupted: no heartbeat since {interrupted} (the job's process stopped)"} in seen, seen
+    running = [r for r in seen if r["status"] == "running" and r["staging"] != stale["staging"]]
+    assert running, seen
+    for r in running:
+        assert (r["host"], r["pid"], r["pid_namespace"]) == (socket.gethostname(), os.getpid(),
+                                                             os.readlink("/proc/self/ns/pid")), r
+        assert STAGING_KEY.fullmatch(r["staging"]) and r["heartbeat_seconds"] == 0.05, r
+        assert time.time() - 60 < r["started_at"] <= r["heartbeat_at"] <= time.time(), r
+    assert seen[-1] == node.metadata["methods"]["lcf"] and set(node) == {"od", *LCF_ARRAYS}
