@@ -50,6 +50,7 @@ from phasestream.jobs.interrupted import finalize_interrupted_jobs
 from phasestream.jobs.methods_options import MethodsOptions, methods_options_from_start
 from phasestream.jobs.refine import RefineOptions
 from phasestream.jobs.reprocess import ReprocessOptions
+from phasestream.store.liveness import process_gone
 from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import open_raw_run, raw_run_complete, separate_api_key
 
@@ -238,8 +239,9 @@ class LiveService:
 
     def find_stale(self) -> list[str]:
         """Queue for recovery the results still ``running`` that no live worker has touched for
-        ``stale_after`` seconds; their uids. Job records (refinement, denoising) left ``running`` without a
-        heartbeat for as long are recorded ``failed`` (interrupted), :mod:`phasestream.jobs.interrupted`."""
+        ``stale_after`` seconds, or whose writer's process is gone from this host; their uids. Job records
+        (refinement, denoising, a split LCF's or enhancement's) left ``running`` without a heartbeat for as long
+        are recorded ``failed`` (interrupted), :mod:`phasestream.jobs.interrupted`."""
         root = self.callback.root
         try:
             if root not in self.client:
@@ -256,8 +258,9 @@ class LiveService:
         for key, node in running:
             uid = (parse_field_key(key) or (key,))[0]  # a field's result is recovered with its whole run
             updated = node.metadata.get("updated_at")
-            if uid in self.callback.active or (isinstance(updated, int | float) and now - updated < self.stale_after):
-                continue
+            fresh = isinstance(updated, int | float) and now - updated < self.stale_after
+            if uid in self.callback.active or (fresh and not process_gone(node.metadata.get("writer"))):
+                continue  # a result whose writer is gone from this host is stale at once
             stale += [] if uid in stale else [uid]
         with self._lock:
             for uid in stale:

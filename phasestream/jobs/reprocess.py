@@ -33,9 +33,10 @@ from tiled.queries import Key
 from phasestream.callbacks.phase_map import PhaseMapCallback, RunResult
 from phasestream.contract import RESULT_SPEC, DocumentBounds, JobOutcome, RunDefaults, Status, check_raw_path
 from phasestream.contract.fields import parse_field_key
-from phasestream.contract.metadata import is_count, shown_metadata
+from phasestream.contract.metadata import is_count, shown, shown_metadata
 from phasestream.jobs.context import JobContext
 from phasestream.references import reference_folders_from_env
+from phasestream.store.liveness import process_gone
 from phasestream.store.odstore import external_od_path
 from phasestream.store.results import ResultExistsError
 from phasestream.store.tiled import open_raw_run
@@ -334,8 +335,9 @@ def reprocess_results(client, run_uid: str, options: ReprocessOptions | None = N
     before = {key: md["status"] for key, md in found.items()}
     busy = _busy_results(found, opts.busy_seconds)
     if busy:
-        raise ResultBusyError(f"run {run_uid}: {busy}: a live worker is writing it; reprocess it once it has ended "
-                              f"(or once nothing has updated it for {opts.busy_seconds:g} s)")
+        raise ResultBusyError(f"run {run_uid}: {busy}: a live worker (or another reprocess) is writing it; reprocess "
+                              f"it once it has ended (or once nothing has updated it for {opts.busy_seconds:g} s, or "
+                              "its writer's process is gone)")
     if not opts.replace and before and all(status == "complete" for status in before.values()):
         raise ResultCompleteError(f"run {run_uid} already has a complete result at {opts.root}/"
                                   f"{run_uid if run_uid in before else ', '.join(sorted(before))}: pass "
@@ -404,15 +406,23 @@ def _worse(results: dict[str, RunResult], finished: dict[str, str]) -> str:
 
 def _busy_results(found: Mapping[str, Mapping[str, Any]], seconds: float) -> str:
     """The results among ``found`` (key -> metadata) that are ``running`` and were updated within ``seconds``,
-    described ("" if none)."""
+    described ("" if none). A result whose writer (``writer``: the process that created it) is gone from this
+    host is not busy, however recently it was updated: a killed reprocess or worker will never finish it."""
     busy = []
     for key, md in sorted(found.items()):
-        if md["status"] != Status.RUNNING.value or seconds <= 0:
+        if md["status"] != Status.RUNNING.value or seconds <= 0 or process_gone(md.get("writer")):
             continue
         updated = md["updated_at"]
         if updated is not None and time.time() - updated < seconds:
-            busy.append(f"result {key} is running, updated {time.time() - updated:.0f} s ago")
+            busy.append(f"result {key} is running, updated {time.time() - updated:.0f} s ago{_by(md.get('writer'))}")
     return "; ".join(busy)
+
+
+def _by(writer: Any) -> str:
+    """`` by pid P on host H`` of a result's ``writer`` record ("" when it names none)."""
+    if not isinstance(writer, Mapping) or not isinstance(writer.get("host"), str):
+        return ""
+    return f" by pid {shown(writer.get('pid'))} on host {shown(writer['host'])}"
 
 
 def _remove_stale(client, root: str, run_uid: str, keys: set[str]) -> None:

@@ -33,6 +33,7 @@ from phasestream.contract import (
 )
 from phasestream.contract.fields import check_result_key
 from phasestream.contract.metadata import json_ready, result_layout
+from phasestream.store.liveness import process_identity
 from phasestream.store.odcube import OdCube
 from phasestream.store.odstore import external_od_path, remove_od_store
 from phasestream.store.tiled import explained_refusal
@@ -176,6 +177,7 @@ class ResultWriter:
             "n_energies_seen": 0, "errors": [], "image_shape": None if self.shape is None else list(self.shape),
             "updated_at": time.time(),
             **_normalized_fields(metadata),
+            "writer": process_identity(),  # who writes it while it is running: never a caller's or document's
         }
         if md["run_uid"] != self.run_uid:
             raise ValueError(f"metadata run_uid {md['run_uid']!r} differs from run_uid {self.run_uid!r}")

@@ -502,6 +502,27 @@ def test_result_left_running_by_a_dead_worker_is_recovered(client):
     assert md["recovered"]["reason"] == "worker restarted"
 
 
+def test_result_whose_writer_is_gone_is_recovered_without_waiting(client):
+    """A worker killed a moment ago: its result was updated just now, but the process it names as its writer is
+    gone from this host. The next worker recovers it at once, not after the staleness limit (10 minutes here)."""
+    docs = scan(client, seed=7)
+    uid = docs[0][1]["uid"]
+    dead = PhaseMapCallback(client, backend="numba")
+    for name, doc in docs[:5]:
+        dead(name, doc)
+    dead.flush(60)
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid: a process of this host that has ended
+    ResultWriter.open(client, uid).update_metadata(writer={**result_md(client, uid)["writer"], "pid": child.pid})
+    live = LiveService(client, backend="numba", poll_seconds=0.05, stale_after=600.0)
+    try:
+        assert live.find_stale() == [uid]
+        assert live.wait_recovered(uid, 120) == "complete"
+    finally:
+        live.close()
+    assert result_md(client, uid)["recovered"]["reason"] == "worker restarted"
+
+
 def _orphan_descriptor(live, uid: str) -> None:
     """One descriptor naming run ``uid``, through the worker's receiver and tracker (the start never seen)."""
     worker = DocumentWorker("tcp://127.0.0.1:1", live.callback, listener=live)

@@ -1,5 +1,9 @@
 """Reprocessing raw runs from Tiled gives the live results."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from bluesky import RunEngine
@@ -118,9 +122,33 @@ def test_a_result_a_live_worker_is_writing_is_not_reprocessed(tiled):
     server, client, _ = tiled
     uid = _live_run(client, finish=False)
     assert client["phasestream"][uid].metadata["status"] == "running"
-    with pytest.raises(ResultBusyError, match=rf"result {uid} is running, updated \d+ s ago: a live worker"):
+    with pytest.raises(ResultBusyError, match=rf"result {uid} is running, updated \d+ s ago by pid {os.getpid()} "
+                                              r"on host .*: a live worker \(or another reprocess\) is writing it"):
         reprocess_run(client, uid)
     outcome = run(JobContext(server.uri), uid, {"backend": "numpy"})
-    assert outcome.status == "skipped" and "a live worker is writing it" in outcome.reason
+    assert outcome.status == "skipped" and "is writing it" in outcome.reason
     outcome = run(JobContext(server.uri), uid, {"backend": "numpy", "busy_seconds": 0})
     assert outcome.status == "complete", outcome
+
+
+def gone_pid() -> int:
+    """The pid of a process of this host that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_result_whose_writer_is_gone_is_reprocessed_at_once(tiled):
+    """``phasestream reprocess`` stopped by Ctrl-C or killed left its result ``running``, just updated: the next
+    reprocess was refused for 10 minutes, saying a live worker was writing it. The result names its writer
+    (``writer``: host, pid, PID namespace); one whose process is gone from this host is not busy."""
+    server, client, _ = tiled
+    uid = _live_run(client, finish=False)
+    node = client["phasestream"][uid]
+    writer = dict(node.metadata["writer"])
+    assert writer["pid"] == os.getpid() and writer["host"] and writer["started_at"] > 0
+    node.patch_metadata(metadata_patch=[{"op": "add", "path": "/writer/pid", "value": gone_pid()}],
+                        drop_revision=True)
+    outcome = run(JobContext(server.uri), uid, {"backend": "numpy"})
+    assert outcome.status == "complete", outcome
+    assert client["phasestream"][uid].metadata["writer"]["pid"] == os.getpid()  # the reprocess wrote it
