@@ -15,6 +15,7 @@ import numpy as np
 
 from phasestream.contract import MAP_LAYOUT, OD_DTYPE
 from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import explained_refusal
 
 __all__ = ["BLOCK_BYTES", "ReadBackError", "read_back"]
 
@@ -26,10 +27,16 @@ class ReadBackError(ValueError):
     """Arrays written to Tiled did not read back as written (missing, another shape or dtype, other values)."""
 
 
+def _stored_dtype(name: str, array: np.ndarray) -> np.dtype:
+    """The dtype the result stores ``array`` in: the contract's for a contract name (``ResultWriter.write_maps``)."""
+    if name == "od":
+        return np.dtype(OD_DTYPE)
+    return np.dtype(MAP_LAYOUT[name][0]) if name in MAP_LAYOUT else np.asarray(array).dtype
+
+
 def _stored(name: str, array: np.ndarray) -> np.ndarray:
-    """``array`` as the result stores it: the contract's dtype for a contract name (``ResultWriter.write_maps``)."""
-    dtype = OD_DTYPE if name == "od" else MAP_LAYOUT[name][0] if name in MAP_LAYOUT else array.dtype
-    return np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
+    """``array`` as the result stores it (:func:`_stored_dtype`), C-contiguous."""
+    return np.ascontiguousarray(np.asarray(array).astype(_stored_dtype(name, array), copy=False))
 
 
 def _first_difference(got: np.ndarray, want: np.ndarray) -> tuple[int, ...]:
@@ -47,13 +54,27 @@ def read_back(writer: ResultWriter, written: Mapping[str, np.ndarray], *,
     Raises :class:`ReadBackError` naming every array that is missing or has another shape or dtype in Tiled
     (checked first, without reading data), or the first element that differs, with both values.
     """
-    problems = writer.verify({name: np.shape(array) for name, array in written.items()})
+    nodes, problems = {}, []
+    for name, array in written.items():  # every array's structure first, without reading data
+        want_shape, want_dtype = np.shape(array), _stored_dtype(name, array)
+        try:
+            with explained_refusal("read", f"{writer.path}/{name}"):
+                node = writer.container[name]  # fetched again: the server's array, not this writer's
+                shape, dtype = tuple(node.shape), np.dtype(node.dtype)
+        except KeyError:
+            problems.append(f"{name}: missing")
+            continue
+        except Exception as error:  # noqa: BLE001 - any read failure means: not read back
+            problems.append(f"{name}: cannot be read back ({type(error).__name__}: {error})")
+            continue
+        if (shape, dtype) != (want_shape, want_dtype):
+            problems.append(f"{name}: {shape} {dtype} in Tiled, expected {want_shape} {want_dtype}")
+        nodes[name] = node
     if problems:
         raise ReadBackError(f"arrays did not read back from Tiled: {'; '.join(problems)}")
     digests = {}
     for name, array in written.items():
-        want = _stored(name, array)
-        node = writer.container[name]  # fetched again: the server's array, not this writer's
+        want, node = _stored(name, array), nodes[name]
         rows = max(1, int(block_bytes) // max(1, want.nbytes // len(want))) if want.ndim and len(want) else 1
         digest = hashlib.sha256()
         for start in range(0, max(len(want), 1) if want.ndim else 1, rows):
