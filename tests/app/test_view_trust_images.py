@@ -220,6 +220,7 @@ class StallingProxy:
             s.close()
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_a_hung_tiled_is_a_json_error_in_bounded_time(tiled_server, tiled_client):
     root = f"view-hung-{uuid.uuid4().hex[:8]}"
     uid = str(uuid.uuid4())

@@ -214,6 +214,7 @@ def test_models_of_the_wrong_type_are_taken_as_none(tiled_client, models):
     assert tiled_client["phasestream"][uid].metadata["refined_fractions"]
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_reprocess_denoise_command(tiled_server, tiled_client, models):
     uid = _scan(tiled_client, seed=7)
     base = ["reprocess", "--refine-only", "--denoise", uid, "--tiled", tiled_server.uri]

@@ -239,6 +239,7 @@ def test_a_refinement_that_does_not_complete_keeps_the_earlier_complete_one(tile
     assert MODEL not in md["models"] and md["refined_fractions"] != {}
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_anchor_strategy_with_references_from_a_csv_file(tiled_client, models, tmp_path, monkeypatch):
     """References from a CSV file that is nowhere the job could find again: the result carries their values."""
     monkeypatch.delenv("PHASESTREAM_REFERENCES", raising=False)

@@ -226,6 +226,7 @@ def postgres_tiled(tmp_path):
             log.close()
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_two_runengines_at_once_on_postgresql(postgres_tiled):
     _two_writers_at_once(postgres_tiled)
 
