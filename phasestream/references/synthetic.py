@@ -112,12 +112,8 @@ def kedge_references(*, energies: np.ndarray | None = None) -> ReferenceSet:
         od = 0.3 + 1.0 * _step(grid, e0, 1.5) + (0.05 + 0.04 * i) * _gauss(grid, 7113.0 + 0.5 * shift, 1.5)
         od += (0.55 - 0.08 * i) * _gauss(grid, e0 + 4.0, 4.0) - 0.12 * _gauss(grid, e0 + 18.0, 8.0)
         spectra.append(od)
-    phases = tuple(KEDGE_SHIFT_EV)
-    return ReferenceSet(grid, phases, np.stack(spectra), name="kedge-synthetic",
-                        metadata={p: {"na_content": float(len(phases) - 1 - i)} for i, p in enumerate(phases)},
-                        attrs={"synthetic": True, "units": "OD per unit thickness",
-                               "description": "synthetic K-edge set, rigid 1.2 eV edge shifts (phasestream.sim); "
-                                              "na_content is only the simulator's ordering of the phases"})
+    return _ordered_set(grid, tuple(KEDGE_SHIFT_EV), spectra, "kedge-synthetic",
+                        "synthetic K-edge set, rigid 1.2 eV edge shifts")
 
 
 def ledge_close_references(*, energies: np.ndarray | None = None) -> ReferenceSet:
@@ -135,9 +131,15 @@ def ledge_close_references(*, energies: np.ndarray | None = None) -> ReferenceSe
         od += (1 - m) * (0.9 * lorentz(640.2, 1.0) + 0.35 * lorentz(642.0, 1.4) + 0.3 * lorentz(651.2, 2.0))
         od += m * (0.45 * lorentz(640.6, 1.0) + 0.85 * lorentz(641.9, 1.2) + 0.35 * lorentz(652.4, 2.0))
         spectra.append(od)
-    phases = tuple(LEDGE_MIX)
-    return ReferenceSet(grid, phases, np.stack(spectra), name="ledge-close-synthetic",
+    return _ordered_set(grid, tuple(LEDGE_MIX), spectra, "ledge-close-synthetic",
+                        "synthetic L-edge multiplet set, B and C close")
+
+
+def _ordered_set(grid: np.ndarray, phases: tuple[str, ...], spectra: list[np.ndarray], name: str,
+                 description: str) -> ReferenceSet:
+    """A synthetic set whose phases the simulator orders by a made-up ``na_content`` (the first the highest)."""
+    return ReferenceSet(grid, phases, np.stack(spectra), name=name,
                         metadata={p: {"na_content": float(len(phases) - 1 - i)} for i, p in enumerate(phases)},
                         attrs={"synthetic": True, "units": "OD per unit thickness",
-                               "description": "synthetic L-edge multiplet set, B and C close (phasestream.sim); "
-                                              "na_content is only the simulator's ordering of the phases"})
+                               "description": f"{description} (phasestream.references.synthetic); na_content is "
+                                              "only the simulator's ordering of the phases"})
