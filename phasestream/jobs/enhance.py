@@ -57,7 +57,8 @@ from phasestream.store.tiled import open_raw_run
 
 __all__ = ["DEFAULT_INDI_MODEL", "ENHANCED", "SOURCES", "EnhanceOptions", "enhance_images",
            "enhance_options_from_start", "enhance_result", "enhanced_node", "enhanced_path", "enhancement_arrays",
-           "marked", "model_summary", "od_images_to_enhance", "record_enhancement", "remove_enhanced", "run"]
+           "marked", "model_summary", "od_images_to_enhance", "record_enhancement", "remove_enhanced",
+           "remove_unverified", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def enhance_result(tiled_client, run_uid: str, options: EnhanceOptions | None = 
         logger.warning("run %s: enhancement not run: %s", run_uid, exc)
         return {"status": "skipped", "reason": str(exc), "model": opts.model, "source": opts.source,
                 "retry": _retry(run_uid, opts)}
+    remove_unverified(writer)
     with jobs_model_client(opts, model_client) as client:
         return recorded_job(writer, "enhancement", lambda: _enhance(tiled_client, writer, client, opts),
                             skipped=(ModelServerUnavailable, ModelRefused, DomainMismatchError),
@@ -222,6 +224,21 @@ def enhancement_arrays(record: Mapping[str, Any]) -> tuple[str, ...]:
         if len(keys) == 4 and keys[0] == ENHANCED and enhanced_path(*keys[1:]) == path:
             return (path,)
     return ()
+
+
+def remove_unverified(writer: ResultWriter) -> None:
+    """Before an enhancement writes its record over an interrupted one (``failed``, ``unverified_arrays``: a split
+    enhancement killed while it copied), remove the array that record names, unless a complete enhancement names
+    it: once its record is gone nothing would describe it (docs/contract.md#post-scan-job-records)."""
+    record = recorded_map(writer.metadata, "enhancement")
+    unverified = record.get("unverified_arrays")
+    if record.get("status") != "failed" or not isinstance(unverified, list):
+        return
+    complete = recorded_map(writer.metadata, "enhancements")
+    for path in enhancement_arrays(record):  # the record's path, checked to be an enhancement's
+        if path in unverified and path.removeprefix(f"{ENHANCED}/") not in complete:
+            logger.info("%s: removing %s, left unverified by an interrupted enhancement", writer.path, path)
+            remove_enhanced(writer, path)
 
 
 def remove_enhanced(writer: ResultWriter, path: str) -> None:

@@ -33,6 +33,7 @@ from phasestream.jobs.enhance import (
     od_images_to_enhance,
     record_enhancement,
     remove_enhanced,
+    remove_unverified,
 )
 from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError, ensure_not_running
 from phasestream.jobs.methods_record import earlier_complete
@@ -166,6 +167,7 @@ def submit_split_enhance(dask, tiled_uri: str, run_uid: str, options: dict | Enh
     except JobRunningError as exc:
         logger.warning("run %s: split enhancement not run: %s", run_uid, exc)
         return {"status": "skipped", "reason": str(exc), "model": opts.model, "source": "od", "retry": retry}
+    remove_unverified(writer)
     beat = JobHeartbeat(client, writer.path, "enhancement", every=heartbeat_seconds)
 
     def work() -> dict[str, Any]:

@@ -467,3 +467,25 @@ def test_of_two_refinements_begun_at_the_same_moment_one_runs(tiled_client, monk
     assert node.metadata["refinement"]["array_sha256"] == ran[0]["array_sha256"]
     digests = {name: hashlib.sha256(node[name].read().tobytes()).hexdigest() for name in ran[0]["array_sha256"]}
     assert digests == ran[0]["array_sha256"]
+
+
+def test_the_next_enhancement_removes_the_array_an_interrupted_one_left(tiled_client):
+    """An interrupted split enhancement's record names the array it left (``unverified_arrays``); the next
+    enhancement wrote its own record over that one, of another path or not run at all, and the array stayed with
+    nothing naming it. The next enhancement removes it first; the LCF arrays beside it stay."""
+    from phasestream.jobs.enhance import EnhanceOptions, enhance_result
+
+    _split_result(tiled_client, "split-orphan")
+    node = tiled_client["phasestream"]["split-orphan"]
+    lcf_before = _arrays(node, LCF_ARRAYS)
+    now = time.time()
+    _patch(node, enhancement={"status": "running", "model": "indi-particles-synthetic", "source": "od",
+                              "path": ENHANCED_PATH, "staging": "_staging-00000000000000bb", "host": "beamline-gpu-7",
+                              "pid": 4242, "started_at": now - 900, "heartbeat_at": now - 600,
+                              "heartbeat_seconds": 15.0})
+    assert ("split-orphan", "enhancement") in finalize_interrupted_jobs(tiled_client, "phasestream", stale_after=60)
+    assert node.refresh().metadata["enhancement"]["unverified_arrays"] == [ENHANCED_PATH]
+    record = enhance_result(tiled_client, "split-orphan", EnhanceOptions(address=NOWHERE, timeout=0.5, retries=0))
+    assert record["status"] == "skipped", record  # no model server: the new enhancement did not run
+    node = tiled_client["phasestream"]["split-orphan"]
+    assert ENHANCED_PATH not in _arrays(node, [ENHANCED_PATH]) and _arrays(node, LCF_ARRAYS) == lcf_before
