@@ -277,13 +277,16 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     The ``methods`` record written into the result metadata, ``{name: {status: complete | skipped |
     failed, parameters, seconds, arrays, errors}}`` (``reason`` with skipped; with complete ``references:
     {name, source, from}``, the references used). Bad input (no OD cube, a references option that does not
-    load, references not covering the energies) fails every method, recorded, not raised. Raises ``KeyError``
+    load, references not covering the energies) fails every method, recorded, not raised. While a split LCF
+    replaces the LCF arrays (its ``methods.lcf`` ``running`` and alive), the LCF is not run: ``skipped`` in the
+    record returned, its reason naming that job, whose record stays in Tiled. Raises ``KeyError``
     (``TypeError``) when the run has no result (a node that is not a result): there is nothing to record it on.
     """
     opts = (options or MethodsOptions()).validate()
     t0 = time.perf_counter()
     writer = ResultWriter.open(client, uid, root=opts.root)  # KeyError: no result to record anything on
     busy = _split_lcf_at_work(writer) if "lcf" in opts.methods else ""
+    names = [name for name in opts.methods if not (name == "lcf" and busy)]  # the split LCF writes methods.lcf
     md = writer.metadata
     record: dict[str, Any] = dict(md["methods"]) if isinstance(md.get("methods"), Mapping) else {}
     try:
@@ -291,18 +294,13 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     except Exception as exc:  # noqa: BLE001 - any bad input is recorded on the result, never raised
         error = f"{type(exc).__name__}: {exc}"
         logger.warning("run %s: methods not run: %s", uid, error)
-        for name in opts.methods:  # an earlier complete record and its arrays are kept
-            if name == "lcf" and busy:
-                continue  # the split LCF at work writes that record
+        for name in names:  # an earlier complete record and its arrays are kept
             entry = {"status": "failed", "parameters": {}, "seconds": 0.0, "arrays": [], "errors": [error]}
             record[name] = settled_entry(writer, name, entry, earlier_complete(record, name))
-        return _record_methods(writer, record, opts.methods)
-    for name in opts.methods:
+        return _split_lcf_skipped(_record_methods(writer, record, names), busy)
+    for name in names:
         t = time.perf_counter()
         arrays: dict[str, Any] = {}
-        if name == "lcf" and busy:
-            logger.info("run %s: method lcf not run: %s", uid, busy)
-            continue  # the split LCF at work writes that record; the outcome names it
         try:
             arrays, params = _RUNNERS[name](ctx)
             writer.write_maps(**arrays)
@@ -322,8 +320,15 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
     timings = dict(md["timings"]) if isinstance(md.get("timings"), Mapping) else {}
     timings["methods"] = round(time.perf_counter() - t0, 3)
     writer.update_metadata(timings=timings)
+    return _split_lcf_skipped(record, busy)
+
+
+def _split_lcf_skipped(record: dict[str, Any], busy: str) -> dict[str, Any]:
+    """The ``methods`` record returned: the LCF ``skipped`` with the reason ``busy`` when a split LCF was at work
+    (its own ``running`` record, not this, stays in Tiled)."""
     if busy:
-        record["lcf"] = {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": busy}
+        logger.info("method lcf not run: %s", busy)
+        record = {**record, "lcf": {"status": "skipped", "parameters": {}, "arrays": [], "errors": [], "reason": busy}}
     return record
 
 

@@ -508,6 +508,10 @@ def test_the_lcf_is_not_run_while_a_split_lcf_replaces_its_arrays(tiled_client, 
     md = node.refresh().metadata["methods"]
     assert md["lcf"] == running and md["normalize"]["status"] == "complete"
     assert not any(name in node for name in LCF_ARRAYS)
+    # bad input fails the methods it runs, and still leaves the split LCF's record alone
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("lcf", "normalize"), references="missing.csv"))
+    assert record["lcf"]["status"] == "skipped" and record["normalize"]["status"] == "failed", record
+    assert node.refresh().metadata["methods"]["lcf"] == running
 
 
 def test_a_methods_record_written_meanwhile_is_not_written_back_over(tiled_client, ni_csv, monkeypatch):
