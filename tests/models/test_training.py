@@ -77,6 +77,7 @@ def test_tiled_set_and_train_command(tiled_server, tiled_client, tmp_path):
     assert ModelRegistry([tmp_path]).get("gmvae-beamline").version == "0.1.0"
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_runs_at_other_energies_are_refused(tiled_client):
     a = _scan(tiled_client, 1.0, 31)
     b = _scan(tiled_client, 1.0, 32, energies=select_energies(REFS, 6))

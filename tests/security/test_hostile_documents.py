@@ -484,6 +484,7 @@ def test_stopping_the_worker_finalizes_open_runs(client, honest):
     assert "worker stopped" in md["errors"]
 
 
+@pytest.mark.slow  # make test-stack; its sibling below (writer gone) recovers a run through the same path
 def test_result_left_running_by_a_dead_worker_is_recovered(client):
     docs = scan(client, seed=5)  # its raw run is complete in Tiled
     uid = docs[0][1]["uid"]

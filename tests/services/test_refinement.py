@@ -114,8 +114,8 @@ def test_model_server_down_skips_and_reprocess_refines_later(tiled_client, tiled
     assert node["refined_phase"].read().shape == (64, 64)
 
 
-@pytest.mark.parametrize("hostile", [  # the last two in make test-stack: keeps make test under 15 minutes
-    {"refinement": "x", "models": [1, 2]},
+@pytest.mark.parametrize("hostile", [  # in make test-stack: keeps make test under 15 minutes
+    pytest.param({"refinement": "x", "models": [1, 2]}, marks=pytest.mark.slow),
     pytest.param({"refinement": {"status": "skipped", "kept": "earlier"}}, marks=pytest.mark.slow),
     pytest.param({"refinement": {"status": "complete", "model": ["gmvae"]}, "models": {"a": 1}},
                  marks=pytest.mark.slow)])
