@@ -43,9 +43,9 @@ from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import close_embedded_tiled, connect, start_embedded_tiled
 
 NI = Path(__file__).resolve().parents[1] / "tests" / "data" / "ni-k-edge"
-STEPS = ("gather_all", "_create_chunked", "_write_lcf_record", "_keep_lcf_claim", "_replace_lcf_arrays",
+STEPS = ("gather_all", "_create_chunked", "record_methods", "_keep_lcf_claim", "_replace_lcf_arrays",
          "settled_entry", "Staging.create", "Staging.read_back", "Staging.copy", "Staging.verify_copy",
-         "Staging.remove", "_remove_enhanced", "record_enhancement")
+         "Staging.remove", "remove_enhanced", "record_enhancement")
 
 
 def serve_tiled(directory: str, uri_queue, stop) -> None:

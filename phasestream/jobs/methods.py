@@ -44,11 +44,11 @@ import numpy as np
 
 from phasestream import methods as m
 from phasestream.contract import JobOutcome, JobStatus
-from phasestream.contract.metadata import recorded_energies, recorded_map, shown
+from phasestream.contract.metadata import recorded_energies, shown
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.heartbeat import STALE_AFTER, JobRunningError, ensure_not_running
 from phasestream.jobs.methods_options import MethodsOptions
-from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, settled_entry
+from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, record_methods, settled_entry
 from phasestream.jobs.readback import read_back
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
@@ -297,7 +297,7 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
         for name in names:  # an earlier complete record and its arrays are kept
             entry = {"status": "failed", "parameters": {}, "seconds": 0.0, "arrays": [], "errors": [error]}
             record[name] = settled_entry(writer, name, entry, earlier_complete(record, name))
-        return _split_lcf_skipped(_record_methods(writer, record, names), busy)
+        return _split_lcf_skipped(record_methods(writer, {name: record[name] for name in names}), busy)
     for name in names:
         t = time.perf_counter()
         arrays: dict[str, Any] = {}
@@ -316,7 +316,7 @@ def run_methods(client, uid: str, options: MethodsOptions | None = None) -> dict
             entry = {"status": "failed", "parameters": {}, "arrays": [], "errors": [f"{type(exc).__name__}: {exc}"]}
         entry["seconds"] = round(time.perf_counter() - t, 3)
         record[name] = settled_entry(writer, name, entry, earlier_complete(record, name), written=arrays)
-        record = _record_methods(writer, record, [name])
+        record = record_methods(writer, {name: record[name]})
     timings = dict(md["timings"]) if isinstance(md.get("timings"), Mapping) else {}
     timings["methods"] = round(time.perf_counter() - t0, 3)
     writer.update_metadata(timings=timings)
@@ -340,16 +340,6 @@ def _split_lcf_at_work(writer: ResultWriter) -> str:
     except JobRunningError as exc:
         return str(exc)
     return ""
-
-
-def _record_methods(writer: ResultWriter, record: Mapping[str, Any], names) -> dict[str, Any]:
-    """Write the records of the methods ``names`` into ``methods`` as it is in Tiled now (read again: a split LCF
-    writes ``methods.lcf`` meanwhile, and an old copy of it must not go back); the ``methods`` written."""
-    writer.container.refresh()
-    current = recorded_map(writer.metadata, "methods")
-    current.update({name: record[name] for name in names if name in record})
-    writer.update_metadata(methods=current)
-    return current
 
 
 def _load(client, uid: str, writer: ResultWriter, md: Mapping[str, Any], opts: MethodsOptions) -> _Context:

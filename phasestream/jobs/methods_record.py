@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from phasestream.contract.metadata import recorded_map
 from phasestream.store.results import ResultWriter
 
-__all__ = ["LCF_RECORD", "METHOD_ARRAYS", "earlier_complete", "settled_entry"]
+__all__ = ["LCF_RECORD", "METHOD_ARRAYS", "earlier_complete", "record_methods", "settled_entry"]
 
 #: the arrays each method writes: fixed names of the contract, never a document field
 METHOD_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -52,3 +53,13 @@ def settled_entry(writer: ResultWriter, name: str, entry: dict[str, Any], earlie
     for array in sorted(stale & present):
         writer.container.delete_contents(array, external_only=False)
     return entry
+
+
+def record_methods(writer: ResultWriter, entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Write ``entries`` (method name -> record) into the result's ``methods`` as it is in Tiled now (read again:
+    another job, a split LCF, writes its own record meanwhile, and an old copy of it must not go back); the
+    ``methods`` written."""
+    writer.container.refresh()
+    methods = {**recorded_map(writer.metadata, "methods"), **{name: dict(entry) for name, entry in entries.items()}}
+    writer.update_metadata(methods=methods)
+    return methods

@@ -35,7 +35,7 @@ from phasestream.jobs.heartbeat import (
 )
 from phasestream.jobs.methods import _references, lcf_arrays
 from phasestream.jobs.methods_options import MethodsOptions
-from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, settled_entry
+from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, record_methods, settled_entry
 from phasestream.jobs.split_parts import SplitJobError, od_image_shape, split_ranges
 from phasestream.jobs.staging import (
     ArrayLayout,
@@ -117,12 +117,6 @@ def _lcf_layouts(k: int, rows: tuple[int, ...], nx: int) -> dict[str, ArrayLayou
     return layouts
 
 
-def _write_lcf_record(writer: ResultWriter, entry: Mapping[str, Any]) -> None:
-    """``entry`` as ``methods.lcf``, beside the other methods' records as they are now."""
-    writer.container.refresh()
-    writer.update_metadata(methods={**recorded_map(writer.metadata, "methods"), "lcf": dict(entry)})
-
-
 def _keep_lcf_claim(writer: ResultWriter, beat: JobHeartbeat, running: Mapping[str, Any],
                     error: Exception | None = None) -> None:
     """Make sure ``methods.lcf`` is still this submission's ``running`` record (Tiled has no lock): the record of
@@ -139,7 +133,7 @@ def _keep_lcf_claim(writer: ResultWriter, beat: JobHeartbeat, running: Mapping[s
         raise _Superseded(f"another split LCF ({lcf['staging']}) began replacing the arrays while this one "
                           f"({running['staging']}) did: its record stands{why}") from error
     with beat.paused():
-        _write_lcf_record(writer, beat.running(**running))
+        record_methods(writer, {"lcf": beat.running(**running)})
 
 
 def _replace_lcf_arrays(writer: ResultWriter, staging: Staging, digests: Digests, beat: JobHeartbeat,
@@ -147,7 +141,7 @@ def _replace_lcf_arrays(writer: ResultWriter, staging: Staging, digests: Digests
     """Record that the arrays are being replaced (``running``: ``beat``'s identity, and a heartbeat that beats until
     they are in), then copy each from ``staging``, read every block back and remove the staging container. A
     failure once another submission holds the record is its doing: :class:`_Superseded`."""
-    _write_lcf_record(writer, beat.running(**running))
+    record_methods(writer, {"lcf": beat.running(**running)})
     with beat:
         try:
             present = set(writer.container)
@@ -240,7 +234,7 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
         if replacing:
             with contextlib.suppress(Exception):
                 entry.update(status="failed", errors=[f"internal error: {type(exc).__name__}: {exc}"])
-                _write_lcf_record(writer, settled_entry(writer, "lcf", entry, None, LCF_ARRAYS))
+                record_methods(writer, {"lcf": settled_entry(writer, "lcf", entry, None, LCF_ARRAYS)})
         raise
     finally:
         if staging is not None:
@@ -249,7 +243,7 @@ def submit_split_lcf(dask, tiled_uri: str, run_uid: str, options: dict | Methods
     # arrays untouched: an earlier complete record is kept; else no LCF array stays beside a failed record
     kept = None if replacing else earlier
     entry = settled_entry(writer, "lcf", entry, kept, LCF_ARRAYS if kept is None else ())
-    _write_lcf_record(writer, entry)
+    record_methods(writer, {"lcf": entry})
     return entry
 
 
