@@ -10,7 +10,7 @@ references) and writes results to an embedded Tiled server living in this proces
   its first and last analysed image), per-image latency (event time -> image analysed in the
   worker, transport included; median and p95), documents lost (from the worker's sequence
   numbers), and last image -> final result in Tiled (which includes draining the OD-plane writes
-  queued behind the stream). The live OD cube: ``--od store`` (default, the deployed
+  queued behind the stream and reading the final maps and the OD cube back, ``read_back_s``). The live OD cube: ``--od store`` (default, the deployed
   configuration): the worker writes it as external zarr data (``serve --od-store``, a temporary
   directory the embedded Tiled may read); ``--od upload``: uploaded to Tiled (``serve`` without
   ``--od-store``); ``--od off``: not written (``serve --no-od``).
@@ -91,6 +91,7 @@ def run_stream(client, publisher, size: int, n: int, pace: float = 0.0) -> dict:
         "worker_median_frame_ms": t.get("median_frame_ms"),
         "event_latency_ms": t.get("event_latency_ms"),
         "last_image_to_result_s": t.get("last_image_to_result_s"),
+        "read_back_s": t.get("read_back_s"),
         "n_energies_seen": md["n_energies_seen"],
     }
 

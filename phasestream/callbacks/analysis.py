@@ -36,6 +36,7 @@ from phasestream.kernels import (
     to_numpy,
 )
 from phasestream.references import ReferenceSet
+from phasestream.store.readback import ReadBackError
 
 __all__ = ["ENERGY_TOLERANCE_EV", "RunAnalysis", "RunResult"]
 
@@ -413,7 +414,7 @@ class RunAnalysis(DocumentRouter):
         timings = run_timings(n, time.time(), self.t_first_image, self.t_last_image, self.frame_seconds,
                               self.event_latency)
         t_last = self.t_last_image
-        final_arrays = {name: a.shape for name, a in self.result.arrays.items()} if n else {}
+        final_arrays = dict(self.result.arrays) if n else {}
 
         def final_job() -> None:
             final_status = status
@@ -423,12 +424,17 @@ class RunAnalysis(DocumentRouter):
                     self.writer.finalize_od(n, update_metadata=False)
                 except Exception as exc:  # noqa: BLE001 - counted; the status says so
                     self.write_failed("the OD cube", exc)
+            digests = {}
             if self.writer is not None and final_arrays:
-                layout = {**final_arrays, **({"od": (n, *self.acc.shape)} if self.config.write_od else {})}
-                for problem in self.writer.verify(layout):
-                    self.record_error(f"result array {problem}")
+                t_read = time.perf_counter()
+                try:  # complete only once every array reads back as written
+                    digests = self.writer.read_back(final_arrays, n if self.config.write_od else None)
+                except ReadBackError as error:
+                    for problem in error.problems:
+                        self.record_error(f"result array {problem}")
                     failed_write = True
                     final_status = "partial" if final_status == "complete" else final_status
+                timings["read_back_s"] = round(time.perf_counter() - t_read, 3)
             for what, (count, _) in self.write_failures.items():
                 if count > 1:
                     self.record_error(f"writing {what} to Tiled failed {count} times in all")
@@ -441,7 +447,7 @@ class RunAnalysis(DocumentRouter):
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None
             timings["partial_maps"] = {"written": self.partials.n_written, "last_cost_s": self.partials.cost_s}
             md = {**summary, "status": final_status, "errors": list(self.result.errors), "n_energies_seen": n,
-                  **self.field_metadata()}
+                  **({"array_sha256": digests} if digests else {}), **self.field_metadata()}
             if self.writer is not None and not self._write_final_metadata(md, timings):
                 final_status = md["status"] = "failed"
                 failed_write = True

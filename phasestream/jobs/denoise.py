@@ -40,11 +40,11 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError
 from phasestream.jobs.keeping import KeptJob, run_keeping
 from phasestream.jobs.maps import pcc_phase_maps, result_reference_values
-from phasestream.jobs.readback import ReadBackError, read_back
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.store.readback import ReadBackError, read_back
 from phasestream.store.results import ResultWriter
 
 __all__ = ["DENOISING", "DenoiseOptions", "DenoisingSkipped", "denoise_result", "run"]

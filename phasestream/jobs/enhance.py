@@ -19,7 +19,7 @@ domain (models/domain.py). Each enhancement's record goes under ``enhancements[<
 ``phasestream enhance UID`` or ``phasestream reprocess --enhance UID``. Like the GMVAE refinement it
 never spoils the PCC result: a model server that is down, a refused model or a result without OD
 cube records ``status: skipped`` and the reason. ``complete`` means the array was read back from Tiled bit
-for bit as written (``array_sha256``, :mod:`phasestream.jobs.readback`); one that does not read back is
+for bit as written (``array_sha256``, :mod:`phasestream.store.readback`); one that does not read back is
 removed and the record is ``failed``.
 
 :func:`enhance_images` does the same on arrays, for Python users.
@@ -41,7 +41,6 @@ from phasestream.contract.metadata import recorded_map
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.frames import RawFrames, raw_frames
 from phasestream.jobs.heartbeat import STALE_AFTER, JobRunningError, ensure_not_running
-from phasestream.jobs.readback import read_back
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.jobs.record import recorded_job
 from phasestream.models.domain import DomainMismatchError, to_domain
@@ -52,6 +51,7 @@ from phasestream.modelserver.protocol import (
     ModelServerError,
     ModelServerUnavailable,
 )
+from phasestream.store.readback import read_back
 from phasestream.store.results import ResultWriter
 from phasestream.store.tiled import open_raw_run
 

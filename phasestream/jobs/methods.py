@@ -49,9 +49,9 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.heartbeat import STALE_AFTER, JobRunningError, ensure_not_running
 from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.methods_record import LCF_RECORD, METHOD_ARRAYS, earlier_complete, record_methods, settled_entry
-from phasestream.jobs.readback import read_back
 from phasestream.kernels import particle_mask
 from phasestream.references import ReferenceSet, load_document_references, reference_folders_from_env
+from phasestream.store.readback import read_back
 from phasestream.store.results import ResultWriter
 
 __all__ = ["StepSkipped", "kmeans_arrays", "lcf_arrays", "run", "run_methods"]

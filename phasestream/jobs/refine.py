@@ -17,7 +17,7 @@ earlier refinement are removed first, so that ``refined_phase`` always belongs t
 ``refinement`` record beside it. While it works, its ``running`` record carries a heartbeat
 (:mod:`phasestream.jobs.heartbeat`: a killed job's record ends ``failed``, a second refinement of the same
 result is refused meanwhile), and ``complete`` means every array it wrote read back from Tiled as written
-(:mod:`phasestream.jobs.readback`). :func:`refine` is the plain post-scan job (tiled uri, run uid, options).
+(:mod:`phasestream.store.readback`). :func:`refine` is the plain post-scan job (tiled uri, run uid, options).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError
 from phasestream.jobs.keeping import KeptJob, run_keeping
 from phasestream.jobs.maps import result_reference_values
-from phasestream.jobs.readback import read_back
 from phasestream.jobs.record import model_client as jobs_model_client
 from phasestream.kernels.phases import DEFAULT_AMBIGUITY, phase_fractions
 from phasestream.models.heldout import (
@@ -50,6 +49,7 @@ from phasestream.models.refine import AUTO, MODEL_FREE, SPATIAL, STRATEGIES, STR
 from phasestream.models.spatial import pcc_reliability
 from phasestream.modelserver.client import ModelClient
 from phasestream.modelserver.protocol import DEFAULT_MODEL_ADDRESS, ModelServerError, ModelServerUnavailable
+from phasestream.store.readback import read_back
 from phasestream.store.results import ResultWriter
 
 __all__ = [

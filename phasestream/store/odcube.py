@@ -39,6 +39,7 @@ from phasestream.store.odstore import (
     plane_structure,
     remove_od_store,
 )
+from phasestream.store.readback import plane_sha256
 from phasestream.store.tiled import explained_refusal
 
 __all__ = ["OdCube"]
@@ -67,6 +68,9 @@ class OdCube:
         self._zarr: zarr.Array | None = None
         self.capacity = arrays["od"].shape[0] if "od" in arrays else 0
         self.planes: set[int] = set() if planes is None else {p for p in planes if p < self.capacity}
+        #: plane index -> SHA-256 of the plane as this writer wrote it (``readback.read_back_planes``);
+        #: none for the planes of a reopened result, which an earlier writer wrote
+        self.digests: dict[int, str] = {}
 
     @property
     def n_planes(self) -> int:
@@ -145,7 +149,7 @@ class OdCube:
                 array[start:end] = block
                 for index in range(start, end):
                     flush_and_drop(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
-            self.planes.update(range(start, end))
+            self._written(start, block)
             return
         with explained_refusal("write", f"{self.path}/od"):
             array = self.arrays["od"]
@@ -154,7 +158,12 @@ class OdCube:
             else:
                 array.patch(block, offset=(start,), extend=end > self.capacity)
                 self.capacity = max(self.capacity, end)
-            self.planes.update(range(start, end))
+            self._written(start, block)
+
+    def _written(self, start: int, block: np.ndarray) -> None:
+        """``block`` is in ``od[start:]``: its planes are written, each with its digest (about 10 ms for 2048^2)."""
+        self.planes.update(range(start, start + block.shape[0]))
+        self.digests.update((start + i, plane_sha256(plane)) for i, plane in enumerate(block))
 
     def trim(self, n: int) -> None:
         """Keep the first ``n`` planes of an ``od`` holding more (an aborted scan): the external zarr array
@@ -179,3 +188,4 @@ class OdCube:
                     self._zarr = None
                     remove_od_store(self.od_path, self.od_store)
             self.planes = {p for p in self.planes if p < n}
+            self.digests = {p: d for p, d in self.digests.items() if p < n}

@@ -36,6 +36,7 @@ from phasestream.contract.metadata import json_ready, result_layout
 from phasestream.store.liveness import process_identity
 from phasestream.store.odcube import OdCube
 from phasestream.store.odstore import external_od_path, remove_od_store
+from phasestream.store.readback import ReadBackError, read_back, read_back_planes
 from phasestream.store.tiled import explained_refusal
 
 __all__ = ["ResultExistsError", "ResultWriter"]
@@ -329,32 +330,34 @@ class ResultWriter:
         dims = MAP_LAYOUT[name][1] if name in MAP_LAYOUT else None
         self._arrays[name] = self.container.write_array(array, key=name, dims=dims)
 
-    def verify(self, expected: Mapping[str, tuple[int, ...]]) -> list[str]:
-        """Read the arrays ``expected`` (name -> shape) back from Tiled; the problems found.
+    def read_back(self, maps: Mapping[str, np.ndarray], n_od: int | None = None) -> dict[str, str]:
+        """Read ``maps`` (name -> the array written) and the first ``n_od`` planes of ``od`` (None: not
+        written) back from Tiled, bit for bit, the condition for calling a result ``complete``; ``{name:
+        SHA-256 of the array's bytes}``. ``od`` is compared plane by plane with the digests taken as this
+        writer wrote it (:mod:`phasestream.store.readback`).
 
-        The dtype expected is the contract's (``MAP_LAYOUT``; float32 for ``od``); arrays outside
-        the contract are checked for their shape only.
-
-        Each array's structure is fetched from the server again (not from this writer's memory):
-        an empty list means every array is there with its shape and dtype, the condition for
-        calling a result ``complete``.
+        Raises :class:`~phasestream.store.readback.ReadBackError`, its ``problems`` naming each array that did
+        not read back (the maps are all checked even when ``od`` fails, and the other way round).
         """
-        problems = []
-        for name, shape in expected.items():
-            dtype = OD_DTYPE if name == "od" else MAP_LAYOUT[name][0] if name in MAP_LAYOUT else None
+        digests, problems = {}, []
+        try:
+            digests.update(read_back(self, maps))
+        except ReadBackError as error:
+            problems += error.problems
+        except Exception as error:  # noqa: BLE001 - any read failure means: not read back
+            problems.append(f"maps: cannot be read back ({type(error).__name__}: {error})")
+        if n_od:
+            with self._lock:
+                planes = dict(self.od.digests)
             try:
-                with explained_refusal("read", f"{self.path}/{name}"):
-                    node = self.container[name]
-                    got_shape, got_dtype = tuple(node.shape), np.dtype(node.dtype)
-            except KeyError:
-                problems.append(f"{name}: missing")
-                continue
-            except Exception as error:  # noqa: BLE001 - any read failure means: not verified
-                problems.append(f"{name}: cannot be read back ({type(error).__name__}: {error})")
-                continue
-            if got_shape != tuple(shape) or (dtype is not None and got_dtype != dtype):
-                problems.append(f"{name}: {got_shape} {got_dtype} in Tiled, expected {tuple(shape)} {dtype or ''}")
-        return problems
+                digests["od"] = read_back_planes(self, "od", (n_od, *self.shape), OD_DTYPE, planes)
+            except ReadBackError as error:
+                problems += error.problems
+            except Exception as error:  # noqa: BLE001 - any read failure means: not read back
+                problems.append(f"od: cannot be read back ({type(error).__name__}: {error})")
+        if problems:
+            raise ReadBackError(f"arrays did not read back from Tiled: {'; '.join(problems)}", problems)
+        return digests
 
     def update_metadata(self, **fields: Any) -> None:
         """Merge ``fields`` into the result metadata: each top-level key is set whole (shallow merge).

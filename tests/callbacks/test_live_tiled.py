@@ -1,5 +1,6 @@
 """RunEngine + TiledWriter + PhaseMapCallback against a real embedded Tiled server."""
 
+import hashlib
 import threading
 
 import numpy as np
@@ -95,6 +96,9 @@ def test_live_results_in_tiled_follow_the_contract(tiled, detector_files, extern
                                equal_nan=True)
     assert sample.accuracy(res["phase"].read()) > 0.97
     assert sum(md["phase_fractions"].values()) == pytest.approx(1.0)
+    # complete: every array was read back bit for bit; its digest is what Tiled serves
+    served = {name: hashlib.sha256(res[name].read().tobytes()).hexdigest() for name in res}
+    assert md["array_sha256"] == served and set(served) == set(CONTRACT_ARRAYS)
 
 
 def test_query_by_state_of_charge_returns_exactly_the_right_runs(tiled):
@@ -164,3 +168,30 @@ def test_an_event_time_that_is_not_a_number_costs_no_od_plane(tiled, bad_time):
     images, i0 = raw["primary"]["det_img"].read(), raw["primary"]["det_i0"].read()
     ods = np.stack([optical_density_reference(im, c)[0] for im, c in zip(images, i0, strict=True)])
     np.testing.assert_allclose(res["od"].read(), ods, rtol=1e-6, equal_nan=True)
+
+
+def test_arrays_changed_in_tiled_behind_the_writer_make_the_result_partial(tiled):
+    """``complete`` means read back bit for bit: an OD plane or a final map that is not what the worker wrote
+    (another writer, a storage fault) when the run ends makes the result ``partial``, naming them. The
+    check read only shapes and dtypes, and called such a result complete."""
+    RE = RunEngine({})
+    cb = PhaseMapCallback(tiled, backend="numba")
+
+    def tamper_at_stop(name, doc):
+        if name == "stop":  # the final maps and every OD plane are in Tiled: change two behind the writer
+            assert cb.flush(60)
+            res = tiled["phasestream"][doc["run_start"]]
+            res["od"].write_block(np.zeros((1, *SHAPE), np.float32), block=(2, 0, 0))
+            res["phase"].write(np.where(res["phase"].read() == 0, 1, 0).astype(np.int16))
+        cb(name, doc)
+
+    RE.subscribe(tamper_at_stop)
+    uid, _ = scan(RE, 2.0, seed=7)
+    assert cb.flush(60)
+    cb.close()
+    md = tiled["phasestream"][uid].metadata
+    assert md["status"] == "partial", md
+    errors = "; ".join(md["errors"])
+    assert "result array od: plane 2 read back from Tiled is not what was written" in errors, errors
+    assert "result array phase: read back from Tiled, it is not what was written: at (0, 0)" in errors, errors
+    assert "array_sha256" not in md

@@ -3,7 +3,7 @@ or split enhancement copies its staged arrays in, its record carries a heartbeat
 process that stopped (SIGKILL here) is finalized ``failed``
 (``interrupted``) by the live worker's sweep or by the next run of the job, keeping the earlier complete record
 and every array as it is; a run that finds a live record is refused. A ``complete`` record means its arrays were
-read back from Tiled and are bit for bit what was written (phasestream.jobs.heartbeat, phasestream.jobs.readback,
+read back from Tiled and are bit for bit what was written (phasestream.jobs.heartbeat, phasestream.store.readback,
 docs/contract.md#post-scan-job-records)."""
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from phasestream.jobs.context import JobContext
 from phasestream.jobs.denoise import DenoiseOptions, denoise_result
 from phasestream.jobs.heartbeat import JobHeartbeat, JobRunningError, finalize_interrupted
 from phasestream.jobs.interrupted import finalize_interrupted_jobs
-from phasestream.jobs.readback import ReadBackError, read_back
 from phasestream.jobs.refine import REFINEMENT_ARRAYS, RefineOptions, refine_result
 from phasestream.jobs.split import LCF_ARRAYS, submit_split_enhance, submit_split_lcf
 from phasestream.jobs.staging import ArrayLayout, Staging
 from phasestream.references import load_references, select_energies
+from phasestream.store.readback import ReadBackError, read_back, read_back_planes
 from phasestream.store.results import ResultWriter
+from phasestream.store.tiled import uncompressed
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 #: a refinement that needs no model server: it completes here, in a second or so
@@ -271,6 +272,32 @@ def test_read_back_finds_an_array_that_is_not_what_was_written(tiled_client):
     tiled_client["phasestream"]["read-back"].write_array(np.zeros((16, 16), np.float32), key="phase_denoised")
     with pytest.raises(ReadBackError, match=r"phase_denoised: .*float32 in Tiled, expected .*int16"):
         read_back(writer, {"phase_denoised": written["phase_denoised"]})
+
+
+def test_read_back_reads_uncompressed_through_the_same_server_and_key(tiled_client):
+    """Arrays are read back through a client asking for uncompressed responses (half the time for float data);
+    it is a client of the same server with the same API key, in a header, and the writer's own client keeps
+    its compression."""
+    writer = ResultWriter(tiled_client, "read-back-plain", shape=(16, 16), phases=["a", "b"], n_energies=5)
+    planes = np.random.default_rng(2).random((5, 16, 16), dtype=np.float32)
+    writer.write_od_planes(0, planes[:3])
+    writer.write_od_planes(3, planes[3:])
+    reader = uncompressed(writer.container)
+    assert reader.context.http_client.headers["accept-encoding"] == "identity"
+    assert "identity" not in tiled_client.context.http_client.headers["accept-encoding"]
+    assert reader.context.api_key == tiled_client.context.api_key and "api_key" not in str(reader.uri)
+    np.testing.assert_array_equal(reader["od"].read(), planes)
+    # the OD cube, plane by plane against the digests taken as it was written (blocks of two planes)
+    digest = read_back_planes(writer, "od", (5, 16, 16), np.float32, writer.od.digests, block_bytes=2 * 16 * 16 * 4)
+    assert digest == hashlib.sha256(planes.tobytes()).hexdigest()
+    assert writer.od.digests == {i: hashlib.sha256(p.tobytes()).hexdigest() for i, p in enumerate(planes)}
+    with pytest.raises(ReadBackError, match=r"od: 1 of its 6 planes were never written \(the first: 5\)"):
+        read_back_planes(writer, "od", (6, 16, 16), np.float32, writer.od.digests)
+    changed = planes.copy()
+    changed[4, 2, 2] = -1.0
+    tiled_client["phasestream"]["read-back-plain"]["od"].write_block(changed[4:], block=(4, 0, 0))
+    with pytest.raises(ReadBackError, match=r"od: plane 4 read back from Tiled is not what was written"):
+        read_back_planes(writer, "od", (5, 16, 16), np.float32, writer.od.digests, block_bytes=2 * 16 * 16 * 4)
 
 
 def _split_result(tiled_client, key: str) -> str:
