@@ -110,6 +110,9 @@ class PlaneQueue:
         return blocks
 
     def write(self, writer) -> None:
+        """Write the planes queued by now; then, when none came meanwhile, read back what was written (the
+        final status waits for that read-back, docs/contract.md#status: done while the sink is idle, at a
+        detector's pace it is all but done when the scan ends)."""
         if writer.od_external:  # a file write says nothing about Tiled's upload speed: not measured
             pending = self.take(merge=False)
             try:
@@ -118,11 +121,15 @@ class PlaneQueue:
             finally:
                 for _, plane in pending:
                     self.pool.release(plane)
-            return
-        for start, block in self.take():
-            t = time.perf_counter()
-            writer.write_od_planes(start, block)
-            self.measured(block.nbytes, time.perf_counter() - t)
+        else:
+            for start, block in self.take():
+                t = time.perf_counter()
+                writer.write_od_planes(start, block)
+                self.measured(block.nbytes, time.perf_counter() - t)
+        with self._lock:
+            idle = not self._pending
+        if idle:
+            writer.read_back_od_written()
 
     def measured(self, nbytes: int, seconds: float) -> None:
         """Track how fast Tiled takes our bytes (s/byte, moving average): it prices partial maps."""

@@ -19,6 +19,7 @@ holding its lock.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,8 @@ from phasestream.store.odstore import (
     plane_structure,
     remove_od_store,
 )
-from phasestream.store.readback import plane_sha256
-from phasestream.store.tiled import explained_refusal
+from phasestream.store.readback import BLOCK_BYTES, plane_sha256
+from phasestream.store.tiled import explained_refusal, uncompressed
 
 __all__ = ["OdCube"]
 
@@ -71,6 +72,13 @@ class OdCube:
         #: plane index -> SHA-256 of the plane as this writer wrote it (``readback.read_back_planes``);
         #: none for the planes of a reopened result, which an earlier writer wrote
         self.digests: dict[int, str] = {}
+        #: planes read back from Tiled as written, right after writing them (:meth:`read_back_written`)
+        self.verified: set[int] = set()
+        #: SHA-256 of planes ``0 .. streamed - 1`` as written, while they were written once each, in order
+        #: (the whole cube's digest without reading it again); None once planes came otherwise
+        self.stream: Any | None = hashlib.sha256()
+        self.streamed = 0
+        self._reader: tuple[int, Any] | None = None
 
     @property
     def n_planes(self) -> int:
@@ -162,8 +170,48 @@ class OdCube:
 
     def _written(self, start: int, block: np.ndarray) -> None:
         """``block`` is in ``od[start:]``: its planes are written, each with its digest (about 10 ms for 2048^2)."""
-        self.planes.update(range(start, start + block.shape[0]))
+        end = start + block.shape[0]
+        self.planes.update(range(start, end))
         self.digests.update((start + i, plane_sha256(plane)) for i, plane in enumerate(block))
+        self.verified.difference_update(range(start, end))
+        if self.stream is not None and start == self.streamed:
+            self.stream.update(block)
+            self.streamed = end
+        else:  # out of order, or written again: the final read-back reads the whole cube
+            self.stream = None
+
+    def read_back_written(self, block_bytes: int = BLOCK_BYTES) -> None:
+        """Read the planes written and not yet read back from Tiled (uncompressed; runs of consecutive planes,
+        at most ``block_bytes`` a request) and count those whose bytes have their digest as :attr:`verified`.
+        A plane that differs, or a read that fails, is left to the final read-back (``ResultWriter.read_back``),
+        which reads it again and names it. Called while the sink has nothing else to write, this leaves the
+        final read-back only the last planes when planes come at a detector's pace."""
+        pending = sorted(set(self.digests) - self.verified)
+        if not pending:
+            return
+        rows = max(1, int(block_bytes) // (int(np.prod(self.shape)) * np.dtype(OD_DTYPE).itemsize))
+        try:
+            if self._reader is None or self._reader[0] != self.capacity:  # a grown od: its new shape
+                self._reader = (self.capacity, uncompressed(self.container)["od"])
+            start = 0
+            while start < len(pending):
+                end = start + 1
+                while end < len(pending) and end - start < rows and pending[end] == pending[end - 1] + 1:
+                    end += 1
+                first = pending[start]
+                got = np.ascontiguousarray(self._reader[1][first:first + end - start])
+                self.verified.update(first + i for i, plane in enumerate(got)
+                                     if plane_sha256(plane) == self.digests.get(first + i))
+                start = end
+        except Exception as error:  # noqa: BLE001 - read again, and reported, by the final read-back
+            log.debug("%s/od: planes not read back yet (%s)", self.path, type(error).__name__)
+
+    def read_back_digest(self, n: int) -> str | None:
+        """The SHA-256 of planes ``0 .. n - 1`` when each was written once, in order, and read back as written
+        (:meth:`read_back_written`): nothing left to read; else None."""
+        if self.stream is None or self.streamed != n or not self.verified.issuperset(range(n)):
+            return None
+        return self.stream.hexdigest()
 
     def trim(self, n: int) -> None:
         """Keep the first ``n`` planes of an ``od`` holding more (an aborted scan): the external zarr array
@@ -189,3 +237,5 @@ class OdCube:
                     remove_od_store(self.od_path, self.od_store)
             self.planes = {p for p in self.planes if p < n}
             self.digests = {p: d for p, d in self.digests.items() if p < n}
+            self.stream = None  # the running digest holds the dropped planes too: the final read-back reads all
+            self.verified.clear()  # an uploaded od is written again from what Tiled served

@@ -249,6 +249,12 @@ class ResultWriter:
             self.od.prepare(start + block.shape[0])
             self.od.write(start, block)
 
+    def read_back_od_written(self) -> None:
+        """Read the OD planes written since the last call back from Tiled, comparing their digests
+        (``OdCube.read_back_written``): spread over a scan, the final :meth:`read_back` has less to read."""
+        with self._lock:
+            self.od.read_back_written()
+
     def finalize_od(self, n: int | None = None, *, update_metadata: bool = True) -> None:
         """Declare the final number of OD planes ``n`` (default :attr:`n_od_planes`).
 
@@ -334,7 +340,8 @@ class ResultWriter:
         """Read ``maps`` (name -> the array written) and the first ``n_od`` planes of ``od`` (None: not
         written) back from Tiled, bit for bit, the condition for calling a result ``complete``; ``{name:
         SHA-256 of the array's bytes}``. ``od`` is compared plane by plane with the digests taken as this
-        writer wrote it (:mod:`phasestream.store.readback`).
+        writer wrote it (:mod:`phasestream.store.readback`); when every plane was read back as written
+        (:meth:`read_back_od_written`, while the sink was idle; the rest here), only its structure is read again.
 
         Raises :class:`~phasestream.store.readback.ReadBackError`, its ``problems`` naming each array that did
         not read back (the maps are all checked even when ``od`` fails, and the other way round).
@@ -348,9 +355,10 @@ class ResultWriter:
             problems.append(f"maps: cannot be read back ({type(error).__name__}: {error})")
         if n_od:
             with self._lock:
-                planes = dict(self.od.digests)
+                self.od.read_back_written()
+                planes, read = dict(self.od.digests), self.od.read_back_digest(n_od)
             try:
-                digests["od"] = read_back_planes(self, "od", (n_od, *self.shape), OD_DTYPE, planes)
+                digests["od"] = read_back_planes(self, "od", (n_od, *self.shape), OD_DTYPE, planes, read_back=read)
             except ReadBackError as error:
                 problems += error.problems
             except Exception as error:  # noqa: BLE001 - any read failure means: not read back

@@ -291,6 +291,15 @@ def test_read_back_reads_uncompressed_through_the_same_server_and_key(tiled_clie
     digest = read_back_planes(writer, "od", (5, 16, 16), np.float32, writer.od.digests, block_bytes=2 * 16 * 16 * 4)
     assert digest == hashlib.sha256(planes.tobytes()).hexdigest()
     assert writer.od.digests == {i: hashlib.sha256(p.tobytes()).hexdigest() for i, p in enumerate(planes)}
+    # the planes written in order and read back (as the live sink does while idle): the cube's digest
+    # without reading it again
+    assert not writer.od.verified and writer.od.read_back_digest(5) is None
+    writer.read_back_od_written()
+    assert writer.od.verified == set(range(5)) and writer.od.read_back_digest(5) == digest
+    assert writer.read_back({}, 5) == {"od": digest}
+    # a plane written again (out of order): nothing to go by but reading the whole cube back
+    writer.write_od_planes(1, planes[1:2])
+    assert writer.od.read_back_digest(5) is None and writer.read_back({}, 5) == {"od": digest}
     with pytest.raises(ReadBackError, match=r"od: 1 of its 6 planes were never written \(the first: 5\)"):
         read_back_planes(writer, "od", (6, 16, 16), np.float32, writer.od.digests)
     changed = planes.copy()
