@@ -40,8 +40,8 @@ from phasestream.store.odstore import (
     plane_structure,
     remove_od_store,
 )
-from phasestream.store.readback import BLOCK_BYTES, plane_sha256
-from phasestream.store.tiled import explained_refusal, uncompressed
+from phasestream.store.readback import BLOCK_BYTES, plane_sha256, uncompressed
+from phasestream.store.tiled import explained_refusal
 
 __all__ = ["OdCube"]
 

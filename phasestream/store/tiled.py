@@ -22,7 +22,6 @@ import contextvars
 import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,9 +31,7 @@ import httpx
 from bluesky_tiled_plugins import BlueskyRun, TiledWriter
 from bluesky_tiled_plugins.exporters import json_seq_exporter
 from tiled.client import from_uri
-from tiled.client.constructors import from_context
 from tiled.client.container import DEFAULT_STRUCTURE_CLIENT_DISPATCH, Container
-from tiled.client.context import Context
 from tiled.client.utils import ClientError
 from tiled.media_type_registration import default_serialization_registry
 from tiled.server import SimpleTiledServer
@@ -65,7 +62,6 @@ __all__ = [
     "start_embedded_tiled",
     "structure_clients",
     "tiled_session",
-    "uncompressed",
     "wait_for_tiled",
 ]
 
@@ -276,37 +272,6 @@ def connect(uri: str | None = None, *, api_key: str | None = None) -> Container:
         raise TiledPermissionError(
             f"Tiled rejected the API key ({error.response.status_code} {error.response.reason_phrase}): "
             "check TILED_API_KEY or api_key=", uri) from error
-
-
-_UNCOMPRESSED_CONTEXTS: dict[tuple[str, str | None], Context] = {}
-_UNCOMPRESSED_LOCK = threading.Lock()
-_UNCOMPRESSED_MAX = 4
-
-
-def uncompressed(node):
-    """``node`` again, through a client of the same server and key that asks for uncompressed responses
-    (``Accept-Encoding: identity``), for reading whole arrays back: Tiled otherwise compresses every array it
-    sends, which halves the read rate of float data (54 MB: 0.72 s against 0.35 s, same host) and saves little
-    on it. One such client per server and key, made on first use; ``node`` itself when none can be made (a
-    server that wants another kind of login), so that a read goes on, only slower.
-    """
-    context = node.context
-    key = (str(context.api_uri), context.api_key)
-    try:
-        with _UNCOMPRESSED_LOCK:
-            reader = _UNCOMPRESSED_CONTEXTS.get(key)
-            if reader is None:
-                reader = Context(context.api_uri, headers={"accept-encoding": "identity"}, api_key=context.api_key)
-                if context.api_key is None and reader.server_info.authentication.required:
-                    return node  # never a login prompt from here
-                if len(_UNCOMPRESSED_CONTEXTS) >= _UNCOMPRESSED_MAX:  # forgotten, not closed: a read may use it
-                    del _UNCOMPRESSED_CONTEXTS[next(iter(_UNCOMPRESSED_CONTEXTS))]
-                _UNCOMPRESSED_CONTEXTS[key] = reader
-        return from_context(reader, structure_clients=structure_clients(), node_path_parts=list(node.path_parts))
-    except Exception as error:  # noqa: BLE001 - an optimisation: the compressed client still reads
-        log.debug("no uncompressed client for %s (%s): reading through the compressed one", public_uri(
-            str(context.api_uri)), type(error).__name__)
-        return node
 
 
 def wait_for_tiled(uri: str, *, api_key: str | None = None, timeout: float | None = None,

@@ -33,9 +33,8 @@ from phasestream.jobs.refine import REFINEMENT_ARRAYS, RefineOptions, refine_res
 from phasestream.jobs.split import LCF_ARRAYS, submit_split_enhance, submit_split_lcf
 from phasestream.jobs.staging import ArrayLayout, Staging
 from phasestream.references import load_references, select_energies
-from phasestream.store.readback import ReadBackError, read_back, read_back_planes
+from phasestream.store.readback import ReadBackError, read_back, read_back_planes, uncompressed
 from phasestream.store.results import ResultWriter
-from phasestream.store.tiled import uncompressed
 
 ENERGIES = select_energies(load_references("nvpf-synthetic"), 6)
 #: a refinement that needs no model server: it completes here, in a second or so
