@@ -11,9 +11,10 @@ references) and writes results to an embedded Tiled server living in this proces
   worker, transport included; median and p95), documents lost (from the worker's sequence
   numbers), and last image -> final result in Tiled (which includes draining the OD-plane writes
   queued behind the stream and reading the final maps and the OD cube back, ``read_back_s``). The
-  live OD cube: ``--od store`` (default, the deployed configuration): the worker writes it as external zarr data (``serve --od-store``, a temporary
-  directory the embedded Tiled may read); ``--od upload``: uploaded to Tiled (``serve`` without
-  ``--od-store``); ``--od off``: not written (``serve --no-od``).
+  live OD cube: ``--od store`` (default, the deployed configuration): the worker writes it as
+  external zarr data (``serve --od-store``, a temporary directory the embedded Tiled may read);
+  ``--od upload``: uploaded to Tiled (``serve`` without ``--od-store``); ``--od off``: not written
+  (``serve --no-od``).
 * ``end_of_scan_1024x13``: a 13-energy scan of 1024^2 frames at a beamline-like pace (one image
   every ``--pace`` s), reporting last image -> final result in Tiled.
 
