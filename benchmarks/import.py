@@ -12,7 +12,10 @@ lie in the server's readable storage, so the images of both stay in their file (
 StreamDatum; ``images: external``): the import reads headers, hashes the file, writes the documents and
 reads the sample back through Tiled.
 
-Usage: ``python benchmarks/import.py [--frames 100] [--size 1024] [--repeat 2]``; prints JSON.
+With ``--copy-images`` the images are written into Tiled instead, and the import reads the whole run back
+before it says ``complete``.
+
+Usage: ``python benchmarks/import.py [--frames 100] [--size 1024] [--repeat 2] [--copy-images]``; prints JSON.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def main() -> None:
     parser.add_argument("--batch-mib", type=int, default=None, help="images per TiledWriter request, in MiB "
                         "(default: the import's, phasestream.jobs.importing.BATCH_BYTES)")
     parser.add_argument("--formats", nargs="+", default=["tiff", "nxstxm"], choices=["tiff", "nxstxm"])
+    parser.add_argument("--copy-images", action="store_true",
+                        help="copy the images into Tiled (phasestream import --copy-images) instead of leaving them")
     args = parser.parse_args()
     report: dict = {"benchmark": "import", "frames": args.frames, "size": args.size,
                     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -126,7 +131,7 @@ def main() -> None:
         server = start_embedded_tiled(directory=folder / "tiled", readable_storage=[folder / "files"])
         try:
             client = connect(server.uri)
-            options = {"references": "nvpf-synthetic"}
+            options = {"references": "nvpf-synthetic", "external": not args.copy_images}
             if args.batch_mib is not None:
                 options["batch_bytes"] = args.batch_mib * 2**20
             report["batch_bytes"] = options.get("batch_bytes", BATCH_BYTES)

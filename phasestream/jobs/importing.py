@@ -28,7 +28,8 @@ instead; the outcome says so (``details["images"]``).
 Requests: the run is written by TiledWriter without its normalizer (the documents are composed here in
 the current schema), as event pages that it stores with one table append per stream and batch, and one
 StreamDatum covering every frame; what is read back to check that the server serves the file is a grid of
-pixels of the first and the last frame, in one request.
+pixels of the first and the last frame, in one request. Images copied into Tiled are read back whole (the run
+as reprocess reads it, every event compared with the documents written) before the import says ``complete``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from phasestream.jobs.import_documents import (
     run_documents,
 )
 from phasestream.jobs.import_external import ExternalImages
+from phasestream.jobs.raw_documents import raw_run_documents
 from phasestream.references import load_references
 from phasestream.store.tiled import raw_run_writer, raw_runs
 
@@ -210,6 +212,42 @@ def _write(runs, checked: CheckedImport, batch_size: int, uid: str) -> None:
         raise
 
 
+def _copy_mismatch(runs, uid: str, checked: CheckedImport, page_size: int) -> str | None:
+    """How the run ``uid``, its images copied into Tiled, does not read back as this import wrote it (None when
+    it does). The run is read as reprocess reads it (:func:`raw_run_documents`: rows and frames paired by
+    ``seq_num``, counted against the stop document), and each event's data (images, energy, I0; flats and dark)
+    is compared, value for value, with the documents written, made again from the stack (the file is read
+    again). The whole run is held in memory meanwhile, as reprocess holds it."""
+    stored: dict[tuple[str, int], Mapping[str, Any]] = {}
+    streams: dict[str, str] = {}
+    try:
+        for name, doc in raw_run_documents(runs[uid]):
+            if name == "descriptor":
+                streams[doc["uid"]] = doc.get("name", "")
+            elif name == "event":
+                stored[(streams.get(doc["descriptor"], ""), doc["seq_num"])] = doc["data"]
+    except Exception as exc:  # noqa: BLE001 - whatever stops the read-back: not read back
+        return f"it cannot be read back ({type(exc).__name__}: {exc})"
+    streams = {}
+    for name, doc in run_documents(checked, uid=uid, page_size=page_size)[1]:
+        if name == "descriptor":
+            streams[doc["uid"]] = doc["name"]
+        if name != "event_page":
+            continue
+        stream = streams[doc["descriptor"]]
+        for i, seq in enumerate(doc["seq_num"]):
+            event = stored.pop((stream, seq), None)
+            if event is None:
+                return f"event {seq} of the {stream!r} stream is missing"
+            for key, values in doc["data"].items():
+                want, got = np.asarray(values[i]), np.asarray(event.get(key))
+                if got.shape != want.shape or not np.array_equal(got, want, equal_nan=want.dtype.kind in "fc"):
+                    return f"{key!r} of event {seq} of the {stream!r} stream is not what was written"
+    if stored:
+        return f"{len(stored)} events that were not written"
+    return None
+
+
 def _sample(n: int, shape: tuple[int, int]) -> tuple[slice, slice, slice]:
     """The pixels the read-back compares: the first and the last frame, on a 4 x 4 grid of rows and columns
     from corner to corner (32 values: a wrong file, offset, byte order, dtype or transposition shows)."""
@@ -333,6 +371,12 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
             details["images"] = "copied"
         elif external is not None:
             details["images_in"] = external.what
+        if checked.external is None:  # complete only once the copied run reads back as written
+            mismatch = _copy_mismatch(runs, uid, checked, _batch_size(checked, opts.batch_bytes))
+            if mismatch is not None:
+                note = _remove_own_run(runs, uid, checked.sha256)[1]
+                return outcome("", JobStatus.FAILED, f"writing failed: the run {uid} does not read back from Tiled "
+                               f"as it was written: {mismatch}; {note}", **details)
     except _StartRefusedError as exc:
         earlier = existing(uid, checked.sha256)
         if earlier is not None:  # another import of the same files wrote the run first (or a conflict)

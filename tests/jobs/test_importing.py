@@ -244,6 +244,49 @@ def test_a_write_that_fails_half_way_leaves_nothing_in_tiled(tiled_client, detec
     assert import_stack(client, stack, one).status == "complete"  # and nothing blocks a retry
 
 
+@pytest.mark.parametrize("mode, stream", [("txm", "flat"), ("stxm", "primary")])
+def test_a_copied_run_that_does_not_read_back_as_written_is_failed_and_removed(tiled_client, tmp_path, monkeypatch,
+                                                                                mode, stream):
+    """An import is ``complete`` only once its run, images copied into Tiled, reads back as it was written:
+    every event's images, energy, I0, flat and dark, paired by ``seq_num`` as reprocess reads them. A pixel that
+    reached Tiled other than the file holds it (altered on its way here) fails the import, which removes its
+    run; the file stays, and a retry imports it. The import used to say ``complete``."""
+    frames = _frames(mode, 11)
+    path = tmp_path / f"altered-{mode}.npy"
+    stack = _stack(frames, mode, path)
+    write_documents, made = importing.run_documents, []
+
+    def altered(checked, **kwargs):  # the documents written carry one pixel that the file does not
+        uid, documents = write_documents(checked, **kwargs)
+        made.append(uid)
+        if len(made) > 1:  # made again, to compare the run with: as the file holds it
+            return uid, documents
+
+        def documents_on_their_way():
+            names = {}
+            for name, doc in documents:
+                if name == "descriptor":
+                    names[doc["uid"]] = doc["name"]
+                if name == "event_page" and names[doc["descriptor"]] == stream and 3 in doc["seq_num"]:
+                    frame = np.array(doc["data"]["det_img"][doc["seq_num"].index(3)], copy=True)
+                    frame[2, 5] += 1
+                    doc = {**doc, "data": {**doc["data"], "det_img": [
+                        frame if seq == 3 else image for seq, image in zip(doc["seq_num"], doc["data"]["det_img"],
+                                                                          strict=True)]}}
+                yield name, doc
+        return uid, documents_on_their_way()
+
+    monkeypatch.setattr(importing, "run_documents", altered)
+    reason = _refused(tiled_client, stack)
+    assert f"does not read back from Tiled as it was written: 'det_img' of event 3 of the '{stream}' stream" in reason
+    assert "was removed" in reason and len(made) == 2 and path.exists()
+    monkeypatch.undo()
+    outcome = import_stack(tiled_client, stack, ImportOptions(references=REFS))
+    assert outcome.status == "complete" and outcome.details["images"] == "copied", outcome
+    np.testing.assert_array_equal(open_raw_run(tiled_client, outcome.run_uid)["primary"]["det_img"].read(),
+                                  frames["images"])
+
+
 def _nxstxm(path, frames) -> None:
     """An NXstxm file (the definition's layout: NXentry / NXdata ``data`` (energy, sample_y, sample_x))."""
     from nexusformat.nexus import NXdata, NXentry, NXfield, NXroot, NXsample

@@ -25,12 +25,8 @@ from services_support import postgres_bin, private_postgres, uvicorn_port
 from tiled.structures.core import Spec
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
-from phasestream.jobs.reprocess import (
-    RawRunMismatchError,
-    ReprocessOptions,
-    raw_run_documents,
-    reprocess_run,
-)
+from phasestream.jobs.raw_documents import RawRunMismatchError, raw_run_documents
+from phasestream.jobs.reprocess import ReprocessOptions, reprocess_run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.tiled import connect, open_raw_run, raw_run_writer
