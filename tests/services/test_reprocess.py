@@ -25,8 +25,11 @@ def tiled(tiled_server, tiled_client, detector_files):
 
 
 @pytest.mark.parametrize(("mode", "external"), [
-    ("stxm", False), ("txm", False),
-    pytest.param("stxm", True, marks=pytest.mark.slow),  # make test-stack: keeps make test under 15 minutes
+    ("stxm", False),
+    # make test-stack: keeps make test under 15 minutes (a TXM run is reprocessed in make test by
+    # tests/jobs/test_importing.py, the dark-less stack)
+    pytest.param("txm", False, marks=pytest.mark.slow),
+    pytest.param("stxm", True, marks=pytest.mark.slow),
 ])
 def test_reprocess_equals_live(tiled, mode, external):
     server, client, files = tiled
