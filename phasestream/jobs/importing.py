@@ -59,6 +59,7 @@ from phasestream.jobs.import_documents import (
 from phasestream.jobs.import_external import ExternalImages
 from phasestream.jobs.raw_documents import raw_run_documents
 from phasestream.references import load_references
+from phasestream.store.readback import uncompressed
 from phasestream.store.tiled import raw_run_writer, raw_runs
 
 __all__ = ["DEFAULT_REFERENCES", "ImportConflictError", "ImportOptions", "find_import", "import_stack", "import_uid",
@@ -221,7 +222,7 @@ def _copy_mismatch(runs, uid: str, checked: CheckedImport, page_size: int) -> st
     stored: dict[tuple[str, int], Mapping[str, Any]] = {}
     streams: dict[str, str] = {}
     try:
-        for name, doc in raw_run_documents(runs[uid]):
+        for name, doc in raw_run_documents(uncompressed(runs[uid])):
             if name == "descriptor":
                 streams[doc["uid"]] = doc.get("name", "")
             elif name == "event":
