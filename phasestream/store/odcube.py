@@ -34,6 +34,7 @@ from phasestream.contract import OD_DTYPE
 from phasestream.store.odstore import (
     OD_ZARR_CONFIG,
     check_own_od,
+    external_od_path,
     external_source,
     flush_and_drop,
     new_od_zarr,
@@ -181,30 +182,57 @@ class OdCube:
             self.stream = None
 
     def read_back_written(self, block_bytes: int = BLOCK_BYTES) -> None:
-        """Read the planes written and not yet read back from Tiled (uncompressed; runs of consecutive planes,
-        at most ``block_bytes`` a request) and count those whose bytes have their digest as :attr:`verified`.
-        A plane that differs, or a read that fails, is left to the final read-back (``ResultWriter.read_back``),
-        which reads it again and names it. Called while the sink has nothing else to write, this leaves the
-        final read-back only the last planes when planes come at a detector's pace."""
+        """Read the planes written and not yet read back (runs of consecutive planes, at most ``block_bytes`` a
+        read) and count those whose bytes have their digest as :attr:`verified`: from Tiled (uncompressed), or,
+        for an external ``od``, from its zarr files, whose chunks were dropped from the page cache when written
+        (what Tiled serves from them is checked at the end, :meth:`served_problem`). A plane that differs, or a
+        read that fails, is left to the final read-back (``ResultWriter.read_back``), which reads it again
+        through Tiled and names it. Called while the sink has nothing else to write, this leaves the final
+        read-back only the last planes when planes come at a detector's pace."""
         pending = sorted(set(self.digests) - self.verified)
         if not pending:
             return
         rows = max(1, int(block_bytes) // (int(np.prod(self.shape)) * np.dtype(OD_DTYPE).itemsize))
         try:
-            if self._reader is None or self._reader[0] != self.capacity:  # a grown od: its new shape
-                self._reader = (self.capacity, uncompressed(self.container)["od"])
+            if self.od_path is not None:
+                with self._store_errors():
+                    source = self._zarr_array()
+            else:
+                if self._reader is None or self._reader[0] != self.capacity:  # a grown od: its new shape
+                    self._reader = (self.capacity, uncompressed(self.container)["od"])
+                source = self._reader[1]
             start = 0
             while start < len(pending):
                 end = start + 1
                 while end < len(pending) and end - start < rows and pending[end] == pending[end - 1] + 1:
                     end += 1
                 first = pending[start]
-                got = np.ascontiguousarray(self._reader[1][first:first + end - start])
+                got = np.ascontiguousarray(source[first:first + end - start])
                 self.verified.update(first + i for i, plane in enumerate(got)
                                      if plane_sha256(plane) == self.digests.get(first + i))
                 start = end
         except Exception as error:  # noqa: BLE001 - read again, and reported, by the final read-back
             log.debug("%s/od: planes not read back yet (%s)", self.path, type(error).__name__)
+
+    def served_problem(self, n: int) -> str | None:
+        """For an external ``od`` of ``n`` planes: how what Tiled serves is not its zarr files here (None when it
+        is): Tiled's data source must be this file, and a corner of the last plane read through Tiled must equal
+        the file's, byte for byte. (The planes themselves are read back from the file.)"""
+        if self.od_path is None or not n:
+            return None
+        try:
+            node = uncompressed(self.container)["od"]
+            served = external_od_path(node)
+            if served is None or served.resolve() != self.od_path.resolve():
+                return f"od: Tiled serves it from {served}, not from the file written, {self.od_path}"
+            corner = (n - 1, slice(0, 4), slice(0, 4))
+            with self._store_errors():
+                written = np.ascontiguousarray(self._zarr_array()[corner])
+            if np.ascontiguousarray(node[corner]).tobytes() != written.tobytes():
+                return f"od: Tiled serves other values than its file {self.od_path} holds (plane {n - 1})"
+        except Exception as error:  # noqa: BLE001 - any failure means: not read back
+            return f"od: cannot be read back through Tiled ({type(error).__name__}: {error})"
+        return None
 
     def read_back_digest(self, n: int) -> str | None:
         """The SHA-256 of planes ``0 .. n - 1`` when each was written once, in order, and read back as written

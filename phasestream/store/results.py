@@ -363,6 +363,12 @@ class ResultWriter:
                 problems += error.problems
             except Exception as error:  # noqa: BLE001 - any read failure means: not read back
                 problems.append(f"od: cannot be read back ({type(error).__name__}: {error})")
+            else:
+                with self._lock:
+                    served = self.od.served_problem(n_od)
+                if served is not None:
+                    digests.pop("od")
+                    problems.append(served)
         if problems:
             raise ReadBackError(f"arrays did not read back from Tiled: {'; '.join(problems)}", problems)
         return digests

@@ -209,3 +209,32 @@ def test_arrays_not_as_written_in_tiled_make_the_result_partial(tiled, monkeypat
     assert "result array od: plane 2 read back from Tiled is not what was written" in errors, errors
     assert "result array phase: read back from Tiled, it is not what was written: at (0, 0)" in errors, errors
     assert "array_sha256" not in md
+
+
+def test_an_od_plane_not_on_disk_as_written_makes_an_od_store_result_partial(tiled, detector_files, monkeypatch):
+    """With the OD store the planes are read back from their zarr files (dropped from the page cache as written)
+    and what Tiled serves from them is checked when the run ends: a plane whose file does not hold what the
+    worker wrote (a byte changed on its way to the disk, here) makes the result ``partial``, naming it."""
+    from phasestream.store import odcube
+
+    flush = odcube.flush_and_drop
+
+    def corrupting(path):
+        if path.parts[-3:] == ("2", "0", "0"):  # the chunk of plane 2 (zarr v3 key c/2/0/0)
+            data = bytearray(path.read_bytes())
+            data[4 * (5 * SHAPE[1] + 5)] ^= 0x40  # one byte of pixel (5, 5)
+            path.write_bytes(bytes(data))
+        flush(path)
+
+    monkeypatch.setattr(odcube, "flush_and_drop", corrupting)
+    RE = RunEngine({})
+    cb = PhaseMapCallback(tiled, backend="numba", od_store=detector_files / "od-store-corrupt")
+    RE.subscribe(cb)
+    uid, _ = scan(RE, 2.0, seed=8)
+    assert cb.flush(60)
+    cb.close()
+    md = tiled["phasestream"][uid].metadata
+    assert md["status"] == "partial", md
+    errors = "; ".join(md["errors"])
+    assert "result array od: plane 2 read back from Tiled is not what was written" in errors, errors
+    assert "array_sha256" not in md
