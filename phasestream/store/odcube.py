@@ -73,7 +73,8 @@ class OdCube:
         #: plane index -> SHA-256 of the plane as this writer wrote it (``readback.read_back_planes``);
         #: none for the planes of a reopened result, which an earlier writer wrote
         self.digests: dict[int, str] = {}
-        #: planes read back from Tiled as written, while the sink had nothing else to write (:meth:`read_back_written`)
+        #: planes read back as written (from Tiled, or an external od's files) while the sink was idle
+        #: (:meth:`read_back_written`)
         self.verified: set[int] = set()
         #: SHA-256 of planes ``0 .. streamed - 1`` as written, while they were written once each, in order
         #: (the whole cube's digest without reading it again); None once planes came otherwise
