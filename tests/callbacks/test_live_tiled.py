@@ -201,14 +201,8 @@ def test_arrays_not_as_written_in_tiled_make_the_result_partial(tiled, monkeypat
 
     RE.subscribe(tamper_at_stop)
     uid, _ = scan(RE, 2.0, seed=7)
-    assert cb.flush(60)
-    cb.close()
-    md = tiled["phasestream"][uid].metadata
-    assert md["status"] == "partial", md
-    errors = "; ".join(md["errors"])
-    assert "result array od: plane 2 read back from Tiled is not what was written" in errors, errors
-    assert "result array phase: read back from Tiled, it is not what was written: at (0, 0)" in errors, errors
-    assert "array_sha256" not in md
+    _partial_naming(tiled, cb, uid, "od: plane 2 read back from Tiled is not what was written",
+                    "phase: read back from Tiled, it is not what was written: at (0, 0)")
 
 
 def test_an_od_plane_not_on_disk_as_written_makes_an_od_store_result_partial(tiled, detector_files, monkeypatch):
@@ -231,10 +225,17 @@ def test_an_od_plane_not_on_disk_as_written_makes_an_od_store_result_partial(til
     cb = PhaseMapCallback(tiled, backend="numba", od_store=detector_files / "od-store-corrupt")
     RE.subscribe(cb)
     uid, _ = scan(RE, 2.0, seed=8)
+    _partial_naming(tiled, cb, uid, "od: plane 2 read back from Tiled is not what was written")
+
+
+def _partial_naming(tiled, cb, uid: str, *problems: str) -> None:
+    """Once ``cb`` has finished: the run's result is ``partial``, its errors name each of ``problems`` as a
+    result array that did not read back, and it records no digests."""
     assert cb.flush(60)
     cb.close()
     md = tiled["phasestream"][uid].metadata
     assert md["status"] == "partial", md
     errors = "; ".join(md["errors"])
-    assert "result array od: plane 2 read back from Tiled is not what was written" in errors, errors
+    for problem in problems:
+        assert f"result array {problem}" in errors, errors
     assert "array_sha256" not in md
