@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -157,19 +157,21 @@ def plane_sha256(plane: np.ndarray) -> str:
 
 
 def read_back_planes(writer: ResultWriter, name: str, shape: tuple[int, ...], dtype: Any,
-                     digests: Mapping[int, str], *, read_back: str | None = None,
+                     digests: Mapping[int, str], *, verified: Collection[int] = (), read_back: str | None = None,
                      block_bytes: int = BLOCK_BYTES) -> str:
     """Read the (E, ...) array ``name`` of ``shape`` and ``dtype`` back from the result, in blocks of planes,
     and compare each plane's SHA-256 with ``digests`` (plane index -> :func:`plane_sha256` of the plane as it
     was written); the SHA-256 of the whole array's bytes (C order), as :func:`read_back` gives.
 
-    ``read_back``: the array's digest when every plane was already read back as written (the live OD cube,
-    plane by plane as it was written): then only its structure is checked again, and that digest returned.
+    ``verified``: planes already read back as written, which need no digest (they are read again for the
+    array's digest). ``read_back``: the array's digest when every plane was already read back as written
+    (the live OD cube, plane by plane as it was written): then only its structure is checked again, and that
+    digest returned.
 
-    Raises :class:`ReadBackError` when a plane was never written (no digest), when the array is missing or
-    has another shape or dtype in Tiled, or naming the first plane whose bytes differ.
+    Raises :class:`ReadBackError` when a plane was never written (no digest and not verified), when the array
+    is missing or has another shape or dtype in Tiled, or naming the first plane whose bytes differ.
     """
-    unwritten = [index for index in range(shape[0]) if index not in digests]
+    unwritten = [index for index in range(shape[0]) if index not in digests and index not in verified]
     if unwritten:
         raise ReadBackError(f"{name}: {len(unwritten)} of its {shape[0]} planes were never written "
                             f"(the first: {unwritten[0]})")
@@ -183,7 +185,7 @@ def read_back_planes(writer: ResultWriter, name: str, shape: tuple[int, ...], dt
         with explained_refusal("read", f"{writer.path}/{name}"):
             block = np.ascontiguousarray(node[start:start + rows])
         for offset, plane in enumerate(block):
-            if plane_sha256(plane) != digests[start + offset]:
+            if start + offset in digests and plane_sha256(plane) != digests[start + offset]:
                 raise ReadBackError(f"{name}: plane {start + offset} read back from Tiled is not what was written "
                                     "(its SHA-256 differs)")
         digest.update(block)

@@ -356,9 +356,10 @@ class ResultWriter:
         if n_od:
             with self._lock:
                 self.od.read_back_written()
-                planes, read = dict(self.od.digests), self.od.read_back_digest(n_od)
+                planes, verified, read = dict(self.od.digests), set(self.od.verified), self.od.read_back_digest(n_od)
             try:
-                digests["od"] = read_back_planes(self, "od", (n_od, *self.shape), OD_DTYPE, planes, read_back=read)
+                digests["od"] = read_back_planes(self, "od", (n_od, *self.shape), OD_DTYPE, planes, verified=verified,
+                                                 read_back=read)
             except ReadBackError as error:
                 problems += error.problems
             except Exception as error:  # noqa: BLE001 - any read failure means: not read back

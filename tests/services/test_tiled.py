@@ -1,5 +1,6 @@
 """Tiled helpers against a real embedded Tiled server and a real RunEngine; oracle: the NumPy arrays written."""
 
+import hashlib
 import re
 import socket
 
@@ -234,6 +235,8 @@ def test_finalize_trims_od_of_an_aborted_scan(client, od_store):
     assert result["od"].chunks[0] == (1, 1, 1)
     np.testing.assert_array_equal(result["od"].read(), planes)
     assert_od_kept_as(client, uid, od_store)
+    # the trimmed cube reads back as written (the planes were verified, or keep their digests)
+    assert w.read_back({}, 3) == {"od": hashlib.sha256(planes.tobytes()).hexdigest()}
     with pytest.raises(ValueError, match="holds 3 planes"):
         w.finalize_od(4)
     w.finalize_od(0)  # nothing usable: no od at all, and no files left behind
