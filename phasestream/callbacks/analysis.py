@@ -441,7 +441,9 @@ class RunAnalysis(DocumentRouter):
                 if what not in _SUPERSEDED:  # superseded by the final maps, which are verified
                     failed_write = True
                     final_status = "partial" if final_status == "complete" else final_status
-            if self.writer is None and self.config.writes_tiled and not self.conflict:
+            if self.conflict:  # the result is another writer's (a second worker, a replayed start): none written here
+                final_status = "skipped"
+            elif self.writer is None and self.config.writes_tiled:
                 final_status = "failed"  # the result container could not be created: nothing is in Tiled
             # last image -> final maps and OD in Tiled; status and timings follow in one update
             timings["last_image_to_result_s"] = (time.time() - t_last) if t_last else None

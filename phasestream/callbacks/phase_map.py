@@ -233,9 +233,12 @@ class PhaseMapCallback:
                 od_store=self.od_store,
             )
         except ResultExistsError:
-            # created meanwhile (another worker, a replayed start): never replaced; recorded there
+            # created meanwhile (another worker, a replayed start): never replaced; noted there and on this run
             analysis.conflict = True
-            self._record_conflict(analysis.result.key)
+            message = conflict_message()
+            logger.error("run %s: %s", analysis.result.key, message)
+            analysis.record_error(message)
+            self.unanalysed.note_conflict(analysis.result.key, message)
             return None
 
     def _origin(self, uid: str, origin: dict) -> dict:

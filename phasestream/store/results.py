@@ -4,7 +4,7 @@ One container ``<root>/<run uid>`` (``<root>/<run uid>.f<index>`` per field of a
 positions) with specs ``["PhaseMap"]`` holding the arrays of ``MAP_LAYOUT`` (``phasestream.contract``)
 and ``od`` (E, Y, X), and the result metadata. Keys and the root are checked before they name a node
 or a folder; an existing result is replaced only with ``replace=True`` (``phasestream reprocess``), and
-:meth:`ResultWriter.verify` reads the arrays back before a result is complete (docs/security.md).
+:meth:`ResultWriter.read_back` reads the arrays back bit for bit before a result is complete (docs/contract.md).
 """
 
 from __future__ import annotations
@@ -157,11 +157,17 @@ class ResultWriter:
             try:
                 self.container = results.create_container(key, metadata=md, specs=[RESULT_SPEC])
             except Exception as exc:  # a replaced result: the error says it is gone (the raw run stays)
+                if isinstance(exc, ClientError) and exc.response.status_code == 409:  # another writer was first
+                    raise ResultExistsError(
+                        f"a result for run {run_uid} was created at {self.path} by another writer meanwhile"
+                        + ("" if removed is None else f", after the earlier one (status {removed}) was removed")
+                        + ": it is left as it is") from exc
                 if removed is None:
                     raise
                 raise RuntimeError(f"the earlier result at {self.path} (status {removed}) was removed to be "
                                    f"replaced, and the new one could not be created: {exc}") from exc
         self._lock = threading.Lock()
+        self._errors_sent: list | None = list(md["errors"])
         self._arrays: dict[str, Any] = {}
         self.od = OdCube(self.container, self.path, run_uid, self.shape, self._arrays, od_store=self.od_store,
                          od_path=None if od_store is None else path_inside(self.od_store, root, key, "od.zarr"))
@@ -207,6 +213,7 @@ class ResultWriter:
         self.path, self.container = path, container
         self.shape, self.phases, seen, errors = result_layout(path, container.metadata)
         self._lock = threading.Lock()
+        self._errors_sent = None  # errors written whole (a list that is not one is replaced)
         if errors is not None:  # not a list, which record_error appends to (500s, retried for 25 s)
             self.update_metadata(errors=errors)
         self._arrays = {key: container[key] for key in container}
@@ -381,9 +388,23 @@ class ResultWriter:
         whose ``updated_at`` is old belongs to no live run (see ``LiveService.find_stale``).
         """
         fields = _normalized_fields({**fields, "updated_at": time.time()})
-        patch = [{"op": "add", "path": _pointer(key), "value": value} for key, value in fields.items()]
         with self._lock, explained_refusal("update metadata of", self.path):
+            patch = [{"op": "add", "path": _pointer(key), "value": value} for key, value in fields.items()
+                     if key != "errors"] + self._errors_patch(fields.get("errors"))
             self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
+            if "errors" in fields:
+                self._errors_sent = list(fields["errors"]) if self._errors_sent is not None else None
+
+    def _errors_patch(self, errors: list | None) -> list[dict]:
+        """The patch that makes this writer's ``errors`` these: only the entries new since the list it last wrote are
+        appended, so a note another process appended meanwhile (a conflict, a job's failure) stays; the list is set
+        whole when it is not the last one grown (a reopened result's)."""
+        if errors is None:
+            return []
+        sent = self._errors_sent
+        if sent is not None and errors[:len(sent)] == sent:
+            return [{"op": "add", "path": "/errors/-", "value": error} for error in errors[len(sent):]]
+        return [{"op": "add", "path": "/errors", "value": errors}]
 
     def record_error(self, message: str) -> None:
         """Append ``message`` to the ``errors`` list of the result (server-side append)."""

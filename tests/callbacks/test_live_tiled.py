@@ -2,6 +2,7 @@
 
 import hashlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from bluesky import RunEngine
 from tiled.queries import Key
 
 from phasestream.callbacks.phase_map import PhaseMapCallback
+from phasestream.callbacks.unanalysed import CONFLICT_NOTE
 from phasestream.kernels import optical_density_reference, pearson_maps
 from phasestream.references import load_references, select_energies
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
@@ -226,6 +228,70 @@ def test_an_od_plane_not_on_disk_as_written_makes_an_od_store_result_partial(til
     RE.subscribe(cb)
     uid, _ = scan(RE, 2.0, seed=8)
     _partial_naming(tiled, cb, uid, "od: plane 2 read back from Tiled is not what was written")
+
+
+class _SecondWorker:
+    """The Tiled client of a second worker on the same stream (the first worker's, under another name)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def __contains__(self, key):
+        return key in self._client
+
+    def __getitem__(self, key):
+        return self._client[key]
+
+
+class _LookedAtTheSameInstant:
+    """The results container as the second worker's writer sees it: asked whether the run's result is there, it
+    hears no, just as the first worker creates it."""
+
+    def __init__(self, node):
+        self._node = node
+
+    def __getattr__(self, name):
+        return getattr(self._node, name)
+
+    def __contains__(self, key):
+        deadline = time.monotonic() + 30
+        while key not in self._node and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the first worker has created it
+        return False
+
+
+def test_two_workers_creating_one_result_at_once_leave_the_first_as_it_is(tiled, monkeypatch):
+    """Two live workers on one stream create the run's result at the same instant: Tiled refuses the second
+    (409). That is the conflict of a replayed start: the first worker's result is left as it is, the second's
+    note is kept on it, and the second worker's own run ends ``skipped`` (nothing of it in Tiled), so no
+    recovery from the raw run starts there. The refusal was a failed write: the second run ended ``failed``,
+    which a live service recovers by reprocessing the run over the first worker's result."""
+    from phasestream.store import results
+
+    second_client = _SecondWorker(tiled)
+    ensure = results._ensure_container
+    monkeypatch.setattr(results, "_ensure_container", lambda client, path: (
+        _LookedAtTheSameInstant(ensure(tiled, path)) if client is second_client else ensure(client, path)))
+    RE = RunEngine({})
+    first = PhaseMapCallback(tiled, backend="numba", partial_budget=None)
+    second = PhaseMapCallback(second_client, backend="numba", partial_budget=None)
+    RE.subscribe(first)
+    RE.subscribe(second)
+    uid, _ = scan(RE, 2.0, seed=9)
+    assert first.flush(60) and second.flush(60)
+    first.close()
+    second.close()
+    md = tiled["phasestream"][uid].metadata
+    assert md["status"] == "complete" and md["n_energies_seen"] == len(ENERGIES)
+    assert len(md["errors"]) == 1 and CONFLICT_NOTE in md["errors"][0], md["errors"]
+    for name, digest in md["array_sha256"].items():  # the first worker's arrays, as it wrote them
+        assert hashlib.sha256(tiled["phasestream"][uid][name].read().tobytes()).hexdigest() == digest, name
+    lost = second.results[uid]
+    assert lost.status == "skipped" and not lost.write_failed, (lost.status, lost.errors)
+    assert len(lost.errors) == 1 and CONFLICT_NOTE in lost.errors[0]
 
 
 def _partial_naming(tiled, cb, uid: str, *problems: str) -> None:

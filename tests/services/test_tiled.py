@@ -315,6 +315,20 @@ def test_metadata_updates_merge_top_level_keys(client):
         w.update_metadata(status="done")
 
 
+def test_errors_another_process_appended_stay_when_the_writer_updates_its_own(client):
+    """The live writer sends its whole ``errors`` list with each update; a note another process appended
+    meanwhile (a second worker's conflict note, a recovery's reason) was lost with the next update."""
+    w = writer(client, "run-errors")
+    w.update_metadata(errors=["plane 3: energy missing"])
+    ResultWriter.open(client, "run-errors").record_error("a note from another process")
+    w.update_metadata(errors=["plane 3: energy missing", "writing the mask failed"], status="partial")
+    assert client["phasestream/run-errors"].metadata["errors"] == [
+        "plane 3: energy missing", "a note from another process", "writing the mask failed"]
+    reopened = ResultWriter.open(client, "run-errors")  # a reopened result's list is written whole
+    reopened.update_metadata(errors=["only this"])
+    assert client["phasestream/run-errors"].metadata["errors"] == ["only this"]
+
+
 def test_existing_results_are_refused_replaced_or_reopened(client, od_store):
     uid = uid_for("run-again", od_store)
     w = writer(client, uid, od_store=od_store, n_energies=2)
