@@ -33,6 +33,7 @@ from tiled.structures.data_source import DataSource
 from phasestream.contract import OD_DTYPE
 from phasestream.store.odstore import (
     OD_ZARR_CONFIG,
+    PlaneReader,
     check_own_od,
     external_od_path,
     external_source,
@@ -45,6 +46,16 @@ from phasestream.store.readback import BLOCK_BYTES, plane_sha256, uncompressed
 from phasestream.store.tiled import explained_refusal
 
 __all__ = ["OdCube"]
+
+
+def _same_bytes(got: np.ndarray, plane: np.ndarray) -> bool:
+    """Whether ``got`` (uint8) is the bytes of ``plane`` as stored (little-endian float32, C order); compared 8
+    bytes at a time where the size allows (about 2 ms for 16 MB against 5 ms a byte at a time)."""
+    want = np.ascontiguousarray(plane, dtype="<f4").reshape(-1).view(np.uint8)
+    if got.size != want.size:
+        return False
+    wide = np.uint64 if want.size % 8 == 0 else np.uint8
+    return bool(np.array_equal(got.view(wide), want.view(wide)))
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +93,7 @@ class OdCube:
         self.stream: Any | None = hashlib.sha256()
         self.streamed = 0
         self._reader: tuple[int, Any] | None = None
+        self._disk: PlaneReader | bool | None = None  # reads an external od's planes from disk (False: via zarr)
 
     @property
     def n_planes(self) -> int:
@@ -191,21 +203,35 @@ class OdCube:
 
     def _read_back_file(self, start: int, block: np.ndarray) -> None:
         """Read the planes of an external ``od`` just written (``block`` at ``start``) back from their zarr files,
-        whose chunks were dropped from the page cache (the disk's bytes), and compare them byte for byte with
-        ``block``, still in memory: a plane that matches is :attr:`verified`; one that does not, or a read that
-        fails, gets its digest for the final read-back, which reads it again through Tiled and names it. Two
-        SHA-256s of a plane fewer than reading it back later (about 20 ms of a 2048^2 plane)."""
-        try:
-            with self._store_errors():
-                got = np.ascontiguousarray(self._zarr_array()[start:start + block.shape[0]])
-        except Exception as error:  # noqa: BLE001 - read again, and reported, by the final read-back
-            log.debug("%s/od: planes %d.. not read back from their file (%s)", self.path, start, type(error).__name__)
-            got = None
+        whose chunks were dropped from the page cache (the disk's bytes: :class:`PlaneReader`), and compare them
+        byte for byte with ``block``, still in memory: a plane that matches is :attr:`verified`; one that does
+        not, or a read that fails, gets its digest for the final read-back, which reads it again through Tiled
+        and names it. Two SHA-256s of a plane fewer than reading it back later (about 20 ms of a 2048^2 plane)."""
         for i, plane in enumerate(block):
-            if got is not None and np.array_equal(got[i].reshape(-1).view(np.uint8), plane.reshape(-1).view(np.uint8)):
+            try:
+                with self._store_errors():
+                    got = self._disk_plane(start + i)
+            except Exception as error:  # noqa: BLE001 - read again, and reported, by the final read-back
+                log.debug("%s/od: plane %d not read back from its file (%s)", self.path, start + i,
+                          type(error).__name__)
+                got = None
+            if got is not None and _same_bytes(got, plane):
                 self.verified.add(start + i)
             else:
                 self.digests[start + i] = plane_sha256(plane)
+
+    def _disk_plane(self, index: int) -> np.ndarray:
+        """Plane ``index`` of the external ``od`` as its file holds it (uint8; valid until the next call)."""
+        array = self._zarr_array()
+        if self._disk is None:
+            nbytes = int(np.prod(self.shape)) * np.dtype(OD_DTYPE).itemsize
+            self._disk = PlaneReader(nbytes) if PlaneReader.stored_as_bytes(array) else False
+        if self._disk is False:  # another layout: through zarr
+            return np.ascontiguousarray(array[index]).reshape(-1).view(np.uint8)
+        got = self._disk.read(self.od_path / array.metadata.encode_chunk_key((index, 0, 0)))
+        if got is None:
+            raise ValueError(f"the chunk file of plane {index} does not hold one plane")
+        return got
 
     def read_back_written(self, block_bytes: int = BLOCK_BYTES) -> None:
         """Read the planes written and not yet read back (runs of consecutive planes, at most ``block_bytes`` a

@@ -14,7 +14,7 @@ from tiled.queries import Key
 
 from phasestream.sim import TransmissionDetector, energy_stack_scan, make_energy, make_sample
 from phasestream.store.catalog import find
-from phasestream.store.odstore import check_od_store, external_source, new_od_zarr, plane_structure
+from phasestream.store.odstore import PlaneReader, check_od_store, external_source, new_od_zarr, plane_structure
 from phasestream.store.results import ResultExistsError, ResultWriter
 from phasestream.store.tiled import (
     TiledConnectionError,
@@ -254,6 +254,27 @@ def test_od_store_is_checked_to_be_served_by_tiled(client, store_root, tmp_path,
     for folder in (store_root, tmp_path):  # the check leaves nothing behind
         assert not any(p.name.startswith("phasestream-od-store-check") for p in folder.iterdir())
     assert not [key for key in client if key.startswith("phasestream-od-store-check")]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o-direct", "read-and-drop"])
+def test_od_planes_are_read_from_their_chunk_files_as_zarr_stores_them(tmp_path, direct):
+    """The live read-back of an external ``od`` reads each plane's chunk file itself (with O_DIRECT where the file
+    system takes it): the bytes must be the plane as zarr stores it and reads it back; a file that is not one
+    plane is no plane."""
+    planes = np.random.default_rng(3).normal(size=(3, 37, 29)).astype(np.float32)  # 4292 bytes: not whole pages
+    array = new_od_zarr(tmp_path / "od.zarr", planes.shape)
+    array[:] = planes
+    assert PlaneReader.stored_as_bytes(array)
+    reader = PlaneReader(planes[0].nbytes)
+    reader._direct = direct and reader._direct
+    for index in range(3):
+        got = reader.read(tmp_path / "od.zarr" / array.metadata.encode_chunk_key((index, 0, 0)))
+        np.testing.assert_array_equal(got.view(np.float32).reshape(37, 29), zarr.open_array(
+            str(tmp_path / "od.zarr"))[index])
+    (tmp_path / "short").write_bytes(b"\0" * (planes[0].nbytes - 4))
+    assert reader.read(tmp_path / "short") is None
+    compressed = zarr.create_array(str(tmp_path / "c.zarr"), shape=planes.shape, chunks=(1, 37, 29), dtype="f4")
+    assert not PlaneReader.stored_as_bytes(compressed)  # zarr's default codecs compress: read through zarr
 
 
 def test_maps_are_written_with_contract_dtypes_and_overwritten_in_place(client):
