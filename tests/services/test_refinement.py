@@ -136,6 +136,7 @@ def test_an_earlier_refinement_record_of_the_wrong_type_is_no_record(tiled_clien
     assert md["refinement"]["status"] == "skipped" and md["denoising"]["status"] == "skipped"
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes (a skip with its reason: model_server_down)
 def test_energies_not_matching_the_model_are_skipped_with_reason(tiled_client, tiled_server, models, capsys):
     sample = make_sample((48, 48), state_of_charge=2.0, seed=6, n_particles=1)
     uid = _scan(tiled_client, sample, energies=select_energies(REFS, 6))
