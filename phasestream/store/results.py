@@ -382,7 +382,8 @@ class ResultWriter:
         return digests
 
     def update_metadata(self, **fields: Any) -> None:
-        """Merge ``fields`` into the result metadata: each top-level key is set whole (shallow merge).
+        """Merge ``fields`` into the result metadata: each top-level key is set whole (shallow merge), except
+        ``errors`` of a writer that created the result, whose new entries are appended (:meth:`_errors_patch`).
 
         ``updated_at`` (seconds since the epoch) is set with every update: a result left ``running``
         whose ``updated_at`` is old belongs to no live run (see ``LiveService.find_stale``).
@@ -390,8 +391,16 @@ class ResultWriter:
         fields = _normalized_fields({**fields, "updated_at": time.time()})
         with self._lock, explained_refusal("update metadata of", self.path):
             patch = [{"op": "add", "path": _pointer(key), "value": value} for key, value in fields.items()
-                     if key != "errors"] + self._errors_patch(fields.get("errors"))
-            self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
+                     if key != "errors"]
+            try:
+                self.container.patch_metadata(metadata_patch=patch + self._errors_patch(fields.get("errors")),
+                                              drop_revision=True)
+            except Exception:  # errors no longer a list to append to (edited by hand): set whole, once
+                if "errors" not in fields or self._errors_sent is None:
+                    raise
+                self.container.patch_metadata(metadata_patch=[*patch, {"op": "add", "path": "/errors",
+                                                                       "value": fields["errors"]}],
+                                              drop_revision=True)
             if "errors" in fields:
                 self._errors_sent = list(fields["errors"]) if self._errors_sent is not None else None
 

@@ -350,6 +350,17 @@ def test_errors_another_process_appended_stay_when_the_writer_updates_its_own(cl
     assert client["phasestream/run-errors"].metadata["errors"] == ["only this"]
 
 
+@pytest.mark.slow  # make test-stack: Tiled answers the append 500, which its client retries for 25 s
+def test_errors_edited_by_hand_into_no_list_are_set_whole_by_the_writer(client):
+    w = writer(client, "run-errors-text")
+    w.update_metadata(errors=["plane 3: energy missing"])
+    node = client["phasestream/run-errors-text"]  # edited by hand into a text: no list to append to
+    node.replace_metadata(metadata={**dict(node.metadata), "errors": "see the logbook"})
+    w.update_metadata(errors=["plane 3: energy missing", "stopped"], status="partial")
+    md = node.refresh().metadata
+    assert md["errors"] == ["plane 3: energy missing", "stopped"] and md["status"] == "partial"
+
+
 def test_existing_results_are_refused_replaced_or_reopened(client, od_store):
     uid = uid_for("run-again", od_store)
     w = writer(client, uid, od_store=od_store, n_energies=2)
