@@ -187,6 +187,7 @@ def test_a_denoising_that_does_not_complete_keeps_the_earlier_complete_one(tiled
     assert md["phase_fractions_denoised"] and DENOISE in md["models"]
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_a_denoising_that_does_not_complete_leaves_no_arrays_of_its_own(tiled_client, models):
     uid = _scan(tiled_client, seed=7)
     down = denoise_result(tiled_client, uid, DenoiseOptions(address="tcp://127.0.0.1:1", timeout=0.5))

@@ -187,8 +187,10 @@ def test_no_enhancement_while_a_split_one_copies_its_array_in(tiled_client):
     assert node.metadata["enhancement"] == running and "enhanced" not in node
 
 
-@pytest.mark.parametrize("hostile", [{"models": "indi", "enhancements": "all of them"},
-                                     {"models": [INDI], "enhancements": ["indi-particles-synthetic/1.0.0/1"]}])
+@pytest.mark.parametrize("hostile", [{"models": "indi", "enhancements": "all of them"},  # the 2nd in make test-stack
+                                     pytest.param({"models": [INDI],
+                                                   "enhancements": ["indi-particles-synthetic/1.0.0/1"]},
+                                                  marks=pytest.mark.slow)])
 def test_models_and_enhancements_of_the_wrong_type_are_taken_as_none(tiled_client, models, hostile):
     """A hand-edited ``models`` or ``enhancements`` (a string, a list) failed the enhancement with a ValueError
     from ``dict()``, the array written but not recorded; it is taken as none and the record is written."""

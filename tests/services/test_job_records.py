@@ -192,6 +192,7 @@ def test_a_record_left_running_by_an_earlier_version_is_finalized_once_the_resul
     assert _arrays(node, DENOISING_ARRAYS) == before
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_a_rerun_proceeds_over_a_stale_record_and_is_refused_by_a_live_one(tiled_client):
     """Records of a job on another host (its pid means nothing here): only the heartbeat's age tells."""
     uid = _scan(tiled_client, seed=2, shape=(32, 32))

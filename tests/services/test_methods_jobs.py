@@ -284,6 +284,7 @@ def test_reprocess_method_command(tiled_server, tiled_client, ni_csv, capsys):
     np.testing.assert_allclose(node["fractions_lcf"].read(), direct["fractions_lcf"], rtol=1e-6)
 
 
+@pytest.mark.slow  # make test-stack: keeps make test under 15 minutes
 def test_sparse_scan_every_step_done_or_skipped_with_a_reason(tiled_client, ni_csv):
     """13 energies (one pre-edge, 12 at the edge): no step fails; normalization from the reference fit."""
     sparse = np.concatenate([[8300.0], np.linspace(8336.0, 8358.0, 12)])
