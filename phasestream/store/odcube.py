@@ -47,6 +47,8 @@ from phasestream.store.tiled import explained_refusal
 
 __all__ = ["OdCube"]
 
+log = logging.getLogger(__name__)
+
 
 def _same_bytes(got: np.ndarray, plane: np.ndarray) -> bool:
     """Whether ``got`` (uint8) is the bytes of ``plane`` as stored (little-endian float32, C order); compared 8
@@ -56,8 +58,6 @@ def _same_bytes(got: np.ndarray, plane: np.ndarray) -> bool:
         return False
     wide = np.uint64 if want.size % 8 == 0 else np.uint8
     return bool(np.array_equal(got.view(wide), want.view(wide)))
-
-log = logging.getLogger(__name__)
 
 
 class OdCube:
