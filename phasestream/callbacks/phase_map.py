@@ -235,10 +235,7 @@ class PhaseMapCallback:
         except ResultExistsError:
             # created meanwhile (another worker, a replayed start): never replaced; noted there and on this run
             analysis.conflict = True
-            message = conflict_message()
-            logger.error("run %s: %s", analysis.result.key, message)
-            analysis.record_error(message)
-            self.unanalysed.note_conflict(analysis.result.key, message)
+            self._record_conflict(analysis.result.key, losing=analysis)
             return None
 
     def _origin(self, uid: str, origin: dict) -> dict:
@@ -350,14 +347,15 @@ class PhaseMapCallback:
         """A result of ``uid`` is known here or in Tiled."""
         return uid in self.results or f"{uid}.f0" in self.results or self.unanalysed.in_tiled(uid)
 
-    def _record_conflict(self, uid: str) -> None:
-        """A start document for a uid that already has a result: recorded there, never replacing it."""
+    def _record_conflict(self, uid: str, losing: RunAnalysis | None = None) -> None:
+        """A start document for a uid that already has a result: recorded there, never replacing it; ``losing``,
+        an analysis of this worker whose result another writer created first, notes it too."""
         message = conflict_message()
         logger.error("run %s: %s", uid, message)
-        analysis = self.active.get(uid) or self._analysis_writing(uid)
+        analysis = losing or self.active.get(uid) or self._analysis_writing(uid)
         if analysis is not None:
             analysis.record_error(message)
-        else:
+        if analysis is None or losing is not None:  # the result in Tiled is not this worker's analysis's
             self.unanalysed.note_conflict(uid, message)
 
     def _reject(self, uid: str, start: dict, exc: BaseException) -> None:
