@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.phasestream-installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# make test runs its test files on this many pytest-xdist workers (one file per worker at a time, so that a
+# module's Tiled server and model server stay with its tests); 0 runs them in this process, one after another
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-stack test-faults bench lint env clean services up status down
 
@@ -27,7 +30,8 @@ services:
 	@bash .ci/ensure-services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest -m "not faults and not stack and not cluster and not browser and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults and not stack and not cluster and not browser and not slow" \
+		-n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the whole service started with `phasestream up` (embedded and PostgreSQL Tiled, Dask, model server),
 # the Procfile under honcho, the tests that start Dask clusters or the demo's processes (marker cluster),

@@ -215,7 +215,7 @@ def test_a_model_server_request_limit_that_is_not_a_finite_positive_size_is_refu
     ("PHASESTREAM_TILED_CATALOG", f"postgresql+asyncpg://tiled:p@ss@{PASSWORD}@db/tiled?sslpassword={PASSWORD}",
      "postgresql+asyncpg://tiled:***@db/tiled?sslpassword=***"),
     ("TILED_URI", f"http://127.0.0.1:8000/api/v1?api_key={PASSWORD}", "http://127.0.0.1:8000/api/v1?api_key=***"),
-])
+], ids=["tables-query", "redis-at-sign", "catalog-at-sign", "tiled-api-key"])  # ids without the random password
 def test_uri_passwords_in_a_query_or_holding_an_at_sign_are_masked_as_in_tiled_logs(variable, uri, shown, capsys,
                                                                                       monkeypatch):
     from phasestream.app.stack import RedactSecrets
