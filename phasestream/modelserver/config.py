@@ -21,6 +21,9 @@ class ModelServerConfig:
     bind : 0MQ address to bind; ``tcp://127.0.0.1:*`` picks a free port
     max_request_bytes : larger requests get an error reply without being decoded
     max_batch_requests : requests taken from the socket per batch
+    max_batch_bytes : a batch takes no more requests once those it holds reach this many bytes (default
+        ``max_request_bytes``): what one batch holds in memory, with its decoded arrays and outputs, stays
+        a few requests' worth however many are queued (before: up to ``max_batch_requests`` of the largest)
     folders : artifact folders (default: the packaged pretrained folder and ``PHASESTREAM_MODELS``)
     preload : ``name`` or ``name:version`` of models to load at start-up
     """
@@ -28,6 +31,7 @@ class ModelServerConfig:
     bind: str = DEFAULT_MODEL_ADDRESS
     max_request_bytes: int = 256 << 20
     max_batch_requests: int = 64
+    max_batch_bytes: int | None = None
     folders: list[str] | None = None
     preload: list[str] = field(default_factory=list)
 
@@ -38,6 +42,10 @@ class ModelServerConfig:
             raise ValueError(f"max_request_bytes must be in 1024..{MAX_REQUEST_BYTES}, got {self.max_request_bytes}")
         if self.max_batch_requests < 1:
             raise ValueError("max_batch_requests must be >= 1")
+        if self.max_batch_bytes is None:
+            self.max_batch_bytes = self.max_request_bytes
+        if not 1 <= self.max_batch_bytes <= MAX_REQUEST_BYTES:
+            raise ValueError(f"max_batch_bytes must be in 1..{MAX_REQUEST_BYTES}, got {self.max_batch_bytes}")
         return self
 
 

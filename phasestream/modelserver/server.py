@@ -5,7 +5,8 @@ process; analysis callbacks and post-scan jobs talk to it with
 :class:`~phasestream.modelserver.client.ModelClient` and never import TensorFlow themselves. The
 protocol, its validation rules and its errors: :mod:`phasestream.modelserver.protocol`.
 
-Requests that arrive together for the same model and op are run as one batch; when a batch fails
+Requests that arrive together for the same model and op are run as one batch (up to
+``max_batch_requests`` of them, and no more once they hold ``max_batch_bytes``); when a batch fails
 inside the model, each of its requests is run again on its own, so a request the model cannot take
 fails alone. SIGTERM (or :meth:`ModelServer.stop`) ends the loop after the current batch. Each op's
 work and the input checks: :mod:`phasestream.modelserver.ops`; the settings: :mod:`phasestream.modelserver.config`.
@@ -108,12 +109,14 @@ class ModelServer:
             while not self._stopping.is_set():
                 if not dict(poller.poll(200)):
                     continue
-                batch = []
-                for _ in range(self.config.max_batch_requests):
+                batch, held = [], 0
+                while len(batch) < self.config.max_batch_requests and held < self.config.max_batch_bytes:
                     try:
-                        batch.append(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
+                    batch.append(frames)
+                    held += sum(len(frame) for frame in frames)
                 try:
                     self._handle_batch(batch)
                 except Exception as exc:  # never expected (each failure is a reply): keep serving

@@ -120,6 +120,37 @@ def test_overflowing_float64_fails_alone_in_a_shared_batch(server, client, trial
     np.testing.assert_array_equal(again.latent, alone[0].latent)
 
 
+def test_a_batch_takes_no_more_requests_once_they_hold_the_request_limit(server, client):
+    """Before: a batch took up to 64 queued requests whatever their size (64 x 256 MB by default, decoded and
+    run at once); now it stops taking them once they hold the request limit (LIMIT_MB here), and the rest wait
+    for the next batch. Four requests of 1.6 MB queued behind a blocker: three in one batch, then one."""
+    spectra = [_spectra(13, 30_000, seed=40 + i) for i in range(4)]  # 1.56 MB each as float32
+    alone = [client.encode(MODEL, x).latent for x in spectra]
+    socks = [_dealer(server.address) for _ in range(5)]  # a blocker, four clients
+    try:
+        for sock in socks:
+            sock.send(serialize({"op": "health"}))
+            assert _reply(sock)["ok"]
+        before = client.health()["stats"]
+        blocker = np.random.default_rng(7).normal(size=(BLOCKER_POINTS, 3)).astype(np.float32)
+        socks[0].send(serialize({"op": "decode", "model": MODEL, "array": blocker, "id": "blocker"}))
+        time.sleep(0.2)  # the server is decoding: the four requests queue up behind it
+        for i, (sock, x) in enumerate(zip(socks[1:], spectra, strict=True)):
+            sock.send(serialize({"op": "encode", "model": MODEL, "array": x, "id": i}))
+        replies = [_reply(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    after = client.health()["stats"]
+    assert replies[0]["ok"], replies[0].get("error")
+    for i, (reply, latent) in enumerate(zip(replies[1:], alone, strict=True)):
+        assert reply["ok"] is True and reply["id"] == i, reply.get("error")
+        np.testing.assert_allclose(reply["array"], latent, rtol=1e-5, atol=1e-6)
+    # the blocker's batch, three requests (4.7 MB, the third one past the 4 MB), then the fourth
+    assert after["batches"] - before["batches"] == 3
+    assert after["items"] - before["items"] == BLOCKER_POINTS + sum(len(x) for x in spectra)
+
+
 @pytest.mark.parametrize("op, model, array, message", [
     ("decode", MODEL, np.array([[0.1, 1e300, 0.2]]), "non-finite values after conversion to float32"),
     ("encode", MODEL, np.full((2, 13), np.inf), "NaN or infinite"),
