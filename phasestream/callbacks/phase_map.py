@@ -218,7 +218,7 @@ class PhaseMapCallback:
         if self.client is None:
             return None
         try:
-            return ResultWriter(
+            writer = ResultWriter(
                 self.client,
                 analysis.settings.run_uid,
                 key=analysis.result.key,
@@ -237,6 +237,9 @@ class PhaseMapCallback:
             analysis.conflict = True
             self._record_conflict(analysis.result.key, losing=analysis)
             return None
+        if writer.replaced is not None:  # what went with the earlier result (``reprocess --replace``), for the caller
+            analysis.result.metadata["replaced"] = writer.replaced
+        return writer
 
     def _origin(self, uid: str, origin: dict) -> dict:
         """Where a result comes from: the start document's ``time`` and ``plan_name``, and ``raw``, the raw

@@ -282,11 +282,13 @@ def run(context: JobContext, run_uid: str, options: dict) -> JobOutcome:
     if result.status == "skipped":
         retry = (f"phasestream reprocess {where}--references {opts.references or 'R'} --image-key K --energy-key E "
                  f"{run_uid}")
+    # what went with the results replaced (their arrays and post-scan records), by result key
+    replaced = {key: r.metadata["replaced"] for key, r in results.items() if r.metadata.get("replaced")}
     # a result status (complete, partial, failed) is also a job status
     return JobOutcome(run_uid, "reprocess", result.status, reason="; ".join(result.errors[:5]),
                       seconds=round(time.perf_counter() - t0, 3), retry=retry,
                       details={"status": result.status, "errors": list(result.errors),
                                "phase_fractions": result.metadata.get("phase_fractions", {}),
-                               "options": asdict(opts),
+                               "options": asdict(opts), **({"replaced": replaced} if replaced else {}),
                                **({"fields": {key: r.status for key, r in results.items()}} if len(results) > 1
                                   or result.field is not None else {})})

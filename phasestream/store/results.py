@@ -32,14 +32,14 @@ from phasestream.contract import (
     path_inside,
 )
 from phasestream.contract.fields import check_result_key
-from phasestream.contract.metadata import json_ready, result_layout
+from phasestream.contract.metadata import finite_number, json_ready, result_layout
 from phasestream.store.liveness import process_identity
 from phasestream.store.odcube import OdCube
 from phasestream.store.odstore import external_od_path, remove_od_store
 from phasestream.store.readback import ReadBackError, read_back, read_back_planes
 from phasestream.store.tiled import explained_refusal
 
-__all__ = ["ResultExistsError", "ResultWriter"]
+__all__ = ["POST_SCAN_RECORDS", "ResultExistsError", "ResultWriter", "replaced_record"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,21 @@ def _ensure_container(client: Container, path: str) -> Container:
     return node
 
 
+#: the post-scan job records a result may hold (docs/contract.md#post-scan-job-records), in the order listed
+POST_SCAN_RECORDS = ("refinement", "enhancement", "enhancements", "denoising", "methods")
+
+
+def replaced_record(existing) -> dict[str, Any]:
+    """What replacing the result node ``existing`` removes, for the new result's ``replaced``: the earlier
+    result's ``status`` and ``updated_at``, its ``arrays`` (the keys in it, arrays and containers such as
+    ``enhanced``; at most 100 of at most 200 characters) and the post-scan job ``records`` it held, and ``at``,
+    when it was removed. Those arrays and records came from the earlier maps: they are not carried over."""
+    md = existing.metadata
+    return {"status": str(md.get("status"))[:40], "at": time.time(), "updated_at": finite_number(md.get("updated_at")),
+            "arrays": sorted(str(key)[:200] for key in list(existing)[:100]),
+            "records": [name for name in POST_SCAN_RECORDS if md.get(name)]}
+
+
 class ResultWriter:
     """Writes one analysed run's results into Tiled, at ``<root>/<key>`` (specs ["PhaseMap"]); ``key`` is the
     run uid, or ``<run uid>.f<index>`` for one field of a run imaged at several positions (docs/contract.md).
@@ -107,7 +122,8 @@ class ResultWriter:
     n_energies : number of energies E when known (start document ``num_points``)
     metadata : result metadata (docs/contract.md), merged over the defaults; ``state_of_charge`` is
         taken from ``sample`` when not given
-    replace : delete an existing result for this run first; otherwise it is an error
+    replace : delete an existing result for this run first (its arrays and post-scan records go with it: the new
+        result says so in ``replaced``); otherwise it is an error
     od_store : directory for ``od`` as external zarr data (see above); None: ``od`` is
         uploaded to Tiled's own storage
     """
@@ -138,6 +154,8 @@ class ResultWriter:
         self.od_store = None if od_store is None else Path(od_store).resolve()
         md = self._initial_metadata(metadata or {})
         removed = None  # the status of an earlier result this one replaces
+        #: what replacing an earlier result removed with it (:func:`replaced_record`); None when none was replaced
+        self.replaced: dict[str, Any] | None = None
         with explained_refusal("create", self.path):
             results = _ensure_container(client, root)
             if key in results:
@@ -152,6 +170,7 @@ class ResultWriter:
                     raise TypeError(f"{self.path} is not a {RESULT_SPEC} result; refusing to replace it")
                 stale = external_od_path(existing["od"] if "od" in existing else None)
                 removed = str(existing.metadata.get("status"))[:40]
+                self.replaced = md["replaced"] = replaced_record(existing)
                 existing.delete(recursive=True, external_only=False)
                 remove_od_store(stale, self.od_store)
             try:

@@ -3,13 +3,16 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from bluesky import RunEngine
 
+from phasestream.app.cli import main
 from phasestream.callbacks.phase_map import PhaseMapCallback
 from phasestream.jobs.context import JobContext
+from phasestream.jobs.refine import RefineOptions, refine_result
 from phasestream.jobs.reprocess import ResultBusyError, reprocess_run, run
 from phasestream.references import load_references, select_energies
 from phasestream.sim import HDF5TransmissionDetector, TransmissionDetector, energy_stack_scan, make_energy, make_sample
@@ -116,6 +119,40 @@ def test_a_replace_that_cannot_write_says_the_earlier_result_is_gone(tiled, monk
     assert outcome.status == "failed", outcome
     assert "the earlier result at phasestream/" in outcome.reason and "(status complete) was removed" in outcome.reason
     assert "503 from Tiled" in outcome.reason
+
+
+def test_a_replace_records_and_says_what_went_with_the_earlier_result(tiled, capsys):
+    """``reprocess --replace`` removes the earlier result whole: its post-scan arrays and records go with it (they
+    came from the earlier maps). Before, nothing said so: the command printed "complete", and the new result
+    held no trace of the refinement. Now the new result's ``replaced`` names what went, and the command says
+    which options compute it again."""
+    server, client, _ = tiled
+    uid = _live_run(client)
+    down = ["--models", "tcp://127.0.0.1:1", "--strategy", "spatial", "--no-check"]  # no model server needed
+    spatial = RefineOptions(address="tcp://127.0.0.1:1", timeout=0.5, retries=0, strategy="spatial", check=False)
+    assert refine_result(client, uid, spatial)["status"] == "complete"
+    arrays = sorted(client["phasestream"][uid])
+    assert {"refined_phase", *ARRAYS} <= set(arrays)
+    t0 = time.time()
+    assert main(["reprocess", "--tiled", server.uri, "--backend", "numpy", "--replace", uid]) == 0
+    out = capsys.readouterr().out
+    node = client["phasestream"][uid]
+    replaced = node.metadata["replaced"]
+    assert replaced["status"] == "complete" and replaced["records"] == ["refinement"], replaced
+    assert replaced["arrays"] == arrays and t0 <= replaced["at"] <= time.time()
+    assert node.metadata["status"] == "complete" and "refinement" not in node.metadata
+    assert "refined_phase" not in node
+    assert (f"replaced the earlier complete result {uid}; its refinement went with it: compute them again with "
+            "--refine") in out
+    # the refinement asked for in the same command is computed again: what went is said, with no option to pass
+    assert refine_result(client, uid, spatial)["status"] == "complete"
+    assert main(["reprocess", "--tiled", server.uri, "--backend", "numpy", "--replace", "--refine", *down, uid]) == 0
+    out = capsys.readouterr().out
+    node = client["phasestream"][uid]
+    assert node.metadata["refinement"]["status"] == "complete" and "refined_phase" in node
+    replaced = node.metadata["replaced"]
+    assert replaced["records"] == ["refinement"] and "refined_phase" in replaced["arrays"]
+    assert f"replaced the earlier complete result {uid}; its refinement went with it\n" in out
 
 
 def test_a_result_a_live_worker_is_writing_is_not_reprocessed(tiled):

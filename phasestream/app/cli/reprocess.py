@@ -195,8 +195,29 @@ def print_job_outcome(outcome: dict) -> None:
     status = outcome["status"]
     if status == "complete":
         print(f"{outcome['run_uid']}: complete" + (f" ({detail})" if len(steps) > 1 else ""), flush=True)
-        return
-    out = sys.stdout if status == "skipped" else sys.stderr
-    print(f"{outcome['run_uid']}: {status}: {outcome.get('reason') or detail}", file=out, flush=True)
-    if outcome.get("retry"):
-        print(f"  retry: {outcome['retry']}", file=out, flush=True)
+    else:
+        out = sys.stdout if status == "skipped" else sys.stderr
+        print(f"{outcome['run_uid']}: {status}: {outcome.get('reason') or detail}", file=out, flush=True)
+        if outcome.get("retry"):
+            print(f"  retry: {outcome['retry']}", file=out, flush=True)
+    _print_replaced(steps)
+
+
+#: the job step that computes each post-scan record again, and its option
+_RECOMPUTED_BY = {"refinement": ("refine", "--refine"), "enhancement": ("enhance", "--enhance"),
+                  "enhancements": ("enhance", "--enhance"), "denoising": ("denoise", "--denoise"),
+                  "methods": ("methods", "--method NAME")}
+
+
+def _print_replaced(steps: dict) -> None:
+    """One line per result that ``--replace`` removed with post-scan records: which went with it, and the options
+    that compute them again (those whose step this job did not complete)."""
+    replaced = ((steps.get("reprocess") or {}).get("details") or {}).get("replaced") or {}
+    ran = {label.split()[0] for label, step in steps.items() if step.get("status") == "complete"}
+    for key, record in replaced.items():
+        records = [r for r in record.get("records") or () if r in _RECOMPUTED_BY]
+        if not records:
+            continue
+        again = sorted({_RECOMPUTED_BY[r][1] for r in records if _RECOMPUTED_BY[r][0] not in ran})
+        print(f"  replaced the earlier {record.get('status')} result {key}; its {', '.join(records)} went with it"
+              + (f": compute them again with {', '.join(again)}" if again else ""), flush=True)
