@@ -464,17 +464,25 @@ class RunAnalysis(DocumentRouter):
         self.on_finished(self)
 
     def _write_final_metadata(self, md: dict, timings: dict, attempts: int = 4) -> bool:
-        """The final status update, tried again with backoff (a restarting Tiled); False if it never went in."""
+        """The final status update, tried again with backoff (a restarting Tiled) and read back: an update another
+        process's took back (:meth:`ResultWriter.lost`) is written again. False if it never held."""
         for attempt in range(attempts):
             try:
                 self.writer.update_metadata(**md, timings=timings)
-                return True
+                lost = self.writer.lost(md)
+                if not lost:
+                    return True
+                problem = (f"another update of the result took back its {', '.join(lost)} "
+                           "(Tiled rewrites a node's metadata whole)")
+                logger.warning("run %s: the final status %r: %s; writing it again", self.settings.run_uid,
+                               md["status"], problem)
             except Exception as exc:  # noqa: BLE001 - tried again, then recorded
-                if attempt == attempts - 1:
-                    logger.error("run %s: the final status %r could not be written to Tiled (%s); the result "
-                                 "there still says running and is recovered when a worker starts",
-                                 self.settings.run_uid, md["status"], exc)
-                    self.record_error(f"writing the final status to Tiled failed: {type(exc).__name__}: {exc}")
-                    return False
-                time.sleep(0.5 * 2**attempt)
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt == attempts - 1:
+                logger.error("run %s: the final status %r could not be written to Tiled (%s); the result "
+                             "there still says running and is recovered when a worker starts",
+                             self.settings.run_uid, md["status"], problem)
+                self.record_error(f"writing the final status to Tiled failed: {problem}")
+                return False
+            time.sleep(0.5 * 2**attempt)
         return False

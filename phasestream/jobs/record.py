@@ -55,8 +55,24 @@ def recorded_job(
     if record["status"] != "complete":
         record.setdefault("retry", retry)  # a skip may know a better one (its details)
         logger.warning("run %s: %s %s: %s", writer.run_uid, key, record["status"], record.get("reason"))
-    writer.update_metadata(**{key: record})
+    write_record(writer, key, record)
     return record
+
+
+def write_record(writer: ResultWriter, key: str, record: dict[str, Any], attempts: int = 3) -> None:
+    """Write a job's final ``record`` as metadata ``key`` and read it back: written again while another process's
+    update took it back (Tiled rewrites a node's metadata whole: one that read the ``running`` record before this
+    write and wrote after it). Left as it is, such a record said ``running`` with no heartbeat, and the next run
+    of the job recorded the completed job as interrupted."""
+    for attempt in range(attempts):
+        writer.update_metadata(**{key: record})
+        held = recorded_map(writer.fresh_metadata(), key)
+        if held.get("status") == record["status"]:
+            return
+        logger.warning("run %s: the %s record %s was taken back by another update of the result (it says %r); "
+                       "writing it again", writer.run_uid, key, record["status"], held.get("status"))
+    logger.error("run %s: the %s record %s did not hold after %d writes", writer.run_uid, key, record["status"],
+                 attempts)
 
 
 @contextlib.contextmanager

@@ -423,6 +423,21 @@ class ResultWriter:
             if "errors" in fields:
                 self._errors_sent = list(fields["errors"]) if self._errors_sent is not None else None
 
+    def lost(self, fields: Mapping[str, Any], keys: Sequence[str] = ("status", "n_energies_seen", "array_sha256")
+             ) -> list[str]:
+        """The ``keys`` of ``fields`` (an update this writer made) that the result in Tiled does not hold as written,
+        read afresh. Tiled applies a metadata patch by reading the node's metadata and writing it whole, so another
+        process that read before this writer's update and wrote after it (a sweep, a conflict note, an edit by
+        hand) takes the update back without an error."""
+        fields = _normalized_fields({key: fields[key] for key in keys if key in fields})
+        held = self.fresh_metadata()
+        return [key for key, value in fields.items() if held.get(key) != value]
+
+    def fresh_metadata(self) -> Mapping[str, Any]:
+        """The result's metadata as Tiled holds it now (read again, not the copy this client cached)."""
+        with self._lock, explained_refusal("read metadata of", self.path):
+            return self.container.refresh().metadata
+
     def _errors_patch(self, errors: list | None) -> list[dict]:
         """The patch that makes this writer's ``errors`` these: only the entries new since the list it last wrote are
         appended, so a note another process appended meanwhile (a conflict, a job's failure) stays; the list is set

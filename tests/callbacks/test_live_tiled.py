@@ -305,3 +305,36 @@ def _partial_naming(tiled, cb, uid: str, *problems: str) -> None:
     for problem in problems:
         assert f"result array {problem}" in errors, errors
     assert "array_sha256" not in md
+
+
+def test_a_final_status_another_update_took_back_is_written_again(tiled, monkeypatch):
+    """Tiled applies a metadata patch by reading the node's metadata and writing it whole. A process that read
+    before the worker's final update and wrote after it (a sweep, a conflict note, an edit by hand) took the
+    update back without an error: the result said ``running`` in Tiled while the worker called it complete. The
+    worker now reads the final update back and writes it again."""
+    from phasestream.store.results import ResultWriter
+
+    update = ResultWriter.update_metadata
+    taken_back = []
+
+    def raced(self, **fields):
+        if fields.get("status") != "complete" or taken_back:
+            return update(self, **fields)
+        node = tiled["phasestream"][self.key]
+        stale = dict(node.metadata)  # another process reads the metadata ...
+        update(self, **fields)
+        node.replace_metadata(stale)  # ... and writes it whole after the worker's update
+        taken_back.append(stale["status"])
+
+    monkeypatch.setattr(ResultWriter, "update_metadata", raced)
+    RE = RunEngine({})
+    cb = PhaseMapCallback(tiled, backend="numba")
+    RE.subscribe(cb)
+    uid, _ = scan(RE, 2.0, seed=8)
+    assert cb.flush(60)
+    cb.close()
+    md = tiled["phasestream"][uid].metadata
+    assert taken_back == ["running"]
+    assert md["status"] == "complete" == cb.results[uid].status, md["errors"]
+    assert md["n_energies_seen"] == len(ENERGIES) and set(md["array_sha256"]) == set(CONTRACT_ARRAYS)
+    assert md["errors"] == []

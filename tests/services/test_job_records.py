@@ -525,3 +525,33 @@ def test_the_next_enhancement_removes_the_array_an_interrupted_one_left(tiled_cl
     assert record["status"] == "skipped", record  # no model server: the new enhancement did not run
     node = tiled_client["phasestream"]["split-orphan"]
     assert ENHANCED_PATH not in _arrays(node, [ENHANCED_PATH]) and _arrays(node, LCF_ARRAYS) == lcf_before
+
+
+def test_a_final_record_another_update_took_back_is_written_again(tiled_client, monkeypatch):
+    """Tiled applies a metadata patch by reading the node's metadata and writing it whole. A process that read the
+    ``running`` record before the job's final record went in and wrote after it took that record back: the record
+    said ``running`` with no heartbeat, and the next run of the job recorded the completed refinement as
+    interrupted. The job now reads its final record back and writes it again."""
+    uid = _scan(tiled_client, seed=61)
+    update = ResultWriter.update_metadata
+    taken_back = []
+
+    def raced(self, **fields):
+        if (fields.get("refinement") or {}).get("status") != "complete" or taken_back:
+            return update(self, **fields)
+        node = tiled_client["phasestream"][uid]
+        stale = dict(node.metadata)  # another process reads the metadata ...
+        update(self, **fields)
+        node.replace_metadata(stale)  # ... and writes it whole after the job's final record
+        taken_back.append(stale["refinement"]["status"])
+
+    monkeypatch.setattr(ResultWriter, "update_metadata", raced)
+    record = refine_result(tiled_client, uid, SPATIAL)
+    monkeypatch.undo()
+    held = tiled_client["phasestream"][uid].metadata["refinement"]
+    assert taken_back == ["running"]
+    assert record["status"] == "complete" and held["status"] == "complete", held
+    assert held == record
+    # the next run finds a complete record to keep, not a running one to call interrupted
+    again = refine_result(tiled_client, uid, SPATIAL)
+    assert again["status"] == "complete" and "interrupted" not in str(again)
