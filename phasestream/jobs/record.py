@@ -64,7 +64,7 @@ def write_record(writer: ResultWriter, key: str, record: dict[str, Any], attempt
     update took it back (Tiled rewrites a node's metadata whole: one that read the ``running`` record before this
     write and wrote after it). Left as it is, such a record said ``running`` with no heartbeat, and the next run
     of the job recorded the completed job as interrupted."""
-    for attempt in range(attempts):
+    for _ in range(attempts):
         writer.update_metadata(**{key: record})
         held = recorded_map(writer.fresh_metadata(), key)
         if held.get("status") == record["status"]:
