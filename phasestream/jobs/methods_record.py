@@ -8,6 +8,7 @@ arrays the re-run wrote before it failed are removed: arrays always belong to a 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ from phasestream.contract.metadata import recorded_map
 from phasestream.store.results import ResultWriter
 
 __all__ = ["LCF_RECORD", "METHOD_ARRAYS", "earlier_complete", "record_methods", "settled_entry"]
+
+logger = logging.getLogger(__name__)
 
 #: the arrays each method writes: fixed names of the contract, never a document field
 METHOD_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -55,11 +58,21 @@ def settled_entry(writer: ResultWriter, name: str, entry: dict[str, Any], earlie
     return entry
 
 
-def record_methods(writer: ResultWriter, entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def record_methods(writer: ResultWriter, entries: Mapping[str, Mapping[str, Any]], attempts: int = 3) -> dict[str, Any]:
     """Write ``entries`` (method name -> record) into the result's ``methods`` as it is in Tiled now (read again:
-    another job, a split LCF, writes its own record meanwhile, and an old copy of it must not go back); the
-    ``methods`` written."""
-    writer.container.refresh()
-    methods = {**recorded_map(writer.metadata, "methods"), **{name: dict(entry) for name, entry in entries.items()}}
-    writer.update_metadata(methods=methods)
+    another job, a split LCF, writes its own record meanwhile, and an old copy of it must not go back), and read
+    them back: written again, over the ``methods`` then in Tiled, while another process's update took them back
+    (Tiled rewrites a node's metadata whole, docs/contract.md#conflicts); the ``methods`` written."""
+    mine = {name: dict(entry) for name, entry in entries.items()}
+    for _ in range(attempts):
+        methods = {**recorded_map(writer.fresh_metadata(), "methods"), **mine}
+        writer.update_metadata(methods=methods)
+        held = recorded_map(writer.fresh_metadata(), "methods")
+        lost = sorted(name for name, entry in mine.items() if recorded_map(held, name).get("status") != entry["status"])
+        if not lost:
+            return methods
+        logger.warning("run %s: the methods records %s were taken back by another update of the result; writing "
+                       "them again", writer.run_uid, ", ".join(lost))
+    logger.error("run %s: the methods records %s did not hold after %d writes", writer.run_uid, ", ".join(lost),
+                 attempts)
     return methods

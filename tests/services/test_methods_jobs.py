@@ -535,3 +535,30 @@ def test_a_methods_record_written_meanwhile_is_not_written_back_over(tiled_clien
     md = tiled_client["phasestream"][uid].metadata["methods"]
     assert md["lcf"] == other and record["lcf"] == other
     assert md["normalize"]["status"] == "complete"
+
+
+def test_method_records_another_update_took_back_are_written_again(tiled_client, ni_csv, monkeypatch):
+    """Tiled applies a metadata patch by reading the node's metadata and writing it whole: a process that read the
+    result before the methods job wrote its records and wrote after it took the records back, and the result held
+    no record beside the method's arrays. The job now reads its records back and writes them again."""
+    uid = "run-methods-taken-back"
+    _result(tiled_client, uid, ni_csv)
+    update = ResultWriter.update_metadata
+    taken_back = []
+
+    def raced(self, **fields):
+        if "methods" not in fields or taken_back:
+            return update(self, **fields)
+        node = tiled_client["phasestream"][uid]
+        stale = dict(node.metadata)  # another process reads the metadata ...
+        update(self, **fields)
+        node.replace_metadata(stale)  # ... and writes it whole after the job's records
+        taken_back.append("methods" in stale)
+
+    monkeypatch.setattr(ResultWriter, "update_metadata", raced)
+    record = run_methods(tiled_client, uid, MethodsOptions(methods=("edge50",)))
+    monkeypatch.undo()
+    held = tiled_client["phasestream"][uid].metadata["methods"]
+    assert taken_back == [False]
+    assert record["edge50"]["status"] == "complete" and held["edge50"] == record["edge50"]
+    assert "edge50" in tiled_client["phasestream"][uid]
