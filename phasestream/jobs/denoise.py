@@ -35,7 +35,7 @@ from phasestream.contract.denoise import (
     DenoiseRequest,
     averaging_settings,
 )
-from phasestream.contract.metadata import recorded_energies, recorded_map
+from phasestream.contract.metadata import recorded_energies
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError
 from phasestream.jobs.keeping import KeptJob, run_keeping
@@ -173,12 +173,10 @@ def _denoise(writer: ResultWriter, client: ModelClient, opts: DenoiseOptions,
     except ReadBackError as error:
         return {"status": "failed", "reason": f"denoised arrays did not read back from Tiled: {error}"}
     fr = phase_fractions(maps["phase"], mask, maps["ambiguous"], len(writer.phases))
-    models = recorded_map(writer.metadata, "models")
-    models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
-    with beat.paused():
-        writer.update_metadata(phase_fractions_denoised=fr.as_dict(writer.phases) if fr.n_particle else {},
-                               ambiguous_fraction_denoised=float(fr.ambiguous) if fr.n_particle else None,
-                               models=models)
+    with beat.paused():  # the model entry alone: what other jobs added to models meanwhile stays
+        writer.update_entries({"models": {info["name"]: {"version": info["version"], "sha256": info["sha256"]}}},
+                              phase_fractions_denoised=fr.as_dict(writer.phases) if fr.n_particle else {},
+                              ambiguous_fraction_denoised=float(fr.ambiguous) if fr.n_particle else None)
     return {"status": "complete", "reason": "", "model": info["name"], "version": info["version"],
             "array_sha256": digests,
             "sha256": info["sha256"],

@@ -208,9 +208,9 @@ def enhanced_node(writer: ResultWriter, path: str) -> tuple[Any, str, str | None
             node.create_container(key)
         node = node[key]
     if keys[-1] in node:
-        enhancements = recorded_map(writer.metadata, "enhancements")
-        if enhancements.pop(path.removeprefix(f"{ENHANCED}/"), None) is not None:
-            writer.update_metadata(enhancements=enhancements)
+        name = path.removeprefix(f"{ENHANCED}/")
+        if name in recorded_map(writer.metadata, "enhancements"):
+            writer.update_entries({}, removed={"enhancements": [name]})
         node.delete_contents(keys[-1], external_only=False)
     return node, keys[-1], note
 
@@ -253,12 +253,9 @@ def remove_enhanced(writer: ResultWriter, path: str) -> None:
 def record_enhancement(writer: ResultWriter, info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """Add ``record`` to the result's ``enhancements`` (under ``<model>/<version>/<steps>``) and the model to
     ``models``; returns the record (which the caller writes as the latest ``enhancement``)."""
-    md = writer.metadata
-    models = recorded_map(md, "models")
-    models[info["model"]] = {"version": info["version"], "sha256": info["sha256"]}
-    enhancements = recorded_map(md, "enhancements")
-    enhancements[record["path"].removeprefix(f"{ENHANCED}/")] = {**record, "model": info["model"]}
-    writer.update_metadata(models=models, enhancements=enhancements)
+    writer.update_entries({"models": {info["model"]: {"version": info["version"], "sha256": info["sha256"]}},
+                           "enhancements": {record["path"].removeprefix(f"{ENHANCED}/"): {**record,
+                                                                                        "model": info["model"]}}})
     return record
 
 

@@ -62,10 +62,11 @@ def clear_earlier(writer: ResultWriter, job: KeptJob, running: Mapping[str, Any]
     ``confirm()`` (raising when the record is no longer this job's) runs between the two."""
     earlier, kept, models = earlier_records(writer.metadata, job.name)
     earlier = kept or earlier  # a run at work keeps the complete one it replaces
-    if earlier.get("status") == "complete" and isinstance(earlier.get("model"), str) and earlier["model"] in models:
-        models.pop(earlier["model"])
-    writer.update_metadata(**dict(job.cleared), models=models,
-                           **{job.name: {"status": "running", "model": earlier.get("model"), **running}})
+    gone = [earlier["model"]] if (earlier.get("status") == "complete" and isinstance(earlier.get("model"), str)
+                                  and earlier["model"] in models) else []
+    # the earlier model's entry alone: what other jobs added to models meanwhile stays
+    writer.update_entries({}, removed={"models": gone}, **dict(job.cleared),
+                          **{job.name: {"status": "running", "model": earlier.get("model"), **running}})
     if confirm is not None:
         confirm()
     remove_arrays(writer, job)

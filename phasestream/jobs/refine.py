@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from phasestream.contract import USABLE_STATUSES, JobOutcome
-from phasestream.contract.metadata import recorded_energies, recorded_map
+from phasestream.contract.metadata import recorded_energies
 from phasestream.jobs.context import JobContext
 from phasestream.jobs.heartbeat import HEARTBEAT_SECONDS, STALE_AFTER, JobHeartbeat, JobRunningError
 from phasestream.jobs.keeping import KeptJob, run_keeping
@@ -260,11 +260,9 @@ def _refine(writer: ResultWriter, client: ModelClient, opts: RefineOptions,
     writer.write_maps(**maps)
     digests = read_back(writer, maps)  # complete only when every array reads back as written (ReadBackError: failed)
     n_mask = max(int(mask.sum()), 1)
-    models = recorded_map(writer.metadata, "models")
-    if info is not None:
-        models[info["name"]] = {"version": info["version"], "sha256": info["sha256"]}
-    with beat.paused():
-        writer.update_metadata(refined_fractions=fractions.as_dict(phases), models=models)
+    model = {} if info is None else {info["name"]: {"version": info["version"], "sha256": info["sha256"]}}
+    with beat.paused():  # the model entry alone: what other jobs added to models meanwhile stays
+        writer.update_entries({"models": model}, refined_fractions=fractions.as_dict(phases))
     return {
         "status": "complete",
         "array_sha256": digests,

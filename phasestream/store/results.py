@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -437,6 +437,32 @@ class ResultWriter:
         """The result's metadata as Tiled holds it now (read again, not the copy this client cached)."""
         with self._lock, explained_refusal("read metadata of", self.path):
             return self.container.refresh().metadata
+
+    def update_entries(self, entries: Mapping[str, Mapping[str, Any]], *,
+                       removed: Mapping[str, Iterable[str]] | None = None, **fields: Any) -> None:
+        """Set ``entries`` (map key -> {name: value}) and remove ``removed`` (map key -> names) in the metadata maps
+        (``models``, ``enhancements``) one entry at a time, with ``fields`` set whole in the same update (as
+        :meth:`update_metadata`; not ``errors``). What other processes put into those maps meanwhile stays: a
+        post-scan job that wrote the whole map from the copy it read when it began took back the model or the
+        enhancement another job had added while it worked. A map missing from Tiled, or not a map, is set whole."""
+        if "errors" in fields:
+            raise ValueError("update_entries sets no errors: use update_metadata or record_error")
+        removed = {key: set(names) for key, names in (removed or {}).items()}
+        held = self.fresh_metadata()
+        patch = [{"op": "add", "path": _pointer(key), "value": value}
+                 for key, value in _normalized_fields({**fields, "updated_at": time.time()}).items()]
+        for key in sorted(set(entries) | set(removed)):
+            current, mine = held.get(key), json_ready(dict(entries.get(key, {})))
+            gone = removed.get(key, set())
+            if not isinstance(current, Mapping):  # set whole: nothing of another process's to keep
+                patch.append({"op": "add", "path": _pointer(key), "value": mine})
+                continue
+            patch += [{"op": "remove", "path": _pointer(key) + _pointer(name)} for name in sorted(gone)
+                      if name in current and name not in mine]
+            patch += [{"op": "add", "path": _pointer(key) + _pointer(name), "value": value}
+                      for name, value in mine.items()]
+        with self._lock, explained_refusal("update metadata of", self.path):
+            self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
 
     def _errors_patch(self, errors: list | None) -> list[dict]:
         """The patch that makes this writer's ``errors`` these: only the entries new since the list it last wrote are

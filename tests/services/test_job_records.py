@@ -555,3 +555,31 @@ def test_a_final_record_another_update_took_back_is_written_again(tiled_client, 
     # the next run finds a complete record to keep, not a running one to call interrupted
     again = refine_result(tiled_client, uid, SPATIAL)
     assert again["status"] == "complete" and "interrupted" not in str(again)
+
+
+def test_models_and_enhancements_another_job_added_meanwhile_stay(tiled_client, monkeypatch):
+    """A refinement wrote the result's whole ``models`` map from the copy it read when it began: a model another
+    job (an enhancement, a denoising) added while it worked was taken back. Now a job sets and removes its own
+    entries alone."""
+    uid = _scan(tiled_client, seed=62)
+    node = tiled_client["phasestream"][uid]
+    other = {"version": "2.0.0", "sha256": "ab" * 32}
+    enhancement = {"status": "complete", "model": "indi-x", "path": "enhanced/indi-x/2.0.0/3"}
+    real_read_back = refine.read_back
+
+    def meanwhile(writer, arrays, *args, **kwargs):  # while the refinement works, another job records its model
+        models = dict(node.refresh().metadata.get("models") or {})
+        node.patch_metadata(metadata_patch=[{"op": "add", "path": "/models", "value": {**models, "indi-x": other}},
+                                            {"op": "add", "path": "/enhancements",
+                                             "value": {"indi-x/2.0.0/3": enhancement}}])
+        return real_read_back(writer, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(refine, "read_back", meanwhile)
+    assert refine_result(tiled_client, uid, SPATIAL)["status"] == "complete"
+    monkeypatch.undo()
+    md = node.refresh().metadata
+    assert md["models"]["indi-x"] == other and md["enhancements"] == {"indi-x/2.0.0/3": enhancement}
+    # a refinement run again clears its own earlier entries, never the other job's
+    assert refine_result(tiled_client, uid, SPATIAL)["status"] == "complete"
+    md = node.refresh().metadata
+    assert md["models"]["indi-x"] == other and md["refinement"]["status"] == "complete"
