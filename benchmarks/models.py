@@ -7,9 +7,14 @@
 * ``accuracy``: simulated particles (256^2, 13 energies, Poisson noise at each dose): accuracy
   against the ground truth (away from domain boundaries) of the ambiguous pixels and of all
   particle pixels, PCC argmax versus each refinement strategy with the pretrained GMVAE.
+* ``burst`` (``--burst``, alone): ``--burst-clients`` clients each send one encode request of ``--burst-mb`` MB at
+  once, queued behind a long decode, to a model server with the default batch bound (``--max-batch-mb`` = the
+  request limit) and with none (64 GiB, as before the bound): the batches they took, the seconds until the
+  last reply, and the server's peak resident memory above its resident memory before the burst.
 * GPU figures: TensorFlow here is the CPU build (``tensorflow-cpu``); ``gpu`` reports what is visible.
 
-Usage: ``python benchmarks/models.py [--spectra 200000] [--doses 2000 5000] [--seeds 3]``
+Usage: ``python benchmarks/models.py [--spectra 200000] [--doses 2000 5000] [--seeds 3]``;
+``python benchmarks/models.py --burst [--burst-clients 8] [--burst-mb 64]``
 """
 
 from __future__ import annotations
@@ -115,6 +120,62 @@ def accuracy(model, doses, seeds, states=(2.0, 1.0), size=256) -> dict:
     return {"runs": rows, "summary": summary, "n_runs": len(rows)}
 
 
+def _memory_mb(pid: int, field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` (peak) of process ``pid``, MB (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def burst(clients: int, mb: float, batch_mb: float | None) -> dict:
+    """Peak memory and batches of a model server taking ``clients`` requests of ``mb`` MB that arrive at once."""
+    import zmq
+
+    from phasestream.transport.wire import deserialize, serialize
+
+    n = int(mb * (1 << 20) / (13 * 4))
+    args = ("--max-request-mb", str(max(mb * 1.1, 1.0)), "--preload", MODEL,
+            *(("--max-batch-mb", str(batch_mb)) if batch_mb is not None else ()))
+    rng = np.random.default_rng(0)
+    base = np.linspace(0.3, 1.2, 13)
+    payloads = [serialize({"op": "encode", "model": MODEL, "id": i, "array": (
+        rng.uniform(0.5, 1.5, (n, 1)) * base + rng.normal(0, 0.02, (n, 13))).astype(np.float32)})
+        for i in range(clients)]
+    blocker = serialize({"op": "decode", "model": MODEL, "array": rng.normal(size=(300_000, 3)).astype(np.float32)})
+    with ModelServerProcess(args=args, timeout=180) as server, ModelClient(server.address, timeout=600) as client:
+        socks = []
+        for _ in range(clients + 1):
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(server.address)
+            sock.send(serialize({"op": "health"}))
+            assert sock.poll(60_000) and deserialize(sock.recv())["ok"]
+            socks.append(sock)
+        client.encode(MODEL, np.ones((1000, 13), np.float32))  # warmed up
+        pid = server.proc.pid
+        before, batches = _memory_mb(pid, "VmRSS"), client.health()["stats"].get("batches", 0)
+        t0 = time.perf_counter()
+        socks[0].send(blocker)
+        time.sleep(0.2)  # the server decodes: the burst queues up behind it
+        for sock, payload in zip(socks[1:], payloads, strict=True):
+            sock.send(payload)
+        replies = []
+        for sock in socks:
+            assert sock.poll(600_000), "no reply"
+            replies.append(deserialize(sock.recv()))
+        seconds = time.perf_counter() - t0
+        peak = _memory_mb(pid, "VmHWM")
+        stats = client.health()["stats"]
+        for sock in socks:
+            sock.close()
+    assert all(r["ok"] for r in replies), [r.get("error") for r in replies if not r["ok"]]
+    return {"max_batch_mb": "default (the request limit)" if batch_mb is None else batch_mb,
+            "batches": stats["batches"] - batches - 1, "seconds": round(seconds, 2),
+            "rss_before_mb": round(before), "peak_above_before_mb": round(peak - before)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spectra", type=int, default=200_000)
@@ -122,7 +183,17 @@ def main() -> None:
     parser.add_argument("--doses", type=float, nargs="+", default=[2000.0, 5000.0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--burst", action="store_true", help="only the burst measure (see above)")
+    parser.add_argument("--burst-clients", type=int, default=8)
+    parser.add_argument("--burst-mb", type=float, default=64.0)
     args = parser.parse_args()
+    if args.burst:
+        print(json.dumps({"benchmark": "models burst", "machine": {"platform": platform.platform(),
+                                                                   "cpus": os.cpu_count()},
+                          "clients": args.burst_clients, "request_mb": args.burst_mb,
+                          "burst": [burst(args.burst_clients, args.burst_mb, batch)
+                                    for batch in (None, 65536.0)]}, indent=2))
+        return
     art, model = ModelRegistry().load(MODEL)
     import tensorflow as tf
 

@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", action="append", default=None, metavar="DIR",
                         help="artifact folder (repeatable; default: packaged models and $PHASESTREAM_MODELS)")
     parser.add_argument("--max-request-mb", type=_megabytes, default=256.0, help="largest request accepted (MB)")
+    parser.add_argument("--max-batch-mb", type=_megabytes, default=None,
+                        help="a batch takes no more requests once they hold this many MB (default --max-request-mb)")
     parser.add_argument("--preload", nargs="*", default=[], metavar="NAME[:VERSION]",
                         help="models to load at start-up")
 
@@ -77,5 +79,7 @@ def config_from_args(args: argparse.Namespace) -> ModelServerConfig:
         from phasestream.models.registry import PRETRAINED_DIR
 
         folders = [str(PRETRAINED_DIR), *args.models_dir]
+    batch = getattr(args, "max_batch_mb", None)
     return ModelServerConfig(bind=args.bind, max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                             max_batch_bytes=None if batch is None else int(batch * (1 << 20)),
                              folders=folders, preload=list(args.preload)).validate()
