@@ -8,16 +8,14 @@ arrays the re-run wrote before it failed are removed: arrays always belong to a 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from phasestream.contract.metadata import recorded_map
+from phasestream.jobs.record import write_held
 from phasestream.store.results import ResultWriter
 
 __all__ = ["LCF_RECORD", "METHOD_ARRAYS", "earlier_complete", "record_methods", "settled_entry"]
-
-logger = logging.getLogger(__name__)
 
 #: the arrays each method writes: fixed names of the contract, never a document field
 METHOD_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -64,15 +62,11 @@ def record_methods(writer: ResultWriter, entries: Mapping[str, Mapping[str, Any]
     them back: written again, over the ``methods`` then in Tiled, while another process's update took them back
     (Tiled rewrites a node's metadata whole, docs/contract.md#conflicts); the ``methods`` written."""
     mine = {name: dict(entry) for name, entry in entries.items()}
-    for _ in range(attempts):
-        methods = {**recorded_map(writer.fresh_metadata(), "methods"), **mine}
-        writer.update_metadata(methods=methods)
-        held = recorded_map(writer.fresh_metadata(), "methods")
-        lost = sorted(name for name, entry in mine.items() if recorded_map(held, name).get("status") != entry["status"])
-        if not lost:
-            return methods
-        logger.warning("run %s: the methods records %s were taken back by another update of the result; writing "
-                       "them again", writer.run_uid, ", ".join(lost))
-    logger.error("run %s: the methods records %s did not hold after %d writes", writer.run_uid, ", ".join(lost),
-                 attempts)
-    return methods
+
+    def taken_back(md: Mapping[str, Any]) -> list[str]:
+        held = recorded_map(md, "methods")
+        return [f"the methods record {name}" for name, entry in sorted(mine.items())
+                if recorded_map(held, name).get("status") != entry["status"]]
+
+    return write_held(writer, lambda md: {"methods": {**recorded_map(md, "methods"), **mine}}, taken_back,
+                      attempts=attempts)["methods"]

@@ -13,7 +13,7 @@ from phasestream.contract.metadata import recorded_map
 from phasestream.modelserver.client import ModelClient
 from phasestream.store.results import ResultWriter
 
-__all__ = ["earlier_records", "model_client", "recorded_job"]
+__all__ = ["earlier_records", "model_client", "recorded_job", "write_held", "write_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +60,28 @@ def recorded_job(
 
 
 def write_record(writer: ResultWriter, key: str, record: dict[str, Any], attempts: int = 3) -> None:
-    """Write a job's final ``record`` as metadata ``key`` and read it back: written again while another process's
-    update took it back (Tiled rewrites a node's metadata whole: one that read the ``running`` record before this
-    write and wrote after it). Left as it is, such a record said ``running`` with no heartbeat, and the next run
-    of the job recorded the completed job as interrupted."""
+    """Write a job's final ``record`` as metadata ``key``, read back (:func:`write_held`). Taken back, such a record
+    said ``running`` with no heartbeat, and the next run of the job recorded the completed job as interrupted."""
+    write_held(writer, {key: record}, lambda md: [] if recorded_map(md, key).get("status") == record["status"]
+               else [f"the {key} record {record['status']}"], attempts=attempts)
+
+
+def write_held(writer: ResultWriter, fields: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]],
+               taken_back: Callable[[Mapping[str, Any]], list[str]], *, attempts: int = 3) -> dict[str, Any]:
+    """Write ``fields`` (or ``fields(the metadata in Tiled now)``) into the result's metadata and read it back:
+    written again while ``taken_back(the metadata then)`` names what another process's update took back (Tiled
+    rewrites a node's metadata whole: one that read before this write and wrote after it; docs/contract.md,
+    Conflicts). The fields last written."""
     for _ in range(attempts):
-        writer.update_metadata(**{key: record})
-        held = recorded_map(writer.fresh_metadata(), key)
-        if held.get("status") == record["status"]:
-            return
-        logger.warning("run %s: the %s record %s was taken back by another update of the result (it says %r); "
-                       "writing it again", writer.run_uid, key, record["status"], held.get("status"))
-    logger.error("run %s: the %s record %s did not hold after %d writes", writer.run_uid, key, record["status"],
-                 attempts)
+        written = dict(fields(writer.fresh_metadata()) if callable(fields) else fields)
+        writer.update_metadata(**written)
+        lost = taken_back(writer.fresh_metadata())
+        if not lost:
+            return written
+        logger.warning("run %s: %s taken back by another update of the result; writing again", writer.run_uid,
+                       ", ".join(lost))
+    logger.error("run %s: %s did not hold after %d writes", writer.run_uid, ", ".join(lost), attempts)
+    return written
 
 
 @contextlib.contextmanager
