@@ -187,6 +187,7 @@ class ResultWriter:
                                    f"replaced, and the new one could not be created: {exc}") from exc
         self._lock = threading.Lock()
         self._errors_sent: list | None = list(md["errors"])
+        self._errors_lost: list = []  # entries sent and then taken back by another update (:meth:`lost`)
         self._arrays: dict[str, Any] = {}
         self.od = OdCube(self.container, self.path, run_uid, self.shape, self._arrays, od_store=self.od_store,
                          od_path=None if od_store is None else path_inside(self.od_store, root, key, "od.zarr"))
@@ -233,6 +234,8 @@ class ResultWriter:
         self.shape, self.phases, seen, errors = result_layout(path, container.metadata)
         self._lock = threading.Lock()
         self._errors_sent = None  # errors written whole (a list that is not one is replaced)
+        self._errors_lost = []
+        self.replaced = None
         if errors is not None:  # not a list, which record_error appends to (500s, retried for 25 s)
             self.update_metadata(errors=errors)
         self._arrays = {key: container[key] for key in container}
@@ -426,12 +429,18 @@ class ResultWriter:
     def lost(self, fields: Mapping[str, Any], keys: Sequence[str] = ("status", "n_energies_seen", "array_sha256")
              ) -> list[str]:
         """The ``keys`` of ``fields`` (an update this writer made) that the result in Tiled does not hold as written,
-        read afresh. Tiled applies a metadata patch by reading the node's metadata and writing it whole, so another
-        process that read before this writer's update and wrote after it (a sweep, a conflict note, an edit by
-        hand) takes the update back without an error."""
-        fields = _normalized_fields({key: fields[key] for key in keys if key in fields})
+        read afresh, and ``errors`` when an entry of the ``errors`` in ``fields`` is missing from Tiled's list (the
+        next update appends those again). Tiled applies a metadata patch by reading the node's metadata and writing
+        it whole, so another process that read before this writer's update and wrote after it (a sweep, a conflict
+        note, an edit by hand) takes the update back without an error."""
         held = self.fresh_metadata()
-        return [key for key, value in fields.items() if held.get(key) != value]
+        wanted = _normalized_fields({key: fields[key] for key in keys if key in fields})
+        lost = [key for key, value in wanted.items() if held.get(key) != value]
+        errors = held.get("errors")
+        if "errors" in fields and self._errors_sent is not None and isinstance(errors, list):
+            self._errors_lost = [e for e in json_ready(list(fields["errors"])) if e not in errors]
+            lost += ["errors"] if self._errors_lost else []
+        return lost
 
     def fresh_metadata(self) -> Mapping[str, Any]:
         """The result's metadata as Tiled holds it now (read again, not the copy this client cached)."""
@@ -470,9 +479,9 @@ class ResultWriter:
         whole when it is not the last one grown (a reopened result's)."""
         if errors is None:
             return []
-        sent = self._errors_sent
+        sent, lost, self._errors_lost = self._errors_sent, self._errors_lost, []
         if sent is not None and errors[:len(sent)] == sent:
-            return [{"op": "add", "path": "/errors/-", "value": error} for error in errors[len(sent):]]
+            return [{"op": "add", "path": "/errors/-", "value": error} for error in [*lost, *errors[len(sent):]]]
         return [{"op": "add", "path": "/errors", "value": errors}]
 
     def record_error(self, message: str) -> None:

@@ -307,18 +307,20 @@ def _partial_naming(tiled, cb, uid: str, *problems: str) -> None:
     assert "array_sha256" not in md
 
 
-def test_a_final_status_another_update_took_back_is_written_again(tiled, monkeypatch):
+@pytest.mark.parametrize("lost_event", [False, True], ids=["complete", "partial-with-its-reason"])
+def test_a_final_status_another_update_took_back_is_written_again(tiled, monkeypatch, lost_event):
     """Tiled applies a metadata patch by reading the node's metadata and writing it whole. A process that read
     before the worker's final update and wrote after it (a sweep, a conflict note, an edit by hand) took the
     update back without an error: the result said ``running`` in Tiled while the worker called it complete. The
-    worker now reads the final update back and writes it again."""
+    worker now reads the final update back and writes it again, with the errors it appended (a ``partial`` run's
+    reason, first sent in that update)."""
     from phasestream.store.results import ResultWriter
 
     update = ResultWriter.update_metadata
     taken_back = []
 
     def raced(self, **fields):
-        if fields.get("status") != "complete" or taken_back:
+        if fields.get("status") in (None, "running") or taken_back:
             return update(self, **fields)
         node = tiled["phasestream"][self.key]
         stale = dict(node.metadata)  # another process reads the metadata ...
@@ -329,12 +331,19 @@ def test_a_final_status_another_update_took_back_is_written_again(tiled, monkeyp
     monkeypatch.setattr(ResultWriter, "update_metadata", raced)
     RE = RunEngine({})
     cb = PhaseMapCallback(tiled, backend="numba")
-    RE.subscribe(cb)
+    n = len(ENERGIES) - 1 if lost_event else len(ENERGIES)
+
+    def forward(name, doc):
+        if not (lost_event and name == "event" and doc["seq_num"] == len(ENERGIES)):  # the last event is lost
+            cb(name, doc)
+
+    RE.subscribe(forward)
     uid, _ = scan(RE, 2.0, seed=8)
     assert cb.flush(60)
     cb.close()
     md = tiled["phasestream"][uid].metadata
+    status = "partial" if lost_event else "complete"
     assert taken_back == ["running"]
-    assert md["status"] == "complete" == cb.results[uid].status, md["errors"]
-    assert md["n_energies_seen"] == len(ENERGIES) and set(md["array_sha256"]) == set(CONTRACT_ARRAYS)
-    assert md["errors"] == []
+    assert md["status"] == status == cb.results[uid].status, md["errors"]
+    assert md["n_energies_seen"] == n and set(md["array_sha256"]) == set(CONTRACT_ARRAYS)
+    assert md["errors"] == cb.results[uid].errors and bool(md["errors"]) == lost_event
