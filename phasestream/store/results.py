@@ -169,8 +169,8 @@ class ResultWriter:
                 if RESULT_SPEC not in [spec.name for spec in existing.specs]:
                     raise TypeError(f"{self.path} is not a {RESULT_SPEC} result; refusing to replace it")
                 stale = external_od_path(existing["od"] if "od" in existing else None)
-                removed = str(existing.metadata.get("status"))[:40]
                 self.replaced = md["replaced"] = replaced_record(existing)
+                removed = self.replaced["status"]
                 existing.delete(recursive=True, external_only=False)
                 remove_od_store(stale, self.od_store)
             try:
