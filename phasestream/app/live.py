@@ -48,6 +48,7 @@ from phasestream.jobs.enhance import EnhanceOptions, enhance_options_from_start
 from phasestream.jobs.executors import DaskExecutor, Executor, InlineExecutor, Job, JobContext
 from phasestream.jobs.interrupted import finalize_interrupted_jobs
 from phasestream.jobs.methods_options import MethodsOptions, methods_options_from_start
+from phasestream.jobs.record import write_held
 from phasestream.jobs.refine import RefineOptions
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.store.liveness import process_gone
@@ -213,9 +214,9 @@ class LiveService:
             status = steps["reprocess"]["status"]
             kept = (steps["reprocess"].get("details") or {}).get("kept")  # nothing written: no recovery to note
             for key in [] if kept else (steps["reprocess"].get("details") or {}).get("fields") or [uid]:
-                try:
-                    ResultWriter.open(self.client, key, root=self.callback.root).update_metadata(
-                        recovered=self._recovered_note(uid, live_errors or []))
+                try:  # read back (as every update below)
+                    write_held(ResultWriter.open(self.client, key, root=self.callback.root),
+                               {"recovered": self._recovered_note(uid, live_errors or [])})
                 except Exception:  # the reprocessed result stands without the note
                     logger.exception("run %s: could not record the recovery on %s", uid, key)
             if kept:  # the earlier result is better (or still being written): it stays, and so does its status
@@ -366,8 +367,9 @@ class LiveService:
                 writer = ResultWriter.open(self.client, key, root=self.callback.root)
                 if writer.metadata.get("status") == "running":
                     writer.record_error(reason)
-                    writer.update_metadata(status="failed" if writer.shape is None else "partial",
-                                           recovered={**self._recovered_note(uid, []), "failed": reason})
+                    # read back: a status another process's update took back left the result running for good
+                    write_held(writer, {"status": "failed" if writer.shape is None else "partial",
+                                        "recovered": {**self._recovered_note(uid, []), "failed": reason}})
             except Exception:
                 logger.exception("run %s: could not record why %s was not recovered", uid, key)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from phasestream.jobs.heartbeat import JobHeartbeat, ensure_not_running
-from phasestream.jobs.record import earlier_records, recorded_job
+from phasestream.jobs.record import earlier_records, recorded_job, write_held
 from phasestream.store.results import ResultWriter
 
 __all__ = ["KeptJob", "clear_earlier", "remove_arrays", "run_keeping"]
@@ -120,7 +120,7 @@ def run_keeping(tiled_client, run_uid: str, job: KeptJob, work: Work, *, root: s
     finally:
         if kept:  # not completed: the arrays beside this record are the earlier run's, `kept`
             record = {**(writer.metadata.get(job.name) or {}), "kept": kept[0]}
-            writer.update_metadata(**{job.name: record})
+            write_held(writer, {job.name: record})  # read back, as the record it amends
         elif record is None or record["status"] != "complete":  # none of its arrays beside a record saying so
             remove_arrays(writer, job)
     return record

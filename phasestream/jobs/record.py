@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from phasestream.contract.metadata import recorded_map
+from phasestream.contract.metadata import json_ready, recorded_map
 from phasestream.modelserver.client import ModelClient
 from phasestream.store.results import ResultWriter
 
@@ -67,15 +67,18 @@ def write_record(writer: ResultWriter, key: str, record: dict[str, Any], attempt
 
 
 def write_held(writer: ResultWriter, fields: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]],
-               taken_back: Callable[[Mapping[str, Any]], list[str]], *, attempts: int = 3) -> dict[str, Any]:
+               taken_back: Callable[[Mapping[str, Any]], list[str]] | None = None, *, attempts: int = 3
+               ) -> dict[str, Any]:
     """Write ``fields`` (or ``fields(the metadata in Tiled now)``) into the result's metadata and read it back:
     written again while ``taken_back(the metadata then)`` names what another process's update took back (Tiled
     rewrites a node's metadata whole: one that read before this write and wrote after it; docs/contract.md,
-    Conflicts). The fields last written."""
+    Conflicts); without ``taken_back``, the fields Tiled does not hold as written. The fields last written."""
     for _ in range(attempts):
         written = dict(fields(writer.fresh_metadata()) if callable(fields) else fields)
         writer.update_metadata(**written)
-        lost = taken_back(writer.fresh_metadata())
+        held = writer.fresh_metadata()
+        lost = taken_back(held) if taken_back is not None else \
+            [key for key, value in json_ready(written).items() if held.get(key) != value]
         if not lost:
             return written
         logger.warning("run %s: %s taken back by another update of the result; writing again", writer.run_uid,

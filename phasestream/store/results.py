@@ -484,10 +484,20 @@ class ResultWriter:
             return [{"op": "add", "path": "/errors/-", "value": error} for error in [*lost, *errors[len(sent):]]]
         return [{"op": "add", "path": "/errors", "value": errors}]
 
-    def record_error(self, message: str) -> None:
-        """Append ``message`` to the ``errors`` list of the result (server-side append)."""
+    def record_error(self, message: str, attempts: int = 3) -> None:
+        """Append ``message`` to the ``errors`` list of the result (server-side append), read back: appended again
+        (up to ``attempts`` appends) while Tiled does not hold it. These are the notes of other processes than the
+        result's writer (a conflict, a recovery's reason, a post-scan job's failure), which no later update of
+        theirs sends again: one that another process's update took back (:meth:`lost`) was gone without a trace."""
         log.warning("run %s: %s", self.run_uid, message)
         patch = [{"op": "add", "path": "/errors/-", "value": str(message)}]
-        with self._lock, explained_refusal("update metadata of", self.path):
-            self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
+        for _ in range(attempts):
+            with self._lock, explained_refusal("update metadata of", self.path):
+                self.container.patch_metadata(metadata_patch=patch, drop_revision=True)
+            errors = self.fresh_metadata().get("errors")
+            if not isinstance(errors, list) or str(message) in errors:
+                return
+            log.warning("run %s: the note %r was taken back by another update of the result; appending it again",
+                        self.run_uid, str(message)[:200])
+        log.error("run %s: the note %r did not hold after %d appends", self.run_uid, str(message)[:200], attempts)
 

@@ -350,6 +350,30 @@ def test_errors_another_process_appended_stay_when_the_writer_updates_its_own(cl
     assert client["phasestream/run-errors"].metadata["errors"] == ["only this"]
 
 
+def test_a_note_another_update_took_back_is_appended_again(client):
+    """Tiled applies a metadata patch by reading the node's metadata and writing it whole. A process that read the
+    result before another process's note went in (a conflict note, a recovery's reason) and wrote after it took
+    the note back, and nothing sent it again. The note is now read back and appended again."""
+    w = writer(client, "run-note-raced")
+    w.update_metadata(errors=["plane 3: energy missing"])
+    noting = ResultWriter.open(client, "run-note-raced")
+    node, patch, taken_back = client["phasestream/run-note-raced"], noting.container.patch_metadata, []
+
+    def raced(**kwargs):
+        stale = dict(node.refresh().metadata)  # another process reads the metadata ...
+        patch(**kwargs)
+        if not taken_back:
+            node.replace_metadata(metadata=stale)  # ... and writes it whole after the note went in
+            taken_back.append(stale["errors"])
+
+    noting.container.patch_metadata = raced
+    noting.record_error("a second worker writes this run")
+    assert taken_back == [["plane 3: energy missing"]]
+    assert node.refresh().metadata["errors"] == ["plane 3: energy missing", "a second worker writes this run"]
+    noting.record_error("a second worker writes this run")  # a note held at once is appended once
+    assert node.refresh().metadata["errors"] == ["plane 3: energy missing"] + ["a second worker writes this run"] * 2
+
+
 @pytest.mark.slow  # make test-stack: Tiled answers the append 500, which its client retries for 25 s
 def test_errors_edited_by_hand_into_no_list_are_set_whole_by_the_writer(client):
     w = writer(client, "run-errors-text")
