@@ -466,8 +466,10 @@ class ResultWriter:
             if not isinstance(current, Mapping):  # set whole: nothing of another process's to keep
                 patch.append({"op": "add", "path": _pointer(key), "value": mine})
                 continue
-            patch += [{"op": "remove", "path": _pointer(key) + _pointer(name)} for name in sorted(gone)
-                      if name in current and name not in mine]
+            for name in sorted(gone):  # added, then removed: a remove of an entry another process removed in the
+                if name in current and name not in mine:  # same instant fails (Tiled answers 500, retried 25 s)
+                    path = _pointer(key) + _pointer(name)
+                    patch += [{"op": "add", "path": path, "value": None}, {"op": "remove", "path": path}]
             patch += [{"op": "add", "path": _pointer(key) + _pointer(name), "value": value}
                       for name, value in mine.items()]
         with self._lock, explained_refusal("update metadata of", self.path):

@@ -374,6 +374,28 @@ def test_a_note_another_update_took_back_is_appended_again(client):
     assert node.refresh().metadata["errors"] == ["plane 3: energy missing"] + ["a second worker writes this run"] * 2
 
 
+def test_an_entry_another_process_removed_in_the_same_instant_is_removed_at_once(client):
+    """``update_entries`` removes a job's own entry from a shared map. When another process removed it between the
+    read and the patch, the JSON patch's remove failed: Tiled answered 500, its client retried for 25 s, and the
+    job failed. The entry is now added and removed in the one patch, which holds whether or not it is there."""
+    import time
+
+    w = writer(client, "run-entries-raced")
+    w.update_metadata(models={"a": {"version": "1"}, "b": {"version": "2"}})
+    node, read = client["phasestream/run-entries-raced"], w.fresh_metadata
+
+    def raced():
+        held = read()  # the job reads the map ...
+        node.patch_metadata(metadata_patch=[{"op": "remove", "path": "/models/a"}])  # ... another removes its entry
+        return held
+
+    w.fresh_metadata = raced
+    t0 = time.monotonic()
+    w.update_entries({"models": {"c": {"version": "3"}}}, removed={"models": ["a", "b"]})
+    assert time.monotonic() - t0 < 5
+    assert node.refresh().metadata["models"] == {"c": {"version": "3"}}
+
+
 @pytest.mark.slow  # make test-stack: Tiled answers the append 500, which its client retries for 25 s
 def test_errors_edited_by_hand_into_no_list_are_set_whole_by_the_writer(client):
     w = writer(client, "run-errors-text")
