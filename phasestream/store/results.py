@@ -37,7 +37,7 @@ from phasestream.store.liveness import process_identity
 from phasestream.store.odcube import OdCube
 from phasestream.store.odstore import external_od_path, remove_od_store
 from phasestream.store.readback import ReadBackError, read_back, read_back_planes
-from phasestream.store.tiled import explained_refusal
+from phasestream.store.tiled import ensure_container, explained_refusal
 
 __all__ = ["POST_SCAN_RECORDS", "ResultExistsError", "ResultWriter", "replaced_record"]
 
@@ -66,20 +66,6 @@ def _pointer(key: str) -> str:
 def _map_pool() -> ThreadPoolExecutor:
     """Threads shared by all writers for concurrent in-place array writes."""
     return ThreadPoolExecutor(max_workers=6, thread_name_prefix="tiled-write")
-
-
-def _ensure_container(client: Container, path: str) -> Container:
-    """``client[path]``, creating the missing containers along ``path`` ("a" or "a/b")."""
-    node = client
-    for key in path.strip("/").split("/"):
-        if key not in node:
-            try:
-                node.create_container(key)
-            except ClientError as error:
-                if error.response.status_code != 409:  # created meanwhile by someone else
-                    raise
-        node = node[key]
-    return node
 
 
 #: the post-scan job records a result may hold (docs/contract.md#post-scan-job-records), in the order listed
@@ -157,7 +143,7 @@ class ResultWriter:
         #: what replacing an earlier result removed with it (:func:`replaced_record`); None when none was replaced
         self.replaced: dict[str, Any] | None = None
         with explained_refusal("create", self.path):
-            results = _ensure_container(client, root)
+            results = ensure_container(client, root)
             if key in results:
                 if not replace:
                     raise ResultExistsError(
@@ -429,10 +415,9 @@ class ResultWriter:
     def lost(self, fields: Mapping[str, Any], keys: Sequence[str] = ("status", "n_energies_seen", "array_sha256")
              ) -> list[str]:
         """The ``keys`` of ``fields`` (an update this writer made) that the result in Tiled does not hold as written,
-        read afresh, and ``errors`` when an entry of the ``errors`` in ``fields`` is missing from Tiled's list (the
-        next update appends those again). Tiled applies a metadata patch by reading the node's metadata and writing
-        it whole, so another process that read before this writer's update and wrote after it (a sweep, a conflict
-        note, an edit by hand) takes the update back without an error."""
+        read afresh, and ``errors`` when an entry of ``fields["errors"]`` is missing from Tiled's list (the next update
+        appends those again): another process that read before this update and wrote after it (a sweep, a conflict
+        note, an edit by hand) takes it back without an error (Tiled writes the patched metadata whole)."""
         held = self.fresh_metadata()
         wanted = _normalized_fields({key: fields[key] for key in keys if key in fields})
         lost = [key for key, value in wanted.items() if held.get(key) != value]
@@ -462,14 +447,13 @@ class ResultWriter:
                  for key, value in _normalized_fields({**fields, "updated_at": time.time()}).items()]
         for key in sorted(set(entries) | set(removed)):
             current, mine = held.get(key), json_ready(dict(entries.get(key, {})))
-            gone = removed.get(key, set())
             if not isinstance(current, Mapping):  # set whole: nothing of another process's to keep
                 patch.append({"op": "add", "path": _pointer(key), "value": mine})
                 continue
-            for name in sorted(gone):  # added, then removed: a remove of an entry another process removed in the
-                if name in current and name not in mine:  # same instant fails (Tiled answers 500, retried 25 s)
-                    path = _pointer(key) + _pointer(name)
-                    patch += [{"op": "add", "path": path, "value": None}, {"op": "remove", "path": path}]
+            # added, then removed: a remove of an entry another process removed meanwhile failed (500, retried 25 s)
+            gone = sorted(removed.get(key, set()) & set(current) - set(mine))
+            patch += [{"op": op, "path": _pointer(key) + _pointer(name), **({"value": None} if op == "add" else {})}
+                      for name in gone for op in ("add", "remove")]
             patch += [{"op": "add", "path": _pointer(key) + _pointer(name), "value": value}
                       for name, value in mine.items()]
         with self._lock, explained_refusal("update metadata of", self.path):
@@ -487,10 +471,9 @@ class ResultWriter:
         return [{"op": "add", "path": "/errors", "value": errors}]
 
     def record_error(self, message: str, attempts: int = 3) -> None:
-        """Append ``message`` to the ``errors`` list of the result (server-side append), read back: appended again
-        (up to ``attempts`` appends) while Tiled does not hold it. These are the notes of other processes than the
-        result's writer (a conflict, a recovery's reason, a post-scan job's failure), which no later update of
-        theirs sends again: one that another process's update took back (:meth:`lost`) was gone without a trace."""
+        """Append ``message`` to the ``errors`` list of the result (server-side append), read back and appended again
+        (``attempts`` appends at most) while Tiled does not hold it: the notes of processes other than the writer (a
+        conflict, a recovery's reason, a job's failure) are sent once, and another update could take one back."""
         log.warning("run %s: %s", self.run_uid, message)
         patch = [{"op": "add", "path": "/errors/-", "value": str(message)}]
         for _ in range(attempts):
@@ -499,7 +482,5 @@ class ResultWriter:
             errors = self.fresh_metadata().get("errors")
             if not isinstance(errors, list) or str(message) in errors:
                 return
-            log.warning("run %s: the note %r was taken back by another update of the result; appending it again",
-                        self.run_uid, str(message)[:200])
         log.error("run %s: the note %r did not hold after %d appends", self.run_uid, str(message)[:200], attempts)
 

@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -50,6 +50,7 @@ __all__ = [
     "close_embedded_tiled",
     "connect",
     "describe_tiled_error",
+    "ensure_container",
     "explained_refusal",
     "open_raw_run",
     "public_uri",
@@ -85,6 +86,24 @@ class TiledConnectionError(_TiledError, ConnectionError):
 
 class TiledPermissionError(_TiledError, PermissionError):
     """Tiled refused the request: missing or wrong API key, or no write access."""
+
+
+def ensure_container(client: Container, path: str, created: Callable[[Container], None] | None = None) -> Container:
+    """``client[path]``, creating the missing containers along ``path`` ("a" or "a/b"; "": ``client``), each one
+    passed to ``created``; one that another process created meanwhile (409) is taken as it is."""
+    node = client
+    for key in path.strip("/").split("/") if path.strip("/") else ():
+        if key not in node:
+            try:
+                made = node.create_container(key)
+            except ClientError as error:
+                if error.response.status_code != 409:  # created meanwhile by someone else
+                    raise
+            else:
+                if created is not None:
+                    created(made)
+        node = node[key]
+    return node
 
 
 @contextlib.contextmanager

@@ -272,8 +272,8 @@ def test_two_workers_creating_one_result_at_once_leave_the_first_as_it_is(tiled,
     from phasestream.store import results
 
     second_client = _SecondWorker(tiled)
-    ensure = results._ensure_container
-    monkeypatch.setattr(results, "_ensure_container", lambda client, path: (
+    ensure = results.ensure_container
+    monkeypatch.setattr(results, "ensure_container", lambda client, path: (
         _LookedAtTheSameInstant(ensure(tiled, path)) if client is second_client else ensure(client, path)))
     RE = RunEngine({})
     first = PhaseMapCallback(tiled, backend="numba", partial_budget=None)

@@ -30,6 +30,7 @@ from phasestream.jobs.importing import run as import_file
 from phasestream.jobs.methods_options import MethodsOptions
 from phasestream.jobs.reprocess import ReprocessOptions
 from phasestream.kernels.backend import BACKENDS
+from phasestream.store.tiled import ensure_container
 
 __all__ = ["add_parser", "parse_energies", "run"]
 
@@ -86,17 +87,6 @@ def parse_energies(value: str | None) -> list[float] | str | None:
             from None
 
 
-def _ensure_container(client, raw: str) -> None:
-    """Create the container ``raw`` (each missing level) when it does not exist yet; say so."""
-    node = client
-    for key in raw.split("/") if raw else ():
-        if key in node:
-            node = node[key]
-        else:
-            node = node.create_container(key)
-            print(f"created container {key!r} under {node.uri.rsplit('/', 1)[0]}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     raw = check_raw_path(args.raw)
     if (args.refine or args.method) and not args.analyze:
@@ -108,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     steps = _analysis_steps(args, raw) if args.analyze else ()
     outcomes, jobs = [], []
     with tiled_client(args, readable_storage=args.readable_storage) as (client, uri):
-        _ensure_container(client, raw)
+        ensure_container(client, raw, lambda made: print(f"created container {made.item['id']!r} under "
+                                                          f"{made.uri.rsplit('/', 1)[0]}", file=sys.stderr))
         context = JobContext(client=client)
         for path in args.files:
             outcome = import_file(context, path, options)
