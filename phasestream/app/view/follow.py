@@ -31,6 +31,7 @@ from tiled.client.stream import ArraySubscription, ContainerSubscription
 
 from phasestream.app.view.arrays import read_arrays, read_od_plane
 from phasestream.app.view.live_maps import MAX_MESSAGE_BYTES, MAX_METADATA_MESSAGE_BYTES, LiveMaps
+from phasestream.app.view.pixel import pixel_spectrum
 from phasestream.app.view.summary import RunSummary
 from phasestream.contract import FINAL_STATUSES, Status
 from phasestream.contract.fields import parse_field_key
@@ -398,6 +399,12 @@ class CatalogFollower:
     def read_arrays(self, uid: str, names: tuple[str, ...]) -> dict[str, Any]:
         """The arrays ``names`` of result ``uid`` that exist, checked before they are read (``arrays.py``)."""
         return read_arrays(self.client, f"{self.root}/{uid}", names, self.image_shape(uid), self._readers)
+
+    def pixel(self, uid: str, y: int, x: int) -> dict[str, Any]:
+        """What result ``uid`` holds at pixel ``(y, x)``, checked (``pixel.py``); KeyError when it is not followed."""
+        with self._lock:
+            md = dict(self.runs[uid].metadata)
+        return pixel_spectrum(self.client, f"{self.root}/{uid}", md, y, x, self._readers)
 
     def read_od_plane(self, uid: str, index: int):
         """OD plane ``index`` of result ``uid``, checked (``arrays.py``), or None when there is none."""

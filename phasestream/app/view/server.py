@@ -36,6 +36,7 @@ from starlette.staticfiles import StaticFiles
 from phasestream.app.view import render
 from phasestream.app.view.arrays import NoImageError, drawn_as, strided
 from phasestream.app.view.follow import CatalogFollower
+from phasestream.app.view.pixel import PixelError, pixel_from_query
 from phasestream.contract import RUN_UID_PATTERN, STATUSES
 from phasestream.store.catalog import find
 from phasestream.store.tiled import public_uri
@@ -325,6 +326,26 @@ def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None,
         # the URL names the version (?v=...), so a version's image never changes
         return Response(body, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
+    async def pixel(request: Request) -> Response:
+        """The pixel ``?y=&x=`` of a result: its OD spectrum, the maps there and the fitted references (pixel.py)."""
+        found = run_or_404(request)
+        if isinstance(found, Response):
+            return found
+        uid = found[0]
+        try:
+            y, x = pixel_from_query(request.query_params, follower.image_shape(uid))
+            body = await from_tiled(lambda: follower.pixel(uid, y, x))
+        except KeyError:
+            return Response(f"no result {uid}", status_code=404)
+        except (PixelError, NoImageError, ValueError) as error:
+            return JSONResponse({"error": str(error)}, status_code=400 if isinstance(error, PixelError) else 422)
+        except Exception as error:
+            reply = tiled_error_response(error)
+            if reply is None:
+                raise
+            return reply
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
     async def events(request: Request) -> Response:
         queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
         broadcaster.loop = asyncio.get_running_loop()
@@ -362,6 +383,7 @@ def create_app(follower: CatalogFollower, *, hosts: list[str] | None = None,
         Route("/api/search", search),
         Route("/api/runs/{uid}", run),
         Route("/api/runs/{uid}/{kind}.png", image),
+        Route("/api/runs/{uid}/pixel", pixel),
         Route("/events", events),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

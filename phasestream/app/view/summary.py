@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from phasestream.contract import Status
-from phasestream.contract.metadata import shown_metadata
+from phasestream.contract.metadata import image_shape_of, shown_metadata
 from phasestream.store.tiled import public_uri
 
 __all__ = ["HISTORY_LIMIT", "HISTORY_NUMBERS", "RunSummary", "summarize"]
@@ -79,6 +79,7 @@ def summarize(run: RunSummary, *, tiled_base: str, root: str) -> dict:
         "maps_energies": md["n_energies_seen"],  # the energies behind the latest maps
         "energies_expected": run.expected,
         "phases": md["references"]["phases"],
+        "image_shape": None if (shape := image_shape_of(md)) is None else list(shape),  # pixels the page asks for
         "phase_fractions": md["phase_fractions"],
         "ambiguous_fraction": md["ambiguous_fraction"],
         "mean_reliability": md["mean_reliability"],

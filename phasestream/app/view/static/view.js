@@ -10,6 +10,7 @@ const view = {
   filter: null,           // {soc, tol, status, uids: Set} while a search is active
   drawnVersion: {},       // uid -> version of the maps shown
   drawnOd: {},
+  pixel: null,            // {uid, y, x}: the pixel whose spectrum is shown (renderPixel)
   connection: "connecting",
 };
 // latency log read by benchmarks/view.py and the tests: one entry per map update received for the shown run
@@ -97,6 +98,11 @@ function renderList() {
 }
 
 function select(uid) {
+  if (view.selected !== uid) {  // another run: its own pixel, once one is clicked
+    view.pixel = null;
+    $("pixel").hidden = true;
+    $("pixel-marker").hidden = true;
+  }
   view.selected = uid;
   delete view.drawnVersion[uid];
   delete view.drawnOd[uid];
@@ -149,6 +155,95 @@ function renderHistory(run) {
   svg.innerHTML = parts.join("");
 }
 
+// A pixel clicked on the phase map or the OD image: its OD spectrum, the maps there and each reference fitted to
+// it with an offset and a scale, which the PCC ignores (/api/runs/<uid>/pixel, pixel.py). Shown again with each
+// new version of the run's maps; one request at a time, the latest pixel wins.
+function pixelAt(img, event, run) {
+  const shape = run.image_shape, r = img.getBoundingClientRect();
+  if (!shape || !r.width || !r.height) return null;
+  const index = (v, n) => Math.max(0, Math.min(n - 1, Math.floor(v * n)));
+  return { uid: run.uid, y: index((event.clientY - r.top) / r.height, shape[0]), x: index((event.clientX - r.left) / r.width, shape[1]) };
+}
+
+function choosePixel(event) {
+  const run = view.runs.get(view.selected);
+  const at = run && pixelAt(event.currentTarget, event, run);
+  if (!at) return;
+  view.pixel = at;
+  view.pixelVersion = run.version;
+  loadPixel();
+}
+
+async function loadPixel() {
+  const want = view.pixel;
+  if (!want) return;
+  if (view.pixelLoading) { view.pixelAgain = true; return; }
+  view.pixelLoading = true;
+  let body = null, error = null;
+  try {
+    const reply = await fetch(`/api/runs/${encodeURIComponent(want.uid)}/pixel?y=${want.y}&x=${want.x}`);
+    body = await reply.json().catch(() => ({ error: reply.statusText }));
+    if (!reply.ok) { error = body.error || `${reply.status} ${reply.statusText}`; body = null; }
+  } catch (e) {
+    error = String(e);
+  }
+  view.pixelLoading = false;
+  if (view.pixel === want) renderPixel(want, body, error);
+  if (view.pixelAgain) { view.pixelAgain = false; loadPixel(); }
+}
+
+function renderPixel(want, body, error) {
+  const run = view.runs.get(want.uid);
+  if (!run || view.selected !== want.uid) return;
+  $("pixel").hidden = false;
+  const img = $("img-phase"), marker = $("pixel-marker"), shape = run.image_shape;
+  const w = img.clientWidth / shape[1], h = img.clientHeight / shape[0];
+  Object.assign(marker.style, { left: `${want.x * w}px`, top: `${want.y * h}px`, width: `${Math.max(3, w)}px`, height: `${Math.max(3, h)}px` });
+  marker.hidden = false;
+  const where = `pixel (y ${want.y}, x ${want.x})`;
+  if (!body) {
+    $("pixel-title").textContent = where;
+    $("pixel-pcc").textContent = "";
+    $("pixel-note").textContent = `not shown: ${error}`;
+    $("spectrum").innerHTML = "";
+    return;
+  }
+  const said = body.phase === null ? (body.mask === false ? "outside the particle mask" : "no phase") : body.phase;
+  $("pixel-title").textContent = `${where}: ${said}` + (body.ambiguous ? " (ambiguous)" : "") +
+    (body.reliability === null ? "" : `, reliability ${body.reliability.toFixed(4)}`);
+  const pcc = Object.entries(body.pcc).filter(([, v]) => v !== null);
+  $("pixel-pcc").textContent = pcc.length ? "PCC: " + pcc.map(([p, v]) => `${p} ${v.toFixed(4)}`).join(", ") : "";
+  $("pixel-note").textContent = body.references === "stored"
+    ? "Points: the pixel's OD. Lines: each reference fitted to them with an offset and a scale, which the PCC ignores."
+    : "Points: the pixel's OD. No reference values are stored with this result: the spectrum alone.";
+  renderSpectrum(body, run);
+}
+
+function renderSpectrum(body, run) {
+  const svg = $("spectrum"), W = 480, H = 220, pad = 40;
+  const E = body.energies_eV;
+  const values = [...body.od, ...Object.values(body.fitted).flatMap((f) => f || [])].filter((v) => typeof v === "number");
+  if (!E.length || !values.length) { svg.innerHTML = ""; return; }
+  const e0 = Math.min(...E), e1 = Math.max(...E), v0 = Math.min(...values), v1 = Math.max(...values);
+  const sx = (e) => pad + (W - pad - 8) * (e1 === e0 ? 0.5 : (e - e0) / (e1 - e0));
+  const sy = (v) => 8 + (H - 28 - 8) * (v1 === v0 ? 0.5 : 1 - (v - v0) / (v1 - v0));
+  const order = E.map((e, i) => i).sort((a, b) => E[a] - E[b]);  // the planes in the order they came
+  const parts = [`<rect x="${pad}" y="8" width="${W - pad - 8}" height="${H - 36}" fill="none" stroke="#444"/>`];
+  run.phases.forEach((p, k) => {
+    const f = body.fitted[p];
+    if (!f) return;
+    const xy = order.map((i) => `${sx(E[i]).toFixed(1)},${sy(f[i]).toFixed(1)}`).join(" ");
+    parts.push(`<polyline class="fitted" data-phase="${k}" fill="none" stroke-width="${p === body.phase ? 2.5 : 1.2}" stroke="${view.colors[k % view.colors.length]}" points="${xy}"/>`);
+  });
+  body.od.forEach((v, i) => {
+    if (v !== null) parts.push(`<circle class="od-point" data-energy="${E[i]}" data-od="${v}" cx="${sx(E[i]).toFixed(1)}" cy="${sy(v).toFixed(1)}" r="3" fill="#fff"/>`);
+  });
+  const label = (x, y, text, anchor = "start") => `<text x="${x}" y="${y}" fill="#aaa" font-size="11" text-anchor="${anchor}">${text}</text>`;
+  parts.push(label(pad, H - 12, `${e0.toFixed(1)} eV`), label(W - 8, H - 12, `${e1.toFixed(1)} eV`, "end"),
+    label(pad - 4, 18, v1.toPrecision(3), "end"), label(pad - 4, H - 30, v0.toPrecision(3), "end"), label(pad - 4, H / 2, "OD", "end"));
+  svg.innerHTML = parts.join("");
+}
+
 function renderRun(force = false) {
   const run = view.runs.get(view.selected);
   $("run").hidden = !run;
@@ -193,6 +288,10 @@ function renderRun(force = false) {
       run.phases.forEach((p, k) => { const img = $("img-pcc" + k); if (img) loadImage(img, `${base}/pcc${k}.png?v=${version}`); });
     });
   }
+  if (view.pixel && view.pixel.uid === run.uid && view.pixelVersion !== run.version) {  // new maps: the pixel anew
+    view.pixelVersion = run.version;
+    loadPixel();
+  }
   const odKey = `${run.energies_seen}:${run.od_version}`;
   if (run.energies_seen > 0 && (force || view.drawnOd[run.uid] !== odKey)) {
     view.drawnOd[run.uid] = odKey;
@@ -230,6 +329,8 @@ async function start() {
   const wanted = view.wanted = location.hash.slice(1);  // a run named in the URL, shown once it exists
   if (wanted && view.runs.has(wanted)) select(wanted); else renderList();
   $("search").addEventListener("submit", search);
+  $("img-phase").addEventListener("click", choosePixel);
+  $("img-od").addEventListener("click", choosePixel);
   $("q-clear").addEventListener("click", () => { $("q-soc").value = ""; $("q-status").value = ""; view.filter = null; renderList(); });
 
   const events = new EventSource("/events");

@@ -1,0 +1,129 @@
+"""One pixel of a result, for the view's spectrum panel: why the phase map says what it says there.
+
+The page asks for a pixel it was clicked at; the answer holds the pixel's OD spectrum over the energies
+seen, the maps' values there (phase, reliability, ambiguous, mask, the PCC with each reference) and each
+reference *fitted* to the spectrum with an offset and a scale, the two things the PCC ignores (the
+least-squares line ``od ~ a + b * reference``, over the energies where the pixel's OD is finite): a
+reference whose fitted curve follows the points is one the pixel correlates with. Every array is checked
+against the contract and the result's ``image_shape`` before it is read (``arrays.py``), and only the
+pixel's own values are read (one Tiled slice per array). The references are the values the run's PCC used
+(``reference_values``, stored with the result, docs/contract.md); a result without them, or with a table
+that is not K x E numbers, gets the spectrum and the maps alone, never references loaded from elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+from phasestream.app.view.arrays import drawn_as
+from phasestream.contract.metadata import finite_number, image_shape_of, recorded_energies
+
+__all__ = ["PixelError", "fitted_references", "pixel_from_query", "pixel_spectrum"]
+
+#: the maps read at the pixel (their values, not images); ``pcc`` is (K, Y, X), the others (Y, X)
+PIXEL_MAPS = ("phase", "reliability", "ambiguous", "mask", "pcc")
+
+
+class PixelError(ValueError):
+    """A pixel request the view will not answer; the message says why (the view answers 400 or 422)."""
+
+
+def pixel_from_query(params: Mapping[str, str], image_shape: tuple[int, int] | None) -> tuple[int, int]:
+    """``(y, x)`` from the query parameters ``y`` and ``x``: integers within ``image_shape`` (Y, X)."""
+    if image_shape is None:
+        raise PixelError("the result has no image_shape yet")
+    pixel = []
+    for axis, size in zip(("y", "x"), image_shape, strict=True):
+        text = params.get(axis, "")
+        if not (text.isascii() and text.isdigit() and len(text) <= 9):
+            raise PixelError(f"{axis} must be a pixel index (0 to {size - 1}), got {text[:20]!r}")
+        if int(text) >= size:
+            raise PixelError(f"{axis} {int(text)} is outside the image (0 to {size - 1})")
+        pixel.append(int(text))
+    return pixel[0], pixel[1]
+
+
+def fitted_references(od: np.ndarray, references: np.ndarray) -> list[list[float] | None]:
+    """Each reference (K, E) fitted to the spectrum ``od`` (E,) by least squares as ``a + b * reference`` over the
+    energies where ``od`` is finite, evaluated at every energy; None for a reference the fit cannot place (fewer
+    than two finite energies, or a reference constant over them)."""
+    finite = np.isfinite(od)
+    fitted: list[list[float] | None] = []
+    for values in np.asarray(references, dtype=np.float64):
+        r = values[finite]
+        if r.size < 2 or not np.all(np.isfinite(r)) or np.ptp(r) == 0:
+            fitted.append(None)
+            continue
+        design = np.stack([np.ones_like(r), r], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, od[finite].astype(np.float64), rcond=None)
+        fitted.append([float(v) for v in a + b * values])
+    return fitted
+
+
+def _number(value: Any) -> float | None:
+    return finite_number(float(value)) if np.ndim(value) == 0 else None
+
+
+def _reference_table(md: Mapping, k: int, n: int) -> np.ndarray | None:
+    """The result's ``reference_values`` at its first ``n`` energies if it is a (K, >= n) table of finite numbers."""
+    stored = md.get("reference_values")
+    if not isinstance(stored, list | tuple) or len(stored) != k or k == 0:
+        return None
+    try:
+        table = np.asarray([list(row) for row in stored], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if table.ndim != 2 or table.shape[1] < n or not np.all(np.isfinite(table[:, :n])):
+        return None
+    return table[:, :n]
+
+
+def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Executor) -> dict[str, Any]:
+    """What the result at ``path`` (its metadata ``md``) holds at pixel ``(y, x)``: ``energies_eV``, ``od`` (None
+    where masked), ``phase`` (its name; None: outside the particle mask), ``reliability``, ``ambiguous``, ``mask``,
+    ``pcc`` (phase -> value) and ``fitted`` (phase -> the fitted reference at each energy, or None), JSON-ready.
+    ``(y, x)`` lies within the result's ``image_shape`` (:func:`pixel_from_query`). The arrays are read on
+    ``executor``, at once. Raises ``arrays.NoImageError`` for an array off the contract and ValueError for
+    ``n_energies_seen`` or ``energies_eV`` that are not a count and a list of energies."""
+    image_shape = image_shape_of(md)
+    seen, energies = recorded_energies(path, md)
+    phases = list(md["references"]["phases"])
+
+    def read(name: str) -> tuple[str, np.ndarray | None]:
+        try:
+            node = client[f"{path}/{name}"]
+        except KeyError:
+            return name, None
+        dtype, _ = drawn_as(name, tuple(node.shape), node.dtype, image_shape, whole=False)
+        if name == "od":
+            values = node[: min(seen, node.shape[0]), y, x] if seen else np.empty(0)
+        else:
+            values = node[:, y, x] if name == "pcc" else node[y, x]
+        return name, np.asarray(values).astype(dtype, copy=False)
+
+    got = dict(executor.map(read, ("od", *PIXEL_MAPS)))
+    od = (got["od"] if got["od"] is not None else np.empty(0)).astype(np.float64)
+    n = min(od.size, len(energies))
+    od, energies = od[:n], energies[:n]
+    label = got["phase"]
+    index = int(label) if label is not None else -1
+    pcc = got["pcc"]
+    table = _reference_table(md, len(phases), od.size)
+    fitted = fitted_references(od, table) if table is not None else [None] * len(phases)
+    return {
+        "y": y, "x": x,
+        "energies_eV": energies,
+        "od": [_number(v) for v in od],
+        "phase": phases[index] if 0 <= index < len(phases) else None,
+        "reliability": None if got["reliability"] is None else _number(got["reliability"]),
+        "ambiguous": None if got["ambiguous"] is None else bool(got["ambiguous"]),
+        "mask": None if got["mask"] is None else bool(got["mask"]),
+        "pcc": {} if pcc is None or pcc.shape != (len(phases),) else
+        {p: _number(v) for p, v in zip(phases, pcc, strict=True)},
+        "fitted": dict(zip(phases, fitted, strict=True)),
+        "references": "stored" if table is not None else "none stored with the result",
+    }
