@@ -31,6 +31,7 @@ def viewed(tiled_client):
     node = root.create_container("pixel-bare", specs=["PhaseMap"], metadata=bare)
     node.write_array(np.arange(12, dtype=np.float32).reshape(3, 2, 2), key="od")
     node.write_array(np.array([[0, 1], [-1, 1]], dtype=np.int16), key="phase")
+    node.write_array(np.array([[0, 0], [-1, 1]], dtype=np.int16), key="refined_phase")
     odd = root.create_container("pixel-odd", specs=["PhaseMap"], metadata={**bare, "run_uid": "pixel-odd"})
     odd.write_array(np.zeros((3, 2, 5), dtype=np.float32), key="od")  # not the image_shape
     with ViewServer(tiled_client) as view, httpx.Client(base_url=view.url, timeout=60) as http:
@@ -54,6 +55,7 @@ def test_a_pixel_shows_its_spectrum_the_maps_there_and_the_references_fitted(vie
         assert shown["y"] == y and shown["x"] == x and shown["energies_eV"] == md["energies_eV"]
         assert shown["od"] == [float(v) if np.isfinite(v) else None for v in od]
         assert shown["phase"] == (phases[phase[y, x]] if phase[y, x] >= 0 else None)
+        assert shown["refined_phase"] is None  # not refined
         reliability = float(node["reliability"].read()[y, x])
         assert shown["reliability"] == (reliability if np.isfinite(reliability) else None)
         assert shown["mask"] == bool(node["mask"].read()[y, x]) and shown["references"] == "stored"
@@ -73,7 +75,8 @@ def test_a_result_without_reference_values_shows_the_spectrum_alone(viewed):
     assert shown["od"] == [2.0, 6.0, 10.0] and shown["energies_eV"] == [1.0, 2.0, 3.0]
     assert shown["phase"] is None and shown["pcc"] == {} and shown["mask"] is None
     assert shown["fitted"] == {"A": None, "B": None} and shown["references"] == "none stored with the result"
-    assert http.get("/api/runs/pixel-bare/pixel", params={"y": 0, "x": 1}).json()["phase"] == "B"
+    other = http.get("/api/runs/pixel-bare/pixel", params={"y": 0, "x": 1}).json()
+    assert other["phase"] == "B" and other["refined_phase"] == "A" and shown["refined_phase"] is None
 
 
 @pytest.mark.parametrize(("query", "said"), [

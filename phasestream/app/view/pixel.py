@@ -25,7 +25,7 @@ from phasestream.contract.metadata import finite_number, image_shape_of, recorde
 __all__ = ["PixelError", "fitted_references", "pixel_from_query", "pixel_spectrum"]
 
 #: the maps read at the pixel (their values, not images); ``pcc`` is (K, Y, X), the others (Y, X)
-PIXEL_MAPS = ("phase", "reliability", "ambiguous", "mask", "pcc")
+PIXEL_MAPS = ("phase", "reliability", "ambiguous", "mask", "pcc", "refined_phase")
 
 
 class PixelError(ValueError):
@@ -84,8 +84,9 @@ def _reference_table(md: Mapping, k: int, n: int) -> np.ndarray | None:
 
 def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Executor) -> dict[str, Any]:
     """What the result at ``path`` (its metadata ``md``) holds at pixel ``(y, x)``: ``energies_eV``, ``od`` (None
-    where masked), ``phase`` (its name; None: outside the particle mask), ``reliability``, ``ambiguous``, ``mask``,
-    ``pcc`` (phase -> value) and ``fitted`` (phase -> the fitted reference at each energy, or None), JSON-ready.
+    where masked), ``phase`` (its name; None: outside the particle mask), ``refined_phase``, ``reliability``,
+    ``ambiguous``, ``mask``, ``pcc`` (phase -> value) and ``fitted`` (phase -> the fitted reference at each energy,
+    or None), JSON-ready.
     ``(y, x)`` lies within the result's ``image_shape`` (:func:`pixel_from_query`). The arrays are read on
     ``executor``, at once. Raises ``arrays.NoImageError`` for an array off the contract and ValueError for
     ``n_energies_seen`` or ``energies_eV`` that are not a count and a list of energies."""
@@ -109,8 +110,9 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
     od = (got["od"] if got["od"] is not None else np.empty(0)).astype(np.float64)
     n = min(od.size, len(energies))
     od, energies = od[:n], energies[:n]
-    label = got["phase"]
-    index = int(label) if label is not None else -1
+    def named(label: np.ndarray | None) -> str | None:  # a phase label's name; None: none (-1) or no array
+        return phases[int(label)] if label is not None and 0 <= int(label) < len(phases) else None
+
     pcc = got["pcc"]
     table = _reference_table(md, len(phases), od.size)
     fitted = fitted_references(od, table) if table is not None else [None] * len(phases)
@@ -118,7 +120,8 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
         "y": y, "x": x,
         "energies_eV": energies,
         "od": [_number(v) for v in od],
-        "phase": phases[index] if 0 <= index < len(phases) else None,
+        "phase": named(got["phase"]),
+        "refined_phase": named(got["refined_phase"]),  # the GMVAE refinement's, when it ran
         "reliability": None if got["reliability"] is None else _number(got["reliability"]),
         "ambiguous": None if got["ambiguous"] is None else bool(got["ambiguous"]),
         "mask": None if got["mask"] is None else bool(got["mask"]),

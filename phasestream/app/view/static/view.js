@@ -210,7 +210,8 @@ function renderPixel(want, body, error) {
   }
   const said = body.phase === null ? (body.mask === false ? "outside the particle mask" : "no phase") : body.phase;
   $("pixel-title").textContent = `${where}: ${said}` + (body.ambiguous ? " (ambiguous)" : "") +
-    (body.reliability === null ? "" : `, reliability ${body.reliability.toFixed(4)}`);
+    (body.reliability === null ? "" : `, reliability ${body.reliability.toFixed(4)}`) +
+    (body.refined_phase === null ? "" : `; GMVAE refined: ${body.refined_phase}`);
   const pcc = Object.entries(body.pcc).filter(([, v]) => v !== null);
   $("pixel-pcc").textContent = pcc.length ? "PCC: " + pcc.map(([p, v]) => `${p} ${v.toFixed(4)}`).join(", ") : "";
   $("pixel-note").textContent = body.references === "stored"
