@@ -11,6 +11,9 @@ import httpx
 import numpy as np
 import pytest
 from scipy import stats
+from tiled.structures.array import ArrayStructure, BuiltinDtype
+from tiled.structures.core import StructureFamily
+from tiled.structures.data_source import DataSource
 from support import analysed_scan, wait
 from view_support import chromium, missing, text_at
 
@@ -34,9 +37,17 @@ def viewed(tiled_client):
     node.write_array(np.array([[0, 0], [-1, 1]], dtype=np.int16), key="refined_phase")
     odd = root.create_container("pixel-odd", specs=["PhaseMap"], metadata={**bare, "run_uid": "pixel-odd"})
     odd.write_array(np.zeros((3, 2, 5), dtype=np.float32), key="od")  # not the image_shape
+    # declares 2 million energies, its metadata a billion seen and three energies: three are read
+    vast = root.create_container("pixel-vast", specs=["PhaseMap"], metadata={**bare, "run_uid": "pixel-vast",
+                                                                             "n_energies_seen": 10**9})
+    structure = ArrayStructure(data_type=BuiltinDtype.from_numpy_dtype(np.dtype("float32")),
+                               chunks=((1,) * 2_000_000, (2,), (2,)), shape=(2_000_000, 2, 2))
+    vast.new(StructureFamily.array, [DataSource(structure=structure, structure_family=StructureFamily.array)],
+             key="od")
+    vast["od"].write_block(np.full((1, 2, 2), 7.0, dtype=np.float32), block=(1, 0, 0))
     with ViewServer(tiled_client) as view, httpx.Client(base_url=view.url, timeout=60) as http:
-        wait(lambda: view.follower.state == "live" and {uid, "pixel-bare", "pixel-odd"} <= set(view.follower.runs),
-             60, "the view to follow the results")
+        wait(lambda: view.follower.state == "live" and
+             {uid, "pixel-bare", "pixel-odd", "pixel-vast"} <= set(view.follower.runs), 60, "the view to follow them")
         yield http, uid, root[uid], view
 
 
@@ -134,3 +145,8 @@ def test_clicking_the_phase_map_shows_that_pixels_spectrum_in_a_browser(viewed):
             expected = [[e, float(v)] for e, v in zip(energies, od[:, y, x], strict=True) if np.isfinite(v)]
             assert points == expected, title  # the JSON's numbers, drawn and read back exactly
             assert curves == len(phases)
+
+
+def test_a_result_declaring_more_energies_than_it_lists_is_read_only_as_far_as_the_list(viewed):
+    shown = viewed[0].get("/api/runs/pixel-vast/pixel", params={"y": 1, "x": 1}).json()
+    assert shown["od"] == [0.0, 7.0, 0.0] and shown["energies_eV"] == [1.0, 2.0, 3.0]

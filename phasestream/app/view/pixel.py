@@ -20,12 +20,18 @@ from typing import Any
 import numpy as np
 
 from phasestream.app.view.arrays import drawn_as
+from phasestream.contract import DEFAULT_MAX_NUM_POINTS
 from phasestream.contract.metadata import finite_number, image_shape_of, recorded_energies
 
 __all__ = ["PixelError", "fitted_references", "pixel_from_query", "pixel_spectrum"]
 
 #: the maps read at the pixel (their values, not images); ``pcc`` is (K, Y, X), the others (Y, X)
 PIXEL_MAPS = ("phase", "reliability", "ambiguous", "mask", "pcc", "refined_phase")
+
+
+#: the most energies of a pixel's spectrum read (ten times the worker's default bound on a run's energies): a
+#: result edited to declare more is shown up to it, never read whole
+MAX_SPECTRUM_ENERGIES = 10 * DEFAULT_MAX_NUM_POINTS
 
 
 class PixelError(ValueError):
@@ -100,8 +106,9 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
         except KeyError:
             return name, None
         dtype, _ = drawn_as(name, tuple(node.shape), node.dtype, image_shape, whole=False)
-        if name == "od":
-            values = node[: min(seen, node.shape[0]), y, x] if seen else np.empty(0)
+        if name == "od":  # the energies the maps used and the metadata names, and no more than the cap
+            n = min(seen, node.shape[0], len(energies), MAX_SPECTRUM_ENERGIES)
+            values = node[:n, y, x] if n else np.empty(0)
         else:
             values = node[:, y, x] if name == "pcc" else node[y, x]
         return name, np.asarray(values).astype(dtype, copy=False)
