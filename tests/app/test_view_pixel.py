@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 from scipy import stats
+from support import analysed_scan, wait
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import DataSource
-from support import analysed_scan, wait
 from view_support import chromium, missing, text_at
 
 from phasestream.app.view import ViewServer
