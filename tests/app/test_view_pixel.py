@@ -35,6 +35,8 @@ def viewed(tiled_client):
     node.write_array(np.arange(12, dtype=np.float32).reshape(3, 2, 2), key="od")
     node.write_array(np.array([[0, 1], [-1, 1]], dtype=np.int16), key="phase")
     node.write_array(np.array([[0, 0], [-1, 1]], dtype=np.int16), key="refined_phase")
+    node.write_array(np.arange(12, dtype=np.float32).reshape(3, 2, 2) / 2, key="denoised")
+    node.write_array(np.array([[1, 1], [-1, 0]], dtype=np.int16), key="phase_denoised")
     odd = root.create_container("pixel-odd", specs=["PhaseMap"], metadata={**bare, "run_uid": "pixel-odd"})
     odd.write_array(np.zeros((3, 2, 5), dtype=np.float32), key="od")  # not the image_shape
     # declares 2 million energies, its metadata a billion seen and three energies: three are read
@@ -66,7 +68,7 @@ def test_a_pixel_shows_its_spectrum_the_maps_there_and_the_references_fitted(vie
         assert shown["y"] == y and shown["x"] == x and shown["energies_eV"] == md["energies_eV"]
         assert shown["od"] == [float(v) if np.isfinite(v) else None for v in od]
         assert shown["phase"] == (phases[phase[y, x]] if phase[y, x] >= 0 else None)
-        assert shown["refined_phase"] is None  # not refined
+        assert shown["refined_phase"] is None and shown["denoised"] is None  # neither refined nor denoised
         reliability = float(node["reliability"].read()[y, x])
         assert shown["reliability"] == (reliability if np.isfinite(reliability) else None)
         assert shown["mask"] == bool(node["mask"].read()[y, x]) and shown["references"] == "stored"
@@ -88,6 +90,7 @@ def test_a_result_without_reference_values_shows_the_spectrum_alone(viewed):
     assert shown["fitted"] == {"A": None, "B": None} and shown["references"] == "none stored with the result"
     other = http.get("/api/runs/pixel-bare/pixel", params={"y": 0, "x": 1}).json()
     assert other["phase"] == "B" and other["refined_phase"] == "A" and shown["refined_phase"] is None
+    assert other["denoised"] == [0.5, 2.5, 4.5] and other["phase_denoised"] == "B" and shown["phase_denoised"] is None
 
 
 @pytest.mark.parametrize(("query", "said"), [
@@ -145,6 +148,16 @@ def test_clicking_the_phase_map_shows_that_pixels_spectrum_in_a_browser(viewed):
             expected = [[e, float(v)] for e, v in zip(energies, od[:, y, x], strict=True) if np.isfinite(v)]
             assert points == expected, title  # the JSON's numbers, drawn and read back exactly
             assert curves == len(phases)
+        driver.get(f"{view.url}/?again#pixel-bare")  # a new page (a hash alone is no reload); denoised: its spectrum drawn beside the OD, its phase named
+        wait(lambda: text_at(driver, "#run-title") and "pixel-bare" in text_at(driver, "#run-title"), 30, "the run")
+        img = driver.find_element("css selector", "#img-phase")
+        ActionChains(driver).move_to_element_with_offset(img, img.size["width"] // 4, -img.size["height"] // 4).click()\
+            .perform()
+        wait(lambda: text_at(driver, "#pixel-title") == "pixel (y 0, x 1): B; GMVAE refined: A; denoised: B", 30,
+             "the denoised pixel")
+        rings = driver.execute_script("return [...document.querySelectorAll('#spectrum circle.denoised-point')]"
+                                      ".map((c) => Number(c.dataset.od))")
+        assert rings == [0.5, 2.5, 4.5]
 
 
 def test_a_result_declaring_more_energies_than_it_lists_is_read_only_as_far_as_the_list(viewed):

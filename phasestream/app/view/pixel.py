@@ -26,7 +26,9 @@ from phasestream.contract.metadata import finite_number, image_shape_of, recorde
 __all__ = ["PixelError", "fitted_references", "pixel_from_query", "pixel_spectrum"]
 
 #: the maps read at the pixel (their values, not images); ``pcc`` is (K, Y, X), the others (Y, X)
-PIXEL_MAPS = ("phase", "reliability", "ambiguous", "mask", "pcc", "refined_phase")
+PIXEL_MAPS = ("phase", "reliability", "ambiguous", "mask", "pcc", "refined_phase", "phase_denoised")
+#: the spectra read at the pixel: (E, Y, X), the OD cube and a denoising's ``denoised`` (docs/models.md)
+PIXEL_SPECTRA = ("od", "denoised")
 
 
 #: the most energies of a pixel's spectrum read (ten times the worker's default bound on a run's energies): a
@@ -90,7 +92,8 @@ def _reference_table(md: Mapping, k: int, n: int) -> np.ndarray | None:
 
 def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Executor) -> dict[str, Any]:
     """What the result at ``path`` (its metadata ``md``) holds at pixel ``(y, x)``: ``energies_eV``, ``od`` (None
-    where masked), ``phase`` (its name; None: outside the particle mask), ``refined_phase``, ``reliability``,
+    where masked), ``phase`` (its name; None: outside the particle mask), ``refined_phase``, ``denoised`` and
+    ``phase_denoised`` (a denoising's spectrum and phase; None: not denoised), ``reliability``,
     ``ambiguous``, ``mask``, ``pcc`` (phase -> value) and ``fitted`` (phase -> the fitted reference at each energy,
     or None), JSON-ready.
     ``(y, x)`` lies within the result's ``image_shape`` (:func:`pixel_from_query`). The arrays are read on
@@ -106,14 +109,14 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
         except KeyError:
             return name, None
         dtype, _ = drawn_as(name, tuple(node.shape), node.dtype, image_shape, whole=False)
-        if name == "od":  # the energies the maps used and the metadata names, and no more than the cap
+        if name in PIXEL_SPECTRA:  # the energies the maps used and the metadata names, and no more than the cap
             n = min(seen, node.shape[0], len(energies), MAX_SPECTRUM_ENERGIES)
             values = node[:n, y, x] if n else np.empty(0)
         else:
             values = node[:, y, x] if name == "pcc" else node[y, x]
         return name, np.asarray(values).astype(dtype, copy=False)
 
-    got = dict(executor.map(read, ("od", *PIXEL_MAPS)))
+    got = dict(executor.map(read, (*PIXEL_SPECTRA, *PIXEL_MAPS)))
     od = (got["od"] if got["od"] is not None else np.empty(0)).astype(np.float64)
     n = min(od.size, len(energies))
     od, energies = od[:n], energies[:n]
@@ -129,6 +132,8 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
         "od": [_number(v) for v in od],
         "phase": named(got["phase"]),
         "refined_phase": named(got["refined_phase"]),  # the GMVAE refinement's, when it ran
+        "denoised": None if got["denoised"] is None else [_number(v) for v in got["denoised"][:n]],
+        "phase_denoised": named(got["phase_denoised"]),  # the maps of the denoised OD, when denoised
         "reliability": None if got["reliability"] is None else _number(got["reliability"]),
         "ambiguous": None if got["ambiguous"] is None else bool(got["ambiguous"]),
         "mask": None if got["mask"] is None else bool(got["mask"]),

@@ -211,19 +211,21 @@ function renderPixel(want, body, error) {
   const said = body.phase === null ? (body.mask === false ? "outside the particle mask" : "no phase") : body.phase;
   $("pixel-title").textContent = `${where}: ${said}` + (body.ambiguous ? " (ambiguous)" : "") +
     (body.reliability === null ? "" : `, reliability ${body.reliability.toFixed(4)}`) +
-    (body.refined_phase === null ? "" : `; GMVAE refined: ${body.refined_phase}`);
+    (body.refined_phase === null ? "" : `; GMVAE refined: ${body.refined_phase}`) +
+    (body.phase_denoised === null ? "" : `; denoised: ${body.phase_denoised}`);
   const pcc = Object.entries(body.pcc).filter(([, v]) => v !== null);
   $("pixel-pcc").textContent = pcc.length ? "PCC: " + pcc.map(([p, v]) => `${p} ${v.toFixed(4)}`).join(", ") : "";
-  $("pixel-note").textContent = body.references === "stored"
-    ? "Points: the pixel's OD. Lines: each reference fitted to them with an offset and a scale, which the PCC ignores."
-    : "Points: the pixel's OD. No reference values are stored with this result: the spectrum alone.";
+  $("pixel-note").textContent = "Points: the pixel's OD" + (body.denoised ? " (rings: denoised)" : "") + ". " +
+    (body.references === "stored" ? "Lines: each reference fitted to the OD with an offset and a scale, which the PCC ignores."
+      : "No reference values are stored with this result: the spectrum alone.");
   renderSpectrum(body, run);
 }
 
 function renderSpectrum(body, run) {
   const svg = $("spectrum"), W = 480, H = 220, pad = 40;
   const E = body.energies_eV;
-  const values = [...body.od, ...Object.values(body.fitted).flatMap((f) => f || [])].filter((v) => typeof v === "number");
+  const values = [...body.od, ...(body.denoised || []), ...Object.values(body.fitted).flatMap((f) => f || [])]
+    .filter((v) => typeof v === "number");
   if (!E.length || !values.length) { svg.innerHTML = ""; return; }
   const e0 = Math.min(...E), e1 = Math.max(...E), v0 = Math.min(...values), v1 = Math.max(...values);
   const sx = (e) => pad + (W - pad - 8) * (e1 === e0 ? 0.5 : (e - e0) / (e1 - e0));
@@ -235,6 +237,9 @@ function renderSpectrum(body, run) {
     if (!f) return;
     const xy = order.map((i) => `${sx(E[i]).toFixed(1)},${sy(f[i]).toFixed(1)}`).join(" ");
     parts.push(`<polyline class="fitted" data-phase="${k}" fill="none" stroke-width="${p === body.phase ? 2.5 : 1.2}" stroke="${view.colors[k % view.colors.length]}" points="${xy}"/>`);
+  });
+  (body.denoised || []).forEach((v, i) => {
+    if (v !== null) parts.push(`<circle class="denoised-point" data-energy="${E[i]}" data-od="${v}" cx="${sx(E[i]).toFixed(1)}" cy="${sy(v).toFixed(1)}" r="4.5" fill="none" stroke="#7fc8ff" stroke-width="1.5"/>`);
   });
   body.od.forEach((v, i) => {
     if (v !== null) parts.push(`<circle class="od-point" data-energy="${E[i]}" data-od="${v}" cx="${sx(E[i]).toFixed(1)}" cy="${sy(v).toFixed(1)}" r="3" fill="#fff"/>`);
