@@ -148,7 +148,8 @@ def test_clicking_the_phase_map_shows_that_pixels_spectrum_in_a_browser(viewed):
             expected = [[e, float(v)] for e, v in zip(energies, od[:, y, x], strict=True) if np.isfinite(v)]
             assert points == expected, title  # the JSON's numbers, drawn and read back exactly
             assert curves == len(phases)
-        driver.get(f"{view.url}/?again#pixel-bare")  # a new page (a hash alone is no reload); denoised: its spectrum drawn beside the OD, its phase named
+        # a denoised result: its spectrum drawn beside the OD, its phase named (a new page: a hash alone is no reload)
+        driver.get(f"{view.url}/?again#pixel-bare")
         wait(lambda: text_at(driver, "#run-title") and "pixel-bare" in text_at(driver, "#run-title"), 30, "the run")
         img = driver.find_element("css selector", "#img-phase")
         ActionChains(driver).move_to_element_with_offset(img, img.size["width"] // 4, -img.size["height"] // 4).click()\
