@@ -18,6 +18,8 @@ from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
+from tiled.queries import KeysFilter
+from tiled.structures.core import StructureFamily
 
 from phasestream.app.view.arrays import drawn_as
 from phasestream.contract import DEFAULT_MAX_NUM_POINTS
@@ -103,10 +105,12 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
     seen, energies = recorded_energies(path, md)
     phases = list(md["references"]["phases"])
 
+    # the arrays wanted, found in one search of the result (a lookup each cost as much as reading the pixel)
+    nodes = dict(client[path].search(KeysFilter(keys=[*PIXEL_SPECTRA, *PIXEL_MAPS])).items())
+
     def read(name: str) -> tuple[str, np.ndarray | None]:
-        try:
-            node = client[f"{path}/{name}"]
-        except KeyError:
+        node = nodes.get(name)
+        if node is None or getattr(node, "structure_family", None) != StructureFamily.array:
             return name, None
         dtype, _ = drawn_as(name, tuple(node.shape), node.dtype, image_shape, whole=False)
         if name in PIXEL_SPECTRA:  # the energies the maps used and the metadata names, and no more than the cap
@@ -120,6 +124,7 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
     od = (got["od"] if got["od"] is not None else np.empty(0)).astype(np.float64)
     n = min(od.size, len(energies))
     od, energies = od[:n], energies[:n]
+
     def named(label: np.ndarray | None) -> str | None:  # a phase label's name; None: none (-1) or no array
         return phases[int(label)] if label is not None and 0 <= int(label) < len(phases) else None
 
