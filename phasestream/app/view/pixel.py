@@ -97,7 +97,8 @@ def pixel_spectrum(client, path: str, md: Mapping, y: int, x: int, executor: Exe
     where masked), ``phase`` (its name; None: outside the particle mask), ``refined_phase``, ``denoised`` and
     ``phase_denoised`` (a denoising's spectrum and phase; None: not denoised), ``reliability``,
     ``ambiguous``, ``mask``, ``pcc`` (phase -> value) and ``fitted`` (phase -> the fitted reference at each energy,
-    or None), JSON-ready.
+    or None), JSON-ready; a map the result lacks is None.
+
     ``(y, x)`` lies within the result's ``image_shape`` (:func:`pixel_from_query`). The arrays are read on
     ``executor``, at once. Raises ``arrays.NoImageError`` for an array off the contract and ValueError for
     ``n_energies_seen`` or ``energies_eV`` that are not a count and a list of energies."""
