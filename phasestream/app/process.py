@@ -67,11 +67,13 @@ class ServiceProcess:
             except queue.Empty:
                 self.stop()
                 raise RuntimeError(f"{self.what} did not start within {self.timeout:.0f} s") from None
+            if line is None:  # its stdout ended: the process exited (a bad option, a crash) before it was ready
+                self.stop()
+                raise RuntimeError(f"{self.what} exited with status {self.proc.returncode} before it was ready "
+                                   "(its stderr says why)")
             if '"ready"' in line:
                 self.ready = json.loads(line)
                 return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.what} exited with status {self.proc.returncode}")
 
     def stop(self, timeout: float = 30.0) -> dict:
         """SIGTERM, wait (SIGKILL after ``timeout`` s) and return the ``stopped`` line's statistics."""
@@ -92,13 +94,14 @@ class ServiceProcess:
                                "its last lines may be missing", self.what, self.proc.pid)
         while not self._lines.empty():
             line = self._lines.get()
-            if '"stopped"' in line:
+            if line is not None and '"stopped"' in line:
                 self.stopped = json.loads(line)
         return (self.stopped or {}).get("stats", {})
 
     def _read(self, stdout) -> None:
         for line in stdout:
             self._lines.put(line)
+        self._lines.put(None)  # the end of its stdout
 
     @property
     def returncode(self) -> int | None:

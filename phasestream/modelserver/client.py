@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from phasestream.modelserver.protocol import (
     DEFAULT_MODEL_ADDRESS,
@@ -59,20 +60,32 @@ class ModelClient:
         self.address, self.timeout, self.retries, self.max_spectra = address, timeout, retries, int(max_spectra)
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # tells a handshake the server refused (too many connections)
         self._lock = threading.Lock()
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             sock.connect(self.address)
             self._socket = sock
         return self._socket
 
+    def _refused(self) -> bool:
+        """Whether the server refused this socket's handshake (its connection limit, ``serve-models
+        --max-connections``) since it connected."""
+        refused = False
+        while self._monitor is not None and self._monitor.poll(0):
+            refused = refused or recv_monitor_message(self._monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        return refused
+
     def _reset(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
-            self._socket = None
+            self._socket = self._monitor = None
 
     def request(self, op: str, *, model: str | None = None, version: str | None = None,
                 array: np.ndarray | None = None, options: dict | None = None, timeout: float | None = None) -> dict:
@@ -90,12 +103,20 @@ class ModelClient:
         wait_ms = int(1000 * (timeout or self.timeout))
         with self._lock:
             for attempt in range(self.retries + 1):
+                refused = False
                 sock = self._connect()
                 sock.send(payload, copy=False)
                 deadline = time.monotonic() + wait_ms / 1000
+                poller = zmq.Poller()
+                poller.register(sock, zmq.POLLIN)
+                poller.register(self._monitor, zmq.POLLIN)
                 while (left := deadline - time.monotonic()) > 0:
-                    if not sock.poll(int(1000 * left) + 1, zmq.POLLIN):
+                    ready = dict(poller.poll(int(1000 * left) + 1))
+                    if self._refused():
+                        refused = True
                         break
+                    if sock not in ready:
+                        continue
                     reply = deserialize(sock.recv(copy=False).buffer)
                     # no id: the server could not read our request (too large, undecodable)
                     if isinstance(reply, dict) and reply.get("id") in (message["id"], None):
@@ -104,9 +125,13 @@ class ModelClient:
                             raise error(reply.get("error") or "model server error")
                         return reply
                     # a late reply to an earlier attempt: ignore it
-                logger.warning("no reply from the model server at %s (attempt %d of %d)", self.address, attempt + 1,
-                               self.retries + 1)
+                logger.warning("%s the model server at %s (attempt %d of %d)", "refused by" if refused else
+                               "no reply from", self.address, attempt + 1, self.retries + 1)
                 self._reset()
+        if refused:
+            raise ModelServerUnavailable(f"the model server at {self.address} refused the connection: as many "
+                                         "clients are connected as it allows (serve-models --max-connections); "
+                                         "try again when fewer are")
         raise ModelServerUnavailable(f"no reply from the model server at {self.address} within "
                                      f"{wait_ms / 1000:g} s ({self.retries + 1} attempts): is `phasestream "
                                      "serve-models` running there?")

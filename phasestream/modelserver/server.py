@@ -29,6 +29,7 @@ import numpy as np
 import zmq
 
 from phasestream.models.registry import ArtifactError, ModelNotFoundError, ModelRegistry
+from phasestream.modelserver.admission import ConnectionLimit
 from phasestream.modelserver.config import ModelServerConfig, add_arguments, config_from_args
 from phasestream.modelserver.ops import (
     Loaded,
@@ -65,7 +66,10 @@ class ModelServer:
                  context: zmq.Context | None = None):
         self.config = (config or ModelServerConfig()).validate()
         self.registry = registry or ModelRegistry(self.config.folders)
-        self._context = context or zmq.Context.instance()
+        # its own context unless given one: the connection limit's ZAP handler is one per context
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._admission: ConnectionLimit | None = None
         self._models: dict[tuple[str, str], Loaded] = {}
         self._stopping = threading.Event()
         self._started = time.monotonic()
@@ -86,13 +90,17 @@ class ModelServer:
         # a client waits for each reply (ModelClient), so a few queued requests per connection are plenty; ZeroMQ's
         # default of 1000 let one connection queue 1000 requests of up to MAXMSGSIZE each in this process
         sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_PER_CONNECTION)
+        # and a bound on the connections makes the bound per connection one on the server (admission.py)
+        self._admission = ConnectionLimit(self._context, sock, self.config.max_connections)
         sock.bind(self.config.bind)
         self.socket = sock
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         for spec in self.config.preload:
             name, _, version = spec.partition(":")
             self._model(name, version or None)
-        logger.info("model server on %s", self.address)
+        logger.info("model server on %s: at most %d connections, each queueing up to %d requests of %d MB",
+                    self.address, self.config.max_connections, RECEIVE_QUEUE_PER_CONNECTION,
+                    sock.getsockopt(zmq.MAXMSGSIZE) >> 20)
         return self.address
 
     def stop(self) -> None:
@@ -123,8 +131,13 @@ class ModelServer:
                     logger.error("a batch of %d requests could not be handled: %s", len(batch), type(exc).__name__)
                     logger.debug("the batch's failure", exc_info=True)
         finally:
+            if self._admission is not None:
+                self._admission.close()
+                self._admission = None
             self.socket.close(linger=0)
             self.socket = None
+            if self._own_context:
+                self._context.term()
         return dict(self.stats)
 
     # ------------------------------------------------------------------ requests
@@ -214,7 +227,14 @@ class ModelServer:
     def _health(self) -> dict[str, Any]:
         return {"ok": True, "status": "serving", "model": None, "version": None, "sha256": None,
                 "loaded": [f"{n}:{v}" for n, v in self._models], "uptime_s": time.monotonic() - self._started,
-                "pid": os.getpid(), "stats": dict(self.stats)}
+                "pid": os.getpid(), "stats": dict(self.stats), "connections": self._connections()}
+
+    def _connections(self) -> dict[str, int] | None:
+        """The connections open now (this one among them), the limit and how many were refused; None unbound."""
+        admission = self._admission
+        if admission is None:
+            return None
+        return {"open": admission.open, "limit": admission.limit, "refused": admission.refused}
 
     def _list(self) -> dict[str, Any]:
         """Every artifact's summary; one that cannot be sent is listed by name, the reason in its ``problems``."""
