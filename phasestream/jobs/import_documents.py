@@ -1,12 +1,13 @@
 """An imported energy stack as the documents of a Bluesky run, laid out as a live scan writes them.
 
 :func:`checked_import` validates everything a file brings (sizes, dtypes, energies against the
-references, I0 / flat / dark shapes, metadata) before a single document exists;
+references, I0 / flat / dark / monitor shapes, metadata) before a single document exists;
 :func:`run_documents` then composes the run with event-model (``compose_run``): the start document
 phasestream's worker reads (docs/contract.md, "Start document"), and the streams of
 :func:`phasestream.sim.plans.energy_stack_scan`: ``primary`` (one event per energy: image, energy,
-I0) and, for TXM, ``dark`` (one event, before the first energy, when the file has a dark) and
-``flat`` (one event per energy, just before that energy's image). Event times follow that order,
+I0, and the file's flux monitor when it has one) and, for TXM, ``dark`` (one event, before the first
+energy, when the file has a dark) and ``flat`` (one event per energy, just before that energy's image).
+Event times follow that order,
 so a replay of the stored run (reprocess) sees flats and darks before the images they correct.
 
 Images either travel inside the events (TiledWriter stores them in Tiled) or, when they already
@@ -42,6 +43,7 @@ __all__ = [
     "ENERGY_KEY",
     "I0_KEY",
     "IMAGE_KEY",
+    "MONITOR_KEY",
     "PLAN_NAME",
     "CheckedImport",
     "ImportRefusedError",
@@ -52,6 +54,9 @@ __all__ = [
 
 #: data keys of an imported run (those of the simulator's detector ``det``)
 IMAGE_KEY, I0_KEY, ENERGY_KEY = "det_img", "det_i0", "energy"
+#: data key of the file's flux monitor (NXstxm ``control``: a relative flux such as the ring current, recorded
+#: with the images): kept with the raw data, never applied by the import (:class:`ImportedStack`'s ``monitor``)
+MONITOR_KEY = "det_monitor"
 PLAN_NAME = "import"
 #: seconds between consecutive events of an imported run (their order is what matters)
 EVENT_SPACING = 1e-3
@@ -173,6 +178,8 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         i0 = np.asarray(stack.i0) if np.ndim(stack.i0) == 1 else None
         if i0 is not None and not (np.all(np.isfinite(i0)) and np.all(i0 > 0)):
             raise ImportRefusedError(source, "i0 must be positive, finite counts at every energy")
+    if stack.monitor is not None:  # NaN where the file never wrote it (an aborted scan): kept as NaN
+        _check_array(stack.monitor, "monitor", ((n,), (n, ny, nx)), source)
     file_md = check_metadata(_plain(dict(stack.metadata)), what=f"{source}: the file's metadata")
     named = [v for v in (file_md.get("sample"), file_md.get("sample_name")) if isinstance(v, str) and v.strip()]
     sample_name = _name(sample if sample is not None else [*named, Path(source).stem][0][:_MAX_NAME],
@@ -188,6 +195,7 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
     block = {"references": reference_name, "image_key": IMAGE_KEY, "energy_key": ENERGY_KEY, "mode": stack.mode}
     if stack.mode == "stxm" and stack.i0 is not None:
         block["i0_key"] = I0_KEY
+    kept = {"monitor_key": MONITOR_KEY} if stack.monitor is not None else {}
     metadata = {
         "plan_name": PLAN_NAME,
         "detectors": ["det"],
@@ -199,7 +207,7 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         "sample": sample_md,
         "phasestream": block,
         "import": {"format": stack.format, "files": [str(Path(p).absolute()) for p in stack.files],
-                   "sha256": sha256, "source": str(Path(source).absolute()), "metadata": file_md},
+                   "sha256": sha256, "source": str(Path(source).absolute()), "metadata": file_md, **kept},
     }
     for key in ("dwell_ms", "beamline", "pixel_size_x_um", "pixel_size_y_um"):
         if file_md.get(key) is not None:
@@ -275,6 +283,9 @@ def _documents(checked: CheckedImport, bundle, page: int) -> Iterator[tuple[str,
     i0 = None if txm or stack.i0 is None else np.asarray(stack.i0, dtype=np.float64)
     if i0 is not None:
         primary_keys[I0_KEY] = _key(i0, i0.ndim == 3)
+    monitor = None if stack.monitor is None else np.asarray(stack.monitor, dtype=np.float64)
+    if monitor is not None:
+        primary_keys[MONITOR_KEY] = _key(monitor, monitor.ndim == 3)
     resource = None
     if external is not None:
         primary_keys[IMAGE_KEY]["external"] = "STREAM:"
@@ -300,6 +311,8 @@ def _documents(checked: CheckedImport, bundle, page: int) -> Iterator[tuple[str,
             data[IMAGE_KEY] = [np.asarray(stack.images[i]).astype(image_dtype, copy=False) for i in index]
         if i0 is not None:
             data[I0_KEY] = [float(i0[i]) if i0.ndim == 1 else i0[i] for i in index]
+        if monitor is not None:
+            data[MONITOR_KEY] = [float(monitor[i]) if monitor.ndim == 1 else monitor[i] for i in index]
         yield "event_page", _page(primary, data, seq, [w + EVENT_SPACING for w in when])
     if resource is not None:
         yield "stream_datum", resource.compose_stream_datum(

@@ -545,3 +545,34 @@ def test_numbered_template_names_a_sequence_or_nothing(names, expected):
     if expected is not None:
         template, first = expected
         assert [template.format(first + i) for i in range(len(names))] == names
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_the_files_flux_monitor_is_kept_in_the_raw_run_as_the_file_holds_it(tiled_client, tmp_path, per_pixel):
+    """NXstxm ``control`` (the ring current, per pixel or per energy) is stored as ``det_monitor`` beside the
+    images, NaN where the file never wrote it; before, the import dropped it and the raw run lacked it."""
+    from nexusformat.nexus import NXfield, NXmonitor
+
+    from phasestream.formats import read_stack
+
+    frames = _frames("stxm", 33)
+    path = tmp_path / "monitored.nxs"
+    _nxstxm(path, frames)
+    rng = np.random.default_rng(33)
+    shape = frames["images"].shape if per_pixel else (len(ENERGIES),)
+    control = 400.0 - rng.uniform(0.0, 2.0, shape)  # a decaying ring current, mA
+    control[(1, 2, 3) if per_pixel else 1] = np.nan  # a value never written
+    from nexusformat.nexus import nxload
+
+    root = nxload(str(path), "rw")
+    root["entry0/control"] = NXmonitor(data=NXfield(control, name="data"))
+    root.close()
+    with h5py.File(path, "r") as f:  # the oracle: the file as h5py reads it
+        expected = f["entry0/control/data"][()]
+    outcome = import_stack(tiled_client, read_stack(path), ImportOptions(references=REFS))
+    assert outcome.status == "complete", outcome.reason
+    raw = open_raw_run(tiled_client, outcome.run_uid)
+    assert raw.metadata["start"]["import"]["monitor_key"] == "det_monitor"
+    np.testing.assert_array_equal(raw["primary"]["det_monitor"].read(), expected)  # NaN where NaN
+    result = reprocess_run(tiled_client, outcome.run_uid, ReprocessOptions(backend="numpy"))
+    assert result.status == "complete", result.errors
