@@ -39,10 +39,9 @@ def test_connections_beyond_the_limit_are_refused_and_the_client_says_so(server)
     try:
         assert first.health()["connections"]["open"] == 1
         assert second.health()["connections"] == {"open": 2, "limit": LIMIT, "refused": 0}
-        t0 = time.monotonic()
+        # told at the handshake (the client's monitor), not after its timeout ("no reply ... within 10 s")
         with pytest.raises(ModelServerUnavailable, match=r"refused the connection.*--max-connections"):
             third.health()
-        assert time.monotonic() - t0 < 5.0  # told at the handshake, not after the 10 s timeout
         # the two admitted clients are still served, and the server counted the refusals (one per attempt)
         assert _health_when(first, lambda c: c["refused"] >= 2)["connections"] == \
             {"open": 2, "limit": LIMIT, "refused": 2}
@@ -78,8 +77,7 @@ def test_a_connection_limit_out_of_range_is_refused(value):
 
 
 def test_a_server_that_exits_before_it_is_ready_is_reported_at_once():
-    """``serve-models`` refusing its options exits at once; the caller hears so then, not after its timeout."""
-    t0 = time.monotonic()
+    """``serve-models`` refusing its options exits at once; the caller hears so then (the end of its output), not
+    after its timeout ("did not start within 60 s")."""
     with pytest.raises(RuntimeError, match="model server exited with status 2 before it was ready"):
         ModelServerProcess(args=("--max-connections", "many"), timeout=60.0).start()
-    assert time.monotonic() - t0 < 30.0
