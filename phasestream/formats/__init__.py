@@ -18,6 +18,7 @@ from phasestream.formats.pyxas import read_pyxas
 from phasestream.formats.stack import FormatError, HDF5Source, ImportedStack, LazyImages, TiffSource, sha256_of
 from phasestream.formats.tiff import read_tiff
 from phasestream.formats.xrm import read_xrm
+from phasestream.formats.xrm_series import read_xrm_series
 
 __all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "LazyImages", "TiffSource", "detect_format",
            "read_stack", "sha256_of"]
@@ -28,6 +29,7 @@ _READERS: dict[str, Callable[..., ImportedStack]] = {
     "pyxas": read_pyxas,
     "axis2000": read_axis2000,
     "xrm": read_xrm,
+    "xrm-series": read_xrm_series,
 }
 #: Reader names :func:`read_stack` accepts as ``format=``.
 FORMATS: tuple[str, ...] = tuple(_READERS)
@@ -46,7 +48,7 @@ def read_stack(
 
     Parameters
     ----------
-    path : the file (or folder, for a folder of TIFFs)
+    path : the file, or a folder: of TIFFs, or of Zeiss ``.xrm`` frames (``xrm-series``)
     format : one of :data:`FORMATS`; detected from the name and content when None
     energies : (E,) energies in eV or an energy file: required by formats without energies
         (TIFF; found beside the file when None), else they replace the file's energies

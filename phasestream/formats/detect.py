@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -10,7 +11,7 @@ from phasestream.formats.hdf5util import HDF5_ERRORS, open_hdf5
 from phasestream.formats.nxstxm import nxstxm_entries
 from phasestream.formats.stack import FormatError
 
-__all__ = ["HDF5_SUFFIXES", "detect_format", "hdf5_flavour"]
+__all__ = ["HDF5_SUFFIXES", "detect_format", "folder_format", "hdf5_flavour"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".nx", ".cxi")
 
@@ -42,16 +43,32 @@ def hdf5_flavour(path: str | Path) -> str:
     )
 
 
-def detect_format(path: str | Path) -> str:
-    """The reader name for ``path``: ``tiff``, ``nxstxm``, ``pyxas``, ``axis2000`` or ``xrm``.
+def folder_format(path: str | Path) -> str:
+    """``"xrm-series"`` for a folder that holds ``.xrm`` files and no TIFF, else ``"tiff"`` (a folder of
+    TIFFs, or one with neither, which the TIFF reader refuses as holding no TIFF). By the names of the
+    folder's entries (hidden ones skipped); nothing is opened.
 
-    A folder is a folder of TIFFs. A file is known by its suffix (``.tif``, ``.hdr``,
-    ``.xrm`` / ``.txrm``, HDF5 suffixes), else by its first bytes; an HDF5 file is told
-    apart by content (:func:`hdf5_flavour`).
+    Raises :class:`FormatError` for a folder that holds both, naming the formats to choose from.
+    """
+    path = Path(path)
+    with os.scandir(path) as entries:
+        suffixes = {os.path.splitext(e.name)[1].lower() for e in entries if not e.name.startswith(".")}
+    has_xrm, has_tiff = ".xrm" in suffixes, bool(suffixes & {".tif", ".tiff"})
+    if has_xrm and has_tiff:
+        raise FormatError(path, "the folder holds both .xrm and TIFF files: pass format= 'xrm-series' or 'tiff'")
+    return "xrm-series" if has_xrm else "tiff"
+
+
+def detect_format(path: str | Path) -> str:
+    """The reader name for ``path``: ``tiff``, ``nxstxm``, ``pyxas``, ``axis2000``, ``xrm`` or ``xrm-series``.
+
+    A folder is a Zeiss series when it holds ``.xrm`` files, else a folder of TIFFs (:func:`folder_format`).
+    A file is known by its suffix (``.tif``, ``.hdr``, ``.xrm`` / ``.txrm``, HDF5 suffixes), else by its
+    first bytes; an HDF5 file is told apart by content (:func:`hdf5_flavour`).
     """
     path = Path(path)
     if path.is_dir():
-        return "tiff"
+        return folder_format(path)
     if not path.is_file():
         raise FormatError(path, "no such file or folder")
     suffix = path.suffix.lower()

@@ -136,8 +136,8 @@ class ImportedStack:
 
     Attributes
     ----------
-    source : the file (or folder, for a folder of TIFFs) the stack came from
-    format : reader name (``"nxstxm"``, ``"axis2000"``, ``"tiff"``, ``"pyxas"``, ``"xrm"``)
+    source : the file (or folder: of TIFFs, of Zeiss .xrm frames) the stack came from
+    format : reader name (``"nxstxm"``, ``"axis2000"``, ``"tiff"``, ``"pyxas"``, ``"xrm"``, ``"xrm-series"``)
     energies : (E,) float64, eV, in acquisition order: finite and distinct (not necessarily increasing)
     images : (E, Y, X) float32 or float64: transmitted counts (STXM) or sample-in images (TXM); an array,
         or :class:`LazyImages` (same shape and dtype, read from the file when indexed) when the reader

@@ -19,14 +19,18 @@ An ``ImageInfo/Energy`` stream whose length is not the number of images (dxchang
 example holds 61 values for 7 images) cannot be matched to the images: such files need
 ``energies=``. Tested on the two small public example files of dxchange (tests/data/xrm);
 files with float32 pixels, more than 100 images or several ImageData storages were not
-available to test.
+available to test. A folder of single-image ``.xrm`` files, one or several per energy with reference files
+beside them (TXM-XANES at SSRL 6-2c, APS 32-ID-C), is read with these streams by
+:mod:`phasestream.formats.xrm_series`.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,7 @@ import olefile
 from phasestream.formats.energies import check_energies, load_energies
 from phasestream.formats.stack import FormatError, ImportedStack, check_stack_size
 
-__all__ = ["XRM_DATA_TYPES", "image_stream", "read_xrm"]
+__all__ = ["XRM_DATA_TYPES", "XrmLayout", "XrmStreams", "image_stream", "open_xrm", "read_xrm"]
 
 #: ``ImageInfo/DataType`` codes and the pixel type each means.
 XRM_DATA_TYPES = {5: np.dtype("<u2"), 10: np.dtype("<f4")}
@@ -49,7 +53,20 @@ def image_stream(k: int) -> str:
     return f"ImageData{math.ceil((k + 1) / 100)}/Image{k + 1}"
 
 
-class _Streams:
+@dataclass(frozen=True)
+class XrmLayout:
+    """What an .xrm/.txrm header says of its images: ``count`` images of ``height`` x ``width`` pixels of
+    ``dtype``; ``planned`` and ``taken`` as the file writes them (None when absent)."""
+
+    count: int
+    height: int
+    width: int
+    dtype: np.dtype
+    planned: int | None = None
+    taken: int | None = None
+
+
+class XrmStreams:
     """Typed reads of one OLE file's streams, errors naming the file and the stream."""
 
     def __init__(self, ole: olefile.OleFileIO, path: Path):
@@ -89,12 +106,68 @@ class _Streams:
         data = self.raw(name)
         if data is None:
             raise FormatError(self.path, f"image stream {name} is missing")
-        expected = shape[0] * shape[1] * dtype.itemsize
-        if len(data) != expected:
-            raise FormatError(
-                self.path, f"{name} holds {len(data)} bytes; {shape[0]} x {shape[1]} {dtype} pixels need {expected}"
-            )
+        self._check_size(name, len(data), dtype, shape)
         return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def _check_size(self, name: str, size: int, dtype: np.dtype, shape: tuple[int, int]) -> None:
+        expected = shape[0] * shape[1] * dtype.itemsize
+        if size != expected:
+            raise FormatError(
+                self.path, f"{name} holds {size} bytes; {shape[0]} x {shape[1]} {dtype} pixels need {expected}"
+            )
+
+    def layout(self) -> XrmLayout:
+        """The images' count, size and pixel type (see the module doc); FormatError naming the stream at fault."""
+        width, height = self.uint("ImageInfo/ImageWidth"), self.uint("ImageInfo/ImageHeight")
+        taken = self.uint("ImageInfo/ImagesTaken", required=False)
+        planned = self.uint("ImageInfo/NoOfImages", required=False)
+        count = taken if taken is not None else planned
+        if count is None:
+            raise FormatError(self.path, "no image count (ImageInfo/ImagesTaken or NoOfImages)")
+        if count < 1:
+            raise FormatError(self.path, f"ImageInfo/{'ImagesTaken' if taken is not None else 'NoOfImages'} is "
+                              f"{count}: the file holds no image")
+        dtype = _data_type(self.path, self.uint("ImageInfo/DataType"), "ImageInfo/DataType")
+        return XrmLayout(count, height, width, dtype, planned, taken)  # type: ignore[arg-type]
+
+    def check_frame(self, k: int, layout: XrmLayout) -> None:
+        """Refuse a missing, mis-sized or cut-off image ``k`` from the stream's directory entry, without reading
+        it (olefile reads a stream that runs past the end of the file as a shorter one)."""
+        name = image_stream(k)
+        if not self.ole.exists(name):
+            raise FormatError(self.path, f"image stream {name} is missing")
+        declared = self.ole.get_size(name)
+        self._check_size(name, declared, layout.dtype, (layout.height, layout.width))
+        size = self.path.stat().st_size
+        if declared > size:
+            raise FormatError(self.path, f"{name} declares {declared} bytes in a file of {size}: truncated file")
+
+    def frame(self, k: int, layout: XrmLayout) -> np.ndarray:
+        """Image ``k`` (0-based) as stored: (height, width) of ``layout.dtype``."""
+        return self.image(image_stream(k), layout.dtype, (layout.height, layout.width))
+
+    def reference(self, layout: XrmLayout) -> np.ndarray | None:
+        """The ``ReferenceData/Image`` flat as float32 (height, width), or None when the file has none."""
+        if not self.ole.exists("ReferenceData/Image"):
+            return None
+        code = self.uint("ReferenceData/DataType", required=False)
+        ref_type = _data_type(self.path, code, "ReferenceData/DataType") if code is not None else layout.dtype
+        return self.image("ReferenceData/Image", ref_type, (layout.height, layout.width)).astype(np.float32)
+
+
+@contextmanager
+def open_xrm(path: Path) -> Iterator[XrmStreams]:
+    """``path`` opened as a Zeiss OLE2 file; FormatError naming it when it is missing, not OLE2 or corrupt."""
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    if not olefile.isOleFile(str(path)):
+        raise FormatError(path, "not an OLE2 compound file (Zeiss .xrm/.txrm)")
+    try:
+        ole = olefile.OleFileIO(str(path))
+    except _OLE_ERRORS as error:
+        raise FormatError(path, f"truncated or corrupt OLE2 file: {error}") from None
+    with ole:
+        yield XrmStreams(ole, path)
 
 
 def _data_type(path: Path, code: int | None, what: str) -> np.dtype:
@@ -104,7 +177,9 @@ def _data_type(path: Path, code: int | None, what: str) -> np.dtype:
     return dtype
 
 
-def _metadata(streams: _Streams, count: int) -> dict:
+def _metadata(streams: XrmStreams, count: int) -> dict:
+    """Pixel size (um), median exposure (s), angles (degrees), facility, sample and reference file of the
+    first ``count`` images, where the file has them (plain JSON values)."""
     meta: dict = {}
     pixel = streams.values("ImageInfo/PixelSize", "<f4")
     if pixel is not None and pixel.size and np.isfinite(pixel[0]) and pixel[0] > 0:
@@ -145,23 +220,9 @@ def read_xrm(path: str | Path, *, energies: Sequence[float] | np.ndarray | str |
         type, an energy stream that does not match the images, bad energies.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(path, "no such file")
-    if not olefile.isOleFile(str(path)):
-        raise FormatError(path, "not an OLE2 compound file (Zeiss .xrm/.txrm)")
-    try:
-        ole = olefile.OleFileIO(str(path))
-    except _OLE_ERRORS as error:
-        raise FormatError(path, f"truncated or corrupt OLE2 file: {error}") from None
-    with ole:
-        streams = _Streams(ole, path)
-        width, height = streams.uint("ImageInfo/ImageWidth"), streams.uint("ImageInfo/ImageHeight")
-        taken = streams.uint("ImageInfo/ImagesTaken", required=False)
-        planned = streams.uint("ImageInfo/NoOfImages", required=False)
-        count = taken if taken is not None else planned
-        if count is None or count < 1:
-            raise FormatError(path, "no image count (ImageInfo/ImagesTaken or NoOfImages)")
-        dtype = _data_type(path, streams.uint("ImageInfo/DataType"), "ImageInfo/DataType")
+    with open_xrm(path) as streams:
+        layout = streams.layout()
+        count, height, width = layout.count, layout.height, layout.width
         check_stack_size(path, (count, height, width), np.float32)
         if energies is None:
             stored = streams.values("ImageInfo/Energy", "<f4")
@@ -180,15 +241,11 @@ def read_xrm(path: str | Path, *, energies: Sequence[float] | np.ndarray | str |
                 raise FormatError(path, f"{count} images for {values.size} energies")
         images = np.empty((count, height, width), dtype=np.float32)
         for k in range(count):
-            images[k] = streams.image(image_stream(k), dtype, (height, width))
-        flat = None
-        if ole.exists("ReferenceData/Image"):
-            code = streams.uint("ReferenceData/DataType", required=False)
-            ref_type = _data_type(path, code, "ReferenceData/DataType") if code is not None else dtype
-            flat = streams.image("ReferenceData/Image", ref_type, (height, width)).astype(np.float32)
+            images[k] = streams.frame(k, layout)
+        flat = streams.reference(layout)
         metadata = _metadata(streams, count)
-        if planned is not None and taken is not None and planned != taken:
-            metadata["images_planned"] = planned
+        if layout.planned is not None and layout.taken is not None and layout.planned != layout.taken:
+            metadata["images_planned"] = layout.planned
     return ImportedStack(
         source=path,
         format="xrm",

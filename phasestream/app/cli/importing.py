@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     imp = subparsers.add_parser("import", help="import facility files (NXstxm, aXis2000, TIFF, PyXAS, XRM) as raw "
                                                "runs into Tiled")
     add_tiled_options(imp)
-    imp.add_argument("files", nargs="+", metavar="FILE", help="stack files (a folder for a folder of TIFFs)")
+    imp.add_argument("files", nargs="+", metavar="FILE", help="stack files (a folder: of TIFFs, or of .xrm frames)")
     imp.add_argument("--format", choices=FORMATS, default=None, help="reader (default: detected from each file)")
     imp.add_argument("--energies", default=None, metavar="FILE_OR_LIST",
                      help="energies in eV: a text file, or a comma-separated list (TIFF needs them unless an "
