@@ -191,6 +191,10 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
     if not isinstance(reference_name, str) or not 0 < len(reference_name) <= MAX_KEY_LENGTH:
         raise ImportRefusedError(source, f"references {reference_name!r:.60} must be a name or a path")
     keep, copy_reason = external_images(stack) if external else (None, "")
+    if keep is not None and (shared := np.result_type(np.dtype(keep.dtype), *_frame_dtypes(stack))) != keep.dtype:
+        keep, copy_reason = None, (f"the flat or dark frames are {shared} and the images in the file {keep.dtype}, "
+                                   "and Tiled's writer keeps one dtype per data key across a run's streams: the "
+                                   f"images are copied as {shared}")
     sha256 = stack.sha256() if sha256 is None else sha256
     block = {"references": reference_name, "image_key": IMAGE_KEY, "energy_key": ENERGY_KEY, "mode": stack.mode}
     if stack.mode == "stxm" and stack.i0 is not None:
@@ -229,6 +233,17 @@ def counts_dtype(array: Any, block: int = 8) -> np.dtype:
     return np.dtype(np.uint16)
 
 
+def _frame_dtypes(stack: ImportedStack) -> list[np.dtype]:
+    """The dtypes a TXM stack's flat and dark need (:func:`counts_dtype`). They share the images' data key, and
+    TiledWriter keeps one dtype per data key name across a run's streams (the last descriptor's): a float flat
+    beside 16-bit images was stored as 16-bit, truncated. So the three are written in one dtype, the
+    ``numpy.result_type`` of theirs."""
+    if stack.mode != "txm":
+        return []
+    frames = [np.asarray(a) for a in (stack.flat, stack.dark) if a is not None]
+    return [counts_dtype(a[None] if a.ndim == 2 else a) for a in frames]
+
+
 def _key(array: Any, frame: bool, dtype: np.dtype | None = None) -> dict[str, Any]:
     dtype = np.dtype(array.dtype if dtype is None else dtype)
     shape = list(array.shape[1:]) if frame else []
@@ -264,21 +279,21 @@ def _documents(checked: CheckedImport, bundle, page: int) -> Iterator[tuple[str,
 
     # dtype_numpy as TiledWriter's normalizer would add it (the import's writer skips the normalizer)
     energy_key = {"source": "import", "dtype": "number", "shape": [], "units": "eV", "dtype_numpy": "<f8"}
+    image_dtype = np.dtype(external.dtype) if external is not None else counts_dtype(stack.images)
+    image_dtype = np.result_type(image_dtype, *_frame_dtypes(stack))  # one dtype for the key in every stream
     dark = None
     if txm:
         dark = None if stack.dark is None else np.asarray(stack.dark)
         if dark is not None:  # no dark image: no dark stream (the analysis then subtracts none)
-            dark = dark.astype(counts_dtype(dark[None]), copy=False)
+            dark = dark.astype(image_dtype, copy=False)
             dark_desc = bundle.compose_descriptor(name="dark", data_keys={IMAGE_KEY: _key(dark[None], True)})
-        flat = np.asarray(stack.flat)
-        flat = flat.astype(counts_dtype(flat[None] if flat.ndim == 2 else flat), copy=False)
+        flat = np.asarray(stack.flat).astype(image_dtype, copy=False)
         flat_desc = bundle.compose_descriptor(name="flat", data_keys={IMAGE_KEY: _key(flat[None] if flat.ndim == 2
                                                                                       else flat, True),
                                                                       ENERGY_KEY: energy_key})
         if dark is not None:
             yield "descriptor", dark_desc.descriptor_doc
         yield "descriptor", flat_desc.descriptor_doc
-    image_dtype = np.dtype(external.dtype) if external is not None else counts_dtype(stack.images)
     primary_keys = {ENERGY_KEY: energy_key, IMAGE_KEY: _key(stack.images, True, image_dtype)}
     i0 = None if txm or stack.i0 is None else np.asarray(stack.i0, dtype=np.float64)
     if i0 is not None:

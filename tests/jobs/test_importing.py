@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import h5py
 import httpx
@@ -576,3 +577,70 @@ def test_the_files_flux_monitor_is_kept_in_the_raw_run_as_the_file_holds_it(tile
     np.testing.assert_array_equal(raw["primary"]["det_monitor"].read(), expected)  # NaN where NaN
     result = reprocess_run(tiled_client, outcome.run_uid, ReprocessOptions(backend="numpy"))
     assert result.status == "complete", result.errors
+
+
+def test_a_folder_of_zeiss_frames_imports_with_a_flat_per_energy_and_analyses_to_its_od(tiled_client, tmp_path):
+    """An ``xrm-series`` folder (one .xrm per frame, references exposed 0.3 s, samples 0.5 s) becomes a TXM run
+    with one flat event per energy; its OD is ``-ln(sample / (reference * 0.5 / 0.3))`` of the frames as olefile
+    reads them."""
+    import shutil
+    import struct
+
+    import olefile
+
+    chip = Path(__file__).resolve().parents[1] / "data" / "xrm" / "test_chip00.xrm"  # 512 x 512 uint16
+    folder = tmp_path / "xanes_fov01"
+    folder.mkdir()
+    energies = (7110.0, 7125.0, 7140.0)
+    rng = np.random.default_rng(41)
+    counts = {}
+    for i, energy in enumerate(energies):
+        for kind, exposure, level in (("", 0.5, 300 + 40 * i), ("000007_ref_", 0.3, 700)):
+            path = folder / f"rep01_{kind}chip_{energy:07.1f}_eV_001of001.xrm"
+            shutil.copy(chip, path)
+            frame = rng.poisson(level, (512, 512)).astype("<u2")
+            with olefile.OleFileIO(str(path), write_mode=True) as ole:
+                ole.write_stream("ImageInfo/Energy", struct.pack("<f", energy))
+                ole.write_stream("ImageInfo/ExpTimes", struct.pack("<f", exposure))
+                ole.write_stream("ImageData1/Image1", frame.tobytes())
+            counts[(energy, bool(kind))] = frame.astype(np.float64)
+    grid = np.linspace(7000.0, 7300.0, 301)
+    edge = 1 / (1 + np.exp(-(grid - 7120.0) / 3.0))
+    refs = tmp_path / "refs.csv"
+    np.savetxt(refs, np.column_stack([grid, edge, 0.9 * edge + 0.1 * np.exp(-((grid - 7130.0) / 5) ** 2)]),
+               delimiter=",", header="energy_eV,A,B", comments="")
+    from phasestream.formats import read_stack
+
+    outcome = import_stack(tiled_client, read_stack(folder), ImportOptions(references=str(refs)))
+    assert outcome.status == "complete", outcome.reason
+    raw = open_raw_run(tiled_client, outcome.run_uid)
+    assert raw.metadata["start"]["import"]["format"] == "xrm-series"
+    assert raw.metadata["start"]["phasestream"]["mode"] == "txm"
+    flats = raw["flat"]["det_img"].read()
+    assert flats.shape == (3, 512, 512)
+    scaled = [counts[(e, True)] * 0.5 / np.float32(0.3) for e in energies]  # ExpTimes is a float32
+    np.testing.assert_allclose(flats, np.asarray(scaled, np.float32), rtol=1e-6)
+    options = ReprocessOptions(backend="numpy", reference_folders=(str(tmp_path),))  # the run names refs.csv
+    result = reprocess_run(tiled_client, outcome.run_uid, options)
+    assert result.status == "complete", result.errors
+    with np.errstate(divide="ignore"):
+        expected = -np.log(np.asarray([counts[(e, False)] for e in energies]) / np.asarray(scaled))
+    od = tiled_client["phasestream"][outcome.run_uid]["od"].read()
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(od[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_flat_beside_16_bit_images_in_their_file_is_stored_as_measured(tiled_client, detector_files):
+    """TiledWriter keeps one dtype per data key name across a run's streams (the last descriptor's): a float flat
+    beside 16-bit images kept in their HDF5 file was stored as 16-bit, truncated, and the import failed its
+    read-back. The images are copied instead, as float32, and the flat reads back as the file gave it."""
+    frames = _frames("txm", 35)
+    frames["images"] = frames["images"].astype(np.uint16)
+    frames["flat"] = frames["flat"].astype(np.float32) + np.float32(0.25)  # e.g. a mean of reference frames
+    stack = _stack(frames, "txm", detector_files / "float-flat.h5", hdf5=True)
+    outcome = import_stack(tiled_client, stack, ImportOptions(references=REFS))
+    assert outcome.status == "complete", outcome.reason
+    assert outcome.details["images"] == "copied" and "one dtype per data key" in outcome.details["copy_reason"]
+    raw = open_raw_run(tiled_client, outcome.run_uid)
+    np.testing.assert_array_equal(raw["flat"]["det_img"].read(), frames["flat"])
+    np.testing.assert_array_equal(raw["primary"]["det_img"].read(), frames["images"])
