@@ -28,8 +28,9 @@ instead; the outcome says so (``details["images"]``).
 Requests: the run is written by TiledWriter without its normalizer (the documents are composed here in
 the current schema), as event pages that it stores with one table append per stream and batch, and one
 StreamDatum covering every frame; what is read back to check that the server serves the file is a grid of
-pixels of the first and the last frame, in one request. Images copied into Tiled are read back whole (the run
-as reprocess reads it, every event compared with the documents written) before the import says ``complete``.
+pixels of the first and the last frame, in one request. Whatever was copied into Tiled is read back whole
+before the import says ``complete`` (the run as reprocess reads it, every event compared with the documents
+written): the images when they were copied, and always the energies, I0, monitor, flats and dark.
 """
 
 from __future__ import annotations
@@ -214,15 +215,17 @@ def _write(runs, checked: CheckedImport, batch_size: int, uid: str) -> None:
 
 
 def _copy_mismatch(runs, uid: str, checked: CheckedImport, page_size: int) -> str | None:
-    """How the run ``uid``, its images copied into Tiled, does not read back as this import wrote it (None when
+    """How the run ``uid`` does not read back as this import wrote it (None when
     it does). The run is read as reprocess reads it (:func:`raw_run_documents`: rows and frames paired by
     ``seq_num``, counted against the stop document), and each event's data (images, energy, I0; flats and dark)
     is compared, value for value, with the documents written, made again from the stack (the file is read
-    again). The whole run is held in memory meanwhile, as reprocess holds it."""
+    again). Images that stay in their file are neither read nor compared here (:func:`_external_refusal`
+    samples them); all that was copied is. The whole run is held in memory meanwhile, as reprocess holds it."""
     stored: dict[tuple[str, int], Mapping[str, Any]] = {}
     streams: dict[str, str] = {}
     try:
-        for name, doc in raw_run_documents(uncompressed(runs[uid])):
+        unread = {"primary": frozenset((IMAGE_KEY,))} if checked.external is not None else None
+        for name, doc in raw_run_documents(uncompressed(runs[uid]), unread=unread):
             if name == "descriptor":
                 streams[doc["uid"]] = doc.get("name", "")
             elif name == "event":
@@ -372,12 +375,12 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
             details["images"] = "copied"
         elif external is not None:
             details["images_in"] = external.what
-        if checked.external is None:  # complete only once the copied run reads back as written
-            mismatch = _copy_mismatch(runs, uid, checked, _batch_size(checked, opts.batch_bytes))
-            if mismatch is not None:
-                note = _remove_own_run(runs, uid, checked.sha256)[1]
-                return outcome("", JobStatus.FAILED, f"writing failed: the run {uid} does not read back from Tiled "
-                               f"as it was written: {mismatch}; {note}", **details)
+        # complete only once what was copied reads back as written (with images left in their file: the rest)
+        mismatch = _copy_mismatch(runs, uid, checked, _batch_size(checked, opts.batch_bytes))
+        if mismatch is not None:
+            note = _remove_own_run(runs, uid, checked.sha256)[1]
+            return outcome("", JobStatus.FAILED, f"writing failed: the run {uid} does not read back from Tiled "
+                           f"as it was written: {mismatch}; {note}", **details)
     except _StartRefusedError as exc:
         earlier = existing(uid, checked.sha256)
         if earlier is not None:  # another import of the same files wrote the run first (or a conflict)

@@ -70,7 +70,8 @@ def _event_counts(stop: Any) -> tuple[dict[str, int], list[str]]:
     return good, problems
 
 
-def _stream_events(run, stream: str, expected: int | None) -> tuple[list[tuple[float, int, dict]], list[str]]:
+def _stream_events(run, stream: str, expected: int | None,
+                   unread: frozenset[str] = frozenset()) -> tuple[list[tuple[float, int, dict]], list[str]]:
     """Events of ``stream``, each table row paired with its image frames by ``seq_num``; and the problems found.
 
     TiledWriter stores a stream as one table (``internal``: ``seq_num``, ``time`` and the scalar data
@@ -101,7 +102,7 @@ def _stream_events(run, stream: str, expected: int | None) -> tuple[list[tuple[f
     table = table.sort_values("seq_num", kind="stable")
     seq = table["seq_num"].to_numpy(dtype=np.int64)
     n_rows, distinct = len(seq), np.unique(seq)
-    frames = {key: parts[key].read() for key in data_keys if key in names and key != "internal"}
+    frames = {key: parts[key].read() for key in data_keys if key in names and key not in ("internal", *unread)}
     columns = [key for key in data_keys if key in table.columns and key not in frames]
 
     n_events = len(distinct) if expected is None else int(expected)
@@ -146,7 +147,8 @@ def _stream_events(run, stream: str, expected: int | None) -> tuple[list[tuple[f
     return events, problems
 
 
-def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict]]:
+def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None,
+                      unread: Mapping[str, frozenset[str]] | None = None) -> Iterator[tuple[str, dict]]:
     """The document stream of a raw run read from Tiled: start, descriptors, events in time order, stop.
 
     Each stream's rows are ordered by ``seq_num`` and paired with their image frames by ``seq_num``
@@ -160,6 +162,8 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
     on_mismatch : called with a message for each disagreement between rows, frames and the stop
         document's ``num_events`` (stream, expected and found counts), after the last event and
         before the stop document; only correctly paired events are yielded. None: refuse the run.
+    unread : stream -> array data keys left out of its events (not read): an import's images that stay in
+        their file, when what it copied is read back
 
     Raises
     ------
@@ -170,7 +174,7 @@ def raw_run_documents(run, *, on_mismatch: Callable[[str], None] | None = None) 
     stop = run.metadata.get("stop")
     num_events, problems = _event_counts(stop)
     streams = list(run)
-    paired = {s: _stream_events(run, s, num_events.get(s)) for s in streams}
+    paired = {s: _stream_events(run, s, num_events.get(s), (unread or {}).get(s, frozenset())) for s in streams}
     problems += [problem for _, found in paired.values() for problem in found]
     problems += [f"stream {s!r}: the run's num_events is {n}, Tiled has no such stream"
                  for s, n in num_events.items() if n and s not in paired]

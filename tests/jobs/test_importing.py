@@ -245,16 +245,18 @@ def test_a_write_that_fails_half_way_leaves_nothing_in_tiled(tiled_client, detec
     assert import_stack(client, stack, one).status == "complete"  # and nothing blocks a retry
 
 
-@pytest.mark.parametrize("mode, stream", [("txm", "flat"), ("stxm", "primary")])
+@pytest.mark.parametrize("mode, stream, hdf5", [("txm", "flat", False), ("stxm", "primary", False),
+                                               ("txm", "flat", True)])
 def test_a_copied_run_that_does_not_read_back_as_written_is_failed_and_removed(tiled_client, tmp_path, monkeypatch,
-                                                                                mode, stream):
-    """An import is ``complete`` only once its run, images copied into Tiled, reads back as it was written:
-    every event's images, energy, I0, flat and dark, paired by ``seq_num`` as reprocess reads them. A pixel that
-    reached Tiled other than the file holds it (altered on its way here) fails the import, which removes its
-    run; the file stays, and a retry imports it. The import used to say ``complete``."""
+                                                                                detector_files, mode, stream, hdf5):
+    """An import is ``complete`` only once what it copied into Tiled reads back as it was written: every
+    event's images, energy, I0, flat and dark, paired by ``seq_num`` as reprocess reads them (with the images
+    left in their HDF5 file, the rest). A pixel that reached Tiled other than the file holds it (altered on its
+    way here) fails the import, which removes its run; the file stays, and a retry imports it. The import used
+    to say ``complete`` (with the images in their file, until 2026-12-07: the flats were not read back)."""
     frames = _frames(mode, 11)
-    path = tmp_path / f"altered-{mode}.npy"
-    stack = _stack(frames, mode, path)
+    path = (detector_files if hdf5 else tmp_path) / f"altered-{mode}.{'h5' if hdf5 else 'npy'}"
+    stack = _stack(frames, mode, path, hdf5=hdf5)
     write_documents, made = importing.run_documents, []
 
     def altered(checked, **kwargs):  # the documents written carry one pixel that the file does not
@@ -283,7 +285,8 @@ def test_a_copied_run_that_does_not_read_back_as_written_is_failed_and_removed(t
     assert "was removed" in reason and len(made) == 2 and path.exists()
     monkeypatch.undo()
     outcome = import_stack(tiled_client, stack, ImportOptions(references=REFS))
-    assert outcome.status == "complete" and outcome.details["images"] == "copied", outcome
+    assert outcome.status == "complete", outcome
+    assert outcome.details["images"] == ("external" if hdf5 else "copied"), outcome
     np.testing.assert_array_equal(open_raw_run(tiled_client, outcome.run_uid)["primary"]["det_img"].read(),
                                   frames["images"])
 
