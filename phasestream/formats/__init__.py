@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ from phasestream.formats.tiff import read_tiff
 from phasestream.formats.xrm import read_xrm
 from phasestream.formats.xrm_series import read_xrm_series
 
-__all__ = ["FORMATS", "FormatError", "HDF5Source", "ImportedStack", "LazyImages", "TiffSource", "detect_format",
-           "read_stack", "sha256_of"]
+__all__ = ["FORMATS", "SELECTIONS", "FormatError", "HDF5Source", "ImportedStack", "LazyImages", "TiffSource",
+           "detect_format", "read_stack", "sha256_of"]
 
 _READERS: dict[str, Callable[..., ImportedStack]] = {
     "tiff": read_tiff,
@@ -33,6 +33,12 @@ _READERS: dict[str, Callable[..., ImportedStack]] = {
 }
 #: Reader names :func:`read_stack` accepts as ``format=``.
 FORMATS: tuple[str, ...] = tuple(_READERS)
+#: What :func:`read_stack`'s ``select`` may name, per reader: which part of files holding several to read
+SELECTIONS: dict[str, tuple[str, ...]] = {
+    "nxstxm": ("entry", "channel"),
+    "axis2000": ("channel",),
+    "xrm-series": ("field", "pattern"),
+}
 # readers whose files do not say whether the images are STXM or TXM: they take mode=
 _MODE_FREE = ("tiff",)
 
@@ -43,6 +49,7 @@ def read_stack(
     format: str | None = None,
     energies: Sequence[float] | np.ndarray | str | Path | None = None,
     mode: str | None = None,
+    select: Mapping[str, str] | None = None,
 ) -> ImportedStack:
     """Read one energy stack from a facility file.
 
@@ -55,6 +62,9 @@ def read_stack(
         (same count)
     mode : ``"stxm"`` or ``"txm"`` for formats that do not say (TIFF, default ``"stxm"``);
         for the others it must agree with the file
+    select : which part of files that hold several to read, by the names of :data:`SELECTIONS` for the
+        format (NXstxm ``entry`` and ``channel``, aXis2000 ``channel``, ``xrm-series`` ``field`` and
+        ``pattern``); a name the format does not take is refused
 
     Returns
     -------
@@ -75,10 +85,16 @@ def read_stack(
     reader = _READERS.get(name)
     if reader is None:
         raise FormatError(path, f"no reader for format {name!r}; known: {', '.join(FORMATS)}")
+    chosen = dict(select or {})
+    unknown = sorted(set(chosen) - set(SELECTIONS.get(name, ())))
+    if unknown:
+        takes = ", ".join(f"{key}=" for key in SELECTIONS.get(name, ())) or "none"
+        raise FormatError(path, f"{', '.join(f'{key}=' for key in unknown)} is not a choice of the {name} reader "
+                          f"(it takes: {takes})")
     try:
         if name in _MODE_FREE:
             return reader(path, energies=energies, mode=mode or "stxm")
-        stack = reader(path, energies=energies)
+        stack = reader(path, energies=energies, **chosen)
     except (FormatError, OSError, MemoryError):
         raise
     except Exception as exc:  # a file the reader's checks did not foresee: still that file's error, not a crash

@@ -222,7 +222,8 @@ def read_nxstxm(
     ImportedStack, ``mode="stxm"``: images (E, Y, X) transmitted counts (integer counts stored
     energy first are left in the file, :class:`~phasestream.formats.stack.LazyImages`), energies (E,) eV,
     ``monitor`` (E, Y, X) or (E,) from ``control`` when present, ``i0`` None,
-    ``hdf5`` pointing at the signal when its (Y, X) order needs no transpose.
+    ``hdf5`` pointing at the signal when its (Y, X) order needs no transpose; ``part`` the entry and
+    channel read when the file holds several.
 
     Raises
     ------
@@ -318,4 +319,7 @@ def read_nxstxm(
         files=(path, Path(energies)) if isinstance(energies, str | Path) else (path,),
         hdf5=HDF5Source(path, signal_name, order[0]) if in_order else None,
         monitor=monitor,
+        # a file of several stacks: which one, so that each is its own import
+        part={"entry": metadata["entry"], "channel": metadata["channel"]}
+        if "entries" in metadata or "channels" in metadata else {},
     )

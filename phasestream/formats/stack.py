@@ -8,6 +8,7 @@ arrays and metadata only: no Tiled, no Bluesky, no logging in loops. The import 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,8 @@ class ImportedStack:
     files : every file read, for provenance; ``sha256`` is over them in this order
     hdf5 : where the images lie in HDF5, when they do (see :class:`HDF5Source`)
     tiff : where the images lie in TIFF files, when they do as stored pages (see :class:`TiffSource`)
+    part : which of several stacks in the same files was read, when they hold several (NXstxm
+        ``{"entry": ..., "channel": ...}``); empty otherwise. Part of the import's identity (:meth:`sha256`)
     monitor : None, (E,) or (E, Y, X): a flux monitor recorded with the images (NXstxm
         ``control``: usually the storage-ring current). Relative, not an I0: it corrects
         flux changes between points (divide the images by ``monitor / median(monitor)``); the
@@ -169,6 +172,7 @@ class ImportedStack:
     hdf5: HDF5Source | None = None
     monitor: np.ndarray | None = None
     tiff: TiffSource | None = None
+    part: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         energies = np.asarray(self.energies, dtype=np.float64)
@@ -195,8 +199,9 @@ class ImportedStack:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def sha256(self) -> str:
-        """SHA-256 over the bytes of every file read, in order: the identity of an import."""
-        return sha256_of(self.files)
+        """SHA-256 over the bytes of every file read, in order, then over the ``part`` read when the files hold
+        several stacks (its JSON, keys sorted): the identity of an import, one per stack."""
+        return sha256_of(self.files, json.dumps(dict(self.part), sort_keys=True).encode() if self.part else b"")
 
 
 def check_stack_size(path: str | Path, shape: tuple[int, ...], dtype, limit: int = MAX_STACK_BYTES) -> None:
@@ -242,11 +247,12 @@ def intensity_dtype(path: str | Path, dtype) -> np.dtype:
     raise FormatError(path, f"pixel type {dtype} is not an intensity (integer or float)")
 
 
-def sha256_of(paths) -> str:
-    """SHA-256 over the bytes of ``paths`` in order (1 MiB reads)."""
+def sha256_of(paths, suffix: bytes = b"") -> str:
+    """SHA-256 over the bytes of ``paths`` in order (1 MiB reads), then over ``suffix``."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+    digest.update(suffix)
     return digest.hexdigest()

@@ -112,7 +112,7 @@ def _choose(folder: Path, named: _Named, field: str | None) -> tuple[str, _Named
             raise FormatError(folder, f"field={field!r} {problem} among: {', '.join(chosen or labels)}")
     elif len(labels) > 1:
         raise FormatError(folder, f"{len(labels)} fields of view (series) in this folder: {', '.join(labels)}; "
-                          "pass field= one of them")
+                          "pass field= one of them (phasestream import --select field=...)")
     else:
         chosen = labels
     series = chosen[0]

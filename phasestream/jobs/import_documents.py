@@ -200,6 +200,8 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
     if stack.mode == "stxm" and stack.i0 is not None:
         block["i0_key"] = I0_KEY
     kept = {"monitor_key": MONITOR_KEY} if stack.monitor is not None else {}
+    if stack.part:  # which of the file's stacks: part of the identity (sha256)
+        kept["part"] = {str(k): str(v) for k, v in stack.part.items()}
     metadata = {
         "plan_name": PLAN_NAME,
         "detectors": ["det"],

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,8 @@ class ImportOptions:
 
     ``references`` is required: the reference spectra the run is analysed against, which no facility file
     names (:data:`DEFAULT_REFERENCES` is only the simulated demo set, named explicitly by the tests and
-    benchmarks). ``format``, ``energies`` and ``mode`` are handed to the reader; ``sample`` and ``soc`` override
+    benchmarks). ``format``, ``energies``, ``mode`` and ``select`` (which part of files holding several:
+    :data:`phasestream.formats.SELECTIONS`) are handed to the reader; ``sample`` and ``soc`` override
     the file's; ``external`` keeps images that lie in an HDF5 dataset or TIFF files in their file;
     ``replace_incomplete`` removes an incomplete run of this very import (its uid and start document, no stop
     document: left by an import that was killed) and imports again, where it is otherwise refused (the user
@@ -94,6 +95,7 @@ class ImportOptions:
     format: str | None = None
     energies: list[float] | str | None = None
     mode: str | None = None
+    select: dict[str, str] = field(default_factory=dict)
     sample: str | None = None
     soc: float | None = None
     external: bool = True
@@ -108,6 +110,11 @@ class ImportOptions:
                              "simulated demo set)")
         if self.batch_bytes < 1:
             raise ValueError(f"batch_bytes must be >= 1, got {self.batch_bytes}")
+        if not isinstance(self.select, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 64 and 0 < len(v) <= 1024
+                for k, v in self.select.items()):
+            raise ValueError(f"select must map names to values (strings), got {self.select!r:.120}")
+        self.select = dict(self.select)
         return self
 
 
@@ -416,7 +423,8 @@ def run(context: JobContext, path: str, options: dict) -> JobOutcome:
                           retry=f"phasestream import {path}", details={"file": str(path), "options": asdict(opts)})
 
     try:
-        stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode)
+        stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode,
+                                   select=opts.select)
     except FormatError as exc:  # names the file
         return failed(f"refused, nothing written: {exc}")
     except Exception as exc:  # a reader failing unforeseen (MemoryError, h5py's TypeError, ...)

@@ -195,7 +195,7 @@ def test_aps_fields_of_view_share_their_references(tmp_path):
     with pytest.raises(FormatError, match=r"2 fields of view .*: fov03_xanessoc01, fov07_xanessoc01; pass field="):
         read_stack(tmp_path)
     for field, value in (("fov07", 700), ("fov03_xanessoc01", 300)):
-        stack = read_xrm_series(tmp_path, field=field)
+        stack = read_stack(tmp_path, select={"field": field})  # phasestream import --select field=...
         assert stack.metadata["field"] == f"fov{value // 100:02d}_xanessoc01"
         assert stack.metadata["naming"] == "aps"
         assert np.all(stack.images == value) and np.all(stack.flat == 1000)

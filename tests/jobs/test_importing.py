@@ -647,3 +647,38 @@ def test_a_float_flat_beside_16_bit_images_in_their_file_is_stored_as_measured(t
     raw = open_raw_run(tiled_client, outcome.run_uid)
     np.testing.assert_array_equal(raw["flat"]["det_img"].read(), frames["flat"])
     np.testing.assert_array_equal(raw["primary"]["det_img"].read(), frames["images"])
+
+
+def test_each_entry_of_an_nxstxm_file_of_several_is_its_own_import(tiled_server, tiled_client, tmp_path, capsys):
+    """``--select entry=...`` reads one region of a multi-region NXstxm file; each entry is its own run (its
+    identity is the file's bytes and the part read), and importing one again names its run. Before, only the
+    first entry could be imported, and a second import of the same file was 'already imported'."""
+    from nexusformat.nexus import nxload
+
+    from phasestream.app.cli import main
+
+    frames = {name: _frames("stxm", seed) for name, seed in (("entry0", 36), ("entry1", 37))}
+    path = tmp_path / "regions.nxs"
+    _nxstxm(path, frames["entry0"])  # entry0; entry1 beside it, a second region of other frames
+    other = tmp_path / "other.nxs"
+    _nxstxm(other, frames["entry1"])
+    root, second = nxload(str(path), "rw"), nxload(str(other), "r")
+    root["entry1"] = second["entry0"].copy()
+    root.close()
+    uids = {}
+    for entry in ("entry0", "entry1"):
+        assert main([*IMPORT, "--tiled", tiled_server.uri, "--select", f"entry={entry}", str(path)]) == 0
+        (word, uid), = _imported(capsys.readouterr().out).values()
+        assert word == "imported"
+        uids[entry] = uid
+        start = open_raw_run(tiled_client, uid).metadata["start"]
+        assert start["import"]["part"] == {"entry": entry, "channel": "counter0"}
+        with h5py.File(path, "r") as f:  # the oracle: the entry's signal as h5py reads it
+            expected = f[f"{entry}/counter0/data"][()]
+        np.testing.assert_array_equal(open_raw_run(tiled_client, uid)["primary"]["det_img"].read(), expected)
+    assert uids["entry0"] != uids["entry1"]
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--select", "entry=entry1", str(path)]) == 0
+    assert _imported(capsys.readouterr().out) == {"regions.nxs": ("already", uids["entry1"])}
+    # a choice the reader does not take: the file's error, nothing written
+    assert main([*IMPORT, "--tiled", tiled_server.uri, "--select", "field=fov03", str(path)]) == 1
+    assert "field= is not a choice of the nxstxm reader (it takes: entry=, channel=)" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="energies in eV: a text file, or a comma-separated list (TIFF needs them unless an "
                           "energy file lies beside it; for other formats they replace the file's)")
     imp.add_argument("--mode", choices=MODES, default=None, help="stxm or txm, for formats that do not say (TIFF)")
+    imp.add_argument("--select", action="append", default=[], metavar="NAME=VALUE", type=_selection,
+                     help="which part of files holding several to read (repeatable): NXstxm entry= and channel=, "
+                          "aXis2000 channel=, xrm-series field= (a field of view) and pattern= (a file-name glob)")
     imp.add_argument("--references", required=True, metavar="R",
                      help=f"reference spectra the runs are analysed against, a registered name or a file (required: "
                           f"a facility file names none; {DEFAULT_REFERENCES} is the simulated demo set); every "
@@ -76,6 +79,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_refine_options(imp)
 
 
+def _selection(text: str) -> tuple[str, str]:
+    """``--select NAME=VALUE``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. entry=entry2), got {text!r:.80}")
+    return name.strip(), value
+
+
 def parse_energies(value: str | None) -> list[float] | str | None:
     """``--energies``: an existing file stays a path; else a comma-separated list of eV values."""
     if value is None or Path(value).exists():
@@ -93,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--refine and --method act on the analysis: add --analyze")
     options = asdict(ImportOptions(raw=raw, references=args.references, format=args.format,
                                    energies=parse_energies(args.energies), mode=args.mode, sample=args.sample,
-                                   soc=args.soc, external=not args.copy_images,
+                                   soc=args.soc, external=not args.copy_images, select=dict(args.select),
                                    replace_incomplete=args.replace_incomplete).validate())
     steps = _analysis_steps(args, raw) if args.analyze else ()
     outcomes, jobs = [], []
