@@ -36,6 +36,7 @@ written): the images when they were copied, and always the energies, I0, monitor
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 import uuid
 from collections.abc import Mapping
@@ -116,6 +117,13 @@ class ImportOptions:
             raise ValueError(f"select must map names to values (strings), got {self.select!r:.120}")
         self.select = dict(self.select)
         return self
+
+    def retry_command(self, path: str) -> str:
+        """The command that imports ``path`` again with these references, raw path and choices (shell-quoted;
+        the other options as they were given are in the outcome's ``options``)."""
+        words = ["phasestream", "import", "--references", self.references, *(["--raw", self.raw] if self.raw else []),
+                 *(w for k, v in self.select.items() for w in ("--select", f"{k}={v}")), str(path)]
+        return shlex.join(words)
 
 
 def import_uid(raw: str, sha256: str) -> str:
@@ -313,7 +321,7 @@ def import_stack(client, stack: ImportedStack, options: ImportOptions) -> JobOut
     source = str(stack.source)
 
     def outcome(uid: str, status: str, reason: str = "", **details: Any) -> JobOutcome:
-        retry = "" if status == JobStatus.COMPLETE else f"phasestream import {source}"
+        retry = "" if status == JobStatus.COMPLETE else opts.retry_command(source)
         return JobOutcome(uid, JOB, status, reason=reason, seconds=round(time.perf_counter() - t0, 3),
                           retry=retry, details={"file": source, **details})
 
@@ -420,7 +428,8 @@ def run(context: JobContext, path: str, options: dict) -> JobOutcome:
 
     def failed(reason: str) -> JobOutcome:
         return JobOutcome("", JOB, JobStatus.FAILED, reason=reason, seconds=round(time.perf_counter() - t0, 3),
-                          retry=f"phasestream import {path}", details={"file": str(path), "options": asdict(opts)})
+                          retry=opts.retry_command(path),
+                          details={"file": str(path), "options": asdict(opts)})
 
     try:
         stack = formats.read_stack(path, format=opts.format, energies=opts.energies, mode=opts.mode,

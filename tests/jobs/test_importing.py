@@ -682,3 +682,16 @@ def test_each_entry_of_an_nxstxm_file_of_several_is_its_own_import(tiled_server,
     # a choice the reader does not take: the file's error, nothing written
     assert main([*IMPORT, "--tiled", tiled_server.uri, "--select", "field=fov03", str(path)]) == 1
     assert "field= is not a choice of the nxstxm reader (it takes: entry=, channel=)" in capsys.readouterr().err
+
+
+def test_a_failed_import_names_the_command_that_imports_the_file_again(tiled_client, tmp_path):
+    """The retry repeats the references, the raw path and the choices (before: ``phasestream import FILE``,
+    which is refused for want of --references)."""
+    from phasestream.jobs.context import JobContext
+
+    missing = tmp_path / "no such file.nxs"
+    options = {"references": REFS, "raw": "bl/raw", "select": {"entry": "entry 2"}}
+    outcome = importing.run(JobContext(client=tiled_client), str(missing), options)
+    assert outcome.status == "failed"
+    assert outcome.retry == f"phasestream import --references {REFS} --raw bl/raw --select 'entry=entry 2' " \
+                            f"'{missing}'"
