@@ -20,6 +20,7 @@ from event_model import DocumentRouter, unpack_event_page
 
 from phasestream.callbacks.assets import read_stream_frames
 from phasestream.callbacks.corrections import TXMCorrections
+from phasestream.callbacks.descriptions import ImageDescriptions
 from phasestream.callbacks.ending import run_timings, status_at_stop, status_of_maps
 from phasestream.callbacks.planes import PartialMapPolicy, PlaneQueue
 from phasestream.callbacks.result import RunResult
@@ -90,6 +91,7 @@ class RunAnalysis(DocumentRouter):
         # kind of write ("OD planes", "partial maps", ...) -> [failures, first error]: recorded once
         self.write_failures: dict[str, list] = {}
         self.image_shape: tuple[int, ...] | None = None  # from the primary descriptor, when it says
+        self.image_descriptions = ImageDescriptions(settings.image_key)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class RunAnalysis(DocumentRouter):
     def descriptor(self, doc: dict) -> None:
         name = doc.get("name", "primary")
         self.streams[doc["uid"]] = name
+        if (note := self.image_descriptions.conflict(name, doc.get("data_keys"))) is not None:
+            self.record_error(note)
         if name == "primary":
             keys = doc.get("data_keys", {})
             for key in (self.settings.image_key, self.settings.energy_key):

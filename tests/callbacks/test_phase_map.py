@@ -255,3 +255,36 @@ def test_plane_pool_reuses_written_buffers_and_keeps_at_most_its_bytes():
     reused = [pool.copy(a) for _ in range(3)]
     assert reused[0] is again and reused[1] is pending
     assert all(reused[2] is not buffer for buffer in (again, pending, third))
+
+
+def _txm_documents(seed):
+    sample = make_sample(SHAPE, state_of_charge=2.0, seed=seed, n_particles=2)
+    energy = make_energy()
+    det = TransmissionDetector(sample, energy, mode="txm", i0=8000.0, seed=seed)
+    docs = []
+    RunEngine({})(energy_stack_scan([det], energy, ENERGIES, sample=sample, mode="txm"),
+                  lambda n, d: docs.append((n, copy.deepcopy(d))))
+    return docs
+
+
+def test_a_flat_stream_describing_the_image_otherwise_than_the_primary_is_noted():
+    """TiledWriter keeps one description per data key name across a run's streams, so the raw run in Tiled holds
+    a flat described as float32 beside 16-bit images in 16-bit (tests/jobs/test_importing.py shows the
+    truncation): the live result, made from the frames as sent, says a reprocess from Tiled may differ."""
+    docs = _txm_documents(5)
+    uid = docs[0][1]["uid"]
+    clean = feed(docs).results[uid]
+    assert clean.status == "complete" and clean.errors == []
+    primary = next(d for n, d in docs if n == "descriptor" and d["name"] == "primary")
+    declared = primary["data_keys"]["det_img"].get("dtype_numpy")
+    other = "<u2" if declared != "<u2" else "<f4"
+    for name, doc in docs:
+        if name == "descriptor" and doc["name"] == "flat":
+            doc["data_keys"]["det_img"]["dtype_numpy"] = other
+    result = feed(docs).results[uid]
+    assert result.status == "complete"
+    notes = [e for e in result.errors if "describes 'det_img'" in e]
+    assert len(notes) == 1 and f"as {other}" in notes[0] and "a reprocess from Tiled may differ" in notes[0], \
+        result.errors
+    for key in ("phase", "pcc"):  # the analysis itself is the same
+        np.testing.assert_array_equal(result.arrays[key], clean.arrays[key])
