@@ -5,7 +5,7 @@ last descriptor's. A ``flat`` or ``dark`` stream whose image key has another dty
 ``primary``'s is therefore stored in Tiled in the other's (a float flat beside 16-bit images, truncated to
 16-bit). The analysis uses the frames as they were sent, so its maps are right; a reprocess from Tiled
 reads the stored frames and may differ. :class:`ImageDescriptions` finds such a run so that its result
-says so (docs/contract.md, "Streams").
+says so (docs/contract.md, "Start document", the streams).
 """
 
 from __future__ import annotations
