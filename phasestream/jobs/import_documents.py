@@ -125,6 +125,18 @@ def _check_array(array: Any, what: str, shapes: tuple[tuple[int, ...], ...], sou
         raise ImportRefusedError(source, f"{what} has shape {tuple(array.shape)}; expected one of {list(shapes)}")
 
 
+def _file_names(source: str | Path, files) -> list[str]:
+    """The files read, as the start document names them: absolute paths, or, when ``source`` is a folder, the
+    names of the files directly in it (a scan saved as one file per frame holds thousands: SSRL 6-2c's
+    ``rep01_000351_ref_..._08354.0_eV_001of010.xrm``, 2000 of them with their folder were over the start
+    document's 256 KiB)."""
+    folder = Path(source).absolute() if Path(source).is_dir() else None
+    names = []
+    for path in (Path(p).absolute() for p in files):
+        names.append(path.name if folder is not None and path.parent == folder else str(path))
+    return names
+
+
 def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_name: str,
                    sample: str | None = None, soc: float | None = None, external: bool = True,
                    sha256: str | None = None, max_num_points: int = DEFAULT_MAX_NUM_POINTS,
@@ -212,7 +224,7 @@ def checked_import(stack: ImportedStack, *, references: ReferenceSet, reference_
         "hints": {"dimensions": [[[ENERGY_KEY], "primary"]]},
         "sample": sample_md,
         "phasestream": block,
-        "import": {"format": stack.format, "files": [str(Path(p).absolute()) for p in stack.files],
+        "import": {"format": stack.format, "files": _file_names(source, stack.files),
                    "sha256": sha256, "source": str(Path(source).absolute()), "metadata": file_md, **kept},
     }
     for key in ("dwell_ms", "beamline", "pixel_size_x_um", "pixel_size_y_um"):

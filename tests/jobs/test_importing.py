@@ -695,3 +695,21 @@ def test_a_failed_import_names_the_command_that_imports_the_file_again(tiled_cli
     assert outcome.status == "failed"
     assert outcome.retry == f"phasestream import --references {REFS} --raw bl/raw --select 'entry=entry 2' " \
                             f"'{missing}'"
+
+
+def test_a_scan_of_thousands_of_frame_files_names_them_in_its_start_document(tmp_path):
+    """A folder scan (one .xrm per frame) names its files by their names in the folder, not by absolute path:
+    3000 SSRL-style frames with their folder were over the start document's 256 KiB, and the import was
+    refused."""
+    from phasestream.jobs.import_documents import checked_import
+
+    folder = tmp_path / "20161456_NCA_Pg41-10_pristine_fov08_XANES_XANES_160529_1457"
+    folder.mkdir()
+    names = [f"rep01_{i:06d}_ref_20161456_NCA_Pg41-10_pristine_fov08_XANES_{8300 + i / 10:07.1f}_eV_001of010.xrm"
+             for i in range(3000)]
+    n = len(ENERGIES)
+    stack = ImportedStack(folder, "xrm-series", np.asarray(ENERGIES), np.ones((n, 4, 4), np.float32), mode="txm",
+                          flat=np.full((n, 4, 4), 2.0, np.float32), files=tuple(folder / name for name in names))
+    checked = checked_import(stack, references=load_references(REFS), reference_name=REFS, sha256="0" * 64)
+    assert checked.metadata["import"]["files"] == names
+    assert checked.metadata["import"]["source"] == str(folder.absolute())
