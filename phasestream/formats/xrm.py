@@ -234,6 +234,10 @@ def read_xrm(path: str | Path, *, energies: Sequence[float] | np.ndarray | str |
                     f"ImageInfo/Energy holds {stored.size} values for {count} images: which energy goes with "
                     "which image is unknown; pass energies=",
                 )
+            if count == 1 and stored[0] == 0:  # SSRL 6-2c writes 0: the energy is in the name of each frame's file
+                raise FormatError(path, "ImageInfo/Energy is 0: a frame of a scan saved as one file per frame (SSRL "
+                                  "6-2c writes the energy in the file name only); import its folder (format "
+                                  "'xrm-series'), or pass energies=")
             values = check_energies(path, stored.astype(np.float64))
         else:
             values = load_energies(energies, path)

@@ -380,3 +380,8 @@ def test_equal_exposures_leave_the_flat_as_counted(tmp_path):
     stack = read_xrm_series(tmp_path)
     np.testing.assert_array_equal(stack.flat[0], np.mean([_pixels(p) for p in made[7100.0][1]], axis=0))
     assert "flat_scaled_to_sample_exposure" not in stack.metadata
+
+
+def test_one_ssrl_frame_read_alone_points_at_its_folder():
+    with pytest.raises(FormatError, match=r"ImageInfo/Energy is 0: .* import its folder \(format 'xrm-series'\)"):
+        read_xrm(SAMPLE)
