@@ -217,7 +217,10 @@ def _check(name: str, record: dict, env: dict[str, str]) -> tuple[bool, str]:
 
             with contextlib.closing(ModelClient(address, timeout=3.0, retries=0)) as client:
                 health = client.health()
-            return bool(health.get("ok")), f"{address} ok, models {health.get('models', health.get('loaded', ''))}"
+            connections = health.get("connections") or {}
+            clients = f", {connections.get('open')} of {connections.get('limit')} connections" if connections else ""
+            return bool(health.get("ok")), \
+                f"{address} ok, models {health.get('models', health.get('loaded', ''))}{clients}"
         if name in ("scheduler", "dask-workers"):
             from distributed import Client
 

@@ -152,6 +152,7 @@ def test_whole_service_on_postgres_and_redis(tmp_path, capsys, monkeypatch):
             assert code == 0, state
             assert set(state) == {"tiled", "proxy", "models", "scheduler", "dask-workers", "worker", "view",
                                   "supervisor"}
+            assert "of 32 connections" in state["models"]["detail"], state["models"]  # serve-models' default
             env = read_env(run_dir)
             # the worker's post-scan jobs go to the stack's Dask scheduler
             ready = (run_dir / "logs" / "worker.log").read_text()
