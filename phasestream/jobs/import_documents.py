@@ -19,6 +19,7 @@ one table append per batch.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -82,6 +83,13 @@ class CheckedImport:
     sha256: str
     external: ExternalImages | None
     copy_reason: str = ""
+
+    @functools.cached_property
+    def image_dtype(self) -> np.dtype:
+        """The one dtype of the image key in every stream (:func:`_frame_dtypes`), found once: finding it reads
+        the images and flats, and the run's documents are made twice (written, then compared with the read-back)."""
+        own = np.dtype(self.external.dtype) if self.external is not None else counts_dtype(self.stack.images)
+        return np.result_type(own, *_frame_dtypes(self.stack))
 
 
 def _plain(value: Any) -> Any:
@@ -293,8 +301,7 @@ def _documents(checked: CheckedImport, bundle, page: int) -> Iterator[tuple[str,
 
     # dtype_numpy as TiledWriter's normalizer would add it (the import's writer skips the normalizer)
     energy_key = {"source": "import", "dtype": "number", "shape": [], "units": "eV", "dtype_numpy": "<f8"}
-    image_dtype = np.dtype(external.dtype) if external is not None else counts_dtype(stack.images)
-    image_dtype = np.result_type(image_dtype, *_frame_dtypes(stack))  # one dtype for the key in every stream
+    image_dtype = checked.image_dtype  # one dtype for the key in every stream
     dark = None
     if txm:
         dark = None if stack.dark is None else np.asarray(stack.dark)
